@@ -1,0 +1,344 @@
+"""The ``esegeta`` command line: a thin layer over :mod:`esegeta_engine.pipeline`.
+
+User errors (bad files, configs, models) print one message with the fix and
+exit with status 2, without a traceback. Ctrl-C cancels between model
+evaluations; finished maps and the manifest are kept.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from esegeta_engine import __version__
+from esegeta_engine.errors import ConfigError, EsegetaError
+
+log = logging.getLogger("esegeta_engine")
+
+DEMO_METHODS: list[dict[str, Any]] = [
+    {"name": "saliency"},
+    {"name": "input_x_gradient"},
+    {"name": "integrated_gradients", "params": {"n_steps": 16}},
+    {"name": "guided_backprop"},
+    {"name": "deeplift"},
+    {"name": "occlusion", "params": {"window": 16, "perturbations_per_eval": 8}},
+    {"name": "feature_ablation", "params": {"n_segments": 48, "perturbations_per_eval": 8}},
+    {"name": "layer_gradcam", "layers": ["ups.0.block"]},
+]
+
+
+def _parse_value(text: str) -> Any:
+    """A parameter value from the command line, read as YAML (safe, never eval)."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def _method_arg(text: str) -> dict[str, Any]:
+    """``name`` or ``name:key=value,key=value`` (``layers=a;b`` for layer methods)."""
+    name, _, rest = text.partition(":")
+    entry: dict[str, Any] = {"name": name.strip()}
+    params: dict[str, Any] = {}
+    for item in filter(None, (s.strip() for s in rest.split(","))):
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise ConfigError(f"--method {text!r}: {item!r} is not key=value",
+                              "write e.g. --method occlusion:window=8,stride=4")
+        if key == "layers":
+            entry["layers"] = [v for v in value.split(";") if v]
+        elif key == "smoothgrad":
+            entry["noise_tunnel"] = {"samples": int(value)}
+        else:
+            params[key] = _parse_value(value)
+    if params:
+        entry["params"] = params
+    return entry
+
+
+def _setup_logging(verbose: bool) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    handler.setLevel(logging.INFO if verbose else logging.WARNING)
+
+
+def _print_summary(result: Any) -> None:
+    rows = [("method", "target", "volume", "status", "time s", "evals", "output")]
+    for r in result.records:
+        label = r["method"] + (f"@{r['layer']}" if r.get("layer") else "")
+        out = r.get("file") or (r.get("error") or "").splitlines()[0][:60]
+        rows.append((label, r["target"], r["volume"], r["status"], f"{r['seconds']:.2f}",
+                     str(r["model_evaluations"]), out))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for k, row in enumerate(rows):
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+        if k == 0:
+            print("  ".join("-" * w for w in widths))
+    ok = sum(r["status"] == "ok" for r in result.records)
+    print(f"\n{ok} of {len(result.records)} maps written to {result.out_dir} "
+          f"(run {result.status}); manifest: {result.manifest_path.name}")
+
+
+def _execute(cfg: Any, quiet: bool) -> int:
+    from tqdm import tqdm
+
+    from esegeta_engine.explain import Progress
+    from esegeta_engine.pipeline import iter_run
+
+    cancel = threading.Event()
+    bar = tqdm(total=0, unit="job", disable=quiet, dynamic_ncols=True, file=sys.stderr)
+    gen = iter_run(cfg, cancel)
+    try:
+        while True:
+            try:
+                event = next(gen)
+            except StopIteration as stop:
+                result = stop.value
+                break
+            if isinstance(event, Progress):
+                bar.total = event.total
+                bar.n = event.done
+                bar.set_description_str(event.message[:60])
+                bar.refresh()
+    except KeyboardInterrupt:
+        cancel.set()
+        gen.close()
+        bar.close()
+        print(f"\ncancelled; finished maps and the manifest are in {cfg.output.dir}", file=sys.stderr)
+        return 130
+    bar.close()
+    _print_summary(result)
+    return 0 if not result.failed else 1
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from esegeta_engine.config import load_config
+
+    cfg = load_config(args.config)
+    if args.out:
+        cfg.output.dir = Path(args.out).resolve()
+    if args.overwrite:
+        cfg.output.overwrite = True
+    if args.device:
+        cfg.model.device = args.device
+    return _execute(cfg, args.quiet)
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    from esegeta_engine.config import parse_config
+
+    data: dict[str, Any] = {
+        "model": {"path": args.model, "format": args.format, "device": args.device,
+                  "trust_pickled": args.trust_pickled},
+        "volumes": args.volume,
+        "preprocess": {"spatial_dims": args.spatial_dims, "in_channels": args.in_channels,
+                       "normalisation": args.normalisation, "axis_order": args.axis_order},
+        "target": {"kind": args.target},
+        "methods": [_method_arg(m) for m in args.method],
+        "output": {"dir": args.out, "overwrite": args.overwrite},
+        "run": {"seed": args.seed, "timeout_s": args.timeout, "batch_volumes": args.batch_volumes},
+    }
+    if args.class_path:
+        data["model"]["class_path"] = args.class_path
+    if args.kwargs:
+        try:
+            data["model"]["kwargs"] = json.loads(args.kwargs)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"--kwargs is not valid JSON: {exc}", 'write e.g. --kwargs \'{"features": [8, 16]}\'')
+    if args.output is not None:
+        data["model"]["output"] = _parse_value(args.output)
+    if args.classes:
+        data["target"]["classes"] = args.classes
+    if args.roi_mask:
+        data["target"]["roi_mask"] = args.roi_mask
+    if args.voxel:
+        data["target"]["voxel"] = args.voxel
+    if args.activation:
+        data["target"]["activation"] = args.activation
+    return _execute(parse_config(data, base=Path.cwd(), source="command line"), args.quiet)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from esegeta_engine.config import parse_config
+    from esegeta_engine.sample import sample_info, save_phantom_nifti, unet_paths
+
+    out = Path(args.out).resolve()
+    info = sample_info()["unet3d_vessels"]
+    vol_path, mask_path = save_phantom_nifti(out / "input", seed=args.seed)
+    methods = DEMO_METHODS
+    if args.methods:
+        methods = [_method_arg(m) for m in args.methods.split("+")]
+    cfg = parse_config({
+        "model": {"path": str(unet_paths()["state"]), "class_path": info["class_path"],
+                  "kwargs": info["kwargs"]},
+        "volumes": [str(vol_path)],
+        "preprocess": {"normalisation": "minmax"},
+        "target": {"kind": "argmax", "classes": [1]},
+        "methods": methods,
+        "output": {"dir": str(out), "overwrite": True},
+        "run": {"seed": 0},
+    }, source="demo")
+    print(f"demo: phantom TOF-MRA volume {vol_path.name} (ground truth: {mask_path.name}), "
+          f"bundled 3D U-Net, argmax target on the vessel class, {len(methods)} methods",
+          file=sys.stderr)
+    return _execute(cfg, args.quiet)
+
+
+def cmd_methods(args: argparse.Namespace) -> int:
+    from esegeta_engine.methods import get_method, list_methods
+
+    specs = [get_method(args.name)] if args.name else list_methods(args.family)
+    if args.json:
+        print(json.dumps([{"name": s.name, "family": s.family, "title": s.title, "summary": s.summary,
+                           "needs_layer": s.needs_layer, "needs_hooks": s.needs_hooks,
+                           "noise_tunnel": s.noise_tunnel,
+                           "params": [{"name": p.name, "kind": p.kind, "default": p.default,
+                                       "help": p.help, "allowed": p.describe_range()} for p in s.params]}
+                          for s in specs], indent=2))
+        return 0
+    family = None
+    for s in specs:
+        if s.family != family:
+            family = s.family
+            print(f"\n[{family}]")
+        flags = [f for f, on in (("needs layer", s.needs_layer), ("smoothgrad", s.noise_tunnel),
+                                 ("not TorchScript", s.needs_hooks), ("needs batch", s.needs_batch)) if on]
+        print(f"  {s.name:<28} {s.summary}" + (f"  [{', '.join(flags)}]" if flags else ""))
+        if args.name or args.verbose:
+            for p in s.params:
+                print(f"      {p.name} = {p.default!r:<10} {p.help} ({p.describe_range()})")
+    if not args.name and not args.verbose:
+        print("\n`esegeta methods NAME` shows a method's parameters.")
+    return 0
+
+
+def cmd_layers(args: argparse.Namespace) -> int:
+    from esegeta_engine.models import list_layers, load_model
+
+    kwargs = json.loads(args.kwargs) if args.kwargs else None
+    model = load_model(args.model, format=args.format, class_path=args.class_path, kwargs=kwargs,
+                       trust_pickled=args.trust_pickled)
+    for name, kind in list_layers(model):
+        print(f"{name:<40} {kind}")
+    return 0
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    from esegeta_engine.sample import save_phantom_nifti
+
+    vol, mask = save_phantom_nifti(Path(args.out), seed=args.seed)
+    print(f"wrote {vol} and {mask}")
+    return 0
+
+
+def cmd_schema(args: argparse.Namespace) -> int:
+    from esegeta_engine.config import Config
+
+    print(json.dumps(Config.model_json_schema(), indent=2))
+    return 0
+
+
+def _model_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--format", default="auto", choices=["auto", "torchscript", "state_dict", "pickled_module"])
+    p.add_argument("--class-path", help="package.module:Class, for a state dict")
+    p.add_argument("--kwargs", help="constructor kwargs of --class-path as JSON")
+    p.add_argument("--trust-pickled", action="store_true",
+                   help="allow loading a fully pickled nn.Module (runs code from the file)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="esegeta",
+        description="Explain 2D/3D imaging models: attribution maps as NIfTI with the source geometry.")
+    parser.add_argument("--version", action="version", version=f"napari-esegeta {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress to the console")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("run", help="run a JSON/YAML config")
+    p.add_argument("config", type=Path)
+    p.add_argument("--out", help="output folder (overrides output.dir)")
+    p.add_argument("--overwrite", action="store_true", help="write into a folder holding a previous run")
+    p.add_argument("--device", help="cpu or cuda:N (overrides model.device)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("explain", help="one-off run from flags, no config file")
+    p.add_argument("--model", required=True)
+    _model_flags(p)
+    p.add_argument("--volume", action="append", required=True, help="NIfTI input (repeatable)")
+    p.add_argument("--method", action="append", required=True,
+                   help="NAME or NAME:key=value,... (repeatable), e.g. occlusion:window=8")
+    p.add_argument("--target", default="argmax", choices=["argmax", "otsu", "roi", "voxel", "classification"])
+    p.add_argument("--classes", type=int, nargs="+")
+    p.add_argument("--activation", choices=["none", "softmax", "sigmoid"])
+    p.add_argument("--roi-mask", help="NIfTI mask for --target roi")
+    p.add_argument("--voxel", type=int, nargs="+", help="x y [z] for --target voxel")
+    p.add_argument("--output", help="output index/key of a multi-output model")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--spatial-dims", type=int, default=3, choices=[2, 3])
+    p.add_argument("--in-channels", type=int, default=1)
+    p.add_argument("--normalisation", default="none", choices=["none", "zscore", "minmax", "percentile"])
+    p.add_argument("--axis-order", default="xyz")
+    p.add_argument("--batch-volumes", action="store_true", help="explain all volumes as one batch")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--timeout", type=float, default=900.0, help="seconds per method and target")
+    p.add_argument("--out", default="esegeta_out")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("-q", "--quiet", action="store_true")
+    p.set_defaults(func=cmd_explain)
+
+    p = sub.add_parser("demo", help="explain the bundled 3D U-Net on a phantom TOF-MRA volume")
+    p.add_argument("--out", default="esegeta_demo")
+    p.add_argument("--seed", type=int, default=7, help="phantom seed")
+    p.add_argument("--methods", help="methods joined by '+', e.g. saliency+occlusion:window=8")
+    p.add_argument("-q", "--quiet", action="store_true")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("methods", help="list methods and their parameters")
+    p.add_argument("name", nargs="?")
+    p.add_argument("--family", choices=["gradient", "perturbation", "layer"])
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_methods)
+
+    p = sub.add_parser("layers", help="list a model's module names (for layer methods)")
+    p.add_argument("model")
+    _model_flags(p)
+    p.set_defaults(func=cmd_layers)
+
+    p = sub.add_parser("sample", help="write the phantom volume and its vessel mask as NIfTI")
+    p.add_argument("--out", default="esegeta_sample")
+    p.add_argument("--seed", type=int, default=7)
+    p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("schema", help="print the config's JSON schema")
+    p.set_defaults(func=cmd_schema)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``esegeta``."""
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.verbose)
+    try:
+        return int(args.func(args) or 0)
+    except EsegetaError as exc:
+        print(f"error: {exc.problem}", file=sys.stderr)
+        if exc.fix:
+            print(f"  fix: {exc.fix}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ncancelled", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

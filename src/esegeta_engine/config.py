@@ -1,0 +1,239 @@
+"""The run configuration: one validated model, loaded in one place.
+
+Configs are JSON or YAML. Unknown keys and bad values are rejected with a
+message that names the key and the allowed values; method names and method
+parameters are checked against the method registry, so the schema grows with
+it. Relative paths are resolved against the config file's folder.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from esegeta_engine.errors import ConfigError, EsegetaError
+from esegeta_engine.methods import get_method
+from esegeta_engine.preprocess import NORMALISATIONS, AxisOrder
+from esegeta_engine.targets import ACTIVATIONS
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=False, validate_assignment=True)
+
+
+class ModelConfig(_Strict):
+    """Where the model comes from and how to call it."""
+
+    path: Path = Field(description="TorchScript file or state dict (.pt/.pth)")
+    format: Literal["auto", "torchscript", "state_dict", "pickled_module"] = "auto"
+    class_path: str | None = Field(None, description="package.module:Class for a state dict")
+    kwargs: dict[str, Any] = Field(default_factory=dict, description="constructor kwargs of class_path")
+    trust_pickled: bool = Field(False, description="allow unpickling a whole nn.Module (runs code)")
+    output: int | str | None = Field(None, description="output index/key for tuple/list/dict outputs")
+    device: str = Field("cpu", description="cpu, cuda or cuda:N")
+
+
+class PreprocessConfig(_Strict):
+    """How a NIfTI array becomes a model input."""
+
+    spatial_dims: Literal[2, 3] = 3
+    in_channels: int = Field(1, ge=1, le=64)
+    normalisation: Literal["none", "zscore", "minmax", "percentile"] = "none"
+    percentiles: tuple[float, float] = (1.0, 99.0)
+    axis_order: str = Field("xyz", description="model spatial axes in NIfTI terms, e.g. xyz or zyx")
+
+    @field_validator("axis_order")
+    @classmethod
+    def _axis_order(cls, v: str) -> str:
+        try:
+            AxisOrder(v)
+        except EsegetaError as exc:
+            raise ValueError(exc.problem + "; " + (exc.fix or "")) from None
+        return v
+
+    @field_validator("percentiles")
+    @classmethod
+    def _percentiles(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not 0 <= v[0] < v[1] <= 100:
+            raise ValueError("need 0 <= low < high <= 100")
+        return v
+
+    @model_validator(mode="after")
+    def _dims_match(self) -> PreprocessConfig:
+        if len(self.axis_order) != self.spatial_dims:
+            raise ValueError(
+                f"axis_order {self.axis_order!r} has {len(self.axis_order)} axes but spatial_dims is "
+                f"{self.spatial_dims}"
+            )
+        return self
+
+
+class TargetConfig(_Strict):
+    """Which scalar scores the methods explain."""
+
+    kind: Literal["argmax", "otsu", "roi", "voxel", "classification"] = "argmax"
+    classes: list[int] | None = Field(None, description="score indices to explain; default per kind")
+    activation: Literal["none", "softmax", "sigmoid"] | None = Field(
+        None, description="applied to the output first; default sigmoid for otsu, none otherwise")
+    frozen: bool = Field(True, description="freeze regions from the unperturbed prediction")
+    channel: int = Field(0, ge=0, description="otsu: output channel of the foreground map")
+    roi_mask: Path | None = Field(None, description="roi: NIfTI mask on the volume's grid")
+    voxel: list[int] | None = Field(None, description="voxel: index (x, y[, z]) in the NIfTI volume")
+
+    @model_validator(mode="after")
+    def _needs(self) -> TargetConfig:
+        if self.kind == "roi" and self.roi_mask is None:
+            raise ValueError("target kind 'roi' needs roi_mask (a NIfTI mask on the volume's grid)")
+        if self.kind == "voxel" and not self.voxel:
+            raise ValueError("target kind 'voxel' needs voxel: [x, y, z]")
+        return self
+
+    @property
+    def resolved_activation(self) -> str:
+        """The activation actually used."""
+        return self.activation or ("sigmoid" if self.kind == "otsu" else "none")
+
+
+class NoiseTunnelConfig(_Strict):
+    """SmoothGrad-style averaging over noisy copies of the input."""
+
+    type: Literal["smoothgrad", "smoothgrad_sq", "vargrad"] = "smoothgrad"
+    samples: int = Field(8, ge=1, le=1000)
+    stdev: float = Field(0.1, ge=0.0, description="noise std, in normalised intensity units")
+    batch_size: int | None = Field(None, ge=1)
+
+
+class MethodConfig(_Strict):
+    """One method with its parameters (checked against the registry)."""
+
+    name: str
+    params: dict[str, Any] = Field(default_factory=dict)
+    layers: list[str] = Field(default_factory=list, description="module names for layer methods")
+    noise_tunnel: NoiseTunnelConfig | None = None
+
+    @model_validator(mode="after")
+    def _against_registry(self) -> MethodConfig:
+        try:
+            spec = get_method(self.name)
+            spec.resolve_params(self.params)
+        except EsegetaError as exc:
+            raise ValueError(exc.problem + ("; " + exc.fix if exc.fix else "")) from None
+        if spec.needs_layer and not self.layers:
+            raise ValueError(f"method '{self.name}' needs layers: [module name, ...]; "
+                             "`esegeta layers MODEL` lists them")
+        if not spec.needs_layer and self.layers:
+            raise ValueError(f"method '{self.name}' does not take layers")
+        if self.noise_tunnel is not None and not spec.noise_tunnel:
+            raise ValueError(f"method '{self.name}' cannot be wrapped in a noise tunnel")
+        return self
+
+
+class OutputConfig(_Strict):
+    """Where results go."""
+
+    dir: Path = Path("esegeta_out")
+    overwrite: bool = Field(False, description="allow writing into a folder that holds a previous run")
+    save_prediction: bool = Field(True, description="also write the model's prediction as NIfTI")
+
+
+class RunOptions(_Strict):
+    """Run-wide options."""
+
+    seed: int = 0
+    timeout_s: float | None = Field(900.0, gt=0, description="per method and target; null: none")
+    batch_volumes: bool = Field(
+        False, description="explain all volumes as one batch (needed by feature_permutation)")
+
+
+class Config(_Strict):
+    """A whole run."""
+
+    model: ModelConfig
+    volumes: list[Path] = Field(min_length=1)
+    preprocess: PreprocessConfig = Field(default_factory=PreprocessConfig)
+    target: TargetConfig = Field(default_factory=TargetConfig)
+    methods: list[MethodConfig] = Field(min_length=1)
+    output: OutputConfig = Field(default_factory=OutputConfig)
+    run: RunOptions = Field(default_factory=RunOptions)
+
+    def resolve_paths(self, base: Path) -> Config:
+        """Return a copy with relative paths made absolute against ``base``."""
+        def fix(p: Path | None) -> Path | None:
+            return None if p is None else (p if p.is_absolute() else (base / p))
+        data = self.model_copy(deep=True)
+        data.model.path = fix(data.model.path)
+        data.volumes = [fix(v) for v in data.volumes]
+        data.target.roi_mask = fix(data.target.roi_mask)
+        data.output.dir = fix(data.output.dir)
+        return data
+
+
+def format_validation_error(exc: ValidationError, source: str = "config") -> ConfigError:
+    """Turn pydantic's error into one readable :class:`ConfigError`."""
+    lines = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"] if not str(p).startswith("function-after"))
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+            parent = _fields_at(err["loc"][:-1])
+            if parent:
+                msg += f" (allowed here: {', '.join(parent)})"
+        elif err["type"] == "literal_error":
+            msg = msg.replace("Input should be", "must be")
+        lines.append(f"{loc or '(top level)'}: {msg}")
+    return ConfigError(f"invalid {source}:\n  " + "\n  ".join(lines),
+                       "fix the keys above; `esegeta methods` lists methods and their parameters")
+
+
+def _fields_at(loc: tuple[Any, ...]) -> list[str]:
+    model: Any = Config
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        field = getattr(model, "model_fields", {}).get(part)
+        if field is None:
+            return []
+        ann = field.annotation
+        args = getattr(ann, "__args__", ())
+        candidates = [a for a in (ann, *args) if isinstance(a, type) and issubclass(a, BaseModel)]
+        if not candidates:
+            return []
+        model = candidates[0]
+    return list(getattr(model, "model_fields", {}))
+
+
+def parse_config(data: dict[str, Any], base: Path | None = None, source: str = "config") -> Config:
+    """Validate a config mapping (paths resolved against ``base``)."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source} must be a mapping of keys to values, got {type(data).__name__}",
+                          "see README.md for an example config")
+    try:
+        cfg = Config.model_validate(data)
+    except ValidationError as exc:
+        raise format_validation_error(exc, source) from None
+    return cfg.resolve_paths(base) if base is not None else cfg
+
+
+def load_config(path: str | Path) -> Config:
+    """Read and validate a JSON or YAML config file.
+
+    Raises
+    ------
+    ConfigError
+        Missing file, bad syntax, unknown keys or bad values.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist", "check the path")
+    text = path.read_text(encoding="utf-8")
+    try:
+        data = json.loads(text) if path.suffix.lower() == ".json" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as exc:
+        raise ConfigError(f"{path.name} is not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {exc}",
+                          "fix the syntax") from None
+    return parse_config(data, base=path.parent.resolve(), source=path.name)

@@ -1,0 +1,325 @@
+"""The execution step: a loaded model + target -> attribution maps, as events.
+
+:class:`Explainer` is what both the CLI pipeline and the napari plugin call.
+``iter_explain`` is a generator: it yields :class:`Progress` while a method
+runs and :class:`MapReady` / :class:`JobFailed` as each (method, layer,
+class) job ends, so callers can stream results and stop between model
+evaluations. Each job runs in a short-lived worker thread while the generator
+polls it; cancellation and per-job time limits are checked by the
+:class:`~esegeta_engine.scoring.EvaluationMonitor` inside every model
+evaluation, which works from any thread (no signals).
+
+This is the one place to grow patch-based, multi-GPU or resumable execution.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Generator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from esegeta_engine.config import MethodConfig, PreprocessConfig, TargetConfig
+from esegeta_engine.errors import Cancelled, EsegetaError, MethodError, MethodTimeout, TargetError
+from esegeta_engine.io import Volume
+from esegeta_engine.methods import MethodContext, MethodSpec, attribute, get_method
+from esegeta_engine.models import get_layer, is_torchscript, model_guard
+from esegeta_engine.preprocess import AxisOrder, to_model_input
+from esegeta_engine.scoring import EvaluationMonitor, ScoreModel
+from esegeta_engine import targets as T
+
+log = logging.getLogger("esegeta_engine")
+
+
+@dataclass(frozen=True)
+class Progress:
+    """Progress of a run: ``done`` of ``total`` jobs, with a message."""
+
+    done: int
+    total: int
+    message: str
+    evaluations: int = 0
+
+
+@dataclass
+class Job:
+    """One attribution to compute: a method (and layer) for one class."""
+
+    spec: MethodSpec
+    params: dict[str, Any]
+    cls: int
+    cls_label: str
+    volumes: tuple[int, ...]
+    layer: str | None = None
+    noise_tunnel: dict[str, Any] | None = None
+
+    @property
+    def label(self) -> str:
+        """``method[@layer][+smoothgrad]`` for names and messages."""
+        text = self.spec.name + (f"@{self.layer}" if self.layer else "")
+        return text + (f"+{self.noise_tunnel['type']}" if self.noise_tunnel else "")
+
+
+@dataclass
+class MapReady:
+    """A finished attribution map for one volume, in NIfTI axis order."""
+
+    job: Job
+    volume: int
+    array: np.ndarray
+    seconds: float
+    evaluations: int
+
+
+@dataclass
+class JobFailed:
+    """A job that failed, timed out or was cancelled; the run goes on (unless cancelled)."""
+
+    job: Job
+    status: str  # "failed" | "timeout" | "cancelled"
+    error: str
+    seconds: float
+    evaluations: int
+
+
+Event = Progress | MapReady | JobFailed
+
+
+def build_target(cfg: TargetConfig, spatial_dims: int, roi_mask: np.ndarray | None = None,
+                 axis_order: str = "xyz") -> T.Target:
+    """Build the target of ``cfg``; ``roi_mask`` and ``cfg.voxel`` are in NIfTI order."""
+    act = cfg.resolved_activation
+    if cfg.kind == "argmax":
+        return T.ArgmaxRegionTarget(act, frozen=cfg.frozen)
+    if cfg.kind == "otsu":
+        return T.OtsuThresholdTarget(act, channel=cfg.channel, frozen=cfg.frozen)
+    if cfg.kind == "classification":
+        return T.ClassificationTarget(act)
+    order = AxisOrder(axis_order)
+    if cfg.kind == "roi":
+        if roi_mask is None:
+            raise TargetError("target kind 'roi' needs a mask", "give target.roi_mask")
+        return T.RegionOfInterestTarget(order.to_model(np.asarray(roi_mask)), act)
+    if cfg.kind == "voxel":
+        if len(cfg.voxel or ()) != spatial_dims:
+            raise TargetError(f"target.voxel {cfg.voxel} needs {spatial_dims} indices", "give x, y[, z]")
+        return T.VoxelTarget([cfg.voxel[i] for i in order.permutation], act)
+    raise TargetError(f"unknown target kind {cfg.kind!r}", "use argmax, otsu, roi, voxel or classification")
+
+
+@dataclass
+class Explainer:
+    """Explain one model's predictions on NIfTI-ordered volumes.
+
+    Parameters
+    ----------
+    model : nn.Module
+        The user's model, already on its device (see :func:`models.load_model`).
+    preprocess : PreprocessConfig
+        Normalisation, axis order, dimensions, channels.
+    target : TargetConfig
+        Which scores to explain.
+    output : int, str or None
+        Output selection for multi-output models.
+    seed : int
+        Seeded before every job.
+    timeout_s : float or None
+        Time limit per job, checked between model evaluations.
+    """
+
+    model: nn.Module
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    target: TargetConfig = field(default_factory=TargetConfig)
+    output: int | str | None = None
+    seed: int = 0
+    timeout_s: float | None = None
+
+    @property
+    def device(self) -> torch.device:
+        """Device of the model's parameters (cpu when it has none)."""
+        for p in self.model.parameters():
+            return p.device
+        return torch.device("cpu")
+
+    def prepare_input(self, volume: Volume) -> torch.Tensor:
+        """``volume`` -> model input ``(1, C, *spatial)`` on the model's device."""
+        p = self.preprocess
+        return to_model_input(volume.data, spatial_dims=p.spatial_dims, in_channels=p.in_channels,
+                              axis_order=p.axis_order, normalisation=p.normalisation,
+                              percentiles=p.percentiles).to(self.device)
+
+    def raw_output(self, x: torch.Tensor) -> torch.Tensor:
+        """Selected model output for ``x`` without gradients, with readable errors."""
+        sm = ScoreModel(self.model, T.ClassificationTarget(), self.output)
+        with model_guard(self.model), torch.no_grad():
+            try:
+                return sm.model_output(x)
+            except EsegetaError:
+                raise
+            except RuntimeError as exc:
+                first = str(exc).strip().splitlines()[0][:300]
+                raise MethodError(
+                    f"the model does not accept an input of shape {tuple(x.shape)}: {first}",
+                    "check preprocess.in_channels, spatial_dims and axis_order; U-Nets often need each "
+                    "axis divisible by 2**depth (crop or pad the volume)",
+                ) from None
+
+    def predict(self, volume: Volume) -> np.ndarray:
+        """Predicted labels in NIfTI order (argmax, or > 0 logit for one channel)."""
+        out = self.raw_output(self.prepare_input(volume))
+        if out.dim() < 3:
+            raise TargetError("the model output has no spatial grid (a classifier?)",
+                              "use target kind 'classification'")
+        labels = out.argmax(1) if out.shape[1] > 1 else (out[:, 0] > 0).long()
+        return AxisOrder(self.preprocess.axis_order).to_nifti(labels[0].cpu().numpy().astype(np.uint8))
+
+    def plan(self, methods: Sequence[MethodConfig], target: T.Target, output: torch.Tensor,
+             volumes: tuple[int, ...]) -> list[Job]:
+        """Expand methods x layers x classes into jobs."""
+        classes = self.target.classes or target.default_classes(output)
+        n = target.n_scores(output)
+        bad = [c for c in classes if not 0 <= c < n]
+        if bad:
+            raise TargetError(f"target.classes {bad} do not exist: the target has {n} scores",
+                              f"use classes in 0..{n - 1}")
+        jobs = []
+        for m in methods:
+            spec = get_method(m.name)
+            params = spec.resolve_params(m.params)
+            nt = m.noise_tunnel.model_dump() if m.noise_tunnel else None
+            for layer in m.layers or [None]:
+                for c in classes:
+                    label = f"{target.kind}-{target.class_label(c)}"
+                    jobs.append(Job(spec, params, c, label, volumes, layer, nt))
+        return jobs
+
+    def iter_explain(
+        self,
+        volumes: Sequence[Volume],
+        methods: Sequence[MethodConfig],
+        *,
+        roi_mask: np.ndarray | None = None,
+        batch: bool = False,
+        cancel: threading.Event | None = None,
+    ) -> Generator[Event, None, None]:
+        """Run every method on every volume, yielding events as they happen.
+
+        Parameters
+        ----------
+        volumes : sequence of Volume
+            Inputs in NIfTI order.
+        methods : sequence of MethodConfig
+            Methods with parameters, layers and noise tunnel.
+        roi_mask : np.ndarray, optional
+            Mask for the ``roi`` target (NIfTI order, volume grid).
+        batch : bool
+            Explain all volumes as one batch (same shape; feature permutation).
+        cancel : threading.Event, optional
+            Set from any thread to stop at the next model evaluation.
+        """
+        cancel = cancel or threading.Event()
+        monitor = EvaluationMonitor(cancel)
+        groups = [tuple(range(len(volumes)))] if batch else [(i,) for i in range(len(volumes))]
+        prepared = []
+        for group in groups:
+            x = torch.cat([self.prepare_input(volumes[i]) for i in group]) if batch else \
+                self.prepare_input(volumes[group[0]])
+            target = build_target(self.target, self.preprocess.spatial_dims, roi_mask,
+                                  self.preprocess.axis_order).to(self.device)
+            out = self.raw_output(x)
+            target.prepare(out)
+            prepared.append((group, x, target, self.plan(methods, target, out, group)))
+        total = sum(len(p[3]) for p in prepared)
+        done = 0
+        with model_guard(self.model):
+            for group, x, target, jobs in prepared:
+                score_model = ScoreModel(self.model, target, self.output, monitor)
+                for job in jobs:
+                    yield Progress(done, total, f"{job.label} · {job.cls_label}: starting")
+                    yield from self._run_job(job, x, score_model, monitor, done, total)
+                    done += 1
+                    if cancel.is_set():
+                        return
+            yield Progress(done, total, "finished")
+
+    def _run_job(self, job: Job, x: torch.Tensor, score_model: ScoreModel,
+                 monitor: EvaluationMonitor, done: int, total: int) -> Generator[Event, None, None]:
+        ctx = MethodContext(
+            score_model=score_model, inputs=x, target=job.cls, seed=self.seed,
+            layer=get_layer(self.model, job.layer) if job.layer else None, layer_name=job.layer,
+            torchscript=is_torchscript(self.model),
+        )
+        holder: dict[str, Any] = {}
+
+        def work() -> None:
+            try:
+                torch.manual_seed(self.seed)
+                holder["result"] = attribute(job.spec, ctx, job.params, job.noise_tunnel)
+            except BaseException as exc:  # handed to the generator's thread
+                holder["error"] = exc
+
+        monitor.start(self.timeout_s)
+        start = time.perf_counter()
+        thread = threading.Thread(target=work, name=f"esegeta-{job.label}", daemon=True)
+        thread.start()
+        last = -1
+        try:
+            while thread.is_alive():
+                thread.join(0.05)
+                if monitor.count != last:
+                    last = monitor.count
+                    yield Progress(done, total, f"{job.label} · {job.cls_label}: "
+                                   f"{last} model evaluations", last)
+                if self.timeout_s is not None and time.perf_counter() - start > self.timeout_s + 30:
+                    holder["error"] = MethodTimeout(  # one model call runs far past the limit
+                        f"exceeded the time limit of {self.timeout_s:g} s inside one model evaluation")
+                    monitor.cancel.set()  # the stuck call stops at its next evaluation
+                    break
+        finally:
+            if thread.is_alive() and "error" not in holder:
+                monitor.cancel.set()  # generator closed (GUI cancel): stop the worker
+                thread.join(5.0)
+        seconds = time.perf_counter() - start
+        err = holder.get("error")
+        if err is None and "result" in holder:
+            try:
+                maps = self._to_nifti_maps(holder["result"], job, x)
+            except EsegetaError as exc:
+                err = exc
+            else:
+                for vol, arr in zip(job.volumes, maps):
+                    yield MapReady(job, vol, arr, seconds, monitor.count)
+                log.info("%s · %s: done in %.2f s, %d model evaluations", job.label, job.cls_label,
+                         seconds, monitor.count)
+                return
+        if isinstance(err, Cancelled):
+            status, text = "cancelled", "cancelled by the user"
+        elif isinstance(err, MethodTimeout):
+            status, text = "timeout", str(err)
+        elif isinstance(err, EsegetaError):
+            status, text = "failed", str(err)
+        else:
+            status, text = "failed", f"{type(err).__name__}: {err}"
+            log.error("%s · %s failed", job.label, job.cls_label, exc_info=err)
+        log.warning("%s · %s: %s (%s)", job.label, job.cls_label, status, text)
+        yield JobFailed(job, status, text, seconds, monitor.count)
+
+    def _to_nifti_maps(self, result: torch.Tensor, job: Job, x: torch.Tensor) -> list[np.ndarray]:
+        if result.dim() != x.dim():
+            raise MethodError(
+                f"layer '{job.layer}' gives a map of shape {tuple(result.shape)} with no spatial grid",
+                "choose a convolutional layer (see `esegeta layers MODEL`)",
+            )
+        order = AxisOrder(self.preprocess.axis_order)
+        maps = []
+        for i in range(result.shape[0]):
+            r = result[i].cpu().numpy()
+            arr = r.sum(0) if (r.shape[0] == x.shape[1] or r.shape[0] == 1) else np.moveaxis(r, 0, -1)
+            maps.append(order.to_nifti(arr).astype(np.float32))
+        return maps

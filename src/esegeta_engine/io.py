@@ -1,0 +1,171 @@
+"""NIfTI in and out with geometry, and atomic writes of every output file."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+
+from esegeta_engine.errors import VolumeError
+
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+
+
+@dataclass
+class Volume:
+    """An image with its geometry.
+
+    Attributes
+    ----------
+    data : np.ndarray
+        float32 array in NIfTI axis order ``(x, y[, z][, c])``.
+    affine : np.ndarray
+        4x4 voxel-to-world (RAS+ mm) matrix.
+    header : nib.Nifti1Header or None
+        The source header (kept for writing results).
+    path : Path or None
+        Where it came from.
+    """
+
+    data: np.ndarray
+    affine: np.ndarray
+    header: Any = None
+    path: Path | None = None
+
+    @property
+    def spacing(self) -> tuple[float, ...]:
+        """Voxel size along each axis (mm), from the affine."""
+        return tuple(float(v) for v in np.linalg.norm(self.affine[:3, :3], axis=0))
+
+
+def is_nifti(path: str | Path) -> bool:
+    """True if ``path`` has a NIfTI suffix."""
+    return str(path).lower().endswith(NIFTI_SUFFIXES)
+
+
+def load_volume(path: str | Path, *, spatial_dims: int = 3, channels: int = 1) -> Volume:
+    """Read a NIfTI image and check it can be a model input.
+
+    Parameters
+    ----------
+    path : str or Path
+        ``.nii`` or ``.nii.gz`` file.
+    spatial_dims : int
+        3 for volumes; 2 for images (stored as ``(x, y)`` or ``(x, y, 1)``).
+    channels : int
+        Channels expected (a 4th axis of this length for 3D multi-channel).
+
+    Raises
+    ------
+    VolumeError
+        Missing or corrupt file, wrong dimensionality, NaN or Inf voxels.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise VolumeError(f"image file {str(path)!r} does not exist", "check the path")
+    if not is_nifti(path):
+        raise VolumeError(f"{path.name} is not a NIfTI file (.nii or .nii.gz)",
+                          "convert it to NIfTI first (e.g. with dcm2niix for DICOM)")
+    try:
+        img = nib.load(str(path))
+        data = np.asarray(img.dataobj, dtype=np.float32)
+    except Exception as exc:
+        raise VolumeError(f"{path.name} cannot be read as NIfTI ({exc.__class__.__name__}: {exc})",
+                          "the file is corrupt or truncated; export it again") from None
+    shape = data.shape
+    # Drop trailing singleton axes beyond what is needed (x, y, 1) for 2D, (x, y, z, 1) for 3D.
+    want = spatial_dims + (1 if channels > 1 else 0)
+    while data.ndim > want and data.shape[-1] == 1:
+        data = data[..., 0]
+    if data.ndim != want or (channels > 1 and data.shape[-1] != channels):
+        kind = f"{spatial_dims}D" + (f" with {channels} channels" if channels > 1 else "")
+        raise VolumeError(
+            f"{path.name} has shape {shape} but a {kind} image was expected",
+            "give a single 3D volume (split 4D time series / multi-echo files first), or set "
+            "preprocess.spatial_dims / preprocess.in_channels to match the model",
+        )
+    if min(data.shape[:spatial_dims]) < 2:
+        raise VolumeError(f"{path.name} has shape {shape}: an axis has fewer than 2 voxels",
+                          f"give a real {spatial_dims}D image")
+    bad = ~np.isfinite(data)
+    if bad.any():
+        raise VolumeError(
+            f"{path.name} has {int(bad.sum())} NaN or Inf voxel(s)",
+            "fill or mask them (e.g. replace with 0) before explaining the model",
+        )
+    return Volume(data=data, affine=np.asarray(img.affine, dtype=np.float64), header=img.header, path=path)
+
+
+def _atomic_target(path: Path) -> tuple[int, str]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    suffix = ".nii.gz" if path.name.endswith(".nii.gz") else path.suffix
+    return tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".part{suffix}", dir=path.parent)
+
+
+def save_map(array: np.ndarray, like: Volume, path: str | Path, dtype: type = np.float32) -> Path:
+    """Write ``array`` as NIfTI (float32 by default) with ``like``'s affine and header, atomically.
+
+    The file appears complete or not at all (written to a temporary file in
+    the same folder, then renamed).
+    """
+    path = Path(path)
+    array = np.asarray(array, dtype=dtype)
+    n_spatial = min(array.ndim, 3)
+    spatial = like.data.shape[:n_spatial]
+    if array.shape[:n_spatial] != spatial:
+        raise ValueError(f"map shape {array.shape} does not match the volume grid {spatial}")
+    header = like.header.copy() if like.header is not None else None
+    img = nib.Nifti1Image(array, like.affine, header=header)
+    img.set_data_dtype(dtype)
+    img.header.set_slope_inter(1.0, 0.0)
+    if header is None or int(header["sform_code"]) == 0:
+        img.set_sform(like.affine, code=1)
+    if header is None or int(header["qform_code"]) == 0:
+        img.set_qform(like.affine, code=1)
+    img.header["cal_min"], img.header["cal_max"] = 0, 0
+    img.header["descrip"] = b"napari-esegeta attribution"
+    fd, tmp = _atomic_target(path)
+    os.close(fd)
+    try:
+        nib.save(img, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_json(data: Any, path: str | Path) -> Path:
+    """Write JSON atomically (temporary file + rename)."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=_mkdir(path.parent))
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            json.dump(data, fh, indent=2, default=_json_default)
+            fh.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _mkdir(p: Path) -> Path:
+    p.mkdir(parents=True, exist_ok=True)
+    return p
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, (np.integer, np.floating)):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")

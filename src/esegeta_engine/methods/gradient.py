@@ -1,0 +1,263 @@
+"""Gradient methods: Captum wrappers that explain ``ScoreModel`` (2D and 3D).
+
+Every builder hands ``ctx.score_model`` (an ``nn.Module`` mapping the input
+batch to ``(N, K)`` class scores) to the Captum class and returns a
+:class:`~esegeta_engine.methods.registry.Call`; :func:`run.attribute` adds the
+target class. Everything random (the SHAP baseline distributions, GradientShap
+sampling) is seeded from ``ctx.seed`` without touching the global RNG state.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import numpy as np
+import torch
+from captum.attr import (
+    Deconvolution,
+    DeepLift,
+    DeepLiftShap,
+    GradientShap,
+    GuidedBackprop,
+    GuidedGradCam,
+    InputXGradient,
+    IntegratedGradients,
+    Saliency,
+)
+
+from esegeta_engine.errors import MethodError
+from esegeta_engine.methods._common import BASELINE_PARAM, make_baseline
+from esegeta_engine.methods.registry import Call, MethodContext, MethodSpec, Param, register
+
+# Parameters shared by several methods (layer.py reuses them).
+N_STEPS = Param("n_steps", "int", 32, "integration steps along the path from baseline to input",
+                minimum=1, maximum=2000)
+IG_RULE = Param("method", "str", "gausslegendre", "rule approximating the path integral",
+                choices=("gausslegendre", "riemann_trapezoid", "riemann_left", "riemann_right",
+                         "riemann_middle"))
+INTERNAL_BATCH = Param("internal_batch_size", "int", 8,
+                       "path points per forward/backward pass (lower it to save memory)",
+                       minimum=1, maximum=100000)
+N_SAMPLES = Param("n_samples", "int", 8, "random (baseline, path point, noise) draws per input",
+                  minimum=1, maximum=100000)
+STDEVS = Param("stdevs", "float", 0.05,
+               "std of the Gaussian noise added to each drawn input, in input intensity units",
+               minimum=0.0, maximum=1e6)
+BASELINE_NOISE = Param("baseline_noise", "float", 0.05,
+                       "std of the noise added to each baseline, as a fraction of the input's std",
+                       minimum=0.0, maximum=100.0)
+LAYER_INPUT = Param("attribute_to_layer_input", "bool", False,
+                    "use the layer's input instead of its output")
+
+
+def n_baselines_param(minimum: int) -> Param:
+    """The ``n_baselines`` parameter (DeepLiftShap needs at least 2)."""
+    return Param("n_baselines", "int", 4,
+                 "baselines in the reference distribution: the chosen baseline plus seeded noise",
+                 minimum=minimum, maximum=1024)
+
+
+def baseline_distribution(
+    inputs: torch.Tensor, kind: str, n: int, noise: float, seed: int
+) -> torch.Tensor:
+    """Return ``n`` noisy copies of the ``kind`` baseline of every input.
+
+    Copy ``j`` of input ``i`` is ``make_baseline(inputs, kind)[i] + noise *
+    std(inputs[i]) * e`` with ``e`` standard Gaussian noise drawn from a
+    generator seeded with ``seed`` (on the CPU, so every device gives the same
+    distribution). With several inputs the copies of all of them are pooled,
+    as Captum's SHAP methods share one distribution across the batch.
+
+    Parameters
+    ----------
+    inputs : torch.Tensor
+        ``(N, C, *spatial)``.
+    kind : str
+        A baseline kind of :func:`make_baseline`.
+    n : int
+        Copies per input.
+    noise : float
+        Noise std as a fraction of each input's standard deviation.
+    seed : int
+        Seed of the noise.
+
+    Returns
+    -------
+    torch.Tensor
+        ``(n * N, C, *spatial)``, copy-major (all inputs' copy 0 first).
+    """
+    base = make_baseline(inputs.detach(), kind).repeat(n, *([1] * (inputs.dim() - 1)))
+    scale = noise * inputs.detach().flatten(1).std(dim=1, correction=0)
+    scale = scale.repeat(n).reshape(-1, *([1] * (inputs.dim() - 1)))
+    gen = torch.Generator().manual_seed(int(seed))
+    eps = torch.randn(base.shape, generator=gen, dtype=base.dtype).to(base.device)
+    return base + scale * eps
+
+
+@contextlib.contextmanager
+def seeded_rng(seed: int, device: torch.device) -> Iterator[None]:
+    """Seed torch (CPU and ``device``) and NumPy's global RNG, restoring them on exit.
+
+    Captum draws GradientShap samples from these global generators.
+    """
+    forked = [device] if device.type == "cuda" else []
+    np_state = np.random.get_state()
+    with torch.random.fork_rng(devices=forked, device_type="cuda"):
+        torch.random.default_generator.manual_seed(int(seed))
+        for dev in forked:
+            with torch.cuda.device(dev):
+                torch.cuda.manual_seed(int(seed))
+        np.random.seed(int(seed) % 2**32)
+        try:
+            yield
+        finally:
+            np.random.set_state(np_state)
+
+
+def seeded(cls: type) -> type:
+    """Return a subclass of Captum sampling class ``cls`` (GradientShap and its
+    layer variant) that owns its seed and its baseline distribution.
+
+    The constructor takes ``seed=`` and ``baselines=`` keywords besides those
+    of ``cls``; ``attribute`` runs under :func:`seeded_rng` and uses the bound
+    baselines. Binding them (instead of passing ``baselines=`` per call) lets
+    :class:`captum.attr.NoiseTunnel` wrap the method: it would otherwise try to
+    expand the distribution like a per-input baseline and fail. The
+    ``__wrapped__`` attribute is what ``NoiseTunnel`` calls.
+    """
+
+    def _attribute(self: Any, inputs: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        if self.baselines is not None:
+            kwargs.setdefault("baselines", self.baselines)
+        with seeded_rng(self.seed, inputs.device):
+            return cls.attribute(self, inputs, *args, **kwargs)
+
+    def attribute(self: Any, inputs: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        return _attribute(self, inputs, *args, **kwargs)
+
+    attribute.__wrapped__ = _attribute  # type: ignore[attr-defined]
+
+    def __init__(self: Any, *args: Any, seed: int = 0, baselines: torch.Tensor | None = None,
+                 **kwargs: Any) -> None:
+        cls.__init__(self, *args, **kwargs)
+        self.seed = seed
+        self.baselines = baselines
+
+    return type(f"Seeded{cls.__name__}", (cls,), {"__init__": __init__, "attribute": attribute})
+
+
+SeededGradientShap = seeded(GradientShap)
+
+
+class _CheckedGuidedGradCam(GuidedGradCam):
+    """Captum's GuidedGradCam, raising instead of returning an empty tensor."""
+
+    def attribute(self, inputs: torch.Tensor, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
+        out = super().attribute(inputs, *args, **kwargs)
+        if out.numel() == 0:
+            raise MethodError(
+                "guided_gradcam could not bring the layer's Grad-CAM map to the input grid",
+                "pick a convolutional layer with a spatial output (not a linear/pooled layer)",
+            )
+        return out
+
+
+def _distribution(ctx: MethodContext, p: Mapping[str, Any]) -> torch.Tensor:
+    return baseline_distribution(ctx.inputs, p["baseline"], p["n_baselines"],
+                                 p["baseline_noise"], ctx.seed)
+
+
+def _saliency(ctx: MethodContext, p: Mapping[str, Any]) -> Call:
+    return Call(Saliency(ctx.score_model), {"abs": p["abs"]})
+
+
+def _integrated_gradients(ctx: MethodContext, p: Mapping[str, Any]) -> Call:
+    return Call(IntegratedGradients(ctx.score_model), {
+        "baselines": make_baseline(ctx.inputs, p["baseline"]), "n_steps": p["n_steps"],
+        "method": p["method"], "internal_batch_size": p["internal_batch_size"]})
+
+
+def _input_x_gradient(ctx: MethodContext, p: Mapping[str, Any]) -> Call:
+    return Call(InputXGradient(ctx.score_model))
+
+
+def _guided_backprop(ctx: MethodContext, p: Mapping[str, Any]) -> Call:
+    return Call(GuidedBackprop(ctx.score_model))
+
+
+def _deconvolution(ctx: MethodContext, p: Mapping[str, Any]) -> Call:
+    return Call(Deconvolution(ctx.score_model))
+
+
+def _deeplift(ctx: MethodContext, p: Mapping[str, Any]) -> Call:
+    return Call(DeepLift(ctx.score_model, multiply_by_inputs=p["multiply_by_inputs"]),
+                {"baselines": make_baseline(ctx.inputs, p["baseline"])})
+
+
+def _deeplift_shap(ctx: MethodContext, p: Mapping[str, Any]) -> Call:
+    return Call(DeepLiftShap(ctx.score_model), {"baselines": _distribution(ctx, p)})
+
+
+def _gradient_shap(ctx: MethodContext, p: Mapping[str, Any]) -> Call:
+    algorithm = SeededGradientShap(ctx.score_model, seed=ctx.seed, baselines=_distribution(ctx, p))
+    return Call(algorithm, {"n_samples": p["n_samples"], "stdevs": p["stdevs"]})
+
+
+def _guided_gradcam(ctx: MethodContext, p: Mapping[str, Any]) -> Call:
+    mode = "bilinear" if ctx.spatial_dims == 2 else "trilinear"
+    return Call(_CheckedGuidedGradCam(ctx.score_model, ctx.layer), {
+        "interpolate_mode": mode, "attribute_to_layer_input": p["attribute_to_layer_input"]})
+
+
+_DISTRIBUTION = (BASELINE_PARAM, BASELINE_NOISE)
+_IG = (BASELINE_PARAM, N_STEPS, IG_RULE, INTERNAL_BATCH)
+
+# name, title, summary, params, builder, flags, reference
+_METHODS: tuple[tuple[str, str, str, tuple[Param, ...], Any, dict[str, bool], str], ...] = (
+    ("saliency", "Saliency", "gradient of the class score with respect to each voxel",
+     (Param("abs", "bool", True, "take the absolute value of the gradient"),),
+     _saliency, {"noise_tunnel": True},
+     "Simonyan, Vedaldi & Zisserman 2014, Deep Inside Convolutional Networks, arXiv:1312.6034"),
+    ("integrated_gradients", "Integrated Gradients",
+     "gradients averaged along the straight path from a baseline to the input, times the difference",
+     _IG, _integrated_gradients, {"noise_tunnel": True},
+     "Sundararajan, Taly & Yan 2017, Axiomatic Attribution for Deep Networks, ICML, arXiv:1703.01365"),
+    ("input_x_gradient", "Input x Gradient", "input times the gradient of the class score",
+     (), _input_x_gradient, {"noise_tunnel": True},
+     "Shrikumar et al. 2016, Not Just a Black Box, arXiv:1605.01713"),
+    ("guided_backprop", "Guided Backpropagation",
+     "gradient with negative gradients and inactive ReLUs zeroed at every ReLU",
+     (), _guided_backprop, {"needs_hooks": True, "noise_tunnel": True},
+     "Springenberg et al. 2015, Striving for Simplicity: The All Convolutional Net, arXiv:1412.6806"),
+    ("deconvolution", "Deconvolution", "gradient passed backwards through a ReLU on the gradient only",
+     (), _deconvolution, {"needs_hooks": True, "noise_tunnel": True},
+     "Zeiler & Fergus 2014, Visualizing and Understanding Convolutional Networks, arXiv:1311.2901"),
+    ("deeplift", "DeepLIFT", "contributions to F(x) - F(baseline) by the rescale rule",
+     (BASELINE_PARAM, Param("multiply_by_inputs", "bool", True,
+                            "multiply by (input - baseline); false gives the multipliers")),
+     _deeplift, {"needs_hooks": True, "noise_tunnel": True},
+     "Shrikumar, Greenside & Kundaje 2017, Learning Important Features Through Propagating "
+     "Activation Differences, ICML, arXiv:1704.02685"),
+    ("deeplift_shap", "DeepLIFT SHAP",
+     "DeepLIFT averaged over a seeded distribution of noisy copies of the baseline",
+     (*_DISTRIBUTION, n_baselines_param(2)), _deeplift_shap, {"needs_hooks": True},
+     "Lundberg & Lee 2017, A Unified Approach to Interpreting Model Predictions, NeurIPS, "
+     "arXiv:1705.07874"),
+    ("gradient_shap", "Gradient SHAP",
+     "expected gradients at random points between noisy baselines and the noisy input",
+     (*_DISTRIBUTION, n_baselines_param(1), N_SAMPLES, STDEVS), _gradient_shap,
+     {"noise_tunnel": True},
+     "Lundberg & Lee 2017, A Unified Approach to Interpreting Model Predictions, NeurIPS, "
+     "arXiv:1705.07874"),
+    ("guided_gradcam", "Guided Grad-CAM",
+     "guided backpropagation times the layer's Grad-CAM map interpolated to the input grid",
+     (LAYER_INPUT,), _guided_gradcam, {"needs_layer": True, "needs_hooks": True},
+     "Selvaraju et al. 2017, Grad-CAM: Visual Explanations from Deep Networks via Gradient-based "
+     "Localization, ICCV, arXiv:1610.02391"),
+)
+
+for _name, _title, _summary, _params, _build, _flags, _ref in _METHODS:
+    register(MethodSpec(name=_name, family="gradient", title=_title, summary=_summary,
+                        params=_params, build=_build, reference=_ref, **_flags))

@@ -1,0 +1,160 @@
+"""Layer methods: Captum layer attributions of ``ctx.layer`` (2D and 3D).
+
+Each method attributes the class score to the activations of one module of
+the user's model. :func:`esegeta_engine.methods.run.attribute` then combines
+the channels (``channel_reduce``) and interpolates the map to the input grid
+(``upsample``), so a layer map overlays the image like any other map.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from captum.attr import (
+    InternalInfluence,
+    LayerActivation,
+    LayerConductance,
+    LayerDeepLift,
+    LayerDeepLiftShap,
+    LayerGradCam,
+    LayerGradientShap,
+    LayerGradientXActivation,
+    LayerIntegratedGradients,
+)
+
+from esegeta_engine.methods._common import BASELINE_PARAM, make_baseline
+from esegeta_engine.methods.gradient import (
+    BASELINE_NOISE,
+    IG_RULE,
+    INTERNAL_BATCH,
+    LAYER_INPUT,
+    N_SAMPLES,
+    N_STEPS,
+    STDEVS,
+    baseline_distribution,
+    n_baselines_param,
+    seeded,
+)
+from esegeta_engine.methods.registry import Call, MethodContext, MethodSpec, Param, register
+
+# The parameters every layer method has (run.py reads the first two).
+LAYER_PARAMS = (
+    Param("upsample", "bool", True, "interpolate the layer map to the input grid"),
+    Param("channel_reduce", "str", "sum",
+          "combine the layer's channels: sum, mean, or none (one map per channel)",
+          choices=("sum", "mean", "none")),
+    LAYER_INPUT,
+)
+
+N_STEPS_16 = Param("n_steps", "int", 16, "integration steps along the path from baseline to input",
+                   minimum=1, maximum=2000)
+
+SeededLayerGradientShap = seeded(LayerGradientShap)
+
+
+def _kwargs(p: Mapping[str, Any], **extra: Any) -> dict[str, Any]:
+    return {"attribute_to_layer_input": p["attribute_to_layer_input"], **extra}
+
+
+def _path(ctx: MethodContext, p: Mapping[str, Any]) -> dict[str, Any]:
+    """Keyword arguments of the path-integral methods (IG, conductance, influence)."""
+    return _kwargs(p, baselines=make_baseline(ctx.inputs, p["baseline"]), n_steps=p["n_steps"],
+                   method=p["method"], internal_batch_size=p["internal_batch_size"])
+
+
+def _distribution(ctx: MethodContext, p: Mapping[str, Any]) -> Any:
+    return baseline_distribution(ctx.inputs, p["baseline"], p["n_baselines"],
+                                 p["baseline_noise"], ctx.seed)
+
+
+def _layer_activation(ctx: MethodContext, p: Mapping[str, Any]) -> Call:
+    return Call(LayerActivation(ctx.score_model, ctx.layer), _kwargs(p), passes_target=False)
+
+
+def _layer_gradcam(ctx: MethodContext, p: Mapping[str, Any]) -> Call:
+    return Call(LayerGradCam(ctx.score_model, ctx.layer),
+                _kwargs(p, relu_attributions=p["relu_attributions"]))
+
+
+def _layer_conductance(ctx: MethodContext, p: Mapping[str, Any]) -> Call:
+    return Call(LayerConductance(ctx.score_model, ctx.layer), _path(ctx, p))
+
+
+def _internal_influence(ctx: MethodContext, p: Mapping[str, Any]) -> Call:
+    return Call(InternalInfluence(ctx.score_model, ctx.layer), _path(ctx, p))
+
+
+def _layer_gradient_x_activation(ctx: MethodContext, p: Mapping[str, Any]) -> Call:
+    return Call(LayerGradientXActivation(ctx.score_model, ctx.layer), _kwargs(p))
+
+
+def _layer_deeplift(ctx: MethodContext, p: Mapping[str, Any]) -> Call:
+    return Call(LayerDeepLift(ctx.score_model, ctx.layer),
+                _kwargs(p, baselines=make_baseline(ctx.inputs, p["baseline"])))
+
+
+def _layer_deeplift_shap(ctx: MethodContext, p: Mapping[str, Any]) -> Call:
+    return Call(LayerDeepLiftShap(ctx.score_model, ctx.layer),
+                _kwargs(p, baselines=_distribution(ctx, p)))
+
+
+def _layer_gradient_shap(ctx: MethodContext, p: Mapping[str, Any]) -> Call:
+    algorithm = SeededLayerGradientShap(ctx.score_model, ctx.layer, seed=ctx.seed,
+                                        baselines=_distribution(ctx, p))
+    return Call(algorithm, _kwargs(p, n_samples=p["n_samples"], stdevs=p["stdevs"]))
+
+
+def _layer_integrated_gradients(ctx: MethodContext, p: Mapping[str, Any]) -> Call:
+    return Call(LayerIntegratedGradients(ctx.score_model, ctx.layer), _path(ctx, p))
+
+
+def _register(name: str, title: str, summary: str, params: tuple[Param, ...],
+              build: Callable[[MethodContext, Mapping[str, Any]], Call], reference: str) -> None:
+    register(MethodSpec(name=name, family="layer", title=title, summary=summary,
+                        params=params + LAYER_PARAMS, build=build, needs_layer=True,
+                        needs_hooks=True, reference=reference))
+
+
+_SHAP_REF = ("Lundberg & Lee 2017, A Unified Approach to Interpreting Model Predictions, NeurIPS, "
+             "arXiv:1705.07874 (layer variant as in Captum)")
+_PATH_16 = (BASELINE_PARAM, N_STEPS_16, IG_RULE, INTERNAL_BATCH)
+_DISTRIBUTION = (BASELINE_PARAM, BASELINE_NOISE)
+
+_register("layer_activation", "Layer Activation", "the layer's activations (no target class)",
+          (), _layer_activation, "Captum LayerActivation (Kokhlikyan et al. 2020, arXiv:2009.07896)")
+_register("layer_gradcam", "Layer Grad-CAM",
+          "activations weighted by their channel-mean gradients, summed over channels",
+          (Param("relu_attributions", "bool", True, "keep only positive evidence (ReLU)"),),
+          _layer_gradcam,
+          "Selvaraju et al. 2017, Grad-CAM: Visual Explanations from Deep Networks via "
+          "Gradient-based Localization, ICCV, arXiv:1610.02391")
+_register("layer_conductance", "Layer Conductance",
+          "integrated gradients flowing through each layer unit from baseline to input",
+          _PATH_16, _layer_conductance,
+          "Dhamdhere, Sundararajan & Yan 2018, How Important Is a Neuron?, arXiv:1805.12233")
+_register("internal_influence", "Internal Influence",
+          "layer gradients integrated along the path from baseline to input",
+          _PATH_16, _internal_influence,
+          "Leino et al. 2018, Influence-Directed Explanations for Deep Convolutional Networks, "
+          "arXiv:1802.03788")
+_register("layer_gradient_x_activation", "Layer Gradient x Activation",
+          "layer activations times the gradient of the class score",
+          (), _layer_gradient_x_activation,
+          "Shrikumar et al. 2016, Not Just a Black Box, arXiv:1605.01713 (layer variant)")
+_register("layer_deeplift", "Layer DeepLIFT",
+          "DeepLIFT contributions of the layer's units to F(x) - F(baseline)",
+          (BASELINE_PARAM,), _layer_deeplift,
+          "Shrikumar, Greenside & Kundaje 2017, Learning Important Features Through Propagating "
+          "Activation Differences, ICML, arXiv:1704.02685")
+_register("layer_deeplift_shap", "Layer DeepLIFT SHAP",
+          "layer DeepLIFT averaged over a seeded distribution of noisy copies of the baseline",
+          (*_DISTRIBUTION, n_baselines_param(2)), _layer_deeplift_shap, _SHAP_REF)
+_register("layer_gradient_shap", "Layer Gradient SHAP",
+          "expected layer gradients x activation differences at random points from noisy baselines",
+          (*_DISTRIBUTION, n_baselines_param(1), N_SAMPLES, STDEVS), _layer_gradient_shap, _SHAP_REF)
+_register("layer_integrated_gradients", "Layer Integrated Gradients",
+          "integrated gradients of the layer's activations from the baseline's to the input's",
+          (BASELINE_PARAM, N_STEPS, IG_RULE, INTERNAL_BATCH), _layer_integrated_gradients,
+          "Sundararajan, Taly & Yan 2017, Axiomatic Attribution for Deep Networks, ICML, "
+          "arXiv:1703.01365 (layer variant as in Captum)")

@@ -1,0 +1,295 @@
+"""The method registry: one entry per attribution method.
+
+A :class:`MethodSpec` holds everything the CLI, the config schema and the GUI
+need to know about a method (name, family, typed parameters with defaults and
+one-line help) and a ``build`` function that turns a :class:`MethodContext`
+and validated parameters into a Captum-shaped call: an object with
+``attribute(inputs, target=..., **kwargs)`` plus its keyword arguments.
+Methods Captum lacks are added in the same shape, so the pipeline's execution
+step never special-cases a method.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
+
+import torch
+from torch import nn
+
+from esegeta_engine.errors import MethodError
+
+Family = Literal["gradient", "perturbation", "layer"]
+ParamKind = Literal["int", "float", "bool", "str", "ints"]
+
+
+class Attributor(Protocol):
+    """Anything with Captum's ``attribute`` signature."""
+
+    def attribute(self, inputs: torch.Tensor, *args: Any, **kwargs: Any) -> Any:  # pragma: no cover
+        ...
+
+
+@dataclass(frozen=True)
+class Param:
+    """A typed method parameter.
+
+    Parameters
+    ----------
+    name : str
+        Keyword used in configs, on the command line and in the GUI.
+    kind : {"int", "float", "bool", "str", "ints"}
+        Value type; ``"ints"`` is one int or one int per spatial axis.
+    default : Any
+        Default value (``None`` means "derived from the input", see ``help``).
+    help : str
+        One line shown by ``esegeta methods`` and as a GUI tooltip.
+    minimum, maximum : float, optional
+        Inclusive bounds for numbers (each entry of ``ints``).
+    choices : tuple of str, optional
+        Allowed values of a ``str`` parameter.
+    """
+
+    name: str
+    kind: ParamKind
+    default: Any
+    help: str
+    minimum: float | None = None
+    maximum: float | None = None
+    choices: tuple[str, ...] | None = None
+
+    def describe_range(self) -> str:
+        """Return the allowed values as text for help and error messages."""
+        if self.choices:
+            return "one of " + ", ".join(repr(c) for c in self.choices)
+        lo = "-inf" if self.minimum is None else f"{self.minimum:g}"
+        hi = "inf" if self.maximum is None else f"{self.maximum:g}"
+        if self.kind == "bool":
+            return "true or false"
+        if self.kind == "ints":
+            return f"an integer in [{lo}, {hi}] or one per spatial axis"
+        if self.kind in ("int", "float"):
+            return f"a{'n integer' if self.kind == 'int' else ' number'} in [{lo}, {hi}]"
+        return "text"
+
+    def validate(self, value: Any, method: str) -> Any:
+        """Return ``value`` converted to this parameter's type, or raise.
+
+        Raises
+        ------
+        MethodError
+            If the value has the wrong type or lies outside the allowed range.
+        """
+        if value is None and self.default is None:
+            return None
+
+        def bad() -> MethodError:
+            return MethodError(
+                f"parameter '{self.name}' of method '{method}' is {value!r}",
+                f"use {self.describe_range()} ({self.help})",
+            )
+
+        if self.kind == "bool":
+            if isinstance(value, bool):
+                return value
+            raise bad()
+        if self.kind == "str":
+            if not isinstance(value, str) or (self.choices and value not in self.choices):
+                raise bad()
+            return value
+        if self.kind == "ints":
+            items = list(value) if isinstance(value, (list, tuple)) else [value]
+            if not items or not all(isinstance(v, int) and not isinstance(v, bool) for v in items):
+                raise bad()
+            for v in items:
+                self._check_bounds(v, bad)
+            return tuple(items) if len(items) > 1 else items[0]
+        if self.kind == "int":
+            if isinstance(value, bool) or not isinstance(value, int):
+                if isinstance(value, float) and value.is_integer():
+                    value = int(value)
+                else:
+                    raise bad()
+        if self.kind == "float":
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise bad()
+            value = float(value)
+        self._check_bounds(value, bad)
+        return value
+
+    def _check_bounds(self, v: float, bad: Callable[[], MethodError]) -> None:
+        if self.minimum is not None and v < self.minimum:
+            raise bad()
+        if self.maximum is not None and v > self.maximum:
+            raise bad()
+
+
+@dataclass
+class MethodContext:
+    """What a method needs to build its call for one (input, target class).
+
+    Attributes
+    ----------
+    score_model : nn.Module
+        Maps an input batch ``(N, C_in, *spatial)`` to class scores ``(N, K)``;
+        it wraps the user's model, its output selection and the target.
+    inputs : torch.Tensor
+        The preprocessed input batch ``(N, C_in, *spatial)``.
+    target : int
+        Index of the explained class in the score vector.
+    layer : nn.Module or None
+        The chosen module for layer methods (inside ``score_model``).
+    layer_name : str or None
+        Its name as listed by :func:`esegeta_engine.models.list_layers`.
+    seed : int
+        Seed for methods that sample.
+    torchscript : bool
+        True when the user's model is TorchScript (no Python module hooks).
+    """
+
+    score_model: nn.Module
+    inputs: torch.Tensor
+    target: int
+    layer: nn.Module | None = None
+    layer_name: str | None = None
+    seed: int = 0
+    torchscript: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def spatial_dims(self) -> int:
+        """Number of spatial axes of the input (2 or 3)."""
+        return self.inputs.dim() - 2
+
+
+@dataclass
+class Call:
+    """A Captum-shaped call: ``algorithm.attribute(inputs, target=t, **kwargs)``."""
+
+    algorithm: Attributor
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    passes_target: bool = True
+
+
+Builder = Callable[[MethodContext, Mapping[str, Any]], Call]
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """One attribution method as the registry knows it.
+
+    Attributes
+    ----------
+    name : str
+        Identifier used in configs and on the command line (``snake_case``).
+    family : {"gradient", "perturbation", "layer"}
+        Group shown in ``esegeta methods`` and in the GUI.
+    title : str
+        Human-readable name.
+    summary : str
+        One-line description.
+    params : tuple of Param
+        Typed parameters with defaults.
+    build : callable
+        ``build(context, params) -> Call``.
+    needs_layer : bool
+        The user picks a module by name (layer methods, Guided GradCAM).
+    needs_hooks : bool
+        Registers Python module hooks, so TorchScript models cannot run it.
+    needs_batch : bool
+        Only meaningful over a batch of several inputs (Feature Permutation).
+    noise_tunnel : bool
+        Can be wrapped in SmoothGrad / NoiseTunnel.
+    reference : str
+        Paper or library the method follows.
+    """
+
+    name: str
+    family: Family
+    title: str
+    summary: str
+    params: tuple[Param, ...]
+    build: Builder
+    needs_layer: bool = False
+    needs_hooks: bool = False
+    needs_batch: bool = False
+    noise_tunnel: bool = False
+    reference: str = ""
+
+    def param(self, name: str) -> Param:
+        """Return the parameter called ``name``."""
+        for p in self.params:
+            if p.name == name:
+                return p
+        raise KeyError(name)
+
+    def resolve_params(self, given: Mapping[str, Any] | None) -> dict[str, Any]:
+        """Fill in defaults and validate ``given``.
+
+        Raises
+        ------
+        MethodError
+            On an unknown parameter name (listing the known ones) or a bad value.
+        """
+        given = dict(given or {})
+        known = {p.name for p in self.params}
+        unknown = sorted(set(given) - known)
+        if unknown:
+            raise MethodError(
+                f"method '{self.name}' has no parameter {', '.join(map(repr, unknown))}",
+                "its parameters are: " + (", ".join(sorted(known)) or "(none)")
+                + f"; see `esegeta methods {self.name}`",
+            )
+        return {p.name: p.validate(given.get(p.name, p.default), self.name) for p in self.params}
+
+
+_REGISTRY: dict[str, MethodSpec] = {}
+
+
+def register(spec: MethodSpec) -> MethodSpec:
+    """Add ``spec`` to the registry (names must be unique)."""
+    if spec.name in _REGISTRY:
+        raise ValueError(f"method {spec.name!r} registered twice")
+    _REGISTRY[spec.name] = spec
+    return spec
+
+
+def get_method(name: str) -> MethodSpec:
+    """Return the registered method ``name``.
+
+    Raises
+    ------
+    MethodError
+        If no method has that name; the message lists the known names.
+    """
+    _ensure_loaded()
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        import difflib
+
+        close = difflib.get_close_matches(name, _REGISTRY, n=3)
+        hint = f"did you mean {', '.join(close)}? " if close else ""
+        raise MethodError(
+            f"unknown method '{name}'",
+            hint + "run `esegeta methods` for the list: " + ", ".join(sorted(_REGISTRY)),
+        ) from None
+
+
+def list_methods(family: str | None = None) -> list[MethodSpec]:
+    """Return all registered methods, optionally only one family, by family then name."""
+    _ensure_loaded()
+    order = {"gradient": 0, "perturbation": 1, "layer": 2}
+    specs = [s for s in _REGISTRY.values() if family is None or s.family == family]
+    return sorted(specs, key=lambda s: (order.get(s.family, 9), s.name))
+
+
+def _ensure_loaded() -> None:
+    # The family modules register their entries on import.
+    from esegeta_engine.methods import gradient, layer, perturbation  # noqa: F401
+
+
+def names(specs: Sequence[MethodSpec]) -> list[str]:
+    """Return the names of ``specs``."""
+    return [s.name for s in specs]

@@ -1,0 +1,112 @@
+"""Run one registered method: build its call, optionally wrap it in a noise
+tunnel, call ``attribute``, and bring layer maps back to the input grid."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from captum.attr import NoiseTunnel
+
+from esegeta_engine.errors import MethodError
+from esegeta_engine.methods.registry import MethodContext, MethodSpec
+
+NOISE_TUNNEL_TYPES = ("smoothgrad", "smoothgrad_sq", "vargrad")
+
+
+def check_applicable(spec: MethodSpec, ctx: MethodContext) -> None:
+    """Raise :class:`MethodError` if ``spec`` cannot run in ``ctx``, saying why."""
+    if spec.needs_hooks and ctx.torchscript:
+        raise MethodError(
+            f"method '{spec.name}' needs Python module hooks, which TorchScript models do not run",
+            "load the model as a state dict plus its class (model.format: state_dict, "
+            "model.class_path: package.module:Class) to use this method",
+        )
+    if spec.needs_layer and ctx.layer is None:
+        raise MethodError(
+            f"method '{spec.name}' needs a layer",
+            "give one with `layers: [name]`; `esegeta layers MODEL` lists the module names",
+        )
+    if spec.needs_batch and ctx.inputs.shape[0] < 2:
+        raise MethodError(
+            f"method '{spec.name}' permutes features across a batch and gives all-zero maps for "
+            "a single input",
+            "give several volumes of the same shape (volumes: [a.nii.gz, b.nii.gz, ...]) or split "
+            "one volume into patches with the method's `patch_size` parameter",
+        )
+
+
+def attribute(
+    spec: MethodSpec,
+    ctx: MethodContext,
+    params: Mapping[str, Any],
+    noise_tunnel: Mapping[str, Any] | None = None,
+) -> torch.Tensor:
+    """Compute the attribution of ``ctx.target`` for ``ctx.inputs``.
+
+    Parameters
+    ----------
+    spec : MethodSpec
+        The method.
+    ctx : MethodContext
+        Model, inputs, target class and layer.
+    params : mapping
+        Validated parameters (see :meth:`MethodSpec.resolve_params`).
+    noise_tunnel : mapping, optional
+        ``{"type": "smoothgrad", "samples": 8, "stdev": 0.1}`` to average the
+        method over noisy copies of the input (SmoothGrad, Smilkov et al. 2017).
+
+    Returns
+    -------
+    torch.Tensor
+        A detached float tensor; input-grid methods return the input's shape,
+        layer methods ``(N, C_layer or 1, *spatial)`` on the input grid when
+        their ``upsample`` parameter is true (default).
+    """
+    check_applicable(spec, ctx)
+    call = spec.build(ctx, params)
+    algorithm = call.algorithm
+    kwargs = dict(call.kwargs)
+    if noise_tunnel:
+        if not spec.noise_tunnel:
+            raise MethodError(
+                f"method '{spec.name}' cannot be wrapped in a noise tunnel",
+                "use noise_tunnel with a gradient method such as saliency or integrated_gradients",
+            )
+        algorithm = NoiseTunnel(algorithm)
+        kwargs.update(
+            nt_type=noise_tunnel.get("type", "smoothgrad"),
+            nt_samples=int(noise_tunnel.get("samples", 8)),
+            nt_samples_batch_size=noise_tunnel.get("batch_size"),
+            stdevs=float(noise_tunnel.get("stdev", 0.1)),
+        )
+    if call.passes_target:
+        kwargs["target"] = ctx.target
+    result = algorithm.attribute(ctx.inputs, **kwargs)
+    if isinstance(result, (tuple, list)):
+        result = result[0]
+    result = result.detach()
+    if spec.family == "layer":
+        result = _layer_to_input_grid(result, ctx, params)
+    return result.float()
+
+
+def _layer_to_input_grid(
+    result: torch.Tensor, ctx: MethodContext, params: Mapping[str, Any]
+) -> torch.Tensor:
+    reduce = params.get("channel_reduce", "sum")
+    if result.dim() == ctx.inputs.dim():
+        if reduce == "sum":
+            result = result.sum(dim=1, keepdim=True)
+        elif reduce == "mean":
+            result = result.mean(dim=1, keepdim=True)
+    elif result.dim() == 2:  # a linear layer (N, features): no spatial grid to map to
+        return result
+    if params.get("upsample", True) and result.dim() == ctx.inputs.dim():
+        size = tuple(ctx.inputs.shape[2:])
+        if tuple(result.shape[2:]) != size:
+            mode = "bilinear" if len(size) == 2 else "trilinear"
+            result = F.interpolate(result, size=size, mode=mode, align_corners=False)
+    return result

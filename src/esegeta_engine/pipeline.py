@@ -1,0 +1,228 @@
+"""Config -> run -> files: NIfTI maps with the source geometry and a manifest.
+
+``iter_run`` drives :class:`~esegeta_engine.explain.Explainer` from a
+:class:`~esegeta_engine.config.Config`, writes each map atomically as soon as
+its job finishes and rewrites the JSON manifest after every job, so a crash,
+a timeout or a cancel never loses the results already produced. ``run``
+drains it (the CLI adds a tqdm bar on top).
+"""
+
+from __future__ import annotations
+
+import logging
+import platform
+import re
+import threading
+import time
+from collections.abc import Callable, Generator
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from esegeta_engine import __version__
+from esegeta_engine.config import Config
+from esegeta_engine.errors import ConfigError, EsegetaError, VolumeError
+from esegeta_engine.explain import Event, Explainer, JobFailed, MapReady, Progress
+from esegeta_engine.io import Volume, load_volume, save_map, write_json
+from esegeta_engine.models import load_model
+
+log = logging.getLogger("esegeta_engine")
+MANIFEST = "manifest.json"
+
+
+@dataclass
+class RunResult:
+    """What a run produced."""
+
+    out_dir: Path
+    manifest_path: Path
+    status: str
+    records: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def failed(self) -> list[dict[str, Any]]:
+        """Records whose status is not ``ok``."""
+        return [r for r in self.records if r["status"] != "ok"]
+
+
+def environment() -> dict[str, str]:
+    """Versions of the packages that determine the numbers."""
+    import captum
+    import nibabel
+    import torch
+
+    return {"napari_esegeta": __version__, "python": platform.python_version(),
+            "torch": torch.__version__, "captum": captum.__version__, "numpy": np.__version__,
+            "nibabel": nibabel.__version__, "platform": platform.platform()}
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._+-]+", "-", text).strip("-")
+
+
+def _stem(path: Path | None, index: int) -> str:
+    if path is None:
+        return f"volume{index}"
+    name = path.name
+    for suffix in (".nii.gz", ".nii"):
+        if name.endswith(suffix):
+            name = name[: -len(suffix)]
+    return _slug(name)
+
+
+def map_filename(volume_stem: str, method_label: str, target_label: str) -> str:
+    """File name of one map: ``<volume>__<method[@layer]>__<target>.nii.gz``."""
+    return f"{volume_stem}__{_slug(method_label)}__{_slug(target_label)}.nii.gz"
+
+
+def _check_out_dir(cfg: Config) -> Path:
+    out = cfg.output.dir
+    if (out / MANIFEST).exists() and not cfg.output.overwrite:
+        raise ConfigError(f"output folder {str(out)!r} already holds a run ({MANIFEST})",
+                          "choose another output.dir (--out) or set output.overwrite: true (--overwrite)")
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"output path {str(out)!r} is a file", "choose a folder for output.dir")
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def _attach_log(out: Path) -> logging.Handler:
+    handler = logging.FileHandler(out / "esegeta.log", encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    log.addHandler(handler)
+    if log.level == logging.NOTSET or log.level > logging.INFO:
+        log.setLevel(logging.INFO)
+    return handler
+
+
+def load_inputs(cfg: Config) -> tuple[list[Volume], np.ndarray | None]:
+    """Load and check the volumes (and the ROI mask) named in ``cfg``."""
+    p = cfg.preprocess
+    volumes = [load_volume(v, spatial_dims=p.spatial_dims, channels=p.in_channels) for v in cfg.volumes]
+    if cfg.run.batch_volumes and len({v.data.shape for v in volumes}) > 1:
+        raise VolumeError("run.batch_volumes needs volumes of one shape, got "
+                          + ", ".join(str(v.data.shape) for v in volumes),
+                          "resample or crop them to a common grid")
+    roi = None
+    if cfg.target.kind == "roi" and cfg.target.roi_mask is not None:
+        m = load_volume(cfg.target.roi_mask, spatial_dims=p.spatial_dims)
+        for v in volumes:
+            if m.data.shape != v.data.shape[: p.spatial_dims]:
+                raise VolumeError(f"ROI mask {m.path.name} has shape {m.data.shape} but volume "
+                                  f"{v.path.name} has {v.data.shape[: p.spatial_dims]}",
+                                  "draw the mask on the volume's grid")
+            if not np.allclose(m.affine, v.affine, atol=1e-3):
+                raise VolumeError(f"ROI mask {m.path.name} and volume {v.path.name} have different "
+                                  "geometry (affines differ)", "resample the mask onto the volume")
+        roi = m.data != 0
+    return volumes, roi
+
+
+def iter_run(cfg: Config, cancel: threading.Event | None = None) -> Generator[Event, None, RunResult]:
+    """Run ``cfg``, yielding progress events; returns the :class:`RunResult`.
+
+    Raises
+    ------
+    EsegetaError
+        For problems found before any method runs (bad files, model, target).
+        Problems inside a method are recorded in the manifest instead.
+    """
+    out = _check_out_dir(cfg)
+    handler = _attach_log(out)
+    started = time.perf_counter()
+    manifest: dict[str, Any] = {
+        "status": "running",
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "config": cfg.model_dump(mode="json"),
+        "environment": environment(),
+        "seed": cfg.run.seed,
+        "device": cfg.model.device,
+        "volumes": [],
+        "results": [],
+    }
+    manifest_path = out / MANIFEST
+    try:
+        log.info("napari-esegeta %s: loading model %s", __version__, cfg.model.path)
+        model = load_model(cfg.model.path, format=cfg.model.format, class_path=cfg.model.class_path,
+                           kwargs=cfg.model.kwargs, trust_pickled=cfg.model.trust_pickled,
+                           device=cfg.model.device)
+        volumes, roi = load_inputs(cfg)
+        explainer = Explainer(model, cfg.preprocess, cfg.target, cfg.model.output,
+                              seed=cfg.run.seed, timeout_s=cfg.run.timeout_s)
+        stems = [_stem(v.path, i) for i, v in enumerate(volumes)]
+        if len(set(stems)) < len(stems):
+            stems = [f"{i:02d}-{s}" for i, s in enumerate(stems)]
+        for i, v in enumerate(volumes):
+            entry: dict[str, Any] = {"path": str(v.path), "shape": list(v.data.shape),
+                                     "spacing_mm": list(v.spacing), "affine": v.affine.tolist()}
+            if cfg.output.save_prediction and cfg.target.kind != "classification":
+                pred = explainer.predict(v)
+                entry["prediction"] = save_map(pred, v, out / f"{stems[i]}__prediction.nii.gz",
+                                               dtype=np.uint8).name
+            manifest["volumes"].append(entry)
+        write_json(manifest, manifest_path)
+        for event in explainer.iter_explain(volumes, cfg.methods, roi_mask=roi,
+                                            batch=cfg.run.batch_volumes, cancel=cancel):
+            if isinstance(event, MapReady):
+                job = event.job
+                name = map_filename(stems[event.volume], job.label, job.cls_label)
+                save_map(event.array, volumes[event.volume], out / name)
+                manifest["results"].append(_record(job, "ok", event.seconds, event.evaluations,
+                                                   volume=stems[event.volume], file=name,
+                                                   stats=_stats(event.array)))
+                write_json(manifest, manifest_path)
+            elif isinstance(event, JobFailed):
+                for vi in event.job.volumes:
+                    manifest["results"].append(_record(event.job, event.status, event.seconds,
+                                                       event.evaluations, volume=stems[vi],
+                                                       error=event.error))
+                write_json(manifest, manifest_path)
+            yield event
+        cancelled = cancel is not None and cancel.is_set()
+        manifest["status"] = "cancelled" if cancelled else "completed"
+    except EsegetaError as exc:
+        manifest["status"] = "failed"
+        manifest["error"] = str(exc)
+        raise
+    except GeneratorExit:
+        manifest["status"] = "cancelled"
+        raise
+    except BaseException as exc:
+        manifest["status"] = "failed"
+        manifest["error"] = f"{type(exc).__name__}: {exc}"
+        raise
+    finally:
+        manifest["duration_s"] = round(time.perf_counter() - started, 3)
+        write_json(manifest, manifest_path)
+        log.info("run %s in %.1f s; manifest: %s", manifest["status"], manifest["duration_s"],
+                 manifest_path)
+        log.removeHandler(handler)
+        handler.close()
+    return RunResult(out, manifest_path, manifest["status"], manifest["results"])
+
+
+def _record(job: Any, status: str, seconds: float, evaluations: int, **extra: Any) -> dict[str, Any]:
+    return {"method": job.spec.name, "layer": job.layer, "target": job.cls_label, "class": job.cls,
+            "noise_tunnel": job.noise_tunnel, "params": {k: v for k, v in job.params.items()},
+            "status": status, "seconds": round(seconds, 3), "model_evaluations": evaluations, **extra}
+
+
+def _stats(arr: np.ndarray) -> dict[str, float]:
+    return {"min": float(arr.min()), "max": float(arr.max()), "sum": float(arr.sum()),
+            "abs_mean": float(np.abs(arr).mean())}
+
+
+def run(cfg: Config, cancel: threading.Event | None = None,
+        on_event: Callable[[Event], None] | None = None) -> RunResult:
+    """Run ``cfg`` to the end (see :func:`iter_run`)."""
+    gen = iter_run(cfg, cancel)
+    while True:
+        try:
+            event = next(gen)
+        except StopIteration as stop:
+            return stop.value
+        if on_event is not None:
+            on_event(event)

@@ -1,0 +1,104 @@
+"""The score model: user model -> selected output -> target scores ``(N, K)``.
+
+Every model evaluation of every method goes through :class:`ScoreModel`,
+which makes it the one place where the engine counts evaluations for progress
+and checks cancellation and the per-method deadline. Both checks raise an
+exception that Captum propagates, so a long Captum call stops at the next
+model evaluation from whatever thread asked for it — no signals involved.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from esegeta_engine.errors import Cancelled, MethodTimeout
+from esegeta_engine.models import OutputSelector
+from esegeta_engine.targets import Target
+
+
+class EvaluationMonitor:
+    """Counts model evaluations and enforces cancellation and deadlines.
+
+    Parameters
+    ----------
+    cancel : threading.Event, optional
+        Set it (from any thread) to stop at the next model evaluation.
+    on_evaluation : callable, optional
+        Called with the running count after each evaluation (progress).
+    """
+
+    def __init__(
+        self,
+        cancel: threading.Event | None = None,
+        on_evaluation: Callable[[int], None] | None = None,
+    ) -> None:
+        self.cancel = cancel or threading.Event()
+        self.on_evaluation = on_evaluation
+        self.count = 0
+        self.samples = 0
+        self.deadline: float | None = None
+        self.timeout_s: float | None = None
+
+    def start(self, timeout_s: float | None) -> None:
+        """Reset the counters and arm a deadline ``timeout_s`` seconds from now."""
+        self.count = 0
+        self.samples = 0
+        self.timeout_s = timeout_s
+        self.deadline = None if timeout_s is None else time.monotonic() + timeout_s
+
+    def check(self) -> None:
+        """Raise :class:`Cancelled` or :class:`MethodTimeout` if due."""
+        if self.cancel.is_set():
+            raise Cancelled("cancelled by the user")
+        if self.deadline is not None and time.monotonic() > self.deadline:
+            raise MethodTimeout(f"exceeded the time limit of {self.timeout_s:g} s")
+
+    def evaluated(self, batch: int) -> None:
+        """Record one model evaluation of ``batch`` inputs."""
+        self.count += 1
+        self.samples += batch
+        if self.on_evaluation is not None:
+            self.on_evaluation(self.count)
+
+
+class ScoreModel(nn.Module):
+    """``x -> target(select(model(x)))``: the function every method explains.
+
+    Parameters
+    ----------
+    model : nn.Module
+        The user's model (shared, never modified for good).
+    target : Target
+        Turns the selected output into ``(N, K)`` scores.
+    output : int, str or None
+        Output selection for models returning tuples/lists/dicts.
+    monitor : EvaluationMonitor, optional
+        Progress, cancellation and deadline checks.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        target: Target,
+        output: int | str | None = None,
+        monitor: EvaluationMonitor | None = None,
+    ) -> None:
+        super().__init__()
+        self.net = OutputSelector(model, output)
+        self.target = target
+        self.monitor = monitor or EvaluationMonitor()
+
+    def model_output(self, x: torch.Tensor) -> torch.Tensor:
+        """The selected raw model output (no target), counted as an evaluation."""
+        self.monitor.check()
+        out = self.net(x)
+        self.monitor.evaluated(x.shape[0])
+        return out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.target(self.model_output(x))

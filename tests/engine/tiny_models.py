@@ -1,0 +1,68 @@
+"""Tiny models for the method matrix and the analytic checks (2D and 3D)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def conv(dims: int):
+    return nn.Conv2d if dims == 2 else nn.Conv3d
+
+
+class TinySegNet(nn.Module):
+    """Conv-ReLU-Conv-ReLU-Conv(1x1): (N, C, *s) -> (N, K, *s); distinct ReLU modules."""
+
+    def __init__(self, dims: int = 3, in_channels: int = 1, classes: int = 2) -> None:
+        super().__init__()
+        C = conv(dims)
+        self.conv1 = C(in_channels, 4, 3, padding=1)
+        self.relu1 = nn.ReLU()
+        self.conv2 = C(4, 4, 3, padding=1)
+        self.relu2 = nn.ReLU()
+        self.head = C(4, classes, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.relu2(self.conv2(self.relu1(self.conv1(x)))))
+
+
+class TinyClassifier(nn.Module):
+    """Conv-ReLU-pool-Linear: (N, C, *s) -> (N, K)."""
+
+    def __init__(self, dims: int = 3, in_channels: int = 1, classes: int = 3) -> None:
+        super().__init__()
+        C = conv(dims)
+        self.conv1 = C(in_channels, 4, 3, padding=1)
+        self.relu1 = nn.ReLU()
+        self.conv2 = C(4, 6, 3, padding=1)
+        self.relu2 = nn.ReLU()
+        self.pool = nn.AdaptiveAvgPool2d(1) if dims == 2 else nn.AdaptiveAvgPool3d(1)
+        self.flatten = nn.Flatten()
+        self.fc = nn.Linear(6, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.flatten(self.pool(self.relu2(self.conv2(self.relu1(self.conv1(x)))))))
+
+
+class LinearSeg(nn.Module):
+    """A 1x1 convolution: each output voxel is a linear function of its input voxel."""
+
+    def __init__(self, dims: int = 3, in_channels: int = 1, classes: int = 2) -> None:
+        super().__init__()
+        self.conv = conv(dims)(in_channels, classes, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x)
+
+
+class LinearScore(nn.Module):
+    """f(x) = <w_k, x> + b_k: an analytic classifier over a whole image/volume."""
+
+    def __init__(self, shape: tuple[int, ...], classes: int = 2, seed: int = 0) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.weight = nn.Parameter(torch.randn(classes, *shape, generator=g))
+        self.bias = nn.Parameter(torch.randn(classes, generator=g))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.flatten(1) @ self.weight.flatten(1).T + self.bias
