@@ -66,3 +66,17 @@ class LinearScore(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x.flatten(1) @ self.weight.flatten(1).T + self.bias
+
+
+class SlowSegNet(TinySegNet):
+    """TinySegNet that sleeps ``delay`` seconds per forward: long runs for timeout/cancel tests."""
+
+    def __init__(self, dims: int = 3, in_channels: int = 1, classes: int = 2, delay: float = 0.01) -> None:
+        super().__init__(dims, in_channels, classes)
+        self.delay = delay
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        import time
+
+        time.sleep(self.delay)
+        return super().forward(x)

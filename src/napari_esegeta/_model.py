@@ -1,0 +1,184 @@
+"""Model loading for the Model widget, as plain functions (no Qt).
+
+Everything the user types is parsed here into engine calls; every problem is
+raised as an :class:`~esegeta_engine.errors.EsegetaError` (problem + fix) for
+the widget to show.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from esegeta_engine.config import PreprocessConfig
+from esegeta_engine.errors import ConfigError, EsegetaError, ModelLoadError
+
+
+@dataclass
+class ModelRequest:
+    """What the user asked for in the Model widget.
+
+    Attributes
+    ----------
+    path : str
+        TorchScript file or state dict.
+    class_path : str
+        ``package.module:Class`` for a state dict ("" for TorchScript).
+    kwargs : dict
+        Constructor keyword arguments of ``class_path``.
+    device : str
+        ``cpu`` or ``cuda:N``.
+    output : int, str or None
+        Output selection.
+    preprocess : PreprocessConfig
+        Input preparation.
+    name : str
+        Short name shown in the widgets.
+    """
+
+    path: str
+    class_path: str = ""
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    device: str = "cpu"
+    output: int | str | None = None
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    name: str = ""
+
+    @property
+    def label(self) -> str:
+        """The name, or the file name."""
+        return self.name or Path(self.path).name
+
+
+def parse_kwargs(text: str) -> dict[str, Any]:
+    """Constructor kwargs from JSON text ("" -> {}).
+
+    Raises
+    ------
+    ModelLoadError
+        If the text is not a JSON object.
+    """
+    text = (text or "").strip()
+    if not text:
+        return {}
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ModelLoadError(f"the model kwargs are not valid JSON: {exc.msg} (line {exc.lineno}, "
+                             f"column {exc.colno})",
+                             'write a JSON object, e.g. {"in_channels": 1, "out_channels": 2}') from None
+    if not isinstance(value, dict):
+        raise ModelLoadError(f"the model kwargs must be a JSON object, not {type(value).__name__}",
+                             'write e.g. {"in_channels": 1}')
+    return value
+
+
+def parse_output(text: str) -> int | str | None:
+    """Output selection: "" -> None, digits -> int, anything else -> dict key."""
+    text = (text or "").strip()
+    if not text:
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        return text
+
+
+def make_preprocess(normalisation: str, axis_order: str, in_channels: int = 1) -> PreprocessConfig:
+    """Validated :class:`PreprocessConfig` (``spatial_dims`` follows ``axis_order``).
+
+    Raises
+    ------
+    ConfigError
+        On a bad combination, with the engine's message.
+    """
+    from pydantic import ValidationError
+
+    from esegeta_engine.config import format_validation_error
+
+    try:
+        return PreprocessConfig(normalisation=normalisation, axis_order=axis_order,
+                                spatial_dims=len(axis_order), in_channels=in_channels)
+    except ValidationError as exc:
+        raise format_validation_error(exc, "preprocessing") from None
+
+
+def normalisation_choices() -> list[str]:
+    """Allowed normalisations, from the engine's config schema."""
+    ann = PreprocessConfig.model_fields["normalisation"].annotation
+    return list(getattr(ann, "__args__", ())) or ["none"]
+
+
+def axis_order_choices() -> list[str]:
+    """All 3D then 2D axis orders."""
+    return ["".join(p) for p in itertools.permutations("xyz")] + ["xy", "yx"]
+
+
+def available_devices() -> list[str]:
+    """``cpu`` plus ``cuda:N`` for every visible GPU."""
+    import torch
+
+    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    return ["cpu"] + [f"cuda:{i}" for i in range(n)]
+
+
+def bundled_request(device: str = "cpu") -> ModelRequest:
+    """The engine's bundled 3D vessel U-Net as a state dict + class request.
+
+    Raises
+    ------
+    ModelLoadError
+        If the sample weights are not installed.
+    """
+    from esegeta_engine import sample
+
+    try:
+        info = sample.sample_info()
+        entry = info["models"]["unet3d_vessels"]
+        path = sample.unet_paths()["state"]
+    except (OSError, KeyError, ValueError) as exc:
+        raise ModelLoadError(f"the bundled sample model is not installed ({exc.__class__.__name__}: {exc})",
+                             "reinstall napari-esegeta, or run `python -m esegeta_engine.sample.train`") from None
+    pre = info.get("preprocess", {})
+    return ModelRequest(
+        path=str(path), class_path=entry["class_path"], kwargs=dict(entry.get("kwargs", {})),
+        device=device, output=None, name="bundled vessel U-Net",
+        preprocess=make_preprocess(pre.get("normalisation", "minmax"), pre.get("axis_order", "xyz")),
+    )
+
+
+def load_request(req: ModelRequest) -> Any:
+    """Load the model of ``req`` (runs in a worker thread).
+
+    Raises
+    ------
+    EsegetaError
+        From the engine (missing file, not a model, state dict that does not fit).
+    """
+    from esegeta_engine.models import load_model
+
+    if not req.path:
+        raise ModelLoadError("no model file given", "choose a TorchScript (.pt) or state dict file, "
+                             "or click 'Use bundled sample model'")
+    return load_model(req.path, class_path=req.class_path or None, kwargs=req.kwargs, device=req.device)
+
+
+def default_layer(layers: list[tuple[str, str]]) -> str | None:
+    """A sensible default for layer methods: the last convolution before the output head."""
+    convs = [name for name, kind in layers if kind.startswith("Conv")]
+    if len(convs) >= 2:
+        return convs[-2]
+    return convs[-1] if convs else (layers[-1][0] if layers else None)
+
+
+def format_error(exc: BaseException) -> str:
+    """Readable text for the widgets: problem and fix, never a traceback."""
+    if isinstance(exc, EsegetaError):
+        return exc.problem + (f"\n→ {exc.fix}" if exc.fix else "")
+    if isinstance(exc, ConfigError):  # pragma: no cover - subclass of EsegetaError
+        return str(exc)
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"{type(exc).__name__}: {text}"[:500]

@@ -1,0 +1,175 @@
+"""Running the engine for the Explain widget, as plain functions (no Qt).
+
+The worker thread iterates :func:`explain_events`; it never raises: planning
+errors arrive as a :class:`RunError` event, so napari shows no traceback
+notification and the widget shows the problem and its fix.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Generator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from pydantic import ValidationError
+
+from esegeta_engine.config import MethodConfig, NoiseTunnelConfig, PreprocessConfig, TargetConfig, \
+    format_validation_error
+from esegeta_engine.errors import EsegetaError, TargetError
+from esegeta_engine.explain import Explainer, JobFailed, MapReady
+from esegeta_engine.io import Volume
+from napari_esegeta._geometry import copy_geometry, layer_to_nifti_affine
+from napari_esegeta._layers import result_layer_data
+from napari_esegeta._model import format_error
+from napari_esegeta._reader import header_from_metadata
+
+
+@dataclass
+class RunError:
+    """A run that could not start or stopped with an error (text has problem and fix)."""
+
+    text: str
+
+
+def target_kinds() -> list[str]:
+    """Target kinds, from the engine's config schema."""
+    return list(TargetConfig.model_fields["kind"].annotation.__args__)
+
+
+def activation_choices() -> list[str]:
+    """Activations (``default`` = the engine's default for the kind)."""
+    ann = TargetConfig.model_fields["activation"].annotation
+    lit = [a for a in ann.__args__ if a is not type(None)][0]
+    return ["default", *lit.__args__]
+
+
+def parse_classes(text: str) -> list[int] | None:
+    """``"1, 2"`` -> [1, 2]; ``""`` -> None (the target's default classes).
+
+    Raises
+    ------
+    TargetError
+        If an entry is not a non-negative integer.
+    """
+    items = [t for t in text.replace(";", ",").replace(" ", ",").split(",") if t.strip()]
+    if not items:
+        return None
+    try:
+        classes = [int(t) for t in items]
+    except ValueError:
+        raise TargetError(f"classes {text!r} are not integers", "write e.g. 1 or 0, 1; leave empty "
+                          "for the default (the predicted foreground classes)") from None
+    if any(c < 0 for c in classes):
+        raise TargetError(f"classes {text!r} must not be negative", "use class indices 0, 1, ...")
+    return classes
+
+
+def make_target(kind: str, classes: list[int] | None = None, activation: str = "default",
+                voxel: Sequence[int] | None = None, roi_name: str | None = None,
+                frozen: bool = True) -> TargetConfig:
+    """Validated :class:`TargetConfig` from the widget's values.
+
+    The ROI mask itself is passed to the engine as an array; ``roi_mask``
+    only names the labels layer (the schema wants a path there).
+
+    Raises
+    ------
+    EsegetaError
+        With the engine's message for invalid combinations.
+    """
+    if kind == "voxel" and not voxel:
+        raise TargetError("no voxel picked", "click 'Pick voxel', then click on the image")
+    if kind == "roi" and not roi_name:
+        raise TargetError("no ROI labels layer chosen", "add a Labels layer with the region to explain")
+    try:
+        return TargetConfig(kind=kind, classes=classes, frozen=frozen,
+                            activation=None if activation == "default" else activation,
+                            voxel=[int(v) for v in voxel] if voxel else None,
+                            roi_mask=Path(roi_name) if kind == "roi" else None)
+    except ValidationError as exc:
+        raise format_validation_error(exc, "target") from None
+
+
+def make_method(name: str, params: dict[str, Any], layer: str | None = None,
+                noise_tunnel: dict[str, Any] | None = None) -> MethodConfig:
+    """Validated :class:`MethodConfig` (checked against the registry)."""
+    try:
+        return MethodConfig(name=name, params=params, layers=[layer] if layer else [],
+                            noise_tunnel=NoiseTunnelConfig(**noise_tunnel) if noise_tunnel else None)
+    except ValidationError as exc:
+        raise format_validation_error(exc, f"method {name}") from None
+
+
+def volume_from_layer(layer: Any) -> Volume:
+    """The engine :class:`Volume` of an image layer (array order and geometry kept)."""
+    data = np.asarray(layer.data, dtype=np.float32)
+    meta = layer.metadata or {}
+    return Volume(data=data, affine=layer_to_nifti_affine(layer), header=header_from_metadata(meta),
+                  path=None)
+
+
+def roi_from_layer(labels_layer: Any, shape: tuple[int, ...]) -> np.ndarray:
+    """Boolean ROI mask (labels > 0) on the input grid.
+
+    Raises
+    ------
+    TargetError
+        If the labels layer has another shape or is empty.
+    """
+    mask = np.asarray(labels_layer.data) > 0
+    if mask.shape != tuple(shape):
+        raise TargetError(f"the ROI layer '{labels_layer.name}' has shape {mask.shape}, the image "
+                          f"{tuple(shape)}", "draw the ROI in a Labels layer on the image's grid")
+    if not mask.any():
+        raise TargetError(f"the ROI layer '{labels_layer.name}' is empty", "paint the region first")
+    return mask
+
+
+def explain_events(model: Any, volume: Volume, methods: Sequence[MethodConfig], *,
+                   preprocess: PreprocessConfig, target: TargetConfig, output: int | str | None,
+                   roi_mask: np.ndarray | None, cancel: threading.Event,
+                   timeout_s: float | None = None) -> Generator[Any, None, None]:
+    """Engine events for one volume; errors become a final :class:`RunError`."""
+    try:
+        explainer = Explainer(model, preprocess=preprocess, target=target, output=output,
+                              timeout_s=timeout_s)
+        yield from explainer.iter_explain([volume], methods, roi_mask=roi_mask, cancel=cancel)
+    except EsegetaError as exc:
+        yield RunError(format_error(exc))
+    except Exception as exc:  # a bug or a model crash: still no traceback in the GUI
+        yield RunError(format_error(exc))
+
+
+def predict_labels(model: Any, volume: Volume, preprocess: PreprocessConfig,
+                   output: int | str | None) -> Any:
+    """The model's label map in NIfTI order, or a :class:`RunError` (never raises)."""
+    try:
+        return Explainer(model, preprocess=preprocess, output=output).predict(volume)
+    except Exception as exc:
+        return RunError(format_error(exc))
+
+
+def map_layer_data(event: MapReady, input_layer: Any, target: TargetConfig) -> tuple[Any, dict, str]:
+    """Layer data for a :class:`MapReady`, with the input layer's geometry."""
+    job = event.job
+    prov = {"params": _jsonable(job.params), "layer": job.layer, "noise_tunnel": job.noise_tunnel,
+            "target": target.kind, "class": job.cls, "voxel": target.voxel,
+            "activation": target.resolved_activation, "seconds": round(event.seconds, 3),
+            "evaluations": event.evaluations, "input_layer": input_layer.name,
+            "family": job.spec.family}
+    return result_layer_data(event.array, method=job.spec.name, method_label=job.label,
+                             target_label=job.cls_label, provenance=prov,
+                             geometry=copy_geometry(input_layer),
+                             nifti=(input_layer.metadata or {}).get("nifti"))
+
+
+def failure_text(event: JobFailed) -> str:
+    """One line for a failed / cancelled job."""
+    return f"{event.job.label} · {event.job.cls_label}: {event.status} — {event.error}"
+
+
+def _jsonable(params: dict[str, Any]) -> dict[str, Any]:
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in params.items()}

@@ -1,0 +1,70 @@
+"""Per-viewer state shared by the dock widgets (the loaded model and its settings).
+
+The Model widget writes it; the Explain widget reads it when a run starts and
+listens to ``model_changed`` to refresh its layer pickers. The registry holds
+no reference to the viewer, so closing a viewer frees everything.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass, field
+from typing import Any
+
+from psygnal import Signal
+
+from esegeta_engine.config import PreprocessConfig
+
+
+class _Signals:
+    """Qt-free signals of a :class:`Session`."""
+
+    model_changed = Signal(object)  # the Session
+    run_finished = Signal(object)  # list of layer names added by the run
+
+
+@dataclass
+class Session:
+    """What the plugin knows about one viewer.
+
+    Attributes
+    ----------
+    model : torch.nn.Module or None
+        The loaded model, on its device.
+    model_name : str
+        Short description shown in the widgets.
+    preprocess : PreprocessConfig
+        Normalisation, axis order, dimensions and channels.
+    output : int, str or None
+        Output selection for multi-output models.
+    busy : bool
+        True while a run or a prediction uses the model.
+    """
+
+    model: Any = None
+    model_name: str = ""
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    output: int | str | None = None
+    busy: bool = False
+    signals: _Signals = field(default_factory=_Signals)
+
+    def set_model(self, model: Any, name: str, preprocess: PreprocessConfig,
+                  output: int | str | None) -> None:
+        """Store a freshly loaded model and tell the widgets."""
+        self.model, self.model_name, self.preprocess, self.output = model, name, preprocess, output
+        self.signals.model_changed.emit(self)
+
+
+_SESSIONS: dict[int, Session] = {}
+
+
+def get_session(viewer: Any) -> Session:
+    """The :class:`Session` of ``viewer`` (created on first use, dropped with the viewer)."""
+    key = id(viewer)
+    if key not in _SESSIONS:
+        _SESSIONS[key] = Session()
+        try:
+            weakref.finalize(viewer, _SESSIONS.pop, key, None)
+        except TypeError:  # not weak-referenceable: lives as long as the process
+            pass
+    return _SESSIONS[key]
