@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Generator, Sequence
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -68,13 +68,23 @@ class Job:
 
 @dataclass
 class MapReady:
-    """A finished attribution map for one volume, in NIfTI axis order."""
+    """A finished attribution map for one volume, in NIfTI axis order.
+
+    ``metrics`` holds what the evaluators computed for this map (NaN or an
+    ``<name>_error`` entry where one could not be computed).
+    """
 
     job: Job
     volume: int
     array: np.ndarray
     seconds: float
     evaluations: int
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+Evaluator = Callable[["Job", MethodContext, torch.Tensor], dict[str, Any]]
+"""``evaluator(job, context, attribution) -> {metric: value}``, run after each job in its
+worker thread; ``attribution`` is on the input grid, ``(N, C or 1, *spatial)``."""
 
 
 @dataclass
@@ -207,6 +217,7 @@ class Explainer:
         roi_mask: np.ndarray | None = None,
         batch: bool = False,
         cancel: threading.Event | None = None,
+        evaluators: Sequence[Evaluator] = (),
     ) -> Generator[Event, None, None]:
         """Run every method on every volume, yielding events as they happen.
 
@@ -222,6 +233,8 @@ class Explainer:
             Explain all volumes as one batch (same shape; feature permutation).
         cancel : threading.Event, optional
             Set from any thread to stop at the next model evaluation.
+        evaluators : sequence of Evaluator
+            Metrics computed for each finished map (see :data:`Evaluator`).
         """
         cancel = cancel or threading.Event()
         monitor = EvaluationMonitor(cancel)
@@ -242,14 +255,14 @@ class Explainer:
                 score_model = ScoreModel(self.model, target, self.output, monitor)
                 for job in jobs:
                     yield Progress(done, total, f"{job.label} · {job.cls_label}: starting")
-                    yield from self._run_job(job, x, score_model, monitor, done, total)
+                    yield from self._run_job(job, x, score_model, monitor, done, total, evaluators)
                     done += 1
                     if cancel.is_set():
                         return
             yield Progress(done, total, "finished")
 
-    def _run_job(self, job: Job, x: torch.Tensor, score_model: ScoreModel,
-                 monitor: EvaluationMonitor, done: int, total: int) -> Generator[Event, None, None]:
+    def _run_job(self, job: Job, x: torch.Tensor, score_model: ScoreModel, monitor: EvaluationMonitor,
+                 done: int, total: int, evaluators: Sequence[Evaluator] = ()) -> Generator[Event, None, None]:
         ctx = MethodContext(
             score_model=score_model, inputs=x, target=job.cls, seed=self.seed,
             layer=get_layer(self.model, job.layer) if job.layer else None, layer_name=job.layer,
@@ -261,8 +274,15 @@ class Explainer:
             try:
                 torch.manual_seed(self.seed)
                 holder["result"] = attribute(job.spec, ctx, job.params, job.noise_tunnel)
+                evaluations = monitor.count
             except BaseException as exc:  # handed to the generator's thread
                 holder["error"] = exc
+                return
+            holder["evaluations"] = evaluations
+            try:
+                holder["metrics"] = self._evaluate(evaluators, job, ctx, holder["result"], monitor)
+            except BaseException as exc:  # cancelled while evaluating: the map itself is kept
+                holder["metrics_error"] = exc
 
         monitor.start(self.timeout_s)
         start = time.perf_counter()
@@ -293,8 +313,9 @@ class Explainer:
             except EsegetaError as exc:
                 err = exc
             else:
-                for vol, arr in zip(job.volumes, maps):
-                    yield MapReady(job, vol, arr, seconds, monitor.count)
+                metrics = holder.get("metrics") or [{} for _ in maps]
+                for vol, arr, met in zip(job.volumes, maps, metrics):
+                    yield MapReady(job, vol, arr, seconds, holder.get("evaluations", monitor.count), met)
                 log.info("%s · %s: done in %.2f s, %d model evaluations", job.label, job.cls_label,
                          seconds, monitor.count)
                 return
@@ -309,6 +330,27 @@ class Explainer:
             log.error("%s · %s failed", job.label, job.cls_label, exc_info=err)
         log.warning("%s · %s: %s (%s)", job.label, job.cls_label, status, text)
         yield JobFailed(job, status, text, seconds, monitor.count)
+
+    @staticmethod
+    def _evaluate(evaluators: Sequence[Evaluator], job: Job, ctx: MethodContext, result: torch.Tensor,
+                  monitor: EvaluationMonitor) -> list[dict[str, Any]]:
+        """Per-input metrics; a failing evaluator is recorded, never fatal (cancel still stops)."""
+        rows: list[dict[str, Any]] = [{} for _ in range(result.shape[0])]
+        for evaluator in evaluators:
+            for i in range(result.shape[0]):
+                sub = MethodContext(ctx.score_model, ctx.inputs[i:i + 1], ctx.target, ctx.layer,
+                                    ctx.layer_name, ctx.seed, ctx.torchscript, {**ctx.extra, "index": i})
+                try:
+                    rows[i].update(evaluator(job, sub, result[i:i + 1]))
+                except Cancelled:
+                    raise
+                except MethodTimeout:
+                    rows[i][f"{getattr(evaluator, '__name__', 'metric')}_error"] = "time limit reached"
+                except Exception as exc:  # one metric failing must not lose the map
+                    name = getattr(evaluator, "__name__", type(evaluator).__name__)
+                    rows[i][f"{name}_error"] = f"{type(exc).__name__}: {exc}"
+                    log.warning("%s: evaluator %s failed: %s", job.label, name, exc)
+        return rows
 
     def _to_nifti_maps(self, result: torch.Tensor, job: Job, x: torch.Tensor) -> list[np.ndarray]:
         if result.dim() != x.dim():

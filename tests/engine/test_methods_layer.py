@@ -226,7 +226,7 @@ def test_layer_integrated_gradients_completeness(dims: int, kind: str) -> None:
     net, x, score, t = setup(kind, dims)
     attr = run("layer_integrated_gradients", score, x, net.conv2, target=t, n_steps=128, **RAW)
     expected = score_of(score, x, t) - score_of(score, torch.zeros_like(x), t)
-    torch.testing.assert_close(attr.sum().reshape(1), expected, rtol=1e-2, atol=1e-3)
+    torch.testing.assert_close(attr.sum().reshape(1), expected, rtol=1e-2, atol=1e-4)
 
 
 @pytest.mark.parametrize("baseline", ["zero", "mean"])
@@ -255,7 +255,7 @@ def test_layer_conductance_completeness(dims: int, kind: str) -> None:
     net, x, score, t = setup(kind, dims)
     attr = run("layer_conductance", score, x, net.conv2, target=t, n_steps=64, **RAW)
     expected = score_of(score, x, t) - score_of(score, torch.zeros_like(x), t)
-    torch.testing.assert_close(attr.sum().reshape(1), expected, rtol=2e-2, atol=1e-2)
+    torch.testing.assert_close(attr.sum().reshape(1), expected, rtol=3e-2, atol=1e-3)
 
 
 @pytest.mark.parametrize("dims", [2, 3])

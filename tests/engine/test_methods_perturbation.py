@@ -56,7 +56,8 @@ def cls_context(dims: int, n: int = 1, seed: int = 0) -> MethodContext:
     return MethodContext(ScoreModel(net, ClassificationTarget()), x, target=0, seed=0)
 
 
-def linear_context(dims: int, n: int = 1, target: int = 1, seed: int = 0) -> tuple[MethodContext, LinearScore]:
+def linear_context(dims: int, n: int = 1, target: int = 1,
+                   seed: int = 0) -> tuple[MethodContext, LinearScore]:
     torch.manual_seed(seed + 100)
     model = LinearScore((1, *shape(dims)), seed=seed).eval()
     x = torch.rand(n, 1, *shape(dims)) + 0.5
@@ -73,7 +74,7 @@ def matrix_params(name: str) -> dict:
     if name == "occlusion":
         return {"window": 4, "stride": 2}
     params = dict(GRID)
-    if name in ("shapley_value_sampling",):
+    if name == "shapley_value_sampling":
         params["n_samples"] = 2
     if name in ("kernel_shap", "lime"):
         params["n_samples"] = 32
@@ -201,6 +202,8 @@ def test_occlusion_window_larger_than_volume() -> None:
     assert "8, 8, 8" in str(err.value)
     with pytest.raises(MethodError, match="window"):
         run(ctx, "occlusion", window=[4, 4])
+    with pytest.raises(MethodError, match="stride"):
+        run(ctx, "occlusion", window=2, stride=3)
 
 
 # --- supervoxel methods on linear models -----------------------------------------------------

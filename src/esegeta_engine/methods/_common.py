@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -103,5 +105,20 @@ def feature_mask(inputs: torch.Tensor, params: dict) -> torch.Tensor:
                       compactness=float(params.get("compactness", 0.1)),
                       channel_axis=-1, start_label=0, enforce_connectivity=True)
         _, labels = np.unique(labels, return_inverse=True)
+        _check_segments(int(labels.max()) + 1, int(params.get("n_segments", 64)))
         masks.append(labels.reshape(spatial))
     return torch.from_numpy(np.stack(masks)).long().unsqueeze(1).to(inputs.device)
+
+
+def _check_segments(found: int, wanted: int) -> None:
+    """A SLIC run that collapsed would give a constant map: say so instead."""
+    if found < 2:
+        raise MethodError(
+            f"SLIC found a single supervoxel (asked for {wanted}), so every voxel would get the same "
+            "attribution",
+            "raise the method's compactness (e.g. 1.0 for noisy images) or use mask: grid",
+        )
+    if found < wanted / 10:
+        logging.getLogger("esegeta_engine").warning(
+            "SLIC found only %d supervoxels of the %d asked for; consider a higher compactness or "
+            "mask: grid", found, wanted)

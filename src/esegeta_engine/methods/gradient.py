@@ -10,7 +10,7 @@ sampling) is seeded from ``ctx.seed`` without touching the global RNG state.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -53,7 +53,10 @@ LAYER_INPUT = Param("attribute_to_layer_input", "bool", False,
 
 
 def n_baselines_param(minimum: int) -> Param:
-    """The ``n_baselines`` parameter (DeepLiftShap needs at least 2)."""
+    """Return the ``n_baselines`` parameter with lower bound ``minimum``.
+
+    DeepLiftShap needs at least 2 baselines, GradientShap 1.
+    """
     return Param("n_baselines", "int", 4,
                  "baselines in the reference distribution: the chosen baseline plus seeded noise",
                  minimum=minimum, maximum=1024)
@@ -100,7 +103,15 @@ def baseline_distribution(
 def seeded_rng(seed: int, device: torch.device) -> Iterator[None]:
     """Seed torch (CPU and ``device``) and NumPy's global RNG, restoring them on exit.
 
-    Captum draws GradientShap samples from these global generators.
+    Captum draws GradientShap samples (baseline picks, path points, input
+    noise) from these global generators.
+
+    Parameters
+    ----------
+    seed : int
+        The seed (``ctx.seed``).
+    device : torch.device
+        Device of the inputs; a CUDA device's generator is seeded and restored too.
     """
     forked = [device] if device.type == "cuda" else []
     np_state = np.random.get_state()
@@ -126,6 +137,16 @@ def seeded(cls: type) -> type:
     :class:`captum.attr.NoiseTunnel` wrap the method: it would otherwise try to
     expand the distribution like a per-input baseline and fail. The
     ``__wrapped__`` attribute is what ``NoiseTunnel`` calls.
+
+    Parameters
+    ----------
+    cls : type
+        A Captum attribution class whose ``attribute`` takes ``baselines=``.
+
+    Returns
+    -------
+    type
+        The subclass, named ``Seeded<cls>``.
     """
 
     def _attribute(self: Any, inputs: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
@@ -154,17 +175,21 @@ SeededGradientShap = seeded(GradientShap)
 class _CheckedGuidedGradCam(GuidedGradCam):
     """Captum's GuidedGradCam, raising instead of returning an empty tensor."""
 
-    def attribute(self, inputs: torch.Tensor, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
+    def attribute(  # type: ignore[override]
+        self, inputs: torch.Tensor, *args: Any, **kwargs: Any
+    ) -> Any:
         out = super().attribute(inputs, *args, **kwargs)
         if out.numel() == 0:
             raise MethodError(
                 "guided_gradcam could not bring the layer's Grad-CAM map to the input grid",
-                "pick a convolutional layer with a spatial output (not a linear/pooled layer)",
+                "pick a layer with a spatial output, such as a convolution (not a linear layer)",
             )
         return out
 
 
-def _distribution(ctx: MethodContext, p: Mapping[str, Any]) -> torch.Tensor:
+def shap_baselines(ctx: MethodContext, p: Mapping[str, Any]) -> torch.Tensor:
+    """The baseline distribution of a SHAP method from its ``baseline``,
+    ``n_baselines`` and ``baseline_noise`` parameters, seeded by ``ctx.seed``."""
     return baseline_distribution(ctx.inputs, p["baseline"], p["n_baselines"],
                                  p["baseline_noise"], ctx.seed)
 
@@ -197,11 +222,11 @@ def _deeplift(ctx: MethodContext, p: Mapping[str, Any]) -> Call:
 
 
 def _deeplift_shap(ctx: MethodContext, p: Mapping[str, Any]) -> Call:
-    return Call(DeepLiftShap(ctx.score_model), {"baselines": _distribution(ctx, p)})
+    return Call(DeepLiftShap(ctx.score_model), {"baselines": shap_baselines(ctx, p)})
 
 
 def _gradient_shap(ctx: MethodContext, p: Mapping[str, Any]) -> Call:
-    algorithm = SeededGradientShap(ctx.score_model, seed=ctx.seed, baselines=_distribution(ctx, p))
+    algorithm = SeededGradientShap(ctx.score_model, seed=ctx.seed, baselines=shap_baselines(ctx, p))
     return Call(algorithm, {"n_samples": p["n_samples"], "stdevs": p["stdevs"]})
 
 
@@ -211,53 +236,54 @@ def _guided_gradcam(ctx: MethodContext, p: Mapping[str, Any]) -> Call:
         "interpolate_mode": mode, "attribute_to_layer_input": p["attribute_to_layer_input"]})
 
 
+def _register(name: str, title: str, summary: str, params: tuple[Param, ...],
+              build: Callable[[MethodContext, Mapping[str, Any]], Call], reference: str,
+              **flags: bool) -> None:
+    register(MethodSpec(name=name, family="gradient", title=title, summary=summary,
+                        params=params, build=build, reference=reference, **flags))
+
+
+_SHAP_REF = ("Lundberg & Lee 2017, A Unified Approach to Interpreting Model Predictions, NeurIPS, "
+             "arXiv:1705.07874")
 _DISTRIBUTION = (BASELINE_PARAM, BASELINE_NOISE)
-_IG = (BASELINE_PARAM, N_STEPS, IG_RULE, INTERNAL_BATCH)
 
-# name, title, summary, params, builder, flags, reference
-_METHODS: tuple[tuple[str, str, str, tuple[Param, ...], Any, dict[str, bool], str], ...] = (
-    ("saliency", "Saliency", "gradient of the class score with respect to each voxel",
-     (Param("abs", "bool", True, "take the absolute value of the gradient"),),
-     _saliency, {"noise_tunnel": True},
-     "Simonyan, Vedaldi & Zisserman 2014, Deep Inside Convolutional Networks, arXiv:1312.6034"),
-    ("integrated_gradients", "Integrated Gradients",
-     "gradients averaged along the straight path from a baseline to the input, times the difference",
-     _IG, _integrated_gradients, {"noise_tunnel": True},
-     "Sundararajan, Taly & Yan 2017, Axiomatic Attribution for Deep Networks, ICML, arXiv:1703.01365"),
-    ("input_x_gradient", "Input x Gradient", "input times the gradient of the class score",
-     (), _input_x_gradient, {"noise_tunnel": True},
-     "Shrikumar et al. 2016, Not Just a Black Box, arXiv:1605.01713"),
-    ("guided_backprop", "Guided Backpropagation",
-     "gradient with negative gradients and inactive ReLUs zeroed at every ReLU",
-     (), _guided_backprop, {"needs_hooks": True, "noise_tunnel": True},
-     "Springenberg et al. 2015, Striving for Simplicity: The All Convolutional Net, arXiv:1412.6806"),
-    ("deconvolution", "Deconvolution", "gradient passed backwards through a ReLU on the gradient only",
-     (), _deconvolution, {"needs_hooks": True, "noise_tunnel": True},
-     "Zeiler & Fergus 2014, Visualizing and Understanding Convolutional Networks, arXiv:1311.2901"),
-    ("deeplift", "DeepLIFT", "contributions to F(x) - F(baseline) by the rescale rule",
-     (BASELINE_PARAM, Param("multiply_by_inputs", "bool", True,
-                            "multiply by (input - baseline); false gives the multipliers")),
-     _deeplift, {"needs_hooks": True, "noise_tunnel": True},
-     "Shrikumar, Greenside & Kundaje 2017, Learning Important Features Through Propagating "
-     "Activation Differences, ICML, arXiv:1704.02685"),
-    ("deeplift_shap", "DeepLIFT SHAP",
-     "DeepLIFT averaged over a seeded distribution of noisy copies of the baseline",
-     (*_DISTRIBUTION, n_baselines_param(2)), _deeplift_shap, {"needs_hooks": True},
-     "Lundberg & Lee 2017, A Unified Approach to Interpreting Model Predictions, NeurIPS, "
-     "arXiv:1705.07874"),
-    ("gradient_shap", "Gradient SHAP",
-     "expected gradients at random points between noisy baselines and the noisy input",
-     (*_DISTRIBUTION, n_baselines_param(1), N_SAMPLES, STDEVS), _gradient_shap,
-     {"noise_tunnel": True},
-     "Lundberg & Lee 2017, A Unified Approach to Interpreting Model Predictions, NeurIPS, "
-     "arXiv:1705.07874"),
-    ("guided_gradcam", "Guided Grad-CAM",
-     "guided backpropagation times the layer's Grad-CAM map interpolated to the input grid",
-     (LAYER_INPUT,), _guided_gradcam, {"needs_layer": True, "needs_hooks": True},
-     "Selvaraju et al. 2017, Grad-CAM: Visual Explanations from Deep Networks via Gradient-based "
-     "Localization, ICCV, arXiv:1610.02391"),
-)
-
-for _name, _title, _summary, _params, _build, _flags, _ref in _METHODS:
-    register(MethodSpec(name=_name, family="gradient", title=_title, summary=_summary,
-                        params=_params, build=_build, reference=_ref, **_flags))
+_register("saliency", "Saliency", "gradient of the class score with respect to each voxel",
+          (Param("abs", "bool", True, "take the absolute value of the gradient"),), _saliency,
+          "Simonyan, Vedaldi & Zisserman 2014, Deep Inside Convolutional Networks, "
+          "arXiv:1312.6034", noise_tunnel=True)
+_register("integrated_gradients", "Integrated Gradients",
+          "gradients averaged on the straight path from a baseline to the input, times the change",
+          (BASELINE_PARAM, N_STEPS, IG_RULE, INTERNAL_BATCH), _integrated_gradients,
+          "Sundararajan, Taly & Yan 2017, Axiomatic Attribution for Deep Networks, ICML, "
+          "arXiv:1703.01365", noise_tunnel=True)
+_register("input_x_gradient", "Input x Gradient", "input times the gradient of the class score",
+          (), _input_x_gradient, "Shrikumar et al. 2016, Not Just a Black Box, arXiv:1605.01713",
+          noise_tunnel=True)
+_register("guided_backprop", "Guided Backpropagation",
+          "gradient with negative gradients and inactive ReLUs zeroed at every ReLU",
+          (), _guided_backprop,
+          "Springenberg et al. 2015, Striving for Simplicity: The All Convolutional Net, "
+          "arXiv:1412.6806", needs_hooks=True, noise_tunnel=True)
+_register("deconvolution", "Deconvolution",
+          "gradient passed backwards through a ReLU applied to the gradient only",
+          (), _deconvolution,
+          "Zeiler & Fergus 2014, Visualizing and Understanding Convolutional Networks, "
+          "arXiv:1311.2901", needs_hooks=True, noise_tunnel=True)
+_register("deeplift", "DeepLIFT", "contributions to F(x) - F(baseline) by the rescale rule",
+          (BASELINE_PARAM, Param("multiply_by_inputs", "bool", True,
+                                 "multiply by (input - baseline); false gives the multipliers")),
+          _deeplift,
+          "Shrikumar, Greenside & Kundaje 2017, Learning Important Features Through Propagating "
+          "Activation Differences, ICML, arXiv:1704.02685", needs_hooks=True, noise_tunnel=True)
+_register("deeplift_shap", "DeepLIFT SHAP",
+          "DeepLIFT averaged over a seeded distribution of noisy copies of the baseline",
+          (*_DISTRIBUTION, n_baselines_param(2)), _deeplift_shap, _SHAP_REF, needs_hooks=True)
+_register("gradient_shap", "Gradient SHAP",
+          "expected gradients at random points between noisy baselines and the noisy input",
+          (*_DISTRIBUTION, n_baselines_param(1), N_SAMPLES, STDEVS), _gradient_shap, _SHAP_REF,
+          noise_tunnel=True)
+_register("guided_gradcam", "Guided Grad-CAM",
+          "guided backpropagation times the layer's Grad-CAM map interpolated to the input grid",
+          (LAYER_INPUT,), _guided_gradcam,
+          "Selvaraju et al. 2017, Grad-CAM: Visual Explanations from Deep Networks via "
+          "Gradient-based Localization, ICCV, arXiv:1610.02391", needs_layer=True, needs_hooks=True)

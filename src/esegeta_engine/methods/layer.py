@@ -32,9 +32,9 @@ from esegeta_engine.methods.gradient import (
     N_SAMPLES,
     N_STEPS,
     STDEVS,
-    baseline_distribution,
     n_baselines_param,
     seeded,
+    shap_baselines,
 )
 from esegeta_engine.methods.registry import Call, MethodContext, MethodSpec, Param, register
 
@@ -61,11 +61,6 @@ def _path(ctx: MethodContext, p: Mapping[str, Any]) -> dict[str, Any]:
     """Keyword arguments of the path-integral methods (IG, conductance, influence)."""
     return _kwargs(p, baselines=make_baseline(ctx.inputs, p["baseline"]), n_steps=p["n_steps"],
                    method=p["method"], internal_batch_size=p["internal_batch_size"])
-
-
-def _distribution(ctx: MethodContext, p: Mapping[str, Any]) -> Any:
-    return baseline_distribution(ctx.inputs, p["baseline"], p["n_baselines"],
-                                 p["baseline_noise"], ctx.seed)
 
 
 def _layer_activation(ctx: MethodContext, p: Mapping[str, Any]) -> Call:
@@ -96,12 +91,12 @@ def _layer_deeplift(ctx: MethodContext, p: Mapping[str, Any]) -> Call:
 
 def _layer_deeplift_shap(ctx: MethodContext, p: Mapping[str, Any]) -> Call:
     return Call(LayerDeepLiftShap(ctx.score_model, ctx.layer),
-                _kwargs(p, baselines=_distribution(ctx, p)))
+                _kwargs(p, baselines=shap_baselines(ctx, p)))
 
 
 def _layer_gradient_shap(ctx: MethodContext, p: Mapping[str, Any]) -> Call:
     algorithm = SeededLayerGradientShap(ctx.score_model, ctx.layer, seed=ctx.seed,
-                                        baselines=_distribution(ctx, p))
+                                        baselines=shap_baselines(ctx, p))
     return Call(algorithm, _kwargs(p, n_samples=p["n_samples"], stdevs=p["stdevs"]))
 
 
@@ -122,7 +117,8 @@ _PATH_16 = (BASELINE_PARAM, N_STEPS_16, IG_RULE, INTERNAL_BATCH)
 _DISTRIBUTION = (BASELINE_PARAM, BASELINE_NOISE)
 
 _register("layer_activation", "Layer Activation", "the layer's activations (no target class)",
-          (), _layer_activation, "Captum LayerActivation (Kokhlikyan et al. 2020, arXiv:2009.07896)")
+          (), _layer_activation,
+          "Captum LayerActivation (Kokhlikyan et al. 2020, Captum, arXiv:2009.07896)")
 _register("layer_gradcam", "Layer Grad-CAM",
           "activations weighted by their channel-mean gradients, summed over channels",
           (Param("relu_attributions", "bool", True, "keep only positive evidence (ReLU)"),),
@@ -152,7 +148,8 @@ _register("layer_deeplift_shap", "Layer DeepLIFT SHAP",
           (*_DISTRIBUTION, n_baselines_param(2)), _layer_deeplift_shap, _SHAP_REF)
 _register("layer_gradient_shap", "Layer Gradient SHAP",
           "expected layer gradients x activation differences at random points from noisy baselines",
-          (*_DISTRIBUTION, n_baselines_param(1), N_SAMPLES, STDEVS), _layer_gradient_shap, _SHAP_REF)
+          (*_DISTRIBUTION, n_baselines_param(1), N_SAMPLES, STDEVS), _layer_gradient_shap,
+          _SHAP_REF)
 _register("layer_integrated_gradients", "Layer Integrated Gradients",
           "integrated gradients of the layer's activations from the baseline's to the input's",
           (BASELINE_PARAM, N_STEPS, IG_RULE, INTERNAL_BATCH), _layer_integrated_gradients,

@@ -152,12 +152,17 @@ def _spatial(value: Any, ctx: MethodContext, name: str) -> tuple[int, ...]:
 
 
 def _build_occlusion(ctx: MethodContext, params: Mapping[str, Any]) -> Call:
+    """Occlusion with boxes ``(C_in, *window)`` moved by ``(C_in, *stride)``."""
     window = _spatial(params["window"], ctx, "window")
     stride = window if params["stride"] is None else _spatial(params["stride"], ctx, "stride")
     volume = tuple(ctx.inputs.shape[2:])
     if any(w > s for w, s in zip(window, volume)):
         raise MethodError(f"occlusion parameter 'window' {list(window)} is larger than the volume "
                           f"{list(volume)}", "give a window no larger than the volume on every axis")
+    if any(s > w for s, w in zip(stride, window)):
+        raise MethodError(f"occlusion parameter 'stride' {list(stride)} is larger than the window "
+                          f"{list(window)} on some axis, which would skip voxels",
+                          "give a stride no larger than the window on every axis")
     channels = ctx.inputs.shape[1]
     return Call(Occlusion(ctx.score_model), {
         "sliding_window_shapes": (channels, *window), "strides": (channels, *stride),
@@ -171,16 +176,18 @@ def _mask_kwargs(ctx: MethodContext, params: Mapping[str, Any]) -> dict[str, Any
 
 
 def _build_feature_ablation(ctx: MethodContext, params: Mapping[str, Any]) -> Call:
+    """Feature Ablation of supervoxels (one evaluation per supervoxel plus one)."""
     return Call(FeatureAblation(ctx.score_model), _mask_kwargs(ctx, params))
 
 
 def _build_shapley(ctx: MethodContext, params: Mapping[str, Any]) -> Call:
+    """Shapley Value Sampling of supervoxels, seeded."""
     algorithm = Seeded(ShapleyValueSampling(ctx.score_model), ctx.seed)
     return Call(algorithm, {**_mask_kwargs(ctx, params), "n_samples": params["n_samples"]})
 
 
 def _build_permutation(ctx: MethodContext, params: Mapping[str, Any]) -> Call:
-    # Captum needs one grouping for the whole batch: supervoxels of the batch mean.
+    """Feature Permutation of supervoxels of the batch mean (Captum needs one mask), seeded."""
     mask = feature_mask(ctx.inputs.detach().mean(dim=0, keepdim=True), dict(params))
     return Call(Seeded(FeaturePermutation(ctx.score_model), ctx.seed), {
         "feature_mask": mask, "perturbations_per_eval": params["perturbations_per_eval"],
@@ -194,6 +201,7 @@ def _make_kernel_shap(forward: Callable) -> KernelShap:
 
 
 def _build_kernel_shap(ctx: MethodContext, params: Mapping[str, Any]) -> Call:
+    """KernelSHAP per example with a closed-form weighted linear fit, seeded."""
     kwargs = _mask_kwargs(ctx, params)
     fewest = min(int(m.max()) + 1 for m in kwargs["feature_mask"])
     if fewest < 2:
@@ -204,6 +212,7 @@ def _build_kernel_shap(ctx: MethodContext, params: Mapping[str, Any]) -> Call:
 
 
 def _build_lime(ctx: MethodContext, params: Mapping[str, Any]) -> Call:
+    """LIME per example with Captum's exponential cosine kernel, seeded."""
     similarity = get_exp_kernel_similarity_function("cosine", params["kernel_width"])
 
     def make(forward: Callable) -> Lime:
@@ -220,7 +229,8 @@ register(MethodSpec(
     params=(
         Param("window", "ints", 8, "edge of the occluding box in voxels (one or one per spatial axis)",
               minimum=1, maximum=4096),
-        Param("stride", "ints", None, "step between boxes in voxels (default: the window, no overlap)",
+        Param("stride", "ints", None,
+              "step between boxes in voxels, at most the window (default: the window)",
               minimum=1, maximum=4096),
         BASELINE_PARAM, PPE_PARAM),
     build=_build_occlusion, reference="Zeiler & Fergus 2014; captum.attr.Occlusion"))
@@ -235,7 +245,7 @@ register(MethodSpec(
     name="shapley_value_sampling", family="perturbation", title="Shapley Value Sampling",
     summary="Shapley values of supervoxels estimated from random orderings (exact for additive models)",
     params=(*MASK_PARAMS, BASELINE_PARAM,
-            _samples_param(8, "random supervoxel orderings sampled (each costs one evaluation per supervoxel)"),
+            _samples_param(8, "random supervoxel orderings (each costs one evaluation per supervoxel)"),
             PPE_PARAM),
     build=_build_shapley, reference="Castro et al. 2009; captum.attr.ShapleyValueSampling"))
 
@@ -251,7 +261,7 @@ register(MethodSpec(
     name="kernel_shap", family="perturbation", title="KernelSHAP",
     summary="Shapley values of supervoxels from a weighted linear fit to random coalitions",
     params=(*MASK_PARAMS, BASELINE_PARAM,
-            _samples_param(128, "random coalitions evaluated per input (more: closer to exact Shapley values)"),
+            _samples_param(128, "random coalitions evaluated per input (more: closer to Shapley values)"),
             PPE_PARAM),
     build=_build_kernel_shap, reference="Lundberg & Lee 2017; captum.attr.KernelShap"))
 

@@ -33,8 +33,8 @@ def check_applicable(spec: MethodSpec, ctx: MethodContext) -> None:
         raise MethodError(
             f"method '{spec.name}' permutes features across a batch and gives all-zero maps for "
             "a single input",
-            "give several volumes of the same shape (volumes: [a.nii.gz, b.nii.gz, ...]) or split "
-            "one volume into patches with the method's `patch_size` parameter",
+            "give several volumes or patches of one shape and explain them as one batch "
+            "(volumes: [a.nii.gz, b.nii.gz, ...] with run.batch_volumes: true, or --batch-volumes)",
         )
 
 

@@ -38,6 +38,8 @@ PREPROCESS = {
 UNET_KWARGS: dict[str, Any] = {"spatial_dims": 3, "in_channels": 1, "out_channels": 2,
                                "features": [8, 16, 32]}
 CLS_KWARGS: dict[str, Any] = {"in_channels": 1, "n_classes": 2}
+UNET_CROP, UNET_BATCH, UNET_LR = 48, 2, 3e-3
+CLS_BATCH, CLS_LR = 32, 5e-3
 SHAPE_3D = (64, 64, 64)
 SHAPE_2D = (64, 64)
 # Disjoint phantom seed ranges (training vs. held-out evaluation).
@@ -182,14 +184,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--out", type=Path, default=DATA_DIR, help="output folder")
     ap.add_argument("--seed", type=int, default=0, help="training seed")
     ap.add_argument("--unet-iters", type=int, default=600)
-    ap.add_argument("--cls-iters", type=int, default=400)
+    ap.add_argument("--cls-iters", type=int, default=800)
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     args = ap.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     _seed_everything(args.seed, args.threads)
     t0 = time.perf_counter()
 
-    crop, batch, lr = 48, 2, 3e-3
+    crop, batch, lr = UNET_CROP, UNET_BATCH, UNET_LR
     unet = train_unet(args.seed, args.unet_iters, crop, batch, lr)
     t_unet = time.perf_counter() - t0
     unet_eval = evaluate_unet(unet)
@@ -197,7 +199,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     _seed_everything(args.seed, args.threads)
     t1 = time.perf_counter()
-    cls = train_classifier(args.seed, args.cls_iters, batch=64, lr=3e-3)
+    cls = train_classifier(args.seed, args.cls_iters, batch=CLS_BATCH, lr=CLS_LR)
     t_cls = time.perf_counter() - t1
     cls_eval = evaluate_classifier(cls)
     print(f"[cls] held-out accuracy {cls_eval['accuracy']:.4f}")
@@ -219,7 +221,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 "files": _save(unet, args.out, "unet3d_vessels"),
                 "training": {"seed": args.seed, "iterations": args.unet_iters,
                              "batch_size": batch, "crop": [crop] * 3, "lr": lr,
-                             "optimizer": "Adam + OneCycleLR", "loss": "cross_entropy + soft_dice",
+                             "optimizer": "Adam + OneCycleLR", "augmentation": "random crops + flips",
+                             "loss": "cross_entropy + soft_dice",
                              "phantom_seeds": [UNET_TRAIN_SEEDS.start, UNET_TRAIN_SEEDS.stop],
                              "time_s": round(t_unet, 1)},
                 "evaluation": unet_eval,
@@ -234,8 +237,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 "phantom": {"generator": "esegeta_engine.sample.phantom:make_phantom_2d",
                             "shape": list(SHAPE_2D)},
                 "files": _save(cls, args.out, "classifier2d"),
-                "training": {"seed": args.seed, "iterations": args.cls_iters, "batch_size": 64,
-                             "lr": 3e-3, "optimizer": "Adam + OneCycleLR",
+                "training": {"seed": args.seed, "iterations": args.cls_iters,
+                             "batch_size": CLS_BATCH, "lr": CLS_LR,
+                             "optimizer": "Adam + OneCycleLR", "augmentation": "random flips",
                              "loss": "cross_entropy",
                              "phantom_seeds": [CLS_TRAIN_SEEDS.start, CLS_TRAIN_SEEDS.stop],
                              "time_s": round(t_cls, 1)},

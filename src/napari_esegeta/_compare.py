@@ -1,0 +1,157 @@
+"""Side-by-side comparison in napari's grid mode, and saving (no Qt).
+
+napari 0.9 grid mode puts ``stride`` consecutive layers in each viewbox and
+links the viewboxes' cameras. To show the MRA under every map, each chosen
+result gets its own view of the base image (a second layer over the *same*
+array, no copy), the pairs are moved to the bottom of the layer list as
+``[base, map, base, map, ...]`` and the grid stride is set to 2; other layers
+are hidden (hidden layers never occupy a viewbox). :func:`restore_layout`
+undoes all of it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from esegeta_engine.io import Volume, save_map
+from napari_esegeta._geometry import copy_geometry, layer_to_nifti_affine
+from napari_esegeta._reader import header_from_metadata
+
+COPY_KEY = "esegeta_compare_base"
+
+
+@dataclass
+class GridState:
+    """What :func:`arrange_side_by_side` changed, to undo it."""
+
+    order: list[Any] = field(default_factory=list)
+    visible: list[bool] = field(default_factory=list)
+    grid: dict[str, Any] = field(default_factory=dict)
+    copies: list[Any] = field(default_factory=list)
+
+
+def _grid(viewer: Any) -> Any:
+    canvas = getattr(viewer, "canvas", None)
+    return canvas.grid if canvas is not None and hasattr(canvas, "grid") else viewer.grid
+
+
+def _move_to(viewer: Any, layer: Any, position: int) -> None:
+    current = viewer.layers.index(layer)
+    if current != position:
+        viewer.layers.move(current, position)
+
+
+def arrange_side_by_side(viewer: Any, base: Any, results: list[Any], spacing: float = 0.02) -> GridState:
+    """Show each result over its own view of ``base`` in a grid with linked cameras.
+
+    Parameters
+    ----------
+    viewer : napari.Viewer
+        The viewer.
+    base : napari.layers.Image
+        The MRA shown under every result.
+    results : list of napari.layers.Image
+        The maps to compare (one grid cell each, in this order).
+    spacing : float
+        Gap between cells (fraction of a cell).
+
+    Returns
+    -------
+    GridState
+        Pass it to :func:`restore_layout` to go back.
+    """
+    grid = _grid(viewer)
+    state = GridState(order=list(viewer.layers), visible=[ly.visible for ly in viewer.layers],
+                      grid={"enabled": grid.enabled, "stride": grid.stride, "shape": grid.shape,
+                            "spacing": grid.spacing})
+    desired: list[Any] = []
+    for i, result in enumerate(results):
+        copy = viewer.add_image(
+            base.data, name=f"{base.name} ▸ {result.name}", colormap=base.colormap.name,
+            contrast_limits=base.contrast_limits, gamma=base.gamma, rendering=base.rendering,
+            blending="translucent", interpolation2d=base.interpolation2d,
+            metadata={COPY_KEY: True}, **copy_geometry(base))
+        state.copies.append(copy)
+        desired += [copy, result]
+    for position, layer in enumerate(desired):
+        _move_to(viewer, layer, position)
+    for layer in viewer.layers:
+        layer.visible = layer in desired
+    grid.stride = 2
+    grid.shape = (-1, -1)
+    grid.spacing = spacing
+    grid.enabled = True
+    viewer.reset_view()
+    return state
+
+
+def restore_layout(viewer: Any, state: GridState) -> None:
+    """Undo :func:`arrange_side_by_side` (layers removed meanwhile are skipped)."""
+    grid = _grid(viewer)
+    grid.enabled = False
+    for copy in state.copies:
+        if copy in viewer.layers:
+            viewer.layers.remove(copy)
+    position = 0
+    for layer, visible in zip(state.order, state.visible):
+        if layer in viewer.layers:
+            _move_to(viewer, layer, position)
+            layer.visible = visible
+            position += 1
+    grid.stride, grid.shape, grid.spacing = (state.grid["stride"], state.grid["shape"],
+                                             state.grid["spacing"])
+    grid.enabled = state.grid["enabled"]
+    viewer.reset_view()
+
+
+def is_compare_copy(layer: Any) -> bool:
+    """True for the base-image views added by :func:`arrange_side_by_side`."""
+    return bool((getattr(layer, "metadata", None) or {}).get(COPY_KEY))
+
+
+def result_filename(layer: Any) -> str:
+    """``<input>__<method[@layer]>__<target>.nii.gz``, as the CLI names maps."""
+    import re
+
+    from esegeta_engine.pipeline import map_filename
+
+    meta = layer.metadata.get("esegeta", {})
+    stem = re.sub(r"[^A-Za-z0-9._+-]+", "-", str(meta.get("input_layer", "volume"))).strip("-") or "volume"
+    return map_filename(stem, meta.get("label", meta.get("method", layer.name)),
+                        meta.get("target_label", "target"))
+
+
+def save_results(layers: list[Any], folder: str | Path) -> list[Path]:
+    """Save result layers as NIfTI through the engine's ``save_map``.
+
+    Each map is written with its layer's geometry, which is the input
+    volume's (result layers copy it), and the input's header.
+    """
+    folder = Path(folder)
+    written = []
+    for layer in layers:
+        data = np.asarray(layer.data, dtype=np.float32)
+        like = Volume(data=data, affine=layer_to_nifti_affine(layer),
+                      header=header_from_metadata(layer.metadata))
+        written.append(save_map(data, like, folder / result_filename(layer)))
+    return written
+
+
+def save_screenshot(viewer: Any, path: str | Path, scale: float | None = None) -> Path:
+    """Save the canvas (grid included) as PNG."""
+    path = Path(path)
+    if path.suffix.lower() not in (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"):
+        path = path.with_suffix(".png")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    viewer.screenshot(path=str(path), canvas_only=True, scale=scale, flash=False)
+    return path
+
+
+def set_rendering(layers: list[Any], rendering: str) -> None:
+    """Set the 3D rendering of result layers (mip, attenuated_mip, translucent)."""
+    for layer in layers:
+        layer.rendering = rendering

@@ -1,0 +1,184 @@
+"""Small Qt building blocks: layer pickers, status labels, generated parameter forms."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from qtpy.QtCore import Qt
+from qtpy.QtWidgets import (
+    QCheckBox,
+    QComboBox,
+    QDoubleSpinBox,
+    QFormLayout,
+    QLabel,
+    QLineEdit,
+    QSpinBox,
+    QWidget,
+)
+
+from esegeta_engine.methods import Param
+from napari_esegeta._params import format_value, parse_text, tooltip, uses_line_edit
+
+ERROR_STYLE = "color: #ff5555;"
+OK_STYLE = "color: #7fd17f;"
+INFO_STYLE = ""
+
+
+def set_status(label: QLabel, text: str, kind: str = "info") -> None:
+    """Show ``text`` in ``label``; ``kind`` is info, ok or error (red)."""
+    label.setText(text)
+    label.setStyleSheet({"error": ERROR_STYLE, "ok": OK_STYLE}.get(kind, INFO_STYLE))
+    label.setProperty("status_kind", kind)
+
+
+def status_label() -> QLabel:
+    """A word-wrapped, selectable label for messages."""
+    label = QLabel("")
+    label.setWordWrap(True)
+    label.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
+    return label
+
+
+class LayerCombo(QComboBox):
+    """A combo box listing the viewer's layers of some types, kept up to date.
+
+    Parameters
+    ----------
+    viewer : napari.Viewer
+        The viewer.
+    layer_types : tuple of str
+        Layer class names to list, e.g. ``("Image",)``.
+    allow_none : bool
+        Add a ``(none)`` entry.
+    predicate : callable, optional
+        Extra filter on layers.
+    """
+
+    def __init__(self, viewer: Any, layer_types: tuple[str, ...], allow_none: bool = False,
+                 predicate: Any = None) -> None:
+        super().__init__()
+        self._viewer = viewer
+        self._types = layer_types
+        self._allow_none = allow_none
+        self._predicate = predicate
+        events = viewer.layers.events
+        for ev in (events.inserted, events.removed, events.reordered):
+            ev.connect(self.refresh)
+        self.refresh()
+
+    def _wanted(self, layer: Any) -> bool:
+        return type(layer).__name__ in self._types and (self._predicate is None or self._predicate(layer))
+
+    def refresh(self, *_: Any) -> None:
+        """Rebuild the list, keeping the current choice when it still exists."""
+        current = self.currentText()
+        self.blockSignals(True)
+        self.clear()
+        if self._allow_none:
+            self.addItem("(none)")
+        for layer in reversed(list(self._viewer.layers)):
+            if self._wanted(layer):
+                self.addItem(layer.name)
+                try:
+                    layer.events.name.connect(self.refresh)
+                except (AttributeError, TypeError, ValueError):
+                    pass
+        idx = self.findText(current)
+        self.setCurrentIndex(idx if idx >= 0 else 0)
+        self.blockSignals(False)
+        self.currentTextChanged.emit(self.currentText())
+
+    def layer(self) -> Any:
+        """The chosen layer, or None."""
+        name = self.currentText()
+        if name in self._viewer.layers:
+            layer = self._viewer.layers[name]
+            return layer if self._wanted(layer) else None
+        return None
+
+
+class ParamForm(QWidget):
+    """A form generated from registry :class:`Param` objects.
+
+    ``int``/``float`` with bounds -> spin boxes, ``bool`` -> check box, ``str``
+    with choices -> combo box, ``ints``, free text and optional ("auto")
+    numbers -> line edits. The help text (with range and default) is the tooltip.
+    """
+
+    def __init__(self, params: Sequence[Param], parent: QWidget | None = None) -> None:
+        super().__init__(parent)
+        self.params = tuple(params)
+        self.editors: dict[str, QWidget] = {}
+        layout = QFormLayout(self)
+        layout.setContentsMargins(18, 0, 0, 4)
+        for p in self.params:
+            editor = self._editor(p)
+            editor.setToolTip(tooltip(p))
+            editor.setObjectName(f"param_{p.name}")
+            label = QLabel(p.name.replace("_", " "))
+            label.setToolTip(tooltip(p))
+            layout.addRow(label, editor)
+            self.editors[p.name] = editor
+
+    @staticmethod
+    def _editor(p: Param) -> QWidget:
+        if p.kind == "bool":
+            w = QCheckBox()
+            w.setChecked(bool(p.default))
+            return w
+        if p.kind == "str" and p.choices:
+            w = QComboBox()
+            w.addItems(list(p.choices))
+            if p.default in p.choices:
+                w.setCurrentText(p.default)
+            return w
+        if uses_line_edit(p):
+            w = QLineEdit(format_value(p, p.default))
+            w.setPlaceholderText("auto" if p.default is None else "")
+            return w
+        if p.kind == "int":
+            w = QSpinBox()
+            w.setRange(int(max(p.minimum if p.minimum is not None else -2**31 + 1, -2**31 + 1)),
+                       int(min(p.maximum if p.maximum is not None else 2**31 - 1, 2**31 - 1)))
+            w.setValue(int(p.default))
+            return w
+        w = QDoubleSpinBox()
+        w.setDecimals(4)
+        w.setRange(p.minimum if p.minimum is not None else -1e9, p.maximum if p.maximum is not None else 1e9)
+        w.setSingleStep(0.01 if abs(p.default) < 1 else 0.1)
+        w.setValue(float(p.default))
+        return w
+
+    def values(self) -> dict[str, Any]:
+        """Current values; empty "auto" fields are left out (the default applies)."""
+        out: dict[str, Any] = {}
+        for p in self.params:
+            w = self.editors[p.name]
+            if isinstance(w, QCheckBox):
+                out[p.name] = w.isChecked()
+            elif isinstance(w, QComboBox):
+                out[p.name] = w.currentText()
+            elif isinstance(w, QLineEdit):
+                value = parse_text(p, w.text())
+                if value is not None:
+                    out[p.name] = value
+            elif isinstance(w, QSpinBox):
+                out[p.name] = int(w.value())
+            else:
+                out[p.name] = float(w.value())
+        return out
+
+    def set_values(self, values: dict[str, Any]) -> None:
+        """Set some values (unknown names raise ``KeyError``)."""
+        for name, value in values.items():
+            w = self.editors[name]
+            p = next(q for q in self.params if q.name == name)
+            if isinstance(w, QCheckBox):
+                w.setChecked(bool(value))
+            elif isinstance(w, QComboBox):
+                w.setCurrentText(str(value))
+            elif isinstance(w, QLineEdit):
+                w.setText(format_value(p, value))
+            else:
+                w.setValue(value)

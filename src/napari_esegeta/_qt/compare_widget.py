@@ -1,0 +1,207 @@
+"""The Compare dock widget: side-by-side grid, 3D rendering toggle, saving."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from qtpy.QtCore import Qt
+from qtpy.QtWidgets import (
+    QFileDialog,
+    QFormLayout,
+    QHBoxLayout,
+    QListWidget,
+    QListWidgetItem,
+    QPushButton,
+    QVBoxLayout,
+    QWidget,
+)
+
+from napari_esegeta import _compare as C
+from napari_esegeta._layers import is_result_layer, next_rendering
+from napari_esegeta._model import format_error
+from napari_esegeta._qt._common import LayerCombo, set_status, status_label
+from napari_esegeta._state import get_session
+
+_RENDER_TITLES = {"mip": "MIP", "attenuated_mip": "attenuated MIP", "translucent": "translucent"}
+
+
+class CompareWidget(QWidget):
+    """Arrange result layers side by side over the MRA, switch 3D rendering, save.
+
+    Parameters
+    ----------
+    napari_viewer : napari.Viewer
+        The viewer (injected by napari).
+    """
+
+    def __init__(self, napari_viewer: Any) -> None:
+        super().__init__()
+        self.viewer = napari_viewer
+        self.state: C.GridState | None = None
+        self.rendering = "mip"
+        self.base_combo = LayerCombo(napari_viewer, ("Image",),
+                                     predicate=lambda ly: not is_result_layer(ly) and not C.is_compare_copy(ly))
+        self.results_list = QListWidget()
+        self.results_list.setToolTip("Checked maps are compared and saved")
+        self.compare_btn = QPushButton("Side by side")
+        self.compare_btn.setCheckable(True)
+        self.compare_btn.setToolTip("Each checked map over its own view of the image, cameras linked")
+        self.compare_btn.toggled.connect(self._toggle_compare)
+        self.render_btn = QPushButton()
+        self.render_btn.setToolTip("3D rendering of the maps: MIP → attenuated MIP → translucent → MIP")
+        self.render_btn.clicked.connect(self.cycle_rendering)
+        self.save_btn = QPushButton("Save checked maps…")
+        self.save_btn.clicked.connect(self._save_dialog)
+        self.shot_btn = QPushButton("Save screenshot…")
+        self.shot_btn.clicked.connect(self._screenshot_dialog)
+        self.status = status_label()
+
+        form = QFormLayout()
+        form.addRow("Image", self.base_combo)
+        row1 = QHBoxLayout()
+        row1.addWidget(self.compare_btn)
+        row1.addWidget(self.render_btn)
+        row2 = QHBoxLayout()
+        row2.addWidget(self.save_btn)
+        row2.addWidget(self.shot_btn)
+        layout = QVBoxLayout(self)
+        layout.addLayout(form)
+        layout.addWidget(self.results_list, 1)
+        layout.addLayout(row1)
+        layout.addLayout(row2)
+        layout.addWidget(self.status)
+        events = napari_viewer.layers.events
+        for ev in (events.inserted, events.removed):
+            ev.connect(self.refresh)
+        get_session(napari_viewer).signals.run_finished.connect(self._run_finished)
+        self._update_render_btn()
+        self.refresh()
+
+    # -- result list -----------------------------------------------------------------------------
+
+    def result_layers(self) -> list[Any]:
+        """All result layers in the viewer (bottom to top)."""
+        return [ly for ly in self.viewer.layers if is_result_layer(ly)]
+
+    def refresh(self, *_: Any) -> None:
+        """Rebuild the list of maps, keeping check marks."""
+        try:
+            checked = {self.results_list.item(i).text(): self.results_list.item(i).checkState()
+                       for i in range(self.results_list.count())}
+            self.results_list.clear()
+        except RuntimeError:  # widget already deleted
+            return
+        for layer in self.result_layers():
+            item = QListWidgetItem(layer.name)
+            item.setFlags(item.flags() | Qt.ItemFlag.ItemIsUserCheckable)
+            item.setCheckState(checked.get(layer.name, Qt.CheckState.Checked))
+            self.results_list.addItem(item)
+
+    def checked_layers(self) -> list[Any]:
+        """Result layers whose box is checked, in list order."""
+        names = [self.results_list.item(i).text() for i in range(self.results_list.count())
+                 if self.results_list.item(i).checkState() == Qt.CheckState.Checked]
+        return [self.viewer.layers[n] for n in names if n in self.viewer.layers]
+
+    def set_checked(self, names: list[str]) -> None:
+        """Check exactly ``names``."""
+        for i in range(self.results_list.count()):
+            item = self.results_list.item(i)
+            item.setCheckState(Qt.CheckState.Checked if item.text() in names else Qt.CheckState.Unchecked)
+
+    def _run_finished(self, _names: list[str]) -> None:
+        try:
+            self.refresh()
+            self.apply_rendering()
+        except RuntimeError:
+            pass
+
+    # -- grid ------------------------------------------------------------------------------------
+
+    def _toggle_compare(self, on: bool) -> None:
+        if on:
+            self.compare()
+        else:
+            self.uncompare()
+
+    def compare(self) -> bool:
+        """Arrange the checked maps side by side (returns False with a message if impossible)."""
+        base, results = self.base_combo.layer(), self.checked_layers()
+        if base is None or not results:
+            set_status(self.status, "Nothing to compare.\n→ choose the image and check at least one map",
+                       "error")
+            self.compare_btn.blockSignals(True)
+            self.compare_btn.setChecked(False)
+            self.compare_btn.blockSignals(False)
+            return False
+        if self.state is not None:
+            C.restore_layout(self.viewer, self.state)
+        self.state = C.arrange_side_by_side(self.viewer, base, results)
+        self.compare_btn.blockSignals(True)
+        self.compare_btn.setChecked(True)
+        self.compare_btn.blockSignals(False)
+        set_status(self.status, f"{len(results)} map(s) side by side over {base.name}; cameras linked.", "ok")
+        return True
+
+    def uncompare(self) -> None:
+        """Go back to the layout before :meth:`compare`."""
+        if self.state is not None:
+            C.restore_layout(self.viewer, self.state)
+            self.state = None
+        self.compare_btn.blockSignals(True)
+        self.compare_btn.setChecked(False)
+        self.compare_btn.blockSignals(False)
+        set_status(self.status, "")
+
+    # -- 3D rendering ----------------------------------------------------------------------------
+
+    def _update_render_btn(self) -> None:
+        self.render_btn.setText(f"3D: {_RENDER_TITLES[self.rendering]}")
+
+    def cycle_rendering(self) -> str:
+        """MIP -> attenuated MIP -> translucent -> MIP for every map; returns the new mode."""
+        self.rendering = next_rendering(self.rendering)
+        self.apply_rendering()
+        return self.rendering
+
+    def apply_rendering(self) -> None:
+        """Give every map the current 3D rendering."""
+        C.set_rendering(self.result_layers(), self.rendering)
+        self._update_render_btn()
+
+    # -- saving ----------------------------------------------------------------------------------
+
+    def save_maps(self, folder: str | Path) -> list[Path]:
+        """Save the checked maps as NIfTI in ``folder`` (engine ``save_map``)."""
+        layers = self.checked_layers()
+        if not layers:
+            set_status(self.status, "No map checked.\n→ check the maps to save", "error")
+            return []
+        try:
+            written = C.save_results(layers, folder)
+        except Exception as exc:
+            set_status(self.status, f"Could not save: {format_error(exc)}", "error")
+            return []
+        set_status(self.status, f"Saved {len(written)} map(s) to {folder}.", "ok")
+        return written
+
+    def save_screenshot(self, path: str | Path) -> Path | None:
+        """Save the canvas (the grid when comparing) as PNG."""
+        try:
+            out = C.save_screenshot(self.viewer, path)
+        except Exception as exc:
+            set_status(self.status, f"Could not save the screenshot: {format_error(exc)}", "error")
+            return None
+        set_status(self.status, f"Screenshot saved to {out}.", "ok")
+        return out
+
+    def _save_dialog(self) -> None:
+        folder = QFileDialog.getExistingDirectory(self, "Folder for the NIfTI maps")
+        if folder:
+            self.save_maps(folder)
+
+    def _screenshot_dialog(self) -> None:
+        path, _ = QFileDialog.getSaveFileName(self, "Screenshot", "esegeta_compare.png", "PNG (*.png)")
+        if path:
+            self.save_screenshot(path)

@@ -1,0 +1,298 @@
+"""The Explain dock widget: input, target, methods, Run / Cancel.
+
+A run iterates ``Explainer.iter_explain`` in a napari ``thread_worker``; each
+``MapReady`` becomes a layer as soon as its job ends, napari's progress bar
+shows the method and the model evaluations, and Cancel sets the engine's
+cancel event (checked at every model evaluation), so it takes effect within
+one evaluation and keeps the layers already added. While a run is going, Run
+is disabled (one run at a time per viewer; Cancel first to start another).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+import numpy as np
+from qtpy.QtWidgets import (
+    QCheckBox,
+    QComboBox,
+    QFormLayout,
+    QGroupBox,
+    QHBoxLayout,
+    QLabel,
+    QLineEdit,
+    QPushButton,
+    QScrollArea,
+    QVBoxLayout,
+    QWidget,
+)
+
+from esegeta_engine.explain import JobFailed, MapReady, Progress
+from napari_esegeta import _run as R
+from napari_esegeta._geometry import copy_geometry, layer_to_nifti_affine, voxel_to_world
+from napari_esegeta._model import format_error
+from napari_esegeta._qt._common import LayerCombo, set_status, status_label
+from napari_esegeta._qt.method_panel import MethodPanel
+from napari_esegeta._state import Session, get_session
+
+VOXEL_LAYER = "esegeta target voxel"
+
+
+class ExplainWidget(QWidget):
+    """Choose a target and methods, run them, stream the maps in as layers.
+
+    Parameters
+    ----------
+    napari_viewer : napari.Viewer
+        The viewer (injected by napari).
+    """
+
+    def __init__(self, napari_viewer: Any) -> None:
+        super().__init__()
+        self.viewer = napari_viewer
+        self.session = get_session(napari_viewer)
+        self.worker: Any = None
+        self.voxel: tuple[int, ...] | None = None
+        self.added: list[str] = []
+        self.failures: list[str] = []
+        self.cancel_requested_at: float | None = None
+        self.last_cancel_latency: float | None = None
+        self._cancel = threading.Event()
+        self._pbar: Any = None
+        self._target: Any = None
+        self._input_layer: Any = None
+        self._run_started = 0.0
+
+        self.image_combo = LayerCombo(napari_viewer, ("Image",),
+                                      predicate=lambda ly: "method" not in ly.metadata.get("esegeta", {}))
+        self.kind_combo = QComboBox()
+        self.kind_combo.addItems(R.target_kinds())
+        self.kind_combo.setToolTip("argmax: the predicted region of each class; otsu: Otsu-thresholded "
+                                   "foreground; roi: a region you paint; voxel: one voxel you click; "
+                                   "classification: a classifier's class score")
+        self.classes_edit = QLineEdit()
+        self.classes_edit.setPlaceholderText("default (the predicted foreground classes)")
+        self.activation_combo = QComboBox()
+        self.activation_combo.addItems(R.activation_choices())
+        self.roi_combo = LayerCombo(napari_viewer, ("Labels",))
+        self.pick_btn = QPushButton("Pick voxel")
+        self.pick_btn.setCheckable(True)
+        self.pick_btn.setToolTip("Then click on the image in the viewer (2D view)")
+        self.pick_btn.toggled.connect(self._toggle_picking)
+        self.voxel_label = QLabel("no voxel")
+        self.frozen_check = QCheckBox("freeze region from the unperturbed prediction")
+        self.frozen_check.setChecked(True)
+
+        target_box = QGroupBox("Target")
+        tf = QFormLayout(target_box)
+        tf.addRow("Image", self.image_combo)
+        tf.addRow("Kind", self.kind_combo)
+        tf.addRow("Classes", self.classes_edit)
+        tf.addRow("Activation", self.activation_combo)
+        self._roi_row = QLabel("ROI layer")
+        tf.addRow(self._roi_row, self.roi_combo)
+        voxel_row = QHBoxLayout()
+        voxel_row.addWidget(self.pick_btn)
+        voxel_row.addWidget(self.voxel_label, 1)
+        self._voxel_row = QLabel("Voxel")
+        tf.addRow(self._voxel_row, voxel_row)
+        tf.addRow(self.frozen_check)
+        self.kind_combo.currentTextChanged.connect(self._kind_changed)
+
+        self.methods = MethodPanel()
+        scroll = QScrollArea()
+        scroll.setWidgetResizable(True)
+        scroll.setWidget(self.methods)
+        scroll.setMinimumHeight(260)
+
+        self.run_btn = QPushButton("Run")
+        self.run_btn.clicked.connect(self.run)
+        self.cancel_btn = QPushButton("Cancel")
+        self.cancel_btn.clicked.connect(self.cancel)
+        self.cancel_btn.setEnabled(False)
+        self.status = status_label()
+        self.model_label = QLabel()
+        buttons = QHBoxLayout()
+        buttons.addWidget(self.run_btn)
+        buttons.addWidget(self.cancel_btn)
+
+        layout = QVBoxLayout(self)
+        layout.addWidget(self.model_label)
+        layout.addWidget(target_box)
+        layout.addWidget(scroll, 1)
+        layout.addLayout(buttons)
+        layout.addWidget(self.status)
+        self.session.signals.model_changed.connect(self._model_changed)
+        self._model_changed(self.session)
+        self._kind_changed(self.kind_combo.currentText())
+
+    # -- form state ------------------------------------------------------------------------------
+
+    def _model_changed(self, session: Session) -> None:
+        from esegeta_engine.models import list_layers
+
+        try:
+            self.model_label.setText(f"Model: {session.model_name}" if session.model is not None
+                                     else "Model: none (load one in the Model widget)")
+            self.methods.set_model_layers(list_layers(session.model) if session.model is not None else [])
+        except RuntimeError:  # the widget was deleted before the signal was disconnected
+            self.session.signals.model_changed.disconnect(self._model_changed)
+
+    def _kind_changed(self, kind: str) -> None:
+        for w in (self._roi_row, self.roi_combo):
+            w.setVisible(kind == "roi")
+        for w in (self._voxel_row, self.pick_btn, self.voxel_label):
+            w.setVisible(kind == "voxel")
+
+    # -- voxel picking ---------------------------------------------------------------------------
+
+    def _toggle_picking(self, on: bool) -> None:
+        callbacks = self.viewer.mouse_drag_callbacks
+        if on and self._pick not in callbacks:
+            callbacks.append(self._pick)
+        elif not on and self._pick in callbacks:
+            callbacks.remove(self._pick)
+
+    def _pick(self, viewer: Any, event: Any) -> None:
+        layer = self.image_combo.layer()
+        if layer is None or event.type != "mouse_press":
+            return
+        self.set_voxel(layer.world_to_data(event.position))
+        self.pick_btn.setChecked(False)
+
+    def set_voxel(self, data_position: Any) -> tuple[int, ...] | None:
+        """Choose the target voxel from a position in the input layer's data coordinates."""
+        layer = self.image_combo.layer()
+        if layer is None:
+            return None
+        idx = tuple(int(v) for v in np.round(np.asarray(data_position, dtype=float)))
+        if len(idx) != layer.data.ndim or not all(0 <= i < s for i, s in zip(idx, layer.data.shape)):
+            set_status(self.status, f"Voxel {idx} is outside the image {layer.data.shape}.\n"
+                       "→ click inside the volume", "error")
+            return None
+        self.voxel = idx
+        world = voxel_to_world(layer_to_nifti_affine(layer), idx[:3]) if len(idx) == 3 else idx
+        self.voxel_label.setText(f"{idx} → ({', '.join(f'{w:.1f}' for w in world)}) mm")
+        geometry = copy_geometry(layer)
+        if VOXEL_LAYER in self.viewer.layers:
+            marker = self.viewer.layers[VOXEL_LAYER]
+            marker.data = np.array([idx], dtype=float)
+        else:
+            self.viewer.add_points(np.array([idx], dtype=float), name=VOXEL_LAYER, symbol="cross",
+                                   size=4, face_color="lime", border_color="lime", **geometry)
+        return idx
+
+    # -- running ---------------------------------------------------------------------------------
+
+    @property
+    def running(self) -> bool:
+        """True while a run's worker is alive."""
+        return self.worker is not None
+
+    def run(self) -> Any:
+        """Start a run with the form's settings; returns the worker (None if not started)."""
+        from napari.qt.threading import create_worker
+
+        if self.running:
+            return None
+        s = self.session
+        try:
+            if s.model is None:
+                raise R.TargetError("no model loaded", "load one in the Model widget "
+                                    "(or 'Use bundled sample model')")
+            if s.busy:
+                raise R.TargetError("the model is busy (prediction running)", "wait a moment")
+            layer = self.image_combo.layer()
+            if layer is None:
+                raise R.TargetError("no input image", "open a NIfTI volume (or File ▸ Open Sample)")
+            rows = self.methods.checked()
+            if not rows:
+                raise R.TargetError("no method checked", "tick at least one method")
+            kind = self.kind_combo.currentText()
+            roi = self.roi_combo.layer()
+            target = R.make_target(kind, R.parse_classes(self.classes_edit.text()),
+                                   self.activation_combo.currentText(), self.voxel,
+                                   roi.name if roi is not None else None, self.frozen_check.isChecked())
+            methods = [R.make_method(r.spec.name, r.form.values(), r.selected_layer(), r.noise_tunnel())
+                       for r in rows]
+            volume = R.volume_from_layer(layer)
+            roi_mask = R.roi_from_layer(roi, volume.data.shape) if kind == "roi" else None
+        except Exception as exc:
+            set_status(self.status, format_error(exc), "error")
+            return None
+        self._cancel = threading.Event()
+        self._target, self._input_layer = target, layer
+        self.added, self.failures = [], []
+        self.cancel_requested_at = self.last_cancel_latency = None
+        self._run_started = time.perf_counter()
+        s.busy = True
+        self.run_btn.setEnabled(False)
+        self.cancel_btn.setEnabled(True)
+        set_status(self.status, f"Running {len(methods)} method(s) on {layer.name}…")
+        self.worker = create_worker(R.explain_events, s.model, volume, methods, preprocess=s.preprocess,
+                                    target=target, output=s.output, roi_mask=roi_mask,
+                                    cancel=self._cancel, _start_thread=False)
+        self.worker.yielded.connect(self._on_event)
+        self.worker.finished.connect(self._on_finished)
+        self.worker.start()
+        return self.worker
+
+    def cancel(self) -> None:
+        """Stop the run at the next model evaluation; finished layers stay."""
+        if not self.running or self._cancel.is_set():
+            return
+        self.cancel_requested_at = time.perf_counter()
+        self._cancel.set()
+        self.cancel_btn.setEnabled(False)
+        set_status(self.status, "Cancelling…")
+
+    def _progress(self, ev: Progress) -> None:
+        from napari.utils import progress
+
+        if self.worker is None:  # late event after the run ended
+            return
+        pbar = self._pbar
+        if pbar is None:
+            pbar = self._pbar = progress(total=max(ev.total, 1), desc="esegeta")
+        pbar.total = max(ev.total, 1)
+        step = f"{min(ev.done + 1, ev.total)}/{ev.total}"
+        pbar.set_description(f"esegeta {step}: {ev.message}")
+        if ev.done > pbar.n:
+            pbar.update(ev.done - pbar.n)
+        if not self._cancel.is_set() and ev.message != "finished":
+            set_status(self.status, f"[{step}] {ev.message}")
+
+    def _on_event(self, ev: Any) -> None:
+        if isinstance(ev, Progress):
+            self._progress(ev)
+        elif isinstance(ev, MapReady):
+            data, kwargs, _ = R.map_layer_data(ev, self._input_layer, self._target)
+            layer = self.viewer.add_image(data, **kwargs)
+            self.added.append(layer.name)
+        elif isinstance(ev, JobFailed):
+            if ev.status != "cancelled":
+                self.failures.append(R.failure_text(ev))
+        elif isinstance(ev, R.RunError):
+            self.failures.append(ev.text)
+
+    def _on_finished(self) -> None:
+        if self.cancel_requested_at is not None:
+            self.last_cancel_latency = time.perf_counter() - self.cancel_requested_at
+        if self._pbar is not None:
+            self._pbar.close()
+            self._pbar = None
+        self.worker = None
+        self.session.busy = False
+        self.run_btn.setEnabled(True)
+        self.cancel_btn.setEnabled(False)
+        took = time.perf_counter() - self._run_started
+        text = f"{len(self.added)} map(s) added in {took:.1f} s"
+        if self.cancel_requested_at is not None:
+            text += f"; cancelled (stopped {self.last_cancel_latency:.2f} s after the click)"
+        if self.failures:
+            set_status(self.status, text + ".\n" + "\n".join(self.failures), "error")
+        else:
+            set_status(self.status, text + ".", "ok")
+        self.session.signals.run_finished.emit(list(self.added))
