@@ -145,7 +145,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
         "target": {"kind": args.target},
         "methods": [_method_arg(m) for m in args.method],
         "output": {"dir": args.out, "overwrite": args.overwrite},
-        "run": {"seed": args.seed, "timeout_s": args.timeout, "batch_volumes": args.batch_volumes},
+        "run": {"seed": args.seed, "timeout_s": args.timeout},
     }
     if args.class_path:
         data["model"]["class_path"] = args.class_path
@@ -288,7 +288,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--in-channels", type=int, default=1)
     p.add_argument("--normalisation", default="none", choices=["none", "zscore", "minmax", "percentile"])
     p.add_argument("--axis-order", default="xyz")
-    p.add_argument("--batch-volumes", action="store_true", help="explain all volumes as one batch")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--timeout", type=float, default=900.0, help="seconds per method and target")
     p.add_argument("--out", default="esegeta_out")

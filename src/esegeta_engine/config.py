@@ -145,8 +145,6 @@ class RunOptions(_Strict):
 
     seed: int = 0
     timeout_s: float | None = Field(900.0, gt=0, description="per method and target; null: none")
-    batch_volumes: bool = Field(
-        False, description="explain all volumes as one batch (needed by feature_permutation)")
 
 
 class Config(_Strict):

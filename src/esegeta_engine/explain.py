@@ -215,7 +215,6 @@ class Explainer:
         methods: Sequence[MethodConfig],
         *,
         roi_mask: np.ndarray | None = None,
-        batch: bool = False,
         cancel: threading.Event | None = None,
         evaluators: Sequence[Evaluator] = (),
     ) -> Generator[Event, None, None]:
@@ -229,8 +228,6 @@ class Explainer:
             Methods with parameters, layers and noise tunnel.
         roi_mask : np.ndarray, optional
             Mask for the ``roi`` target (NIfTI order, volume grid).
-        batch : bool
-            Explain all volumes as one batch (same shape; feature permutation).
         cancel : threading.Event, optional
             Set from any thread to stop at the next model evaluation.
         evaluators : sequence of Evaluator
@@ -238,16 +235,28 @@ class Explainer:
         """
         cancel = cancel or threading.Event()
         monitor = EvaluationMonitor(cancel)
-        groups = [tuple(range(len(volumes)))] if batch else [(i,) for i in range(len(volumes))]
+        # Methods that only mean something over a batch (feature permutation) get all volumes
+        # stacked; everything else runs one volume at a time, which keeps every Captum batch
+        # expansion aligned with the target's frozen regions.
+        batched = [m for m in methods if get_method(m.name).needs_batch]
+        single = [m for m in methods if not get_method(m.name).needs_batch]
+        groups: list[tuple[tuple[int, ...], Sequence[MethodConfig]]] = []
+        if single:
+            groups += [((i,), single) for i in range(len(volumes))]
+        if batched:
+            if len({v.data.shape for v in volumes}) > 1:
+                raise MethodError(
+                    f"{', '.join(m.name for m in batched)} needs volumes of one shape",
+                    "resample or crop the volumes to a common grid")
+            groups.append((tuple(range(len(volumes))), batched))
         prepared = []
-        for group in groups:
-            x = torch.cat([self.prepare_input(volumes[i]) for i in group]) if batch else \
-                self.prepare_input(volumes[group[0]])
+        for group, group_methods in groups:
+            x = torch.cat([self.prepare_input(volumes[i]) for i in group])
             target = build_target(self.target, self.preprocess.spatial_dims, roi_mask,
                                   self.preprocess.axis_order).to(self.device)
             out = self.raw_output(x)
             target.prepare(out)
-            prepared.append((group, x, target, self.plan(methods, target, out, group)))
+            prepared.append((group, x, target, self.plan(group_methods, target, out, group)))
         total = sum(len(p[3]) for p in prepared)
         done = 0
         with model_guard(self.model):

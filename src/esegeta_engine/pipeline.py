@@ -27,6 +27,7 @@ from esegeta_engine.config import Config
 from esegeta_engine.errors import ConfigError, EsegetaError, VolumeError
 from esegeta_engine.explain import Event, Explainer, JobFailed, MapReady, Progress
 from esegeta_engine.io import Volume, load_volume, save_map, write_json
+from esegeta_engine.methods import get_method
 from esegeta_engine.models import load_model
 
 log = logging.getLogger("esegeta_engine")
@@ -102,10 +103,11 @@ def load_inputs(cfg: Config) -> tuple[list[Volume], np.ndarray | None]:
     """Load and check the volumes (and the ROI mask) named in ``cfg``."""
     p = cfg.preprocess
     volumes = [load_volume(v, spatial_dims=p.spatial_dims, channels=p.in_channels) for v in cfg.volumes]
-    if cfg.run.batch_volumes and len({v.data.shape for v in volumes}) > 1:
-        raise VolumeError("run.batch_volumes needs volumes of one shape, got "
-                          + ", ".join(str(v.data.shape) for v in volumes),
-                          "resample or crop them to a common grid")
+    batch_only = [m.name for m in cfg.methods if get_method(m.name).needs_batch]
+    if batch_only and len({v.data.shape for v in volumes}) > 1:
+        raise VolumeError(f"{', '.join(batch_only)} explains all volumes as one batch, which needs "
+                          "volumes of one shape, got " + ", ".join(str(v.data.shape) for v in volumes),
+                          "resample or crop them to a common grid, or run that method separately")
     roi = None
     if cfg.target.kind == "roi" and cfg.target.roi_mask is not None:
         m = load_volume(cfg.target.roi_mask, spatial_dims=p.spatial_dims)
@@ -165,7 +167,7 @@ def iter_run(cfg: Config, cancel: threading.Event | None = None) -> Generator[Ev
             manifest["volumes"].append(entry)
         write_json(manifest, manifest_path)
         for event in explainer.iter_explain(volumes, cfg.methods, roi_mask=roi,
-                                            batch=cfg.run.batch_volumes, cancel=cancel):
+                                            cancel=cancel):
             if isinstance(event, MapReady):
                 job = event.job
                 name = map_filename(stems[event.volume], job.label, job.cls_label)

@@ -48,8 +48,11 @@ def _activation(name: str) -> nn.Module:
 def _tile(frozen: torch.Tensor, batch: int) -> torch.Tensor:
     """Repeat a frozen per-input tensor for a batch of perturbed copies.
 
-    Captum stacks perturbed copies input-major inside each step
-    (``[x0, x1, x0', x1', ...]``), so the frozen batch is tiled, not interleaved.
+    Integrated Gradients, Occlusion and Feature Ablation stack perturbed copies
+    input-major (``[x0, x1, x0', x1', ...]``), so the frozen batch is tiled. Other
+    Captum methods (NoiseTunnel, the SHAP family) stack example-major; the engine
+    therefore explains one input at a time, except for batch-only methods
+    (Feature Permutation), which do not expand the batch.
     """
     n = frozen.shape[0]
     if batch == n:

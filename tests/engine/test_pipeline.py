@@ -220,3 +220,25 @@ def test_cli_methods_and_layers(case, capsys):
     assert main(["layers", str(tmp_path / "model.pt"), "--class-path", "tiny_models:TinySegNet",
                  "--kwargs", '{"dims": 3}']) == 0
     assert "conv2" in capsys.readouterr().out
+
+
+def test_several_volumes_batch_only_for_batch_methods(case):
+    tmp_path, _ = case
+    rng = np.random.default_rng(5)
+    nib.save(nib.Nifti1Image(rng.random((8, 10, 6)).astype(np.float32), AFFINE), tmp_path / "vol2.nii.gz")
+    methods = [{"name": "feature_permutation", "params": {"mask": "grid", "grid_size": 4}},
+               {"name": "gradient_shap"}]
+    res = run(config(tmp_path, methods, volumes=["vol.nii.gz", "vol2.nii.gz"], target={"classes": [1]}))
+    assert sorted((r["method"], r["volume"], r["status"]) for r in res.records) == [
+        ("feature_permutation", "vol", "ok"), ("feature_permutation", "vol2", "ok"),
+        ("gradient_shap", "vol", "ok"), ("gradient_shap", "vol2", "ok")]
+    # a method that expands the batch example-major gives the same map as a one-volume run
+    alone = run(config(tmp_path, [{"name": "gradient_shap"}], volumes=["vol2.nii.gz"],
+                       target={"classes": [1]}, output={"dir": "alone"}))
+    a = np.asarray(nib.load(tmp_path / "out" / "vol2__gradient_shap__argmax-class1.nii.gz").dataobj)
+    b = np.asarray(nib.load(alone.out_dir / "vol2__gradient_shap__argmax-class1.nii.gz").dataobj)
+    assert np.allclose(a, b, atol=1e-6)
+    # one volume: feature permutation fails with a clear message, the run goes on
+    one = run(config(tmp_path, methods, target={"classes": [1]}, output={"dir": "one"}))
+    fp = next(r for r in one.records if r["method"] == "feature_permutation")
+    assert fp["status"] == "failed" and "several volumes" in fp["error"]

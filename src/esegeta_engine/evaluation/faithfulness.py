@@ -15,7 +15,7 @@ Examples
 >>> f = lambda x: (x * w).flatten(1).sum(1, keepdim=True)
 >>> x = torch.rand(1, 1, 6, 6)
 >>> c = faithfulness_curves(f, x, w * x, 0, steps=4, baseline="zero")
->>> c.deletion_norm[0], c.deletion_norm[-1]
+>>> float(c.deletion_norm[0]), float(c.deletion_norm[-1])
 (1.0, 0.0)
 """
 

@@ -3,6 +3,7 @@ tunnel, call ``attribute``, and bring layer maps back to the input grid."""
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -14,6 +15,10 @@ from esegeta_engine.errors import MethodError
 from esegeta_engine.methods.registry import MethodContext, MethodSpec
 
 NOISE_TUNNEL_TYPES = ("smoothgrad", "smoothgrad_sq", "vargrad")
+
+# Captum warns on every call about things the engine does on purpose.
+warnings.filterwarnings("ignore", message=r"Input Tensor \d+ did not already require gradients")
+warnings.filterwarnings("ignore", message=r"Setting backward hooks on ReLU activations")
 
 
 def check_applicable(spec: MethodSpec, ctx: MethodContext) -> None:
@@ -33,8 +38,8 @@ def check_applicable(spec: MethodSpec, ctx: MethodContext) -> None:
         raise MethodError(
             f"method '{spec.name}' permutes features across a batch and gives all-zero maps for "
             "a single input",
-            "give several volumes or patches of one shape and explain them as one batch "
-            "(volumes: [a.nii.gz, b.nii.gz, ...] with run.batch_volumes: true, or --batch-volumes)",
+            "give several volumes or patches of one shape in one run (volumes: [a.nii.gz, "
+            "b.nii.gz, ...]); the engine explains them together for this method",
         )
 
 
@@ -84,13 +89,19 @@ def attribute(
         )
     if call.passes_target:
         kwargs["target"] = ctx.target
-    result = algorithm.attribute(ctx.inputs, **kwargs)
+    with torch.random.fork_rng(devices=_devices(ctx.inputs)):
+        torch.manual_seed(ctx.seed)
+        result = algorithm.attribute(ctx.inputs, **kwargs)
     if isinstance(result, (tuple, list)):
         result = result[0]
     result = result.detach()
     if spec.family == "layer":
         result = _layer_to_input_grid(result, ctx, params)
     return result.float()
+
+
+def _devices(x: torch.Tensor) -> list[int]:
+    return [x.device.index or 0] if x.device.type == "cuda" else []
 
 
 def _layer_to_input_grid(

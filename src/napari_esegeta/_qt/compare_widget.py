@@ -7,6 +7,8 @@ from typing import Any
 
 from qtpy.QtCore import Qt
 from qtpy.QtWidgets import (
+    QApplication,
+    QComboBox,
     QFileDialog,
     QFormLayout,
     QHBoxLayout,
@@ -22,6 +24,7 @@ from napari_esegeta._layers import is_result_layer, next_rendering
 from napari_esegeta._model import format_error
 from napari_esegeta._qt._common import LayerCombo, set_status, status_label
 from napari_esegeta._state import get_session
+from napari_esegeta._view import PLANES, show_plane
 
 _RENDER_TITLES = {"mip": "MIP", "attenuated_mip": "attenuated MIP", "translucent": "translucent"}
 
@@ -42,6 +45,10 @@ class CompareWidget(QWidget):
         self.rendering = "mip"
         self.base_combo = LayerCombo(napari_viewer, ("Image",),
                                      predicate=lambda ly: not is_result_layer(ly) and not C.is_compare_copy(ly))
+        self.view_combo = QComboBox()
+        self.view_combo.addItems(["(napari default)", *PLANES, "3d"])
+        self.view_combo.setToolTip("Radiological planes (patient's right on screen left) or 3D")
+        self.view_combo.currentTextChanged.connect(self.set_view)
         self.results_list = QListWidget()
         self.results_list.setToolTip("Checked maps are compared and saved")
         self.compare_btn = QPushButton("Side by side")
@@ -59,6 +66,7 @@ class CompareWidget(QWidget):
 
         form = QFormLayout()
         form.addRow("Image", self.base_combo)
+        form.addRow("View", self.view_combo)
         row1 = QHBoxLayout()
         row1.addWidget(self.compare_btn)
         row1.addWidget(self.render_btn)
@@ -138,6 +146,8 @@ class CompareWidget(QWidget):
         if self.state is not None:
             C.restore_layout(self.viewer, self.state)
         self.state = C.arrange_side_by_side(self.viewer, base, results)
+        QApplication.processEvents()  # let the grid viewboxes get their size, then fit them
+        self.viewer.reset_view()
         self.compare_btn.blockSignals(True)
         self.compare_btn.setChecked(True)
         self.compare_btn.blockSignals(False)
@@ -153,6 +163,11 @@ class CompareWidget(QWidget):
         self.compare_btn.setChecked(False)
         self.compare_btn.blockSignals(False)
         set_status(self.status, "")
+
+    def set_view(self, plane: str) -> None:
+        """Show a radiological plane or the 3D view."""
+        if plane in (*PLANES, "3d"):
+            show_plane(self.viewer, plane)
 
     # -- 3D rendering ----------------------------------------------------------------------------
 

@@ -253,16 +253,17 @@ class ExplainWidget(QWidget):
 
         if self.worker is None:  # late event after the run ended
             return
+        step = f"{min(ev.done + 1, ev.total)}/{ev.total}"
+        if not self._cancel.is_set() and ev.message != "finished":
+            set_status(self.status, f"[{step}] {ev.message}")
+        # napari's progress bar may process Qt events (re-entrancy): touch it last
         pbar = self._pbar
         if pbar is None:
             pbar = self._pbar = progress(total=max(ev.total, 1), desc="esegeta")
         pbar.total = max(ev.total, 1)
-        step = f"{min(ev.done + 1, ev.total)}/{ev.total}"
         pbar.set_description(f"esegeta {step}: {ev.message}")
         if ev.done > pbar.n:
             pbar.update(ev.done - pbar.n)
-        if not self._cancel.is_set() and ev.message != "finished":
-            set_status(self.status, f"[{step}] {ev.message}")
 
     def _on_event(self, ev: Any) -> None:
         if isinstance(ev, Progress):

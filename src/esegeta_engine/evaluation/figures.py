@@ -1,0 +1,316 @@
+"""PNG figures of attribution maps over the grey volume (matplotlib, no pyplot).
+
+Every figure is a :class:`matplotlib.figure.Figure` drawn by its own Agg
+canvas, so nothing touches pyplot's global state or needs a display.
+Positive attribution is drawn in red and negative in blue over the grey
+image, with opacity growing with magnitude; 3D volumes are shown as maximum
+intensity projections (MIPs) along each axis, with the aspect ratio of the
+voxel spacing. Arrays are in NIfTI axis order ``(x, y[, z])``; projections
+are drawn with the first remaining axis to the right and the second upwards.
+
+matplotlib is an optional dependency (``pip install 'napari-esegeta[report]'``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from esegeta_engine.errors import EsegetaError, VolumeError
+
+__all__ = ["comparison_grid", "curves_figure", "mip_figure", "montage_figure", "randomisation_strip"]
+
+DPI = 100
+RED = (0.95, 0.05, 0.02)
+BLUE = (0.05, 0.35, 1.0)
+ALPHA_MAX = 0.85
+FLOOR = 0.04  # magnitudes below this share of the scale stay transparent
+SIGN_LABEL = "attribution (red +, blue −)"
+
+
+def _figure(width: float, height: float) -> Any:
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:  # pragma: no cover - optional dependency
+        raise EsegetaError("figures and reports need matplotlib",
+                           "pip install 'napari-esegeta[report]'") from None
+    fig = Figure(figsize=(width, height), dpi=DPI, layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _save(fig: Any, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=DPI, facecolor="white")
+    return path
+
+
+def _as_spatial(volume: Any, attribution: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Both arrays on one 2D/3D grid: extra trailing axes averaged (volume) or summed (map)."""
+    a = np.squeeze(np.asarray(attribution, dtype=np.float32))
+    v = np.zeros_like(a) if volume is None else np.squeeze(np.asarray(volume, dtype=np.float32))
+    d = min(v.ndim, a.ndim, 3)
+    if d < 2:
+        raise VolumeError(f"cannot draw a map of shape {a.shape} over a volume of shape {v.shape}",
+                          "give 2D or 3D arrays")
+    if v.ndim > d:
+        v = v.reshape(*v.shape[:d], -1).mean(-1)
+    if a.ndim > d:
+        a = a.reshape(*a.shape[:d], -1).sum(-1)
+    if v.shape != a.shape:
+        raise VolumeError(f"attribution map of shape {a.shape} does not match the volume of shape {v.shape}",
+                          "draw maps on the grid of the volume they explain")
+    return v, np.nan_to_num(a, nan=0.0, posinf=0.0, neginf=0.0)
+
+
+def _spacing(spacing: Sequence[float] | None, ndim: int) -> tuple[float, ...]:
+    if spacing is None:
+        return (1.0,) * ndim
+    sp = tuple(float(s) for s in spacing)[:ndim]
+    return sp if len(sp) == ndim and all(s > 0 for s in sp) else (1.0,) * ndim
+
+
+def _views(ndim: int, axes: Sequence[int] = (2, 1, 0)) -> list[int | None]:
+    return [None] if ndim == 2 else list(axes)
+
+
+def _view_title(axis: int | None, kind: str = "MIP") -> str:
+    return "image" if axis is None else f"{kind} along {'xyz'[axis]}"
+
+
+def _project(v: np.ndarray, a: np.ndarray, axis: int | None, spacing: tuple[float, ...]) -> tuple:
+    """(grey, positive, negative, aspect) of one view: MIP along ``axis`` (2D: the image)."""
+    if axis is None:
+        grey, pos, neg, rest = v, np.clip(a, 0, None), np.clip(-a, 0, None), (0, 1)
+    else:
+        grey = v.max(axis)
+        pos, neg = np.clip(a, 0, None).max(axis), np.clip(-a, 0, None).max(axis)
+        rest = tuple(i for i in range(3) if i != axis)
+    return grey, pos, neg, spacing[rest[1]] / spacing[rest[0]]
+
+
+def _scale(*arrays: np.ndarray) -> float:
+    """Robust display maximum: 99th percentile of the non-zero magnitudes."""
+    vals = np.concatenate([np.abs(x).ravel() for x in arrays])
+    vals = vals[vals > 0]
+    return float(np.percentile(vals, 99.0)) if vals.size else 1.0
+
+
+def _alpha(mag: np.ndarray) -> np.ndarray:
+    return ALPHA_MAX * np.clip((mag - FLOOR) / (1 - FLOOR), 0, 1) ** 0.7
+
+
+def _overlay(pos: np.ndarray, neg: np.ndarray, vmax: float) -> np.ndarray:
+    """RGBA image: the dominant sign's colour, opacity by magnitude."""
+    p, q = np.clip(pos / vmax, 0, 1), np.clip(neg / vmax, 0, 1)
+    red = p >= q
+    rgba = np.empty(p.shape + (4,), dtype=np.float32)
+    rgba[..., :3] = np.where(red[..., None], RED, BLUE)
+    rgba[..., 3] = _alpha(np.where(red, p, q))
+    return rgba
+
+
+def _panel(ax: Any, grey: np.ndarray, pos: np.ndarray, neg: np.ndarray, vmax: float, aspect: float,
+           title: str | None = None, window: tuple[float, float] | None = None) -> None:
+    lo, hi = window if window is not None else np.percentile(grey, (1.0, 99.7))
+    ax.imshow(grey.T, cmap="gray", origin="lower", aspect=aspect, vmin=lo, vmax=max(hi, lo + 1e-6),
+              interpolation="nearest")
+    ax.imshow(_overlay(pos, neg, vmax).transpose(1, 0, 2), origin="lower", aspect=aspect,
+              interpolation="nearest")
+    ax.set_xticks([])
+    ax.set_yticks([])
+    for s in ax.spines.values():
+        s.set_visible(False)
+    if title:
+        ax.set_title(title, fontsize=9)
+
+
+def _colorbar(fig: Any, axes: Any, vmax: float, signed: bool, label: str = SIGN_LABEL) -> None:
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import ListedColormap, Normalize
+
+    t = np.linspace(-1 if signed else 0, 1, 256)
+    colours = np.array([(*(RED if x >= 0 else BLUE), a) for x, a in zip(t, _alpha(np.abs(t)))])
+    sm = ScalarMappable(norm=Normalize(-vmax if signed else 0, vmax), cmap=ListedColormap(colours))
+    cb = fig.colorbar(sm, ax=axes, shrink=0.85, aspect=25, pad=0.01)
+    cb.set_label(label, fontsize=8)
+    cb.ax.tick_params(labelsize=7)
+
+
+def mip_figure(volume: Any, attribution: Any, path: str | Path, *, title: str | None = None,
+               spacing: Sequence[float] | None = None) -> Path:
+    """Three MIPs (one view for 2D) of the grey volume with the map overlaid.
+
+    Parameters
+    ----------
+    volume : array or None
+        Grey image ``(x, y[, z][, c])``; channels are averaged. None: black.
+    attribution : array
+        The map on the same grid (extra trailing axes are summed).
+    path : str or Path
+        Output PNG.
+    title : str, optional
+        Figure title.
+    spacing : sequence of float, optional
+        Voxel size per axis (mm) for the aspect ratio.
+
+    Returns
+    -------
+    Path
+    """
+    v, a = _as_spatial(volume, attribution)
+    sp = _spacing(spacing, v.ndim)
+    views = [_project(v, a, ax, sp) for ax in _views(v.ndim)]
+    vmax = _scale(*[x for view in views for x in view[1:3]])
+    fig = _figure(4.0 * len(views) + 1.0, 4.0)
+    axes = fig.subplots(1, len(views), squeeze=False)[0]
+    for ax, axis, (grey, pos, neg, aspect) in zip(axes, _views(v.ndim), views):
+        _panel(ax, grey, pos, neg, vmax, aspect, _view_title(axis))
+    _colorbar(fig, list(axes), vmax, bool((a < 0).any()))
+    if title:
+        fig.suptitle(title, fontsize=11)
+    return _save(fig, path)
+
+
+def _slices(a: np.ndarray, axis: int, n: int) -> list[int]:
+    """``n`` slice indices spread over the extent of the map along ``axis``."""
+    profile = np.abs(a).sum(axis=tuple(i for i in range(a.ndim) if i != axis))
+    where = np.flatnonzero(profile > 0.01 * profile.max()) if profile.max() > 0 else np.arange(a.shape[axis])
+    lo, hi = int(where[0]), int(where[-1])
+    return sorted({int(round(i)) for i in np.linspace(lo, hi, max(1, n))})
+
+
+def montage_figure(volume: Any, attribution: Any, path: str | Path, *, axis: int = 2, n_slices: int = 12,
+                   title: str | None = None, spacing: Sequence[float] | None = None) -> Path:
+    """A grid of slices along ``axis`` with the map overlaid (2D: the image).
+
+    Slices are spread evenly over the part of the volume the map covers.
+    Parameters are as for :func:`mip_figure`, plus ``axis`` (0, 1 or 2) and
+    ``n_slices`` (at most this many, fewer for thin volumes).
+    """
+    v, a = _as_spatial(volume, attribution)
+    sp = _spacing(spacing, v.ndim)
+    vmax = _scale(a)
+    window = tuple(np.percentile(v, (1.0, 99.7)))
+    if v.ndim == 2:
+        panels = [(None, v, a, sp[1] / sp[0])]
+    else:
+        rest = tuple(i for i in range(3) if i != axis)
+        panels = [(i, np.take(v, i, axis), np.take(a, i, axis), sp[rest[1]] / sp[rest[0]])
+                  for i in _slices(a, axis, n_slices)]
+    ncols = min(len(panels), max(1, int(np.ceil(np.sqrt(len(panels) * 4 / 3)))))
+    nrows = int(np.ceil(len(panels) / ncols))
+    fig = _figure(2.5 * ncols + 1.0, 2.5 * nrows + 0.5)
+    axes = fig.subplots(nrows, ncols, squeeze=False)
+    for ax in axes.ravel()[len(panels):]:
+        ax.set_axis_off()
+    for ax, (i, grey, m, aspect) in zip(axes.ravel(), panels):
+        label = "image" if i is None else f"{'xyz'[axis]} = {i}"
+        _panel(ax, grey, np.clip(m, 0, None), np.clip(-m, 0, None), vmax, aspect, label, window)
+    _colorbar(fig, axes.ravel().tolist(), vmax, bool((a < 0).any()))
+    if title:
+        fig.suptitle(title, fontsize=11)
+    return _save(fig, path)
+
+
+def _grid(volume: Any, rows: list[tuple[str, list[Any]]], col_titles: list[str], path: str | Path,
+          views: list[int | None], title: str | None, spacing: Sequence[float] | None,
+          per_panel: bool) -> Path:
+    """Rows of MIP panels scaled to a robust maximum per row (or per panel)."""
+    ncols = len(col_titles)
+    fig = _figure(2.9 * ncols + 1.4, 2.6 * len(rows) + 0.6)
+    axes = fig.subplots(len(rows), ncols, squeeze=False)
+    signed = False
+    for r, (name, maps) in enumerate(rows):
+        panels = []
+        for m, axis in zip(maps, views):
+            v, a = _as_spatial(volume, m)
+            panels.append(_project(v, a, axis, _spacing(spacing, v.ndim)))
+            signed |= bool((a < 0).any())
+        row_max = _scale(*[x for p in panels for x in p[1:3]])
+        for c, (grey, pos, neg, aspect) in enumerate(panels):
+            vmax = _scale(pos, neg) if per_panel else row_max
+            _panel(axes[r, c], grey, pos, neg, vmax, aspect, col_titles[c] if r == 0 else None)
+        axes[r, 0].set_ylabel(name, fontsize=9)
+    _colorbar(fig, axes.ravel().tolist(), 1.0, signed, "attribution / per-map scale (red +, blue −)")
+    if title:
+        fig.suptitle(title, fontsize=11)
+    return _save(fig, path)
+
+
+def comparison_grid(volume: Any, maps: Mapping[str, Any], path: str | Path, *, title: str | None = None,
+                    spacing: Sequence[float] | None = None) -> Path:
+    """Methods (rows) × views (three MIPs; 2D: one) of several maps of one volume.
+
+    Each map is scaled to its own robust maximum, so the patterns compare,
+    not the magnitudes (which differ between methods by orders of magnitude).
+    """
+    if not maps:
+        raise ValueError("comparison_grid needs at least one map")
+    ndim = _as_spatial(volume, next(iter(maps.values())))[0].ndim
+    views = _views(ndim)
+    rows = [(name, [m] * len(views)) for name, m in maps.items()]
+    return _grid(volume, rows, [_view_title(a) for a in views], path, views, title, spacing, False)
+
+
+def randomisation_strip(volume: Any, maps: Mapping[str, Sequence[Any]], stage_names: Sequence[str],
+                        path: str | Path, *, axis: int = 2, title: str | None = None,
+                        spacing: Sequence[float] | None = None) -> Path:
+    """Methods (rows) × randomisation stages (columns), MIPs along ``axis``.
+
+    ``maps[method]`` holds one map per stage, in the order of ``stage_names``
+    (e.g. original, then cascading layer randomisation). Each map is scaled
+    to its own maximum, as in Adebayo et al. (2018).
+    """
+    if not maps:
+        raise ValueError("randomisation_strip needs at least one method")
+    for name, stage_maps in maps.items():
+        if len(stage_maps) != len(stage_names):
+            raise ValueError(f"{name!r} has {len(stage_maps)} maps for {len(stage_names)} stages")
+    ndim = _as_spatial(volume, next(iter(maps.values()))[0])[0].ndim
+    view: int | None = None if ndim == 2 else axis
+    rows = [(name, list(stage_maps)) for name, stage_maps in maps.items()]
+    return _grid(volume, rows, list(stage_names), path, [view] * len(stage_names), title, spacing, True)
+
+
+def _curve_data(c: Any) -> dict[str, Any]:
+    d = c.to_dict() if hasattr(c, "to_dict") else dict(c)
+    out = {"fractions": np.array(d["fractions"], dtype=float)}
+    for kind in ("deletion", "insertion"):
+        y = d.get(f"{kind}_norm")
+        y = np.array(y if y is not None and any(t is not None for t in y) else d[kind], dtype=float)
+        out[kind] = y
+        auc = d.get(f"auc_{kind}")
+        out[f"auc_{kind}"] = float("nan") if auc is None else float(auc)
+    return out
+
+
+def curves_figure(curves: Mapping[str, Any], path: str | Path, *, title: str | None = None) -> Path:
+    """Deletion and insertion curves side by side, AUCs in the legends.
+
+    ``curves`` maps a name to a :class:`~esegeta_engine.evaluation.faithfulness.Curves`
+    or its ``to_dict()``; names starting with "random" are drawn dashed grey.
+    """
+    fig = _figure(10.0, 4.0)
+    axes = fig.subplots(1, 2)
+    hints = {"deletion": "lower AUC is better", "insertion": "higher AUC is better"}
+    for ax, kind in zip(axes, ("deletion", "insertion")):
+        for name, c in curves.items():
+            d = _curve_data(c)
+            style = {"color": "0.5", "linestyle": "--"} if name.lower().startswith("random") else {}
+            ax.plot(d["fractions"], d[kind], marker=".", label=f"{name} (AUC {d[f'auc_{kind}']:.3f})",
+                    **style)
+        ax.set_title(f"{kind} ({hints[kind]})", fontsize=10)
+        ax.set_xlabel("fraction of voxels " + ("removed" if kind == "deletion" else "revealed"))
+        ax.set_ylabel("target score / unperturbed score")
+        ax.set_xlim(0, 1)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=11)
+    return _save(fig, path)

@@ -1,0 +1,370 @@
+"""A self-contained HTML report of a run folder, with its numbers as CSV/JSON.
+
+:func:`write_report` writes ``report.html`` (inline CSS and a few lines of
+inline JS, no external assets; figures linked by relative path, so open the
+page from the run folder), ``metrics.csv`` and ``metrics.json``.
+:func:`build_report_from_run` is what ``esegeta report RUN_DIR`` calls: it
+draws the figures from the maps listed in ``manifest.json`` first.
+
+The page is well-formed XHTML-style markup (every tag closed, void tags
+self-closed, script in CDATA), so it parses as HTML and as XML.
+"""
+
+from __future__ import annotations
+
+import csv
+import html
+import json
+import math
+import os
+import re
+from collections.abc import Mapping, Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import nibabel as nib
+import numpy as np
+
+from esegeta_engine import __version__
+from esegeta_engine.errors import ConfigError
+from esegeta_engine.io import write_json
+
+__all__ = ["build_report_from_run", "write_report"]
+
+MANIFEST = "manifest.json"
+TEXT_COLUMNS = ("volume", "method", "layer", "target", "status")
+BASE_COLUMNS = TEXT_COLUMNS + ("seconds", "model_evaluations")
+RECORD_KEYS = BASE_COLUMNS + ("class", "noise_tunnel", "file", "error", "params")
+UNDEFINED = "undefined"
+
+CSS = """body{font:14px/1.4 system-ui,sans-serif;margin:1.5em auto;max-width:1400px;padding:0 1em;color:#222}
+h1{font-size:1.5em}h2{border-bottom:1px solid #ccc;padding-bottom:.2em;margin-top:1.6em}
+table{border-collapse:collapse;margin:.5em 0;font-size:13px}
+td,th{border:1px solid #ddd;padding:3px 8px;text-align:left;vertical-align:top}
+th{background:#f2f2f2}table.sortable th{cursor:pointer;user-select:none}
+table.sortable th[data-dir=asc]::after{content:" \\25B2"}table.sortable th[data-dir=desc]::after{content:" \\25BC"}
+td.num{text-align:right;font-variant-numeric:tabular-nums}td.undef{color:#999;font-style:italic}
+tr.failed td,tr.timeout td,tr.cancelled td{background:#fff0f0}
+.figs{display:flex;flex-wrap:wrap;gap:12px}figure{margin:0;max-width:100%}
+figure img{max-width:100%;border:1px solid #ddd}figcaption{font-size:12px;color:#555}
+.note{color:#8a5a00}code{font-size:12px}"""
+
+# Click a header: sort by its data-v keys, numbers numerically, undefined (empty key) last.
+JS = """document.querySelectorAll("table.sortable th").forEach(function (th) { th.onclick = function () {
+  var t = th.closest("table"), body = t.tBodies[0], i = th.cellIndex, asc = th.dataset.dir !== "asc";
+  t.querySelectorAll("th").forEach(function (h) { delete h.dataset.dir; }); th.dataset.dir = asc ? "asc" : "desc";
+  Array.prototype.slice.call(body.rows).sort(function (a, b) {
+    var x = a.cells[i].dataset.v, y = b.cells[i].dataset.v, nx = Number(x), ny = Number(y);
+    if (x === y) return 0; if (x === "") return 1; if (y === "") return -1;
+    var c = (!isNaN(nx) && !isNaN(ny)) ? nx - ny : x.localeCompare(y, undefined, {numeric: true});
+    return asc ? c : -c; }).forEach(function (r) { body.appendChild(r); }); }; });"""
+
+
+def _e(v: Any) -> str:
+    return html.escape(str(v), quote=True)
+
+
+def _plain(v: Any) -> Any:
+    """JSON-ready value: numpy scalars to Python, NaN to None."""
+    if isinstance(v, np.generic):
+        v = v.item()
+    if isinstance(v, float) and math.isnan(v):
+        return None
+    if isinstance(v, Mapping):
+        return {str(k): _plain(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple, np.ndarray)):
+        return [_plain(x) for x in v]
+    return v
+
+
+def _scalar(v: Any) -> bool:
+    return v is None or isinstance(v, (str, bool, int, float, np.generic))
+
+
+def _cell(v: Any, text_column: bool = False) -> str:
+    """``<td>`` with the shown text and a ``data-v`` sort key (empty: undefined, sorts last)."""
+    v = _plain(v)
+    if v is None:
+        return '<td data-v=""></td>' if text_column else f'<td class="undef" data-v="">{UNDEFINED}</td>'
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return f'<td data-v="{_e(v)}">{_e(v)}</td>'
+    key = repr(v) if math.isfinite(v) else ("Infinity" if v > 0 else "-Infinity")
+    text = str(v) if isinstance(v, int) else f"{v:.4g}"
+    return f'<td class="num" data-v="{key}">{_e(text)}</td>'
+
+
+def _table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str], *, sortable: bool = False,
+           row_class: str | None = None) -> str:
+    head = "".join(f"<th>{_e(c)}</th>" for c in columns)
+    body = []
+    for r in rows:
+        cls = f' class="{_e(r.get(row_class))}"' if row_class and r.get(row_class) else ""
+        body.append(f"<tr{cls}>" + "".join(_cell(r.get(c), c in TEXT_COLUMNS) for c in columns) + "</tr>")
+    attr = ' class="sortable"' if sortable else ""
+    return f"<table{attr}><thead><tr>{head}</tr></thead><tbody>" + "\n".join(body) + "</tbody></table>"
+
+
+def _kv_table(items: Mapping[str, Any]) -> str:
+    rows = "".join(f"<tr><th>{_e(k)}</th><td>{_e(UNDEFINED if _plain(v) is None else v)}</td></tr>"
+                   for k, v in items.items())
+    return f"<table><tbody>{rows}</tbody></table>"
+
+
+def _record_row(rec: Mapping[str, Any]) -> dict[str, Any]:
+    row = {k: rec.get(k) for k in RECORD_KEYS if k in rec}
+    for k, v in (rec.get("stats") or {}).items():
+        row[f"map_{k}"] = v
+    return row
+
+
+def _merge(records: Sequence[Mapping[str, Any]], metrics: Sequence[Mapping[str, Any]]) -> list[dict]:
+    """One row per record, with the metric rows that match it (by file, else by key) merged in."""
+    rows = [_record_row(r) for r in records]
+    for m in metrics:
+        if m.get("file"):
+            found = [r for r in rows if r.get("file") == m["file"]]
+        else:
+            keys = [k for k in ("volume", "method", "layer", "target") if k in m]
+            found = [r for r in rows if "method" in keys and all(str(r.get(k)) == str(m[k]) for k in keys)]
+        if len(found) != 1:
+            rows.append(dict(m))
+            continue
+        for k, v in m.items():
+            if k not in RECORD_KEYS or found[0].get(k) is None:
+                found[0][k] = v
+    return rows
+
+
+def _columns(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    cols: dict[str, None] = {}
+    for r in rows:
+        cols.update(dict.fromkeys(r))
+    return [c for c in RECORD_KEYS if c in cols] + [c for c in cols if c not in RECORD_KEYS]
+
+
+def _write_numbers(run_dir: Path, rows: list[dict], columns: list[str]) -> None:
+    plain = [{c: _plain(r.get(c)) for c in columns if c in r} for r in rows]
+    write_json({"columns": columns, "rows": plain}, run_dir / "metrics.json")
+    tmp = run_dir / ".metrics.csv.part"
+    with open(tmp, "w", newline="", encoding="utf-8") as fh:
+        w = csv.writer(fh)
+        w.writerow(columns)
+        for r in plain:
+            w.writerow(["" if r.get(c) is None else json.dumps(r[c]) if isinstance(r[c], (dict, list))
+                        else r[c] for c in columns])
+    os.replace(tmp, run_dir / "metrics.csv")
+
+
+def _summary(manifest: Mapping[str, Any], records: Sequence[Mapping[str, Any]]) -> str:
+    cfg = manifest.get("config") or {}
+    model, target = cfg.get("model") or {}, cfg.get("target") or {}
+    n_ok = sum(r.get("status") == "ok" for r in records)
+    items = {
+        "status": manifest.get("status"), "created": manifest.get("created"),
+        "duration (s)": manifest.get("duration_s"),
+        "method time (s)": round(sum(float(r.get("seconds") or 0) for r in records), 3),
+        "model": " ".join(str(x) for x in (model.get("path"), model.get("class_path")) if x) or None,
+        "target": ", ".join(f"{k}={v}" for k, v in target.items() if v not in (None, [], {})) or None,
+        "device": manifest.get("device"), "seed": manifest.get("seed"),
+        "results": f"{n_ok} ok, {len(records) - n_ok} not ok, {len(records)} in all",
+    }
+    if manifest.get("error"):
+        items["error"] = manifest["error"]
+    vols = [{"path": v.get("path"), "shape": " × ".join(map(str, v.get("shape") or [])),
+             "spacing_mm": ", ".join(f"{s:.3g}" for s in v.get("spacing_mm") or []),
+             "prediction": v.get("prediction")} for v in manifest.get("volumes") or []]
+    out = ["<h2>Run</h2>", _kv_table(items), "<h3>Volumes</h3>",
+           _table(vols, ["path", "shape", "spacing_mm", "prediction"]) if vols else "<p>none</p>"]
+    if manifest.get("environment"):
+        out += ["<h3>Versions</h3>", _kv_table(manifest["environment"])]
+    return "\n".join(out)
+
+
+def _figures_html(run_dir: Path, figures: Mapping[str, Sequence[str | Path]]) -> str:
+    out = ["<h2>Figures</h2>"]
+    for section, paths in figures.items():
+        out.append(f'<details open="open"><summary>{_e(section)} ({len(paths)})</summary><div class="figs">')
+        for p in paths:
+            rel = Path(os.path.relpath(Path(p) if Path(p).is_absolute() else run_dir / p, run_dir)).as_posix()
+            src = _e(quote(rel))
+            out.append(f'<figure><a href="{src}"><img src="{src}" alt="{_e(rel)}" loading="lazy"/></a>'
+                       f"<figcaption>{_e(rel)}</figcaption></figure>")
+        out.append("</div></details>")
+    return "\n".join(out)
+
+
+def _read_manifest(run_dir: Path) -> dict[str, Any]:
+    path = run_dir / MANIFEST
+    if not path.is_file():
+        raise ConfigError(f"{str(run_dir)!r} has no {MANIFEST}", "give the output folder of an `esegeta run`")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{path} cannot be read ({exc})", "the run folder is damaged; run it again") from None
+
+
+def write_report(
+    run_dir: str | Path,
+    *,
+    metrics: Sequence[Mapping[str, Any]] | None = None,
+    figures: Mapping[str, Sequence[str | Path]] | None = None,
+    extra_tables: Mapping[str, Any] | None = None,
+    notes: Sequence[str] | None = None,
+) -> Path:
+    """Write ``report.html``, ``metrics.csv`` and ``metrics.json`` into ``run_dir``.
+
+    Parameters
+    ----------
+    run_dir : str or Path
+        The run folder; its ``manifest.json`` gives the summary and one table
+        row per result record (a folder without one gives a report of
+        ``metrics`` alone).
+    metrics : list of dict, optional
+        Metric rows (e.g. ``{"file": ..., "roc_auc": 0.9}``), merged into the
+        record with the same ``file``, else the same volume/method/layer/target;
+        rows that match no single record get rows of their own. Scalar values
+        become table columns; NaN and None show as "undefined".
+    figures : dict, optional
+        Section title -> PNG paths (absolute or relative to ``run_dir``),
+        linked by path relative to ``run_dir``.
+    extra_tables : dict, optional
+        Title -> list of row dicts (a table) or a dict (a key/value table).
+    notes : list of str, optional
+        Warnings shown at the top (e.g. a volume that could not be loaded).
+
+    Returns
+    -------
+    Path
+        ``run_dir / "report.html"``. ``metrics.json`` holds
+        ``{"columns": [...], "rows": [...]}`` (NaN as null); ``metrics.csv``
+        the same rows (NaN and None as empty cells).
+    """
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    manifest = _read_manifest(run_dir) if (run_dir / MANIFEST).is_file() else {}
+    records = manifest.get("results") or []
+    rows = _merge(records, list(metrics or []))
+    columns = _columns(rows)
+    _write_numbers(run_dir, rows, columns)
+    shown = [c for c in BASE_COLUMNS if c != "volume" or len({r.get("volume") for r in rows}) > 1]
+    shown += [c for c in columns if c not in RECORD_KEYS and not c.startswith("map_")
+              and all(_scalar(r.get(c)) for r in rows)]
+    title = f"napari-esegeta report · {run_dir.resolve().name}"
+    parts = [f"<h1>{_e(title)}</h1>",
+             '<p>Every number: <a href="metrics.csv">metrics.csv</a> · <a href="metrics.json">metrics.json</a>'
+             ' · <a href="manifest.json">manifest.json</a></p>']
+    parts += [f'<p class="note">{_e(n)}</p>' for n in notes or []]
+    parts.append(_summary(manifest, records) if manifest else '<p class="note">no manifest.json here</p>')
+    parts += ["<h2>Metrics</h2>", "<p>One row per result; click a column header to sort.</p>",
+              _table(rows, shown, sortable=True, row_class="status")]
+    failed = [r for r in rows if r.get("error")]
+    if failed:
+        parts.append("<h3>Failures</h3><ul>" + "".join(
+            f"<li><b>{_e(r.get('method'))}</b> · {_e(r.get('target'))}: <code>{_e(r['error'])}</code></li>"
+            for r in failed) + "</ul>")
+    if figures:
+        parts.append(_figures_html(run_dir, figures))
+    for name, table in (extra_tables or {}).items():
+        parts.append(f"<h2>{_e(name)}</h2>")
+        if isinstance(table, Mapping):
+            parts.append(_kv_table(table))
+        else:
+            parts.append(_table(table, _columns(table), sortable=True))
+    stamp = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    parts.append(f"<footer><p>Generated {_e(stamp)} by napari-esegeta {_e(__version__)}.</p></footer>")
+    page = ('<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"/>'
+            f"<title>{_e(title)}</title><style>{CSS}</style></head>\n<body>\n" + "\n".join(parts)
+            + f"\n<script>//<![CDATA[\n{JS}\n//]]></script>\n</body></html>\n")
+    out = run_dir / "report.html"
+    tmp = run_dir / ".report.html.part"
+    tmp.write_text(page, encoding="utf-8")
+    os.replace(tmp, out)
+    return out
+
+
+def _load(path: Path, ndim: int) -> np.ndarray:
+    """A NIfTI array with trailing singleton axes beyond ``ndim`` dropped."""
+    data = np.asarray(nib.load(str(path)).dataobj, dtype=np.float32)
+    while data.ndim > ndim and data.shape[-1] == 1:
+        data = data[..., 0]
+    return data
+
+
+def _stem(path: str, index: int) -> str:
+    """The pipeline's volume stem of ``path`` (file name less .nii[.gz], slugged)."""
+    name = Path(path).name
+    for suffix in (".nii.gz", ".nii"):
+        name = name[: -len(suffix)] if name.endswith(suffix) else name
+    return re.sub(r"[^A-Za-z0-9._+-]+", "-", name).strip("-") or f"volume{index}"
+
+
+def build_report_from_run(run_dir: str | Path, *, mask: str | Path | None = None) -> Path:
+    """Draw the figures of a run folder and write its report (``esegeta report``).
+
+    Reads ``manifest.json``, each map and its input volume; writes one MIP
+    figure per map and one comparison grid per volume and target under
+    ``run_dir/figures/``; merges the rows of an existing ``metrics.json``;
+    with ``mask`` (a NIfTI ground truth on the volumes' grid) adds the
+    localisation scores of every map. Returns the path of ``report.html``.
+
+    Raises
+    ------
+    ConfigError
+        No readable ``manifest.json`` in ``run_dir``.
+    VolumeError
+        The mask does not have the maps' shape.
+    """
+    from esegeta_engine.evaluation.figures import comparison_grid, mip_figure
+    from esegeta_engine.evaluation.localisation import localisation_scores
+
+    run_dir = Path(run_dir)
+    manifest = _read_manifest(run_dir)
+    ndim = int(((manifest.get("config") or {}).get("preprocess") or {}).get("spatial_dims") or 3)
+    vols = manifest.get("volumes") or []
+    stems = [_stem(v.get("path") or "", i) for i, v in enumerate(vols)]
+    gt = None if mask is None else _load(Path(mask), ndim) != 0
+    metrics: dict[str, dict[str, Any]] = {}
+    if (run_dir / "metrics.json").is_file():
+        old = json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))
+        for i, row in enumerate(old.get("rows", []) if isinstance(old, dict) else old):
+            metrics[str(row.get("file") or i)] = dict(row)
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for rec in manifest.get("results") or []:
+        if rec.get("status") == "ok" and rec.get("file"):
+            groups.setdefault((str(rec.get("volume")), str(rec.get("target"))), []).append(rec)
+    figures: dict[str, list[Path]] = {}
+    notes: list[str] = []
+    fig_dir = run_dir / "figures"
+    for (stem, target), recs in groups.items():
+        idx = [i for i, s in enumerate(stems) if stem in (s, f"{i:02d}-{s}")] or ([0] if len(vols) == 1 else [])
+        entry = vols[idx[0]] if idx else {}
+        volume, spacing, path = None, entry.get("spacing_mm"), Path(entry.get("path") or "?")
+        try:
+            volume = _load(path if path.is_absolute() else run_dir / path, len(entry.get("shape") or [ndim]))
+        except Exception as exc:  # a missing or unreadable volume must not stop the report
+            notes.append(f"volume {path} could not be read ({type(exc).__name__}); maps are drawn on black")
+        maps: dict[str, np.ndarray] = {}
+        for rec in recs:
+            file = run_dir / rec["file"]
+            if not file.is_file():
+                notes.append(f"map {rec['file']} is listed in the manifest but missing")
+                continue
+            arr = _load(file, ndim)
+            parts = rec["file"].split("__")
+            label = parts[1] if len(parts) == 3 else str(rec.get("method"))
+            maps[label] = arr
+            if gt is not None:
+                spatial = arr.reshape(*arr.shape[:ndim], -1).sum(-1) if arr.ndim > ndim else arr
+                metrics.setdefault(rec["file"], {"file": rec["file"]}).update(localisation_scores(spatial, gt))
+            name = rec["file"][: -len(".nii.gz")] if rec["file"].endswith(".nii.gz") else Path(rec["file"]).stem
+            figures.setdefault(f"Maps · {stem} · {target}", []).append(
+                mip_figure(volume, arr, fig_dir / f"{name}__mip.png", title=f"{label} · {target} · {stem}",
+                           spacing=spacing))
+        if maps:
+            figures.setdefault("Comparison of methods", []).append(comparison_grid(
+                volume, maps, fig_dir / f"{stem}__{_stem(target, 0)}__comparison.png",
+                title=f"{stem} · {target}", spacing=spacing))
+    figures = dict(sorted(figures.items(), key=lambda kv: not kv[0].startswith("Comparison")))
+    return write_report(run_dir, metrics=list(metrics.values()), figures=figures, notes=notes)
