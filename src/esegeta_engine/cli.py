@@ -240,6 +240,14 @@ def cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from esegeta_engine.evaluation.report import build_report_from_run
+
+    path = build_report_from_run(Path(args.run_dir), mask=args.mask)
+    print(f"wrote {path} (open it in a browser; metrics.csv and metrics.json beside it)")
+    return 0
+
+
 def cmd_schema(args: argparse.Namespace) -> int:
     from esegeta_engine.config import Config
 
@@ -317,6 +325,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="esegeta_sample")
     p.add_argument("--seed", type=int, default=7)
     p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("report", help="write report.html (figures, metrics tables) for a run folder")
+    p.add_argument("run_dir")
+    p.add_argument("--mask", help="ground-truth NIfTI mask: adds localisation scores per map")
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("schema", help="print the config's JSON schema")
     p.set_defaults(func=cmd_schema)

@@ -132,6 +132,56 @@ class MethodConfig(_Strict):
         return self
 
 
+class InfidelityConfig(_Strict):
+    """Infidelity (Yeh et al. 2019) through captum.metrics, with the explained target."""
+
+    n_perturb_samples: int = Field(16, ge=1, le=10000)
+    noise_scale: float = Field(0.05, gt=0, description="std of the Gaussian perturbation (normalised units)")
+    max_examples_per_batch: int | None = Field(None, ge=1, description="bound memory on large volumes")
+
+
+class SensitivityConfig(_Strict):
+    """Max-sensitivity (Yeh et al. 2019): how much the map changes under small input noise."""
+
+    n_perturb_samples: int = Field(8, ge=1, le=1000)
+    perturb_radius: float = Field(0.02, gt=0)
+    max_examples_per_batch: int | None = Field(None, ge=1)
+
+
+class FaithfulnessConfig(_Strict):
+    """Deletion/insertion curves (Petsiuk et al. 2018), AUC and AOPC."""
+
+    steps: int = Field(20, ge=2, le=1000)
+    baseline: Literal["zero", "mean", "blur"] = "blur"
+    batch_size: int = Field(4, ge=1)
+
+
+class LocalisationConfig(_Strict):
+    """Attribution vs a ground-truth mask on the volume's grid."""
+
+    mask: Path = Field(description="NIfTI mask (non-zero = structure), e.g. the vessel ground truth")
+
+
+class RandomisationConfig(_Strict):
+    """Model-parameter randomisation sanity check (Adebayo et al. 2018)."""
+
+    mode: Literal["cascading", "independent", "both"] = "cascading"
+    methods: list[str] | None = Field(None, description="method names of this run; default all")
+    max_stages: int | None = Field(None, ge=1, description="stop after this many layers")
+    threshold: float = Field(0.5, gt=0, le=1, description="pass if mean |Spearman| to the original is below")
+
+
+class EvaluationConfig(_Strict):
+    """Which trust metrics to compute for every map (all off by default)."""
+
+    infidelity: InfidelityConfig | None = None
+    sensitivity: SensitivityConfig | None = None
+    faithfulness: FaithfulnessConfig | None = None
+    localisation: LocalisationConfig | None = None
+    randomisation: RandomisationConfig | None = None
+    report: bool = Field(False, description="write report.html (figures, tables) at the end of the run")
+
+
 class OutputConfig(_Strict):
     """Where results go."""
 
@@ -157,6 +207,18 @@ class Config(_Strict):
     methods: list[MethodConfig] = Field(min_length=1)
     output: OutputConfig = Field(default_factory=OutputConfig)
     run: RunOptions = Field(default_factory=RunOptions)
+    evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
+
+    @model_validator(mode="after")
+    def _randomisation_methods(self) -> Config:
+        r = self.evaluation.randomisation
+        names = [m.name for m in self.methods]
+        if r is not None and r.methods:
+            unknown = [n for n in r.methods if n not in names]
+            if unknown:
+                raise ValueError(f"evaluation.randomisation.methods {unknown} are not among this run's "
+                                 f"methods {names}")
+        return self
 
     def resolve_paths(self, base: Path) -> Config:
         """Return a copy with relative paths made absolute against ``base``."""
@@ -167,6 +229,8 @@ class Config(_Strict):
         data.volumes = [fix(v) for v in data.volumes]
         data.target.roi_mask = fix(data.target.roi_mask)
         data.output.dir = fix(data.output.dir)
+        if data.evaluation.localisation is not None:
+            data.evaluation.localisation.mask = fix(data.evaluation.localisation.mask)
         return data
 
 

@@ -28,7 +28,9 @@ from esegeta_engine.errors import ConfigError, EsegetaError, VolumeError
 from esegeta_engine.explain import Event, Explainer, JobFailed, MapReady, Progress
 from esegeta_engine.io import Volume, load_volume, save_map, write_json
 from esegeta_engine.methods import get_method
+from esegeta_engine.evaluation.evaluators import CURVES_KEY, make_evaluators, scalar_metrics
 from esegeta_engine.models import load_model
+from esegeta_engine.preprocess import AxisOrder
 
 log = logging.getLogger("esegeta_engine")
 MANIFEST = "manifest.json"
@@ -166,15 +168,24 @@ def iter_run(cfg: Config, cancel: threading.Event | None = None) -> Generator[Ev
                                                dtype=np.uint8).name
             manifest["volumes"].append(entry)
         write_json(manifest, manifest_path)
-        for event in explainer.iter_explain(volumes, cfg.methods, roi_mask=roi,
-                                            cancel=cancel):
+        ev = cfg.evaluation
+        gt_mask = _load_ground_truth(cfg, volumes)
+        curves: dict[str, Any] = {}
+        for event in explainer.iter_explain(volumes, cfg.methods, roi_mask=roi, cancel=cancel,
+                                            evaluators=make_evaluators(ev, cfg.run.seed)):
             if isinstance(event, MapReady):
                 job = event.job
                 name = map_filename(stems[event.volume], job.label, job.cls_label)
                 save_map(event.array, volumes[event.volume], out / name)
+                metrics = scalar_metrics(event.metrics)
+                if gt_mask is not None:
+                    metrics.update(_localisation(event.array, gt_mask))
                 manifest["results"].append(_record(job, "ok", event.seconds, event.evaluations,
                                                    volume=stems[event.volume], file=name,
-                                                   stats=_stats(event.array)))
+                                                   stats=_stats(event.array), metrics=metrics))
+                if CURVES_KEY in event.metrics:
+                    curves[name] = event.metrics[CURVES_KEY]
+                    write_json(curves, out / "curves.json")
                 write_json(manifest, manifest_path)
             elif isinstance(event, JobFailed):
                 for vi in event.job.volumes:
@@ -184,6 +195,11 @@ def iter_run(cfg: Config, cancel: threading.Event | None = None) -> Generator[Ev
                 write_json(manifest, manifest_path)
             yield event
         cancelled = cancel is not None and cancel.is_set()
+        if ev.randomisation is not None and not cancelled:
+            manifest["randomisation"] = yield from _randomisation(explainer, volumes, cfg, roi, stems,
+                                                                  manifest["results"], out, cancel)
+            write_json(manifest, manifest_path)
+            cancelled = cancel is not None and cancel.is_set()
         manifest["status"] = "cancelled" if cancelled else "completed"
     except EsegetaError as exc:
         manifest["status"] = "failed"
@@ -199,11 +215,88 @@ def iter_run(cfg: Config, cancel: threading.Event | None = None) -> Generator[Ev
     finally:
         manifest["duration_s"] = round(time.perf_counter() - started, 3)
         write_json(manifest, manifest_path)
+        if cfg.evaluation.report and manifest["status"] in ("completed", "cancelled"):
+            manifest["report"] = _report(out, cfg)
+            write_json(manifest, manifest_path)
         log.info("run %s in %.1f s; manifest: %s", manifest["status"], manifest["duration_s"],
                  manifest_path)
         log.removeHandler(handler)
         handler.close()
     return RunResult(out, manifest_path, manifest["status"], manifest["results"])
+
+
+def _load_ground_truth(cfg: Config, volumes: list[Volume]) -> np.ndarray | None:
+    loc = cfg.evaluation.localisation
+    if loc is None:
+        return None
+    m = load_volume(loc.mask, spatial_dims=cfg.preprocess.spatial_dims)
+    for v in volumes:
+        if m.data.shape != v.data.shape[: cfg.preprocess.spatial_dims]:
+            raise VolumeError(f"ground-truth mask {m.path.name} has shape {m.data.shape} but volume "
+                              f"{v.path.name if v.path else ''} has {v.data.shape}",
+                              "give the mask on the volume's grid")
+        if not np.allclose(m.affine, v.affine, atol=1e-3):
+            raise VolumeError(f"ground-truth mask {m.path.name} and the volume have different geometry "
+                              "(affines differ)", "resample the mask onto the volume")
+    if not (m.data != 0).any():
+        log.warning("ground-truth mask %s is empty: localisation scores are undefined", m.path.name)
+    return m.data != 0
+
+
+def _localisation(array: np.ndarray, mask: np.ndarray) -> dict[str, Any]:
+    from esegeta_engine.evaluation.localisation import LOCALISATION_METRICS, localisation_scores
+
+    spatial = array if array.ndim == mask.ndim else array.sum(-1)
+    scores = localisation_scores(spatial, mask)
+    return {k: (None if isinstance(v, float) and np.isnan(v) else v)
+            for k, v in scores.items() if k in LOCALISATION_METRICS or k == "note"}
+
+
+def _randomisation(explainer: Explainer, volumes: list[Volume], cfg: Config, roi: Any, stems: list[str],
+                   records: list[dict[str, Any]], out: Path, cancel: Any) -> Generator[Event, None, list]:
+    from esegeta_engine.evaluation.evaluators import run_randomisation_phase
+    from esegeta_engine.evaluation.figures import randomisation_strip
+
+    def classes_of(vi: int) -> list[tuple[int, str]]:
+        seen = {(r["class"], r["target"]) for r in records if r["volume"] == stems[vi] and r["status"] == "ok"}
+        return sorted(seen)
+
+    results = yield from run_randomisation_phase(explainer, volumes, cfg.methods, cfg.evaluation,
+                                                 classes_of, roi_mask=roi, cancel=cancel)
+    summary = []
+    folder = out / "randomisation"
+    order = AxisOrder(cfg.preprocess.axis_order)
+    for vi, cls, label, res in results:
+        entry = {"volume": stems[vi], "class": cls, "target": label, **res.to_dict(), "files": {}}
+        strips: dict[str, list[np.ndarray]] = {}
+        for method, stage_maps in res.maps.items():
+            entry["files"][method] = []
+            for k, (stage, arr) in enumerate(stage_maps.items(), start=1):
+                nifti = order.to_nifti(np.asarray(arr)[0])
+                name = f"{stems[vi]}__{_slug(method)}__{_slug(label)}__{res.mode}-{k:02d}-{_slug(stage)}.nii.gz"
+                save_map(nifti, volumes[vi], folder / name)
+                entry["files"][method].append(name)
+                strips.setdefault(method, []).append(nifti)
+            original = order.to_nifti(np.asarray(res.original_maps[method])[0])
+            strips[method].insert(0, original)
+        if strips and cfg.preprocess.in_channels == 1:
+            fig = randomisation_strip(volumes[vi].data, strips, ["original", *res.stages[: len(next(iter(strips.values()))) - 1]],
+                                      out / "figures" / f"randomisation__{stems[vi]}__{_slug(label)}__{res.mode}.png")
+            entry["figure"] = str(fig.relative_to(out))
+        summary.append(entry)
+        write_json(summary, out / "randomisation.json")
+    return summary
+
+
+def _report(out: Path, cfg: Config) -> str | None:
+    from esegeta_engine.evaluation.report import build_report_from_run
+
+    try:
+        mask = cfg.evaluation.localisation.mask if cfg.evaluation.localisation else None
+        return build_report_from_run(out, mask=mask).name
+    except Exception as exc:  # the maps and the manifest are the results; a report is a view
+        log.error("could not write the report: %s", exc, exc_info=not isinstance(exc, EsegetaError))
+        return None
 
 
 def _record(job: Any, status: str, seconds: float, evaluations: int, **extra: Any) -> dict[str, Any]:

@@ -51,27 +51,39 @@ def bundled_model(monkeypatch, tmp_path_factory) -> Path:
 
 
 @pytest.fixture
-def docked(make_napari_viewer, phantom):
-    """A viewer with the phantom image (plugin geometry) and the three widgets docked."""
+def make_docked(make_napari_viewer):
+    """Factory: a viewer with the phantom image (plugin geometry) and the three widgets docked."""
+    from qtpy.QtWidgets import QApplication
+
     from napari_esegeta._qt.compare_widget import CompareWidget
     from napari_esegeta._qt.explain_widget import ExplainWidget
     from napari_esegeta._qt.model_widget import ModelWidget
     from napari_esegeta._sample_data import phantom_volume_data
 
-    viewer = make_napari_viewer()
-    data, kwargs, _ = phantom_volume_data(SHAPE, 3)[0]
-    image = viewer.add_image(data, **kwargs)
-    widgets = {"model": ModelWidget(viewer), "explain": ExplainWidget(viewer),
-               "compare": CompareWidget(viewer)}
-    for name, w in widgets.items():
-        viewer.window.add_dock_widget(w, name=name)
-    yield viewer, image, widgets
-    explain = widgets["explain"]
-    if explain.running:  # never leave a worker behind
-        explain.cancel()
-        deadline = time.perf_counter() + 10
-        while explain.running and time.perf_counter() < deadline:
-            from qtpy.QtWidgets import QApplication
+    made = []
 
-            QApplication.processEvents()
-            time.sleep(0.01)
+    def factory(show: bool = False):
+        viewer = make_napari_viewer(show=show)
+        data, kwargs, _ = phantom_volume_data(SHAPE, 3)[0]
+        image = viewer.add_image(data, **kwargs)
+        widgets = {"model": ModelWidget(viewer), "explain": ExplainWidget(viewer),
+                   "compare": CompareWidget(viewer)}
+        for name, w in widgets.items():
+            viewer.window.add_dock_widget(w, name=name)
+        made.append(widgets["explain"])
+        return viewer, image, widgets
+
+    yield factory
+    for explain in made:  # never leave a worker behind
+        if explain.running:
+            explain.cancel()
+            deadline = time.perf_counter() + 10
+            while explain.running and time.perf_counter() < deadline:
+                QApplication.processEvents()
+                time.sleep(0.01)
+
+
+@pytest.fixture
+def docked(make_docked):
+    """A hidden viewer with the phantom and the widgets (see ``make_docked``)."""
+    return make_docked()

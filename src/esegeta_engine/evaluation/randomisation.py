@@ -1,11 +1,15 @@
-"""Model-parameter randomisation sanity checks (Adebayo et al. 2018).
+"""Model-parameter randomisation sanity checks (Adebayo et al. 2018,
+*Sanity Checks for Saliency Maps*, NeurIPS, arXiv:1810.03292).
 
-Adebayo, Gilmer, Muelly, Goodfellow, Hardt & Kim, *Sanity Checks for Saliency
-Maps*, NeurIPS 2018, arXiv:1810.03292: a map that stays the same when the
-model's learned weights are replaced by random ones cannot be explaining what
-the model learned. Layers are re-initialised in data-flow order from the
-output end towards the input — cumulatively (*cascading*) or one at a time
-(*independent*) — always on deep copies; the user's model is never touched.
+A map that stays the same when the learned weights are replaced by random ones
+cannot explain what the model learned. Layers are re-initialised in data-flow
+order from the output end towards the input, cumulatively (*cascading*) or one
+at a time (*independent*), on deep copies: the user's model is never touched.
+
+Region targets are frozen from the trained model, so every stage explains the
+same voxels; gradients of a *small* region stay concentrated near it whatever
+the weights, keeping rank correlations high. Prefer a large region (e.g. the
+background class) or read the per-stage curve, not only the verdict.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import torch
 from torch import nn
 
 from esegeta_engine.errors import Cancelled, MethodError
-from esegeta_engine.evaluation.similarity import compare_maps
+from esegeta_engine.evaluation.similarity import compare_batch, randomisation_verdict
 from esegeta_engine.methods.registry import MethodContext, MethodSpec
 from esegeta_engine.methods.run import attribute
 from esegeta_engine.models import get_layer, is_torchscript
@@ -34,47 +38,32 @@ Mode = Literal["cascading", "independent"]
 MethodEntry = tuple[MethodSpec, Mapping[str, Any], str | None]
 
 
-def _owns_parameters(module: nn.Module) -> bool:
-    return any(True for _ in module.parameters(recurse=False))
-
-
 def execution_order(model: nn.Module, example_input: torch.Tensor) -> list[str]:
-    """Names of the modules that own parameters, in the order the data reaches them.
+    """Names of the modules owning parameters, in the order the data reaches them.
 
-    One forward pass of ``example_input`` runs on a deep copy in eval mode,
-    without gradients, with a forward hook on every module that owns
-    parameters directly (convolutions, linear, normalisation, transposed
-    convolutions, custom modules with their own ``nn.Parameter``). A module
-    is listed when its first call returns; modules never called are left out
-    (they cannot change the output). This is the data flow, not the
-    registration order of ``named_modules``.
+    Forward hooks on every module owning parameters directly (Conv, Linear, BatchNorm,
+    ConvTranspose, custom ``nn.Parameter`` holders) record when each module's first call
+    returns during one no-grad forward of ``example_input`` on a deep copy in eval mode,
+    then are removed. This is the data flow, not ``named_modules`` registration order.
+    Modules never called are left out (they cannot change the output).
 
     Parameters
     ----------
-    model : nn.Module
-        The user's model; not changed (the hooks live on the copy).
-    example_input : torch.Tensor
-        An input the model accepts, e.g. the explained batch.
+    model, example_input : nn.Module, torch.Tensor
+        The user's model (unchanged) and an input it accepts (e.g. the explained batch).
 
     Returns
     -------
     list of str
         Module names as :func:`esegeta_engine.models.get_layer` accepts them.
-
-    Raises
-    ------
-    MethodError
-        For TorchScript models, which run no Python forward hooks.
+        Raises :class:`MethodError` for TorchScript (no Python forward hooks).
     """
     if is_torchscript(model):
         raise MethodError("the randomisation check needs Python module hooks, which TorchScript "
-                          "models do not run",
-                          "load the model as a state dict plus its class (model.class_path)")
-    clone = copy.deepcopy(model).eval()
-    order: list[str] = []
-    handles = []
+                          "models do not run", "load the model as a state dict plus its class")
+    clone, order, handles = copy.deepcopy(model).eval(), [], []
     for name, module in clone.named_modules():
-        if name and _owns_parameters(module):
+        if name and any(True for _ in module.parameters(recurse=False)):
             def hook(_m: nn.Module, _i: Any, _o: Any, name: str = name) -> None:
                 if name not in order:
                     order.append(name)
@@ -88,33 +77,23 @@ def execution_order(model: nn.Module, example_input: torch.Tensor) -> list[str]:
     return order
 
 
-def _layer_seed(seed: int, position: int) -> int:
-    return (int(seed) * 1_000_003 + position) % (2**63 - 1)
-
-
 def _reinitialise(module: nn.Module, seed: int) -> list[str]:
-    """Re-initialise ``module`` under ``seed``; return the names of the tensors that changed.
+    """Re-initialise ``module`` under ``seed`` (global RNG forked); return the changed tensors.
 
-    ``reset_parameters()`` is used when the module has it (for normalisation
-    layers this also resets the running statistics, making them the identity
-    in eval mode); otherwise every direct parameter gets a normal init
-    (Kaiming-normal for 2+ dims, N(0, 0.1^2) for vectors).
+    ``reset_parameters()`` when the module has one (normalisation layers also reset their
+    running statistics: identity in eval mode), else each direct parameter gets a normal
+    init (Kaiming-normal for 2+ dims, N(0, 0.1^2) for vectors).
     """
     before = {k: v.detach().clone() for k, v in module.state_dict().items()}
     devices = sorted({p.device.index or 0 for p in module.parameters() if p.device.type == "cuda"})
     with torch.random.fork_rng(devices=devices), torch.no_grad():
         torch.manual_seed(seed)
-        reset = getattr(module, "reset_parameters", None)
-        if callable(reset):
-            reset()
+        if callable(getattr(module, "reset_parameters", None)):
+            module.reset_parameters()
         else:
             for p in module.parameters(recurse=False):
-                if p.dim() >= 2:
-                    nn.init.kaiming_normal_(p)
-                else:
-                    nn.init.normal_(p, 0.0, 0.1)
-    after = module.state_dict()
-    return [k for k, v in before.items() if not torch.equal(v, after[k])]
+                nn.init.kaiming_normal_(p) if p.dim() >= 2 else nn.init.normal_(p, 0.0, 0.1)
+    return [k for k, v in module.state_dict().items() if not torch.equal(v, before[k])]
 
 
 def randomised_copies(
@@ -135,36 +114,32 @@ def randomised_copies(
     order : sequence of str
         Layers in data-flow order (:func:`execution_order`).
     mode : {"cascading", "independent"}
-        ``cascading``: stage ``k`` has the last ``k`` layers of ``order``
-        randomised (one copy re-initialised cumulatively; the yielded copy is
-        changed again by the next stage, deep-copy it to keep it).
-        ``independent``: stage ``k`` is a fresh copy with only layer
-        ``order[-k]`` randomised.
+        ``cascading``: stage ``k`` has the last ``k`` layers randomised (one
+        copy re-initialised cumulatively: deep-copy a yielded copy to keep it).
+        ``independent``: stage ``k`` is a fresh copy with only ``order[-k]`` randomised.
     seed : int
-        Each layer is re-initialised under a seed derived from ``seed`` and its
-        position in ``order``, so it gets the same weights in both modes.
+        A layer's seed derives from ``seed`` and its position in ``order``
+        (same random weights in both modes).
     max_stages : int, optional
         Stop after this many stages.
     changed : dict, optional
-        Receives ``{layer: [names of its parameters/buffers that changed]}``.
+        Receives ``{layer: [its parameters/buffers that changed]}``.
 
     Yields
     ------
     tuple of (int, str, nn.Module)
-        ``(stage, layer name, copy in eval mode)`` with ``stage`` counting from 1.
+        ``(stage, layer name, copy in eval mode)``, ``stage`` counting from 1.
     """
     if mode not in ("cascading", "independent"):
         raise ValueError(f"mode must be 'cascading' or 'independent', got {mode!r}")
-    n = len(order) if max_stages is None else min(len(order), max_stages)
     work = copy.deepcopy(model).eval() if mode == "cascading" else None
-    for stage in range(1, n + 1):
+    for stage in range(1, (len(order) if max_stages is None else min(len(order), max_stages)) + 1):
         position = len(order) - stage
-        name = order[position]
         current = work if work is not None else copy.deepcopy(model).eval()
-        diff = _reinitialise(get_layer(current, name), _layer_seed(seed, position))
+        diff = _reinitialise(get_layer(current, order[position]), (seed * 1_000_003 + position) % 2**62)
         if changed is not None:
-            changed[name] = diff
-        yield stage, name, current
+            changed[order[position]] = diff
+        yield stage, order[position], current
 
 
 @dataclass
@@ -175,18 +150,16 @@ class RandomisationResult:
     ----------
     mode : str
         ``cascading`` or ``independent``.
-    order : list of str
-        Parameterised layers in data-flow order.
-    stages : list of str
-        Layer randomised at each stage (output end first); stage ``k`` is ``stages[k-1]``.
-    original_maps : dict
-        ``method -> map`` of the trained model, ``(N, *spatial)`` summed over channels.
-    maps : dict
-        ``method -> stage layer -> map`` (numpy, input grid, summed over channels).
+    order, stages : list of str
+        Parameterised layers in data-flow order; the layer randomised at each
+        stage, output end first (stage ``k`` is ``stages[k-1]``).
+    original_maps, maps : dict
+        ``method -> map`` of the trained model and ``method -> stage layer ->
+        map``: numpy ``(N, *spatial)`` on the input grid, summed over channels.
     scores : dict
-        ``method -> stage layer -> compare_maps(original, map)`` (averaged over the batch).
+        ``method -> stage layer -> compare_maps(original, map)`` (batch mean).
     errors : list of dict
-        ``{"method", "stage", "status": "failed", "message"}`` per failure.
+        ``{"method", "stage", "status": "failed", "message"}`` per failed run.
     verdicts : dict
         ``method -> {"passes": bool or None, "rule": str, "mean_spearman_abs": float}``.
     changed : dict
@@ -206,66 +179,15 @@ class RandomisationResult:
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict of everything but the maps (``nan`` becomes ``None``)."""
         def clean(v: Any) -> Any:
-            if isinstance(v, float) and not math.isfinite(v):
-                return None
             if isinstance(v, dict):
                 return {k: clean(x) for k, x in v.items()}
             if isinstance(v, (list, tuple)):
                 return [clean(x) for x in v]
-            return v
+            return None if isinstance(v, float) and not math.isfinite(v) else v
 
         return clean({"mode": self.mode, "order": self.order, "stages": self.stages,
                       "scores": self.scores, "errors": self.errors, "verdicts": self.verdicts,
                       "changed": self.changed})
-
-
-def _label(spec: MethodSpec, layer: str | None, taken: dict[str, Any]) -> str:
-    base = f"{spec.name}@{layer}" if layer else spec.name
-    label, i = base, 2
-    while label in taken:
-        label, i = f"{base}#{i}", i + 1
-    return label
-
-
-def _to_map(result: torch.Tensor, inputs: torch.Tensor) -> np.ndarray:
-    if result.dim() != inputs.dim():
-        raise MethodError(f"the method gives a map of shape {tuple(result.shape)} with no spatial grid",
-                          "choose a convolutional layer")
-    return result.sum(dim=1).detach().cpu().numpy().astype(np.float32)
-
-
-def _similarity(original: np.ndarray, other: np.ndarray) -> dict[str, float]:
-    per = [compare_maps(a, b) for a, b in zip(original, other)]
-    return {k: float(np.mean([p[k] for p in per])) for k in per[0]}
-
-
-def _verdict(result: RandomisationResult, label: str, threshold: float, skip: int | None) -> dict[str, Any]:
-    if result.mode != "cascading":
-        rule = "no verdict in independent mode (the rule is defined on cascading stages)"
-        vals = [s["spearman_abs"] for s in result.scores.get(label, {}).values()]
-        finite = [v for v in vals if math.isfinite(v)]
-        return {"passes": None, "rule": rule,
-                "mean_spearman_abs": float(np.mean(finite)) if finite else float("nan")}
-    n_skip = len(result.stages) // 3 if skip is None else skip
-    rule = (f"passes if the mean spearman_abs (original vs randomised map) over cascading stages "
-            f"{n_skip + 1}..{len(result.stages)} is < {threshold:g}; a map that became constant "
-            f"counts as 0")
-    original = result.original_maps.get(label)
-    if original is None:
-        rule += " (no verdict: the method failed on the trained model)"
-    vals = []
-    for name in result.stages[n_skip:]:
-        s = result.scores.get(label, {}).get(name)
-        if s is None:
-            continue
-        v = s["spearman_abs"]
-        if not math.isfinite(v) and original is not None and np.ptp(original) > 0 \
-                and np.ptp(np.abs(result.maps[label][name])) == 0:
-            v = 0.0
-        if math.isfinite(v):
-            vals.append(v)
-    mean = float(np.mean(vals)) if vals else float("nan")
-    return {"passes": bool(mean < threshold) if vals else None, "rule": rule, "mean_spearman_abs": mean}
 
 
 def run_randomisation(
@@ -288,75 +210,69 @@ def run_randomisation(
     Parameters
     ----------
     model : nn.Module
-        The trained model; never changed (everything runs on deep copies in eval mode).
+        The trained model; never changed (every run uses a deep copy in eval mode).
     build_score_model : callable
-        ``model_copy -> ScoreModel``; keeps the caller's target and output
-        selection. Use a target frozen on the *trained* model's prediction so
-        every stage explains the same region.
-    inputs : torch.Tensor
-        Explained batch ``(N, C, *spatial)``.
-    target : int
-        Explained score index.
+        ``model_copy -> ScoreModel`` with the caller's target (frozen on the
+        trained model's prediction) and output; its monitor is replaced by one
+        watching ``cancel`` (keeping its progress callback).
+    inputs, target : torch.Tensor, int
+        Explained batch ``(N, C, *spatial)`` and score index.
     methods : sequence of (MethodSpec, params, layer name or None)
-        Layer methods get the layer of that name looked up in each copy.
-    mode : {"cascading", "independent"}
-        See :func:`randomised_copies`.
-    seed : int
-        Seeds the re-initialisation and every method run (``torch.manual_seed``).
-    max_stages : int, optional
-        Randomise at most this many layers (output end first).
+        Layers are looked up by name in each copy; layer maps are compared on
+        the input grid (upsampled, channels summed).
+    mode, seed, max_stages
+        See :func:`randomised_copies`; ``seed`` also seeds every method run.
     threshold : float
-        Verdict threshold on the mean ``spearman_abs``.
+        Pass when the mean ``spearman_abs`` over the verdict stages is below it.
     skip_stages : int, optional
-        Cascading stages excluded from the verdict (only the last few layers
-        randomised); default: the first third of the stages, rounded down.
+        First cascading stages left out of the verdict; default a third of them.
     cancel : threading.Event, optional
-        Checked between runs and, through the score model's monitor, inside them.
+        Checked between runs and at every model evaluation.
     progress : callable, optional
         ``progress(done, total, message)`` after each method run.
 
     Returns
     -------
     RandomisationResult
-        A method failing at a stage records an error for that stage and the
-        run goes on. Verdict: cascading mode only, see ``verdicts[m]["rule"]``.
-
-    Raises
-    ------
-    Cancelled
-        When ``cancel`` is set.
+        A failed run records an error for its (method, stage); the rest goes
+        on. A method failing on the trained model is not run on the copies.
+        Raises :class:`Cancelled` when ``cancel`` is set.
     """
     cancel = cancel or threading.Event()
     result = RandomisationResult(mode=mode, order=execution_order(model, inputs))
     entries: list[tuple[str, MethodSpec, dict[str, Any], str | None]] = []
     for spec, params, layer in methods:
-        label = _label(spec, layer, {e[0]: 1 for e in entries})
+        label = base = f"{spec.name}@{layer}" if layer else spec.name
+        label = next(f"{base}#{i}" for i in range(2, 999) if f"{base}#{i}" not in result.maps) \
+            if base in result.maps else base
         entries.append((label, spec, spec.resolve_params(params), layer))
         result.maps[label], result.scores[label] = {}, {}
     n_stages = len(result.order) if max_stages is None else min(len(result.order), max_stages)
     total, done = (n_stages + 1) * len(entries), 0
+    devices = [inputs.device.index or 0] if inputs.device.type == "cuda" else []
 
-    def run_all(copy_: nn.Module, stage: str, active: set[str]) -> dict[str, np.ndarray]:
+    def run_all(model_copy: nn.Module, stage: str, active: set[str]) -> dict[str, np.ndarray]:
         nonlocal done
-        score_model = build_score_model(copy_)
+        score_model = build_score_model(model_copy)
         if isinstance(score_model, ScoreModel) and score_model.monitor.cancel is not cancel:
-            old = score_model.monitor
-            score_model.monitor = EvaluationMonitor(cancel, old.on_evaluation)
+            score_model.monitor = EvaluationMonitor(cancel, score_model.monitor.on_evaluation)
         maps = {}
-        for label, spec, params, layer in entries:
-            if label not in active:
-                continue
+        for label, spec, params, layer in (e for e in entries if e[0] in active):
             if cancel.is_set():
                 raise Cancelled("cancelled by the user")
             try:
                 ctx = MethodContext(score_model, inputs, target, seed=seed, layer_name=layer,
-                                    layer=get_layer(copy_, layer) if layer else None)
-                with torch.random.fork_rng(devices=_cuda(inputs)):
+                                    layer=get_layer(model_copy, layer) if layer else None)
+                with torch.random.fork_rng(devices=devices):
                     torch.manual_seed(seed)
-                    maps[label] = _to_map(attribute(spec, ctx, params), inputs)
+                    res = attribute(spec, ctx, params)
+                if res.dim() != inputs.dim():
+                    raise MethodError(f"the map has shape {tuple(res.shape)}, no spatial grid",
+                                      "choose a convolutional layer")
+                maps[label] = res.sum(dim=1).detach().cpu().numpy().astype(np.float32)
             except Cancelled:
                 raise
-            except Exception as exc:  # recorded, the run goes on
+            except Exception as exc:  # recorded; the run goes on
                 result.errors.append({"method": label, "stage": stage, "status": "failed",
                                       "message": f"{type(exc).__name__}: {exc}"})
             done += 1
@@ -364,19 +280,19 @@ def run_randomisation(
                 progress(done, total, f"{label} · {stage}")
         return maps
 
-    result.original_maps = run_all(copy.deepcopy(model).eval(), "original", {e[0] for e in entries})
+    result.original_maps = run_all(copy.deepcopy(model).eval(), "original", set(result.maps))
     active = set(result.original_maps)  # nothing to compare with where the original failed
     total -= n_stages * (len(entries) - len(active))
-    for _, name, copy_ in randomised_copies(model, result.order, mode, seed,
-                                            max_stages=max_stages, changed=result.changed):
+    values: dict[str, list[float]] = {label: [] for label in result.maps}
+    skip = (n_stages // 3 if skip_stages is None else skip_stages) if mode == "cascading" else 0
+    for stage, name, model_copy in randomised_copies(model, result.order, mode, seed,
+                                                     max_stages=max_stages, changed=result.changed):
         result.stages.append(name)
-        for label, arr in run_all(copy_, name, active).items():
+        for label, arr in run_all(model_copy, name, active).items():
             result.maps[label][name] = arr
-            result.scores[label][name] = _similarity(result.original_maps[label], arr)
-    for label, *_ in entries:
-        result.verdicts[label] = _verdict(result, label, threshold, skip_stages)
+            result.scores[label][name], value = compare_batch(result.original_maps[label], arr)
+            if stage > skip:
+                values[label].append(value)
+    for label in result.maps:
+        result.verdicts[label] = randomisation_verdict(values[label], n_stages, mode, threshold, skip)
     return result
-
-
-def _cuda(x: torch.Tensor) -> list[int]:
-    return [x.device.index or 0] if x.device.type == "cuda" else []

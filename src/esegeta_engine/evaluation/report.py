@@ -1,19 +1,18 @@
 """A self-contained HTML report of a run folder, with its numbers as CSV/JSON.
 
-:func:`write_report` writes ``report.html`` (inline CSS and a few lines of
-inline JS, no external assets; figures linked by relative path, so open the
-page from the run folder), ``metrics.csv`` and ``metrics.json``.
-:func:`build_report_from_run` is what ``esegeta report RUN_DIR`` calls: it
-draws the figures from the maps listed in ``manifest.json`` first.
-
-The page is well-formed XHTML-style markup (every tag closed, void tags
-self-closed, script in CDATA), so it parses as HTML and as XML.
+:func:`write_report` writes ``report.html`` (inline CSS and JS, no external
+assets, figures linked by relative path: open it from the run folder),
+``metrics.csv`` and ``metrics.json``. :func:`build_report_from_run` (``esegeta
+report RUN_DIR``) draws the figures of the maps in ``manifest.json`` first.
+The page is XHTML-style markup (every tag closed, script in CDATA): it parses
+as HTML and as XML.
 """
 
 from __future__ import annotations
 
 import csv
 import html
+import io
 import json
 import math
 import os
@@ -34,22 +33,20 @@ from esegeta_engine.io import write_json
 __all__ = ["build_report_from_run", "write_report"]
 
 MANIFEST = "manifest.json"
-TEXT_COLUMNS = ("volume", "method", "layer", "target", "status")
-BASE_COLUMNS = TEXT_COLUMNS + ("seconds", "model_evaluations")
+BASE_COLUMNS = ("volume", "method", "layer", "target", "status", "seconds", "model_evaluations")
+TEXT_COLUMNS = ("volume", "method", "layer", "target", "status", "note")  # None shows as an empty cell
 RECORD_KEYS = BASE_COLUMNS + ("class", "noise_tunnel", "file", "error", "params")
 UNDEFINED = "undefined"
 
 CSS = """body{font:14px/1.4 system-ui,sans-serif;margin:1.5em auto;max-width:1400px;padding:0 1em;color:#222}
 h1{font-size:1.5em}h2{border-bottom:1px solid #ccc;padding-bottom:.2em;margin-top:1.6em}
-table{border-collapse:collapse;margin:.5em 0;font-size:13px}
 td,th{border:1px solid #ddd;padding:3px 8px;text-align:left;vertical-align:top}
 th{background:#f2f2f2}table.sortable th{cursor:pointer;user-select:none}
 table.sortable th[data-dir=asc]::after{content:" \\25B2"}table.sortable th[data-dir=desc]::after{content:" \\25BC"}
 td.num{text-align:right;font-variant-numeric:tabular-nums}td.undef{color:#999;font-style:italic}
-tr.failed td,tr.timeout td,tr.cancelled td{background:#fff0f0}
+tr[class]:not(.ok) td{background:#fff0f0}table{border-collapse:collapse;margin:.5em 0;font-size:13px}
 .figs{display:flex;flex-wrap:wrap;gap:12px}figure{margin:0;max-width:100%}
-figure img{max-width:100%;border:1px solid #ddd}figcaption{font-size:12px;color:#555}
-.note{color:#8a5a00}code{font-size:12px}"""
+img{max-width:100%;border:1px solid #ddd}figcaption{font-size:12px;color:#555}.note{color:#a60}code{font-size:12px}"""
 
 # Click a header: sort by its data-v keys, numbers numerically, undefined (empty key) last.
 JS = """document.querySelectorAll("table.sortable th").forEach(function (th) { th.onclick = function () {
@@ -77,10 +74,6 @@ def _plain(v: Any) -> Any:
     if isinstance(v, (list, tuple, np.ndarray)):
         return [_plain(x) for x in v]
     return v
-
-
-def _scalar(v: Any) -> bool:
-    return v is None or isinstance(v, (str, bool, int, float, np.generic))
 
 
 def _cell(v: Any, text_column: bool = False) -> str:
@@ -112,16 +105,10 @@ def _kv_table(items: Mapping[str, Any]) -> str:
     return f"<table><tbody>{rows}</tbody></table>"
 
 
-def _record_row(rec: Mapping[str, Any]) -> dict[str, Any]:
-    row = {k: rec.get(k) for k in RECORD_KEYS if k in rec}
-    for k, v in (rec.get("stats") or {}).items():
-        row[f"map_{k}"] = v
-    return row
-
-
 def _merge(records: Sequence[Mapping[str, Any]], metrics: Sequence[Mapping[str, Any]]) -> list[dict]:
     """One row per record, with the metric rows that match it (by file, else by key) merged in."""
-    rows = [_record_row(r) for r in records]
+    rows = [{**{k: r[k] for k in RECORD_KEYS if k in r}, **{f"map_{k}": v for k, v in (r.get("stats") or {}).items()}}
+            for r in records]
     for m in metrics:
         if m.get("file"):
             found = [r for r in rows if r.get("file") == m["file"]]
@@ -130,31 +117,33 @@ def _merge(records: Sequence[Mapping[str, Any]], metrics: Sequence[Mapping[str, 
             found = [r for r in rows if "method" in keys and all(str(r.get(k)) == str(m[k]) for k in keys)]
         if len(found) != 1:
             rows.append(dict(m))
-            continue
-        for k, v in m.items():
-            if k not in RECORD_KEYS or found[0].get(k) is None:
-                found[0][k] = v
+        else:  # the record's own fields win over the metric row's
+            found[0].update({k: v for k, v in m.items() if k not in RECORD_KEYS or found[0].get(k) is None})
     return rows
 
 
 def _columns(rows: Sequence[Mapping[str, Any]]) -> list[str]:
-    cols: dict[str, None] = {}
-    for r in rows:
-        cols.update(dict.fromkeys(r))
+    cols = dict.fromkeys(k for r in rows for k in r)
     return [c for c in RECORD_KEYS if c in cols] + [c for c in cols if c not in RECORD_KEYS]
 
 
 def _write_numbers(run_dir: Path, rows: list[dict], columns: list[str]) -> None:
     plain = [{c: _plain(r.get(c)) for c in columns if c in r} for r in rows]
     write_json({"columns": columns, "rows": plain}, run_dir / "metrics.json")
-    tmp = run_dir / ".metrics.csv.part"
-    with open(tmp, "w", newline="", encoding="utf-8") as fh:
-        w = csv.writer(fh)
-        w.writerow(columns)
-        for r in plain:
-            w.writerow(["" if r.get(c) is None else json.dumps(r[c]) if isinstance(r[c], (dict, list))
-                        else r[c] for c in columns])
-    os.replace(tmp, run_dir / "metrics.csv")
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(columns)
+    for r in plain:
+        w.writerow(["" if r.get(c) is None else json.dumps(r[c]) if isinstance(r[c], (dict, list))
+                    else r[c] for c in columns])
+    _write_text(run_dir / "metrics.csv", buf.getvalue())
+
+
+def _write_text(path: Path, text: str) -> None:
+    """Write ``text`` atomically (temporary file in the same folder, then rename)."""
+    tmp = path.with_name(f".{path.name}.part")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
 
 
 def _summary(manifest: Mapping[str, Any], records: Sequence[Mapping[str, Any]]) -> str:
@@ -170,8 +159,7 @@ def _summary(manifest: Mapping[str, Any], records: Sequence[Mapping[str, Any]]) 
         "device": manifest.get("device"), "seed": manifest.get("seed"),
         "results": f"{n_ok} ok, {len(records) - n_ok} not ok, {len(records)} in all",
     }
-    if manifest.get("error"):
-        items["error"] = manifest["error"]
+    items.update({"error": manifest["error"]} if manifest.get("error") else {})
     vols = [{"path": v.get("path"), "shape": " × ".join(map(str, v.get("shape") or [])),
              "spacing_mm": ", ".join(f"{s:.3g}" for s in v.get("spacing_mm") or []),
              "prediction": v.get("prediction")} for v in manifest.get("volumes") or []]
@@ -188,9 +176,8 @@ def _figures_html(run_dir: Path, figures: Mapping[str, Sequence[str | Path]]) ->
         out.append(f'<details open="open"><summary>{_e(section)} ({len(paths)})</summary><div class="figs">')
         for p in paths:
             rel = Path(os.path.relpath(Path(p) if Path(p).is_absolute() else run_dir / p, run_dir)).as_posix()
-            src = _e(quote(rel))
-            out.append(f'<figure><a href="{src}"><img src="{src}" alt="{_e(rel)}" loading="lazy"/></a>'
-                       f"<figcaption>{_e(rel)}</figcaption></figure>")
+            out.append(f'<figure><a href="{_e(quote(rel))}"><img src="{_e(quote(rel))}" alt="{_e(rel)}" '
+                       f'loading="lazy"/></a><figcaption>{_e(rel)}</figcaption></figure>')
         out.append("</div></details>")
     return "\n".join(out)
 
@@ -219,27 +206,24 @@ def write_report(
     ----------
     run_dir : str or Path
         The run folder; its ``manifest.json`` gives the summary and one table
-        row per result record (a folder without one gives a report of
-        ``metrics`` alone).
+        row per result record (without one, the report shows ``metrics`` alone).
     metrics : list of dict, optional
         Metric rows (e.g. ``{"file": ..., "roc_auc": 0.9}``), merged into the
-        record with the same ``file``, else the same volume/method/layer/target;
-        rows that match no single record get rows of their own. Scalar values
-        become table columns; NaN and None show as "undefined".
+        record with the same ``file``, else the one with the same
+        volume/method/layer/target; unmatched rows get rows of their own.
+        Scalar values become table columns; NaN and None show as "undefined".
     figures : dict, optional
-        Section title -> PNG paths (absolute or relative to ``run_dir``),
-        linked by path relative to ``run_dir``.
+        Section title -> PNG paths (absolute or relative to ``run_dir``).
     extra_tables : dict, optional
         Title -> list of row dicts (a table) or a dict (a key/value table).
     notes : list of str, optional
-        Warnings shown at the top (e.g. a volume that could not be loaded).
+        Warnings shown at the top (e.g. a volume that could not be read).
 
     Returns
     -------
     Path
-        ``run_dir / "report.html"``. ``metrics.json`` holds
-        ``{"columns": [...], "rows": [...]}`` (NaN as null); ``metrics.csv``
-        the same rows (NaN and None as empty cells).
+        ``run_dir / "report.html"``. ``metrics.json`` holds ``{"columns",
+        "rows"}`` (NaN as null), ``metrics.csv`` the same (NaN as empty).
     """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -250,7 +234,7 @@ def write_report(
     _write_numbers(run_dir, rows, columns)
     shown = [c for c in BASE_COLUMNS if c != "volume" or len({r.get("volume") for r in rows}) > 1]
     shown += [c for c in columns if c not in RECORD_KEYS and not c.startswith("map_")
-              and all(_scalar(r.get(c)) for r in rows)]
+              and all(not isinstance(r.get(c), (dict, list, tuple)) for r in rows)]
     title = f"napari-esegeta report · {run_dir.resolve().name}"
     parts = [f"<h1>{_e(title)}</h1>",
              '<p>Every number: <a href="metrics.csv">metrics.csv</a> · <a href="metrics.json">metrics.json</a>'
@@ -267,21 +251,15 @@ def write_report(
     if figures:
         parts.append(_figures_html(run_dir, figures))
     for name, table in (extra_tables or {}).items():
-        parts.append(f"<h2>{_e(name)}</h2>")
-        if isinstance(table, Mapping):
-            parts.append(_kv_table(table))
-        else:
-            parts.append(_table(table, _columns(table), sortable=True))
+        parts += [f"<h2>{_e(name)}</h2>", _kv_table(table) if isinstance(table, Mapping)
+                  else _table(table, _columns(table), sortable=True)]
     stamp = datetime.now(timezone.utc).isoformat(timespec="seconds")
     parts.append(f"<footer><p>Generated {_e(stamp)} by napari-esegeta {_e(__version__)}.</p></footer>")
     page = ('<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"/>'
             f"<title>{_e(title)}</title><style>{CSS}</style></head>\n<body>\n" + "\n".join(parts)
             + f"\n<script>//<![CDATA[\n{JS}\n//]]></script>\n</body></html>\n")
-    out = run_dir / "report.html"
-    tmp = run_dir / ".report.html.part"
-    tmp.write_text(page, encoding="utf-8")
-    os.replace(tmp, out)
-    return out
+    _write_text(run_dir / "report.html", page)
+    return run_dir / "report.html"
 
 
 def _load(path: Path, ndim: int) -> np.ndarray:
@@ -294,9 +272,7 @@ def _load(path: Path, ndim: int) -> np.ndarray:
 
 def _stem(path: str, index: int) -> str:
     """The pipeline's volume stem of ``path`` (file name less .nii[.gz], slugged)."""
-    name = Path(path).name
-    for suffix in (".nii.gz", ".nii"):
-        name = name[: -len(suffix)] if name.endswith(suffix) else name
+    name = re.sub(r"\.nii(\.gz)?$", "", Path(path).name)
     return re.sub(r"[^A-Za-z0-9._+-]+", "-", name).strip("-") or f"volume{index}"
 
 
@@ -325,6 +301,10 @@ def build_report_from_run(run_dir: str | Path, *, mask: str | Path | None = None
     vols = manifest.get("volumes") or []
     stems = [_stem(v.get("path") or "", i) for i, v in enumerate(vols)]
     gt = None if mask is None else _load(Path(mask), ndim) != 0
+    notes: list[str] = []
+    if gt is not None and vols and not np.allclose(nib.load(str(mask)).affine, vols[0].get("affine", np.eye(4)),
+                                                   atol=1e-3):
+        notes.append(f"the mask {Path(mask).name} and the volume have different affines: is it on the same grid?")
     metrics: dict[str, dict[str, Any]] = {}
     if (run_dir / "metrics.json").is_file():
         old = json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))
@@ -335,7 +315,6 @@ def build_report_from_run(run_dir: str | Path, *, mask: str | Path | None = None
         if rec.get("status") == "ok" and rec.get("file"):
             groups.setdefault((str(rec.get("volume")), str(rec.get("target"))), []).append(rec)
     figures: dict[str, list[Path]] = {}
-    notes: list[str] = []
     fig_dir = run_dir / "figures"
     for (stem, target), recs in groups.items():
         idx = [i for i, s in enumerate(stems) if stem in (s, f"{i:02d}-{s}")] or ([0] if len(vols) == 1 else [])
@@ -347,21 +326,21 @@ def build_report_from_run(run_dir: str | Path, *, mask: str | Path | None = None
             notes.append(f"volume {path} could not be read ({type(exc).__name__}); maps are drawn on black")
         maps: dict[str, np.ndarray] = {}
         for rec in recs:
-            file = run_dir / rec["file"]
-            if not file.is_file():
+            if not (run_dir / rec["file"]).is_file():
                 notes.append(f"map {rec['file']} is listed in the manifest but missing")
                 continue
-            arr = _load(file, ndim)
-            parts = rec["file"].split("__")
-            label = parts[1] if len(parts) == 3 else str(rec.get("method"))
+            arr = _load(run_dir / rec["file"], ndim)
+            # <volume>__<method[@layer]>__<target>.nii.gz -> the method label (unique per map)
+            label = re.sub(r"\.nii(\.gz)?$", "", rec["file"]).removeprefix(f"{stem}__").rsplit("__", 1)[0]
+            label = label if label not in maps else f"{label} ({len(maps) + 1})"
             maps[label] = arr
-            if gt is not None:
-                spatial = arr.reshape(*arr.shape[:ndim], -1).sum(-1) if arr.ndim > ndim else arr
-                metrics.setdefault(rec["file"], {"file": rec["file"]}).update(localisation_scores(spatial, gt))
-            name = rec["file"][: -len(".nii.gz")] if rec["file"].endswith(".nii.gz") else Path(rec["file"]).stem
+            if gt is not None:  # (a stale note of an earlier build goes; a new one replaces it)
+                row = metrics.setdefault(rec["file"], {"file": rec["file"]})
+                row.pop("note", None)
+                row.update(localisation_scores(arr.reshape(*arr.shape[:ndim], -1).sum(-1), gt))
+            png = fig_dir / (rec["file"].removesuffix(".gz").removesuffix(".nii") + "__mip.png")
             figures.setdefault(f"Maps · {stem} · {target}", []).append(
-                mip_figure(volume, arr, fig_dir / f"{name}__mip.png", title=f"{label} · {target} · {stem}",
-                           spacing=spacing))
+                mip_figure(volume, arr, png, title=f"{label} · {target} · {stem}", spacing=spacing))
         if maps:
             figures.setdefault("Comparison of methods", []).append(comparison_grid(
                 volume, maps, fig_dir / f"{stem}__{_stem(target, 0)}__comparison.png",

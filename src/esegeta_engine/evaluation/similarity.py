@@ -24,7 +24,7 @@ import numpy as np
 from scipy.stats import spearmanr
 from skimage.metrics import structural_similarity
 
-__all__ = ["compare_maps", "spearman", "ssim", "topk_overlap"]
+__all__ = ["compare_batch", "compare_maps", "randomisation_verdict", "spearman", "ssim", "topk_overlap"]
 
 NAN = float("nan")
 
@@ -182,3 +182,55 @@ def compare_maps(original: Any, other: Any, k: float = 0.05) -> dict[str, float]
         "ssim": ssim(original, other),
         "topk_iou": topk_overlap(original, other, k),
     }
+
+
+def compare_batch(original: Any, other: Any, k: float = 0.05) -> tuple[dict[str, float], float]:
+    """Batch mean of :func:`compare_maps` over the first axis of ``(N, *spatial)`` maps.
+
+    Returns
+    -------
+    tuple of (dict of str to float, float)
+        The mean measures, and the mean ``spearman_abs`` used by
+        :func:`randomisation_verdict`: 0 (changed completely) for an example
+        whose non-constant map became constant, where ``spearman_abs`` is ``nan``.
+    """
+    original, other = _as_array(original), _as_array(other)
+    per = [compare_maps(a, b, k) for a, b in zip(original, other)]
+    verdict = [0.0 if math.isnan(p["spearman_abs"]) and np.ptp(a) > 0 and np.ptp(np.abs(b)) == 0
+               else p["spearman_abs"] for p, a, b in zip(per, original, other)]
+    return {key: float(np.mean([p[key] for p in per])) for key in per[0]}, float(np.mean(verdict))
+
+
+def randomisation_verdict(values: list[float], n_stages: int, mode: str, threshold: float,
+                          skip: int) -> dict[str, Any]:
+    """Sanity-check verdict from the per-stage similarity ``values`` of one method.
+
+    Parameters
+    ----------
+    values : list of float
+        Verdict values (see :func:`compare_batch`) of the stages after ``skip``.
+    n_stages : int
+        Number of stages run.
+    mode : {"cascading", "independent"}
+        The rule is defined on cascading stages only (``passes`` is ``None`` otherwise).
+    threshold : float
+        The method passes when the mean is below it (the map changed enough).
+    skip : int
+        Number of first stages (output end) left out of ``values``.
+
+    Returns
+    -------
+    dict
+        ``{"passes": bool or None, "rule": str, "mean_spearman_abs": float}``;
+        ``passes`` is ``None`` when no value is defined.
+    """
+    finite = [v for v in values if math.isfinite(v)]
+    mean = float(np.mean(finite)) if finite else NAN
+    if mode != "cascading":
+        return {"passes": None, "mean_spearman_abs": mean,
+                "rule": "no verdict in independent mode (the rule is defined on cascading stages)"}
+    rule = (f"passes if the mean spearman_abs (original vs randomised map) over cascading stages "
+            f"{skip + 1}..{n_stages} is < {threshold:g}; a map that became constant counts as 0; "
+            "no verdict when undefined (the trained model's map is constant or failed)")
+    return {"passes": bool(mean < threshold) if finite else None, "rule": rule,
+            "mean_spearman_abs": mean}

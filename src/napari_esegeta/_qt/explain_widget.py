@@ -25,6 +25,7 @@ from qtpy.QtWidgets import (
     QLineEdit,
     QPushButton,
     QScrollArea,
+    QSizePolicy,
     QVBoxLayout,
     QWidget,
 )
@@ -38,6 +39,7 @@ from napari_esegeta._qt.method_panel import MethodPanel
 from napari_esegeta._state import Session, get_session
 
 VOXEL_LAYER = "esegeta target voxel"
+PROGRESS_INTERVAL_S = 0.25
 
 
 class ExplainWidget(QWidget):
@@ -113,6 +115,10 @@ class ExplainWidget(QWidget):
         self.cancel_btn.clicked.connect(self.cancel)
         self.cancel_btn.setEnabled(False)
         self.status = status_label()
+        self.progress_label = QLabel("")  # one fixed-size line: updating it never relayouts the dock
+        self.progress_label.setSizePolicy(QSizePolicy.Policy.Ignored, QSizePolicy.Policy.Fixed)
+        self.progress_label.setFixedHeight(self.progress_label.fontMetrics().height() + 4)
+        self._last_progress = 0.0
         self.model_label = QLabel()
         buttons = QHBoxLayout()
         buttons.addWidget(self.run_btn)
@@ -123,6 +129,7 @@ class ExplainWidget(QWidget):
         layout.addWidget(target_box)
         layout.addWidget(scroll, 1)
         layout.addLayout(buttons)
+        layout.addWidget(self.progress_label)
         layout.addWidget(self.status)
         self.session.signals.model_changed.connect(self._model_changed)
         self._model_changed(self.session)
@@ -231,6 +238,7 @@ class ExplainWidget(QWidget):
         self.run_btn.setEnabled(False)
         self.cancel_btn.setEnabled(True)
         set_status(self.status, f"Running {len(methods)} method(s) on {layer.name}…")
+        self._last_progress = 0.0
         self.worker = create_worker(R.explain_events, s.model, volume, methods, preprocess=s.preprocess,
                                     target=target, output=s.output, roi_mask=roi_mask,
                                     cancel=self._cancel, _start_thread=False)
@@ -246,16 +254,21 @@ class ExplainWidget(QWidget):
         self.cancel_requested_at = time.perf_counter()
         self._cancel.set()
         self.cancel_btn.setEnabled(False)
-        set_status(self.status, "Cancelling…")
+        self.progress_label.setText("Cancelling…")
 
     def _progress(self, ev: Progress) -> None:
         from napari.utils import progress
 
         if self.worker is None:  # late event after the run ended
             return
+        now = time.perf_counter()
+        new_job = self._pbar is None or ev.done != self._pbar.n or ev.message.endswith("starting")
+        if not new_job and now - self._last_progress < PROGRESS_INTERVAL_S:
+            return  # throttled: GUI updates cost a few ms each, evaluations can be faster
+        self._last_progress = now
         step = f"{min(ev.done + 1, ev.total)}/{ev.total}"
         if not self._cancel.is_set() and ev.message != "finished":
-            set_status(self.status, f"[{step}] {ev.message}")
+            self.progress_label.setText(f"[{step}] {ev.message}")
         # napari's progress bar may process Qt events (re-entrancy): touch it last
         pbar = self._pbar
         if pbar is None:
@@ -289,6 +302,7 @@ class ExplainWidget(QWidget):
         self.run_btn.setEnabled(True)
         self.cancel_btn.setEnabled(False)
         took = time.perf_counter() - self._run_started
+        self.progress_label.setText("")
         text = f"{len(self.added)} map(s) added in {took:.1f} s"
         if self.cancel_requested_at is not None:
             text += f"; cancelled (stopped {self.last_cancel_latency:.2f} s after the click)"

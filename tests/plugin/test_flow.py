@@ -1,0 +1,258 @@
+"""The widgets end to end on the phantom: load model, explain, cancel, compare, save."""
+
+from __future__ import annotations
+
+import time
+from types import SimpleNamespace
+
+import nibabel as nib
+import numpy as np
+import pytest
+from qtpy.QtCore import QTimer
+
+from plugin_helpers import wait_until
+
+pytestmark = pytest.mark.gui
+
+
+def load_bundled(qtbot, model_widget) -> None:
+    model_widget.use_bundled()
+    wait_until(qtbot, lambda: model_widget.session.model is not None
+               or model_widget.status.property("status_kind") == "error", 60)
+    assert model_widget.session.model is not None, model_widget.status.text()
+
+
+def run_and_wait(qtbot, explain, timeout: float = 60) -> None:
+    assert explain.run() is not None, explain.status.text()
+    wait_until(qtbot, lambda: not explain.running, timeout)
+
+
+def assert_same_geometry(layer, ref) -> None:
+    for attr in ("scale", "translate", "rotate", "shear"):
+        np.testing.assert_allclose(getattr(layer, attr), getattr(ref, attr))
+    np.testing.assert_allclose(layer.affine.affine_matrix, ref.affine.affine_matrix)
+    np.testing.assert_allclose(layer.data_to_world((3, 4, 5)), ref.data_to_world((3, 4, 5)))
+
+
+def test_full_flow_two_methods(qtbot, docked, bundled_model):
+    viewer, image, w = docked
+    load_bundled(qtbot, w["model"])
+    assert "Loaded" in w["model"].status.text()
+    ex = w["explain"]
+    ex.kind_combo.setCurrentText("argmax")
+    ex.methods.check("saliency")
+    ex.methods.check("occlusion", window=16)
+    n_before = len(viewer.layers)
+    run_and_wait(qtbot, ex)
+    assert ex.status.property("status_kind") == "ok", ex.status.text()
+    results = [ly for ly in viewer.layers if "method" in ly.metadata.get("esegeta", {})]
+    assert len(viewer.layers) == n_before + len(results) and len(results) >= 2
+    assert {r.metadata["esegeta"]["method"] for r in results} == {"saliency", "occlusion"}
+    for r in results:
+        meta = r.metadata["esegeta"]
+        assert r.data.shape == image.data.shape
+        assert_same_geometry(r, image)
+        assert r.name == f"{meta['label']} · {meta['target_label']}"
+        assert meta["target"] == "argmax" and isinstance(meta["class"], int)
+        assert meta["seconds"] > 0 and meta["input_layer"] == image.name
+        assert r.blending == "additive" and r.rendering == "mip"
+        lo, hi = r.contrast_limits
+        assert hi > 0 and (lo == -hi if meta["signed"] else lo == 0)
+        np.testing.assert_allclose(r.metadata["nifti"]["affine"], image.metadata["nifti"]["affine"])
+    occ = next(r for r in results if r.metadata["esegeta"]["method"] == "occlusion")
+    assert occ.metadata["esegeta"]["params"]["window"] == 16
+    # prediction on the same grid
+    w["model"].predict()
+    wait_until(qtbot, lambda: any(type(ly).__name__ == "Labels" for ly in viewer.layers), 30)
+    pred = next(ly for ly in viewer.layers if type(ly).__name__ == "Labels")
+    assert pred.data.shape == image.data.shape
+    assert_same_geometry(pred, image)
+
+
+def test_cancel_is_fast_and_keeps_finished_layers(qtbot, docked, bundled_model):
+    viewer, image, w = docked
+    load_bundled(qtbot, w["model"])
+    ex = w["explain"]
+    ex.methods.check("saliency")
+    # gradient methods run before perturbation methods (registry order): saliency finishes first
+    ex.methods.check("occlusion", window=2, stride=1, perturbations_per_eval=1)
+    gaps: list[float] = []
+    last = [time.perf_counter()]
+
+    def tick() -> None:
+        now = time.perf_counter()
+        gaps.append(now - last[0])
+        last[0] = now
+
+    timer = QTimer()
+    timer.timeout.connect(tick)
+    timer.start(10)
+    assert ex.run() is not None
+    assert not ex.run_btn.isEnabled() and ex.run() is None  # one run at a time
+    wait_until(qtbot, lambda: "occlusion" in ex.progress_label.text()
+               and "model evaluations" in ex.progress_label.text()
+               and not ex.progress_label.text().endswith(": 0 model evaluations"), 60)
+    qtbot.wait(300)
+    assert ex.running
+    gaps.clear()
+    t0 = time.perf_counter()
+    ex.cancel_btn.click()
+    wait_until(qtbot, lambda: not ex.running, 10)
+    latency = time.perf_counter() - t0
+    timer.stop()
+    print(f"\ncancel took {latency:.3f} s (widget: {ex.last_cancel_latency:.3f} s); "
+          f"longest GUI gap while cancelling {max(gaps, default=0) * 1000:.0f} ms")
+    assert latency < 1.0
+    names = [ly.name for ly in viewer.layers]
+    assert any(n.startswith("saliency") for n in names), (names, ex.status.text())
+    assert not any(n.startswith("occlusion") for n in names)
+    assert "cancelled" in ex.status.text() and ex.run_btn.isEnabled()
+    assert not w["model"].session.busy
+    # the viewer is responsive and a new run works
+    viewer.add_image(np.zeros((4, 4, 4)), name="after cancel")
+    ex.methods.check("occlusion", False)
+    run_and_wait(qtbot, ex)
+    assert ex.status.property("status_kind") == "ok", ex.status.text()
+
+
+def _bad_model_files(tmp_path):
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(np.random.default_rng(0).bytes(4096))
+    return junk
+
+
+def test_bad_models_show_readable_errors(qtbot, docked, tmp_path, bundled_model):
+    viewer, image, w = docked
+    mw = w["model"]
+    before = list(viewer.layers)
+
+    def attempt(path, class_path="", kwargs="") -> str:
+        mw.path_edit.setText(str(path))
+        mw.class_edit.setText(class_path)
+        mw.kwargs_edit.setPlainText(kwargs)
+        mw.load()
+        wait_until(qtbot, lambda: mw.load_btn.isEnabled(), 30)
+        assert mw.status.property("status_kind") == "error", mw.status.text()
+        assert "Traceback" not in mw.status.text() and "red" in mw.status.styleSheet() or "#ff" in \
+            mw.status.styleSheet()
+        return mw.status.text()
+
+    text = attempt(_bad_model_files(tmp_path))
+    assert "junk.pt" in text and "→" in text
+    text = attempt(bundled_model, "esegeta_engine.sample.nets:UNet", '{"features": [4, 8, 16]}')
+    assert "does not fit" in text and "→" in text
+    text = attempt(bundled_model, "esegeta_engine.sample.nets:UNet", '{"features": [8, 16,')
+    assert "not valid JSON" in text
+    text = attempt(bundled_model, "no_such_package.nets:UNet")
+    assert "no_such_package" in text
+    text = attempt(tmp_path / "missing.pt")
+    assert "does not exist" in text
+    assert mw.session.model is None
+    assert list(viewer.layers) == before
+    # explain without a model: readable error, nothing added
+    w["explain"].methods.check("saliency")
+    assert w["explain"].run() is None
+    assert "no model loaded" in w["explain"].status.text()
+    assert list(viewer.layers) == before
+
+
+def test_result_renders_over_volume(qtbot, make_docked, bundled_model):
+    viewer, image, w = make_docked(show=True)
+    load_bundled(qtbot, w["model"])
+    ex = w["explain"]
+    ex.methods.check("saliency")
+    run_and_wait(qtbot, ex)
+    result = next(ly for ly in viewer.layers if ly.metadata.get("esegeta", {}).get("method"))
+    viewer.dims.ndisplay = 3
+    viewer.reset_view()
+    result.visible = False
+    without = viewer.screenshot(canvas_only=True, flash=False)[..., :3].astype(int)
+    result.visible = True
+    with_map = viewer.screenshot(canvas_only=True, flash=False)[..., :3].astype(int)
+    volume_px = without.sum(-1) > 30
+    assert volume_px.mean() > 0.02  # the MRA is visible
+    changed = np.abs(with_map - without).sum(-1) > 30
+    assert changed.mean() > 0.005, changed.mean()
+    assert (changed & volume_px).sum() > 0.5 * changed.sum()  # drawn over the volume
+    colour = np.abs(with_map[..., 0] - with_map[..., 2]) > 40  # inferno / diverging, not grey
+    assert (colour & changed).sum() > 0
+
+
+def test_voxel_and_roi_targets(qtbot, docked, bundled_model, phantom):
+    viewer, image, w = docked
+    load_bundled(qtbot, w["model"])
+    ex = w["explain"]
+    ex.methods.check("saliency")
+    ex.kind_combo.setCurrentText("voxel")
+    assert ex.pick_btn.isVisible() or not ex.isVisible()
+    ex.pick_btn.setChecked(True)
+    assert ex._pick in viewer.mouse_drag_callbacks
+    target = (16, 12, 20)
+    event = SimpleNamespace(type="mouse_press", position=tuple(image.data_to_world(target)))
+    ex._pick(viewer, event)
+    assert ex.voxel == target and not ex.pick_btn.isChecked()
+    assert ex._pick not in viewer.mouse_drag_callbacks
+    marker = viewer.layers["esegeta target voxel"]
+    np.testing.assert_allclose(marker.data_to_world(marker.data[0]), image.data_to_world(target))
+    run_and_wait(qtbot, ex)
+    res = [ly for ly in viewer.layers if ly.metadata.get("esegeta", {}).get("target") == "voxel"]
+    assert res and res[0].metadata["esegeta"]["voxel"] == list(target)
+    # ROI from a labels layer
+    viewer.add_labels(phantom.mask.astype(np.int32), name="roi", scale=image.scale, translate=image.translate)
+    ex.kind_combo.setCurrentText("roi")
+    ex.roi_combo.setCurrentText("roi")
+    run_and_wait(qtbot, ex)
+    assert ex.status.property("status_kind") == "ok", ex.status.text()
+    assert any(ly.metadata.get("esegeta", {}).get("target") == "roi" for ly in viewer.layers)
+
+
+def test_compare_grid_save_and_rendering(qtbot, docked, bundled_model, tmp_path, phantom):
+    viewer, image, w = docked
+    load_bundled(qtbot, w["model"])
+    ex, cw = w["explain"], w["compare"]
+    ex.methods.check("saliency")
+    ex.methods.check("input_x_gradient")
+    run_and_wait(qtbot, ex)
+    results = cw.result_layers()
+    assert len(results) >= 2 and cw.results_list.count() == len(results)
+    order_before = [ly.name for ly in viewer.layers]
+    assert cw.compare()
+    grid = viewer.canvas.grid
+    assert grid.enabled and grid.stride == 2
+    bottom = list(viewer.layers)[: 2 * len(results)]
+    for i, res in enumerate(results):
+        copy, shown = bottom[2 * i], bottom[2 * i + 1]
+        assert shown is res and copy.data is image.data and copy.visible
+        assert_same_geometry(copy, image)
+    assert not any(ly.visible for ly in list(viewer.layers)[2 * len(results):])
+    assert grid.actual_shape(viewer.layers)[0] * grid.actual_shape(viewer.layers)[1] >= len(results)
+    shot = cw.save_screenshot(tmp_path / "grid.png")
+    assert shot.is_file() and shot.stat().st_size > 1000
+    written = cw.save_maps(tmp_path / "maps")
+    assert len(written) == len(results)
+    for path, res in zip(written, results):
+        img = nib.load(path)
+        np.testing.assert_allclose(img.affine, phantom.affine, atol=1e-6)
+        np.testing.assert_allclose(np.asarray(img.dataobj), res.data, rtol=1e-6)
+    cw.uncompare()
+    assert not grid.enabled and [ly.name for ly in viewer.layers] == order_before
+    assert all(ly.visible for ly in viewer.layers)
+    assert [cw.cycle_rendering() for _ in range(3)] == ["attenuated_mip", "translucent", "mip"]
+    cw.cycle_rendering()
+    assert all(r.rendering == "attenuated_mip" for r in results)
+    assert "attenuated" in cw.render_btn.text()
+    cw.set_view("axial")
+    assert viewer.dims.order == (2, 1, 0) and viewer.dims.ndisplay == 2
+    cw.set_view("3d")
+    assert viewer.dims.ndisplay == 3
+
+
+def test_sample_with_model_docks_and_loads(qtbot, make_napari_viewer, bundled_model):
+    from napari_esegeta._sample_data import open_with_bundled_model
+
+    viewer = make_napari_viewer()
+    viewer.open_sample("napari-esegeta", "phantom_mask")
+    assert [type(ly).__name__ for ly in viewer.layers] == ["Image", "Labels"]
+    mw = open_with_bundled_model(viewer)
+    wait_until(qtbot, lambda: mw.session.model is not None or mw.status.property("status_kind") == "error", 60)
+    assert mw.session.model is not None, mw.status.text()
