@@ -80,6 +80,7 @@ class MapReady:
     seconds: float
     evaluations: int
     metrics: dict[str, Any] = field(default_factory=dict)
+    inputs_evaluated: int = 0
 
 
 Evaluator = Callable[["Job", MethodContext, torch.Tensor], dict[str, Any]]
@@ -284,6 +285,7 @@ class Explainer:
                 torch.manual_seed(self.seed)
                 holder["result"] = attribute(job.spec, ctx, job.params, job.noise_tunnel)
                 evaluations = monitor.count
+                holder["samples"] = monitor.samples
             except BaseException as exc:  # handed to the generator's thread
                 holder["error"] = exc
                 return
@@ -324,7 +326,8 @@ class Explainer:
             else:
                 metrics = holder.get("metrics") or [{} for _ in maps]
                 for vol, arr, met in zip(job.volumes, maps, metrics):
-                    yield MapReady(job, vol, arr, seconds, holder.get("evaluations", monitor.count), met)
+                    yield MapReady(job, vol, arr, seconds, holder.get("evaluations", monitor.count), met,
+                                   holder.get("samples", monitor.samples))
                 log.info("%s · %s: done in %.2f s, %d model evaluations", job.label, job.cls_label,
                          seconds, monitor.count)
                 return

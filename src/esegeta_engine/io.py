@@ -102,6 +102,12 @@ def load_volume(path: str | Path, *, spatial_dims: int = 3, channels: int = 1) -
     return Volume(data=data, affine=np.asarray(img.affine, dtype=np.float64), header=img.header, path=path)
 
 
+def _publish(tmp: str, path: Path) -> None:
+    """Give the finished file ordinary permissions (mkstemp makes it owner-only) and rename it."""
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, path)
+
+
 def _atomic_target(path: Path) -> tuple[int, str]:
     path.parent.mkdir(parents=True, exist_ok=True)
     suffix = ".nii.gz" if path.name.endswith(".nii.gz") else path.suffix
@@ -134,7 +140,7 @@ def save_map(array: np.ndarray, like: Volume, path: str | Path, dtype: type = np
     os.close(fd)
     try:
         nib.save(img, tmp)
-        os.replace(tmp, path)
+        _publish(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -149,7 +155,7 @@ def write_json(data: Any, path: str | Path) -> Path:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             json.dump(data, fh, indent=2, default=_json_default)
             fh.write("\n")
-        os.replace(tmp, path)
+        _publish(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

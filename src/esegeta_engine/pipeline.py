@@ -66,6 +66,11 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._+-]+", "-", text).strip("-")
 
 
+def volume_stem(path: Path | None, index: int) -> str:
+    """Name of a volume in output file names (its file name without the NIfTI suffix)."""
+    return _stem(path, index)
+
+
 def _stem(path: Path | None, index: int) -> str:
     if path is None:
         return f"volume{index}"
@@ -160,7 +165,7 @@ def iter_run(cfg: Config, cancel: threading.Event | None = None) -> Generator[Ev
         if len(set(stems)) < len(stems):
             stems = [f"{i:02d}-{s}" for i, s in enumerate(stems)]
         for i, v in enumerate(volumes):
-            entry: dict[str, Any] = {"path": str(v.path), "shape": list(v.data.shape),
+            entry: dict[str, Any] = {"stem": stems[i], "path": str(v.path), "shape": list(v.data.shape),
                                      "spacing_mm": list(v.spacing), "affine": v.affine.tolist()}
             if cfg.output.save_prediction and cfg.target.kind != "classification":
                 pred = explainer.predict(v)
@@ -182,6 +187,7 @@ def iter_run(cfg: Config, cancel: threading.Event | None = None) -> Generator[Ev
                     metrics.update(_localisation(event.array, gt_mask))
                 manifest["results"].append(_record(job, "ok", event.seconds, event.evaluations,
                                                    volume=stems[event.volume], file=name,
+                                                   model_inputs=event.inputs_evaluated,
                                                    stats=_stats(event.array), metrics=metrics))
                 if CURVES_KEY in event.metrics:
                     curves[name] = event.metrics[CURVES_KEY]

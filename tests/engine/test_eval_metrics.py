@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 import math
 
 import numpy as np
@@ -27,6 +28,16 @@ from esegeta_engine.targets import ArgmaxRegionTarget, ClassificationTarget
 from tiny_models import TinyClassifier, TinySegNet
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    # Tiny tensors: intra-op threads only add overhead, and on a busy machine
+    # spinning OpenMP workers make each step up to 100x slower.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 def seg(dims: int, n: int = 1, size: int = 8) -> tuple[TinySegNet, torch.Tensor, ScoreModel]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 import json
 import threading
 
@@ -19,6 +20,16 @@ from esegeta_engine.targets import ArgmaxRegionTarget
 from tiny_models import TinySegNet
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    # Tiny tensors: intra-op threads only add overhead, and on a busy machine
+    # spinning OpenMP workers make each step up to 100x slower.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 class Reversed(nn.Module):
@@ -134,13 +145,12 @@ def trained_unet() -> tuple[UNet, torch.Tensor, ArgmaxRegionTarget]:
         return x, y
 
     net = UNet(2, 1, 2, (4, 8))
-    opt = torch.optim.Adam(net.parameters(), 0.02)
-    for _ in range(15):
+    for _ in range(15):  # plain SGD by hand (torch.optim imports torch._dynamo: seconds)
         x, y = batch(8)
-        loss = F.cross_entropy(net(x), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+        grads = torch.autograd.grad(F.cross_entropy(net(x), y), list(net.parameters()))
+        with torch.no_grad():
+            for p, g_ in zip(net.parameters(), grads):
+                p -= 0.2 * g_
     net.eval()
     x = batch(1)[0]
     target = ArgmaxRegionTarget()

@@ -271,7 +271,7 @@ def _load(path: Path, ndim: int) -> np.ndarray:
 
 
 def _stem(path: str, index: int) -> str:
-    """The pipeline's volume stem of ``path`` (file name less .nii[.gz], slugged)."""
+    """Volume stem for manifests written before they recorded ``stem``."""
     name = re.sub(r"\.nii(\.gz)?$", "", Path(path).name)
     return re.sub(r"[^A-Za-z0-9._+-]+", "-", name).strip("-") or f"volume{index}"
 
@@ -299,7 +299,7 @@ def build_report_from_run(run_dir: str | Path, *, mask: str | Path | None = None
     manifest = _read_manifest(run_dir)
     ndim = int(((manifest.get("config") or {}).get("preprocess") or {}).get("spatial_dims") or 3)
     vols = manifest.get("volumes") or []
-    stems = [_stem(v.get("path") or "", i) for i, v in enumerate(vols)]
+    stems = [v.get("stem") or _stem(v.get("path") or "", i) for i, v in enumerate(vols)]
     gt = None if mask is None else _load(Path(mask), ndim) != 0
     notes: list[str] = []
     if gt is not None and vols and not np.allclose(nib.load(str(mask)).affine, vols[0].get("affine", np.eye(4)),
