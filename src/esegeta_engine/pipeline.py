@@ -276,17 +276,20 @@ def _randomisation(explainer: Explainer, volumes: list[Volume], cfg: Config, roi
         entry = {"volume": stems[vi], "class": cls, "target": label, **res.to_dict(), "files": {}}
         strips: dict[str, list[np.ndarray]] = {}
         for method, stage_maps in res.maps.items():
-            entry["files"][method] = []
-            for k, (stage, arr) in enumerate(stage_maps.items(), start=1):
-                nifti = order.to_nifti(np.asarray(arr)[0])
+            entry["files"][method] = {}
+            original = order.to_nifti(np.asarray(res.original_maps[method])[0])
+            strips[method] = [original]
+            for k, stage in enumerate(res.stages, start=1):
+                if stage not in stage_maps:  # this stage failed for this method: recorded in errors
+                    strips[method].append(np.zeros_like(original))
+                    continue
+                nifti = order.to_nifti(np.asarray(stage_maps[stage])[0])
                 name = f"{stems[vi]}__{_slug(method)}__{_slug(label)}__{res.mode}-{k:02d}-{_slug(stage)}.nii.gz"
                 save_map(nifti, volumes[vi], folder / name)
-                entry["files"][method].append(name)
-                strips.setdefault(method, []).append(nifti)
-            original = order.to_nifti(np.asarray(res.original_maps[method])[0])
-            strips[method].insert(0, original)
+                entry["files"][method][stage] = name
+                strips[method].append(nifti)
         if strips and cfg.preprocess.in_channels == 1:
-            fig = randomisation_strip(volumes[vi].data, strips, ["original", *res.stages[: len(next(iter(strips.values()))) - 1]],
+            fig = randomisation_strip(volumes[vi].data, strips, ["original", *res.stages],
                                       out / "figures" / f"randomisation__{stems[vi]}__{_slug(label)}__{res.mode}.png")
             entry["figure"] = str(fig.relative_to(out))
         summary.append(entry)

@@ -58,8 +58,21 @@ class Session:
 _SESSIONS: dict[int, Session] = {}
 
 
+def unwrap_viewer(viewer: Any) -> Any:
+    """The viewer behind napari's ``PublicOnlyProxy`` (each dock widget gets its own proxy)."""
+    inner = getattr(viewer, "__wrapped__", None)
+    while inner is not None and inner is not viewer:
+        viewer, inner = inner, getattr(inner, "__wrapped__", None)
+    return viewer
+
+
 def get_session(viewer: Any) -> Session:
-    """The :class:`Session` of ``viewer`` (created on first use, dropped with the viewer)."""
+    """The :class:`Session` of ``viewer`` (created on first use, dropped with the viewer).
+
+    Widgets receive different proxies of the same viewer; the session is keyed
+    by the viewer itself so they all share it.
+    """
+    viewer = unwrap_viewer(viewer)
     key = id(viewer)
     if key not in _SESSIONS:
         _SESSIONS[key] = Session()

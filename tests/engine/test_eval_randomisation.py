@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 import json
 import threading
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -194,16 +194,24 @@ def test_failing_stage_is_recorded_and_the_rest_goes_on() -> None:
             raise RuntimeError("boom")
         return Call(Passthrough())
 
+    def broken(ctx, params):
+        raise ValueError("never works")
+
     flaky = MethodSpec("flaky", "gradient", "Flaky", "fails once (test only)", (), build)
+    dead = MethodSpec("dead", "gradient", "Dead", "always fails (test only)", (), broken)
     result = run_randomisation(net, lambda m: ScoreModel(m, target), x, 1,
-                               [(flaky, {}, None), (get_method("saliency"), {}, None)],
+                               [(flaky, {}, None), (get_method("saliency"), {}, None), (dead, {}, None)],
                                mode="independent")
-    assert result.errors == [{"method": "flaky", "stage": "head", "status": "failed",
-                              "message": "RuntimeError: boom"}]
+    assert result.errors == [
+        {"method": "dead", "stage": "original", "status": "failed", "message": "ValueError: never works"},
+        {"method": "flaky", "stage": "head", "status": "failed", "message": "RuntimeError: boom"}]
     assert set(result.maps["flaky"]) == {"conv2", "conv1"}
+    assert set(result.scores["flaky"]) == {"conv2", "conv1"}
     assert set(result.maps["saliency"]) == {"head", "conv2", "conv1"}
+    assert "dead" not in result.maps and "dead" not in result.original_maps
+    assert set(result.verdicts) == {"flaky", "saliency", "dead"}
     assert result.verdicts["flaky"]["passes"] is None  # no verdict in independent mode
-    assert json.loads(json.dumps(result.to_dict()))["errors"][0]["stage"] == "head"
+    assert json.loads(json.dumps(result.to_dict()))["errors"][1]["stage"] == "head"
 
 
 def test_duplicate_methods_and_cancel() -> None:
@@ -216,3 +224,21 @@ def test_duplicate_methods_and_cancel() -> None:
     cancel.set()
     with pytest.raises(Cancelled):
         run_randomisation(net, lambda m: ScoreModel(m, target), x, 1, [(sal, {}, None)], cancel=cancel)
+
+
+@pytest.mark.slow
+def test_sample_unet_saliency_passes_on_the_background_class() -> None:
+    sample = pytest.importorskip("esegeta_engine.sample")
+    try:
+        net = sample.load_sample_unet()
+    except (FileNotFoundError, KeyError, OSError):
+        pytest.skip("the sample U-Net weights are not installed")
+    vol = sample.minmax_normalise(sample.make_phantom((32,) * 3, seed=7).volume)
+    x = torch.from_numpy(vol)[None, None].float()
+    target = ArgmaxRegionTarget()
+    with torch.no_grad():
+        target.prepare(net(x))
+    result = run_randomisation(net, lambda m: ScoreModel(m, target), x, 0,
+                               [(get_method("saliency"), {}, None)])
+    assert result.errors == [] and len(result.stages) == len(result.order) > 10
+    assert result.verdicts["saliency"]["passes"] is True

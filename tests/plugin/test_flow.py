@@ -247,7 +247,8 @@ def test_compare_grid_save_and_rendering(qtbot, docked, bundled_model, tmp_path,
     assert viewer.dims.ndisplay == 3
 
 
-def test_sample_with_model_docks_and_loads(qtbot, make_napari_viewer, bundled_model):
+def test_npe2_docked_widgets_share_the_model(qtbot, make_napari_viewer, bundled_model):
+    """Through napari's plugin menu each widget gets its own viewer proxy; they must cooperate."""
     from napari_esegeta._sample_data import open_with_bundled_model
 
     viewer = make_napari_viewer()
@@ -256,3 +257,15 @@ def test_sample_with_model_docks_and_loads(qtbot, make_napari_viewer, bundled_mo
     mw = open_with_bundled_model(viewer)
     wait_until(qtbot, lambda: mw.session.model is not None or mw.status.property("status_kind") == "error", 60)
     assert mw.session.model is not None, mw.status.text()
+    _, ex = viewer.window.add_plugin_dock_widget("napari-esegeta", "Explain")
+    _, cw = viewer.window.add_plugin_dock_widget("napari-esegeta", "Compare")
+    assert ex.session is mw.session and "bundled" in ex.model_label.text()
+    assert ex.image_combo.layer() is not None and mw.image_combo.layer() is not None
+    mw.predict()
+    wait_until(qtbot, lambda: any(ly.name.startswith("prediction") for ly in viewer.layers), 60)
+    ex.methods.check("saliency")
+    run_and_wait(qtbot, ex)
+    assert ex.status.property("status_kind") == "ok", ex.status.text()
+    assert len(cw.result_layers()) == 1 and cw.compare()
+    assert viewer.canvas.grid.enabled
+    cw.uncompare()

@@ -101,7 +101,7 @@ def uniform_perturbation(seed: int = 0) -> Callable[[torch.Tensor, float], torch
     return perturb
 
 
-def _to_input_major(x: torch.Tensor, n: int) -> torch.Tensor:
+def _captum_to_tiled(x: torch.Tensor, n: int) -> torch.Tensor:
     """Captum's metrics repeat each example ``m`` times in a row ([x0, x0, x1, x1]);
     the engine's frozen targets expect copies stacked per step ([x0, x1, x0, x1])."""
     m = x.shape[0] // n
@@ -110,7 +110,7 @@ def _to_input_major(x: torch.Tensor, n: int) -> torch.Tensor:
     return x.reshape(n, m, *x.shape[1:]).transpose(0, 1).reshape(x.shape)
 
 
-def _from_input_major(y: torch.Tensor, n: int) -> torch.Tensor:
+def _tiled_to_captum(y: torch.Tensor, n: int) -> torch.Tensor:
     m = y.shape[0] // n
     if n == 1 or m == 1:
         return y
@@ -195,7 +195,7 @@ def infidelity_score(
             if "clean" not in cache:
                 cache["clean"] = score_model(x)
             return cache["clean"]
-        return _from_input_major(score_model(_to_input_major(x, n)), n)
+        return _tiled_to_captum(score_model(_captum_to_tiled(x, n)), n)
 
     values = infidelity(
         forward,
@@ -274,10 +274,10 @@ def sensitivity_score(
         # result, so a tuple must come back as a tuple (a tensor would be
         # iterated over its batch axis).
         packed = isinstance(x, tuple)
-        sub = replace(ctx, inputs=_to_input_major((x[0] if packed else x).detach(), n))
+        sub = replace(ctx, inputs=_captum_to_tiled((x[0] if packed else x).detach(), n))
         with torch.random.fork_rng(devices=devices), torch.enable_grad():
             torch.manual_seed(ctx.seed)
-            result = _from_input_major(attribute(spec, sub, params, noise_tunnel), n)
+            result = _tiled_to_captum(attribute(spec, sub, params, noise_tunnel), n)
         return (result,) if packed else result
 
     values = sensitivity_max(

@@ -6,10 +6,9 @@ cannot explain what the model learned. Layers are re-initialised in data-flow
 order from the output end towards the input, cumulatively (*cascading*) or one
 at a time (*independent*), on deep copies: the user's model is never touched.
 
-Region targets are frozen from the trained model, so every stage explains the
-same voxels; gradients of a *small* region stay concentrated near it whatever
-the weights, keeping rank correlations high. Prefer a large region (e.g. the
-background class) or read the per-stage curve, not only the verdict.
+Region targets are frozen from the trained model, so every stage explains the same
+voxels; gradients of a *small* region stay near it whatever the weights, keeping rank
+correlations high. Prefer a large region (the background class) or read the stage curve.
 """
 
 from __future__ import annotations
@@ -154,8 +153,9 @@ class RandomisationResult:
         Parameterised layers in data-flow order; the layer randomised at each
         stage, output end first (stage ``k`` is ``stages[k-1]``).
     original_maps, maps : dict
-        ``method -> map`` of the trained model and ``method -> stage layer ->
-        map``: numpy ``(N, *spatial)`` on the input grid, summed over channels.
+        ``method -> map`` of the trained model and ``method -> stage layer -> map``
+        (numpy ``(N, *spatial)``, input grid, channels summed); methods that failed
+        on the trained model are in neither.
     scores : dict
         ``method -> stage layer -> compare_maps(original, map)`` (batch mean).
     errors : list of dict
@@ -281,9 +281,10 @@ def run_randomisation(
         return maps
 
     result.original_maps = run_all(copy.deepcopy(model).eval(), "original", set(result.maps))
-    active = set(result.original_maps)  # nothing to compare with where the original failed
+    result.maps = {k: v for k, v in result.maps.items() if k in result.original_maps}  # others failed
+    active = set(result.maps)
     total -= n_stages * (len(entries) - len(active))
-    values: dict[str, list[float]] = {label: [] for label in result.maps}
+    values: dict[str, list[float]] = {e[0]: [] for e in entries}
     skip = (n_stages // 3 if skip_stages is None else skip_stages) if mode == "cascading" else 0
     for stage, name, model_copy in randomised_copies(model, result.order, mode, seed,
                                                      max_stages=max_stages, changed=result.changed):
@@ -293,6 +294,6 @@ def run_randomisation(
             result.scores[label][name], value = compare_batch(result.original_maps[label], arr)
             if stage > skip:
                 values[label].append(value)
-    for label in result.maps:
+    for label in values:
         result.verdicts[label] = randomisation_verdict(values[label], n_stages, mode, threshold, skip)
     return result

@@ -24,6 +24,7 @@ True
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import Any, Literal
 
@@ -110,7 +111,9 @@ def _load(name: str, cls: type[nn.Module], kind: ModelKind) -> nn.Module:
     entry = sample_info()["models"][name]
     path = DATA_DIR / entry["files"][kind]
     if kind == "torchscript":
-        model: nn.Module = torch.jit.load(str(path), map_location="cpu")
+        with warnings.catch_warnings():  # the sample ships TorchScript on purpose
+            warnings.filterwarnings("ignore", "`torch.jit", DeprecationWarning)
+            model: nn.Module = torch.jit.load(str(path), map_location="cpu")
     elif kind == "state":
         kwargs = dict(entry["kwargs"])
         if "features" in kwargs:

@@ -17,6 +17,7 @@ import argparse
 import json
 import random
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -89,7 +90,7 @@ def train_unet(seed: int, iterations: int, crop: int, batch: int, lr: float) -> 
     pool = []
     for s in UNET_TRAIN_SEEDS:
         ph = make_phantom(SHAPE_3D, seed=s)
-        pool.append((minmax_normalise(ph.volume), ph.mask.astype(np.int64)))
+        pool.append((minmax_normalise(ph.volume), ph.mask))
     model = UNet(**UNET_KWARGS)
     model.train()
     opt = torch.optim.Adam(model.parameters(), lr=lr)
@@ -100,7 +101,7 @@ def train_unet(seed: int, iterations: int, crop: int, batch: int, lr: float) -> 
         crops = [_random_crop(rng, *pool[int(rng.integers(len(pool)))], crop)
                  for _ in range(batch)]
         x = torch.from_numpy(np.stack([c[0] for c in crops])[:, None])
-        y = torch.from_numpy(np.stack([c[1] for c in crops]))
+        y = torch.from_numpy(np.stack([c[1] for c in crops]).astype(np.int64))
         logits = model(x)
         loss = F.cross_entropy(logits, y) + _soft_dice_loss(logits, y)
         opt.zero_grad()
@@ -123,9 +124,10 @@ def evaluate_unet(model: UNet) -> dict[str, Any]:
             pred = model(torch.from_numpy(vol)[None, None]).argmax(1)[0].numpy()
             scores.append(dice(pred, ph.mask))
             thr_scores.append(max(dice(vol > t, ph.mask) for t in np.linspace(0.1, 0.9, 81)))
-    return {"metric": "dice", "seeds": list(UNET_EVAL_SEEDS), "per_seed": scores,
-            "mean": float(np.mean(scores)), "min": float(np.min(scores)),
-            "best_global_threshold_dice_mean": float(np.mean(thr_scores))}
+    return {"metric": "dice", "seeds": list(UNET_EVAL_SEEDS),
+            "per_seed": [round(v, 4) for v in scores],
+            "mean": round(float(np.mean(scores)), 4), "min": round(float(np.min(scores)), 4),
+            "best_global_threshold_dice_mean": round(float(np.mean(thr_scores)), 4)}
 
 
 def _phantom_2d_batch(seeds: range, balanced: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -168,14 +170,25 @@ def evaluate_classifier(model: TinyClassifier2D) -> dict[str, Any]:
         pred = model(x).argmax(1)
     return {"metric": "accuracy", "seeds": [CLS_EVAL_SEEDS.start, CLS_EVAL_SEEDS.stop],
             "n": len(y), "positives": int(y.sum()),
-            "accuracy": float((pred == y).float().mean())}
+            "accuracy": round(float((pred == y).float().mean()), 4)}
 
 
 def _save(model: torch.nn.Module, out: Path, stem: str) -> dict[str, str]:
     state, script = f"{stem}.state.pt", f"{stem}.torchscript.pt"
     torch.save(model.state_dict(), out / state)
-    torch.jit.script(model.eval()).save(str(out / script))
+    with warnings.catch_warnings():  # TorchScript is shipped on purpose
+        warnings.filterwarnings("ignore", "`torch.jit", DeprecationWarning)
+        torch.jit.script(model.eval()).save(str(out / script))
     return {"state": state, "torchscript": script}
+
+
+def _entry(cls_name: str, kwargs: dict[str, Any], task: str, classes: list[str],
+           shape: tuple[int, ...], generator: str) -> dict[str, Any]:
+    return {"class_path": f"esegeta_engine.sample.nets:{cls_name}", "kwargs": kwargs,
+            "task": task, "classes": classes, "output": "logits",
+            "input_shape": [1, 1, *shape],
+            "phantom": {"generator": f"esegeta_engine.sample.phantom:{generator}",
+                        "shape": list(shape)}}
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -183,72 +196,54 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=DATA_DIR, help="output folder")
     ap.add_argument("--seed", type=int, default=0, help="training seed")
-    ap.add_argument("--unet-iters", type=int, default=600)
+    ap.add_argument("--unet-iters", type=int, default=500)
     ap.add_argument("--cls-iters", type=int, default=800)
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     args = ap.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
+    common = {"seed": args.seed, "threads": args.threads, "deterministic": True,
+              "optimizer": "Adam + OneCycleLR"}
+
     _seed_everything(args.seed, args.threads)
     t0 = time.perf_counter()
-
-    crop, batch, lr = UNET_CROP, UNET_BATCH, UNET_LR
-    unet = train_unet(args.seed, args.unet_iters, crop, batch, lr)
+    unet = train_unet(args.seed, args.unet_iters, UNET_CROP, UNET_BATCH, UNET_LR)
     t_unet = time.perf_counter() - t0
-    unet_eval = evaluate_unet(unet)
-    print(f"[unet] held-out Dice {unet_eval['per_seed']} mean {unet_eval['mean']:.4f}")
+    unet_info = _entry("UNet", UNET_KWARGS, "segmentation", ["background", "vessel"],
+                       SHAPE_3D, "make_phantom")
+    unet_info["files"] = _save(unet, args.out, "unet3d_vessels")
+    unet_info["training"] = {
+        **common, "iterations": args.unet_iters, "batch_size": UNET_BATCH,
+        "crop": [UNET_CROP] * 3, "lr": UNET_LR, "loss": "cross_entropy + soft_dice",
+        "augmentation": "random crops + flips of whole-volume-normalised phantoms",
+        "phantom_seeds": [UNET_TRAIN_SEEDS.start, UNET_TRAIN_SEEDS.stop],
+        "time_s": round(t_unet, 1)}
+    unet_info["evaluation"] = evaluate_unet(unet)
+    print(f"[unet] held-out Dice {unet_info['evaluation']['per_seed']}", flush=True)
 
     _seed_everything(args.seed, args.threads)
     t1 = time.perf_counter()
     cls = train_classifier(args.seed, args.cls_iters, batch=CLS_BATCH, lr=CLS_LR)
     t_cls = time.perf_counter() - t1
-    cls_eval = evaluate_classifier(cls)
-    print(f"[cls] held-out accuracy {cls_eval['accuracy']:.4f}")
+    cls_info = _entry("TinyClassifier2D", CLS_KWARGS, "classification", ["no_vessel", "vessel"],
+                      SHAPE_2D, "make_phantom_2d")
+    cls_info["files"] = _save(cls, args.out, "classifier2d")
+    cls_info["training"] = {
+        **common, "iterations": args.cls_iters, "batch_size": CLS_BATCH, "lr": CLS_LR,
+        "loss": "cross_entropy", "augmentation": "random flips",
+        "phantom_seeds": [CLS_TRAIN_SEEDS.start, CLS_TRAIN_SEEDS.stop],
+        "time_s": round(t_cls, 1)}
+    cls_info["evaluation"] = evaluate_classifier(cls)
+    print(f"[cls] held-out accuracy {cls_info['evaluation']['accuracy']:.4f}", flush=True)
 
     info: dict[str, Any] = {
         "format_version": 1,
         "preprocess": PREPROCESS,
         "torch_version": torch.__version__,
-        "models": {
-            "unet3d_vessels": {
-                "class_path": "esegeta_engine.sample.nets:UNet",
-                "kwargs": UNET_KWARGS,
-                "task": "segmentation",
-                "classes": ["background", "vessel"],
-                "output": "logits",
-                "input_shape": [1, 1, *SHAPE_3D],
-                "phantom": {"generator": "esegeta_engine.sample.phantom:make_phantom",
-                            "shape": list(SHAPE_3D)},
-                "files": _save(unet, args.out, "unet3d_vessels"),
-                "training": {"seed": args.seed, "iterations": args.unet_iters,
-                             "batch_size": batch, "crop": [crop] * 3, "lr": lr,
-                             "optimizer": "Adam + OneCycleLR", "augmentation": "random crops + flips",
-                             "loss": "cross_entropy + soft_dice",
-                             "phantom_seeds": [UNET_TRAIN_SEEDS.start, UNET_TRAIN_SEEDS.stop],
-                             "time_s": round(t_unet, 1)},
-                "evaluation": unet_eval,
-            },
-            "classifier2d": {
-                "class_path": "esegeta_engine.sample.nets:TinyClassifier2D",
-                "kwargs": CLS_KWARGS,
-                "task": "classification",
-                "classes": ["no_vessel", "vessel"],
-                "output": "logits",
-                "input_shape": [1, 1, *SHAPE_2D],
-                "phantom": {"generator": "esegeta_engine.sample.phantom:make_phantom_2d",
-                            "shape": list(SHAPE_2D)},
-                "files": _save(cls, args.out, "classifier2d"),
-                "training": {"seed": args.seed, "iterations": args.cls_iters,
-                             "batch_size": CLS_BATCH, "lr": CLS_LR,
-                             "optimizer": "Adam + OneCycleLR", "augmentation": "random flips",
-                             "loss": "cross_entropy",
-                             "phantom_seeds": [CLS_TRAIN_SEEDS.start, CLS_TRAIN_SEEDS.stop],
-                             "time_s": round(t_cls, 1)},
-                "evaluation": cls_eval,
-            },
-        },
+        "total_time_s": round(time.perf_counter() - t0, 1),
+        "models": {"unet3d_vessels": unet_info, "classifier2d": cls_info},
     }
     (args.out / "sample_info.json").write_text(json.dumps(info, indent=2) + "\n")
-    print(f"wrote {args.out} in {time.perf_counter() - t0:.0f}s")
+    print(f"wrote {args.out} in {info['total_time_s']:.0f}s")
     return info
 
 

@@ -68,7 +68,7 @@ class LayerCombo(QComboBox):
         self.refresh()
 
     def _wanted(self, layer: Any) -> bool:
-        return type(layer).__name__ in self._types and (self._predicate is None or self._predicate(layer))
+        return layer.__class__.__name__ in self._types and (self._predicate is None or self._predicate(layer))
 
     def refresh(self, *_: Any) -> None:
         """Rebuild the list, keeping the current choice when it still exists."""

@@ -257,6 +257,7 @@ class ExplainWidget(QWidget):
         self.progress_label.setText("Cancelling…")
 
     def _progress(self, ev: Progress) -> None:
+        """Show progress: napari's bar per job (it costs ~20 ms a call), a label within a job."""
         from napari.utils import progress
 
         if self.worker is None:  # late event after the run ended
@@ -264,17 +265,19 @@ class ExplainWidget(QWidget):
         now = time.perf_counter()
         new_job = self._pbar is None or ev.done != self._pbar.n or ev.message.endswith("starting")
         if not new_job and now - self._last_progress < PROGRESS_INTERVAL_S:
-            return  # throttled: GUI updates cost a few ms each, evaluations can be faster
+            return  # throttled
         self._last_progress = now
         step = f"{min(ev.done + 1, ev.total)}/{ev.total}"
         if not self._cancel.is_set() and ev.message != "finished":
             self.progress_label.setText(f"[{step}] {ev.message}")
+        if not new_job:
+            return
         # napari's progress bar may process Qt events (re-entrancy): touch it last
         pbar = self._pbar
         if pbar is None:
             pbar = self._pbar = progress(total=max(ev.total, 1), desc="esegeta")
         pbar.total = max(ev.total, 1)
-        pbar.set_description(f"esegeta {step}: {ev.message}")
+        pbar.set_description(f"esegeta {step}: {ev.message.split(':')[0]}")
         if ev.done > pbar.n:
             pbar.update(ev.done - pbar.n)
 
