@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 OUT = Path(__file__).resolve().parent
+ANGLES = (0.0, 0.0, 90.0)  # looking down the superior axis: an axial MIP
 
 
 def pump(app, seconds: float = 0.3) -> None:
@@ -49,8 +50,8 @@ def main() -> None:
     # 1. File > Open Sample > napari-esegeta > TOF-MRA phantom + mask + bundled U-Net
     viewer.open_sample("napari-esegeta", "phantom_model")
     pump(app, 1.0)
-    mw = viewer.window._dock_widgets["Model (napari-esegeta)"].widget()
-    ew = viewer.window._dock_widgets["Explain (napari-esegeta)"].widget()
+    _, mw = viewer.window.add_plugin_dock_widget("napari-esegeta", "Model")
+    _, ew = viewer.window.add_plugin_dock_widget("napari-esegeta", "Explain")
     wait(app, lambda: mw.session.model is not None or mw.status.property("status_kind") == "error")
     if mw.session.model is None:
         sys.exit(mw.status.text())
@@ -58,9 +59,9 @@ def main() -> None:
     viewer.layers["phantom vessels (ground truth)"].visible = False
     from napari_esegeta._view import show_plane
 
-    show_plane(viewer, "axial")
-    viewer.dims.set_point(2, float(viewer.dims.range[2].start + 0.55 * (viewer.dims.range[2].stop
-                                                                         - viewer.dims.range[2].start)))
+    viewer.layers.selection.active = image
+    show_plane(viewer, "3d")
+    viewer.camera.angles = ANGLES
     shot(viewer, app, "plugin_01_sample_model.png")
 
     # 2. predict
@@ -76,7 +77,6 @@ def main() -> None:
     ew.methods.check("integrated_gradients", n_steps=16)
     ew.methods.check("occlusion", window=8)
     ew.methods.check("layer_gradcam")
-    viewer.window._dock_widgets["Explain (napari-esegeta)"].raise_()
     shot(viewer, app, "plugin_03_explain_form.png")
 
     # 4. run: maps stream in as layers
@@ -85,9 +85,8 @@ def main() -> None:
     shot(viewer, app, "plugin_04_running.png")
     wait(app, lambda: not ew.running, 900)
     print(ew.status.text())
-    viewer.dims.ndisplay = 3
-    viewer.camera.angles = (0, 0, 90)
-    viewer.reset_view()
+    show_plane(viewer, "3d")
+    viewer.camera.angles = ANGLES
     for ly in viewer.layers:
         ly.visible = ly is image or ly.name.startswith("integrated_gradients")
     shot(viewer, app, "plugin_05_result_3d.png")
@@ -102,8 +101,7 @@ def main() -> None:
     cw.refresh()
     cw.base_combo.setCurrentText(image.name)
     cw.compare()
-    viewer.camera.angles = (0, 0, 90)
-    viewer.reset_view()
+    viewer.camera.angles = ANGLES
     shot(viewer, app, "plugin_06_compare_grid.png")
     shot(viewer, app, "plugin_07_compare_canvas.png", canvas_only=True)
     show_plane(viewer, "axial")

@@ -107,7 +107,9 @@ def _kv_table(items: Mapping[str, Any]) -> str:
 
 def _merge(records: Sequence[Mapping[str, Any]], metrics: Sequence[Mapping[str, Any]]) -> list[dict]:
     """One row per record, with the metric rows that match it (by file, else by key) merged in."""
-    rows = [{**{k: r[k] for k in RECORD_KEYS if k in r}, **{f"map_{k}": v for k, v in (r.get("stats") or {}).items()}}
+    rows = [{**{k: r[k] for k in RECORD_KEYS if k in r},
+             **{k: v for k, v in (r.get("metrics") or {}).items() if not isinstance(v, (dict, list))},
+             **{f"map_{k}": v for k, v in (r.get("stats") or {}).items()}}
             for r in records]
     for m in metrics:
         if m.get("file"):
