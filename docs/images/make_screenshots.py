@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 
 OUT = Path(__file__).resolve().parent
-ANGLES = (0.0, 0.0, 90.0)  # looking down the superior axis: an axial MIP
 
 
 def pump(app, seconds: float = 0.3) -> None:
@@ -50,7 +49,7 @@ def main() -> None:
     # 1. File > Open Sample > napari-esegeta > TOF-MRA phantom + mask + bundled U-Net
     viewer.open_sample("napari-esegeta", "phantom_model")
     pump(app, 1.0)
-    _, mw = viewer.window.add_plugin_dock_widget("napari-esegeta", "Model")
+    model_dock, mw = viewer.window.add_plugin_dock_widget("napari-esegeta", "Model")
     _, ew = viewer.window.add_plugin_dock_widget("napari-esegeta", "Explain")
     wait(app, lambda: mw.session.model is not None or mw.status.property("status_kind") == "error")
     if mw.session.model is None:
@@ -61,7 +60,6 @@ def main() -> None:
 
     viewer.layers.selection.active = image
     show_plane(viewer, "3d")
-    viewer.camera.angles = ANGLES
     shot(viewer, app, "plugin_01_sample_model.png")
 
     # 2. predict
@@ -74,9 +72,12 @@ def main() -> None:
     # 3. target and methods
     ew.kind_combo.setCurrentText("argmax")
     ew.methods.check("saliency")
-    ew.methods.check("integrated_gradients", n_steps=16)
+    ew.methods.check("integrated_gradients", n_steps=8)
     ew.methods.check("occlusion", window=8)
     ew.methods.check("layer_gradcam")
+    model_dock.hide()  # room for the Explain widget
+    pump(app, 0.5)
+    ew.methods_scroll.ensureWidgetVisible(ew.methods.rows["integrated_gradients"].check, 0, 0)
     shot(viewer, app, "plugin_03_explain_form.png")
 
     # 4. run: maps stream in as layers
@@ -86,7 +87,6 @@ def main() -> None:
     wait(app, lambda: not ew.running, 900)
     print(ew.status.text())
     show_plane(viewer, "3d")
-    viewer.camera.angles = ANGLES
     for ly in viewer.layers:
         ly.visible = ly is image or ly.name.startswith("integrated_gradients")
     shot(viewer, app, "plugin_05_result_3d.png")
@@ -101,10 +101,15 @@ def main() -> None:
     cw.refresh()
     cw.base_combo.setCurrentText(image.name)
     cw.compare()
-    viewer.camera.angles = ANGLES
+    show_plane(viewer, "3d")
     shot(viewer, app, "plugin_06_compare_grid.png")
     shot(viewer, app, "plugin_07_compare_canvas.png", canvas_only=True)
     show_plane(viewer, "axial")
+    import numpy as np
+
+    ig = next(ly for ly in viewer.layers if ly.name.startswith("integrated_gradients"))
+    k = int(np.argmax(np.abs(ig.data).sum(axis=(0, 1))))  # the axial slice with most attribution
+    viewer.dims.set_point(2, float(ig.data_to_world((0, 0, k))[2]))
     shot(viewer, app, "plugin_08_compare_axial.png", canvas_only=True)
     viewer.close()
 

@@ -71,13 +71,25 @@ def _setup_logging(verbose: bool) -> None:
     handler.setLevel(logging.INFO if verbose else logging.WARNING)
 
 
+SUMMARY_METRICS = ("infidelity", "sensitivity", "auc_deletion", "auc_insertion", "mass_inside", "roc_auc")
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "undef"
+    return f"{v:.3g}" if isinstance(v, float) else str(v)
+
+
 def _print_summary(result: Any) -> None:
-    rows = [("method", "target", "volume", "status", "time s", "evals", "output")]
+    metrics = [k for k in SUMMARY_METRICS if any(k in (r.get("metrics") or {}) for r in result.records)]
+    rows = [("method", "target", "volume", "status", "time s", "calls", "inputs", *metrics, "output")]
     for r in result.records:
         label = r["method"] + (f"@{r['layer']}" if r.get("layer") else "")
         out = r.get("file") or (r.get("error") or "").splitlines()[0][:60]
+        m = r.get("metrics") or {}
         rows.append((label, r["target"], r["volume"], r["status"], f"{r['seconds']:.2f}",
-                     str(r["model_evaluations"]), out))
+                     str(r["model_evaluations"]), str(r.get("model_inputs", "")),
+                     *[_fmt(m.get(k)) if k in m else "" for k in metrics], out))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for k, row in enumerate(rows):
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
@@ -86,6 +98,11 @@ def _print_summary(result: Any) -> None:
     ok = sum(r["status"] == "ok" for r in result.records)
     print(f"\n{ok} of {len(result.records)} maps written to {result.out_dir} "
           f"(run {result.status}); manifest: {result.manifest_path.name}")
+    if (result.out_dir / "report.html").is_file():
+        print(f"report: {result.out_dir / 'report.html'}")
+    if metrics:
+        print("calls/inputs: model forward calls and inputs evaluated; auc_deletion lower is better, "
+              "auc_insertion, mass_inside and roc_auc (vs the ground truth) higher is better")
 
 
 def _execute(cfg: Any, quiet: bool) -> int:
@@ -95,7 +112,8 @@ def _execute(cfg: Any, quiet: bool) -> int:
     from esegeta_engine.pipeline import iter_run
 
     cancel = threading.Event()
-    bar = tqdm(total=0, unit="job", disable=quiet, dynamic_ncols=True, file=sys.stderr)
+    # no bar when quiet or when stderr is not a terminal (logs, CI)
+    bar = tqdm(total=0, unit="job", disable=True if quiet else None, dynamic_ncols=True, file=sys.stderr)
     gen = iter_run(cfg, cancel)
     try:
         while True:
@@ -172,7 +190,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from esegeta_engine.sample import sample_info, save_phantom_nifti, unet_paths
 
     out = Path(args.out).resolve()
-    info = sample_info()["unet3d_vessels"]
+    info = sample_info()["models"]["unet3d_vessels"]
     vol_path, mask_path = save_phantom_nifti(out / "input", seed=args.seed)
     methods = DEMO_METHODS
     if args.methods:
@@ -186,6 +204,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         "methods": methods,
         "output": {"dir": str(out), "overwrite": True},
         "run": {"seed": 0},
+        "evaluation": {"localisation": {"mask": str(mask_path)}, "report": not args.no_report},
     }, source="demo")
     print(f"demo: phantom TOF-MRA volume {vol_path.name} (ground truth: {mask_path.name}), "
           f"bundled 3D U-Net, argmax target on the vessel class, {len(methods)} methods",
@@ -307,6 +326,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="esegeta_demo")
     p.add_argument("--seed", type=int, default=7, help="phantom seed")
     p.add_argument("--methods", help="methods joined by '+', e.g. saliency+occlusion:window=8")
+    p.add_argument("--no-report", action="store_true", help="skip figures and report.html")
     p.add_argument("-q", "--quiet", action="store_true")
     p.set_defaults(func=cmd_demo)
 

@@ -32,6 +32,7 @@ class GridState:
     visible: list[bool] = field(default_factory=list)
     grid: dict[str, Any] = field(default_factory=dict)
     copies: list[Any] = field(default_factory=list)
+    overlays: list[tuple[Any, bool, bool]] = field(default_factory=list)
 
 
 def _grid(viewer: Any) -> Any:
@@ -81,6 +82,10 @@ def arrange_side_by_side(viewer: Any, base: Any, results: list[Any], spacing: fl
         _move_to(viewer, layer, position)
     for layer in viewer.layers:
         layer.visible = layer in desired
+    for result in results:  # name and colour bar in each cell
+        state.overlays.append((result, result.name_overlay.visible, result.colorbar.visible))
+        result.name_overlay.visible = True
+        result.colorbar.visible = True
     grid.stride = 2
     grid.shape = (-1, -1)
     grid.spacing = spacing
@@ -93,6 +98,9 @@ def restore_layout(viewer: Any, state: GridState) -> None:
     """Undo :func:`arrange_side_by_side` (layers removed meanwhile are skipped)."""
     grid = _grid(viewer)
     grid.enabled = False
+    for layer, name_visible, colorbar_visible in state.overlays:
+        layer.name_overlay.visible = name_visible
+        layer.colorbar.visible = colorbar_visible
     for copy in state.copies:
         if copy in viewer.layers:
             viewer.layers.remove(copy)

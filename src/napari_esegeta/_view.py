@@ -18,6 +18,10 @@ PLANES: dict[str, tuple[tuple[int, int, int], tuple[str, str]]] = {
 }
 
 
+#: 3D view: (view direction, up direction) in world (x, y, z)
+VIEW_3D = ((0.0, 0.0, 1.0), (0.0, 1.0, 0.0))
+
+
 def show_plane(viewer: Any, plane: str) -> None:
     """Show ``plane`` (axial, coronal, sagittal) in 2D, or ``3d``.
 
@@ -28,9 +32,11 @@ def show_plane(viewer: Any, plane: str) -> None:
     plane : str
         ``axial``, ``coronal``, ``sagittal`` or ``3d``.
     """
-    if plane == "3d":
+    if plane == "3d":  # axial MIP seen from the feet, anterior up (radiological)
         viewer.dims.ndisplay = 3
+        viewer.dims.order = (0, 1, 2)
         viewer.reset_view()
+        viewer.camera.set_view_direction(VIEW_3D[0], VIEW_3D[1])
         return
     if viewer.dims.ndim != 3:
         return

@@ -28,7 +28,9 @@ from esegeta_engine.sample import (
     unet_paths,
 )
 
-pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:`torch.jit.script` is deprecated:DeprecationWarning"
+)
 
 FRESH_SEED = 12345  # not in the training seed ranges recorded in sample_info.json
 CLS_TEST_SEEDS = range(5000, 5050)

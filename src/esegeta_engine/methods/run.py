@@ -19,6 +19,7 @@ NOISE_TUNNEL_TYPES = ("smoothgrad", "smoothgrad_sq", "vargrad")
 # Captum warns on every call about things the engine does on purpose.
 warnings.filterwarnings("ignore", message=r"Input Tensor \d+ did not already require gradients")
 warnings.filterwarnings("ignore", message=r"Setting backward hooks on ReLU activations")
+warnings.filterwarnings("ignore", message=r"Setting forward, backward hooks and attributes on non-linear")
 
 
 def check_applicable(spec: MethodSpec, ctx: MethodContext) -> None:

@@ -196,9 +196,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=DATA_DIR, help="output folder")
     ap.add_argument("--seed", type=int, default=0, help="training seed")
-    ap.add_argument("--unet-iters", type=int, default=500)
-    ap.add_argument("--cls-iters", type=int, default=800)
-    ap.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    ap.add_argument("--unet-iters", type=int, default=500, help="U-Net training steps")
+    ap.add_argument("--cls-iters", type=int, default=800, help="classifier training steps")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch CPU threads (1 is fastest on a shared, loaded CPU)")
     args = ap.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     common = {"seed": args.seed, "threads": args.threads, "deterministic": True,

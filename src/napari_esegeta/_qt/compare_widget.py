@@ -151,7 +151,8 @@ class CompareWidget(QWidget):
         self.compare_btn.blockSignals(True)
         self.compare_btn.setChecked(True)
         self.compare_btn.blockSignals(False)
-        set_status(self.status, f"{len(results)} map(s) side by side over {base.name}; cameras linked.", "ok")
+        set_status(self.status, f"{len(results)} map(s) side by side over {base.name} (row by row: "
+                   + ", ".join(r.name for r in results) + "); cameras linked.", "ok")
         return True
 
     def uncompare(self) -> None:

@@ -104,7 +104,7 @@ class ExplainWidget(QWidget):
         self.kind_combo.currentTextChanged.connect(self._kind_changed)
 
         self.methods = MethodPanel()
-        scroll = QScrollArea()
+        scroll = self.methods_scroll = QScrollArea()
         scroll.setWidgetResizable(True)
         scroll.setWidget(self.methods)
         scroll.setMinimumHeight(260)

@@ -36,13 +36,13 @@ class MethodRow(QWidget):
     def __init__(self, spec: MethodSpec) -> None:
         super().__init__()
         self.spec = spec
-        self.check = QCheckBox(f"{spec.title}  ({spec.name})")
+        self.check = QCheckBox(spec.title)
         notes = []
         if spec.needs_hooks:
             notes.append("needs a Python model (not TorchScript)")
         if spec.needs_batch:
             notes.append("needs several volumes")
-        self.check.setToolTip(spec.summary + (f"\n{spec.reference}" if spec.reference else "")
+        self.check.setToolTip(f"{spec.name}: {spec.summary}" + (f"\n{spec.reference}" if spec.reference else "")
                               + ("\n" + "; ".join(notes) if notes else ""))
         self.check.setObjectName(f"method_{spec.name}")
         self.details = QWidget()
