@@ -314,7 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--spatial-dims", type=int, default=3, choices=[2, 3])
     p.add_argument("--in-channels", type=int, default=1)
     p.add_argument("--normalisation", default="none", choices=["none", "zscore", "minmax", "percentile"])
-    p.add_argument("--axis-order", default="xyz")
+    p.add_argument("--axis-order", help="model spatial axes in NIfTI terms (default xyz, or xy for 2D)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--timeout", type=float, default=900.0, help="seconds per method and target")
     p.add_argument("--out", default="esegeta_out")

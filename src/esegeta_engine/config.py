@@ -46,6 +46,14 @@ class PreprocessConfig(_Strict):
     percentiles: tuple[float, float] = (1.0, 99.0)
     axis_order: str = Field("xyz", description="model spatial axes in NIfTI terms, e.g. xyz or zyx")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _default_axis_order(cls, data: Any) -> Any:
+        # the default is NIfTI order for the configured dimensionality: xyz, or xy for 2D
+        if isinstance(data, dict) and data.get("axis_order") is None:
+            data = {**data, "axis_order": "xyz"[: int(data.get("spatial_dims", 3) or 3)]}
+        return data
+
     @field_validator("axis_order")
     @classmethod
     def _axis_order(cls, v: str) -> str:

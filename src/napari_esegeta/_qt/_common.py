@@ -40,6 +40,14 @@ def status_label() -> QLabel:
     return label
 
 
+def compact_combo() -> QComboBox:
+    """A combo box whose width does not follow its longest entry (narrow docks)."""
+    w = QComboBox()
+    w.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
+    w.setMinimumContentsLength(8)
+    return w
+
+
 class LayerCombo(QComboBox):
     """A combo box listing the viewer's layers of some types, kept up to date.
 
@@ -58,6 +66,8 @@ class LayerCombo(QComboBox):
     def __init__(self, viewer: Any, layer_types: tuple[str, ...], allow_none: bool = False,
                  predicate: Any = None) -> None:
         super().__init__()
+        self.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
+        self.setMinimumContentsLength(10)
         self._viewer = viewer
         self._types = layer_types
         self._allow_none = allow_none
@@ -112,6 +122,7 @@ class ParamForm(QWidget):
         self.editors: dict[str, QWidget] = {}
         layout = QFormLayout(self)
         layout.setContentsMargins(18, 0, 0, 4)
+        layout.setRowWrapPolicy(QFormLayout.RowWrapPolicy.WrapLongRows)
         for p in self.params:
             editor = self._editor(p)
             editor.setToolTip(tooltip(p))
@@ -128,7 +139,7 @@ class ParamForm(QWidget):
             w.setChecked(bool(p.default))
             return w
         if p.kind == "str" and p.choices:
-            w = QComboBox()
+            w = compact_combo()
             w.addItems(list(p.choices))
             if p.default in p.choices:
                 w.setCurrentText(p.default)

@@ -15,6 +15,7 @@ import time
 from typing import Any
 
 import numpy as np
+from qtpy.QtCore import Qt
 from qtpy.QtWidgets import (
     QCheckBox,
     QComboBox,
@@ -106,6 +107,7 @@ class ExplainWidget(QWidget):
         self.methods = MethodPanel()
         scroll = self.methods_scroll = QScrollArea()
         scroll.setWidgetResizable(True)
+        scroll.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
         scroll.setWidget(self.methods)
         scroll.setMinimumHeight(260)
 

@@ -24,7 +24,7 @@ from esegeta_engine.config import NoiseTunnelConfig
 from esegeta_engine.methods import MethodSpec, list_methods
 from napari_esegeta._model import default_layer
 from napari_esegeta._params import params_from_model
-from napari_esegeta._qt._common import ParamForm
+from napari_esegeta._qt._common import ParamForm, compact_combo
 
 FAMILY_TITLES = {"gradient": "Gradient methods", "perturbation": "Perturbation methods",
                  "layer": "Layer methods"}
@@ -52,10 +52,11 @@ class MethodRow(QWidget):
         dl.addWidget(self.form)
         self.layer_combo: QComboBox | None = None
         if spec.needs_layer:
-            self.layer_combo = QComboBox()
+            self.layer_combo = compact_combo()
             self.layer_combo.setToolTip("Model layer (module name) to attribute to")
             lf = QFormLayout()
             lf.setContentsMargins(18, 0, 0, 0)
+            lf.setRowWrapPolicy(QFormLayout.RowWrapPolicy.WrapLongRows)
             lf.addRow("model layer", self.layer_combo)
             dl.addLayout(lf)
         self.nt_check: QCheckBox | None = None
