@@ -140,18 +140,34 @@ def test_sample_files_and_info():
     assert info["models"]["classifier2d"]["evaluation"]["accuracy"] >= 0.85
 
 
-def test_unet_dice_on_fresh_phantom(fresh, unet_state, unet_script):
-    assert isinstance(unet_state, UNet) and not unet_state.training
-    for model in (unet_state, unet_script):
-        assert dice(predict_mask(model, fresh.volume), fresh.mask) >= 0.8
-
-
-def test_unet_torchscript_matches_state_dict(fresh, unet_state, unet_script):
+@pytest.fixture(scope="module")
+def unet_logits(fresh, unet_state, unet_script):
+    """Logits of the shipped U-Net (state dict and TorchScript) on the fresh phantom."""
     x = torch.from_numpy(minmax_normalise(fresh.volume))[None, None]
     with torch.no_grad():
-        a, b = unet_state(x), unet_script(x)
-    assert a.shape == (1, 2, 64, 64, 64)
-    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+        return unet_state(x), unet_script(x)
+
+
+def test_unet_dice_on_fresh_phantom(fresh, unet_state, unet_logits):
+    assert isinstance(unet_state, UNet) and not unet_state.training
+    for logits in unet_logits:
+        assert logits.shape == (1, 2, 64, 64, 64)
+        assert dice(logits.argmax(1)[0].numpy(), fresh.mask) >= 0.8
+
+
+def test_unet_torchscript_matches_state_dict(unet_logits):
+    torch.testing.assert_close(*unet_logits, rtol=1e-4, atol=1e-4)
+
+
+def test_predict_mask():
+    torch.manual_seed(0)
+    model = UNet(spatial_dims=2, features=(4, 8)).eval()
+    image = np.random.default_rng(0).random((16, 12)).astype(np.float32) * 100
+    pred = predict_mask(model, image)
+    assert pred.shape == image.shape and pred.dtype == np.uint8
+    x = torch.from_numpy(minmax_normalise(image))[None, None]
+    with torch.no_grad():
+        np.testing.assert_array_equal(pred, model(x).argmax(1)[0].numpy())
 
 
 def test_classifier_accuracy_and_torchscript():
