@@ -41,6 +41,7 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--methods", default=",".join(CASES), help="comma-separated subset of " + ", ".join(CASES))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -61,7 +62,8 @@ def main() -> None:
 
     print(f"volume {args.size}^3, torch threads {args.threads}, {args.repeats} repeats (median s)")
     print(f"{'method':<22} {'engine':>8} {'captum':>8} {'ratio':>7}  max|diff|")
-    for name, (params, make, kwargs) in CASES.items():
+    for name in args.methods.split(","):
+        params, make, kwargs = CASES[name]
         engine_t, raw_t = [], []
         for _ in range(args.repeats + 1):  # first round warms up
             t0 = time.perf_counter()

@@ -50,7 +50,7 @@ def main() -> None:
     viewer.open_sample("napari-esegeta", "phantom_model")
     pump(app, 1.0)
     model_dock, mw = viewer.window.add_plugin_dock_widget("napari-esegeta", "Model")
-    _, ew = viewer.window.add_plugin_dock_widget("napari-esegeta", "Explain")
+    explain_dock, ew = viewer.window.add_plugin_dock_widget("napari-esegeta", "Explain")
     wait(app, lambda: mw.session.model is not None or mw.status.property("status_kind") == "error")
     if mw.session.model is None:
         sys.exit(mw.status.text())
@@ -92,6 +92,7 @@ def main() -> None:
     shot(viewer, app, "plugin_05_result_3d.png")
 
     # 5. compare side by side (3D, linked cameras), then save
+    explain_dock.hide()  # room for the Compare widget
     _, cw = viewer.window.add_plugin_dock_widget("napari-esegeta", "Compare")
     for ly in viewer.layers:
         ly.visible = True

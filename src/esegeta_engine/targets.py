@@ -123,10 +123,13 @@ class ArgmaxRegionTarget(Target):
         super().__init__(activation)
         self.frozen = frozen
         self.register_buffer("region", torch.empty(0, dtype=torch.long), persistent=False)
+        self.register_buffer("onehot", torch.empty(0), persistent=False)
 
     def prepare(self, output: torch.Tensor) -> None:
         self._check(output)
         self.region = output.detach().argmax(dim=1)
+        # built once: every perturbed forward pass reuses it
+        self.onehot = F.one_hot(self.region, output.shape[1]).movedim(-1, 1).to(output.dtype)
 
     def _check(self, output: torch.Tensor) -> None:
         self._check_spatial(output, "argmax region")
@@ -138,12 +141,10 @@ class ArgmaxRegionTarget(Target):
 
     def forward(self, output: torch.Tensor) -> torch.Tensor:
         self._check(output)
-        if self.frozen and self.region.numel():
-            region = _tile(self.region, output.shape[0])
+        if self.frozen and self.onehot.numel():
+            onehot = _tile(self.onehot, output.shape[0]).to(output.dtype)
         else:
-            region = output.detach().argmax(dim=1)
-        k = output.shape[1]
-        onehot = F.one_hot(region, k).movedim(-1, 1).to(output.dtype)
+            onehot = F.one_hot(output.detach().argmax(dim=1), output.shape[1]).movedim(-1, 1).to(output.dtype)
         return (self.activation(output) * onehot).flatten(2).sum(-1)
 
     def default_classes(self, output: torch.Tensor) -> list[int]:

@@ -120,6 +120,12 @@ def is_result_layer(layer: Any) -> bool:
     return "method" in meta.get("esegeta", {})
 
 
+def is_input_layer(layer: Any) -> bool:
+    """True for image layers that can be explained (not results, not comparison views)."""
+    meta = getattr(layer, "metadata", None) or {}
+    return not is_result_layer(layer) and not meta.get("esegeta_compare_base")
+
+
 def next_rendering(current: str) -> str:
     """The 3D rendering after ``current`` in MIP -> attenuated MIP -> translucent -> MIP."""
     try:

@@ -58,6 +58,11 @@ def write_nifti(path: str | Path, data: Any, meta: dict[str, Any]) -> list[str]:
         arr = arr.astype(np.float32)
     ndim = min(arr.ndim, 3)
     affine = meta_to_nifti_affine(meta, ndim)
+    original = ((meta.get("metadata") or {}).get("nifti") or {}).get("affine")
+    if ndim < 3 and original is not None:  # 2D layer: the through-plane axis comes from the file
+        full = np.array(original, dtype=float)
+        full[:ndim, :ndim], full[:ndim, 3] = affine[:ndim, :ndim], affine[:ndim, 3]
+        affine = full
     header = header_from_metadata(meta.get("metadata"))
     img = nib.Nifti1Image(arr, affine, header=header)
     img.set_data_dtype(arr.dtype)

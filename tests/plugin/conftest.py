@@ -5,7 +5,6 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 SHAPE = (32, 32, 32)  # the U-Net needs every axis divisible by 4

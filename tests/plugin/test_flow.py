@@ -269,3 +269,27 @@ def test_npe2_docked_widgets_share_the_model(qtbot, make_napari_viewer, bundled_
     assert len(cw.result_layers()) == 1 and cw.compare()
     assert viewer.canvas.grid.enabled
     cw.uncompare()
+
+
+def test_torchscript_model_and_hook_methods(qtbot, docked, bundled_model):
+    """A TorchScript file loads without a class; hook-based methods fail with a readable reason."""
+    from esegeta_engine import sample
+
+    ts = sample.unet_paths().get("torchscript")
+    if ts is None or not ts.is_file():
+        pytest.skip("the bundled TorchScript model is not installed")
+    viewer, image, w = docked
+    mw, ex = w["model"], w["explain"]
+    mw.path_edit.setText(str(ts))
+    mw.norm_combo.setCurrentText("minmax")
+    mw.load()
+    wait_until(qtbot, lambda: mw.session.model is not None or mw.status.property("status_kind") == "error", 60)
+    assert mw.session.model is not None, mw.status.text()
+    hooks = next(name for name, row in ex.methods.rows.items()
+                 if row.spec.needs_hooks and not row.spec.needs_layer and not row.spec.needs_batch)
+    ex.methods.check("saliency")
+    ex.methods.check(hooks)
+    run_and_wait(qtbot, ex)
+    assert any(ly.name.startswith("saliency") for ly in viewer.layers)
+    assert ex.status.property("status_kind") == "error"
+    assert hooks in ex.status.text() and "TorchScript" in ex.status.text()

@@ -167,3 +167,18 @@ def test_sample_data_commands(make_napari_viewer, phantom):
     (_, _, k1), (mask, mkw, k2) = S.phantom_mask()
     assert (k1, k2) == ("image", "labels") and mask.max() == 1
     np.testing.assert_allclose(mkw["metadata"]["nifti"]["affine"], kw["metadata"]["nifti"]["affine"])
+
+
+def test_2d_nifti_round_trip(make_napari_viewer, tmp_path):
+    affine = np.diag([0.5, -0.25, 2.0, 1.0])
+    affine[:3, 3] = [3.0, 4.0, -5.0]
+    data = np.random.default_rng(1).random((9, 7, 1)).astype(np.float32)
+    src = _save(tmp_path / "slice.nii.gz", data, affine)
+    viewer = make_napari_viewer()
+    [layer] = viewer.open(src, plugin="napari-esegeta")
+    assert layer.data.shape == (9, 7)
+    np.testing.assert_allclose(layer_world_of_voxel(layer, (2, 3)), affine[:2, :2] @ [2, 3] + affine[:2, 3])
+    written = viewer.layers.save(str(tmp_path / "slice_out.nii.gz"), selected=False, plugin="napari-esegeta")
+    out = nib.load(written[0])
+    np.testing.assert_allclose(out.affine, affine)
+    np.testing.assert_array_equal(np.asarray(out.dataobj).reshape(9, 7), data[..., 0])

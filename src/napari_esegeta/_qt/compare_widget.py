@@ -20,7 +20,7 @@ from qtpy.QtWidgets import (
 )
 
 from napari_esegeta import _compare as C
-from napari_esegeta._layers import is_result_layer, next_rendering
+from napari_esegeta._layers import is_input_layer, is_result_layer, next_rendering
 from napari_esegeta._model import format_error
 from napari_esegeta._qt._common import LayerCombo, set_status, status_label
 from napari_esegeta._state import get_session
@@ -43,8 +43,7 @@ class CompareWidget(QWidget):
         self.viewer = napari_viewer
         self.state: C.GridState | None = None
         self.rendering = "mip"
-        self.base_combo = LayerCombo(napari_viewer, ("Image",),
-                                     predicate=lambda ly: not is_result_layer(ly) and not C.is_compare_copy(ly))
+        self.base_combo = LayerCombo(napari_viewer, ("Image",), predicate=is_input_layer)
         self.view_combo = QComboBox()
         self.view_combo.addItems(["(napari default)", *PLANES, "3d"])
         self.view_combo.setToolTip("Radiological planes (patient's right on screen left) or 3D")

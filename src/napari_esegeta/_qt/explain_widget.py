@@ -34,6 +34,7 @@ from qtpy.QtWidgets import (
 from esegeta_engine.explain import JobFailed, MapReady, Progress
 from napari_esegeta import _run as R
 from napari_esegeta._geometry import copy_geometry, layer_to_nifti_affine, voxel_to_world
+from napari_esegeta._layers import is_input_layer
 from napari_esegeta._model import format_error
 from napari_esegeta._qt._common import LayerCombo, set_status, status_label
 from napari_esegeta._qt.method_panel import MethodPanel
@@ -63,13 +64,14 @@ class ExplainWidget(QWidget):
         self.cancel_requested_at: float | None = None
         self.last_cancel_latency: float | None = None
         self._cancel = threading.Event()
+        holder = self._cancel_holder = [self._cancel]
+        self.destroyed.connect(lambda *_: holder[0].set())  # viewer closed mid-run: stop the worker
         self._pbar: Any = None
         self._target: Any = None
         self._input_layer: Any = None
         self._run_started = 0.0
 
-        self.image_combo = LayerCombo(napari_viewer, ("Image",),
-                                      predicate=lambda ly: "method" not in ly.metadata.get("esegeta", {}))
+        self.image_combo = LayerCombo(napari_viewer, ("Image",), predicate=is_input_layer)
         self.kind_combo = QComboBox()
         self.kind_combo.addItems(R.target_kinds())
         self.kind_combo.setToolTip("argmax: the predicted region of each class; otsu: Otsu-thresholded "
@@ -231,7 +233,7 @@ class ExplainWidget(QWidget):
         except Exception as exc:
             set_status(self.status, format_error(exc), "error")
             return None
-        self._cancel = threading.Event()
+        self._cancel = self._cancel_holder[0] = threading.Event()
         self._target, self._input_layer = target, layer
         self.added, self.failures = [], []
         self.cancel_requested_at = self.last_cancel_latency = None

@@ -24,7 +24,7 @@ from qtpy.QtWidgets import (
 
 from napari_esegeta import _model as M
 from napari_esegeta._geometry import copy_geometry
-from napari_esegeta._layers import prediction_layer_data
+from napari_esegeta._layers import is_input_layer, prediction_layer_data
 from napari_esegeta._qt._common import LayerCombo, set_status, status_label
 from napari_esegeta._run import RunError, predict_labels, volume_from_layer
 from napari_esegeta._state import get_session
@@ -76,7 +76,7 @@ class ModelWidget(QWidget):
         self.bundled_btn = QPushButton("Use bundled sample model")
         self.bundled_btn.clicked.connect(self.use_bundled)
         self.status = status_label()
-        self.image_combo = LayerCombo(napari_viewer, ("Image",))
+        self.image_combo = LayerCombo(napari_viewer, ("Image",), predicate=is_input_layer)
         self.predict_btn = QPushButton("Predict")
         self.predict_btn.clicked.connect(self.predict)
 
