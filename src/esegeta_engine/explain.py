@@ -173,8 +173,8 @@ class Explainer:
                 return sm.model_output(x)
             except EsegetaError:
                 raise
-            except RuntimeError as exc:
-                first = str(exc).strip().splitlines()[0][:300]
+            except Exception as exc:  # the user's model rejected the input: say why, no traceback
+                first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
                 raise MethodError(
                     f"the model does not accept an input of shape {tuple(x.shape)}: {first}",
                     "check preprocess.in_channels, spatial_dims and axis_order; U-Nets often need each "
@@ -199,6 +199,9 @@ class Explainer:
         if bad:
             raise TargetError(f"target.classes {bad} do not exist: the target has {n} scores",
                               f"use classes in 0..{n - 1}")
+        for m in methods:  # unknown layers fail the run before any method starts
+            for layer in m.layers:
+                get_layer(self.model, layer)
         jobs = []
         for m in methods:
             spec = get_method(m.name)

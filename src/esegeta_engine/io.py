@@ -84,9 +84,9 @@ def load_volume(path: str | Path, *, spatial_dims: int = 3, channels: int = 1) -
     while data.ndim > want and data.shape[-1] == 1:
         data = data[..., 0]
     if data.ndim != want or (channels > 1 and data.shape[-1] != channels):
-        kind = f"{spatial_dims}D" + (f" with {channels} channels" if channels > 1 else "")
+        kind = f"{spatial_dims}D image" + (f" with {channels} channels" if channels > 1 else "")
         raise VolumeError(
-            f"{path.name} has shape {shape} but a {kind} image was expected",
+            f"{path.name} has shape {shape} but a {kind} was expected",
             "give a single 3D volume (split 4D time series / multi-echo files first), or set "
             "preprocess.spatial_dims / preprocess.in_channels to match the model",
         )

@@ -171,7 +171,10 @@ def load_model(
     # state dict
     try:
         obj = torch.load(str(path), map_location=dev, weights_only=True)
-    except pickle.UnpicklingError:
+    except pickle.UnpicklingError as exc:
+        if "Unsupported global" not in str(exc):  # junk bytes, not a pickled module
+            raise ModelLoadError(f"{path.name} is not a PyTorch model file (it cannot be unpickled)",
+                                 "give a TorchScript file or a state dict saved with torch.save") from None
         raise ModelLoadError(
             f"{path.name} is not a plain state dict (it holds pickled Python objects, "
             "probably a whole nn.Module)",
@@ -195,12 +198,31 @@ def load_model(
                              "fix model.kwargs to match the class's constructor") from None
     try:
         model.load_state_dict(state_dict, strict=True)
-    except RuntimeError as exc:
-        detail = " ".join(str(exc).split())[:600]
-        raise ModelLoadError(f"the state dict in {path.name} does not fit {class_path}: {detail}",
+    except RuntimeError:
+        raise ModelLoadError(f"the state dict in {path.name} does not fit {class_path}: "
+                             f"{_mismatch(model.state_dict(), state_dict)}",
                              "check model.class_path and model.kwargs (e.g. channel counts) match "
                              "the model that was saved") from None
     return model.to(dev).eval()
+
+
+def _mismatch(expected: Mapping[str, torch.Tensor], given: Mapping[str, torch.Tensor]) -> str:
+    """A short account of why a state dict does not fit a model."""
+    def few(keys: list[str]) -> str:
+        return ", ".join(keys[:3]) + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
+
+    missing = [k for k in expected if k not in given]
+    unexpected = [k for k in given if k not in expected]
+    shapes = [f"{k} {tuple(given[k].shape)} vs {tuple(expected[k].shape)}"
+              for k in expected if k in given and given[k].shape != expected[k].shape]
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} parameter(s) missing from the file ({few(missing)})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected in the file ({few(unexpected)})")
+    if shapes:
+        parts.append(f"{len(shapes)} of another shape (file vs class: {few(shapes)})")
+    return "; ".join(parts) or "incompatible tensors"
 
 
 class OutputSelector(nn.Module):

@@ -69,6 +69,8 @@ def test_state_dict_that_does_not_fit(tmp_path):
     with pytest.raises(ModelLoadError, match="does not fit") as info:
         load_model(path, class_path=CLASS, kwargs={"dims": 3, "classes": 5})
     assert "kwargs" in info.value.fix
+    assert "head.weight (2, 4, 1, 1, 1) vs (5, 4, 1, 1, 1)" in info.value.problem
+    assert len(info.value.problem) < 400
 
 
 def test_pickled_module_refused_without_trust(tmp_path):
@@ -86,7 +88,7 @@ def test_pickled_module_refused_without_trust(tmp_path):
 
 def test_not_a_model_file(tmp_path):
     path = tmp_path / "junk.pt"
-    path.write_bytes(b"this is not a model" * 10)
+    path.write_bytes(b"xyz" * 100)
     with pytest.raises(ModelLoadError, match="not a PyTorch model file"):
         load_model(path)
     with pytest.raises(ModelLoadError, match="does not exist"):

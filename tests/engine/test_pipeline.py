@@ -242,3 +242,24 @@ def test_several_volumes_batch_only_for_batch_methods(case):
     one = run(config(tmp_path, methods, target={"classes": [1]}, output={"dir": "one"}))
     fp = next(r for r in one.records if r["method"] == "feature_permutation")
     assert fp["status"] == "failed" and "several volumes" in fp["error"]
+
+
+def test_model_that_rejects_the_volume_shape_gives_a_clear_error(case, capsys):
+    from esegeta_engine.sample.nets import UNet
+
+    tmp_path, _ = case
+    torch.save(UNet(3, features=(2, 4, 8)).state_dict(), tmp_path / "unet.pt")  # needs multiples of 4
+    code = main(["explain", "--model", str(tmp_path / "unet.pt"), "--class-path", "esegeta_engine.sample.nets:UNet",
+                 "--kwargs", '{"features": [2, 4, 8]}', "--volume", str(tmp_path / "vol.nii.gz"),
+                 "--method", "saliency", "--out", str(tmp_path / "o"), "-q"])
+    err = capsys.readouterr().err
+    assert code == 2 and "does not accept an input of shape (1, 1, 8, 10, 6)" in err and "Traceback" not in err
+
+
+def test_unknown_layer_fails_before_any_method_runs(case):
+    tmp_path, _ = case
+    cfg = config(tmp_path, [{"name": "saliency"}, {"name": "layer_gradcam", "layers": ["conv9"]}],
+                 target={"classes": [1]})
+    with pytest.raises(ModelLoadError, match="no layer named 'conv9'"):
+        run(cfg)
+    assert not list((tmp_path / "out").glob("*saliency*"))

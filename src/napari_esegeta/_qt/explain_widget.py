@@ -242,7 +242,12 @@ class ExplainWidget(QWidget):
         self.run_btn.setEnabled(False)
         self.cancel_btn.setEnabled(True)
         set_status(self.status, f"Running {len(methods)} method(s) on {layer.name}…")
+        self.progress_label.setText("preparing the input and the target…")
         self._last_progress = 0.0
+        from napari.utils import progress
+
+        # created now (on the click) rather than mid-run: napari's bar costs ~0.1 s to build
+        self._pbar = progress(total=len(methods), desc="esegeta: preparing")
         self.worker = create_worker(R.explain_events, s.model, volume, methods, preprocess=s.preprocess,
                                     target=target, output=s.output, roi_mask=roi_mask,
                                     cancel=self._cancel, _start_thread=False)
@@ -267,7 +272,8 @@ class ExplainWidget(QWidget):
         if self.worker is None:  # late event after the run ended
             return
         now = time.perf_counter()
-        new_job = self._pbar is None or ev.done != self._pbar.n or ev.message.endswith("starting")
+        new_job = self._pbar is None or ev.done != self._pbar.n or ev.message.endswith("starting") \
+            or ev.total != self._pbar.total
         if not new_job and now - self._last_progress < PROGRESS_INTERVAL_S:
             return  # throttled
         self._last_progress = now
