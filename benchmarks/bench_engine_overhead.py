@@ -1,11 +1,20 @@
 """Engine overhead: the full engine path vs the raw Captum call, same settings, one run.
 
 For Saliency, Integrated Gradients and Occlusion on the bundled 3D U-Net and a
-phantom volume, time (a) ``Explainer.iter_explain`` — config objects, target
-module, score model with cancellation/deadline checks, worker thread, map back
-to NIfTI order — and (b) the bare Captum call on a hand-written forward function
-computing the same argmax-region score. Runs are interleaved and the median of
-``--repeats`` is reported. Target: engine / raw Captum <= 1.05.
+phantom volume, time
+
+* engine: ``Explainer.iter_explain`` as the CLI runs it (methods in the calling
+  thread) — input preparation, the unperturbed forward pass that freezes the
+  argmax region, target module, score model with cancellation/deadline checks,
+  the map back to NIfTI order;
+* engine-threaded: the same with ``threaded=True`` (as the napari plugin runs it:
+  each method in a worker thread, progress events while it runs);
+* captum: the same work by hand — the unperturbed forward pass and argmax region,
+  then the bare Captum call on a hand-written forward function computing the same
+  region score.
+
+Runs are interleaved and the median of ``--repeats`` is reported.
+Target: engine / captum <= 1.05.
 
     .venv/bin/python benchmarks/bench_engine_overhead.py [--size 64] [--repeats 5]
 """
@@ -15,6 +24,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from typing import Any
 
 import numpy as np
 import torch
@@ -50,34 +60,37 @@ def main() -> None:
     vol = Volume(ph.volume, ph.affine)
     explainer = Explainer(model, PreprocessConfig(normalisation="minmax"), TargetConfig(kind="argmax", classes=[1]))
     x = explainer.prepare_input(vol)
-    with torch.no_grad():
-        region = model(x).argmax(1)
-    onehot = (region == 1).float()
+    box: dict[str, torch.Tensor] = {}
 
     def raw_forward(inp: torch.Tensor) -> torch.Tensor:  # the same score, written by hand
         out = model(inp)
-        fg = (out[:, 1] * onehot.repeat(inp.shape[0] // onehot.shape[0], 1, 1, 1)).flatten(1).sum(1)
-        bg = (out[:, 0] * (1 - onehot).repeat(inp.shape[0] // onehot.shape[0], 1, 1, 1)).flatten(1).sum(1)
-        return torch.stack([bg, fg], 1)
+        onehot = box["onehot"].repeat(inp.shape[0] // box["onehot"].shape[0], 1, 1, 1, 1)
+        return (out * onehot).flatten(2).sum(-1)
+
+    def raw(make: Any, kwargs: dict[str, Any]) -> torch.Tensor:
+        with torch.no_grad():
+            out = model(x)
+        box["onehot"] = torch.nn.functional.one_hot(out.argmax(1), out.shape[1]).movedim(-1, 1).float()
+        return make(raw_forward).attribute(x, target=1, **kwargs).detach()
 
     print(f"volume {args.size}^3, torch threads {args.threads}, {args.repeats} repeats (median s)")
-    print(f"{'method':<22} {'engine':>8} {'captum':>8} {'ratio':>7}  max|diff|")
+    print(f"{'method':<22} {'engine':>8} {'threaded':>9} {'captum':>8} {'ratio':>7} {'ratio thr':>9}  max|diff|")
     for name in args.methods.split(","):
         params, make, kwargs = CASES[name]
-        engine_t, raw_t = [], []
-        for _ in range(args.repeats + 1):  # first round warms up
-            t0 = time.perf_counter()
-            maps = [e.array for e in explainer.iter_explain([vol], [MethodConfig(name=name, params=params)])
-                    if isinstance(e, MapReady)]
-            t1 = time.perf_counter()
-            with torch.enable_grad():
-                ref = make(raw_forward).attribute(x, target=1, **kwargs).detach()
-            t2 = time.perf_counter()
-            engine_t.append(t1 - t0)
-            raw_t.append(t2 - t1)
-        e, r = statistics.median(engine_t[1:]), statistics.median(raw_t[1:])
+        times: dict[str, list[float]] = {"engine": [], "threaded": [], "captum": []}
+        for _ in range(args.repeats + 1):  # the first round warms up
+            for mode in times:
+                t0 = time.perf_counter()
+                if mode == "captum":
+                    ref = raw(make, kwargs)
+                else:
+                    maps = [e.array for e in explainer.iter_explain(
+                        [vol], [MethodConfig(name=name, params=params)], threaded=mode == "threaded")
+                        if isinstance(e, MapReady)]
+                times[mode].append(time.perf_counter() - t0)
+        e, t, r = (statistics.median(times[k][1:]) for k in ("engine", "threaded", "captum"))
         diff = float(np.abs(maps[0] - ref[0, 0].numpy()).max())
-        print(f"{name:<22} {e:8.3f} {r:8.3f} {e / r:7.3f}  {diff:.2e}")
+        print(f"{name:<22} {e:8.3f} {t:9.3f} {r:8.3f} {e / r:7.3f} {t / r:9.3f}  {diff:.2e}")
 
 
 if __name__ == "__main__":

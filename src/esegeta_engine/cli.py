@@ -114,7 +114,13 @@ def _execute(cfg: Any, quiet: bool) -> int:
     cancel = threading.Event()
     # no bar when quiet or when stderr is not a terminal (logs, CI)
     bar = tqdm(total=0, unit="job", disable=True if quiet else None, dynamic_ncols=True, file=sys.stderr)
-    gen = iter_run(cfg, cancel)
+    def show(event: Progress) -> None:
+        bar.total = event.total
+        bar.n = event.done
+        bar.set_description_str(event.message[:60])
+        bar.refresh()
+
+    gen = iter_run(cfg, cancel, on_progress=show)
     try:
         while True:
             try:
@@ -123,11 +129,8 @@ def _execute(cfg: Any, quiet: bool) -> int:
                 result = stop.value
                 break
             if isinstance(event, Progress):
-                bar.total = event.total
-                bar.n = event.done
-                bar.set_description_str(event.message[:60])
-                bar.refresh()
-    except KeyboardInterrupt:
+                show(event)
+    except KeyboardInterrupt:  # raised inside the running method; iter_run recorded the cancel
         cancel.set()
         gen.close()
         bar.close()

@@ -221,6 +221,8 @@ class Explainer:
         roi_mask: np.ndarray | None = None,
         cancel: threading.Event | None = None,
         evaluators: Sequence[Evaluator] = (),
+        threaded: bool = True,
+        on_progress: Callable[[Progress], None] | None = None,
     ) -> Generator[Event, None, None]:
         """Run every method on every volume, yielding events as they happen.
 
@@ -236,6 +238,13 @@ class Explainer:
             Set from any thread to stop at the next model evaluation.
         evaluators : sequence of Evaluator
             Metrics computed for each finished map (see :data:`Evaluator`).
+        threaded : bool
+            Run each job in a worker thread and yield :class:`Progress` while it
+            runs (for GUIs). ``False`` runs jobs in the caller's thread, which is
+            faster with multi-threaded torch (no second OpenMP team), and reports
+            progress within a job through ``on_progress`` only.
+        on_progress : callable, optional
+            Called with per-evaluation :class:`Progress` when ``threaded`` is false.
         """
         cancel = cancel or threading.Event()
         monitor = EvaluationMonitor(cancel)
@@ -268,14 +277,16 @@ class Explainer:
                 score_model = ScoreModel(self.model, target, self.output, monitor)
                 for job in jobs:
                     yield Progress(done, total, f"{job.label} · {job.cls_label}: starting")
-                    yield from self._run_job(job, x, score_model, monitor, done, total, evaluators)
+                    yield from self._run_job(job, x, score_model, monitor, done, total, evaluators,
+                                             threaded, on_progress)
                     done += 1
                     if cancel.is_set():
                         return
             yield Progress(done, total, "finished")
 
     def _run_job(self, job: Job, x: torch.Tensor, score_model: ScoreModel, monitor: EvaluationMonitor,
-                 done: int, total: int, evaluators: Sequence[Evaluator] = ()) -> Generator[Event, None, None]:
+                 done: int, total: int, evaluators: Sequence[Evaluator] = (), threaded: bool = True,
+                 on_progress: Callable[[Progress], None] | None = None) -> Generator[Event, None, None]:
         ctx = MethodContext(
             score_model=score_model, inputs=x, target=job.cls, seed=self.seed,
             layer=get_layer(self.model, job.layer) if job.layer else None, layer_name=job.layer,
@@ -289,36 +300,29 @@ class Explainer:
                 holder["result"] = attribute(job.spec, ctx, job.params, job.noise_tunnel)
                 evaluations = monitor.count
                 holder["samples"] = monitor.samples
-            except BaseException as exc:  # handed to the generator's thread
+            except Exception as exc:  # recorded; KeyboardInterrupt propagates
                 holder["error"] = exc
                 return
             holder["evaluations"] = evaluations
             try:
                 holder["metrics"] = self._evaluate(evaluators, job, ctx, holder["result"], monitor)
-            except BaseException as exc:  # cancelled while evaluating: the map itself is kept
+            except Exception as exc:  # cancelled while evaluating: the map itself is kept
                 holder["metrics_error"] = exc
 
         monitor.start(self.timeout_s)
         start = time.perf_counter()
-        thread = threading.Thread(target=work, name=f"esegeta-{job.label}", daemon=True)
-        thread.start()
-        last = -1
-        try:
-            while thread.is_alive():
-                thread.join(0.05)
-                if monitor.count != last:
-                    last = monitor.count
-                    yield Progress(done, total, f"{job.label} · {job.cls_label}: "
-                                   f"{last} model evaluations", last)
-                if self.timeout_s is not None and time.perf_counter() - start > self.timeout_s + 30:
-                    holder["error"] = MethodTimeout(  # one model call runs far past the limit
-                        f"exceeded the time limit of {self.timeout_s:g} s inside one model evaluation")
-                    monitor.cancel.set()  # the stuck call stops at its next evaluation
-                    break
-        finally:
-            if thread.is_alive() and "error" not in holder:
-                monitor.cancel.set()  # generator closed (GUI cancel): stop the worker
-                thread.join(5.0)
+        if not threaded:  # in this thread: progress through the callback only
+            def report(n: int) -> None:
+                if on_progress is not None:
+                    on_progress(Progress(done, total, f"{job.label} · {job.cls_label}: {n} model evaluations", n))
+
+            monitor.on_evaluation = report
+            try:
+                work()
+            finally:
+                monitor.on_evaluation = None
+        else:
+            yield from self._watch(work, job, holder, monitor, done, total, start)
         seconds = time.perf_counter() - start
         err = holder.get("error")
         if err is None and "result" in holder:
@@ -345,6 +349,30 @@ class Explainer:
             log.error("%s · %s failed", job.label, job.cls_label, exc_info=err)
         log.warning("%s · %s: %s (%s)", job.label, job.cls_label, status, text)
         yield JobFailed(job, status, text, seconds, monitor.count)
+
+    @staticmethod
+    def _watch(work: Callable[[], None], job: Job, holder: dict[str, Any], monitor: EvaluationMonitor,
+               done: int, total: int, start: float) -> Generator[Event, None, None]:
+        """Run ``work`` in a worker thread, yielding progress while it runs."""
+        thread = threading.Thread(target=work, name=f"esegeta-{job.label}", daemon=True)
+        thread.start()
+        last = -1
+        timeout = monitor.timeout_s
+        try:
+            while thread.is_alive():
+                thread.join(0.05)
+                if monitor.count != last:
+                    last = monitor.count
+                    yield Progress(done, total, f"{job.label} · {job.cls_label}: {last} model evaluations", last)
+                if timeout is not None and time.perf_counter() - start > timeout + 30:
+                    holder["error"] = MethodTimeout(  # one model call runs far past the limit
+                        f"exceeded the time limit of {timeout:g} s inside one model evaluation")
+                    monitor.abort.set()  # the stuck job stops at its next evaluation; the run goes on
+                    break
+        finally:
+            if thread.is_alive() and "error" not in holder:
+                monitor.abort.set()  # generator closed (GUI cancel): stop the worker
+                thread.join(5.0)
 
     @staticmethod
     def _evaluate(evaluators: Sequence[Evaluator], job: Job, ctx: MethodContext, result: torch.Tensor,

@@ -130,8 +130,14 @@ def load_inputs(cfg: Config) -> tuple[list[Volume], np.ndarray | None]:
     return volumes, roi
 
 
-def iter_run(cfg: Config, cancel: threading.Event | None = None) -> Generator[Event, None, RunResult]:
-    """Run ``cfg``, yielding progress events; returns the :class:`RunResult`.
+def iter_run(cfg: Config, cancel: threading.Event | None = None, *, threaded: bool = False,
+             on_progress: Callable[[Progress], None] | None = None) -> Generator[Event, None, RunResult]:
+    """Run ``cfg``, yielding events; returns the :class:`RunResult`.
+
+    Methods run in the calling thread by default (fastest); progress within a
+    method goes to ``on_progress``. ``threaded=True`` runs each method in a
+    worker thread and yields that progress as events instead (see
+    :meth:`Explainer.iter_explain`).
 
     Raises
     ------
@@ -177,7 +183,8 @@ def iter_run(cfg: Config, cancel: threading.Event | None = None) -> Generator[Ev
         gt_mask = _load_ground_truth(cfg, volumes)
         curves: dict[str, Any] = {}
         for event in explainer.iter_explain(volumes, cfg.methods, roi_mask=roi, cancel=cancel,
-                                            evaluators=make_evaluators(ev, cfg.run.seed)):
+                                            evaluators=make_evaluators(ev, cfg.run.seed),
+                                            threaded=threaded, on_progress=on_progress):
             if isinstance(event, MapReady):
                 job = event.job
                 name = map_filename(stems[event.volume], job.label, job.cls_label)
@@ -211,7 +218,7 @@ def iter_run(cfg: Config, cancel: threading.Event | None = None) -> Generator[Ev
         manifest["status"] = "failed"
         manifest["error"] = str(exc)
         raise
-    except GeneratorExit:
+    except (GeneratorExit, KeyboardInterrupt):
         manifest["status"] = "cancelled"
         raise
     except BaseException as exc:
@@ -321,8 +328,8 @@ def _stats(arr: np.ndarray) -> dict[str, float]:
 
 def run(cfg: Config, cancel: threading.Event | None = None,
         on_event: Callable[[Event], None] | None = None) -> RunResult:
-    """Run ``cfg`` to the end (see :func:`iter_run`)."""
-    gen = iter_run(cfg, cancel)
+    """Run ``cfg`` to the end (see :func:`iter_run`); ``on_event`` sees every event and progress."""
+    gen = iter_run(cfg, cancel, on_progress=on_event)
     while True:
         try:
             event = next(gen)

@@ -38,6 +38,7 @@ class EvaluationMonitor:
         on_evaluation: Callable[[int], None] | None = None,
     ) -> None:
         self.cancel = cancel or threading.Event()
+        self.abort = threading.Event()  # stops the current job only (stuck past its time limit)
         self.on_evaluation = on_evaluation
         self.count = 0
         self.samples = 0
@@ -48,6 +49,7 @@ class EvaluationMonitor:
         """Reset the counters and arm a deadline ``timeout_s`` seconds from now."""
         self.count = 0
         self.samples = 0
+        self.abort.clear()
         self.timeout_s = timeout_s
         self.deadline = None if timeout_s is None else time.monotonic() + timeout_s
 
@@ -55,6 +57,8 @@ class EvaluationMonitor:
         """Raise :class:`Cancelled` or :class:`MethodTimeout` if due."""
         if self.cancel.is_set():
             raise Cancelled("cancelled by the user")
+        if self.abort.is_set():
+            raise MethodTimeout(f"exceeded the time limit of {self.timeout_s:g} s")
         if self.deadline is not None and time.monotonic() > self.deadline:
             raise MethodTimeout(f"exceeded the time limit of {self.timeout_s:g} s")
 

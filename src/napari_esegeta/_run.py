@@ -8,7 +8,7 @@ notification and the widget shows the problem and its fix.
 from __future__ import annotations
 
 import threading
-from collections.abc import Generator, Sequence
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -131,12 +131,19 @@ def roi_from_layer(labels_layer: Any, shape: tuple[int, ...]) -> np.ndarray:
 def explain_events(model: Any, volume: Volume, methods: Sequence[MethodConfig], *,
                    preprocess: PreprocessConfig, target: TargetConfig, output: int | str | None,
                    roi_mask: np.ndarray | None, cancel: threading.Event,
-                   timeout_s: float | None = None) -> Generator[Any, None, None]:
-    """Engine events for one volume; errors become a final :class:`RunError`."""
+                   timeout_s: float | None = None,
+                   on_progress: Callable[[Any], None] | None = None) -> Generator[Any, None, None]:
+    """Engine events for one volume; errors become a final :class:`RunError`.
+
+    Methods run in the calling (worker) thread — a second torch thread would
+    compete with it for cores — so progress within a method goes to
+    ``on_progress``, called from that thread.
+    """
     try:
         explainer = Explainer(model, preprocess=preprocess, target=target, output=output,
                               timeout_s=timeout_s)
-        yield from explainer.iter_explain([volume], methods, roi_mask=roi_mask, cancel=cancel)
+        yield from explainer.iter_explain([volume], methods, roi_mask=roi_mask, cancel=cancel,
+                                          threaded=False, on_progress=on_progress)
     except EsegetaError as exc:
         yield RunError(format_error(exc))
     except Exception as exc:  # a bug or a model crash: still no traceback in the GUI

@@ -22,6 +22,12 @@ PLANES: dict[str, tuple[tuple[int, int, int], tuple[str, str]]] = {
 VIEW_3D = ((0.0, 0.0, 1.0), (0.0, 1.0, 0.0))
 
 
+def _camera(viewer: Any) -> Any:
+    """``viewer.scene.camera`` (napari >= 0.9), else the legacy ``viewer.camera``."""
+    scene = getattr(viewer, "scene", None)
+    return scene.camera if scene is not None and hasattr(scene, "camera") else viewer.camera
+
+
 def show_plane(viewer: Any, plane: str) -> None:
     """Show ``plane`` (axial, coronal, sagittal) in 2D, or ``3d``.
 
@@ -36,12 +42,12 @@ def show_plane(viewer: Any, plane: str) -> None:
         viewer.dims.ndisplay = 3
         viewer.dims.order = (0, 1, 2)
         viewer.reset_view()
-        viewer.camera.set_view_direction(VIEW_3D[0], VIEW_3D[1])
+        _camera(viewer).set_view_direction(VIEW_3D[0], VIEW_3D[1])
         return
     if viewer.dims.ndim != 3:
         return
     order, orientation = PLANES[plane]
     viewer.dims.ndisplay = 2
     viewer.dims.order = order
-    viewer.camera.orientation2d = orientation
+    _camera(viewer).orientation2d = orientation
     viewer.reset_view()

@@ -125,16 +125,34 @@ def test_cancel_keeps_finished_results_and_restores_model(case):
     cfg = config(tmp_path, [{"name": "saliency"}, {"name": "occlusion", "params": {"window": 1, "perturbations_per_eval": 1}},
                             {"name": "input_x_gradient"}], target={"classes": [1]}, model=SLOW)
     cancel = threading.Event()
-    gen = iter_run(cfg, cancel)
-    for event in gen:
-        if isinstance(event, Progress) and "occlusion" in event.message and event.evaluations > 3:
+
+    def on_progress(event):
+        if "occlusion" in event.message and event.evaluations > 3:
             cancel.set()
+
+    for _ in iter_run(cfg, cancel, on_progress=on_progress):
+        pass
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert manifest["status"] == "cancelled"
     statuses = [(r["method"], r["status"]) for r in manifest["results"]]
     assert statuses == [("saliency", "ok"), ("occlusion", "cancelled")]
     assert (tmp_path / "out" / manifest["results"][0]["file"]).is_file()
     assert not [p for p in (tmp_path / "out").iterdir() if ".part" in p.name]
+
+
+def test_threaded_run_streams_progress_and_cancels(case):
+    tmp_path, _ = case
+    cfg = config(tmp_path, [{"name": "saliency"}, {"name": "occlusion", "params": {"window": 1, "perturbations_per_eval": 1}}],
+                 target={"classes": [1]}, model=SLOW)
+    cancel = threading.Event()
+    seen = []
+    for event in iter_run(cfg, cancel, threaded=True):
+        if isinstance(event, Progress) and "occlusion" in event.message and event.evaluations > 3:
+            seen.append(event.evaluations)
+            cancel.set()
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert seen and manifest["status"] == "cancelled"
+    assert [r["status"] for r in manifest["results"]] == ["ok", "cancelled"]
 
 
 def test_model_unchanged_after_runs_and_errors(case):

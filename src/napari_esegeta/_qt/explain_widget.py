@@ -15,7 +15,7 @@ import time
 from typing import Any
 
 import numpy as np
-from qtpy.QtCore import Qt
+from qtpy.QtCore import Qt, QTimer
 from qtpy.QtWidgets import (
     QCheckBox,
     QComboBox,
@@ -123,6 +123,10 @@ class ExplainWidget(QWidget):
         self.progress_label.setSizePolicy(QSizePolicy.Policy.Ignored, QSizePolicy.Policy.Fixed)
         self.progress_label.setFixedHeight(self.progress_label.fontMetrics().height() + 4)
         self._last_progress = 0.0
+        self._latest: Progress | None = None
+        self._poll = QTimer(self)  # shows within-method progress reported from the worker thread
+        self._poll.setInterval(int(PROGRESS_INTERVAL_S * 1000))
+        self._poll.timeout.connect(self._show_latest)
         self.model_label = QLabel()
         buttons = QHBoxLayout()
         buttons.addWidget(self.run_btn)
@@ -248,9 +252,12 @@ class ExplainWidget(QWidget):
 
         # created now (on the click) rather than mid-run: napari's bar costs ~0.1 s to build
         self._pbar = progress(total=len(methods), desc="esegeta: preparing")
+        self._latest = None  # set from the worker thread (one assignment), shown by the timer
         self.worker = create_worker(R.explain_events, s.model, volume, methods, preprocess=s.preprocess,
                                     target=target, output=s.output, roi_mask=roi_mask,
-                                    cancel=self._cancel, _start_thread=False)
+                                    cancel=self._cancel, on_progress=self._store_progress,
+                                    _start_thread=False)
+        self._poll.start()
         self.worker.yielded.connect(self._on_event)
         self.worker.finished.connect(self._on_finished)
         self.worker.start()
@@ -264,6 +271,14 @@ class ExplainWidget(QWidget):
         self._cancel.set()
         self.cancel_btn.setEnabled(False)
         self.progress_label.setText("Cancelling…")
+
+    def _store_progress(self, ev: Progress) -> None:
+        self._latest = ev  # worker thread: no Qt calls here
+
+    def _show_latest(self) -> None:
+        ev, self._latest = self._latest, None
+        if ev is not None:
+            self._progress(ev)
 
     def _progress(self, ev: Progress) -> None:
         """Show progress: napari's bar per job (it costs ~20 ms a call), a label within a job."""
@@ -305,6 +320,8 @@ class ExplainWidget(QWidget):
             self.failures.append(ev.text)
 
     def _on_finished(self) -> None:
+        self._poll.stop()
+        self._latest = None
         if self.cancel_requested_at is not None:
             self.last_cancel_latency = time.perf_counter() - self.cancel_requested_at
         if self._pbar is not None:
