@@ -94,8 +94,6 @@ class TargetConfig(_Strict):
 
     @model_validator(mode="after")
     def _needs(self) -> TargetConfig:
-        if self.kind == "roi" and self.roi_mask is None:
-            raise ValueError("target kind 'roi' needs roi_mask (a NIfTI mask on the volume's grid)")
         if self.kind == "voxel" and not self.voxel:
             raise ValueError("target kind 'voxel' needs voxel: [x, y, z]")
         return self
@@ -216,6 +214,13 @@ class Config(_Strict):
     output: OutputConfig = Field(default_factory=OutputConfig)
     run: RunOptions = Field(default_factory=RunOptions)
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
+
+    @model_validator(mode="after")
+    def _roi_mask_file(self) -> Config:
+        # an ROI given in memory (napari Labels layer) needs no file; a config run does
+        if self.target.kind == "roi" and self.target.roi_mask is None:
+            raise ValueError("target kind 'roi' needs target.roi_mask (a NIfTI mask on the volume's grid)")
+        return self
 
     @model_validator(mode="after")
     def _randomisation_methods(self) -> Config:

@@ -263,7 +263,10 @@ class Explainer:
                     "resample or crop the volumes to a common grid")
             groups.append((tuple(range(len(volumes))), batched))
         prepared = []
+        yield Progress(0, 0, "preparing the input and the target")
         for group, group_methods in groups:
+            if cancel.is_set():
+                return
             x = torch.cat([self.prepare_input(volumes[i]) for i in group])
             target = build_target(self.target, self.preprocess.spatial_dims, roi_mask,
                                   self.preprocess.axis_order).to(self.device)

@@ -72,8 +72,8 @@ def make_target(kind: str, classes: list[int] | None = None, activation: str = "
                 frozen: bool = True) -> TargetConfig:
     """Validated :class:`TargetConfig` from the widget's values.
 
-    The ROI mask itself is passed to the engine as an array; ``roi_mask``
-    only names the labels layer (the schema wants a path there).
+    The ROI mask itself is passed to the engine as an array (``roi_name`` is
+    only checked here), so the target has no ``roi_mask`` file.
 
     Raises
     ------
@@ -87,8 +87,7 @@ def make_target(kind: str, classes: list[int] | None = None, activation: str = "
     try:
         return TargetConfig(kind=kind, classes=classes, frozen=frozen,
                             activation=None if activation == "default" else activation,
-                            voxel=[int(v) for v in voxel] if voxel else None,
-                            roi_mask=Path(roi_name) if kind == "roi" else None)
+                            voxel=[int(v) for v in voxel] if voxel else None)
     except ValidationError as exc:
         raise format_validation_error(exc, "target") from None
 
