@@ -157,11 +157,13 @@ def predict_labels(model: Any, volume: Volume, preprocess: PreprocessConfig,
         return RunError(format_error(exc))
 
 
-def map_layer_data(event: MapReady, input_layer: Any, target: TargetConfig) -> tuple[Any, dict, str]:
-    """Layer data for a :class:`MapReady`, with the input layer's geometry."""
+def map_layer_data(event: MapReady, input_layer: Any, target: TargetConfig,
+                   roi_layer: str | None = None) -> tuple[Any, dict, str]:
+    """Layer data for a :class:`MapReady`, with the input layer's geometry and provenance."""
     job = event.job
     prov = {"params": _jsonable(job.params), "layer": job.layer, "noise_tunnel": job.noise_tunnel,
             "target": target.kind, "class": job.cls, "voxel": target.voxel,
+            "roi_layer": roi_layer if target.kind == "roi" else None, "frozen": target.frozen,
             "activation": target.resolved_activation, "seconds": round(event.seconds, 3),
             "evaluations": event.evaluations, "input_layer": input_layer.name,
             "family": job.spec.family}

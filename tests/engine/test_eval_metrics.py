@@ -104,8 +104,9 @@ def test_infidelity_batch_of_two_with_frozen_regions() -> None:
     batch = infidelity_score(smb, xb, attr, 1, normalize=False, noise_scale=0.01)
     singles = []
     for i in range(2):
-        _, _, sm = seg(2, n=2)
-        sm.target.region = sm.target.region[i:i + 1]
+        model, xs, sm = seg(2, n=2)
+        with torch.no_grad():
+            sm.target.prepare(model(xs[i:i + 1]))  # the region of example i alone
         singles.append(infidelity_score(sm, xb[i:i + 1], attr[i:i + 1], 1, normalize=False,
                                         noise_scale=0.01))
     assert batch < 10 * max(singles)

@@ -203,7 +203,22 @@ def test_voxel_and_roi_targets(qtbot, docked, bundled_model, phantom):
     ex.roi_combo.setCurrentText("roi")
     run_and_wait(qtbot, ex)
     assert ex.status.property("status_kind") == "ok", ex.status.text()
-    assert any(ly.metadata.get("esegeta", {}).get("target") == "roi" for ly in viewer.layers)
+    roi_maps = [ly for ly in viewer.layers if ly.metadata.get("esegeta", {}).get("target") == "roi"]
+    assert roi_maps and roi_maps[0].metadata["esegeta"]["roi_layer"] == "roi"
+    # the evaluation panel's logic rebuilds the ROI target from the named Labels layer
+    from napari_esegeta import _evaluate as E
+    from napari_esegeta._run import volume_from_layer
+
+    with pytest.raises(E.EvaluationSetupError, match="'roi'"):
+        E.map_info(roi_maps[0], {})
+    info = E.map_info(roi_maps[0], {"roi": viewer.layers["roi"]})
+    assert info.roi_mask is not None and info.roi_mask.sum() == (phantom.mask > 0).sum()
+    s = w["model"].session
+    events = list(E.evaluate_groups(s.model, [(volume_from_layer(image), [info])],
+                                    E.EvalOptions(infidelity=True, faithfulness=False),
+                                    preprocess=s.preprocess, output=s.output))
+    rows = [e for e in events if isinstance(e, E.RowReady)]
+    assert rows and np.isfinite(rows[0].row["infidelity"]), events
 
 
 def test_compare_grid_save_and_rendering(qtbot, docked, bundled_model, tmp_path, phantom):

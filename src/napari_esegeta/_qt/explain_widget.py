@@ -68,6 +68,7 @@ class ExplainWidget(QWidget):
         self.destroyed.connect(lambda *_: holder[0].set())  # viewer closed mid-run: stop the worker
         self._pbar: Any = None
         self._target: Any = None
+        self._roi_name: str | None = None
         self._input_layer: Any = None
         self._run_started = 0.0
 
@@ -239,6 +240,7 @@ class ExplainWidget(QWidget):
             return None
         self._cancel = self._cancel_holder[0] = threading.Event()
         self._target, self._input_layer = target, layer
+        self._roi_name = roi.name if (kind == "roi" and roi is not None) else None
         self.added, self.failures = [], []
         self.cancel_requested_at = self.last_cancel_latency = None
         self._run_started = time.perf_counter()
@@ -310,7 +312,7 @@ class ExplainWidget(QWidget):
         if isinstance(ev, Progress):
             self._progress(ev)
         elif isinstance(ev, MapReady):
-            data, kwargs, _ = R.map_layer_data(ev, self._input_layer, self._target)
+            data, kwargs, _ = R.map_layer_data(ev, self._input_layer, self._target, self._roi_name)
             layer = self.viewer.add_image(data, **kwargs)
             self.added.append(layer.name)
         elif isinstance(ev, JobFailed):

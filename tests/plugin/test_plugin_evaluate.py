@@ -1,0 +1,150 @@
+"""The Evaluate widget on the phantom: metrics table, curves, randomisation stage layers, cancel."""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import time
+
+import numpy as np
+import pytest
+
+from plugin_helpers import wait_until
+
+pytestmark = pytest.mark.gui
+
+SHOT = os.environ.get("ESEGETA_EVAL_SCREENSHOT")  # path: save the panel (docs)
+
+
+def _load_and_explain(qtbot, w) -> list:
+    mw = w["model"]
+    mw.use_bundled()
+    wait_until(qtbot, lambda: mw.session.model is not None or mw.status.property("status_kind") == "error", 60)
+    assert mw.session.model is not None, mw.status.text()
+    ex = w["explain"]
+    ex.kind_combo.setCurrentText("argmax")
+    ex.methods.check("saliency")
+    ex.methods.check("integrated_gradients", n_steps=4)
+    assert ex.run() is not None, ex.status.text()
+    wait_until(qtbot, lambda: not ex.running, 60)
+    assert ex.status.property("status_kind") == "ok", ex.status.text()
+    return list(ex.added)
+
+
+def _evaluate_widget(viewer):
+    from napari_esegeta._qt.evaluate_widget import EvaluateWidget
+
+    ev = EvaluateWidget(viewer)
+    viewer.window.add_dock_widget(ev, name="evaluate")
+    return ev
+
+
+def _same_geometry(layer, ref) -> None:
+    for attr in ("scale", "translate", "rotate", "shear"):
+        np.testing.assert_allclose(getattr(layer, attr), getattr(ref, attr))
+    np.testing.assert_allclose(layer.affine.affine_matrix, ref.affine.affine_matrix)
+
+
+def test_evaluate_panel(qtbot, make_docked, bundled_model, tmp_path):
+    from napari_esegeta._sample_data import phantom_mask_data
+
+    viewer, image, w = make_docked(show=bool(SHOT))
+    maps = _load_and_explain(qtbot, w)
+    assert len(maps) == 2
+    data, kwargs, _ = phantom_mask_data((32,) * 3, 3)[0]
+    gt = viewer.add_labels(data, **kwargs)
+    assert gt.data.any()
+    ev = _evaluate_widget(viewer)
+    assert sorted(ly.name for ly in ev.checked_layers()) == sorted(maps)  # default: all result layers
+    ev.gt_combo.setCurrentText(gt.name)
+    ev.infidelity_check.setChecked(True)
+    ev.faithfulness_check.setChecked(True)
+    ev.steps_spin.setValue(5)
+    ev.localisation_check.setChecked(True)
+    ev.randomisation_check.setChecked(True)
+    ev.mode_combo.setCurrentText("cascading")
+    ev.stages_spin.setValue(2)
+    n_before = len(viewer.layers)
+    t0 = time.perf_counter()
+    assert ev.run() is not None, ev.status.text()
+    wait_until(qtbot, lambda: not ev.running, 80)
+    took = time.perf_counter() - t0
+    assert ev.status.property("status_kind") == "ok", ev.status.text()
+    # one row per map, finite numbers where defined
+    assert sorted(r["layer"] for r in ev.rows) == sorted(maps)
+    assert ev.table.rowCount() == 2
+    for r in ev.rows:
+        for key in ("infidelity", "auc_deletion", "auc_insertion", "aopc_deletion", "mass_inside",
+                    "rank_accuracy", "pointing_game", "roc_auc", "mean_spearman_abs"):
+            assert math.isfinite(r[key]), (key, r)
+        assert r["randomisation"] in ("pass", "fail")
+    cells = ev.table_text()
+    headers = ev.headers()
+    assert all(c[headers.index("randomisation")] in ("pass", "fail") for c in cells)
+    assert not any("undefined" in c[headers.index("infidelity")] for c in cells)
+    # sortable: sort by infidelity
+    ev.table.sortItems(headers.index("infidelity"))
+    vals = [float(c[headers.index("infidelity")]) for c in ev.table_text()]
+    assert vals == sorted(vals)
+    # curves: deletion + insertion per map
+    assert ev.lines_drawn == 4 and set(ev.curves) == set(maps)
+    # stage layers: 2 per map, on the input's grid and geometry, named method · stage k (layer)
+    assert len(viewer.layers) == n_before + 4 == n_before + len(ev.added)
+    for name in ev.added:
+        layer = viewer.layers[name]
+        meta = layer.metadata["esegeta"]
+        assert name.startswith(f"{meta['label']} · stage {meta['randomisation_stage']} (")
+        assert layer.data.shape == image.data.shape
+        _same_geometry(layer, image)
+        assert meta["source_layer"] in maps
+    # the Compare widget lists the stage layers (original vs stage k)
+    w["compare"].refresh()
+    assert set(ev.added) <= {ly.name for ly in w["compare"].result_layers()}
+    # CSV export
+    out = ev.export_csv(tmp_path / "eval.csv")
+    with out.open() as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == 2 and all(float(r["infidelity"]) == float(r["infidelity"]) for r in rows)
+    print(f"evaluation took {took:.1f} s")
+    if SHOT:
+        ev.setMinimumWidth(560)
+        qtbot.wait(300)
+        ev.grab().save(SHOT)
+
+
+def test_evaluate_cancel_and_undefined(qtbot, docked, bundled_model):
+    viewer, image, w = docked
+    maps = _load_and_explain(qtbot, w)
+    ev = _evaluate_widget(viewer)
+    ev.infidelity_check.setChecked(True)
+    ev.faithfulness_check.setChecked(False)
+    ev.localisation_check.setChecked(True)  # no ground truth chosen: undefined, with the reason
+    ev.randomisation_check.setChecked(True)
+    ev.stages_spin.setValue(20)
+    assert ev.run() is not None, ev.status.text()
+    wait_until(qtbot, lambda: "randomisation" in ev.last_message or not ev.running, 60)
+    assert ev.running, ev.status.text()
+    qtbot.wait(200)
+    ev.cancel()
+    wait_until(qtbot, lambda: not ev.running, 10)
+    assert ev.last_cancel_latency is not None and ev.last_cancel_latency < 1.5, ev.last_cancel_latency
+    assert "cancelled" in ev.status.text()
+    print(f"cancel latency {ev.last_cancel_latency:.2f} s")
+    # the metric rows done before the cancel are kept
+    assert sorted(r["layer"] for r in ev.rows) == sorted(maps)
+    headers = ev.headers()
+    for cells, r in zip(ev.table_text(), ev.rows):
+        assert cells[headers.index("mass_inside")] == "undefined"
+        assert "ground-truth" in cells[headers.index("notes")]
+        assert math.isfinite(r["infidelity"])
+    # the viewer keeps working and a new run can start
+    assert not ev.session.busy and ev.run_btn.isEnabled()
+
+
+def test_evaluate_errors_are_readable(qtbot, docked):
+    viewer, image, w = docked
+    ev = _evaluate_widget(viewer)
+    assert ev.run() is None  # no model
+    assert ev.status.property("status_kind") == "error" and "no model" in ev.status.text()
+    assert not ev.running and ev.run_btn.isEnabled()
