@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from esegeta_engine.config import MethodConfig, PreprocessConfig, TargetConfig
-from esegeta_engine.errors import Cancelled, EsegetaError, MethodError, MethodTimeout, TargetError
+from esegeta_engine.errors import Cancelled, EsegetaError, MethodError, MethodTimeout, TargetError, VolumeError
 from esegeta_engine.io import Volume
 from esegeta_engine.methods import MethodContext, MethodSpec, attribute, get_method
 from esegeta_engine.models import get_layer, is_torchscript, model_guard
@@ -159,7 +159,18 @@ class Explainer:
         return torch.device("cpu")
 
     def prepare_input(self, volume: Volume) -> torch.Tensor:
-        """``volume`` -> model input ``(1, C, *spatial)`` on the model's device."""
+        """``volume`` -> model input ``(1, C, *spatial)`` on the model's device.
+
+        Raises
+        ------
+        VolumeError
+            If the image has NaN or Inf voxels (e.g. an edited napari layer).
+        """
+        bad = int((~np.isfinite(volume.data)).sum())
+        if bad:
+            name = volume.path.name if volume.path else "the image"
+            raise VolumeError(f"{name} has {bad} NaN or Inf voxel(s)",
+                              "fill or mask them (e.g. replace with 0) before explaining the model")
         p = self.preprocess
         return to_model_input(volume.data, spatial_dims=p.spatial_dims, in_channels=p.in_channels,
                               axis_order=p.axis_order, normalisation=p.normalisation,

@@ -178,6 +178,19 @@ def test_model_unchanged_after_runs_and_errors(case):
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
+def test_in_memory_volume_with_nan_is_refused(case):
+    from esegeta_engine.config import MethodConfig, PreprocessConfig, TargetConfig
+    from esegeta_engine.explain import Explainer
+    from esegeta_engine.io import Volume
+
+    _, model = case
+    data = np.zeros((8, 8, 8), np.float32)
+    data[1, 2, 3] = np.nan
+    ex = Explainer(model, PreprocessConfig(), TargetConfig(classes=[1]))
+    with pytest.raises(VolumeError, match="1 NaN or Inf"):
+        list(ex.iter_explain([Volume(data, np.eye(4))], [MethodConfig(name="saliency")]))
+
+
 def test_existing_run_folder_needs_overwrite(case):
     tmp_path, _ = case
     run(config(tmp_path, [{"name": "saliency"}], target={"classes": [1]}))

@@ -68,8 +68,11 @@ def test_all_evaluations(case):
     assert (case / "out" / rnd["figure"]).is_file()
     html = (case / "out" / manifest["report"]).read_text()
     HTMLParser().feed(html)
-    for name in ("saliency", "layer_gradcam", "roc_auc", "infidelity"):
-        assert name in html
+    for name in ("saliency", "layer_gradcam", "roc_auc", "infidelity", "Slice montages",
+                 "Faithfulness curves", "Randomisation sanity check", rnd["figure"]):
+        assert name in html, name
+    assert len(list((case / "out" / "figures").glob("*__montage.png"))) == 2
+    assert len(list((case / "out" / "figures").glob("*__curves.png"))) == 1
     assert (case / "out" / "metrics.csv").is_file()
 
 

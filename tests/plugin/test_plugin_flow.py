@@ -308,3 +308,20 @@ def test_torchscript_model_and_hook_methods(qtbot, docked, bundled_model):
     assert any(ly.name.startswith("saliency") for ly in viewer.layers)
     assert ex.status.property("status_kind") == "error"
     assert hooks in ex.status.text() and "TorchScript" in ex.status.text()
+
+
+@pytest.mark.gui
+def test_layer_with_nans_gives_a_readable_error(qtbot, docked, bundled_model, phantom):
+    viewer, image, w = docked
+    load_bundled(qtbot, w["model"])
+    data = phantom.volume.copy()
+    data[3, 4, 5] = np.nan
+    bad = viewer.add_image(data, name="edited", scale=image.scale, translate=image.translate)
+    names = [ly.name for ly in viewer.layers]
+    ex = w["explain"]
+    ex.image_combo.setCurrentText("edited")
+    ex.methods.check("saliency")
+    run_and_wait(qtbot, ex)
+    assert ex.status.property("status_kind") == "error"
+    assert "NaN" in ex.status.text() and "Traceback" not in ex.status.text()
+    assert [ly.name for ly in viewer.layers] == names and np.isnan(bad.data[3, 4, 5])

@@ -294,7 +294,7 @@ def build_report_from_run(run_dir: str | Path, *, mask: str | Path | None = None
     VolumeError
         The mask does not have the maps' shape.
     """
-    from esegeta_engine.evaluation.figures import comparison_grid, mip_figure
+    from esegeta_engine.evaluation.figures import comparison_grid, curves_figure, mip_figure, montage_figure
     from esegeta_engine.evaluation.localisation import localisation_scores
 
     run_dir = Path(run_dir)
@@ -343,9 +343,25 @@ def build_report_from_run(run_dir: str | Path, *, mask: str | Path | None = None
             png = fig_dir / (rec["file"].removesuffix(".gz").removesuffix(".nii") + "__mip.png")
             figures.setdefault(f"Maps · {stem} · {target}", []).append(
                 mip_figure(volume, arr, png, title=f"{label} · {target} · {stem}", spacing=spacing))
+            if ndim == 3 and volume is not None and arr.ndim == 3:
+                figures.setdefault(f"Slice montages · {stem} · {target}", []).append(montage_figure(
+                    volume, arr, fig_dir / png.name.replace("__mip.png", "__montage.png"),
+                    title=f"{label} · {target} · {stem}", spacing=spacing))
         if maps:
             figures.setdefault("Comparison of methods", []).append(comparison_grid(
                 volume, maps, fig_dir / f"{stem}__{_stem(target, 0)}__comparison.png",
                 title=f"{stem} · {target}", spacing=spacing))
+    curves_path = run_dir / "curves.json"
+    if curves_path.is_file():  # faithfulness curves written by the run, one figure per volume/target
+        curves = json.loads(curves_path.read_text(encoding="utf-8"))
+        for (stem, target), recs in groups.items():
+            chosen = {r["file"].removesuffix(".nii.gz").removeprefix(f"{stem}__").rsplit("__", 1)[0]: curves[r["file"]]
+                      for r in recs if r["file"] in curves}
+            if chosen:
+                figures.setdefault("Faithfulness curves", []).append(curves_figure(
+                    chosen, fig_dir / f"{stem}__{_stem(target, 0)}__curves.png", title=f"{stem} · {target}"))
+    for entry in manifest.get("randomisation") or []:
+        if entry.get("figure") and (run_dir / entry["figure"]).is_file():
+            figures.setdefault("Randomisation sanity check", []).append(run_dir / entry["figure"])
     figures = dict(sorted(figures.items(), key=lambda kv: not kv[0].startswith("Comparison")))
     return write_report(run_dir, metrics=list(metrics.values()), figures=figures, notes=notes)
