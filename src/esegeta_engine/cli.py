@@ -237,7 +237,7 @@ def cmd_methods(args: argparse.Namespace) -> int:
         print(f"  {s.name:<28} {s.summary}" + (f"  [{', '.join(flags)}]" if flags else ""))
         if args.name or args.verbose:
             for p in s.params:
-                print(f"      {p.name} = {p.default!r:<10} {p.help} ({p.describe_range()})")
+                print(f"      {p.name:<24} default {p.default!r:<10} {p.help}; {p.describe_range()}")
     if not args.name and not args.verbose:
         print("\n`esegeta methods NAME` shows a method's parameters.")
     return 0
