@@ -117,17 +117,28 @@ def load_inputs(cfg: Config) -> tuple[list[Volume], np.ndarray | None]:
                           "resample or crop them to a common grid, or run that method separately")
     roi = None
     if cfg.target.kind == "roi" and cfg.target.roi_mask is not None:
-        m = load_volume(cfg.target.roi_mask, spatial_dims=p.spatial_dims)
-        for v in volumes:
-            if m.data.shape != v.data.shape[: p.spatial_dims]:
-                raise VolumeError(f"ROI mask {m.path.name} has shape {m.data.shape} but volume "
-                                  f"{v.path.name} has {v.data.shape[: p.spatial_dims]}",
-                                  "draw the mask on the volume's grid")
-            if not np.allclose(m.affine, v.affine, atol=1e-3):
-                raise VolumeError(f"ROI mask {m.path.name} and volume {v.path.name} have different "
-                                  "geometry (affines differ)", "resample the mask onto the volume")
-        roi = m.data != 0
+        roi = load_mask_on_grid(cfg.target.roi_mask, volumes, p.spatial_dims, "ROI mask")
     return volumes, roi
+
+
+def load_mask_on_grid(path: Path, volumes: list[Volume], spatial_dims: int, what: str) -> np.ndarray:
+    """Read a mask NIfTI and check it lies on every volume's grid (shape and affine).
+
+    Raises
+    ------
+    VolumeError
+        Naming the mask, the volume and what differs.
+    """
+    m = load_volume(path, spatial_dims=spatial_dims)
+    for v in volumes:
+        name = v.path.name if v.path else "the volume"
+        if m.data.shape != v.data.shape[:spatial_dims]:
+            raise VolumeError(f"{what} {m.path.name} has shape {m.data.shape} but {name} has "
+                              f"{v.data.shape[:spatial_dims]}", "give the mask on the volume's grid")
+        if not np.allclose(m.affine, v.affine, atol=1e-3):
+            raise VolumeError(f"{what} {m.path.name} and {name} have different geometry (affines differ)",
+                              "resample the mask onto the volume")
+    return m.data != 0
 
 
 def iter_run(cfg: Config, cancel: threading.Event | None = None, *, threaded: bool = False,
@@ -242,18 +253,10 @@ def _load_ground_truth(cfg: Config, volumes: list[Volume]) -> np.ndarray | None:
     loc = cfg.evaluation.localisation
     if loc is None:
         return None
-    m = load_volume(loc.mask, spatial_dims=cfg.preprocess.spatial_dims)
-    for v in volumes:
-        if m.data.shape != v.data.shape[: cfg.preprocess.spatial_dims]:
-            raise VolumeError(f"ground-truth mask {m.path.name} has shape {m.data.shape} but volume "
-                              f"{v.path.name if v.path else ''} has {v.data.shape}",
-                              "give the mask on the volume's grid")
-        if not np.allclose(m.affine, v.affine, atol=1e-3):
-            raise VolumeError(f"ground-truth mask {m.path.name} and the volume have different geometry "
-                              "(affines differ)", "resample the mask onto the volume")
-    if not (m.data != 0).any():
-        log.warning("ground-truth mask %s is empty: localisation scores are undefined", m.path.name)
-    return m.data != 0
+    mask = load_mask_on_grid(loc.mask, volumes, cfg.preprocess.spatial_dims, "ground-truth mask")
+    if not mask.any():
+        log.warning("ground-truth mask %s is empty: localisation scores are undefined", loc.mask.name)
+    return mask
 
 
 def _localisation(array: np.ndarray, mask: np.ndarray) -> dict[str, Any]:
