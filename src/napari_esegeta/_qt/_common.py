@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -193,3 +195,67 @@ class ParamForm(QWidget):
                 w.setText(format_value(p, value))
             else:
                 w.setValue(value)
+
+
+class RunControl:
+    """Cancel, cancel latency and within-method progress of a widget's worker runs.
+
+    The engine reports progress from the worker thread through :meth:`store`
+    (one attribute assignment, no Qt call); a QTimer on the GUI thread hands the
+    latest report to ``show``. The cancel event is also set when the widget is
+    destroyed, so closing the viewer mid-run stops the worker.
+
+    Parameters
+    ----------
+    widget : QWidget
+        Owner of the timer.
+    show : callable
+        Called on the GUI thread with the latest progress report.
+    interval_s : float
+        How often progress is shown.
+    """
+
+    def __init__(self, widget: Any, show: Any, interval_s: float) -> None:
+        from qtpy.QtCore import QTimer
+
+        self.event = threading.Event()
+        self.requested_at: float | None = None
+        self.latency: float | None = None
+        self._latest: Any = None
+        self._show = show
+        self._poll = QTimer(widget)
+        self._poll.setInterval(int(interval_s * 1000))
+        self._poll.timeout.connect(self._tick)
+        widget.destroyed.connect(lambda *_: self.event.set())
+
+    def start(self) -> threading.Event:
+        """A fresh cancel event for a new run; starts showing progress."""
+        self.event = threading.Event()
+        self.requested_at = self.latency = None
+        self._latest = None
+        self._poll.start()
+        return self.event
+
+    def store(self, report: Any) -> None:
+        """Worker thread: remember the latest progress report."""
+        self._latest = report
+
+    def _tick(self) -> None:
+        report, self._latest = self._latest, None
+        if report is not None and not self.event.is_set():
+            self._show(report)
+
+    def request(self) -> bool:
+        """Ask the run to stop at the next model evaluation; False if already asked."""
+        if self.event.is_set():
+            return False
+        self.requested_at = time.perf_counter()
+        self.event.set()
+        return True
+
+    def finish(self) -> None:
+        """The worker ended: stop showing progress and measure the cancel latency."""
+        self._poll.stop()
+        self._latest = None
+        if self.requested_at is not None:
+            self.latency = time.perf_counter() - self.requested_at

@@ -45,7 +45,7 @@ from napari_esegeta import _run as R
 from napari_esegeta._geometry import copy_geometry
 from napari_esegeta._layers import is_result_layer, result_layer_data
 from napari_esegeta._model import format_error
-from napari_esegeta._qt._common import LayerCombo, set_status, status_label
+from napari_esegeta._qt._common import LayerCombo, RunControl, set_status, status_label
 from napari_esegeta._state import get_session
 
 PROGRESS_INTERVAL_S = 0.25
@@ -92,12 +92,7 @@ class EvaluateWidget(QWidget):
         self.added: list[str] = []
         self.last_message = ""
         self.error_text = ""
-        self.cancel_requested_at: float | None = None
-        self.last_cancel_latency: float | None = None
-        self._cancel = threading.Event()
-        holder = self._cancel_holder = [self._cancel]
-        self.destroyed.connect(lambda *_: holder[0].set())
-        self._latest: Progress | None = None
+        self.control = RunControl(self, self._show_progress, PROGRESS_INTERVAL_S)
         self._started = 0.0
         self._inputs: dict[str, Any] = {}
 
@@ -184,9 +179,6 @@ class EvaluateWidget(QWidget):
         self.lines_drawn = 0
         self._draw_curves()
 
-        self._poll = QTimer(self)
-        self._poll.setInterval(int(PROGRESS_INTERVAL_S * 1000))
-        self._poll.timeout.connect(self._show_latest)
 
         layout = QVBoxLayout(self)
         layout.addWidget(maps_box)
@@ -287,8 +279,7 @@ class EvaluateWidget(QWidget):
         self.error_text, self.last_message = "", ""
         self._setup_table()
         self._draw_curves()
-        self._cancel = self._cancel_holder[0] = threading.Event()
-        self.cancel_requested_at = self.last_cancel_latency = None
+        cancel = self.control.start()
         self._started = time.perf_counter()
         s.busy = True
         self.run_btn.setEnabled(False)
@@ -296,31 +287,37 @@ class EvaluateWidget(QWidget):
         self.export_btn.setEnabled(False)
         set_status(self.status, f"Evaluating {len(self.infos)} map(s)…")
         self.progress_label.setText("preparing the input and the targets…")
-        self._latest = None
         self.worker = create_worker(E.evaluate_groups, s.model, work, opts, preprocess=s.preprocess,
-                                    output=s.output, ground_truth=gt, cancel=self._cancel,
-                                    on_progress=self._store_progress, _start_thread=False)
+                                    output=s.output, ground_truth=gt, cancel=cancel,
+                                    on_progress=self.control.store, _start_thread=False)
         self.worker.yielded.connect(self._on_event)
         self.worker.finished.connect(self._on_finished)
-        self._poll.start()
         self.worker.start()
         return self.worker
 
+    @property
+    def cancel_requested_at(self) -> float | None:
+        """When Cancel was clicked in the current run (perf_counter), if it was."""
+        return self.control.requested_at
+
+    @property
+    def last_cancel_latency(self) -> float | None:
+        """Seconds from the Cancel click to the worker's end, for the last cancelled run."""
+        return self.control.latency
+
+    @property
+    def _cancel(self) -> threading.Event:
+        return self.control.event
+
     def cancel(self) -> None:
         """Stop at the next model evaluation; rows and layers already shown stay."""
-        if not self.running or self._cancel.is_set():
+        if not self.running or not self.control.request():
             return
-        self.cancel_requested_at = time.perf_counter()
-        self._cancel.set()
         self.cancel_btn.setEnabled(False)
         self.progress_label.setText("Cancelling…")
 
-    def _store_progress(self, ev: Progress) -> None:
-        self._latest = ev  # worker thread: no Qt calls here
-
-    def _show_latest(self) -> None:
-        ev, self._latest = self._latest, None
-        if ev is not None and self.running and not self._cancel.is_set():
+    def _show_progress(self, ev: Progress) -> None:
+        if self.running:
             self.progress_label.setText(ev.message)
 
     def _on_event(self, ev: Any) -> None:
@@ -367,10 +364,7 @@ class EvaluateWidget(QWidget):
             self.added.append(layer.name)
 
     def _on_finished(self) -> None:
-        self._poll.stop()
-        self._latest = None
-        if self.cancel_requested_at is not None:
-            self.last_cancel_latency = time.perf_counter() - self.cancel_requested_at
+        self.control.finish()
         self.worker = None
         self.session.busy = False
         self.run_btn.setEnabled(True)

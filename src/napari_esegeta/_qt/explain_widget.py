@@ -15,7 +15,7 @@ import time
 from typing import Any
 
 import numpy as np
-from qtpy.QtCore import Qt, QTimer
+from qtpy.QtCore import Qt
 from qtpy.QtWidgets import (
     QCheckBox,
     QComboBox,
@@ -36,7 +36,7 @@ from napari_esegeta import _run as R
 from napari_esegeta._geometry import copy_geometry, layer_to_nifti_affine, voxel_to_world
 from napari_esegeta._layers import is_input_layer
 from napari_esegeta._model import format_error
-from napari_esegeta._qt._common import LayerCombo, set_status, status_label
+from napari_esegeta._qt._common import LayerCombo, RunControl, set_status, status_label
 from napari_esegeta._qt.method_panel import MethodPanel
 from napari_esegeta._state import Session, get_session
 
@@ -61,11 +61,7 @@ class ExplainWidget(QWidget):
         self.voxel: tuple[int, ...] | None = None
         self.added: list[str] = []
         self.failures: list[str] = []
-        self.cancel_requested_at: float | None = None
-        self.last_cancel_latency: float | None = None
-        self._cancel = threading.Event()
-        holder = self._cancel_holder = [self._cancel]
-        self.destroyed.connect(lambda *_: holder[0].set())  # viewer closed mid-run: stop the worker
+        self.control = RunControl(self, self._progress, PROGRESS_INTERVAL_S)
         self._pbar: Any = None
         self._target: Any = None
         self._roi_name: str | None = None
@@ -124,10 +120,6 @@ class ExplainWidget(QWidget):
         self.progress_label.setSizePolicy(QSizePolicy.Policy.Ignored, QSizePolicy.Policy.Fixed)
         self.progress_label.setFixedHeight(self.progress_label.fontMetrics().height() + 4)
         self._last_progress = 0.0
-        self._latest: Progress | None = None
-        self._poll = QTimer(self)  # shows within-method progress reported from the worker thread
-        self._poll.setInterval(int(PROGRESS_INTERVAL_S * 1000))
-        self._poll.timeout.connect(self._show_latest)
         self.model_label = QLabel()
         buttons = QHBoxLayout()
         buttons.addWidget(self.run_btn)
@@ -238,11 +230,10 @@ class ExplainWidget(QWidget):
         except Exception as exc:
             set_status(self.status, format_error(exc), "error")
             return None
-        self._cancel = self._cancel_holder[0] = threading.Event()
+        cancel = self.control.start()
         self._target, self._input_layer = target, layer
         self._roi_name = roi.name if (kind == "roi" and roi is not None) else None
         self.added, self.failures = [], []
-        self.cancel_requested_at = self.last_cancel_latency = None
         self._run_started = time.perf_counter()
         s.busy = True
         self.run_btn.setEnabled(False)
@@ -254,33 +245,34 @@ class ExplainWidget(QWidget):
 
         # created now (on the click) rather than mid-run: napari's bar costs ~0.1 s to build
         self._pbar = progress(total=len(methods), desc="esegeta: preparing")
-        self._latest = None  # set from the worker thread (one assignment), shown by the timer
         self.worker = create_worker(R.explain_events, s.model, volume, methods, preprocess=s.preprocess,
                                     target=target, output=s.output, roi_mask=roi_mask,
-                                    cancel=self._cancel, on_progress=self._store_progress,
-                                    _start_thread=False)
-        self._poll.start()
+                                    cancel=cancel, on_progress=self.control.store, _start_thread=False)
         self.worker.yielded.connect(self._on_event)
         self.worker.finished.connect(self._on_finished)
         self.worker.start()
         return self.worker
 
+    @property
+    def cancel_requested_at(self) -> float | None:
+        """When Cancel was clicked in the current run (perf_counter), if it was."""
+        return self.control.requested_at
+
+    @property
+    def last_cancel_latency(self) -> float | None:
+        """Seconds from the Cancel click to the worker's end, for the last cancelled run."""
+        return self.control.latency
+
+    @property
+    def _cancel(self) -> threading.Event:
+        return self.control.event
+
     def cancel(self) -> None:
         """Stop the run at the next model evaluation; finished layers stay."""
-        if not self.running or self._cancel.is_set():
+        if not self.running or not self.control.request():
             return
-        self.cancel_requested_at = time.perf_counter()
-        self._cancel.set()
         self.cancel_btn.setEnabled(False)
         self.progress_label.setText("Cancelling…")
-
-    def _store_progress(self, ev: Progress) -> None:
-        self._latest = ev  # worker thread: no Qt calls here
-
-    def _show_latest(self) -> None:
-        ev, self._latest = self._latest, None
-        if ev is not None:
-            self._progress(ev)
 
     def _progress(self, ev: Progress) -> None:
         """Show progress: napari's bar per job (it costs ~20 ms a call), a label within a job."""
@@ -322,10 +314,7 @@ class ExplainWidget(QWidget):
             self.failures.append(ev.text)
 
     def _on_finished(self) -> None:
-        self._poll.stop()
-        self._latest = None
-        if self.cancel_requested_at is not None:
-            self.last_cancel_latency = time.perf_counter() - self.cancel_requested_at
+        self.control.finish()
         if self._pbar is not None:
             self._pbar.close()
             self._pbar = None
