@@ -210,9 +210,6 @@ class Explainer:
         if bad:
             raise TargetError(f"target.classes {bad} do not exist: the target has {n} scores",
                               f"use classes in 0..{n - 1}")
-        for m in methods:  # unknown layers fail the run before any method starts
-            for layer in m.layers:
-                get_layer(self.model, layer)
         jobs = []
         for m in methods:
             spec = get_method(m.name)
@@ -273,21 +270,29 @@ class Explainer:
                     f"{', '.join(m.name for m in batched)} needs volumes of one shape",
                     "resample or crop the volumes to a common grid")
             groups.append((tuple(range(len(volumes))), batched))
-        prepared = []
-        yield Progress(0, 0, "preparing the input and the target")
-        for group, group_methods in groups:
-            if cancel.is_set():
-                return
-            x = torch.cat([self.prepare_input(volumes[i]) for i in group])
-            target = build_target(self.target, self.preprocess.spatial_dims, roi_mask,
-                                  self.preprocess.axis_order).to(self.device)
-            out = self.raw_output(x)
-            target.prepare(out)
-            prepared.append((group, x, target, self.plan(group_methods, target, out, group)))
-        total = sum(len(p[3]) for p in prepared)
+        for m in methods:  # unknown layers fail the run before any method starts
+            for layer in m.layers:
+                get_layer(self.model, layer)
+        # Volumes are prepared one group at a time (input, unperturbed forward pass, frozen
+        # target), so memory holds one volume's tensors however many volumes a run has. The
+        # total is therefore an estimate until every group is planned.
+        per_group = {id(ms): sum(len(m.layers or [None]) * len(self.target.classes or [0]) for m in ms)
+                     for _, ms in groups}
         done = 0
         with model_guard(self.model):
-            for group, x, target, jobs in prepared:
+            for gi, (group, group_methods) in enumerate(groups):
+                yield Progress(done, done + sum(per_group[id(ms)] for _, ms in groups[gi:]),
+                               "preparing the input and the target")
+                if cancel.is_set():
+                    return
+                x = torch.cat([self.prepare_input(volumes[i]) for i in group])
+                target = build_target(self.target, self.preprocess.spatial_dims, roi_mask,
+                                      self.preprocess.axis_order).to(self.device)
+                out = self.raw_output(x)
+                target.prepare(out)
+                jobs = self.plan(group_methods, target, out, group)
+                per_group[id(group_methods)] = len(jobs)
+                total = done + len(jobs) + sum(per_group[id(ms)] for _, ms in groups[gi + 1:])
                 score_model = ScoreModel(self.model, target, self.output, monitor)
                 for job in jobs:
                     yield Progress(done, total, f"{job.label} · {job.cls_label}: starting")
@@ -296,7 +301,8 @@ class Explainer:
                     done += 1
                     if cancel.is_set():
                         return
-            yield Progress(done, total, "finished")
+                del x, out, target, score_model
+            yield Progress(done, done, "finished")
 
     def _run_job(self, job: Job, x: torch.Tensor, score_model: ScoreModel, monitor: EvaluationMonitor,
                  done: int, total: int, evaluators: Sequence[Evaluator] = (), threaded: bool = True,

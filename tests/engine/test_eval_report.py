@@ -163,8 +163,9 @@ def test_report_from_run_has_every_method_figure_and_number(tmp_path):
     for method in ("saliency", "layer_gradcam", "occlusion", "conv2"):
         assert method in text
     assert "<script>alert" not in text and "&lt;script&gt;alert" in text
-    # one MIP per map + one comparison grid, all linked and present
-    assert len(parsed.srcs) == 3
+    # one MIP and one slice montage per map + one comparison grid, all linked and present
+    assert len(parsed.srcs) == 5
+    assert sum(src.endswith("__montage.png") for src in parsed.srcs) == 2
     for src in parsed.srcs:
         assert not src.startswith(("/", "http", "data:"))
         check_png(run / unquote(src))
