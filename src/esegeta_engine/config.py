@@ -17,8 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from esegeta_engine.errors import ConfigError, EsegetaError
 from esegeta_engine.methods import get_method
-from esegeta_engine.preprocess import NORMALISATIONS, AxisOrder
-from esegeta_engine.targets import ACTIVATIONS
+from esegeta_engine.preprocess import AxisOrder
 
 
 class _Strict(BaseModel):
@@ -158,7 +157,7 @@ class FaithfulnessConfig(_Strict):
     """Deletion/insertion curves (Petsiuk et al. 2018), AUC and AOPC."""
 
     steps: int = Field(20, ge=2, le=1000)
-    baseline: Literal["zero", "mean", "blur"] = "blur"
+    baseline: Literal["zero", "min", "mean", "blur"] = "blur"
     batch_size: int = Field(4, ge=1)
 
 

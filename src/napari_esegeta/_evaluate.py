@@ -23,12 +23,10 @@ stops at the next model evaluation and keeps what was already yielded.
 
 from __future__ import annotations
 
-import csv
 import math
 import threading
 from collections.abc import Mapping, Callable, Generator, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -37,6 +35,13 @@ from esegeta_engine.config import PreprocessConfig, TargetConfig
 from esegeta_engine.errors import Cancelled
 from esegeta_engine.explain import Progress
 from esegeta_engine.io import Volume
+from napari_esegeta._eval_table import (  # noqa: F401 (re-exported for the widget)
+    UNDEFINED,
+    format_value,
+    notes_text,
+    stage_layer_name,
+    write_csv,
+)
 from napari_esegeta._model import format_error
 
 BASELINES = ("blur", "zero", "mean", "min")
@@ -49,7 +54,6 @@ METRIC_COLUMNS = {
     "localisation": ("mass_inside", "rank_accuracy", "pointing_game", "roc_auc"),
     "randomisation": ("randomisation", "mean_spearman_abs"),
 }
-UNDEFINED = "undefined"
 
 
 @dataclass
@@ -227,11 +231,15 @@ def _evaluate(model: Any, volume: Volume, maps: Sequence[MapInfo], options: Eval
               cancel: threading.Event, on_progress: Callable[[Progress], None] | None) -> Generator:
     import torch
 
-    from esegeta_engine.evaluation.evaluators import _input_grid
-    from esegeta_engine.evaluation.faithfulness import faithfulness_curves
+    from esegeta_engine.config import (
+        EvaluationConfig,
+        FaithfulnessConfig,
+        InfidelityConfig,
+        SensitivityConfig,
+    )
+    from esegeta_engine.evaluation.evaluators import CURVES_KEY, make_evaluators
     from esegeta_engine.evaluation.localisation import localisation_scores
-    from esegeta_engine.evaluation.metrics import infidelity_score, sensitivity_score
-    from esegeta_engine.explain import Explainer, build_target
+    from esegeta_engine.explain import Explainer, Job, build_target
     from esegeta_engine.methods import MethodContext, get_method
     from esegeta_engine.models import get_layer, is_torchscript
     from esegeta_engine.scoring import EvaluationMonitor, ScoreModel
@@ -253,6 +261,15 @@ def _evaluate(model: Any, volume: Volume, maps: Sequence[MapInfo], options: Eval
         if on_progress is not None:
             on_progress(Progress(done, max(total, 1), f"{state['message']}: {n} model evaluations", n))
 
+    evaluators = make_evaluators(EvaluationConfig(
+        infidelity=InfidelityConfig(n_perturb_samples=options.n_perturb_samples, noise_scale=options.noise_scale,
+                                    max_examples_per_batch=options.batch_size) if options.infidelity else None,
+        sensitivity=SensitivityConfig(n_perturb_samples=options.sensitivity_samples,
+                                      perturb_radius=options.perturb_radius,
+                                      max_examples_per_batch=options.batch_size) if options.sensitivity else None,
+        faithfulness=FaithfulnessConfig(steps=options.steps, baseline=options.baseline,
+                                        batch_size=options.batch_size) if options.faithfulness else None,
+    ), seed=options.seed)
     monitor = EvaluationMonitor(cancel, on_evaluation)
     explainer = Explainer(model, preprocess=preprocess, output=output)
     yield report("preparing the input")
@@ -288,60 +305,34 @@ def _evaluate(model: Any, volume: Volume, maps: Sequence[MapInfo], options: Eval
             raise
         except Exception as exc:
             setup_error = _reason(exc)
-        if options.infidelity:
-            yield report(f"{info.name}: infidelity")
+        spec = get_method(info.method)
+        job = Job(spec, dict(info.params), info.cls, info.target_label, (0,), info.model_layer,
+                  info.noise_tunnel)
+        for evaluator in evaluators:  # the engine's evaluators, as in `esegeta run`
+            name = evaluator.__name__
+            yield report(f"{info.name}: {name}" + (" (re-runs the method)" if name == "sensitivity" else ""))
             try:
                 if setup_error:
                     raise EvaluationSetupError(setup_error)
-                row["infidelity"] = infidelity_score(
-                    score_model, x, _input_grid(attr, x), info.cls, n_perturb_samples=options.n_perturb_samples,
-                    noise_scale=options.noise_scale, max_examples_per_batch=options.batch_size, seed=options.seed)
-            except Cancelled:
-                raise
-            except Exception as exc:
-                row["infidelity"], notes["infidelity"] = math.nan, _reason(exc)
-            done += 1
-        if options.sensitivity:
-            yield report(f"{info.name}: sensitivity (re-runs the method)")
-            try:
-                if setup_error:
-                    raise EvaluationSetupError(setup_error)
-                spec = get_method(info.method)
-                if spec.needs_batch:
+                if name == "sensitivity" and spec.needs_batch:
                     raise EvaluationSetupError(f"{info.method} needs a batch of volumes")
-                ctx = MethodContext(score_model=score_model, inputs=x, target=info.cls, seed=0,
+                ctx = MethodContext(score_model=score_model, inputs=x, target=info.cls, seed=options.seed,
                                     layer=get_layer(model, info.model_layer) if info.model_layer else None,
                                     layer_name=info.model_layer, torchscript=is_torchscript(model))
-                sens_notes: list[str] = []
-                row["sensitivity"] = sensitivity_score(
-                    spec, ctx, info.params, n_perturb_samples=options.sensitivity_samples,
-                    perturb_radius=options.perturb_radius, max_examples_per_batch=options.batch_size,
-                    seed=options.seed, noise_tunnel=info.noise_tunnel, notes=sens_notes)
-                if sens_notes:
-                    notes["sensitivity"] = "; ".join(sens_notes)
+                for key, value in evaluator(job, ctx, attr).items():
+                    if key == CURVES_KEY:
+                        curves = value
+                        if value.get("note"):
+                            notes[name] = str(value["note"])
+                    elif key.endswith("_note"):
+                        notes[name] = str(value)
+                    else:
+                        row[key] = value
             except Cancelled:
                 raise
             except Exception as exc:
-                row["sensitivity"], notes["sensitivity"] = math.nan, _reason(exc)
-            done += 1
-        if options.faithfulness:
-            yield report(f"{info.name}: deletion / insertion")
-            try:
-                if setup_error:
-                    raise EvaluationSetupError(setup_error)
-                c = faithfulness_curves(score_model, x, attr, info.cls, steps=options.steps,
-                                        baseline=options.baseline, batch_size=options.batch_size,
-                                        cancel=cancel, prepare_target=False, seed=options.seed)
-                row.update(auc_deletion=c.auc_deletion, auc_insertion=c.auc_insertion,
-                           aopc_deletion=c.aopc_deletion)
-                if c.note:
-                    notes["faithfulness"] = c.note
-                curves = c.to_dict()
-            except Cancelled:
-                raise
-            except Exception as exc:
-                row.update(auc_deletion=math.nan, auc_insertion=math.nan, aopc_deletion=math.nan)
-                notes["faithfulness"] = _reason(exc)
+                row.update({k: math.nan for k in METRIC_COLUMNS[name]})
+                notes[name] = _reason(exc)
             done += 1
         if options.localisation:
             yield report(f"{info.name}: localisation")
@@ -381,7 +372,6 @@ def _randomisation(model: Any, explainer: Any, x: Any, maps: Sequence[MapInfo], 
     axis = explainer.preprocess.axis_order
     done = done_now()
     for i, info in enumerate(maps):
-        label = info.label
         yield report(f"{info.name}: randomisation ({options.mode})")
         update: dict[str, Any] = {}
         notes: dict[str, str] = {}
@@ -438,46 +428,6 @@ def _randomisation(model: Any, explainer: Any, x: Any, maps: Sequence[MapInfo], 
 
 
 # -- formatting and export ----------------------------------------------------------------------
-
-
-def format_value(value: Any) -> str:
-    """Table text: 4 significant digits, ``undefined`` for NaN / None."""
-    if value is None:
-        return UNDEFINED
-    if isinstance(value, (float, np.floating)):
-        return UNDEFINED if not math.isfinite(float(value)) else f"{float(value):.4g}"
-    return str(value)
-
-
-def notes_text(notes: dict[str, str]) -> str:
-    """One line of the notes of a row."""
-    return "; ".join(f"{k}: {v}" for k, v in notes.items())
-
-
-def write_csv(path: str | Path, rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> Path:
-    """Write the table (``layer, method, target, metrics..., notes``); NaN as ``undefined``."""
-    path = Path(path)
-    header = ["layer", "method", "target", *columns, "notes"]
-    with path.open("w", newline="", encoding="utf-8") as fh:
-        w = csv.writer(fh)
-        w.writerow(header)
-        for row in rows:
-            out = []
-            for c in header:
-                v = row.get(c)
-                if c == "notes":
-                    out.append(notes_text(v or {}))
-                elif isinstance(v, (float, np.floating)):
-                    out.append(repr(float(v)) if math.isfinite(float(v)) else UNDEFINED)
-                else:
-                    out.append("" if v is None else str(v))
-            w.writerow(out)
-    return path
-
-
-def stage_layer_name(info: MapInfo, stage: int, stage_layer: str) -> str:
-    """``method · stage k (layer)`` (napari adds ``[1]`` to repeats)."""
-    return f"{info.label} · stage {stage} ({stage_layer})"
 
 
 def evaluate_groups(
