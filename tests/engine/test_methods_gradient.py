@@ -14,7 +14,7 @@ from esegeta_engine.methods.gradient import baseline_distribution
 from esegeta_engine.models import is_torchscript
 from esegeta_engine.scoring import ScoreModel
 from esegeta_engine.targets import ArgmaxRegionTarget, ClassificationTarget
-from tiny_models import LinearScore, TinyClassifier, TinySegNet, conv
+from tiny_models import LinearScore, TinyClassifier, TinySegNet, conv, SIZE, cls_setup, seg_setup, shape
 
 # Captum announces every hook it sets and every input it marks as requiring grad.
 # torch.jit.script is deprecated, but TorchScript files are what users still bring.
@@ -28,34 +28,8 @@ NOISE_TUNNEL = ("saliency", "integrated_gradients", "input_x_gradient", "guided_
 HOOKS = ("guided_backprop", "deconvolution", "deeplift", "deeplift_shap", "guided_gradcam")
 DETERMINISTIC_NT = ("saliency", "integrated_gradients", "input_x_gradient", "guided_backprop",
                     "deconvolution", "deeplift")
-SIZE = 8
 
 
-def shape(dims: int) -> tuple[int, ...]:
-    return (SIZE,) * dims
-
-
-def seg_setup(dims: int, seed: int = 0) -> tuple[nn.Module, torch.Tensor, ScoreModel]:
-    """TinySegNet whose head bias is shifted so that both classes are predicted."""
-    torch.manual_seed(seed)
-    net = TinySegNet(dims).eval()
-    x = torch.randn(1, 1, *shape(dims))
-    with torch.no_grad():
-        out = net(x)
-        net.head.bias[1] -= (out[:, 1] - out[:, 0]).median()
-        out = net(x)
-    labels = out.argmax(dim=1)
-    assert bool((labels == 0).any()) and bool((labels == 1).any()), "both classes must occur"
-    target = ArgmaxRegionTarget()
-    target.prepare(out)
-    return net, x, ScoreModel(net, target)
-
-
-def cls_setup(dims: int, seed: int = 0) -> tuple[nn.Module, torch.Tensor, ScoreModel]:
-    torch.manual_seed(seed)
-    net = TinyClassifier(dims).eval()
-    x = torch.randn(1, 1, *shape(dims))
-    return net, x, ScoreModel(net, ClassificationTarget())
 
 
 def run(name: str, score: nn.Module, x: torch.Tensor, target: int = 1, layer: nn.Module | None = None,

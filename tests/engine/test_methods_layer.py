@@ -16,7 +16,7 @@ from esegeta_engine.methods.layer import LAYER_PARAMS
 from esegeta_engine.models import is_torchscript
 from esegeta_engine.scoring import ScoreModel
 from esegeta_engine.targets import ArgmaxRegionTarget, ClassificationTarget
-from tiny_models import LinearSeg, TinyClassifier, TinySegNet, conv
+from tiny_models import LinearSeg, TinyClassifier, TinySegNet, conv, SIZE, cls_setup, seg_setup, shape
 
 # torch.jit.script is deprecated, but TorchScript files are what users still bring;
 # Captum announces every hook it sets.
@@ -26,35 +26,9 @@ pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"),
 METHODS = ("layer_activation", "layer_gradcam", "layer_conductance", "internal_influence",
            "layer_gradient_x_activation", "layer_deeplift", "layer_deeplift_shap",
            "layer_gradient_shap", "layer_integrated_gradients")
-SIZE = 8
 RAW = {"upsample": False, "channel_reduce": "none"}  # the layer's own (N, C, *grid) map
 
 
-def shape(dims: int) -> tuple[int, ...]:
-    return (SIZE,) * dims
-
-
-def seg_setup(dims: int, seed: int = 0) -> tuple[nn.Module, torch.Tensor, ScoreModel]:
-    """TinySegNet whose head bias is shifted so that both classes are predicted."""
-    torch.manual_seed(seed)
-    net = TinySegNet(dims).eval()
-    x = torch.randn(1, 1, *shape(dims))
-    with torch.no_grad():
-        out = net(x)
-        net.head.bias[1] -= (out[:, 1] - out[:, 0]).median()
-        out = net(x)
-    labels = out.argmax(dim=1)
-    assert bool((labels == 0).any()) and bool((labels == 1).any()), "both classes must occur"
-    target = ArgmaxRegionTarget()
-    target.prepare(out)
-    return net, x, ScoreModel(net, target)
-
-
-def cls_setup(dims: int, seed: int = 0) -> tuple[nn.Module, torch.Tensor, ScoreModel]:
-    torch.manual_seed(seed)
-    net = TinyClassifier(dims).eval()
-    x = torch.randn(1, 1, *shape(dims))
-    return net, x, ScoreModel(net, ClassificationTarget())
 
 
 def setup(kind: str, dims: int) -> tuple[nn.Module, torch.Tensor, ScoreModel, int]:

@@ -5,6 +5,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from esegeta_engine.scoring import ScoreModel
+from esegeta_engine.targets import ArgmaxRegionTarget, ClassificationTarget
+
 
 def conv(dims: int):
     return nn.Conv2d if dims == 2 else nn.Conv3d
@@ -80,3 +83,35 @@ class SlowSegNet(TinySegNet):
 
         time.sleep(self.delay)
         return super().forward(x)
+
+
+# ---- shared set-ups of the method tests ---------------------------------------------------
+
+SIZE = 8
+
+
+def shape(dims: int) -> tuple[int, ...]:
+    return (SIZE,) * dims
+
+
+def seg_setup(dims: int, seed: int = 0) -> tuple[nn.Module, torch.Tensor, ScoreModel]:
+    """TinySegNet whose head bias is shifted so that both classes are predicted."""
+    torch.manual_seed(seed)
+    net = TinySegNet(dims).eval()
+    x = torch.randn(1, 1, *shape(dims))
+    with torch.no_grad():
+        out = net(x)
+        net.head.bias[1] -= (out[:, 1] - out[:, 0]).median()
+        out = net(x)
+    labels = out.argmax(dim=1)
+    assert bool((labels == 0).any()) and bool((labels == 1).any()), "both classes must occur"
+    target = ArgmaxRegionTarget()
+    target.prepare(out)
+    return net, x, ScoreModel(net, target)
+
+
+def cls_setup(dims: int, seed: int = 0) -> tuple[nn.Module, torch.Tensor, ScoreModel]:
+    torch.manual_seed(seed)
+    net = TinyClassifier(dims).eval()
+    x = torch.randn(1, 1, *shape(dims))
+    return net, x, ScoreModel(net, ClassificationTarget())

@@ -259,3 +259,31 @@ class RunControl:
         self._latest = None
         if self.requested_at is not None:
             self.latency = time.perf_counter() - self.requested_at
+
+
+class CancellableRun:
+    """Mixin for widgets that run a worker with a :class:`RunControl` ``self.control``.
+
+    The widget provides ``running``, ``cancel_btn`` and ``progress_label``.
+    """
+
+    @property
+    def cancel_requested_at(self) -> float | None:
+        """When Cancel was clicked in the current run (perf_counter), if it was."""
+        return self.control.requested_at  # type: ignore[attr-defined]
+
+    @property
+    def last_cancel_latency(self) -> float | None:
+        """Seconds from the Cancel click to the worker's end, for the last cancelled run."""
+        return self.control.latency  # type: ignore[attr-defined]
+
+    @property
+    def _cancel(self) -> threading.Event:
+        return self.control.event  # type: ignore[attr-defined]
+
+    def cancel(self) -> None:
+        """Stop the run at the next model evaluation; what it already produced stays."""
+        if not self.running or not self.control.request():  # type: ignore[attr-defined]
+            return
+        self.cancel_btn.setEnabled(False)  # type: ignore[attr-defined]
+        self.progress_label.setText("Cancelling…")  # type: ignore[attr-defined]

@@ -45,7 +45,7 @@ from napari_esegeta import _run as R
 from napari_esegeta._geometry import copy_geometry
 from napari_esegeta._layers import is_result_layer, result_layer_data
 from napari_esegeta._model import format_error
-from napari_esegeta._qt._common import LayerCombo, RunControl, set_status, status_label
+from napari_esegeta._qt._common import CancellableRun, LayerCombo, RunControl, set_status, status_label
 from napari_esegeta._state import get_session
 
 PROGRESS_INTERVAL_S = 0.25
@@ -77,7 +77,7 @@ class _Item(QTableWidgetItem):
         return str(self.text()) < str(other.text())
 
 
-class EvaluateWidget(QWidget):
+class EvaluateWidget(CancellableRun, QWidget):
     """Choose result layers and metrics, run them, show a table, curves and stage layers."""
 
     def __init__(self, napari_viewer: Any) -> None:
@@ -294,27 +294,6 @@ class EvaluateWidget(QWidget):
         self.worker.finished.connect(self._on_finished)
         self.worker.start()
         return self.worker
-
-    @property
-    def cancel_requested_at(self) -> float | None:
-        """When Cancel was clicked in the current run (perf_counter), if it was."""
-        return self.control.requested_at
-
-    @property
-    def last_cancel_latency(self) -> float | None:
-        """Seconds from the Cancel click to the worker's end, for the last cancelled run."""
-        return self.control.latency
-
-    @property
-    def _cancel(self) -> threading.Event:
-        return self.control.event
-
-    def cancel(self) -> None:
-        """Stop at the next model evaluation; rows and layers already shown stay."""
-        if not self.running or not self.control.request():
-            return
-        self.cancel_btn.setEnabled(False)
-        self.progress_label.setText("Cancelling…")
 
     def _show_progress(self, ev: Progress) -> None:
         if self.running:

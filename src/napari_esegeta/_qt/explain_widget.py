@@ -36,7 +36,7 @@ from napari_esegeta import _run as R
 from napari_esegeta._geometry import copy_geometry, layer_to_nifti_affine, voxel_to_world
 from napari_esegeta._layers import is_input_layer
 from napari_esegeta._model import format_error
-from napari_esegeta._qt._common import LayerCombo, RunControl, set_status, status_label
+from napari_esegeta._qt._common import CancellableRun, LayerCombo, RunControl, set_status, status_label
 from napari_esegeta._qt.method_panel import MethodPanel
 from napari_esegeta._state import Session, get_session
 
@@ -44,7 +44,7 @@ VOXEL_LAYER = "esegeta target voxel"
 PROGRESS_INTERVAL_S = 0.25
 
 
-class ExplainWidget(QWidget):
+class ExplainWidget(CancellableRun, QWidget):
     """Choose a target and methods, run them, stream the maps in as layers.
 
     Parameters
@@ -252,27 +252,6 @@ class ExplainWidget(QWidget):
         self.worker.finished.connect(self._on_finished)
         self.worker.start()
         return self.worker
-
-    @property
-    def cancel_requested_at(self) -> float | None:
-        """When Cancel was clicked in the current run (perf_counter), if it was."""
-        return self.control.requested_at
-
-    @property
-    def last_cancel_latency(self) -> float | None:
-        """Seconds from the Cancel click to the worker's end, for the last cancelled run."""
-        return self.control.latency
-
-    @property
-    def _cancel(self) -> threading.Event:
-        return self.control.event
-
-    def cancel(self) -> None:
-        """Stop the run at the next model evaluation; finished layers stay."""
-        if not self.running or not self.control.request():
-            return
-        self.cancel_btn.setEnabled(False)
-        self.progress_label.setText("Cancelling…")
 
     def _progress(self, ev: Progress) -> None:
         """Show progress: napari's bar per job (it costs ~20 ms a call), a label within a job."""
