@@ -11,7 +11,6 @@ worker thread is stored and shown by a timer (no Qt calls from the worker).
 from __future__ import annotations
 
 import math
-import threading
 import time
 from pathlib import Path
 from typing import Any

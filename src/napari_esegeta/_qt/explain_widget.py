@@ -10,7 +10,6 @@ is disabled (one run at a time per viewer; Cancel first to start another).
 
 from __future__ import annotations
 
-import threading
 import time
 from typing import Any
 
