@@ -14,7 +14,17 @@ from esegeta_engine.methods.gradient import baseline_distribution
 from esegeta_engine.models import is_torchscript
 from esegeta_engine.scoring import ScoreModel
 from esegeta_engine.targets import ArgmaxRegionTarget, ClassificationTarget
-from tiny_models import LinearScore, TinyClassifier, TinySegNet, conv, SIZE, cls_setup, seg_setup, shape
+from tiny_models import (
+    SIZE,
+    LinearScore,
+    TinyClassifier,
+    TinySegNet,
+    assert_untouched,
+    cls_setup,
+    conv,
+    seg_setup,
+    shape,
+)
 
 # Captum announces every hook it sets and every input it marks as requiring grad.
 # torch.jit.script is deprecated, but TorchScript files are what users still bring.
@@ -42,17 +52,6 @@ def run(name: str, score: nn.Module, x: torch.Tensor, target: int = 1, layer: nn
 def score_of(score: nn.Module, x: torch.Tensor, target: int = 1) -> torch.Tensor:
     with torch.no_grad():
         return score(x)[:, target]
-
-
-def assert_untouched(net: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    for name, module in net.named_modules():
-        for hooks in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks",
-                      "_backward_pre_hooks"):
-            assert not getattr(module, hooks), f"{hooks} left on module {name!r}"
-        assert not module.training
-    for key, value in net.state_dict().items():
-        assert torch.equal(value, state[key]), f"parameter {key} changed"
-    assert all(p.requires_grad for p in net.parameters())
 
 
 # --- the method matrix --------------------------------------------------------------------

@@ -16,7 +16,17 @@ from esegeta_engine.methods.layer import LAYER_PARAMS
 from esegeta_engine.models import is_torchscript
 from esegeta_engine.scoring import ScoreModel
 from esegeta_engine.targets import ArgmaxRegionTarget, ClassificationTarget
-from tiny_models import LinearSeg, TinyClassifier, TinySegNet, conv, SIZE, cls_setup, seg_setup, shape
+from tiny_models import (
+    SIZE,
+    LinearSeg,
+    TinyClassifier,
+    TinySegNet,
+    assert_untouched,
+    cls_setup,
+    conv,
+    seg_setup,
+    shape,
+)
 
 # torch.jit.script is deprecated, but TorchScript files are what users still bring;
 # Captum announces every hook it sets.
@@ -82,17 +92,6 @@ def hooked(score: nn.Module, layer: nn.Module, x: torch.Tensor, target: int,
         handle.remove()
     (grad,) = torch.autograd.grad(s, store["a"])
     return store["a"].detach(), grad
-
-
-def assert_untouched(net: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    for name, module in net.named_modules():
-        for hooks in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks",
-                      "_backward_pre_hooks"):
-            assert not getattr(module, hooks), f"{hooks} left on module {name!r}"
-        assert not module.training
-    for key, value in net.state_dict().items():
-        assert torch.equal(value, state[key]), f"parameter {key} changed"
-    assert all(p.requires_grad for p in net.parameters())
 
 
 # --- the method matrix --------------------------------------------------------------------

@@ -115,3 +115,15 @@ def cls_setup(dims: int, seed: int = 0) -> tuple[nn.Module, torch.Tensor, ScoreM
     net = TinyClassifier(dims).eval()
     x = torch.randn(1, 1, *shape(dims))
     return net, x, ScoreModel(net, ClassificationTarget())
+
+
+def assert_untouched(net: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """No hooks left, eval mode, parameters equal to ``state`` and still requiring grad."""
+    for name, module in net.named_modules():
+        for hooks in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks",
+                      "_backward_pre_hooks"):
+            assert not getattr(module, hooks), f"{hooks} left on module {name!r}"
+        assert not module.training
+    for key, value in net.state_dict().items():
+        assert torch.equal(value, state[key]), f"parameter {key} changed"
+    assert all(p.requires_grad for p in net.parameters())
