@@ -22,6 +22,19 @@ from esegeta_engine.errors import MethodError
 
 Family = Literal["gradient", "perturbation", "layer"]
 ParamKind = Literal["int", "float", "bool", "str", "ints"]
+Patchwise = Literal["gradient", "perturbation", "whole"]
+"""How a method runs under sliding-window (patch-based) execution:
+
+``gradient``
+    needs only gradients of the score function (saliency, IG, guided rules whose hooks sit on
+    modules and fire again when a patch is recomputed): runs with memory-bounded patch-wise backward.
+``perturbation``
+    evaluates perturbed copies of the input: unperturbed patch outputs are reused and only the
+    patches a perturbation touches are recomputed.
+``whole``
+    needs one forward pass of the whole input (hooks that store activations: layer methods,
+    DeepLIFT, CAMs): refused under sliding-window execution with a message naming the alternative.
+"""
 
 
 class Attributor(Protocol):
@@ -176,6 +189,32 @@ Builder = Callable[[MethodContext, Mapping[str, Any]], Call]
 
 
 @dataclass(frozen=True)
+class CostInfo:
+    """What a cost estimate may look at before a job runs (no model evaluation needed).
+
+    Attributes
+    ----------
+    batch : int
+        Inputs explained together (1 except for batch-only methods).
+    channels : int
+        Input channels.
+    spatial : tuple of int
+        Spatial size of the model input.
+    noise_tunnel_samples : int
+        Noisy copies when wrapped in a noise tunnel (1 otherwise).
+    """
+
+    batch: int
+    channels: int
+    spatial: tuple[int, ...]
+    noise_tunnel_samples: int = 1
+
+
+CostFn = Callable[[CostInfo, Mapping[str, Any]], int]
+"""``cost(info, params) -> model evaluations`` the method makes (calls of the score model)."""
+
+
+@dataclass(frozen=True)
 class MethodSpec:
     """One attribution method as the registry knows it.
 
@@ -203,6 +242,11 @@ class MethodSpec:
         Can be wrapped in SmoothGrad / NoiseTunnel.
     reference : str
         Paper or library the method follows.
+    patchwise : {"gradient", "perturbation", "whole"}
+        How it runs under sliding-window execution (see :data:`Patchwise`).
+    cost : callable, optional
+        ``cost(CostInfo, params) -> int``: model evaluations it will make, known before it
+        runs (progress totals, ETA); ``None`` when it cannot be known in advance.
     """
 
     name: str
@@ -216,6 +260,8 @@ class MethodSpec:
     needs_batch: bool = False
     noise_tunnel: bool = False
     reference: str = ""
+    patchwise: Patchwise = "whole"
+    cost: CostFn | None = None
 
     def param(self, name: str) -> Param:
         """Return the parameter called ``name``."""
