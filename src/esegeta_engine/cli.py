@@ -105,7 +105,7 @@ def _print_summary(result: Any) -> None:
               "auc_insertion, mass_inside and roc_auc (vs the ground truth) higher is better")
 
 
-def _execute(cfg: Any, quiet: bool) -> int:
+def _execute(cfg: Any, quiet: bool, resume: bool = False) -> int:
     from tqdm import tqdm
 
     from esegeta_engine.explain import Progress
@@ -113,14 +113,23 @@ def _execute(cfg: Any, quiet: bool) -> int:
 
     cancel = threading.Event()
     # no bar when quiet or when stderr is not a terminal (logs, CI)
-    bar = tqdm(total=0, unit="job", disable=True if quiet else None, dynamic_ncols=True, file=sys.stderr)
+    # the bar counts model evaluations against the run's expected total (hence an ETA);
+    # it falls back to jobs when some method cannot tell its cost in advance
+    bar = tqdm(total=0, unit="eval", disable=True if quiet else None, dynamic_ncols=True, file=sys.stderr)
+
     def show(event: Progress) -> None:
-        bar.total = event.total
-        bar.n = event.done
-        bar.set_description_str(event.message[:60])
+        if event.run_expected:
+            bar.total = max(event.run_expected, event.run_evaluations)
+            bar.n = event.run_evaluations
+            bar.unit = "eval"
+        else:
+            bar.total = event.total
+            bar.n = event.done
+            bar.unit = "job"
+        bar.set_description_str(f"[{event.done}/{event.total} jobs] {event.message}"[:70])
         bar.refresh()
 
-    gen = iter_run(cfg, cancel, on_progress=show)
+    gen = iter_run(cfg, cancel, on_progress=show, resume=resume)
     try:
         while True:
             try:
@@ -151,7 +160,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         cfg.output.overwrite = True
     if args.device:
         cfg.model.device = args.device
-    return _execute(cfg, args.quiet)
+    return _execute(cfg, args.quiet, getattr(args, "resume", False))
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
@@ -162,7 +171,11 @@ def cmd_explain(args: argparse.Namespace) -> int:
                   "trust_pickled": args.trust_pickled},
         "volumes": args.volume,
         "preprocess": {"spatial_dims": args.spatial_dims, "in_channels": args.in_channels,
-                       "normalisation": args.normalisation, "axis_order": args.axis_order},
+                       "normalisation": args.normalisation, "axis_order": args.axis_order,
+                       "orientation": args.orientation},
+        "execution": {"overlap": args.overlap, "precision": args.precision,
+                      "patch_size": (args.patch_size[0] if args.patch_size and len(args.patch_size) == 1
+                                     else args.patch_size)},
         "target": {"kind": args.target},
         "methods": [_method_arg(m) for m in args.method],
         "output": {"dir": args.out, "overwrite": args.overwrite},
@@ -185,7 +198,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
         data["target"]["voxel"] = args.voxel
     if args.activation:
         data["target"]["activation"] = args.activation
-    return _execute(parse_config(data, base=Path.cwd(), source="command line"), args.quiet)
+    return _execute(parse_config(data, base=Path.cwd(), source="command line"), args.quiet, args.resume)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -297,6 +310,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", type=Path)
     p.add_argument("--out", help="output folder (overrides output.dir)")
     p.add_argument("--overwrite", action="store_true", help="write into a folder holding a previous run")
+    p.add_argument("--resume", action="store_true",
+                   help="continue a run in the same folder: keep maps that are complete and match their job "
+                        "(same model, volumes, method and parameters); redo the rest")
     p.add_argument("--device", help="cpu or cuda:N (overrides model.device)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_run)
@@ -322,6 +338,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=900.0, help="seconds per method and target")
     p.add_argument("--out", default="esegeta_out")
     p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--resume", action="store_true", help="keep finished, matching maps in --out; redo the rest")
+    p.add_argument("--patch-size", type=int, nargs="+",
+                   help="sliding-window execution with this patch size (one or one per axis)")
+    p.add_argument("--overlap", type=float, default=0.25, help="sliding-window overlap in [0, 1)")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16"])
+    p.add_argument("--orientation", help="reorient volumes to these axis codes first, e.g. RAS")
     p.add_argument("-q", "--quiet", action="store_true")
     p.set_defaults(func=cmd_explain)
 

@@ -44,6 +44,22 @@ class PreprocessConfig(_Strict):
     normalisation: Literal["none", "zscore", "minmax", "percentile"] = "none"
     percentiles: tuple[float, float] = (1.0, 99.0)
     axis_order: str = Field("xyz", description="model spatial axes in NIfTI terms, e.g. xyz or zyx")
+    orientation: str | None = Field(
+        None, description="reorient volumes to these axis codes first (e.g. RAS, LPS: the orientation the "
+        "model was trained in; flips included); maps are brought back to the scan's voxel grid")
+
+    @field_validator("orientation")
+    @classmethod
+    def _orientation(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        v = v.upper()
+        pairs = ("LR", "PA", "IS")
+        if len(v) not in (2, 3) or len({next((i for i, p in enumerate(pairs) if c in p), -1) for c in v}) != len(v) \
+                or any(not any(c in p for p in pairs) for c in v):
+            raise ValueError(f"orientation {v!r} is not a set of axis codes such as RAS, LPS or LPI "
+                             "(one of L/R, one of P/A, one of I/S)")
+        return v
 
     @model_validator(mode="before")
     @classmethod
@@ -101,6 +117,51 @@ class TargetConfig(_Strict):
     def resolved_activation(self) -> str:
         """The activation actually used."""
         return self.activation or ("sigmoid" if self.kind == "otsu" else "none")
+
+
+class ExecutionConfig(_Strict):
+    """How the network is run: whole volume or sliding window, padding, precision."""
+
+    mode: Literal["auto", "whole", "sliding_window"] = Field(
+        "auto", description="auto: sliding window when patch_size is set and the volume is larger")
+    patch_size: list[int] | int | None = Field(None, description="patch size (network training size), "
+                                               "one per spatial axis or one for all")
+    overlap: float = Field(0.25, ge=0.0, lt=1.0, description="fraction of a patch shared with a neighbour")
+    blend: Literal["gaussian", "constant"] = "gaussian"
+    sw_batch_size: int = Field(1, ge=1, le=4096, description="patches per model evaluation")
+    padding: Literal["constant", "reflect", "replicate"] = Field(
+        "constant", description="how volumes are padded to sizes the network takes")
+    divisible_by: int | Literal["auto"] = Field(
+        "auto", description="pad whole-volume inputs to multiples of this (U-Nets: 2**depth); auto: "
+        "found on the first forward pass that the model rejects")
+    precision: Literal["fp32", "fp16", "bf16"] = Field(
+        "fp32", description="autocast precision of the network (maps that turn non-finite are redone in fp32)")
+
+    @field_validator("patch_size")
+    @classmethod
+    def _patch(cls, v: list[int] | int | None) -> list[int] | int | None:
+        items = v if isinstance(v, list) else ([] if v is None else [v])
+        if any(int(i) < 1 or int(i) > 4096 for i in items) or (isinstance(v, list) and len(v) not in (2, 3)):
+            raise ValueError("give one size or one per spatial axis, each in [1, 4096]")
+        return v
+
+    @field_validator("divisible_by")
+    @classmethod
+    def _div(cls, v: int | str) -> int | str:
+        if isinstance(v, int) and not 1 <= v <= 1024:
+            raise ValueError("must be 'auto' or an integer in [1, 1024]")
+        return v
+
+    def patch_tuple(self, spatial_dims: int) -> tuple[int, ...] | None:
+        """The patch size as one int per spatial axis (None when unset)."""
+        if self.patch_size is None:
+            return None
+        if isinstance(self.patch_size, int):
+            return (self.patch_size,) * spatial_dims
+        if len(self.patch_size) != spatial_dims:
+            raise ConfigError(f"execution.patch_size {self.patch_size} has {len(self.patch_size)} sizes for "
+                              f"{spatial_dims}D volumes", f"give {spatial_dims} sizes or one for every axis")
+        return tuple(self.patch_size)
 
 
 class NoiseTunnelConfig(_Strict):
@@ -213,6 +274,7 @@ class Config(_Strict):
     output: OutputConfig = Field(default_factory=OutputConfig)
     run: RunOptions = Field(default_factory=RunOptions)
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
+    execution: ExecutionConfig = Field(default_factory=ExecutionConfig)
 
     @model_validator(mode="after")
     def _roi_mask_file(self) -> Config:

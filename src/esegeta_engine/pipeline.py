@@ -26,6 +26,7 @@ from esegeta_engine import __version__
 from esegeta_engine.config import Config
 from esegeta_engine.errors import ConfigError, EsegetaError, VolumeError
 from esegeta_engine.explain import Event, Explainer, JobFailed, MapReady, Progress
+from esegeta_engine.execution.resume import ResumeState, file_sha256
 from esegeta_engine.io import Volume, load_volume, save_map, write_json
 from esegeta_engine.methods import get_method
 from esegeta_engine.evaluation.evaluators import CURVES_KEY, make_evaluators, scalar_metrics
@@ -86,11 +87,26 @@ def map_filename(volume_stem: str, method_label: str, target_label: str) -> str:
     return f"{volume_stem}__{_slug(method_label)}__{_slug(target_label)}.nii.gz"
 
 
-def _check_out_dir(cfg: Config) -> Path:
+class _Names:
+    """Distinct output names per job: the readable name, plus the job key where two jobs would share it."""
+
+    def __init__(self) -> None:
+        self.owner: dict[str, str] = {}
+
+    def __call__(self, stem: str, job: Any) -> str:
+        name = map_filename(stem, job.label, job.cls_label)
+        if self.owner.setdefault(name, job.key) != job.key:
+            name = name.replace(".nii.gz", f"__{job.key[:10]}.nii.gz")
+            self.owner[name] = job.key
+        return name
+
+
+def _check_out_dir(cfg: Config, resume: bool = False) -> Path:
     out = cfg.output.dir
-    if (out / MANIFEST).exists() and not cfg.output.overwrite:
+    if (out / MANIFEST).exists() and not (cfg.output.overwrite or resume):
         raise ConfigError(f"output folder {str(out)!r} already holds a run ({MANIFEST})",
-                          "choose another output.dir (--out) or set output.overwrite: true (--overwrite)")
+                          "choose another output.dir (--out), resume it (--resume) or set "
+                          "output.overwrite: true (--overwrite)")
     if out.exists() and not out.is_dir():
         raise ConfigError(f"output path {str(out)!r} is a file", "choose a folder for output.dir")
     out.mkdir(parents=True, exist_ok=True)
@@ -142,8 +158,12 @@ def load_mask_on_grid(path: Path, volumes: list[Volume], spatial_dims: int, what
 
 
 def iter_run(cfg: Config, cancel: threading.Event | None = None, *, threaded: bool = False,
-             on_progress: Callable[[Progress], None] | None = None) -> Generator[Event, None, RunResult]:
+             on_progress: Callable[[Progress], None] | None = None,
+             resume: bool = False) -> Generator[Event, None, RunResult]:
     """Run ``cfg``, yielding events; returns the :class:`RunResult`.
+
+    With ``resume``, a folder holding an earlier run of the same model and volumes keeps
+    every map that is complete and matches its job key; only the other jobs run.
 
     Methods run in the calling thread by default (fastest); progress within a
     method goes to ``on_progress``. ``threaded=True`` runs each method in a
@@ -156,7 +176,7 @@ def iter_run(cfg: Config, cancel: threading.Event | None = None, *, threaded: bo
         For problems found before any method runs (bad files, model, target).
         Problems inside a method are recorded in the manifest instead.
     """
-    out = _check_out_dir(cfg)
+    out = _check_out_dir(cfg, resume)
     handler = _attach_log(out)
     started = time.perf_counter()
     manifest: dict[str, Any] = {
@@ -177,10 +197,13 @@ def iter_run(cfg: Config, cancel: threading.Event | None = None, *, threaded: bo
                            device=cfg.model.device)
         volumes, roi = load_inputs(cfg)
         explainer = Explainer(model, cfg.preprocess, cfg.target, cfg.model.output,
-                              seed=cfg.run.seed, timeout_s=cfg.run.timeout_s)
+                              seed=cfg.run.seed, timeout_s=cfg.run.timeout_s, execution=cfg.execution)
         stems = [_stem(v.path, i) for i, v in enumerate(volumes)]
         if len(set(stems)) < len(stems):
             stems = [f"{i:02d}-{s}" for i, s in enumerate(stems)]
+        manifest["model_key"] = explainer.model_key
+        previous = ResumeState.load(out, explainer.model_key, stems) if resume else ResumeState(out, None)
+        names = _Names()
         for i, v in enumerate(volumes):
             entry: dict[str, Any] = {"stem": stems[i], "path": str(v.path), "shape": list(v.data.shape),
                                      "spacing_mm": list(v.spacing), "affine": v.affine.tolist()}
@@ -193,20 +216,37 @@ def iter_run(cfg: Config, cancel: threading.Event | None = None, *, threaded: bo
         ev = cfg.evaluation
         gt_mask = _load_ground_truth(cfg, volumes)
         curves: dict[str, Any] = {}
+        def skip(job: Any) -> bool:
+            kept = [previous.done(job, stems[vi]) for vi in job.volumes]
+            if not all(kept):
+                return False
+            for vi, rec in zip(job.volumes, kept):
+                names(stems[vi], job)  # reserve its name
+                manifest["results"].append({**rec, "resumed": True})
+            write_json(manifest, manifest_path)
+            return True
+
         for event in explainer.iter_explain(volumes, cfg.methods, roi_mask=roi, cancel=cancel,
                                             evaluators=make_evaluators(ev, cfg.run.seed),
-                                            threaded=threaded, on_progress=on_progress):
+                                            threaded=threaded, on_progress=on_progress, skip=skip):
             if isinstance(event, MapReady):
                 job = event.job
-                name = map_filename(stems[event.volume], job.label, job.cls_label)
-                save_map(event.array, volumes[event.volume], out / name)
+                name = names(stems[event.volume], job)
+                path = save_map(event.array, volumes[event.volume], out / name)
                 metrics = scalar_metrics(event.metrics)
                 if gt_mask is not None:
                     metrics.update(_localisation(event.array, gt_mask))
+                extra: dict[str, Any] = {}
+                if event.notes:
+                    extra["notes"] = event.notes
+                if event.patch_evaluations:
+                    extra["patch_evaluations"] = event.patch_evaluations
                 manifest["results"].append(_record(job, "ok", event.seconds, event.evaluations,
                                                    volume=stems[event.volume], file=name,
                                                    model_inputs=event.inputs_evaluated,
-                                                   stats=_stats(event.array), metrics=metrics))
+                                                   stats=_stats(event.array), metrics=metrics,
+                                                   key=job.key, sha256=file_sha256(path),
+                                                   execution=event.execution, **extra))
                 if CURVES_KEY in event.metrics:
                     curves[name] = event.metrics[CURVES_KEY]
                     write_json(curves, out / "curves.json")
@@ -281,8 +321,8 @@ def _randomisation(explainer: Explainer, volumes: list[Volume], cfg: Config, roi
                                                  classes_of, roi_mask=roi, cancel=cancel)
     summary = []
     folder = out / "randomisation"
-    order = AxisOrder(cfg.preprocess.axis_order)
     for vi, cls, label, res in results:
+        order = explainer.geometry(volumes[vi])
         entry = {"volume": stems[vi], "class": cls, "target": label, **res.to_dict(), "files": {}}
         strips: dict[str, list[np.ndarray]] = {}
         for method, stage_maps in res.maps.items():
@@ -321,7 +361,8 @@ def _report(out: Path, cfg: Config) -> str | None:
 def _record(job: Any, status: str, seconds: float, evaluations: int, **extra: Any) -> dict[str, Any]:
     return {"method": job.spec.name, "layer": job.layer, "target": job.cls_label, "class": job.cls,
             "noise_tunnel": job.noise_tunnel, "params": {k: v for k, v in job.params.items()},
-            "status": status, "seconds": round(seconds, 3), "model_evaluations": evaluations, **extra}
+            "status": status, "seconds": round(seconds, 3), "model_evaluations": evaluations,
+            "expected_evaluations": job.expected_evaluations, "key": job.key, **extra}
 
 
 def _stats(arr: np.ndarray) -> dict[str, float]:
@@ -330,9 +371,9 @@ def _stats(arr: np.ndarray) -> dict[str, float]:
 
 
 def run(cfg: Config, cancel: threading.Event | None = None,
-        on_event: Callable[[Event], None] | None = None) -> RunResult:
+        on_event: Callable[[Event], None] | None = None, resume: bool = False) -> RunResult:
     """Run ``cfg`` to the end (see :func:`iter_run`); ``on_event`` sees every event and progress."""
-    gen = iter_run(cfg, cancel, on_progress=on_event)
+    gen = iter_run(cfg, cancel, on_progress=on_event, resume=resume)
     while True:
         try:
             event = next(gen)

@@ -20,6 +20,7 @@ Examples
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -107,6 +108,7 @@ def to_model_input(
     axis_order: str = "xyz",
     normalisation: str = "none",
     percentiles: tuple[float, float] = (1.0, 99.0),
+    geometry: Geometry | None = None,
 ) -> torch.Tensor:
     """Turn a NIfTI-ordered array into a model input ``(1, C, *spatial)``.
 
@@ -138,10 +140,88 @@ def to_model_input(
             "set preprocess.in_channels to the model's input channels, or give a matching image",
         )
     data = normalise(data, normalisation, percentiles)
-    data = AxisOrder(axis_order).to_model(data)
+    data = (geometry or Geometry(axis_order)).to_model(data)
     return torch.from_numpy(np.ascontiguousarray(np.moveaxis(data, -1, 0)))[None]
 
 
 def to_nifti_map(attribution: np.ndarray, axis_order: str = "xyz") -> np.ndarray:
     """Turn a map ``(*spatial_model)`` back into NIfTI axis order."""
     return AxisOrder(axis_order).to_nifti(attribution)
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """NIfTI voxel grid <-> model grid: an optional reorientation, then the axis order.
+
+    ``orientation`` (e.g. ``"RAS"``, the orientation the model was trained in)
+    reorients the volume with :mod:`nibabel.orientations` — flips included, not only
+    axis permutations — and :meth:`to_nifti` brings every map back exactly to the
+    scan's voxel grid, so maps are written with the scan's own affine.
+
+    Parameters
+    ----------
+    axis_order : str
+        Model spatial axes in NIfTI terms (after reorientation), see :class:`AxisOrder`.
+    ornt : np.ndarray, optional
+        nibabel orientation transform from the file's voxel axes to the model's
+        orientation (``None``: no reorientation).
+    """
+
+    axis_order: str = "xyz"
+    ornt: np.ndarray | None = None
+
+    @classmethod
+    def of(cls, affine: np.ndarray, spatial_dims: int, axis_order: str = "xyz",
+           orientation: str | None = None) -> Geometry:
+        """The geometry of a volume with ``affine`` for a model trained in ``orientation``."""
+        if not orientation:
+            return cls(axis_order)
+        from nibabel.orientations import axcodes2ornt, io_orientation, ornt_transform
+
+        if len(orientation) != spatial_dims:
+            raise ConfigError(f"preprocess.orientation {orientation!r} has {len(orientation)} axis codes for "
+                              f"{spatial_dims}D volumes", f"give {spatial_dims} codes, e.g. "
+                              + ("RAS" if spatial_dims == 3 else "RA"))
+        start = io_orientation(np.asarray(affine, dtype=float))[:spatial_dims]
+        try:
+            ornt = ornt_transform(start, axcodes2ornt(tuple(orientation)))
+        except Exception as exc:  # 2D image whose axes are not among the codes
+            raise ConfigError(f"cannot reorient the volume to {orientation!r}: {exc}",
+                              "give axis codes of the image's own axes, or remove preprocess.orientation") from None
+        if np.array_equal(ornt, [[i, 1] for i in range(spatial_dims)]):
+            return cls(axis_order)
+        return cls(axis_order, ornt)
+
+    def to_model(self, spatial: np.ndarray) -> np.ndarray:
+        """NIfTI-ordered array (leading spatial axes) -> model order."""
+        if self.ornt is not None:
+            from nibabel.orientations import apply_orientation
+
+            spatial = apply_orientation(spatial, self.ornt)
+        return AxisOrder(self.axis_order).to_model(spatial)
+
+    def to_nifti(self, spatial: np.ndarray) -> np.ndarray:
+        """Undo :meth:`to_model` on the leading spatial axes (exactly, voxel for voxel)."""
+        spatial = AxisOrder(self.axis_order).to_nifti(spatial)
+        if self.ornt is not None:
+            from nibabel.orientations import apply_orientation
+
+            spatial = apply_orientation(spatial, self._inverse())
+        return np.ascontiguousarray(spatial)
+
+    def _inverse(self) -> np.ndarray:
+        assert self.ornt is not None
+        inv = np.zeros_like(self.ornt)
+        for i, (axis, flip) in enumerate(self.ornt):
+            inv[int(axis)] = [i, flip]
+        return inv
+
+    def index_to_model(self, index: Sequence[int], shape: Sequence[int]) -> list[int]:
+        """A NIfTI voxel index -> the same voxel's index on the model grid."""
+        idx = [int(i) for i in index]
+        if self.ornt is not None:
+            new = [0] * len(idx)
+            for i, (axis, flip) in enumerate(self.ornt):
+                new[int(axis)] = idx[i] if flip > 0 else int(shape[i]) - 1 - idx[i]
+            idx = new
+        return [idx[i] for i in AxisOrder(self.axis_order).permutation]

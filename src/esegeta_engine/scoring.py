@@ -1,5 +1,11 @@
 """The score model: user model -> selected output -> target scores ``(N, K)``.
 
+:func:`make_score_model` is the one factory every caller uses (explain, evaluation,
+randomisation, the plugin): it puts the execution form between the user's model
+and the target — whole-volume (padded to sizes the network takes, cropped back) or
+sliding-window (patch-wise, see :mod:`esegeta_engine.execution.sliding`) — and
+mixed precision (autocast around the network only; targets and gradients stay fp32).
+
 Every model evaluation of every method goes through :class:`ScoreModel`,
 which makes it the one place where the engine counts evaluations for progress
 and checks cancellation and the per-method deadline. Both checks raise an
@@ -17,6 +23,7 @@ import torch
 from torch import nn
 
 from esegeta_engine.errors import Cancelled, MethodTimeout
+from esegeta_engine.execution.runner import ExecutionForm, build_runner
 from esegeta_engine.models import OutputSelector
 from esegeta_engine.targets import Target
 
@@ -42,6 +49,7 @@ class EvaluationMonitor:
         self.on_evaluation = on_evaluation
         self.count = 0
         self.samples = 0
+        self.patches = 0  # patch evaluations (sliding-window execution)
         self.deadline: float | None = None
         self.timeout_s: float | None = None
 
@@ -49,6 +57,7 @@ class EvaluationMonitor:
         """Reset the counters and arm a deadline ``timeout_s`` seconds from now."""
         self.count = 0
         self.samples = 0
+        self.patches = 0
         self.abort.clear()
         self.timeout_s = timeout_s
         self.deadline = None if timeout_s is None else time.monotonic() + timeout_s
@@ -61,6 +70,11 @@ class EvaluationMonitor:
             raise MethodTimeout(f"exceeded the time limit of {self.timeout_s:g} s")
         if self.deadline is not None and time.monotonic() > self.deadline:
             raise MethodTimeout(f"exceeded the time limit of {self.timeout_s:g} s")
+
+    def patch_batch(self, n: int) -> None:
+        """Checked before every patch batch, so cancel stops within one patch batch."""
+        self.check()
+        self.patches += n
 
     def evaluated(self, batch: int) -> None:
         """Record one model evaluation of ``batch`` inputs."""
@@ -83,6 +97,9 @@ class ScoreModel(nn.Module):
         Output selection for models returning tuples/lists/dicts.
     monitor : EvaluationMonitor, optional
         Progress, cancellation and deadline checks.
+    form : ExecutionForm, optional
+        Whole-volume (default: the model called once on the input) or sliding-window,
+        padding and precision; build it with :func:`make_score_model`.
     """
 
     def __init__(
@@ -91,18 +108,59 @@ class ScoreModel(nn.Module):
         target: Target,
         output: int | str | None = None,
         monitor: EvaluationMonitor | None = None,
+        form: ExecutionForm | None = None,
     ) -> None:
         super().__init__()
-        self.net = OutputSelector(model, output)
         self.target = target
         self.monitor = monitor or EvaluationMonitor()
+        self.form = form or ExecutionForm()
+        # the user's model is reachable through one child only: hook-based methods walk the
+        # module tree (``Module.apply``) and must meet each of its modules once
+        self.runner = build_runner(OutputSelector(model, output), self.form, self.monitor)
+
+    @property
+    def net(self) -> OutputSelector:
+        """The user's model with its output selection (inside the runner)."""
+        return self.runner.net
+
+    @property
+    def patchwise(self) -> bool:
+        """True when the model runs as a sliding window of patches."""
+        return self.form.sliding is not None
 
     def model_output(self, x: torch.Tensor) -> torch.Tensor:
         """The selected raw model output (no target), counted as an evaluation."""
         self.monitor.check()
-        out = self.net(x)
+        out = self.runner(x)
         self.monitor.evaluated(x.shape[0])
         return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.target(self.model_output(x))
+
+
+def make_score_model(
+    model: nn.Module,
+    target: Target,
+    *,
+    output: int | str | None = None,
+    monitor: EvaluationMonitor | None = None,
+    form: ExecutionForm | None = None,
+) -> ScoreModel:
+    """Build the score model of ``model`` for ``target`` (the one factory every caller uses).
+
+    Parameters
+    ----------
+    model : nn.Module
+        The user's model (shared, never modified for good).
+    target : Target
+        Output -> ``(N, K)`` scores.
+    output : int, str or None
+        Output selection for multi-output models.
+    monitor : EvaluationMonitor, optional
+        Counting, cancellation and deadline.
+    form : ExecutionForm, optional
+        Whole volume or sliding window, padding, precision (see
+        :func:`esegeta_engine.execution.runner.execution_form`).
+    """
+    return ScoreModel(model, target, output, monitor, form)

@@ -199,9 +199,13 @@ def _saliency(ctx: MethodContext, p: Mapping[str, Any]) -> Call:
 
 
 def _integrated_gradients(ctx: MethodContext, p: Mapping[str, Any]) -> Call:
+    from esegeta_engine.methods.costs import PATCHWISE_IG_BATCH
+
+    # patch-wise: one path point at a time (patches are batched instead), so memory holds one copy
+    batch = PATCHWISE_IG_BATCH if ctx.extra.get("patchwise") else p["internal_batch_size"]
     return Call(IntegratedGradients(ctx.score_model), {
         "baselines": make_baseline(ctx.inputs, p["baseline"]), "n_steps": p["n_steps"],
-        "method": p["method"], "internal_batch_size": p["internal_batch_size"]})
+        "method": p["method"], "internal_batch_size": batch})
 
 
 def _input_x_gradient(ctx: MethodContext, p: Mapping[str, Any]) -> Call:

@@ -202,12 +202,18 @@ class CostInfo:
         Spatial size of the model input.
     noise_tunnel_samples : int
         Noisy copies when wrapped in a noise tunnel (1 otherwise).
+    patchwise : bool
+        The model runs as a sliding window (methods may batch differently).
+    n_features : int, optional
+        Supervoxels of the feature mask once it exists (``None``: estimate from params).
     """
 
     batch: int
     channels: int
     spatial: tuple[int, ...]
     noise_tunnel_samples: int = 1
+    patchwise: bool = False
+    n_features: int | None = None
 
 
 CostFn = Callable[[CostInfo, Mapping[str, Any]], int]
@@ -331,9 +337,29 @@ def list_methods(family: str | None = None) -> list[MethodSpec]:
     return sorted(specs, key=lambda s: (order.get(s.family, 9), s.name))
 
 
+_LOADED = False
+
+
 def _ensure_loaded() -> None:
-    # The family modules register their entries on import.
+    # The family modules register their entries on import; the Captum-backed entries get
+    # their cost and patch-wise behaviour from one table (methods/costs.py).
+    global _LOADED
+    if _LOADED:
+        return
     from esegeta_engine.methods import gradient, layer, perturbation  # noqa: F401
+    from esegeta_engine.methods.costs import COSTS, PATCHWISE
+
+    import dataclasses
+
+    for name, spec in list(_REGISTRY.items()):
+        changes: dict[str, Any] = {}
+        if spec.cost is None and name in COSTS:
+            changes["cost"] = COSTS[name]
+        if name in PATCHWISE and spec.patchwise == "whole":
+            changes["patchwise"] = PATCHWISE[name]
+        if changes:
+            _REGISTRY[name] = dataclasses.replace(spec, **changes)
+    _LOADED = True
 
 
 def names(specs: Sequence[MethodSpec]) -> list[str]:

@@ -1,0 +1,138 @@
+"""Planning: (methods × layers × classes) for a volume -> jobs with stable keys and costs.
+
+Planning is pure: it evaluates no model. A job's key is a SHA-256 over everything that
+determines its map — method, resolved parameters, layer, noise tunnel, class, target,
+preprocessing, execution form, seed, the volume's content and the model's weights — so
+a resumed run can tell a finished, matching output from one made with other settings,
+and two jobs that differ in any of these never share an output name.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from esegeta_engine.methods import MethodSpec, get_method
+from esegeta_engine.methods.registry import CostInfo
+
+
+@dataclass
+class Job:
+    """One attribution to compute: a method (and layer) for one class of some volumes.
+
+    Attributes
+    ----------
+    key : str
+        Stable SHA-256 (hex) of everything that determines the map ('' if unplanned).
+    expected_evaluations : int or None
+        Model evaluations the method will make (None when unknown in advance).
+    """
+
+    spec: MethodSpec
+    params: dict[str, Any]
+    cls: int
+    cls_label: str
+    volumes: tuple[int, ...]
+    layer: str | None = None
+    noise_tunnel: dict[str, Any] | None = None
+    key: str = ""
+    expected_evaluations: int | None = None
+
+    @property
+    def label(self) -> str:
+        """``method[@layer][+smoothgrad]`` for names and messages."""
+        text = self.spec.name + (f"@{self.layer}" if self.layer else "")
+        return text + (f"+{self.noise_tunnel['type']}" if self.noise_tunnel else "")
+
+
+def _canonical(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {str(k): _canonical(v) for k, v in sorted(value.items(), key=lambda kv: str(kv[0]))}
+    if isinstance(value, (list, tuple)):
+        return [_canonical(v) for v in value]
+    if isinstance(value, float) and not np.isfinite(value):
+        return repr(value)
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    return str(value)
+
+
+def digest(*parts: Any) -> str:
+    """SHA-256 (hex) of a canonical JSON of ``parts``."""
+    text = json.dumps(_canonical(list(parts)), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def array_fingerprint(array: np.ndarray) -> str:
+    """SHA-256 of an array's shape, dtype and bytes (a volume's content)."""
+    a = np.ascontiguousarray(array)
+    h = hashlib.sha256(f"{a.shape}|{a.dtype}".encode())
+    h.update(memoryview(a).cast("B"))
+    return h.hexdigest()
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """SHA-256 of a model's parameters and buffers (names, shapes and values)."""
+    h = hashlib.sha256(type(model).__name__.encode())
+    for name, t in sorted(model.state_dict().items()):
+        if not isinstance(t, torch.Tensor):
+            continue
+        h.update(f"{name}|{tuple(t.shape)}|{t.dtype}".encode())
+        h.update(memoryview(t.detach().cpu().contiguous().numpy().reshape(-1)).cast("B")
+                 if t.dtype not in (torch.bfloat16,) else t.detach().float().cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+def expected_evaluations(spec: MethodSpec, params: Mapping[str, Any], info: CostInfo) -> int | None:
+    """Model evaluations ``spec`` makes with ``params`` on inputs described by ``info``."""
+    if spec.cost is None:
+        return None
+    try:
+        return int(spec.cost(info, params))
+    except Exception:  # a cost function that cannot tell: unknown, never a failed run
+        return None
+
+
+def plan_jobs(methods: Sequence[Any], classes: Sequence[int], class_label: Any, target_kind: str,
+              volumes: tuple[int, ...], *, info: CostInfo, context: Mapping[str, Any]) -> list[Job]:
+    """Expand methods × layers × classes into keyed jobs (pure: no model evaluation).
+
+    Parameters
+    ----------
+    methods : sequence of MethodConfig
+        Methods with parameters, layers and noise tunnel.
+    classes : sequence of int
+        Score indices to explain.
+    class_label : callable
+        ``class_label(index) -> str`` (the target's label of a class).
+    target_kind : str
+        The target kind, for labels.
+    volumes : tuple of int
+        Indices of the volumes these jobs explain together.
+    info : CostInfo
+        Input description for the cost estimates.
+    context : mapping
+        Everything else the maps depend on (target, preprocessing and execution
+        config, seed, volume and model fingerprints): part of every key.
+    """
+    jobs = []
+    for m in methods:
+        spec = get_method(m.name)
+        params = spec.resolve_params(m.params)
+        nt = m.noise_tunnel.model_dump() if m.noise_tunnel else None
+        nt_samples = int(nt["samples"]) if nt else 1
+        job_info = CostInfo(info.batch, info.channels, info.spatial, nt_samples, info.patchwise)
+        for layer in m.layers or [None]:
+            for c in classes:
+                label = f"{target_kind}-{class_label(c)}"
+                key = digest(spec.name, params, layer, nt, c, dict(context))
+                jobs.append(Job(spec, params, c, label, volumes, layer, nt, key,
+                                expected_evaluations(spec, params, job_info)))
+    return jobs

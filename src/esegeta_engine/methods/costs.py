@@ -1,0 +1,84 @@
+"""How many model evaluations each Captum-backed method makes, known before it runs.
+
+The numbers follow Captum's batching (checked against the counted evaluations in
+``tests/engine/test_costs.py``): progress totals, ETAs and the planner's cost
+estimates come from here. Supervoxel methods on SLIC masks use ``n_segments`` as the
+number of features before the mask exists; the executor refines it once the mask
+is built (``n_features``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+from esegeta_engine.methods.registry import CostFn, CostInfo
+
+PATCHWISE_IG_BATCH = 1
+"""Integrated Gradients' internal batch under sliding-window execution: path points are
+explained one at a time (patches are batched instead), so memory holds one input copy."""
+
+
+def _n_features(info: CostInfo, p: Mapping[str, Any]) -> int:
+    if info.n_features is not None:
+        return info.n_features
+    if p.get("mask") == "grid":
+        size = p.get("grid_size", 8)
+        sizes = size if isinstance(size, tuple) else (size,) * len(info.spatial)
+        return math.prod(math.ceil(s / b) for s, b in zip(info.spatial, sizes))
+    return int(p.get("n_segments", 64))
+
+
+def _one(info: CostInfo, p: Mapping[str, Any]) -> int:
+    return 1
+
+
+def _ig_like(info: CostInfo, p: Mapping[str, Any]) -> int:
+    ibs = int(p.get("internal_batch_size") or 1)
+    if info.patchwise:
+        ibs = PATCHWISE_IG_BATCH
+    examples = info.batch * info.noise_tunnel_samples
+    return math.ceil(int(p["n_steps"]) / max(1, ibs // examples))
+
+
+def _occlusion(info: CostInfo, p: Mapping[str, Any]) -> int:
+    dims = len(info.spatial)
+    window = p["window"] if isinstance(p["window"], tuple) else (p["window"],) * dims
+    stride = window if p.get("stride") is None else (
+        p["stride"] if isinstance(p["stride"], tuple) else (p["stride"],) * dims)
+    shifts = math.prod(math.ceil((s - w) / st) + 1 for s, w, st in zip(info.spatial, window, stride))
+    return 1 + math.ceil(shifts / int(p["perturbations_per_eval"]))
+
+
+def _ablation(info: CostInfo, p: Mapping[str, Any]) -> int:
+    return 1 + math.ceil(_n_features(info, p) / int(p["perturbations_per_eval"]))
+
+
+def _shapley(info: CostInfo, p: Mapping[str, Any]) -> int:
+    return 1 + int(p["n_samples"]) * math.ceil(_n_features(info, p) / int(p["perturbations_per_eval"]))
+
+
+def _sampled(info: CostInfo, p: Mapping[str, Any]) -> int:
+    return info.batch * math.ceil(int(p["n_samples"]) / int(p["perturbations_per_eval"]))
+
+
+COSTS: dict[str, CostFn] = {
+    "saliency": _one, "input_x_gradient": _one, "guided_backprop": _one, "deconvolution": _one,
+    "deeplift": _one, "deeplift_shap": _one, "gradient_shap": _one, "guided_gradcam": lambda i, p: 2,
+    "integrated_gradients": _ig_like,
+    "occlusion": _occlusion, "feature_ablation": _ablation, "shapley_value_sampling": _shapley, "feature_permutation": _ablation,
+    "kernel_shap": _sampled, "lime": _sampled,
+    "layer_activation": _one, "layer_gradcam": _one, "layer_gradient_x_activation": _one,
+    "layer_deeplift": _one, "layer_deeplift_shap": _one, "layer_gradient_shap": _one,
+    "layer_integrated_gradients": _ig_like, "layer_conductance": _ig_like, "internal_influence": _ig_like,
+}
+"""Cost functions of the Captum-backed methods (new methods set ``MethodSpec.cost`` themselves)."""
+
+PATCHWISE: dict[str, str] = {
+    **{n: "gradient" for n in ("saliency", "input_x_gradient", "integrated_gradients", "gradient_shap",
+                               "guided_backprop", "deconvolution")},
+    **{n: "perturbation" for n in ("occlusion", "feature_ablation", "shapley_value_sampling",
+                                   "kernel_shap", "lime")},
+}
+"""How the Captum-backed methods run under sliding-window execution (the rest: ``whole``)."""
