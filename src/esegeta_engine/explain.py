@@ -277,7 +277,12 @@ class Explainer:
                 ) from None
 
     def _raw(self, x: torch.Tensor) -> torch.Tensor:
-        return self.make_score_model(T.ClassificationTarget(), x).model_output(x)
+        out = self.make_score_model(T.ClassificationTarget(), x).model_output(x)
+        precision = self.form_for(x).precision
+        if precision != "fp32" and not bool(torch.isfinite(out).all()):
+            log.warning("the model output is non-finite in %s: the prediction is redone in fp32", precision)
+            out = self.make_score_model(T.ClassificationTarget(), x, precision="fp32").model_output(x)
+        return out
 
     def _try_padding(self, x: torch.Tensor) -> bool:
         """Find the smallest 2**k padding the network accepts (``divisible_by: auto``)."""

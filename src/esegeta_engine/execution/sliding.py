@@ -227,8 +227,13 @@ class SlidingWindow(nn.Module):
                 return self._reuse(x, grid, base)
             return self._stitch(x, grid)
 
-    def _stitch(self, x: torch.Tensor, grid: WindowGrid, keep: list | None = None) -> torch.Tensor:
-        """Plain no-grad sliding-window output (optionally keeping each patch output)."""
+    def _stitch(self, x: torch.Tensor, grid: WindowGrid, keep: list | None = None,
+                graph: bool = False) -> torch.Tensor:
+        """Plain sliding-window output (optionally keeping each patch output).
+
+        ``graph``: run each patch with a (short-lived) graph, so that hooks which attach to
+        tensors during the forward pass (Captum's guided rules) find tensors requiring grad.
+        """
         xp = grid.pad_input(x)
         n = x.shape[0]
         active = self.active_patches(grid)
@@ -237,8 +242,8 @@ class SlidingWindow(nn.Module):
         bs = self.settings.sw_batch_size
         for i in range(0, len(items), bs):
             chunk = items[i:i + bs]
-            ys = self._run_chunk(torch.cat([xp[(slice(b, b + 1), slice(None), *grid.slices[p])]
-                                            for b, p in chunk]), False)
+            patch = torch.cat([xp[(slice(b, b + 1), slice(None), *grid.slices[p])] for b, p in chunk])
+            ys = self._run_chunk(patch.requires_grad_(True) if graph else patch, graph).detach()
             if acc is None:
                 acc = torch.zeros((n, ys.shape[1], *grid.padded), device=x.device)
             for (b, p), y in zip(chunk, ys):
@@ -309,8 +314,7 @@ class _PatchwiseFunction(torch.autograd.Function):
         ctx.sw = sw
         ctx.grid = grid
         ctx.save_for_backward(x)
-        with torch.no_grad():
-            return sw._stitch(x.detach(), grid)
+        return sw._stitch(x.detach(), grid, graph=True)
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):  # type: ignore[override]
