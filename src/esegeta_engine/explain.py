@@ -26,7 +26,8 @@ import torch
 from torch import nn
 
 from esegeta_engine.config import MethodConfig, PreprocessConfig, TargetConfig
-from esegeta_engine.errors import Cancelled, EsegetaError, MethodError, MethodTimeout, TargetError, VolumeError
+from esegeta_engine.errors import (Cancelled, EsegetaError, MethodError, MethodTimeout, TargetError, VolumeError,
+                                   error_reason)
 from esegeta_engine.io import Volume
 from esegeta_engine.methods import MethodContext, MethodSpec, attribute, get_method
 from esegeta_engine.models import get_layer, is_torchscript, model_guard
@@ -185,9 +186,8 @@ class Explainer:
             except EsegetaError:
                 raise
             except Exception as exc:  # the user's model rejected the input: say why, no traceback
-                first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
                 raise MethodError(
-                    f"the model does not accept an input of shape {tuple(x.shape)}: {first}",
+                    f"the model does not accept an input of shape {tuple(x.shape)}: {error_reason(exc)}",
                     "check preprocess.in_channels, spatial_dims and axis_order; U-Nets often need each "
                     "axis divisible by 2**depth (crop or pad the volume)",
                 ) from None
@@ -365,7 +365,9 @@ class Explainer:
         elif isinstance(err, EsegetaError):
             status, text = "failed", str(err)
         else:
-            status, text = "failed", f"{type(err).__name__}: {err}"
+            # the reason first (a TorchScript error's is its last line), then the whole message
+            reason, text = error_reason(err, limit=2000), f"{type(err).__name__}: {err}"
+            status, text = "failed", text if text.startswith(reason) else f"{reason}\n{text}"
             log.error("%s · %s failed", job.label, job.cls_label, exc_info=err)
         log.warning("%s · %s: %s (%s)", job.label, job.cls_label, status, text)
         yield JobFailed(job, status, text, seconds, monitor.count)
@@ -421,6 +423,7 @@ class Explainer:
                 f"layer '{job.layer}' gives a map of shape {tuple(result.shape)} with no spatial grid",
                 "choose a convolutional layer (see `esegeta layers MODEL`)",
             )
+        _check_finite(result, job)
         order = AxisOrder(self.preprocess.axis_order)
         maps = []
         for i in range(result.shape[0]):
@@ -428,3 +431,19 @@ class Explainer:
             arr = r.sum(0) if (r.shape[0] == x.shape[1] or r.shape[0] == 1) else np.moveaxis(r, 0, -1)
             maps.append(order.to_nifti(arr).astype(np.float32))
         return maps
+
+
+def _check_finite(result: torch.Tensor, job: Job) -> None:
+    """A map with NaN or Inf values is a failed job, never a result.
+
+    Raises
+    ------
+    MethodError
+        Saying how many values are not finite and the likely cause.
+    """
+    bad = int((~torch.isfinite(result)).sum())
+    if bad:
+        raise MethodError(
+            f"{job.label} gave a map with {bad} of {result.numel()} values NaN or infinite",
+            "the model output or its gradient overflows (NaN weights, huge logits or inputs): check the "
+            "model on this input, normalise the volume, or try another method")

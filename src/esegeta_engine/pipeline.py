@@ -24,16 +24,17 @@ import numpy as np
 
 from esegeta_engine import __version__
 from esegeta_engine.config import Config
-from esegeta_engine.errors import ConfigError, EsegetaError, VolumeError
+from esegeta_engine.errors import EsegetaError, VolumeError
 from esegeta_engine.explain import Event, Explainer, JobFailed, MapReady, Progress
 from esegeta_engine.io import Volume, load_volume, save_map, write_json
 from esegeta_engine.methods import get_method
 from esegeta_engine.evaluation.evaluators import CURVES_KEY, make_evaluators, scalar_metrics
 from esegeta_engine.models import load_model
 from esegeta_engine.preprocess import AxisOrder
+from esegeta_engine.runguard import (MANIFEST, OutputLock, check_previous_run, close_log, make_output_folder,
+                                     open_log, protect_inputs, remove_part_files, write_final_manifest)
 
 log = logging.getLogger("esegeta_engine")
-MANIFEST = "manifest.json"
 
 
 @dataclass
@@ -86,24 +87,20 @@ def map_filename(volume_stem: str, method_label: str, target_label: str) -> str:
     return f"{volume_stem}__{_slug(method_label)}__{_slug(target_label)}.nii.gz"
 
 
-def _check_out_dir(cfg: Config) -> Path:
-    out = cfg.output.dir
-    if (out / MANIFEST).exists() and not cfg.output.overwrite:
-        raise ConfigError(f"output folder {str(out)!r} already holds a run ({MANIFEST})",
-                          "choose another output.dir (--out) or set output.overwrite: true (--overwrite)")
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"output path {str(out)!r} is a file", "choose a folder for output.dir")
-    out.mkdir(parents=True, exist_ok=True)
-    return out
-
-
-def _attach_log(out: Path) -> logging.Handler:
-    handler = logging.FileHandler(out / "esegeta.log", encoding="utf-8")
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-    log.addHandler(handler)
-    if log.level == logging.NOTSET or log.level > logging.INFO:
-        log.setLevel(logging.INFO)
-    return handler
+def _claim_output(cfg: Config, stems: list[str]) -> OutputLock:
+    """Create and lock the output folder and check it is safe to write (see :mod:`runguard`)."""
+    out = make_output_folder(cfg.output.dir)
+    lock = OutputLock(out).acquire()
+    try:
+        check_previous_run(out, cfg.output.overwrite)
+        loc = cfg.evaluation.localisation
+        protect_inputs(out, [*cfg.volumes, cfg.target.roi_mask, loc.mask if loc else None, cfg.model.path],
+                       stems)
+        remove_part_files(out)
+    except BaseException:
+        lock.release()
+        raise
+    return lock
 
 
 def load_inputs(cfg: Config) -> tuple[list[Volume], np.ndarray | None]:
@@ -142,22 +139,42 @@ def load_mask_on_grid(path: Path, volumes: list[Volume], spatial_dims: int, what
 
 
 def iter_run(cfg: Config, cancel: threading.Event | None = None, *, threaded: bool = False,
-             on_progress: Callable[[Progress], None] | None = None) -> Generator[Event, None, RunResult]:
+             on_progress: Callable[[Progress], None] | None = None,
+             trust_pickled: bool = False) -> Generator[Event, None, RunResult]:
     """Run ``cfg``, yielding events; returns the :class:`RunResult`.
 
     Methods run in the calling thread by default (fastest); progress within a
     method goes to ``on_progress``. ``threaded=True`` runs each method in a
     worker thread and yields that progress as events instead (see
-    :meth:`Explainer.iter_explain`).
+    :meth:`Explainer.iter_explain`). ``trust_pickled`` lets a fully pickled
+    module load; it is the caller's decision (``--trust-pickled``), never the
+    config's.
+
+    Nothing is written until the model, the volumes and the masks have been
+    read and checked; the output folder is then locked for the whole run.
 
     Raises
     ------
     EsegetaError
-        For problems found before any method runs (bad files, model, target).
-        Problems inside a method are recorded in the manifest instead.
+        For problems found before any method runs (bad files, model, target,
+        an output folder in use or holding inputs). Problems inside a method
+        are recorded in the manifest instead.
     """
-    out = _check_out_dir(cfg)
-    handler = _attach_log(out)
+    log.info("napari-esegeta %s: loading model %s", __version__, cfg.model.path)
+    model = load_model(cfg.model.path, format=cfg.model.format, class_path=cfg.model.class_path,
+                       kwargs=cfg.model.kwargs, trust_pickled=trust_pickled, device=cfg.model.device)
+    volumes, roi = load_inputs(cfg)
+    gt_mask = _load_ground_truth(cfg, volumes)
+    stems = [_stem(v.path, i) for i, v in enumerate(volumes)]
+    if len(set(stems)) < len(stems):
+        stems = [f"{i:02d}-{s}" for i, s in enumerate(stems)]
+    lock = _claim_output(cfg, stems)
+    out = cfg.output.dir
+    try:
+        handler = open_log(out, log)
+    except BaseException:
+        lock.release()
+        raise
     started = time.perf_counter()
     manifest: dict[str, Any] = {
         "status": "running",
@@ -171,16 +188,8 @@ def iter_run(cfg: Config, cancel: threading.Event | None = None, *, threaded: bo
     }
     manifest_path = out / MANIFEST
     try:
-        log.info("napari-esegeta %s: loading model %s", __version__, cfg.model.path)
-        model = load_model(cfg.model.path, format=cfg.model.format, class_path=cfg.model.class_path,
-                           kwargs=cfg.model.kwargs, trust_pickled=cfg.model.trust_pickled,
-                           device=cfg.model.device)
-        volumes, roi = load_inputs(cfg)
         explainer = Explainer(model, cfg.preprocess, cfg.target, cfg.model.output,
                               seed=cfg.run.seed, timeout_s=cfg.run.timeout_s)
-        stems = [_stem(v.path, i) for i, v in enumerate(volumes)]
-        if len(set(stems)) < len(stems):
-            stems = [f"{i:02d}-{s}" for i, s in enumerate(stems)]
         for i, v in enumerate(volumes):
             entry: dict[str, Any] = {"stem": stems[i], "path": str(v.path), "shape": list(v.data.shape),
                                      "spacing_mm": list(v.spacing), "affine": v.affine.tolist()}
@@ -191,7 +200,6 @@ def iter_run(cfg: Config, cancel: threading.Event | None = None, *, threaded: bo
             manifest["volumes"].append(entry)
         write_json(manifest, manifest_path)
         ev = cfg.evaluation
-        gt_mask = _load_ground_truth(cfg, volumes)
         curves: dict[str, Any] = {}
         for event in explainer.iter_explain(volumes, cfg.methods, roi_mask=roi, cancel=cancel,
                                             evaluators=make_evaluators(ev, cfg.run.seed),
@@ -238,14 +246,16 @@ def iter_run(cfg: Config, cancel: threading.Event | None = None, *, threaded: bo
         raise
     finally:
         manifest["duration_s"] = round(time.perf_counter() - started, 3)
-        write_json(manifest, manifest_path)
-        if cfg.evaluation.report and manifest["status"] in ("completed", "cancelled"):
-            manifest["report"] = _report(out, cfg)
-            write_json(manifest, manifest_path)
-        log.info("run %s in %.1f s; manifest: %s", manifest["status"], manifest["duration_s"],
-                 manifest_path)
-        log.removeHandler(handler)
-        handler.close()
+        try:
+            write_final_manifest(manifest, manifest_path)
+            if cfg.evaluation.report and manifest["status"] in ("completed", "cancelled"):
+                manifest["report"] = _report(out, cfg)
+                write_final_manifest(manifest, manifest_path)
+            log.info("run %s in %.1f s; manifest: %s", manifest["status"], manifest["duration_s"],
+                     manifest_path)
+        finally:
+            close_log(handler, log)
+            lock.release()
     return RunResult(out, manifest_path, manifest["status"], manifest["results"])
 
 
@@ -330,9 +340,9 @@ def _stats(arr: np.ndarray) -> dict[str, float]:
 
 
 def run(cfg: Config, cancel: threading.Event | None = None,
-        on_event: Callable[[Event], None] | None = None) -> RunResult:
+        on_event: Callable[[Event], None] | None = None, *, trust_pickled: bool = False) -> RunResult:
     """Run ``cfg`` to the end (see :func:`iter_run`); ``on_event`` sees every event and progress."""
-    gen = iter_run(cfg, cancel, on_progress=on_event)
+    gen = iter_run(cfg, cancel, on_progress=on_event, trust_pickled=trust_pickled)
     while True:
         try:
             event = next(gen)

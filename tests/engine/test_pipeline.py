@@ -208,8 +208,8 @@ def test_bad_inputs_raise_before_writing_maps(case, tmp_path_factory):
     nib.save(nib.Nifti1Image(data, AFFINE), tmp_path / "v4d.nii.gz")
     with pytest.raises(VolumeError, match="4"):
         run(config(tmp_path, [{"name": "saliency"}], volumes=["v4d.nii.gz"], output={"dir": "o2"}))
-    m = json.loads((tmp_path / "o2" / "manifest.json").read_text())
-    assert m["status"] == "failed" and "shape" in m["error"] and not m["results"]
+    # nothing is written before the checks that can fail have passed (not even the folder)
+    assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()
 
 
 # ---- command line ---------------------------------------------------------------------------
