@@ -65,7 +65,10 @@ def _method_arg(text: str) -> dict[str, Any]:
 
 
 def _setup_logging(verbose: bool) -> None:
+    for old in [h for h in log.handlers if getattr(h, "esegeta_cli", False)]:  # main() called again
+        log.removeHandler(old)
     handler = logging.StreamHandler(sys.stderr)
+    handler.esegeta_cli = True  # type: ignore[attr-defined]
     handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
     log.addHandler(handler)
     log.setLevel(logging.INFO)

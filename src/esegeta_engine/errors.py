@@ -34,6 +34,10 @@ class ModelLoadError(EsegetaError):
     """The model file cannot be loaded or does not fit its class."""
 
 
+class PickledModuleError(ModelLoadError):
+    """The model file is a pickled module: loading it runs code, so the user must say they trust it."""
+
+
 class VolumeError(EsegetaError):
     """An input volume is missing, corrupt, of the wrong shape or not finite."""
 

@@ -14,7 +14,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from esegeta_engine.errors import ModelLoadError
+from esegeta_engine.errors import ModelLoadError, PickledModuleError
 
 ModelFormat = Literal["auto", "torchscript", "state_dict", "pickled_module"]
 
@@ -160,7 +160,7 @@ def load_model(
         return model.eval()
     if format == "pickled_module":
         if not trust_pickled:
-            raise ModelLoadError(
+            raise PickledModuleError(
                 f"{path.name} is a pickled nn.Module; unpickling runs code from the file",
                 "save a state dict or TorchScript instead, or, if you trust where the file came from, "
                 "pass --trust-pickled (in napari, confirm loading it)",
@@ -181,7 +181,7 @@ def load_model(
         if "Unsupported global" not in str(exc):  # junk bytes, not a pickled module
             raise ModelLoadError(f"{path.name} is not a PyTorch model file (it cannot be unpickled)",
                                  "give a TorchScript file or a state dict saved with torch.save") from None
-        raise ModelLoadError(
+        raise PickledModuleError(
             f"{path.name} is not a plain state dict (it holds pickled Python objects, "
             "probably a whole nn.Module)",
             "save torch.save(model.state_dict(), path) or TorchScript; or, if you trust the file, "
