@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from esegeta_engine.cli import main
-from esegeta_engine.errors import OutputError, TargetError, VolumeError
+from esegeta_engine.errors import ConfigError, OutputError, TargetError, VolumeError
 from esegeta_engine.pipeline import iter_run, run
 from matrix_setup import AFFINE, SLOW, cli, config, make_case, write_config
 
@@ -85,25 +85,45 @@ def test_g2_demo_does_not_replace_another_run(case, capsys):
 
 # ---- group 6: interruptions ------------------------------------------------------------------
 
-def test_g6_sigterm_ends_like_ctrl_c(case):
+def _start_slow_run(case, *extra):
+    """A CLI run whose second method is slow; returns the process once the first map exists."""
     cfg = write_config(case, methods=[{"name": "saliency"},
                                       {"name": "occlusion", "params": {"window": 1, "perturbations_per_eval": 1}}],
                        model={**SLOW, "kwargs": {"dims": 3, "delay": 0.05}}, run={"timeout_s": 120})
-    proc = cli(["run", str(cfg), "-q"], cwd=case)
+    proc = cli(["run", str(cfg), "-q", *extra], cwd=case)
     first_map = case / "out" / "vol__saliency__argmax-class1.nii.gz"
     deadline = time.monotonic() + 120
     while not first_map.exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.1)
     time.sleep(0.5)  # occlusion is running now
-    proc.send_signal(signal.SIGTERM)
+    assert proc.poll() is None, proc.communicate()
+    return proc, first_map
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_g6_sigterm_ends_like_ctrl_c(case, sig):
+    proc, first_map = _start_slow_run(case)
+    proc.send_signal(sig)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
+    assert "Traceback" not in err
     manifest = json.loads((case / "out" / "manifest.json").read_text())
     assert manifest["status"] == "cancelled"
     assert [(r["method"], r["status"]) for r in manifest["results"]] == [("saliency", "ok"),
                                                                          ("occlusion", "cancelled")]
     assert np.isfinite(np.asarray(nib.load(first_map).dataobj)).all()
     assert not (case / "out" / ".esegeta.lock").exists()
+
+
+def test_g6_sigkill_keeps_maps_and_its_stale_lock_is_taken_over(case):
+    proc, first_map = _start_slow_run(case)
+    proc.kill()
+    proc.communicate(timeout=30)
+    assert np.isfinite(np.asarray(nib.load(first_map).dataobj)).all()  # atomic: complete or absent
+    assert json.loads((case / "out" / ".esegeta.lock").read_text())["pid"] == proc.pid
+    with pytest.raises(ConfigError, match="already holds a run"):  # it wrote a map: not replaced silently
+        run(config(case))
+    assert run(config(case, output={"overwrite": True})).status == "completed"  # dead holder: taken over
 
 
 def test_g6_part_leftovers_are_removed_by_the_next_run(case):
