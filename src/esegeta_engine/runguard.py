@@ -142,8 +142,9 @@ def wrote_maps(manifest: dict[str, Any]) -> bool:
 def check_previous_run(out: Path, overwrite: bool) -> None:
     """Refuse a folder holding another run's results unless ``overwrite``.
 
-    A previous run that ended ``failed`` or ``cancelled`` without writing a
-    map holds nothing to lose, and does not block a rerun.
+    A previous run that wrote no map holds nothing to lose and does not block
+    a rerun: one that ended ``failed`` or ``cancelled``, or one still marked
+    ``running`` (the caller holds the folder's lock, so that run is dead).
 
     Raises
     ------
@@ -157,7 +158,7 @@ def check_previous_run(out: Path, overwrite: bool) -> None:
         previous = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         previous = None
-    if (isinstance(previous, dict) and previous.get("status") in ("failed", "cancelled")
+    if (isinstance(previous, dict) and previous.get("status") in ("failed", "cancelled", "running")
             and not wrote_maps(previous)):
         return
     raise ConfigError(f"output folder {str(out)!r} already holds a run ({MANIFEST})",
@@ -187,8 +188,8 @@ def protect_inputs(out: Path, inputs: Iterable[Path | None], stems: Iterable[str
         except ValueError:
             continue
         name = rel.name
-        if name in FIXED_OUTPUTS or name.startswith(prefixes) or (
-                len(rel.parts) > 1 and rel.parts[0] in ("randomisation", "figures")):
+        top = len(rel.parts) == 1 and (name in FIXED_OUTPUTS or name.startswith(prefixes))
+        if top or (len(rel.parts) > 1 and rel.parts[0] in ("randomisation", "figures")):
             raise OutputError(f"the input {str(p)!r} is in the output folder under a name this run writes "
                               f"({name}); it would be overwritten",
                               "move the input out of the output folder, or choose another output folder")

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from esegeta_engine.cli import main
-from matrix_setup import AFFINE, make_case, one_error_line, raw_nifti
+from matrix_setup import make_case, one_error_line, raw_nifti
 
 
 @pytest.fixture
