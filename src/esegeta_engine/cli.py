@@ -15,10 +15,9 @@ import threading
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from esegeta_engine import __version__
-from esegeta_engine.errors import ConfigError, EsegetaError
+from esegeta_engine.errors import ConfigError, EsegetaError, OutputError
+from esegeta_engine.yamlsafe import load_bounded
 
 log = logging.getLogger("esegeta_engine")
 
@@ -35,11 +34,13 @@ DEMO_METHODS: list[dict[str, Any]] = [
 
 
 def _parse_value(text: str) -> Any:
-    """A parameter value from the command line, read as YAML (safe, never eval)."""
+    """A parameter value from the command line, read as bounded YAML (safe, never eval)."""
     try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError:
-        return text
+        return load_bounded(text, source=f"value {text[:40]!r}")
+    except ConfigError as exc:
+        if "not valid YAML" in exc.problem:
+            return text
+        raise
 
 
 def _method_arg(text: str) -> dict[str, Any]:
@@ -64,7 +65,10 @@ def _method_arg(text: str) -> dict[str, Any]:
 
 
 def _setup_logging(verbose: bool) -> None:
+    for old in [h for h in log.handlers if getattr(h, "esegeta_cli", False)]:  # main() called again
+        log.removeHandler(old)
     handler = logging.StreamHandler(sys.stderr)
+    handler.esegeta_cli = True  # type: ignore[attr-defined]
     handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
     log.addHandler(handler)
     log.setLevel(logging.INFO)
@@ -105,10 +109,11 @@ def _print_summary(result: Any) -> None:
               "auc_insertion, mass_inside and roc_auc (vs the ground truth) higher is better")
 
 
-def _execute(cfg: Any, quiet: bool, resume: bool = False) -> int:
+def _execute(cfg: Any, quiet: bool, resume: bool = False, trust_pickled: bool = False) -> int:
     from tqdm import tqdm
 
     from esegeta_engine.explain import Progress
+    from esegeta_engine.interrupts import cancel_on_signals
     from esegeta_engine.pipeline import iter_run
 
     cancel = threading.Event()
@@ -129,24 +134,31 @@ def _execute(cfg: Any, quiet: bool, resume: bool = False) -> int:
         bar.set_description_str(f"[{event.done}/{event.total} jobs] {event.message}"[:70])
         bar.refresh()
 
-    gen = iter_run(cfg, cancel, on_progress=show, resume=resume)
-    try:
-        while True:
-            try:
-                event = next(gen)
-            except StopIteration as stop:
-                result = stop.value
-                break
-            if isinstance(event, Progress):
-                show(event)
-    except KeyboardInterrupt:  # raised inside the running method; iter_run recorded the cancel
-        cancel.set()
-        gen.close()
-        bar.close()
-        print(f"\ncancelled; finished maps and the manifest are in {cfg.output.dir}", file=sys.stderr)
-        return 130
+    gen = iter_run(cfg, cancel, on_progress=show, resume=resume,
+                   trust_pickled=trust_pickled)
+    # Ctrl-C or SIGTERM (a batch scheduler's stop): the running job stops at its next model
+    # evaluation and is recorded as cancelled; a second signal interrupts at once.
+    with cancel_on_signals(cancel):
+        try:
+            while True:
+                try:
+                    event = next(gen)
+                except StopIteration as stop:
+                    result = stop.value
+                    break
+                if isinstance(event, Progress):
+                    show(event)
+        except KeyboardInterrupt:  # raised inside the running method; iter_run recorded the cancel
+            cancel.set()
+            gen.close()
+            bar.close()
+            print(f"\ncancelled; finished maps and the manifest are in {cfg.output.dir}", file=sys.stderr)
+            return 130
     bar.close()
     _print_summary(result)
+    if result.status == "cancelled":
+        print(f"cancelled; finished maps and the manifest are in {cfg.output.dir}", file=sys.stderr)
+        return 130
     return 0 if not result.failed else 1
 
 
@@ -160,15 +172,14 @@ def cmd_run(args: argparse.Namespace) -> int:
         cfg.output.overwrite = True
     if args.device:
         cfg.model.device = args.device
-    return _execute(cfg, args.quiet, getattr(args, "resume", False))
+    return _execute(cfg, args.quiet, getattr(args, "resume", False), trust_pickled=args.trust_pickled)
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
     from esegeta_engine.config import parse_config
 
     data: dict[str, Any] = {
-        "model": {"path": args.model, "format": args.format, "device": args.device,
-                  "trust_pickled": args.trust_pickled},
+        "model": {"path": args.model, "format": args.format, "device": args.device},
         "volumes": args.volume,
         "preprocess": {"spatial_dims": args.spatial_dims, "in_channels": args.in_channels,
                        "normalisation": args.normalisation, "axis_order": args.axis_order,
@@ -184,10 +195,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
     if args.class_path:
         data["model"]["class_path"] = args.class_path
     if args.kwargs:
-        try:
-            data["model"]["kwargs"] = json.loads(args.kwargs)
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"--kwargs is not valid JSON: {exc}", 'write e.g. --kwargs \'{"features": [8, 16]}\'')
+        data["model"]["kwargs"] = load_bounded(args.kwargs, source="--kwargs", json_syntax=True)
     if args.output is not None:
         data["model"]["output"] = _parse_value(args.output)
     if args.classes:
@@ -198,7 +206,8 @@ def cmd_explain(args: argparse.Namespace) -> int:
         data["target"]["voxel"] = args.voxel
     if args.activation:
         data["target"]["activation"] = args.activation
-    return _execute(parse_config(data, base=Path.cwd(), source="command line"), args.quiet, args.resume)
+    return _execute(parse_config(data, base=Path.cwd(), source="command line"), args.quiet, args.resume,
+                    trust_pickled=args.trust_pickled)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -207,12 +216,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     out = Path(args.out).resolve()
     info = sample_info()["models"]["unet3d_vessels"]
+    model_path = unet_paths()["state"]
+    _check_demo_folder(out, model_path, args.overwrite)
     vol_path, mask_path = save_phantom_nifti(out / "input", seed=args.seed)
     methods = DEMO_METHODS
     if args.methods:
         methods = [_method_arg(m) for m in args.methods.split("+")]
     cfg = parse_config({
-        "model": {"path": str(unet_paths()["state"]), "class_path": info["class_path"],
+        "model": {"path": str(model_path), "class_path": info["class_path"],
                   "kwargs": info["kwargs"]},
         "volumes": [str(vol_path)],
         "preprocess": {"normalisation": "minmax"},
@@ -226,6 +237,34 @@ def cmd_demo(args: argparse.Namespace) -> int:
           f"bundled 3D U-Net, argmax target on the vessel class, {len(methods)} methods",
           file=sys.stderr)
     return _execute(cfg, args.quiet)
+
+
+def _check_demo_folder(out: Path, model_path: Path, overwrite: bool) -> None:
+    """Let the demo replace only an earlier demo run in ``out`` (anything else needs ``--overwrite``).
+
+    Raises
+    ------
+    OutputError
+        ``out`` holds another run, or files that are not a demo's.
+    """
+    if overwrite or not out.exists():
+        return
+    if not out.is_dir():
+        raise OutputError(f"--out {str(out)!r} is a file", "choose a folder for the demo")
+    manifest = out / "manifest.json"
+    if manifest.is_file():
+        try:
+            cfg = json.loads(manifest.read_text(encoding="utf-8")).get("config") or {}
+            demo = (Path(str(cfg["model"]["path"])) == model_path
+                    and all(Path(v).parent == out / "input" for v in cfg["volumes"]))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            demo = False
+        if not demo:
+            raise OutputError(f"{str(out)!r} holds another run (manifest.json), not a demo's",
+                              "choose another folder for the demo (--out), or pass --overwrite")
+    elif any(out.iterdir()):
+        raise OutputError(f"{str(out)!r} is not empty and holds no demo run",
+                          "choose a new or empty folder for the demo (--out), or pass --overwrite")
 
 
 def cmd_methods(args: argparse.Namespace) -> int:
@@ -259,7 +298,7 @@ def cmd_methods(args: argparse.Namespace) -> int:
 def cmd_layers(args: argparse.Namespace) -> int:
     from esegeta_engine.models import list_layers, load_model
 
-    kwargs = json.loads(args.kwargs) if args.kwargs else None
+    kwargs = load_bounded(args.kwargs, source="--kwargs", json_syntax=True) if args.kwargs else None
     model = load_model(args.model, format=args.format, class_path=args.class_path, kwargs=kwargs,
                        trust_pickled=args.trust_pickled)
     for name, kind in list_layers(model):
@@ -314,6 +353,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue a run in the same folder: keep maps that are complete and match their job "
                         "(same model, volumes, method and parameters); redo the rest")
     p.add_argument("--device", help="cpu or cuda:N (overrides model.device)")
+    p.add_argument("--trust-pickled", action="store_true",
+                   help="allow loading a fully pickled nn.Module (runs code from the file); "
+                        "a config cannot ask for this")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_run)
 
@@ -352,6 +394,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=7, help="phantom seed")
     p.add_argument("--methods", help="methods joined by '+', e.g. saliency+occlusion:window=8")
     p.add_argument("--no-report", action="store_true", help="skip figures and report.html")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace another run in --out (an earlier demo run is replaced anyway)")
     p.add_argument("-q", "--quiet", action="store_true")
     p.set_defaults(func=cmd_demo)
 
@@ -381,6 +425,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _print_error(exc: EsegetaError) -> None:
+    """``error: <problem>; fix: <fix>`` on one line (multi-line problems keep their lines)."""
+    text = f"error: {exc.problem}"
+    if exc.fix:
+        text += ("\n  fix: " if "\n" in exc.problem else "; fix: ") + exc.fix
+    print(text, file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``esegeta``."""
     args = build_parser().parse_args(argv)
@@ -388,9 +440,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except EsegetaError as exc:
-        print(f"error: {exc.problem}", file=sys.stderr)
-        if exc.fix:
-            print(f"  fix: {exc.fix}", file=sys.stderr)
+        _print_error(exc)
+        return 2
+    except OSError as exc:  # a file the command reads or writes outside the engine's own checks
+        from esegeta_engine.io import output_error
+
+        _print_error(output_error(exc, exc.filename or "a file"))
         return 2
     except KeyboardInterrupt:
         print("\ncancelled", file=sys.stderr)

@@ -8,16 +8,15 @@ it. Relative paths are resolved against the config file's folder.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from esegeta_engine.errors import ConfigError, EsegetaError
 from esegeta_engine.methods import get_method
 from esegeta_engine.preprocess import AxisOrder
+from esegeta_engine.yamlsafe import MAX_BYTES, load_bounded
 
 
 class _Strict(BaseModel):
@@ -31,9 +30,19 @@ class ModelConfig(_Strict):
     format: Literal["auto", "torchscript", "state_dict", "pickled_module"] = "auto"
     class_path: str | None = Field(None, description="package.module:Class for a state dict")
     kwargs: dict[str, Any] = Field(default_factory=dict, description="constructor kwargs of class_path")
-    trust_pickled: bool = Field(False, description="allow unpickling a whole nn.Module (runs code)")
     output: int | str | None = Field(None, description="output index/key for tuple/list/dict outputs")
     device: str = Field("cpu", description="cpu, cuda or cuda:N")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_trust_in_files(cls, data: Any) -> Any:
+        # Trusting pickled code is the decision of whoever runs the command, never a property of
+        # a file they may have received: the key is refused with a pointer to the flag.
+        if isinstance(data, dict) and "trust_pickled" in data:
+            raise ValueError("trust_pickled cannot be set in a config (a config from someone else could "
+                             "then run code on your machine); remove it and pass --trust-pickled on the "
+                             "command line if you trust the model file")
+        return data
 
 
 class PreprocessConfig(_Strict):
@@ -259,7 +268,7 @@ class OutputConfig(_Strict):
 class RunOptions(_Strict):
     """Run-wide options."""
 
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=2**63 - 1, description="0 to 2**63 - 1")
     timeout_s: float | None = Field(900.0, gt=0, description="per method and target; null: none")
 
 
@@ -313,7 +322,7 @@ def format_validation_error(exc: ValidationError, source: str = "config") -> Con
     lines = []
     for err in exc.errors():
         loc = ".".join(str(p) for p in err["loc"] if not str(p).startswith("function-after"))
-        msg = err["msg"].removeprefix("Value error, ")
+        msg = _clip(err["msg"].removeprefix("Value error, "))
         if err["type"] == "extra_forbidden":
             msg = "unknown key"
             parent = _fields_at(err["loc"][:-1])
@@ -324,6 +333,11 @@ def format_validation_error(exc: ValidationError, source: str = "config") -> Con
         lines.append(f"{loc or '(top level)'}: {msg}")
     return ConfigError(f"invalid {source}:\n  " + "\n  ".join(lines),
                        "fix the keys above; `esegeta methods` lists methods and their parameters")
+
+
+def _clip(text: str, limit: int = 400) -> str:
+    """At most ``limit`` characters of ``text`` (a hostile value must not flood a message)."""
+    return text if len(text) <= limit else text[:limit] + f"... ({len(text) - limit} more characters)"
 
 
 def _fields_at(loc: tuple[Any, ...]) -> list[str]:
@@ -366,10 +380,12 @@ def load_config(path: str | Path) -> Config:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} does not exist", "check the path")
-    text = path.read_text(encoding="utf-8")
+    if path.stat().st_size > MAX_BYTES:
+        raise ConfigError(f"{path.name} is {path.stat().st_size} bytes, more than a config can be",
+                          "give the config file, not data")
     try:
-        data = json.loads(text) if path.suffix.lower() == ".json" else yaml.safe_load(text)
-    except (json.JSONDecodeError, yaml.YAMLError) as exc:
-        raise ConfigError(f"{path.name} is not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {exc}",
-                          "fix the syntax") from None
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path.name} cannot be read as text: {exc}", "give a YAML or JSON config") from None
+    data = load_bounded(text, source=path.name, json_syntax=path.suffix.lower() == ".json")
     return parse_config(data, base=path.parent.resolve(), source=path.name)

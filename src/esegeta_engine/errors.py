@@ -34,6 +34,10 @@ class ModelLoadError(EsegetaError):
     """The model file cannot be loaded or does not fit its class."""
 
 
+class PickledModuleError(ModelLoadError):
+    """The model file is a pickled module: loading it runs code, so the user must say they trust it."""
+
+
 class VolumeError(EsegetaError):
     """An input volume is missing, corrupt, of the wrong shape or not finite."""
 
@@ -52,3 +56,25 @@ class Cancelled(Exception):
 
 class MethodTimeout(Exception):
     """A method exceeded its time budget (checked between model evaluations)."""
+
+
+class OutputError(EsegetaError):
+    """The output folder cannot be used: not writable, full, locked or holding inputs."""
+
+
+_TORCHSCRIPT_PREAMBLE = "The following operation failed in the TorchScript interpreter"
+
+
+def error_reason(exc: BaseException, limit: int = 300) -> str:
+    """One line saying why ``exc`` happened, ``Type: message``.
+
+    A TorchScript model's errors start with a preamble and the TorchScript
+    traceback; the real reason (``builtins.ValueError: ...``) is their last
+    line, so that is what is kept.
+    """
+    lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
+    if lines and lines[0].startswith(_TORCHSCRIPT_PREAMBLE):
+        reason = lines[-1].removeprefix("builtins.")
+        return f"in the TorchScript model: {reason}"[:limit]
+    first = lines[0] if lines else ""
+    return f"{type(exc).__name__}: {first}"[:limit] if first else type(exc).__name__

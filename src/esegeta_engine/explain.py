@@ -29,7 +29,8 @@ import torch
 from torch import nn
 
 from esegeta_engine.config import ExecutionConfig, MethodConfig, PreprocessConfig, TargetConfig
-from esegeta_engine.errors import Cancelled, EsegetaError, MethodError, MethodTimeout, TargetError, VolumeError
+from esegeta_engine.errors import (Cancelled, EsegetaError, MethodError, MethodTimeout, TargetError, VolumeError,
+                                   error_reason)
 from esegeta_engine.execution.plan import Job, array_fingerprint, model_fingerprint, plan_jobs
 from esegeta_engine.execution.runner import ExecutionForm, execution_form
 from esegeta_engine.io import Volume
@@ -267,11 +268,10 @@ class Explainer:
             except Exception as exc:  # the user's model rejected the input: say why, no traceback
                 if _is_oom(exc):
                     raise memory_error(tuple(x.shape), self.form_for(x)) from None
-                first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
                 if self._try_padding(x):
                     return self._raw(x)
                 raise MethodError(
-                    f"the model does not accept an input of shape {tuple(x.shape)}: {first}",
+                    f"the model does not accept an input of shape {tuple(x.shape)}: {error_reason(exc)}",
                     "check preprocess.in_channels, spatial_dims and axis_order; if the network needs sizes "
                     "divisible by 2**depth, set execution.divisible_by (e.g. 16) or a patch size",
                 ) from None
@@ -569,7 +569,9 @@ class Explainer:
         elif isinstance(err, EsegetaError):
             status, text = "failed", str(err)
         else:
-            status, text = "failed", f"{type(err).__name__}: {err}"
+            # the reason first (a TorchScript error's is its last line), then the whole message
+            reason, text = error_reason(err, limit=2000), f"{type(err).__name__}: {err}"
+            status, text = "failed", text if text.startswith(reason) else f"{reason}\n{text}"
             log.error("%s · %s failed", job.label, job.cls_label, exc_info=err)
         log.warning("%s · %s: %s (%s)", job.label, job.cls_label, status, text)
         yield JobFailed(job, status, text, seconds, monitor.count)
@@ -627,6 +629,7 @@ class Explainer:
                 f"layer '{job.layer}' gives a map of shape {tuple(result.shape)} with no spatial grid",
                 "choose a convolutional layer (see `esegeta layers MODEL`)",
             )
+        _check_finite(result, job)
         geometry = geometry or Geometry(self.preprocess.axis_order)
         maps = []
         for i in range(result.shape[0]):
@@ -660,3 +663,17 @@ class _RunState:
     def progress(self, done: int, total: int, message: str, evaluations: int = 0) -> Progress:
         return Progress(done, total, message, evaluations, self.finished_evaluations + evaluations,
                         self.expected)
+def _check_finite(result: torch.Tensor, job: Job) -> None:
+    """A map with NaN or Inf values is a failed job, never a result.
+
+    Raises
+    ------
+    MethodError
+        Saying how many values are not finite and the likely cause.
+    """
+    bad = int((~torch.isfinite(result)).sum())
+    if bad:
+        raise MethodError(
+            f"{job.label} gave a map with {bad} of {result.numel()} values NaN or infinite",
+            "the model output or its gradient overflows (NaN weights, huge logits or inputs): check the "
+            "model on this input, normalise the volume, or try another method")

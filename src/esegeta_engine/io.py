@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import math
 import os
 import tempfile
 from dataclasses import dataclass
@@ -12,9 +14,11 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 
-from esegeta_engine.errors import VolumeError
+from esegeta_engine.errors import OutputError, VolumeError
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
+GZIP_MAX_RATIO = 1100
+"""Deflate expands at most ~1032-fold, so a ``.nii.gz`` of n bytes holds at most this times n."""
 
 
 @dataclass
@@ -74,6 +78,11 @@ def load_volume(path: str | Path, *, spatial_dims: int = 3, channels: int = 1) -
                           "convert it to NIfTI first (e.g. with dcm2niix for DICOM)")
     try:
         img = nib.load(str(path))
+    except Exception as exc:
+        raise VolumeError(f"{path.name} cannot be read as NIfTI ({exc.__class__.__name__}: {exc})",
+                          "the file is corrupt or truncated; export it again") from None
+    check_header(img, path)
+    try:
         data = np.asarray(img.dataobj, dtype=np.float32)
     except Exception as exc:
         raise VolumeError(f"{path.name} cannot be read as NIfTI ({exc.__class__.__name__}: {exc})",
@@ -100,6 +109,42 @@ def load_volume(path: str | Path, *, spatial_dims: int = 3, channels: int = 1) -
             "fill or mask them (e.g. replace with 0) before explaining the model",
         )
     return Volume(data=data, affine=np.asarray(img.affine, dtype=np.float64), header=img.header, path=path)
+
+
+def check_header(img: Any, path: Path) -> None:
+    """Refuse what a NIfTI header says before any voxel is read.
+
+    Complex and RGB voxels are not intensities; a header claiming more voxel
+    bytes than the file can hold (a forged or truncated file) would make the
+    reader allocate that much memory first; a singular or non-finite affine
+    has no geometry to write results with.
+
+    Raises
+    ------
+    VolumeError
+        Naming the file and what its header says.
+    """
+    header = img.header
+    dtype = header.get_data_dtype()
+    if dtype.fields is not None:
+        raise VolumeError(f"{path.name} holds RGB colour voxels ({', '.join(dtype.names)}), not intensities",
+                          "convert it to one grey-value channel (or one file per channel) first")
+    if dtype.kind == "c":
+        raise VolumeError(f"{path.name} holds complex-valued voxels ({dtype}); the imaginary part would "
+                          "be lost", "save the magnitude (or the real and imaginary parts as channels) first")
+    shape = tuple(int(n) for n in header.get_data_shape())
+    claimed = math.prod(shape) * dtype.itemsize + int(header.get_data_offset())
+    size = path.stat().st_size
+    limit = size * GZIP_MAX_RATIO if path.name.lower().endswith(".gz") else size
+    if claimed > limit:
+        raise VolumeError(f"{path.name} claims {shape} voxels ({claimed / 1e6:.1f} MB) but the file is "
+                          f"{size} bytes, too small to hold them", "the file is truncated or its header is "
+                          "wrong; export it again")
+    affine = np.asarray(img.affine, dtype=np.float64)
+    if not np.isfinite(affine).all() or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
+        raise VolumeError(f"{path.name} has a singular or non-finite affine (voxel to world matrix), "
+                          "so it has no usable geometry", "fix the header's sform/qform (e.g. reset them "
+                          "with fslorient or nibabel) and export it again")
 
 
 def _publish(tmp: str, path: Path) -> None:
@@ -136,30 +181,83 @@ def save_map(array: np.ndarray, like: Volume, path: str | Path, dtype: type = np
         img.set_qform(like.affine, code=1)
     img.header["cal_min"], img.header["cal_max"] = 0, 0
     img.header["descrip"] = b"napari-esegeta attribution"
-    fd, tmp = _atomic_target(path)
-    os.close(fd)
-    try:
-        nib.save(img, tmp)
-        _publish(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with _writing(path):
+        fd, tmp = _atomic_target(path)
+        os.close(fd)
+        try:
+            nib.save(img, tmp)
+            _publish(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
     return path
 
 
 def write_json(data: Any, path: str | Path) -> Path:
-    """Write JSON atomically (temporary file + rename)."""
+    """Write strict JSON atomically (temporary file + rename).
+
+    NaN and infinities become ``null``: the file parses with any strict JSON
+    parser.
+
+    Raises
+    ------
+    OutputError
+        The folder cannot be written (missing rights, full disk).
+    """
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=_mkdir(path.parent))
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(data, fh, indent=2, default=_json_default)
-            fh.write("\n")
-        _publish(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    text = json.dumps(finite_json(data), indent=2, default=_json_default, allow_nan=False) + "\n"
+    with _writing(path):
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=_mkdir(path.parent))
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as fh:
+                fh.write(text)
+            _publish(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
     return path
+
+
+def finite_json(obj: Any) -> Any:
+    """``obj`` with every non-finite float (NaN, Inf) replaced by ``None``."""
+    if isinstance(obj, (float, np.floating)):
+        return float(obj) if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite_json(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return finite_json(obj.tolist())
+    return obj
+
+
+def output_error(exc: OSError, path: str | Path) -> OutputError:
+    """A readable :class:`OutputError` for a failed write of ``path``."""
+    where = str(path)
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return OutputError(f"the disk is full: cannot write {where}",
+                           "free some space or choose an output folder on another disk")
+    if exc.errno in (errno.ENOTDIR, errno.EEXIST):
+        return OutputError(f"cannot write {where}: a file stands where a folder is needed",
+                           "choose an output folder whose parents are folders")
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return OutputError(f"cannot write {where}: {exc.strerror} (read-only, immutable or not yours)",
+                           "choose an output folder you can write to")
+    return OutputError(f"cannot write {where}: {exc.strerror or exc}", "choose another output folder")
+
+
+class _writing:
+    """Context manager turning an ``OSError`` of a write into an :class:`OutputError`."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: Any, exc: Any, tb: Any) -> None:
+        if isinstance(exc, OSError):
+            raise output_error(exc, self.path) from None
 
 
 def _mkdir(p: Path) -> Path:

@@ -14,7 +14,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from esegeta_engine.errors import ModelLoadError
+from esegeta_engine.errors import ModelLoadError, PickledModuleError
 
 ModelFormat = Literal["auto", "torchscript", "state_dict", "pickled_module"]
 
@@ -50,6 +50,9 @@ def resolve_device(name: str) -> torch.device:
 
 def import_class(path: str) -> type:
     """Import ``package.module:Class`` (or ``package.module.Class``) without eval.
+
+    Importing a module runs its import-time code: a class path is as trusted
+    as the package it names, so take it only from configs you trust.
 
     Raises
     ------
@@ -124,11 +127,14 @@ def load_model(
         ``auto`` recognises TorchScript archives and otherwise reads a state
         dict with ``weights_only=True``.
     class_path : str, optional
-        ``package.module:Class`` to build before loading a state dict.
+        ``package.module:Class`` to build before loading a state dict. The
+        module is imported, so its import-time code runs.
     kwargs : mapping, optional
         Constructor keyword arguments for ``class_path``.
     trust_pickled : bool
         Allow unpickling a whole module (runs arbitrary code from the file).
+        Only ever from the person running the command (``--trust-pickled``,
+        a confirmation in napari), never from a config file.
     device : str
         ``"cpu"`` or ``"cuda:N"``.
 
@@ -154,10 +160,10 @@ def load_model(
         return model.eval()
     if format == "pickled_module":
         if not trust_pickled:
-            raise ModelLoadError(
+            raise PickledModuleError(
                 f"{path.name} is a pickled nn.Module; unpickling runs code from the file",
-                "save a state dict or TorchScript instead, or pass --trust-pickled / "
-                "model.trust_pickled: true if you trust where the file came from",
+                "save a state dict or TorchScript instead, or, if you trust where the file came from, "
+                "pass --trust-pickled (in napari, confirm loading it)",
             )
         try:
             obj = torch.load(str(path), map_location=dev, weights_only=False)
@@ -175,11 +181,11 @@ def load_model(
         if "Unsupported global" not in str(exc):  # junk bytes, not a pickled module
             raise ModelLoadError(f"{path.name} is not a PyTorch model file (it cannot be unpickled)",
                                  "give a TorchScript file or a state dict saved with torch.save") from None
-        raise ModelLoadError(
+        raise PickledModuleError(
             f"{path.name} is not a plain state dict (it holds pickled Python objects, "
             "probably a whole nn.Module)",
             "save torch.save(model.state_dict(), path) or TorchScript; or, if you trust the file, "
-            "use model.format: pickled_module with trust_pickled: true",
+            "pass --trust-pickled (in napari, confirm loading it)",
         ) from None
     except Exception as exc:
         raise ModelLoadError(f"{path.name} is not a PyTorch model file ({exc.__class__.__name__})",

@@ -24,17 +24,19 @@ import numpy as np
 
 from esegeta_engine import __version__
 from esegeta_engine.config import Config
-from esegeta_engine.errors import ConfigError, EsegetaError, VolumeError
+from esegeta_engine.errors import EsegetaError, VolumeError
 from esegeta_engine.explain import Event, Explainer, JobFailed, MapReady, Progress
+from esegeta_engine.execution.plan import model_fingerprint
 from esegeta_engine.execution.resume import ResumeState, file_sha256
 from esegeta_engine.io import Volume, load_volume, save_map, write_json
 from esegeta_engine.methods import get_method
 from esegeta_engine.evaluation.evaluators import CURVES_KEY, make_evaluators, scalar_metrics
 from esegeta_engine.models import load_model
 from esegeta_engine.preprocess import AxisOrder
+from esegeta_engine.runguard import (MANIFEST, OutputLock, check_previous_run, close_log, make_output_folder,
+                                     open_log, protect_inputs, remove_part_files, write_final_manifest)
 
 log = logging.getLogger("esegeta_engine")
-MANIFEST = "manifest.json"
 
 
 @dataclass
@@ -101,25 +103,20 @@ class _Names:
         return name
 
 
-def _check_out_dir(cfg: Config, resume: bool = False) -> Path:
-    out = cfg.output.dir
-    if (out / MANIFEST).exists() and not (cfg.output.overwrite or resume):
-        raise ConfigError(f"output folder {str(out)!r} already holds a run ({MANIFEST})",
-                          "choose another output.dir (--out), resume it (--resume) or set "
-                          "output.overwrite: true (--overwrite)")
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"output path {str(out)!r} is a file", "choose a folder for output.dir")
-    out.mkdir(parents=True, exist_ok=True)
-    return out
-
-
-def _attach_log(out: Path) -> logging.Handler:
-    handler = logging.FileHandler(out / "esegeta.log", encoding="utf-8")
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-    log.addHandler(handler)
-    if log.level == logging.NOTSET or log.level > logging.INFO:
-        log.setLevel(logging.INFO)
-    return handler
+def _claim_output(cfg: Config, stems: list[str], resume: bool = False) -> OutputLock:
+    """Create and lock the output folder and check it is safe to write (see :mod:`runguard`)."""
+    out = make_output_folder(cfg.output.dir)
+    lock = OutputLock(out).acquire()
+    try:
+        check_previous_run(out, cfg.output.overwrite or resume)
+        loc = cfg.evaluation.localisation
+        protect_inputs(out, [*cfg.volumes, cfg.target.roi_mask, loc.mask if loc else None, cfg.model.path],
+                       stems)
+        remove_part_files(out)
+    except BaseException:
+        lock.release()
+        raise
+    return lock
 
 
 def load_inputs(cfg: Config) -> tuple[list[Volume], np.ndarray | None]:
@@ -159,7 +156,7 @@ def load_mask_on_grid(path: Path, volumes: list[Volume], spatial_dims: int, what
 
 def iter_run(cfg: Config, cancel: threading.Event | None = None, *, threaded: bool = False,
              on_progress: Callable[[Progress], None] | None = None,
-             resume: bool = False) -> Generator[Event, None, RunResult]:
+             resume: bool = False, trust_pickled: bool = False) -> Generator[Event, None, RunResult]:
     """Run ``cfg``, yielding events; returns the :class:`RunResult`.
 
     With ``resume``, a folder holding an earlier run of the same model and volumes keeps
@@ -168,16 +165,38 @@ def iter_run(cfg: Config, cancel: threading.Event | None = None, *, threaded: bo
     Methods run in the calling thread by default (fastest); progress within a
     method goes to ``on_progress``. ``threaded=True`` runs each method in a
     worker thread and yields that progress as events instead (see
-    :meth:`Explainer.iter_explain`).
+    :meth:`Explainer.iter_explain`). ``trust_pickled`` lets a fully pickled
+    module load; it is the caller's decision (``--trust-pickled``), never the
+    config's.
+
+    Nothing is written until the model, the volumes and the masks have been
+    read and checked; the output folder is then locked for the whole run.
 
     Raises
     ------
     EsegetaError
-        For problems found before any method runs (bad files, model, target).
-        Problems inside a method are recorded in the manifest instead.
+        For problems found before any method runs (bad files, model, target,
+        an output folder in use or holding inputs). Problems inside a method
+        are recorded in the manifest instead.
     """
-    out = _check_out_dir(cfg, resume)
-    handler = _attach_log(out)
+    log.info("napari-esegeta %s: loading model %s", __version__, cfg.model.path)
+    model = load_model(cfg.model.path, format=cfg.model.format, class_path=cfg.model.class_path,
+                       kwargs=cfg.model.kwargs, trust_pickled=trust_pickled, device=cfg.model.device)
+    volumes, roi = load_inputs(cfg)
+    gt_mask = _load_ground_truth(cfg, volumes)
+    stems = [_stem(v.path, i) for i, v in enumerate(volumes)]
+    if len(set(stems)) < len(stems):
+        stems = [f"{i:02d}-{s}" for i, s in enumerate(stems)]
+    lock = _claim_output(cfg, stems, resume)
+    out = cfg.output.dir
+    try:
+        # a folder of another model or other volumes is refused before anything in it changes
+        previous = (ResumeState.load(out, model_fingerprint(model), stems) if resume
+                    else ResumeState(out, None))
+        handler = open_log(out, log)
+    except BaseException:
+        lock.release()
+        raise
     started = time.perf_counter()
     manifest: dict[str, Any] = {
         "status": "running",
@@ -191,18 +210,9 @@ def iter_run(cfg: Config, cancel: threading.Event | None = None, *, threaded: bo
     }
     manifest_path = out / MANIFEST
     try:
-        log.info("napari-esegeta %s: loading model %s", __version__, cfg.model.path)
-        model = load_model(cfg.model.path, format=cfg.model.format, class_path=cfg.model.class_path,
-                           kwargs=cfg.model.kwargs, trust_pickled=cfg.model.trust_pickled,
-                           device=cfg.model.device)
-        volumes, roi = load_inputs(cfg)
         explainer = Explainer(model, cfg.preprocess, cfg.target, cfg.model.output,
                               seed=cfg.run.seed, timeout_s=cfg.run.timeout_s, execution=cfg.execution)
-        stems = [_stem(v.path, i) for i, v in enumerate(volumes)]
-        if len(set(stems)) < len(stems):
-            stems = [f"{i:02d}-{s}" for i, s in enumerate(stems)]
         manifest["model_key"] = explainer.model_key
-        previous = ResumeState.load(out, explainer.model_key, stems) if resume else ResumeState(out, None)
         names = _Names()
         for i, v in enumerate(volumes):
             entry: dict[str, Any] = {"stem": stems[i], "path": str(v.path), "shape": list(v.data.shape),
@@ -214,7 +224,6 @@ def iter_run(cfg: Config, cancel: threading.Event | None = None, *, threaded: bo
             manifest["volumes"].append(entry)
         write_json(manifest, manifest_path)
         ev = cfg.evaluation
-        gt_mask = _load_ground_truth(cfg, volumes)
         curves: dict[str, Any] = {}
         def skip(job: Any) -> bool:
             kept = [previous.done(job, stems[vi]) for vi in job.volumes]
@@ -278,14 +287,16 @@ def iter_run(cfg: Config, cancel: threading.Event | None = None, *, threaded: bo
         raise
     finally:
         manifest["duration_s"] = round(time.perf_counter() - started, 3)
-        write_json(manifest, manifest_path)
-        if cfg.evaluation.report and manifest["status"] in ("completed", "cancelled"):
-            manifest["report"] = _report(out, cfg)
-            write_json(manifest, manifest_path)
-        log.info("run %s in %.1f s; manifest: %s", manifest["status"], manifest["duration_s"],
-                 manifest_path)
-        log.removeHandler(handler)
-        handler.close()
+        try:
+            write_final_manifest(manifest, manifest_path)
+            if cfg.evaluation.report and manifest["status"] in ("completed", "cancelled"):
+                manifest["report"] = _report(out, cfg)
+                write_final_manifest(manifest, manifest_path)
+            log.info("run %s in %.1f s; manifest: %s", manifest["status"], manifest["duration_s"],
+                     manifest_path)
+        finally:
+            close_log(handler, log)
+            lock.release()
     return RunResult(out, manifest_path, manifest["status"], manifest["results"])
 
 
@@ -371,9 +382,10 @@ def _stats(arr: np.ndarray) -> dict[str, float]:
 
 
 def run(cfg: Config, cancel: threading.Event | None = None,
-        on_event: Callable[[Event], None] | None = None, resume: bool = False) -> RunResult:
+        on_event: Callable[[Event], None] | None = None, resume: bool = False, *,
+        trust_pickled: bool = False) -> RunResult:
     """Run ``cfg`` to the end (see :func:`iter_run`); ``on_event`` sees every event and progress."""
-    gen = iter_run(cfg, cancel, on_progress=on_event, resume=resume)
+    gen = iter_run(cfg, cancel, on_progress=on_event, resume=resume, trust_pickled=trust_pickled)
     while True:
         try:
             event = next(gen)

@@ -46,6 +46,7 @@ class ModelRequest:
     output: int | str | None = None
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
     name: str = ""
+    trust_pickled: bool = False
 
     @property
     def label(self) -> str:
@@ -163,7 +164,8 @@ def load_request(req: ModelRequest) -> Any:
     if not req.path:
         raise ModelLoadError("no model file given", "choose a TorchScript (.pt) or state dict file, "
                              "or click 'Use bundled sample model'")
-    return load_model(req.path, class_path=req.class_path or None, kwargs=req.kwargs, device=req.device)
+    return load_model(req.path, class_path=req.class_path or None, kwargs=req.kwargs, device=req.device,
+                      trust_pickled=req.trust_pickled)
 
 
 def default_layer(layers: list[tuple[str, str]]) -> str | None:

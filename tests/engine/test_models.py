@@ -80,7 +80,7 @@ def test_pickled_module_refused_without_trust(tmp_path):
     torch.save(TinySegNet(3), path)
     with pytest.raises(ModelLoadError, match="pickled") as info:
         load_model(path)
-    assert "trust_pickled" in info.value.fix
+    assert "--trust-pickled" in info.value.fix
     assert isinstance(load_model(path, trust_pickled=True), nn.Module)
     with pytest.raises(ModelLoadError, match="trust"):
         load_model(path, format="pickled_module")

@@ -127,3 +127,16 @@ def assert_untouched(net: nn.Module, state: dict[str, torch.Tensor]) -> None:
     for key, value in net.state_dict().items():
         assert torch.equal(value, state[key]), f"parameter {key} changed"
     assert all(p.requires_grad for p in net.parameters())
+
+
+class PickyNet(nn.Module):
+    """A TorchScript-able segmenter that refuses inputs without 3 channels (a readable reason)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.head = nn.Conv3d(3, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[1] != 3:
+            raise ValueError("PickyNet expects 3 input channels")
+        return self.head(x)

@@ -14,6 +14,7 @@ import csv
 import html
 import io
 import json
+import logging
 import math
 import os
 import re
@@ -27,8 +28,10 @@ import nibabel as nib
 import numpy as np
 
 from esegeta_engine import __version__
-from esegeta_engine.errors import ConfigError
+from esegeta_engine.errors import ConfigError, VolumeError
 from esegeta_engine.io import write_json
+
+log = logging.getLogger("esegeta_engine")
 
 __all__ = ["build_report_from_run", "write_report"]
 
@@ -265,8 +268,19 @@ def write_report(
 
 
 def _load(path: Path, ndim: int) -> np.ndarray:
-    """A NIfTI array with trailing singleton axes beyond ``ndim`` dropped."""
-    data = np.asarray(nib.load(str(path)).dataobj, dtype=np.float32)
+    """A NIfTI array with trailing singleton axes beyond ``ndim`` dropped.
+
+    Raises
+    ------
+    VolumeError
+        The file is missing, truncated or not NIfTI.
+    """
+    try:
+        data = np.asarray(nib.load(str(path)).dataobj, dtype=np.float32)
+    except Exception as exc:  # nibabel, zlib and numpy each raise their own
+        raise VolumeError(f"{path.name} cannot be read ({type(exc).__name__}: {str(exc)[:200]}); it is "
+                          "truncated or corrupt", "rerun the run that wrote it (or export the file "
+                          "again)") from None
     while data.ndim > ndim and data.shape[-1] == 1:
         data = data[..., 0]
     return data
@@ -331,7 +345,12 @@ def build_report_from_run(run_dir: str | Path, *, mask: str | Path | None = None
             if not (run_dir / rec["file"]).is_file():
                 notes.append(f"map {rec['file']} is listed in the manifest but missing")
                 continue
-            arr = _load(run_dir / rec["file"], ndim)
+            try:
+                arr = _load(run_dir / rec["file"], ndim)
+            except VolumeError as exc:  # one damaged map must not lose the rest of the report
+                notes.append(f"map {exc.problem}; it is left out")
+                log.warning("%s: left out of the report; fix: %s", exc.problem, exc.fix)
+                continue
             # <volume>__<method[@layer]>__<target>.nii.gz -> the method label (unique per map)
             label = re.sub(r"\.nii(\.gz)?$", "", rec["file"]).removeprefix(f"{stem}__").rsplit("__", 1)[0]
             label = label if label not in maps else f"{label} ({len(maps) + 1})"

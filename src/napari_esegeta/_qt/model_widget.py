@@ -6,6 +6,7 @@ in a red label in the widget (problem and fix), never as a traceback.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from qtpy.QtWidgets import (
@@ -15,6 +16,7 @@ from qtpy.QtWidgets import (
     QHBoxLayout,
     QLabel,
     QLineEdit,
+    QMessageBox,
     QPlainTextEdit,
     QPushButton,
     QSpinBox,
@@ -22,6 +24,7 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
+from esegeta_engine.errors import PickledModuleError
 from napari_esegeta import _model as M
 from napari_esegeta._geometry import copy_geometry
 from napari_esegeta._layers import is_input_layer, prediction_layer_data
@@ -164,6 +167,8 @@ class ModelWidget(QWidget):
         def work() -> Any:
             try:
                 return req, M.load_request(req)
+            except PickledModuleError as exc:  # only the user can decide to run its code
+                return req, exc
             except Exception as exc:  # shown in the widget, never a traceback
                 return req, RunError(M.format_error(exc))
 
@@ -175,6 +180,11 @@ class ModelWidget(QWidget):
 
     def _on_loaded(self, result: tuple[M.ModelRequest, Any]) -> None:
         req, model = result
+        if isinstance(model, PickledModuleError):
+            if confirm_pickled(self, req.path):
+                self.load(dataclasses.replace(req, trust_pickled=True))
+                return
+            model = RunError(M.format_error(model))
         if isinstance(model, RunError):
             set_status(self.status, f"Could not load the model: {model.text}", "error")
             return
@@ -233,3 +243,13 @@ class ModelWidget(QWidget):
                                                 nifti=(layer.metadata or {}).get("nifti"))
         self.viewer.add_labels(data, **kwargs)
         set_status(self.status, f"Prediction added: {int((labels > 0).sum()):,} foreground voxels.", "ok")
+
+
+def confirm_pickled(parent: QWidget | None, path: str) -> bool:
+    """Ask whether to load the pickled module at ``path``, naming the file; ``False`` unless confirmed."""
+    answer = QMessageBox.warning(
+        parent, "Run code from this model file?",
+        f"{path}\n\nis a pickled PyTorch module: loading it runs Python code stored in the file, "
+        "with your rights. Load it only if you trust where it came from.\n\nLoad this file?",
+        QMessageBox.StandardButton.Yes | QMessageBox.StandardButton.No, QMessageBox.StandardButton.No)
+    return answer == QMessageBox.StandardButton.Yes
