@@ -26,6 +26,7 @@ from captum.attr import (
 
 from esegeta_engine.errors import MethodError
 from esegeta_engine.methods._common import BASELINE_PARAM, make_baseline
+from esegeta_engine.methods.deeplift_safe import DeepLiftPlan
 from esegeta_engine.methods.notes import notes_of
 from esegeta_engine.methods.rectifiers import RectifiedGradient, RectifiedGuidedGradCam
 from esegeta_engine.methods.registry import Call, MethodContext, MethodSpec, Param, register
@@ -201,12 +202,14 @@ def _deconvolution(ctx: MethodContext, p: Mapping[str, Any]) -> Call:
 
 
 def _deeplift(ctx: MethodContext, p: Mapping[str, Any]) -> Call:
-    return Call(DeepLift(ctx.score_model, multiply_by_inputs=p["multiply_by_inputs"]),
+    model = DeepLiftPlan(ctx, "deeplift", notes_of(ctx)).model
+    return Call(DeepLift(model, multiply_by_inputs=p["multiply_by_inputs"]),
                 {"baselines": make_baseline(ctx.inputs, p["baseline"])})
 
 
 def _deeplift_shap(ctx: MethodContext, p: Mapping[str, Any]) -> Call:
-    return Call(DeepLiftShap(ctx.score_model), {"baselines": shap_baselines(ctx, p)})
+    model = DeepLiftPlan(ctx, "deeplift_shap", notes_of(ctx)).model
+    return Call(DeepLiftShap(model), {"baselines": shap_baselines(ctx, p)})
 
 
 def _gradient_shap(ctx: MethodContext, p: Mapping[str, Any]) -> Call:
@@ -229,6 +232,11 @@ def _register(name: str, title: str, summary: str, params: tuple[Param, ...],
 
 def _ONE(info: Any, p: Mapping[str, Any]) -> int:
     return 1
+
+
+def _TWO(info: Any, p: Mapping[str, Any]) -> int:
+    """DeepLIFT: one counting forward pass (reused modules, rules) plus one attribution pass."""
+    return 2
 
 
 _SHAP_REF = ("Lundberg & Lee 2017, A Unified Approach to Interpreting Model Predictions, NeurIPS, "
@@ -266,10 +274,12 @@ _register("deeplift", "DeepLIFT", "contributions to F(x) - F(baseline) by the re
                                  "multiply by (input - baseline); false gives the multipliers")),
           _deeplift,
           "Shrikumar, Greenside & Kundaje 2017, Learning Important Features Through Propagating "
-          "Activation Differences, ICML, arXiv:1704.02685", needs_hooks=True, noise_tunnel=True)
+          "Activation Differences, ICML, arXiv:1704.02685", needs_hooks=True, noise_tunnel=True,
+          cost=_TWO)
 _register("deeplift_shap", "DeepLIFT SHAP",
           "DeepLIFT averaged over a seeded distribution of noisy copies of the baseline",
-          (*_DISTRIBUTION, n_baselines_param(2)), _deeplift_shap, _SHAP_REF, needs_hooks=True)
+          (*_DISTRIBUTION, n_baselines_param(2)), _deeplift_shap, _SHAP_REF, needs_hooks=True,
+          cost=_TWO)
 _register("gradient_shap", "Gradient SHAP",
           "expected gradients at random points between noisy baselines and the noisy input",
           (*_DISTRIBUTION, n_baselines_param(1), N_SAMPLES, STDEVS), _gradient_shap, _SHAP_REF,
