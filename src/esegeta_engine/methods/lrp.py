@@ -172,7 +172,7 @@ class LRP:
 
     def _hook(self, options: dict[str, Any]) -> list[Any]:
         names = {id(m): n for n, m in user_model(self.net).named_modules()}
-        state: dict[str, Any] = {"first": None, "stash": {}}
+        state: dict[str, Any] = {"first": None, "last": None, "stash": {}}
 
         def pre(module: nn.Module, args: tuple[Any, ...]) -> Any:
             if self._busy or not args or not isinstance(args[0], torch.Tensor):
@@ -189,35 +189,46 @@ class LRP:
             if not stack:
                 return None
             a = stack.pop()
-            if isinstance(module, PASS_MODULES):
-                fn = self._recorded(names.get(id(module), ""), lambda a_, R: R)
-            else:
-                if isinstance(module, RULE_MODULES):
-                    if state["first"] is None:
-                        state["first"] = id(module)
-                    kind = "first" if state["first"] == id(module) else (
-                        "dense" if isinstance(module, nn.Linear) else "conv")
-                    rule = self.rules[kind]
-                else:
-                    rule = "epsilon"
-                fn = self._recorded(names.get(id(module), ""), self._rule(rule, module, options))
+            kind = "pass"
+            if isinstance(module, RULE_MODULES):
+                if state["first"] is None:
+                    state["first"] = id(module)
+                state["last"] = id(module)
+                kind = "first" if state["first"] == id(module) else (
+                    "dense" if isinstance(module, nn.Linear) else "conv")
+            elif isinstance(module, POOL_MODULES):
+                kind = "pool"
+            fn = self._recorded(names.get(id(module), ""), self.propagator(module, kind, state, options))
             return _Relay.apply(a, y, fn)
 
-        handles = [self.net.register_forward_hook(lambda m, a, y: _Start.apply(y))]
+        handles = [self.net.register_forward_hook(lambda m, a, y: self.start(y))]
         for m in self.net.modules():
             if isinstance(m, RULE_MODULES + POOL_MODULES + PASS_MODULES):
                 handles.append(m.register_forward_pre_hook(pre))
                 handles.append(m.register_forward_hook(post))
         return handles
 
-    def _rule(self, rule: str, module: nn.Module, options: dict[str, Any]) -> Any:
-        def fn(a: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
+    def start(self, y: torch.Tensor) -> torch.Tensor:
+        """Where relevance starts: the network output (see :class:`_Start`)."""
+        return _Start.apply(y)
+
+    def propagator(self, module: nn.Module, kind: str, state: dict[str, Any],
+                   options: dict[str, Any]) -> Any:
+        """``fn(a, R) -> R_in`` for ``module`` of ``kind`` (first, conv, dense, pool or pass)."""
+        if kind == "pass":
+            return lambda a, R: R
+        rule = "epsilon" if kind == "pool" else self.rules[kind]
+        return self.quiet(lambda a, R: lrp_rules.apply_rule(rule, module, a, R, options))
+
+    def quiet(self, fn: Any) -> Any:
+        """``fn`` run with this object's hooks silent (rules re-run their module)."""
+        def wrapped(a: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
             self._busy = True
             try:
-                return lrp_rules.apply_rule(rule, module, a, R, options)
+                return fn(a, R)
             finally:
                 self._busy = False
-        return fn
+        return wrapped
 
     def _recorded(self, name: str, fn: Any) -> Any:
         if self.record is None:

@@ -59,7 +59,7 @@ def module_forward(module: nn.Module) -> Forward:
     return forward
 
 
-def _vjp(forward: Forward, a: torch.Tensor, w: torch.Tensor | None, b: torch.Tensor | None,
+def vjp(forward: Forward, a: torch.Tensor, w: torch.Tensor | None, b: torch.Tensor | None,
          s: torch.Tensor) -> torch.Tensor:
     """``J_w^T s`` at ``a`` for the module with weight ``w`` and bias ``b``."""
     a = a.detach().requires_grad_(True)
@@ -69,7 +69,7 @@ def _vjp(forward: Forward, a: torch.Tensor, w: torch.Tensor | None, b: torch.Ten
     return g
 
 
-def _params(module: nn.Module) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+def parameters_of(module: nn.Module) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     w = getattr(module, "weight", None)
     b = getattr(module, "bias", None)
     return (None if w is None else w.detach()), (None if b is None else b.detach())
@@ -85,19 +85,19 @@ def epsilon(module: nn.Module, a: torch.Tensor, R: torch.Tensor, eps: float = 1e
             gamma: float = 0.0) -> torch.Tensor:
     """Epsilon rule (``gamma > 0``: gamma rule with its epsilon stabiliser)."""
     f = module_forward(module)
-    w, b = _params(module)
+    w, b = parameters_of(module)
     if gamma and w is not None:
         w = w + gamma * w.clamp(min=0)
         b = None if b is None else b + gamma * b.clamp(min=0)
     s = R / stabilise(_z(f, a, w, b), eps)
-    return a * _vjp(f, a, w, b, s)
+    return a * vjp(f, a, w, b, s)
 
 
 def alpha_beta(module: nn.Module, a: torch.Tensor, R: torch.Tensor, alpha: float = 2.0,
                eps: float = 1e-6) -> torch.Tensor:
     """Alpha-beta rule with ``beta = alpha - 1`` (inputs of either sign)."""
     f = module_forward(module)
-    w, b = _params(module)
+    w, b = parameters_of(module)
     beta = alpha - 1.0
     if w is None:  # average pooling: every weight positive
         return epsilon(module, a, R, eps)
@@ -110,7 +110,7 @@ def alpha_beta(module: nn.Module, a: torch.Tensor, R: torch.Tensor, alpha: float
         # relevance sent through contributions w1 * a+ and w2 * a- (same sign)
         z = _z(f, ap, w1, bias) + _z(f, an, w2, None)
         s = R / stabilise(z, eps)
-        return ap * _vjp(f, ap, w1, None, s) + an * _vjp(f, an, w2, None, s)
+        return ap * vjp(f, ap, w1, None, s) + an * vjp(f, an, w2, None, s)
 
     positive = share(wp, wn, bp)
     if beta == 0:
@@ -122,7 +122,7 @@ def zbox(module: nn.Module, a: torch.Tensor, R: torch.Tensor, low: torch.Tensor,
          high: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """z-box rule for the first layer, inputs bounded by ``low`` and ``high``."""
     f = module_forward(module)
-    w, b = _params(module)
+    w, b = parameters_of(module)
     if w is None:
         return epsilon(module, a, R, eps)
     wp, wn = w.clamp(min=0), w.clamp(max=0)
@@ -130,17 +130,17 @@ def zbox(module: nn.Module, a: torch.Tensor, R: torch.Tensor, low: torch.Tensor,
     high = high.expand_as(a)
     z = _z(f, a, w, b) - _z(f, low, wp, None) - _z(f, high, wn, None)
     s = R / stabilise(z, eps)
-    return a * _vjp(f, a, w, b, s) - low * _vjp(f, low, wp, None, s) - high * _vjp(f, high, wn, None, s)
+    return a * vjp(f, a, w, b, s) - low * vjp(f, low, wp, None, s) - high * vjp(f, high, wn, None, s)
 
 
 def flat(module: nn.Module, a: torch.Tensor, R: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """Flat rule: relevance spread uniformly over the receptive field."""
     f = module_forward(module)
-    w, _ = _params(module)
+    w, _ = parameters_of(module)
     ones_w = None if w is None else torch.ones_like(w)
     ones = torch.ones_like(a)
     s = R / stabilise(_z(f, ones, ones_w, None), eps)
-    return _vjp(f, ones, ones_w, None, s)
+    return vjp(f, ones, ones_w, None, s)
 
 
 COMPOSITES: dict[str, dict[str, str]] = {

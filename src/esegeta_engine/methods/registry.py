@@ -333,7 +333,13 @@ def list_methods(family: str | None = None) -> list[MethodSpec]:
 
 def _ensure_loaded() -> None:
     # The family modules register their entries on import.
-    from esegeta_engine.methods import gradient, layer, lrp, perturbation  # noqa: F401
+    from esegeta_engine.methods import (  # noqa: F401
+        excitation,
+        gradient,
+        layer,
+        lrp,
+        perturbation,
+    )
 
 
 def names(specs: Sequence[MethodSpec]) -> list[str]:
