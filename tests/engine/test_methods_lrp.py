@@ -161,3 +161,25 @@ def test_a_module_without_a_rule_is_refused_by_type_with_the_fix() -> None:
         attribute(spec, MethodContext(score_of(net, x), x, 1), spec.resolve_params({}))
     assert "Gate (1)" in err.value.problem and "Softmax (2)" in err.value.problem, err.value.problem
     assert "integrated_gradients" in err.value.fix
+
+
+class SumOver(nn.Module):
+    """(N, K, L) -> (N, K): a plain score function around a 1D network."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x).sum(-1)
+
+
+def test_lrp0_on_conv1d_and_transposed_conv1d_equals_gradient_x_input() -> None:
+    torch.manual_seed(6)
+    net = nn.Sequential(nn.Conv1d(2, 3, 3, padding=1, bias=False), nn.ReLU(),
+                        nn.ConvTranspose1d(3, 3, 2, stride=2, bias=False), nn.ReLU(),
+                        nn.Conv1d(3, 2, 1, bias=False)).eval()
+    score = SumOver(net)
+    x = torch.randn(1, 2, 10)
+    relevance = LRP(score, "epsilon", OPTIONS).attribute(x, target=0)
+    torch.testing.assert_close(relevance, gradient_x_input(score, x, 0), rtol=1e-4, atol=1e-6)

@@ -24,7 +24,6 @@ from captum.attr import (
     Saliency,
 )
 
-from esegeta_engine.errors import MethodError
 from esegeta_engine.methods._common import BASELINE_PARAM, make_baseline
 from esegeta_engine.methods.deeplift_safe import DeepLiftPlan
 from esegeta_engine.methods.notes import notes_of

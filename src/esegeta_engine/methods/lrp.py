@@ -35,8 +35,8 @@ from torch import nn
 
 from esegeta_engine.errors import MethodError
 from esegeta_engine.methods import lrp_rules
-from esegeta_engine.models import OutputSelector
 from esegeta_engine.methods.registry import Call, MethodContext, MethodSpec, Param, register
+from esegeta_engine.models import OutputSelector
 
 RULE_MODULES: tuple[type[nn.Module], ...] = (
     nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d,
@@ -93,7 +93,8 @@ class _Relay(torch.autograd.Function):
     """Identity on ``y``; backward sends ``fn(a, R)`` to ``a`` (the module's input)."""
 
     @staticmethod
-    def forward(ctx: Any, a: torch.Tensor, y: torch.Tensor, fn: Any) -> torch.Tensor:  # type: ignore[override]
+    def forward(ctx: Any, a: torch.Tensor, y: torch.Tensor,  # type: ignore[override]
+                fn: Any) -> torch.Tensor:
         ctx.save_for_backward(a)
         ctx.fn = fn
         return y.clone()
@@ -259,7 +260,7 @@ register(MethodSpec(
               "epsilon_alpha2_beta1_flat: flat first layer; epsilon_gamma_box: z-box first layer, "
               "gamma convolutions; epsilon_alpha2_beta1; gamma; alpha_beta; zbox_epsilon",
               choices=tuple(lrp_rules.COMPOSITES)),
-        Param("epsilon", "float", 1e-6, "stabiliser of the epsilon rule (0: LRP-0)",
+        Param("epsilon", "float", 0.01, "stabiliser of the epsilon rule (0: LRP-0)",
               minimum=0.0, maximum=1e6),
         Param("gamma", "float", 0.25, "weight of positive parameters in the gamma rule",
               minimum=0.0, maximum=1e6),

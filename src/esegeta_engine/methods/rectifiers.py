@@ -39,9 +39,9 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
+from captum.attr import GradientAttribution
 from torch import nn
 from torch.overrides import TorchFunctionMode
-from captum.attr import GradientAttribution
 
 from esegeta_engine.methods.notes import add_note
 
