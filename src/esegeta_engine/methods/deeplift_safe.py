@@ -33,6 +33,7 @@ from captum.attr._core.deep_lift import SUPPORTED_NON_LINEAR
 from torch import nn
 
 from esegeta_engine.errors import MethodError
+from esegeta_engine.methods.lrp import network_of, user_model
 from esegeta_engine.methods.notes import add_note
 from esegeta_engine.methods.rectifiers import _FunctionalCounter
 from esegeta_engine.methods.registry import MethodContext
@@ -171,7 +172,8 @@ class DeepLiftPlan:
                 f"{method}: layer '{ctx.layer_name or type(ctx.layer).__name__}' is called "
                 f"{calls[id(ctx.layer)]} times per forward pass, so it has no single activation",
                 "pick a layer the model calls once (see `esegeta layers MODEL`)")
-        unsupported = [(n, m) for n, m in _leaves(model)
+        user = {id(m): n for n, m in user_model(network_of(model)).named_modules()}
+        unsupported = [(user.get(id(m), n), m) for n, m in _leaves(model)
                        if calls.get(id(m)) and not has_rule(m) and not isinstance(m, LINEAR_MODULES)]
         self._note(method, notes, unsupported, counter.calls)
         self.model: nn.Module = model
