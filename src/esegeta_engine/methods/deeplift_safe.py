@@ -35,7 +35,7 @@ from torch import nn
 from esegeta_engine.errors import MethodError
 from esegeta_engine.methods.lrp import network_of, user_model
 from esegeta_engine.methods.notes import add_note
-from esegeta_engine.methods.rectifiers import _FunctionalCounter
+from esegeta_engine.methods.rectifiers import FunctionalCounter
 from esegeta_engine.methods.registry import MethodContext
 
 # Leaf modules whose gradient is DeepLIFT's exact multiplier (linear or affine maps).
@@ -141,7 +141,7 @@ class DeepLiftPlan:
     def __init__(self, ctx: MethodContext, method: str, notes: list[str]) -> None:
         model = ctx.score_model
         calls: Counter[int] = Counter()
-        counter = _FunctionalCounter()
+        counter = FunctionalCounter()
         handles = []
 
         def pre(module: nn.Module, args: Any) -> None:

@@ -35,6 +35,7 @@ from torch import nn
 
 from esegeta_engine.errors import MethodError
 from esegeta_engine.methods import lrp_rules
+from esegeta_engine.methods.rectifiers import RouteBack
 from esegeta_engine.methods.registry import Call, MethodContext, MethodSpec, Param, register
 from esegeta_engine.models import OutputSelector
 
@@ -200,6 +201,8 @@ class LRP:
             elif isinstance(module, POOL_MODULES):
                 kind = "pool"
             fn = self._recorded(names.get(id(module), ""), self.propagator(module, kind, state, options))
+            if kind == "pass":  # needs no saved input: keeps activation memory as the gradient's
+                return RouteBack.apply(a, y, lambda R: fn(None, R))
             return _Relay.apply(a, y, fn)
 
         handles = [self.net.register_forward_hook(lambda m, a, y: self.start(y))]

@@ -68,8 +68,11 @@ def _deconv_signal(module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
     return F.relu
 
 
-class _Deconvolve(torch.autograd.Function):
-    """Identity on ``y``; backward sends ``signal(g)`` to ``x`` (the activation's input)."""
+class RouteBack(torch.autograd.Function):
+    """Identity on ``y``; backward sends ``signal(g)`` to ``x`` (the activation's input).
+
+    Nothing is saved for the backward pass; LRP's pass-through modules use it too.
+    """
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, y: torch.Tensor,  # type: ignore[override]
@@ -82,7 +85,7 @@ class _Deconvolve(torch.autograd.Function):
         return ctx.signal(g), None, None
 
 
-class _FunctionalCounter(TorchFunctionMode):
+class FunctionalCounter(TorchFunctionMode):
     """Counts rectifier functions called outside the hooked activation modules."""
 
     def __init__(self) -> None:
@@ -98,7 +101,7 @@ class _FunctionalCounter(TorchFunctionMode):
 
 
 @contextlib.contextmanager
-def rectifier_rule(model: nn.Module, rule: Rule, counter: _FunctionalCounter | None = None
+def rectifier_rule(model: nn.Module, rule: Rule, counter: FunctionalCounter | None = None
                    ) -> Iterator[int]:
     """Apply ``rule`` at every rectifier module of ``model`` while the context is open.
 
@@ -127,7 +130,7 @@ def rectifier_rule(model: nn.Module, rule: Rule, counter: _FunctionalCounter | N
             output.register_hook(lambda g: g.clamp(min=0))
             return None
         x = stash[id(module)].pop()
-        return _Deconvolve.apply(x, output, _deconv_signal(module))
+        return RouteBack.apply(x, output, _deconv_signal(module))
 
     count = 0
     try:
@@ -170,7 +173,7 @@ class RectifiedGradient(GradientAttribution):
         if isinstance(inputs, tuple):  # how NoiseTunnel passes them
             return (self._attribute(inputs[0], target),)
         x = inputs.detach().requires_grad_(True)
-        counter = _FunctionalCounter()
+        counter = FunctionalCounter()
         with torch.enable_grad(), rectifier_rule(self.model, self.rule, counter) as hooked:
             with counter:
                 out = self.model(x)
