@@ -64,20 +64,19 @@ def _sampled(info: CostInfo, p: Mapping[str, Any]) -> int:
 
 
 COSTS: dict[str, CostFn] = {
-    "saliency": _one, "input_x_gradient": _one, "guided_backprop": _one, "deconvolution": _one,
-    "deeplift": _one, "deeplift_shap": _one, "gradient_shap": _one, "guided_gradcam": lambda i, p: 2,
+    "saliency": _one, "input_x_gradient": _one, "gradient_shap": _one,
     "integrated_gradients": _ig_like,
     "occlusion": _occlusion, "feature_ablation": _ablation, "shapley_value_sampling": _shapley, "feature_permutation": _ablation,
     "kernel_shap": _sampled, "lime": _sampled,
     "layer_activation": _one, "layer_gradcam": _one, "layer_gradient_x_activation": _one,
-    "layer_deeplift": _one, "layer_deeplift_shap": _one, "layer_gradient_shap": _one,
+    "layer_gradient_shap": _one,
     "layer_integrated_gradients": _ig_like, "layer_conductance": _ig_like, "internal_influence": _ig_like,
 }
-"""Cost functions of the Captum-backed methods (new methods set ``MethodSpec.cost`` themselves)."""
+"""Cost functions of the plain Captum-backed methods (methods with their own rules — guided,
+DeepLIFT, LRP, CAMs — set ``MethodSpec.cost`` where they are registered)."""
 
 PATCHWISE: dict[str, str] = {
-    **{n: "gradient" for n in ("saliency", "input_x_gradient", "integrated_gradients", "gradient_shap",
-                               "guided_backprop", "deconvolution")},
+    **{n: "gradient" for n in ("saliency", "input_x_gradient", "integrated_gradients", "gradient_shap")},
     **{n: "perturbation" for n in ("occlusion", "feature_ablation", "shapley_value_sampling",
                                    "kernel_shap", "lime")},
 }

@@ -16,19 +16,18 @@ from typing import Any
 import numpy as np
 import torch
 from captum.attr import (
-    Deconvolution,
     DeepLift,
     DeepLiftShap,
     GradientShap,
-    GuidedBackprop,
-    GuidedGradCam,
     InputXGradient,
     IntegratedGradients,
     Saliency,
 )
 
-from esegeta_engine.errors import MethodError
 from esegeta_engine.methods._common import BASELINE_PARAM, make_baseline
+from esegeta_engine.methods.deeplift_safe import DeepLiftPlan
+from esegeta_engine.methods.notes import notes_of
+from esegeta_engine.methods.rectifiers import RectifiedGradient, RectifiedGuidedGradCam
 from esegeta_engine.methods.registry import Call, MethodContext, MethodSpec, Param, register
 
 # Parameters shared by several methods (layer.py reuses them).
@@ -172,21 +171,6 @@ def seeded(cls: type) -> type:
 SeededGradientShap = seeded(GradientShap)
 
 
-class _CheckedGuidedGradCam(GuidedGradCam):
-    """Captum's GuidedGradCam, raising instead of returning an empty tensor."""
-
-    def attribute(  # type: ignore[override]
-        self, inputs: torch.Tensor, *args: Any, **kwargs: Any
-    ) -> Any:
-        out = super().attribute(inputs, *args, **kwargs)
-        if out.numel() == 0:
-            raise MethodError(
-                "guided_gradcam could not bring the layer's Grad-CAM map to the input grid",
-                "pick a layer with a spatial output, such as a convolution (not a linear layer)",
-            )
-        return out
-
-
 def shap_baselines(ctx: MethodContext, p: Mapping[str, Any]) -> torch.Tensor:
     """The baseline distribution of a SHAP method from its ``baseline``,
     ``n_baselines`` and ``baseline_noise`` parameters, seeded by ``ctx.seed``."""
@@ -213,20 +197,22 @@ def _input_x_gradient(ctx: MethodContext, p: Mapping[str, Any]) -> Call:
 
 
 def _guided_backprop(ctx: MethodContext, p: Mapping[str, Any]) -> Call:
-    return Call(GuidedBackprop(ctx.score_model))
+    return Call(RectifiedGradient(ctx.score_model, "guided", notes_of(ctx), "guided_backprop"))
 
 
 def _deconvolution(ctx: MethodContext, p: Mapping[str, Any]) -> Call:
-    return Call(Deconvolution(ctx.score_model))
+    return Call(RectifiedGradient(ctx.score_model, "deconvolution", notes_of(ctx), "deconvolution"))
 
 
 def _deeplift(ctx: MethodContext, p: Mapping[str, Any]) -> Call:
-    return Call(DeepLift(ctx.score_model, multiply_by_inputs=p["multiply_by_inputs"]),
+    model = DeepLiftPlan(ctx, "deeplift", notes_of(ctx)).model
+    return Call(DeepLift(model, multiply_by_inputs=p["multiply_by_inputs"]),
                 {"baselines": make_baseline(ctx.inputs, p["baseline"])})
 
 
 def _deeplift_shap(ctx: MethodContext, p: Mapping[str, Any]) -> Call:
-    return Call(DeepLiftShap(ctx.score_model), {"baselines": shap_baselines(ctx, p)})
+    model = DeepLiftPlan(ctx, "deeplift_shap", notes_of(ctx)).model
+    return Call(DeepLiftShap(model), {"baselines": shap_baselines(ctx, p)})
 
 
 def _gradient_shap(ctx: MethodContext, p: Mapping[str, Any]) -> Call:
@@ -236,15 +222,24 @@ def _gradient_shap(ctx: MethodContext, p: Mapping[str, Any]) -> Call:
 
 def _guided_gradcam(ctx: MethodContext, p: Mapping[str, Any]) -> Call:
     mode = "bilinear" if ctx.spatial_dims == 2 else "trilinear"
-    return Call(_CheckedGuidedGradCam(ctx.score_model, ctx.layer), {
+    return Call(RectifiedGuidedGradCam(ctx.score_model, ctx.layer, notes_of(ctx)), {
         "interpolate_mode": mode, "attribute_to_layer_input": p["attribute_to_layer_input"]})
 
 
 def _register(name: str, title: str, summary: str, params: tuple[Param, ...],
               build: Callable[[MethodContext, Mapping[str, Any]], Call], reference: str,
-              **flags: bool) -> None:
+              **flags: Any) -> None:
     register(MethodSpec(name=name, family="gradient", title=title, summary=summary,
                         params=params, build=build, reference=reference, **flags))
+
+
+def _ONE(info: Any, p: Mapping[str, Any]) -> int:
+    return 1
+
+
+def _TWO(info: Any, p: Mapping[str, Any]) -> int:
+    """DeepLIFT: one counting forward pass (reused modules, rules) plus one attribution pass."""
+    return 2
 
 
 _SHAP_REF = ("Lundberg & Lee 2017, A Unified Approach to Interpreting Model Predictions, NeurIPS, "
@@ -264,24 +259,30 @@ _register("input_x_gradient", "Input x Gradient", "input times the gradient of t
           (), _input_x_gradient, "Shrikumar et al. 2016, Not Just a Black Box, arXiv:1605.01713",
           noise_tunnel=True)
 _register("guided_backprop", "Guided Backpropagation",
-          "gradient with negative gradients and inactive ReLUs zeroed at every ReLU",
+          "gradient with negative gradients zeroed at every rectifying activation module "
+          "(ReLU, LeakyReLU, PReLU, ReLU6, ELU, GELU, SiLU)",
           (), _guided_backprop,
           "Springenberg et al. 2015, Striving for Simplicity: The All Convolutional Net, "
-          "arXiv:1412.6806", needs_hooks=True, noise_tunnel=True)
+          "arXiv:1412.6806", needs_hooks=True, noise_tunnel=True, patchwise="gradient",
+          cost=_ONE)
 _register("deconvolution", "Deconvolution",
-          "gradient passed backwards through a ReLU applied to the gradient only",
+          "gradient passed backwards through each activation module's rectifier applied to the "
+          "gradient only",
           (), _deconvolution,
           "Zeiler & Fergus 2014, Visualizing and Understanding Convolutional Networks, "
-          "arXiv:1311.2901", needs_hooks=True, noise_tunnel=True)
+          "arXiv:1311.2901", needs_hooks=True, noise_tunnel=True, patchwise="gradient",
+          cost=_ONE)
 _register("deeplift", "DeepLIFT", "contributions to F(x) - F(baseline) by the rescale rule",
           (BASELINE_PARAM, Param("multiply_by_inputs", "bool", True,
                                  "multiply by (input - baseline); false gives the multipliers")),
           _deeplift,
           "Shrikumar, Greenside & Kundaje 2017, Learning Important Features Through Propagating "
-          "Activation Differences, ICML, arXiv:1704.02685", needs_hooks=True, noise_tunnel=True)
+          "Activation Differences, ICML, arXiv:1704.02685", needs_hooks=True, noise_tunnel=True,
+          cost=_TWO)
 _register("deeplift_shap", "DeepLIFT SHAP",
           "DeepLIFT averaged over a seeded distribution of noisy copies of the baseline",
-          (*_DISTRIBUTION, n_baselines_param(2)), _deeplift_shap, _SHAP_REF, needs_hooks=True)
+          (*_DISTRIBUTION, n_baselines_param(2)), _deeplift_shap, _SHAP_REF, needs_hooks=True,
+          cost=_TWO)
 _register("gradient_shap", "Gradient SHAP",
           "expected gradients at random points between noisy baselines and the noisy input",
           (*_DISTRIBUTION, n_baselines_param(1), N_SAMPLES, STDEVS), _gradient_shap, _SHAP_REF,
@@ -290,4 +291,5 @@ _register("guided_gradcam", "Guided Grad-CAM",
           "guided backpropagation times the layer's Grad-CAM map interpolated to the input grid",
           (LAYER_INPUT,), _guided_gradcam,
           "Selvaraju et al. 2017, Grad-CAM: Visual Explanations from Deep Networks via "
-          "Gradient-based Localization, ICCV, arXiv:1610.02391", needs_layer=True, needs_hooks=True)
+          "Gradient-based Localization, ICCV, arXiv:1610.02391", needs_layer=True, needs_hooks=True,
+          cost=lambda info, p: 2)

@@ -36,6 +36,8 @@ from esegeta_engine.methods.gradient import (
     seeded,
     shap_baselines,
 )
+from esegeta_engine.methods.deeplift_safe import DeepLiftPlan
+from esegeta_engine.methods.notes import notes_of
 from esegeta_engine.methods.registry import Call, MethodContext, MethodSpec, Param, register
 
 # The parameters every layer method has (run.py reads the first two).
@@ -85,12 +87,14 @@ def _layer_gradient_x_activation(ctx: MethodContext, p: Mapping[str, Any]) -> Ca
 
 
 def _layer_deeplift(ctx: MethodContext, p: Mapping[str, Any]) -> Call:
-    return Call(LayerDeepLift(ctx.score_model, ctx.layer),
+    plan = DeepLiftPlan(ctx, "layer_deeplift", notes_of(ctx))
+    return Call(LayerDeepLift(plan.model, plan.layer),
                 _kwargs(p, baselines=make_baseline(ctx.inputs, p["baseline"])))
 
 
 def _layer_deeplift_shap(ctx: MethodContext, p: Mapping[str, Any]) -> Call:
-    return Call(LayerDeepLiftShap(ctx.score_model, ctx.layer),
+    plan = DeepLiftPlan(ctx, "layer_deeplift_shap", notes_of(ctx))
+    return Call(LayerDeepLiftShap(plan.model, plan.layer),
                 _kwargs(p, baselines=shap_baselines(ctx, p)))
 
 
@@ -105,10 +109,11 @@ def _layer_integrated_gradients(ctx: MethodContext, p: Mapping[str, Any]) -> Cal
 
 
 def _register(name: str, title: str, summary: str, params: tuple[Param, ...],
-              build: Callable[[MethodContext, Mapping[str, Any]], Call], reference: str) -> None:
+              build: Callable[[MethodContext, Mapping[str, Any]], Call], reference: str,
+              **flags: Any) -> None:
     register(MethodSpec(name=name, family="layer", title=title, summary=summary,
                         params=params + LAYER_PARAMS, build=build, needs_layer=True,
-                        needs_hooks=True, reference=reference))
+                        needs_hooks=True, reference=reference, **flags))
 
 
 _SHAP_REF = ("Lundberg & Lee 2017, A Unified Approach to Interpreting Model Predictions, NeurIPS, "
@@ -142,10 +147,11 @@ _register("layer_deeplift", "Layer DeepLIFT",
           "DeepLIFT contributions of the layer's units to F(x) - F(baseline)",
           (BASELINE_PARAM,), _layer_deeplift,
           "Shrikumar, Greenside & Kundaje 2017, Learning Important Features Through Propagating "
-          "Activation Differences, ICML, arXiv:1704.02685")
+          "Activation Differences, ICML, arXiv:1704.02685", cost=lambda info, p: 2)
 _register("layer_deeplift_shap", "Layer DeepLIFT SHAP",
           "layer DeepLIFT averaged over a seeded distribution of noisy copies of the baseline",
-          (*_DISTRIBUTION, n_baselines_param(2)), _layer_deeplift_shap, _SHAP_REF)
+          (*_DISTRIBUTION, n_baselines_param(2)), _layer_deeplift_shap, _SHAP_REF,
+          cost=lambda info, p: 2)
 _register("layer_gradient_shap", "Layer Gradient SHAP",
           "expected layer gradients x activation differences at random points from noisy baselines",
           (*_DISTRIBUTION, n_baselines_param(1), N_SAMPLES, STDEVS), _layer_gradient_shap,

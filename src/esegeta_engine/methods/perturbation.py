@@ -10,7 +10,6 @@ supervoxels, never with the number of voxels. Methods that sample run under
 
 from __future__ import annotations
 
-import importlib.util
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -114,10 +113,10 @@ class PerExample:
 def fit_least_squares(model: LinearModel, dataloader: Any, construct_kwargs: dict, **_: Any) -> dict:
     """Weighted least squares with intercept, in closed form (a Captum ``train_fn``).
 
-    Used as the interpretable model of KernelSHAP (Captum's choice is
-    scikit-learn's ``LinearRegression``, the same estimator) and of LIME when
-    scikit-learn is not installed. Solved in float64 on the CPU, minimum-norm
-    when the sampled design is rank deficient.
+    The interpretable model of KernelSHAP (Captum's choice is scikit-learn's
+    ``LinearRegression``, the same estimator) and of LIME, whatever is
+    installed. Solved in float64 on the CPU, minimum-norm when the sampled
+    design is rank deficient.
     """
     xs, ys, ws = [], [], []
     for batch in dataloader:
@@ -135,10 +134,16 @@ def fit_least_squares(model: LinearModel, dataloader: Any, construct_kwargs: dic
     return {}
 
 
-def _lime_model() -> LinearModel | None:
-    """Captum's default (scikit-learn Lasso) if available, else closed-form least squares."""
-    if importlib.util.find_spec("sklearn") is not None:
-        return None
+def _lime_model() -> LinearModel:
+    """LIME's interpretable model: weighted least squares, chosen once for every environment.
+
+    Captum's default is scikit-learn's Lasso (alpha 1.0) when scikit-learn is
+    importable, which shrinks every coefficient to zero for scores of the size
+    a segmentation target gives, and something else without it. Unregularised
+    weighted least squares (the kernel weights of LIME) is the estimator of
+    Ribeiro et al. 2016's K-LASSO without its feature cap, keeps every
+    supervoxel, and does not depend on which packages happen to be installed.
+    """
     return LinearModel(train_fn=fit_least_squares)
 
 

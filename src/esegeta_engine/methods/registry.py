@@ -346,7 +346,7 @@ def _ensure_loaded() -> None:
     global _LOADED
     if _LOADED:
         return
-    from esegeta_engine.methods import gradient, layer, perturbation  # noqa: F401
+    from esegeta_engine.methods import excitation, gradient, layer, lrp, perturbation  # noqa: F401
     from esegeta_engine.methods.costs import COSTS, PATCHWISE
 
     import dataclasses

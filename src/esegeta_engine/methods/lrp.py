@@ -1,0 +1,278 @@
+"""Layer-wise Relevance Propagation (Bach et al. 2015) for 2D and 3D networks.
+
+One forward pass of ``ctx.score_model`` with hooks; the backward pass then
+carries *relevance* instead of gradients:
+
+* at the network output (before the target), relevance starts as
+  ``output * d score / d output``: for targets that sum a class's outputs over
+  a region (every segmentation target) it is the class's output inside the
+  region, and its total is the target score;
+* convolutions, transposed convolutions and linear layers redistribute it by
+  the rule their composite assigns (:mod:`.lrp_rules`); average pooling by the
+  epsilon rule;
+* activations (ReLU, LeakyReLU, PReLU, ReLU6, ELU, GELU, SiLU, Sigmoid, Tanh,
+  Softplus, Mish, Hardswish) and normalisations (BatchNorm, InstanceNorm,
+  GroupNorm, LayerNorm) pass it on unchanged (``R_in = R_out``: the
+  normalisation is *passed*, not folded);
+* max pooling, upsampling, flattening, padding and dropout route it like the
+  gradient does (winner-takes-all for max pooling; a sum for upsampling),
+  which conserves it.
+
+Any other module type has no rule and is refused before the model runs.
+Operations a model performs without modules (residual additions,
+concatenation, functional activations) are differentiated as usual: a residual
+sum passes the relevance to both branches, so totals are conserved layer by
+layer only along plain chains.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from esegeta_engine.errors import MethodError
+from esegeta_engine.methods import lrp_rules
+from esegeta_engine.methods.rectifiers import RouteBack
+from esegeta_engine.methods.registry import Call, MethodContext, MethodSpec, Param, register
+from esegeta_engine.models import OutputSelector
+
+RULE_MODULES: tuple[type[nn.Module], ...] = (
+    nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d,
+    nn.Linear)
+POOL_MODULES: tuple[type[nn.Module], ...] = (
+    nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
+    nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d)
+PASS_MODULES: tuple[type[nn.Module], ...] = (
+    nn.ReLU, nn.LeakyReLU, nn.PReLU, nn.ReLU6, nn.ELU, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh,
+    nn.Softplus, nn.Mish, nn.Hardswish, nn.CELU, nn.SELU,
+    nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.InstanceNorm1d, nn.InstanceNorm2d,
+    nn.InstanceNorm3d, nn.GroupNorm, nn.LayerNorm)
+GRADIENT_MODULES: tuple[type[nn.Module], ...] = (
+    nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d,
+    nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d,
+    nn.Upsample, nn.Flatten, nn.Unflatten, nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d,
+    nn.Dropout3d, nn.AlphaDropout, nn.PixelShuffle,
+    nn.ConstantPad1d, nn.ConstantPad2d, nn.ConstantPad3d, nn.ZeroPad2d,
+    nn.ReflectionPad1d, nn.ReflectionPad2d, nn.ReflectionPad3d,
+    nn.ReplicationPad1d, nn.ReplicationPad2d, nn.ReplicationPad3d)
+
+
+def network_of(score_model: nn.Module) -> nn.Module:
+    """The module whose output relevance starts from: the user's model inside a ScoreModel."""
+    net = getattr(score_model, "net", None)
+    return net if isinstance(net, nn.Module) else score_model
+
+
+def user_model(net: nn.Module) -> nn.Module:
+    """The user's model inside an :class:`OutputSelector` (module names as the user knows them)."""
+    return net.model if isinstance(net, OutputSelector) else net
+
+
+def check_supported(net: nn.Module, method: str = "lrp") -> None:
+    """Raise :class:`MethodError` naming every module type LRP has no rule for."""
+    known = RULE_MODULES + POOL_MODULES + PASS_MODULES + GRADIENT_MODULES
+    bad: dict[str, list[str]] = {}
+    for name, m in user_model(net).named_modules():
+        if m._modules and not m._parameters:  # a container: its children are checked
+            continue
+        if not isinstance(m, known):
+            bad.setdefault(type(m).__name__, []).append(name or "(model)")
+    if bad:
+        listed = "; ".join(f"{t} ({', '.join(ns[:2])}{' ...' if len(ns) > 2 else ''})"
+                           for t, ns in sorted(bad.items()))
+        raise MethodError(
+            f"{method} has no rule for module type(s) {listed}",
+            "use a gradient method (integrated_gradients, input_x_gradient) for this model, or "
+            "build it from supported modules: convolutions, linear layers, norms, pooling, "
+            "upsampling and activation modules")
+
+
+class _Relay(torch.autograd.Function):
+    """Identity on ``y``; backward sends ``fn(a, R)`` to ``a`` (the module's input)."""
+
+    @staticmethod
+    def forward(ctx: Any, a: torch.Tensor, y: torch.Tensor,  # type: ignore[override]
+                fn: Any) -> torch.Tensor:
+        ctx.save_for_backward(a)
+        ctx.fn = fn
+        return y.clone()
+
+    @staticmethod
+    def backward(ctx: Any, R: torch.Tensor) -> tuple[Any, ...]:  # type: ignore[override]
+        (a,) = ctx.saved_tensors
+        with torch.enable_grad():
+            return ctx.fn(a, R), None, None
+
+
+class _Start(torch.autograd.Function):
+    """Identity; backward turns the score's gradient ``g`` at the output into ``y * g``."""
+
+    @staticmethod
+    def forward(ctx: Any, y: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        ctx.save_for_backward(y)
+        return y.clone()
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        (y,) = ctx.saved_tensors
+        return y * g
+
+
+class LRP:
+    """LRP attribution with a named composite (Captum-shaped).
+
+    Parameters
+    ----------
+    model : nn.Module
+        The score model ``(N, C, *spatial) -> (N, K)``.
+    composite : str
+        A key of :data:`~esegeta_engine.methods.lrp_rules.COMPOSITES`.
+    options : mapping
+        ``epsilon``, ``gamma``, ``alpha`` and the z-box bounds ``low``/``high`` (None: the input's
+        minimum and maximum).
+    record : list, optional
+        If given, every rule module appends ``(name, sum R_in, sum R_out)`` during the backward
+        pass (for conservation checks).
+    """
+
+    def __init__(self, model: nn.Module, composite: str, options: Mapping[str, Any],
+                 record: list[tuple[str, float, float]] | None = None) -> None:
+        self.model = model
+        self.net = network_of(model)
+        self.rules = lrp_rules.COMPOSITES[composite]
+        self.options = dict(options)
+        self.record = record
+        self._busy = False  # set while a rule re-runs a module (its hooks stay quiet)
+
+    def attribute(self, inputs: torch.Tensor, target: int | None = None, **_: Any) -> torch.Tensor:
+        """Return the relevance of every input voxel for class ``target`` (input's shape)."""
+        check_supported(self.net)
+        options = dict(self.options)
+        dims = tuple(range(1, inputs.dim()))
+        if options.get("low") is None:
+            options["low"] = inputs.detach().amin(dim=dims, keepdim=True)
+        else:
+            options["low"] = torch.full_like(inputs[:1, :1], float(options["low"]))
+        if options.get("high") is None:
+            options["high"] = inputs.detach().amax(dim=dims, keepdim=True)
+        else:
+            options["high"] = torch.full_like(inputs[:1, :1], float(options["high"]))
+        x = inputs.detach().requires_grad_(True)
+        handles = self._hook(options)
+        try:
+            with torch.enable_grad():
+                out = self.model(x)
+                score = out[:, target] if target is not None else out
+                (relevance,) = torch.autograd.grad(score.sum(), x)
+        finally:
+            for h in handles:
+                h.remove()
+        return relevance.detach()
+
+    def _hook(self, options: dict[str, Any]) -> list[Any]:
+        names = {id(m): n for n, m in user_model(self.net).named_modules()}
+        state: dict[str, Any] = {"first": None, "last": None, "stash": {}}
+
+        def pre(module: nn.Module, args: tuple[Any, ...]) -> Any:
+            if self._busy or not args or not isinstance(args[0], torch.Tensor):
+                return None
+            state["stash"].setdefault(id(module), []).append(args[0])
+            if getattr(module, "inplace", False):
+                return (args[0].clone(), *args[1:])
+            return None
+
+        def post(module: nn.Module, args: tuple[Any, ...], y: Any) -> Any:
+            if self._busy or not isinstance(y, torch.Tensor):
+                return None
+            stack = state["stash"].get(id(module))
+            if not stack:
+                return None
+            a = stack.pop()
+            kind = "pass"
+            if isinstance(module, RULE_MODULES):
+                if state["first"] is None:
+                    state["first"] = id(module)
+                state["last"] = id(module)
+                kind = "first" if state["first"] == id(module) else (
+                    "dense" if isinstance(module, nn.Linear) else "conv")
+            elif isinstance(module, POOL_MODULES):
+                kind = "pool"
+            fn = self._recorded(names.get(id(module), ""), self.propagator(module, kind, state, options))
+            if kind == "pass":  # needs no saved input: keeps activation memory as the gradient's
+                return RouteBack.apply(a, y, lambda R: fn(None, R))
+            return _Relay.apply(a, y, fn)
+
+        handles = [self.net.register_forward_hook(lambda m, a, y: self.start(y))]
+        for m in self.net.modules():
+            if isinstance(m, RULE_MODULES + POOL_MODULES + PASS_MODULES):
+                handles.append(m.register_forward_pre_hook(pre))
+                handles.append(m.register_forward_hook(post))
+        return handles
+
+    def start(self, y: torch.Tensor) -> torch.Tensor:
+        """Where relevance starts: the network output (see :class:`_Start`)."""
+        return _Start.apply(y)
+
+    def propagator(self, module: nn.Module, kind: str, state: dict[str, Any],
+                   options: dict[str, Any]) -> Any:
+        """``fn(a, R) -> R_in`` for ``module`` of ``kind`` (first, conv, dense, pool or pass)."""
+        if kind == "pass":
+            return lambda a, R: R
+        rule = "epsilon" if kind == "pool" else self.rules[kind]
+        return self.quiet(lambda a, R: lrp_rules.apply_rule(rule, module, a, R, options))
+
+    def quiet(self, fn: Any) -> Any:
+        """``fn`` run with this object's hooks silent (rules re-run their module)."""
+        def wrapped(a: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
+            self._busy = True
+            try:
+                return fn(a, R)
+            finally:
+                self._busy = False
+        return wrapped
+
+    def _recorded(self, name: str, fn: Any) -> Any:
+        if self.record is None:
+            return fn
+
+        def wrapped(a: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
+            out = fn(a, R)
+            self.record.append((name, float(out.detach().sum()), float(R.detach().sum())))
+            return out
+        return wrapped
+
+
+def _build(ctx: MethodContext, p: Mapping[str, Any]) -> Call:
+    check_supported(network_of(ctx.score_model))
+    options = {"epsilon": p["epsilon"], "gamma": p["gamma"], "alpha": p["alpha"],
+               "low": p["low"], "high": p["high"]}
+    return Call(LRP(ctx.score_model, p["composite"], options))
+
+
+register(MethodSpec(
+    name="lrp", family="gradient", title="Layer-wise Relevance Propagation",
+    summary="the target score redistributed layer by layer back to the voxels by LRP rules "
+            "(epsilon, gamma, alpha-beta, z-box, flat) chosen by a named composite",
+    params=(
+        Param("composite", "str", "epsilon_plus",
+              "rules per layer kind (first layer / convolutions / dense): "
+              "epsilon: all epsilon; epsilon_plus: z+ for convolutions; epsilon_plus_flat and "
+              "epsilon_alpha2_beta1_flat: flat first layer; epsilon_gamma_box: z-box first layer, "
+              "gamma convolutions; epsilon_alpha2_beta1; gamma; alpha_beta; zbox_epsilon",
+              choices=tuple(lrp_rules.COMPOSITES)),
+        Param("epsilon", "float", 0.01, "stabiliser of the epsilon rule (0: LRP-0)",
+              minimum=0.0, maximum=1e6),
+        Param("gamma", "float", 0.25, "weight of positive parameters in the gamma rule",
+              minimum=0.0, maximum=1e6),
+        Param("alpha", "float", 2.0, "alpha of the alpha-beta rule (beta = alpha - 1)",
+              minimum=1.0, maximum=1e3),
+        Param("low", "float", None, "lowest input value for the z-box rule (default: input minimum)"),
+        Param("high", "float", None, "highest input value for the z-box rule (default: input maximum)"),
+    ),
+    build=_build, needs_hooks=True, patchwise="whole", cost=lambda info, p: 1,
+    reference="Bach et al. 2015, On Pixel-Wise Explanations for Non-Linear Classifier Decisions "
+              "by Layer-Wise Relevance Propagation, PLoS ONE; Montavon et al. 2019, Layer-Wise "
+              "Relevance Propagation: An Overview"))
