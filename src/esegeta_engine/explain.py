@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from esegeta_engine.channel_target import LayerChannelTarget
 from esegeta_engine.config import MethodConfig, PreprocessConfig, TargetConfig
 from esegeta_engine.errors import Cancelled, EsegetaError, MethodError, MethodTimeout, TargetError, VolumeError
 from esegeta_engine.io import Volume
@@ -121,7 +122,15 @@ def build_target(cfg: TargetConfig, spatial_dims: int, roi_mask: np.ndarray | No
         if len(cfg.voxel or ()) != spatial_dims:
             raise TargetError(f"target.voxel {cfg.voxel} needs {spatial_dims} indices", "give x, y[, z]")
         return T.VoxelTarget([cfg.voxel[i] for i in order.permutation], act)
-    raise TargetError(f"unknown target kind {cfg.kind!r}", "use argmax, otsu, roi, voxel or classification")
+    if cfg.kind == "channel" and cfg.layer:
+        unit = None
+        if cfg.unit:
+            if len(cfg.unit) != spatial_dims:
+                raise TargetError(f"target.unit {cfg.unit} needs {spatial_dims} indices", "give x, y[, z]")
+            unit = [cfg.unit[i] for i in order.permutation]
+        return LayerChannelTarget(cfg.layer, cfg.channel, unit, act)
+    raise TargetError(f"unknown target kind {cfg.kind!r}",
+                      "use argmax, otsu, roi, voxel, classification or channel")
 
 
 @dataclass
@@ -273,6 +282,8 @@ class Explainer:
         for m in methods:  # unknown layers fail the run before any method starts
             for layer in m.layers:
                 get_layer(self.model, layer)
+        if self.target.kind == "channel" and self.target.layer:
+            get_layer(self.model, self.target.layer)
         # Volumes are prepared one group at a time (input, unperturbed forward pass, frozen
         # target), so memory holds one volume's tensors however many volumes a run has. The
         # total is therefore an estimate until every group is planned.
