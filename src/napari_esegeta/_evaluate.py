@@ -155,10 +155,12 @@ def map_info(layer: Any, label_layers: Mapping[str, Any] | None = None) -> MapIn
                                        f"'{roi_layer}', which is no longer in the viewer")
         roi_mask = np.asarray(found.data) > 0
     voxel = meta.get("voxel")
+    channel = {"layer": meta.get("target_layer"), "channel": int(meta.get("channel") or 0)} \
+        if kind == "channel" else {}
     try:
         target = TargetConfig(kind=kind, classes=[int(cls)], activation=meta.get("activation"),
                               voxel=[int(v) for v in voxel] if voxel else None,
-                              frozen=bool(meta.get("frozen", True)))
+                              frozen=bool(meta.get("frozen", True)), **channel)
     except Exception as exc:
         raise EvaluationSetupError(f"'{layer.name}': target cannot be rebuilt ({exc})") from None
     return MapInfo(name=layer.name, method=meta["method"], label=meta.get("label", meta["method"]),
