@@ -315,3 +315,34 @@ def test_channel_target_on_a_classifier_layer() -> None:
     net, x, _ = cls_setup(2)
     score = ScoreModel(net, LayerChannelTarget("fc", channel=2))
     torch.testing.assert_close(score(x), ScoreModel(net, ClassificationTarget())(x)[:, 2:3])
+
+
+def test_cli_channel_target_and_volumes_on_the_input_grid(tmp_path, capsys) -> None:
+    import nibabel as nib
+
+    from esegeta_engine.cli import main
+    from tiny_models import TinySegNet
+
+    torch.manual_seed(0)
+    torch.save(TinySegNet(3).state_dict(), tmp_path / "model.pt")
+    affine = np.diag([0.5, 0.7, 0.9, 1.0])
+    affine[:3, 3] = (10.0, -4.0, 2.0)
+    nib.save(nib.Nifti1Image(np.random.default_rng(0).random((8, 10, 6)).astype(np.float32), affine),
+             tmp_path / "vol.nii.gz")
+    code = main(["explain", "--model", str(tmp_path / "model.pt"), "--class-path",
+                 "tiny_models:TinySegNet", "--kwargs", '{"dims": 3}', "--volume",
+                 str(tmp_path / "vol.nii.gz"), "--target", "channel", "--target-layer", "conv2",
+                 "--channel", "2", "--method", "guided_backprop",
+                 "--method", "activation_maximisation:layers=conv2,steps=3,channel=1",
+                 "--out", str(tmp_path / "out"), "-q"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    written = sorted((tmp_path / "out").glob("vol__*__channel-conv2-ch2.nii.gz"))
+    assert len(written) == 2, out
+    for path in written:
+        img = nib.load(path)
+        assert img.shape == (8, 10, 6)
+        np.testing.assert_allclose(img.affine, affine)
+    assert main(["methods", "--family", "visualisation"]) == 0
+    listing = capsys.readouterr().out
+    assert all(name in listing for name in METHODS) and "saliency" not in listing
