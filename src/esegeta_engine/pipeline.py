@@ -201,7 +201,7 @@ def iter_run(cfg: Config, cancel: threading.Event | None = None, *, threaded: bo
                 name = map_filename(stems[event.volume], job.label, job.cls_label)
                 save_map(event.array, volumes[event.volume], out / name)
                 metrics = scalar_metrics(event.metrics)
-                if gt_mask is not None:
+                if gt_mask is not None and job.spec.family != "visualisation":  # volumes, not maps
                     metrics.update(_localisation(event.array, gt_mask))
                 manifest["results"].append(_record(job, "ok", event.seconds, event.evaluations,
                                                    volume=stems[event.volume], file=name,

@@ -346,3 +346,20 @@ def test_cli_channel_target_and_volumes_on_the_input_grid(tmp_path, capsys) -> N
     assert main(["methods", "--family", "visualisation"]) == 0
     listing = capsys.readouterr().out
     assert all(name in listing for name in METHODS) and "saliency" not in listing
+
+
+def test_trust_metrics_skip_visualisation_volumes() -> None:
+    from esegeta_engine.config import EvaluationConfig, MethodConfig, PreprocessConfig, TargetConfig
+    from esegeta_engine.evaluation.evaluators import make_evaluators
+    from esegeta_engine.explain import Explainer, MapReady
+    from esegeta_engine.io import Volume as NiftiVolume
+
+    net, _, _ = seg_setup(3)
+    vol = NiftiVolume(np.random.default_rng(0).normal(size=(8, 8, 8)).astype(np.float32), np.eye(4))
+    evaluators = make_evaluators(EvaluationConfig.model_validate({"infidelity": {"n_perturb_samples": 2}}))
+    ex = Explainer(net, PreprocessConfig(), TargetConfig(classes=[1]))
+    methods = [MethodConfig(name="saliency"), MethodConfig(name="deep_dream", params={"steps": 2},
+                                                           layers=["conv2"])]
+    maps = [e for e in ex.iter_explain([vol], methods, evaluators=evaluators, threaded=False)
+            if isinstance(e, MapReady)]
+    assert "infidelity" in maps[0].metrics and maps[1].metrics == {}
