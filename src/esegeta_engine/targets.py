@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Sequence
-from typing import ContextManager
+from contextlib import AbstractContextManager
 
 import numpy as np
 import torch
@@ -84,7 +84,7 @@ class Target(nn.Module):
     def prepare(self, output: torch.Tensor) -> None:
         """Freeze whatever the target needs from the unperturbed ``output``."""
 
-    def capture(self, model: nn.Module) -> ContextManager[None]:
+    def capture(self, model: nn.Module) -> AbstractContextManager[None]:
         """Context around one forward pass of ``model`` whose output this target will score.
 
         Targets that score something inside the model rather than its output (a layer's

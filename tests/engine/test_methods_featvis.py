@@ -290,6 +290,20 @@ def test_channel_target_refuses_a_layer_used_twice() -> None:
         ScoreModel(Twice(), LayerChannelTarget("conv"))(torch.zeros(1, 1, 4, 4))
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+def test_channel_target_and_visualisations_refuse_torchscript() -> None:
+    from tiny_models import TinySegNet
+
+    net = torch.jit.script(TinySegNet(2).eval())
+    with pytest.raises(TargetError, match="TorchScript"):
+        ScoreModel(net, LayerChannelTarget("conv2", 1))(torch.randn(1, 1, *shape(2)))
+    score = ScoreModel(net, ClassificationTarget())
+    spec = get_method("deep_dream")
+    ctx = MethodContext(score, torch.randn(1, 1, *shape(2)), 0, layer=net.conv2, torchscript=True)
+    with pytest.raises(MethodError, match="state dict"):
+        attribute(spec, ctx, spec.resolve_params({}))
+
+
 def test_channel_target_in_the_explainer(tmp_path) -> None:
     from esegeta_engine.config import MethodConfig, PreprocessConfig, TargetConfig
     from esegeta_engine.explain import Explainer, MapReady
