@@ -224,8 +224,10 @@ class Explainer:
             spec = get_method(m.name)
             params = spec.resolve_params(m.params)
             nt = m.noise_tunnel.model_dump() if m.noise_tunnel else None
+            # feature visualisation explains no class: one volume per layer, not per class
+            chosen = classes[:1] if spec.family == "visualisation" else classes
             for layer in m.layers or [None]:
-                for c in classes:
+                for c in chosen:
                     label = f"{target.kind}-{target.class_label(c)}"
                     jobs.append(Job(spec, params, c, label, volumes, layer, nt))
         return jobs

@@ -377,3 +377,6 @@ def test_trust_metrics_skip_visualisation_volumes() -> None:
     maps = [e for e in ex.iter_explain([vol], methods, evaluators=evaluators, threaded=False)
             if isinstance(e, MapReady)]
     assert "infidelity" in maps[0].metrics and maps[1].metrics == {}
+    ex.target = TargetConfig(classes=[0, 1])  # no class is explained: one volume, not one per class
+    maps = [e for e in ex.iter_explain([vol], methods, threaded=False) if isinstance(e, MapReady)]
+    assert [m.job.spec.name for m in maps] == ["saliency", "saliency", "deep_dream"]
