@@ -79,6 +79,12 @@ def test_registered_specs() -> None:
         assert all(p.help for p in spec.params)
         spec.resolve_params({})
     assert [s.family for s in list_methods()][-len(METHODS):] == ["visualisation"] * len(METHODS)
+    from typing import get_args
+
+    from esegeta_engine.cli import FAMILIES
+    from esegeta_engine.methods.registry import Family
+
+    assert FAMILIES == list(get_args(Family))  # `esegeta methods --family` offers every family
 
 
 def test_seeded_and_global_rng_untouched() -> None:
