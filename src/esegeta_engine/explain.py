@@ -438,6 +438,8 @@ class Explainer:
         maps = []
         for i in range(result.shape[0]):
             r = result[i].cpu().numpy()
-            arr = r.sum(0) if (r.shape[0] == x.shape[1] or r.shape[0] == 1) else np.moveaxis(r, 0, -1)
+            # input-grid maps share one map over the input channels; optimised volumes keep theirs
+            volume = job.spec.family == "visualisation" and r.shape[0] > 1
+            arr = r.sum(0) if (r.shape[0] in (x.shape[1], 1) and not volume) else np.moveaxis(r, 0, -1)
             maps.append(order.to_nifti(arr).astype(np.float32))
         return maps

@@ -386,3 +386,21 @@ def test_trust_metrics_skip_visualisation_volumes() -> None:
     ex.target = TargetConfig(classes=[0, 1])  # no class is explained: one volume, not one per class
     maps = [e for e in ex.iter_explain([vol], methods, threaded=False) if isinstance(e, MapReady)]
     assert [m.job.spec.name for m in maps] == ["saliency", "saliency", "deep_dream"]
+
+
+def test_multichannel_inputs_keep_their_channels_in_the_written_volume() -> None:
+    from esegeta_engine.config import MethodConfig, PreprocessConfig, TargetConfig
+    from esegeta_engine.explain import Explainer, MapReady
+    from esegeta_engine.io import Volume as NiftiVolume
+    from tiny_models import TinySegNet
+
+    torch.manual_seed(0)
+    net = TinySegNet(2, in_channels=2).eval()
+    vol = NiftiVolume(np.random.default_rng(0).normal(size=(8, 8, 2)).astype(np.float32), np.eye(4))
+    ex = Explainer(net, PreprocessConfig(spatial_dims=2, in_channels=2), TargetConfig(classes=[1]))
+    methods = [MethodConfig(name="saliency"),
+               MethodConfig(name="deep_dream", params={"steps": 2}, layers=["conv2"]),
+               MethodConfig(name="layer_visualisation", params={"steps": 2, "channels": 3},
+                            layers=["conv2"])]
+    maps = [e for e in ex.iter_explain([vol], methods, threaded=False) if isinstance(e, MapReady)]
+    assert [m.array.shape for m in maps] == [(8, 8), (8, 8, 2), (8, 8, 6)]

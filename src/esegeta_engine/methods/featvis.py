@@ -1,7 +1,7 @@
 """Feature visualisation: volumes that show what a layer responds to (2D and 3D).
 
-These methods return volumes on the input grid ``(N, C, *spatial)`` rather than attribution
-maps: activation maximisation of one channel or unit, a visualisation of every channel of a
+These methods return volumes on the input grid ``(N, C, *spatial)`` (``layer_visualisation``:
+``(N, k * C, *spatial)``, one volume per channel, channel-major) rather than attribution maps: activation maximisation of one channel or unit, a visualisation of every channel of a
 layer, DeepDream on the input, and the inversion of a layer's representation. They optimise
 an input through :mod:`esegeta_engine.methods._featvis`, one counted model evaluation per step,
 and explain no class (the target is not used), so each runs once per layer.
@@ -159,8 +159,9 @@ _register("activation_maximisation", "Activation Maximisation",
           "Erhan et al. 2009, Visualizing Higher-Layer Features of a Deep Network; " + _OLAH)
 _register("layer_visualisation", "Layer Visualisation",
           "one volume per channel of the layer, each optimised from noise to maximise its channel",
-          (Param("channels", "int", 8, "visualise channels 0..channels-1 (0: all of the layer's)",
-                 minimum=0, maximum=4096), STEPS, INIT_STD, *OPTIMISATION),
+          (Param("channels", "int", 8, "visualise channels 0..channels-1 (0: all of the layer's); "
+                 "they are optimised as one batch, so memory grows with it", minimum=0, maximum=4096),
+           STEPS, INIT_STD, *OPTIMISATION),
           "Yosinski et al. 2015, Understanding Neural Networks Through Deep Visualization, "
           "arXiv:1506.06579; " + _OLAH, extra_calls=1)
 _register("deep_dream", "DeepDream",
