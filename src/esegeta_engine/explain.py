@@ -229,6 +229,8 @@ class Explainer:
             for layer in m.layers or [None]:
                 for c in chosen:
                     label = f"{target.kind}-{target.class_label(c)}"
+                    if spec.family == "visualisation":  # named by what it shows, not by a target
+                        label = "volume" + (f"-ch{params['channel']}" if "channel" in params else "")
                     jobs.append(Job(spec, params, c, label, volumes, layer, nt))
         return jobs
 

@@ -143,6 +143,9 @@ def map_info(layer: Any, label_layers: Mapping[str, Any] | None = None) -> MapIn
     meta = (getattr(layer, "metadata", None) or {}).get("esegeta", {})
     if "method" not in meta:
         raise EvaluationSetupError(f"'{layer.name}' is not an attribution layer (no method in its metadata)")
+    if meta.get("family") == "visualisation":
+        raise EvaluationSetupError(f"'{layer.name}' is a feature-visualisation volume, not an "
+                                   "attribution map: trust metrics do not apply")
     kind = meta.get("target")
     cls = meta.get("class")
     if kind is None or cls is None:

@@ -326,6 +326,7 @@ def test_channel_target_in_the_explainer(tmp_path) -> None:
     assert [m.job.spec.name for m in maps] == ["saliency", "deep_dream"]
     assert all(m.array.shape == (8, 8, 8) for m in maps)
     assert maps[0].job.cls_label == "channel-conv2-ch1" and maps[1].evaluations == 2
+    assert maps[1].job.cls_label == "volume"  # a visualisation is not named after the target
     assert_untouched(net, state)
     with pytest.raises(ValueError, match="needs layer"):
         TargetConfig(kind="channel")
@@ -358,6 +359,7 @@ def test_cli_channel_target_and_volumes_on_the_input_grid(tmp_path, capsys) -> N
     out = capsys.readouterr().out
     assert code == 0, out
     written = sorted((tmp_path / "out").glob("vol__*__channel-conv2-ch2.nii.gz"))
+    written += sorted((tmp_path / "out").glob("vol__activation_maximisation*__volume-ch1.nii.gz"))
     assert len(written) == 2, out
     for path in written:
         img = nib.load(path)

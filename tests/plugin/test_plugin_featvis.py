@@ -45,6 +45,9 @@ def test_channel_target_and_visualisations(qtbot, docked, bundled_model):
     info = E.map_info(sal[0], {})
     assert info.target.kind == "channel" and info.target.channel == 1
     assert info.target.layer == meta["target_layer"]
+    with pytest.raises(E.EvaluationSetupError, match="not an attribution map"):
+        E.map_info(vis[0], {})
+    assert vis[0].name.endswith("volume") and vis[1].name != vis[0].name
 
 
 def test_channel_target_needs_a_layer():
