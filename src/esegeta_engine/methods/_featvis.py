@@ -54,7 +54,7 @@ class Settings:
     l2_weight: float = 0.0
 
 
-class Volume:
+class TrainableVolume:
     """A trainable volume, as voxels or as a frequency-scaled spectrum.
 
     Parameters
@@ -184,7 +184,7 @@ def optimise(ctx: MethodContext, start: torch.Tensor, objective: Objective, sett
     torch.Tensor
         The optimised volumes ``(B, C, *spatial)``, detached.
     """
-    volume = Volume(start, settings.parameterisation, settings.decay)
+    volume = TrainableVolume(start, settings.parameterisation, settings.decay)
     optimiser = torch.optim.Adam([volume.param], lr=settings.lr)
     with torch.enable_grad():
         for _ in range(settings.steps):
