@@ -19,6 +19,9 @@ from esegeta_engine import __version__
 from esegeta_engine.errors import ConfigError, EsegetaError, OutputError
 from esegeta_engine.yamlsafe import load_bounded
 
+# the registry's Family values, spelled out so that `esegeta --help` does not import torch
+FAMILIES = ["gradient", "perturbation", "layer", "visualisation"]
+
 log = logging.getLogger("esegeta_engine")
 
 DEMO_METHODS: list[dict[str, Any]] = [
@@ -206,6 +209,10 @@ def cmd_explain(args: argparse.Namespace) -> int:
         data["target"]["voxel"] = args.voxel
     if args.activation:
         data["target"]["activation"] = args.activation
+    if args.target_layer:
+        data["target"]["layer"] = args.target_layer
+    if args.channel is not None:
+        data["target"]["channel"] = args.channel
     return _execute(parse_config(data, base=Path.cwd(), source="command line"), args.quiet, args.resume,
                     trust_pickled=args.trust_pickled)
 
@@ -365,11 +372,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--volume", action="append", required=True, help="NIfTI input (repeatable)")
     p.add_argument("--method", action="append", required=True,
                    help="NAME or NAME:key=value,... (repeatable), e.g. occlusion:window=8")
-    p.add_argument("--target", default="argmax", choices=["argmax", "otsu", "roi", "voxel", "classification"])
+    p.add_argument("--target", default="argmax",
+                   choices=["argmax", "otsu", "roi", "voxel", "classification", "channel"])
     p.add_argument("--classes", type=int, nargs="+")
     p.add_argument("--activation", choices=["none", "softmax", "sigmoid"])
     p.add_argument("--roi-mask", help="NIfTI mask for --target roi")
     p.add_argument("--voxel", type=int, nargs="+", help="x y [z] for --target voxel")
+    p.add_argument("--target-layer", help="module name for --target channel (`esegeta layers MODEL`)")
+    p.add_argument("--channel", type=int, help="channel (filter) index for --target channel")
     p.add_argument("--output", help="output index/key of a multi-output model")
     p.add_argument("--device", default="cpu")
     p.add_argument("--spatial-dims", type=int, default=3, choices=[2, 3])
@@ -401,7 +411,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("methods", help="list methods and their parameters")
     p.add_argument("name", nargs="?")
-    p.add_argument("--family", choices=["gradient", "perturbation", "layer"])
+    p.add_argument("--family", choices=FAMILIES)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_methods)
 

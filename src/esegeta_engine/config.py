@@ -107,12 +107,16 @@ class PreprocessConfig(_Strict):
 class TargetConfig(_Strict):
     """Which scalar scores the methods explain."""
 
-    kind: Literal["argmax", "otsu", "roi", "voxel", "classification"] = "argmax"
+    kind: Literal["argmax", "otsu", "roi", "voxel", "classification", "channel"] = "argmax"
     classes: list[int] | None = Field(None, description="score indices to explain; default per kind")
     activation: Literal["none", "softmax", "sigmoid"] | None = Field(
         None, description="applied to the output first; default sigmoid for otsu, none otherwise")
     frozen: bool = Field(True, description="freeze regions from the unperturbed prediction")
-    channel: int = Field(0, ge=0, description="otsu: output channel of the foreground map")
+    channel: int = Field(0, ge=0, description="otsu: output channel of the foreground map; channel: the "
+                         "layer's channel (filter) whose mean activation is explained")
+    layer: str | None = Field(None, description="channel: module name (`esegeta layers MODEL`)")
+    unit: list[int] | None = Field(None, description="channel: one unit (neuron) on the layer's grid, "
+                                   "(x, y[, z]) in NIfTI axis order, instead of the channel mean")
     roi_mask: Path | None = Field(None, description="roi: NIfTI mask on the volume's grid")
     voxel: list[int] | None = Field(None, description="voxel: index (x, y[, z]) in the NIfTI volume")
 
@@ -120,6 +124,9 @@ class TargetConfig(_Strict):
     def _needs(self) -> TargetConfig:
         if self.kind == "voxel" and not self.voxel:
             raise ValueError("target kind 'voxel' needs voxel: [x, y, z]")
+        if self.kind == "channel" and not self.layer:
+            raise ValueError("target kind 'channel' needs layer: <module name> (and channel: k); "
+                             "`esegeta layers MODEL` lists the module names")
         return self
 
     @property

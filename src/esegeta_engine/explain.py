@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from esegeta_engine.channel_target import LayerChannelTarget
 from esegeta_engine.config import ExecutionConfig, MethodConfig, PreprocessConfig, TargetConfig
 from esegeta_engine.errors import (Cancelled, EsegetaError, MethodError, MethodTimeout, TargetError, VolumeError,
                                    error_reason)
@@ -37,7 +38,7 @@ from esegeta_engine.io import Volume
 from esegeta_engine.methods import MethodContext, attribute, get_method
 from esegeta_engine.methods.registry import CostInfo
 from esegeta_engine.models import get_layer, is_torchscript, model_guard
-from esegeta_engine.preprocess import Geometry, to_model_input
+from esegeta_engine.preprocess import AxisOrder, Geometry, to_model_input
 from esegeta_engine.scoring import EvaluationMonitor, ScoreModel, make_score_model
 from esegeta_engine import targets as T
 
@@ -130,7 +131,15 @@ def build_target(cfg: TargetConfig, spatial_dims: int, roi_mask: np.ndarray | No
             raise TargetError(f"target.voxel {cfg.voxel} needs {spatial_dims} indices", "give x, y[, z]")
         shape = volume_shape or tuple(1 << 30 for _ in range(spatial_dims))
         return T.VoxelTarget(geometry.index_to_model(cfg.voxel, shape), act)
-    raise TargetError(f"unknown target kind {cfg.kind!r}", "use argmax, otsu, roi, voxel or classification")
+    if cfg.kind == "channel" and cfg.layer:
+        unit = None
+        if cfg.unit:
+            if len(cfg.unit) != spatial_dims:
+                raise TargetError(f"target.unit {cfg.unit} needs {spatial_dims} indices", "give x, y[, z]")
+            unit = [cfg.unit[i] for i in AxisOrder(geometry.axis_order).permutation]
+        return LayerChannelTarget(cfg.layer, cfg.channel, unit, act)
+    raise TargetError(f"unknown target kind {cfg.kind!r}",
+                      "use argmax, otsu, roi, voxel, classification or channel")
 
 
 def target_support(target: T.Target, spatial: tuple[int, ...]) -> torch.Tensor | None:
@@ -420,6 +429,8 @@ class Explainer:
         for m in methods:  # unknown layers fail the run before any method starts
             for layer in m.layers:
                 get_layer(self.model, layer)
+        if self.target.kind == "channel" and self.target.layer:
+            get_layer(self.model, self.target.layer)
         # Volumes are prepared one group at a time (input, unperturbed forward pass, frozen
         # target), so memory holds one volume's tensors however many volumes a run has. The
         # totals are therefore estimates until every group is planned.
@@ -479,6 +490,10 @@ class Explainer:
                 torchscript=is_torchscript(self.model),
                 extra={"patchwise": score_model.patchwise, "notes": holder["notes"]},
             )
+            if score_model.patchwise and isinstance(target, LayerChannelTarget):
+                raise MethodError(
+                    "the channel target reads a layer's activation over the whole volume, which patch-wise "
+                    "execution does not compute", "use execution.mode: whole (on an ROI crop for large volumes)")
             if score_model.patchwise and job.spec.patchwise == "whole":
                 raise MethodError(
                     f"method '{job.spec.name}' needs one forward pass of the whole volume (its hooks store "
@@ -634,7 +649,9 @@ class Explainer:
         maps = []
         for i in range(result.shape[0]):
             r = result[i].cpu().numpy()
-            arr = r.sum(0) if (r.shape[0] == x.shape[1] or r.shape[0] == 1) else np.moveaxis(r, 0, -1)
+            # input-grid maps share one map over the input channels; optimised volumes keep theirs
+            volume = job.spec.family == "visualisation" and r.shape[0] > 1
+            arr = r.sum(0) if (r.shape[0] in (x.shape[1], 1) and not volume) else np.moveaxis(r, 0, -1)
             maps.append(geometry.to_nifti(arr).astype(np.float32))
         return maps
 

@@ -243,7 +243,7 @@ def iter_run(cfg: Config, cancel: threading.Event | None = None, *, threaded: bo
                 name = names(stems[event.volume], job)
                 path = save_map(event.array, volumes[event.volume], out / name)
                 metrics = scalar_metrics(event.metrics)
-                if gt_mask is not None:
+                if gt_mask is not None and job.spec.family != "visualisation":  # volumes, not maps
                     metrics.update(_localisation(event.array, gt_mask))
                 extra: dict[str, Any] = {}
                 if event.notes:

@@ -136,7 +136,9 @@ class ScoreModel(nn.Module):
         return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.target(self.model_output(x))
+        # a layer-channel target reads an activation captured by a hook during this pass only
+        with self.target.capture(self.net.model):
+            return self.target(self.model_output(x))
 
 
 def make_score_model(

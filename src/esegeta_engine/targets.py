@@ -23,7 +23,9 @@ torch.Size([1, 3])
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
+from contextlib import AbstractContextManager
 
 import numpy as np
 import torch
@@ -81,6 +83,15 @@ class Target(nn.Module):
 
     def prepare(self, output: torch.Tensor) -> None:
         """Freeze whatever the target needs from the unperturbed ``output``."""
+
+    def capture(self, model: nn.Module) -> AbstractContextManager[None]:
+        """Context around one forward pass of ``model`` whose output this target will score.
+
+        Targets that score something inside the model rather than its output (a layer's
+        channel, :class:`~esegeta_engine.channel_target.LayerChannelTarget`) register their
+        hooks here, only for that pass; output targets need nothing.
+        """
+        return contextlib.nullcontext()
 
     def default_classes(self, output: torch.Tensor) -> list[int]:
         """Classes worth explaining by default for this ``output``."""

@@ -143,6 +143,9 @@ def map_info(layer: Any, label_layers: Mapping[str, Any] | None = None) -> MapIn
     meta = (getattr(layer, "metadata", None) or {}).get("esegeta", {})
     if "method" not in meta:
         raise EvaluationSetupError(f"'{layer.name}' is not an attribution layer (no method in its metadata)")
+    if meta.get("family") == "visualisation":
+        raise EvaluationSetupError(f"'{layer.name}' is a feature-visualisation volume, not an "
+                                   "attribution map: trust metrics do not apply")
     kind = meta.get("target")
     cls = meta.get("class")
     if kind is None or cls is None:
@@ -155,10 +158,12 @@ def map_info(layer: Any, label_layers: Mapping[str, Any] | None = None) -> MapIn
                                        f"'{roi_layer}', which is no longer in the viewer")
         roi_mask = np.asarray(found.data) > 0
     voxel = meta.get("voxel")
+    channel = {"layer": meta.get("target_layer"), "channel": int(meta.get("channel") or 0)} \
+        if kind == "channel" else {}
     try:
         target = TargetConfig(kind=kind, classes=[int(cls)], activation=meta.get("activation"),
                               voxel=[int(v) for v in voxel] if voxel else None,
-                              frozen=bool(meta.get("frozen", True)))
+                              frozen=bool(meta.get("frozen", True)), **channel)
     except Exception as exc:
         raise EvaluationSetupError(f"'{layer.name}': target cannot be rebuilt ({exc})") from None
     return MapInfo(name=layer.name, method=meta["method"], label=meta.get("label", meta["method"]),

@@ -68,7 +68,7 @@ def parse_classes(text: str) -> list[int] | None:
 
 def make_target(kind: str, classes: list[int] | None = None, activation: str = "default",
                 voxel: Sequence[int] | None = None, roi_name: str | None = None,
-                frozen: bool = True) -> TargetConfig:
+                frozen: bool = True, layer: str | None = None, channel: int = 0) -> TargetConfig:
     """Validated :class:`TargetConfig` from the widget's values.
 
     The ROI mask itself is passed to the engine as an array (``roi_name`` is
@@ -83,10 +83,13 @@ def make_target(kind: str, classes: list[int] | None = None, activation: str = "
         raise TargetError("no voxel picked", "click 'Pick voxel', then click on the image")
     if kind == "roi" and not roi_name:
         raise TargetError("no ROI labels layer chosen", "add a Labels layer with the region to explain")
+    if kind == "channel" and not layer:
+        raise TargetError("no model layer chosen for the channel target", "load a model, then pick a layer")
+    extra: dict[str, Any] = {"layer": layer, "channel": channel} if kind == "channel" else {}
     try:
         return TargetConfig(kind=kind, classes=classes, frozen=frozen,
                             activation=None if activation == "default" else activation,
-                            voxel=[int(v) for v in voxel] if voxel else None)
+                            voxel=[int(v) for v in voxel] if voxel else None, **extra)
     except ValidationError as exc:
         raise format_validation_error(exc, "target") from None
 
@@ -159,7 +162,11 @@ def predict_labels(model: Any, volume: Volume, preprocess: PreprocessConfig,
 
 def map_layer_data(event: MapReady, input_layer: Any, target: TargetConfig,
                    roi_layer: str | None = None) -> tuple[Any, dict, str]:
-    """Layer data for a :class:`MapReady`, with the input layer's geometry and provenance."""
+    """Layer data for a :class:`MapReady`, with the input layer's geometry and provenance.
+
+    A map with one more axis than the input (per-channel layer maps, layer visualisation)
+    comes with ``channel_axis=0``, so ``viewer.add_image`` adds one layer per channel.
+    """
     job = event.job
     prov = {"params": _jsonable(job.params), "layer": job.layer, "noise_tunnel": job.noise_tunnel,
             "target": target.kind, "class": job.cls, "voxel": target.voxel,
@@ -167,10 +174,19 @@ def map_layer_data(event: MapReady, input_layer: Any, target: TargetConfig,
             "activation": target.resolved_activation, "seconds": round(event.seconds, 3),
             "evaluations": event.evaluations, "input_layer": input_layer.name,
             "family": job.spec.family}
-    return result_layer_data(event.array, method=job.spec.name, method_label=job.label,
-                             target_label=job.cls_label, provenance=prov,
-                             geometry=copy_geometry(input_layer),
-                             nifti=(input_layer.metadata or {}).get("nifti"))
+    if target.kind == "channel":
+        prov.update(target_layer=target.layer, channel=target.channel)
+    array = event.array
+    per_channel = array.ndim == input_layer.ndim + 1  # (*grid, k): one volume per layer channel
+    if per_channel:
+        array = np.moveaxis(array, -1, 0)
+    data, kwargs, kind = result_layer_data(array, method=job.spec.name, method_label=job.label,
+                                           target_label=job.cls_label, provenance=prov,
+                                           geometry=copy_geometry(input_layer),
+                                           nifti=(input_layer.metadata or {}).get("nifti"))
+    if per_channel:  # napari adds one layer per channel, each with the input's geometry
+        kwargs["channel_axis"] = 0
+    return data, kwargs, kind
 
 
 def failure_text(event: JobFailed) -> str:

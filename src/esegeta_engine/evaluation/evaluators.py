@@ -77,7 +77,16 @@ def make_evaluators(cfg: EvaluationConfig, seed: int = 0) -> list[Evaluator]:
                     "aopc_deletion": curves.aopc_deletion, CURVES_KEY: curves.to_dict()}
 
         evaluators.append(faithfulness)
-    return evaluators
+    return [_maps_only(e) for e in evaluators]
+
+
+def _maps_only(evaluator: Evaluator) -> Evaluator:
+    """Skip feature-visualisation jobs: their volumes are not attribution maps to score."""
+    def wrapped(job: Job, ctx: MethodContext, attr: torch.Tensor) -> dict[str, Any]:
+        return {} if job.spec.family == "visualisation" else evaluator(job, ctx, attr)
+
+    wrapped.__name__ = getattr(evaluator, "__name__", "metric")
+    return wrapped
 
 
 def scalar_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
@@ -112,7 +121,8 @@ def run_randomisation_phase(
     r = cfg.randomisation
     assert r is not None
     chosen = [m for m in methods if r.methods is None or m.name in r.methods]
-    chosen = [m for m in chosen if not get_method(m.name).needs_batch]
+    chosen = [m for m in chosen if not get_method(m.name).needs_batch
+              and get_method(m.name).family != "visualisation"]
     entries = [(get_method(m.name), get_method(m.name).resolve_params(m.params), layer)
                for m in chosen for layer in (m.layers or [None])]
     modes = ["cascading", "independent"] if r.mode == "both" else [r.mode]

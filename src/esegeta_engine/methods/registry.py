@@ -20,7 +20,7 @@ from torch import nn
 
 from esegeta_engine.errors import MethodError
 
-Family = Literal["gradient", "perturbation", "layer"]
+Family = Literal["gradient", "perturbation", "layer", "visualisation"]
 ParamKind = Literal["int", "float", "bool", "str", "ints"]
 Patchwise = Literal["gradient", "perturbation", "whole"]
 """How a method runs under sliding-window (patch-based) execution:
@@ -228,7 +228,7 @@ class MethodSpec:
     ----------
     name : str
         Identifier used in configs and on the command line (``snake_case``).
-    family : {"gradient", "perturbation", "layer"}
+    family : {"gradient", "perturbation", "layer", "visualisation"}
         Group shown in ``esegeta methods`` and in the GUI.
     title : str
         Human-readable name.
@@ -332,7 +332,7 @@ def get_method(name: str) -> MethodSpec:
 def list_methods(family: str | None = None) -> list[MethodSpec]:
     """Return all registered methods, optionally only one family, by family then name."""
     _ensure_loaded()
-    order = {"gradient": 0, "perturbation": 1, "layer": 2}
+    order = {"gradient": 0, "perturbation": 1, "layer": 2, "visualisation": 3}
     specs = [s for s in _REGISTRY.values() if family is None or s.family == family]
     return sorted(specs, key=lambda s: (order.get(s.family, 9), s.name))
 
@@ -346,7 +346,7 @@ def _ensure_loaded() -> None:
     global _LOADED
     if _LOADED:
         return
-    from esegeta_engine.methods import excitation, gradient, layer, lrp, perturbation  # noqa: F401
+    from esegeta_engine.methods import excitation, featvis, gradient, layer, lrp, perturbation  # noqa: F401
     from esegeta_engine.methods.costs import COSTS, PATCHWISE
 
     import dataclasses

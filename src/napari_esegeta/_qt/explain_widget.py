@@ -26,6 +26,7 @@ from qtpy.QtWidgets import (
     QPushButton,
     QScrollArea,
     QSizePolicy,
+    QSpinBox,
     QVBoxLayout,
     QWidget,
 )
@@ -35,7 +36,15 @@ from napari_esegeta import _run as R
 from napari_esegeta._geometry import copy_geometry, layer_to_nifti_affine, voxel_to_world
 from napari_esegeta._layers import is_input_layer
 from napari_esegeta._model import format_error
-from napari_esegeta._qt._common import CancellableRun, LayerCombo, RunControl, set_status, status_label
+from napari_esegeta._model import default_layer
+from napari_esegeta._qt._common import (
+    CancellableRun,
+    LayerCombo,
+    RunControl,
+    compact_combo,
+    set_status,
+    status_label,
+)
 from napari_esegeta._qt.method_panel import MethodPanel
 from napari_esegeta._state import Session, get_session
 
@@ -72,7 +81,8 @@ class ExplainWidget(CancellableRun, QWidget):
         self.kind_combo.addItems(R.target_kinds())
         self.kind_combo.setToolTip("argmax: the predicted region of each class; otsu: Otsu-thresholded "
                                    "foreground; roi: a region you paint; voxel: one voxel you click; "
-                                   "classification: a classifier's class score")
+                                   "classification: a classifier's class score; channel: the mean "
+                                   "activation of one channel (filter) of a model layer")
         self.classes_edit = QLineEdit()
         self.classes_edit.setPlaceholderText("default (the predicted foreground classes)")
         self.activation_combo = QComboBox()
@@ -83,6 +93,11 @@ class ExplainWidget(CancellableRun, QWidget):
         self.pick_btn.setToolTip("Then click on the image in the viewer (2D view)")
         self.pick_btn.toggled.connect(self._toggle_picking)
         self.voxel_label = QLabel("no voxel")
+        self.target_layer_combo = compact_combo()
+        self.target_layer_combo.setToolTip("Model layer whose channel is explained")
+        self.channel_spin = QSpinBox()
+        self.channel_spin.setRange(0, 100_000)
+        self.channel_spin.setToolTip("Channel (filter) index of that layer")
         self.frozen_check = QCheckBox("freeze region from the unperturbed prediction")
         self.frozen_check.setChecked(True)
 
@@ -99,6 +114,9 @@ class ExplainWidget(CancellableRun, QWidget):
         voxel_row.addWidget(self.voxel_label, 1)
         self._voxel_row = QLabel("Voxel")
         tf.addRow(self._voxel_row, voxel_row)
+        self._target_layer_row, self._channel_row = QLabel("Layer"), QLabel("Channel")
+        tf.addRow(self._target_layer_row, self.target_layer_combo)
+        tf.addRow(self._channel_row, self.channel_spin)
         tf.addRow(self.frozen_check)
         self.kind_combo.currentTextChanged.connect(self._kind_changed)
 
@@ -143,7 +161,9 @@ class ExplainWidget(CancellableRun, QWidget):
         try:
             self.model_label.setText(f"Model: {session.model_name}" if session.model is not None
                                      else "Model: none (load one in the Model widget)")
-            self.methods.set_model_layers(list_layers(session.model) if session.model is not None else [])
+            layers = list_layers(session.model) if session.model is not None else []
+            self.methods.set_model_layers(layers)
+            self._set_target_layers(layers)
         except RuntimeError:  # the widget was deleted before the signal was disconnected
             self.session.signals.model_changed.disconnect(self._model_changed)
 
@@ -152,6 +172,17 @@ class ExplainWidget(CancellableRun, QWidget):
             w.setVisible(kind == "roi")
         for w in (self._voxel_row, self.pick_btn, self.voxel_label):
             w.setVisible(kind == "voxel")
+        for w in (self._target_layer_row, self.target_layer_combo, self._channel_row, self.channel_spin):
+            w.setVisible(kind == "channel")
+
+    def _set_target_layers(self, layers: list[tuple[str, str]]) -> None:
+        current = self.target_layer_combo.currentData()
+        self.target_layer_combo.clear()
+        for name, kind in layers:
+            self.target_layer_combo.addItem(f"{name}  ({kind})", name)
+        pick = current if current in [n for n, _ in layers] else default_layer(layers)
+        if pick is not None:
+            self.target_layer_combo.setCurrentIndex(self.target_layer_combo.findData(pick))
 
     # -- voxel picking ---------------------------------------------------------------------------
 
@@ -221,7 +252,8 @@ class ExplainWidget(CancellableRun, QWidget):
             roi = self.roi_combo.layer()
             target = R.make_target(kind, R.parse_classes(self.classes_edit.text()),
                                    self.activation_combo.currentText(), self.voxel,
-                                   roi.name if roi is not None else None, self.frozen_check.isChecked())
+                                   roi.name if roi is not None else None, self.frozen_check.isChecked(),
+                                   self.target_layer_combo.currentData(), self.channel_spin.value())
             methods = [R.make_method(r.spec.name, r.form.values(), r.selected_layer(), r.noise_tunnel())
                        for r in rows]
             volume = R.volume_from_layer(layer)
@@ -283,8 +315,8 @@ class ExplainWidget(CancellableRun, QWidget):
             self._progress(ev)
         elif isinstance(ev, MapReady):
             data, kwargs, _ = R.map_layer_data(ev, self._input_layer, self._target, self._roi_name)
-            layer = self.viewer.add_image(data, **kwargs)
-            self.added.append(layer.name)
+            added = self.viewer.add_image(data, **kwargs)  # a list for per-channel volumes
+            self.added.extend(ly.name for ly in (added if isinstance(added, list) else [added]))
         elif isinstance(ev, JobFailed):
             if ev.status != "cancelled":
                 self.failures.append(R.failure_text(ev))

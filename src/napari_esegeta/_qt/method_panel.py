@@ -27,7 +27,7 @@ from napari_esegeta._params import params_from_model
 from napari_esegeta._qt._common import ParamForm, compact_combo
 
 FAMILY_TITLES = {"gradient": "Gradient methods", "perturbation": "Perturbation methods",
-                 "layer": "Layer methods"}
+                 "layer": "Layer methods", "visualisation": "Feature visualisation"}
 
 
 class MethodRow(QWidget):
