@@ -93,7 +93,7 @@ class DaskExecutor:
                                   pure=False)
         keys = {f.key: s.key for f, s in zip(futures, specs)}
         try:
-            for fut in as_completed(futures):
+            for fut in as_completed(futures, loop=self.client.loop):
                 yield self._outcome(fut, keys[fut.key])
                 fut.release()
         finally:
