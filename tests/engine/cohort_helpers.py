@@ -63,3 +63,18 @@ def cohort_config(tmp: Path, out: str = "out", **cohort: Any) -> Any:
     data = cohort_data(tmp, **cohort)
     data["output"] = {"dir": str(tmp / out)}
     return parse_cohort_config(data)
+
+
+class KillsItsProcess(torch.nn.Module):
+    """A segmentation net whose forward pass SIGKILLs the process running it (a worker dying mid-job)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv3d(1, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        import os
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
+        return self.conv(x)

@@ -112,3 +112,30 @@ def test_killing_a_worker_mid_run_retries_only_its_job(tmp_path, cluster):
     assert killed[0] in pids and len(set(pids)) == 2
     assert all(len(v) == 1 for k, v in starts.items() if k != key) and len(starts) == 4
     assert killed[0] not in {int(r["worker"].split(":")[1]) for r in result.records}
+
+
+@pytest.mark.slow  # ~30 s: two worker restarts on 2 shared cores
+def test_a_job_whose_worker_dies_twice_is_recorded_failed_and_the_run_goes_on(tmp_path, cluster):
+    from cohort_helpers import KillsItsProcess
+
+    import torch
+
+    c, trace = cluster
+    for p in trace.iterdir():
+        p.unlink()
+    write_phantoms(tmp_path / "data", n=1)
+    torch.save(KillsItsProcess().state_dict(), tmp_path / "dies.pt")
+    data = cohort_data(tmp_path)
+    data["models"] = [data["models"][0], {"name": "dies", "path": str(tmp_path / "dies.pt"),
+                                          "class_path": "cohort_helpers:KillsItsProcess"}]
+    data["methods"] = data["methods"][:1]
+    data["cohort"] = {**data["cohort"], "executor": "dask", "scheduler": c.scheduler_address}
+    result = run_cohort(parse_cohort_config(data))
+    by_model = {r["model"]: r for r in result.records}
+    assert result.status == "completed" and by_model["base"]["status"] == "ok"
+    assert by_model["dies"]["status"] == "failed" and "died" in by_model["dies"]["error"]
+    starts = [p.name.split(".")[0] for p in trace.iterdir()]
+    assert starts.count(by_model["dies"]["key"]) == 2  # run once, retried once, then given up
+    # (the base job may also run again: a result still held by a worker that dies before the driver
+    # fetched it is recomputed by Dask)
+    assert starts.count(by_model["base"]["key"]) >= 1
