@@ -131,3 +131,17 @@ def test_scheduler_that_does_not_answer_fails_fast_with_a_fix(tmp_path):
     with pytest.raises(ConfigError, match="no Dask scheduler answered") as exc:
         connect(f"tcp://127.0.0.1:{port}", timeout_s=2.0)
     assert time.perf_counter() - start < 10 and "--executor local" in exc.value.fix
+
+
+def test_local_workers_get_one_device_each_by_worker_name():
+    from types import SimpleNamespace
+
+    from esegeta_engine.cohort.executors import _worker_plugin
+    from esegeta_engine.cohort.worker import worker_device
+
+    plugin = _worker_plugin(["cuda:0", "cuda:1"], None)
+    workers = [SimpleNamespace(name=i) for i in range(3)]
+    for w in workers:
+        plugin.setup(w)
+    assert [w.esegeta_device for w in workers] == ["cuda:0", "cuda:1", "cuda:0"]
+    assert worker_device("cpu") == "cpu"  # outside a Dask worker: the model's configured device

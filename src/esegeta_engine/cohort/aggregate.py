@@ -25,7 +25,7 @@ import nibabel as nib
 import numpy as np
 
 from esegeta_engine.cohort.config import CohortConfig
-from esegeta_engine.cohort.plan import CohortPlan
+from esegeta_engine.cohort.plan import CohortPlan, grid_volume
 from esegeta_engine.io import Volume, save_map
 from esegeta_engine.pipeline import _slug
 
@@ -185,9 +185,7 @@ def write_cohort_results(out: Path, cfg: CohortConfig, plan: CohortPlan,
                                                "(population std, ddof=0)"}
     like = None
     if plan.common_grid:
-        from esegeta_engine.cohort.run import _grid_like
-
-        like = _grid_like(plan, 0, {})
+        like = grid_volume(plan, 0)
         result["aggregates"] = aggregate_maps(out, cfg, plan, records, like)
     else:
         log.warning("%s", plan.grid_note)

@@ -21,7 +21,7 @@ import numpy as np
 from esegeta_engine.cohort.config import CohortConfig
 from esegeta_engine.config import MethodConfig, PreprocessConfig, TargetConfig
 from esegeta_engine.errors import ConfigError, VolumeError
-from esegeta_engine.io import is_nifti
+from esegeta_engine.io import Volume, is_nifti
 from esegeta_engine.methods import get_method
 from esegeta_engine.methods.registry import CostInfo
 from esegeta_engine.pipeline import _slug, volume_stem
@@ -296,3 +296,15 @@ def plan_cohort(cfg: CohortConfig) -> CohortPlan:
                     name = f"maps/{m.name}/{v.subject}__{_slug(label)}__{cfg.target.kind}-{cls}.nii.gz"
                     jobs.append(CohortJob(key, m.name, vi, v.subject, mi, label, int(cls), name, cost))
     return CohortPlan(volumes, model_sha, jobs, common, note)
+
+
+def grid_volume(plan: CohortPlan, index: int, cache: dict[int, Volume] | None = None) -> Volume:
+    """A header-only :class:`Volume` of volume ``index`` for writing maps on its grid (no voxels read)."""
+    cache = {} if cache is None else cache
+    if index not in cache:
+        import nibabel as nib
+
+        v = plan.volumes[index]
+        cache[index] = Volume(np.broadcast_to(np.float32(0), v.shape), v.affine, nib.load(str(v.path)).header,
+                              v.path)
+    return cache[index]

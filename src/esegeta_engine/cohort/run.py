@@ -16,11 +16,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from esegeta_engine import __version__
 from esegeta_engine.cohort.config import CohortConfig
-from esegeta_engine.cohort.plan import CohortJob, CohortPlan, file_sha256, plan_cohort
+from esegeta_engine.cohort.plan import CohortJob, CohortPlan, file_sha256, grid_volume, plan_cohort
 from esegeta_engine.cohort.worker import JobOutcome, JobSpec
 from esegeta_engine.errors import ConfigError
 from esegeta_engine.io import Volume, save_map, write_json
@@ -111,17 +109,6 @@ def _record(job: CohortJob, plan: CohortPlan, o: JobOutcome, **extra: Any) -> di
     return {**rec, **extra}
 
 
-def _grid_like(plan: CohortPlan, index: int, cache: dict[int, Volume]) -> Volume:
-    """A header-only Volume for writing maps on volume ``index``'s grid (no voxel data read)."""
-    if index not in cache:
-        import nibabel as nib
-
-        v = plan.volumes[index]
-        img = nib.load(str(v.path))
-        cache[index] = Volume(np.broadcast_to(np.float32(0), v.shape), v.affine, img.header, v.path)
-    return cache[index]
-
-
 def run_cohort(cfg: CohortConfig, *, executor: str | None = None, dry_run: bool = False, resume: bool = False,
                on_job: Callable[[dict[str, Any], int, int], None] | None = None) -> CohortResult:
     """Run a cohort (see the module docstring).
@@ -178,7 +165,7 @@ def run_cohort(cfg: CohortConfig, *, executor: str | None = None, dry_run: bool 
             job = by_key[outcome.key]
             extra: dict[str, Any] = {}
             if outcome.status == "ok" and outcome.array is not None:
-                written = save_map(outcome.array, _grid_like(plan, job.volume, grids), out / job.file)
+                written = save_map(outcome.array, grid_volume(plan, job.volume, grids), out / job.file)
                 extra = {"file": job.file, "sha256": file_sha256(written)}
             else:
                 log.warning("%s · %s · %s · class %d: %s (%s)", job.model, job.subject, job.method, job.cls,
