@@ -139,3 +139,19 @@ def test_a_job_whose_worker_dies_twice_is_recorded_failed_and_the_run_goes_on(tm
     # (the base job may also run again: a result still held by a worker that dies before the driver
     # fetched it is recomputed by Dask)
     assert starts.count(by_model["base"]["key"]) >= 1
+
+
+def test_resume_works_across_executors(tmp_path, cluster):
+    write_phantoms(tmp_path / "data", n=2)
+    data = cohort_data(tmp_path)
+    data["models"], data["methods"] = data["models"][:1], data["methods"][:1]
+    first = run_cohort(parse_cohort_config(data), executor="inline")
+    lost = tmp_path / "out" / first.records[1]["file"]
+    before = np.asarray(nib.load(str(lost)).dataobj)
+    lost.unlink()
+    data["cohort"] = {**data["cohort"], "scheduler": cluster[0].scheduler_address}
+    again = run_cohort(parse_cohort_config(data), executor="dask", resume=True)
+    assert again.skipped == 1 and again.status == "completed" and not again.failed
+    redone = [r for r in again.records if r["key"] == first.records[1]["key"]]
+    assert len(redone) == 1 and redone[0]["worker"] != first.records[1]["worker"]
+    np.testing.assert_array_equal(np.asarray(nib.load(str(lost)).dataobj), before)

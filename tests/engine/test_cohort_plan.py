@@ -145,3 +145,16 @@ def test_local_workers_get_one_device_each_by_worker_name():
         plugin.setup(w)
     assert [w.esegeta_device for w in workers] == ["cuda:0", "cuda:1", "cuda:0"]
     assert worker_device("cpu") == "cpu"  # outside a Dask worker: the model's configured device
+
+
+def test_cli_unanswering_scheduler_is_one_message_and_nothing_written(tmp_path, capsys):
+    write_phantoms(tmp_path / "data", n=1)
+    (tmp_path / "cohort.yaml").write_text(yaml.safe_dump(cohort_data(tmp_path)))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    code = main(["run", str(tmp_path / "cohort.yaml"), "--executor", "dask", "--scheduler",
+                 f"tcp://127.0.0.1:{port}"])
+    err = capsys.readouterr().err
+    assert code == 2 and "error: no Dask scheduler answered" in err and "fix:" in err
+    assert "Traceback" not in err and not (tmp_path / "out").exists()

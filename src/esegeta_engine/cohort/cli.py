@@ -12,6 +12,7 @@ from esegeta_engine.cohort.config import parse_cohort_config
 
 def cmd_cohort(args: argparse.Namespace, data: dict[str, Any]) -> int:
     """Plan (and, unless ``--dry-run``, run) the cohort in ``data``; print the plan and a summary."""
+    from esegeta_engine.cohort.plan import plan_cohort
     from esegeta_engine.cohort.run import run_cohort
 
     cfg = parse_cohort_config(data, base=Path(args.config).parent.resolve(), source=Path(args.config).name)
@@ -32,8 +33,10 @@ def cmd_cohort(args: argparse.Namespace, data: dict[str, Any]) -> int:
             print(f"[{done}/{total}] {rec['model']} · {rec['subject']} · {rec['method']} · class {rec['class']}: "
                   f"{rec['status']} ({rec['seconds']:.2f} s)", file=sys.stderr)
 
-    result = run_cohort(cfg, executor=args.executor, dry_run=args.dry_run, resume=args.resume, on_job=show)
-    print(result.plan.describe())
+    plan = plan_cohort(cfg)
+    print(plan.describe(), flush=True)  # before any work starts
+    result = run_cohort(cfg, executor=args.executor, dry_run=args.dry_run, resume=args.resume, on_job=show,
+                        plan=plan)
     if args.dry_run:
         print("dry run: nothing written")
         return 0

@@ -138,9 +138,9 @@ class CohortPlan:
 
     @property
     def estimated_evaluations(self) -> int | None:
-        """Model evaluations all jobs will make, when every method can tell (else None)."""
-        costs = [j.cost for j in self.jobs]
-        return None if any(c is None for c in costs) else int(sum(costs))  # type: ignore[arg-type]
+        """Model evaluations of the jobs whose method declares its cost (None when none does)."""
+        known = [j.cost for j in self.jobs if j.cost is not None]
+        return int(sum(known)) if known else None
 
     def describe(self) -> str:
         """One paragraph for the console: how many jobs and what they cost."""
@@ -148,9 +148,13 @@ class CohortPlan:
         methods = sorted({j.method for j in self.jobs})
         classes = sorted({j.cls for j in self.jobs})
         est = self.estimated_evaluations
+        unknown = sum(j.cost is None for j in self.jobs)
         text = (f"cohort plan: {len(self.jobs)} jobs = {n_models} model(s) x {len(self.volumes)} volume(s) x "
                 f"{len(methods)} method(s) x {len(classes)} class(es)")
-        text += f"; about {est} model evaluations" if est is not None else "; cost unknown for some methods"
+        if est is not None:
+            text += f"; about {est} model evaluations" + (f" (+{unknown} jobs of undeclared cost)" if unknown else "")
+        else:
+            text += "; cost: these methods do not declare one"
         return text + f"\n{self.grid_note}"
 
 

@@ -110,7 +110,8 @@ def _record(job: CohortJob, plan: CohortPlan, o: JobOutcome, **extra: Any) -> di
 
 
 def run_cohort(cfg: CohortConfig, *, executor: str | None = None, dry_run: bool = False, resume: bool = False,
-               on_job: Callable[[dict[str, Any], int, int], None] | None = None) -> CohortResult:
+               on_job: Callable[[dict[str, Any], int, int], None] | None = None,
+               plan: CohortPlan | None = None) -> CohortResult:
     """Run a cohort (see the module docstring).
 
     Parameters
@@ -125,6 +126,8 @@ def run_cohort(cfg: CohortConfig, *, executor: str | None = None, dry_run: bool 
         Keep valid results of an earlier run in the output folder; run the rest.
     on_job : callable, optional
         ``on_job(record, done, total)`` after each job.
+    plan : CohortPlan, optional
+        ``plan_cohort(cfg)`` when the caller made it already (e.g. to print it first).
 
     Raises
     ------
@@ -134,7 +137,7 @@ def run_cohort(cfg: CohortConfig, *, executor: str | None = None, dry_run: bool 
     from esegeta_engine.cohort.aggregate import write_cohort_results
     from esegeta_engine.cohort.executors import make_executor
 
-    plan = plan_cohort(cfg)
+    plan = plan or plan_cohort(cfg)
     log.info("%s", plan.describe())
     out = cfg.output.dir
     if dry_run:
