@@ -158,3 +158,18 @@ def test_cli_unanswering_scheduler_is_one_message_and_nothing_written(tmp_path, 
     err = capsys.readouterr().err
     assert code == 2 and "error: no Dask scheduler answered" in err and "fix:" in err
     assert "Traceback" not in err and not (tmp_path / "out").exists()
+
+
+def test_roi_target_needs_a_mask_for_every_subject_and_the_mask_is_in_the_key(tmp_path):
+    write_phantoms(tmp_path / "data", n=2)
+    (tmp_path / "c.csv").write_text("volume,roi\ndata/sub00.nii.gz,data/sub00_gt.nii.gz\ndata/sub01.nii.gz,\n")
+    data = {**cohort_data(tmp_path), "cohort": {"csv": "c.csv"}, "target": {"kind": "roi", "classes": [0]}}
+    with pytest.raises(ConfigError, match="subject sub01 has no ROI mask"):
+        plan_cohort(parse_cohort_config(data, base=tmp_path))
+    (tmp_path / "c.csv").write_text("volume,roi\ndata/sub00.nii.gz,data/sub00_gt.nii.gz\n"
+                                    "data/sub01.nii.gz,data/sub01_gt.nii.gz\n")
+    keys = [j.key for j in plan_cohort(parse_cohort_config(data, base=tmp_path)).jobs]
+    (tmp_path / "c.csv").write_text("volume,roi\ndata/sub00.nii.gz,data/sub01_gt.nii.gz\n"
+                                    "data/sub01.nii.gz,data/sub01_gt.nii.gz\n")
+    changed = [j.key for j in plan_cohort(parse_cohort_config(data, base=tmp_path)).jobs]
+    assert sum(a != b for a, b in zip(keys, changed)) == len(keys) // 2  # sub00's jobs only

@@ -287,7 +287,14 @@ def plan_cohort(cfg: CohortConfig) -> CohortPlan:
         for vi, v in enumerate(volumes):
             spatial = tuple(v.shape[i] for i in order.permutation) if len(v.shape) >= cfg.preprocess.spatial_dims \
                 else tuple(v.shape)
-            extra = {"roi": file_sha256(v.roi)} if v.roi is not None and cfg.target.kind == "roi" else None
+            extra = None
+            if cfg.target.kind == "roi":
+                roi = v.roi or cfg.target.roi_mask
+                if roi is None or not Path(roi).is_file():
+                    raise ConfigError(f"target kind 'roi' but subject {v.subject} has no ROI mask file"
+                                      + (f" ({roi})" if roi else ""),
+                                      "give every CSV row a 'roi' column value, or target.roi_mask for all")
+                extra = {"roi": file_sha256(roi)}
             for mi, meth in enumerate(cfg.methods):
                 spec = get_method(meth.name)
                 nt = meth.noise_tunnel.samples if meth.noise_tunnel else 1
