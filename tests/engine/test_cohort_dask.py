@@ -114,7 +114,6 @@ def test_killing_a_worker_mid_run_retries_only_its_job(tmp_path, cluster):
     assert killed[0] not in {int(r["worker"].split(":")[1]) for r in result.records}
 
 
-@pytest.mark.slow  # ~30 s: two worker restarts on 2 shared cores
 def test_a_job_whose_worker_dies_twice_is_recorded_failed_and_the_run_goes_on(tmp_path, cluster):
     from cohort_helpers import KillsItsProcess
 

@@ -54,6 +54,22 @@ def _groups(records: list[dict[str, Any]]) -> dict[tuple[str, str, int], list[di
     return out
 
 
+def mean_std_of_normalised(paths: list[Path]) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and population std (ddof=0) of the maps in ``paths``, each divided by its max |value|.
+
+    The maps must share one grid. Memory holds two running sums and one map, however many maps.
+    """
+    total = sq = None
+    for path in paths:
+        a = normalise(_read(path))
+        total = a if total is None else total + a
+        sq = a * a if sq is None else sq + a * a
+    if total is None or sq is None:
+        raise ValueError("no maps to aggregate")
+    mean = total / len(paths)
+    return mean, np.sqrt(np.maximum(sq / len(paths) - mean * mean, 0.0))
+
+
 def aggregate_maps(out: Path, cfg: CohortConfig, plan: CohortPlan, records: list[dict[str, Any]],
                    like: Volume) -> list[dict[str, Any]]:
     """Write mean and std of the normalised maps per model x method x class; return their entries."""
@@ -61,14 +77,8 @@ def aggregate_maps(out: Path, cfg: CohortConfig, plan: CohortPlan, records: list
     order = {v.subject: i for i, v in enumerate(plan.volumes)}
     for (model, method, cls), recs in sorted(_groups(records).items()):
         recs = sorted(recs, key=lambda r: order[r["subject"]])
-        total = sq = None
-        for r in recs:  # running sums: memory holds one map however many subjects
-            a = normalise(_read(out / r["file"]))
-            total = a if total is None else total + a
-            sq = a * a if sq is None else sq + a * a
+        mean, std = mean_std_of_normalised([out / r["file"] for r in recs])
         n = len(recs)
-        mean = total / n
-        std = np.sqrt(np.maximum(sq / n - mean * mean, 0.0))
         stem = f"aggregate/{model}/{_slug(method)}__{cfg.target.kind}-{cls}"
         save_map(mean, like, out / f"{stem}__mean.nii.gz")
         save_map(std, like, out / f"{stem}__std.nii.gz")
