@@ -166,8 +166,17 @@ def _execute(cfg: Any, quiet: bool, resume: bool = False, trust_pickled: bool = 
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from esegeta_engine.cohort.config import is_cohort_data, read_config_data
     from esegeta_engine.config import load_config
 
+    data = read_config_data(args.config)
+    if is_cohort_data(data):
+        from esegeta_engine.cohort.cli import cmd_cohort
+
+        return cmd_cohort(args, data)
+    if args.dry_run or args.resume or args.executor or args.scheduler or args.workers:
+        raise ConfigError("--dry-run, --resume, --executor, --scheduler and --workers apply to cohort configs",
+                          "add `models:` and `cohort:` sections (see README.md), or drop the flag")
     cfg = load_config(args.config)
     if args.out:
         cfg.output.dir = Path(args.out).resolve()
@@ -364,6 +373,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="allow loading a fully pickled nn.Module (runs code from the file); "
                         "a config cannot ask for this")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--dry-run", action="store_true", help="cohort: print the plan's size and cost, write nothing")
+    p.add_argument("--resume", action="store_true", help="cohort: keep finished jobs of the run in --out")
+    p.add_argument("--executor", choices=["inline", "local", "dask"], help="cohort: who runs the jobs")
+    p.add_argument("--scheduler", help="cohort: Dask scheduler address for --executor dask")
+    p.add_argument("--workers", type=int, help="cohort: CPU worker processes for --executor local")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("explain", help="one-off run from flags, no config file")

@@ -1,0 +1,171 @@
+"""Executors: who runs the cohort's jobs. Same jobs, same function, same results whichever.
+
+* ``inline``: in this process, one job after another.
+* ``local``: a :class:`distributed.LocalCluster` of worker processes, one thread
+  each: N CPU workers, or one worker per device of ``cohort.devices`` (that
+  device set in the worker).
+* ``dask``: an existing scheduler reached through its address.
+
+Dask does the scheduling: jobs are submitted up front and their outcomes are
+yielded as they complete. A job whose worker process dies is rescheduled by
+Dask; a LocalCluster started here allows one such retry
+(``distributed.scheduler.allowed-failures = 1``), after which the job is
+recorded as failed. On an existing cluster that scheduler's own setting
+governs (Dask's default allows 3).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+from esegeta_engine.cohort.config import CohortSection
+from esegeta_engine.cohort.worker import JobOutcome, JobSpec, execute_job
+from esegeta_engine.errors import ConfigError
+
+log = logging.getLogger("esegeta_engine")
+
+
+class InlineExecutor:
+    """Run jobs in this process, in plan order."""
+
+    name = "inline"
+    description = "inline (this process)"
+
+    def map(self, specs: Sequence[JobSpec]) -> Iterator[JobOutcome]:
+        """Yield each job's outcome as it finishes."""
+        for spec in specs:
+            yield execute_job(spec)
+
+    def close(self) -> None:
+        """Nothing to release."""
+
+
+def _worker_plugin(devices: list[str] | None, threads: int | None) -> Any:
+    from distributed import WorkerPlugin
+
+    class EsegetaWorker(WorkerPlugin):
+        """Assign each worker its device (by worker name) and its torch thread count."""
+
+        name = "esegeta-worker"
+
+        def setup(self, worker: Any) -> None:
+            if devices:
+                try:
+                    index = int(worker.name)
+                except (TypeError, ValueError):
+                    index = abs(hash(str(worker.name)))
+                worker.esegeta_device = devices[index % len(devices)]
+            if threads is not None:
+                import torch
+
+                torch.set_num_threads(threads)  # this worker process is ours: one job, one thread
+
+    return EsegetaWorker()
+
+
+class DaskExecutor:
+    """Run jobs on a Dask cluster, streaming outcomes back as they complete.
+
+    Parameters
+    ----------
+    client : distributed.Client
+        Connected client.
+    cluster : distributed.LocalCluster, optional
+        A cluster started for this run (closed by :meth:`close`).
+    """
+
+    def __init__(self, client: Any, cluster: Any = None, name: str = "dask") -> None:
+        self.client = client
+        self.cluster = cluster
+        self.name = name
+        self.description = f"{name} ({len(client.scheduler_info().get('workers', {}))} workers at " \
+                           f"{client.scheduler.address})"
+
+    def map(self, specs: Sequence[JobSpec]) -> Iterator[JobOutcome]:
+        """Submit every job, then yield outcomes in completion order."""
+        from distributed import as_completed
+
+        if not specs:
+            return
+        futures = self.client.map(execute_job, list(specs), key=[f"esegeta-job-{s.key}" for s in specs],
+                                  pure=False)
+        keys = {f.key: s.key for f, s in zip(futures, specs)}
+        try:
+            for fut in as_completed(futures, loop=self.client.loop):
+                yield self._outcome(fut, keys[fut.key])
+                fut.release()
+        finally:
+            for f in futures:  # cancelled or closed early: stop what has not run
+                if not f.done():
+                    f.cancel()
+
+    @staticmethod
+    def _outcome(fut: Any, key: str) -> JobOutcome:
+        from distributed.scheduler import KilledWorker
+
+        try:
+            return fut.result()
+        except KilledWorker as exc:
+            return JobOutcome(key, "failed", error="the worker process running this job died, and again on "
+                              f"its retry (out of memory or killed?): {exc}")
+        except Exception as exc:  # a bug in the job function itself: record it, keep going
+            return JobOutcome(key, "failed", error=f"{type(exc).__name__}: {exc}")
+
+    def close(self) -> None:
+        """Close the client, and the cluster when this executor started it."""
+        self.client.close()
+        if self.cluster is not None:
+            self.cluster.close()
+
+
+def start_local(workers: int = 2, devices: list[str] | None = None) -> DaskExecutor:
+    """A LocalCluster of worker processes with one thread each (one per device when given)."""
+    import dask
+    from distributed import Client, LocalCluster
+
+    n = len(devices) if devices else workers
+    with dask.config.set({"distributed.scheduler.allowed-failures": 1}):
+        cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=":0",
+                               silence_logs=logging.ERROR)
+    client = Client(cluster)
+    client.register_plugin(_worker_plugin(devices, None if devices else 1))
+    return DaskExecutor(client, cluster, "local")
+
+
+def connect(address: str, timeout_s: float = 5.0) -> DaskExecutor:
+    """Connect to a running scheduler.
+
+    Raises
+    ------
+    ConfigError
+        Within about ``timeout_s`` when nothing answers at ``address``.
+    """
+    from distributed import Client
+
+    try:
+        client = Client(address, timeout=f"{timeout_s}s", set_as_default=False)
+    except (OSError, TimeoutError, ValueError) as exc:
+        raise ConfigError(f"no Dask scheduler answered at {address!r} within {timeout_s:g} s "
+                          f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})",
+                          "start one (`dask scheduler` and `dask worker ADDRESS`), check cohort.scheduler, "
+                          "or use --executor local") from None
+    if not client.scheduler_info().get("workers"):
+        log.warning("the Dask scheduler at %s has no workers yet: jobs wait until one joins", address)
+    return DaskExecutor(client, None, "dask")
+
+
+def make_executor(section: CohortSection, kind: str | None = None) -> InlineExecutor | DaskExecutor:
+    """The executor named by ``kind`` (or ``section.executor``), connected and ready."""
+    kind = kind or section.executor
+    if kind == "inline":
+        return InlineExecutor()
+    if kind == "local":
+        return start_local(section.workers, section.devices)
+    if kind == "dask":
+        if not section.scheduler:
+            raise ConfigError("executor 'dask' needs a scheduler address",
+                              "set cohort.scheduler or pass --scheduler tcp://host:8786")
+        return connect(section.scheduler, section.connect_timeout_s)
+    raise ConfigError(f"unknown executor {kind!r}", "use inline, local or dask")

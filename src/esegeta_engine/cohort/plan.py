@@ -1,0 +1,321 @@
+"""Plan a cohort: resolve the volumes, hash the inputs, list every job with a stable key.
+
+Planning reads only file headers and hashes files; no model runs. Every
+problem that can be known before work starts (a glob matching nothing, a CSV
+row naming a missing file, volumes of different grids asked to aggregate,
+duplicate subjects) is raised here as one :class:`EsegetaError`.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob as globlib
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from esegeta_engine.cohort.config import CohortConfig
+from esegeta_engine.config import MethodConfig, PreprocessConfig, TargetConfig
+from esegeta_engine.errors import ConfigError, VolumeError
+from esegeta_engine.io import Volume, is_nifti
+from esegeta_engine.methods import get_method
+from esegeta_engine.methods.registry import CostInfo
+from esegeta_engine.pipeline import _slug, volume_stem
+from esegeta_engine.preprocess import AxisOrder
+
+_HASHES: dict[tuple[str, int, int], str] = {}
+
+
+def file_sha256(path: str | Path) -> str:
+    """sha256 of a file's bytes (memoised per path, size and modification time)."""
+    p = Path(path)
+    st = p.stat()
+    memo = (str(p.resolve()), st.st_size, st.st_mtime_ns)
+    if memo not in _HASHES:
+        h = hashlib.sha256()
+        with p.open("rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+        _HASHES[memo] = h.hexdigest()
+    return _HASHES[memo]
+
+
+def method_label(method: MethodConfig) -> str:
+    """``name[@layer;layer][+noise]`` as it appears in file names and tables."""
+    text = method.name + (f"@{';'.join(method.layers)}" if method.layers else "")
+    return text + (f"+{method.noise_tunnel.type}" if method.noise_tunnel else "")
+
+
+def job_key(model_sha: str, volume_sha: str, method: MethodConfig, cls: int, target: TargetConfig,
+            preprocess: PreprocessConfig, seed: int, *, model_output: int | str | None = None,
+            extra: dict[str, Any] | None = None) -> str:
+    """A stable sha256 naming one job's result.
+
+    It covers what determines the numbers: the model file, the volume file, the
+    method with its fully resolved parameters, layers and noise tunnel, the
+    class, the target and preprocessing settings, the model output selection
+    and the seed. It does not cover where or how the job runs (executor, device
+    name, worker), so a result made by one executor is reused by another.
+
+    Parameters
+    ----------
+    model_sha, volume_sha : str
+        :func:`file_sha256` of the model and volume files.
+    method : MethodConfig
+        The method (parameters are resolved against the registry, so an explicit
+        default and an omitted one give the same key).
+    cls : int
+        The explained class (score index).
+    target, preprocess : TargetConfig, PreprocessConfig
+        Settings of the run (``target.classes`` is ignored: ``cls`` says it).
+    seed : int
+        The run's seed.
+    model_output : int, str or None
+        Output selection of multi-output models.
+    extra : dict, optional
+        Anything else that changes the result (e.g. the ROI mask's hash).
+
+    Returns
+    -------
+    str
+        64 hex digits.
+    """
+    spec = get_method(method.name)
+    payload = {
+        "model": model_sha, "volume": volume_sha, "method": method.name,
+        "params": spec.resolve_params(method.params), "layers": list(method.layers),
+        "noise_tunnel": method.noise_tunnel.model_dump(mode="json") if method.noise_tunnel else None,
+        "class": int(cls), "target": target.model_dump(mode="json", exclude={"classes"}),
+        "preprocess": preprocess.model_dump(mode="json"), "seed": int(seed),
+        "output": model_output, "extra": extra or {},
+    }
+    text = json.dumps(payload, sort_keys=True, default=str, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+@dataclass
+class CohortVolume:
+    """One volume of the cohort, with what the CSV said about it."""
+
+    path: Path
+    subject: str
+    group: str | None = None
+    ground_truth: Path | None = None
+    roi: Path | None = None
+    sha256: str = ""
+    shape: tuple[int, ...] = ()
+    affine: np.ndarray = field(default_factory=lambda: np.eye(4))
+
+
+@dataclass(frozen=True)
+class CohortJob:
+    """One (model, volume, method, class) job; ``file`` is relative to the output folder."""
+
+    key: str
+    model: str
+    volume: int
+    subject: str
+    method_index: int
+    method: str
+    cls: int
+    file: str
+    cost: int | None
+
+
+@dataclass
+class CohortPlan:
+    """Every job of a cohort, known before any model runs."""
+
+    volumes: list[CohortVolume]
+    model_sha: dict[str, str]
+    jobs: list[CohortJob]
+    common_grid: bool
+    grid_note: str
+
+    @property
+    def estimated_evaluations(self) -> int | None:
+        """Model evaluations of the jobs whose method declares its cost (None when none does)."""
+        known = [j.cost for j in self.jobs if j.cost is not None]
+        return int(sum(known)) if known else None
+
+    def describe(self) -> str:
+        """One paragraph for the console: how many jobs and what they cost."""
+        n_models = len(self.model_sha)
+        methods = sorted({j.method for j in self.jobs})
+        classes = sorted({j.cls for j in self.jobs})
+        est = self.estimated_evaluations
+        unknown = sum(j.cost is None for j in self.jobs)
+        text = (f"cohort plan: {len(self.jobs)} jobs = {n_models} model(s) x {len(self.volumes)} volume(s) x "
+                f"{len(methods)} method(s) x {len(classes)} class(es)")
+        if est is not None:
+            text += f"; about {est} model evaluations" + (f" (+{unknown} jobs of undeclared cost)" if unknown else "")
+        else:
+            text += "; cost: these methods do not declare one"
+        return text + f"\n{self.grid_note}"
+
+
+def _csv_rows(path: Path) -> list[dict[str, str]]:
+    if not path.is_file():
+        raise ConfigError(f"cohort CSV {str(path)!r} does not exist", "check cohort.csv")
+    with path.open(newline="", encoding="utf-8-sig") as fh:
+        reader = csv.DictReader(fh)
+        fields = [f.strip() for f in (reader.fieldnames or [])]
+        if "volume" not in fields:
+            raise ConfigError(f"{path.name} has no 'volume' column (columns: {fields})",
+                              "add a header row: volume,ground_truth,roi,subject,group (only volume is needed)")
+        unknown = sorted(set(fields) - {"volume", "ground_truth", "roi", "subject", "group"})
+        if unknown:
+            raise ConfigError(f"{path.name} has unknown columns {unknown}",
+                              "allowed: volume, ground_truth, roi, subject, group")
+        return [{(k or "").strip(): (v or "").strip() for k, v in row.items()} for row in reader]
+
+
+def _existing(path: Path, what: str, where: str) -> Path:
+    if not path.is_file():
+        raise VolumeError(f"{where}: {what} {str(path)!r} does not exist",
+                          "fix the path (relative paths are read against the CSV's folder) or drop the row")
+    if not is_nifti(path):
+        raise VolumeError(f"{where}: {what} {path.name} is not a NIfTI file", "give .nii or .nii.gz files")
+    return path
+
+
+def resolve_volumes(cfg: CohortConfig) -> list[CohortVolume]:
+    """The cohort's volumes from the list, the glob or the CSV; every file checked to exist.
+
+    Raises
+    ------
+    ConfigError, VolumeError
+        A glob matching nothing, a CSV row naming a missing file, duplicate subjects.
+    """
+    c = cfg.cohort
+    vols: list[CohortVolume] = []
+    if c.glob:
+        paths = sorted(Path(p) for p in globlib.glob(c.glob, recursive=True) if is_nifti(p))
+        if not paths:
+            raise ConfigError(f"cohort.glob {c.glob!r} matches no NIfTI file",
+                              "check the pattern (relative to the config's folder); e.g. 'data/*.nii.gz'")
+        vols = [CohortVolume(p, volume_stem(p, i)) for i, p in enumerate(paths)]
+    elif c.csv is not None:
+        base = c.csv.parent
+        for i, row in enumerate(_csv_rows(c.csv), start=2):
+            where = f"{c.csv.name} line {i}"
+            if not row.get("volume"):
+                raise ConfigError(f"{where} has an empty 'volume'", "give a NIfTI path in every row")
+            p = _existing(_abs(row["volume"], base), "volume", where)
+            opt = {k: _existing(_abs(row[k], base), k.replace("_", " "), where)
+                   for k in ("ground_truth", "roi") if row.get(k)}
+            vols.append(CohortVolume(p, _slug(row.get("subject") or "") or volume_stem(p, i),
+                                     row.get("group") or None, opt.get("ground_truth"), opt.get("roi")))
+        if not vols:
+            raise ConfigError(f"{c.csv.name} has no rows", "list one volume per row under the header")
+    else:
+        vols = [CohortVolume(_existing(p, "volume", "cohort.volumes"), volume_stem(p, i))
+                for i, p in enumerate(c.volumes)]
+    subjects = [v.subject for v in vols]
+    dupes = sorted({s for s in subjects if subjects.count(s) > 1})
+    if dupes:
+        raise ConfigError(f"subjects {dupes} appear more than once in the cohort",
+                          "give each row a unique 'subject' (CSV) or use distinct file names")
+    return vols
+
+
+def _abs(text: str, base: Path) -> Path:
+    p = Path(text)
+    return p if p.is_absolute() else base / p
+
+
+def _read_geometry(v: CohortVolume) -> None:
+    import nibabel as nib
+
+    try:
+        img = nib.load(str(v.path))
+    except Exception as exc:
+        raise VolumeError(f"{v.path.name} cannot be read as NIfTI ({exc})", "export it again") from None
+    shape = list(img.shape)
+    while len(shape) > 2 and shape[-1] == 1:
+        shape.pop()
+    v.shape, v.affine = tuple(shape), np.asarray(img.affine, dtype=float)
+
+
+def check_grid(volumes: list[CohortVolume], tolerance: float) -> tuple[bool, str]:
+    """Whether all volumes share one grid (shape, and affine within ``tolerance``), and why not."""
+    ref = volumes[0]
+    for v in volumes[1:]:
+        if v.shape != ref.shape:
+            return False, (f"volumes are on different grids ({ref.subject}: shape {ref.shape}, "
+                           f"{v.subject}: shape {v.shape}): per-volume maps only, no aggregate maps")
+        if not np.allclose(v.affine, ref.affine, atol=tolerance, rtol=0):
+            return False, (f"volumes are on different grids ({ref.subject} and {v.subject} have different "
+                           "affines): per-volume maps only, no aggregate maps")
+    return True, f"all {len(volumes)} volumes share one grid {ref.shape}: aggregate maps will be written"
+
+
+def plan_cohort(cfg: CohortConfig) -> CohortPlan:
+    """Resolve, check and hash every input, and list every job with its key.
+
+    Raises
+    ------
+    EsegetaError
+        Any problem found before work starts (see the module docstring).
+    """
+    for m in cfg.methods:
+        if get_method(m.name).needs_batch:
+            raise ConfigError(f"method {m.name!r} explains a batch of volumes together, which a cohort job "
+                              "(one volume) cannot do", "run it as an ordinary run over the volumes")
+    model_sha = {}
+    for m in cfg.models:
+        if not m.path.is_file():
+            raise ConfigError(f"model {m.name!r}: file {str(m.path)!r} does not exist", "check models[].path")
+        model_sha[m.name] = file_sha256(m.path)
+    volumes = resolve_volumes(cfg)
+    for v in volumes:
+        _read_geometry(v)
+        v.sha256 = file_sha256(v.path)
+    common, note = check_grid(volumes, cfg.cohort.grid_tolerance)
+    if cfg.cohort.aggregate == "off":
+        common, note = False, "aggregation switched off (cohort.aggregate: off): per-volume maps only"
+    elif not common and cfg.cohort.aggregate == "require":
+        raise VolumeError(note.split(":")[0] + " but cohort.aggregate is 'require'",
+                          "resample the volumes onto one template grid first, or set cohort.aggregate: auto")
+    order = AxisOrder(cfg.preprocess.axis_order)
+    jobs = []
+    for m in cfg.models:
+        for vi, v in enumerate(volumes):
+            spatial = tuple(v.shape[i] for i in order.permutation) if len(v.shape) >= cfg.preprocess.spatial_dims \
+                else tuple(v.shape)
+            extra = None
+            if cfg.target.kind == "roi":
+                roi = v.roi or cfg.target.roi_mask
+                if roi is None or not Path(roi).is_file():
+                    raise ConfigError(f"target kind 'roi' but subject {v.subject} has no ROI mask file"
+                                      + (f" ({roi})" if roi else ""),
+                                      "give every CSV row a 'roi' column value, or target.roi_mask for all")
+                extra = {"roi": file_sha256(roi)}
+            for mi, meth in enumerate(cfg.methods):
+                spec = get_method(meth.name)
+                nt = meth.noise_tunnel.samples if meth.noise_tunnel else 1
+                cost = (spec.cost(CostInfo(1, cfg.preprocess.in_channels, spatial, nt),
+                                  spec.resolve_params(meth.params)) if spec.cost else None)
+                label = method_label(meth)
+                for cls in cfg.target.classes or []:
+                    key = job_key(model_sha[m.name], v.sha256, meth, cls, cfg.target, cfg.preprocess,
+                                  cfg.run.seed, model_output=m.output, extra=extra)
+                    name = f"maps/{m.name}/{v.subject}__{_slug(label)}__{cfg.target.kind}-{cls}.nii.gz"
+                    jobs.append(CohortJob(key, m.name, vi, v.subject, mi, label, int(cls), name, cost))
+    return CohortPlan(volumes, model_sha, jobs, common, note)
+
+
+def grid_volume(plan: CohortPlan, index: int, cache: dict[int, Volume] | None = None) -> Volume:
+    """A header-only :class:`Volume` of volume ``index`` for writing maps on its grid (no voxels read)."""
+    cache = {} if cache is None else cache
+    if index not in cache:
+        import nibabel as nib
+
+        v = plan.volumes[index]
+        cache[index] = Volume(np.broadcast_to(np.float32(0), v.shape), v.affine, nib.load(str(v.path)).header,
+                              v.path)
+    return cache[index]

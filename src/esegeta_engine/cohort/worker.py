@@ -1,0 +1,155 @@
+"""One cohort job, run where a worker runs it: an ordinary single-volume run of one method and class.
+
+Everything a job needs travels as a small picklable :class:`JobSpec` (paths,
+hashes and config dumps, never arrays or models); the worker loads the model
+once per process and keeps it (:data:`_MODELS`, keyed by path, file hash and
+device), so a worker that runs many jobs of one model reads its weights once.
+The result travels back as a :class:`JobOutcome` holding the map (float32, in
+NIfTI order) and the per-map metrics.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from torch import nn
+
+from esegeta_engine.errors import EsegetaError
+
+_MODELS: dict[tuple[str, str, str], nn.Module] = {}
+TRACE_ENV = "ESEGETA_COHORT_TRACE"
+"""Environment variable naming a folder: each job start then leaves an empty file
+``<key>.<pid>.<ns>`` there (a debugging aid that shows which jobs ran where and how often)."""
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """What a worker needs to run one job (small and picklable)."""
+
+    key: str
+    model: dict[str, Any]
+    model_sha: str
+    volume: str
+    cls: int
+    method: dict[str, Any]
+    preprocess: dict[str, Any]
+    target: dict[str, Any]
+    evaluation: dict[str, Any]
+    run: dict[str, Any]
+    ground_truth: str | None = None
+    roi: str | None = None
+
+
+@dataclass
+class JobOutcome:
+    """A finished job: the map and metrics, or why it failed."""
+
+    key: str
+    status: str
+    array: np.ndarray | None = None
+    metrics: dict[str, Any] = field(default_factory=dict)
+    seconds: float = 0.0
+    evaluations: int = 0
+    model_inputs: int = 0
+    error: str | None = None
+    worker: str = ""
+    device: str = ""
+
+
+def worker_device(default: str) -> str:
+    """The device this process should use: its Dask worker's assigned device, else ``default``."""
+    try:
+        from distributed import get_worker
+
+        return getattr(get_worker(), "esegeta_device", None) or default
+    except (ImportError, ValueError):  # not inside a Dask worker
+        return default
+
+
+def cached_model(model: dict[str, Any], sha: str, device: str) -> nn.Module:
+    """The model of ``model`` (a ModelConfig dump) on ``device``, loaded once per process."""
+    from esegeta_engine.models import load_model
+
+    memo = (str(model["path"]), sha, device)
+    if memo not in _MODELS:
+        _MODELS[memo] = load_model(model["path"], format=model.get("format", "auto"),
+                                   class_path=model.get("class_path"), kwargs=model.get("kwargs") or {},
+                                   trust_pickled=model.get("trust_pickled", False), device=device)
+    return _MODELS[memo]
+
+
+def _trace(key: str) -> None:
+    folder = os.environ.get(TRACE_ENV)
+    if folder:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        (Path(folder) / f"{key}.{os.getpid()}.{time.time_ns()}").touch()
+
+
+def execute_job(spec: JobSpec) -> JobOutcome:
+    """Run one job and return its outcome; user errors become a ``failed`` outcome, never an exception.
+
+    Only the death of the process (or a bug in this function) makes a job
+    end without an outcome; executors handle that.
+    """
+    _trace(spec.key)
+    device = worker_device(spec.model.get("device", "cpu"))
+    where = f"{socket.gethostname()}:{os.getpid()}"
+    start = time.perf_counter()
+    try:
+        return _run(spec, device, where, start)
+    except EsegetaError as exc:
+        return JobOutcome(spec.key, "failed", error=str(exc), seconds=time.perf_counter() - start,
+                          worker=where, device=device)
+    except Exception as exc:  # recorded with its type: the run goes on
+        return JobOutcome(spec.key, "failed", error=f"{type(exc).__name__}: {exc}",
+                          seconds=time.perf_counter() - start, worker=where, device=device)
+
+
+def _run(spec: JobSpec, device: str, where: str, start: float) -> JobOutcome:
+    from esegeta_engine.config import parse_config
+    from esegeta_engine.evaluation.evaluators import make_evaluators, scalar_metrics
+    from esegeta_engine.explain import Explainer, JobFailed, MapReady
+    from esegeta_engine.pipeline import load_inputs, load_mask_on_grid
+
+    model_cfg = {k: v for k, v in spec.model.items() if k != "name"}
+    target = {**spec.target, "classes": [spec.cls]}
+    if spec.roi is not None:
+        target["roi_mask"] = spec.roi
+    cfg = parse_config({"model": {**model_cfg, "device": device}, "volumes": [spec.volume],
+                        "preprocess": spec.preprocess, "target": target, "methods": [spec.method],
+                        "run": spec.run, "evaluation": spec.evaluation}, source="cohort job")
+    model = cached_model(spec.model, spec.model_sha, device)
+    volumes, roi = load_inputs(cfg)
+    explainer = Explainer(model, cfg.preprocess, cfg.target, cfg.model.output, seed=cfg.run.seed,
+                          timeout_s=cfg.run.timeout_s)
+    evaluators = make_evaluators(cfg.evaluation, cfg.run.seed)
+    for event in explainer.iter_explain(volumes, cfg.methods, roi_mask=roi, evaluators=evaluators,
+                                        threaded=False):
+        if isinstance(event, MapReady):
+            metrics = scalar_metrics(event.metrics)
+            if spec.ground_truth is not None:
+                mask = load_mask_on_grid(Path(spec.ground_truth), volumes, cfg.preprocess.spatial_dims,
+                                         "ground-truth mask")
+                metrics.update(_localisation(event.array, mask))
+            return JobOutcome(spec.key, "ok", event.array, metrics, event.seconds, event.evaluations,
+                              event.inputs_evaluated, worker=where, device=device)
+        if isinstance(event, JobFailed):
+            return JobOutcome(spec.key, event.status, error=event.error, seconds=event.seconds,
+                              evaluations=event.evaluations, worker=where, device=device)
+    return JobOutcome(spec.key, "failed", error="the method produced no map", worker=where, device=device,
+                      seconds=time.perf_counter() - start)
+
+
+def _localisation(array: np.ndarray, mask: np.ndarray) -> dict[str, Any]:
+    from esegeta_engine.evaluation.localisation import LOCALISATION_METRICS, localisation_scores
+
+    spatial = array if array.ndim == mask.ndim else array.sum(-1)
+    scores = localisation_scores(spatial, mask)
+    return {k: (None if isinstance(v, float) and np.isnan(v) else v)
+            for k, v in scores.items() if k in LOCALISATION_METRICS}
