@@ -174,8 +174,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         from esegeta_engine.cohort.cli import cmd_cohort
 
         return cmd_cohort(args, data)
-    if args.dry_run or args.resume or args.executor or args.scheduler or args.workers:
-        raise ConfigError("--dry-run, --resume, --executor, --scheduler and --workers apply to cohort configs",
+    if args.dry_run or args.executor or args.scheduler or args.workers:
+        raise ConfigError("--dry-run, --executor, --scheduler and --workers apply to cohort configs",
                           "add `models:` and `cohort:` sections (see README.md), or drop the flag")
     cfg = load_config(args.config)
     if args.out:
@@ -367,14 +367,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="write into a folder holding a previous run")
     p.add_argument("--resume", action="store_true",
                    help="continue a run in the same folder: keep maps that are complete and match their job "
-                        "(same model, volumes, method and parameters); redo the rest")
+                        "(same model, volumes, method and parameters); redo the rest (single runs and cohorts)")
     p.add_argument("--device", help="cpu or cuda:N (overrides model.device)")
     p.add_argument("--trust-pickled", action="store_true",
                    help="allow loading a fully pickled nn.Module (runs code from the file); "
                         "a config cannot ask for this")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.add_argument("--dry-run", action="store_true", help="cohort: print the plan's size and cost, write nothing")
-    p.add_argument("--resume", action="store_true", help="cohort: keep finished jobs of the run in --out")
     p.add_argument("--executor", choices=["inline", "local", "dask"], help="cohort: who runs the jobs")
     p.add_argument("--scheduler", help="cohort: Dask scheduler address for --executor dask")
     p.add_argument("--workers", type=int, help="cohort: CPU worker processes for --executor local")
