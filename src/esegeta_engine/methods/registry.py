@@ -202,12 +202,16 @@ class CostInfo:
         Spatial size of the model input.
     noise_tunnel_samples : int
         Noisy copies when wrapped in a noise tunnel (1 otherwise).
+    layer_channels : int or None
+        Channels of the chosen layer's activation (layer methods whose cost grows with
+        them: Score-CAM, Ablation-CAM); ``None`` when not known.
     """
 
     batch: int
     channels: int
     spatial: tuple[int, ...]
     noise_tunnel_samples: int = 1
+    layer_channels: int | None = None
 
 
 CostFn = Callable[[CostInfo, Mapping[str, Any]], int]
@@ -333,7 +337,16 @@ def list_methods(family: str | None = None) -> list[MethodSpec]:
 
 def _ensure_loaded() -> None:
     # The family modules register their entries on import.
-    from esegeta_engine.methods import gradient, layer, perturbation  # noqa: F401
+    from esegeta_engine.methods import (  # noqa: F401
+        cam,
+        cam_score,
+        extremal,
+        fullgrad,
+        gradient,
+        layer,
+        perturbation,
+        rise,
+    )
 
 
 def names(specs: Sequence[MethodSpec]) -> list[str]:
