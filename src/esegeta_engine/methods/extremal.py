@@ -110,7 +110,7 @@ class ExtremalPerturbation:
                 param.clamp_(0.0, 1.0)
             weight *= growth
         with torch.no_grad():
-            masks = self._mask(param, size, mode).reshape(len(areas), n, 1, *size)
+            masks = self._mask(param, size, mode).detach().reshape(len(areas), n, 1, *size)
         self.masks = masks
         return masks.sum(dim=0)
 
@@ -144,7 +144,7 @@ register(MethodSpec(
                   minimum=0.0, maximum=1000.0),
             Param("learning_rate", "float", 0.05, "Adam learning rate of the mask parameters",
                   minimum=1e-6, maximum=10.0),
-            Param("area_weight", "float", 10.0, "initial weight of the area constraint",
+            Param("area_weight", "float", 1.0, "initial weight of the area constraint",
                   minimum=0.0, maximum=1e9),
             Param("area_weight_growth", "float", 100.0,
                   "factor by which the area weight grows from the first to the last step",

@@ -22,7 +22,6 @@ identity no longer holds exactly there).
 
 from __future__ import annotations
 
-
 import torch
 import torch.nn.functional as F
 from torch import nn
