@@ -145,3 +145,32 @@ def test_cell_size_per_axis_must_match_the_dimensions() -> None:
     _, x, score = cls_setup(3)
     with pytest.raises(MethodError, match="cell_size"):
         run(score, x, cell_size=[2, 2], n_masks=2)
+
+
+def test_refusals_in_a_run_are_recorded_and_the_other_methods_kept(tmp_path) -> None:
+    """Too many RISE masks for the time limit, a bad extremal area: both fail with their message,
+    the CAM and the small RISE of the same run are written."""
+    import nibabel as nib
+    import numpy as np
+
+    from esegeta_engine.config import parse_config
+    from esegeta_engine.pipeline import run as run_pipeline
+
+    torch.manual_seed(0)
+    torch.save(SlowSegNet(3, delay=0.02).state_dict(), tmp_path / "model.pt")
+    nib.save(nib.Nifti1Image(np.random.default_rng(0).random((8, 8, 8)).astype(np.float32), np.eye(4)),
+             tmp_path / "vol.nii.gz")
+    cfg = parse_config({
+        "model": {"path": "model.pt", "class_path": "tiny_models:SlowSegNet",
+                  "kwargs": {"dims": 3, "delay": 0.02}},
+        "volumes": ["vol.nii.gz"], "target": {"kind": "argmax", "classes": [1]},
+        "methods": [{"name": "rise", "params": {"n_masks": 5000, "batch_size": 10}},
+                    {"name": "extremal_perturbation", "params": {"areas": "0.1,1.2"}},
+                    {"name": "gradcam_pp", "layers": ["conv2"]},
+                    {"name": "rise", "params": {"n_masks": 8, "batch_size": 4, "cell_size": 4}}],
+        "run": {"timeout_s": 2.0}, "output": {"dir": "out"}}, base=tmp_path)
+    records = run_pipeline(cfg).records
+    assert [r["status"] for r in records] == ["failed", "failed", "ok", "ok"]
+    assert "n_masks" in records[0]["error"] and "time limit" in records[0]["error"]
+    assert "1.2 is outside (0, 1)" in records[1]["error"]
+    assert len(list((tmp_path / "out").glob("vol__*.nii.gz"))) >= 2
