@@ -320,6 +320,31 @@ def test_channel_cap_keeps_the_most_varying_channels() -> None:
     assert finite.numel() > 0 and torch.allclose(finite, finite[0].expand_as(finite), rtol=1e-4)
 
 
+@pytest.mark.parametrize("name", ["hirescam", "score_cam", "ablation_cam", "eigen_cam"])
+def test_layer_input_is_the_previous_modules_output(name: str) -> None:
+    net, x, score = seg_setup(3)
+    signed = {**RAW, **_signed(name)}
+    via_input = run(name, score, x, net.conv2, attribute_to_layer_input=True, **signed)
+    torch.testing.assert_close(via_input, run(name, score, x, net.relu1, **signed))
+    assert not torch.allclose(via_input, run(name, score, x, net.conv2, **signed))
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_in_place_activations_after_the_layer_do_not_change_its_map(dims: int) -> None:
+    """BiasNet's ReLU(inplace=True) overwrites the BatchNorm output: the CAM must use the values
+    and gradients before it, as on a copy with an out-of-place ReLU."""
+    torch.manual_seed(5)
+    net = BiasNet(dims).eval()
+    x = torch.randn(1, 1, *shape(dims))
+    plain = copy.deepcopy(net)
+    plain.relu1.inplace = False
+    a, g = hooked(ScoreModel(plain, ClassificationTarget()), plain.bn, x, 0)
+    assert bool((a < 0).any()), "the in-place ReLU would change this activation"
+    ours = run("hirescam", ScoreModel(net, ClassificationTarget()), x, net.bn, target=0,
+               relu_attributions=False, **RAW)
+    torch.testing.assert_close(ours, (a * g).sum(1, keepdim=True))
+
+
 # --- FullGrad ---------------------------------------------------------------------------------------
 
 

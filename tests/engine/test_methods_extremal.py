@@ -14,7 +14,7 @@ from esegeta_engine.targets import ArgmaxRegionTarget
 from region_score import region_setup
 from tiny_models import TinySegNet, assert_untouched, cls_setup, seg_setup, shape
 
-EXACT = {"step": 1, "baseline": "zero", "steps": 100}
+EXACT = {"cell_size": 1, "baseline": "zero", "steps": 100}
 
 
 def run(score: torch.nn.Module, x: torch.Tensor, target: int = 0, **params) -> torch.Tensor:
@@ -39,7 +39,7 @@ def test_matrix_and_cost(dims: int, kind: str) -> None:
     net, x, score = (seg_setup if kind == "segmentation" else cls_setup)(dims)
     target = 1 if kind == "segmentation" else 0
     state = {k: v.clone() for k, v in net.state_dict().items()}
-    params = {"steps": 6, "areas": "0.1,0.3", "step": 2, "smoothing": 0.5}
+    params = {"steps": 6, "areas": "0.1,0.3", "cell_size": 2, "smoothing": 0.5}
     score.monitor.start(None)
     result = run(score, x, target, **params)
     assert result.shape == (1, 1, *shape(dims)) and result.dtype == torch.float32
@@ -91,7 +91,7 @@ def test_a_batch_of_inputs_equals_each_alone() -> None:
     x = torch.randn(2, 1, *shape(2))
     target = ArgmaxRegionTarget()
     target.prepare(net(x).detach())
-    params = {"steps": 8, "areas": "0.1,0.25", "step": 2}
+    params = {"steps": 8, "areas": "0.1,0.25", "cell_size": 2}
     together = run(ScoreModel(net, target), x, target=1, **params)
     for i in range(2):
         alone_target = ArgmaxRegionTarget()
@@ -112,7 +112,7 @@ def test_bad_areas_are_refused(areas: str, problem: str) -> None:
 
 
 @pytest.mark.parametrize("params", [{"steps": 0}, {"mode": "keep"}, {"learning_rate": 0.0},
-                                    {"step": 0}, {"baseline": "noise"}])
+                                    {"cell_size": 0}, {"baseline": "noise"}])
 def test_out_of_range_parameters(params: dict) -> None:
     (param,) = params
     with pytest.raises(MethodError, match=param):

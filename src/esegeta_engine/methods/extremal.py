@@ -8,7 +8,7 @@ copy of the input by default, as in the paper). The paper's area constraint
 ``|| sort(m) - r_a ||^2``, with ``r_a`` the sorted reference of ``(1 - a)``
 zeros and ``a`` ones, is added to the loss with a weight that grows
 geometrically over the steps, so the final mask has the requested area. The
-mask is parameterised on a grid of ``step`` voxels, interpolated to the input
+mask is parameterised on cells of ``cell_size`` voxels, interpolated to the input
 grid and optionally Gaussian-smoothed (``smoothing`` voxels). The score is
 divided by the unperturbed score's magnitude, so region sums and logits need
 the same weights.
@@ -80,8 +80,8 @@ class ExtremalPerturbation:
         n, size = x.shape[0], tuple(x.shape[2:])
         voxels = int(torch.tensor(size).prod())
         areas = parse_areas(p["areas"], voxels)
-        steps = _spatial(p["step"], ctx, "step")
-        grid = tuple(-(-s // c) for s, c in zip(size, steps))
+        cells = _spatial(p["cell_size"], ctx, "cell_size")
+        grid = tuple(-(-s // c) for s, c in zip(size, cells))
         mode = "bilinear" if len(size) == 2 else "trilinear"
         base = make_baseline(x, p["baseline"])
         reference = area_reference(areas, n, voxels, x.dtype, x.device)
@@ -138,7 +138,7 @@ register(MethodSpec(
                   choices=("preserve", "delete")),
             Param("steps", "int", 200, "optimisation steps (one model evaluation each)",
                   minimum=1, maximum=100000),
-            Param("step", "ints", 4, "mask parameter grid spacing in voxels (one or one per axis)",
+            Param("cell_size", "ints", 4, "edge in voxels of a mask parameter cell (one or one per axis)",
                   minimum=1, maximum=4096),
             Param("smoothing", "float", 0.0, "Gaussian smoothing of the mask in voxels (0: none)",
                   minimum=0.0, maximum=1000.0),
