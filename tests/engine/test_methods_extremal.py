@@ -39,7 +39,7 @@ def test_matrix_and_cost(dims: int, kind: str) -> None:
     net, x, score = (seg_setup if kind == "segmentation" else cls_setup)(dims)
     target = 1 if kind == "segmentation" else 0
     state = {k: v.clone() for k, v in net.state_dict().items()}
-    params = {"steps": 6, "areas": "0.1,0.3", "cell_size": 2, "smoothing": 0.5}
+    params = {"steps": 6, "areas": [0.1, 0.3], "cell_size": 2, "smoothing": 0.5}
     score.monitor.start(None)
     result = run(score, x, target, **params)
     assert result.shape == (1, 1, *shape(dims)) and result.dtype == torch.float32
@@ -54,7 +54,7 @@ def test_matrix_and_cost(dims: int, kind: str) -> None:
 def test_preserving_mask_has_the_area_and_keeps_the_score(dims: int) -> None:
     region, x, score = region_setup(dims)
     area = float(region.float().mean())
-    m = masks(score, x, areas=f"{area:.6f}", **EXACT)[0]
+    m = masks(score, x, areas=area, **EXACT)[0]
     assert abs(float(m.mean()) - area) < 0.02
     assert abs(float((m > 0.5).float().mean()) - area) < 0.02
     with torch.no_grad():
@@ -67,7 +67,7 @@ def test_preserving_mask_has_the_area_and_keeps_the_score(dims: int) -> None:
 def test_several_areas_are_each_met(dims: int) -> None:
     region, x, score = region_setup(dims)
     areas = (0.05, 0.2, 0.4)
-    m = masks(score, x, areas=",".join(map(str, areas)), **EXACT)
+    m = masks(score, x, areas=list(areas), **EXACT)
     for mask, area in zip(m, areas):
         assert abs(float(mask.mean()) - area) < 0.02
     with torch.no_grad():  # larger areas keep more of the score
@@ -78,7 +78,7 @@ def test_several_areas_are_each_met(dims: int) -> None:
 def test_deletion_mask_removes_the_score() -> None:
     region, x, score = region_setup(3)
     area = float(region.float().mean())
-    m = masks(score, x, areas=f"{area:.6f}", mode="delete", **EXACT)[0]
+    m = masks(score, x, areas=area, mode="delete", **EXACT)[0]
     assert abs(float(m.mean()) - area) < 0.02
     with torch.no_grad():
         left = score(x * (1 - m))[0, 0] / score(x)[0, 0]
@@ -91,7 +91,7 @@ def test_a_batch_of_inputs_equals_each_alone() -> None:
     x = torch.randn(2, 1, *shape(2))
     target = ArgmaxRegionTarget()
     target.prepare(net(x).detach())
-    params = {"steps": 8, "areas": "0.1,0.25", "cell_size": 2}
+    params = {"steps": 8, "areas": [0.1, 0.25], "cell_size": 2}
     together = run(ScoreModel(net, target), x, target=1, **params)
     for i in range(2):
         alone_target = ArgmaxRegionTarget()
@@ -100,15 +100,21 @@ def test_a_batch_of_inputs_equals_each_alone() -> None:
         torch.testing.assert_close(together[i:i + 1], alone, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("areas, problem", [("1.5", "outside (0, 1)"), ("0", "outside (0, 1)"),
-                                            ("0.1,-0.2", "outside (0, 1)"), ("ten", "not a number"),
-                                            ("0.001", "selects 0 voxels")])
-def test_bad_areas_are_refused(areas: str, problem: str) -> None:
+@pytest.mark.parametrize("areas, problem", [(1.0, "outside (0, 1)"), (0, "outside (0, 1)"),
+                                            ([0.1, 0.0], "outside (0, 1)"), (0.001, "selects 0 voxels")])
+def test_bad_areas_are_refused(areas, problem: str) -> None:  # noqa: ANN001
     _, x, score = cls_setup(2)
     with pytest.raises(MethodError, match="area") as err:
         run(score, x, areas=areas, steps=1)
     assert problem in err.value.problem
     assert "between 0 and 1" in str(err.value.fix)
+
+
+@pytest.mark.parametrize("areas", [1.5, -0.2, [0.1, 2], "ten", True])
+def test_areas_outside_the_parameter_range_are_refused(areas) -> None:  # noqa: ANN001
+    with pytest.raises(MethodError, match="areas") as err:
+        get_method("extremal_perturbation").resolve_params({"areas": areas})
+    assert "[0, 1]" in str(err.value.fix)
 
 
 @pytest.mark.parametrize("params", [{"steps": 0}, {"mode": "keep"}, {"learning_rate": 0.0},

@@ -165,12 +165,12 @@ def test_refusals_in_a_run_are_recorded_and_the_other_methods_kept(tmp_path) -> 
                   "kwargs": {"dims": 3, "delay": 0.02}},
         "volumes": ["vol.nii.gz"], "target": {"kind": "argmax", "classes": [1]},
         "methods": [{"name": "rise", "params": {"n_masks": 5000, "batch_size": 10}},
-                    {"name": "extremal_perturbation", "params": {"areas": "0.1,1.2"}},
+                    {"name": "extremal_perturbation", "params": {"areas": [0.1, 1.0]}},
                     {"name": "gradcam_pp", "layers": ["conv2"]},
                     {"name": "rise", "params": {"n_masks": 8, "batch_size": 4, "cell_size": 4}}],
         "run": {"timeout_s": 2.0}, "output": {"dir": "out"}}, base=tmp_path)
     records = run_pipeline(cfg).records
     assert [r["status"] for r in records] == ["failed", "failed", "ok", "ok"]
     assert "n_masks" in records[0]["error"] and "time limit" in records[0]["error"]
-    assert "1.2 is outside (0, 1)" in records[1]["error"]
+    assert "area 1 is outside (0, 1)" in records[1]["error"]
     assert len(list((tmp_path / "out").glob("vol__*.nii.gz"))) >= 2

@@ -31,27 +31,22 @@ from esegeta_engine.methods.perturbation import _spatial
 from esegeta_engine.methods.registry import Call, CostInfo, MethodContext, MethodSpec, Param, register
 
 
-def parse_areas(text: str, voxels: int) -> list[float]:
-    """Area fractions from ``"0.05, 0.1"``; each must lie in (0, 1) and cover 1..voxels-1 voxels.
+def check_areas(value: float | tuple[float, ...], voxels: int) -> list[float]:
+    """The area fractions of ``value``; each must lie in (0, 1) and cover 1..voxels-1 voxels.
 
     Raises
     ------
     MethodError
-        On a value that is not a number or lies outside (0, 1).
+        On a fraction of 0 or 1, or one that selects no voxel (or all of them).
     """
-    fix = "give area fractions strictly between 0 and 1 separated by commas, e.g. areas: '0.05,0.1,0.2'"
-    areas = []
-    for item in text.split(","):
-        try:
-            value = float(item)
-        except ValueError:
-            raise MethodError(f"extremal_perturbation area {item.strip()!r} is not a number", fix) from None
-        if not 0.0 < value < 1.0:
-            raise MethodError(f"extremal_perturbation area {value:g} is outside (0, 1)", fix)
-        if not 1 <= round(value * voxels) <= voxels - 1:
-            raise MethodError(f"extremal_perturbation area {value:g} of a {voxels}-voxel input selects "
-                              f"{round(value * voxels)} voxels", fix + " that selects at least one voxel")
-        areas.append(value)
+    fix = "give area fractions strictly between 0 and 1, e.g. areas: [0.05, 0.1, 0.2]"
+    areas = list(value) if isinstance(value, tuple) else [value]
+    for a in areas:
+        if not 0.0 < a < 1.0:
+            raise MethodError(f"extremal_perturbation area {a:g} is outside (0, 1)", fix)
+        if not 1 <= round(a * voxels) <= voxels - 1:
+            raise MethodError(f"extremal_perturbation area {a:g} of a {voxels}-voxel input selects "
+                              f"{round(a * voxels)} voxels", fix + " that selects at least one voxel")
     return areas
 
 
@@ -79,7 +74,7 @@ class ExtremalPerturbation:
         x = inputs.detach()
         n, size = x.shape[0], tuple(x.shape[2:])
         voxels = int(torch.tensor(size).prod())
-        areas = parse_areas(p["areas"], voxels)
+        areas = check_areas(p["areas"], voxels)
         cells = _spatial(p["cell_size"], ctx, "cell_size")
         grid = tuple(-(-s // c) for s, c in zip(size, cells))
         mode = "bilinear" if len(size) == 2 else "trilinear"
@@ -131,8 +126,9 @@ register(MethodSpec(
     name="extremal_perturbation", family="perturbation", title="Extremal Perturbation",
     summary="smooth masks of given area fractions optimised to keep (or delete) the score; the map is "
             "the mask, summed over the areas",
-    params=(Param("areas", "str", "0.1",
-                  "area fractions in (0, 1), comma separated (e.g. 0.05,0.1,0.2)"),
+    params=(Param("areas", "floats", 0.1,
+                  "area fraction of the mask in (0, 1), or a list of them (one mask each)",
+                  minimum=0.0, maximum=1.0),
             Param("mode", "str", "preserve",
                   "preserve: keep the score with only the mask; delete: remove the score by the mask",
                   choices=("preserve", "delete")),

@@ -21,7 +21,7 @@ from torch import nn
 from esegeta_engine.errors import MethodError
 
 Family = Literal["gradient", "perturbation", "layer"]
-ParamKind = Literal["int", "float", "bool", "str", "ints"]
+ParamKind = Literal["int", "float", "bool", "str", "ints", "floats"]
 Patchwise = Literal["gradient", "perturbation", "whole"]
 """How a method runs under sliding-window (patch-based) execution:
 
@@ -52,8 +52,9 @@ class Param:
     ----------
     name : str
         Keyword used in configs, on the command line and in the GUI.
-    kind : {"int", "float", "bool", "str", "ints"}
-        Value type; ``"ints"`` is one int or one int per spatial axis.
+    kind : {"int", "float", "bool", "str", "ints", "floats"}
+        Value type; ``"ints"`` is one int or one int per spatial axis; ``"floats"`` is one
+        number or a list of numbers.
     default : Any
         Default value (``None`` means "derived from the input", see ``help``).
     help : str
@@ -82,6 +83,8 @@ class Param:
             return "true or false"
         if self.kind == "ints":
             return f"an integer in [{lo}, {hi}] or one per spatial axis"
+        if self.kind == "floats":
+            return f"a number in [{lo}, {hi}] or a list of them"
         if self.kind in ("int", "float"):
             return f"a{'n integer' if self.kind == 'int' else ' number'} in [{lo}, {hi}]"
         return "text"
@@ -118,6 +121,14 @@ class Param:
             for v in items:
                 self._check_bounds(v, bad)
             return tuple(items) if len(items) > 1 else items[0]
+        if self.kind == "floats":
+            items = list(value) if isinstance(value, (list, tuple)) else [value]
+            if not items or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in items):
+                raise bad()
+            numbers = [float(v) for v in items]
+            for v in numbers:
+                self._check_bounds(v, bad)
+            return tuple(numbers) if len(numbers) > 1 else numbers[0]
         if self.kind == "int":
             if isinstance(value, bool) or not isinstance(value, int):
                 if isinstance(value, float) and value.is_integer():
