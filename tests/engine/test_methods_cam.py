@@ -55,9 +55,14 @@ def hooked(score: nn.Module, layer: nn.Module, x: torch.Tensor,
     return store["a"].detach(), grad
 
 
-def score_copy(score: ScoreModel) -> ScoreModel:
-    """A copy of the score model (MONAI leaves its hooks on the model it is given)."""
-    return ScoreModel(copy.deepcopy(score.net.model), copy.deepcopy(score.target))
+def reference(net: nn.Module, score: ScoreModel, layer: nn.Module) -> tuple[ScoreModel, str]:
+    """A copy of the score model for a reference library (MONAI leaves its hooks on the model),
+    and the dotted name of ``layer``'s copy in it (whatever wraps the model inside)."""
+    copied = copy.deepcopy(net)
+    ref = ScoreModel(copied, copy.deepcopy(score.target))
+    local = next(name for name, m in net.named_modules() if m is layer)
+    outer = next(name for name, m in ref.named_modules() if m is copied)
+    return ref, f"{outer}.{local}"
 
 
 # --- matrix, registry, cost ---------------------------------------------------------------------
@@ -129,8 +134,8 @@ def test_gradcam_pp_equals_monai_where_the_definitions_coincide(dims: int) -> No
         net.fc.weight *= 100
         net.fc.bias[t] -= score(x)[0, t]
     ours = run("gradcam_pp", score, x, net.relu2, target=t, **RAW)
-    reference = GradCAMpp(nn_module=score_copy(score), target_layers="net.model.relu2")
-    theirs = reference.compute_map(x, class_idx=t)
+    ref, name = reference(net, score, net.relu2)
+    theirs = GradCAMpp(nn_module=ref, target_layers=name).compute_map(x, class_idx=t)
     s = score(x)[0, t].detach()
     assert bool(ours.abs().sum() > 0)
     assert abs(float(s)) < 1e-3
@@ -160,7 +165,8 @@ def test_layer_gradcam_equals_monai_gradcam(dims: int) -> None:
     from monai.visualize import GradCAM
 
     net, x, score = seg_setup(dims)
-    theirs = GradCAM(nn_module=score_copy(score), target_layers="net.model.conv2").compute_map(x, class_idx=1)
+    ref, name = reference(net, score, net.conv2)
+    theirs = GradCAM(nn_module=ref, target_layers=name).compute_map(x, class_idx=1)
     ours = run("layer_gradcam", score, x, net.conv2, **RAW)
     assert bool(ours.abs().sum() > 0)
     torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-6)
@@ -173,8 +179,9 @@ def test_layer_gradcam_is_monai_cam_on_a_pooled_classifier(dims: int) -> None:
 
     net, x, score = cls_setup(dims)
     t = int(score(x).argmax(1))
-    theirs = CAM(nn_module=score_copy(score), target_layers="net.model.relu2",
-                 fc_layers="net.model.fc").compute_map(x, class_idx=torch.tensor([t]))
+    ref, name = reference(net, score, net.relu2)
+    fc = name.rsplit(".", 1)[0] + ".fc"
+    theirs = CAM(nn_module=ref, target_layers=name, fc_layers=fc).compute_map(x, class_idx=torch.tensor([t]))
     ours = run("layer_gradcam", score, x, net.relu2, target=t, relu_attributions=False, **RAW)
     voxels = math.prod(shape(dims))
     torch.testing.assert_close(ours * voxels + net.fc.bias[t].detach(), theirs, rtol=1e-4, atol=1e-5)
@@ -189,10 +196,10 @@ def test_score_cam_softmax_equals_torchcam(dims: int, kind: str) -> None:
     from torchcam.methods import ScoreCAM
 
     net, x, score, t = setup(kind, dims)
-    reference = score_copy(score)
-    with ScoreCAM(reference, "net.model.conv2", batch_size=3, input_shape=tuple(x.shape[1:])) as extractor:
+    ref, name = reference(net, score, net.conv2)
+    with ScoreCAM(ref, name, batch_size=3, input_shape=tuple(x.shape[1:])) as extractor:
         with torch.no_grad():
-            reference(x)
+            ref(x)
         theirs = extractor(class_idx=t, normalized=False)[0]
     ours = run("score_cam", score, x, net.conv2, target=t, weighting="softmax", batch_size=2, **RAW)
     assert bool(ours.abs().sum() > 0)
@@ -207,10 +214,10 @@ def test_gradient_cams_equal_torchcam(method: str, dims: int, kind: str) -> None
 
     net, x, score, t = setup(kind, dims)
     t = 0 if kind == "segmentation" else t  # class 1's 2D XGrad-CAM is all negative (ReLU'd to 0)
-    reference = score_copy(score)
+    ref, name = reference(net, score, net.relu2)
     cls = XGradCAM if method == "xgradcam" else LayerCAM
-    with cls(reference, "net.model.relu2", input_shape=tuple(x.shape[1:])) as extractor:
-        theirs = extractor(class_idx=t, scores=reference(x), normalized=False)[0]
+    with cls(ref, name, input_shape=tuple(x.shape[1:])) as extractor:
+        theirs = extractor(class_idx=t, scores=ref(x), normalized=False)[0]
     ours = run(method, score, x, net.relu2, target=t, **RAW)
     assert bool(ours.abs().sum() > 0)
     torch.testing.assert_close(ours[:, 0], theirs, rtol=1e-4, atol=1e-6)

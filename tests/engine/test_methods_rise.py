@@ -11,7 +11,7 @@ from esegeta_engine.methods import MethodContext, attribute, get_method
 from esegeta_engine.methods.registry import CostInfo
 from esegeta_engine.scoring import ScoreModel
 from esegeta_engine.targets import ArgmaxRegionTarget
-from region_score import region_setup
+from region_score import RegionScore, region_setup
 from tiny_models import SlowSegNet, TinySegNet, assert_untouched, cls_setup, seg_setup, shape
 
 
@@ -47,7 +47,7 @@ def test_matrix_and_cost(dims: int, kind: str) -> None:
 @pytest.mark.parametrize("dims", [2, 3])
 def test_converges_to_the_scored_region(dims: int) -> None:
     region, x, score = region_setup(dims)
-    weight = score.net.model.weight[2]
+    weight = next(m for m in score.modules() if isinstance(m, RegionScore)).weight[2]
     expected = expected_map(x, weight, 0.5)
     errors = []
     for n in (200, 20000):
