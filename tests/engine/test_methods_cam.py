@@ -1,9 +1,10 @@
-"""CAM family and FullGrad: the 2D/3D matrix, costs, and independent checks.
+"""CAM family and FullGrad: the 2D/3D matrix, costs, and independent checks (FullGrad's own in
+test_methods_fullgrad.py).
 
 References: MONAI's ``monai.visualize`` (CAM, GradCAM, GradCAMpp) and torchcam's
 ``torchcam.methods`` (ScoreCAM, XGradCAM, LayerCAM) on copies of the same score
 model and layer; scikit-learn's PCA for Eigen-CAM; defining identities for
-HiResCAM, FullGrad and Ablation-CAM.
+HiResCAM and Ablation-CAM.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ from esegeta_engine.methods import MethodContext, attribute, get_method, list_me
 from esegeta_engine.methods.registry import CostInfo
 from esegeta_engine.scoring import ScoreModel
 from esegeta_engine.targets import ArgmaxRegionTarget, ClassificationTarget
-from tiny_models import LinearSeg, TinyClassifier, assert_untouched, cls_setup, conv, seg_setup, shape
+from extra_models import BiasNet
+from tiny_models import TinyClassifier, assert_untouched, cls_setup, seg_setup, shape
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -350,77 +352,6 @@ def test_in_place_activations_after_the_layer_do_not_change_its_map(dims: int) -
     ours = run("hirescam", ScoreModel(net, ClassificationTarget()), x, net.bn, target=0,
                relu_attributions=False, **RAW)
     torch.testing.assert_close(ours, (a * g).sum(1, keepdim=True))
-
-
-# --- FullGrad ---------------------------------------------------------------------------------------
-
-
-class BiasNet(nn.Module):
-    """Conv(stride 2)-BN-ReLU(inplace)-Conv-ReLU-pool-Linear, biases everywhere."""
-
-    def __init__(self, dims: int) -> None:
-        super().__init__()
-        C = conv(dims)
-        self.conv1 = C(1, 4, 3, stride=2, padding=1)
-        self.bn = nn.BatchNorm2d(4) if dims == 2 else nn.BatchNorm3d(4)
-        self.relu1 = nn.ReLU(inplace=True)
-        self.conv2 = C(4, 5, 3, padding=1)
-        self.relu2 = nn.ReLU()
-        self.pool = nn.AdaptiveAvgPool2d(1) if dims == 2 else nn.AdaptiveAvgPool3d(1)
-        self.fc = nn.Linear(5, 3)
-        with torch.no_grad():
-            self.bn.running_mean.uniform_(-0.5, 0.5)
-            self.bn.running_var.uniform_(0.5, 2.0)
-            self.bn.weight.uniform_(0.5, 1.5)
-            self.bn.bias.uniform_(-0.3, 0.3)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.relu2(self.conv2(self.relu1(self.bn(self.conv1(x)))))
-        return self.fc(self.pool(h).flatten(1))
-
-
-@pytest.mark.parametrize("model", ["segnet", "classifier", "strided_bn"])
-@pytest.mark.parametrize("dims", [2, 3])
-def test_fullgrad_signed_terms_sum_to_the_score(dims: int, model: str) -> None:
-    """f(x) = sum(x grad_x f) + sum of bias x bias-gradient, exact for ReLU networks with biases."""
-    if model == "segnet":
-        net, x, score = seg_setup(dims)
-        t = 1
-    elif model == "classifier":
-        net, x, score = cls_setup(dims)
-        t = 2
-    else:
-        torch.manual_seed(5)
-        net = BiasNet(dims).eval()
-        x = torch.randn(1, 1, *shape(dims))
-        score = ScoreModel(net, ClassificationTarget())
-        t = 0
-    state = {k: v.clone() for k, v in net.state_dict().items()}
-    result = run("fullgrad", score, x, None, target=t, postprocess="none")
-    expected = score(x)[0, t].detach()
-    assert result.shape == (1, 1, *shape(dims))
-    torch.testing.assert_close(result.sum(), expected, rtol=1e-4, atol=1e-4)
-    input_term = run("saliency", score, x, None, target=t, abs=False) * x
-    assert abs(float(input_term.sum() - expected)) > 1e-2 * abs(float(expected)), "biases matter here"
-    assert_untouched(net, state)
-
-
-@pytest.mark.parametrize("dims", [2, 3])
-def test_fullgrad_saliency_by_hand_on_a_1x1_convolution(dims: int) -> None:
-    """One 1x1 conv, argmax-region score of class k: the input term is |w_k x| rescaled, the
-    bias-gradient b_k on the region rescaled to its indicator."""
-    torch.manual_seed(2)
-    net = LinearSeg(dims).eval()
-    x = torch.randn(1, 1, *shape(dims))
-    target = ArgmaxRegionTarget()
-    out = net(x).detach()
-    target.prepare(out)
-    k = int(out.argmax(1).flatten()[0])
-    region = (out.argmax(1, keepdim=True) == k).float()
-    term = (net.conv.weight[k].detach().flatten()[0] * x * region).abs()  # grad_x = w_k on the region
-    term = (term - term.min()) / (term - term.min()).max()
-    result = run("fullgrad", ScoreModel(net, target), x, None, target=k)
-    torch.testing.assert_close(result, term + region, rtol=1e-4, atol=1e-4)
 
 
 # --- refusals -----------------------------------------------------------------------------------

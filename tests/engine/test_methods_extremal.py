@@ -11,7 +11,7 @@ from esegeta_engine.methods.extremal import ExtremalPerturbation
 from esegeta_engine.methods.registry import CostInfo
 from esegeta_engine.scoring import ScoreModel
 from esegeta_engine.targets import ArgmaxRegionTarget
-from region_score import region_setup
+from extra_models import region_setup
 from tiny_models import TinySegNet, assert_untouched, cls_setup, seg_setup, shape
 
 EXACT = {"cell_size": 1, "baseline": "zero", "steps": 100}

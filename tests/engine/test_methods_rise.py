@@ -11,7 +11,7 @@ from esegeta_engine.methods import MethodContext, attribute, get_method
 from esegeta_engine.methods.registry import CostInfo
 from esegeta_engine.scoring import ScoreModel
 from esegeta_engine.targets import ArgmaxRegionTarget
-from region_score import RegionScore, region_setup
+from extra_models import RegionScore, region_setup
 from tiny_models import SlowSegNet, TinySegNet, assert_untouched, cls_setup, seg_setup, shape
 
 
