@@ -94,9 +94,9 @@ def activations(ctx: MethodContext, inputs: torch.Tensor, layer_input: bool,
     return store["a"], scores
 
 
-def activations_and_gradients(ctx: MethodContext, target: int, layer_input: bool,
+def activations_and_gradients(ctx: MethodContext, inputs: torch.Tensor, target: int, layer_input: bool,
                               method: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One evaluation with a backward pass to the layer.
+    """One evaluation of ``inputs`` with a backward pass to the layer.
 
     Returns
     -------
@@ -116,7 +116,7 @@ def activations_and_gradients(ctx: MethodContext, target: int, layer_input: bool
 
     assert ctx.layer is not None
     with torch.enable_grad(), tap(ctx.layer, layer_input, leaf) as calls:
-        scores = ctx.score_model(ctx.inputs.detach())[:, target]
+        scores = ctx.score_model(inputs.detach())[:, target]
         _check_calls(calls, ctx, method)
         if not scores.requires_grad:
             raise MethodError(f"the target score does not depend on layer "

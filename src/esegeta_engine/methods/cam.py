@@ -109,7 +109,7 @@ class GradientCam:
 
     def attribute(self, inputs: torch.Tensor, target: int = 0) -> torch.Tensor:
         """Return the layer-grid map ``(N, 1, *grid)`` of class ``target``."""
-        a, g, _ = activations_and_gradients(self.ctx, target, self.layer_input, self.name)
+        a, g, _ = activations_and_gradients(self.ctx, inputs, target, self.layer_input, self.name)
         return weighted_map(self.weigh(a, g), a, self.relu)
 
 
@@ -122,7 +122,7 @@ class EigenCam:
     def attribute(self, inputs: torch.Tensor, target: int = 0) -> torch.Tensor:
         """Return the layer-grid map ``(N, 1, *grid)``."""
         if self.with_gradient:
-            a, g, _ = activations_and_gradients(self.ctx, target, self.layer_input, self.name)
+            a, g, _ = activations_and_gradients(self.ctx, inputs, target, self.layer_input, self.name)
             return first_component(g * a)
         a, _ = activations(self.ctx, inputs.detach(), self.layer_input, self.name)
         return first_component(a)
