@@ -13,12 +13,28 @@ import time
 import torch
 
 from esegeta_engine.errors import MethodError
-from esegeta_engine.methods.registry import Param
+from esegeta_engine.methods.registry import MethodContext, Param
 from esegeta_engine.scoring import EvaluationMonitor
 
 BATCH_SIZE = Param("batch_size", "int", 16,
                    "perturbed copies of each input per model evaluation (more: faster, more memory)",
                    minimum=1, maximum=100000)
+
+
+def per_axis(value: int | tuple[int, ...], ctx: MethodContext, name: str) -> tuple[int, ...]:
+    """An ``ints`` parameter as one size per spatial axis of ``ctx.inputs``.
+
+    Raises
+    ------
+    MethodError
+        If a tuple has the wrong number of entries.
+    """
+    dims = ctx.spatial_dims
+    sizes = value if isinstance(value, tuple) else (value,) * dims
+    if len(sizes) != dims:
+        raise MethodError(f"parameter '{name}' has {len(sizes)} entries for {dims} spatial axes",
+                          f"give one value or {dims} values")
+    return sizes
 
 
 def n_batches(items: int, batch_size: int) -> int:

@@ -26,8 +26,8 @@ import torch
 import torch.nn.functional as F
 
 from esegeta_engine.errors import MethodError
+from esegeta_engine.methods._batches import per_axis
 from esegeta_engine.methods._common import BASELINES, gaussian_blur, make_baseline
-from esegeta_engine.methods.perturbation import _spatial
 from esegeta_engine.methods.registry import Call, CostInfo, MethodContext, MethodSpec, Param, register
 
 
@@ -75,7 +75,7 @@ class ExtremalPerturbation:
         n, size = x.shape[0], tuple(x.shape[2:])
         voxels = int(torch.tensor(size).prod())
         areas = check_areas(p["areas"], voxels)
-        cells = _spatial(p["cell_size"], ctx, "cell_size")
+        cells = per_axis(p["cell_size"], ctx, "cell_size")
         grid = tuple(-(-s // c) for s, c in zip(size, cells))
         mode = "bilinear" if len(size) == 2 else "trilinear"
         base = make_baseline(x, p["baseline"])

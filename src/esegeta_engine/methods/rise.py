@@ -25,11 +25,11 @@ from esegeta_engine.methods._batches import (
     BATCH_SIZE,
     TimeBudget,
     n_batches,
+    per_axis,
     stack_input_major,
     unstack_scores,
 )
 from esegeta_engine.methods._common import BASELINE_PARAM, make_baseline
-from esegeta_engine.methods.perturbation import _spatial
 from esegeta_engine.methods.registry import Call, CostInfo, MethodContext, MethodSpec, Param, register
 
 
@@ -74,7 +74,7 @@ class Rise:
         ctx, p = self.ctx, self.p
         x = inputs.detach()
         n, size = x.shape[0], tuple(x.shape[2:])
-        cells = _spatial(p["cell_size"], ctx, "cell_size")
+        cells = per_axis(p["cell_size"], ctx, "cell_size")
         base = make_baseline(x, p["baseline"])
         generator = torch.Generator().manual_seed(int(ctx.seed))
         total, bs, keep = p["n_masks"], p["batch_size"], p["keep_probability"]
