@@ -1,4 +1,4 @@
-"""Batched model evaluations of perturbed copies: batch layout and the time budget.
+"""Batched model evaluations of perturbed copies: batch layout, per-axis sizes, the time budget.
 
 Perturbed copies are stacked input-major (``[x0', x1', x0'', x1'', ...]``), the
 layout frozen targets tile to, so a batch of ``b`` perturbations of ``N`` inputs
