@@ -29,8 +29,24 @@ def parse_ints(text: str) -> Any:
     return values[0] if len(values) == 1 else values
 
 
+def parse_floats(text: str) -> Any:
+    """``"0.1"`` -> 0.1, ``"0.05, 0.1"`` / ``"0.05 0.1"`` -> [0.05, 0.1]; ``""`` -> None.
+
+    Anything that is not a number is returned as text, so the registry's
+    validation reports it with the allowed range.
+    """
+    items = [t for t in text.replace(",", " ").split() if t]
+    if not items:
+        return None
+    try:
+        values = [float(t) for t in items]
+    except ValueError:
+        return text.strip()
+    return values[0] if len(values) == 1 else values
+
+
 def format_value(param: Param, value: Any) -> str:
-    """Text for a line-edit parameter (``ints`` and optional numbers)."""
+    """Text for a line-edit parameter (``ints``, ``floats`` and optional numbers)."""
     if value is None:
         return ""
     if isinstance(value, (list, tuple)):
@@ -45,6 +61,8 @@ def parse_text(param: Param, text: str) -> Any:
         return None
     if param.kind == "ints":
         return parse_ints(text)
+    if param.kind == "floats":
+        return parse_floats(text)
     if param.kind == "int":
         try:
             return int(text)
@@ -65,8 +83,8 @@ def tooltip(param: Param) -> str:
 
 
 def uses_line_edit(param: Param) -> bool:
-    """True for parameters edited as text (``ints``, free text, optional numbers)."""
-    return param.kind == "ints" or (param.kind == "str" and not param.choices) or \
+    """True for parameters edited as text (``ints``, ``floats``, free text, optional numbers)."""
+    return param.kind in ("ints", "floats") or (param.kind == "str" and not param.choices) or \
         (param.kind in ("int", "float") and param.default is None)
 
 

@@ -23,7 +23,7 @@ def test_every_registered_method_has_a_generated_form(qtbot):
     layers = list_layers(UNet(3, 1, 2, (4, 8)))
     panel.set_model_layers(layers)
     kinds = {"bool": QCheckBox, "int": (QSpinBox, QLineEdit), "float": (QDoubleSpinBox, QLineEdit),
-             "ints": QLineEdit, "str": (QComboBox, QLineEdit)}
+             "ints": QLineEdit, "floats": QLineEdit, "str": (QComboBox, QLineEdit)}
     for spec in specs:
         row = panel.rows[spec.name]
         assert [p.name for p in row.form.params] == [p.name for p in spec.params]

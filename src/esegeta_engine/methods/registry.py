@@ -21,7 +21,7 @@ from torch import nn
 from esegeta_engine.errors import MethodError
 
 Family = Literal["gradient", "perturbation", "layer", "visualisation"]
-ParamKind = Literal["int", "float", "bool", "str", "ints"]
+ParamKind = Literal["int", "float", "bool", "str", "ints", "floats"]
 Patchwise = Literal["gradient", "perturbation", "whole"]
 """How a method runs under sliding-window (patch-based) execution:
 
@@ -52,8 +52,9 @@ class Param:
     ----------
     name : str
         Keyword used in configs, on the command line and in the GUI.
-    kind : {"int", "float", "bool", "str", "ints"}
-        Value type; ``"ints"`` is one int or one int per spatial axis.
+    kind : {"int", "float", "bool", "str", "ints", "floats"}
+        Value type; ``"ints"`` is one int or one int per spatial axis; ``"floats"`` is one
+        number or a list of numbers.
     default : Any
         Default value (``None`` means "derived from the input", see ``help``).
     help : str
@@ -82,6 +83,8 @@ class Param:
             return "true or false"
         if self.kind == "ints":
             return f"an integer in [{lo}, {hi}] or one per spatial axis"
+        if self.kind == "floats":
+            return f"a number in [{lo}, {hi}] or a list of them"
         if self.kind in ("int", "float"):
             return f"a{'n integer' if self.kind == 'int' else ' number'} in [{lo}, {hi}]"
         return "text"
@@ -118,6 +121,14 @@ class Param:
             for v in items:
                 self._check_bounds(v, bad)
             return tuple(items) if len(items) > 1 else items[0]
+        if self.kind == "floats":
+            items = list(value) if isinstance(value, (list, tuple)) else [value]
+            if not items or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in items):
+                raise bad()
+            numbers = [float(v) for v in items]
+            for v in numbers:
+                self._check_bounds(v, bad)
+            return tuple(numbers) if len(numbers) > 1 else numbers[0]
         if self.kind == "int":
             if isinstance(value, bool) or not isinstance(value, int):
                 if isinstance(value, float) and value.is_integer():
@@ -206,6 +217,9 @@ class CostInfo:
         The model runs as a sliding window (methods may batch differently).
     n_features : int, optional
         Supervoxels of the feature mask once it exists (``None``: estimate from params).
+    layer_channels : int or None
+        Channels of the chosen layer's activation (layer methods whose cost grows with
+        them: Score-CAM, Ablation-CAM); ``None`` when not known.
     """
 
     batch: int
@@ -214,6 +228,7 @@ class CostInfo:
     noise_tunnel_samples: int = 1
     patchwise: bool = False
     n_features: int | None = None
+    layer_channels: int | None = None
 
 
 CostFn = Callable[[CostInfo, Mapping[str, Any]], int]
@@ -346,7 +361,8 @@ def _ensure_loaded() -> None:
     global _LOADED
     if _LOADED:
         return
-    from esegeta_engine.methods import excitation, featvis, gradient, layer, lrp, perturbation  # noqa: F401
+    from esegeta_engine.methods import (  # noqa: F401
+        cam, cam_score, excitation, extremal, featvis, fullgrad, gradient, layer, lrp, perturbation, rise)
     from esegeta_engine.methods.costs import COSTS, PATCHWISE
 
     import dataclasses
