@@ -30,6 +30,7 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 
 from esegeta_engine.config import (
     EvaluationConfig,
+    ExecutionConfig,
     MethodConfig,
     ModelConfig,
     OutputConfig,
@@ -97,6 +98,7 @@ class CohortConfig(_Strict):
     output: OutputConfig = Field(default_factory=OutputConfig)
     run: RunOptions = Field(default_factory=RunOptions)
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
+    execution: ExecutionConfig = Field(default_factory=ExecutionConfig)
 
     @model_validator(mode="after")
     def _checks(self) -> CohortConfig:

@@ -303,7 +303,8 @@ def plan_cohort(cfg: CohortConfig) -> CohortPlan:
                 label = method_label(meth)
                 for cls in cfg.target.classes or []:
                     key = job_key(model_sha[m.name], v.sha256, meth, cls, cfg.target, cfg.preprocess,
-                                  cfg.run.seed, model_output=m.output, extra=extra)
+                                  cfg.run.seed, model_output=m.output,
+                                  extra={**extra, "execution": cfg.execution.model_dump(mode="json")})
                     name = f"maps/{m.name}/{v.subject}__{_slug(label)}__{cfg.target.kind}-{cls}.nii.gz"
                     jobs.append(CohortJob(key, m.name, vi, v.subject, mi, label, int(cls), name, cost))
     return CohortPlan(volumes, model_sha, jobs, common, note)

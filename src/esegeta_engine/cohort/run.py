@@ -49,7 +49,8 @@ def job_specs(cfg: CohortConfig, plan: CohortPlan, jobs: list[CohortJob]) -> lis
     common = dict(preprocess=cfg.preprocess.model_dump(mode="json"),
                   target=cfg.target.model_dump(mode="json"),
                   evaluation=cfg.evaluation.model_dump(mode="json", exclude={"report"}),
-                  run=cfg.run.model_dump(mode="json"))
+                  run=cfg.run.model_dump(mode="json"),
+                  execution=cfg.execution.model_dump(mode="json"))
     specs = []
     for j in jobs:
         v = plan.volumes[j.volume]

@@ -42,6 +42,7 @@ class JobSpec:
     target: dict[str, Any]
     evaluation: dict[str, Any]
     run: dict[str, Any]
+    execution: dict[str, Any] = field(default_factory=dict)
     ground_truth: str | None = None
     roi: str | None = None
 
@@ -123,11 +124,12 @@ def _run(spec: JobSpec, device: str, where: str, start: float) -> JobOutcome:
         target["roi_mask"] = spec.roi
     cfg = parse_config({"model": {**model_cfg, "device": device}, "volumes": [spec.volume],
                         "preprocess": spec.preprocess, "target": target, "methods": [spec.method],
-                        "run": spec.run, "evaluation": spec.evaluation}, source="cohort job")
+                        "run": spec.run, "evaluation": spec.evaluation, "execution": spec.execution},
+                       source="cohort job")
     model = cached_model(spec.model, spec.model_sha, device)
     volumes, roi = load_inputs(cfg)
     explainer = Explainer(model, cfg.preprocess, cfg.target, cfg.model.output, seed=cfg.run.seed,
-                          timeout_s=cfg.run.timeout_s)
+                          timeout_s=cfg.run.timeout_s, execution=cfg.execution)
     evaluators = make_evaluators(cfg.evaluation, cfg.run.seed)
     for event in explainer.iter_explain(volumes, cfg.methods, roi_mask=roi, evaluators=evaluators,
                                         threaded=False):
