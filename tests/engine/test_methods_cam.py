@@ -117,8 +117,9 @@ def test_channel_cost_follows_the_cap(name: str) -> None:
         score.monitor.start(None)
         run(name, score, x, net.conv2, target=0, max_channels=cap, batch_size=bs)
         assert spec.cost(info, params) == expected == score.monitor.count
-    with pytest.raises(MethodError, match="layer_channels"):
-        spec.cost(CostInfo(batch=1, channels=1, spatial=shape(2)), spec.resolve_params({}))
+    for cap in (0, 4):  # without the layer's channels the cost is unknown, even with a cap
+        with pytest.raises(MethodError, match="layer_channels"):
+            spec.cost(CostInfo(batch=1, channels=1, spatial=shape(2)), spec.resolve_params({"max_channels": cap}))
 
 
 # --- MONAI: CAM, Grad-CAM, Grad-CAM++ -------------------------------------------------------------

@@ -54,11 +54,9 @@ def select_channels(a: torch.Tensor, cap: int) -> torch.Tensor:
 def channel_count(info: CostInfo, params: Mapping[str, Any], method: str) -> int:
     """Channels a channel-wise CAM evaluates, from ``info.layer_channels`` and ``max_channels``."""
     cap = int(params.get("max_channels", 0))
-    if info.layer_channels is None:
-        if cap:
-            return cap
+    if info.layer_channels is None:  # a cap above the layer's channels would over-count: unknown
         raise MethodError(f"the cost of '{method}' depends on the layer's channels, which are unknown",
-                          "fill CostInfo.layer_channels (or set max_channels)")
+                          "fill CostInfo.layer_channels")
     return min(cap, info.layer_channels) if cap else info.layer_channels
 
 

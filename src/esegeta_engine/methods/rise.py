@@ -87,8 +87,8 @@ class Rise:
                 masks = rise_masks(generator, b, size, cells, keep).to(x.device, x.dtype)  # (b, 1, *s)
                 copies = x.unsqueeze(0) * masks.unsqueeze(1) + base.unsqueeze(0) * (1 - masks.unsqueeze(1))
                 scores = unstack_scores(ctx.score_model(stack_input_major(copies))[:, target], n)  # (N, b)
-                flat = masks.reshape(b, -1).double()
-                saliency += (scores.double() @ flat).reshape(n, 1, *size)
+                weighted = scores.to(masks.dtype) @ masks.reshape(b, -1)  # (N, voxels) for this batch
+                saliency += weighted.double().reshape(n, 1, *size)  # accumulated in float64
                 if batch == 0:
                     budget.after_first_batch()
         return (saliency / (total * keep)).to(x.dtype)
