@@ -349,7 +349,12 @@ class Explainer:
         patchwise = x is not None and self.form_for(x).sliding is not None
         info = CostInfo(shape[0], shape[1], tuple(shape[2:]), 1, patchwise)
         return plan_jobs(methods, classes, target.class_label, target.kind, volumes, info=info,
-                         context=context or {})
+                         context=context or {}, layer_channels=self._layer_channels)
+
+    def _layer_channels(self, name: str) -> int | None:
+        """Output channels of layer ``name`` when its type says so (convolutions), else None."""
+        channels = getattr(get_layer(self.model, name), "out_channels", None)
+        return int(channels) if isinstance(channels, int) else None
 
     def estimate(self, volumes: Sequence[Volume], methods: Sequence[MethodConfig]) -> int | None:
         """Expected model evaluations of a run, before it runs (no model evaluation).
@@ -365,13 +370,15 @@ class Explainer:
             for m in methods:
                 spec = get_method(m.name)
                 nt = int(m.noise_tunnel.samples) if m.noise_tunnel else 1
-                info = CostInfo(1, self.preprocess.in_channels, tuple(shape), nt, sliding)
                 from esegeta_engine.execution.plan import expected_evaluations
 
-                n = expected_evaluations(spec, spec.resolve_params(m.params), info)
-                if n is None:
-                    return None
-                total += n * len(m.layers or [None]) * n_classes
+                for layer in m.layers or [None]:
+                    info = CostInfo(1, self.preprocess.in_channels, tuple(shape), nt, sliding,
+                                    layer_channels=self._layer_channels(layer) if layer else None)
+                    n = expected_evaluations(spec, spec.resolve_params(m.params), info)
+                    if n is None:
+                        return None
+                    total += n * (1 if spec.family == "visualisation" else n_classes)
         return total
 
     def iter_explain(

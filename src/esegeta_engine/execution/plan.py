@@ -101,7 +101,8 @@ def expected_evaluations(spec: MethodSpec, params: Mapping[str, Any], info: Cost
 
 
 def plan_jobs(methods: Sequence[Any], classes: Sequence[int], class_label: Any, target_kind: str,
-              volumes: tuple[int, ...], *, info: CostInfo, context: Mapping[str, Any]) -> list[Job]:
+              volumes: tuple[int, ...], *, info: CostInfo, context: Mapping[str, Any],
+              layer_channels: Any = None) -> list[Job]:
     """Expand methods × layers × classes into keyed jobs (pure: no model evaluation).
 
     Parameters
@@ -121,6 +122,9 @@ def plan_jobs(methods: Sequence[Any], classes: Sequence[int], class_label: Any, 
     context : mapping
         Everything else the maps depend on (target, preprocessing and execution
         config, seed, volume and model fingerprints): part of every key.
+    layer_channels : callable, optional
+        ``layer_channels(name) -> int | None``: output channels of a layer (costs of
+        methods that evaluate once per channel).
     """
     jobs = []
     for m in methods:
