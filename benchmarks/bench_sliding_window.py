@@ -103,7 +103,7 @@ def occlusion_counts(shape, patch, overlap, window) -> tuple[int, int]:
     return reuse, full
 
 
-def occlusion_timing(shape=(48, 48, 32), patch=(24, 24, 16), window=8) -> dict:
+def occlusion_timing(shape=(64, 64, 48), patch=(32, 32, 32), window=16) -> dict:
     """Occlusion with patch reuse vs the same occlusion over the full sliding-window function."""
     from esegeta_engine.config import ExecutionConfig, TargetConfig
     from esegeta_engine.explain import Explainer
@@ -158,9 +158,10 @@ def main() -> None:
     if args.full:
         ig = _run_child("integrated_gradients", shape, patch, features, overlap)
         print(f"IG (8 steps): {ig['seconds']:.1f} s, peak RSS {ig['peak_rss_mb']:.0f} MB")
-    reuse, full = occlusion_counts(tuple(shape), tuple(patch), overlap, 16)
-    print(f"occlusion 16^3 stride 16 on {shape}: {reuse} patch evaluations with reuse vs {full} over the "
-          f"full function: {full / reuse:.1f}x fewer (target >= 12)")
+    for size, p in ((tuple(shape), tuple(patch)), ((448, 448, 128), (96, 96, 96))):
+        reuse, full = occlusion_counts(size, p, overlap, 16)
+        print(f"occlusion 16^3 stride 16 on {list(size)}, patch {list(p)}: {reuse} patch evaluations with reuse "
+              f"vs {full} over the full function: {full / reuse:.1f}x fewer (target >= 12)")
     t = occlusion_timing()
     print(f"occlusion timing on a {t['shape']} crop: reuse {t['reuse_s']:.1f} s vs full {t['full_s']:.1f} s "
           f"= {t['speedup']:.1f}x faster; patches {t['reuse_patches']} vs {t['full_patches']}; "
