@@ -279,6 +279,13 @@ class Explainer:
                     raise memory_error(tuple(x.shape), self.form_for(x)) from None
                 if self._try_padding(x):
                     return self._raw(x)
+                form = self.form_for(x)
+                if form.sliding is not None:
+                    raise MethodError(
+                        f"the model does not accept a patch of size {list(form.sliding.patch_size)} "
+                        f"(volume {tuple(x.shape)}): {error_reason(exc)}",
+                        "give execution.patch_size the network's training patch size (U-Nets need each "
+                        "size divisible by 2**depth, e.g. 96 or 128), and check preprocess.in_channels") from None
                 raise MethodError(
                     f"the model does not accept an input of shape {tuple(x.shape)}: {error_reason(exc)}",
                     "check preprocess.in_channels, spatial_dims and axis_order; if the network needs sizes "

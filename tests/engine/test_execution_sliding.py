@@ -252,3 +252,13 @@ def test_layer_method_is_refused_by_name_under_sliding_window():
     ok = [e for e in events if isinstance(e, MapReady)]
     assert len(failed) == 1 and "layer_gradcam" in failed[0].error and "ROI crop" in failed[0].error
     assert len(ok) == 1
+
+
+def test_a_patch_the_model_rejects_is_named_with_the_fix():
+    from esegeta_engine.sample.nets import UNet
+
+    net = UNet(3, features=(2, 4, 8)).eval()  # needs sizes divisible by 4
+    expl = Explainer(net, execution=ExecutionConfig(patch_size=[6, 6, 6]))
+    with pytest.raises(MethodError, match=r"does not accept a patch of size \[6, 6, 6\]") as info:
+        expl.raw_output(torch.zeros(1, 1, 12, 12, 12))
+    assert "patch_size" in str(info.value)
