@@ -71,7 +71,7 @@ def _setup_logging(verbose: bool) -> None:
     handler.setLevel(logging.INFO if verbose else logging.WARNING)
 
 
-SUMMARY_METRICS = ("infidelity", "sensitivity", "auc_deletion", "auc_insertion", "mass_inside", "roc_auc")
+SUMMARY_METRICS = ("completeness_error", "infidelity", "sensitivity", "auc_deletion", "auc_insertion", "mass_inside", "roc_auc")
 
 
 def _fmt(v: Any) -> str:
@@ -100,8 +100,13 @@ def _print_summary(result: Any) -> None:
           f"(run {result.status}); manifest: {result.manifest_path.name}")
     if (result.out_dir / "report.html").is_file():
         print(f"report: {result.out_dir / 'report.html'}")
+    warned = [r for r in result.records if (r.get("metrics") or {}).get("axiom_status") == "warning"]
+    for r in warned:
+        label = r["method"] + (f"@{r['layer']}" if r.get("layer") else "")
+        print(f"warning: {label} · {r['target']} · {r['volume']}: {r['metrics'].get('axiom_note', '')}")
     if metrics:
-        print("calls/inputs: model forward calls and inputs evaluated; auc_deletion lower is better, "
+        print("completeness_error: |sum(map) - (F(x) - F(baseline))| / |F(x) - F(baseline)| (undef: no axiom); "
+              "calls/inputs: model forward calls and inputs evaluated; auc_deletion lower is better, "
               "auc_insertion, mass_inside and roc_auc (vs the ground truth) higher is better")
 
 

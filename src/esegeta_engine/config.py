@@ -176,9 +176,18 @@ class RandomisationConfig(_Strict):
     threshold: float = Field(0.5, gt=0, le=1, description="pass if mean |Spearman| to the original is below")
 
 
-class EvaluationConfig(_Strict):
-    """Which trust metrics to compute for every map (all off by default)."""
+class AxiomConfig(_Strict):
+    """Completeness check of every map whose method promises it (two model evaluations)."""
 
+    threshold: float | None = Field(None, gt=0, description="relative error that warns; default 5% "
+                                    "(25% for Gradient SHAP, which holds only in expectation)")
+
+
+class EvaluationConfig(_Strict):
+    """Which trust metrics to compute for every map (axiom checks on, the rest off by default)."""
+
+    axioms: AxiomConfig | None = Field(default_factory=AxiomConfig,
+                                       description="completeness checks; null switches them off")
     infidelity: InfidelityConfig | None = None
     sensitivity: SensitivityConfig | None = None
     faithfulness: FaithfulnessConfig | None = None

@@ -201,6 +201,8 @@ def iter_run(cfg: Config, cancel: threading.Event | None = None, *, threaded: bo
                 name = map_filename(stems[event.volume], job.label, job.cls_label)
                 save_map(event.array, volumes[event.volume], out / name)
                 metrics = scalar_metrics(event.metrics)
+                if metrics.get("axiom_status") == "warning":
+                    log.warning("%s · %s: completeness check: %s", job.label, job.cls_label, metrics["axiom_note"])
                 if gt_mask is not None:
                     metrics.update(_localisation(event.array, gt_mask))
                 manifest["results"].append(_record(job, "ok", event.seconds, event.evaluations,

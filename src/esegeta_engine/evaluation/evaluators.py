@@ -41,6 +41,8 @@ def make_evaluators(cfg: EvaluationConfig, seed: int = 0) -> list[Evaluator]:
     from esegeta_engine.evaluation.metrics import infidelity_score, sensitivity_score
 
     evaluators: list[Evaluator] = []
+    if cfg.axioms is not None:
+        evaluators.append(axiom_evaluator(cfg.axioms.threshold))
     if cfg.infidelity is not None:
         c = cfg.infidelity
 
@@ -78,6 +80,17 @@ def make_evaluators(cfg: EvaluationConfig, seed: int = 0) -> list[Evaluator]:
 
         evaluators.append(faithfulness)
     return evaluators
+
+
+def axiom_evaluator(threshold: float | None = None) -> Evaluator:
+    """The completeness check (:mod:`~esegeta_engine.evaluation.axioms`) as an evaluator."""
+    from esegeta_engine.evaluation.axioms import completeness_check
+
+    def axioms(job: Job, ctx: MethodContext, attr: torch.Tensor) -> dict[str, Any]:
+        return completeness_check(job.spec, ctx, job.params, attr, noise_tunnel=bool(job.noise_tunnel),
+                                  threshold=threshold)
+
+    return axioms
 
 
 def scalar_metrics(metrics: dict[str, Any]) -> dict[str, Any]:

@@ -36,7 +36,7 @@ from esegeta_engine.methods.gradient import (
     seeded,
     shap_baselines,
 )
-from esegeta_engine.methods.registry import Call, MethodContext, MethodSpec, Param, register
+from esegeta_engine.methods.registry import Axiom, Call, MethodContext, MethodSpec, Param, register
 
 # The parameters every layer method has (run.py reads the first two).
 LAYER_PARAMS = (
@@ -105,10 +105,11 @@ def _layer_integrated_gradients(ctx: MethodContext, p: Mapping[str, Any]) -> Cal
 
 
 def _register(name: str, title: str, summary: str, params: tuple[Param, ...],
-              build: Callable[[MethodContext, Mapping[str, Any]], Call], reference: str) -> None:
+              build: Callable[[MethodContext, Mapping[str, Any]], Call], reference: str,
+              axiom: Axiom | None = None) -> None:
     register(MethodSpec(name=name, family="layer", title=title, summary=summary,
                         params=params + LAYER_PARAMS, build=build, needs_layer=True,
-                        needs_hooks=True, reference=reference))
+                        needs_hooks=True, reference=reference, axiom=axiom))
 
 
 _SHAP_REF = ("Lundberg & Lee 2017, A Unified Approach to Interpreting Model Predictions, NeurIPS, "
@@ -128,7 +129,8 @@ _register("layer_gradcam", "Layer Grad-CAM",
 _register("layer_conductance", "Layer Conductance",
           "integrated gradients flowing through each layer unit from baseline to input",
           _PATH_16, _layer_conductance,
-          "Dhamdhere, Sundararajan & Yan 2018, How Important Is a Neuron?, arXiv:1805.12233")
+          "Dhamdhere, Sundararajan & Yan 2018, How Important Is a Neuron?, arXiv:1805.12233",
+          axiom="completeness")
 _register("internal_influence", "Internal Influence",
           "layer gradients integrated along the path from baseline to input",
           _PATH_16, _internal_influence,

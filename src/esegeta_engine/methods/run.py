@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from captum.attr import NoiseTunnel
 
 from esegeta_engine.errors import MethodError
-from esegeta_engine.methods.registry import MethodContext, MethodSpec
+from esegeta_engine.methods.registry import Call, MethodContext, MethodSpec
 
 NOISE_TUNNEL_TYPES = ("smoothgrad", "smoothgrad_sq", "vargrad")
 
@@ -70,11 +70,22 @@ def attribute(
         A detached float tensor; input-grid methods return the input's shape,
         layer methods ``(N, C_layer or 1, *spatial)`` on the input grid when
         their ``upsample`` parameter is true (default).
+
+    Notes
+    -----
+    For the axiom checks (:mod:`esegeta_engine.evaluation.axioms`) this records in
+    ``ctx.extra``: ``"baselines"`` (the reference input(s) the method used, or ``None``),
+    ``"attribution_sum"`` (per-example sum of the raw attribution, before a layer map is
+    resampled to the input grid), ``"noise_tunnel"`` (whether it was averaged over noise) and
+    ``"batch"`` (inputs explained together).
     """
     check_applicable(spec, ctx)
     call = spec.build(ctx, params)
     algorithm = call.algorithm
     kwargs = dict(call.kwargs)
+    ctx.extra["baselines"] = call_baselines(call)
+    ctx.extra["noise_tunnel"] = bool(noise_tunnel)
+    ctx.extra["batch"] = int(ctx.inputs.shape[0])
     if noise_tunnel:
         if not spec.noise_tunnel:
             raise MethodError(
@@ -96,9 +107,17 @@ def attribute(
     if isinstance(result, (tuple, list)):
         result = result[0]
     result = result.detach()
+    ctx.extra["attribution_sum"] = result.flatten(1).sum(1).double().cpu()
     if spec.family == "layer":
         result = _layer_to_input_grid(result, ctx, params)
     return result.float()
+
+
+def call_baselines(call: Call) -> torch.Tensor | None:
+    """The baseline(s) a built call uses: its ``baselines`` keyword, or the distribution a
+    seeded SHAP algorithm owns (``None`` for methods without a baseline)."""
+    found = call.kwargs.get("baselines", getattr(call.algorithm, "baselines", None))
+    return found.detach() if isinstance(found, torch.Tensor) else None
 
 
 def _devices(x: torch.Tensor) -> list[int]:
