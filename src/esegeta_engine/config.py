@@ -173,7 +173,12 @@ class RandomisationConfig(_Strict):
     mode: Literal["cascading", "independent", "both"] = "cascading"
     methods: list[str] | None = Field(None, description="method names of this run; default all")
     max_stages: int | None = Field(None, ge=1, description="stop after this many layers")
-    threshold: float = Field(0.5, gt=0, le=1, description="pass if mean |Spearman| to the original is below")
+    threshold: float = Field(0.5, gt=0, le=1, description="pass if the mean similarity to the original "
+                             "(and the null) is below")
+    calibrate: bool = Field(True, description="null: the method on two independently, fully randomised "
+                            "networks (two extra runs per method)")
+    footprint: bool = Field(True, description="regress the target region's footprint out of the ranks "
+                            "(partial Spearman) before the verdict")
 
 
 class AxiomConfig(_Strict):

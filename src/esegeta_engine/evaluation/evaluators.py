@@ -148,7 +148,8 @@ def run_randomisation_phase(
                 yield Progress(0, 1, f"randomisation ({mode}) · {label}: starting")
                 result = run_randomisation(explainer.model, build, x, cls, entries, mode=mode,
                                            seed=explainer.seed, max_stages=r.max_stages,
-                                           threshold=r.threshold, cancel=cancel, progress=progress)
+                                           threshold=r.threshold, calibrate=r.calibrate,
+                                           footprint=r.footprint, cancel=cancel, progress=progress)
                 yield from messages
                 results.append((vi, cls, label, result))
     return results
