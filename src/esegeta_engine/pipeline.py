@@ -28,7 +28,9 @@ from esegeta_engine.errors import ConfigError, EsegetaError, VolumeError
 from esegeta_engine.explain import Event, Explainer, JobFailed, MapReady, Progress
 from esegeta_engine.io import Volume, load_volume, save_map, write_json
 from esegeta_engine.methods import get_method
+from esegeta_engine.evaluation.api import localisation_metrics
 from esegeta_engine.evaluation.evaluators import CURVES_KEY, make_evaluators, scalar_metrics
+from esegeta_engine.evaluation.localisation import LOCALISATION_METRICS
 from esegeta_engine.models import load_model
 from esegeta_engine.preprocess import AxisOrder
 
@@ -191,7 +193,7 @@ def iter_run(cfg: Config, cancel: threading.Event | None = None, *, threaded: bo
             manifest["volumes"].append(entry)
         write_json(manifest, manifest_path)
         ev = cfg.evaluation
-        gt_mask = _load_ground_truth(cfg, volumes)
+        gt_mask, gt_note = _load_ground_truth(cfg, volumes)
         curves: dict[str, Any] = {}
         for event in explainer.iter_explain(volumes, cfg.methods, roi_mask=roi, cancel=cancel,
                                             evaluators=make_evaluators(ev, cfg.run.seed),
@@ -204,7 +206,9 @@ def iter_run(cfg: Config, cancel: threading.Event | None = None, *, threaded: bo
                 if metrics.get("axiom_status") == "warning":
                     log.warning("%s · %s: completeness check: %s", job.label, job.cls_label, metrics["axiom_note"])
                 if gt_mask is not None:
-                    metrics.update(_localisation(event.array, gt_mask))
+                    metrics.update(localisation_metrics(event.array, gt_mask))
+                elif gt_note:
+                    metrics.update({k: None for k in LOCALISATION_METRICS}, note=gt_note)
                 manifest["results"].append(_record(job, "ok", event.seconds, event.evaluations,
                                                    volume=stems[event.volume], file=name,
                                                    model_inputs=event.inputs_evaluated,
@@ -251,23 +255,20 @@ def iter_run(cfg: Config, cancel: threading.Event | None = None, *, threaded: bo
     return RunResult(out, manifest_path, manifest["status"], manifest["results"])
 
 
-def _load_ground_truth(cfg: Config, volumes: list[Volume]) -> np.ndarray | None:
+def _load_ground_truth(cfg: Config, volumes: list[Volume]) -> tuple[np.ndarray | None, str | None]:
+    """The ground-truth mask, or ``None`` and why localisation is undefined (a mask on
+    another grid must not cost the run its maps and other metrics)."""
     loc = cfg.evaluation.localisation
     if loc is None:
-        return None
-    mask = load_mask_on_grid(loc.mask, volumes, cfg.preprocess.spatial_dims, "ground-truth mask")
+        return None, None
+    try:
+        mask = load_mask_on_grid(loc.mask, volumes, cfg.preprocess.spatial_dims, "ground-truth mask")
+    except VolumeError as exc:
+        log.warning("localisation is undefined: %s", exc)
+        return None, f"undefined: {exc.problem}"
     if not mask.any():
         log.warning("ground-truth mask %s is empty: localisation scores are undefined", loc.mask.name)
-    return mask
-
-
-def _localisation(array: np.ndarray, mask: np.ndarray) -> dict[str, Any]:
-    from esegeta_engine.evaluation.localisation import LOCALISATION_METRICS, localisation_scores
-
-    spatial = array if array.ndim == mask.ndim else array.sum(-1)
-    scores = localisation_scores(spatial, mask)
-    return {k: (None if isinstance(v, float) and np.isnan(v) else v)
-            for k, v in scores.items() if k in LOCALISATION_METRICS or k == "note"}
+    return mask, None
 
 
 def _randomisation(explainer: Explainer, volumes: list[Volume], cfg: Config, roi: Any, stems: list[str],
