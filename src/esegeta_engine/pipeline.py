@@ -303,7 +303,8 @@ def _randomisation(explainer: Explainer, volumes: list[Volume], cfg: Config, roi
                 strips[method].append(nifti)
         if strips and cfg.preprocess.in_channels == 1:
             fig = randomisation_strip(volumes[vi].data, strips, ["original", *res.stages],
-                                      out / "figures" / f"randomisation__{stems[vi]}__{_slug(label)}__{res.mode}.png")
+                                      out / "figures" / f"randomisation__{stems[vi]}__{_slug(label)}__{res.mode}.png",
+                                      affine=volumes[vi].affine)
             entry["figure"] = str(fig.relative_to(out))
         summary.append(entry)
         write_json(summary, out / "randomisation.json")
