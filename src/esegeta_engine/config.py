@@ -188,6 +188,13 @@ class AxiomConfig(_Strict):
                                     "(25% for Gradient SHAP, which holds only in expectation)")
 
 
+class ClassContrastConfig(_Strict):
+    """Re-run each method for another class; flag maps that do not change with the class."""
+
+    other_class: int | None = Field(None, ge=0, description="contrast class; default a seeded random other class")
+    threshold: float = Field(0.9, gt=0, le=1, description="flag when |Spearman| of the two maps is at least this")
+
+
 class EvaluationConfig(_Strict):
     """Which trust metrics to compute for every map (axiom checks on, the rest off by default)."""
 
@@ -198,6 +205,7 @@ class EvaluationConfig(_Strict):
     faithfulness: FaithfulnessConfig | None = None
     localisation: LocalisationConfig | None = None
     randomisation: RandomisationConfig | None = None
+    class_contrast: ClassContrastConfig | None = None
     report: bool = Field(False, description="write report.html (figures, tables) at the end of the run")
 
 

@@ -56,6 +56,7 @@ METRIC_COLUMNS = {
     "localisation": ("mass_inside", "rank_accuracy", "pointing_game", "roc_auc", "iou_otsu", "dice_otsu",
                      "iou_top", "dice_top"),
     "randomisation": ("randomisation", "mean_spearman_abs", "mean_similarity", "null", "margin"),
+    "class_contrast": ("class_contrast_spearman", "class_contrast_status"),
 }
 _D = default_settings()  # the engine's defaults: `esegeta run` uses the same
 
@@ -71,6 +72,7 @@ class EvalOptions:
     faithfulness: bool = True
     localisation: bool = False
     randomisation: bool = False
+    class_contrast: bool = False
     steps: int = _D["steps"]
     baseline: str = _D["baseline"]
     batch_size: int = _D["batch_size"]
@@ -84,6 +86,7 @@ class EvalOptions:
     calibrate: bool = _D["calibrate"]
     footprint: bool = _D["footprint"]
     axiom_threshold: float | None = _D["axiom_threshold"]
+    contrast_threshold: float = _D["contrast_threshold"]
     seed: int = 0
 
     def settings(self) -> dict[str, Any]:
@@ -252,7 +255,7 @@ def _evaluate(model: Any, volume: Volume, maps: Sequence[MapInfo], options: Eval
 
     axis = preprocess.axis_order
     per_map = sum(getattr(options, k) for k in ("axioms", "infidelity", "sensitivity", "faithfulness",
-                                                "localisation"))
+                                                "class_contrast", "localisation"))
     total = len(maps) * (per_map + (1 if options.randomisation else 0))
     done = 0
     state = {"message": ""}
@@ -270,7 +273,7 @@ def _evaluate(model: Any, volume: Volume, maps: Sequence[MapInfo], options: Eval
 
     cfg = evaluation_config(axioms=options.axioms, infidelity=options.infidelity,
                             sensitivity=options.sensitivity, faithfulness=options.faithfulness,
-                            **options.settings())
+                            class_contrast=options.class_contrast, **options.settings())
     monitor = EvaluationMonitor(cancel, on_evaluation)
     explainer = Explainer(model, preprocess=preprocess, output=output)
     yield report("preparing the input")
@@ -309,7 +312,8 @@ def _evaluate(model: Any, volume: Volume, maps: Sequence[MapInfo], options: Eval
         spec = get_method(info.method)
         job = Job(spec, dict(info.params), info.cls, info.target_label, (0,), info.model_layer,
                   info.noise_tunnel)
-        names = [k for k in ("axioms", "infidelity", "sensitivity", "faithfulness") if getattr(options, k)]
+        names = [k for k in ("axioms", "infidelity", "sensitivity", "faithfulness", "class_contrast")
+                 if getattr(options, k)]
         yield report(f"{info.name}: " + ", ".join(names + (["localisation"] if options.localisation else [])))
         try:  # the engine's evaluation of one map, as in `esegeta run`
             if setup_error:
@@ -328,7 +332,7 @@ def _evaluate(model: Any, volume: Volume, maps: Sequence[MapInfo], options: Eval
                 notes["sensitivity"] = f"{info.method} needs a batch of volumes"
             sub = cfg if not spec.needs_batch else evaluation_config(  # sensitivity re-runs need one input
                 axioms=options.axioms, infidelity=options.infidelity, faithfulness=options.faithfulness,
-                **options.settings())
+                class_contrast=options.class_contrast, **options.settings())
             result = evaluate_map(job, ctx, attr, sub, seed=options.seed, nifti_map=info.array,
                                   ground_truth=gt)
             row.update(result.metrics)
@@ -463,8 +467,8 @@ def evaluate_groups(
             return
     if not options.randomisation:
         return
-    only = EvalOptions(**{**options.__dict__, "infidelity": False, "sensitivity": False,
-                          "faithfulness": False, "localisation": False})
+    only = EvalOptions(**{**options.__dict__, "infidelity": False, "sensitivity": False, "axioms": False,
+                          "faithfulness": False, "localisation": False, "class_contrast": False})
     for offset, volume, maps in later:
         for ev in evaluate_events(model, volume, maps, only, preprocess=preprocess, output=output,
                                   cancel=cancel, on_progress=on_progress):

@@ -19,6 +19,7 @@ import torch
 
 from esegeta_engine.config import (
     AxiomConfig,
+    ClassContrastConfig,
     EvaluationConfig,
     FaithfulnessConfig,
     InfidelityConfig,
@@ -38,6 +39,7 @@ METRIC_KEYS: dict[str, tuple[str, ...]] = {
     "infidelity": ("infidelity",),
     "sensitivity": ("sensitivity",),
     "faithfulness": ("auc_deletion", "auc_insertion", "aopc_deletion"),
+    "class_contrast": ("class_contrast_spearman", "class_contrast_status"),
 }
 
 
@@ -52,11 +54,12 @@ def default_settings() -> dict[str, Any]:
         "mode": r["mode"].default, "max_stages": r["max_stages"].default, "threshold": r["threshold"].default,
         "calibrate": r["calibrate"].default, "footprint": r["footprint"].default,
         "axiom_threshold": AxiomConfig.model_fields["threshold"].default,
+        "contrast_threshold": ClassContrastConfig.model_fields["threshold"].default,
     }
 
 
 def evaluation_config(*, axioms: bool = True, infidelity: bool = False, sensitivity: bool = False,
-                      faithfulness: bool = False, randomisation: bool = False,
+                      faithfulness: bool = False, randomisation: bool = False, class_contrast: bool = False,
                       **settings: Any) -> EvaluationConfig:
     """An :class:`EvaluationConfig` from switches and flat settings (defaults: :func:`default_settings`).
 
@@ -78,6 +81,7 @@ def evaluation_config(*, axioms: bool = True, infidelity: bool = False, sensitiv
         randomisation=RandomisationConfig(mode=v["mode"], max_stages=v["max_stages"], threshold=v["threshold"],
                                           calibrate=v["calibrate"], footprint=v["footprint"])
         if randomisation else None,
+        class_contrast=ClassContrastConfig(threshold=v["contrast_threshold"]) if class_contrast else None,
     )
 
 

@@ -79,6 +79,16 @@ def make_evaluators(cfg: EvaluationConfig, seed: int = 0) -> list[Evaluator]:
                     "aopc_deletion": curves.aopc_deletion, CURVES_KEY: curves.to_dict()}
 
         evaluators.append(faithfulness)
+    if cfg.class_contrast is not None:
+        cc = cfg.class_contrast
+
+        def class_contrast(job: Job, ctx: MethodContext, attr: torch.Tensor) -> dict[str, Any]:
+            from esegeta_engine.evaluation.contrast import class_contrast as check
+
+            return check(job.spec, ctx, job.params, attr, other=cc.other_class, threshold=cc.threshold,
+                         noise_tunnel=job.noise_tunnel)
+
+        evaluators.append(class_contrast)
     return evaluators
 
 

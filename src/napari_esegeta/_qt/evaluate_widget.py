@@ -135,6 +135,9 @@ class EvaluateWidget(CancellableRun, QWidget):
         self.baseline_combo = QComboBox()
         self.baseline_combo.addItems(list(E.BASELINES))
         self.baseline_combo.setCurrentText(d.baseline)
+        self.contrast_check = QCheckBox("class contrast (re-runs the method for another class)")
+        self.contrast_check.setChecked(d.class_contrast)
+        self.contrast_check.setToolTip("flags a map that does not change when another class is explained")
         self.localisation_check = QCheckBox("localisation (needs ground truth)")
         self.randomisation_check = QCheckBox("randomisation (re-runs the method)")
         self.mode_combo = QComboBox()
@@ -167,6 +170,7 @@ class EvaluateWidget(CancellableRun, QWidget):
         faith_row.addWidget(QLabel("baseline"))
         faith_row.addWidget(self.baseline_combo, 1)
         form.addRow(faith_row)
+        form.addRow(self.contrast_check)
         form.addRow(self.localisation_check)
         form.addRow(self.randomisation_check)
         rand_row = QHBoxLayout()
@@ -258,6 +262,7 @@ class EvaluateWidget(CancellableRun, QWidget):
         """The form's :class:`EvalOptions`."""
         return E.EvalOptions(
             axioms=self.axioms_check.isChecked(), n_perturb_samples=self.samples_spin.value(),
+            class_contrast=self.contrast_check.isChecked(),
             noise_scale=self.noise_spin.value(), threshold=self.threshold_spin.value(),
             calibrate=self.calibrate_check.isChecked(), footprint=self.calibrate_check.isChecked(),
             infidelity=self.infidelity_check.isChecked(), sensitivity=self.sensitivity_check.isChecked(),
