@@ -80,6 +80,18 @@ def _fmt(v: Any) -> str:
     return f"{v:.3g}" if isinstance(v, float) else str(v)
 
 
+def _print_randomisation(manifest_path: Any) -> None:
+    """The randomisation verdict and its reason for every method (from the manifest)."""
+    try:
+        entries = json.loads(manifest_path.read_text(encoding="utf-8")).get("randomisation") or []
+    except (OSError, ValueError):
+        return
+    for entry in entries:
+        print(f"\nrandomisation ({entry.get('mode')}) · {entry.get('target')} · {entry.get('volume')}:")
+        for method, v in (entry.get("verdicts") or {}).items():
+            print(f"  {method}: {v.get('verdict')} — {v.get('reason')}")
+
+
 def _print_summary(result: Any) -> None:
     metrics = [k for k in SUMMARY_METRICS if any(k in (r.get("metrics") or {}) for r in result.records)]
     rows = [("method", "target", "volume", "status", "time s", "calls", "inputs", *metrics, "output")]
@@ -100,6 +112,7 @@ def _print_summary(result: Any) -> None:
           f"(run {result.status}); manifest: {result.manifest_path.name}")
     if (result.out_dir / "report.html").is_file():
         print(f"report: {result.out_dir / 'report.html'}")
+    _print_randomisation(result.manifest_path)
     warned = [r for r in result.records if (r.get("metrics") or {}).get("axiom_status") == "warning"]
     for r in warned:
         label = r["method"] + (f"@{r['layer']}" if r.get("layer") else "")

@@ -117,7 +117,7 @@ def test_map_from_a_file_rebuilds_the_seeded_baseline() -> None:
     assert rebuilt["completeness_error"] < 1e-3
 
 
-def test_evaluator_costs_two_model_evaluations() -> None:
+def test_evaluator_costs_one_model_evaluation() -> None:
     net, x, sm = seg_setup(2)
     [evaluator] = make_evaluators(EvaluationConfig())
     spec = get_method("integrated_gradients")
@@ -126,7 +126,7 @@ def test_evaluator_costs_two_model_evaluations() -> None:
     attr = attribute(spec, ctx, params)
     before = sm.monitor.count
     out = evaluator(Job(spec, params, 1, "argmax-1", (0,)), ctx, attr)
-    assert sm.monitor.count - before == 2
+    assert sm.monitor.count - before == 1  # input and baseline in one batch (the issue allows 2)
     assert out["axiom_status"] in ("ok", "warning") and out["completeness_error"] is not None
     assert make_evaluators(EvaluationConfig(axioms=None)) == []
 

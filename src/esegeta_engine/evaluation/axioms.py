@@ -8,8 +8,8 @@ al. 2018, layer conductance; Lundberg & Lee 2017, SHAP's local accuracy, in
 expectation for Gradient SHAP). A map that misses it by much is not what the
 method's paper describes: Integrated Gradients with too few steps on a
 scale-invariant (instance-normalised) network, DeepLIFT through modules it has
-no rule for. The check costs two evaluations of the score model (the input and
-the baseline(s), one batch each) and reuses the baseline the method used
+no rule for. The check costs one evaluation of the score model (the input and
+the baseline(s) in one batch) and reuses the baseline the method used
 (recorded by :func:`esegeta_engine.methods.run.attribute` in ``ctx.extra``).
 
 The *completeness error* is ``|sum(A) - (F(x) - F(b))| / |F(x) - F(b)|``
@@ -141,11 +141,12 @@ def completeness_check(spec: MethodSpec, ctx: MethodContext, params: Mapping[str
         total = float(attribution.double().sum())
     # One baseline per input of the method's batch -> this input's; a distribution -> all of it
     # (Captum's SHAP methods average every input over the whole pooled distribution).
-    batch = int(ctx.extra.get("batch", 1))
-    own = baselines[index:index + 1] if batch > 1 and baselines.shape[0] == batch else baselines
-    with torch.no_grad():
-        f_x = float(ctx.score_model(ctx.inputs)[:, ctx.target].double().mean())
-        f_b = float(ctx.score_model(own.to(ctx.inputs.device, ctx.inputs.dtype))[:, ctx.target].double().mean())
+    explained = int(ctx.extra.get("batch", 1))
+    own = baselines[index:index + 1] if explained > 1 and baselines.shape[0] == explained else baselines
+    with torch.no_grad():  # one batched evaluation: input and baseline(s) together
+        batch = torch.cat([ctx.inputs, own.to(ctx.inputs.device, ctx.inputs.dtype)])
+        scores = ctx.score_model(batch)[:, ctx.target].double()
+    f_x, f_b = float(scores[:1].mean()), float(scores[1:].mean())
     delta = f_x - f_b
     numbers = {"F_input": f_x, "F_baseline": f_b, "attribution_sum": total}
     if not all(math.isfinite(v) for v in numbers.values()):

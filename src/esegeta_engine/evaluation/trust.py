@@ -74,13 +74,20 @@ def method_summaries(records: Sequence[Mapping[str, Any]],
             words.append("Faithfulness: deletion AUC " + (f"{dele:.3g}" if dele is not None else "undefined")
                          + " (lower is better), insertion AUC " + (f"{ins:.3g}" if ins is not None else "undefined")
                          + " (higher is better).")
+        if m.get("class_contrast_status") == "flagged":
+            words.append(f"Class contrast: {m.get('class_contrast_note')}.")
+            a_score = -1
+        elif m.get("class_contrast_status") == "ok":
+            words.append(f"Class contrast: the map changes with the class (|Spearman| "
+                         f"{abs(_num(m.get('class_contrast_spearman')) or 0):.2f} against class "
+                         f"{m.get('class_contrast_class')}).")
         auc, iou = _num(m.get("roc_auc")), _num(m.get("iou_otsu"))
         if "roc_auc" in m:
             words.append("Localisation: " + (f"ROC AUC {auc:.3g} against the ground truth" if auc is not None
                                              else "undefined" + (f" ({m['note']})" if m.get("note") else ""))
                          + (f", IoU of the Otsu-thresholded map {iou:.3g}" if iou is not None else "") + ".")
         if a_score < 0 or r_score < 0:
-            trust = "low"  # a broken axiom or a failed sanity check
+            trust = "low"  # a broken axiom, a failed sanity check or a map blind to the class
         elif r_score > 0:
             trust = "high"  # passes the sanity check and no axiom is broken
         elif a_score > 0:
