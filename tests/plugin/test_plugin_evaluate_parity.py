@@ -86,3 +86,36 @@ def test_panel_and_cli_give_identical_numbers(tmp_path) -> None:
                 compared += 1
         assert row.get("axiom_status", "none") == rec["metrics"]["axiom_status"]
     assert compared >= 2 * 10  # infidelity, 3 faithfulness, 8 localisation (+ completeness for IG)
+
+
+def test_explain_in_napari_records_the_completeness_check_in_layer_metadata() -> None:
+    """The Explain widget's engine call runs the axiom check; the layer metadata carries it."""
+    import threading
+
+    from esegeta_engine.config import MethodConfig, TargetConfig
+    from esegeta_engine.explain import MapReady
+    from esegeta_engine.io import Volume
+    from napari_esegeta._run import explain_events, map_layer_data
+    from tiny_models import TinySegNet
+
+    torch.manual_seed(0)
+    net = TinySegNet(3).eval()
+    with torch.no_grad():
+        net.head.bias.copy_(torch.tensor([0.0, 0.05]))
+    volume = Volume(np.random.default_rng(0).random((8, 8, 8)).astype(np.float32), AFFINE)
+    target = TargetConfig(kind="argmax", classes=[1])
+    events = list(explain_events(net, volume, [MethodConfig(name="integrated_gradients", params={"n_steps": 64}),
+                                               MethodConfig(name="saliency")],
+                                 preprocess=PreprocessConfig(), target=target, output=None, roi_mask=None,
+                                 cancel=threading.Event()))
+    ready = [e for e in events if isinstance(e, MapReady)]
+    assert len(ready) == 2
+    layer = SimpleNamespace(name="input", metadata={}, scale=(1, 1, 1), translate=(0, 0, 0), rotate=np.eye(3),
+                            shear=(0, 0, 0), affine=SimpleNamespace(affine_matrix=np.eye(4)))
+    metas = {}
+    for ev in ready:
+        _, kwargs, _ = map_layer_data(ev, layer, target)
+        metas[ev.job.spec.name] = kwargs["metadata"]["esegeta"]["axiom"]
+    assert metas["integrated_gradients"]["axiom_status"] == "ok"
+    assert metas["integrated_gradients"]["completeness_error"] < 0.05
+    assert metas["saliency"]["axiom_status"] == "none"
