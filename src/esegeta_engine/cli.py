@@ -71,7 +71,8 @@ def _setup_logging(verbose: bool) -> None:
     handler.setLevel(logging.INFO if verbose else logging.WARNING)
 
 
-SUMMARY_METRICS = ("completeness_error", "class_contrast_spearman", "infidelity", "sensitivity", "auc_deletion", "auc_insertion", "mass_inside", "roc_auc")
+SUMMARY_METRICS = ("completeness_error", "class_contrast_spearman",
+                   "infidelity", "sensitivity", "auc_deletion", "auc_insertion", "mass_inside", "roc_auc")
 
 
 def _fmt(v: Any) -> str:

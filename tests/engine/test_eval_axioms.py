@@ -88,6 +88,9 @@ def test_instance_norm_few_steps_is_flagged_with_fix(dims: int) -> None:
     assert "InstanceNorm" in dl["axiom_note"]
     assert unsupported_modules(get_method("deeplift"), net) is not None
     assert unsupported_modules(get_method("saliency"), net) is None
+    plain = MethodContext(ScoreModel(net, ArgmaxRegionTarget()), x, 1)
+    guided = completeness_check(get_method("guided_backprop"), plain, {}, torch.zeros_like(x))
+    assert guided["axiom_status"] == "none" and "has none" in guided["axiom_note"]  # LeakyReLU only
 
 
 def test_undefined_cases_say_why() -> None:
