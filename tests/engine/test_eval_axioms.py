@@ -162,3 +162,22 @@ def test_pipeline_records_and_warns(tmp_path, caplog) -> None:
     assert records["saliency"]["axiom_status"] == "none"
     assert "InstanceNorm3d" in records["deeplift"]["axiom_note"]
     assert any("completeness check" in m and "raise n_steps" in m for m in caplog.messages)
+
+
+def test_cli_summary_shows_the_completeness_error_and_warns(tmp_path, capsys) -> None:
+    import nibabel as nib
+    import numpy as np
+
+    from esegeta_engine.cli import main
+
+    torch.manual_seed(1)
+    torch.save(NormNet(3).state_dict(), tmp_path / "model.pt")
+    vol = (np.random.default_rng(0).random((8, 8, 8)) + 2.0).astype(np.float32)
+    nib.save(nib.Nifti1Image(vol, np.eye(4)), tmp_path / "vol.nii.gz")
+    code = main(["explain", "--model", str(tmp_path / "model.pt"), "--class-path", "tiny_models:NormNet",
+                 "--kwargs", '{"dims": 3}', "--volume", str(tmp_path / "vol.nii.gz"), "--classes", "1",
+                 "--method", "integrated_gradients:n_steps=2", "--out", str(tmp_path / "cli"), "-q"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "completeness_error" in out
+    assert "warning: integrated_gradients" in out and "raise n_steps" in out
