@@ -181,3 +181,20 @@ def test_cli_summary_shows_the_completeness_error_and_warns(tmp_path, capsys) ->
     assert code == 0, out
     assert "completeness_error" in out
     assert "warning: integrated_gradients" in out and "raise n_steps" in out
+
+
+def test_deeplift_scores_are_reused_from_its_own_evaluations() -> None:
+    """DeepLIFT evaluates the input and the baseline itself: the check needs no further call."""
+    net, x, sm = seg_setup(2)
+    spec = get_method("deeplift")
+    params = spec.resolve_params({})
+    ctx = MethodContext(sm, x, 1)
+    attr = attribute(spec, ctx, params)
+    assert set(ctx.extra["tapped_scores"]) == {("input", 0), ("baseline", 0)}
+    before = sm.monitor.count
+    reused = completeness_check(spec, ctx, params, attr)
+    assert sm.monitor.count == before
+    fresh = completeness_check(spec, MethodContext(sm, x, 1), params, attr)  # rebuilt, evaluated anew
+    assert sm.monitor.count == before + 1
+    for key in ("F_input", "F_baseline", "completeness_error"):
+        assert reused[key] == pytest.approx(fresh[key], rel=1e-5, abs=1e-7)

@@ -8,8 +8,8 @@ al. 2018, layer conductance; Lundberg & Lee 2017, SHAP's local accuracy, in
 expectation for Gradient SHAP). A map that misses it by much is not what the
 method's paper describes: Integrated Gradients with too few steps on a
 scale-invariant (instance-normalised) network, DeepLIFT through modules it has
-no rule for. The check costs one evaluation of the score model (the input and
-the baseline(s) in one batch) and reuses the baseline the method used
+no rule for. The check costs at most one evaluation of the score model (the input and
+the baseline(s) in one batch), none where the method evaluated them itself (DeepLIFT) and reuses the baseline the method used
 (recorded by :func:`esegeta_engine.methods.run.attribute` in ``ctx.extra``).
 
 The *completeness error* is ``|sum(A) - (F(x) - F(b))| / |F(x) - F(b)|``
@@ -84,6 +84,26 @@ def _fix(spec: MethodSpec, params: Mapping[str, Any], unsupported: str | None) -
     return "try baseline: blur, or integrated_gradients with more n_steps"
 
 
+def _scores(ctx: MethodContext, own: torch.Tensor, index: int, explained: int, n_baselines: int
+            ) -> tuple[float, float]:
+    """F(input) and mean F(baseline): reused from the method's own evaluations where it made
+    them (``ctx.extra["tapped_scores"]``), the rest in one batched evaluation."""
+    tapped = ctx.extra.get("tapped_scores") or {}
+    rows = range(index, index + 1) if own.shape[0] == 1 and n_baselines == explained else range(n_baselines)
+    known_x = tapped.get(("input", index))
+    known_b = [tapped.get(("baseline", j)) for j in rows]
+    missing = ([ctx.inputs] if known_x is None else []) + \
+        [own[k:k + 1] for k, v in enumerate(known_b) if v is None]
+    fresh: list[float] = []
+    if missing:
+        with torch.no_grad():  # one batched evaluation of whatever the method did not evaluate
+            batch = torch.cat([m.to(ctx.inputs.device, ctx.inputs.dtype) for m in missing])
+            fresh = [float(v) for v in ctx.score_model(batch)[:, ctx.target].double()]
+    f_x = float(known_x[ctx.target]) if known_x is not None else fresh.pop(0)
+    values = [float(v[ctx.target]) if v is not None else fresh.pop(0) for v in known_b]
+    return f_x, sum(values) / len(values)
+
+
 def _undefined(reason: str) -> dict[str, Any]:
     return {"completeness_error": None, "axiom_status": "undefined", "axiom_note": reason}
 
@@ -143,10 +163,7 @@ def completeness_check(spec: MethodSpec, ctx: MethodContext, params: Mapping[str
     # (Captum's SHAP methods average every input over the whole pooled distribution).
     explained = int(ctx.extra.get("batch", 1))
     own = baselines[index:index + 1] if explained > 1 and baselines.shape[0] == explained else baselines
-    with torch.no_grad():  # one batched evaluation: input and baseline(s) together
-        batch = torch.cat([ctx.inputs, own.to(ctx.inputs.device, ctx.inputs.dtype)])
-        scores = ctx.score_model(batch)[:, ctx.target].double()
-    f_x, f_b = float(scores[:1].mean()), float(scores[1:].mean())
+    f_x, f_b = _scores(ctx, own, index, explained, baselines.shape[0])
     delta = f_x - f_b
     numbers = {"F_input": f_x, "F_baseline": f_b, "attribution_sum": total}
     if not all(math.isfinite(v) for v in numbers.values()):
