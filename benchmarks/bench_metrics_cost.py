@@ -15,6 +15,14 @@ min-max normalised input) when its weights are installed; otherwise a 3D
 architecture with random weights (timing does not depend on the weights).
 
     .venv/bin/python benchmarks/bench_metrics_cost.py [--repeats 5] [--threads 1]
+
+Issue 9 adds two cases (``--trust-size``, default a small 32^3 phantom crop; ``--only trust`` runs
+them alone):
+
+* the completeness check per axiom method: time(method + check) / time(method) (target <= 1.05;
+  the check is two score-model forwards);
+* the calibrated randomisation check (null of two fully randomised networks + footprint removal)
+  vs the uncalibrated one, saliency on every stage: target <= 2.2 (two extra runs per method).
 """
 
 from __future__ import annotations
@@ -84,8 +92,15 @@ def main() -> None:
     ap.add_argument("--infidelity-samples", type=int, default=16)
     ap.add_argument("--sensitivity-samples", type=int, default=8)
     ap.add_argument("--untrained-unet", action="store_true")
+    ap.add_argument("--only", choices=("all", "robustness", "trust"), default="all")
+    ap.add_argument("--trust-size", type=int, default=32, help="phantom edge of the issue-9 cases")
+    ap.add_argument("--stages", type=int, default=None, help="randomisation stages (default all)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    if args.only != "robustness":
+        trust_costs(args)
+    if args.only == "trust":
+        return
 
     model, x, label = load_case(args.untrained_unet)
     target = ArgmaxRegionTarget()
@@ -145,6 +160,60 @@ def main() -> None:
         print(f"{name:<28} {shown:>5} {evals:>5} {t['metric']:9.3f} {t['raw']:8.3f} {ratio:6.3f}  "
               f"{v:.4g}" + ("" if math.isfinite(v) else " (nan)"))
     print(f"worst ratio {worst:.3f} (target <= 1.2): {'OK' if worst <= 1.2 else 'ABOVE TARGET'}")
+
+
+def trust_costs(args: argparse.Namespace) -> None:
+    """Issue 9: completeness-check and calibrated-randomisation cost ratios."""
+    from esegeta_engine.evaluation import run_randomisation
+    from esegeta_engine.evaluation.axioms import completeness_check
+
+    model, _, label = load_case(args.untrained_unet)
+    size = args.trust_size
+    x = torch.from_numpy(np.ascontiguousarray(minmax_normalise(make_phantom((size,) * 3, seed=4242).volume)))
+    x = x[None, None].float()
+    target = ArgmaxRegionTarget()
+    with torch.no_grad():
+        target.prepare(model(x))
+    sm = ScoreModel(model, target)
+    print(f"{label.split(',')[0]}; issue-9 cases on a {size}^3 phantom, class 1 (vessel), "
+          f"threads {args.threads}, {args.repeats} repeats")
+    print(f"{'completeness check':<34} {'method s':>9} {'+check s':>9} {'ratio':>6}  error")
+    worst = 0.0
+    cases = [("integrated_gradients", {}, None), ("deeplift", {}, None), ("deeplift_shap", {}, None),
+             ("gradient_shap", {}, None), ("layer_conductance", {}, "ups.0.block.conv2")]
+    for name, given, layer in cases:
+        spec = get_method(name)
+        params = spec.resolve_params(given)
+        from esegeta_engine.models import get_layer
+
+        def method(spec=spec, params=params, layer=layer) -> tuple:
+            ctx = MethodContext(sm, x, 1, layer=get_layer(model, layer) if layer else None, layer_name=layer)
+            return ctx, attribute(spec, ctx, params)
+
+        found: list[dict] = []
+
+        def with_check(spec=spec, params=params, method=method) -> None:
+            ctx, attr = method()
+            found.append(completeness_check(spec, ctx, params, attr))
+
+        t = median_times({"method": method, "checked": with_check}, args.repeats)
+        ratio = t["checked"] / t["method"]
+        worst = max(worst, ratio)
+        err = found[-1].get("completeness_error")
+        print(f"{name + (f'@{layer}' if layer else ''):<34} {t['method']:9.3f} {t['checked']:9.3f} {ratio:6.3f}  "
+              + (f"{err:.3g} ({found[-1]['axiom_status']})" if err is not None else found[-1]["axiom_status"]))
+    print(f"worst completeness-check ratio {worst:.3f} (target <= 1.05)")
+    sal = [(get_method("saliency"), {}, None)]
+
+    def randomisation(calibrated: bool) -> Callable[[], object]:
+        return lambda: run_randomisation(model, lambda m: ScoreModel(m, target), x, 1, sal,
+                                         max_stages=args.stages, calibrate=calibrated, footprint=calibrated)
+
+    t = median_times({"plain": randomisation(False), "calibrated": randomisation(True)}, max(1, args.repeats // 2))
+    ratio = t["calibrated"] / t["plain"]
+    print(f"randomisation (saliency, {args.stages or 'all'} stages): uncalibrated {t['plain']:.2f} s, "
+          f"calibrated {t['calibrated']:.2f} s, ratio {ratio:.3f} (target <= 2.2): "
+          f"{'OK' if ratio <= 2.2 else 'ABOVE TARGET'}\n")
 
 
 if __name__ == "__main__":

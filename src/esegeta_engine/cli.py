@@ -78,13 +78,26 @@ def _setup_logging(verbose: bool) -> None:
     handler.setLevel(logging.INFO if verbose else logging.WARNING)
 
 
-SUMMARY_METRICS = ("infidelity", "sensitivity", "auc_deletion", "auc_insertion", "mass_inside", "roc_auc")
+SUMMARY_METRICS = ("completeness_error", "class_contrast_spearman",
+                   "infidelity", "sensitivity", "auc_deletion", "auc_insertion", "mass_inside", "roc_auc")
 
 
 def _fmt(v: Any) -> str:
     if v is None:
         return "undef"
     return f"{v:.3g}" if isinstance(v, float) else str(v)
+
+
+def _print_randomisation(manifest_path: Any) -> None:
+    """The randomisation verdict and its reason for every method (from the manifest)."""
+    try:
+        entries = json.loads(manifest_path.read_text(encoding="utf-8")).get("randomisation") or []
+    except (OSError, ValueError):
+        return
+    for entry in entries:
+        print(f"\nrandomisation ({entry.get('mode')}) · {entry.get('target')} · {entry.get('volume')}:")
+        for method, v in (entry.get("verdicts") or {}).items():
+            print(f"  {method}: {v.get('verdict')} — {v.get('reason')}")
 
 
 def _print_summary(result: Any) -> None:
@@ -107,8 +120,14 @@ def _print_summary(result: Any) -> None:
           f"(run {result.status}); manifest: {result.manifest_path.name}")
     if (result.out_dir / "report.html").is_file():
         print(f"report: {result.out_dir / 'report.html'}")
+    _print_randomisation(result.manifest_path)
+    warned = [r for r in result.records if (r.get("metrics") or {}).get("axiom_status") == "warning"]
+    for r in warned:
+        label = r["method"] + (f"@{r['layer']}" if r.get("layer") else "")
+        print(f"warning: {label} · {r['target']} · {r['volume']}: {r['metrics'].get('axiom_note', '')}")
     if metrics:
-        print("calls/inputs: model forward calls and inputs evaluated; auc_deletion lower is better, "
+        print("completeness_error: |sum(map) - (F(x) - F(baseline))| / |F(x) - F(baseline)| (undef: no axiom); "
+              "calls/inputs: model forward calls and inputs evaluated; auc_deletion lower is better, "
               "auc_insertion, mass_inside and roc_auc (vs the ground truth) higher is better")
 
 

@@ -250,17 +250,39 @@ class RandomisationConfig(_Strict):
     mode: Literal["cascading", "independent", "both"] = "cascading"
     methods: list[str] | None = Field(None, description="method names of this run; default all")
     max_stages: int | None = Field(None, ge=1, description="stop after this many layers")
-    threshold: float = Field(0.5, gt=0, le=1, description="pass if mean |Spearman| to the original is below")
+    threshold: float = Field(0.5, gt=0, le=1, description="pass if the mean similarity to the original "
+                             "(and the null) is below")
+    calibrate: bool = Field(True, description="null: the method on two independently, fully randomised "
+                            "networks (two extra runs per method)")
+    footprint: bool = Field(True, description="regress the target region's footprint out of the ranks "
+                            "(partial Spearman) before the verdict")
+
+
+class AxiomConfig(_Strict):
+    """Completeness check of every map whose method promises it (two model evaluations)."""
+
+    threshold: float | None = Field(None, gt=0, description="relative error that warns; default 5% "
+                                    "(25% for Gradient SHAP, which holds only in expectation)")
+
+
+class ClassContrastConfig(_Strict):
+    """Re-run each method for another class; flag maps that do not change with the class."""
+
+    other_class: int | None = Field(None, ge=0, description="contrast class; default a seeded random other class")
+    threshold: float = Field(0.9, gt=0, le=1, description="flag when |Spearman| of the two maps is at least this")
 
 
 class EvaluationConfig(_Strict):
-    """Which trust metrics to compute for every map (all off by default)."""
+    """Which trust metrics to compute for every map (axiom checks on, the rest off by default)."""
 
+    axioms: AxiomConfig | None = Field(default_factory=AxiomConfig,
+                                       description="completeness checks; null switches them off")
     infidelity: InfidelityConfig | None = None
     sensitivity: SensitivityConfig | None = None
     faithfulness: FaithfulnessConfig | None = None
     localisation: LocalisationConfig | None = None
     randomisation: RandomisationConfig | None = None
+    class_contrast: ClassContrastConfig | None = None
     report: bool = Field(False, description="write report.html (figures, tables) at the end of the run")
 
 

@@ -30,7 +30,9 @@ from esegeta_engine.execution.plan import model_fingerprint
 from esegeta_engine.execution.resume import ResumeState, file_sha256
 from esegeta_engine.io import Volume, load_volume, save_map, write_json
 from esegeta_engine.methods import get_method
+from esegeta_engine.evaluation.api import localisation_metrics
 from esegeta_engine.evaluation.evaluators import CURVES_KEY, make_evaluators, scalar_metrics
+from esegeta_engine.evaluation.localisation import LOCALISATION_METRICS
 from esegeta_engine.models import load_model
 from esegeta_engine.preprocess import AxisOrder
 from esegeta_engine.runguard import (MANIFEST, OutputLock, check_previous_run, close_log, make_output_folder,
@@ -183,7 +185,7 @@ def iter_run(cfg: Config, cancel: threading.Event | None = None, *, threaded: bo
     model = load_model(cfg.model.path, format=cfg.model.format, class_path=cfg.model.class_path,
                        kwargs=cfg.model.kwargs, trust_pickled=trust_pickled, device=cfg.model.device)
     volumes, roi = load_inputs(cfg)
-    gt_mask = _load_ground_truth(cfg, volumes)
+    gt_mask, gt_note = _load_ground_truth(cfg, volumes)
     stems = [_stem(v.path, i) for i, v in enumerate(volumes)]
     if len(set(stems)) < len(stems):
         stems = [f"{i:02d}-{s}" for i, s in enumerate(stems)]
@@ -243,8 +245,14 @@ def iter_run(cfg: Config, cancel: threading.Event | None = None, *, threaded: bo
                 name = names(stems[event.volume], job)
                 path = save_map(event.array, volumes[event.volume], out / name)
                 metrics = scalar_metrics(event.metrics)
-                if gt_mask is not None and job.spec.family != "visualisation":  # volumes, not maps
-                    metrics.update(_localisation(event.array, gt_mask))
+                if metrics.get("axiom_status") == "warning":
+                    log.warning("%s · %s: completeness check: %s", job.label, job.cls_label, metrics["axiom_note"])
+                if job.spec.family == "visualisation":  # volumes, not maps: nothing to localise
+                    pass
+                elif gt_mask is not None:
+                    metrics.update(localisation_metrics(event.array, gt_mask))
+                elif gt_note:
+                    metrics.update({k: None for k in LOCALISATION_METRICS}, note=gt_note)
                 extra: dict[str, Any] = {}
                 if event.notes:
                     extra["notes"] = event.notes
@@ -300,23 +308,20 @@ def iter_run(cfg: Config, cancel: threading.Event | None = None, *, threaded: bo
     return RunResult(out, manifest_path, manifest["status"], manifest["results"])
 
 
-def _load_ground_truth(cfg: Config, volumes: list[Volume]) -> np.ndarray | None:
+def _load_ground_truth(cfg: Config, volumes: list[Volume]) -> tuple[np.ndarray | None, str | None]:
+    """The ground-truth mask, or ``None`` and why localisation is undefined (a mask on
+    another grid must not cost the run its maps and other metrics)."""
     loc = cfg.evaluation.localisation
     if loc is None:
-        return None
-    mask = load_mask_on_grid(loc.mask, volumes, cfg.preprocess.spatial_dims, "ground-truth mask")
+        return None, None
+    try:
+        mask = load_mask_on_grid(loc.mask, volumes, cfg.preprocess.spatial_dims, "ground-truth mask")
+    except VolumeError as exc:
+        log.warning("localisation is undefined: %s", exc)
+        return None, f"undefined: {exc.problem}"
     if not mask.any():
         log.warning("ground-truth mask %s is empty: localisation scores are undefined", loc.mask.name)
-    return mask
-
-
-def _localisation(array: np.ndarray, mask: np.ndarray) -> dict[str, Any]:
-    from esegeta_engine.evaluation.localisation import LOCALISATION_METRICS, localisation_scores
-
-    spatial = array if array.ndim == mask.ndim else array.sum(-1)
-    scores = localisation_scores(spatial, mask)
-    return {k: (None if isinstance(v, float) and np.isnan(v) else v)
-            for k, v in scores.items() if k in LOCALISATION_METRICS or k == "note"}
+    return mask, None
 
 
 def _randomisation(explainer: Explainer, volumes: list[Volume], cfg: Config, roi: Any, stems: list[str],
@@ -351,7 +356,8 @@ def _randomisation(explainer: Explainer, volumes: list[Volume], cfg: Config, roi
                 strips[method].append(nifti)
         if strips and cfg.preprocess.in_channels == 1:
             fig = randomisation_strip(volumes[vi].data, strips, ["original", *res.stages],
-                                      out / "figures" / f"randomisation__{stems[vi]}__{_slug(label)}__{res.mode}.png")
+                                      out / "figures" / f"randomisation__{stems[vi]}__{_slug(label)}__{res.mode}.png",
+                                      affine=volumes[vi].affine)
             entry["figure"] = str(fig.relative_to(out))
         summary.append(entry)
         write_json(summary, out / "randomisation.json")

@@ -33,6 +33,7 @@ import numpy as np
 
 from esegeta_engine.config import PreprocessConfig, TargetConfig
 from esegeta_engine.errors import Cancelled
+from esegeta_engine.evaluation.api import default_settings
 from esegeta_engine.explain import Progress
 from esegeta_engine.io import Volume
 from napari_esegeta._eval_table import (  # noqa: F401 (re-exported for the widget)
@@ -48,34 +49,49 @@ BASELINES = ("blur", "zero", "mean", "min")
 MODES = ("cascading", "independent")
 #: Metric columns of the table, in order, per option.
 METRIC_COLUMNS = {
+    "axioms": ("completeness_error", "axiom_status"),
     "infidelity": ("infidelity",),
     "sensitivity": ("sensitivity",),
     "faithfulness": ("auc_deletion", "auc_insertion", "aopc_deletion"),
-    "localisation": ("mass_inside", "rank_accuracy", "pointing_game", "roc_auc"),
-    "randomisation": ("randomisation", "mean_spearman_abs"),
+    "localisation": ("mass_inside", "rank_accuracy", "pointing_game", "roc_auc", "iou_otsu", "dice_otsu",
+                     "iou_top", "dice_top"),
+    "randomisation": ("randomisation", "mean_spearman_abs", "mean_similarity", "null", "margin"),
+    "class_contrast": ("class_contrast_spearman", "class_contrast_status"),
 }
+_D = default_settings()  # the engine's defaults: `esegeta run` uses the same
 
 
 @dataclass
 class EvalOptions:
-    """Which metrics to compute and how."""
+    """Which metrics to compute and how; the settings default to the engine's
+    (:func:`esegeta_engine.evaluation.api.default_settings`), as in ``esegeta run``."""
 
+    axioms: bool = True
     infidelity: bool = True
     sensitivity: bool = False
     faithfulness: bool = True
     localisation: bool = False
     randomisation: bool = False
-    steps: int = 10
-    baseline: str = "blur"
-    batch_size: int = 4
-    n_perturb_samples: int = 8
-    noise_scale: float = 0.05
-    sensitivity_samples: int = 4
-    perturb_radius: float = 0.02
-    mode: str = "cascading"
-    max_stages: int | None = 3
-    threshold: float = 0.5
+    class_contrast: bool = False
+    steps: int = _D["steps"]
+    baseline: str = _D["baseline"]
+    batch_size: int = _D["batch_size"]
+    n_perturb_samples: int = _D["n_perturb_samples"]
+    noise_scale: float = _D["noise_scale"]
+    sensitivity_samples: int = _D["sensitivity_samples"]
+    perturb_radius: float = _D["perturb_radius"]
+    mode: str = _D["mode"]
+    max_stages: int | None = _D["max_stages"]
+    threshold: float = _D["threshold"]
+    calibrate: bool = _D["calibrate"]
+    footprint: bool = _D["footprint"]
+    axiom_threshold: float | None = _D["axiom_threshold"]
+    contrast_threshold: float = _D["contrast_threshold"]
     seed: int = 0
+
+    def settings(self) -> dict[str, Any]:
+        """The flat settings for :func:`esegeta_engine.evaluation.api.evaluation_config`."""
+        return {k: getattr(self, k) for k in _D}
 
     def columns(self) -> list[str]:
         """Metric columns for the chosen metrics."""
@@ -236,21 +252,15 @@ def _evaluate(model: Any, volume: Volume, maps: Sequence[MapInfo], options: Eval
               cancel: threading.Event, on_progress: Callable[[Progress], None] | None) -> Generator:
     import torch
 
-    from esegeta_engine.config import (
-        EvaluationConfig,
-        FaithfulnessConfig,
-        InfidelityConfig,
-        SensitivityConfig,
-    )
-    from esegeta_engine.evaluation.evaluators import CURVES_KEY, make_evaluators
-    from esegeta_engine.evaluation.localisation import localisation_scores
+    from esegeta_engine.evaluation.api import METRIC_KEYS, evaluate_map, evaluation_config
     from esegeta_engine.explain import Explainer, Job, build_target
     from esegeta_engine.methods import MethodContext, get_method
     from esegeta_engine.models import get_layer, is_torchscript
     from esegeta_engine.scoring import EvaluationMonitor, ScoreModel
 
     axis = preprocess.axis_order
-    per_map = sum(getattr(options, k) for k in ("infidelity", "sensitivity", "faithfulness", "localisation"))
+    per_map = sum(getattr(options, k) for k in ("axioms", "infidelity", "sensitivity", "faithfulness",
+                                                "class_contrast", "localisation"))
     total = len(maps) * (per_map + (1 if options.randomisation else 0))
     done = 0
     state = {"message": ""}
@@ -266,15 +276,9 @@ def _evaluate(model: Any, volume: Volume, maps: Sequence[MapInfo], options: Eval
         if on_progress is not None:
             on_progress(Progress(done, max(total, 1), f"{state['message']}: {n} model evaluations", n))
 
-    evaluators = make_evaluators(EvaluationConfig(
-        infidelity=InfidelityConfig(n_perturb_samples=options.n_perturb_samples, noise_scale=options.noise_scale,
-                                    max_examples_per_batch=options.batch_size) if options.infidelity else None,
-        sensitivity=SensitivityConfig(n_perturb_samples=options.sensitivity_samples,
-                                      perturb_radius=options.perturb_radius,
-                                      max_examples_per_batch=options.batch_size) if options.sensitivity else None,
-        faithfulness=FaithfulnessConfig(steps=options.steps, baseline=options.baseline,
-                                        batch_size=options.batch_size) if options.faithfulness else None,
-    ), seed=options.seed)
+    cfg = evaluation_config(axioms=options.axioms, infidelity=options.infidelity,
+                            sensitivity=options.sensitivity, faithfulness=options.faithfulness,
+                            class_contrast=options.class_contrast, **options.settings())
     monitor = EvaluationMonitor(cancel, on_evaluation)
     explainer = Explainer(model, preprocess=preprocess, output=output)
     yield report("preparing the input")
@@ -313,46 +317,41 @@ def _evaluate(model: Any, volume: Volume, maps: Sequence[MapInfo], options: Eval
         spec = get_method(info.method)
         job = Job(spec, dict(info.params), info.cls, info.target_label, (0,), info.model_layer,
                   info.noise_tunnel)
-        for evaluator in evaluators:  # the engine's evaluators, as in `esegeta run`
-            name = evaluator.__name__
-            yield report(f"{info.name}: {name}" + (" (re-runs the method)" if name == "sensitivity" else ""))
-            try:
-                if setup_error:
-                    raise EvaluationSetupError(setup_error)
-                if name == "sensitivity" and spec.needs_batch:
-                    raise EvaluationSetupError(f"{info.method} needs a batch of volumes")
-                ctx = MethodContext(score_model=score_model, inputs=x, target=info.cls, seed=options.seed,
-                                    layer=get_layer(model, info.model_layer) if info.model_layer else None,
-                                    layer_name=info.model_layer, torchscript=is_torchscript(model))
-                for key, value in evaluator(job, ctx, attr).items():
-                    if key == CURVES_KEY:
-                        curves = value
-                        if value.get("note"):
-                            notes[name] = str(value["note"])
-                    elif key.endswith("_note"):
-                        notes[name] = str(value)
-                    else:
-                        row[key] = value
-            except Cancelled:
-                raise
-            except Exception as exc:
-                row.update({k: math.nan for k in METRIC_COLUMNS[name]})
-                notes[name] = _reason(exc)
-            done += 1
-        if options.localisation:
-            yield report(f"{info.name}: localisation")
-            cols = METRIC_COLUMNS["localisation"]
-            try:
+        names = [k for k in ("axioms", "infidelity", "sensitivity", "faithfulness", "class_contrast")
+                 if getattr(options, k)]
+        yield report(f"{info.name}: " + ", ".join(names + (["localisation"] if options.localisation else [])))
+        try:  # the engine's evaluation of one map, as in `esegeta run`
+            if setup_error:
+                raise EvaluationSetupError(setup_error)
+            ctx = MethodContext(score_model=score_model, inputs=x, target=info.cls, seed=options.seed,
+                                layer=get_layer(model, info.model_layer) if info.model_layer else None,
+                                layer_name=info.model_layer, torchscript=is_torchscript(model))
+            gt = None
+            if options.localisation:
                 if ground_truth is None:
-                    raise EvaluationSetupError("no ground-truth labels layer chosen")
-                scores = localisation_scores(info.array, ground_truth)
-                row.update({k: float(scores[k]) for k in cols})
-                if scores.get("note"):
-                    notes["localisation"] = str(scores["note"])
-            except Exception as exc:
-                row.update({k: math.nan for k in cols})
-                notes["localisation"] = _reason(exc)
-            done += 1
+                    notes["localisation"] = "no ground-truth labels layer chosen"
+                    row.update({k: math.nan for k in METRIC_COLUMNS["localisation"]})
+                else:
+                    gt = ground_truth
+            if spec.needs_batch and options.sensitivity:
+                notes["sensitivity"] = f"{info.method} needs a batch of volumes"
+            sub = cfg if not spec.needs_batch else evaluation_config(  # sensitivity re-runs need one input
+                axioms=options.axioms, infidelity=options.infidelity, faithfulness=options.faithfulness,
+                class_contrast=options.class_contrast, **options.settings())
+            result = evaluate_map(job, ctx, attr, sub, seed=options.seed, nifti_map=info.array,
+                                  ground_truth=gt)
+            row.update(result.metrics)
+            notes.update(result.notes)
+            curves = result.curves
+        except Cancelled:
+            raise
+        except Exception as exc:
+            for name in names:
+                row.update({k: math.nan for k in METRIC_KEYS[name]})
+            if options.localisation:
+                row.update({k: math.nan for k in METRIC_COLUMNS["localisation"]})
+            notes["map"] = _reason(exc)
+        done += len(names) + int(options.localisation)
         if setup_error and "map" not in notes:
             notes["map"] = setup_error
         row["notes"] = notes
@@ -396,7 +395,8 @@ def _randomisation(model: Any, explainer: Any, x: Any, maps: Sequence[MapInfo], 
 
             result = run_randomisation(model, build, x, info.cls, [(spec, info.params, info.model_layer)],
                                        mode=options.mode, seed=options.seed, max_stages=options.max_stages,
-                                       threshold=options.threshold, cancel=cancel, progress=progress)
+                                       threshold=options.threshold, calibrate=options.calibrate,
+                                       footprint=options.footprint, cancel=cancel, progress=progress)
             key = next(iter(result.maps), None)
             errors = [e for e in result.errors]
             if key is None or key not in result.original_maps:
@@ -407,6 +407,10 @@ def _randomisation(model: Any, explainer: Any, x: Any, maps: Sequence[MapInfo], 
             update["randomisation"] = {True: "pass", False: "fail"}.get(passes, UNDEFINED)
             update["mean_spearman_abs"] = float(verdict.get("mean_spearman_abs", math.nan))
             update["randomisation_rule"] = verdict.get("rule", "")
+            update["randomisation_reason"] = verdict.get("reason", "")
+            for k in ("mean_similarity", "null", "margin"):
+                update[k] = float(verdict.get(k, math.nan))
+            notes["randomisation_verdict"] = verdict.get("reason", "")
             update["randomisation_scores"] = result.scores.get(key, {})
             original = _to_nifti(result.original_maps[key][0], axis)
             ref = info.array
@@ -468,8 +472,8 @@ def evaluate_groups(
             return
     if not options.randomisation:
         return
-    only = EvalOptions(**{**options.__dict__, "infidelity": False, "sensitivity": False,
-                          "faithfulness": False, "localisation": False})
+    only = EvalOptions(**{**options.__dict__, "infidelity": False, "sensitivity": False, "axioms": False,
+                          "faithfulness": False, "localisation": False, "class_contrast": False})
     for offset, volume, maps in later:
         for ev in evaluate_events(model, volume, maps, only, preprocess=preprocess, output=output,
                                   cancel=cancel, on_progress=on_progress):

@@ -143,8 +143,11 @@ def explain_events(model: Any, volume: Volume, methods: Sequence[MethodConfig], 
     try:
         explainer = Explainer(model, preprocess=preprocess, target=target, output=output,
                               timeout_s=timeout_s)
+        from esegeta_engine.evaluation.evaluators import axiom_evaluator
+
         yield from explainer.iter_explain([volume], methods, roi_mask=roi_mask, cancel=cancel,
-                                          threaded=False, on_progress=on_progress)
+                                          evaluators=[axiom_evaluator()], threaded=False,
+                                          on_progress=on_progress)
     except EsegetaError as exc:
         yield RunError(format_error(exc))
     except Exception as exc:  # a bug or a model crash: still no traceback in the GUI
@@ -173,7 +176,7 @@ def map_layer_data(event: MapReady, input_layer: Any, target: TargetConfig,
             "roi_layer": roi_layer if target.kind == "roi" else None, "frozen": target.frozen,
             "activation": target.resolved_activation, "seconds": round(event.seconds, 3),
             "evaluations": event.evaluations, "input_layer": input_layer.name,
-            "family": job.spec.family}
+            "family": job.spec.family, "axiom": _axiom(event.metrics)}
     if target.kind == "channel":
         prov.update(target_layer=target.layer, channel=target.channel)
     array = event.array
@@ -192,6 +195,12 @@ def map_layer_data(event: MapReady, input_layer: Any, target: TargetConfig,
 def failure_text(event: JobFailed) -> str:
     """One line for a failed / cancelled job."""
     return f"{event.job.label} · {event.job.cls_label}: {event.status} — {event.error}"
+
+
+def _axiom(metrics: dict[str, Any]) -> dict[str, Any]:
+    """The map's completeness check (``axiom_status``: ok, warning, undefined or none)."""
+    keys = ("completeness_error", "axiom_status", "axiom_note", "F_input", "F_baseline", "attribution_sum")
+    return {k: metrics[k] for k in keys if k in metrics}
 
 
 def _jsonable(params: dict[str, Any]) -> dict[str, Any]:

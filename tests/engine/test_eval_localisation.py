@@ -103,3 +103,29 @@ def test_constant_map_gives_nan_roc_and_chance_mass():
     assert s["mass_inside"] == pytest.approx(m.mean()) and s["rank_accuracy"] == pytest.approx(m.mean())
     z = localisation_scores(np.zeros(m.shape), m)
     assert math.isnan(z["mass_inside"]) and math.isnan(z["roc_auc"])
+
+
+@pytest.mark.parametrize("shape", [(24, 20), (12, 10, 8)])
+def test_thresholded_overlap_matches_scikit_learn(shape) -> None:
+    """IoU and Dice of the Otsu / top-k thresholded map against jaccard_score and f1_score."""
+    from sklearn.metrics import f1_score, jaccard_score
+    from skimage.filters import threshold_otsu
+
+    rng = np.random.default_rng(3)
+    m = np.zeros(shape, bool)
+    m[tuple(slice(s // 4, s // 2) for s in shape)] = True
+    a = rng.normal(size=shape) + 2.0 * m
+    s = localisation_scores(a, m, top_fraction=0.1)
+    rel = np.clip(a, 0, None)
+    otsu = rel > threshold_otsu(rel)
+    assert s["iou_otsu"] == pytest.approx(jaccard_score(m.ravel(), otsu.ravel()))
+    assert s["dice_otsu"] == pytest.approx(f1_score(m.ravel(), otsu.ravel()))
+    k = int(round(0.1 * a.size))
+    top = np.zeros(a.size, bool)
+    top[np.argsort(-rel.ravel(), kind="stable")[:k]] = True
+    assert s["iou_top"] == pytest.approx(jaccard_score(m.ravel(), top))
+    assert s["dice_top"] == pytest.approx(f1_score(m.ravel(), top))
+    perfect = localisation_scores(m.astype(float), m)
+    assert perfect["iou_otsu"] == perfect["dice_otsu"] == 1.0
+    flat = localisation_scores(np.ones(shape), m)
+    assert math.isnan(flat["iou_otsu"]) and "thresholded overlaps are undefined" in flat["note"]

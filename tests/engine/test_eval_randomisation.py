@@ -178,7 +178,7 @@ def test_sanity_verdicts() -> None:
     assert set(result.maps["saliency"]) == set(result.stages)
     assert result.original_maps["saliency"].shape == (1, 16, 16)
     assert result.maps["layer_gradcam@ups.0.block.conv2"]["head"].shape == (1, 16, 16)
-    assert calls[-1] == (45, 45)
+    assert calls[-1] == (51, 51)  # 3 methods x (original + 14 stages + 2 null networks)
     text = json.dumps(result.to_dict(), allow_nan=False)
     assert "maps" not in json.loads(text)
     assert all(torch.equal(v, user[k]) for k, v in net.state_dict().items())
@@ -210,7 +210,9 @@ def test_failing_stage_is_recorded_and_the_rest_goes_on() -> None:
     assert set(result.maps["saliency"]) == {"head", "conv2", "conv1"}
     assert "dead" not in result.maps and "dead" not in result.original_maps
     assert set(result.verdicts) == {"flaky", "saliency", "dead"}
-    assert result.verdicts["flaky"]["passes"] is None  # no verdict in independent mode
+    assert result.verdicts["dead"]["verdict"] == "no verdict"
+    assert "failed on the trained model" in result.verdicts["dead"]["reason"]
+    assert "undefined" in result.verdicts["flaky"]["reason"]  # the failed stage is named, left out
     assert json.loads(json.dumps(result.to_dict()))["errors"][1]["stage"] == "head"
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import csv
 import json
 import math
@@ -9,7 +10,6 @@ import struct
 import xml.etree.ElementTree as ET
 from html.parser import HTMLParser
 from pathlib import Path
-from urllib.parse import unquote
 
 import nibabel as nib
 import numpy as np
@@ -84,6 +84,8 @@ class StrictHTML(HTMLParser):
         self.stack: list[str] = []
         self.errors: list[str] = []
         self.srcs: list[str] = []
+        self.alts: list[str] = []
+        self.hrefs: list[str] = []
         self.decl = ""
 
     def handle_decl(self, decl: str) -> None:
@@ -92,6 +94,9 @@ class StrictHTML(HTMLParser):
     def handle_starttag(self, tag, attrs):
         if tag == "img":
             self.srcs.append(dict(attrs)["src"])
+            self.alts.append(dict(attrs).get("alt", ""))
+        if dict(attrs).get("href") is not None:
+            self.hrefs.append(dict(attrs)["href"])
         if tag not in VOID:
             self.stack.append(tag)
 
@@ -163,14 +168,17 @@ def test_report_from_run_has_every_method_figure_and_number(tmp_path):
     for method in ("saliency", "layer_gradcam", "occlusion", "conv2"):
         assert method in text
     assert "<script>alert" not in text and "&lt;script&gt;alert" in text
-    # one MIP and one slice montage per map + one comparison grid, all linked and present
+    # one MIP and one slice montage per map + one comparison grid, all embedded, equal to the files
     assert len(parsed.srcs) == 5
-    assert sum(src.endswith("__montage.png") for src in parsed.srcs) == 2
-    for src in parsed.srcs:
-        assert not src.startswith(("/", "http", "data:"))
-        check_png(run / unquote(src))
+    assert sum(alt.endswith("__montage.png") for alt in parsed.alts) == 2
+    for src, alt in zip(parsed.srcs, parsed.alts):
+        assert src.startswith("data:image/png;base64,")
+        assert base64.b64decode(src.split(",", 1)[1]) == (run / alt).read_bytes()
+        check_png(run / alt)
     assert 'class="undef" data-v="">undefined</td>' in text
-    assert 'class="sortable"' in text and 'href="metrics.csv"' in text and 'href="metrics.json"' in text
+    assert 'class="sortable"' in text and 'download="metrics.csv"' in text and 'download="metrics.json"' in text
+    assert all(h.startswith("data:") for h in parsed.hrefs) and len(parsed.hrefs) == 3
+    assert (run / "report.pdf").read_bytes().startswith(b"%PDF")
 
     data = json.loads((run / "metrics.json").read_text())
     rows = data["rows"]
@@ -206,7 +214,8 @@ def test_write_report_extra_tables_figures_and_nan(tmp_path):
                                                                  "Info": {"k": "v & w"}})
     text = out.read_text(encoding="utf-8")
     parsed = parse_strict(text)
-    assert parsed.srcs == ["figs/a%20b.png"] and (run / unquote(parsed.srcs[0])).is_file()
+    assert parsed.alts == ["figs/a b.png"]
+    assert base64.b64decode(parsed.srcs[0].split(",", 1)[1]) == (run / "figs" / "a b.png").read_bytes()
     assert "Sec &lt;1&gt;" in text and "v &amp; w" in text and text.count(">undefined</td>") >= 2
     rows = json.loads((run / "metrics.json").read_text())["rows"]
     assert rows[-1]["method"] == "extra" and rows[-1]["roc_auc"] is None and rows[-1]["score"] == 2.5

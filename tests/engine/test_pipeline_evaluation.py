@@ -11,7 +11,6 @@ import pytest
 import torch
 
 from esegeta_engine.config import parse_config
-from esegeta_engine.errors import VolumeError
 from esegeta_engine.pipeline import run
 
 AFFINE = np.diag([0.5, 0.5, 0.8, 1.0])
@@ -76,10 +75,15 @@ def test_all_evaluations(case):
     assert (case / "out" / "metrics.csv").is_file()
 
 
-def test_ground_truth_of_wrong_shape_is_refused(case):
+def test_ground_truth_on_another_grid_is_undefined_and_the_rest_is_kept(case):
     nib.save(nib.Nifti1Image(np.ones((4, 4, 4), np.uint8), AFFINE), case / "small.nii.gz")
-    with pytest.raises(VolumeError, match="shape"):
-        run(config(case, localisation={"mask": "small.nii.gz"}))
+    result = run(config(case, localisation={"mask": "small.nii.gz"}, faithfulness={"steps": 4}))
+    assert result.status == "completed" and len(result.records) == 2
+    for rec in result.records:
+        m = rec["metrics"]
+        assert rec["status"] == "ok" and m["roc_auc"] is None and m["iou_otsu"] is None
+        assert m["note"].startswith("undefined:") and "shape" in m["note"]
+        assert m["auc_deletion"] is not None
 
 
 def test_empty_ground_truth_gives_undefined_scores_not_a_crash(case):

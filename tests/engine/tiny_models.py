@@ -71,6 +71,20 @@ class LinearScore(nn.Module):
         return x.flatten(1) @ self.weight.flatten(1).T + self.bias
 
 
+class NormNet(nn.Module):
+    """Conv-InstanceNorm-LeakyReLU-Conv: scale-invariant after the first convolution."""
+
+    def __init__(self, dims: int = 3) -> None:
+        super().__init__()
+        C = conv(dims)
+        norm = nn.InstanceNorm2d if dims == 2 else nn.InstanceNorm3d
+        self.conv1, self.norm, self.act = C(1, 4, 3, padding=1, bias=False), norm(4, affine=True), nn.LeakyReLU(0.1)
+        self.head = C(4, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.act(self.norm(self.conv1(x))))
+
+
 class SlowSegNet(TinySegNet):
     """TinySegNet that sleeps ``delay`` seconds per forward: long runs for timeout/cancel tests."""
 

@@ -1,9 +1,13 @@
-"""Evaluation of attribution maps: faithfulness/robustness metrics, map
-similarity and model-randomisation sanity checks, localisation against a
-ground-truth mask, deletion/insertion curves, figures and the HTML report."""
+"""Evaluation of attribution maps: axiom (completeness) checks, faithfulness/robustness
+metrics, map similarity and calibrated model-randomisation sanity checks, class contrast,
+localisation against a ground-truth mask, deletion/insertion curves, figures and the
+HTML/PDF report. Front ends call :mod:`esegeta_engine.evaluation.api`."""
 
 from __future__ import annotations
 
+from esegeta_engine.evaluation.axioms import completeness_check
+from esegeta_engine.evaluation.calibration import calibrated_verdict, footprint_spearman, null_seeds
+from esegeta_engine.evaluation.contrast import class_contrast
 from esegeta_engine.evaluation.faithfulness import Curves, faithfulness_curves, random_baseline_curves
 from esegeta_engine.evaluation.figures import (
     comparison_grid,
@@ -30,6 +34,11 @@ from esegeta_engine.evaluation.similarity import compare_maps, spearman, ssim, t
 
 __all__ = [
     "Curves",
+    "calibrated_verdict",
+    "class_contrast",
+    "completeness_check",
+    "footprint_spearman",
+    "null_seeds",
     "LOCALISATION_METRICS",
     "build_report_from_run",
     "comparison_grid",

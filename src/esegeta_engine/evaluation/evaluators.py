@@ -41,6 +41,8 @@ def make_evaluators(cfg: EvaluationConfig, seed: int = 0) -> list[Evaluator]:
     from esegeta_engine.evaluation.metrics import infidelity_score, sensitivity_score
 
     evaluators: list[Evaluator] = []
+    if cfg.axioms is not None:
+        evaluators.append(axiom_evaluator(cfg.axioms.threshold))
     if cfg.infidelity is not None:
         c = cfg.infidelity
 
@@ -77,6 +79,16 @@ def make_evaluators(cfg: EvaluationConfig, seed: int = 0) -> list[Evaluator]:
                     "aopc_deletion": curves.aopc_deletion, CURVES_KEY: curves.to_dict()}
 
         evaluators.append(faithfulness)
+    if cfg.class_contrast is not None:
+        cc = cfg.class_contrast
+
+        def class_contrast(job: Job, ctx: MethodContext, attr: torch.Tensor) -> dict[str, Any]:
+            from esegeta_engine.evaluation.contrast import class_contrast as check
+
+            return check(job.spec, ctx, job.params, attr, other=cc.other_class, threshold=cc.threshold,
+                         noise_tunnel=job.noise_tunnel)
+
+        evaluators.append(class_contrast)
     return [_maps_only(e) for e in evaluators]
 
 
@@ -87,6 +99,17 @@ def _maps_only(evaluator: Evaluator) -> Evaluator:
 
     wrapped.__name__ = getattr(evaluator, "__name__", "metric")
     return wrapped
+
+
+def axiom_evaluator(threshold: float | None = None) -> Evaluator:
+    """The completeness check (:mod:`~esegeta_engine.evaluation.axioms`) as an evaluator."""
+    from esegeta_engine.evaluation.axioms import completeness_check
+
+    def axioms(job: Job, ctx: MethodContext, attr: torch.Tensor) -> dict[str, Any]:
+        return completeness_check(job.spec, ctx, job.params, attr, noise_tunnel=bool(job.noise_tunnel),
+                                  threshold=threshold)
+
+    return axioms
 
 
 def scalar_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
@@ -145,7 +168,8 @@ def run_randomisation_phase(
                 yield Progress(0, 1, f"randomisation ({mode}) · {label}: starting")
                 result = run_randomisation(explainer.model, build, x, cls, entries, mode=mode,
                                            seed=explainer.seed, max_stages=r.max_stages,
-                                           threshold=r.threshold, cancel=cancel, progress=progress)
+                                           threshold=r.threshold, calibrate=r.calibrate,
+                                           footprint=r.footprint, cancel=cancel, progress=progress)
                 yield from messages
                 results.append((vi, cls, label, result))
     return results

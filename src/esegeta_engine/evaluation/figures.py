@@ -21,7 +21,7 @@ import numpy as np
 
 from esegeta_engine.errors import EsegetaError, VolumeError
 
-__all__ = ["comparison_grid", "curves_figure", "mip_figure", "montage_figure", "randomisation_strip"]
+__all__ = ["axis_codes", "comparison_grid", "curves_figure", "mip_figure", "montage_figure", "randomisation_strip"]
 
 DPI = 100
 RED = (0.95, 0.05, 0.02)
@@ -30,6 +30,31 @@ ALPHA_MAX = 0.85
 FLOOR = 0.04  # magnitudes below this share of the scale stay transparent
 GREY_MAX = 0.7  # the brightest voxel is drawn light grey, not white, so red stays red on vessels
 SIGN_LABEL = "attribution (red +, blue −)"
+_OPPOSITE = {"R": "L", "L": "R", "A": "P", "P": "A", "S": "I", "I": "S"}
+Orient = tuple[str, str] | None
+"""Letters of the right and upper edges of a panel (e.g. ``("R", "S")``); ``None``: no letters."""
+
+
+def axis_codes(affine: Any) -> tuple[str, ...] | None:
+    """Anatomical direction each voxel axis increases towards (``("R", "A", "S")`` for RAS),
+    from a 4x4 affine (nibabel's ``aff2axcodes``); ``None`` without a usable affine."""
+    if affine is None:
+        return None
+    try:
+        from nibabel.orientations import aff2axcodes
+
+        codes = tuple(aff2axcodes(np.asarray(affine, dtype=float)))
+    except Exception:  # a singular or malformed affine: draw without letters
+        return None
+    return codes if all(c in _OPPOSITE for c in codes) else None
+
+
+def _orient(codes: tuple[str, ...] | None, axis: int | None, ndim: int) -> Orient:
+    """Edge letters of the view along ``axis`` (None: the 2D image); see :func:`_panel`."""
+    if codes is None:
+        return None
+    rest = (0, 1) if axis is None else tuple(i for i in range(ndim) if i != axis)
+    return (codes[rest[0]], codes[rest[1]]) if max(rest) < len(codes) else None
 
 
 def _figure(width: float, height: float) -> Any:
@@ -118,7 +143,7 @@ def _overlay(pos: np.ndarray, neg: np.ndarray, vmax: float) -> np.ndarray:
 
 
 def _panel(ax: Any, grey: np.ndarray, pos: np.ndarray, neg: np.ndarray, vmax: float, aspect: float,
-           title: str | None = None, window: tuple[float, float] | None = None) -> None:
+           title: str | None = None, window: tuple[float, float] | None = None, orient: Orient = None) -> None:
     lo, hi = window if window is not None else np.percentile(grey, (1.0, 99.7))
     top = lo + max(hi - lo, 1e-6) / GREY_MAX
     ax.imshow(grey.T, cmap="gray", origin="lower", aspect=aspect, vmin=lo, vmax=top, interpolation="nearest")
@@ -126,6 +151,13 @@ def _panel(ax: Any, grey: np.ndarray, pos: np.ndarray, neg: np.ndarray, vmax: fl
               interpolation="nearest")
     ax.set(xticks=[], yticks=[])
     ax.spines[:].set_visible(False)
+    if orient is not None:  # the first remaining axis runs to the right, the second upwards
+        right, up = orient
+        style = {"transform": ax.transAxes, "fontsize": 8, "color": "#ffd400", "fontweight": "bold",
+                 "ha": "center", "va": "center"}
+        for x, y, letter in ((0.96, 0.5, right), (0.04, 0.5, _OPPOSITE[right]), (0.5, 0.95, up),
+                             (0.5, 0.05, _OPPOSITE[up])):
+            ax.text(x, y, letter, **style)
     if title:
         ax.set_title(title, fontsize=9)
 
@@ -143,7 +175,7 @@ def _colorbar(fig: Any, axes: Any, vmax: float, signed: bool, label: str = SIGN_
 
 
 def mip_figure(volume: Any, attribution: Any, path: str | Path, *, title: str | None = None,
-               spacing: Sequence[float] | None = None) -> Path:
+               spacing: Sequence[float] | None = None, affine: Any = None) -> Path:
     """Three MIPs (one view for 2D) of the grey volume with the map overlaid.
 
     Parameters
@@ -158,19 +190,22 @@ def mip_figure(volume: Any, attribution: Any, path: str | Path, *, title: str | 
         Figure title.
     spacing : sequence of float, optional
         Voxel size per axis (mm) for the aspect ratio.
+    affine : array, optional
+        The volume's 4x4 affine: orientation letters (R/L, A/P, S/I) on every panel edge.
 
     Returns
     -------
     Path
     """
     v, a = _as_spatial(volume, attribution)
+    codes = axis_codes(affine)
     sp = _spacing(spacing, v.ndim)
     views = [_project(v, a, ax, sp) for ax in _views(v.ndim)]
     vmax = _scale(*[x for view in views for x in view[1:3]])
     fig = _figure(4.0 * len(views) + 1.0, 4.0)
     axes = fig.subplots(1, len(views), squeeze=False)[0]
     for ax, axis, (grey, pos, neg, aspect) in zip(axes, _views(v.ndim), views):
-        _panel(ax, grey, pos, neg, vmax, aspect, _view_title(axis))
+        _panel(ax, grey, pos, neg, vmax, aspect, _view_title(axis), orient=_orient(codes, axis, v.ndim))
     _colorbar(fig, list(axes), vmax, bool((a < 0).any()))
     if title:
         fig.suptitle(title, fontsize=11)
@@ -186,12 +221,13 @@ def _slices(a: np.ndarray, axis: int, n: int) -> list[int]:
 
 
 def montage_figure(volume: Any, attribution: Any, path: str | Path, *, axis: int = 2, n_slices: int = 12,
-                   title: str | None = None, spacing: Sequence[float] | None = None) -> Path:
+                   title: str | None = None, spacing: Sequence[float] | None = None,
+                   affine: Any = None) -> Path:
     """A grid of slices along ``axis`` with the map overlaid (2D: the image).
 
     Parameters
     ----------
-    volume, attribution, path, title, spacing
+    volume, attribution, path, title, spacing, affine
         As for :func:`mip_figure`.
     axis : int
         Slicing axis (0, 1 or 2; 2 gives axial slices of an RAS volume).
@@ -219,9 +255,10 @@ def montage_figure(volume: Any, attribution: Any, path: str | Path, *, axis: int
     axes = fig.subplots(nrows, ncols, squeeze=False)
     for ax in axes.ravel()[len(panels):]:
         ax.set_axis_off()
+    orient = _orient(axis_codes(affine), None if v.ndim == 2 else axis, v.ndim)
     for ax, (i, grey, m, aspect) in zip(axes.ravel(), panels):
         label = "image" if i is None else f"{'xyz'[axis]} = {i}"
-        _panel(ax, grey, np.clip(m, 0, None), np.clip(-m, 0, None), vmax, aspect, label, window)
+        _panel(ax, grey, np.clip(m, 0, None), np.clip(-m, 0, None), vmax, aspect, label, window, orient)
     _colorbar(fig, axes.ravel().tolist(), vmax, bool((a < 0).any()))
     if title:
         fig.suptitle(title, fontsize=11)
@@ -230,11 +267,12 @@ def montage_figure(volume: Any, attribution: Any, path: str | Path, *, axis: int
 
 def _grid(volume: Any, rows: list[tuple[str, list[Any]]], col_titles: list[str], path: str | Path,
           views: list[int | None], title: str | None, spacing: Sequence[float] | None,
-          per_panel: bool) -> Path:
+          per_panel: bool, affine: Any = None) -> Path:
     """Rows of MIP panels scaled to a robust maximum per row (or per panel)."""
     ncols = len(col_titles)
     fig = _figure(2.9 * ncols + 1.4, 2.6 * len(rows) + 0.6)
     axes = fig.subplots(len(rows), ncols, squeeze=False)
+    codes = axis_codes(affine)
     signed = False
     for r, (name, maps) in enumerate(rows):
         panels = []
@@ -245,7 +283,8 @@ def _grid(volume: Any, rows: list[tuple[str, list[Any]]], col_titles: list[str],
         row_max = _scale(*[x for p in panels for x in p[1:3]])
         for c, (grey, pos, neg, aspect) in enumerate(panels):
             vmax = _scale(pos, neg) if per_panel else row_max
-            _panel(axes[r, c], grey, pos, neg, vmax, aspect, col_titles[c] if r == 0 else None)
+            _panel(axes[r, c], grey, pos, neg, vmax, aspect, col_titles[c] if r == 0 else None,
+                   orient=_orient(codes, views[c], grey.ndim + (views[c] is not None)))
         axes[r, 0].set_ylabel(name, fontsize=9)
     _colorbar(fig, axes.ravel().tolist(), 1.0, signed, "attribution / per-map scale (red +, blue −)")
     if title:
@@ -254,7 +293,7 @@ def _grid(volume: Any, rows: list[tuple[str, list[Any]]], col_titles: list[str],
 
 
 def comparison_grid(volume: Any, maps: Mapping[str, Any], path: str | Path, *, title: str | None = None,
-                    spacing: Sequence[float] | None = None) -> Path:
+                    spacing: Sequence[float] | None = None, affine: Any = None) -> Path:
     """Methods (rows) × views (three MIPs; 2D: one) of several maps of one volume.
 
     Each map is scaled to its own robust maximum, so the patterns compare,
@@ -266,7 +305,7 @@ def comparison_grid(volume: Any, maps: Mapping[str, Any], path: str | Path, *, t
         Grey image, as for :func:`mip_figure`.
     maps : dict
         Row label (method) -> map on the volume's grid.
-    path, title, spacing
+    path, title, spacing, affine
         As for :func:`mip_figure`.
 
     Returns
@@ -278,12 +317,12 @@ def comparison_grid(volume: Any, maps: Mapping[str, Any], path: str | Path, *, t
     ndim = _as_spatial(volume, next(iter(maps.values())))[0].ndim
     views = _views(ndim)
     rows = [(name, [m] * len(views)) for name, m in maps.items()]
-    return _grid(volume, rows, [_view_title(a) for a in views], path, views, title, spacing, False)
+    return _grid(volume, rows, [_view_title(a) for a in views], path, views, title, spacing, False, affine)
 
 
 def randomisation_strip(volume: Any, maps: Mapping[str, Sequence[Any]], stage_names: Sequence[str],
                         path: str | Path, *, axis: int = 2, title: str | None = None,
-                        spacing: Sequence[float] | None = None) -> Path:
+                        spacing: Sequence[float] | None = None, affine: Any = None) -> Path:
     """Methods (rows) × randomisation stages (columns), MIPs along ``axis``.
 
     ``maps[method]`` holds one map per stage, in the order of ``stage_names``
@@ -303,7 +342,8 @@ def randomisation_strip(volume: Any, maps: Mapping[str, Sequence[Any]], stage_na
     ndim = _as_spatial(volume, next(iter(maps.values()))[0])[0].ndim
     view: int | None = None if ndim == 2 else axis
     rows = [(name, list(stage_maps)) for name, stage_maps in maps.items()]
-    return _grid(volume, rows, list(stage_names), path, [view] * len(stage_names), title, spacing, True)
+    return _grid(volume, rows, list(stage_names), path, [view] * len(stage_names), title, spacing, True,
+                 affine)
 
 
 def _curve_data(c: Any) -> dict[str, Any]:

@@ -37,7 +37,10 @@ from esegeta_engine.errors import VolumeError
 
 __all__ = ["LOCALISATION_METRICS", "localisation_scores"]
 
-LOCALISATION_METRICS = ("mass_inside", "rank_accuracy", "pointing_game", "roc_auc", "mask_fraction")
+LOCALISATION_METRICS = ("mass_inside", "rank_accuracy", "pointing_game", "roc_auc", "iou_otsu", "dice_otsu",
+                        "iou_top", "dice_top", "mask_fraction")
+#: Fraction of voxels kept by the top-k threshold of ``iou_top`` / ``dice_top``.
+TOP_FRACTION = 0.05
 
 
 def _nan_scores(mask_fraction: float, note: str) -> dict[str, Any]:
@@ -53,6 +56,7 @@ def localisation_scores(
     *,
     positive_only: bool = True,
     tolerance: float = 0.0,
+    top_fraction: float = TOP_FRACTION,
 ) -> dict[str, Any]:
     """Score an attribution map against a ground-truth mask.
 
@@ -69,6 +73,11 @@ def localisation_scores(
     tolerance : float
         Pointing game only: a hit also counts within this Euclidean distance
         (in voxels) of the mask. Default 0: the voxel must be in the mask.
+    top_fraction : float
+        ``iou_top`` / ``dice_top`` threshold the map at its top ``top_fraction`` of voxels
+        (by relevance; ties at the cut-off included); ``iou_otsu`` / ``dice_otsu`` at Otsu's
+        threshold of the relevance. Both compare the thresholded map with the mask by
+        intersection over union and Dice.
 
     Returns
     -------
@@ -127,11 +136,33 @@ def localisation_scores(
         hit_zone = m if tolerance <= 0 else ndimage.distance_transform_edt(~m) <= tolerance
         out["pointing_game"] = float(hit_zone[peaks].mean())
         out["roc_auc"] = _roc_auc(ranked.ravel(), m.ravel(), n_in)
+    out.update(_overlaps(relevance, m, top_fraction, notes))
 
     ordered = {k: out[k] for k in LOCALISATION_METRICS}
     if notes:
         ordered["note"] = "; ".join(notes)
     return ordered
+
+
+def _overlap(pred: np.ndarray, m: np.ndarray, name: str) -> dict[str, float]:
+    inter, union, size = int((pred & m).sum()), int((pred | m).sum()), int(pred.sum()) + int(m.sum())
+    return {f"iou_{name}": inter / union if union else float("nan"),
+            f"dice_{name}": 2 * inter / size if size else float("nan")}
+
+
+def _overlaps(relevance: np.ndarray, m: np.ndarray, top_fraction: float, notes: list[str]) -> dict[str, float]:
+    """IoU and Dice of the map thresholded by Otsu and at its top ``top_fraction`` of voxels."""
+    from skimage.filters import threshold_otsu
+
+    lo, hi = float(relevance.min()), float(relevance.max())
+    if lo == hi:
+        notes.append("the relevance is constant: thresholded overlaps are undefined")
+        return {k: float("nan") for k in ("iou_otsu", "dice_otsu", "iou_top", "dice_top")}
+    out = _overlap(relevance > threshold_otsu(relevance), m, "otsu")
+    k = max(1, int(round(top_fraction * relevance.size)))
+    cut = np.partition(relevance.ravel(), relevance.size - k)[relevance.size - k]  # k-th largest
+    out.update(_overlap((relevance >= cut) & (relevance > 0), m, "top"))
+    return out
 
 
 def _rank_accuracy(values: np.ndarray, inside: np.ndarray, k: int) -> float:

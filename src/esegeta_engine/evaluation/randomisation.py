@@ -8,7 +8,9 @@ at a time (*independent*), on deep copies: the user's model is never touched.
 
 Region targets are frozen from the trained model, so every stage explains the same
 voxels; gradients of a *small* region stay near it whatever the weights, keeping rank
-correlations high. Prefer a large region (the background class) or read the stage curve.
+correlations high. The check is therefore calibrated (:mod:`.calibration`): the region's
+footprint is regressed out of the ranks, and each stage is read against a null, the
+similarity of the maps of two independently, fully randomised networks.
 """
 
 from __future__ import annotations
@@ -25,7 +27,14 @@ import torch
 from torch import nn
 
 from esegeta_engine.errors import Cancelled, MethodError
-from esegeta_engine.evaluation.similarity import compare_batch, randomisation_verdict
+from esegeta_engine.evaluation.calibration import (
+    calibrated_verdict,
+    footprint_design,
+    footprint_spearman,
+    null_seeds,
+    target_region,
+)
+from esegeta_engine.evaluation.similarity import compare_batch
 from esegeta_engine.methods.registry import MethodContext, MethodSpec
 from esegeta_engine.methods.run import attribute
 from esegeta_engine.models import get_layer, is_torchscript
@@ -157,11 +166,21 @@ class RandomisationResult:
         (numpy ``(N, *spatial)``, input grid, channels summed); methods that failed
         on the trained model are in neither.
     scores : dict
-        ``method -> stage layer -> compare_maps(original, map)`` (batch mean).
+        ``method -> stage layer -> compare_maps(original, map)`` (batch mean), plus
+        ``spearman_footprint`` (footprint removed, when a region is known), ``null`` and
+        ``margin`` (the verdict measure minus its null) when calibrated.
     errors : list of dict
         ``{"method", "stage", "status": "failed", "message"}`` per failed run.
     verdicts : dict
-        ``method -> {"passes": bool or None, "rule": str, "mean_spearman_abs": float}``.
+        ``method -> {"passes", "verdict", "reason", "rule", "mean_similarity", "null", "margin",
+        "measure", "mean_spearman_abs"}`` (see :func:`.calibration.calibrated_verdict`).
+    null : dict
+        ``method -> compare_maps`` of the two fully randomised networks' maps (and
+        ``spearman_footprint``); empty when not calibrated.
+    null_seeds : list of int
+        Seeds of those two networks.
+    footprint : bool
+        Whether the target region's footprint was regressed out of the verdict measure.
     changed : dict
         ``layer -> names of the tensors its re-initialisation changed``.
     """
@@ -175,6 +194,9 @@ class RandomisationResult:
     errors: list[dict[str, str]] = field(default_factory=list)
     verdicts: dict[str, dict[str, Any]] = field(default_factory=dict)
     changed: dict[str, list[str]] = field(default_factory=dict)
+    null: dict[str, dict[str, float]] = field(default_factory=dict)
+    null_seeds: list[int] = field(default_factory=list)
+    footprint: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict of everything but the maps (``nan`` becomes ``None``)."""
@@ -187,7 +209,8 @@ class RandomisationResult:
 
         return clean({"mode": self.mode, "order": self.order, "stages": self.stages,
                       "scores": self.scores, "errors": self.errors, "verdicts": self.verdicts,
-                      "changed": self.changed})
+                      "changed": self.changed, "null": self.null, "null_seeds": self.null_seeds,
+                      "footprint": self.footprint})
 
 
 def run_randomisation(
@@ -202,6 +225,8 @@ def run_randomisation(
     max_stages: int | None = None,
     threshold: float = 0.5,
     skip_stages: int | None = None,
+    calibrate: bool = True,
+    footprint: bool | np.ndarray = True,
     cancel: threading.Event | None = None,
     progress: Callable[[int, int, str], None] | None = None,
 ) -> RandomisationResult:
@@ -223,9 +248,19 @@ def run_randomisation(
     mode, seed, max_stages
         See :func:`randomised_copies`; ``seed`` also seeds every method run.
     threshold : float
-        Pass when the mean ``spearman_abs`` over the verdict stages is below it.
+        Pass when the mean verdict measure over the verdict stages is below it (and the
+        null too, when calibrated; see :func:`.calibration.calibrated_verdict`).
     skip_stages : int, optional
         First cascading stages left out of the verdict; default a third of them.
+    calibrate : bool
+        Also run every method on two independently, fully randomised networks (seeded by
+        :func:`.calibration.null_seeds`) and report the null and margin: two extra runs per
+        method, however many stages.
+    footprint : bool or np.ndarray
+        Regress the target region's footprint out of the verdict measure
+        (``spearman_footprint``): ``True`` takes the region from the score model's target,
+        an array gives it (``(N, *spatial)`` bool on the input grid), ``False`` uses the
+        raw ``spearman_abs``.
     cancel : threading.Event, optional
         Checked between runs and at every model evaluation.
     progress : callable, optional
@@ -248,12 +283,18 @@ def run_randomisation(
         entries.append((label, spec, spec.resolve_params(params), layer))
         result.maps[label], result.scores[label] = {}, {}
     n_stages = len(result.order) if max_stages is None else min(len(result.order), max_stages)
-    total, done = (n_stages + 1) * len(entries), 0
+    total, done = (n_stages + 1 + (2 if calibrate else 0)) * len(entries), 0
     devices = [inputs.device.index or 0] if inputs.device.type == "cuda" else []
 
+    designs: list[np.ndarray] | None = None
+
     def run_all(model_copy: nn.Module, stage: str, active: set[str]) -> dict[str, np.ndarray]:
-        nonlocal done
+        nonlocal done, designs
         score_model = build_score_model(model_copy)
+        if designs is None and footprint is not False:
+            region = footprint if isinstance(footprint, np.ndarray) else \
+                target_region(getattr(score_model, "target", None), target, tuple(inputs.shape[2:]))
+            designs = [] if region is None else [footprint_design(r) for r in region]
         if isinstance(score_model, ScoreModel) and score_model.monitor.cancel is not cancel:
             score_model.monitor = EvaluationMonitor(cancel, score_model.monitor.on_evaluation)
         maps = {}
@@ -283,17 +324,66 @@ def run_randomisation(
     result.original_maps = run_all(copy.deepcopy(model).eval(), "original", set(result.maps))
     result.maps = {k: v for k, v in result.maps.items() if k in result.original_maps}  # others failed
     active = set(result.maps)
-    total -= n_stages * (len(entries) - len(active))
-    values: dict[str, list[float]] = {e[0]: [] for e in entries}
+    total -= (n_stages + (2 if calibrate else 0)) * (len(entries) - len(active))
+    result.footprint = bool(designs)
+    measure = "spearman_footprint" if designs else "spearman_abs"
+
+    def similarity(a: np.ndarray, b: np.ndarray) -> tuple[dict[str, float], float]:
+        scores, value = compare_batch(a, b)
+        if designs:
+            per = [0.0 if np.ptp(x) > 0 and np.isfinite(y).all() and np.ptp(np.abs(y)) == 0
+                   else footprint_spearman(x, y, d) for x, y, d in zip(a, b, designs)]
+            finite = [v for v in per if math.isfinite(v)]
+            value = float(np.mean(finite)) if len(finite) == len(per) else math.nan
+            scores["spearman_footprint"] = value
+        return scores, value
+
+    values: dict[str, list[tuple[int, float]]] = {e[0]: [] for e in entries}
     skip = (n_stages // 3 if skip_stages is None else skip_stages) if mode == "cascading" else 0
     for stage, name, model_copy in randomised_copies(model, result.order, mode, seed,
                                                      max_stages=max_stages, changed=result.changed):
         result.stages.append(name)
         for label, arr in run_all(model_copy, name, active).items():
             result.maps[label][name] = arr
-            result.scores[label][name], value = compare_batch(result.original_maps[label], arr)
+            result.scores[label][name], value = similarity(result.original_maps[label], arr)
             if stage > skip:
-                values[label].append(value)
+                values[label].append((stage, value))
+    nulls = {label: math.nan for label in values}
+    if calibrate and active:
+        result.null_seeds = list(null_seeds(seed))
+        pair = [run_all(_fully_randomised(model, result.order, s), f"null-{i}", active)
+                for i, s in enumerate(result.null_seeds, start=1)]
+        for label in active:
+            if label in pair[0] and label in pair[1]:
+                result.null[label], nulls[label] = similarity(pair[0][label], pair[1][label])
+    verdict_stages = list(range(skip + 1, n_stages + 1))
     for label in values:
-        result.verdicts[label] = randomisation_verdict(values[label], n_stages, mode, threshold, skip)
+        if label not in active:
+            result.verdicts[label] = {"passes": None, "verdict": "no verdict", "measure": measure,
+                                      "reason": "no verdict: the method failed on the trained model",
+                                      "rule": "", "mean_similarity": math.nan, "null": math.nan,
+                                      "margin": math.nan, "mean_spearman_abs": math.nan}
+            continue
+        got = dict(values[label])
+        for stage_name, scores in result.scores[label].items():
+            if math.isfinite(nulls[label]):
+                scores["null"] = nulls[label]
+                scores["margin"] = scores.get(measure, math.nan) - nulls[label]
+        original = np.asarray(result.original_maps[label])
+        raw = [result.scores[label][result.stages[k - 1]]["spearman_abs"] for k in got]
+        verdict = calibrated_verdict(
+            [got.get(k, math.nan) for k in verdict_stages], nulls[label], measure=measure,
+            threshold=threshold, stages=verdict_stages,
+            constant=bool(np.all(np.ptp(np.abs(original.reshape(len(original), -1)), axis=1) == 0)),
+            failed=sum(not math.isfinite(got.get(k, math.nan)) for k in verdict_stages), mode=mode)
+        verdict["mean_spearman_abs"] = float(np.nanmean(raw)) if any(map(math.isfinite, raw)) else math.nan
+        result.verdicts[label] = verdict
     return result
+
+
+def _fully_randomised(model: nn.Module, order: Sequence[str], seed: int) -> nn.Module:
+    """A deep copy with every layer of ``order`` re-initialised (cascading to the end)."""
+    last = model
+    for _, _, last in randomised_copies(model, order, "cascading", seed):
+        pass
+    return last

@@ -1,8 +1,10 @@
-"""A self-contained HTML report of a run folder, with its numbers as CSV/JSON.
+"""A self-contained HTML report of a run folder, with its numbers as CSV/JSON, and a PDF.
 
-:func:`write_report` writes ``report.html`` (inline CSS and JS, no external
-assets, figures linked by relative path: open it from the run folder),
-``metrics.csv`` and ``metrics.json``. :func:`build_report_from_run` (``esegeta
+:func:`write_report` writes ``report.html`` (inline CSS and JS; figures, metrics.csv,
+metrics.json and manifest.json embedded as ``data:`` URIs, so the file alone can be mailed
+and opens with its pictures), ``report.pdf`` (the same summary, tables and figures, for
+meetings), ``metrics.csv`` and ``metrics.json``. The page opens with a summary in words of
+how far to trust each map (:mod:`.trust`). :func:`build_report_from_run` (``esegeta
 report RUN_DIR``) draws the figures of the maps in ``manifest.json`` first.
 The page is XHTML-style markup (every tag closed, script in CDATA): it parses
 as HTML and as XML.
@@ -10,6 +12,7 @@ as HTML and as XML.
 
 from __future__ import annotations
 
+import base64
 import csv
 import html
 import io
@@ -22,22 +25,21 @@ from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
 
 import nibabel as nib
 import numpy as np
 
 from esegeta_engine import __version__
-from esegeta_engine.errors import ConfigError, VolumeError
+from esegeta_engine.errors import ConfigError, EsegetaError, VolumeError
 from esegeta_engine.io import write_json
 
+__all__ = ["build_report_from_run", "data_uri", "write_report"]
 log = logging.getLogger("esegeta_engine")
-
-__all__ = ["build_report_from_run", "write_report"]
 
 MANIFEST = "manifest.json"
 BASE_COLUMNS = ("volume", "method", "layer", "target", "status", "seconds", "model_evaluations")
-TEXT_COLUMNS = ("volume", "method", "layer", "target", "status", "note")  # None shows as an empty cell
+TEXT_COLUMNS = ("volume", "method", "layer", "target", "status", "note", "mode", "verdict", "reason", "measure",
+                "trust", "words", "randomisation", "axiom_status", "axiom_note")  # None shows as an empty cell
 RECORD_KEYS = BASE_COLUMNS + ("class", "noise_tunnel", "file", "error", "params")
 UNDEFINED = "undefined"
 
@@ -48,6 +50,7 @@ th{background:#f2f2f2}table.sortable th{cursor:pointer;user-select:none}
 table.sortable th[data-dir=asc]::after{content:" \\25B2"}table.sortable th[data-dir=desc]::after{content:" \\25BC"}
 td.num{text-align:right;font-variant-numeric:tabular-nums}td.undef{color:#999;font-style:italic}
 tr[class]:not(.ok) td{background:#fff0f0}table{border-collapse:collapse;margin:.5em 0;font-size:13px}
+.trust-low{color:#b00;font-weight:bold}.trust-high{color:#070;font-weight:bold}.trust-moderate{color:#a60}
 .figs{display:flex;flex-wrap:wrap;gap:12px}figure{margin:0;max-width:100%}
 img{max-width:100%;border:1px solid #ddd}figcaption{font-size:12px;color:#555}.note{color:#a60}code{font-size:12px}"""
 
@@ -175,16 +178,36 @@ def _summary(manifest: Mapping[str, Any], records: Sequence[Mapping[str, Any]]) 
     return "\n".join(out)
 
 
+def data_uri(path: Path, mime: str) -> str:
+    """The file's bytes as a ``data:`` URI (the report carries its figures and numbers)."""
+    return f"data:{mime};base64," + base64.b64encode(path.read_bytes()).decode("ascii")
+
+
 def _figures_html(run_dir: Path, figures: Mapping[str, Sequence[str | Path]]) -> str:
     out = ["<h2>Figures</h2>"]
     for section, paths in figures.items():
         out.append(f'<details open="open"><summary>{_e(section)} ({len(paths)})</summary><div class="figs">')
         for p in paths:
-            rel = Path(os.path.relpath(Path(p) if Path(p).is_absolute() else run_dir / p, run_dir)).as_posix()
-            out.append(f'<figure><a href="{_e(quote(rel))}"><img src="{_e(quote(rel))}" alt="{_e(rel)}" '
-                       f'loading="lazy"/></a><figcaption>{_e(rel)}</figcaption></figure>')
+            full = Path(p) if Path(p).is_absolute() else run_dir / p
+            rel = Path(os.path.relpath(full, run_dir)).as_posix()
+            if not full.is_file():
+                out.append(f'<p class="note">figure {_e(rel)} is missing</p>')
+                continue
+            out.append(f'<figure><img src="{data_uri(full, "image/png")}" alt="{_e(rel)}"/>'
+                       f"<figcaption>{_e(rel)}</figcaption></figure>")
         out.append("</div></details>")
     return "\n".join(out)
+
+
+def _trust_html(summaries: Sequence[Mapping[str, Any]]) -> str:
+    if not summaries:
+        return ""
+    items = "".join(f'<li><b>{_e(s["method"])}</b> · {_e(s["target"])} · {_e(s["volume"])}: '
+                    f'<span class="trust-{_e(s["trust"])}">trust {_e(s["trust"])}</span>. {_e(s["words"])}</li>'
+                    for s in summaries)
+    return ("<h2>How far to trust each map</h2><p>Low: a broken completeness axiom or a failed "
+            "randomisation check; high: passes the randomisation check with no broken axiom.</p>"
+            f"<ul>{items}</ul>")
 
 
 def _read_manifest(run_dir: Path) -> dict[str, Any]:
@@ -241,10 +264,15 @@ def write_report(
     shown += [c for c in columns if c not in RECORD_KEYS and not c.startswith("map_")
               and all(not isinstance(r.get(c), (dict, list, tuple)) for r in rows)]
     title = f"napari-esegeta report · {run_dir.resolve().name}"
-    parts = [f"<h1>{_e(title)}</h1>",
-             '<p>Every number: <a href="metrics.csv">metrics.csv</a> · <a href="metrics.json">metrics.json</a>'
-             ' · <a href="manifest.json">manifest.json</a></p>']
+    from esegeta_engine.evaluation.trust import method_summaries, randomisation_tables
+
+    links = [f'<a href="{data_uri(run_dir / name, mime)}" download="{name}">{name}</a>'
+             for name, mime in (("metrics.csv", "text/csv"), ("metrics.json", "application/json"),
+                                (MANIFEST, "application/json")) if (run_dir / name).is_file()]
+    parts = [f"<h1>{_e(title)}</h1>", "<p>Every number (embedded, downloads): " + " · ".join(links) + "</p>"]
     parts += [f'<p class="note">{_e(n)}</p>' for n in notes or []]
+    summaries = method_summaries(records, manifest.get("randomisation"))
+    parts.append(_trust_html(summaries))
     parts.append(_summary(manifest, records) if manifest else '<p class="note">no manifest.json here</p>')
     parts += ["<h2>Metrics</h2>", "<p>One row per result; click a column header to sort.</p>",
               _table(rows, shown, sortable=True, row_class="status")]
@@ -253,9 +281,15 @@ def write_report(
         parts.append("<h3>Failures</h3><ul>" + "".join(
             f"<li><b>{_e(r.get('method'))}</b> · {_e(r.get('target'))}: <code>{_e(r['error'])}</code></li>"
             for r in failed) + "</ul>")
+    verdict_rows, stage_rows = randomisation_tables(manifest.get("randomisation"))
+    tables: dict[str, Any] = {}
+    if verdict_rows:
+        tables["Randomisation verdicts"] = verdict_rows
+        tables["Randomisation stages (similarity to the trained map, null, margin)"] = stage_rows
+    tables.update(extra_tables or {})
     if figures:
         parts.append(_figures_html(run_dir, figures))
-    for name, table in (extra_tables or {}).items():
+    for name, table in tables.items():
         parts += [f"<h2>{_e(name)}</h2>", _kv_table(table) if isinstance(table, Mapping)
                   else _table(table, _columns(table), sortable=True)]
     stamp = datetime.now(timezone.utc).isoformat(timespec="seconds")
@@ -264,6 +298,14 @@ def write_report(
             f"<title>{_e(title)}</title><style>{CSS}</style></head>\n<body>\n" + "\n".join(parts)
             + f"\n<script>//<![CDATA[\n{JS}\n//]]></script>\n</body></html>\n")
     _write_text(run_dir / "report.html", page)
+    try:
+        from esegeta_engine.evaluation.report_pdf import write_pdf
+
+        write_pdf(run_dir / "report.pdf", title, summaries, {"Metrics": (rows, shown), **{
+            k: (v, _columns(v)) for k, v in tables.items() if not isinstance(v, Mapping)}},
+            [Path(p) if Path(p).is_absolute() else run_dir / p for ps in (figures or {}).values() for p in ps])
+    except EsegetaError as exc:  # no matplotlib: the HTML report still stands
+        log.warning("no PDF report: %s", exc)
     return run_dir / "report.html"
 
 
@@ -336,6 +378,7 @@ def build_report_from_run(run_dir: str | Path, *, mask: str | Path | None = None
         idx = [i for i, s in enumerate(stems) if stem in (s, f"{i:02d}-{s}")] or ([0] if len(vols) == 1 else [])
         entry = vols[idx[0]] if idx else {}
         volume, spacing, path = None, entry.get("spacing_mm"), Path(entry.get("path") or "?")
+        affine = entry.get("affine")
         try:
             volume = _load(path if path.is_absolute() else run_dir / path, len(entry.get("shape") or [ndim]))
         except Exception as exc:  # a missing or unreadable volume must not stop the report
@@ -361,15 +404,16 @@ def build_report_from_run(run_dir: str | Path, *, mask: str | Path | None = None
                 row.update(localisation_scores(arr.reshape(*arr.shape[:ndim], -1).sum(-1), gt))
             png = fig_dir / (rec["file"].removesuffix(".gz").removesuffix(".nii") + "__mip.png")
             figures.setdefault(f"Maps · {stem} · {target}", []).append(
-                mip_figure(volume, arr, png, title=f"{label} · {target} · {stem}", spacing=spacing))
+                mip_figure(volume, arr, png, title=f"{label} · {target} · {stem}", spacing=spacing,
+                           affine=affine))
             if ndim == 3 and volume is not None and arr.ndim == 3:
                 figures.setdefault(f"Slice montages · {stem} · {target}", []).append(montage_figure(
                     volume, arr, fig_dir / png.name.replace("__mip.png", "__montage.png"),
-                    title=f"{label} · {target} · {stem}", spacing=spacing))
+                    title=f"{label} · {target} · {stem}", spacing=spacing, affine=affine))
         if maps:
             figures.setdefault("Comparison of methods", []).append(comparison_grid(
                 volume, maps, fig_dir / f"{stem}__{_stem(target, 0)}__comparison.png",
-                title=f"{stem} · {target}", spacing=spacing))
+                title=f"{stem} · {target}", spacing=spacing, affine=affine))
     curves_path = run_dir / "curves.json"
     if curves_path.is_file():  # faithfulness curves written by the run, one figure per volume/target
         curves = json.loads(curves_path.read_text(encoding="utf-8"))

@@ -254,7 +254,7 @@ _register("integrated_gradients", "Integrated Gradients",
           "gradients averaged on the straight path from a baseline to the input, times the change",
           (BASELINE_PARAM, N_STEPS, IG_RULE, INTERNAL_BATCH), _integrated_gradients,
           "Sundararajan, Taly & Yan 2017, Axiomatic Attribution for Deep Networks, ICML, "
-          "arXiv:1703.01365", noise_tunnel=True)
+          "arXiv:1703.01365", noise_tunnel=True, axiom="completeness")
 _register("input_x_gradient", "Input x Gradient", "input times the gradient of the class score",
           (), _input_x_gradient, "Shrikumar et al. 2016, Not Just a Black Box, arXiv:1605.01713",
           noise_tunnel=True)
@@ -278,15 +278,15 @@ _register("deeplift", "DeepLIFT", "contributions to F(x) - F(baseline) by the re
           _deeplift,
           "Shrikumar, Greenside & Kundaje 2017, Learning Important Features Through Propagating "
           "Activation Differences, ICML, arXiv:1704.02685", needs_hooks=True, noise_tunnel=True,
-          cost=_TWO)
+          cost=_TWO, axiom="completeness")
 _register("deeplift_shap", "DeepLIFT SHAP",
           "DeepLIFT averaged over a seeded distribution of noisy copies of the baseline",
           (*_DISTRIBUTION, n_baselines_param(2)), _deeplift_shap, _SHAP_REF, needs_hooks=True,
-          cost=_TWO)
+          cost=_TWO, axiom="completeness")
 _register("gradient_shap", "Gradient SHAP",
           "expected gradients at random points between noisy baselines and the noisy input",
           (*_DISTRIBUTION, n_baselines_param(1), N_SAMPLES, STDEVS), _gradient_shap, _SHAP_REF,
-          noise_tunnel=True)
+          noise_tunnel=True, axiom="expected_completeness")
 _register("guided_gradcam", "Guided Grad-CAM",
           "guided backpropagation times the layer's Grad-CAM map interpolated to the input grid",
           (LAYER_INPUT,), _guided_gradcam,

@@ -38,7 +38,7 @@ from esegeta_engine.methods.gradient import (
 )
 from esegeta_engine.methods.deeplift_safe import DeepLiftPlan
 from esegeta_engine.methods.notes import notes_of
-from esegeta_engine.methods.registry import Call, MethodContext, MethodSpec, Param, register
+from esegeta_engine.methods.registry import Axiom, Call, MethodContext, MethodSpec, Param, register
 
 # The parameters every layer method has (run.py reads the first two).
 LAYER_PARAMS = (
@@ -133,7 +133,8 @@ _register("layer_gradcam", "Layer Grad-CAM",
 _register("layer_conductance", "Layer Conductance",
           "integrated gradients flowing through each layer unit from baseline to input",
           _PATH_16, _layer_conductance,
-          "Dhamdhere, Sundararajan & Yan 2018, How Important Is a Neuron?, arXiv:1805.12233")
+          "Dhamdhere, Sundararajan & Yan 2018, How Important Is a Neuron?, arXiv:1805.12233",
+          axiom="completeness")
 _register("internal_influence", "Internal Influence",
           "layer gradients integrated along the path from baseline to input",
           _PATH_16, _internal_influence,

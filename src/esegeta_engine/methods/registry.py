@@ -23,6 +23,16 @@ from esegeta_engine.errors import MethodError
 Family = Literal["gradient", "perturbation", "layer", "visualisation"]
 ParamKind = Literal["int", "float", "bool", "str", "ints", "floats"]
 Patchwise = Literal["gradient", "perturbation", "whole"]
+Axiom = Literal["completeness", "expected_completeness"]
+"""An identity a method's maps satisfy, checked on every map (:mod:`esegeta_engine.evaluation.axioms`):
+
+``completeness``
+    the attributions sum to ``F(x) - F(baseline)`` (Integrated Gradients up to its path
+    integral's error, DeepLIFT where every module has a rule, layer conductance);
+``expected_completeness``
+    the same in expectation over a baseline distribution and random path points (Gradient
+    SHAP): a finite-sample run misses it by sampling error, so its warning threshold is looser.
+"""
 """How a method runs under sliding-window (patch-based) execution:
 
 ``gradient``
@@ -268,6 +278,9 @@ class MethodSpec:
     cost : callable, optional
         ``cost(CostInfo, params) -> int``: model evaluations it will make, known before it
         runs (progress totals, ETA); ``None`` when it cannot be known in advance.
+    axiom : {"completeness", "expected_completeness"}, optional
+        The identity its maps satisfy (see :data:`Axiom`), checked on every map; ``None``
+        when the method has none.
     """
 
     name: str
@@ -283,6 +296,7 @@ class MethodSpec:
     reference: str = ""
     patchwise: Patchwise = "whole"
     cost: CostFn | None = None
+    axiom: Axiom | None = None
 
     def param(self, name: str) -> Param:
         """Return the parameter called ``name``."""

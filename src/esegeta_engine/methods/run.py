@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from captum.attr import NoiseTunnel
 
 from esegeta_engine.errors import MethodError
-from esegeta_engine.methods.registry import MethodContext, MethodSpec
+from esegeta_engine.methods.registry import Call, MethodContext, MethodSpec
 
 NOISE_TUNNEL_TYPES = ("smoothgrad", "smoothgrad_sq", "vargrad")
 
@@ -70,11 +70,23 @@ def attribute(
         A detached float tensor; input-grid methods return the input's shape,
         layer methods ``(N, C_layer or 1, *spatial)`` on the input grid when
         their ``upsample`` parameter is true (default).
+
+    Notes
+    -----
+    For the axiom checks (:mod:`esegeta_engine.evaluation.axioms`) this records in
+    ``ctx.extra``: ``"baselines"`` (the reference input(s) the method used, or ``None``),
+    ``"attribution_sum"`` (per-example sum of the raw attribution, before a layer map is
+    resampled to the input grid), ``"noise_tunnel"`` (whether it was averaged over noise) and
+    ``"batch"`` (inputs explained together); for methods with an axiom also ``"tapped_scores"``
+    (:class:`ScoreTap`: scores of the input and baseline rows the method evaluated itself).
     """
     check_applicable(spec, ctx)
     call = spec.build(ctx, params)
     algorithm = call.algorithm
     kwargs = dict(call.kwargs)
+    ctx.extra["baselines"] = call_baselines(call)
+    ctx.extra["noise_tunnel"] = bool(noise_tunnel)
+    ctx.extra["batch"] = int(ctx.inputs.shape[0])
     if noise_tunnel:
         if not spec.noise_tunnel:
             raise MethodError(
@@ -90,15 +102,61 @@ def attribute(
         )
     if call.passes_target:
         kwargs["target"] = ctx.target
-    with torch.random.fork_rng(devices=_devices(ctx.inputs)):
-        torch.manual_seed(ctx.seed)
-        result = algorithm.attribute(ctx.inputs, **kwargs)
+    tap = ScoreTap(ctx.inputs, ctx.extra["baselines"]) if spec.axiom and not noise_tunnel else None
+    handle = ctx.score_model.register_forward_hook(tap) if tap is not None else None
+    try:
+        with torch.random.fork_rng(devices=_devices(ctx.inputs)):
+            torch.manual_seed(ctx.seed)
+            result = algorithm.attribute(ctx.inputs, **kwargs)
+    finally:
+        if handle is not None:
+            handle.remove()
+    if tap is not None:
+        ctx.extra["tapped_scores"] = tap.found
     if isinstance(result, (tuple, list)):
         result = result[0]
     result = result.detach()
+    ctx.extra["attribution_sum"] = result.flatten(1).sum(1).double().cpu()
     if spec.family == "layer":
         result = _layer_to_input_grid(result, ctx, params)
     return result.float()
+
+
+class ScoreTap:
+    """Forward hook on the score model keeping the scores it computed for the unchanged input
+    and baseline rows during a method's own evaluations (DeepLIFT evaluates both), so the
+    completeness check need not evaluate them again.
+
+    ``found`` maps ``("input", i)`` / ``("baseline", j)`` to the detached score vector.
+    """
+
+    def __init__(self, inputs: torch.Tensor, baselines: torch.Tensor | None) -> None:
+        self.refs = [("input", i, inputs[i].detach()) for i in range(inputs.shape[0])]
+        if baselines is not None:
+            self.refs += [("baseline", j, baselines[j].detach()) for j in range(baselines.shape[0])]
+        self.found: dict[tuple[str, int], torch.Tensor] = {}
+
+    def __call__(self, module: torch.nn.Module, args: tuple, output: Any) -> None:
+        x = args[0] if args else None
+        if not isinstance(x, torch.Tensor) or not isinstance(output, torch.Tensor) or x.dim() < 2:
+            return
+        if len(self.found) == len(self.refs) or tuple(x.shape[1:]) != tuple(self.refs[0][2].shape):
+            return
+        rows = x.detach()
+        for kind, k, ref in self.refs:
+            if (kind, k) in self.found:
+                continue
+            for r in range(rows.shape[0]):
+                if torch.equal(rows[r], ref):
+                    self.found[(kind, k)] = output[r].detach().double().cpu()
+                    break
+
+
+def call_baselines(call: Call) -> torch.Tensor | None:
+    """The baseline(s) a built call uses: its ``baselines`` keyword, or the distribution a
+    seeded SHAP algorithm owns (``None`` for methods without a baseline)."""
+    found = call.kwargs.get("baselines", getattr(call.algorithm, "baselines", None))
+    return found.detach() if isinstance(found, torch.Tensor) else None
 
 
 def _devices(x: torch.Tensor) -> list[int]:

@@ -21,6 +21,7 @@ from qtpy.QtWidgets import (
     QAbstractItemView,
     QCheckBox,
     QComboBox,
+    QDoubleSpinBox,
     QFileDialog,
     QFormLayout,
     QGroupBox,
@@ -108,8 +109,21 @@ class EvaluateWidget(CancellableRun, QWidget):
         gt_row.addWidget(self.gt_combo, 1)
         mf.addLayout(gt_row)
 
+        d = E.EvalOptions()  # the engine's defaults, as `esegeta run` uses them
+        self.axioms_check = QCheckBox("axiom checks (completeness, 2 model calls)")
+        self.axioms_check.setChecked(d.axioms)
+        self.axioms_check.setToolTip("|sum(map) - (F(x) - F(baseline))| / |F(x) - F(baseline)| for methods "
+                                     "that promise it (IG, DeepLIFT, SHAP, conductance)")
         self.infidelity_check = QCheckBox("infidelity")
-        self.infidelity_check.setChecked(True)
+        self.infidelity_check.setChecked(d.infidelity)
+        self.samples_spin = QSpinBox()
+        self.samples_spin.setRange(1, 10000)
+        self.samples_spin.setValue(d.n_perturb_samples)
+        self.noise_spin = QDoubleSpinBox()
+        self.noise_spin.setDecimals(3)
+        self.noise_spin.setRange(0.001, 10.0)
+        self.noise_spin.setSingleStep(0.01)
+        self.noise_spin.setValue(d.noise_scale)
         self.infidelity_check.setToolTip("Yeh et al. 2019; lower is better (the map as it is in the layer)")
         self.sensitivity_check = QCheckBox("sensitivity (re-runs the method)")
         self.sensitivity_check.setToolTip("Max-sensitivity, Yeh et al. 2019; lower is more robust")
@@ -117,19 +131,37 @@ class EvaluateWidget(CancellableRun, QWidget):
         self.faithfulness_check.setChecked(True)
         self.steps_spin = QSpinBox()
         self.steps_spin.setRange(2, 100)
-        self.steps_spin.setValue(10)
+        self.steps_spin.setValue(d.steps)
         self.baseline_combo = QComboBox()
         self.baseline_combo.addItems(list(E.BASELINES))
+        self.baseline_combo.setCurrentText(d.baseline)
+        self.contrast_check = QCheckBox("class contrast (re-runs the method for another class)")
+        self.contrast_check.setChecked(d.class_contrast)
+        self.contrast_check.setToolTip("flags a map that does not change when another class is explained")
         self.localisation_check = QCheckBox("localisation (needs ground truth)")
         self.randomisation_check = QCheckBox("randomisation (re-runs the method)")
         self.mode_combo = QComboBox()
         self.mode_combo.addItems(list(E.MODES))
         self.stages_spin = QSpinBox()
-        self.stages_spin.setRange(1, 100)
-        self.stages_spin.setValue(3)
+        self.stages_spin.setRange(0, 100)
+        self.stages_spin.setSpecialValueText("all")
+        self.stages_spin.setValue(d.max_stages or 0)
+        self.threshold_spin = QDoubleSpinBox()
+        self.threshold_spin.setRange(0.01, 1.0)
+        self.threshold_spin.setSingleStep(0.05)
+        self.threshold_spin.setValue(d.threshold)
+        self.calibrate_check = QCheckBox("calibrated (null of two random networks, footprint removed)")
+        self.calibrate_check.setChecked(d.calibrate and d.footprint)
         metrics_box = QGroupBox("Metrics")
         form = QFormLayout(metrics_box)
+        form.addRow(self.axioms_check)
         form.addRow(self.infidelity_check)
+        inf_row = QHBoxLayout()
+        inf_row.addWidget(QLabel("samples"))
+        inf_row.addWidget(self.samples_spin)
+        inf_row.addWidget(QLabel("noise"))
+        inf_row.addWidget(self.noise_spin)
+        form.addRow(inf_row)
         form.addRow(self.sensitivity_check)
         form.addRow(self.faithfulness_check)
         faith_row = QHBoxLayout()
@@ -138,6 +170,7 @@ class EvaluateWidget(CancellableRun, QWidget):
         faith_row.addWidget(QLabel("baseline"))
         faith_row.addWidget(self.baseline_combo, 1)
         form.addRow(faith_row)
+        form.addRow(self.contrast_check)
         form.addRow(self.localisation_check)
         form.addRow(self.randomisation_check)
         rand_row = QHBoxLayout()
@@ -145,7 +178,10 @@ class EvaluateWidget(CancellableRun, QWidget):
         rand_row.addWidget(self.mode_combo, 1)
         rand_row.addWidget(QLabel("max stages"))
         rand_row.addWidget(self.stages_spin)
+        rand_row.addWidget(QLabel("threshold"))
+        rand_row.addWidget(self.threshold_spin)
         form.addRow(rand_row)
+        form.addRow(self.calibrate_check)
 
         self.run_btn = QPushButton("Run")
         self.run_btn.clicked.connect(self.run)
@@ -225,11 +261,15 @@ class EvaluateWidget(CancellableRun, QWidget):
     def options(self) -> E.EvalOptions:
         """The form's :class:`EvalOptions`."""
         return E.EvalOptions(
+            axioms=self.axioms_check.isChecked(), n_perturb_samples=self.samples_spin.value(),
+            class_contrast=self.contrast_check.isChecked(),
+            noise_scale=self.noise_spin.value(), threshold=self.threshold_spin.value(),
+            calibrate=self.calibrate_check.isChecked(), footprint=self.calibrate_check.isChecked(),
             infidelity=self.infidelity_check.isChecked(), sensitivity=self.sensitivity_check.isChecked(),
             faithfulness=self.faithfulness_check.isChecked(), localisation=self.localisation_check.isChecked(),
             randomisation=self.randomisation_check.isChecked(), steps=self.steps_spin.value(),
             baseline=self.baseline_combo.currentText(), mode=self.mode_combo.currentText(),
-            max_stages=self.stages_spin.value())
+            max_stages=self.stages_spin.value() or None)
 
     # -- running ---------------------------------------------------------------------------------
 

@@ -69,6 +69,7 @@ class ExplainWidget(CancellableRun, QWidget):
         self.voxel: tuple[int, ...] | None = None
         self.added: list[str] = []
         self.failures: list[str] = []
+        self.axiom_warnings: list[str] = []
         self.control = RunControl(self, self._progress, PROGRESS_INTERVAL_S)
         self._pbar: Any = None
         self._target: Any = None
@@ -264,7 +265,7 @@ class ExplainWidget(CancellableRun, QWidget):
         cancel = self.control.start()
         self._target, self._input_layer = target, layer
         self._roi_name = roi.name if (kind == "roi" and roi is not None) else None
-        self.added, self.failures = [], []
+        self.added, self.failures, self.axiom_warnings = [], [], []
         self._run_started = time.perf_counter()
         s.busy = True
         self.run_btn.setEnabled(False)
@@ -316,7 +317,11 @@ class ExplainWidget(CancellableRun, QWidget):
         elif isinstance(ev, MapReady):
             data, kwargs, _ = R.map_layer_data(ev, self._input_layer, self._target, self._roi_name)
             added = self.viewer.add_image(data, **kwargs)  # a list for per-channel volumes
-            self.added.extend(ly.name for ly in (added if isinstance(added, list) else [added]))
+            layers = added if isinstance(added, list) else [added]
+            self.added.extend(ly.name for ly in layers)
+            axiom = kwargs["metadata"]["esegeta"].get("axiom") or {}
+            if axiom.get("axiom_status") == "warning":  # the map misses its method's completeness
+                self.axiom_warnings.append(f"{layers[0].name}: {axiom.get('axiom_note', '')}")
         elif isinstance(ev, JobFailed):
             if ev.status != "cancelled":
                 self.failures.append(R.failure_text(ev))
@@ -337,6 +342,8 @@ class ExplainWidget(CancellableRun, QWidget):
         text = f"{len(self.added)} map(s) added in {took:.1f} s"
         if self.cancel_requested_at is not None:
             text += f"; cancelled (stopped {self.last_cancel_latency:.2f} s after the click)"
+        if self.axiom_warnings:
+            text += ".\ncompleteness check: " + "\n".join(self.axiom_warnings)
         if self.failures:
             set_status(self.status, text + ".\n" + "\n".join(self.failures), "error")
         else:

@@ -1,0 +1,130 @@
+"""How far to trust each map, in words and in tables, from a run's manifest.
+
+Used by the HTML and PDF reports: :func:`method_summaries` gives one sentence-level
+summary per (volume, method, target) from the completeness check, the randomisation
+verdict (with its margin over the null), faithfulness and localisation;
+:func:`randomisation_tables` flattens the randomisation results into a verdict table and a
+per-stage table (similarities, null, margin).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+__all__ = ["method_summaries", "randomisation_tables"]
+
+
+def _num(v: Any) -> float | None:
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) else None
+
+
+def _label(rec: Mapping[str, Any]) -> str:
+    return str(rec.get("method")) + (f"@{rec['layer']}" if rec.get("layer") else "")
+
+
+def _axiom_words(m: Mapping[str, Any]) -> tuple[str, int]:
+    """Words on the completeness check and a trust score (-1 bad, 0 unknown, 1 good)."""
+    status, err = m.get("axiom_status"), _num(m.get("completeness_error"))
+    if status == "ok" and err is not None:
+        return f"sums to F(x) - F(baseline) within {100 * err:.2g}% (completeness holds)", 1
+    if status == "warning":
+        return f"misses completeness: {m.get('axiom_note', '')}", -1
+    if status == "undefined":
+        return f"completeness undefined ({m.get('axiom_note', '')})", 0
+    note = m.get("axiom_note")
+    return "no completeness axiom for this method" + (f"; {note}" if note else ""), 0
+
+
+def _randomisation_words(verdicts: Sequence[tuple[str, Mapping[str, Any]]]) -> tuple[str, int]:
+    if not verdicts:
+        return "randomisation check not run", 0
+    parts, score = [], 0
+    for mode, v in verdicts:
+        parts.append(f"{mode} randomisation: {v.get('reason') or v.get('verdict')}")
+        if v.get("passes") is True:
+            score = max(score, 1) if score >= 0 else score
+        elif v.get("passes") is False:
+            score = -1
+    return "; ".join(parts), score
+
+
+def method_summaries(records: Sequence[Mapping[str, Any]],
+                     randomisation: Sequence[Mapping[str, Any]] | None = None) -> list[dict[str, Any]]:
+    """One summary per successful map: ``volume``, ``method``, ``target``, ``trust`` (low,
+    moderate, high or unchecked) and ``words`` (one paragraph), plus the key numbers."""
+    verdicts: dict[tuple[str, str, str], list[tuple[str, Mapping[str, Any]]]] = {}
+    for entry in randomisation or []:
+        for method, v in (entry.get("verdicts") or {}).items():
+            verdicts.setdefault((str(entry.get("volume")), method, str(entry.get("target"))), []).append(
+                (str(entry.get("mode")), v))
+    out = []
+    for rec in records:
+        if rec.get("status") != "ok":
+            continue
+        m = rec.get("metrics") or {}
+        label = _label(rec)
+        axiom, a_score = _axiom_words(m)
+        rnd, r_score = _randomisation_words(verdicts.get((str(rec.get("volume")), label, str(rec.get("target"))),
+                                                         []))
+        words = [f"Axiom: {axiom}.", f"Sanity: {rnd}."]
+        dele, ins = _num(m.get("auc_deletion")), _num(m.get("auc_insertion"))
+        if dele is not None or ins is not None:
+            words.append("Faithfulness: deletion AUC " + (f"{dele:.3g}" if dele is not None else "undefined")
+                         + " (lower is better), insertion AUC " + (f"{ins:.3g}" if ins is not None else "undefined")
+                         + " (higher is better).")
+        if m.get("class_contrast_status") == "flagged":
+            words.append(f"Class contrast: {m.get('class_contrast_note')}.")
+            a_score = -1
+        elif m.get("class_contrast_status") == "ok":
+            words.append(f"Class contrast: the map changes with the class (|Spearman| "
+                         f"{abs(_num(m.get('class_contrast_spearman')) or 0):.2f} against class "
+                         f"{m.get('class_contrast_class')}).")
+        auc, iou = _num(m.get("roc_auc")), _num(m.get("iou_otsu"))
+        if "roc_auc" in m:
+            words.append("Localisation: " + (f"ROC AUC {auc:.3g} against the ground truth" if auc is not None
+                                             else "undefined" + (f" ({m['note']})" if m.get("note") else ""))
+                         + (f", IoU of the Otsu-thresholded map {iou:.3g}" if iou is not None else "") + ".")
+        if a_score < 0 or r_score < 0:
+            trust = "low"  # a broken axiom, a failed sanity check or a map blind to the class
+        elif r_score > 0:
+            trust = "high"  # passes the sanity check and no axiom is broken
+        elif a_score > 0:
+            trust = "moderate"  # the axiom holds; the sanity check was not run or gave no verdict
+        else:
+            trust = "unchecked"
+        out.append({"volume": rec.get("volume"), "method": label, "target": rec.get("target"), "trust": trust,
+                    "words": " ".join(words), "completeness_error": _num(m.get("completeness_error")),
+                    "randomisation": "; ".join(f"{mode}: {v.get('verdict')}" for mode, v in
+                                               verdicts.get((str(rec.get("volume")), label, str(rec.get("target"))),
+                                                            [])) or None})
+    return out
+
+
+def randomisation_tables(randomisation: Sequence[Mapping[str, Any]] | None) -> tuple[list[dict], list[dict]]:
+    """(verdict rows, stage rows) of a manifest's ``randomisation`` entries.
+
+    Verdict rows: volume, target, mode, method, verdict, mean similarity, null, margin,
+    measure, reason. Stage rows: volume, target, mode, method, stage, layer, spearman_abs,
+    spearman_footprint, ssim, topk_iou, null, margin.
+    """
+    verdict_rows, stage_rows = [], []
+    for entry in randomisation or []:
+        base = {"volume": entry.get("volume"), "target": entry.get("target"), "mode": entry.get("mode")}
+        for method, v in (entry.get("verdicts") or {}).items():
+            verdict_rows.append({**base, "method": method, "verdict": v.get("verdict"),
+                                 "mean_similarity": v.get("mean_similarity"), "null": v.get("null"),
+                                 "margin": v.get("margin"), "measure": v.get("measure"), "reason": v.get("reason")})
+        stages = entry.get("stages") or []
+        for method, per_stage in (entry.get("scores") or {}).items():
+            for k, layer in enumerate(stages, start=1):
+                s = per_stage.get(layer)
+                if s is None:
+                    stage_rows.append({**base, "method": method, "stage": k, "layer": layer,
+                                       "note": "undefined: this stage failed (see errors)"})
+                    continue
+                stage_rows.append({**base, "method": method, "stage": k, "layer": layer,
+                                   **{key: s.get(key) for key in ("spearman_abs", "spearman_footprint", "ssim",
+                                                                  "topk_iou", "null", "margin")}})
+    return verdict_rows, stage_rows
