@@ -479,7 +479,7 @@ class Explainer:
                     yield state.progress(done, total, f"{job.label} · {job.cls_label}: starting")
                     yield from self._run_job(job, x, target, support, monitor, done, total, evaluators,
                                              threaded, on_progress, state, geometry)
-                    state.finished(job, monitor.count)
+                    state.finished(job, state.job_evaluations)
                     done += 1
                     if cancel.is_set():
                         return
@@ -573,6 +573,8 @@ class Explainer:
         else:
             yield from self._watch(work, job, holder, monitor, done, total, start, state)
         seconds = time.perf_counter() - start
+        # the method's own evaluations (trust checks after it are not part of the job's count)
+        state.job_evaluations = holder.get("evaluations", monitor.count)
         err = holder.get("error")
         if err is None and "result" in holder:
             try:
@@ -680,6 +682,7 @@ class _RunState:
     def __init__(self, expected: int | None) -> None:
         self.expected = expected
         self.finished_evaluations = 0
+        self.job_evaluations = 0
 
     def finished(self, job: Job, evaluations: int) -> None:
         self.finished_evaluations += evaluations
