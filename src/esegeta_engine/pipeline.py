@@ -34,7 +34,6 @@ from esegeta_engine.evaluation.api import localisation_metrics
 from esegeta_engine.evaluation.evaluators import CURVES_KEY, make_evaluators, scalar_metrics
 from esegeta_engine.evaluation.localisation import LOCALISATION_METRICS
 from esegeta_engine.models import load_model
-from esegeta_engine.preprocess import AxisOrder
 from esegeta_engine.runguard import (MANIFEST, OutputLock, check_previous_run, close_log, make_output_folder,
                                      open_log, protect_inputs, remove_part_files, write_final_manifest)
 

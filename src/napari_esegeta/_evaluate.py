@@ -256,7 +256,7 @@ def _evaluate(model: Any, volume: Volume, maps: Sequence[MapInfo], options: Eval
     from esegeta_engine.explain import Explainer, Job, build_target
     from esegeta_engine.methods import MethodContext, get_method
     from esegeta_engine.models import get_layer, is_torchscript
-    from esegeta_engine.scoring import EvaluationMonitor, ScoreModel
+    from esegeta_engine.scoring import EvaluationMonitor
 
     axis = preprocess.axis_order
     per_map = sum(getattr(options, k) for k in ("axioms", "infidelity", "sensitivity", "faithfulness",
@@ -294,7 +294,7 @@ def _evaluate(model: Any, volume: Volume, maps: Sequence[MapInfo], options: Eval
             target = build_target(info.target, preprocess.spatial_dims, info.roi_mask, axis).to(explainer.device)
             target.prepare(raw)
             prepared[key] = target
-        return ScoreModel(model, prepared[key], output, monitor)
+        return explainer.make_score_model(prepared[key], x, monitor)
 
     for i, info in enumerate(maps):
         row: dict[str, Any] = {"layer": info.name, "method": info.label, "target": info.target_label}
@@ -371,7 +371,6 @@ def _randomisation(model: Any, explainer: Any, x: Any, maps: Sequence[MapInfo], 
     """Randomisation of every map (one run per map: its method, layer and target)."""
     from esegeta_engine.evaluation.randomisation import run_randomisation
     from esegeta_engine.methods import get_method
-    from esegeta_engine.scoring import ScoreModel
 
     axis = explainer.preprocess.axis_order
     done = done_now()
@@ -387,7 +386,7 @@ def _randomisation(model: Any, explainer: Any, x: Any, maps: Sequence[MapInfo], 
             target = score_model_for(info).target
 
             def build(model_copy: Any, target: Any = target) -> Any:
-                return ScoreModel(model_copy, target, output)
+                return explainer.make_score_model(target, x, model=model_copy)
 
             def progress(d: int, t: int, message: str, name: str = info.name) -> None:
                 if on_progress is not None:

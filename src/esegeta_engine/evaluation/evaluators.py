@@ -153,7 +153,8 @@ def run_randomisation_phase(
     for vi, volume in enumerate(volumes):
         x = explainer.prepare_input(volume)
         target = build_target(explainer.target, explainer.preprocess.spatial_dims, roi_mask,
-                              explainer.preprocess.axis_order).to(explainer.device)
+                              explainer.preprocess.axis_order, explainer.geometry(volume),
+                              tuple(volume.data.shape[:explainer.preprocess.spatial_dims])).to(explainer.device)
         target.prepare(explainer.raw_output(x))
         for cls, label in classes_of(vi):
             for mode in modes:
@@ -162,8 +163,9 @@ def run_randomisation_phase(
                 def progress(done: int, total: int, message: str) -> None:
                     messages.append(Progress(done, total, f"randomisation ({mode}) {label}: {message}"))
 
-                def build(model_copy: torch.nn.Module) -> ScoreModel:
-                    return ScoreModel(model_copy, target, explainer.output)
+                def build(model_copy: torch.nn.Module, x: torch.Tensor = x) -> ScoreModel:
+                    # the one factory: randomised copies run as the model does (sliding window, precision)
+                    return explainer.make_score_model(target, x, model=model_copy)
 
                 yield Progress(0, 1, f"randomisation ({mode}) · {label}: starting")
                 result = run_randomisation(explainer.model, build, x, cls, entries, mode=mode,

@@ -38,7 +38,7 @@ from esegeta_engine.methods.gradient import (
 )
 from esegeta_engine.methods.deeplift_safe import DeepLiftPlan
 from esegeta_engine.methods.notes import notes_of
-from esegeta_engine.methods.registry import Axiom, Call, MethodContext, MethodSpec, Param, register
+from esegeta_engine.methods.registry import Call, MethodContext, MethodSpec, Param, register
 
 # The parameters every layer method has (run.py reads the first two).
 LAYER_PARAMS = (
