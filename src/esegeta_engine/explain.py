@@ -17,6 +17,7 @@ each job runs on one device against a score model built by the one factory,
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import threading
 import time
@@ -611,7 +612,9 @@ class Explainer:
     def _watch(work: Callable[[], None], job: Job, holder: dict[str, Any], monitor: EvaluationMonitor,
                done: int, total: int, start: float, state: _RunState) -> Generator[Event, None, None]:
         """Run ``work`` in a worker thread, yielding progress while it runs."""
-        thread = threading.Thread(target=work, name=f"esegeta-{job.label}", daemon=True)
+        # the worker inherits this thread's context (the run it logs for)
+        thread = threading.Thread(target=contextvars.copy_context().run, args=(work,),
+                                  name=f"esegeta-{job.label}", daemon=True)
         thread.start()
         last = -1
         timeout = monitor.timeout_s

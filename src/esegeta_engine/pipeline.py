@@ -10,6 +10,7 @@ drains it (the CLI adds a tqdm bar on top).
 from __future__ import annotations
 
 import logging
+import os
 import platform
 import re
 import threading
@@ -34,7 +35,7 @@ from esegeta_engine.evaluation.api import localisation_metrics
 from esegeta_engine.evaluation.evaluators import CURVES_KEY, make_evaluators, scalar_metrics
 from esegeta_engine.evaluation.localisation import LOCALISATION_METRICS
 from esegeta_engine.models import load_model
-from esegeta_engine.runguard import (MANIFEST, OutputLock, check_previous_run, close_log, make_output_folder,
+from esegeta_engine.runguard import (MANIFEST, RUN, OutputLock, check_previous_run, close_log, make_output_folder,
                                      open_log, protect_inputs, remove_part_files, write_final_manifest)
 
 log = logging.getLogger("esegeta_engine")
@@ -194,7 +195,9 @@ def iter_run(cfg: Config, cancel: threading.Event | None = None, *, threaded: bo
         # a folder of another model or other volumes is refused before anything in it changes
         previous = (ResumeState.load(out, model_fingerprint(model), stems) if resume
                     else ResumeState(out, None))
-        handler = open_log(out, log)
+        run_id = f"{os.getpid()}-{id(cfg)}-{time.time_ns()}"
+        run_token = RUN.set(run_id)
+        handler = open_log(out, log, run_id)
     except BaseException:
         lock.release()
         raise
@@ -303,6 +306,10 @@ def iter_run(cfg: Config, cancel: threading.Event | None = None, *, threaded: bo
                      manifest_path)
         finally:
             close_log(handler, log)
+            try:
+                RUN.reset(run_token)
+            except ValueError:  # the generator was closed from another thread (a GUI cancel)
+                pass
             lock.release()
     return RunResult(out, manifest_path, manifest["status"], manifest["results"])
 

@@ -10,6 +10,7 @@ failed run that wrote no maps does not block a rerun.
 
 from __future__ import annotations
 
+import contextvars
 import errno
 import fcntl
 import json
@@ -212,8 +213,25 @@ def remove_part_files(out: Path) -> list[Path]:
     return removed
 
 
-def open_log(out: Path, logger: logging.Logger) -> logging.Handler:
+RUN: contextvars.ContextVar[str | None] = contextvars.ContextVar("esegeta_run", default=None)
+"""The run the current thread works for: a run's log handler takes only that run's records, so
+two runs in one process (two napari docks, a GUI run beside a script) never share a log."""
+
+
+class _ThisRun(logging.Filter):
+    def __init__(self, run_id: str) -> None:
+        super().__init__()
+        self.run_id = run_id
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return RUN.get() == self.run_id
+
+
+def open_log(out: Path, logger: logging.Logger, run_id: str | None = None) -> logging.Handler:
     """Attach a handler appending to ``out/esegeta.log``, never following a symbolic link.
+
+    With ``run_id``, the handler keeps only records logged while :data:`RUN` is that id
+    (set by the run in its thread; worker threads inherit it through their context).
 
     Raises
     ------
@@ -230,6 +248,8 @@ def open_log(out: Path, logger: logging.Logger) -> logging.Handler:
         raise output_error(exc, path) from None
     handler = logging.StreamHandler(os.fdopen(fd, "a", encoding="utf-8"))
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    if run_id is not None:
+        handler.addFilter(_ThisRun(run_id))
     logger.addHandler(handler)
     if logger.level == logging.NOTSET or logger.level > logging.INFO:
         logger.setLevel(logging.INFO)

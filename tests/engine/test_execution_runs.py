@@ -229,3 +229,32 @@ def test_monai_networks_take_odd_sizes_through_padding(net_name):
             if isinstance(e, MapReady)]
     assert maps and maps[0].array.shape == (33, 40, 37) and np.isfinite(maps[0].array).all()
     assert float(np.abs(maps[0].array).max()) > 0
+
+
+def test_two_runs_in_one_process_keep_their_own_logs(tmp_path):
+    """No log handler shared between runs: each run's esegeta.log holds its own lines only."""
+    import threading
+
+    cfgs = [_cfg(tmp_path, [{"name": "saliency"}, {"name": "integrated_gradients", "params": {"n_steps": 4}}],
+                 out=f"out{i}") for i in range(2)]
+    gens = [__import__("esegeta_engine.pipeline", fromlist=["iter_run"]).iter_run(c, threaded=True) for c in cfgs]
+    errors = []
+
+    def drain(gen):
+        try:
+            for _ in gen:
+                time.sleep(0.001)
+        except Exception as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=drain, args=(g,)) for g in gens]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors
+    for i in range(2):
+        text = (tmp_path / f"out{i}" / "esegeta.log").read_text()
+        other = str(tmp_path / f"out{1 - i}" / "manifest.json")
+        assert "saliency" in text and other not in text
+        assert text.count("run completed") == 1
