@@ -55,7 +55,7 @@ def main() -> None:
     if mw.session.model is None:
         sys.exit(mw.status.text())
     image = viewer.layers["phantom TOF-MRA"]
-    viewer.layers["phantom vessels (ground truth)"].visible = False
+    viewer.layers["ground truth"].visible = False
     from napari_esegeta._view import show_plane
 
     viewer.layers.selection.active = image

@@ -32,7 +32,7 @@ class GridState:
     visible: list[bool] = field(default_factory=list)
     grid: dict[str, Any] = field(default_factory=dict)
     copies: list[Any] = field(default_factory=list)
-    overlays: list[tuple[Any, bool, bool]] = field(default_factory=list)
+    overlays: list[tuple[Any, bool, bool, Any]] = field(default_factory=list)
 
 
 def _grid(viewer: Any) -> Any:
@@ -82,9 +82,11 @@ def arrange_side_by_side(viewer: Any, base: Any, results: list[Any], spacing: fl
         _move_to(viewer, layer, position)
     for layer in viewer.layers:
         layer.visible = layer in desired
-    for result in results:  # name and colour bar in each cell
-        state.overlays.append((result, result.name_overlay.visible, result.colorbar.visible))
+    for result in results:  # name (top left) and colour bar (bottom right) in each cell, apart
+        state.overlays.append((result, result.name_overlay.visible, result.colorbar.visible,
+                               result.colorbar.position))
         result.name_overlay.visible = True
+        result.colorbar.position = "bottom_right"
         result.colorbar.visible = True
     grid.stride = 2
     grid.shape = (-1, -1)
@@ -98,8 +100,9 @@ def restore_layout(viewer: Any, state: GridState) -> None:
     """Undo :func:`arrange_side_by_side` (layers removed meanwhile are skipped)."""
     grid = _grid(viewer)
     grid.enabled = False
-    for layer, name_visible, colorbar_visible in state.overlays:
+    for layer, name_visible, colorbar_visible, colorbar_position in state.overlays:
         layer.name_overlay.visible = name_visible
+        layer.colorbar.position = colorbar_position
         layer.colorbar.visible = colorbar_visible
     for copy in state.copies:
         if copy in viewer.layers:

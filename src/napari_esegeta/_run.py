@@ -45,25 +45,52 @@ def activation_choices() -> list[str]:
     return ["default", *lit.__args__]
 
 
-def parse_classes(text: str) -> list[int] | None:
-    """``"1, 2"`` -> [1, 2]; ``""`` -> None (the target's default classes).
+def parse_classes(text: str, names: Sequence[str] = ()) -> list[int] | None:
+    """``"1, 2"`` or ``"vessel"`` -> class indices; ``""`` -> None (the target's default classes).
+
+    Parameters
+    ----------
+    text : str
+        Class indices and/or names, separated by commas.
+    names : sequence of str
+        The model's class names by index (empty when unknown: indices only,
+        checked later by the engine).
 
     Raises
     ------
     TargetError
-        If an entry is not a non-negative integer.
+        If an entry is neither a known name nor a valid index.
     """
-    items = [t for t in text.replace(";", ",").replace(" ", ",").split(",") if t.strip()]
+    items = [t.strip() for t in text.replace(";", ",").split(",") if t.strip()]
     if not items:
         return None
-    try:
-        classes = [int(t) for t in items]
-    except ValueError:
-        raise TargetError(f"classes {text!r} are not integers", "write e.g. 1 or 0, 1; leave empty "
-                          "for the default (the predicted foreground classes)") from None
-    if any(c < 0 for c in classes):
-        raise TargetError(f"classes {text!r} must not be negative", "use class indices 0, 1, ...")
+    lookup = {n.lower(): i for i, n in enumerate(names)}
+    known = ", ".join(f"{n} ({i})" for i, n in enumerate(names))
+    classes = []
+    for item in items:
+        if item.lower() in lookup:
+            classes.append(lookup[item.lower()])
+            continue
+        try:
+            index = int(item)
+        except ValueError:
+            fix = (f"use one of the model's classes: {known}" if names else
+                   "write class indices (e.g. 1 or 0, 1), or type the class names in the Model tab")
+            raise TargetError(f"class {item!r} is not a class of the model", fix) from None
+        if index < 0 or (names and index >= len(names)):
+            raise TargetError(f"class index {index} does not exist",
+                              f"use one of the model's classes: {known}" if names else "use 0, 1, ...")
+        classes.append(index)
     return classes
+
+
+def class_label(cls: int, cls_label: str, names: Sequence[str] = ()) -> str:
+    """A job's target label with the class name, e.g. ``argmax-1`` -> ``argmax-vessel``."""
+    if not (0 <= cls < len(names)):
+        return cls_label
+    suffix = f"-{cls}"
+    return (cls_label[: -len(suffix)] + f"-{names[cls]}") if cls_label.endswith(suffix) else \
+        f"{cls_label} ({names[cls]})"
 
 
 def make_target(kind: str, classes: list[int] | None = None, activation: str = "default",
@@ -158,17 +185,19 @@ def predict_labels(model: Any, volume: Volume, preprocess: PreprocessConfig,
 
 
 def map_layer_data(event: MapReady, input_layer: Any, target: TargetConfig,
-                   roi_layer: str | None = None) -> tuple[Any, dict, str]:
+                   roi_layer: str | None = None, class_names: Sequence[str] = ()) -> tuple[Any, dict, str]:
     """Layer data for a :class:`MapReady`, with the input layer's geometry and provenance."""
     job = event.job
+    cls_name = class_names[job.cls] if 0 <= job.cls < len(class_names) else None
     prov = {"params": _jsonable(job.params), "layer": job.layer, "noise_tunnel": job.noise_tunnel,
-            "target": target.kind, "class": job.cls, "voxel": target.voxel,
+            "target": target.kind, "class": job.cls, "class_name": cls_name, "voxel": target.voxel,
             "roi_layer": roi_layer if target.kind == "roi" else None, "frozen": target.frozen,
             "activation": target.resolved_activation, "seconds": round(event.seconds, 3),
             "evaluations": event.evaluations, "input_layer": input_layer.name,
             "family": job.spec.family}
     return result_layer_data(event.array, method=job.spec.name, method_label=job.label,
-                             target_label=job.cls_label, provenance=prov,
+                             target_label=class_label(job.cls, job.cls_label, class_names),
+                             provenance=prov,
                              geometry=copy_geometry(input_layer),
                              nifti=(input_layer.metadata or {}).get("nifti"))
 
