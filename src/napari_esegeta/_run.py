@@ -85,12 +85,11 @@ def parse_classes(text: str, names: Sequence[str] = ()) -> list[int] | None:
 
 
 def class_label(cls: int, cls_label: str, names: Sequence[str] = ()) -> str:
-    """A job's target label with the class name, e.g. ``argmax-1`` -> ``argmax-vessel``."""
+    """A job's ``kind-class`` label with the class name, e.g. ``argmax-class1`` -> ``argmax-vessel``."""
     if not (0 <= cls < len(names)):
         return cls_label
-    suffix = f"-{cls}"
-    return (cls_label[: -len(suffix)] + f"-{names[cls]}") if cls_label.endswith(suffix) else \
-        f"{cls_label} ({names[cls]})"
+    kind = cls_label.split("-", 1)[0]
+    return f"{kind}-{names[cls]}"
 
 
 def make_target(kind: str, classes: list[int] | None = None, activation: str = "default",
