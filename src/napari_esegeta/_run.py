@@ -85,11 +85,15 @@ def parse_classes(text: str, names: Sequence[str] = ()) -> list[int] | None:
 
 
 def class_label(cls: int, cls_label: str, names: Sequence[str] = ()) -> str:
-    """A job's ``kind-class`` label with the class name, e.g. ``argmax-class1`` -> ``argmax-vessel``."""
+    """A job's target label with the class name: ``argmax-class1`` -> ``vessel``, ``voxel-class1`` -> ``voxel-vessel``.
+
+    The argmax target (the default) is named by its class alone, to keep
+    layer names short; the target kind stays in the layer's metadata.
+    """
     if not (0 <= cls < len(names)):
         return cls_label
     kind = cls_label.split("-", 1)[0]
-    return f"{kind}-{names[cls]}"
+    return names[cls] if kind == "argmax" else f"{kind}-{names[cls]}"
 
 
 def make_target(kind: str, classes: list[int] | None = None, activation: str = "default",

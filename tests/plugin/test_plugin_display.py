@@ -88,7 +88,8 @@ def test_classes_by_name_or_index() -> None:
     with pytest.raises(TargetError) as err:
         parse_classes("vessel", ())
     assert "Model tab" in err.value.fix
-    assert class_label(1, "argmax-class1", names) == "argmax-vessel"
+    assert class_label(1, "argmax-class1", names) == "vessel"
+    assert class_label(1, "voxel-class1", names) == "voxel-vessel"
     assert class_label(1, "argmax-class1", ()) == "argmax-class1"
     assert class_label(5, "argmax-class5", names) == "argmax-class5"
 

@@ -115,11 +115,14 @@ def test_maps_read_over_the_scan(qtbot, laptop, tmp_path, bundled_model):
     _run(qtbot, ex)
     assert ex.status.property("status_kind") == "ok", ex.status.text()
     maps = [ly for ly in viewer.layers if "method" in ly.metadata.get("esegeta", {})]
-    assert len(maps) == 3 and all(m.name.endswith("argmax-vessel") for m in maps), [m.name for m in maps]
+    assert len(maps) == 3 and all(m.name.endswith(" · vessel") for m in maps), [m.name for m in maps]
     assert all(m.metadata["esegeta"]["class_name"] == "vessel" for m in maps)
     visible = [m for m in maps if m.visible]
-    assert visible == [maps[-1]] and maps[-1].colorbar.visible
-    assert not any(m.colorbar.visible for m in maps[:-1])
+    bar = ex.colorbar
+    assert visible == [maps[-1]] and bar.isVisible() and bar.layer.name == maps[-1].name
+    np.testing.assert_allclose(bar.colors()[-1], maps[-1].colormap.map(np.array([1.0]))[0])
+    canvas = bar.parentWidget()
+    assert bar.geometry().right() < canvas.width() and bar.geometry().top() >= 0  # over the canvas
     signed = [m for m in maps if m.metadata["esegeta"]["signed"]]
     unsigned = [m for m in maps if not m.metadata["esegeta"]["signed"]]
     assert signed and unsigned
@@ -134,6 +137,15 @@ def test_maps_read_over_the_scan(qtbot, laptop, tmp_path, bundled_model):
     dock.show_view("axial")
     shot = viewer.screenshot(str(_shot_dir(tmp_path) / "maps_axial.png"), canvas_only=True, flash=False)
     assert shot[..., :3].std() > 10
+    window_shot = viewer.screenshot(str(_shot_dir(tmp_path) / "maps_window.png"), canvas_only=False, flash=False)
+    corner = window_shot[bar.mapTo(viewer.window._qt_window, bar.rect().center()).y(),
+                         bar.mapTo(viewer.window._qt_window, bar.rect().center()).x(), :3]
+    assert corner.std() > 0 or corner.mean() > 0  # the bar is painted in the window
+    # removing maps (the one with the bar too) leaves napari running, the bar hides
+    for m in maps:
+        viewer.layers.remove(m)
+        _pump(0.3)
+    assert not bar.isVisible() and bar.layer is None
     # prediction and ground truth: distinct colours
     dock.model.predict()
     wait_until(qtbot, lambda: "prediction" in viewer.layers, 60)

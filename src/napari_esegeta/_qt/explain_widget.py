@@ -2,7 +2,8 @@
 
 A run iterates ``Explainer.iter_explain`` in a napari ``thread_worker``; each
 ``MapReady`` becomes a layer as soon as its job ends (the newest map is the
-only one visible, with its colour bar; the others stay in the layer list),
+only one visible, with a colour bar over the canvas; the others stay in the
+layer list),
 napari's progress bar shows the method and the model evaluations, and Cancel
 sets the engine's cancel event (checked at every model evaluation), so it
 takes effect within one evaluation and keeps the layers already added. While
@@ -46,6 +47,7 @@ from napari_esegeta._model import format_error
 from napari_esegeta._qt._common import CancellableRun, LayerCombo, RunControl, set_status, status_label
 from napari_esegeta import _cost
 from napari_esegeta._layers import is_result_layer
+from napari_esegeta._qt.colorbar import CanvasColorBar
 from napari_esegeta._qt.method_panel import MethodPanel
 from napari_esegeta._state import Session, get_session
 
@@ -148,6 +150,7 @@ class ExplainWidget(CancellableRun, QWidget):
         layout.addWidget(self.status)
         self.session.signals.model_changed.connect(self._model_changed)
         napari_viewer.layers.events.removed.connect(self._layer_removed)
+        self.colorbar = CanvasColorBar(napari_viewer)
         self._model_changed(self.session)
         self._kind_changed(self.kind_combo.currentText())
 
@@ -314,6 +317,7 @@ class ExplainWidget(CancellableRun, QWidget):
             layer = self.viewer.add_image(data, **kwargs)
             self.added.append(layer.name)
             show_only(self.viewer, layer)
+            self.colorbar.show_layer(layer)
             self._evaluations_done += int(ev.evaluations or 0)
         elif isinstance(ev, JobFailed):
             if ev.status != "cancelled":
@@ -335,8 +339,8 @@ class ExplainWidget(CancellableRun, QWidget):
         text = f"{len(self.added)} map(s) added in {took:.1f} s"
         if self.cancel_requested_at is not None:
             text += f"; cancelled (stopped {self.last_cancel_latency:.2f} s after the click)"
-        if self.added:
-            text += f" (showing {self.added[-1]}; the others are in the layer list)"
+        if len(self.added) > 1:
+            text += "; the newest is shown, the others are in the layer list"
         if self._evaluations_done and took > 0:
             self.session.seconds_per_evaluation = took / self._evaluations_done
         if self.failures:
@@ -377,10 +381,8 @@ class ExplainWidget(CancellableRun, QWidget):
 
 
 def show_only(viewer: Any, newest: Any) -> None:
-    """Make ``newest`` the only visible attribution map, with its colour bar in the main view."""
+    """Make ``newest`` the only visible attribution map (the others stay in the layer list)."""
     for layer in viewer.layers:
         if is_result_layer(layer) and layer is not newest:
             layer.visible = False
-            layer.colorbar.visible = False
     newest.visible = True
-    newest.colorbar.visible = True
