@@ -269,3 +269,20 @@ def test_menu_actions_open_the_dock(make_napari_viewer, tmp_path):
     assert dock.tabs.currentWidget() is dock.explain and dock.explain.image_combo.currentText() == layer.name
     _actions.evaluate_maps(viewer)
     assert dock.tabs.currentIndex() == 3
+
+
+def test_menu_contributions_reach_napari_menus(make_napari_viewer):
+    """The manifest's ``menus`` put the layer actions in napari's Layers menus, runnable by command id."""
+    from napari._app_model import get_app_model
+
+    viewer = make_napari_viewer()
+    app = get_app_model()
+    def ids(menu: str) -> set:
+        return {item.command.id for item in app.menus.get_menu(menu) if hasattr(item, "command")}
+
+    visualize, measure = ids("napari/layers/visualize"), ids("napari/layers/measure")
+    assert {"napari-esegeta.explain_image", "napari-esegeta.compare_maps"} <= visualize
+    assert "napari-esegeta.evaluate_maps" in measure
+    app.commands.execute_command("napari-esegeta.evaluate_maps").result()  # napari injects the viewer
+    _, dock = viewer.window.add_plugin_dock_widget("napari-esegeta", "esegeta")
+    assert dock.tabs.currentIndex() == 3

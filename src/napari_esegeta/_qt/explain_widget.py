@@ -40,13 +40,12 @@ from qtpy.QtWidgets import (
 )
 
 from esegeta_engine.explain import JobFailed, MapReady, Progress
+from napari_esegeta import _cost
 from napari_esegeta import _run as R
 from napari_esegeta._geometry import copy_geometry, layer_to_nifti_affine, voxel_to_world
-from napari_esegeta._layers import is_input_layer
+from napari_esegeta._layers import is_input_layer, is_result_layer
 from napari_esegeta._model import format_error
 from napari_esegeta._qt._common import CancellableRun, LayerCombo, RunControl, set_status, status_label
-from napari_esegeta import _cost
-from napari_esegeta._layers import is_result_layer
 from napari_esegeta._qt.colorbar import CanvasColorBar
 from napari_esegeta._qt.method_panel import MethodPanel
 from napari_esegeta._state import Session, get_session
