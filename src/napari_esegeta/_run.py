@@ -85,7 +85,9 @@ def parse_classes(text: str, names: Sequence[str] = ()) -> list[int] | None:
 
 
 def class_label(cls: int, cls_label: str, names: Sequence[str] = ()) -> str:
-    """A job's target label with the class name (``argmax-class1`` -> ``vessel``, ``voxel-class1`` -> ``voxel-vessel``).
+    """A job's target label with the class name.
+
+    ``argmax-class1`` -> ``vessel``, ``voxel-class1`` -> ``voxel-vessel``.
 
     The argmax target (the default) is named by its class alone, to keep
     layer names short; the target kind stays in the layer's metadata.

@@ -280,7 +280,8 @@ def test_npe2_docked_widgets_share_the_model(qtbot, make_napari_viewer, bundled_
     assert ex.session is mw.session and "bundled" in ex.model_label.text()
     assert ex.image_combo.layer() is not None and mw.image_combo.layer() is not None
     mw.predict()
-    wait_until(qtbot, lambda: any(ly.name.startswith("prediction") for ly in viewer.layers), 60)
+    wait_until(qtbot, lambda: any(ly.name.startswith("prediction") for ly in viewer.layers)
+               and not mw.session.busy, 60)  # the layer comes before the worker's end
     ex.methods.check("saliency")
     run_and_wait(qtbot, ex)
     assert ex.status.property("status_kind") == "ok", ex.status.text()

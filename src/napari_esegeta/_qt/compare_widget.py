@@ -151,8 +151,8 @@ class CompareWidget(QWidget):
         self.compare_btn.blockSignals(True)
         self.compare_btn.setChecked(True)
         self.compare_btn.blockSignals(False)
-        set_status(self.status, f"{len(results)} map(s) side by side over {base.name} (row by row: "
-                   + ", ".join(r.name for r in results) + "); cameras linked.", "ok")
+        set_status(self.status, f"{len(results)} map(s) side by side over {base.name}, row by row, "
+                   "cameras linked. Colour scales:\n" + "\n".join(C.limits_text(r) for r in results), "ok")
         return True
 
     def uncompare(self) -> None:
