@@ -82,7 +82,7 @@ def main() -> None:
     ex.classes_edit.setText("vessel")
     ex.methods.check("saliency")
     ex.methods.check("integrated_gradients", n_steps=8)
-    ex.methods.check("occlusion", window=8, stride=8)
+    ex.methods.check("occlusion", window=16, stride=16)
     ex.methods.check("layer_gradcam")
     pump(app, 0.5)
     ex.methods_scroll.ensureWidgetVisible(ex.methods.rows["integrated_gradients"].check, 0, 0)
@@ -100,7 +100,7 @@ def main() -> None:
     for ly in viewer.layers:
         if "method" in ly.metadata.get("esegeta", {}):
             ly.visible = ly is ig
-            ly.colorbar.visible = ly is ig
+    ex.colorbar.show_layer(ig)
     k = int(np.argmax(np.abs(ig.data).sum(axis=(0, 1))))
     dock.show_view("axial")
     viewer.dims.set_point(2, float(ig.data_to_world((0, 0, k))[2]))

@@ -141,6 +141,10 @@ def test_maps_read_over_the_scan(qtbot, laptop, tmp_path, bundled_model):
     corner = window_shot[bar.mapTo(viewer.window._qt_window, bar.rect().center()).y(),
                          bar.mapTo(viewer.window._qt_window, bar.rect().center()).x(), :3]
     assert corner.std() > 0 or corner.mean() > 0  # the bar is painted in the window
+    viewer.canvas.grid.enabled = True  # one bar for one view: hidden over a grid
+    assert not bar.isVisible()
+    viewer.canvas.grid.enabled = False
+    assert bar.isVisible()
     # removing maps (the one with the bar too) leaves napari running, the bar hides
     for m in maps:
         viewer.layers.remove(m)

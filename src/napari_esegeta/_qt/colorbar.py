@@ -56,6 +56,7 @@ class CanvasColorBar(QWidget):
         if self._canvas is not None:
             self._canvas.installEventFilter(self)
         viewer.layers.events.removed.connect(self._removed)
+        viewer.canvas.grid.events.enabled.connect(self._changed)  # one bar for one view: not over a grid
 
     @property
     def available(self) -> bool:
@@ -93,7 +94,8 @@ class CanvasColorBar(QWidget):
 
     def _changed(self, *_: Any) -> None:
         try:
-            visible = self.layer is not None and self.layer.visible and self.available
+            visible = (self.layer is not None and self.layer.visible and self.available
+                       and not self.viewer.canvas.grid.enabled)
             self.setVisible(bool(visible))
             if visible:
                 self._place()
