@@ -99,12 +99,13 @@ class RateMeter:
         return max(self.expected - self.evaluations, 0) * elapsed / self.evaluations
 
     def text(self, event: Any, now: float) -> str:
-        """`` · 120/500 evaluations · ETA 1 min 20 s`` (empty before any evaluation)."""
+        """`` · run 120/500 · ETA 1 min 20 s``; empty without the run's expected total.
+
+        (The engine's own message already counts the running job's evaluations.)
+        """
         self.update(event, now)
-        if self.evaluations <= 0 and self.expected is None:
+        if self.expected is None:
             return ""
-        total = f"/{self.expected:,}" if self.expected is not None else ""
-        out = f" · {self.evaluations:,}{total} evaluations"
+        out = f" · run {self.evaluations:,}/{self.expected:,}"
         eta = self.eta(now)
         return out + (f" · ETA {format_seconds(eta)}" if eta is not None else "")
-

@@ -98,6 +98,18 @@ def class_label(cls: int, cls_label: str, names: Sequence[str] = ()) -> str:
     return names[cls] if kind == "argmax" else f"{kind}-{names[cls]}"
 
 
+def named_message(message: str, names: Sequence[str] = ()) -> str:
+    """An engine progress message with class names (``argmax-class1`` -> ``vessel``)."""
+    if not names:
+        return message
+    import re
+
+    def repl(match: re.Match) -> str:
+        return class_label(int(match.group(2)), match.group(0), names)
+
+    return re.sub(r"\b([a-z_]+)-class(\d+)\b", repl, message)
+
+
 def make_target(kind: str, classes: list[int] | None = None, activation: str = "default",
                 voxel: Sequence[int] | None = None, roi_name: str | None = None,
                 frozen: bool = True) -> TargetConfig:

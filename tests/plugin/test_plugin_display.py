@@ -15,7 +15,7 @@ from napari_esegeta._layers import (
     sequential_colormap,
     support_limit,
 )
-from napari_esegeta._run import class_label, parse_classes
+from napari_esegeta._run import class_label, named_message, parse_classes
 from napari_esegeta._view import axis_codes, orientation_letters
 
 
@@ -92,6 +92,9 @@ def test_classes_by_name_or_index() -> None:
     assert class_label(1, "voxel-class1", names) == "voxel-vessel"
     assert class_label(1, "argmax-class1", ()) == "argmax-class1"
     assert class_label(5, "argmax-class5", names) == "argmax-class5"
+    assert named_message("saliency · argmax-class1: 3 model evaluations", names) == \
+        "saliency · vessel: 3 model evaluations"
+    assert named_message("occlusion · voxel-class0: starting", names) == "occlusion · voxel-background: starting"
 
 
 def test_rate_meter_total_and_eta() -> None:
@@ -99,12 +102,13 @@ def test_rate_meter_total_and_eta() -> None:
     ev = SimpleNamespace(evaluations=5, run_evaluations=40, run_expected=100)
     text = meter.text(ev, now=110.0)  # 40 evaluations in 10 s: 60 left take 15 s
     assert meter.eta(110.0) == pytest.approx(15.0)
-    assert "40/100 evaluations" in text and "ETA 15 s" in text
+    assert text == " · run 40/100 · ETA 15 s"
     # an engine without run totals: per-job counts are summed over jobs, no ETA
     meter = _cost.RateMeter(start=0.0)
     for n in (3, 7, 2, 4):  # job 1 ends at 7, job 2 is at 4
         meter.update(SimpleNamespace(evaluations=n), now=1.0)
     assert meter.evaluations == 11 and meter.eta(1.0) is None
+    assert meter.text(SimpleNamespace(evaluations=5), now=2.0) == ""
 
 
 def test_cost_estimate_and_warning(monkeypatch) -> None:

@@ -295,7 +295,8 @@ class ExplainWidget(CancellableRun, QWidget):
         self._last_progress = now
         step = f"{min(ev.done + 1, ev.total)}/{ev.total}"
         if not self._cancel.is_set() and ev.message != "finished":
-            self.progress_label.setText(f"[{step}] {ev.message}" + self._rate.text(ev, now))
+            message = R.named_message(ev.message, self.session.class_names)
+            self.progress_label.setText(f"[{step}] {message}" + self._rate.text(ev, now))
         if not new_job:
             return
         # napari's progress bar may process Qt events (re-entrancy): touch it last
@@ -303,7 +304,8 @@ class ExplainWidget(CancellableRun, QWidget):
         if pbar is None:
             pbar = self._pbar = progress(total=max(ev.total, 1), desc="esegeta")
         pbar.total = max(ev.total, 1)
-        pbar.set_description(f"esegeta {step}: {ev.message.split(':')[0]}")
+        job = R.named_message(ev.message, self.session.class_names).split(":")[0]
+        pbar.set_description(f"esegeta {step}: {job}")
         if ev.done > pbar.n:
             pbar.update(ev.done - pbar.n)
 
