@@ -149,7 +149,8 @@ class ExplainWidget(CancellableRun, QWidget):
         layout.addWidget(self.status)
         self.session.signals.model_changed.connect(self._model_changed)
         napari_viewer.layers.events.removed.connect(self._layer_removed)
-        self.colorbar = CanvasColorBar(napari_viewer)
+        self.colorbar = CanvasColorBar(napari_viewer)  # over the canvas: goes when this widget goes
+        self.destroyed.connect(self.colorbar.deleteLater)
         self._model_changed(self.session)
         self._kind_changed(self.kind_combo.currentText())
 
