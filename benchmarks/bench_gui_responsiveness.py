@@ -7,9 +7,14 @@ the whole time; the longest gap between its ticks is how long the GUI was
 frozen. After a few seconds of occlusion, Cancel is clicked and the time
 until the worker has finished is measured.
 
+``--size mni`` runs the same on an MNI152-sized volume (197×233×189, the
+phantom resampled) with a small fully convolutional TorchScript model (the
+bundled U-Net needs axes divisible by 4): each model evaluation there takes
+long, which is what cancel latency has to live with.
+
 Run under a display (or ``xvfb-run -a``)::
 
-    xvfb-run -a .venv/bin/python benchmarks/bench_gui_responsiveness.py [--ndisplay 3] [--repeats 3]
+    xvfb-run -a .venv/bin/python benchmarks/bench_gui_responsiveness.py [--ndisplay 3] [--repeats 3] [--size mni]
 
 Targets: longest gap while a method runs < 100 ms; cancel < 1 s.
 """
@@ -37,11 +42,40 @@ def _pump(app, seconds: float) -> None:
         time.sleep(0.002)
 
 
+MNI_SHAPE = (197, 233, 189)
+
+
+def _mni_sized(data):
+    """The phantom resampled (linear) onto the MNI152 1 mm grid's shape."""
+    import numpy as np
+    from scipy.ndimage import zoom
+
+    return zoom(np.asarray(data, dtype=np.float32), [m / s for m, s in zip(MNI_SHAPE, data.shape)],
+                order=1).astype(np.float32)
+
+
+def _small_fcn() -> str:
+    """A TorchScript 3-layer fully convolutional 2-class model (any input shape), saved to a temp file."""
+    import tempfile
+
+    import torch
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv3d(1, 8, 3, padding=1), torch.nn.ReLU(),
+                              torch.nn.Conv3d(8, 8, 3, padding=1), torch.nn.ReLU(),
+                              torch.nn.Conv3d(8, 2, 1)).eval()
+    path = tempfile.mkdtemp() + "/fcn.pt"
+    torch.jit.script(net).save(path)
+    return path
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--ndisplay", type=int, default=2, choices=(2, 3))
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--run-seconds", type=float, default=3.0, help="occlusion time before Cancel")
+    ap.add_argument("--size", choices=("sample", "mni"), default="sample",
+                    help="sample: the 64^3 phantom; mni: 197x233x189 (MNI152 1 mm grid)")
     args = ap.parse_args()
 
     import napari
@@ -56,12 +90,19 @@ def main() -> None:
     viewer = napari.Viewer()
     app = QApplication.instance()
     data, kwargs, _ = phantom_volume_data()[0]
+    if args.size == "mni":
+        data = _mni_sized(data)
     viewer.add_image(data, **kwargs)
     viewer.dims.ndisplay = args.ndisplay
     mw, ew = ModelWidget(viewer), ExplainWidget(viewer)
     viewer.window.add_dock_widget(mw, name="Model")
     viewer.window.add_dock_widget(ew, name="Explain")
-    mw.use_bundled()
+    if args.size == "mni":
+        mw.path_edit.setText(_small_fcn())
+        mw.norm_combo.setCurrentText("minmax")
+        mw.load()
+    else:
+        mw.use_bundled()
     _wait(app, lambda: mw.session.model is not None or mw.status.property("status_kind") == "error", 120)
     if mw.session.model is None:  # weights not installed: same architecture, same cost, untrained
         import tempfile

@@ -1,9 +1,11 @@
-"""Regenerate the screenshots of docs/plugin.md from a real napari session.
+"""Regenerate the screenshots of docs/plugin.md from a real napari session at laptop size.
 
-    xvfb-run -a -s "-screen 0 1920x1200x24" .venv/bin/python docs/images/make_screenshots.py
+    xvfb-run -a -s "-screen 0 1600x1200x24" .venv/bin/python docs/images/make_screenshots.py
 
-Every image is taken with ``viewer.screenshot`` from the running viewer:
-the sample phantom, the bundled U-Net, a run of four methods, the grid.
+Every image is taken with ``viewer.screenshot`` from a running 1366×768
+viewer with the one esegeta dock: the sample phantom and the bundled U-Net,
+a prediction, a run of four methods, the maps over the scan in 2D and 3D,
+and the Compare grid.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import time
 from pathlib import Path
 
 OUT = Path(__file__).resolve().parent
+WINDOW = (1366, 768)
 
 
 def pump(app, seconds: float = 0.3) -> None:
@@ -22,7 +25,7 @@ def pump(app, seconds: float = 0.3) -> None:
         time.sleep(0.005)
 
 
-def wait(app, condition, timeout: float = 300) -> None:
+def wait(app, condition, timeout: float = 600) -> None:
     end = time.perf_counter() + timeout
     while not condition():
         if time.perf_counter() > end:
@@ -32,84 +35,88 @@ def wait(app, condition, timeout: float = 300) -> None:
 
 
 def shot(viewer, app, name: str, canvas_only: bool = False) -> None:
-    pump(app, 0.5)
+    pump(app, 0.6)
     viewer.screenshot(str(OUT / name), canvas_only=canvas_only, flash=False)
     print("wrote", OUT / name)
 
 
 def main() -> None:
     import napari
+    import numpy as np
+    from napari.settings import get_settings
     from qtpy.QtWidgets import QApplication
 
+    get_settings()._save_on_change = False  # never change the user's napari settings from here
     viewer = napari.Viewer(title="napari-esegeta")
     app = QApplication.instance()
-    viewer.window._qt_window.resize(1700, 1050)
-    viewer.window._qt_window.move(0, 0)
+    window = viewer.window._qt_window
+    window.showNormal()
+    window.resize(*WINDOW)
+    window.move(0, 0)
 
     # 1. File > Open Sample > napari-esegeta > TOF-MRA phantom + mask + bundled U-Net
     viewer.open_sample("napari-esegeta", "phantom_model")
     pump(app, 1.0)
-    model_dock, mw = viewer.window.add_plugin_dock_widget("napari-esegeta", "Model")
-    explain_dock, ew = viewer.window.add_plugin_dock_widget("napari-esegeta", "Explain")
-    wait(app, lambda: mw.session.model is not None or mw.status.property("status_kind") == "error")
-    if mw.session.model is None:
-        sys.exit(mw.status.text())
+    _, dock = viewer.window.add_plugin_dock_widget("napari-esegeta", "esegeta")
+    wait(app, lambda: dock.session.model is not None or dock.model.status.property("status_kind") == "error")
+    if dock.session.model is None:
+        sys.exit(dock.model.status.text())
     image = viewer.layers["phantom TOF-MRA"]
-    viewer.layers["phantom vessels (ground truth)"].visible = False
-    from napari_esegeta._view import show_plane
-
     viewer.layers.selection.active = image
-    show_plane(viewer, "3d")
+    dock.show_tab("Model")
+    dock.show_view("axial")
     shot(viewer, app, "plugin_01_sample_model.png")
 
-    # 2. predict
-    mw.image_combo.setCurrentText(image.name)
-    mw.predict()
-    wait(app, lambda: any(ly.name.startswith("prediction") for ly in viewer.layers))
+    # 2. predict: yellow prediction next to the cyan ground truth
+    dock.model.image_combo.setCurrentText(image.name)
+    dock.model.predict()
+    wait(app, lambda: "prediction" in viewer.layers)
+    dock.show_tab("Model")
     shot(viewer, app, "plugin_02_prediction.png")
-    viewer.layers[-1].visible = False
+    viewer.layers["prediction"].visible = False
+    viewer.layers["ground truth"].visible = False
 
-    # 3. target and methods
-    ew.kind_combo.setCurrentText("argmax")
-    ew.methods.check("saliency")
-    ew.methods.check("integrated_gradients", n_steps=8)
-    ew.methods.check("occlusion", window=8)
-    ew.methods.check("layer_gradcam")
-    model_dock.hide()  # room for the Explain widget
+    # 3. target and methods (classes by name)
+    ex = dock.show_tab("Explain")
+    ex.kind_combo.setCurrentText("argmax")
+    ex.classes_edit.setText("vessel")
+    ex.methods.check("saliency")
+    ex.methods.check("integrated_gradients", n_steps=8)
+    ex.methods.check("occlusion", window=16, stride=16)
+    ex.methods.check("layer_gradcam")
     pump(app, 0.5)
-    ew.methods_scroll.ensureWidgetVisible(ew.methods.rows["integrated_gradients"].check, 0, 0)
+    ex.methods_scroll.ensureWidgetVisible(ex.methods.rows["integrated_gradients"].check, 0, 0)
     shot(viewer, app, "plugin_03_explain_form.png")
 
-    # 4. run: maps stream in as layers
-    ew.run()
-    wait(app, lambda: len(ew.added) >= 1)
+    # 4. run: maps stream in as layers, the newest one shown
+    ex.run()
+    wait(app, lambda: len(ex.added) >= 2 and "evaluations" in ex.progress_label.text())
     shot(viewer, app, "plugin_04_running.png")
-    wait(app, lambda: not ew.running, 900)
-    print(ew.status.text())
-    show_plane(viewer, "3d")
+    wait(app, lambda: not ex.running, 1200)
+    print(ex.status.text())
+
+    # 5. a signed map over the scan in 2D (the slice with most attribution), then in 3D
+    ig = next(ly for ly in viewer.layers if ly.name.startswith("integrated_gradients"))
     for ly in viewer.layers:
-        ly.visible = ly is image or ly.name.startswith("integrated_gradients")
+        if "method" in ly.metadata.get("esegeta", {}):
+            ly.visible = ly is ig
+    ex.colorbar.show_layer(ig)
+    k = int(np.argmax(np.abs(ig.data).sum(axis=(0, 1))))
+    dock.show_view("axial")
+    viewer.dims.set_point(2, float(ig.data_to_world((0, 0, k))[2]))
+    shot(viewer, app, "plugin_09_map_axial.png")
+    dock.show_view("3d")
     shot(viewer, app, "plugin_05_result_3d.png")
 
-    # 5. compare side by side (3D, linked cameras), then save
-    explain_dock.hide()  # room for the Compare widget
-    _, cw = viewer.window.add_plugin_dock_widget("napari-esegeta", "Compare")
-    for ly in viewer.layers:
-        ly.visible = True
-    for name in list(viewer.layers):
-        if name.name.startswith("prediction") or "ground truth" in name.name:
-            name.visible = False
+    # 6. compare side by side (3D, linked cameras)
+    cw = dock.show_tab("Compare")
     cw.refresh()
     cw.base_combo.setCurrentText(image.name)
     cw.compare()
-    show_plane(viewer, "3d")
+    dock.show_view("3d")
     shot(viewer, app, "plugin_06_compare_grid.png")
     shot(viewer, app, "plugin_07_compare_canvas.png", canvas_only=True)
-    show_plane(viewer, "axial")
-    import numpy as np
-
-    ig = next(ly for ly in viewer.layers if ly.name.startswith("integrated_gradients"))
-    k = int(np.argmax(np.abs(ig.data).sum(axis=(0, 1))))  # the axial slice with most attribution
+    dock.show_view("axial")
     viewer.dims.set_point(2, float(ig.data_to_world((0, 0, k))[2]))
     shot(viewer, app, "plugin_08_compare_axial.png", canvas_only=True)
     viewer.close()

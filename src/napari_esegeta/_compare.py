@@ -32,7 +32,7 @@ class GridState:
     visible: list[bool] = field(default_factory=list)
     grid: dict[str, Any] = field(default_factory=dict)
     copies: list[Any] = field(default_factory=list)
-    overlays: list[tuple[Any, bool, bool]] = field(default_factory=list)
+    overlays: list[tuple[Any, bool]] = field(default_factory=list)
 
 
 def _grid(viewer: Any) -> Any:
@@ -82,10 +82,11 @@ def arrange_side_by_side(viewer: Any, base: Any, results: list[Any], spacing: fl
         _move_to(viewer, layer, position)
     for layer in viewer.layers:
         layer.visible = layer in desired
-    for result in results:  # name and colour bar in each cell
-        state.overlays.append((result, result.name_overlay.visible, result.colorbar.visible))
+    # the map's name in each cell; no napari colour-bar overlays: napari 0.9 crashes (segmentation
+    # fault) once a layer whose colour bar was shown is removed, and maps are often removed
+    for result in results:
+        state.overlays.append((result, result.name_overlay.visible))
         result.name_overlay.visible = True
-        result.colorbar.visible = True
     grid.stride = 2
     grid.shape = (-1, -1)
     grid.spacing = spacing
@@ -98,9 +99,8 @@ def restore_layout(viewer: Any, state: GridState) -> None:
     """Undo :func:`arrange_side_by_side` (layers removed meanwhile are skipped)."""
     grid = _grid(viewer)
     grid.enabled = False
-    for layer, name_visible, colorbar_visible in state.overlays:
+    for layer, name_visible in state.overlays:
         layer.name_overlay.visible = name_visible
-        layer.colorbar.visible = colorbar_visible
     for copy in state.copies:
         if copy in viewer.layers:
             viewer.layers.remove(copy)
@@ -114,6 +114,12 @@ def restore_layout(viewer: Any, state: GridState) -> None:
                                              state.grid["spacing"])
     grid.enabled = state.grid["enabled"]
     viewer.reset_view()
+
+
+def limits_text(layer: Any) -> str:
+    """``name: -0.31 … 0.31`` — the colour scale of a map, for the grid's legend."""
+    lo, hi = (float(v) for v in layer.contrast_limits)
+    return f"{layer.name}: {lo:.3g} … {hi:.3g}"
 
 
 def is_compare_copy(layer: Any) -> bool:

@@ -1,10 +1,14 @@
 """Turning engine results into napari layer data (no Qt, no viewer).
 
 * attribution maps: image layers named ``method · target`` with the input's
-  geometry, a diverging (signed) or sequential (unsigned) colormap that is
-  black at zero (so additive blending leaves the MRA visible where the map is
-  zero), symmetric / robust contrast limits and provenance in metadata;
-* predictions: labels layers with the input's geometry.
+  geometry and provenance in metadata. A signed map gets a diverging colormap
+  centred on 0 (symmetric contrast limits), an unsigned map a sequential one;
+  both are transparent around 0, so with translucent blending the scan stays
+  visible wherever the map is weak. Contrast limits come from the map's own
+  support (voxels above a noise floor), not from the whole volume, so a sparse
+  map (most voxels ~0) does not saturate the whole brain;
+* predictions and ground truth: labels layers with the input's geometry and
+  one fixed, distinct colour each.
 """
 
 from __future__ import annotations
@@ -13,22 +17,39 @@ from typing import Any
 
 import numpy as np
 
-RENDERINGS = ("mip", "attenuated_mip", "translucent")
-ROBUST_PERCENTILE = 99.5
-SEQUENTIAL = "inferno"
+#: 3D renderings offered for maps; a signed map needs ``translucent`` to show both signs
+RENDERINGS = ("translucent", "mip", "attenuated_mip")
+SUPPORT_PERCENTILE = 99.0
+NOISE_FLOOR = 0.01  # fraction of max |map| below which a voxel is not the map's support
+MAP_OPACITY = 0.9
+PREDICTION_COLOR = (1.0, 0.85, 0.1, 1.0)  # yellow
+GROUND_TRUTH_COLOR = (0.1, 0.9, 1.0, 1.0)  # cyan
+
+_DIVERGING = "esegeta_diverging"
+_SEQUENTIAL = "esegeta_heat"
+
+
+def _register(name: str, display: str, colors: list[list[float]], controls: list[float]) -> Any:
+    from napari.utils.colormaps import AVAILABLE_COLORMAPS, Colormap
+
+    if name not in AVAILABLE_COLORMAPS:
+        AVAILABLE_COLORMAPS[name] = Colormap(colors=colors, controls=controls, name=name,
+                                             display_name=display)
+    return AVAILABLE_COLORMAPS[name]
 
 
 def diverging_colormap() -> Any:
-    """Blue - black - red colormap (black at zero), registered once with napari."""
-    from napari.utils.colormaps import AVAILABLE_COLORMAPS, Colormap
+    """Cyan - blue - transparent - red - yellow colormap, transparent at its centre (0)."""
+    return _register(_DIVERGING, "esegeta diverging", [
+        [0.6, 0.95, 1.0, 1.0], [0.1, 0.4, 1.0, 1.0], [0.1, 0.4, 1.0, 0.0], [1.0, 0.2, 0.1, 0.0],
+        [1.0, 0.2, 0.1, 1.0], [1.0, 0.95, 0.4, 1.0]], [0.0, 0.3, 0.45, 0.55, 0.7, 1.0])
 
-    name = "esegeta_diverging"
-    if name not in AVAILABLE_COLORMAPS:
-        AVAILABLE_COLORMAPS[name] = Colormap(
-            colors=[[0.55, 0.85, 1.0, 1.0], [0.1, 0.35, 1.0, 1.0], [0.0, 0.0, 0.0, 1.0],
-                    [1.0, 0.2, 0.1, 1.0], [1.0, 0.9, 0.3, 1.0]],
-            controls=[0.0, 0.25, 0.5, 0.75, 1.0], name=name, display_name="esegeta diverging")
-    return AVAILABLE_COLORMAPS[name]
+
+def sequential_colormap() -> Any:
+    """Transparent - red - orange - yellow colormap (transparent at its low end)."""
+    return _register(_SEQUENTIAL, "esegeta heat", [
+        [0.5, 0.0, 0.1, 0.0], [0.5, 0.0, 0.1, 0.0], [0.85, 0.1, 0.1, 0.9], [1.0, 0.6, 0.0, 1.0],
+        [1.0, 1.0, 0.7, 1.0]], [0.0, 0.1, 0.35, 0.7, 1.0])
 
 
 def is_signed(arr: np.ndarray, tol: float = 0.01) -> bool:
@@ -38,15 +59,22 @@ def is_signed(arr: np.ndarray, tol: float = 0.01) -> bool:
     return peak > 0 and float(arr.min()) < -tol * peak
 
 
-def robust_limit(arr: np.ndarray, percentile: float = ROBUST_PERCENTILE) -> float:
-    """The ``percentile`` of |map| (falls back to the max, then 1 for all-zero maps)."""
-    a = np.abs(np.asarray(arr, dtype=np.float64)).ravel()
-    if not a.size:
+def support_limit(arr: np.ndarray, percentile: float = SUPPORT_PERCENTILE,
+                  floor: float = NOISE_FLOOR) -> float:
+    """Contrast limit from the map's own support.
+
+    The ``percentile`` of |map| over the voxels above ``floor`` x max |map|
+    (the map's support), so that a sparse map's few strong voxels set the
+    scale rather than the near-zero rest of the volume. Falls back to the
+    maximum, then 1 for an all-zero map.
+    """
+    a = np.abs(np.asarray(arr, dtype=np.float32)).ravel()
+    peak = float(a.max()) if a.size else 0.0
+    if peak <= 0 or not np.isfinite(peak):
         return 1.0
-    lim = float(np.percentile(a, percentile))
-    if lim <= 0:
-        lim = float(a.max())
-    return lim if lim > 0 else 1.0
+    support = a[a > floor * peak]
+    lim = float(np.percentile(support, percentile)) if support.size else peak
+    return lim if lim > 0 else peak
 
 
 def result_name(method_label: str, target_label: str) -> str:
@@ -89,28 +117,40 @@ def result_layer_data(
     """
     arr = np.asarray(array, dtype=np.float32)
     signed = is_signed(arr)
-    lim = robust_limit(arr)
+    lim = support_limit(arr)
     if signed:
         colormap, limits = diverging_colormap(), (-lim, lim)
     else:
-        colormap, limits = SEQUENTIAL, (0.0, lim)
+        colormap, limits = sequential_colormap(), (0.0, lim)
     meta = {"esegeta": {"method": method, "label": method_label, "target_label": target_label,
-                        "signed": signed, "robust_limit": lim, **provenance}}
+                        "signed": signed, "support_limit": lim, **provenance}}
     if nifti is not None:
         meta["nifti"] = nifti
     kwargs = {"name": result_name(method_label, target_label), "colormap": colormap,
-              "contrast_limits": limits, "blending": "additive", "rendering": "mip",
-              "interpolation3d": "linear", "metadata": meta, **geometry}
+              "contrast_limits": limits, "blending": "translucent", "opacity": MAP_OPACITY,
+              "rendering": default_rendering(signed), "interpolation3d": "linear",
+              "metadata": meta, **geometry}
     return arr, kwargs, "image"
+
+
+def default_rendering(signed: bool) -> str:
+    """3D rendering of a map: ``translucent`` shows both signs, ``mip`` the strongest positives."""
+    return "translucent" if signed else "mip"
+
+
+def label_colormap(color: tuple[float, float, float, float]) -> dict[Any, Any]:
+    """A labels colormap giving every non-zero label ``color`` (0 stays transparent)."""
+    return {None: color, 0: (0.0, 0.0, 0.0, 0.0)}
 
 
 def prediction_layer_data(labels: np.ndarray, *, model_name: str, geometry: dict[str, Any],
                           nifti: dict[str, Any] | None = None) -> tuple[np.ndarray, dict[str, Any], str]:
-    """Layer data of a model prediction (labels on the input grid)."""
+    """Layer data of a model prediction (labels on the input grid, yellow; model in metadata)."""
     meta: dict[str, Any] = {"esegeta": {"prediction": True, "model": model_name}}
     if nifti is not None:
         meta["nifti"] = nifti
-    kwargs = {"name": f"prediction · {model_name}", "opacity": 0.6, "metadata": meta, **geometry}
+    kwargs = {"name": "prediction", "opacity": 0.6, "colormap": label_colormap(PREDICTION_COLOR),
+              "metadata": meta, **geometry}
     return np.asarray(labels).astype(np.int32), kwargs, "labels"
 
 
@@ -127,7 +167,7 @@ def is_input_layer(layer: Any) -> bool:
 
 
 def next_rendering(current: str) -> str:
-    """The 3D rendering after ``current`` in MIP -> attenuated MIP -> translucent -> MIP."""
+    """The 3D rendering after ``current`` in translucent -> MIP -> attenuated MIP -> translucent."""
     try:
         return RENDERINGS[(RENDERINGS.index(current) + 1) % len(RENDERINGS)]
     except ValueError:

@@ -37,6 +37,8 @@ class ModelRequest:
         Input preparation.
     name : str
         Short name shown in the widgets.
+    class_names : tuple of str
+        Names of the output classes by index (empty when unknown).
     """
 
     path: str
@@ -47,6 +49,7 @@ class ModelRequest:
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
     name: str = ""
     trust_pickled: bool = False
+    class_names: tuple[str, ...] = ()
 
     @property
     def label(self) -> str:
@@ -147,8 +150,14 @@ def bundled_request(device: str = "cpu") -> ModelRequest:
     return ModelRequest(
         path=str(path), class_path=entry["class_path"], kwargs=dict(entry.get("kwargs", {})),
         device=device, output=None, name="bundled vessel U-Net",
+        class_names=tuple(str(c) for c in entry.get("classes", ())),
         preprocess=make_preprocess(pre.get("normalisation", "minmax"), pre.get("axis_order", "xyz")),
     )
+
+
+def parse_class_names(text: str) -> tuple[str, ...]:
+    """``"background, vessel"`` -> ``("background", "vessel")`` (index order; empty: unknown)."""
+    return tuple(t.strip() for t in text.replace(";", ",").split(",") if t.strip())
 
 
 def load_request(req: ModelRequest) -> Any:

@@ -96,7 +96,10 @@ def volume_layer_data(vol: Volume, name: str, labels: bool = False) -> LayerData
     """Layer data for an engine :class:`Volume` (image or labels)."""
     kwargs: dict[str, Any] = {"name": name, **nifti_to_layer_kwargs(vol.affine, vol.data.ndim),
                               "metadata": {"nifti": nifti_metadata(vol.affine, vol.header, vol.path)}}
-    if labels:
+    if labels:  # a mask file: the ground-truth colour, distinct from predictions
+        from napari_esegeta._layers import GROUND_TRUTH_COLOR, label_colormap
+
+        kwargs.update(colormap=label_colormap(GROUND_TRUTH_COLOR), opacity=0.5)
         return vol.data.astype(np.int32), kwargs, "labels"
     kwargs.update(colormap="gray", blending="translucent", rendering="mip")
     return vol.data, kwargs, "image"

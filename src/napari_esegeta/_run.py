@@ -45,25 +45,69 @@ def activation_choices() -> list[str]:
     return ["default", *lit.__args__]
 
 
-def parse_classes(text: str) -> list[int] | None:
-    """``"1, 2"`` -> [1, 2]; ``""`` -> None (the target's default classes).
+def parse_classes(text: str, names: Sequence[str] = ()) -> list[int] | None:
+    """``"1, 2"`` or ``"vessel"`` -> class indices; ``""`` -> None (the target's default classes).
+
+    Parameters
+    ----------
+    text : str
+        Class indices and/or names, separated by commas.
+    names : sequence of str
+        The model's class names by index (empty when unknown: indices only,
+        checked later by the engine).
 
     Raises
     ------
     TargetError
-        If an entry is not a non-negative integer.
+        If an entry is neither a known name nor a valid index.
     """
-    items = [t for t in text.replace(";", ",").replace(" ", ",").split(",") if t.strip()]
+    items = [t.strip() for t in text.replace(";", ",").split(",") if t.strip()]
     if not items:
         return None
-    try:
-        classes = [int(t) for t in items]
-    except ValueError:
-        raise TargetError(f"classes {text!r} are not integers", "write e.g. 1 or 0, 1; leave empty "
-                          "for the default (the predicted foreground classes)") from None
-    if any(c < 0 for c in classes):
-        raise TargetError(f"classes {text!r} must not be negative", "use class indices 0, 1, ...")
+    lookup = {n.lower(): i for i, n in enumerate(names)}
+    known = ", ".join(f"{n} ({i})" for i, n in enumerate(names))
+    classes = []
+    for item in items:
+        if item.lower() in lookup:
+            classes.append(lookup[item.lower()])
+            continue
+        try:
+            index = int(item)
+        except ValueError:
+            fix = (f"use one of the model's classes: {known}" if names else
+                   "write class indices (e.g. 1 or 0, 1), or type the class names in the Model tab")
+            raise TargetError(f"class {item!r} is not a class of the model", fix) from None
+        if index < 0 or (names and index >= len(names)):
+            raise TargetError(f"class index {index} does not exist",
+                              f"use one of the model's classes: {known}" if names else "use 0, 1, ...")
+        classes.append(index)
     return classes
+
+
+def class_label(cls: int, cls_label: str, names: Sequence[str] = ()) -> str:
+    """A job's target label with the class name.
+
+    ``argmax-class1`` -> ``vessel``, ``voxel-class1`` -> ``voxel-vessel``.
+
+    The argmax target (the default) is named by its class alone, to keep
+    layer names short; the target kind stays in the layer's metadata.
+    """
+    if not (0 <= cls < len(names)):
+        return cls_label
+    kind = cls_label.split("-", 1)[0]
+    return names[cls] if kind == "argmax" else f"{kind}-{names[cls]}"
+
+
+def named_message(message: str, names: Sequence[str] = ()) -> str:
+    """An engine progress message with class names (``argmax-class1`` -> ``vessel``)."""
+    if not names:
+        return message
+    import re
+
+    def repl(match: re.Match) -> str:
+        return class_label(int(match.group(2)), match.group(0), names)
+
+    return re.sub(r"\b([a-z_]+)-class(\d+)\b", repl, message)
 
 
 def make_target(kind: str, classes: list[int] | None = None, activation: str = "default",
@@ -164,15 +208,16 @@ def predict_labels(model: Any, volume: Volume, preprocess: PreprocessConfig,
 
 
 def map_layer_data(event: MapReady, input_layer: Any, target: TargetConfig,
-                   roi_layer: str | None = None) -> tuple[Any, dict, str]:
+                   roi_layer: str | None = None, class_names: Sequence[str] = ()) -> tuple[Any, dict, str]:
     """Layer data for a :class:`MapReady`, with the input layer's geometry and provenance.
 
     A map with one more axis than the input (per-channel layer maps, layer visualisation)
     comes with ``channel_axis=0``, so ``viewer.add_image`` adds one layer per channel.
     """
     job = event.job
+    cls_name = class_names[job.cls] if 0 <= job.cls < len(class_names) else None
     prov = {"params": _jsonable(job.params), "layer": job.layer, "noise_tunnel": job.noise_tunnel,
-            "target": target.kind, "class": job.cls, "voxel": target.voxel,
+            "target": target.kind, "class": job.cls, "class_name": cls_name, "voxel": target.voxel,
             "roi_layer": roi_layer if target.kind == "roi" else None, "frozen": target.frozen,
             "activation": target.resolved_activation, "seconds": round(event.seconds, 3),
             "evaluations": event.evaluations, "input_layer": input_layer.name,
@@ -184,7 +229,8 @@ def map_layer_data(event: MapReady, input_layer: Any, target: TargetConfig,
     if per_channel:
         array = np.moveaxis(array, -1, 0)
     data, kwargs, kind = result_layer_data(array, method=job.spec.name, method_label=job.label,
-                                           target_label=job.cls_label, provenance=prov,
+                                           target_label=class_label(job.cls, job.cls_label, class_names),
+                                           provenance=prov,
                                            geometry=copy_geometry(input_layer),
                                            nifti=(input_layer.metadata or {}).get("nifti"))
     if per_channel:  # napari adds one layer per channel, each with the input's geometry

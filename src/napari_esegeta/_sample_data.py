@@ -17,6 +17,7 @@ from napari_esegeta._reader import volume_layer_data
 
 SHAPE = (64, 64, 64)
 SEED = 7
+GROUND_TRUTH_NAME = "ground truth"
 
 
 def _header(affine: np.ndarray, dtype: Any) -> Any:
@@ -48,8 +49,7 @@ def phantom_mask_data(shape: tuple[int, int, int] = SHAPE, seed: int = SEED) -> 
     """Layer data of the phantom's ground-truth vessel mask (labels)."""
     ph = _phantom(tuple(shape), seed)
     vol = Volume(ph.mask, ph.affine, _header(ph.affine, np.uint8))
-    data, kwargs, kind = volume_layer_data(vol, name="phantom vessels (ground truth)", labels=True)
-    kwargs["opacity"] = 0.5
+    data, kwargs, kind = volume_layer_data(vol, name=GROUND_TRUTH_NAME, labels=True)
     return [(data, kwargs, kind)]
 
 
@@ -64,7 +64,7 @@ def phantom_mask() -> list[Any]:
 
 
 def phantom_with_model() -> list[Any]:
-    """npe2 sample: volume + mask, and the bundled U-Net loaded in the Model widget.
+    """npe2 sample: volume + mask, and the bundled U-Net loaded in the esegeta dock.
 
     The model is loaded after napari has added the layers (next event-loop
     turn), in a worker thread; problems are shown in the Model widget.
@@ -82,8 +82,8 @@ def phantom_with_model() -> list[Any]:
 
 
 def open_with_bundled_model(viewer: Any) -> Any:
-    """Dock the Model and Explain widgets and start loading the bundled U-Net."""
-    _, model_widget = viewer.window.add_plugin_dock_widget("napari-esegeta", "Model")
-    viewer.window.add_plugin_dock_widget("napari-esegeta", "Explain")
-    model_widget.use_bundled()
-    return model_widget
+    """Dock the esegeta widget (Model tab) and start loading the bundled U-Net."""
+    _, widget = viewer.window.add_plugin_dock_widget("napari-esegeta", "esegeta")
+    widget.show_tab("Model")
+    widget.model.use_bundled()
+    return widget.model

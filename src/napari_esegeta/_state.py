@@ -39,6 +39,11 @@ class Session:
         Output selection for multi-output models.
     busy : bool
         True while a run or a prediction uses the model.
+    class_names : tuple of str
+        The model's class names by index (from the bundled model's metadata or
+        typed in the Model widget); empty when unknown.
+    seconds_per_evaluation : float or None
+        Measured in the last run (for the next run's time estimate).
     """
 
     model: Any = None
@@ -46,12 +51,20 @@ class Session:
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
     output: int | str | None = None
     busy: bool = False
+    class_names: tuple[str, ...] = ()
+    seconds_per_evaluation: float | None = None
     signals: _Signals = field(default_factory=_Signals)
 
     def set_model(self, model: Any, name: str, preprocess: PreprocessConfig,
-                  output: int | str | None) -> None:
+                  output: int | str | None, class_names: tuple[str, ...] = ()) -> None:
         """Store a freshly loaded model and tell the widgets."""
         self.model, self.model_name, self.preprocess, self.output = model, name, preprocess, output
+        self.class_names = tuple(class_names)
+        self.signals.model_changed.emit(self)
+
+    def set_class_names(self, names: tuple[str, ...]) -> None:
+        """Name the classes (typed by the user) and tell the widgets."""
+        self.class_names = tuple(names)
         self.signals.model_changed.emit(self)
 
 

@@ -18,6 +18,22 @@ def phantom():
     return make_phantom(SHAPE, seed=3)
 
 
+@pytest.fixture(autouse=True)
+def _napari_settings_not_saved():
+    """napari autosaves its settings to the user's file; tests must never write there."""
+    try:
+        from napari.settings import get_settings
+    except ImportError:
+        yield
+        return
+    settings = get_settings()
+    saved, readers = settings._save_on_change, dict(settings.plugins.extension2reader)
+    settings._save_on_change = False
+    yield
+    settings.plugins.extension2reader = readers
+    settings._save_on_change = saved
+
+
 @pytest.fixture
 def bundled_model(monkeypatch, tmp_path_factory) -> Path:
     """Path of the bundled U-Net state dict.
@@ -43,7 +59,8 @@ def bundled_model(monkeypatch, tmp_path_factory) -> Path:
                folder / "unet.pt")
     info = {"preprocess": {"normalisation": "minmax", "axis_order": "xyz"},
             "models": {"unet3d_vessels": {"class_path": "esegeta_engine.sample.nets:UNet",
-                                          "kwargs": kwargs, "files": {"state": "unet.pt"}}}}
+                                          "kwargs": kwargs, "files": {"state": "unet.pt"},
+                                          "classes": ["background", "vessel"]}}}
     monkeypatch.setattr(sample, "sample_info", lambda: info)
     monkeypatch.setattr(sample, "unet_paths", lambda: {"state": folder / "unet.pt"})
     return folder / "unet.pt"

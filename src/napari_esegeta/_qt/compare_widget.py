@@ -42,7 +42,7 @@ class CompareWidget(QWidget):
         super().__init__()
         self.viewer = napari_viewer
         self.state: C.GridState | None = None
-        self.rendering = "mip"
+        self.rendering = "translucent"
         self.base_combo = LayerCombo(napari_viewer, ("Image",), predicate=is_input_layer)
         self.view_combo = QComboBox()
         self.view_combo.addItems(["(napari default)", *PLANES, "3d"])
@@ -55,7 +55,8 @@ class CompareWidget(QWidget):
         self.compare_btn.setToolTip("Each checked map over its own view of the image, cameras linked")
         self.compare_btn.toggled.connect(self._toggle_compare)
         self.render_btn = QPushButton()
-        self.render_btn.setToolTip("3D rendering of the maps: MIP → attenuated MIP → translucent → MIP")
+        self.render_btn.setToolTip("3D rendering of every map: translucent (both signs) → MIP (strongest "
+                                   "positives) → attenuated MIP → translucent")
         self.render_btn.clicked.connect(self.cycle_rendering)
         self.save_btn = QPushButton("Save checked maps…")
         self.save_btn.clicked.connect(self._save_dialog)
@@ -118,9 +119,8 @@ class CompareWidget(QWidget):
             item.setCheckState(Qt.CheckState.Checked if item.text() in names else Qt.CheckState.Unchecked)
 
     def _run_finished(self, _names: list[str]) -> None:
-        try:
+        try:  # new maps keep their own rendering (translucent when signed) until the user cycles
             self.refresh()
-            self.apply_rendering()
         except RuntimeError:
             pass
 
@@ -135,6 +135,7 @@ class CompareWidget(QWidget):
     def compare(self) -> bool:
         """Arrange the checked maps side by side (returns False with a message if impossible)."""
         base, results = self.base_combo.layer(), self.checked_layers()
+        self.refresh()  # maps deleted meanwhile leave the list
         if base is None or not results:
             set_status(self.status, "Nothing to compare.\n→ choose the image and check at least one map",
                        "error")
@@ -150,8 +151,8 @@ class CompareWidget(QWidget):
         self.compare_btn.blockSignals(True)
         self.compare_btn.setChecked(True)
         self.compare_btn.blockSignals(False)
-        set_status(self.status, f"{len(results)} map(s) side by side over {base.name} (row by row: "
-                   + ", ".join(r.name for r in results) + "); cameras linked.", "ok")
+        set_status(self.status, f"{len(results)} map(s) side by side over {base.name}, row by row, "
+                   "cameras linked. Colour scales:\n" + "\n".join(C.limits_text(r) for r in results), "ok")
         return True
 
     def uncompare(self) -> None:
@@ -175,7 +176,7 @@ class CompareWidget(QWidget):
         self.render_btn.setText(f"3D: {_RENDER_TITLES[self.rendering]}")
 
     def cycle_rendering(self) -> str:
-        """MIP -> attenuated MIP -> translucent -> MIP for every map; returns the new mode."""
+        """Translucent -> MIP -> attenuated MIP -> translucent for every map; returns the new mode."""
         self.rendering = next_rendering(self.rendering)
         self.apply_rendering()
         return self.rendering

@@ -64,6 +64,9 @@ class _Item(QTableWidgetItem):
     def __init__(self, value: Any) -> None:
         super().__init__(E.format_value(value))
         self.key = value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):  # numbers line up
+            self.setTextAlignment(Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter)
+            self.setToolTip(repr(float(value)))
 
     def __lt__(self, other: Any) -> bool:
         a, b = self.key, getattr(other, "key", None)
@@ -204,6 +207,11 @@ class EvaluateWidget(CancellableRun, QWidget):
         self.table.setSelectionBehavior(QAbstractItemView.SelectionBehavior.SelectRows)
         self.table.setMinimumHeight(120)
         self.table.horizontalHeader().setSectionResizeMode(QHeaderView.ResizeMode.ResizeToContents)
+        self.table.setTextElideMode(Qt.TextElideMode.ElideNone)  # numbers whole; the table scrolls
+        self.table.setWordWrap(False)
+        self.table.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAsNeeded)
+        self.table.setSortingEnabled(True)
+        self.table.horizontalHeader().setToolTip("Click a column title to sort by it")
 
         from matplotlib.backends.backend_qtagg import FigureCanvasQTAgg
         from matplotlib.figure import Figure

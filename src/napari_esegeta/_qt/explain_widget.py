@@ -1,11 +1,20 @@
 """The Explain dock widget: input, target, methods, Run / Cancel.
 
 A run iterates ``Explainer.iter_explain`` in a napari ``thread_worker``; each
-``MapReady`` becomes a layer as soon as its job ends, napari's progress bar
-shows the method and the model evaluations, and Cancel sets the engine's
-cancel event (checked at every model evaluation), so it takes effect within
-one evaluation and keeps the layers already added. While a run is going, Run
-is disabled (one run at a time per viewer; Cancel first to start another).
+``MapReady`` becomes a layer as soon as its job ends (the newest map is the
+only one visible, with a colour bar over the canvas; the others stay in the
+layer list),
+napari's progress bar shows the method and the model evaluations, and Cancel
+sets the engine's cancel event (checked at every model evaluation), so it
+takes effect within one evaluation and keeps the layers already added. While
+a run is going, Run is disabled (one run at a time per viewer; Cancel first to
+start another).
+
+Cost: when the engine can estimate a run's model evaluations before it starts
+(``Explainer.estimate``), a run estimated to take longer than
+:data:`WARN_SECONDS` asks for a second click on Run; during a run the status
+line shows evaluations done of the expected total and an ETA from the rate
+measured so far (:mod:`napari_esegeta._cost`).
 """
 
 from __future__ import annotations
@@ -32,9 +41,10 @@ from qtpy.QtWidgets import (
 )
 
 from esegeta_engine.explain import JobFailed, MapReady, Progress
+from napari_esegeta import _cost
 from napari_esegeta import _run as R
 from napari_esegeta._geometry import copy_geometry, layer_to_nifti_affine, voxel_to_world
-from napari_esegeta._layers import is_input_layer
+from napari_esegeta._layers import is_input_layer, is_result_layer
 from napari_esegeta._model import format_error
 from napari_esegeta._model import default_layer
 from napari_esegeta._qt._common import (
@@ -45,11 +55,14 @@ from napari_esegeta._qt._common import (
     set_status,
     status_label,
 )
+from napari_esegeta._qt.colorbar import CanvasColorBar
 from napari_esegeta._qt.method_panel import MethodPanel
 from napari_esegeta._state import Session, get_session
 
 VOXEL_LAYER = "esegeta target voxel"
 PROGRESS_INTERVAL_S = 0.25
+WARN_SECONDS = 120.0  # ask for a second click on Run above this estimate
+METHODS_MIN_HEIGHT = 120
 
 
 class ExplainWidget(CancellableRun, QWidget):
@@ -76,6 +89,9 @@ class ExplainWidget(CancellableRun, QWidget):
         self._roi_name: str | None = None
         self._input_layer: Any = None
         self._run_started = 0.0
+        self._rate = _cost.RateMeter()
+        self._evaluations_done = 0
+        self._confirmed_plan: Any = None
 
         self.image_combo = LayerCombo(napari_viewer, ("Image",), predicate=is_input_layer)
         self.kind_combo = QComboBox()
@@ -126,7 +142,7 @@ class ExplainWidget(CancellableRun, QWidget):
         scroll.setWidgetResizable(True)
         scroll.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
         scroll.setWidget(self.methods)
-        scroll.setMinimumHeight(260)
+        scroll.setMinimumHeight(METHODS_MIN_HEIGHT)
 
         self.run_btn = QPushButton("Run")
         self.run_btn.clicked.connect(self.run)
@@ -151,6 +167,9 @@ class ExplainWidget(CancellableRun, QWidget):
         layout.addWidget(self.progress_label)
         layout.addWidget(self.status)
         self.session.signals.model_changed.connect(self._model_changed)
+        napari_viewer.layers.events.removed.connect(self._layer_removed)
+        self.colorbar = CanvasColorBar(napari_viewer)  # over the canvas: goes when this widget goes
+        self.destroyed.connect(self.colorbar.deleteLater)
         self._model_changed(self.session)
         self._kind_changed(self.kind_combo.currentText())
 
@@ -165,6 +184,13 @@ class ExplainWidget(CancellableRun, QWidget):
             layers = list_layers(session.model) if session.model is not None else []
             self.methods.set_model_layers(layers)
             self._set_target_layers(layers)
+            names = session.class_names
+            self.classes_edit.setPlaceholderText(
+                "default (predicted foreground)" + (f": {', '.join(names[1:])}" if len(names) > 1 else ""))
+            self.classes_edit.setToolTip(
+                "Classes to explain, by name or index, comma-separated"
+                + (": " + ", ".join(f"{n} ({i})" for i, n in enumerate(names)) if names else
+                   " (type the class names in the Model tab to use names)"))
         except RuntimeError:  # the widget was deleted before the signal was disconnected
             self.session.signals.model_changed.disconnect(self._model_changed)
 
@@ -251,7 +277,7 @@ class ExplainWidget(CancellableRun, QWidget):
                 raise R.TargetError("no method checked", "tick at least one method")
             kind = self.kind_combo.currentText()
             roi = self.roi_combo.layer()
-            target = R.make_target(kind, R.parse_classes(self.classes_edit.text()),
+            target = R.make_target(kind, R.parse_classes(self.classes_edit.text(), s.class_names),
                                    self.activation_combo.currentText(), self.voxel,
                                    roi.name if roi is not None else None, self.frozen_check.isChecked(),
                                    self.target_layer_combo.currentData(), self.channel_spin.value())
@@ -262,11 +288,15 @@ class ExplainWidget(CancellableRun, QWidget):
         except Exception as exc:
             set_status(self.status, format_error(exc), "error")
             return None
+        if not self._cost_accepted(s, volume, target, methods, layer):
+            return None
         cancel = self.control.start()
         self._target, self._input_layer = target, layer
         self._roi_name = roi.name if (kind == "roi" and roi is not None) else None
         self.added, self.failures, self.axiom_warnings = [], [], []
         self._run_started = time.perf_counter()
+        self._rate = _cost.RateMeter(self._run_started)
+        self._evaluations_done = 0
         s.busy = True
         self.run_btn.setEnabled(False)
         self.cancel_btn.setEnabled(True)
@@ -299,7 +329,8 @@ class ExplainWidget(CancellableRun, QWidget):
         self._last_progress = now
         step = f"{min(ev.done + 1, ev.total)}/{ev.total}"
         if not self._cancel.is_set() and ev.message != "finished":
-            self.progress_label.setText(f"[{step}] {ev.message}")
+            message = R.named_message(ev.message, self.session.class_names)
+            self.progress_label.setText(f"[{step}] {message}" + self._rate.text(ev, now))
         if not new_job:
             return
         # napari's progress bar may process Qt events (re-entrancy): touch it last
@@ -307,7 +338,8 @@ class ExplainWidget(CancellableRun, QWidget):
         if pbar is None:
             pbar = self._pbar = progress(total=max(ev.total, 1), desc="esegeta")
         pbar.total = max(ev.total, 1)
-        pbar.set_description(f"esegeta {step}: {ev.message.split(':')[0]}")
+        job = R.named_message(ev.message, self.session.class_names).split(":")[0]
+        pbar.set_description(f"esegeta {step}: {job}")
         if ev.done > pbar.n:
             pbar.update(ev.done - pbar.n)
 
@@ -315,10 +347,14 @@ class ExplainWidget(CancellableRun, QWidget):
         if isinstance(ev, Progress):
             self._progress(ev)
         elif isinstance(ev, MapReady):
-            data, kwargs, _ = R.map_layer_data(ev, self._input_layer, self._target, self._roi_name)
+            data, kwargs, _ = R.map_layer_data(ev, self._input_layer, self._target, self._roi_name,
+                                               self.session.class_names)
             added = self.viewer.add_image(data, **kwargs)  # a list for per-channel volumes
             layers = added if isinstance(added, list) else [added]
             self.added.extend(ly.name for ly in layers)
+            show_only(self.viewer, layers[-1])
+            self.colorbar.show_layer(layers[-1])
+            self._evaluations_done += int(ev.evaluations or 0)
             axiom = kwargs["metadata"]["esegeta"].get("axiom") or {}
             if axiom.get("axiom_status") == "warning":  # the map misses its method's completeness
                 self.axiom_warnings.append(f"{layers[0].name}: {axiom.get('axiom_note', '')}")
@@ -342,6 +378,10 @@ class ExplainWidget(CancellableRun, QWidget):
         text = f"{len(self.added)} map(s) added in {took:.1f} s"
         if self.cancel_requested_at is not None:
             text += f"; cancelled (stopped {self.last_cancel_latency:.2f} s after the click)"
+        if len(self.added) > 1:
+            text += "; the newest is shown, the others are in the layer list"
+        if self._evaluations_done and took > 0:
+            self.session.seconds_per_evaluation = took / self._evaluations_done
         if self.axiom_warnings:
             text += ".\ncompleteness check: " + "\n".join(self.axiom_warnings)
         if self.failures:
@@ -349,3 +389,41 @@ class ExplainWidget(CancellableRun, QWidget):
         else:
             set_status(self.status, text + ".", "ok")
         self.session.signals.run_finished.emit(list(self.added))
+
+    # -- cost and lost layers --------------------------------------------------------------------
+
+    def _cost_accepted(self, s: Session, volume: Any, target: Any, methods: list[Any], layer: Any) -> bool:
+        """False (with a warning) the first time Run is clicked for a run estimated to be long."""
+        plan = (layer.name, tuple(m.model_dump_json() for m in methods), target.model_dump_json())
+        evaluations = _cost.estimate_evaluations(s.model, volume, methods, preprocess=s.preprocess,
+                                                 target=target, output=s.output)
+        seconds = _cost.estimate_seconds(evaluations, s.seconds_per_evaluation)
+        if not _cost.too_long(evaluations, seconds, WARN_SECONDS) or plan == self._confirmed_plan:
+            self._confirmed_plan = None
+            self.run_btn.setText("Run")
+            return True
+        self._confirmed_plan = plan
+        self.run_btn.setText("Run anyway")
+        took = f"≈ {_cost.format_seconds(seconds)} at the last measured rate" if seconds is not None \
+            else "no rate measured yet"
+        set_status(self.status, f"This run needs about {evaluations:,} model evaluations ({took}).\n"
+                   "→ click 'Run anyway' to start it, or use fewer methods, classes or a coarser window",
+                   "error")
+        return False
+
+    def _layer_removed(self, event: Any) -> None:
+        layer = getattr(event, "value", None)
+        try:
+            if self.running and layer is not None and layer is self._input_layer:
+                set_status(self.status, f"The input layer '{layer.name}' was removed during the run; "
+                           "the run goes on and its maps keep that layer's geometry.", "info")
+        except RuntimeError:  # widget deleted
+            pass
+
+
+def show_only(viewer: Any, newest: Any) -> None:
+    """Make ``newest`` the only visible attribution map (the others stay in the layer list)."""
+    for layer in viewer.layers:
+        if is_result_layer(layer) and layer is not newest:
+            layer.visible = False
+    newest.visible = True

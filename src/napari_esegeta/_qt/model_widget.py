@@ -72,6 +72,10 @@ class ModelWidget(QWidget):
         self.axis_combo = QComboBox()
         self.axis_combo.addItems(M.axis_order_choices())
         self.axis_combo.setToolTip("The model's spatial axes in NIfTI terms (zyx: SimpleITK/numpy order)")
+        self.names_edit = QLineEdit()
+        self.names_edit.setPlaceholderText("e.g. background, vessel (index order)")
+        self.names_edit.setToolTip("The model's class names, so targets and layers use them")
+        self.names_edit.editingFinished.connect(self._names_typed)
         self.channels_spin = QSpinBox()
         self.channels_spin.setRange(1, 64)
         self.load_btn = QPushButton("Load model")
@@ -92,6 +96,7 @@ class ModelWidget(QWidget):
         form.addRow("Normalisation", self.norm_combo)
         form.addRow("Axis order", self.axis_combo)
         form.addRow("Channels", self.channels_spin)
+        form.addRow("Class names", self.names_edit)
         buttons = QHBoxLayout()
         buttons.addWidget(self.load_btn)
         buttons.addWidget(self.bundled_btn)
@@ -121,7 +126,8 @@ class ModelWidget(QWidget):
             kwargs=M.parse_kwargs(self.kwargs_edit.toPlainText()),
             device=self.device_combo.currentText(), output=M.parse_output(self.output_edit.text()),
             preprocess=M.make_preprocess(self.norm_combo.currentText(), self.axis_combo.currentText(),
-                                         self.channels_spin.value()))
+                                         self.channels_spin.value()),
+            class_names=M.parse_class_names(self.names_edit.text()))
 
     def show_request(self, req: M.ModelRequest) -> None:
         """Fill the form from ``req``."""
@@ -134,6 +140,7 @@ class ModelWidget(QWidget):
         self.norm_combo.setCurrentText(req.preprocess.normalisation)
         self.axis_combo.setCurrentText(req.preprocess.axis_order)
         self.channels_spin.setValue(req.preprocess.in_channels)
+        self.names_edit.setText(", ".join(req.class_names))
         if self.device_combo.findText(req.device) >= 0:
             self.device_combo.setCurrentText(req.device)
 
@@ -190,10 +197,15 @@ class ModelWidget(QWidget):
             return
         from esegeta_engine.models import list_layers
 
-        self.session.set_model(model, req.label, req.preprocess, req.output)
+        self.session.set_model(model, req.label, req.preprocess, req.output, req.class_names)
         n = sum(p.numel() for p in model.parameters())
         set_status(self.status, f"Loaded {req.label} on {req.device}: {n:,} parameters, "
                    f"{len(list_layers(model))} layers.", "ok")
+
+    def _names_typed(self) -> None:
+        names = M.parse_class_names(self.names_edit.text())
+        if self.session.model is not None and names != self.session.class_names:
+            self.session.set_class_names(names)
 
     def _update_buttons(self, *_: Any) -> None:
         self.load_btn.setEnabled(True)

@@ -1,0 +1,111 @@
+"""What a run costs: the engine's pre-run estimate, a running rate and an ETA (no Qt).
+
+The engine counts model evaluations; the GUI turns them into time with the
+rate it measures (seconds per evaluation of the last run for the pre-run
+warning, evaluations per second of the current run for the ETA).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+#: warn about a run needing more evaluations than this when no rate is measured yet
+WARN_EVALUATIONS = 2000
+
+
+def estimate_evaluations(model: Any, volume: Any, methods: Sequence[Any], **explainer_kwargs: Any) -> int | None:
+    """Model evaluations the engine expects for ``methods`` on ``volume`` (None when unknown).
+
+    Uses ``Explainer.estimate(volumes, methods)`` where the engine provides it;
+    any problem there is left for the run itself to report.
+    """
+    from esegeta_engine.explain import Explainer
+
+    if not hasattr(Explainer, "estimate"):
+        return None
+    try:
+        total = Explainer(model, **explainer_kwargs).estimate([volume], list(methods))
+    except Exception:  # the run reports it with problem and fix
+        return None
+    return None if total is None else int(total)
+
+
+def estimate_seconds(evaluations: int | None, seconds_per_evaluation: float | None) -> float | None:
+    """``evaluations`` x the measured rate, None when either is unknown."""
+    if evaluations is None or not seconds_per_evaluation:
+        return None
+    return evaluations * seconds_per_evaluation
+
+
+def too_long(evaluations: int | None, seconds: float | None, limit_s: float) -> bool:
+    """True when the estimate exceeds ``limit_s`` (or, with no rate, :data:`WARN_EVALUATIONS`)."""
+    if seconds is not None:
+        return seconds > limit_s
+    return evaluations is not None and evaluations > WARN_EVALUATIONS
+
+
+def format_seconds(seconds: float) -> str:
+    """``42 s``, ``3 min 05 s``, ``1 h 02 min``."""
+    if not math.isfinite(seconds):
+        return "?"
+    s = int(round(seconds))
+    if s < 60:
+        return f"{s} s"
+    if s < 3600:
+        return f"{s // 60} min {s % 60:02d} s"
+    return f"{s // 3600} h {(s % 3600) // 60:02d} min"
+
+
+class RateMeter:
+    """Evaluations done / expected in the whole run, and an ETA from the measured rate.
+
+    Reads the engine's ``Progress`` events: ``run_evaluations`` and
+    ``run_expected`` where the engine provides them, else the per-job
+    ``evaluations`` summed over jobs (no total, no ETA).
+    """
+
+    def __init__(self, start: float | None = None) -> None:
+        self.evaluations = 0
+        self.expected: int | None = None
+        self._start = start
+        self._job_base = 0
+        self._job_last = 0
+
+    def update(self, event: Any, now: float) -> None:
+        """Take in a progress event seen at ``now`` (perf_counter seconds)."""
+        if self._start is None:
+            self._start = now
+        run_done = getattr(event, "run_evaluations", None)
+        if run_done is not None:
+            self.evaluations = int(run_done)
+        else:
+            job = int(getattr(event, "evaluations", 0) or 0)
+            if job < self._job_last:  # a new job started
+                self._job_base += self._job_last
+            self._job_last = job
+            self.evaluations = self._job_base + job
+        expected = getattr(event, "run_expected", None)
+        self.expected = None if expected is None else int(expected)
+
+    def eta(self, now: float) -> float | None:
+        """Seconds left at the rate measured so far (None without a total or a rate)."""
+        if self.expected is None or self._start is None or self.evaluations <= 0:
+            return None
+        elapsed = now - self._start
+        if elapsed <= 0:
+            return None
+        return max(self.expected - self.evaluations, 0) * elapsed / self.evaluations
+
+    def text(self, event: Any, now: float) -> str:
+        """`` · run 120/500 · ETA 1 min 20 s``; empty without the run's expected total.
+
+        (The engine's own message already counts the running job's evaluations.)
+        """
+        self.update(event, now)
+        if self.expected is None:
+            return ""
+        out = f" · run {self.evaluations:,}/{self.expected:,}"
+        eta = self.eta(now)
+        return out + (f" · ETA {format_seconds(eta)}" if eta is not None else "")
