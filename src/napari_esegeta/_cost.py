@@ -18,13 +18,11 @@ WARN_EVALUATIONS = 2000
 def estimate_evaluations(model: Any, volume: Any, methods: Sequence[Any], **explainer_kwargs: Any) -> int | None:
     """Model evaluations the engine expects for ``methods`` on ``volume`` (None when unknown).
 
-    Uses ``Explainer.estimate(volumes, methods)`` where the engine provides it;
-    any problem there is left for the run itself to report.
+    Uses ``Explainer.estimate(volumes, methods)`` (no model evaluation); any problem
+    there is left for the run itself to report.
     """
     from esegeta_engine.explain import Explainer
 
-    if not hasattr(Explainer, "estimate"):
-        return None
     try:
         total = Explainer(model, **explainer_kwargs).estimate([volume], list(methods))
     except Exception:  # the run reports it with problem and fix
@@ -61,33 +59,21 @@ def format_seconds(seconds: float) -> str:
 class RateMeter:
     """Evaluations done / expected in the whole run, and an ETA from the measured rate.
 
-    Reads the engine's ``Progress`` events: ``run_evaluations`` and
-    ``run_expected`` where the engine provides them, else the per-job
-    ``evaluations`` summed over jobs (no total, no ETA).
+    Reads the engine's ``Progress`` events (``run_evaluations``, ``run_expected``: None
+    while some method cannot tell its cost in advance, and then no total or ETA is shown).
     """
 
     def __init__(self, start: float | None = None) -> None:
         self.evaluations = 0
         self.expected: int | None = None
         self._start = start
-        self._job_base = 0
-        self._job_last = 0
 
     def update(self, event: Any, now: float) -> None:
         """Take in a progress event seen at ``now`` (perf_counter seconds)."""
         if self._start is None:
             self._start = now
-        run_done = getattr(event, "run_evaluations", None)
-        if run_done is not None:
-            self.evaluations = int(run_done)
-        else:
-            job = int(getattr(event, "evaluations", 0) or 0)
-            if job < self._job_last:  # a new job started
-                self._job_base += self._job_last
-            self._job_last = job
-            self.evaluations = self._job_base + job
-        expected = getattr(event, "run_expected", None)
-        self.expected = None if expected is None else int(expected)
+        self.evaluations = int(event.run_evaluations)
+        self.expected = None if event.run_expected is None else int(event.run_expected)
 
     def eta(self, now: float) -> float | None:
         """Seconds left at the rate measured so far (None without a total or a rate)."""

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from esegeta_engine.config import PreprocessConfig
+from esegeta_engine.config import ExecutionConfig, PreprocessConfig
 from esegeta_engine.errors import ConfigError, EsegetaError, ModelLoadError
 
 
@@ -158,6 +158,36 @@ def bundled_request(device: str = "cpu") -> ModelRequest:
 def parse_class_names(text: str) -> tuple[str, ...]:
     """``"background, vessel"`` -> ``("background", "vessel")`` (index order; empty: unknown)."""
     return tuple(t.strip() for t in text.replace(";", ",").split(",") if t.strip())
+
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+def parse_execution(patch_text: str, precision: str = "fp32", overlap: float = 0.25) -> ExecutionConfig | None:
+    """The Model tab's execution fields -> an :class:`ExecutionConfig` (``None``: whole volume, fp32).
+
+    ``patch_text`` is empty (whole volume), one size (``"96"``) or one per axis (``"96, 96, 64"``).
+
+    Raises
+    ------
+    ConfigError
+        A patch size that is not a positive whole number, or a bad precision.
+    """
+    text = patch_text.replace(";", ",").replace("x", ",").strip()
+    if not text and precision == "fp32":
+        return None
+    try:
+        sizes = [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise ConfigError(f"patch size {patch_text!r} is not a list of whole numbers",
+                          "type e.g. 96 or 96, 96, 64 (the network's training patch size), or leave it empty") from None
+    if any(s < 1 for s in sizes) or len(sizes) > 3:
+        raise ConfigError(f"patch size {patch_text!r} needs one to three positive sizes",
+                          "type e.g. 96 or 96, 96, 64, or leave it empty for whole-volume execution")
+    if precision not in PRECISIONS:
+        raise ConfigError(f"precision {precision!r} is unknown", "choose fp32, bf16 or fp16")
+    patch: Any = None if not sizes else (sizes[0] if len(sizes) == 1 else sizes)
+    return ExecutionConfig(patch_size=patch, overlap=overlap, precision=precision)
 
 
 def load_request(req: ModelRequest) -> Any:

@@ -177,7 +177,8 @@ def explain_events(model: Any, volume: Volume, methods: Sequence[MethodConfig], 
                    preprocess: PreprocessConfig, target: TargetConfig, output: int | str | None,
                    roi_mask: np.ndarray | None, cancel: threading.Event,
                    timeout_s: float | None = None,
-                   on_progress: Callable[[Any], None] | None = None) -> Generator[Any, None, None]:
+                   on_progress: Callable[[Any], None] | None = None,
+                   execution: Any = None) -> Generator[Any, None, None]:
     """Engine events for one volume; errors become a final :class:`RunError`.
 
     Methods run in the calling (worker) thread — a second torch thread would
@@ -186,7 +187,7 @@ def explain_events(model: Any, volume: Volume, methods: Sequence[MethodConfig], 
     """
     try:
         explainer = Explainer(model, preprocess=preprocess, target=target, output=output,
-                              timeout_s=timeout_s)
+                              timeout_s=timeout_s, execution=execution)
         from esegeta_engine.evaluation.evaluators import axiom_evaluator
 
         yield from explainer.iter_explain([volume], methods, roi_mask=roi_mask, cancel=cancel,
@@ -199,10 +200,10 @@ def explain_events(model: Any, volume: Volume, methods: Sequence[MethodConfig], 
 
 
 def predict_labels(model: Any, volume: Volume, preprocess: PreprocessConfig,
-                   output: int | str | None) -> Any:
+                   output: int | str | None, execution: Any = None) -> Any:
     """The model's label map in NIfTI order, or a :class:`RunError` (never raises)."""
     try:
-        return Explainer(model, preprocess=preprocess, output=output).predict(volume)
+        return Explainer(model, preprocess=preprocess, output=output, execution=execution).predict(volume)
     except Exception as exc:
         return RunError(format_error(exc))
 

@@ -53,6 +53,7 @@ class Session:
     busy: bool = False
     class_names: tuple[str, ...] = ()
     seconds_per_evaluation: float | None = None
+    execution: Any = None  # ExecutionConfig from the Model tab (None: whole volume, fp32)
     signals: _Signals = field(default_factory=_Signals)
 
     def set_model(self, model: Any, name: str, preprocess: PreprocessConfig,

@@ -103,12 +103,11 @@ def test_rate_meter_total_and_eta() -> None:
     text = meter.text(ev, now=110.0)  # 40 evaluations in 10 s: 60 left take 15 s
     assert meter.eta(110.0) == pytest.approx(15.0)
     assert text == " · run 40/100 · ETA 15 s"
-    # an engine without run totals: per-job counts are summed over jobs, no ETA
+    # a run whose total is unknown (a method that cannot tell its cost): no total, no ETA
     meter = _cost.RateMeter(start=0.0)
-    for n in (3, 7, 2, 4):  # job 1 ends at 7, job 2 is at 4
-        meter.update(SimpleNamespace(evaluations=n), now=1.0)
+    meter.update(SimpleNamespace(evaluations=4, run_evaluations=11, run_expected=None), now=1.0)
     assert meter.evaluations == 11 and meter.eta(1.0) is None
-    assert meter.text(SimpleNamespace(evaluations=5), now=2.0) == ""
+    assert meter.text(SimpleNamespace(evaluations=5, run_evaluations=12, run_expected=None), now=2.0) == ""
 
 
 def test_cost_estimate_and_warning(monkeypatch) -> None:

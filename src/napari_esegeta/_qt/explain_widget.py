@@ -309,7 +309,8 @@ class ExplainWidget(CancellableRun, QWidget):
         self._pbar = progress(total=len(methods), desc="esegeta: preparing")
         self.worker = create_worker(R.explain_events, s.model, volume, methods, preprocess=s.preprocess,
                                     target=target, output=s.output, roi_mask=roi_mask,
-                                    cancel=cancel, on_progress=self.control.store, _start_thread=False)
+                                    cancel=cancel, on_progress=self.control.store,
+                                    execution=s.execution, _start_thread=False)
         self.worker.yielded.connect(self._on_event)
         self.worker.finished.connect(self._on_finished)
         self.worker.start()
@@ -396,7 +397,7 @@ class ExplainWidget(CancellableRun, QWidget):
         """False (with a warning) the first time Run is clicked for a run estimated to be long."""
         plan = (layer.name, tuple(m.model_dump_json() for m in methods), target.model_dump_json())
         evaluations = _cost.estimate_evaluations(s.model, volume, methods, preprocess=s.preprocess,
-                                                 target=target, output=s.output)
+                                                 target=target, output=s.output, execution=s.execution)
         seconds = _cost.estimate_seconds(evaluations, s.seconds_per_evaluation)
         if not _cost.too_long(evaluations, seconds, WARN_SECONDS) or plan == self._confirmed_plan:
             self._confirmed_plan = None

@@ -24,7 +24,7 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from esegeta_engine.errors import PickledModuleError
+from esegeta_engine.errors import EsegetaError, PickledModuleError
 from napari_esegeta import _model as M
 from napari_esegeta._geometry import copy_geometry
 from napari_esegeta._layers import is_input_layer, prediction_layer_data
@@ -78,6 +78,17 @@ class ModelWidget(QWidget):
         self.names_edit.editingFinished.connect(self._names_typed)
         self.channels_spin = QSpinBox()
         self.channels_spin.setRange(1, 64)
+        self.patch_edit = QLineEdit()
+        self.patch_edit.setPlaceholderText("whole volume; e.g. 96 for real-sized scans")
+        self.patch_edit.setToolTip("Sliding-window execution with the network's training patch size (one size or "
+                                   "one per axis): maps of the function you deploy, memory bounded, Cancel "
+                                   "within a patch. Empty: the whole volume in one pass.")
+        self.patch_edit.editingFinished.connect(self._execution_changed)
+        self.precision_combo = QComboBox()
+        self.precision_combo.addItems(M.PRECISIONS)
+        self.precision_combo.setToolTip("Autocast precision of the network (bf16 on CPUs, fp16 on GPUs); "
+                                        "maps that turn non-finite are redone in fp32")
+        self.precision_combo.currentTextChanged.connect(self._execution_changed)
         self.load_btn = QPushButton("Load model")
         self.load_btn.clicked.connect(self.load)
         self.bundled_btn = QPushButton("Use bundled sample model")
@@ -97,6 +108,8 @@ class ModelWidget(QWidget):
         form.addRow("Axis order", self.axis_combo)
         form.addRow("Channels", self.channels_spin)
         form.addRow("Class names", self.names_edit)
+        form.addRow("Patch size", self.patch_edit)
+        form.addRow("Precision", self.precision_combo)
         buttons = QHBoxLayout()
         buttons.addWidget(self.load_btn)
         buttons.addWidget(self.bundled_btn)
@@ -207,6 +220,21 @@ class ModelWidget(QWidget):
         if self.session.model is not None and names != self.session.class_names:
             self.session.set_class_names(names)
 
+    def _execution_changed(self, *_: Any) -> None:
+        """Patch size / precision typed: every later prediction and run uses them."""
+        try:
+            self.session.execution = M.parse_execution(self.patch_edit.text(), self.precision_combo.currentText())
+        except EsegetaError as exc:
+            self.session.execution = None
+            set_status(self.status, M.format_error(exc), "error")
+            return
+        e = self.session.execution
+        if e is not None and e.patch_size is not None:
+            set_status(self.status, f"Sliding-window execution: patch {e.patch_size}, overlap {e.overlap}, "
+                                    f"{e.precision}; layer methods, CAMs, DeepLIFT and LRP need the whole volume.")
+        elif e is not None:
+            set_status(self.status, f"Whole-volume execution in {e.precision}.")
+
     def _update_buttons(self, *_: Any) -> None:
         self.load_btn.setEnabled(True)
         self.bundled_btn.setEnabled(True)
@@ -235,7 +263,7 @@ class ModelWidget(QWidget):
         set_status(self.status, f"Predicting on {layer.name}…")
         self.predict_btn.setEnabled(False)
         self._predict_worker = create_worker(predict_labels, s.model, volume, s.preprocess, s.output,
-                                             _start_thread=False)
+                                             s.execution, _start_thread=False)
         self._predict_worker.returned.connect(lambda labels: self._on_predicted(labels, layer))
         self._predict_worker.finished.connect(self._predict_done)
         self._predict_worker.start()
