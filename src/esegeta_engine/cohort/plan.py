@@ -304,7 +304,7 @@ def plan_cohort(cfg: CohortConfig) -> CohortPlan:
                 for cls in cfg.target.classes or []:
                     key = job_key(model_sha[m.name], v.sha256, meth, cls, cfg.target, cfg.preprocess,
                                   cfg.run.seed, model_output=m.output,
-                                  extra={**extra, "execution": cfg.execution.model_dump(mode="json")})
+                                  extra={**(extra or {}), "execution": cfg.execution.model_dump(mode="json")})
                     name = f"maps/{m.name}/{v.subject}__{_slug(label)}__{cfg.target.kind}-{cls}.nii.gz"
                     jobs.append(CohortJob(key, m.name, vi, v.subject, mi, label, int(cls), name, cost))
     return CohortPlan(volumes, model_sha, jobs, common, note)
