@@ -17,10 +17,8 @@ each job runs on one device against a score model built by the one factory,
 
 from __future__ import annotations
 
-import contextvars
 import logging
 import threading
-import time
 from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,154 +27,29 @@ import numpy as np
 import torch
 from torch import nn
 
-from esegeta_engine.channel_target import LayerChannelTarget
+from esegeta_engine import targets as T
 from esegeta_engine.config import ExecutionConfig, MethodConfig, PreprocessConfig, TargetConfig
-from esegeta_engine.errors import (Cancelled, EsegetaError, MethodError, MethodTimeout, TargetError, VolumeError,
-                                   error_reason)
+from esegeta_engine.errors import EsegetaError, MethodError, TargetError, VolumeError, error_reason
+from esegeta_engine.execution.build import _is_oom, build_target, memory_error, target_support
+from esegeta_engine.execution.events import Event, Evaluator, JobFailed, MapReady, Progress, RunState
+from esegeta_engine.execution.executor import JobExecutor
 from esegeta_engine.execution.plan import Job, array_fingerprint, model_fingerprint, plan_jobs
 from esegeta_engine.execution.runner import ExecutionForm, execution_form
 from esegeta_engine.io import Volume
-from esegeta_engine.methods import MethodContext, attribute, get_method
+from esegeta_engine.methods import get_method
 from esegeta_engine.methods.registry import CostInfo
-from esegeta_engine.models import get_layer, is_torchscript, model_guard
-from esegeta_engine.preprocess import AxisOrder, Geometry, to_model_input
+from esegeta_engine.models import get_layer, model_guard
+from esegeta_engine.preprocess import Geometry, to_model_input
 from esegeta_engine.scoring import EvaluationMonitor, ScoreModel, make_score_model
-from esegeta_engine import targets as T
+
+__all__ = ["Event", "Evaluator", "Explainer", "Job", "JobFailed", "MapReady", "Progress", "build_target",
+           "memory_error", "target_support"]
 
 log = logging.getLogger("esegeta_engine")
 
 
-@dataclass(frozen=True)
-class Progress:
-    """Progress of a run: ``done`` of ``total`` jobs, with a message.
-
-    Attributes
-    ----------
-    evaluations : int
-        Model evaluations of the current job so far.
-    run_evaluations : int
-        Model evaluations of the whole run so far.
-    run_expected : int or None
-        Expected model evaluations of the whole run (None while some job's count is unknown).
-    """
-
-    done: int
-    total: int
-    message: str
-    evaluations: int = 0
-    run_evaluations: int = 0
-    run_expected: int | None = None
-
-
 @dataclass
-class MapReady:
-    """A finished attribution map for one volume, in NIfTI axis order.
-
-    ``metrics`` holds what the evaluators computed for this map (NaN or an
-    ``<name>_error`` entry where one could not be computed).
-    """
-
-    job: Job
-    volume: int
-    array: np.ndarray
-    seconds: float
-    evaluations: int
-    metrics: dict[str, Any] = field(default_factory=dict)
-    inputs_evaluated: int = 0
-    notes: list[str] = field(default_factory=list)
-    execution: dict[str, Any] = field(default_factory=dict)
-    patch_evaluations: int = 0
-
-
-Evaluator = Callable[["Job", MethodContext, torch.Tensor], dict[str, Any]]
-"""``evaluator(job, context, attribution) -> {metric: value}``, run after each job in its
-worker thread; ``attribution`` is on the input grid, ``(N, C or 1, *spatial)``."""
-
-
-@dataclass
-class JobFailed:
-    """A job that failed, timed out or was cancelled; the run goes on (unless cancelled)."""
-
-    job: Job
-    status: str  # "failed" | "timeout" | "cancelled"
-    error: str
-    seconds: float
-    evaluations: int
-
-
-Event = Progress | MapReady | JobFailed
-
-
-def build_target(cfg: TargetConfig, spatial_dims: int, roi_mask: np.ndarray | None = None,
-                 axis_order: str = "xyz", geometry: Geometry | None = None,
-                 volume_shape: tuple[int, ...] | None = None) -> T.Target:
-    """Build the target of ``cfg``; ``roi_mask`` and ``cfg.voxel`` are in NIfTI order.
-
-    ``geometry`` (default: the axis order alone) maps them onto the model's grid;
-    ``volume_shape`` (NIfTI spatial shape) is needed for a voxel under reorientation.
-    """
-    act = cfg.resolved_activation
-    geometry = geometry or Geometry(axis_order)
-    if cfg.kind == "argmax":
-        return T.ArgmaxRegionTarget(act, frozen=cfg.frozen)
-    if cfg.kind == "otsu":
-        return T.OtsuThresholdTarget(act, channel=cfg.channel, frozen=cfg.frozen)
-    if cfg.kind == "classification":
-        return T.ClassificationTarget(act)
-    if cfg.kind == "roi":
-        if roi_mask is None:
-            raise TargetError("target kind 'roi' needs a mask", "give target.roi_mask")
-        return T.RegionOfInterestTarget(geometry.to_model(np.asarray(roi_mask)), act)
-    if cfg.kind == "voxel":
-        if len(cfg.voxel or ()) != spatial_dims:
-            raise TargetError(f"target.voxel {cfg.voxel} needs {spatial_dims} indices", "give x, y[, z]")
-        shape = volume_shape or tuple(1 << 30 for _ in range(spatial_dims))
-        return T.VoxelTarget(geometry.index_to_model(cfg.voxel, shape), act)
-    if cfg.kind == "channel" and cfg.layer:
-        unit = None
-        if cfg.unit:
-            if len(cfg.unit) != spatial_dims:
-                raise TargetError(f"target.unit {cfg.unit} needs {spatial_dims} indices", "give x, y[, z]")
-            unit = [cfg.unit[i] for i in AxisOrder(geometry.axis_order).permutation]
-        return LayerChannelTarget(cfg.layer, cfg.channel, unit, act)
-    raise TargetError(f"unknown target kind {cfg.kind!r}",
-                      "use argmax, otsu, roi, voxel, classification or channel")
-
-
-def target_support(target: T.Target, spatial: tuple[int, ...]) -> torch.Tensor | None:
-    """Output voxels (model grid, bool) that ``target``'s scores read; None when all of them."""
-    if isinstance(target, T.RegionOfInterestTarget):
-        m = target.mask
-        return (m.any(0) if m.dim() == len(spatial) + 1 else m).bool()
-    if isinstance(target, T.VoxelTarget):
-        support = torch.zeros(spatial, dtype=torch.bool)
-        if all(0 <= i < s for i, s in zip(target.index, spatial)):
-            support[tuple(target.index)] = True
-            return support
-    return None
-
-
-def _is_oom(exc: BaseException) -> bool:
-    return isinstance(exc, (MemoryError, getattr(torch, "OutOfMemoryError", MemoryError))) or (
-        isinstance(exc, RuntimeError) and ("out of memory" in str(exc).lower()
-                                           or "not enough memory" in str(exc).lower()))
-
-
-def memory_error(shape: tuple[int, ...], form: ExecutionForm | None = None) -> MethodError:
-    """The readable error for an out-of-memory model evaluation, with what would fit."""
-    if form is not None and form.sliding is not None:
-        smaller = [max(16, p // 2) for p in form.sliding.patch_size]
-        fix = (f"use a smaller execution.patch_size (e.g. {smaller}), execution.sw_batch_size: 1, "
-               "or execution.precision: bf16 (fp16 on a GPU)")
-    else:
-        side = 96 if len(shape) == 5 else 256
-        fix = (f"run patch by patch: execution.patch_size: {[side] * (len(shape) - 2)} (the network's training "
-               "patch size), and/or execution.precision: bf16 (fp16 on a GPU); for IG lower internal_batch_size")
-    return MethodError(f"ran out of memory evaluating the model on an input of shape {tuple(shape)}", fix)
-
-
-@dataclass
-class Explainer:
+class Explainer(JobExecutor):
     """Explain one model's predictions on NIfTI-ordered volumes.
 
     Parameters
@@ -451,7 +324,7 @@ class Explainer:
         # totals are therefore estimates until every group is planned.
         per_group = {id(ms): sum(len(m.layers or [None]) * len(self.target.classes or [0]) for m in ms)
                      for _, ms in groups}
-        state = _RunState(self.estimate(volumes, methods))
+        state = RunState(self.estimate(volumes, methods))
         done = 0
         with model_guard(self.model):
             for gi, (group, group_methods) in enumerate(groups):
@@ -486,231 +359,3 @@ class Explainer:
                         return
                 del x, out, target
             yield state.progress(done, done, "finished")
-
-    def _run_job(self, job: Job, x: torch.Tensor, target: T.Target, support: torch.Tensor | None,
-                 monitor: EvaluationMonitor, done: int, total: int, evaluators: Sequence[Evaluator] = (),
-                 threaded: bool = True, on_progress: Callable[[Progress], None] | None = None,
-                 state: _RunState | None = None, geometry: Geometry | None = None,
-                 ) -> Generator[Event, None, None]:
-        """Execute one job on the model's device (the executor), yielding its events."""
-        state = state or _RunState(None)
-        holder: dict[str, Any] = {"notes": []}
-        precision = self.form_for(x).precision
-
-        def attempt(prec: str) -> tuple[torch.Tensor, MethodContext, ScoreModel]:
-            score_model = self.make_score_model(target, x, monitor, support=support, precision=prec)
-            ctx = MethodContext(
-                score_model=score_model, inputs=x, target=job.cls, seed=self.seed,
-                layer=get_layer(self.model, job.layer) if job.layer else None, layer_name=job.layer,
-                torchscript=is_torchscript(self.model),
-                extra={"patchwise": score_model.patchwise, "notes": holder["notes"]},
-            )
-            if score_model.patchwise and isinstance(target, LayerChannelTarget):
-                raise MethodError(
-                    "the channel target reads a layer's activation over the whole volume, which patch-wise "
-                    "execution does not compute", "use execution.mode: whole (on an ROI crop for large volumes)")
-            if score_model.patchwise and job.spec.patchwise == "whole":
-                raise MethodError(
-                    f"method '{job.spec.name}' needs one forward pass of the whole volume (its hooks store "
-                    "activations) and cannot run patch by patch under sliding-window execution",
-                    "explain an ROI crop of the volume with a receptive-field margin (e.g. the region plus half "
-                    "a patch on every side) with execution.mode: whole, or use a patch-wise method "
-                    "(saliency, integrated_gradients, input_x_gradient, guided_backprop, gradient_shap, "
-                    "occlusion, feature_ablation; see docs/execution.md)")
-            runner = score_model.runner
-            if score_model.patchwise and job.spec.patchwise == "perturbation":
-                runner.set_base(x)  # unperturbed patch outputs are reused by every perturbation
-            try:
-                return attribute(job.spec, ctx, job.params, job.noise_tunnel), ctx, score_model
-            finally:
-                if score_model.patchwise:
-                    runner.set_base(None)
-
-        def work() -> None:
-            try:
-                try:
-                    result, ctx, sm = attempt(precision)
-                except EsegetaError:
-                    raise
-                except (Cancelled, MethodTimeout):
-                    raise
-                except Exception as exc:
-                    if _is_oom(exc):
-                        raise memory_error(tuple(x.shape), self.form_for(x)) from None
-                    raise
-                if precision != "fp32" and not bool(torch.isfinite(result).all()):
-                    holder["notes"].append(f"map turned non-finite in {precision}: redone in fp32")
-                    log.warning("%s · %s: non-finite map in %s, redoing in fp32", job.label, job.cls_label,
-                                precision)
-                    monitor.start(self.timeout_s)
-                    result, ctx, sm = attempt("fp32")
-                    holder["precision"] = "fp32"
-                holder["result"] = result
-                holder["evaluations"] = monitor.count
-                holder["samples"] = monitor.samples
-                holder["patches"] = monitor.patches
-                holder["form"] = sm.form.describe()
-            except Exception as exc:  # recorded; KeyboardInterrupt propagates
-                holder["error"] = exc
-                return
-            try:
-                holder["metrics"] = self._evaluate(evaluators, job, ctx, holder["result"], monitor)
-            except Exception as exc:  # cancelled while evaluating: the map itself is kept
-                holder["metrics_error"] = exc
-
-        monitor.start(self.timeout_s)
-        start = time.perf_counter()
-        if not threaded:  # in this thread: progress through the callback only
-            def report(n: int) -> None:
-                if on_progress is not None:
-                    on_progress(state.progress(done, total, f"{job.label} · {job.cls_label}: {n} model "
-                                               f"evaluations{_of(job)}", n))
-
-            monitor.on_evaluation = report
-            try:
-                work()
-            finally:
-                monitor.on_evaluation = None
-        else:
-            yield from self._watch(work, job, holder, monitor, done, total, start, state)
-        seconds = time.perf_counter() - start
-        # the method's own evaluations (trust checks after it are not part of the job's count)
-        state.job_evaluations = holder.get("evaluations", monitor.count)
-        err = holder.get("error")
-        if err is None and "result" in holder:
-            try:
-                maps = self._to_nifti_maps(holder["result"], job, x, geometry)
-            except EsegetaError as exc:
-                err = exc
-            else:
-                metrics = holder.get("metrics") or [{} for _ in maps]
-                form = dict(holder.get("form") or {})
-                if "precision" in holder:
-                    form["precision_fallback"] = f"{precision} -> fp32"
-                for vol, arr, met in zip(job.volumes, maps, metrics):
-                    yield MapReady(job, vol, arr, seconds, holder.get("evaluations", monitor.count), met,
-                                   holder.get("samples", monitor.samples), list(holder["notes"]), form,
-                                   holder.get("patches", 0))
-                log.info("%s · %s: done in %.2f s, %d model evaluations", job.label, job.cls_label,
-                         seconds, monitor.count)
-                return
-        if isinstance(err, Cancelled):
-            status, text = "cancelled", "cancelled by the user"
-        elif isinstance(err, MethodTimeout):
-            status, text = "timeout", str(err)
-        elif isinstance(err, EsegetaError):
-            status, text = "failed", str(err)
-        else:
-            # the reason first (a TorchScript error's is its last line), then the whole message
-            reason, text = error_reason(err, limit=2000), f"{type(err).__name__}: {err}"
-            status, text = "failed", text if text.startswith(reason) else f"{reason}\n{text}"
-            log.error("%s · %s failed", job.label, job.cls_label, exc_info=err)
-        log.warning("%s · %s: %s (%s)", job.label, job.cls_label, status, text)
-        yield JobFailed(job, status, text, seconds, monitor.count)
-
-    @staticmethod
-    def _watch(work: Callable[[], None], job: Job, holder: dict[str, Any], monitor: EvaluationMonitor,
-               done: int, total: int, start: float, state: _RunState) -> Generator[Event, None, None]:
-        """Run ``work`` in a worker thread, yielding progress while it runs."""
-        # the worker inherits this thread's context (the run it logs for)
-        thread = threading.Thread(target=contextvars.copy_context().run, args=(work,),
-                                  name=f"esegeta-{job.label}", daemon=True)
-        thread.start()
-        last = -1
-        timeout = monitor.timeout_s
-        try:
-            while thread.is_alive():
-                thread.join(0.05)
-                if monitor.count != last:
-                    last = monitor.count
-                    yield state.progress(done, total, f"{job.label} · {job.cls_label}: {last} model "
-                                         f"evaluations{_of(job)}", last)
-                if timeout is not None and time.perf_counter() - start > timeout + 30:
-                    holder["error"] = MethodTimeout(  # one model call runs far past the limit
-                        f"exceeded the time limit of {timeout:g} s inside one model evaluation")
-                    monitor.abort.set()  # the stuck job stops at its next evaluation; the run goes on
-                    break
-        finally:
-            if thread.is_alive() and "error" not in holder:
-                monitor.abort.set()  # generator closed (GUI cancel): stop the worker
-                thread.join(5.0)
-
-    @staticmethod
-    def _evaluate(evaluators: Sequence[Evaluator], job: Job, ctx: MethodContext, result: torch.Tensor,
-                  monitor: EvaluationMonitor) -> list[dict[str, Any]]:
-        """Per-input metrics; a failing evaluator is recorded, never fatal (cancel still stops)."""
-        rows: list[dict[str, Any]] = [{} for _ in range(result.shape[0])]
-        for evaluator in evaluators:
-            for i in range(result.shape[0]):
-                sub = MethodContext(ctx.score_model, ctx.inputs[i:i + 1], ctx.target, ctx.layer,
-                                    ctx.layer_name, ctx.seed, ctx.torchscript, {**ctx.extra, "index": i})
-                try:
-                    rows[i].update(evaluator(job, sub, result[i:i + 1]))
-                except Cancelled:
-                    raise
-                except MethodTimeout:
-                    rows[i][f"{getattr(evaluator, '__name__', 'metric')}_error"] = "time limit reached"
-                except Exception as exc:  # one metric failing must not lose the map
-                    name = getattr(evaluator, "__name__", type(evaluator).__name__)
-                    rows[i][f"{name}_error"] = f"{type(exc).__name__}: {exc}"
-                    log.warning("%s: evaluator %s failed: %s", job.label, name, exc)
-        return rows
-
-    def _to_nifti_maps(self, result: torch.Tensor, job: Job, x: torch.Tensor,
-                       geometry: Geometry | None = None) -> list[np.ndarray]:
-        if result.dim() != x.dim():
-            raise MethodError(
-                f"layer '{job.layer}' gives a map of shape {tuple(result.shape)} with no spatial grid",
-                "choose a convolutional layer (see `esegeta layers MODEL`)",
-            )
-        _check_finite(result, job)
-        geometry = geometry or Geometry(self.preprocess.axis_order)
-        maps = []
-        for i in range(result.shape[0]):
-            r = result[i].cpu().numpy()
-            # input-grid maps share one map over the input channels; optimised volumes keep theirs
-            volume = job.spec.family == "visualisation" and r.shape[0] > 1
-            arr = r.sum(0) if (r.shape[0] in (x.shape[1], 1) and not volume) else np.moveaxis(r, 0, -1)
-            maps.append(geometry.to_nifti(arr).astype(np.float32))
-        return maps
-
-
-def _of(job: Job) -> str:
-    return f" of {job.expected_evaluations}" if job.expected_evaluations else ""
-
-
-class _RunState:
-    """Run-wide evaluation counts for progress totals and ETAs."""
-
-    def __init__(self, expected: int | None) -> None:
-        self.expected = expected
-        self.finished_evaluations = 0
-        self.job_evaluations = 0
-
-    def finished(self, job: Job, evaluations: int) -> None:
-        self.finished_evaluations += evaluations
-        if self.expected is not None and job.expected_evaluations is not None:
-            # the estimate used the job's predicted count: replace it by what it really made
-            self.expected += evaluations - job.expected_evaluations
-
-    def skipped(self, job: Job) -> None:
-        if self.expected is not None and job.expected_evaluations is not None:
-            self.expected -= job.expected_evaluations
-
-    def progress(self, done: int, total: int, message: str, evaluations: int = 0) -> Progress:
-        return Progress(done, total, message, evaluations, self.finished_evaluations + evaluations,
-                        self.expected)
-def _check_finite(result: torch.Tensor, job: Job) -> None:
-    """A map with NaN or Inf values is a failed job, never a result.
-
-    Raises
-    ------
-    MethodError
-        Saying how many values are not finite and the likely cause.
-    """
-    bad = int((~torch.isfinite(result)).sum())
-    if bad:
-        raise MethodError(
-            f"{job.label} gave a map with {bad} of {result.numel()} values NaN or infinite",
-            "the model output or its gradient overflows (NaN weights, huge logits or inputs): check the "
-            "model on this input, normalise the volume, or try another method")

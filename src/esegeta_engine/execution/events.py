@@ -1,0 +1,101 @@
+"""Events of a run: progress with run-wide evaluation totals, finished maps, failed jobs."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from esegeta_engine.execution.plan import Job
+from esegeta_engine.methods import MethodContext
+
+
+@dataclass(frozen=True)
+class Progress:
+    """Progress of a run: ``done`` of ``total`` jobs, with a message.
+
+    Attributes
+    ----------
+    evaluations : int
+        Model evaluations of the current job so far.
+    run_evaluations : int
+        Model evaluations of the whole run so far.
+    run_expected : int or None
+        Expected model evaluations of the whole run (None while some job's count is unknown).
+    """
+
+    done: int
+    total: int
+    message: str
+    evaluations: int = 0
+    run_evaluations: int = 0
+    run_expected: int | None = None
+
+
+@dataclass
+class MapReady:
+    """A finished attribution map for one volume, in NIfTI axis order.
+
+    ``metrics`` holds what the evaluators computed for this map (NaN or an
+    ``<name>_error`` entry where one could not be computed).
+    """
+
+    job: Job
+    volume: int
+    array: np.ndarray
+    seconds: float
+    evaluations: int
+    metrics: dict[str, Any] = field(default_factory=dict)
+    inputs_evaluated: int = 0
+    notes: list[str] = field(default_factory=list)
+    execution: dict[str, Any] = field(default_factory=dict)
+    patch_evaluations: int = 0
+
+
+Evaluator = Callable[["Job", MethodContext, torch.Tensor], dict[str, Any]]
+"""``evaluator(job, context, attribution) -> {metric: value}``, run after each job in its
+worker thread; ``attribution`` is on the input grid, ``(N, C or 1, *spatial)``."""
+
+
+@dataclass
+class JobFailed:
+    """A job that failed, timed out or was cancelled; the run goes on (unless cancelled)."""
+
+    job: Job
+    status: str  # "failed" | "timeout" | "cancelled"
+    error: str
+    seconds: float
+    evaluations: int
+
+
+Event = Progress | MapReady | JobFailed
+
+
+def _of(job: Job) -> str:
+    return f" of {job.expected_evaluations}" if job.expected_evaluations else ""
+
+
+class RunState:
+    """Run-wide evaluation counts for progress totals and ETAs."""
+
+    def __init__(self, expected: int | None) -> None:
+        self.expected = expected
+        self.finished_evaluations = 0
+        self.job_evaluations = 0
+
+    def finished(self, job: Job, evaluations: int) -> None:
+        self.finished_evaluations += evaluations
+        if self.expected is not None and job.expected_evaluations is not None:
+            # the estimate used the job's predicted count: replace it by what it really made
+            self.expected += evaluations - job.expected_evaluations
+
+    def skipped(self, job: Job) -> None:
+        if self.expected is not None and job.expected_evaluations is not None:
+            self.expected -= job.expected_evaluations
+
+    def progress(self, done: int, total: int, message: str, evaluations: int = 0) -> Progress:
+        return Progress(done, total, message, evaluations, self.finished_evaluations + evaluations,
+                        self.expected)

@@ -1,0 +1,240 @@
+"""The executor: one planned job on the model's device -> its events.
+
+:class:`JobExecutor` is mixed into :class:`~esegeta_engine.explain.Explainer`: it builds the
+job's score model with the one factory, refuses methods that cannot run in the execution
+form (hook-based methods under sliding windows), runs the method (in a worker thread for GUIs
+or in the caller's thread), redoes a non-finite reduced-precision map in fp32, computes the
+per-map metrics and brings maps back to the scan's voxel grid.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import logging
+import threading
+import time
+from collections.abc import Callable, Generator, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from esegeta_engine import targets as T
+from esegeta_engine.channel_target import LayerChannelTarget
+from esegeta_engine.errors import Cancelled, EsegetaError, MethodError, MethodTimeout, error_reason
+from esegeta_engine.execution.build import _is_oom, memory_error
+from esegeta_engine.execution.events import Event, Evaluator, JobFailed, MapReady, Progress, RunState, _of
+from esegeta_engine.execution.plan import Job
+from esegeta_engine.methods import MethodContext, attribute
+from esegeta_engine.models import get_layer, is_torchscript
+from esegeta_engine.preprocess import Geometry
+from esegeta_engine.scoring import EvaluationMonitor, ScoreModel
+
+log = logging.getLogger("esegeta_engine")
+
+
+class JobExecutor:
+    """Runs one job (mixed into :class:`~esegeta_engine.explain.Explainer`)."""
+
+    def _run_job(self, job: Job, x: torch.Tensor, target: T.Target, support: torch.Tensor | None,
+                 monitor: EvaluationMonitor, done: int, total: int, evaluators: Sequence[Evaluator] = (),
+                 threaded: bool = True, on_progress: Callable[[Progress], None] | None = None,
+                 state: RunState | None = None, geometry: Geometry | None = None,
+                 ) -> Generator[Event, None, None]:
+        """Execute one job on the model's device (the executor), yielding its events."""
+        state = state or RunState(None)
+        holder: dict[str, Any] = {"notes": []}
+        precision = self.form_for(x).precision
+
+        def attempt(prec: str) -> tuple[torch.Tensor, MethodContext, ScoreModel]:
+            score_model = self.make_score_model(target, x, monitor, support=support, precision=prec)
+            ctx = MethodContext(
+                score_model=score_model, inputs=x, target=job.cls, seed=self.seed,
+                layer=get_layer(self.model, job.layer) if job.layer else None, layer_name=job.layer,
+                torchscript=is_torchscript(self.model),
+                extra={"patchwise": score_model.patchwise, "notes": holder["notes"]},
+            )
+            if score_model.patchwise and isinstance(target, LayerChannelTarget):
+                raise MethodError(
+                    "the channel target reads a layer's activation over the whole volume, which patch-wise "
+                    "execution does not compute", "use execution.mode: whole (on an ROI crop for large volumes)")
+            if score_model.patchwise and job.spec.patchwise == "whole":
+                raise MethodError(
+                    f"method '{job.spec.name}' needs one forward pass of the whole volume (its hooks store "
+                    "activations) and cannot run patch by patch under sliding-window execution",
+                    "explain an ROI crop of the volume with a receptive-field margin (e.g. the region plus half "
+                    "a patch on every side) with execution.mode: whole, or use a patch-wise method "
+                    "(saliency, integrated_gradients, input_x_gradient, guided_backprop, gradient_shap, "
+                    "occlusion, feature_ablation; see docs/execution.md)")
+            runner = score_model.runner
+            if score_model.patchwise and job.spec.patchwise == "perturbation":
+                runner.set_base(x)  # unperturbed patch outputs are reused by every perturbation
+            try:
+                return attribute(job.spec, ctx, job.params, job.noise_tunnel), ctx, score_model
+            finally:
+                if score_model.patchwise:
+                    runner.set_base(None)
+
+        def work() -> None:
+            try:
+                try:
+                    result, ctx, sm = attempt(precision)
+                except EsegetaError:
+                    raise
+                except (Cancelled, MethodTimeout):
+                    raise
+                except Exception as exc:
+                    if _is_oom(exc):
+                        raise memory_error(tuple(x.shape), self.form_for(x)) from None
+                    raise
+                if precision != "fp32" and not bool(torch.isfinite(result).all()):
+                    holder["notes"].append(f"map turned non-finite in {precision}: redone in fp32")
+                    log.warning("%s · %s: non-finite map in %s, redoing in fp32", job.label, job.cls_label,
+                                precision)
+                    monitor.start(self.timeout_s)
+                    result, ctx, sm = attempt("fp32")
+                    holder["precision"] = "fp32"
+                holder["result"] = result
+                holder["evaluations"] = monitor.count
+                holder["samples"] = monitor.samples
+                holder["patches"] = monitor.patches
+                holder["form"] = sm.form.describe()
+            except Exception as exc:  # recorded; KeyboardInterrupt propagates
+                holder["error"] = exc
+                return
+            try:
+                holder["metrics"] = self._evaluate(evaluators, job, ctx, holder["result"], monitor)
+            except Exception as exc:  # cancelled while evaluating: the map itself is kept
+                holder["metrics_error"] = exc
+
+        monitor.start(self.timeout_s)
+        start = time.perf_counter()
+        if not threaded:  # in this thread: progress through the callback only
+            def report(n: int) -> None:
+                if on_progress is not None:
+                    on_progress(state.progress(done, total, f"{job.label} · {job.cls_label}: {n} model "
+                                               f"evaluations{_of(job)}", n))
+
+            monitor.on_evaluation = report
+            try:
+                work()
+            finally:
+                monitor.on_evaluation = None
+        else:
+            yield from self._watch(work, job, holder, monitor, done, total, start, state)
+        seconds = time.perf_counter() - start
+        # the method's own evaluations (trust checks after it are not part of the job's count)
+        state.job_evaluations = holder.get("evaluations", monitor.count)
+        err = holder.get("error")
+        if err is None and "result" in holder:
+            try:
+                maps = self._to_nifti_maps(holder["result"], job, x, geometry)
+            except EsegetaError as exc:
+                err = exc
+            else:
+                metrics = holder.get("metrics") or [{} for _ in maps]
+                form = dict(holder.get("form") or {})
+                if "precision" in holder:
+                    form["precision_fallback"] = f"{precision} -> fp32"
+                for vol, arr, met in zip(job.volumes, maps, metrics):
+                    yield MapReady(job, vol, arr, seconds, holder.get("evaluations", monitor.count), met,
+                                   holder.get("samples", monitor.samples), list(holder["notes"]), form,
+                                   holder.get("patches", 0))
+                log.info("%s · %s: done in %.2f s, %d model evaluations", job.label, job.cls_label,
+                         seconds, monitor.count)
+                return
+        if isinstance(err, Cancelled):
+            status, text = "cancelled", "cancelled by the user"
+        elif isinstance(err, MethodTimeout):
+            status, text = "timeout", str(err)
+        elif isinstance(err, EsegetaError):
+            status, text = "failed", str(err)
+        else:
+            # the reason first (a TorchScript error's is its last line), then the whole message
+            reason, text = error_reason(err, limit=2000), f"{type(err).__name__}: {err}"
+            status, text = "failed", text if text.startswith(reason) else f"{reason}\n{text}"
+            log.error("%s · %s failed", job.label, job.cls_label, exc_info=err)
+        log.warning("%s · %s: %s (%s)", job.label, job.cls_label, status, text)
+        yield JobFailed(job, status, text, seconds, monitor.count)
+
+    @staticmethod
+    def _watch(work: Callable[[], None], job: Job, holder: dict[str, Any], monitor: EvaluationMonitor,
+               done: int, total: int, start: float, state: RunState) -> Generator[Event, None, None]:
+        """Run ``work`` in a worker thread, yielding progress while it runs."""
+        # the worker inherits this thread's context (the run it logs for)
+        thread = threading.Thread(target=contextvars.copy_context().run, args=(work,),
+                                  name=f"esegeta-{job.label}", daemon=True)
+        thread.start()
+        last = -1
+        timeout = monitor.timeout_s
+        try:
+            while thread.is_alive():
+                thread.join(0.05)
+                if monitor.count != last:
+                    last = monitor.count
+                    yield state.progress(done, total, f"{job.label} · {job.cls_label}: {last} model "
+                                         f"evaluations{_of(job)}", last)
+                if timeout is not None and time.perf_counter() - start > timeout + 30:
+                    holder["error"] = MethodTimeout(  # one model call runs far past the limit
+                        f"exceeded the time limit of {timeout:g} s inside one model evaluation")
+                    monitor.abort.set()  # the stuck job stops at its next evaluation; the run goes on
+                    break
+        finally:
+            if thread.is_alive() and "error" not in holder:
+                monitor.abort.set()  # generator closed (GUI cancel): stop the worker
+                thread.join(5.0)
+
+    @staticmethod
+    def _evaluate(evaluators: Sequence[Evaluator], job: Job, ctx: MethodContext, result: torch.Tensor,
+                  monitor: EvaluationMonitor) -> list[dict[str, Any]]:
+        """Per-input metrics; a failing evaluator is recorded, never fatal (cancel still stops)."""
+        rows: list[dict[str, Any]] = [{} for _ in range(result.shape[0])]
+        for evaluator in evaluators:
+            for i in range(result.shape[0]):
+                sub = MethodContext(ctx.score_model, ctx.inputs[i:i + 1], ctx.target, ctx.layer,
+                                    ctx.layer_name, ctx.seed, ctx.torchscript, {**ctx.extra, "index": i})
+                try:
+                    rows[i].update(evaluator(job, sub, result[i:i + 1]))
+                except Cancelled:
+                    raise
+                except MethodTimeout:
+                    rows[i][f"{getattr(evaluator, '__name__', 'metric')}_error"] = "time limit reached"
+                except Exception as exc:  # one metric failing must not lose the map
+                    name = getattr(evaluator, "__name__", type(evaluator).__name__)
+                    rows[i][f"{name}_error"] = f"{type(exc).__name__}: {exc}"
+                    log.warning("%s: evaluator %s failed: %s", job.label, name, exc)
+        return rows
+
+    def _to_nifti_maps(self, result: torch.Tensor, job: Job, x: torch.Tensor,
+                       geometry: Geometry | None = None) -> list[np.ndarray]:
+        if result.dim() != x.dim():
+            raise MethodError(
+                f"layer '{job.layer}' gives a map of shape {tuple(result.shape)} with no spatial grid",
+                "choose a convolutional layer (see `esegeta layers MODEL`)",
+            )
+        _check_finite(result, job)
+        geometry = geometry or Geometry(self.preprocess.axis_order)
+        maps = []
+        for i in range(result.shape[0]):
+            r = result[i].cpu().numpy()
+            # input-grid maps share one map over the input channels; optimised volumes keep theirs
+            volume = job.spec.family == "visualisation" and r.shape[0] > 1
+            arr = r.sum(0) if (r.shape[0] in (x.shape[1], 1) and not volume) else np.moveaxis(r, 0, -1)
+            maps.append(geometry.to_nifti(arr).astype(np.float32))
+        return maps
+
+
+def _check_finite(result: torch.Tensor, job: Job) -> None:
+    """A map with NaN or Inf values is a failed job, never a result.
+
+    Raises
+    ------
+    MethodError
+        Saying how many values are not finite and the likely cause.
+    """
+    bad = int((~torch.isfinite(result)).sum())
+    if bad:
+        raise MethodError(
+            f"{job.label} gave a map with {bad} of {result.numel()} values NaN or infinite",
+            "the model output or its gradient overflows (NaN weights, huge logits or inputs): check the "
+            "model on this input, normalise the volume, or try another method")
