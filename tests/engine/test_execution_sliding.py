@@ -262,3 +262,22 @@ def test_a_patch_the_model_rejects_is_named_with_the_fix():
     with pytest.raises(MethodError, match=r"does not accept a patch of size \[6, 6, 6\]") as info:
         expl.raw_output(torch.zeros(1, 1, 12, 12, 12))
     assert "patch_size" in str(info.value)
+
+
+def test_out_of_memory_is_reported_as_memory_with_what_would_fit():
+    class Hungry(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv3d(1, 2, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if x.shape[2] > 8:  # the whole volume does not fit; an 8^3 patch does
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+            return self.conv(x)
+
+    x = torch.zeros(1, 1, 16, 16, 16)
+    with pytest.raises(MethodError, match="ran out of memory") as info:
+        Explainer(Hungry()).raw_output(x)
+    assert "execution.patch_size" in str(info.value) and "bf16" in str(info.value)
+    out = Explainer(Hungry(), execution=ExecutionConfig(patch_size=8)).raw_output(x)  # the suggested fix works
+    assert out.shape == (1, 2, 16, 16, 16)
