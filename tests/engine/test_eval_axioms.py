@@ -200,3 +200,26 @@ def test_deeplift_scores_are_reused_from_its_own_evaluations() -> None:
     assert sm.monitor.count == before + 2
     for key in ("F_input", "F_baseline", "completeness_error"):
         assert reused[key] == pytest.approx(fresh[key], rel=1e-5, abs=1e-7)
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_conservation_of_lrp_and_fullgrad(dims: int) -> None:
+    """LRP-0 on a bias-free ReLU net and FullGrad's signed terms conserve the score; LRP with biases
+    and a large epsilon loses relevance and is warned with the fix; FullGrad's saliency is undefined."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d if dims == 2 else nn.Conv3d
+    bias_free = nn.Sequential(conv(1, 4, 3, padding=1, bias=False), nn.ReLU(),
+                              conv(4, 2, 3, padding=1, bias=False)).eval()
+    x = torch.rand(1, 1, *shape(dims)) + 0.5
+    exact, _ = _run(bias_free, x, "lrp", composite="epsilon", epsilon=0.0)
+    assert exact["axiom_status"] == "ok" and exact["completeness_error"] < 1e-4
+    with_bias = nn.Sequential(conv(1, 4, 3, padding=1), nn.ReLU(), conv(4, 2, 3, padding=1)).eval()
+    with torch.no_grad():
+        with_bias[0].bias.fill_(0.5)
+    lossy, _ = _run(with_bias, x, "lrp", composite="epsilon", epsilon=5.0)
+    assert lossy["axiom_status"] == "warning" and lossy["completeness_error"] > 0.05
+    assert "epsilon" in lossy["axiom_note"]
+    full, _ = _run(with_bias, x, "fullgrad", postprocess="none")
+    assert full["axiom_status"] == "ok" and full["completeness_error"] < 1e-3
+    saliency, _ = _run(with_bias, x, "fullgrad")
+    assert saliency["axiom_status"] == "undefined" and "postprocess" in saliency["axiom_note"]

@@ -33,7 +33,7 @@ from esegeta_engine.methods.run import call_baselines
 __all__ = ["AXIOM_KEYS", "THRESHOLDS", "completeness_check", "unsupported_modules"]
 
 #: Relative completeness error above which a map is flagged, per axiom kind.
-THRESHOLDS = {"completeness": 0.05, "expected_completeness": 0.25}
+THRESHOLDS = {"completeness": 0.05, "expected_completeness": 0.25, "conservation": 0.05}
 #: Keys an axiom check adds to a map's metrics.
 AXIOM_KEYS = ("completeness_error", "axiom_status", "axiom_note")
 
@@ -72,6 +72,12 @@ def unsupported_modules(spec: MethodSpec, model: nn.Module) -> str | None:
 
 
 def _fix(spec: MethodSpec, params: Mapping[str, Any], unsupported: str | None) -> str:
+    if spec.axiom == "conservation":
+        if spec.name == "lrp":
+            return ("biases, the epsilon stabiliser and modules without a rule absorb relevance: lower epsilon, "
+                    "or read the map as relative; the composite 'epsilon' with epsilon 0 conserves exactly on "
+                    "bias-free ReLU networks")
+        return "input-dependent normalisation (Instance/GroupNorm) breaks the identity: read the map as relative"
     if unsupported and "deeplift" in spec.name:
         return "use integrated_gradients with baseline: blur and more n_steps, or a model without these modules"
     if "n_steps" in params:
@@ -147,6 +153,8 @@ def completeness_check(spec: MethodSpec, ctx: MethodContext, params: Mapping[str
     if params.get("multiply_by_inputs") is False:
         return _undefined("multiply_by_inputs is false: the map holds multipliers, not contributions")
     index = int(ctx.extra.get("index", 0))
+    if spec.axiom == "conservation":
+        return _conservation(spec, ctx, params, attribution, index, unsupported, threshold)
     baselines = ctx.extra.get("baselines")
     if baselines is None:  # a map from a file: the seeded build gives the same baseline
         baselines = call_baselines(spec.build(ctx, params))
@@ -179,5 +187,34 @@ def completeness_check(spec: MethodSpec, ctx: MethodContext, params: Mapping[str
             f"({100 * error:.0f}% off, limit {100 * limit:.0f}%)")
     if unsupported:
         note += f"; {unsupported}"
+    return {"completeness_error": error, "axiom_status": "warning",
+            "axiom_note": f"{note}; fix: {_fix(spec, params, unsupported)}", **numbers}
+
+
+def _conservation(spec: MethodSpec, ctx: MethodContext, params: Mapping[str, Any], attribution: torch.Tensor,
+                  index: int, unsupported: str | None, threshold: float | None) -> dict[str, Any]:
+    """``|sum(map) - F(x)| / |F(x)|`` for methods that redistribute the score itself (LRP, FullGrad)."""
+    if params.get("postprocess", "none") != "none":
+        return _undefined(f"postprocess: {params['postprocess']} rescales the terms, so the map no longer sums "
+                          "to the score; run with postprocess: none to check it")
+    total = ctx.extra.get("attribution_sum")
+    total = float(total[index]) if total is not None else float(attribution.double().sum())
+    tapped = (ctx.extra.get("tapped_scores") or {}).get(("input", index))
+    if tapped is not None:
+        f_x = float(tapped[ctx.target])
+    else:
+        with torch.no_grad():
+            f_x = float(ctx.score_model(ctx.inputs[index:index + 1])[0, ctx.target].double())
+    numbers = {"F_input": f_x, "F_baseline": 0.0, "attribution_sum": total}
+    if not (math.isfinite(total) and math.isfinite(f_x)):
+        return {**_undefined("the map or the score is not finite"), **numbers}
+    if abs(f_x) <= 1e-12:
+        return {**_undefined("the score is 0: there is nothing to conserve"), **numbers}
+    error = abs(total - f_x) / abs(f_x)
+    limit = THRESHOLDS["conservation"] if threshold is None else threshold
+    if error <= limit:
+        return {"completeness_error": error, "axiom_status": "ok", "axiom_note": unsupported or "", **numbers}
+    note = (f"the map sums to {total:.4g} but the score F(x) = {f_x:.4g} ({100 * error:.0f}% off, "
+            f"limit {100 * limit:.0f}%)")
     return {"completeness_error": error, "axiom_status": "warning",
             "axiom_note": f"{note}; fix: {_fix(spec, params, unsupported)}", **numbers}

@@ -130,4 +130,4 @@ register(MethodSpec(
     build=lambda ctx, p: Call(FullGrad(ctx, p["postprocess"])), needs_hooks=True,
     reference="Srinivas & Fleuret 2019, Full-Gradient Representation for Neural Network "
               "Visualization, NeurIPS, arXiv:1905.00780",
-    patchwise="whole", cost=one_evaluation))
+    patchwise="whole", cost=one_evaluation, axiom="conservation"))

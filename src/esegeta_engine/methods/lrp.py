@@ -272,7 +272,7 @@ register(MethodSpec(
         Param("low", "float", None, "lowest input value for the z-box rule (default: input minimum)"),
         Param("high", "float", None, "highest input value for the z-box rule (default: input maximum)"),
     ),
-    build=_build, needs_hooks=True, patchwise="whole", cost=lambda info, p: 1,
+    build=_build, needs_hooks=True, patchwise="whole", cost=lambda info, p: 1, axiom="conservation",
     reference="Bach et al. 2015, On Pixel-Wise Explanations for Non-Linear Classifier Decisions "
               "by Layer-Wise Relevance Propagation, PLoS ONE; Montavon et al. 2019, Layer-Wise "
               "Relevance Propagation: An Overview"))

@@ -23,7 +23,7 @@ from esegeta_engine.errors import MethodError
 Family = Literal["gradient", "perturbation", "layer", "visualisation"]
 ParamKind = Literal["int", "float", "bool", "str", "ints", "floats"]
 Patchwise = Literal["gradient", "perturbation", "whole"]
-Axiom = Literal["completeness", "expected_completeness"]
+Axiom = Literal["completeness", "expected_completeness", "conservation"]
 """An identity a method's maps satisfy, checked on every map (:mod:`esegeta_engine.evaluation.axioms`):
 
 ``completeness``
@@ -32,6 +32,10 @@ Axiom = Literal["completeness", "expected_completeness"]
 ``expected_completeness``
     the same in expectation over a baseline distribution and random path points (Gradient
     SHAP): a finite-sample run misses it by sampling error, so its warning threshold is looser.
+``conservation``
+    the map sums to the score ``F(x)`` itself (LRP's relevance conservation, FullGrad's
+    signed terms with the bias terms): no baseline; biases and stabilisers that absorb
+    relevance show up as the error.
 """
 """How a method runs under sliding-window (patch-based) execution:
 
