@@ -92,9 +92,9 @@ def class_label(cls: int, cls_label: str, names: Sequence[str] = ()) -> str:
     The argmax target (the default) is named by its class alone, to keep
     layer names short; the target kind stays in the layer's metadata.
     """
-    if not (0 <= cls < len(names)):
-        return cls_label
     kind = cls_label.split("-", 1)[0]
+    if not (0 <= cls < len(names)) or kind == "volume":  # visualisations are named by what they show
+        return cls_label
     return names[cls] if kind == "argmax" else f"{kind}-{names[cls]}"
 
 
@@ -226,7 +226,7 @@ def map_layer_data(event: MapReady, input_layer: Any, target: TargetConfig,
     if target.kind == "channel":
         prov.update(target_layer=target.layer, channel=target.channel)
     array = event.array
-    per_channel = array.ndim == input_layer.ndim + 1  # (*grid, k): one volume per layer channel
+    per_channel = array.ndim == len(input_layer.scale) + 1  # (*grid, k): one volume per layer channel
     if per_channel:
         array = np.moveaxis(array, -1, 0)
     data, kwargs, kind = result_layer_data(array, method=job.spec.name, method_label=job.label,
