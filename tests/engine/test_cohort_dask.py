@@ -67,7 +67,15 @@ def test_inline_local_and_dask_give_identical_maps_and_metrics(tmp_path, cluster
         assert runs[kind].keys() == runs["inline"].keys()
         for key, (arr, metrics) in runs["inline"].items():
             np.testing.assert_array_equal(runs[kind][key][0], arr)
-            assert runs[kind][key][1] == metrics and "infidelity" in metrics and "mass_inside" in metrics
+            other = runs[kind][key][1]
+            assert other.keys() == metrics.keys() and "infidelity" in metrics and "mass_inside" in metrics
+            for name, value in metrics.items():
+                # the maps are bit-identical; a score the completeness check evaluates afresh can differ in
+                # its last bits between processes with other thread counts (oneDNN reductions): 1e-4 there
+                if isinstance(value, float):
+                    assert other[name] == pytest.approx(value, rel=1e-4, abs=1e-9), name
+                else:
+                    assert other[name] == value, name
     # aggregates too
     for name in ("aggregate/base/saliency__argmax-1__mean.nii.gz", "compare/base-vs-tuned/saliency__argmax-1__mean-diff.nii.gz"):
         ref = np.asarray(nib.load(str(tmp_path / "inline" / name)).dataobj)
