@@ -314,7 +314,11 @@ class _PatchwiseFunction(torch.autograd.Function):
         ctx.sw = sw
         ctx.grid = grid
         ctx.save_for_backward(x)
-        return sw._stitch(x.detach(), grid, graph=True)
+        # module hooks (guided rules) may attach to tensors in the forward pass: give them tensors
+        # that require grad; without hooks the forward needs no graph at all
+        hooked = any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks
+                     or getattr(m, "_backward_pre_hooks", None) for m in sw.net.modules())
+        return sw._stitch(x.detach(), grid, graph=bool(hooked))
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):  # type: ignore[override]
