@@ -282,13 +282,41 @@ class SlidingWindow(nn.Module):
                     todo.append((m, p))
         num = base.numerator.repeat(x.shape[0] // nb, *([1] * (base.numerator.dim() - 1)))
         bs = self.settings.sw_batch_size
+        fresh: dict[tuple[int, int], torch.Tensor] = {}
         for i in range(0, len(todo), bs):
             chunk = todo[i:i + bs]
             ys = self._run_chunk(torch.cat([xp[(slice(m, m + 1), slice(None), *grid.slices[p])]
                                             for m, p in chunk]), False)
-            for (m, p), y in zip(chunk, ys):
-                num[(m, slice(None), *grid.slices[p])] += (y - base.outputs[(m % nb, p)]) * grid.weight[0]
+            fresh.update(zip(chunk, ys))
+        by_copy: dict[int, list[int]] = {}
+        for m, p in todo:
+            by_copy.setdefault(m, []).append(p)
+        for m, changed in by_copy.items():
+            self._restitch_region(num, m, changed, fresh, base, grid, active, nb)
         return grid.crop(num / grid.count)
+
+    @staticmethod
+    def _restitch_region(num: torch.Tensor, m: int, changed: list[int], fresh: dict, base: _BaseCache,
+                         grid: WindowGrid, active: list[int], nb: int) -> None:
+        """Re-accumulate copy ``m`` over the box its changed patches cover, in the full function's
+        patch order (changed patches' new outputs, the others' cached ones), so the sum rounds as
+        the full sliding window's does: no cancellation error from adding differences."""
+        lo = [min(grid.slices[p][a].start for p in changed) for a in range(len(grid.padded))]
+        hi = [max(grid.slices[p][a].stop for p in changed) for a in range(len(grid.padded))]
+        box = tuple(slice(a, b) for a, b in zip(lo, hi))
+        acc = torch.zeros((num.shape[1], *(b - a for a, b in zip(lo, hi))), device=num.device)
+        weight = grid.weight[0]
+        for p in active:
+            sl = grid.slices[p]
+            inter = [(max(s.start, a), min(s.stop, b)) for s, a, b in zip(sl, lo, hi)]
+            if any(a >= b for a, b in inter):
+                continue
+            y = fresh.get((m, p))
+            if y is None:
+                y = base.outputs[(m % nb, p)]
+            part = (y * weight)[(slice(None), *(slice(a - s.start, b - s.start) for (a, b), s in zip(inter, sl)))]
+            acc[(slice(None), *(slice(a - l, b - l) for (a, b), l in zip(inter, lo)))] += part
+        num[(m, slice(None), *box)] = acc
 
 
 class _BaseCache:
