@@ -301,11 +301,9 @@ class RunOptions(_Strict):
     timeout_s: float | None = Field(900.0, gt=0, description="per method and target; null: none")
 
 
-class Config(_Strict):
-    """A whole run."""
+class RunSections(_Strict):
+    """The sections a single run and a cohort run share (one list, so neither misses one)."""
 
-    model: ModelConfig
-    volumes: list[Path] = Field(min_length=1)
     preprocess: PreprocessConfig = Field(default_factory=PreprocessConfig)
     target: TargetConfig = Field(default_factory=TargetConfig)
     methods: list[MethodConfig] = Field(min_length=1)
@@ -313,6 +311,13 @@ class Config(_Strict):
     run: RunOptions = Field(default_factory=RunOptions)
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
     execution: ExecutionConfig = Field(default_factory=ExecutionConfig)
+
+
+class Config(RunSections):
+    """A whole run."""
+
+    model: ModelConfig
+    volumes: list[Path] = Field(min_length=1)
 
     @model_validator(mode="after")
     def _roi_mask_file(self) -> Config:

@@ -29,14 +29,8 @@ import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from esegeta_engine.config import (
-    EvaluationConfig,
-    ExecutionConfig,
-    MethodConfig,
     ModelConfig,
-    OutputConfig,
-    PreprocessConfig,
-    RunOptions,
-    TargetConfig,
+    RunSections,
     _Strict,
     format_validation_error,
 )
@@ -87,18 +81,11 @@ class CohortSection(_Strict):
         return self
 
 
-class CohortConfig(_Strict):
+class CohortConfig(RunSections):
     """A whole cohort run."""
 
     models: list[CohortModel] = Field(min_length=1)
     cohort: CohortSection
-    preprocess: PreprocessConfig = Field(default_factory=PreprocessConfig)
-    target: TargetConfig = Field(default_factory=TargetConfig)
-    methods: list[MethodConfig] = Field(min_length=1)
-    output: OutputConfig = Field(default_factory=OutputConfig)
-    run: RunOptions = Field(default_factory=RunOptions)
-    evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
-    execution: ExecutionConfig = Field(default_factory=ExecutionConfig)
 
     @model_validator(mode="after")
     def _checks(self) -> CohortConfig:
