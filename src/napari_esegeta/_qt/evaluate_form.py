@@ -26,12 +26,12 @@ SKIP = ("mask", "methods", "max_examples_per_batch")
 #: Checked when the tab opens (the axioms follow the engine's default: on).
 DEFAULT_ON = ("infidelity", "faithfulness")
 #: Short titles; a section without one is titled by its field name.
-TITLES = {"axioms": "axiom checks (completeness, 2 model calls)",
+TITLES = {"axioms": "axiom checks (completeness)",
           "sensitivity": "sensitivity (re-runs the method)",
           "faithfulness": "faithfulness (deletion / insertion)",
-          "localisation": "localisation (needs ground truth)",
+          "localisation": "localisation (ground truth)",
           "randomisation": "randomisation (re-runs the method)",
-          "class_contrast": "class contrast (re-runs the method for another class)"}
+          "class_contrast": "class contrast (re-runs it)"}
 
 
 def sections() -> dict[str, type[BaseModel]]:
@@ -59,7 +59,8 @@ class EvaluationForm(QWidget):
         for name, model in self.models.items():
             check = QCheckBox(TITLES.get(name, name.replace("_", " ")))
             check.setObjectName(f"metric_{name}")
-            check.setToolTip((model.__doc__ or name).strip())
+            check.setToolTip((model.__doc__ or name).strip() + ("\nTwo model calls per map." if name == "axioms" else "")
+                             + ("\nRe-runs the method for another class." if name == "class_contrast" else ""))
             check.setChecked(getattr(defaults, name) is not None or name in DEFAULT_ON)
             form = ParamForm(params_from_model(model, skip=SKIP))
             form.setVisible(check.isChecked() and bool(form.params))
