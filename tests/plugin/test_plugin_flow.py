@@ -269,7 +269,7 @@ def test_compare_grid_save_and_rendering(qtbot, docked, bundled_model, tmp_path,
 
 
 def test_npe2_docked_widgets_share_the_model(qtbot, make_napari_viewer, bundled_model):
-    """Through napari's plugin menu each widget gets its own viewer proxy; they must cooperate."""
+    """Through napari's plugin menu the dock gets a viewer proxy; its tabs and a second opening share the model."""
     from napari_esegeta._sample_data import open_with_bundled_model
 
     viewer = make_napari_viewer()
@@ -278,8 +278,8 @@ def test_npe2_docked_widgets_share_the_model(qtbot, make_napari_viewer, bundled_
     mw = open_with_bundled_model(viewer)
     wait_until(qtbot, lambda: mw.session.model is not None or mw.status.property("status_kind") == "error", 60)
     assert mw.session.model is not None, mw.status.text()
-    _, ex = viewer.window.add_plugin_dock_widget("napari-esegeta", "Explain")
-    _, cw = viewer.window.add_plugin_dock_widget("napari-esegeta", "Compare")
+    _, dock = viewer.window.add_plugin_dock_widget("napari-esegeta", "esegeta")
+    ex, cw = dock.explain, dock.compare
     assert ex.session is mw.session and "bundled" in ex.model_label.text()
     assert ex.image_combo.layer() is not None and mw.image_combo.layer() is not None
     mw.predict()
