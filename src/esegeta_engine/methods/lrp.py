@@ -21,6 +21,13 @@ carries *relevance* instead of gradients:
   which conserves it.
 
 Any other module type has no rule and is refused before the model runs.
+
+Under sliding-window execution LRP runs patch by patch, exactly: relevance starts
+at each patch's output as ``y_p * w_p / W * dF/dY`` (its blended share; the hooks
+sit on the network inside the window, and the patch-wise backward of
+:mod:`esegeta_engine.execution.sliding` recomputes one patch batch at a time), and
+the patch maps add where patches lie, so ``sum R = sum_p sum y_p w_p / W dF/dY``:
+conservation holds for the stitched score.
 Operations a model performs without modules (residual additions,
 concatenation, functional activations) are differentiated as usual: a residual
 sum passes the relevance to both branches, so totals are conserved layer by
@@ -303,7 +310,7 @@ register(MethodSpec(
         Param("low", "float", None, "lowest input value for the z-box rule (default: input minimum)"),
         Param("high", "float", None, "highest input value for the z-box rule (default: input maximum)"),
     ),
-    build=_build, needs_hooks=True, patchwise="whole", cost=lambda info, p: 1, axiom="conservation",
+    build=_build, needs_hooks=True, patchwise="gradient", cost=lambda info, p: 1, axiom="conservation",
     reference="Bach et al. 2015, On Pixel-Wise Explanations for Non-Linear Classifier Decisions "
               "by Layer-Wise Relevance Propagation, PLoS ONE; Montavon et al. 2019, Layer-Wise "
               "Relevance Propagation: An Overview"))
