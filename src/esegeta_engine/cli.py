@@ -17,7 +17,7 @@ from typing import Any
 
 from esegeta_engine import __version__
 from esegeta_engine.errors import ConfigError, EsegetaError, OutputError
-from esegeta_engine.yamlsafe import load_bounded
+from esegeta_engine.yamlsafe import load_bounded, read_config_file
 
 # the registry's Family values, spelled out so that `esegeta --help` does not import torch
 FAMILIES = ["gradient", "perturbation", "layer", "visualisation"]
@@ -185,10 +185,12 @@ def _execute(cfg: Any, quiet: bool, resume: bool = False, trust_pickled: bool = 
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from esegeta_engine.cohort.config import is_cohort_data, read_config_data
-    from esegeta_engine.config import load_config
+    # the one bounded read of the file, before torch is even imported
+    data = read_config_file(args.config)
 
-    data = read_config_data(args.config)
+    from esegeta_engine.cohort.config import is_cohort_data
+    from esegeta_engine.config import parse_config
+
     if is_cohort_data(data):
         from esegeta_engine.cohort.cli import cmd_cohort
 
@@ -196,7 +198,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.dry_run or args.executor or args.scheduler or args.workers:
         raise ConfigError("--dry-run, --executor, --scheduler and --workers apply to cohort configs",
                           "add `models:` and `cohort:` sections (see README.md), or drop the flag")
-    cfg = load_config(args.config)
+    cfg = parse_config(data, base=Path(args.config).parent.resolve(), source=Path(args.config).name)
     if args.out:
         cfg.output.dir = Path(args.out).resolve()
     if args.overwrite:

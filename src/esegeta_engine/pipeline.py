@@ -113,7 +113,7 @@ def _claim_output(cfg: Config, stems: list[str], resume: bool = False) -> Output
     try:
         check_previous_run(out, cfg.output.overwrite or resume)
         loc = cfg.evaluation.localisation
-        protect_inputs(out, [*cfg.volumes, cfg.target.roi_mask, loc.mask if loc else None, cfg.model.path],
+        protect_inputs(out, [*cfg.volumes, cfg.target.roi_mask, cfg.target.ground_truth, loc.mask if loc else None, cfg.model.path],
                        stems)
         remove_part_files(out)
     except BaseException:
@@ -134,6 +134,10 @@ def load_inputs(cfg: Config) -> tuple[list[Volume], np.ndarray | None]:
     roi = None
     if cfg.target.kind == "roi" and cfg.target.roi_mask is not None:
         roi = load_mask_on_grid(cfg.target.roi_mask, volumes, p.spatial_dims, "ROI mask")
+    if cfg.target.kind == "outcome" and cfg.target.ground_truth is not None:
+        from esegeta_engine.regions import load_ground_truth
+
+        roi = load_ground_truth(cfg.target.ground_truth, volumes, p.spatial_dims)  # labels, NIfTI order
     return volumes, roi
 
 
@@ -386,7 +390,8 @@ def _record(job: Any, status: str, seconds: float, evaluations: int, **extra: An
     return {"method": job.spec.name, "layer": job.layer, "target": job.cls_label, "class": job.cls,
             "noise_tunnel": job.noise_tunnel, "params": {k: v for k, v in job.params.items()},
             "status": status, "seconds": round(seconds, 3), "model_evaluations": evaluations,
-            "expected_evaluations": job.expected_evaluations, "key": job.key, **extra}
+            "expected_evaluations": job.expected_evaluations, "key": job.key,
+            **({"target_details": job.details} if getattr(job, "details", None) else {}), **extra}
 
 
 def _stats(arr: np.ndarray) -> dict[str, float]:
