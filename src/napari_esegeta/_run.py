@@ -173,6 +173,25 @@ def roi_from_layer(labels_layer: Any, shape: tuple[int, ...]) -> np.ndarray:
     return mask
 
 
+def refused_text(methods: Sequence[MethodConfig], target: TargetConfig, execution: Any,
+                 preprocess: PreprocessConfig, volume_shape: Sequence[int]) -> str | None:
+    """Why some of ``methods`` cannot run under this execution (sliding window), or ``None``.
+
+    Decided from the volume's shape and the methods' declared patch-wise mode, before any
+    model evaluation (the engine applies the same rule to each job).
+    """
+    from esegeta_engine.execution.refusal import refusals
+    from esegeta_engine.preprocess import AxisOrder
+
+    spatial = tuple(volume_shape)[:preprocess.spatial_dims]
+    shape = AxisOrder(preprocess.axis_order).to_model(np.broadcast_to(np.float32(0), spatial)).shape
+    found = refusals(methods, target.kind, execution, shape)
+    if not found:
+        return None
+    names = ", ".join(name for name, _ in found)
+    return f"not started: {names} cannot run under this execution. " + format_error(found[0][1])
+
+
 def explain_events(model: Any, volume: Volume, methods: Sequence[MethodConfig], *,
                    preprocess: PreprocessConfig, target: TargetConfig, output: int | str | None,
                    roi_mask: np.ndarray | None, cancel: threading.Event,
@@ -186,6 +205,10 @@ def explain_events(model: Any, volume: Volume, methods: Sequence[MethodConfig], 
     ``on_progress``, called from that thread.
     """
     try:
+        refused = refused_text(methods, target, execution, preprocess, volume.data.shape)
+        if refused:  # before any preparation or model evaluation
+            yield RunError(refused)
+            return
         explainer = Explainer(model, preprocess=preprocess, target=target, output=output,
                               timeout_s=timeout_s, execution=execution)
         from esegeta_engine.evaluation.evaluators import axiom_evaluator
