@@ -231,8 +231,28 @@ def predict_labels(model: Any, volume: Volume, preprocess: PreprocessConfig,
         return RunError(format_error(exc))
 
 
+def seam_note(array: np.ndarray, execution: dict[str, Any], axis_order: str = "xyz") -> tuple[dict, str] | None:
+    """Seam strength of a sliding-window map (per NIfTI axis) and the note that explains it, or ``None``."""
+    if (execution or {}).get("mode") != "sliding_window" or array.ndim != len(execution["patch_size"]):
+        return None
+    from esegeta_engine.evaluation.seams import seam_strength
+    from esegeta_engine.preprocess import AxisOrder
+
+    model = AxisOrder(axis_order).to_model(array)
+    strength = {axis_order[k]: round(v, 2) for k, v in
+                enumerate(seam_strength(model, execution["patch_size"], execution["overlap"]).values())}
+    shown = ", ".join(f"{k} {v:g}" for k, v in strength.items() if v == v)
+    return strength, (f"sliding window (patch {execution['patch_size']}, overlap {execution['overlap']}, "
+                      f"{execution.get('blend', 'gaussian')} blending): the map can show the patch grid — seam "
+                      f"strength {shown or 'n/a'} (|map| on patch-border planes / median plane; 1 = none). "
+                      "The seams belong to the deployed function (zero padding at each patch border, blending "
+                      "weights); overlap 0.5 with Gaussian blending reduces them (docs/execution.md). "
+                      "Compare tab ▸ Patch grid shows the borders.")
+
+
 def map_layer_data(event: MapReady, input_layer: Any, target: TargetConfig,
-                   roi_layer: str | None = None, class_names: Sequence[str] = ()) -> tuple[Any, dict, str]:
+                   roi_layer: str | None = None, class_names: Sequence[str] = (),
+                   axis_order: str = "xyz") -> tuple[Any, dict, str]:
     """Layer data for a :class:`MapReady`, with the input layer's geometry and provenance.
 
     A map with one more axis than the input (per-channel layer maps, layer visualisation)
@@ -249,6 +269,9 @@ def map_layer_data(event: MapReady, input_layer: Any, target: TargetConfig,
             "execution": dict(event.execution or {})}  # the Evaluate tab scores the map on the same execution
     if target.kind == "channel":
         prov.update(target_layer=target.layer, channel=target.channel)
+    seams = seam_note(event.array, event.execution, axis_order)
+    if seams is not None:  # in the map's record and in the note napari shows with the layer
+        prov.update(seam_strength=seams[0], notes=[*event.notes, seams[1]])
     array = event.array
     per_channel = array.ndim == len(input_layer.scale) + 1  # (*grid, k): one volume per layer channel
     if per_channel:

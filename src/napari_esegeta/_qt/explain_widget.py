@@ -315,7 +315,7 @@ class ExplainWidget(VoxelPicking, CancellableRun, QWidget):
             self._progress(ev)
         elif isinstance(ev, MapReady):
             data, kwargs, _ = R.map_layer_data(ev, self._input_layer, self._target, self._roi_name,
-                                               self.session.class_names)
+                                               self.session.class_names, self.session.preprocess.axis_order)
             added = self.viewer.add_image(data, **kwargs)  # a list for per-channel volumes
             layers = added if isinstance(added, list) else [added]
             self.added.extend(ly.name for ly in layers)
