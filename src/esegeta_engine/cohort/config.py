@@ -117,6 +117,7 @@ class CohortConfig(RunSections):
         if data.cohort.glob and not Path(data.cohort.glob).is_absolute():
             data.cohort.glob = str(base / data.cohort.glob)
         data.target.roi_mask = fix(data.target.roi_mask)
+        data.target.ground_truth = fix(data.target.ground_truth)
         data.output.dir = fix(data.output.dir)
         return data
 
