@@ -42,6 +42,7 @@ from esegeta_engine.errors import MethodError
 from esegeta_engine.methods.layer import LAYER_PARAMS
 from esegeta_engine.methods.lrp import LRP, check_supported
 from esegeta_engine.methods.lrp_rules import parameters_of, vjp, module_forward
+from esegeta_engine.methods.patch_layer_methods import PatchwiseGradientXActivation, is_patchwise
 from esegeta_engine.methods.registry import Call, MethodContext, MethodSpec, register
 
 
@@ -165,6 +166,9 @@ def _contrastive(ctx: MethodContext, p: Mapping[str, Any]) -> Call:
 
 
 def _linear_approximation(ctx: MethodContext, p: Mapping[str, Any]) -> Call:
+    if is_patchwise(ctx):
+        return Call(PatchwiseGradientXActivation(ctx, "linear_approximation", "sum",
+                                                 p["attribute_to_layer_input"]))
     return Call(LayerGradientXActivation(ctx.score_model, ctx.layer),
                 {"attribute_to_layer_input": p["attribute_to_layer_input"]})
 
@@ -192,4 +196,4 @@ register(MethodSpec(
     build=_linear_approximation, needs_layer=True, needs_hooks=True,
     reference="TorchRay's linear approximation (Fong, Patrick & Vedaldi 2019 code base), "
               "as listed by the TorchEsegeta paper (Chatterjee et al. 2022)",
-    patchwise="whole", cost=lambda info, p: 1))
+    patchwise="gradient", cost=lambda info, p: 1))
