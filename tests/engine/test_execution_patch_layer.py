@@ -136,3 +136,87 @@ def test_one_patch_covering_the_volume_equals_the_whole_volume_method(dims, name
     if name == "layer_conductance":
         assert float(ctx.extra["attribution_sum"][0]) == pytest.approx(float(rctx.extra["attribution_sum"][0]),
                                                                        rel=1e-4)
+
+
+@pytest.mark.parametrize("dims,shape,patch", CASES)
+@pytest.mark.parametrize("name", ["excitation_backprop", "contrastive_excitation_backprop"])
+def test_patchwise_excitation_backprop_equals_the_rules_through_monai(dims, shape, patch, name):
+    from esegeta_engine.methods.excitation import ExcitationBackprop
+
+    net = _net(dims)
+    x, expl, target = _setup(net, dims, shape, patch)
+    ours, _ = _ours(expl, net, target, x, name)
+
+    class Positive(torch.autograd.Function):  # the unnormalised top-down signal
+        @staticmethod
+        def forward(ctx, y):
+            return y.clone()
+
+        @staticmethod
+        def backward(ctx, g):
+            return g.clamp(min=0)
+
+    class Monai(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = net
+
+        def forward(self, inp):
+            return _monai_F(self.net, target, patch, inp)
+
+    def eb_copies(dual: bool) -> torch.Tensor:
+        eb = ExcitationBackprop(Monai(), getattr(net, LAYER), contrastive=dual)
+        eb.start = lambda y: Positive.apply(y)
+        eb._dual = dual
+        store = {}
+
+        def hook(m, a, y):
+            store["a"] = y
+            y.register_hook(lambda g: store.__setitem__("g", g))
+
+        handles = eb._hook({})
+        handles.append(getattr(net, LAYER).register_forward_hook(hook))
+        try:
+            xi = x.clone().requires_grad_(True)
+            torch.autograd.grad(Monai()(xi)[:, 1].sum(), xi)
+        finally:
+            for h in handles:
+                h.remove()
+        return store["g"].detach()
+
+    # the target reads class 1 at every voxel: the positive gradient at the stitched output sums to
+    # the number of voxels
+    z = float(torch.tensor(shape).prod())
+    p = eb_copies(False) / z
+    if name.startswith("contrastive"):
+        p = p - eb_copies(True) / z
+    ups = _up(p.sum(1, keepdim=True), patch)
+    interval = _get_scan_interval(shape, patch, dims, (OVERLAP,) * dims)
+    ref = torch.zeros_like(x)
+    for i, sl in enumerate(dense_patch_slices(shape, patch, interval)):
+        ref[(0, slice(None), *sl)] += ups[i]
+    torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-5 * float(ref.abs().max()))
+    assert float(ref.abs().max()) > 0
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+@pytest.mark.parametrize("name", ["excitation_backprop", "contrastive_excitation_backprop"])
+def test_one_patch_excitation_backprop_equals_the_whole_volume_method(dims, name):
+    shape = (12,) * dims if dims == 2 else (8,) * dims
+    net = _net(dims)
+    x, expl, target = _setup(net, dims, shape, shape, mode="sliding_window")
+    ours, _ = _ours(expl, net, target, x, name)
+    _, whole, _ = _setup(net, dims, shape, shape, mode="whole")
+    ref, _ = _ours(whole, net, target, x, name)
+    torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-5 * float(ref.abs().max()))
+
+
+@pytest.mark.parametrize("dims,shape,patch", CASES)
+def test_patchwise_guided_gradcam_is_guided_backprop_times_the_stitched_gradcam(dims, shape, patch):
+    net = _net(dims)
+    x, expl, target = _setup(net, dims, shape, patch)
+    ours, _ = _ours(expl, net, target, x, "guided_gradcam")
+    cam, _ = _ours(expl, net, target, x, "layer_gradcam")
+    guided, _ = _ours(expl, net, target, x, "guided_backprop")
+    torch.testing.assert_close(ours, guided * cam, rtol=1e-5, atol=1e-7)
+    assert float(ours.abs().max()) > 0

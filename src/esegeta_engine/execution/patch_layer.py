@@ -18,7 +18,7 @@ grid (the interpolation layer maps get anyway) and combined:
     exact total on the layer, ``sum_p sum m_p``, is returned too (completeness of the
     stitched function; the interpolated map does not keep sums).
 
-Hooks on the layer fire during the backward recomputation only; any other hooks
+The layer is read during each patch batch's forward recomputation only; any other hooks
 the method set on the network (excitation backprop's rules) fire as well.
 """
 
@@ -60,11 +60,11 @@ class _Capture:
         a.register_hook(grab)
 
     def pre(self, module: nn.Module, args: tuple) -> None:
-        if self.sw.in_backward and self.layer_input and args:
+        if self.sw.recomputing and self.layer_input and args:
             self._keep(args[0])
 
     def post(self, module: nn.Module, args: tuple, out: Any) -> None:
-        if self.sw.in_backward and not self.layer_input:
+        if self.sw.recomputing and not self.layer_input:
             self._keep(out)
 
 
