@@ -202,8 +202,20 @@ class Explainer(JobExecutor):
         labels = out.argmax(1) if out.shape[1] > 1 else (out[:, 0] > 0).long()
         return self.geometry(volume).to_nifti(labels[0].cpu().numpy().astype(np.uint8))
 
+    def expand_target(self, target: T.Target, output: torch.Tensor, volume: Volume) -> T.Target:
+        """The prepared target, split into one score per structure with ``target.components``."""
+        if not self.target.components:
+            return target
+        from esegeta_engine.regions import expand_components
+
+        return expand_components(target, output, self.target.classes, min_voxels=self.target.min_voxels,
+                                 max_components=self.target.max_components, geometry=self.geometry(volume),
+                                 affine=volume.affine)
+
     def check_classes(self, target: T.Target, output: torch.Tensor) -> list[int]:
         """The classes to explain (configured or the target's default), checked."""
+        if callable(getattr(target, "describe", None)):  # components: the columns are the structures
+            return target.default_classes(output)
         classes = self.target.classes or target.default_classes(output)
         n = target.n_scores(output)
         bad = [c for c in classes if not 0 <= c < n]
@@ -229,8 +241,12 @@ class Explainer(JobExecutor):
                                                       *tuple(output.shape[2:]))
         patchwise = x is not None and self.form_for(x).sliding is not None
         info = CostInfo(shape[0], shape[1], tuple(shape[2:]), 1, patchwise)
-        return plan_jobs(methods, classes, target.class_label, target.kind, volumes, info=info,
+        jobs = plan_jobs(methods, classes, target.class_label, target.kind, volumes, info=info,
                          context=context or {}, layer_channels=self._layer_channels)
+        if callable(getattr(target, "describe", None)):  # what each component job explains
+            for job in jobs:
+                job.details = target.describe(job.cls)
+        return jobs
 
     def _layer_channels(self, name: str) -> int | None:
         """Output channels of layer ``name`` when its type says so (convolutions), else None."""
@@ -340,11 +356,12 @@ class Explainer(JobExecutor):
                 target = target.to(self.device)
                 out = self.raw_output(x)
                 target.prepare(out)
+                target = self.expand_target(target, out, volumes[group[0]])
                 jobs = self.plan(group_methods, target, out, group, x, self.job_context(volumes, group))
                 per_group[id(group_methods)] = len(jobs)
                 total = done + len(jobs) + sum(per_group[id(ms)] for _, ms in groups[gi + 1:])
-                support = target_support(target, tuple(x.shape[2:]))
                 for job in jobs:
+                    support = target_support(target, tuple(x.shape[2:]), job.cls)
                     if skip is not None and skip(job):
                         state.skipped(job)
                         done += 1

@@ -32,7 +32,8 @@ from esegeta_engine.execution.resume import ResumeState, file_sha256
 from esegeta_engine.io import Volume, load_volume, save_map, write_json
 from esegeta_engine.methods import get_method
 from esegeta_engine.evaluation.api import localisation_metrics
-from esegeta_engine.evaluation.evaluators import CURVES_KEY, make_evaluators, scalar_metrics
+from esegeta_engine.evaluation.evaluators import CURVES_KEY, scalar_metrics
+from esegeta_engine.evaluation.session import EvaluationSession
 from esegeta_engine.evaluation.localisation import LOCALISATION_METRICS
 from esegeta_engine.models import load_model
 from esegeta_engine.runguard import (MANIFEST, RUN, OutputLock, check_previous_run, close_log, make_output_folder,
@@ -112,7 +113,7 @@ def _claim_output(cfg: Config, stems: list[str], resume: bool = False) -> Output
     try:
         check_previous_run(out, cfg.output.overwrite or resume)
         loc = cfg.evaluation.localisation
-        protect_inputs(out, [*cfg.volumes, cfg.target.roi_mask, loc.mask if loc else None, cfg.model.path],
+        protect_inputs(out, [*cfg.volumes, cfg.target.roi_mask, cfg.target.ground_truth, loc.mask if loc else None, cfg.model.path],
                        stems)
         remove_part_files(out)
     except BaseException:
@@ -133,6 +134,10 @@ def load_inputs(cfg: Config) -> tuple[list[Volume], np.ndarray | None]:
     roi = None
     if cfg.target.kind == "roi" and cfg.target.roi_mask is not None:
         roi = load_mask_on_grid(cfg.target.roi_mask, volumes, p.spatial_dims, "ROI mask")
+    if cfg.target.kind == "outcome" and cfg.target.ground_truth is not None:
+        from esegeta_engine.regions import load_ground_truth
+
+        roi = load_ground_truth(cfg.target.ground_truth, volumes, p.spatial_dims)  # labels, NIfTI order
     return volumes, roi
 
 
@@ -240,7 +245,7 @@ def iter_run(cfg: Config, cancel: threading.Event | None = None, *, threaded: bo
             return True
 
         for event in explainer.iter_explain(volumes, cfg.methods, roi_mask=roi, cancel=cancel,
-                                            evaluators=make_evaluators(ev, cfg.run.seed),
+                                            evaluators=EvaluationSession(model, ev, seed=cfg.run.seed).evaluators(),
                                             threaded=threaded, on_progress=on_progress, skip=skip):
             if isinstance(event, MapReady):
                 job = event.job
@@ -385,7 +390,8 @@ def _record(job: Any, status: str, seconds: float, evaluations: int, **extra: An
     return {"method": job.spec.name, "layer": job.layer, "target": job.cls_label, "class": job.cls,
             "noise_tunnel": job.noise_tunnel, "params": {k: v for k, v in job.params.items()},
             "status": status, "seconds": round(seconds, 3), "model_evaluations": evaluations,
-            "expected_evaluations": job.expected_evaluations, "key": job.key, **extra}
+            "expected_evaluations": job.expected_evaluations, "key": job.key,
+            **({"target_details": job.details} if getattr(job, "details", None) else {}), **extra}
 
 
 def _stats(arr: np.ndarray) -> dict[str, float]:

@@ -155,7 +155,9 @@ def run_randomisation_phase(
         target = build_target(explainer.target, explainer.preprocess.spatial_dims, roi_mask,
                               explainer.preprocess.axis_order, explainer.geometry(volume),
                               tuple(volume.data.shape[:explainer.preprocess.spatial_dims])).to(explainer.device)
-        target.prepare(explainer.raw_output(x))
+        out = explainer.raw_output(x)
+        target.prepare(out)
+        target = explainer.expand_target(target, out, volume)  # component columns, as the maps had
         for cls, label in classes_of(vi):
             for mode in modes:
                 messages: list[Progress] = []
