@@ -17,7 +17,7 @@ from typing import Any
 
 from esegeta_engine import __version__
 from esegeta_engine.errors import ConfigError, EsegetaError, OutputError
-from esegeta_engine.yamlsafe import load_bounded
+from esegeta_engine.yamlsafe import load_bounded, read_config_file
 
 # the registry's Family values, spelled out so that `esegeta --help` does not import torch
 FAMILIES = ["gradient", "perturbation", "layer", "visualisation"]
@@ -185,10 +185,12 @@ def _execute(cfg: Any, quiet: bool, resume: bool = False, trust_pickled: bool = 
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from esegeta_engine.cohort.config import is_cohort_data, read_config_data
-    from esegeta_engine.config import load_config
+    # the one bounded read of the file, before torch is even imported
+    data = read_config_file(args.config)
 
-    data = read_config_data(args.config)
+    from esegeta_engine.cohort.config import is_cohort_data
+    from esegeta_engine.config import parse_config
+
     if is_cohort_data(data):
         from esegeta_engine.cohort.cli import cmd_cohort
 
@@ -196,7 +198,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.dry_run or args.executor or args.scheduler or args.workers:
         raise ConfigError("--dry-run, --executor, --scheduler and --workers apply to cohort configs",
                           "add `models:` and `cohort:` sections (see README.md), or drop the flag")
-    cfg = load_config(args.config)
+    cfg = parse_config(data, base=Path(args.config).parent.resolve(), source=Path(args.config).name)
     if args.out:
         cfg.output.dir = Path(args.out).resolve()
     if args.overwrite:
@@ -357,6 +359,32 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from esegeta_engine.evaluation.rerun import iter_evaluate_run
+    from esegeta_engine.evaluation.session import MapScored
+    from esegeta_engine.interrupts import cancel_on_signals
+
+    cancel = threading.Event()
+    metrics = [m.strip() for m in args.metrics.split(",") if m.strip()] if args.metrics else None
+    gen = iter_evaluate_run(args.run_dir, metrics=metrics, mask=args.mask, randomisation=args.randomisation,
+                            report=True if args.report else None, trust_pickled=args.trust_pickled, cancel=cancel)
+    scored = 0
+    with cancel_on_signals(cancel):
+        while True:
+            try:
+                event = next(gen)
+            except StopIteration as stop:
+                manifest = stop.value
+                break
+            if isinstance(event, MapScored):
+                scored += 1
+                if not args.quiet:
+                    print(f"scored map {scored}", file=sys.stderr)
+    print(f"{scored} map(s) re-evaluated; records updated in {Path(args.run_dir) / 'manifest.json'}"
+          + (f"; report {manifest['report']}" if manifest.get("report") else ""))
+    return 0
+
+
 def cmd_schema(args: argparse.Namespace) -> int:
     from esegeta_engine.config import Config
 
@@ -461,6 +489,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir")
     p.add_argument("--mask", help="ground-truth NIfTI mask: adds localisation scores per map")
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("evaluate", help="re-evaluate a finished run's maps (same execution); update records, report")
+    p.add_argument("run_dir")
+    p.add_argument("--metrics", help="comma-separated: axioms,infidelity,sensitivity,faithfulness,class_contrast "
+                                     "(default: the run's evaluation section)")
+    p.add_argument("--mask", help="ground-truth NIfTI mask: adds localisation scores per map")
+    p.add_argument("--randomisation", choices=["cascading", "independent", "both"],
+                   help="also run the model-randomisation check in this mode")
+    p.add_argument("--report", action="store_true", help="write report.html even if the run had none")
+    p.add_argument("--trust-pickled", action="store_true", help="allow loading a fully pickled nn.Module")
+    p.add_argument("-q", "--quiet", action="store_true")
+    p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("schema", help="print the config's JSON schema")
     p.set_defaults(func=cmd_schema)

@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from esegeta_engine.errors import ConfigError, EsegetaError
 from esegeta_engine.methods import get_method
 from esegeta_engine.preprocess import AxisOrder
-from esegeta_engine.yamlsafe import MAX_BYTES, load_bounded
+from esegeta_engine.yamlsafe import read_config_file
 
 
 class _Strict(BaseModel):
@@ -425,14 +425,5 @@ def load_config(path: str | Path) -> Config:
         Missing file, bad syntax, unknown keys or bad values.
     """
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file {str(path)!r} does not exist", "check the path")
-    if path.stat().st_size > MAX_BYTES:
-        raise ConfigError(f"{path.name} is {path.stat().st_size} bytes, more than a config can be",
-                          "give the config file, not data")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{path.name} cannot be read as text: {exc}", "give a YAML or JSON config") from None
-    data = load_bounded(text, source=path.name, json_syntax=path.suffix.lower() == ".json")
+    data = read_config_file(path)  # bounded: size, depth, alias expansion
     return parse_config(data, base=path.parent.resolve(), source=path.name)

@@ -32,7 +32,8 @@ from esegeta_engine.execution.resume import ResumeState, file_sha256
 from esegeta_engine.io import Volume, load_volume, save_map, write_json
 from esegeta_engine.methods import get_method
 from esegeta_engine.evaluation.api import localisation_metrics
-from esegeta_engine.evaluation.evaluators import CURVES_KEY, make_evaluators, scalar_metrics
+from esegeta_engine.evaluation.evaluators import CURVES_KEY, scalar_metrics
+from esegeta_engine.evaluation.session import EvaluationSession
 from esegeta_engine.evaluation.localisation import LOCALISATION_METRICS
 from esegeta_engine.models import load_model
 from esegeta_engine.runguard import (MANIFEST, RUN, OutputLock, check_previous_run, close_log, make_output_folder,
@@ -244,7 +245,7 @@ def iter_run(cfg: Config, cancel: threading.Event | None = None, *, threaded: bo
             return True
 
         for event in explainer.iter_explain(volumes, cfg.methods, roi_mask=roi, cancel=cancel,
-                                            evaluators=make_evaluators(ev, cfg.run.seed),
+                                            evaluators=EvaluationSession(model, ev, seed=cfg.run.seed).evaluators(),
                                             threaded=threaded, on_progress=on_progress, skip=skip):
             if isinstance(event, MapReady):
                 job = event.job

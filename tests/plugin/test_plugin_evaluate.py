@@ -58,17 +58,13 @@ def test_evaluate_panel(qtbot, make_docked, bundled_model, tmp_path):
     ev = _evaluate_widget(viewer)
     assert sorted(ly.name for ly in ev.checked_layers()) == sorted(maps)  # default: all result layers
     ev.gt_combo.setCurrentText(gt.name)
-    ev.infidelity_check.setChecked(True)
-    ev.faithfulness_check.setChecked(True)
-    ev.steps_spin.setValue(5)
-    ev.localisation_check.setChecked(True)
-    ev.randomisation_check.setChecked(True)
-    ev.mode_combo.setCurrentText("cascading")
-    ev.stages_spin.setValue(2)
+    ev.form.set_checked(infidelity=True, faithfulness=True, localisation=True, randomisation=True)
+    ev.form.set_values("faithfulness", steps=5)
+    ev.form.set_values("randomisation", mode="cascading", max_stages=2)
     n_before = len(viewer.layers)
     t0 = time.perf_counter()
     assert ev.run() is not None, ev.status.text()
-    wait_until(qtbot, lambda: not ev.running, 80)
+    wait_until(qtbot, lambda: not ev.running, 300)
     took = time.perf_counter() - t0
     assert ev.status.property("status_kind") == "ok", ev.status.text()
     # one row per map, finite numbers where defined
@@ -88,7 +84,7 @@ def test_evaluate_panel(qtbot, make_docked, bundled_model, tmp_path):
     vals = [float(c[headers.index("infidelity")]) for c in ev.table_text()]
     assert vals == sorted(vals)
     # curves: deletion + insertion per map
-    assert ev.lines_drawn == 4 and set(ev.curves) == set(maps)
+    assert ev.curves_canvas.lines_drawn == 4 and set(ev.curves) == set(maps)
     # stage layers: 2 per map, on the input's grid and geometry, named method · stage k (layer)
     assert len(viewer.layers) == n_before + 4 == n_before + len(ev.added)
     for name in ev.added:
@@ -117,11 +113,9 @@ def test_evaluate_cancel_and_undefined(qtbot, docked, bundled_model):
     viewer, image, w = docked
     maps = _load_and_explain(qtbot, w)
     ev = _evaluate_widget(viewer)
-    ev.infidelity_check.setChecked(True)
-    ev.faithfulness_check.setChecked(False)
-    ev.localisation_check.setChecked(True)  # no ground truth chosen: undefined, with the reason
-    ev.randomisation_check.setChecked(True)
-    ev.stages_spin.setValue(20)
+    ev.form.set_checked(infidelity=True, faithfulness=False, randomisation=True,
+                        localisation=True)  # no ground truth chosen: undefined, with the reason
+    ev.form.set_values("randomisation", max_stages=20)
     assert ev.run() is not None, ev.status.text()
     wait_until(qtbot, lambda: "randomisation" in ev.last_message or not ev.running, 60)
     assert ev.running, ev.status.text()

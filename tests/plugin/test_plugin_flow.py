@@ -208,6 +208,7 @@ def test_voxel_and_roi_targets(qtbot, docked, bundled_model, phantom):
     roi_maps = [ly for ly in viewer.layers if ly.metadata.get("esegeta", {}).get("target") == "roi"]
     assert roi_maps and roi_maps[0].metadata["esegeta"]["roi_layer"] == "roi"
     # the evaluation panel's logic rebuilds the ROI target from the named Labels layer
+    from esegeta_engine.evaluation.api import evaluation_config
     from napari_esegeta import _evaluate as E
     from napari_esegeta._run import volume_from_layer
 
@@ -217,7 +218,7 @@ def test_voxel_and_roi_targets(qtbot, docked, bundled_model, phantom):
     assert info.roi_mask is not None and info.roi_mask.sum() == (phantom.mask > 0).sum()
     s = w["model"].session
     events = list(E.evaluate_groups(s.model, [(volume_from_layer(image), [info])],
-                                    E.EvalOptions(infidelity=True, faithfulness=False),
+                                    E.EvalOptions(evaluation_config(infidelity=True)),
                                     preprocess=s.preprocess, output=s.output))
     rows = [e for e in events if isinstance(e, E.RowReady)]
     assert rows and np.isfinite(rows[0].row["infidelity"]), events

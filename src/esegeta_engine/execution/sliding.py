@@ -22,6 +22,12 @@ three properties the attribution methods need:
 
 Patches whose output the target never reads (outside an ROI or voxel target's
 support) are skipped altogether (``support``).
+
+**Paired batches.** DeepLIFT's rules compare every module's input and output with
+those of the reference input, which Captum runs in the same batch (inputs first,
+references second). With ``paired = True`` each patch batch holds the same patches
+of both halves in that order (``sw_batch_size`` patches of each), so those rules see
+matching patch pairs; the stitched outputs are unchanged.
 """
 
 from __future__ import annotations
@@ -170,6 +176,7 @@ class SlidingWindow(nn.Module):
         self.autocast = autocast
         self.support: torch.Tensor | None = None  # output voxels the target reads
         self.patch_evaluations = 0
+        self.paired = False  # batch halves are (inputs, references): pair their patches in each batch
         self._grids: dict[tuple[int, ...], WindowGrid] = {}
         self._base: _BaseCache | None = None
 
@@ -188,6 +195,22 @@ class SlidingWindow(nn.Module):
     def active_patches(self, grid: WindowGrid) -> list[int]:
         """Patches the target can see (all, unless a support restricts them)."""
         return grid.patches_overlapping(self.support)
+
+    def chunks(self, n: int, grid: WindowGrid) -> list[list[tuple[int, int]]]:
+        """The ``(example, patch)`` items of each patch batch for a batch of ``n`` inputs.
+
+        ``sw_batch_size`` items per batch; when :attr:`paired`, each batch holds items of the
+        first half followed by the same patches of the second half.
+        """
+        active = self.active_patches(grid)
+        bs = self.settings.sw_batch_size
+        if self.paired and n % 2 == 0:
+            half = n // 2
+            first = [(b, p) for b in range(half) for p in active]
+            return [first[i:i + bs] + [(b + half, p) for b, p in first[i:i + bs]]
+                    for i in range(0, len(first), bs)]
+        items = [(b, p) for b in range(n) for p in active]
+        return [items[i:i + bs] for i in range(0, len(items), bs)]
 
     # -- evaluation ------------------------------------------------------------------------
     def run_patches(self, patches: torch.Tensor, *, grad: bool = False) -> torch.Tensor:
@@ -236,12 +259,8 @@ class SlidingWindow(nn.Module):
         """
         xp = grid.pad_input(x)
         n = x.shape[0]
-        active = self.active_patches(grid)
-        items = [(b, p) for b in range(n) for p in active]
         acc: torch.Tensor | None = None
-        bs = self.settings.sw_batch_size
-        for i in range(0, len(items), bs):
-            chunk = items[i:i + bs]
+        for chunk in self.chunks(n, grid):
             patch = torch.cat([xp[(slice(b, b + 1), slice(None), *grid.slices[p])] for b, p in chunk])
             ys = self._run_chunk(patch.requires_grad_(True) if graph else patch, graph).detach()
             if acc is None:
@@ -361,11 +380,8 @@ class _PatchwiseFunction(torch.autograd.Function):
             up[(slice(None), slice(None), *sl_in)] = grad_out.float()
             up = up / grid.count
             gpad = torch.zeros_like(xp)
-            items = [(b, p) for b in range(x.shape[0]) for p in sw.active_patches(grid)]
-            bs = sw.settings.sw_batch_size
             xp_d = xp.detach()
-            for i in range(0, len(items), bs):
-                chunk = items[i:i + bs]
+            for chunk in sw.chunks(x.shape[0], grid):
                 patch = torch.cat([xp_d[(slice(b, b + 1), slice(None), *grid.slices[p])] for b, p in chunk])
                 patch.requires_grad_(True)
                 y = sw._run_chunk(patch, True)

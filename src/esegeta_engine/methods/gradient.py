@@ -25,7 +25,7 @@ from captum.attr import (
 )
 
 from esegeta_engine.methods._common import BASELINE_PARAM, make_baseline
-from esegeta_engine.methods.deeplift_safe import DeepLiftPlan
+from esegeta_engine.methods.deeplift_safe import DeepLiftPlan, pair_patches
 from esegeta_engine.methods.notes import notes_of
 from esegeta_engine.methods.rectifiers import RectifiedGradient, RectifiedGuidedGradCam
 from esegeta_engine.methods.registry import Call, MethodContext, MethodSpec, Param, register
@@ -205,13 +205,13 @@ def _deconvolution(ctx: MethodContext, p: Mapping[str, Any]) -> Call:
 
 
 def _deeplift(ctx: MethodContext, p: Mapping[str, Any]) -> Call:
-    model = DeepLiftPlan(ctx, "deeplift", notes_of(ctx)).model
+    model = pair_patches(DeepLiftPlan(ctx, "deeplift", notes_of(ctx)).model)
     return Call(DeepLift(model, multiply_by_inputs=p["multiply_by_inputs"]),
                 {"baselines": make_baseline(ctx.inputs, p["baseline"])})
 
 
 def _deeplift_shap(ctx: MethodContext, p: Mapping[str, Any]) -> Call:
-    model = DeepLiftPlan(ctx, "deeplift_shap", notes_of(ctx)).model
+    model = pair_patches(DeepLiftPlan(ctx, "deeplift_shap", notes_of(ctx)).model)
     return Call(DeepLiftShap(model), {"baselines": shap_baselines(ctx, p)})
 
 
@@ -278,11 +278,11 @@ _register("deeplift", "DeepLIFT", "contributions to F(x) - F(baseline) by the re
           _deeplift,
           "Shrikumar, Greenside & Kundaje 2017, Learning Important Features Through Propagating "
           "Activation Differences, ICML, arXiv:1704.02685", needs_hooks=True, noise_tunnel=True,
-          cost=_TWO, axiom="completeness")
+          cost=_TWO, axiom="completeness", patchwise="gradient")
 _register("deeplift_shap", "DeepLIFT SHAP",
           "DeepLIFT averaged over a seeded distribution of noisy copies of the baseline",
           (*_DISTRIBUTION, n_baselines_param(2)), _deeplift_shap, _SHAP_REF, needs_hooks=True,
-          cost=_TWO, axiom="completeness")
+          cost=_TWO, axiom="completeness", patchwise="gradient")
 _register("gradient_shap", "Gradient SHAP",
           "expected gradients at random points between noisy baselines and the noisy input",
           (*_DISTRIBUTION, n_baselines_param(1), N_SAMPLES, STDEVS), _gradient_shap, _SHAP_REF,
