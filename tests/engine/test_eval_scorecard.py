@@ -59,3 +59,7 @@ def test_a_run_writes_the_scorecard_the_spread_map_and_structure_scores(tmp_path
     assert manifest["results"][0]["trust"]["line"] == trust["line"]
     _print_summary(res)
     assert trust["line"] in capsys.readouterr().out
+    from esegeta_engine.evaluation.report import build_report_from_run
+
+    page = build_report_from_run(res.out_dir).read_text()
+    assert "Trust scorecard" in page and rec["stability_map"] in page

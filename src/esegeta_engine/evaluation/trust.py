@@ -247,3 +247,28 @@ def verdicts_for(randomisation: Sequence[Mapping[str, Any]] | None, record: Mapp
             if v is not None:
                 out.append({**v, "mode": entry.get("mode")})
     return out
+
+
+def scorecard_html(records: Sequence[Mapping[str, Any]]) -> str:
+    """The report's scorecard section: one row per map, one cell per check ('' with no scorecard)."""
+    from html import escape
+
+    rows = [r for r in records if r.get("status") == "ok" and r.get("trust")]
+    if not rows:
+        return ""
+    style = {"checked": "trust-high", "failed": "trust-low", "not checked": ""}
+    head = "".join(f"<th>{escape(c)}</th>" for c in ("map", *SCORECARD, "spread map"))
+    body = []
+    for r in rows:
+        cells = [f"<td>{escape(str(r.get('file') or _label(r)))}</td>"]
+        for name in SCORECARD:
+            e = r["trust"].get(name) or {}
+            text = str(e.get("status", "not checked")) + (f" {_fmt(e.get('value'))}" if e.get("value") is not None
+                                                          else "")
+            cells.append(f'<td class="{style.get(str(e.get("status")), "")}" title="{escape(str(e.get("what", "")))}">'
+                         f"{escape(text)}</td>")
+        cells.append(f"<td>{escape(str(r.get('stability_map') or ''))}</td>")
+        body.append("<tr>" + "".join(cells) + "</tr>")
+    return ("<h2>Trust scorecard</h2><p>What was verified about each map: checked (and passed), failed, or not "
+            "checked, with the number (hover a cell for what it measures).</p>"
+            f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>")
