@@ -29,7 +29,8 @@ from torch import nn
 
 from esegeta_engine import targets as T
 from esegeta_engine.config import ExecutionConfig, MethodConfig, PreprocessConfig, TargetConfig
-from esegeta_engine.errors import EsegetaError, MethodError, TargetError, VolumeError, error_reason
+from esegeta_engine.errors import (Cancelled, EsegetaError, MethodError, MethodTimeout, TargetError, VolumeError,
+                                   error_reason)
 from esegeta_engine.execution.build import _is_oom, build_target, memory_error, target_support
 from esegeta_engine.execution.events import Event, Evaluator, JobFailed, MapReady, Progress, RunState
 from esegeta_engine.execution.executor import JobExecutor
@@ -41,6 +42,8 @@ from esegeta_engine.methods.registry import CostInfo
 from esegeta_engine.models import get_layer, model_guard
 from esegeta_engine.preprocess import Geometry, to_model_input
 from esegeta_engine.scoring import EvaluationMonitor, ScoreModel, make_score_model
+from esegeta_engine.timebudget import arm_pass_budget
+from esegeta_engine.watchdog import prediction_pass
 
 __all__ = ["Event", "Evaluator", "Explainer", "Job", "JobFailed", "MapReady", "Progress", "build_target",
            "memory_error", "target_support"]
@@ -79,6 +82,7 @@ class Explainer(JobExecutor):
     execution: ExecutionConfig | None = None
     _divisible: int = field(default=1, init=False, repr=False)
     _fingerprint: str | None = field(default=None, init=False, repr=False)
+    _pass_s: float | None = field(default=None, init=False, repr=False)  # last prediction pass, seconds
 
     @property
     def device(self) -> torch.device:
@@ -136,23 +140,29 @@ class Explainer(JobExecutor):
         return make_score_model(model if model is not None else self.model, target, output=self.output,
                                 monitor=monitor, form=self.form_for(x, support, precision))
 
-    def raw_output(self, x: torch.Tensor) -> torch.Tensor:
+    def raw_output(self, x: torch.Tensor, cancel: threading.Event | None = None) -> torch.Tensor:
         """Selected model output for ``x`` without gradients, with readable errors.
 
         A whole-volume input the network cannot take (U-Nets need sizes divisible by
         2**depth) is padded to the smallest power-of-two multiple that works (with
-        ``execution.divisible_by: auto``), and the outputs are cropped back.
+        ``execution.divisible_by: auto``), and the outputs are cropped back. The pass
+        runs under the time limit (see :mod:`esegeta_engine.watchdog`); its duration is
+        kept for refusing jobs that cannot fit (:mod:`esegeta_engine.timebudget`).
         """
+        out, self._pass_s = prediction_pass(lambda monitor: self._raw_output(x, monitor), self.timeout_s, cancel)
+        return out
+
+    def _raw_output(self, x: torch.Tensor, monitor: EvaluationMonitor) -> torch.Tensor:
         with model_guard(self.model), torch.no_grad():
             try:
-                return self._raw(x)
-            except EsegetaError:
+                return self._raw(x, monitor)
+            except (EsegetaError, Cancelled, MethodTimeout):
                 raise
             except Exception as exc:  # the user's model rejected the input: say why, no traceback
                 if _is_oom(exc):
                     raise memory_error(tuple(x.shape), self.form_for(x)) from None
-                if self._try_padding(x):
-                    return self._raw(x)
+                if self._try_padding(x, monitor):
+                    return self._raw(x, monitor)
                 form = self.form_for(x)
                 if form.sliding is not None:
                     raise MethodError(
@@ -166,15 +176,18 @@ class Explainer(JobExecutor):
                     "divisible by 2**depth, set execution.divisible_by (e.g. 16) or a patch size",
                 ) from None
 
-    def _raw(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.make_score_model(T.ClassificationTarget(), x).model_output(x)
+    def _raw(self, x: torch.Tensor, monitor: EvaluationMonitor | None = None) -> torch.Tensor:
+        sm = self.make_score_model(T.ClassificationTarget(), x, monitor)
+        if monitor is not None:
+            arm_pass_budget(sm, x, monitor)
+        out = sm.model_output(x)
         precision = self.form_for(x).precision
         if precision != "fp32" and not bool(torch.isfinite(out).all()):
             log.warning("the model output is non-finite in %s: the prediction is redone in fp32", precision)
-            out = self.make_score_model(T.ClassificationTarget(), x, precision="fp32").model_output(x)
+            out = self.make_score_model(T.ClassificationTarget(), x, monitor, precision="fp32").model_output(x)
         return out
 
-    def _try_padding(self, x: torch.Tensor) -> bool:
+    def _try_padding(self, x: torch.Tensor, monitor: EvaluationMonitor | None = None) -> bool:
         """Find the smallest 2**k padding the network accepts (``divisible_by: auto``)."""
         auto = self.execution is None or self.execution.divisible_by == "auto"
         if not auto or self._divisible > 1 or self.form_for(x).sliding is not None:
@@ -182,7 +195,9 @@ class Explainer(JobExecutor):
         for k in range(1, 6):
             self._divisible = 2 ** k
             try:
-                self._raw(x[:1])
+                self._raw(x[:1], monitor)
+            except (Cancelled, MethodTimeout):
+                raise
             except Exception as exc:
                 if _is_oom(exc):
                     break
@@ -354,7 +369,10 @@ class Explainer(JobExecutor):
                                       self.preprocess.axis_order, geometry,
                                       tuple(volumes[group[0]].data.shape[:self.preprocess.spatial_dims]))
                 target = target.to(self.device)
-                out = self.raw_output(x)
+                try:
+                    out = self.raw_output(x, cancel)  # under the time limit, cancellable
+                except Cancelled:
+                    return
                 target.prepare(out)
                 target = self.expand_target(target, out, volumes[group[0]])
                 jobs = self.plan(group_methods, target, out, group, x, self.job_context(volumes, group))

@@ -116,13 +116,13 @@ def check_yaml_events(text: str, source: str = "config") -> int:
 _JSON_TOKENS = re.compile(r'"(?:[^"\\]|\\.)*"|[\[\]{},]')
 
 
-def check_json_text(text: str, source: str = "config") -> int:
+def check_json_text(text: str, source: str = "config", max_values: int = MAX_NODES) -> int:
     """Scan JSON ``text`` for its nesting depth and number of values, building nothing.
 
     Raises
     ------
     ConfigError
-        Nested deeper than :data:`MAX_DEPTH` or more than :data:`MAX_NODES` values.
+        Nested deeper than :data:`MAX_DEPTH` or more than ``max_values`` values.
     """
     depth = values = 0
     for match in _JSON_TOKENS.finditer(text):
@@ -136,7 +136,7 @@ def check_json_text(text: str, source: str = "config") -> int:
             depth -= 1
         elif tok == ",":
             values += 1
-        if values > MAX_NODES:
+        if values > max_values:
             raise _too_big(source)
     return values
 
@@ -201,3 +201,30 @@ def read_config_file(path: str | Path) -> Any:
     except UnicodeDecodeError:
         raise ConfigError(f"{path.name} is not UTF-8 text", "give a YAML or JSON config") from None
     return load_bounded(text, source=path.name, json_syntax=path.suffix.lower() == ".json")
+
+
+MAX_RECORD_BYTES = 256_000_000
+"""Largest engine-written JSON record read back (a run manifest with its config and results)."""
+
+
+def read_json_record(path: str | Path) -> Any:
+    """Read a JSON file the engine wrote (a run's manifest, which embeds its config), bounded.
+
+    A run folder may come from someone else, so its manifest is read like a config — depth
+    bounded by :data:`MAX_DEPTH` before parsing — with room for many records.
+
+    Raises
+    ------
+    ConfigError
+        Too large or too deep.
+    OSError, ValueError
+        Unreadable or not JSON (callers say which run folder is broken).
+    """
+    path = Path(path)
+    with path.open("rb") as fh:
+        raw = fh.read(MAX_RECORD_BYTES + 1)
+    if len(raw) > MAX_RECORD_BYTES:
+        raise ConfigError(f"{path.name} is larger than {MAX_RECORD_BYTES} bytes", "give the folder of a run")
+    text = raw.decode("utf-8")
+    check_json_text(text, path.name, max_values=len(text))
+    return json.loads(text)

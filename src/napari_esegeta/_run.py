@@ -272,6 +272,12 @@ def map_layer_data(event: MapReady, input_layer: Any, target: TargetConfig,
     seams = seam_note(event.array, event.execution, axis_order)
     if seams is not None:  # in the map's record and in the note napari shows with the layer
         prov.update(seam_strength=seams[0], notes=[*event.notes, seams[1]])
+    from esegeta_engine.evaluation.evaluators import scalar_metrics
+    from esegeta_engine.evaluation.trust import scorecard
+
+    prov["trust"] = scorecard(scalar_metrics(event.metrics))  # what was verified about this map
+    if getattr(job, "details", None):  # one structure (component): class, size, centroid to jump to
+        prov["target_details"] = job.details
     array = event.array
     per_channel = array.ndim == len(input_layer.scale) + 1  # (*grid, k): one volume per layer channel
     if per_channel:

@@ -163,9 +163,9 @@ def _read_map(path: Path) -> np.ndarray:
 
 
 def _read_json(path: Path) -> Any:
-    import json
+    from esegeta_engine.yamlsafe import read_json_record
 
-    return json.loads(path.read_text(encoding="utf-8"))
+    return read_json_record(path)  # bounded depth: the embedded config is parsed next
 
 
 def _read_manifest(path: Path) -> dict[str, Any]:
