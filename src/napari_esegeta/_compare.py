@@ -33,6 +33,7 @@ class GridState:
     grid: dict[str, Any] = field(default_factory=dict)
     copies: list[Any] = field(default_factory=list)
     overlays: list[tuple[Any, bool]] = field(default_factory=list)
+    fonts: list[tuple[Any, float]] = field(default_factory=list)
 
 
 def _grid(viewer: Any) -> Any:
@@ -91,8 +92,24 @@ def arrange_side_by_side(viewer: Any, base: Any, results: list[Any], spacing: fl
     grid.shape = (-1, -1)
     grid.spacing = spacing
     grid.enabled = True
+    fit_names(viewer, results, state)
     viewer.reset_view()
     return state
+
+
+def fit_names(viewer: Any, results: list[Any], state: Any = None) -> None:
+    """Shrink each cell's name so it fits the cell (long names are otherwise cut at the cell's edge)."""
+    canvas = getattr(viewer, "canvas", None)
+    try:
+        width = float(canvas.viewbox_size(viewer.layers)[1])
+    except Exception:  # older napari: no per-cell size, keep the font
+        return
+    for result in results:
+        overlay = result.name_overlay
+        if state is not None:
+            state.fonts.append((result, overlay.font_size))
+        needed = 1.0 * len(result.name)  # about 1 px per character per point (napari's canvas font)
+        overlay.font_size = float(max(6.0, min(overlay.font_size, (width - 24) / max(needed, 1.0))))
 
 
 def restore_layout(viewer: Any, state: GridState) -> None:
@@ -101,6 +118,8 @@ def restore_layout(viewer: Any, state: GridState) -> None:
     grid.enabled = False
     for layer, name_visible in state.overlays:
         layer.name_overlay.visible = name_visible
+    for layer, size in state.fonts:
+        layer.name_overlay.font_size = size
     for copy in state.copies:
         if copy in viewer.layers:
             viewer.layers.remove(copy)

@@ -165,3 +165,19 @@ def test_sliding_window_maps_carry_their_seam_strength_and_note() -> None:
     assert seam_note(a, {"mode": "whole", "precision": "fp32"}) is None
     strength, _ = seam_note(a, execution, "zyx")  # model axes (z, y, x): named by their NIfTI letters
     assert set(strength) == {"x", "y", "z"} and strength["y"] == pytest.approx(2.0)
+
+
+def test_grid_names_shrink_to_fit_their_cell() -> None:
+    """Issue 19.5: a long map name in the side-by-side grid is not cut at the cell's edge."""
+    from types import SimpleNamespace
+
+    from napari_esegeta._compare import GridState, fit_names
+
+    viewer = SimpleNamespace(layers=[], canvas=SimpleNamespace(viewbox_size=lambda layers: (300.0, 310.0)))
+    long = SimpleNamespace(name="layer_gradcam@ups.1.block.relu2 · vessel", name_overlay=SimpleNamespace(font_size=10.0))
+    short = SimpleNamespace(name="saliency · vessel", name_overlay=SimpleNamespace(font_size=10.0))
+    state = GridState()
+    fit_names(viewer, [long, short], state)
+    assert len(long.name) * long.name_overlay.font_size <= 310 - 24 < len(long.name) * 10
+    assert short.name_overlay.font_size == 10.0  # short names keep napari's size
+    assert [size for _, size in state.fonts] == [10.0, 10.0]  # restored when the grid is undone
