@@ -68,7 +68,7 @@ def _load(qtbot, dock) -> None:
     assert dock.session.model is not None, dock.model.status.text()
 
 
-def _run(qtbot, explain, timeout: float = 90) -> None:
+def _run(qtbot, explain, timeout: float = 600) -> None:  # a wait, not a time limit (loaded machines)
     assert explain.run() is not None, explain.status.text()
     wait_until(qtbot, lambda: not explain.running, timeout)
 
