@@ -246,8 +246,8 @@ def seam_note(array: np.ndarray, execution: dict[str, Any], axis_order: str = "x
                       f"{execution.get('blend', 'gaussian')} blending): the map can show the patch grid — seam "
                       f"strength {shown or 'n/a'} (|map| on patch-border planes / median plane; 1 = none). "
                       "The seams belong to the deployed function (zero padding at each patch border, blending "
-                      "weights); overlap 0.5 with Gaussian blending reduces them (docs/execution.md). "
-                      "Compare tab ▸ Patch grid shows the borders.")
+                      "weights), not to the method; docs/execution.md gives measured strengths for other "
+                      "overlaps and blendings. Compare tab ▸ Patch grid shows the borders.")
 
 
 def map_layer_data(event: MapReady, input_layer: Any, target: TargetConfig,

@@ -161,7 +161,7 @@ def test_sliding_window_maps_carry_their_seam_strength_and_note() -> None:
     execution = {"mode": "sliding_window", "patch_size": [8, 8, 8], "overlap": 0.25, "blend": "gaussian"}
     strength, note = seam_note(a, execution, "xyz")
     assert strength["y"] == pytest.approx(2.0) and strength["x"] == pytest.approx(1.0)
-    assert "seam strength" in note and "overlap 0.5" in note and "Patch grid" in note
+    assert "seam strength" in note and "deployed function" in note and "Patch grid" in note
     assert seam_note(a, {"mode": "whole", "precision": "fp32"}) is None
     strength, _ = seam_note(a, execution, "zyx")  # model axes (z, y, x): named by their NIfTI letters
     assert set(strength) == {"x", "y", "z"} and strength["y"] == pytest.approx(2.0)
