@@ -125,7 +125,10 @@ def iter_evaluate_run(run_dir: str | Path, *, metrics: Sequence[str] | None = No
                     write_json(manifest, out / MANIFEST)
                 yield ev
         if evaluation.randomisation is not None:
-            explainer = session.explainer(cfg.execution)
+            from esegeta_engine.explain import Explainer
+
+            explainer = Explainer(model, cfg.preprocess, cfg.target, cfg.model.output, seed=cfg.run.seed,
+                                  execution=cfg.execution)  # the run's target and execution, as its maps
             manifest["randomisation"] = yield from _randomisation(explainer, volumes, cfg, roi, stems,
                                                                   manifest["results"], out, cancel)
         manifest.setdefault("evaluations", []).append({
