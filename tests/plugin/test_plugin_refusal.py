@@ -26,7 +26,7 @@ class CountingNet(nn.Module):
         return self.conv(self.relu(x))
 
 
-@pytest.mark.parametrize("methods, kind", [(["layer_gradcam"], "argmax"), (["saliency", "gradcam_pp"], "argmax"),
+@pytest.mark.parametrize("methods, kind", [(["eigen_cam"], "argmax"), (["saliency", "layer_activation"], "argmax"),
                                            (["saliency"], "channel")])
 def test_refused_before_any_model_evaluation(methods, kind) -> None:
     from napari_esegeta._run import RunError, explain_events
@@ -50,7 +50,7 @@ def test_the_same_methods_run_on_the_whole_volume() -> None:
 
     net = CountingNet().eval()
     volume = Volume(np.random.default_rng(0).random((16, 16, 16)).astype(np.float32), np.eye(4))
-    events = list(explain_events(net, volume, [MethodConfig(name="layer_gradcam", layers=["conv"])],
+    events = list(explain_events(net, volume, [MethodConfig(name="eigen_cam", layers=["conv"])],
                                  preprocess=PreprocessConfig(), target=TargetConfig(classes=[1]), output=None,
                                  roi_mask=None, cancel=threading.Event(), execution=ExecutionConfig(patch_size=32)))
     assert any(isinstance(e, MapReady) for e in events) and net.calls > 0
@@ -65,7 +65,7 @@ def test_run_click_refuses_without_a_worker(qtbot, docked) -> None:
     w["model"].patch_edit.setText("8")
     w["model"]._execution_changed()
     ex = w["explain"]
-    ex.methods.check("layer_gradcam")
+    ex.methods.check("eigen_cam")
     assert ex.run() is None and not ex.running
-    assert ex.status.property("status_kind") == "error" and "layer_gradcam" in ex.status.text()
+    assert ex.status.property("status_kind") == "error" and "eigen_cam" in ex.status.text()
     assert net.calls == 0
