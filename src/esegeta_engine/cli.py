@@ -36,6 +36,9 @@ DEMO_METHODS: list[dict[str, Any]] = [
 ]
 
 
+from esegeta_engine.cli_sources import (add_predict_parser, add_source_flags,  # noqa: E402
+                                        model_config_from_args, model_section)
+
 def _parse_value(text: str) -> Any:
     """A parameter value from the command line, read as bounded YAML (safe, never eval)."""
     try:
@@ -131,7 +134,8 @@ def _print_summary(result: Any) -> None:
               "auc_insertion, mass_inside and roc_auc (vs the ground truth) higher is better")
 
 
-def _execute(cfg: Any, quiet: bool, resume: bool = False, trust_pickled: bool = False) -> int:
+def _execute(cfg: Any, quiet: bool, resume: bool = False, trust_pickled: bool = False,
+             trust_bundle: bool = False) -> int:
     from tqdm import tqdm
 
     from esegeta_engine.explain import Progress
@@ -157,7 +161,7 @@ def _execute(cfg: Any, quiet: bool, resume: bool = False, trust_pickled: bool = 
         bar.refresh()
 
     gen = iter_run(cfg, cancel, on_progress=show, resume=resume,
-                   trust_pickled=trust_pickled)
+                   trust_pickled=trust_pickled, trust_bundle=trust_bundle)
     # Ctrl-C or SIGTERM (a batch scheduler's stop): the running job stops at its next model
     # evaluation and is recorded as cancelled; a second signal interrupts at once.
     with cancel_on_signals(cancel):
@@ -210,7 +214,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
     from esegeta_engine.config import parse_config
 
     data: dict[str, Any] = {
-        "model": {"path": args.model, "format": args.format, "device": args.device},
+        "model": model_section(args),
         "volumes": args.volume,
         "preprocess": {"spatial_dims": args.spatial_dims, "in_channels": args.in_channels,
                        "normalisation": args.normalisation, "axis_order": args.axis_order,
@@ -223,12 +227,6 @@ def cmd_explain(args: argparse.Namespace) -> int:
         "output": {"dir": args.out, "overwrite": args.overwrite},
         "run": {"seed": args.seed, "timeout_s": args.timeout},
     }
-    if args.class_path:
-        data["model"]["class_path"] = args.class_path
-    if args.kwargs:
-        data["model"]["kwargs"] = load_bounded(args.kwargs, source="--kwargs", json_syntax=True)
-    if args.output is not None:
-        data["model"]["output"] = _parse_value(args.output)
     if args.classes:
         data["target"]["classes"] = args.classes
     if args.roi_mask:
@@ -242,7 +240,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
     if args.channel is not None:
         data["target"]["channel"] = args.channel
     return _execute(parse_config(data, base=Path.cwd(), source="command line"), args.quiet, args.resume,
-                    trust_pickled=args.trust_pickled)
+                    trust_pickled=args.trust_pickled, trust_bundle=args.trust_bundle)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -331,12 +329,10 @@ def cmd_methods(args: argparse.Namespace) -> int:
 
 
 def cmd_layers(args: argparse.Namespace) -> int:
-    from esegeta_engine.models import list_layers, load_model
+    from esegeta_engine.models import Trust, list_layers, load_source
 
-    kwargs = load_bounded(args.kwargs, source="--kwargs", json_syntax=True) if args.kwargs else None
-    model = load_model(args.model, format=args.format, class_path=args.class_path, kwargs=kwargs,
-                       trust_pickled=args.trust_pickled)
-    for name, kind in list_layers(model):
+    loaded = load_source(model_config_from_args(args), Trust(pickled=args.trust_pickled, bundle=args.trust_bundle))
+    for name, kind in list_layers(loaded.module):
         print(f"{name:<40} {kind}")
     return 0
 
@@ -399,7 +395,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("explain", help="one-off run from flags, no config file")
-    p.add_argument("--model", required=True)
+    p.add_argument("--model", help="TorchScript file or state dict (or --nnunet DIR / --bundle DIR)")
     _model_flags(p)
     p.add_argument("--volume", action="append", required=True, help="NIfTI input (repeatable)")
     p.add_argument("--method", action="append", required=True,
@@ -429,6 +425,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16"])
     p.add_argument("--orientation", help="reorient volumes to these axis codes first, e.g. RAS")
     p.add_argument("-q", "--quiet", action="store_true")
+    add_source_flags(p)
     p.set_defaults(func=cmd_explain)
 
     p = sub.add_parser("demo", help="explain the bundled 3D U-Net on a phantom TOF-MRA volume")
@@ -448,9 +445,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_methods)
 
     p = sub.add_parser("layers", help="list a model's module names (for layer methods)")
-    p.add_argument("model")
+    p.add_argument("model", nargs="?", help="model file, nnU-Net folder or bundle folder")
     _model_flags(p)
+    add_source_flags(p)
     p.set_defaults(func=cmd_layers)
+    add_predict_parser(sub)
 
     p = sub.add_parser("sample", help="write the phantom volume and its vessel mask as NIfTI")
     p.add_argument("--out", default="esegeta_sample")

@@ -112,6 +112,9 @@ class Explainer(JobExecutor):
             name = volume.path.name if volume.path else "the image"
             raise VolumeError(f"{name} has {bad} NaN or Inf voxel(s)",
                               "fill or mask them (e.g. replace with 0) before explaining the model")
+        bind = getattr(self.model, "bind_volume", None)  # a deployed pipeline needs the scan's spacing
+        if callable(bind):
+            bind(volume)
         p = self.preprocess
         return to_model_input(volume.data, spatial_dims=p.spatial_dims, in_channels=p.in_channels,
                               axis_order=p.axis_order, normalisation=p.normalisation,

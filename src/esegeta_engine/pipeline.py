@@ -34,7 +34,8 @@ from esegeta_engine.methods import get_method
 from esegeta_engine.evaluation.api import localisation_metrics
 from esegeta_engine.evaluation.evaluators import CURVES_KEY, make_evaluators, scalar_metrics
 from esegeta_engine.evaluation.localisation import LOCALISATION_METRICS
-from esegeta_engine.models import load_model
+from esegeta_engine.models import Trust, load_source, source_path
+from esegeta_engine.predict import write_prediction
 from esegeta_engine.runguard import (MANIFEST, RUN, OutputLock, check_previous_run, close_log, make_output_folder,
                                      open_log, protect_inputs, remove_part_files, write_final_manifest)
 
@@ -112,7 +113,8 @@ def _claim_output(cfg: Config, stems: list[str], resume: bool = False) -> Output
     try:
         check_previous_run(out, cfg.output.overwrite or resume)
         loc = cfg.evaluation.localisation
-        protect_inputs(out, [*cfg.volumes, cfg.target.roi_mask, loc.mask if loc else None, cfg.model.path],
+        protect_inputs(out, [*cfg.volumes, cfg.target.roi_mask, loc.mask if loc else None,
+                                     source_path(cfg.model)],
                        stems)
         remove_part_files(out)
     except BaseException:
@@ -158,7 +160,8 @@ def load_mask_on_grid(path: Path, volumes: list[Volume], spatial_dims: int, what
 
 def iter_run(cfg: Config, cancel: threading.Event | None = None, *, threaded: bool = False,
              on_progress: Callable[[Progress], None] | None = None,
-             resume: bool = False, trust_pickled: bool = False) -> Generator[Event, None, RunResult]:
+             resume: bool = False, trust_pickled: bool = False,
+             trust_bundle: bool = False) -> Generator[Event, None, RunResult]:
     """Run ``cfg``, yielding events; returns the :class:`RunResult`.
 
     With ``resume``, a folder holding an earlier run of the same model and volumes keeps
@@ -181,10 +184,14 @@ def iter_run(cfg: Config, cancel: threading.Event | None = None, *, threaded: bo
         an output folder in use or holding inputs). Problems inside a method
         are recorded in the manifest instead.
     """
-    log.info("napari-esegeta %s: loading model %s", __version__, cfg.model.path)
-    model = load_model(cfg.model.path, format=cfg.model.format, class_path=cfg.model.class_path,
-                       kwargs=cfg.model.kwargs, trust_pickled=trust_pickled, device=cfg.model.device)
-    volumes, roi = load_inputs(cfg)
+    log.info("napari-esegeta %s: loading model %s", __version__, source_path(cfg.model))
+    loaded = load_source(cfg.model, Trust(pickled=trust_pickled, bundle=trust_bundle))
+    cfg = loaded.configure(cfg)  # a deployed pipeline (nnU-Net, bundle) does its own preprocessing
+    model = loaded.module
+    try:
+        volumes, roi = load_inputs(cfg)
+    except VolumeError as exc:
+        raise loaded.volume_error(exc) from None
     gt_mask, gt_note = _load_ground_truth(cfg, volumes)
     stems = [_stem(v.path, i) for i, v in enumerate(volumes)]
     if len(set(stems)) < len(stems):
@@ -209,6 +216,7 @@ def iter_run(cfg: Config, cancel: threading.Event | None = None, *, threaded: bo
         "environment": environment(),
         "seed": cfg.run.seed,
         "device": cfg.model.device,
+        "model": {**loaded.description, "class_names": loaded.class_names, "attribution_grid": loaded.grid},
         "volumes": [],
         "results": [],
     }
@@ -222,9 +230,8 @@ def iter_run(cfg: Config, cancel: threading.Event | None = None, *, threaded: bo
             entry: dict[str, Any] = {"stem": stems[i], "path": str(v.path), "shape": list(v.data.shape),
                                      "spacing_mm": list(v.spacing), "affine": v.affine.tolist()}
             if cfg.output.save_prediction and cfg.target.kind != "classification":
-                pred = explainer.predict(v)
-                entry["prediction"] = save_map(pred, v, out / f"{stems[i]}__prediction.nii.gz",
-                                               dtype=np.uint8).name
+                entry.update(write_prediction(explainer, v, out, stems[i], loaded.outputs,
+                                              cfg.output.probabilities))
             manifest["volumes"].append(entry)
         write_json(manifest, manifest_path)
         ev = cfg.evaluation
@@ -395,9 +402,10 @@ def _stats(arr: np.ndarray) -> dict[str, float]:
 
 def run(cfg: Config, cancel: threading.Event | None = None,
         on_event: Callable[[Event], None] | None = None, resume: bool = False, *,
-        trust_pickled: bool = False) -> RunResult:
+        trust_pickled: bool = False, trust_bundle: bool = False) -> RunResult:
     """Run ``cfg`` to the end (see :func:`iter_run`); ``on_event`` sees every event and progress."""
-    gen = iter_run(cfg, cancel, on_progress=on_event, resume=resume, trust_pickled=trust_pickled)
+    gen = iter_run(cfg, cancel, on_progress=on_event, resume=resume, trust_pickled=trust_pickled,
+                   trust_bundle=trust_bundle)
     while True:
         try:
             event = next(gen)

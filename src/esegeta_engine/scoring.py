@@ -117,6 +117,9 @@ class ScoreModel(nn.Module):
         # the user's model is reachable through one child only: hook-based methods walk the
         # module tree (``Module.apply``) and must meet each of its modules once
         self.runner = build_runner(OutputSelector(model, output), self.form, self.monitor)
+        bind = getattr(model, "bind_monitor", None)  # a deployed pipeline's own patches count and cancel
+        if callable(bind):
+            bind(self.monitor.patch_batch)
 
     @property
     def net(self) -> OutputSelector:

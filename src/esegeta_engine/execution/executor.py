@@ -134,6 +134,9 @@ class JobExecutor:
             else:
                 metrics = holder.get("metrics") or [{} for _ in maps]
                 form = dict(holder.get("form") or {})
+                describe = getattr(self.model, "describe_execution", None)  # a deployed pipeline's own window
+                if callable(describe):
+                    form.update(describe())
                 if "precision" in holder:
                     form["precision_fallback"] = f"{precision} -> fp32"
                 for vol, arr, met in zip(job.volumes, maps, metrics):
