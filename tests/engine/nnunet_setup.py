@@ -23,6 +23,7 @@ import torch
 DATASET = "Dataset001_Tiny"
 TRAINER_DIR = "nnUNetTrainer__nnUNetPlans__3d_fullres"
 SPACING = (1.0, 1.0, 2.0)  # x, y, z of the training scans (anisotropic: a spacing to resample to)
+TRAIN_SHAPE = (16, 12, 8)  # x, y, z of the training scans (the plans' patch follows from it)
 
 _PLAN = """
 from nnunetv2.experiment_planning.plan_and_preprocess_api import extract_fingerprints, plan_experiments
@@ -48,7 +49,7 @@ def make_plans(root: Path) -> Path:
     (raw / "imagesTr").mkdir(parents=True, exist_ok=True)
     (raw / "labelsTr").mkdir(parents=True, exist_ok=True)
     for i in range(3):
-        img, lab = scan((16, 12, 8), SPACING, i)
+        img, lab = scan(TRAIN_SHAPE, SPACING, i)
         nib.save(img, raw / "imagesTr" / f"case_{i:03d}_0000.nii.gz")
         nib.save(lab, raw / "labelsTr" / f"case_{i:03d}.nii.gz")
     (raw / "dataset.json").write_text(json.dumps({

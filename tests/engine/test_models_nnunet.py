@@ -91,7 +91,7 @@ def test_patchwise_gradient_equals_plain_autograd_and_counts_every_mirror_and_fo
     # forward and backward recomputation: every patch of every mirrored copy (8) of both folds, twice
     assert len(calls) == 2 * patches * 8 * 2
 
-    def plain(data, ens, plan):  # the same ensemble with one whole graph, float32 throughout
+    def plain(data, ens, plan):  # the same ensemble with one whole graph
         padded = plan.pad(data)
         total = 0
         for net in ens.networks:
@@ -102,7 +102,9 @@ def test_patchwise_gradient_equals_plain_autograd_and_counts_every_mirror_and_fo
                 acc = acc + torch.nn.functional.pad(y, _pad_for(sl, plan.padded))
                 n[sl[1:]] += plan.gaussian.float()
             total = total + (acc / n)[(slice(None), *plan.revert)]
-        return total / len(ens.networks)
+        total = total / len(ens.networks)
+        value = ens.logits(data.detach(), plan).float()  # nnU-Net's float16 numbers, this graph's gradient
+        return total + (value - total).detach()
 
     orig = W.EnsembleFunction.apply
     W.EnsembleFunction.apply = plain
@@ -112,7 +114,7 @@ def test_patchwise_gradient_equals_plain_autograd_and_counts_every_mirror_and_fo
     finally:
         W.EnsembleFunction.apply = orig
     assert g.abs().max() > 0
-    torch.testing.assert_close(g, g_ref, rtol=1e-3, atol=1e-3 * float(g_ref.abs().max()))
+    torch.testing.assert_close(g, g_ref, rtol=1e-4, atol=1e-5 * float(g_ref.abs().max()))
 
 
 def _pad_for(sl, padded):
@@ -127,7 +129,7 @@ def test_methods_through_the_pipeline(folder, scan_img, tmp_path):
     cfg = parse_config({
         "model": {"nnunet": str(folder), "folds": [0], "mirroring": False},
         "volumes": [str(path)], "target": {"classes": [1]},
-        "methods": [{"name": "saliency"}, {"name": "occlusion", "params": {"window": 8, "stride": 8}},
+        "methods": [{"name": "saliency"}, {"name": "occlusion", "params": {"window": 4, "stride": 4}},
                     {"name": "layer_gradcam", "layers": ["network_input"]},
                     {"name": "integrated_gradients", "params": {"n_steps": 8, "baseline": "blur"}}],
         "output": {"dir": str(tmp_path / "out"), "probabilities": True}}, base=tmp_path)
@@ -207,7 +209,8 @@ def test_pickled_checkpoint_names_the_object_and_the_choice(folder, tmp_path):
     data = torch.load(ck, weights_only=False)
     data["logging"]["odd"] = partial(print)  # a Python object, not data
     torch.save(data, ck)
-    with pytest.raises(PickledModuleError, match=r"functools\.partial.*--trust-pickled"):
+    with pytest.raises(PickledModuleError,
+                       match=r"(?s)fold_0/checkpoint_final.pth .*functools\.partial.*--trust-pickled"):
         load_source(ModelConfig(nnunet=d, folds=[0]))
     assert load_source(ModelConfig(nnunet=d, folds=[0]), Trust(pickled=True)).source == "nnunet"
 

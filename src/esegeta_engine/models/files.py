@@ -129,7 +129,7 @@ def load_pickled_module(path: Path, dev: torch.device, trust_pickled: bool) -> n
     return obj.eval()
 
 
-def read_weights(path: Path, dev: torch.device, trust_pickled: bool = False) -> Any:
+def read_weights(path: Path, dev: torch.device, trust_pickled: bool = False, name: str | None = None) -> Any:
     """``torch.load`` with ``weights_only=True`` (or, trusted, without), with readable errors.
 
     Raises
@@ -145,7 +145,7 @@ def read_weights(path: Path, dev: torch.device, trust_pickled: bool = False) -> 
                                  "give a TorchScript file or a state dict saved with torch.save") from None
         needs = _unsupported_global(str(exc))
         raise PickledModuleError(
-            f"{path.name} holds pickled Python objects{needs} that loading with weights_only=True refuses",
+            f"{name or path.name} holds pickled Python objects{needs} that loading with weights_only=True refuses",
             "save torch.save(model.state_dict(), path) or TorchScript; or, if you trust the file, "
             "pass --trust-pickled (in napari, confirm loading it)",
         ) from None

@@ -108,7 +108,8 @@ class ModelSource:
 
 
 _SOURCES: dict[str, ModelSource] = {}
-_MODULES = ("esegeta_engine.models.files_source", "esegeta_engine.models.nnunet.source")
+_MODULES = ("esegeta_engine.models.files_source", "esegeta_engine.models.nnunet.source",
+            "esegeta_engine.models.bundle")
 
 
 def register_source(source: ModelSource) -> ModelSource:

@@ -80,7 +80,7 @@ def read_checkpoint(path: Path, fold: int | str, trust_pickled: bool) -> FoldChe
         Naming the object the file needs and the ``--trust-pickled`` choice.
     """
     with torch.serialization.safe_globals(_safe_numpy_globals()):
-        ckpt = read_weights(path, torch.device("cpu"), trust_pickled)
+        ckpt = read_weights(path, torch.device("cpu"), trust_pickled, name=str(path))
     if not isinstance(ckpt, dict) or "network_weights" not in ckpt:
         raise ModelLoadError(f"{path} is not an nnU-Net checkpoint (no 'network_weights')",
                              "give the checkpoint nnUNetv2_train wrote (model.checkpoint: checkpoint_final.pth)")

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from esegeta_engine.errors import ModelLoadError
-from esegeta_engine.models.nnunet.resample import Resampling, RoundLike, resampler
+from esegeta_engine.models.nnunet.resample import Resampling, resampler
 from esegeta_engine.models.nnunet.window import Ensemble, EnsembleFunction, WindowPlan
 
 NORMALISATIONS = ("ZScoreNormalization", "CTNormalization", "NoNormalization", "RescaleTo01Normalization",
@@ -144,7 +144,11 @@ class NnUNetPipeline(nn.Module):
         return torch.stack(outs)
 
     def _prepare(self, scan: torch.Tensor) -> dict[str, Any]:
-        """One scan ``(C, x, y, z)`` -> preprocessed data on the network's grid, and the geometry."""
+        """One scan ``(C, x, y, z)`` -> preprocessed data on the network's grid, and the geometry.
+
+        The values are nnU-Net's own (its normalisation classes and resampling function on the
+        numpy array); under autograd the torch version of each step adds its gradient.
+        """
         from acvl_utils.cropping_and_padding.bounding_boxes import get_bbox_from_mask
         from nnunetv2.preprocessing.cropping.cropping import create_nonzero_mask
         from nnunetv2.preprocessing.resampling.default_resampling import compute_new_shape
@@ -155,24 +159,39 @@ class NnUNetPipeline(nn.Module):
         tf = list(self.pm.transpose_forward)
         order = [reader[t] for t in tf]  # scan axis of each nnU-Net axis
         data = scan.permute(0, *[o + 1 for o in order]).float()
+        grad = torch.is_grad_enabled() and data.requires_grad
         original_spacing = [spacing_reader[t] for t in tf]
         shape_before = tuple(data.shape[1:])
-        mask = create_nonzero_mask(data.detach().cpu().numpy())
+        array = data.detach().cpu().numpy().astype(np.float32)
+        mask = create_nonzero_mask(array)
         bbox = get_bbox_from_mask(mask)
         box = tuple(slice(a, b) for a, b in bbox)
-        data = data[(slice(None), *box)]
+        data, array = data[(slice(None), *box)], np.ascontiguousarray(array[(slice(None), *box)])
+        seg = np.where(mask[box], np.int8(0), np.int8(-1))
         nonzero = torch.from_numpy(np.ascontiguousarray(mask[box])).to(data.device)
-        data = torch.stack([self._normalise(data[c], c, nonzero) for c in range(data.shape[0])])
+        for c in range(array.shape[0]):
+            array[c] = self._normaliser(c).run(array[c].copy(), seg)
+        data = _exact(array, (lambda d=data: torch.stack([self._normalise(d[c], c, nonzero)
+                                                          for c in range(d.shape[0])])) if grad else None, data)
         target = list(self.cm.spacing)
         if len(target) < nd:
             target = [original_spacing[0], *target]
         cropped = tuple(data.shape[1:])
         new_shape = tuple(int(s) for s in compute_new_shape(cropped, original_spacing, target))
+        resampled = self.cm.resampling_fn_data(array, np.array(new_shape), original_spacing, target)
         rs = self._axes("data", self.cm.resampling_fn_data, cropped, new_shape, original_spacing, target)
-        data = rs.apply(data).float()
+        data = _exact(resampled, (lambda d=data: rs.apply(d).float()) if grad else None, data)
         plan = WindowPlan.of(new_shape, self.cm.patch_size, self.step_size)
         return {"data": data, "plan": plan, "order": order, "bbox": box, "shape_before": shape_before,
                 "cropped": cropped, "network_spacing": target, "original_spacing": original_spacing}
+
+    def _normaliser(self, c: int) -> Any:
+        """nnU-Net's normalisation class of channel ``c`` with the fingerprint's intensity properties."""
+        from nnunetv2.preprocessing.normalization import default_normalization_schemes as schemes
+
+        cls = getattr(schemes, self.cm.normalization_schemes[c])
+        return cls(use_mask_for_norm=self.cm.use_mask_for_norm[c],
+                   intensityproperties=self.pm.foreground_intensity_properties_per_channel.get(str(c), {}))
 
     def _axes(self, kind: str, fn: Callable[..., Any], shape: tuple, new_shape: tuple, cur: Sequence[float],
               new: Sequence[float]) -> Resampling:
@@ -206,12 +225,14 @@ class NnUNetPipeline(nn.Module):
         """Network-grid ``(K, *grid)`` -> scan grid ``(K, x, y, z)`` as nnU-Net exports probabilities."""
         rs = self._axes("probabilities", self.cm.resampling_fn_probabilities, tuple(y.shape[1:]),
                         info["cropped"], info["network_spacing"], info["original_spacing"])
-        y = rs.apply(y)
-        if logits:
-            y = RoundLike.apply(y, torch.half)  # nnU-Net resamples float16 logits into a float16 array
-            y = self.lm.inference_nonlin(y.float())
+        if logits:  # nnU-Net resamples the float16 logits with its own function, then the nonlinearity
+            grad = torch.is_grad_enabled() and y.requires_grad
+            back = self.cm.resampling_fn_probabilities(y.detach().half().cpu().numpy(), info["cropped"],
+                                                       info["network_spacing"], info["original_spacing"])
+            y = _exact(np.asarray(back), (lambda t=y: rs.apply(t).float()) if grad else None, y).float()
+            y = self.lm.inference_nonlin(y)
         else:
-            y = y.float()
+            y = rs.apply(y).float()
         pad: list[int] = []
         for sl, n in zip(reversed(info["bbox"]), reversed(info["shape_before"])):
             pad.extend([sl.start, n - sl.stop])
@@ -223,3 +244,15 @@ class NnUNetPipeline(nn.Module):
         for k, o in enumerate(info["order"]):
             inverse[o] = k
         return y.permute(0, *[i + 1 for i in inverse])
+
+
+def _exact(value: np.ndarray, surrogate: Callable[[], torch.Tensor] | None, like: torch.Tensor) -> torch.Tensor:
+    """nnU-Net's own ``value``; with ``surrogate`` (the same step in torch) its gradient is added.
+
+    ``value + (s - s.detach())`` has exactly nnU-Net's numbers and ``s``'s derivative.
+    """
+    out = torch.from_numpy(np.ascontiguousarray(value)).to(like.device)
+    if surrogate is None:
+        return out
+    s = surrogate()
+    return out.to(s.dtype) + (s - s.detach())

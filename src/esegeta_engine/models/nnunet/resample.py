@@ -111,15 +111,3 @@ def _slices_matrix(fn: Callable[..., np.ndarray], n: int, m: int, a: int, nd: in
     eye = np.eye(n).reshape(n, *basis)
     out = resample_data_or_seg(eye, np.array(target), False, a, 3, True, order_z=order_z)
     return torch.from_numpy(np.ascontiguousarray(np.asarray(out, dtype=np.float64).reshape(n, m).T))
-
-
-class RoundLike(torch.autograd.Function):
-    """Round to ``dtype`` in the forward (as nnU-Net stores it); pass gradients straight through."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:  # type: ignore[override]
-        return x.to(dtype).to(x.dtype)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
-        return grad, None
