@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from esegeta_engine import targets as T
+from esegeta_engine.advice import precision_clash
 from esegeta_engine.config import ExecutionConfig, MethodConfig, PreprocessConfig, TargetConfig
 from esegeta_engine.errors import (Cancelled, EsegetaError, MethodError, MethodTimeout, TargetError, VolumeError,
                                    error_reason)
@@ -161,6 +162,9 @@ class Explainer(JobExecutor):
             except Exception as exc:  # the user's model rejected the input: say why, no traceback
                 if _is_oom(exc):
                     raise memory_error(tuple(x.shape), self.form_for(x)) from None
+                clash = precision_clash(exc, self.form_for(x).precision)
+                if clash is not None:  # not the patch size's fault: name the precision
+                    raise clash from None
                 if self._try_padding(x, monitor):
                     return self._raw(x, monitor)
                 form = self.form_for(x)

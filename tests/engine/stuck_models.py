@@ -45,3 +45,11 @@ def reset() -> None:
     RELEASE.clear()
     ENTERED.clear()
     CALLS.update(forward=0, blocked=0, returned=0)
+
+
+class AutocastClashSegNet(TinySegNet):
+    """TinySegNet ending in an op that refuses mixed dtypes: fine in fp32, fails under bf16 autocast."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = super().forward(x)
+        return torch.lerp(h, torch.zeros(h.shape, dtype=torch.float32), 0.0)

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from esegeta_engine import targets as T
+from esegeta_engine.advice import precision_clash
 from esegeta_engine.channel_target import LayerChannelTarget
 from esegeta_engine.errors import Cancelled, EsegetaError, MethodError, MethodTimeout, error_reason
 from esegeta_engine.execution.build import _is_oom, memory_error
@@ -92,6 +93,9 @@ class JobExecutor:
                 except Exception as exc:
                     if _is_oom(exc):
                         raise memory_error(tuple(x.shape), self.form_for(x)) from None
+                    clash = precision_clash(exc, precision)  # a dtype clash names the precision
+                    if clash is not None:
+                        raise clash from None
                     raise
                 if precision != "fp32" and not bool(torch.isfinite(result).all()):
                     holder["notes"].append(f"map turned non-finite in {precision}: redone in fp32")
