@@ -226,6 +226,12 @@ def map_layer_data(event: MapReady, input_layer: Any, target: TargetConfig,
             "execution": dict(event.execution or {})}  # the Evaluate tab scores the map on the same execution
     if target.kind == "channel":
         prov.update(target_layer=target.layer, channel=target.channel)
+    from esegeta_engine.evaluation.evaluators import scalar_metrics
+    from esegeta_engine.evaluation.trust import scorecard
+
+    prov["trust"] = scorecard(scalar_metrics(event.metrics))  # what was verified about this map
+    if getattr(job, "details", None):  # one structure (component): class, size, centroid to jump to
+        prov["target_details"] = job.details
     array = event.array
     per_channel = array.ndim == len(input_layer.scale) + 1  # (*grid, k): one volume per layer channel
     if per_channel:

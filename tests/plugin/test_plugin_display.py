@@ -137,3 +137,14 @@ def test_preferred_reader_is_written_once_and_keeps_a_user_choice() -> None:
     assert ensure_preferred_reader() == ["*.nii.gz"]
     assert plugins.extension2reader == {"*.nii": "someone-else", "*.nii.gz": "napari-esegeta"}
     assert ensure_preferred_reader() == []
+
+
+def test_default_layer_is_the_last_activation_before_the_head() -> None:
+    """Grad-CAM's default layer on the bundled U-Net localises (issue 19.9): the decoder's last ReLU."""
+    from napari_esegeta._model import default_layer
+
+    unet = [("ups.1.block.conv2", "Conv3d"), ("ups.1.block.bn2", "BatchNorm3d"), ("ups.1.block.relu2", "ReLU"),
+            ("head", "Conv3d")]
+    assert default_layer(unet) == "ups.1.block.relu2"
+    assert default_layer([("a", "Conv2d"), ("b", "Conv2d"), ("head", "Conv2d")]) == "b"  # no activations
+    assert default_layer([("fc", "Linear"), ("act", "ReLU")]) == "act"  # no convolution: the last layer

@@ -259,7 +259,7 @@ def write_report(
     shown += [c for c in columns if c not in RECORD_KEYS and not c.startswith("map_")
               and all(not isinstance(r.get(c), (dict, list, tuple)) for r in rows)]
     title = f"napari-esegeta report · {run_dir.resolve().name}"
-    from esegeta_engine.evaluation.trust import method_summaries, randomisation_tables
+    from esegeta_engine.evaluation.trust import method_summaries, randomisation_tables, scorecard_html
 
     links = [f'<a href="{data_uri(run_dir / name, mime)}" download="{name}">{name}</a>'
              for name, mime in (("metrics.csv", "text/csv"), ("metrics.json", "application/json"),
@@ -268,6 +268,7 @@ def write_report(
     parts += [f'<p class="note">{_e(n)}</p>' for n in notes or []]
     summaries = method_summaries(records, manifest.get("randomisation"))
     parts.append(_trust_html(summaries))
+    parts.append(scorecard_html(records))  # per map: checked / not checked / failed, with the number
     parts.append(_summary(manifest, records) if manifest else '<p class="note">no manifest.json here</p>')
     parts += ["<h2>Metrics</h2>", "<p>One row per result; click a column header to sort.</p>",
               _table(rows, shown, sortable=True, row_class="status")]

@@ -212,6 +212,12 @@ class EvaluationSession:
                                   explainer.geometry(volume), tuple(volume.data.shape[:p.spatial_dims]))
             target = target.to(explainer.device)
             target.prepare(raw)
+            if info.target.components:  # one column per structure, as the run made them (cls is the column)
+                from esegeta_engine.regions import expand_components
+
+                target = expand_components(target, raw, info.target.classes, min_voxels=info.target.min_voxels,
+                                           max_components=info.target.max_components,
+                                           geometry=explainer.geometry(volume), affine=volume.affine)
             self._targets[key] = target
         return self._targets[key]
 

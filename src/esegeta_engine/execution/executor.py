@@ -28,6 +28,7 @@ from esegeta_engine.methods import MethodContext, attribute
 from esegeta_engine.models import get_layer, is_torchscript
 from esegeta_engine.preprocess import Geometry
 from esegeta_engine.scoring import EvaluationMonitor, ScoreModel
+from esegeta_engine.shared_gradients import shared_component_map
 from esegeta_engine.timebudget import job_refusal
 from esegeta_engine.watchdog import Abandoned, watch
 
@@ -73,6 +74,9 @@ class JobExecutor:
                     "a patch on every side) with execution.mode: whole, or use a patch-wise method "
                     "(saliency, integrated_gradients, input_x_gradient, guided_backprop, gradient_shap, "
                     "occlusion, feature_ablation; see docs/execution.md)")
+            shared = shared_component_map(job, target, score_model, x, holder["notes"])
+            if shared is not None:  # k components: one forward pass, k backward passes
+                return shared, ctx, score_model
             runner = score_model.runner
             if score_model.patchwise and job.spec.patchwise == "perturbation":
                 runner.set_base(x)  # unperturbed patch outputs are reused by every perturbation

@@ -177,6 +177,10 @@ class SlidingWindow(nn.Module):
         self.support: torch.Tensor | None = None  # output voxels the target reads
         self.patch_evaluations = 0
         self.paired = False  # batch halves are (inputs, references): pair their patches in each batch
+        # called after each patch batch of the patch-wise backward with its (example, patch) items
+        # (layer methods read the patch's layer activation and gradient there: execution/patch_layer.py)
+        self.on_backward_chunk: Callable[[list[tuple[int, int]], WindowGrid], None] | None = None
+        self.recomputing = False  # True during the forward recomputation of a patch batch in backward
         self._grids: dict[tuple[int, ...], WindowGrid] = {}
         self._base: _BaseCache | None = None
 
@@ -384,11 +388,17 @@ class _PatchwiseFunction(torch.autograd.Function):
             for chunk in sw.chunks(x.shape[0], grid):
                 patch = torch.cat([xp_d[(slice(b, b + 1), slice(None), *grid.slices[p])] for b, p in chunk])
                 patch.requires_grad_(True)
-                y = sw._run_chunk(patch, True)
+                sw.recomputing = True
+                try:
+                    y = sw._run_chunk(patch, True)
+                finally:
+                    sw.recomputing = False
                 share = torch.cat([up[(slice(b, b + 1), slice(None), *grid.slices[p])] for b, p in chunk])
                 (g,) = torch.autograd.grad(y, patch, share * grid.weight)
                 for (b, p), gi in zip(chunk, g):
                     gpad[(b, slice(None), *grid.slices[p])] += gi
                 del y, g, patch
+                if sw.on_backward_chunk is not None:
+                    sw.on_backward_chunk(chunk, grid)
             (gx,) = torch.autograd.grad(xp, xr, gpad) if xp is not xr else (gpad,)
         return gx.to(x.dtype), None, None

@@ -50,6 +50,7 @@ class CompareWidget(QWidget):
         self.view_combo.currentTextChanged.connect(self.set_view)
         self.results_list = QListWidget()
         self.results_list.setToolTip("Checked maps are compared and saved")
+        self.results_list.setTextElideMode(Qt.TextElideMode.ElideMiddle)
         self.compare_btn = QPushButton("Side by side")
         self.compare_btn.setCheckable(True)
         self.compare_btn.setToolTip("Each checked map over its own view of the image, cameras linked")
@@ -102,6 +103,7 @@ class CompareWidget(QWidget):
             return
         for layer in self.result_layers():
             item = QListWidgetItem(layer.name)
+            item.setToolTip(layer.name)  # the list elides long names in the middle
             item.setFlags(item.flags() | Qt.ItemFlag.ItemIsUserCheckable)
             item.setCheckState(checked.get(layer.name, Qt.CheckState.Checked))
             self.results_list.addItem(item)
