@@ -143,9 +143,10 @@ def watch(fn: Callable[[], T], *, abort: threading.Event, timeout_s: float | Non
                 worker.lost = True  # the next job gets a fresh model thread
                 _abandoned += 1
                 raise Abandoned(
-                    f"exceeded the time limit of {timeout_s:g} s and {what} did not return from a model call "
-                    f"within {give_up - deadline:g} s more, so it was abandoned (its thread is left running "
-                    "in the background and can no longer write anything)")
+                    f"exceeded the time limit of {timeout_s:g} s and {what} did not stop within "
+                    f"{give_up - deadline:.3g} s more (stuck inside one model call or one step between "
+                    "calls), so it was abandoned (its thread is left running in the background and can no "
+                    "longer write anything)")
     except BaseException:  # abandoned, or the caller stopped waiting (GUI cancel, Ctrl-C): stop the work
         if not done.is_set():
             abort.set()
