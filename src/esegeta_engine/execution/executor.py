@@ -24,6 +24,7 @@ from esegeta_engine.errors import Cancelled, EsegetaError, MethodError, MethodTi
 from esegeta_engine.execution.build import _is_oom, memory_error
 from esegeta_engine.execution.events import Event, Evaluator, JobFailed, MapReady, Progress, RunState, _of
 from esegeta_engine.execution.plan import Job
+from esegeta_engine.execution.refusal import refusal
 from esegeta_engine.methods import MethodContext, attribute
 from esegeta_engine.models import get_layer, is_torchscript
 from esegeta_engine.preprocess import Geometry
@@ -62,18 +63,10 @@ class JobExecutor:
                 torchscript=is_torchscript(self.model),
                 extra={"patchwise": score_model.patchwise, "notes": holder["notes"]},
             )
-            if score_model.patchwise and isinstance(target, LayerChannelTarget):
-                raise MethodError(
-                    "the channel target reads a layer's activation over the whole volume, which patch-wise "
-                    "execution does not compute", "use execution.mode: whole (on an ROI crop for large volumes)")
-            if score_model.patchwise and job.spec.patchwise == "whole":
-                raise MethodError(
-                    f"method '{job.spec.name}' needs one forward pass of the whole volume (its hooks store "
-                    "activations) and cannot run patch by patch under sliding-window execution",
-                    "explain an ROI crop of the volume with a receptive-field margin (e.g. the region plus half "
-                    "a patch on every side) with execution.mode: whole, or use a patch-wise method "
-                    "(saliency, integrated_gradients, input_x_gradient, guided_backprop, gradient_shap, "
-                    "occlusion, feature_ablation; see docs/execution.md)")
+            refused = refusal(job.spec, "channel" if isinstance(target, LayerChannelTarget) else "",
+                              score_model.patchwise)  # front ends check the same rule before a run
+            if refused is not None:
+                raise refused
             shared = shared_component_map(job, target, score_model, x, holder["notes"])
             if shared is not None:  # k components: one forward pass, k backward passes
                 return shared, ctx, score_model
