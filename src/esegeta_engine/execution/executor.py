@@ -64,8 +64,8 @@ class JobExecutor:
                     "activations) and cannot run patch by patch under sliding-window execution",
                     "explain an ROI crop of the volume with a receptive-field margin (e.g. the region plus half "
                     "a patch on every side) with execution.mode: whole, or use a patch-wise method "
-                    "(saliency, integrated_gradients, input_x_gradient, guided_backprop, gradient_shap, "
-                    "occlusion, feature_ablation; see docs/execution.md)")
+                    "(saliency, integrated_gradients, deeplift, lrp, layer_gradcam, layer_conductance, "
+                    "occlusion, feature_ablation; `esegeta methods` and docs/execution.md list them)")
             runner = score_model.runner
             if score_model.patchwise and job.spec.patchwise == "perturbation":
                 runner.set_base(x)  # unperturbed patch outputs are reused by every perturbation
