@@ -40,6 +40,7 @@ from esegeta_engine.execution.runner import ExecutionForm, execution_form
 from esegeta_engine.io import Volume
 from esegeta_engine.methods import get_method
 from esegeta_engine.methods.registry import CostInfo
+from esegeta_engine.methods.architectures import fixed_size_fix
 from esegeta_engine.models import get_layer, model_guard
 from esegeta_engine.preprocess import Geometry, to_model_input
 from esegeta_engine.scoring import EvaluationMonitor, ScoreModel, make_score_model
@@ -168,6 +169,11 @@ class Explainer(JobExecutor):
                 if self._try_padding(x, monitor):
                     return self._raw(x, monitor)
                 form = self.form_for(x)
+                fixed = fixed_size_fix(self.model, tuple(x.shape[2:]) if form.sliding is None
+                                       else tuple(form.sliding.patch_size))
+                if fixed is not None:
+                    raise MethodError(f"the model does not accept an input of shape {tuple(x.shape)}: "
+                                      f"{error_reason(exc)}", fixed) from None
                 if form.sliding is not None:
                     raise MethodError(
                         f"the model does not accept a patch of size {list(form.sliding.patch_size)} "

@@ -15,8 +15,13 @@ from typing import Any
 
 from esegeta_engine.errors import MethodError
 
-PATCHWISE_METHODS = ("saliency, integrated_gradients, input_x_gradient, guided_backprop, gradient_shap, "
-                     "occlusion, feature_ablation")
+
+
+def patchwise_methods() -> str:
+    """The registered methods that run under sliding-window execution, for messages."""
+    from esegeta_engine.methods import list_methods
+
+    return ", ".join(s.name for s in list_methods() if s.patchwise != "whole")
 
 
 def refusal(spec: Any, target_kind: str, patchwise: bool) -> MethodError | None:
@@ -33,7 +38,7 @@ def refusal(spec: Any, target_kind: str, patchwise: bool) -> MethodError | None:
             "activations) and cannot run patch by patch under sliding-window execution",
             "explain an ROI crop of the volume with a receptive-field margin (e.g. the region plus half "
             "a patch on every side) with execution.mode: whole, or use a patch-wise method "
-            f"({PATCHWISE_METHODS}; see docs/execution.md)")
+            f"({patchwise_methods()}; `esegeta methods` and docs/execution.md list them)")
     return None
 
 

@@ -101,8 +101,8 @@ def check_supported(net: nn.Module, method: str = "lrp") -> None:
     known = RULE_MODULES + POOL_MODULES + PASS_MODULES + GRADIENT_MODULES
     bad: dict[str, list[str]] = {}
     for name, m in user_model(net).named_modules():
-        if m._modules and not m._parameters:  # a container: its children are checked
-            continue
+        if (m._modules and not m._parameters) or isinstance(m, (nn.ModuleList, nn.ModuleDict)):
+            continue  # a container: its children are checked (an empty ModuleList computes nothing)
         if not isinstance(m, known):
             bad.setdefault(type(m).__name__, []).append(name or "(model)")
     if bad:
