@@ -32,8 +32,10 @@ from esegeta_engine.execution.resume import ResumeState, file_sha256
 from esegeta_engine.io import Volume, load_volume, save_map, write_json
 from esegeta_engine.methods import get_method
 from esegeta_engine.evaluation.api import localisation_metrics
-from esegeta_engine.evaluation.evaluators import CURVES_KEY, make_evaluators, scalar_metrics
+from esegeta_engine.evaluation.evaluators import CURVES_KEY, scalar_metrics
+from esegeta_engine.evaluation.session import EvaluationSession
 from esegeta_engine.evaluation.localisation import LOCALISATION_METRICS
+from esegeta_engine.evaluation.map_extras import map_extras, refresh_trust
 from esegeta_engine.models import Trust, load_source, source_path
 from esegeta_engine.predict import write_prediction
 from esegeta_engine.runguard import (MANIFEST, RUN, OutputLock, check_previous_run, close_log, make_output_folder,
@@ -113,8 +115,8 @@ def _claim_output(cfg: Config, stems: list[str], resume: bool = False) -> Output
     try:
         check_previous_run(out, cfg.output.overwrite or resume)
         loc = cfg.evaluation.localisation
-        protect_inputs(out, [*cfg.volumes, cfg.target.roi_mask, loc.mask if loc else None,
-                                     source_path(cfg.model)],
+        protect_inputs(out, [*cfg.volumes, cfg.target.roi_mask, cfg.target.ground_truth, loc.mask if loc else None,
+                             source_path(cfg.model)],
                        stems)
         remove_part_files(out)
     except BaseException:
@@ -135,6 +137,10 @@ def load_inputs(cfg: Config) -> tuple[list[Volume], np.ndarray | None]:
     roi = None
     if cfg.target.kind == "roi" and cfg.target.roi_mask is not None:
         roi = load_mask_on_grid(cfg.target.roi_mask, volumes, p.spatial_dims, "ROI mask")
+    if cfg.target.kind == "outcome" and cfg.target.ground_truth is not None:
+        from esegeta_engine.regions import load_ground_truth
+
+        roi = load_ground_truth(cfg.target.ground_truth, volumes, p.spatial_dims)  # labels, NIfTI order
     return volumes, roi
 
 
@@ -226,6 +232,7 @@ def iter_run(cfg: Config, cancel: threading.Event | None = None, *, threaded: bo
                               seed=cfg.run.seed, timeout_s=cfg.run.timeout_s, execution=cfg.execution)
         manifest["model_key"] = explainer.model_key
         names = _Names()
+        truth = (roi != 0) if cfg.target.kind == "outcome" and roi is not None else None
         for i, v in enumerate(volumes):
             entry: dict[str, Any] = {"stem": stems[i], "path": str(v.path), "shape": list(v.data.shape),
                                      "spacing_mm": list(v.spacing), "affine": v.affine.tolist()}
@@ -247,7 +254,7 @@ def iter_run(cfg: Config, cancel: threading.Event | None = None, *, threaded: bo
             return True
 
         for event in explainer.iter_explain(volumes, cfg.methods, roi_mask=roi, cancel=cancel,
-                                            evaluators=make_evaluators(ev, cfg.run.seed),
+                                            evaluators=EvaluationSession(model, ev, seed=cfg.run.seed).evaluators(),
                                             threaded=threaded, on_progress=on_progress, skip=skip):
             if isinstance(event, MapReady):
                 job = event.job
@@ -262,7 +269,12 @@ def iter_run(cfg: Config, cancel: threading.Event | None = None, *, threaded: bo
                     metrics.update(localisation_metrics(event.array, gt_mask))
                 elif gt_note:
                     metrics.update({k: None for k in LOCALISATION_METRICS}, note=gt_note)
-                extra: dict[str, Any] = {}
+                elif truth is not None:  # an outcome target's ground truth
+                    metrics.update(localisation_metrics(event.array, truth))
+                more, extra = map_extras(event.metrics, event.array, volumes[event.volume], out, name,
+                                         explainer.geometry(volumes[event.volume]), ev,
+                                         gt_mask if gt_mask is not None else truth)
+                metrics.update(more)
                 if event.notes:
                     extra["notes"] = event.notes
                 if event.patch_evaluations:
@@ -273,6 +285,7 @@ def iter_run(cfg: Config, cancel: threading.Event | None = None, *, threaded: bo
                                                    stats=_stats(event.array), metrics=metrics,
                                                    key=job.key, sha256=file_sha256(path),
                                                    execution=event.execution, **extra))
+                refresh_trust(manifest["results"][-1:])
                 if CURVES_KEY in event.metrics:
                     curves[name] = event.metrics[CURVES_KEY]
                     write_json(curves, out / "curves.json")
@@ -288,6 +301,7 @@ def iter_run(cfg: Config, cancel: threading.Event | None = None, *, threaded: bo
         if ev.randomisation is not None and not cancelled:
             manifest["randomisation"] = yield from _randomisation(explainer, volumes, cfg, roi, stems,
                                                                   manifest["results"], out, cancel)
+            refresh_trust(manifest["results"], manifest["randomisation"])
             write_json(manifest, manifest_path)
             cancelled = cancel is not None and cancel.is_set()
         manifest["status"] = "cancelled" if cancelled else "completed"
@@ -392,7 +406,8 @@ def _record(job: Any, status: str, seconds: float, evaluations: int, **extra: An
     return {"method": job.spec.name, "layer": job.layer, "target": job.cls_label, "class": job.cls,
             "noise_tunnel": job.noise_tunnel, "params": {k: v for k, v in job.params.items()},
             "status": status, "seconds": round(seconds, 3), "model_evaluations": evaluations,
-            "expected_evaluations": job.expected_evaluations, "key": job.key, **extra}
+            "expected_evaluations": job.expected_evaluations, "key": job.key,
+            **({"target_details": job.details} if getattr(job, "details", None) else {}), **extra}
 
 
 def _stats(arr: np.ndarray) -> dict[str, float]:

@@ -10,6 +10,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from esegeta_engine.tables import safe_cell
+
 if TYPE_CHECKING:
     from napari_esegeta._evaluate import MapInfo
 
@@ -36,7 +38,7 @@ def write_csv(path: str | Path, rows: Sequence[dict[str, Any]], columns: Sequenc
     header = ["layer", "method", "target", *columns, "notes"]
     with path.open("w", newline="", encoding="utf-8") as fh:
         w = csv.writer(fh)
-        w.writerow(header)
+        w.writerow([safe_cell(c) for c in header])
         for row in rows:
             out = []
             for c in header:
@@ -47,7 +49,7 @@ def write_csv(path: str | Path, rows: Sequence[dict[str, Any]], columns: Sequenc
                     out.append(repr(float(v)) if math.isfinite(float(v)) else UNDEFINED)
                 else:
                     out.append("" if v is None else str(v))
-            w.writerow(out)
+            w.writerow([safe_cell(c) for c in out])  # no cell a spreadsheet would run as a formula
     return path
 
 

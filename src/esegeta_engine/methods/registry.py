@@ -40,14 +40,14 @@ Axiom = Literal["completeness", "expected_completeness", "conservation"]
 """How a method runs under sliding-window (patch-based) execution:
 
 ``gradient``
-    needs only gradients of the score function (saliency, IG, guided rules whose hooks sit on
-    modules and fire again when a patch is recomputed): runs with memory-bounded patch-wise backward.
+    gradients or rules propagated back from the output (saliency, IG, guided, DeepLIFT, LRP, CAMs on each
+    patch copy of a layer): hooks fire again as each patch is recomputed in the patch-wise backward.
 ``perturbation``
     evaluates perturbed copies of the input: unperturbed patch outputs are reused and only the
     patches a perturbation touches are recomputed.
 ``whole``
-    needs one forward pass of the whole input (hooks that store activations: layer methods,
-    DeepLIFT, CAMs): refused under sliding-window execution with a message naming the alternative.
+    needs one forward pass of the whole input (Eigen/Score/Ablation-CAM, FullGrad, feature visualisation,
+    some layer methods): refused under sliding-window execution with a message naming the alternative.
 """
 
 
