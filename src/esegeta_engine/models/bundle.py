@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from esegeta_engine.errors import ModelLoadError
+from esegeta_engine.errors import BundleTrustError, ModelLoadError
 from esegeta_engine.models.sources import LoadedModel, ModelSource, Trust, register_source
 from esegeta_engine.yamlsafe import load_bounded
 
@@ -88,7 +88,7 @@ def load_bundle(cfg: Any, trust: Trust) -> LoadedModel:
     runs = list(executable_entries(data))
     if runs and not trust.bundle:
         shown = "; ".join(runs[:3]) + (f"; and {len(runs) - 3} more" if len(runs) > 3 else "")
-        raise ModelLoadError(f"{config_path} would run Python when loaded ({shown})",
+        raise BundleTrustError(f"{config_path} would run Python when loaded ({shown})",
                              "if you trust the bundle, pass --trust-bundle (in napari, confirm loading it)")
     raise ModelLoadError(
         f"explaining the deployed pipeline of bundle {folder} (its preprocessing, inferer and Invertd) is not "
