@@ -10,7 +10,7 @@ randomly initialised fold is saved in nnU-Net's checkpoint layout (timing only).
    the pipeline vs nnU-Net's own prediction (``nnUNetPredictor.predict_single_npy_array``) — target <= 1.3;
 3. our prediction (no gradients) vs ``nnUNetPredictor`` on the same scan — target <= 1.1.
 
-Default: a reduced scale (training scans and the scan 64x64x32). ``--full``: the issue's 256x256x128.
+Default: a reduced scale (training scans and the scan 48x48x24). ``--full``: the issue's 256x256x128.
 
     python benchmarks/bench_nnunet.py [--full]
 """
@@ -121,7 +121,7 @@ def main() -> None:
 
     import nnunet_setup as S
 
-    shape = (256, 256, 128) if args.full else (64, 64, 32)
+    shape = (256, 256, 128) if args.full else (48, 48, 24)
     root = Path(tempfile.mkdtemp(prefix="bench_nnunet_"))
     S.TRAIN_SHAPE = shape
     folder = S.make_results(root, folds=(0,))

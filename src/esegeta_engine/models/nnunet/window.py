@@ -5,9 +5,9 @@ step: nnU-Net's patch steps (``compute_steps_for_sliding_window``, step 0.5 of t
 patch), its Gaussian (``compute_gaussian``, sigma 1/8 of the patch, float16), each patch
 predicted on itself and on every mirrored copy over the checkpoint's allowed axes and
 averaged, the Gaussian-weighted sum accumulated in float16 as nnU-Net does, each fold's
-logits averaged. It runs without a graph. The backward recomputes one patch of one fold
-at a time with gradients (mirrored copies included) and back-propagates that patch's
-share of the upstream gradient, so only one patch's graph is alive — the gradient of the
+logits averaged. It runs without a graph. The backward recomputes one mirrored copy of one patch
+of one fold at a time with gradients and back-propagates that patch's
+share of the upstream gradient, so only one network call's graph is alive — the gradient of the
 deployed function (float16 rounding passed straight through).
 
 Every network call (patch × mirror × fold) goes through ``before_call`` (counting,
@@ -97,6 +97,12 @@ class Ensemble:
             self.before_call(1)
         return net(x)
 
+    def predict_copy(self, net: nn.Module, x: torch.Tensor, axes: tuple[int, ...]) -> torch.Tensor:
+        """The network on one mirrored copy of ``x``, flipped back (``axes``: () for the patch itself)."""
+        if not axes:
+            return self._net(net, x)
+        return torch.flip(self._net(net, torch.flip(x, axes)), axes)
+
     def predict_patch(self, net: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """``_internal_maybe_mirror_and_predict``: the patch and its mirrored copies, averaged."""
         prediction = self._net(net, x)
@@ -158,12 +164,15 @@ class EnsembleFunction(torch.autograd.Function):
         gauss = plan.gaussian.float() if isinstance(plan.gaussian, torch.Tensor) else 1.0
         padded = plan.pad(data.detach())
         grad = torch.zeros_like(padded)
+        copies = [(), *ens.mirror_sets]  # the mean over mirrored copies is linear: one copy's graph at a time
         with torch.enable_grad():
             for net in ens.networks:
                 for sl in plan.slicers:
-                    patch = padded[sl][None].clone().requires_grad_(True)
-                    y = ens.predict_patch(net, patch)
-                    (g,) = torch.autograd.grad(y, patch, (up[sl] * gauss)[None])
-                    grad[sl] += g[0]
-                    del y, g, patch
+                    share = (up[sl] * gauss)[None] / len(copies)
+                    for axes in copies:
+                        patch = padded[sl][None].clone().requires_grad_(True)
+                        y = ens.predict_copy(net, patch, axes)
+                        (g,) = torch.autograd.grad(y, patch, share)
+                        grad[sl] += g[0]
+                        del y, g, patch
         return grad[(slice(None), *plan.revert)].to(data.dtype), None, None
