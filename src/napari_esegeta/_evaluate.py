@@ -159,7 +159,7 @@ def map_info(layer: Any, label_layers: Mapping[str, Any] | None = None) -> MapIn
     meta = (getattr(layer, "metadata", None) or {}).get("esegeta", {})
     if "method" not in meta:
         raise EvaluationSetupError(f"'{layer.name}' is not an attribution layer (no method in its metadata)")
-    if meta.get("family") == "visualisation":
+    if meta.get("evaluable", True) is False:
         raise EvaluationSetupError(f"'{layer.name}' is a feature-visualisation volume, not an "
                                    "attribution map: trust metrics do not apply")
     kind = meta.get("target")
@@ -256,7 +256,7 @@ def _evaluate(model: Any, volume: Volume, maps: Sequence[MapInfo], options: Eval
     from esegeta_engine.explain import Explainer, Job, build_target
     from esegeta_engine.methods import MethodContext, get_method
     from esegeta_engine.models import get_layer, is_torchscript
-    from esegeta_engine.scoring import EvaluationMonitor
+    from esegeta_engine.forward.scoring import EvaluationMonitor
 
     axis = preprocess.axis_order
     per_map = sum(getattr(options, k) for k in ("axioms", "infidelity", "sensitivity", "faithfulness",

@@ -222,7 +222,7 @@ def map_layer_data(event: MapReady, input_layer: Any, target: TargetConfig,
             "roi_layer": roi_layer if target.kind == "roi" else None, "frozen": target.frozen,
             "activation": target.resolved_activation, "seconds": round(event.seconds, 3),
             "evaluations": event.evaluations, "input_layer": input_layer.name,
-            "family": job.spec.family, "axiom": _axiom(event.metrics)}
+            "family": job.spec.family, "evaluable": job.spec.evaluable, "axiom": _axiom(event.metrics)}
     if target.kind == "channel":
         prov.update(target_layer=target.layer, channel=target.channel)
     array = event.array

@@ -117,7 +117,7 @@ def attribute(
         result = result[0]
     result = result.detach()
     ctx.extra["attribution_sum"] = result.flatten(1).sum(1).double().cpu()
-    if spec.family == "layer":
+    if spec.output_grid == "layer":
         result = _layer_to_input_grid(result, ctx, params)
     return result.float()
 
