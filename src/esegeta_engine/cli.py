@@ -17,8 +17,7 @@ import sys
 from pathlib import Path
 
 from esegeta_engine import __version__
-from esegeta_engine.cli_commands import (cmd_demo, cmd_explain, cmd_layers, cmd_methods, cmd_report, cmd_run,
-                                         cmd_sample, cmd_schema)
+from esegeta_engine.cli_commands import (cmd_demo, cmd_evaluate, cmd_explain, cmd_layers, cmd_methods, cmd_report, cmd_run, cmd_sample, cmd_schema)
 from esegeta_engine.errors import EsegetaError
 
 # the registry's Family values, spelled out so that `esegeta --help` does not import torch
@@ -134,6 +133,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir")
     p.add_argument("--mask", help="ground-truth NIfTI mask: adds localisation scores per map")
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("evaluate", help="re-evaluate a finished run's maps (same execution); update records, report")
+    p.add_argument("run_dir")
+    p.add_argument("--metrics", help="comma-separated: axioms,infidelity,sensitivity,faithfulness,class_contrast "
+                                     "(default: the run's evaluation section)")
+    p.add_argument("--mask", help="ground-truth NIfTI mask: adds localisation scores per map")
+    p.add_argument("--randomisation", choices=["cascading", "independent", "both"],
+                   help="also run the model-randomisation check in this mode")
+    p.add_argument("--report", action="store_true", help="write report.html even if the run had none")
+    p.add_argument("--trust-pickled", action="store_true", help="allow loading a fully pickled nn.Module")
+    p.add_argument("-q", "--quiet", action="store_true")
+    p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("schema", help="print the config's JSON schema")
     p.set_defaults(func=cmd_schema)

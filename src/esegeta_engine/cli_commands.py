@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from esegeta_engine.errors import ConfigError, OutputError
-from esegeta_engine.yamlsafe import load_bounded
+from esegeta_engine.yamlsafe import load_bounded, read_config_file
 
 log = logging.getLogger("esegeta_engine")
 
@@ -84,6 +84,18 @@ def _print_randomisation(manifest_path: Any) -> None:
             print(f"  {method}: {v.get('verdict')} — {v.get('reason')}")
 
 
+def _print_trust(manifest_path: Any) -> None:
+    """Each map's trust scorecard in one line (from the manifest, randomisation included)."""
+    try:
+        records = json.loads(manifest_path.read_text(encoding="utf-8")).get("results") or []
+    except (OSError, ValueError):
+        return
+    lines = [f"  {r.get('file')}: {r['trust']['line']}" for r in records if (r.get("trust") or {}).get("line")]
+    if lines:
+        print("\ntrust (ok: checked and passed, FAILED, -: not checked):")
+        print("\n".join(lines))
+
+
 def _print_summary(result: Any) -> None:
     metrics = [k for k in SUMMARY_METRICS if any(k in (r.get("metrics") or {}) for r in result.records)]
     rows = [("method", "target", "volume", "status", "time s", "calls", "inputs", *metrics, "output")]
@@ -105,6 +117,7 @@ def _print_summary(result: Any) -> None:
     if (result.out_dir / "report.html").is_file():
         print(f"report: {result.out_dir / 'report.html'}")
     _print_randomisation(result.manifest_path)
+    _print_trust(result.manifest_path)
     warned = [r for r in result.records if (r.get("metrics") or {}).get("axiom_status") == "warning"]
     for r in warned:
         label = r["method"] + (f"@{r['layer']}" if r.get("layer") else "")
@@ -169,10 +182,12 @@ def _execute(cfg: Any, quiet: bool, resume: bool = False, trust_pickled: bool = 
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from esegeta_engine.cohort.config import is_cohort_data, read_config_data
-    from esegeta_engine.config import load_config
+    # the one bounded read of the file, before torch is even imported
+    data = read_config_file(args.config)
 
-    data = read_config_data(args.config)
+    from esegeta_engine.cohort.config import is_cohort_data
+    from esegeta_engine.config import parse_config
+
     if is_cohort_data(data):
         from esegeta_engine.cohort.cli import cmd_cohort
 
@@ -180,7 +195,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.dry_run or args.executor or args.scheduler or args.workers:
         raise ConfigError("--dry-run, --executor, --scheduler and --workers apply to cohort configs",
                           "add `models:` and `cohort:` sections (see README.md), or drop the flag")
-    cfg = load_config(args.config)
+    cfg = parse_config(data, base=Path(args.config).parent.resolve(), source=Path(args.config).name)
     if args.out:
         cfg.output.dir = Path(args.out).resolve()
     if args.overwrite:
@@ -318,8 +333,13 @@ def cmd_layers(args: argparse.Namespace) -> int:
     from esegeta_engine.models import list_layers, load_model
 
     kwargs = load_bounded(args.kwargs, source="--kwargs", json_syntax=True) if args.kwargs else None
-    model = load_model(args.model, format=args.format, class_path=args.class_path, kwargs=kwargs,
-                       trust_pickled=args.trust_pickled)
+    try:
+        model = load_model(args.model, format=args.format, class_path=args.class_path, kwargs=kwargs,
+                           trust_pickled=args.trust_pickled)
+    except EsegetaError as exc:  # the engine names config keys; this command takes flags
+        if args.class_path is None and "class_path" in (exc.fix or ""):
+            exc.fix = "give --class-path (e.g. mypackage.nets:UNet) and --kwargs '{...}'"
+        raise
     for name, kind in list_layers(model):
         print(f"{name:<40} {kind}")
     return 0
@@ -338,6 +358,32 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     path = build_report_from_run(Path(args.run_dir), mask=args.mask)
     print(f"wrote {path} (open it in a browser; metrics.csv and metrics.json beside it)")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from esegeta_engine.evaluation.rerun import iter_evaluate_run
+    from esegeta_engine.evaluation.session import MapScored
+    from esegeta_engine.interrupts import cancel_on_signals
+
+    cancel = threading.Event()
+    metrics = [m.strip() for m in args.metrics.split(",") if m.strip()] if args.metrics else None
+    gen = iter_evaluate_run(args.run_dir, metrics=metrics, mask=args.mask, randomisation=args.randomisation,
+                            report=True if args.report else None, trust_pickled=args.trust_pickled, cancel=cancel)
+    scored = 0
+    with cancel_on_signals(cancel):
+        while True:
+            try:
+                event = next(gen)
+            except StopIteration as stop:
+                manifest = stop.value
+                break
+            if isinstance(event, MapScored):
+                scored += 1
+                if not args.quiet:
+                    print(f"scored map {scored}", file=sys.stderr)
+    print(f"{scored} map(s) re-evaluated; records updated in {Path(args.run_dir) / 'manifest.json'}"
+          + (f"; report {manifest['report']}" if manifest.get("report") else ""))
     return 0
 
 

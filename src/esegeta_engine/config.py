@@ -14,10 +14,12 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from esegeta_engine.config_errors import format_validation_error
+from esegeta_engine.config_scores import (EnergyPointingConfig, MprtConfig, RegionPerturbationConfig, RoadConfig,
+                                          StabilityConfig)
 from esegeta_engine.errors import ConfigError, EsegetaError
 from esegeta_engine.methods import get_method
 from esegeta_engine.preprocess import AxisOrder
-from esegeta_engine.yamlsafe import MAX_BYTES, load_bounded
+from esegeta_engine.yamlsafe import read_config_file
 
 
 class _Strict(BaseModel):
@@ -108,7 +110,7 @@ class PreprocessConfig(_Strict):
 class TargetConfig(_Strict):
     """Which scalar scores the methods explain."""
 
-    kind: Literal["argmax", "otsu", "roi", "voxel", "classification", "channel"] = "argmax"
+    kind: Literal["argmax", "otsu", "roi", "voxel", "classification", "channel", "outcome"] = "argmax"
     classes: list[int] | None = Field(None, description="score indices to explain; default per kind")
     activation: Literal["none", "softmax", "sigmoid"] | None = Field(
         None, description="applied to the output first; default sigmoid for otsu, none otherwise")
@@ -120,9 +122,18 @@ class TargetConfig(_Strict):
                                    "(x, y[, z]) in NIfTI axis order, instead of the channel mean")
     roi_mask: Path | None = Field(None, description="roi: NIfTI mask on the volume's grid")
     voxel: list[int] | None = Field(None, description="voxel: index (x, y[, z]) in the NIfTI volume")
+    ground_truth: Path | None = Field(None, description="outcome: NIfTI label image on the volume's grid")
+    outcome: Literal["tp", "fp", "fn"] = Field(
+        "fn", description="outcome: true positives, false positives or false negatives (missed voxels)")
+    components: bool = Field(False, description="argmax, otsu, outcome: one map per connected structure "
+                             "(26-connectivity in 3D, 8 in 2D), largest first")
+    min_voxels: int = Field(1, ge=1, description="components: ignore structures smaller than this")
+    max_components: int | None = Field(20, ge=1, description="components: at most this many per class")
 
     @model_validator(mode="after")
     def _needs(self) -> TargetConfig:
+        if self.components and self.kind not in ("argmax", "otsu", "outcome"):
+            raise ValueError(f"target.components splits argmax, otsu or outcome regions, not {self.kind!r}")
         if self.kind == "voxel" and not self.voxel:
             raise ValueError("target kind 'voxel' needs voxel: [x, y, z]")
         if self.kind == "channel" and not self.layer:
@@ -284,6 +295,11 @@ class EvaluationConfig(_Strict):
     localisation: LocalisationConfig | None = None
     randomisation: RandomisationConfig | None = None
     class_contrast: ClassContrastConfig | None = None
+    road: RoadConfig | None = None
+    region_perturbation: RegionPerturbationConfig | None = None
+    mprt: MprtConfig | None = None
+    energy_pointing: EnergyPointingConfig | None = None
+    stability: StabilityConfig | None = None
     report: bool = Field(False, description="write report.html (figures, tables) at the end of the run")
 
 
@@ -325,6 +341,9 @@ class Config(RunSections):
         # an ROI given in memory (napari Labels layer) needs no file; a config run does
         if self.target.kind == "roi" and self.target.roi_mask is None:
             raise ValueError("target kind 'roi' needs target.roi_mask (a NIfTI mask on the volume's grid)")
+        if self.target.kind == "outcome" and self.target.ground_truth is None:
+            raise ValueError("target kind 'outcome' needs target.ground_truth (a NIfTI label image on the "
+                             "volume's grid)")
         return self
 
     @model_validator(mode="after")
@@ -346,9 +365,12 @@ class Config(RunSections):
         data.model.path = fix(data.model.path)
         data.volumes = [fix(v) for v in data.volumes]
         data.target.roi_mask = fix(data.target.roi_mask)
+        data.target.ground_truth = fix(data.target.ground_truth)
         data.output.dir = fix(data.output.dir)
         if data.evaluation.localisation is not None:
             data.evaluation.localisation.mask = fix(data.evaluation.localisation.mask)
+        if data.evaluation.stability is not None:
+            data.evaluation.stability.models = [fix(p) for p in data.evaluation.stability.models]
         return data
 
 
@@ -373,14 +395,5 @@ def load_config(path: str | Path) -> Config:
         Missing file, bad syntax, unknown keys or bad values.
     """
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file {str(path)!r} does not exist", "check the path")
-    if path.stat().st_size > MAX_BYTES:
-        raise ConfigError(f"{path.name} is {path.stat().st_size} bytes, more than a config can be",
-                          "give the config file, not data")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{path.name} cannot be read as text: {exc}", "give a YAML or JSON config") from None
-    data = load_bounded(text, source=path.name, json_syntax=path.suffix.lower() == ".json")
+    data = read_config_file(path)  # bounded: size, depth, alias expansion
     return parse_config(data, base=path.parent.resolve(), source=path.name)

@@ -28,20 +28,25 @@ import torch
 from torch import nn
 
 from esegeta_engine import targets as T
+from esegeta_engine.advice import precision_clash
 from esegeta_engine.config import ExecutionConfig, MethodConfig, PreprocessConfig, TargetConfig
-from esegeta_engine.errors import EsegetaError, MethodError, TargetError, VolumeError, error_reason
+from esegeta_engine.errors import (Cancelled, EsegetaError, MethodError, MethodTimeout, TargetError, VolumeError,
+                                   error_reason)
+from esegeta_engine.forward.runner import ExecutionForm, execution_form
 from esegeta_engine.jobs.build import _is_oom, build_target, memory_error, target_support
 from esegeta_engine.jobs.events import Event, Evaluator, JobFailed, MapReady, Progress, RunState
 from esegeta_engine.jobs.executor import JobExecutor
 from esegeta_engine.jobs.plan import (Job, array_fingerprint, key_context, model_fingerprint, plan_jobs,
                                       total_evaluations)
-from esegeta_engine.forward.runner import ExecutionForm, execution_form
 from esegeta_engine.io import Volume
 from esegeta_engine.methods import get_method
 from esegeta_engine.methods.registry import CostInfo
+from esegeta_engine.methods.architectures import fixed_size_fix
 from esegeta_engine.models import get_layer, model_guard
 from esegeta_engine.preprocess import Geometry, to_model_input
 from esegeta_engine.forward.scoring import EvaluationMonitor, ScoreModel, make_score_model
+from esegeta_engine.timebudget import arm_pass_budget
+from esegeta_engine.watchdog import prediction_pass
 
 __all__ = ["Event", "Evaluator", "Explainer", "Job", "JobFailed", "MapReady", "Progress", "build_target",
            "memory_error", "target_support"]
@@ -80,6 +85,7 @@ class Explainer:
     execution: ExecutionConfig | None = None
     _divisible: int = field(default=1, init=False, repr=False)
     _fingerprint: str | None = field(default=None, init=False, repr=False)
+    _pass_s: float | None = field(default=None, init=False, repr=False)  # last prediction pass, seconds
 
     @property
     def device(self) -> torch.device:
@@ -137,24 +143,38 @@ class Explainer:
         return make_score_model(model if model is not None else self.model, target, output=self.output,
                                 monitor=monitor, form=self.form_for(x, support, precision))
 
-    def raw_output(self, x: torch.Tensor) -> torch.Tensor:
+    def raw_output(self, x: torch.Tensor, cancel: threading.Event | None = None) -> torch.Tensor:
         """Selected model output for ``x`` without gradients, with readable errors.
 
         A whole-volume input the network cannot take (U-Nets need sizes divisible by
         2**depth) is padded to the smallest power-of-two multiple that works (with
-        ``execution.divisible_by: auto``), and the outputs are cropped back.
+        ``execution.divisible_by: auto``), and the outputs are cropped back. The pass
+        runs under the time limit (see :mod:`esegeta_engine.watchdog`); its duration is
+        kept for refusing jobs that cannot fit (:mod:`esegeta_engine.timebudget`).
         """
+        out, self._pass_s = prediction_pass(lambda monitor: self._raw_output(x, monitor), self.timeout_s, cancel)
+        return out
+
+    def _raw_output(self, x: torch.Tensor, monitor: EvaluationMonitor) -> torch.Tensor:
         with model_guard(self.model), torch.no_grad():
             try:
-                return self._raw(x)
-            except EsegetaError:
+                return self._raw(x, monitor)
+            except (EsegetaError, Cancelled, MethodTimeout):
                 raise
             except Exception as exc:  # the user's model rejected the input: say why, no traceback
                 if _is_oom(exc):
                     raise memory_error(tuple(x.shape), self.form_for(x)) from None
-                if self._try_padding(x):
-                    return self._raw(x)
+                clash = precision_clash(exc, self.form_for(x).precision)
+                if clash is not None:  # not the patch size's fault: name the precision
+                    raise clash from None
+                if self._try_padding(x, monitor):
+                    return self._raw(x, monitor)
                 form = self.form_for(x)
+                fixed = fixed_size_fix(self.model, tuple(x.shape[2:]) if form.sliding is None
+                                       else tuple(form.sliding.patch_size))
+                if fixed is not None:
+                    raise MethodError(f"the model does not accept an input of shape {tuple(x.shape)}: "
+                                      f"{error_reason(exc)}", fixed) from None
                 if form.sliding is not None:
                     raise MethodError(
                         f"the model does not accept a patch of size {list(form.sliding.patch_size)} "
@@ -167,15 +187,18 @@ class Explainer:
                     "divisible by 2**depth, set execution.divisible_by (e.g. 16) or a patch size",
                 ) from None
 
-    def _raw(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.make_score_model(T.ClassificationTarget(), x).model_output(x)
+    def _raw(self, x: torch.Tensor, monitor: EvaluationMonitor | None = None) -> torch.Tensor:
+        sm = self.make_score_model(T.ClassificationTarget(), x, monitor)
+        if monitor is not None:
+            arm_pass_budget(sm, x, monitor)
+        out = sm.model_output(x)
         precision = self.form_for(x).precision
         if precision != "fp32" and not bool(torch.isfinite(out).all()):
             log.warning("the model output is non-finite in %s: the prediction is redone in fp32", precision)
-            out = self.make_score_model(T.ClassificationTarget(), x, precision="fp32").model_output(x)
+            out = self.make_score_model(T.ClassificationTarget(), x, monitor, precision="fp32").model_output(x)
         return out
 
-    def _try_padding(self, x: torch.Tensor) -> bool:
+    def _try_padding(self, x: torch.Tensor, monitor: EvaluationMonitor | None = None) -> bool:
         """Find the smallest 2**k padding the network accepts (``divisible_by: auto``)."""
         auto = self.execution is None or self.execution.divisible_by == "auto"
         if not auto or self._divisible > 1 or self.form_for(x).sliding is not None:
@@ -183,7 +206,9 @@ class Explainer:
         for k in range(1, 6):
             self._divisible = 2 ** k
             try:
-                self._raw(x[:1])
+                self._raw(x[:1], monitor)
+            except (Cancelled, MethodTimeout):
+                raise
             except Exception as exc:
                 if _is_oom(exc):
                     break
@@ -203,8 +228,20 @@ class Explainer:
         labels = out.argmax(1) if out.shape[1] > 1 else (out[:, 0] > 0).long()
         return self.geometry(volume).to_nifti(labels[0].cpu().numpy().astype(np.uint8))
 
+    def expand_target(self, target: T.Target, output: torch.Tensor, volume: Volume) -> T.Target:
+        """The prepared target, split into one score per structure with ``target.components``."""
+        if not self.target.components:
+            return target
+        from esegeta_engine.regions import expand_components
+
+        return expand_components(target, output, self.target.classes, min_voxels=self.target.min_voxels,
+                                 max_components=self.target.max_components, geometry=self.geometry(volume),
+                                 affine=volume.affine)
+
     def check_classes(self, target: T.Target, output: torch.Tensor) -> list[int]:
         """The classes to explain (configured or the target's default), checked."""
+        if callable(getattr(target, "describe", None)):  # components: the columns are the structures
+            return target.default_classes(output)
         classes = self.target.classes or target.default_classes(output)
         n = target.n_scores(output)
         bad = [c for c in classes if not 0 <= c < n]
@@ -216,12 +253,12 @@ class Explainer:
     def job_context(self, volumes: Sequence[Volume], group: tuple[int, ...],
                     roi_mask: np.ndarray | None = None) -> dict[str, Any]:
         """What every job's key depends on besides the method (see :func:`jobs.plan.key_context`)."""
-        roi = roi_mask if self.target.kind == "roi" else None
+        roi = roi_mask if self.target.kind in ("roi", "outcome") else None  # the mask or labels by content
         return key_context(self.target.model_dump(mode="json"), self.preprocess.model_dump(mode="json"),
                            None if self.execution is None else self.execution.model_dump(mode="json"),
                            self.output, self.seed, self.model_key,
                            [array_fingerprint(volumes[i].data) for i in group],
-                           None if roi is None else array_fingerprint(np.asarray(roi, dtype=bool)))
+                           None if roi is None else array_fingerprint(np.asarray(roi)))
 
     def plan(self, methods: Sequence[MethodConfig], target: T.Target, output: torch.Tensor,
              volumes: tuple[int, ...], x: torch.Tensor | None = None,
@@ -232,8 +269,12 @@ class Explainer:
                                                       *tuple(output.shape[2:]))
         patchwise = x is not None and self.form_for(x).sliding is not None
         info = CostInfo(shape[0], shape[1], tuple(shape[2:]), 1, patchwise)
-        return plan_jobs(methods, classes, target.class_label, target.kind, volumes, info=info,
+        jobs = plan_jobs(methods, classes, target.class_label, target.kind, volumes, info=info,
                          context=context or {}, layer_channels=self._layer_channels)
+        if callable(getattr(target, "describe", None)):  # what each component job explains
+            for job in jobs:
+                job.details = target.describe(job.cls)
+        return jobs
 
     def _layer_channels(self, name: str) -> int | None:
         """Output channels of layer ``name`` when its type says so (convolutions), else None."""
@@ -347,13 +388,17 @@ class Explainer:
                                       self.preprocess.axis_order, geometry,
                                       tuple(volumes[group[0]].data.shape[:self.preprocess.spatial_dims]))
                 target = target.to(self.device)
-                out = self.raw_output(x)
+                try:
+                    out = self.raw_output(x, cancel)  # under the time limit, cancellable
+                except Cancelled:
+                    return
                 target.prepare(out)
+                target = self.expand_target(target, out, volumes[group[0]])
                 jobs = self.plan(group_methods, target, out, group, x, self.job_context(volumes, group, roi_mask))
                 per_group[id(group_methods)] = len(jobs)
                 total = done + len(jobs) + sum(per_group[id(ms)] for _, ms in groups[gi + 1:])
-                support = target_support(target, tuple(x.shape[2:]))
                 for job in jobs:
+                    support = target_support(target, tuple(x.shape[2:]), job.cls)
                     if skip is not None and skip(job):
                         state.skipped(job)
                         done += 1

@@ -27,6 +27,10 @@ def load_inputs(cfg: Config) -> tuple[list[Volume], np.ndarray | None]:
     roi = None
     if cfg.target.kind == "roi" and cfg.target.roi_mask is not None:
         roi = load_mask_on_grid(cfg.target.roi_mask, volumes, p.spatial_dims, "ROI mask")
+    if cfg.target.kind == "outcome" and cfg.target.ground_truth is not None:
+        from esegeta_engine.regions import load_ground_truth as load_labels
+
+        roi = load_labels(cfg.target.ground_truth, volumes, p.spatial_dims)  # labels, NIfTI order
     return volumes, roi
 
 

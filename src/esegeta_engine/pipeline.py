@@ -25,8 +25,10 @@ from esegeta_engine import __version__
 from esegeta_engine.config import Config
 from esegeta_engine.errors import EsegetaError
 from esegeta_engine.evaluation.api import localisation_metrics
-from esegeta_engine.evaluation.evaluators import CURVES_KEY, make_evaluators, scalar_metrics
+from esegeta_engine.evaluation.evaluators import CURVES_KEY, scalar_metrics
+from esegeta_engine.evaluation.session import EvaluationSession
 from esegeta_engine.evaluation.localisation import LOCALISATION_METRICS
+from esegeta_engine.evaluation.map_extras import map_extras, refresh_trust
 from esegeta_engine.explain import Event, Explainer, JobFailed, MapReady, Progress
 from esegeta_engine.inputs import load_ground_truth, load_inputs, load_mask_on_grid
 from esegeta_engine.io import Volume, file_sha256, save_map, write_json
@@ -111,7 +113,8 @@ def iter_run(cfg: Config, cancel: threading.Event | None = None, *, threaded: bo
     contents = [array_fingerprint(v.data) for v in volumes]
     loc = cfg.evaluation.localisation
     folder = claim_folder(cfg.output.dir, overwrite=cfg.output.overwrite, resume=resume, stems=stems,
-                          inputs=[*cfg.volumes, cfg.target.roi_mask, loc.mask if loc else None, cfg.model.path])
+                          inputs=[*cfg.volumes, cfg.target.roi_mask, cfg.target.ground_truth,
+                                  loc.mask if loc else None, cfg.model.path])
     out = folder.path
     try:
         # a folder of another model or other volumes is refused before anything in it changes
@@ -139,6 +142,7 @@ def iter_run(cfg: Config, cancel: threading.Event | None = None, *, threaded: bo
     planned: set[tuple[str, str]] = set()  # (key, volume) of every job this run planned
     try:
         names = Names()  # a job redone with other settings rewrites its own map; other maps stay
+        truth = (roi != 0) if cfg.target.kind == "outcome" and roi is not None else None
         for i, v in enumerate(volumes):
             entry: dict[str, Any] = {"stem": stems[i], "path": str(v.path), "content": contents[i],
                                      "shape": list(v.data.shape), "spacing_mm": list(v.spacing),
@@ -161,7 +165,7 @@ def iter_run(cfg: Config, cancel: threading.Event | None = None, *, threaded: bo
             return True
 
         for event in explainer.iter_explain(volumes, cfg.methods, roi_mask=roi, cancel=cancel,
-                                            evaluators=make_evaluators(ev, cfg.run.seed),
+                                            evaluators=EvaluationSession(model, ev, seed=cfg.run.seed).evaluators(),
                                             threaded=threaded, on_progress=on_progress, skip=skip):
             if isinstance(event, MapReady):
                 job = event.job
@@ -176,11 +180,18 @@ def iter_run(cfg: Config, cancel: threading.Event | None = None, *, threaded: bo
                     metrics.update(localisation_metrics(event.array, gt_mask))
                 elif gt_note:
                     metrics.update({k: None for k in LOCALISATION_METRICS}, note=gt_note)
+                elif truth is not None:  # an outcome target's ground truth
+                    metrics.update(localisation_metrics(event.array, truth))
+                more, extra = map_extras(event.metrics, event.array, volumes[event.volume], out, name,
+                                         explainer.geometry(volumes[event.volume]), ev,
+                                         gt_mask if gt_mask is not None else truth)
+                metrics.update(more)
                 manifest["results"].append(_record(
                     job, "ok", event.seconds, event.evaluations, volume=stems[event.volume], file=name,
                     model_inputs=event.inputs_evaluated, stats=map_stats(event.array), metrics=metrics,
                     sha256=file_sha256(path), execution=event.execution, notes=event.notes or None,
-                    patch_evaluations=event.patch_evaluations or None).to_json())
+                    patch_evaluations=event.patch_evaluations or None, extra=extra).to_json())
+                refresh_trust(manifest["results"][-1:])
                 if CURVES_KEY in event.metrics:
                     curves[name] = event.metrics[CURVES_KEY]
                     write_json(curves, out / "curves.json")
@@ -196,6 +207,7 @@ def iter_run(cfg: Config, cancel: threading.Event | None = None, *, threaded: bo
         if ev.randomisation is not None and not cancelled:
             manifest["randomisation"] = yield from _randomisation(explainer, volumes, cfg, roi, stems,
                                                                   manifest["results"], out, cancel)
+            refresh_trust(manifest["results"], manifest["randomisation"])
             write_json(manifest, manifest_path)
             cancelled = cancel is not None and cancel.is_set()
         manifest["status"] = "cancelled" if cancelled else "completed"
@@ -283,11 +295,13 @@ def _files(manifest: dict[str, Any]) -> set[str]:
     return {r["file"] for r in manifest["results"] if r.get("file")}
 
 
-def _record(job: Any, status: str, seconds: float, evaluations: int, **extra: Any) -> MapRecord:
+def _record(job: Any, status: str, seconds: float, evaluations: int, extra: dict[str, Any] | None = None,
+            **fields: Any) -> MapRecord:
+    details = {"target_details": job.details} if getattr(job, "details", None) else {}
     return MapRecord(key=job.key, method=job.spec.name, target=job.cls_label, cls=job.cls, status=status,
                      layer=job.layer, noise_tunnel=job.noise_tunnel, params=dict(job.params),
                      seconds=round(seconds, 3), model_evaluations=evaluations,
-                     expected_evaluations=job.expected_evaluations, **extra)
+                     expected_evaluations=job.expected_evaluations, extra={**details, **(extra or {})}, **fields)
 
 
 def run(cfg: Config, cancel: threading.Event | None = None,

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from esegeta_engine.io import atomic_write
+from esegeta_engine.tables import safe_cell
 
 if TYPE_CHECKING:
     from napari_esegeta._evaluate import MapInfo
@@ -38,7 +39,7 @@ def write_csv(path: str | Path, rows: Sequence[dict[str, Any]], columns: Sequenc
     header = ["layer", "method", "target", *columns, "notes"]
     with atomic_write(path) as tmp, tmp.open("w", newline="", encoding="utf-8") as fh:
         w = csv.writer(fh)
-        w.writerow(header)
+        w.writerow([safe_cell(c) for c in header])
         for row in rows:
             out = []
             for c in header:
@@ -49,7 +50,7 @@ def write_csv(path: str | Path, rows: Sequence[dict[str, Any]], columns: Sequenc
                     out.append(repr(float(v)) if math.isfinite(float(v)) else UNDEFINED)
                 else:
                     out.append("" if v is None else str(v))
-            w.writerow(out)
+            w.writerow([safe_cell(c) for c in out])  # no cell a spreadsheet would run as a formula
     return path
 
 

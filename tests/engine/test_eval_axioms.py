@@ -90,7 +90,13 @@ def test_instance_norm_few_steps_is_flagged_with_fix(dims: int) -> None:
     assert unsupported_modules(get_method("saliency"), net) is None
     plain = MethodContext(ScoreModel(net, ArgmaxRegionTarget()), x, 1)
     guided = completeness_check(get_method("guided_backprop"), plain, {}, torch.zeros_like(x))
-    assert guided["axiom_status"] == "none" and "has none" in guided["axiom_note"]  # LeakyReLU only
+    # the guided rule acts on LeakyReLU too (methods/rectifiers.py): no "plain gradient" note
+    assert guided["axiom_status"] == "none" and guided["axiom_note"] == ""
+    tanh = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.Tanh()) if dims == 2 else \
+        nn.Sequential(nn.Conv3d(1, 2, 3, padding=1), nn.Tanh())
+    plain = MethodContext(ScoreModel(tanh, ArgmaxRegionTarget()), x, 1)
+    guided = completeness_check(get_method("guided_backprop"), plain, {}, torch.zeros_like(x))
+    assert "has none" in guided["axiom_note"] and "LeakyReLU" in guided["axiom_note"]
 
 
 def test_undefined_cases_say_why() -> None:

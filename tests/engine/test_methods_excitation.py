@@ -88,7 +88,7 @@ def test_method_matrix(name: str, dims: int, kind: str) -> None:
     assert result.shape == (1, 1, *x.shape[2:]) and bool(torch.isfinite(result).all())
     assert result.abs().sum() > 0
     assert score.monitor.count == spec.cost(None, {}) == 1
-    assert spec.patchwise == "whole"
+    assert spec.patchwise == "gradient"  # runs on every patch copy of the layer (issue 20)
     assert_untouched(net, state)
 
 

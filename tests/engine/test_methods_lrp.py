@@ -129,7 +129,7 @@ def test_method_matrix(dims: int, kind: str) -> None:
         assert result.shape == x.shape and bool(torch.isfinite(result).all())
         assert result.abs().sum() > 0
         assert score.monitor.count == spec.cost(None, {}) == 1
-    assert spec.patchwise == "whole"
+    assert spec.patchwise == "gradient"  # exact patch-wise form (issue 20)
     assert_untouched(net, state)
 
 

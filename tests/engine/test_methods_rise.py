@@ -70,9 +70,9 @@ def test_masks_are_generated_per_batch(monkeypatch: pytest.MonkeyPatch) -> None:
     counts: list[int] = []
     original = rise_module.rise_masks
 
-    def recording(generator, count, *args):  # noqa: ANN001, ANN202
-        counts.append(count)
-        return original(generator, count, *args)
+    def recording(seed, indices, *args):  # noqa: ANN001, ANN202
+        counts.append(len(indices))
+        return original(seed, indices, *args)
 
     monkeypatch.setattr(rise_module, "rise_masks", recording)
     _, x, score = cls_setup(2)
@@ -81,8 +81,7 @@ def test_masks_are_generated_per_batch(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_masks_are_smooth_shifted_and_in_range() -> None:
-    g = torch.Generator().manual_seed(0)
-    masks = rise_module.rise_masks(g, 200, (12, 10, 8), (4, 4, 4), 0.3)
+    masks = rise_module.rise_masks(0, range(200), (12, 10, 8), (4, 4, 4), 0.3)
     assert masks.shape == (200, 1, 12, 10, 8)
     assert float(masks.min()) >= 0 and float(masks.max()) <= 1
     assert abs(float(masks.mean()) - 0.3) < 0.05
@@ -174,3 +173,16 @@ def test_refusals_in_a_run_are_recorded_and_the_other_methods_kept(tmp_path) -> 
     assert "n_masks" in records[0]["error"] and "time limit" in records[0]["error"]
     assert "area 1 is outside (0, 1)" in records[1]["error"]
     assert len(list((tmp_path / "out").glob("vol__*.nii.gz"))) >= 2
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_the_map_does_not_depend_on_batch_size(dims: int) -> None:
+    """Each mask is drawn from the seed and its index (issue 20): batch_size, a memory setting,
+    changes neither the masks nor the map."""
+    _, x, score = cls_setup(dims)
+    maps = [run(score, x, seed=5, n_masks=40, cell_size=2, batch_size=bs) for bs in (1, 7, 16, 40)]
+    for other in maps[1:]:
+        torch.testing.assert_close(other, maps[0], rtol=1e-6, atol=1e-7)
+    masks = rise_module.rise_masks(5, range(40), tuple(x.shape[2:]), (2,) * dims, 0.5)
+    torch.testing.assert_close(rise_module.rise_masks(5, range(13, 20), tuple(x.shape[2:]), (2,) * dims, 0.5),
+                               masks[13:20], rtol=0, atol=0)

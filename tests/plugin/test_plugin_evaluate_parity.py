@@ -25,10 +25,11 @@ def test_panel_defaults_are_the_engines() -> None:
     from napari_esegeta._evaluate import EvalOptions
 
     opts = EvalOptions()
-    assert opts.settings() == default_settings()
+    assert opts.config == evaluation_config()  # axioms on, the rest off: as `esegeta run`
+    assert set(default_settings())  # the flat settings of the API are still listed
     cfg = evaluation_config(infidelity=True, sensitivity=True, faithfulness=True, randomisation=True)
-    assert cfg.faithfulness.steps == opts.steps == 20
-    assert cfg.infidelity.n_perturb_samples == opts.n_perturb_samples == 16
+    assert cfg.faithfulness.steps == 20
+    assert cfg.infidelity.n_perturb_samples == 16
     assert cfg.randomisation.calibrate and cfg.axioms is not None
     with pytest.raises(TypeError):
         evaluation_config(stepz=3)
@@ -68,7 +69,8 @@ def test_panel_and_cli_give_identical_numbers(tmp_path) -> None:
                             "class": rec["class"], "target_label": rec["target"], "params": rec["params"],
                             "layer": None, "noise_tunnel": None, "frozen": True}}
         maps.append(map_info(SimpleNamespace(name=rec["method"], metadata=meta, data=data)))
-    options = EvalOptions(infidelity=True, faithfulness=True, localisation=True, seed=3, **settings)
+    options = EvalOptions(evaluation_config(infidelity=True, faithfulness=True, **settings), localisation=True,
+                          seed=3)
     rows = [ev.row for ev in evaluate_events(net, volume, maps, options, preprocess=PreprocessConfig(),
                                             output=None, ground_truth=gt != 0) if isinstance(ev, RowReady)]
     assert len(rows) == 2

@@ -26,6 +26,7 @@ from esegeta_engine.cohort.config import CohortConfig
 from esegeta_engine.cohort.plan import CohortPlan, grid_volume
 from esegeta_engine.io import Volume, save_map, write_text
 from esegeta_engine.jobs.naming import slug as _slug
+from esegeta_engine.tables import safe_cell, safe_row
 
 log = logging.getLogger("esegeta_engine")
 TABLE = "cohort_metrics.csv"
@@ -126,8 +127,8 @@ def _write_csv(path: Path, rows: list[dict[str, Any]]) -> Path:
     columns = list(dict.fromkeys(k for r in rows for k in r))
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore")
-    w.writeheader()
-    w.writerows(rows)
+    w.writerow({c: safe_cell(c) for c in columns})
+    w.writerows(safe_row(r) for r in rows)  # no cell a spreadsheet would run as a formula
     return write_text(buf.getvalue(), path)
 
 

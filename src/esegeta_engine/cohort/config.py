@@ -20,12 +20,10 @@ Example (YAML)::
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from esegeta_engine.config import (
@@ -35,6 +33,7 @@ from esegeta_engine.config import (
     format_validation_error,
 )
 from esegeta_engine.errors import ConfigError
+from esegeta_engine.yamlsafe import read_config_file
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 EXECUTORS = ("inline", "pool", "local", "dask")
@@ -118,6 +117,7 @@ class CohortConfig(RunSections):
         if data.cohort.glob and not Path(data.cohort.glob).is_absolute():
             data.cohort.glob = str(base / data.cohort.glob)
         data.target.roi_mask = fix(data.target.roi_mask)
+        data.target.ground_truth = fix(data.target.ground_truth)
         data.output.dir = fix(data.output.dir)
         return data
 
@@ -146,14 +146,7 @@ def parse_cohort_config(data: dict[str, Any], base: Path | None = None, source: 
 
 def read_config_data(path: str | Path) -> dict[str, Any]:
     """Read a JSON or YAML config file into a mapping (no validation)."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file {str(path)!r} does not exist", "check the path")
-    text = path.read_text(encoding="utf-8")
-    try:
-        return json.loads(text) if path.suffix.lower() == ".json" else yaml.safe_load(text)
-    except (json.JSONDecodeError, yaml.YAMLError) as exc:
-        raise ConfigError(f"{path.name} is not valid JSON/YAML: {exc}", "fix the syntax") from None
+    return read_config_file(path)  # bounded: size, depth, alias expansion (the one config reader)
 
 
 def load_cohort_config(path: str | Path) -> CohortConfig:

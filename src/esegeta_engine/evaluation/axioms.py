@@ -37,36 +37,38 @@ THRESHOLDS = {"completeness": 0.05, "expected_completeness": 0.25, "conservation
 #: Keys an axiom check adds to a map's metrics.
 AXIOM_KEYS = ("completeness_error", "axiom_status", "axiom_note")
 
-# Modules that DeepLIFT propagates through as if linear although they are not (no rule):
-# normalisation over the sample's own statistics makes the rescale rule miss the delta.
-_NO_DEEPLIFT_RULE = (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d, nn.LayerNorm, nn.GroupNorm,
-                     nn.GELU, nn.SiLU, nn.Mish, nn.PReLU, nn.Hardswish, nn.Softmin)
-_RECTIFIERS = (nn.ReLU,)
-
-
 def unsupported_modules(spec: MethodSpec, model: nn.Module) -> str | None:
     """Name the modules of ``model`` that ``spec``'s propagation rules do not cover.
 
-    DeepLIFT-family methods have no rule for instance/layer/group normalisation or smooth
-    activations other than Captum's (the map then misses completeness); guided backprop and
-    deconvolution change only ``nn.ReLU`` modules (without any they equal the plain gradient).
+    Derived from the rules that run, never from a list of its own: DeepLIFT-family methods
+    have a rule where Captum's DeepLIFT has one (:func:`~esegeta_engine.methods.deeplift_safe.has_rule`)
+    or the module is linear (its gradient is the multiplier); guided backprop and deconvolution
+    act on every module of :data:`~esegeta_engine.methods.rectifiers.RECTIFIERS` (without any,
+    they equal the plain gradient).
 
     Returns
     -------
     str or None
         A sentence for the map's status, or ``None`` when nothing is missing.
     """
+    from esegeta_engine.methods.deeplift_safe import LINEAR_MODULES, has_rule
+    from esegeta_engine.methods.lrp import network_of, user_model
+    from esegeta_engine.methods.rectifiers import RECTIFIERS
+
+    model = user_model(network_of(model))
     counts: dict[str, int] = {}
     if "deeplift" in spec.name:
         for m in model.modules():
-            if isinstance(m, _NO_DEEPLIFT_RULE):
+            if not m._modules and not has_rule(m) and not isinstance(m, LINEAR_MODULES) \
+                    and type(m).__module__.startswith("torch.nn"):
                 counts[type(m).__name__] = counts.get(type(m).__name__, 0) + 1
         if counts:
             found = ", ".join(f"{k} (x{v})" for k, v in sorted(counts.items()))
             return f"DeepLIFT has no rule for {found}: they are passed through as gradients"
     if spec.name in ("guided_backprop", "deconvolution", "guided_gradcam"):
-        if not any(isinstance(m, _RECTIFIERS) for m in model.modules()):
-            return (f"{spec.name} changes only nn.ReLU modules and the model has none "
+        if not any(isinstance(m, RECTIFIERS) for m in model.modules()):
+            kinds = ", ".join(t.__name__ for t in RECTIFIERS)
+            return (f"{spec.name} acts on rectifier modules ({kinds}) and the model has none "
                     "(functional or other activations): the map is the plain gradient's")
     return None
 
@@ -74,9 +76,9 @@ def unsupported_modules(spec: MethodSpec, model: nn.Module) -> str | None:
 def _fix(spec: MethodSpec, params: Mapping[str, Any], unsupported: str | None) -> str:
     if spec.axiom == "conservation":
         if spec.name == "lrp":
-            return ("biases, the epsilon stabiliser and modules without a rule absorb relevance: lower epsilon, "
-                    "or read the map as relative; the composite 'epsilon' with epsilon 0 conserves exactly on "
-                    "bias-free ReLU networks")
+            return ("biases (folded batch-norm shifts included) and modules without a rule absorb relevance, and "
+                    "a smaller epsilon does not give it back on a network with biases: read the map as relative "
+                    "(only bias-free ReLU networks conserve exactly, with the composite 'epsilon')")
         return "input-dependent normalisation (Instance/GroupNorm) breaks the identity: read the map as relative"
     if unsupported and "deeplift" in spec.name:
         return "use integrated_gradients with baseline: blur and more n_steps, or a model without these modules"

@@ -89,6 +89,9 @@ def make_evaluators(cfg: EvaluationConfig, seed: int = 0) -> list[Evaluator]:
                          noise_tunnel=job.noise_tunnel)
 
         evaluators.append(class_contrast)
+    from esegeta_engine.evaluation.standard import standard_evaluators
+
+    evaluators += standard_evaluators(cfg, seed)  # ROAD, region perturbation, MPRT, stability
     return [_maps_only(e) for e in evaluators]
 
 
@@ -116,7 +119,7 @@ def scalar_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
     """The table-ready part of an evaluator result (no curves; NaN as None)."""
     out = {}
     for k, v in metrics.items():
-        if k == CURVES_KEY:
+        if k == CURVES_KEY or k.startswith("_"):  # curves, maps (a stability spread): not table values
             continue
         if isinstance(v, float) and math.isnan(v):
             v = None
@@ -155,7 +158,9 @@ def run_randomisation_phase(
         target = build_target(explainer.target, explainer.preprocess.spatial_dims, roi_mask,
                               explainer.preprocess.axis_order, explainer.geometry(volume),
                               tuple(volume.data.shape[:explainer.preprocess.spatial_dims])).to(explainer.device)
-        target.prepare(explainer.raw_output(x))
+        out = explainer.raw_output(x)
+        target.prepare(out)
+        target = explainer.expand_target(target, out, volume)  # component columns, as the maps had
         for cls, label in classes_of(vi):
             for mode in modes:
                 messages: list[Progress] = []

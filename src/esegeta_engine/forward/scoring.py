@@ -52,6 +52,13 @@ class EvaluationMonitor:
         self.patches = 0  # patch evaluations (sliding-window execution)
         self.deadline: float | None = None
         self.timeout_s: float | None = None
+        # called before every patch batch with its size: projects a pass past the deadline
+        # (see esegeta_engine.watchdog.PatchBudget)
+        self.budget: Callable[[int], None] | None = None
+
+    def for_job(self) -> EvaluationMonitor:
+        """A monitor of its own for one job (same cancel): an abandoned job's stays aborted."""
+        return EvaluationMonitor(self.cancel)
 
     def start(self, timeout_s: float | None) -> None:
         """Reset the counters and arm a deadline ``timeout_s`` seconds from now."""
@@ -74,6 +81,8 @@ class EvaluationMonitor:
     def patch_batch(self, n: int) -> None:
         """Checked before every patch batch, so cancel stops within one patch batch."""
         self.check()
+        if self.budget is not None:
+            self.budget(n)
         self.patches += n
 
     def evaluated(self, batch: int) -> None:

@@ -13,8 +13,9 @@ three properties the attribution methods need:
   :class:`_PatchwiseFunction`: the forward runs without a graph, and the backward
   recomputes one patch batch at a time with gradients, back-propagating that batch's
   blended share of the upstream gradient. Only one patch batch's graph is alive at a
-  time; the result equals autograd through the whole function. Module hooks (guided
-  rules) fire again during the recomputation, so hook-based gradient rules work.
+  time; the result equals autograd through the whole function. Module hooks fire again
+  during the recomputation, so rule-based methods (guided, DeepLIFT, LRP, excitation,
+  layer methods via ``on_backward_chunk``: :mod:`.patch_layer`) run patch-wise exactly.
 - **Perturbations recompute only what they touch.** Without gradients, inputs that
   differ from the unperturbed input in a few patches reuse the cached unperturbed
   patch outputs and recompute only the changed patches, batched across perturbed
@@ -22,6 +23,10 @@ three properties the attribution methods need:
 
 Patches whose output the target never reads (outside an ROI or voxel target's
 support) are skipped altogether (``support``).
+
+**Paired batches.** DeepLIFT's rules compare each module's input and output with the
+reference's, run in the same batch (inputs first, references second): with ``paired``
+each patch batch holds the same patches of both halves in that order.
 """
 
 from __future__ import annotations
@@ -170,6 +175,10 @@ class SlidingWindow(nn.Module):
         self.autocast = autocast
         self.support: torch.Tensor | None = None  # output voxels the target reads
         self.patch_evaluations = 0
+        self.paired = False  # batch halves are (inputs, references): pair their patches in each batch
+        # called after each patch batch of the patch-wise backward with its (example, patch) items
+        self.on_backward_chunk: Callable[[list[tuple[int, int]], WindowGrid], None] | None = None
+        self.recomputing = False  # True during the forward recomputation of a patch batch in backward
         self._grids: dict[tuple[int, ...], WindowGrid] = {}
         self._base: _BaseCache | None = None
 
@@ -188,6 +197,14 @@ class SlidingWindow(nn.Module):
     def active_patches(self, grid: WindowGrid) -> list[int]:
         """Patches the target can see (all, unless a support restricts them)."""
         return grid.patches_overlapping(self.support)
+
+    def chunks(self, n: int, grid: WindowGrid) -> list[list[tuple[int, int]]]:
+        """``(example, patch)`` items of each patch batch (``paired``: first half's, then the same of the second)."""
+        active, bs = self.active_patches(grid), self.settings.sw_batch_size
+        half = n // 2 if self.paired and n % 2 == 0 else n
+        items = [(b, p) for b in range(half) for p in active]
+        return [items[i:i + bs] + ([(b + half, p) for b, p in items[i:i + bs]] if half < n else [])
+                for i in range(0, len(items), bs)]
 
     # -- evaluation ------------------------------------------------------------------------
     def run_patches(self, patches: torch.Tensor, *, grad: bool = False) -> torch.Tensor:
@@ -236,12 +253,8 @@ class SlidingWindow(nn.Module):
         """
         xp = grid.pad_input(x)
         n = x.shape[0]
-        active = self.active_patches(grid)
-        items = [(b, p) for b in range(n) for p in active]
         acc: torch.Tensor | None = None
-        bs = self.settings.sw_batch_size
-        for i in range(0, len(items), bs):
-            chunk = items[i:i + bs]
+        for chunk in self.chunks(n, grid):
             patch = torch.cat([xp[(slice(b, b + 1), slice(None), *grid.slices[p])] for b, p in chunk])
             ys = self._run_chunk(patch.requires_grad_(True) if graph else patch, graph).detach()
             if acc is None:
@@ -361,18 +374,21 @@ class _PatchwiseFunction(torch.autograd.Function):
             up[(slice(None), slice(None), *sl_in)] = grad_out.float()
             up = up / grid.count
             gpad = torch.zeros_like(xp)
-            items = [(b, p) for b in range(x.shape[0]) for p in sw.active_patches(grid)]
-            bs = sw.settings.sw_batch_size
             xp_d = xp.detach()
-            for i in range(0, len(items), bs):
-                chunk = items[i:i + bs]
+            for chunk in sw.chunks(x.shape[0], grid):
                 patch = torch.cat([xp_d[(slice(b, b + 1), slice(None), *grid.slices[p])] for b, p in chunk])
                 patch.requires_grad_(True)
-                y = sw._run_chunk(patch, True)
+                sw.recomputing = True
+                try:
+                    y = sw._run_chunk(patch, True)
+                finally:
+                    sw.recomputing = False
                 share = torch.cat([up[(slice(b, b + 1), slice(None), *grid.slices[p])] for b, p in chunk])
                 (g,) = torch.autograd.grad(y, patch, share * grid.weight)
                 for (b, p), gi in zip(chunk, g):
                     gpad[(b, slice(None), *grid.slices[p])] += gi
                 del y, g, patch
+                if sw.on_backward_chunk is not None:
+                    sw.on_backward_chunk(chunk, grid)
             (gx,) = torch.autograd.grad(xp, xr, gpad) if xp is not xr else (gpad,)
         return gx.to(x.dtype), None, None

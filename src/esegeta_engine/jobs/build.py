@@ -33,6 +33,12 @@ def build_target(cfg: TargetConfig, spatial_dims: int, roi_mask: np.ndarray | No
         if roi_mask is None:
             raise TargetError("target kind 'roi' needs a mask", "give target.roi_mask")
         return T.RegionOfInterestTarget(geometry.to_model(np.asarray(roi_mask)), act)
+    if cfg.kind == "outcome":
+        from esegeta_engine.regions import OutcomeTarget
+
+        if roi_mask is None:
+            raise TargetError("target kind 'outcome' needs a ground truth", "give target.ground_truth")
+        return OutcomeTarget(geometry.to_model(np.asarray(roi_mask)), cfg.outcome, act)
     if cfg.kind == "voxel":
         if len(cfg.voxel or ()) != spatial_dims:
             raise TargetError(f"target.voxel {cfg.voxel} needs {spatial_dims} indices", "give x, y[, z]")
@@ -46,11 +52,13 @@ def build_target(cfg: TargetConfig, spatial_dims: int, roi_mask: np.ndarray | No
             unit = [cfg.unit[i] for i in AxisOrder(geometry.axis_order).permutation]
         return LayerChannelTarget(cfg.layer, cfg.channel, unit, act)
     raise TargetError(f"unknown target kind {cfg.kind!r}",
-                      "use argmax, otsu, roi, voxel, classification or channel")
+                      "use argmax, otsu, roi, voxel, classification, channel or outcome")
 
 
-def target_support(target: T.Target, spatial: tuple[int, ...]) -> torch.Tensor | None:
-    """Output voxels (model grid, bool) that ``target``'s scores read; None when all of them."""
+def target_support(target: T.Target, spatial: tuple[int, ...], cls: int | None = None) -> torch.Tensor | None:
+    """Output voxels (model grid, bool) that ``target``'s scores (of class ``cls``) read; None when all."""
+    if callable(getattr(target, "support", None)):  # outcome regions, components
+        return target.support(cls)
     if isinstance(target, T.RegionOfInterestTarget):
         m = target.mask
         return (m.any(0) if m.dim() == len(spatial) + 1 else m).bool()

@@ -44,6 +44,7 @@ class Job:
     noise_tunnel: dict[str, Any] | None = None
     key: str = ""
     expected_evaluations: int | None = None
+    details: dict[str, Any] | None = None  # what the target column is (a component's class, size, centroid)
 
     @property
     def label(self) -> str:

@@ -20,6 +20,12 @@ Two things go wrong with Captum's DeepLIFT on common segmentation networks:
   activations called as functions, where the attributions then no longer add
   up to ``F(x) - F(baseline)``. Such modules are named in a note on the result
   (see :mod:`.notes`) before DeepLIFT runs.
+
+Under sliding-window execution DeepLIFT runs patch by patch, exactly: the stitched
+function is linear in its patch outputs, so the multiplier of patch ``p``'s output is
+its blended share ``w_p / W`` of the target's; each patch batch holds the input's
+patches followed by the same patches of the reference (:func:`pair_patches`), which
+is how Captum's rules find the reference activations.
 """
 
 from __future__ import annotations
@@ -50,6 +56,16 @@ LINEAR_MODULES: tuple[type[nn.Module], ...] = (
     nn.ReflectionPad1d, nn.ReflectionPad2d, nn.ReflectionPad3d,
     nn.ReplicationPad1d, nn.ReplicationPad2d, nn.ReplicationPad3d, nn.PixelShuffle,
 )
+
+
+def pair_patches(model: nn.Module) -> nn.Module:
+    """Make every sliding window in ``model`` batch input and reference patches in pairs."""
+    from esegeta_engine.forward.sliding import SlidingWindow
+
+    for m in model.modules():
+        if isinstance(m, SlidingWindow):
+            m.paired = True
+    return model
 
 
 def has_rule(module: nn.Module) -> bool:

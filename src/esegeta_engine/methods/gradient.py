@@ -26,7 +26,8 @@ from captum.attr import (
 
 from esegeta_engine.methods import costs
 from esegeta_engine.methods._common import BASELINE_PARAM, make_baseline
-from esegeta_engine.methods.deeplift_safe import DeepLiftPlan
+from esegeta_engine.methods.deeplift_safe import DeepLiftPlan, pair_patches
+from esegeta_engine.methods.patch_layer_methods import PatchwiseCam, gradcam_weights, is_patchwise
 from esegeta_engine.methods.notes import notes_of
 from esegeta_engine.methods.rectifiers import RectifiedGradient, RectifiedGuidedGradCam
 from esegeta_engine.methods.registry import Call, MethodContext, MethodSpec, Param, register
@@ -206,13 +207,13 @@ def _deconvolution(ctx: MethodContext, p: Mapping[str, Any]) -> Call:
 
 
 def _deeplift(ctx: MethodContext, p: Mapping[str, Any]) -> Call:
-    model = DeepLiftPlan(ctx, "deeplift", notes_of(ctx)).model
+    model = pair_patches(DeepLiftPlan(ctx, "deeplift", notes_of(ctx)).model)
     return Call(DeepLift(model, multiply_by_inputs=p["multiply_by_inputs"]),
                 {"baselines": make_baseline(ctx.inputs, p["baseline"])})
 
 
 def _deeplift_shap(ctx: MethodContext, p: Mapping[str, Any]) -> Call:
-    model = DeepLiftPlan(ctx, "deeplift_shap", notes_of(ctx)).model
+    model = pair_patches(DeepLiftPlan(ctx, "deeplift_shap", notes_of(ctx)).model)
     return Call(DeepLiftShap(model), {"baselines": shap_baselines(ctx, p)})
 
 
@@ -221,7 +222,23 @@ def _gradient_shap(ctx: MethodContext, p: Mapping[str, Any]) -> Call:
     return Call(algorithm, {"n_samples": p["n_samples"], "stdevs": p["stdevs"]})
 
 
+class PatchwiseGuidedGradCam:
+    """Guided Grad-CAM under sliding-window execution: the guided map (patch-wise backward) times
+    Grad-CAM on every patch copy of the layer, blended like the outputs (two passes)."""
+
+    def __init__(self, ctx: MethodContext, layer_input: bool) -> None:
+        self.ctx, self.layer_input = ctx, layer_input
+
+    def attribute(self, inputs: torch.Tensor, target: int = 0, **_: Any) -> torch.Tensor:
+        """Return guided backprop times the stitched Grad-CAM map."""
+        cam = PatchwiseCam(self.ctx, "guided_gradcam", gradcam_weights, True, self.layer_input)
+        guided = RectifiedGradient(self.ctx.score_model, "guided", notes_of(self.ctx), "guided_gradcam")
+        return guided.attribute(inputs, target) * cam.attribute(inputs, target)
+
+
 def _guided_gradcam(ctx: MethodContext, p: Mapping[str, Any]) -> Call:
+    if is_patchwise(ctx):
+        return Call(PatchwiseGuidedGradCam(ctx, p["attribute_to_layer_input"]))
     mode = "bilinear" if ctx.spatial_dims == 2 else "trilinear"
     return Call(RectifiedGuidedGradCam(ctx.score_model, ctx.layer, notes_of(ctx)), {
         "interpolate_mode": mode, "attribute_to_layer_input": p["attribute_to_layer_input"]})
@@ -280,11 +297,11 @@ _register("deeplift", "DeepLIFT", "contributions to F(x) - F(baseline) by the re
           _deeplift,
           "Shrikumar, Greenside & Kundaje 2017, Learning Important Features Through Propagating "
           "Activation Differences, ICML, arXiv:1704.02685", needs_hooks=True, noise_tunnel=True,
-          cost=_TWO, axiom="completeness")
+          cost=_TWO, axiom="completeness", patchwise="gradient")
 _register("deeplift_shap", "DeepLIFT SHAP",
           "DeepLIFT averaged over a seeded distribution of noisy copies of the baseline",
           (*_DISTRIBUTION, n_baselines_param(2)), _deeplift_shap, _SHAP_REF, needs_hooks=True,
-          cost=_TWO, axiom="completeness")
+          cost=_TWO, axiom="completeness", patchwise="gradient")
 _register("gradient_shap", "Gradient SHAP",
           "expected gradients at random points between noisy baselines and the noisy input",
           (*_DISTRIBUTION, n_baselines_param(1), N_SAMPLES, STDEVS), _gradient_shap, _SHAP_REF,
@@ -294,4 +311,4 @@ _register("guided_gradcam", "Guided Grad-CAM",
           (LAYER_INPUT,), _guided_gradcam,
           "Selvaraju et al. 2017, Grad-CAM: Visual Explanations from Deep Networks via "
           "Gradient-based Localization, ICCV, arXiv:1610.02391", needs_layer=True, needs_hooks=True,
-          cost=lambda info, p: 2)
+          cost=lambda info, p: 2, patchwise="gradient")

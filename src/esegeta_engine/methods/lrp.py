@@ -10,15 +10,24 @@ carries *relevance* instead of gradients:
 * convolutions, transposed convolutions and linear layers redistribute it by
   the rule their composite assigns (:mod:`.lrp_rules`); average pooling by the
   epsilon rule;
+* eval-mode batch norms right after a convolution are folded into it for the
+  run (:mod:`.canonize`: the same function, and the rules see the real weights);
 * activations (ReLU, LeakyReLU, PReLU, ReLU6, ELU, GELU, SiLU, Sigmoid, Tanh,
-  Softplus, Mish, Hardswish) and normalisations (BatchNorm, InstanceNorm,
-  GroupNorm, LayerNorm) pass it on unchanged (``R_in = R_out``: the
-  normalisation is *passed*, not folded);
+  Softplus, Mish, Hardswish) and the normalisations that cannot be folded
+  (InstanceNorm, GroupNorm, LayerNorm) pass it on unchanged (``R_in = R_out``);
+  those normalisations are named in the map's notes;
 * max pooling, upsampling, flattening, padding and dropout route it like the
   gradient does (winner-takes-all for max pooling; a sum for upsampling),
   which conserves it.
 
 Any other module type has no rule and is refused before the model runs.
+
+Under sliding-window execution LRP runs patch by patch, exactly: relevance starts
+at each patch's output as ``y_p * w_p / W * dF/dY`` (its blended share; the hooks
+sit on the network inside the window, and the patch-wise backward of
+:mod:`esegeta_engine.forward.sliding` recomputes one patch batch at a time), and
+the patch maps add where patches lie, so ``sum R = sum_p sum y_p w_p / W dF/dY``:
+conservation holds for the stitched score.
 Operations a model performs without modules (residual additions,
 concatenation, functional activations) are differentiated as usual: a residual
 sum passes the relevance to both branches, so totals are conserved layer by
@@ -27,6 +36,7 @@ layer only along plain chains.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping
 from typing import Any
 
@@ -35,6 +45,8 @@ from torch import nn
 
 from esegeta_engine.errors import MethodError
 from esegeta_engine.methods import lrp_rules
+from esegeta_engine.methods.canonize import describe_unfolded, fold_batch_norm, unfolded_norms
+from esegeta_engine.methods.notes import add_note, notes_of
 from esegeta_engine.methods.rectifiers import RouteBack
 from esegeta_engine.methods.registry import Call, MethodContext, MethodSpec, Param, register
 from esegeta_engine.models import OutputSelector
@@ -71,13 +83,26 @@ def user_model(net: nn.Module) -> nn.Module:
     return net.model if isinstance(net, OutputSelector) else net
 
 
+def probe_input(model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
+    """An input the network itself takes: the first example, cropped to one patch under
+    sliding-window execution (the canonizer's probe)."""
+    x = inputs[:1].detach()
+    sliding = getattr(getattr(model, "form", None), "sliding", None)
+    if sliding is not None:
+        patch = tuple(int(p) for p in sliding.patch_size)
+        x = x[(slice(None), slice(None), *(slice(0, p) for p in patch))]
+        pad = [v for s, p in zip(reversed(x.shape[2:]), reversed(patch)) for v in (0, p - s)]
+        x = torch.nn.functional.pad(x, pad) if any(pad) else x
+    return x
+
+
 def check_supported(net: nn.Module, method: str = "lrp") -> None:
     """Raise :class:`MethodError` naming every module type LRP has no rule for."""
     known = RULE_MODULES + POOL_MODULES + PASS_MODULES + GRADIENT_MODULES
     bad: dict[str, list[str]] = {}
     for name, m in user_model(net).named_modules():
-        if m._modules and not m._parameters:  # a container: its children are checked
-            continue
+        if (m._modules and not m._parameters) or isinstance(m, (nn.ModuleList, nn.ModuleDict)):
+            continue  # a container: its children are checked (an empty ModuleList computes nothing)
         if not isinstance(m, known):
             bad.setdefault(type(m).__name__, []).append(name or "(model)")
     if bad:
@@ -136,15 +161,22 @@ class LRP:
     record : list, optional
         If given, every rule module appends ``(name, sum R_in, sum R_out)`` during the backward
         pass (for conservation checks).
+    notes : list of str, optional
+        Where the note naming normalisations passed through unchanged goes (see :mod:`.notes`).
+    canonize : bool
+        Fold eval-mode batch norms into the convolutions before them for the run (default).
     """
 
     def __init__(self, model: nn.Module, composite: str, options: Mapping[str, Any],
-                 record: list[tuple[str, float, float]] | None = None) -> None:
+                 record: list[tuple[str, float, float]] | None = None,
+                 notes: list[str] | None = None, canonize: bool = True) -> None:
         self.model = model
         self.net = network_of(model)
         self.rules = lrp_rules.COMPOSITES[composite]
         self.options = dict(options)
         self.record = record
+        self.notes = notes if notes is not None else []
+        self.canonize = canonize
         self._busy = False  # set while a rule re-runs a module (its hooks stay quiet)
 
     def attribute(self, inputs: torch.Tensor, target: int | None = None, **_: Any) -> torch.Tensor:
@@ -161,15 +193,21 @@ class LRP:
         else:
             options["high"] = torch.full_like(inputs[:1, :1], float(options["high"]))
         x = inputs.detach().requires_grad_(True)
-        handles = self._hook(options)
-        try:
-            with torch.enable_grad():
-                out = self.model(x)
-                score = out[:, target] if target is not None else out
-                (relevance,) = torch.autograd.grad(score.sum(), x)
-        finally:
-            for h in handles:
-                h.remove()
+        canon = (fold_batch_norm(self.net, probe_input(self.model, inputs)) if self.canonize
+                 else contextlib.nullcontext([]))
+        with canon as folded:
+            unfolded = unfolded_norms(user_model(self.net), folded)
+            if unfolded:
+                add_note(self.notes, describe_unfolded("lrp", unfolded))
+            handles = self._hook(options)
+            try:
+                with torch.enable_grad():
+                    out = self.model(x)
+                    score = out[:, target] if target is not None else out
+                    (relevance,) = torch.autograd.grad(score.sum(), x)
+            finally:
+                for h in handles:
+                    h.remove()
         return relevance.detach()
 
     def _hook(self, options: dict[str, Any]) -> list[Any]:
@@ -249,7 +287,7 @@ def _build(ctx: MethodContext, p: Mapping[str, Any]) -> Call:
     check_supported(network_of(ctx.score_model))
     options = {"epsilon": p["epsilon"], "gamma": p["gamma"], "alpha": p["alpha"],
                "low": p["low"], "high": p["high"]}
-    return Call(LRP(ctx.score_model, p["composite"], options))
+    return Call(LRP(ctx.score_model, p["composite"], options, notes=notes_of(ctx)))
 
 
 register(MethodSpec(
@@ -272,7 +310,7 @@ register(MethodSpec(
         Param("low", "float", None, "lowest input value for the z-box rule (default: input minimum)"),
         Param("high", "float", None, "highest input value for the z-box rule (default: input maximum)"),
     ),
-    build=_build, needs_hooks=True, patchwise="whole", cost=lambda info, p: 1, axiom="conservation",
+    build=_build, needs_hooks=True, patchwise="gradient", cost=lambda info, p: 1, axiom="conservation",
     reference="Bach et al. 2015, On Pixel-Wise Explanations for Non-Linear Classifier Decisions "
               "by Layer-Wise Relevance Propagation, PLoS ONE; Montavon et al. 2019, Layer-Wise "
               "Relevance Propagation: An Overview"))

@@ -126,6 +126,8 @@ def zbox(module: nn.Module, a: torch.Tensor, R: torch.Tensor, low: torch.Tensor,
     if w is None:
         return epsilon(module, a, R, eps)
     wp, wn = w.clamp(min=0), w.clamp(max=0)
+    if low.shape[0] != a.shape[0]:  # patch batches of a batch of inputs: the batch's bounds
+        low, high = low.amin(0, keepdim=True), high.amax(0, keepdim=True)
     low = low.expand_as(a)
     high = high.expand_as(a)
     z = _z(f, a, w, b) - _z(f, low, wp, None) - _z(f, high, wn, None)

@@ -7,13 +7,17 @@ less than one cell. The map is the score-weighted mean of the masks,
 
     S(v) = 1 / (n_masks * p) * sum_i f(x * M_i + b * (1 - M_i)) * M_i(v),
 
-with ``b`` the baseline (zero in the paper). Masks are drawn from a
-``torch.Generator`` seeded with the run's seed, ``batch_size`` at a time, and
-never all held in memory: memory does not grow with ``n_masks``.
+with ``b`` the baseline (zero in the paper). Mask ``i`` is drawn from its own
+``torch.Generator`` seeded from the run's seed and ``i`` (:func:`mask_seed`), and the
+map is accumulated mask by mask in that order in float64: ``batch_size`` (a memory
+setting) never changes which masks are drawn, nor the map. Masks are made
+``batch_size`` at a time and never all held in memory: memory does not grow with
+``n_masks``.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Mapping
 from typing import Any
@@ -33,16 +37,32 @@ from esegeta_engine.methods._common import BASELINE_PARAM, make_baseline
 from esegeta_engine.methods.registry import Call, CostInfo, MethodContext, MethodSpec, Param, register
 
 
-def rise_masks(generator: torch.Generator, count: int, size: tuple[int, ...], cells: tuple[int, ...],
+def mask_seed(seed: int, index: int) -> int:
+    """The generator seed of mask ``index`` of a run seeded with ``seed`` (independent streams)."""
+    digest = hashlib.blake2b(f"rise:{int(seed)}:{int(index)}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+def mask_cells(seed: int, index: int, size: tuple[int, ...], cells: tuple[int, ...], keep: float
+               ) -> tuple[torch.Tensor, tuple[int, ...]]:
+    """Mask ``index``'s binary cell grid ``(1, 1, *grid)`` and its shift (voxels per axis)."""
+    generator = torch.Generator().manual_seed(mask_seed(seed, index))
+    grid = tuple(math.ceil(s / c) + 1 for s, c in zip(size, cells))
+    binary = (torch.rand(1, 1, *grid, generator=generator) < keep).float()
+    shift = tuple(int(torch.randint(0, c, (1,), generator=generator)) for c in cells)
+    return binary, shift
+
+
+def rise_masks(seed: int, indices: range, size: tuple[int, ...], cells: tuple[int, ...],
                keep: float) -> torch.Tensor:
-    """``count`` RISE masks ``(count, 1, *size)`` in [0, 1] on the CPU.
+    """RISE masks ``indices`` as ``(len(indices), 1, *size)`` in [0, 1] on the CPU.
 
     Parameters
     ----------
-    generator : torch.Generator
-        CPU generator all randomness is drawn from.
-    count : int
-        Number of masks.
+    seed : int
+        The run's seed; mask ``i`` depends only on it and ``i``.
+    indices : range
+        Which masks.
     size : tuple of int
         Spatial size of the input.
     cells : tuple of int
@@ -50,16 +70,13 @@ def rise_masks(generator: torch.Generator, count: int, size: tuple[int, ...], ce
     keep : float
         Probability that a cell is kept (1).
     """
-    grid = tuple(math.ceil(s / c) + 1 for s, c in zip(size, cells))
-    binary = (torch.rand(count, 1, *grid, generator=generator) < keep).float()
-    upsampled = tuple(g * c for g, c in zip(grid, cells))
     mode = "bilinear" if len(size) == 2 else "trilinear"
-    smooth = F.interpolate(binary, size=upsampled, mode=mode, align_corners=False)
-    shifts = torch.stack([torch.randint(0, c, (count,), generator=generator) for c in cells], dim=1)
-    out = torch.empty(count, 1, *size)
-    for i in range(count):
-        box = tuple(slice(int(s), int(s) + n) for s, n in zip(shifts[i], size))
-        out[i, 0] = smooth[(i, 0, *box)]
+    out = torch.empty(len(indices), 1, *size)
+    for k, i in enumerate(indices):
+        binary, shift = mask_cells(seed, i, size, cells, keep)
+        upsampled = tuple(g * c for g, c in zip(binary.shape[2:], cells))
+        smooth = F.interpolate(binary, size=upsampled, mode=mode, align_corners=False)
+        out[k, 0] = smooth[(0, 0, *(slice(s, s + n) for s, n in zip(shift, size)))]
     return out
 
 
@@ -76,7 +93,6 @@ class Rise:
         n, size = x.shape[0], tuple(x.shape[2:])
         cells = per_axis(p["cell_size"], ctx, "cell_size")
         base = make_baseline(x, p["baseline"])
-        generator = torch.Generator().manual_seed(int(ctx.seed))
         total, bs, keep = p["n_masks"], p["batch_size"], p["keep_probability"]
         budget = TimeBudget(getattr(ctx.score_model, "monitor", None), "rise", total, bs, "n_masks",
                             "masks")
@@ -84,11 +100,11 @@ class Rise:
         with torch.no_grad():
             for batch, start in enumerate(range(0, total, bs)):
                 b = min(bs, total - start)
-                masks = rise_masks(generator, b, size, cells, keep).to(x.device, x.dtype)  # (b, 1, *s)
+                masks = rise_masks(ctx.seed, range(start, start + b), size, cells, keep).to(x.device, x.dtype)
                 copies = x.unsqueeze(0) * masks.unsqueeze(1) + base.unsqueeze(0) * (1 - masks.unsqueeze(1))
                 scores = unstack_scores(ctx.score_model(stack_input_major(copies))[:, target], n)  # (N, b)
-                weighted = scores.to(masks.dtype) @ masks.reshape(b, -1)  # (N, voxels) for this batch
-                saliency += weighted.double().reshape(n, 1, *size)  # accumulated in float64
+                for i in range(b):  # mask by mask in index order: the sum does not depend on batch_size
+                    saliency += scores[:, i].double().reshape(n, *([1] * (x.dim() - 1))) * masks[i].double()
                 if batch == 0:
                     budget.after_first_batch()
         return (saliency / (total * keep)).to(x.dtype)

@@ -19,26 +19,23 @@ import numpy as np
 from qtpy.QtCore import Qt
 from qtpy.QtWidgets import (
     QAbstractItemView,
-    QCheckBox,
-    QComboBox,
-    QDoubleSpinBox,
     QFileDialog,
     QFormLayout,
     QGroupBox,
     QHBoxLayout,
     QHeaderView,
-    QLabel,
     QListWidget,
     QListWidgetItem,
     QPushButton,
-    QSizePolicy,
-    QSpinBox,
     QTableWidget,
     QTableWidgetItem,
     QVBoxLayout,
     QWidget,
 )
 
+from esegeta_engine.evaluation.api import METRIC_KEYS
+from esegeta_engine.evaluation.localisation import LOCALISATION_METRICS
+from esegeta_engine.evaluation.session import RANDOMISATION_KEYS
 from esegeta_engine.explain import Progress
 from napari_esegeta import _evaluate as E
 from napari_esegeta import _run as R
@@ -46,9 +43,14 @@ from napari_esegeta._geometry import copy_geometry
 from napari_esegeta._layers import is_result_layer, result_layer_data
 from napari_esegeta._model import format_error
 from napari_esegeta._qt._common import CancellableRun, LayerCombo, RunControl, set_status, status_label
+from napari_esegeta._qt.curves import CurvesCanvas
+from napari_esegeta._qt.evaluate_form import EvaluationForm
 from napari_esegeta._state import get_session
 
 PROGRESS_INTERVAL_S = 0.25
+#: metric key -> the evaluator family whose note explains it
+_FAMILY = {k: fam for fam, keys in {**METRIC_KEYS, "localisation": LOCALISATION_METRICS,
+                                     "randomisation": RANDOMISATION_KEYS}.items() for k in keys}
 STAGE_KEY = "randomisation_stage"
 
 
@@ -102,89 +104,20 @@ class EvaluateWidget(CancellableRun, QWidget):
         self.map_list = QListWidget()
         self.map_list.setMaximumHeight(110)
         self.map_list.setToolTip("Attribution layers made by the Explain widget (all checked by default)")
+        self.map_list.setTextElideMode(Qt.TextElideMode.ElideMiddle)
         self.gt_combo = LayerCombo(napari_viewer, ("Labels",), allow_none=True)
         self.gt_combo.setToolTip("Ground-truth mask on the input's grid (for localisation)")
         maps_box = QGroupBox("Maps")
         mf = QVBoxLayout(maps_box)
         mf.addWidget(self.map_list)
-        gt_row = QHBoxLayout()
-        gt_row.addWidget(QLabel("Ground truth"))
-        gt_row.addWidget(self.gt_combo, 1)
+        gt_row = QFormLayout()
+        gt_row.setRowWrapPolicy(QFormLayout.RowWrapPolicy.WrapLongRows)
+        gt_row.addRow("Ground truth", self.gt_combo)
         mf.addLayout(gt_row)
 
-        d = E.EvalOptions()  # the engine's defaults, as `esegeta run` uses them
-        self.axioms_check = QCheckBox("axiom checks (completeness, 2 model calls)")
-        self.axioms_check.setChecked(d.axioms)
-        self.axioms_check.setToolTip("|sum(map) - (F(x) - F(baseline))| / |F(x) - F(baseline)| for methods "
-                                     "that promise it (IG, DeepLIFT, SHAP, conductance)")
-        self.infidelity_check = QCheckBox("infidelity")
-        self.infidelity_check.setChecked(d.infidelity)
-        self.samples_spin = QSpinBox()
-        self.samples_spin.setRange(1, 10000)
-        self.samples_spin.setValue(d.n_perturb_samples)
-        self.noise_spin = QDoubleSpinBox()
-        self.noise_spin.setDecimals(3)
-        self.noise_spin.setRange(0.001, 10.0)
-        self.noise_spin.setSingleStep(0.01)
-        self.noise_spin.setValue(d.noise_scale)
-        self.infidelity_check.setToolTip("Yeh et al. 2019; lower is better (the map as it is in the layer)")
-        self.sensitivity_check = QCheckBox("sensitivity (re-runs the method)")
-        self.sensitivity_check.setToolTip("Max-sensitivity, Yeh et al. 2019; lower is more robust")
-        self.faithfulness_check = QCheckBox("faithfulness (deletion / insertion)")
-        self.faithfulness_check.setChecked(True)
-        self.steps_spin = QSpinBox()
-        self.steps_spin.setRange(2, 100)
-        self.steps_spin.setValue(d.steps)
-        self.baseline_combo = QComboBox()
-        self.baseline_combo.addItems(list(E.BASELINES))
-        self.baseline_combo.setCurrentText(d.baseline)
-        self.contrast_check = QCheckBox("class contrast (re-runs the method for another class)")
-        self.contrast_check.setChecked(d.class_contrast)
-        self.contrast_check.setToolTip("flags a map that does not change when another class is explained")
-        self.localisation_check = QCheckBox("localisation (needs ground truth)")
-        self.randomisation_check = QCheckBox("randomisation (re-runs the method)")
-        self.mode_combo = QComboBox()
-        self.mode_combo.addItems(list(E.MODES))
-        self.stages_spin = QSpinBox()
-        self.stages_spin.setRange(0, 100)
-        self.stages_spin.setSpecialValueText("all")
-        self.stages_spin.setValue(d.max_stages or 0)
-        self.threshold_spin = QDoubleSpinBox()
-        self.threshold_spin.setRange(0.01, 1.0)
-        self.threshold_spin.setSingleStep(0.05)
-        self.threshold_spin.setValue(d.threshold)
-        self.calibrate_check = QCheckBox("calibrated (null of two random networks, footprint removed)")
-        self.calibrate_check.setChecked(d.calibrate and d.footprint)
+        self.form = EvaluationForm()  # generated from the engine's EvaluationConfig
         metrics_box = QGroupBox("Metrics")
-        form = QFormLayout(metrics_box)
-        form.addRow(self.axioms_check)
-        form.addRow(self.infidelity_check)
-        inf_row = QHBoxLayout()
-        inf_row.addWidget(QLabel("samples"))
-        inf_row.addWidget(self.samples_spin)
-        inf_row.addWidget(QLabel("noise"))
-        inf_row.addWidget(self.noise_spin)
-        form.addRow(inf_row)
-        form.addRow(self.sensitivity_check)
-        form.addRow(self.faithfulness_check)
-        faith_row = QHBoxLayout()
-        faith_row.addWidget(QLabel("steps"))
-        faith_row.addWidget(self.steps_spin)
-        faith_row.addWidget(QLabel("baseline"))
-        faith_row.addWidget(self.baseline_combo, 1)
-        form.addRow(faith_row)
-        form.addRow(self.contrast_check)
-        form.addRow(self.localisation_check)
-        form.addRow(self.randomisation_check)
-        rand_row = QHBoxLayout()
-        rand_row.addWidget(QLabel("mode"))
-        rand_row.addWidget(self.mode_combo, 1)
-        rand_row.addWidget(QLabel("max stages"))
-        rand_row.addWidget(self.stages_spin)
-        rand_row.addWidget(QLabel("threshold"))
-        rand_row.addWidget(self.threshold_spin)
-        form.addRow(rand_row)
-        form.addRow(self.calibrate_check)
+        QVBoxLayout(metrics_box).addWidget(self.form)
 
         self.run_btn = QPushButton("Run")
         self.run_btn.clicked.connect(self.run)
@@ -197,9 +130,7 @@ class EvaluateWidget(CancellableRun, QWidget):
         buttons = QHBoxLayout()
         for b in (self.run_btn, self.cancel_btn, self.export_btn):
             buttons.addWidget(b)
-        self.progress_label = QLabel("")
-        self.progress_label.setSizePolicy(QSizePolicy.Policy.Ignored, QSizePolicy.Policy.Fixed)
-        self.progress_label.setFixedHeight(self.progress_label.fontMetrics().height() + 4)
+        self.progress_label = status_label()  # wraps: the ETA at the end stays readable
         self.status = status_label()
 
         self.table = QTableWidget(0, 0)
@@ -213,15 +144,8 @@ class EvaluateWidget(CancellableRun, QWidget):
         self.table.setSortingEnabled(True)
         self.table.horizontalHeader().setToolTip("Click a column title to sort by it")
 
-        from matplotlib.backends.backend_qtagg import FigureCanvasQTAgg
-        from matplotlib.figure import Figure
-
-        self.figure = Figure(figsize=(4, 2.2), facecolor="#262930", layout="constrained")
-        self.canvas = FigureCanvasQTAgg(self.figure)
-        self.canvas.setMinimumHeight(170)
-        self.lines_drawn = 0
-        self._draw_curves()
-
+        self.curves_canvas = CurvesCanvas()
+        self.canvas = self.curves_canvas.widget
 
         layout = QVBoxLayout(self)
         layout.addWidget(maps_box)
@@ -250,6 +174,7 @@ class EvaluateWidget(CancellableRun, QWidget):
         for layer in self.viewer.layers:
             if is_evaluable(layer):
                 item = QListWidgetItem(layer.name)
+                item.setToolTip(layer.name)
                 item.setFlags(item.flags() | Qt.ItemFlag.ItemIsUserCheckable)
                 item.setCheckState(Qt.CheckState.Unchecked if layer.name in unchecked else Qt.CheckState.Checked)
                 self.map_list.addItem(item)
@@ -267,17 +192,8 @@ class EvaluateWidget(CancellableRun, QWidget):
             item.setCheckState(Qt.CheckState.Checked if item.text() in names else Qt.CheckState.Unchecked)
 
     def options(self) -> E.EvalOptions:
-        """The form's :class:`EvalOptions`."""
-        return E.EvalOptions(
-            axioms=self.axioms_check.isChecked(), n_perturb_samples=self.samples_spin.value(),
-            class_contrast=self.contrast_check.isChecked(),
-            noise_scale=self.noise_spin.value(), threshold=self.threshold_spin.value(),
-            calibrate=self.calibrate_check.isChecked(), footprint=self.calibrate_check.isChecked(),
-            infidelity=self.infidelity_check.isChecked(), sensitivity=self.sensitivity_check.isChecked(),
-            faithfulness=self.faithfulness_check.isChecked(), localisation=self.localisation_check.isChecked(),
-            randomisation=self.randomisation_check.isChecked(), steps=self.steps_spin.value(),
-            baseline=self.baseline_combo.currentText(), mode=self.mode_combo.currentText(),
-            max_stages=self.stages_spin.value() or None)
+        """The form's :class:`EvalOptions` (raises ``ConfigError`` for an out-of-range value)."""
+        return E.EvalOptions(config=self.form.config(), localisation=self.form.localisation)
 
     # -- running ---------------------------------------------------------------------------------
 
@@ -307,11 +223,12 @@ class EvaluateWidget(CancellableRun, QWidget):
             labels = {ly.name: ly for ly in self.viewer.layers if type(ly).__name__ == "Labels"}
             infos = [E.map_info(ly, labels) for ly in layers]
             groups: dict[str, list[E.MapInfo]] = {}
-            for info in infos:
-                if not info.input_layer or info.input_layer not in self.viewer.layers:
-                    raise R.TargetError(f"the input layer '{info.input_layer}' of '{info.name}' is not in the "
+            for layer, info in zip(layers, infos):
+                source = E.input_layer_of(layer)
+                if not source or source not in self.viewer.layers:
+                    raise R.TargetError(f"the input layer '{source}' of '{info.name}' is not in the "
                                         "viewer", "open the image the map explains again (same layer name)")
-                groups.setdefault(info.input_layer, []).append(info)
+                groups.setdefault(source, []).append(info)
             gt_layer = self.gt_combo.layer()
             gt = np.asarray(gt_layer.data) if (gt_layer is not None and opts.localisation) else None
             inputs = {name: self.viewer.layers[name] for name in groups}
@@ -320,12 +237,13 @@ class EvaluateWidget(CancellableRun, QWidget):
             set_status(self.status, format_error(exc), "error")
             return None
         self.infos = [m for _, maps in work for m in maps]
+        self._sources = [name for name, maps in groups.items() for _ in maps]
         self._inputs = inputs
         self.columns = opts.columns()
         self.rows, self.curves, self.added = [], {}, []
         self.error_text, self.last_message = "", ""
         self._setup_table()
-        self._draw_curves()
+        self.curves_canvas.draw({})
         cancel = self.control.start()
         self._started = time.perf_counter()
         s.busy = True
@@ -335,7 +253,7 @@ class EvaluateWidget(CancellableRun, QWidget):
         set_status(self.status, f"Evaluating {len(self.infos)} map(s)…")
         self.progress_label.setText("preparing the input and the targets…")
         self.worker = create_worker(E.evaluate_groups, s.model, work, opts, preprocess=s.preprocess,
-                                    output=s.output, ground_truth=gt, cancel=cancel,
+                                    output=s.output, execution=s.execution, ground_truth=gt, cancel=cancel,
                                     on_progress=self.control.store, _start_thread=False)
         self.worker.yielded.connect(self._on_event)
         self.worker.finished.connect(self._on_finished)
@@ -345,18 +263,19 @@ class EvaluateWidget(CancellableRun, QWidget):
     def _show_progress(self, ev: Progress) -> None:
         if self.running:
             self.progress_label.setText(ev.message)
+            self.progress_label.setToolTip(ev.message)
 
     def _on_event(self, ev: Any) -> None:
         if isinstance(ev, Progress):
             self.last_message = ev.message
             if not self._cancel.is_set():
-                self.progress_label.setText(ev.message)
+                self._show_progress(ev)
         elif isinstance(ev, E.RowReady):
             row = dict(ev.row)
             self.rows.append(row)
             if ev.curves is not None:
                 self.curves[row["layer"]] = ev.curves
-                self._draw_curves()
+                self.curves_canvas.draw(self.curves)
             self._add_table_row(row)
         elif isinstance(ev, E.StagesReady):
             self._on_stages(ev)
@@ -372,14 +291,14 @@ class EvaluateWidget(CancellableRun, QWidget):
         row.update({k: v for k, v in ev.update.items() if k != "notes"})
         row["notes"] = notes
         self._refresh_table()
-        input_layer = self._inputs.get(info.input_layer)
+        input_layer = self._inputs.get(self._sources[ev.index])
         if input_layer is None:
             return
         for k, stage_layer, arr in ev.stages:
-            prov = {"params": info.params, "layer": info.model_layer, "noise_tunnel": info.noise_tunnel,
+            prov = {"params": info.params, "layer": info.layer, "noise_tunnel": info.noise_tunnel,
                     "target": info.target.kind, "class": info.cls, "input_layer": input_layer.name,
                     STAGE_KEY: k, "randomised_layer": stage_layer, "source_layer": info.name,
-                    "mode": self.mode_combo.currentText()}
+                    "mode": ev.update.get("randomisation_mode"), "execution": info.execution}
             data, kwargs, _ = result_layer_data(arr, method=info.method, method_label=info.label,
                                                 target_label=info.target_label, provenance=prov,
                                                 geometry=copy_geometry(input_layer),
@@ -435,11 +354,9 @@ class EvaluateWidget(CancellableRun, QWidget):
         for c, key in enumerate(self.headers()):
             value = E.notes_text(notes) if key == "notes" else row.get(key)
             item = _Item(value)
+            family = _FAMILY.get(key, key)
             tip = row["layer"] if key in ("method", "target") else next(
-                (v for k, v in notes.items() if key.startswith(k) or k.startswith(key)
-                 or (k == "faithfulness" and key in E.METRIC_COLUMNS["faithfulness"])
-                 or (k == "localisation" and key in E.METRIC_COLUMNS["localisation"])
-                 or (k == "randomisation" and key in E.METRIC_COLUMNS["randomisation"])), "")
+                (v for k, v in notes.items() if k in (family, "map") or key.startswith(k) or k.startswith(key)), "")
             if key == "randomisation" and row.get("randomisation_rule"):
                 tip = (tip + "\n" if tip else "") + row["randomisation_rule"]
             if tip:
@@ -473,28 +390,3 @@ class EvaluateWidget(CancellableRun, QWidget):
                 set_status(self.status, f"Saved {self.export_csv(path)}", "ok")
             except OSError as exc:
                 set_status(self.status, format_error(exc) + "\n→ choose a writable folder", "error")
-
-    # -- curves ----------------------------------------------------------------------------------
-
-    def _draw_curves(self) -> None:
-        fig = self.figure
-        fig.clear()
-        fg = "#d0d0d0"
-        axes = fig.subplots(1, 2, sharey=True)
-        self.lines_drawn = 0
-        for ax, kind in zip(axes, ("deletion", "insertion")):
-            ax.set_facecolor("#1e1f24")
-            ax.set_title(f"{kind} (lower AUC better)" if kind == "deletion" else f"{kind} (higher better)",
-                         color=fg, fontsize=8)
-            ax.set_xlabel("fraction of voxels", color=fg, fontsize=7)
-            ax.tick_params(colors=fg, labelsize=7)
-            for spine in ax.spines.values():
-                spine.set_color("#555")
-            for i, (name, c) in enumerate(self.curves.items()):
-                y = np.array([np.nan if v is None else v for v in c[f"{kind}_norm"]], dtype=float)
-                ax.plot(c["fractions"], y, color=f"C{i % 10}", lw=1.3, label=name.split(" · ")[0])
-                self.lines_drawn += 1
-        axes[0].set_ylabel("score / unperturbed", color=fg, fontsize=7)
-        if self.curves:
-            axes[1].legend(fontsize=6, facecolor="#262930", labelcolor=fg, edgecolor="#555")
-        self.canvas.draw_idle()

@@ -1,7 +1,7 @@
 """The one esegeta dock: the whole workflow in tabs, sized for a 1366×768 laptop screen.
 
-Model → Explain → Compare → Evaluate are tabs of one dock widget (the four
-widgets are also contributed on their own). A row of buttons above the tabs
+Model → Explain → Compare → Evaluate → Cohort are tabs of one dock widget, the
+plugin's only widget (Plugins ▸ esegeta explainability ▸ esegeta). A row of buttons above the tabs
 switches the main view between the radiological axial, coronal and sagittal
 planes and 3D; orientation letters from the NIfTI geometry stay on the canvas.
 Tabs other than Explain scroll inside the dock; Explain keeps Run, Cancel and
@@ -23,6 +23,7 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
+from napari_esegeta._qt.cohort_widget import CohortWidget
 from napari_esegeta._qt.compare_widget import CompareWidget
 from napari_esegeta._qt.evaluate_widget import EvaluateWidget
 from napari_esegeta._qt.explain_widget import ExplainWidget
@@ -30,7 +31,7 @@ from napari_esegeta._qt.model_widget import ModelWidget
 from napari_esegeta._settings import ensure_preferred_reader
 from napari_esegeta._view import has_world_geometry, show_plane, track_orientation_letters
 
-TABS = ("Model", "Explain", "Compare", "Evaluate")
+TABS = ("Model", "Explain", "Compare", "Evaluate", "Cohort")
 VIEWS = (("Axial", "axial"), ("Coronal", "coronal"), ("Sagittal", "sagittal"), ("3D", "3d"))
 
 
@@ -44,7 +45,7 @@ def _scrolled(widget: QWidget) -> QScrollArea:
 
 
 class EsegetaWidget(QWidget):
-    """Model, Explain, Compare and Evaluate in one dock, with one-click radiological views.
+    """Model, Explain, Compare, Evaluate and Cohort in one dock, with one-click radiological views.
 
     Parameters
     ----------
@@ -59,12 +60,14 @@ class EsegetaWidget(QWidget):
         self.explain = ExplainWidget(napari_viewer)
         self.compare = CompareWidget(napari_viewer)
         self.evaluate = EvaluateWidget(napari_viewer)
+        self.cohort = CohortWidget(napari_viewer)
         self.tabs = QTabWidget()
         self.tabs.setDocumentMode(True)
         self.tabs.addTab(_scrolled(self.model), "Model")
         self.tabs.addTab(self.explain, "Explain")
         self.tabs.addTab(_scrolled(self.compare), "Compare")
         self.tabs.addTab(_scrolled(self.evaluate), "Evaluate")
+        self.tabs.addTab(_scrolled(self.cohort), "Cohort")
 
         views = QHBoxLayout()
         views.setSpacing(2)
@@ -93,14 +96,18 @@ class EsegetaWidget(QWidget):
             self._layer_added(layer=layer)
 
     def show_tab(self, name: str) -> QWidget:
-        """Bring tab ``name`` (Model, Explain, Compare, Evaluate) to the front; returns its widget."""
+        """Bring tab ``name`` (one of :data:`TABS`) to the front; returns its widget."""
         index = TABS.index(name)
         self.tabs.setCurrentIndex(index)
-        return (self.model, self.explain, self.compare, self.evaluate)[index]
+        return (self.model, self.explain, self.compare, self.evaluate, self.cohort)[index]
 
     def show_view(self, plane: str) -> None:
-        """Axial, coronal or sagittal (radiological) plane, or 3D."""
+        """Axial, coronal or sagittal (radiological) plane, or 3D; the Compare tab's View box follows."""
         show_plane(self.viewer, plane)
+        combo = self.compare.view_combo
+        combo.blockSignals(True)  # the plane is shown already
+        combo.setCurrentText(plane)
+        combo.blockSignals(False)
 
     def _layer_added(self, event: Any = None, layer: Any = None) -> None:
         layer = layer if layer is not None else getattr(event, "value", None)
