@@ -180,7 +180,7 @@ def refused_text(methods: Sequence[MethodConfig], target: TargetConfig, executio
     Decided from the volume's shape and the methods' declared patch-wise mode, before any
     model evaluation (the engine applies the same rule to each job).
     """
-    from esegeta_engine.execution.refusal import refusals
+    from esegeta_engine.jobs.refusal import refusals
     from esegeta_engine.preprocess import AxisOrder
 
     spatial = tuple(volume_shape)[:preprocess.spatial_dims]
@@ -265,7 +265,7 @@ def map_layer_data(event: MapReady, input_layer: Any, target: TargetConfig,
             "roi_layer": roi_layer if target.kind == "roi" else None, "frozen": target.frozen,
             "activation": target.resolved_activation, "seconds": round(event.seconds, 3),
             "evaluations": event.evaluations, "input_layer": input_layer.name,
-            "family": job.spec.family, "axiom": _axiom(event.metrics),
+            "family": job.spec.family, "evaluable": job.spec.evaluable, "axiom": _axiom(event.metrics),
             "execution": dict(event.execution or {})}  # the Evaluate tab scores the map on the same execution
     if target.kind == "channel":
         prov.update(target_layer=target.layer, channel=target.channel)

@@ -21,7 +21,9 @@ def patchwise_methods() -> str:
     """The registered methods that run under sliding-window execution, for messages."""
     from esegeta_engine.methods import list_methods
 
-    return ", ".join(s.name for s in list_methods() if s.patchwise != "whole")
+    from esegeta_engine.methods.behaviour import patchwise_mode
+
+    return ", ".join(s.name for s in list_methods() if patchwise_mode(s.patchwise).runs)
 
 
 def refusal(spec: Any, target_kind: str, patchwise: bool) -> MethodError | None:
@@ -32,7 +34,9 @@ def refusal(spec: Any, target_kind: str, patchwise: bool) -> MethodError | None:
         return MethodError(
             "the channel target reads a layer's activation over the whole volume, which patch-wise "
             "execution does not compute", "use execution.mode: whole (on an ROI crop for large volumes)")
-    if spec.patchwise == "whole":
+    from esegeta_engine.methods.behaviour import patchwise_mode
+
+    if not patchwise_mode(spec.patchwise).runs:
         return MethodError(
             f"method '{spec.name}' needs one forward pass of the whole volume (its hooks store "
             "activations) and cannot run patch by patch under sliding-window execution",
@@ -48,7 +52,7 @@ def refusals(methods: Sequence[Any], target_kind: str, execution: Any,
 
     ``model_shape`` is the input's spatial shape in the model's axis order.
     """
-    from esegeta_engine.execution.runner import execution_form
+    from esegeta_engine.forward.runner import execution_form
     from esegeta_engine.methods import get_method
 
     patchwise = execution_form(execution, tuple(model_shape)).sliding is not None
