@@ -6,10 +6,10 @@ runs and :class:`MapReady` / :class:`JobFailed` as each (method, layer,
 class) job ends, so callers can stream results and stop between model
 evaluations. Each job runs in a short-lived worker thread while the generator
 polls it; cancellation and per-job time limits are checked by the
-:class:`~esegeta_engine.scoring.EvaluationMonitor` inside every model
+:class:`~esegeta_engine.forward.scoring.EvaluationMonitor` inside every model
 evaluation, which works from any thread (no signals).
 
-Execution is planned, then run: :func:`~esegeta_engine.execution.plan.plan_jobs`
+Execution is planned, then run: :func:`~esegeta_engine.jobs.plan.plan_jobs`
 expands methods into keyed jobs with their expected number of model evaluations, and
 each job runs on one device against a score model built by the one factory,
 :meth:`Explainer.make_score_model` (whole volume or sliding window, precision).
@@ -32,17 +32,18 @@ from esegeta_engine.advice import precision_clash
 from esegeta_engine.config import ExecutionConfig, MethodConfig, PreprocessConfig, TargetConfig
 from esegeta_engine.errors import (Cancelled, EsegetaError, MethodError, MethodTimeout, TargetError, VolumeError,
                                    error_reason)
-from esegeta_engine.execution.build import _is_oom, build_target, memory_error, target_support
-from esegeta_engine.execution.events import Event, Evaluator, JobFailed, MapReady, Progress, RunState
-from esegeta_engine.execution.executor import JobExecutor
-from esegeta_engine.execution.plan import Job, array_fingerprint, model_fingerprint, plan_jobs
-from esegeta_engine.execution.runner import ExecutionForm, execution_form
+from esegeta_engine.jobs.build import _is_oom, build_target, memory_error, target_support
+from esegeta_engine.jobs.events import Event, Evaluator, JobFailed, MapReady, Progress, RunState
+from esegeta_engine.jobs.executor import JobExecutor
+from esegeta_engine.jobs.plan import Job, array_fingerprint, model_fingerprint, plan_jobs
+from esegeta_engine.forward.runner import ExecutionForm, execution_form
 from esegeta_engine.io import Volume
 from esegeta_engine.methods import get_method
 from esegeta_engine.methods.registry import CostInfo
+from esegeta_engine.methods.architectures import fixed_size_fix
 from esegeta_engine.models import get_layer, model_guard
 from esegeta_engine.preprocess import Geometry, to_model_input
-from esegeta_engine.scoring import EvaluationMonitor, ScoreModel, make_score_model
+from esegeta_engine.forward.scoring import EvaluationMonitor, ScoreModel, make_score_model
 from esegeta_engine.timebudget import arm_pass_budget
 from esegeta_engine.watchdog import prediction_pass
 
@@ -53,7 +54,7 @@ log = logging.getLogger("esegeta_engine")
 
 
 @dataclass
-class Explainer(JobExecutor):
+class Explainer:
     """Explain one model's predictions on NIfTI-ordered volumes.
 
     Parameters
@@ -168,6 +169,11 @@ class Explainer(JobExecutor):
                 if self._try_padding(x, monitor):
                     return self._raw(x, monitor)
                 form = self.form_for(x)
+                fixed = fixed_size_fix(self.model, tuple(x.shape[2:]) if form.sliding is None
+                                       else tuple(form.sliding.patch_size))
+                if fixed is not None:
+                    raise MethodError(f"the model does not accept an input of shape {tuple(x.shape)}: "
+                                      f"{error_reason(exc)}", fixed) from None
                 if form.sliding is not None:
                     raise MethodError(
                         f"the model does not accept a patch of size {list(form.sliding.patch_size)} "
@@ -244,7 +250,7 @@ class Explainer(JobExecutor):
         return list(classes)
 
     def job_context(self, volumes: Sequence[Volume], group: tuple[int, ...]) -> dict[str, Any]:
-        """What every job's key depends on besides the method (see :mod:`execution.plan`)."""
+        """What every job's key depends on besides the method (see :mod:`jobs.plan`)."""
         return {"target": self.target.model_dump(mode="json"),
                 "preprocess": self.preprocess.model_dump(mode="json"),
                 "execution": None if self.execution is None else self.execution.model_dump(mode="json"),
@@ -286,7 +292,7 @@ class Explainer(JobExecutor):
             for m in methods:
                 spec = get_method(m.name)
                 nt = int(m.noise_tunnel.samples) if m.noise_tunnel else 1
-                from esegeta_engine.execution.plan import expected_evaluations
+                from esegeta_engine.jobs.plan import expected_evaluations
 
                 for layer in m.layers or [None]:
                     info = CostInfo(1, self.preprocess.in_channels, tuple(shape), nt, sliding,
@@ -294,7 +300,7 @@ class Explainer(JobExecutor):
                     n = expected_evaluations(spec, spec.resolve_params(m.params), info)
                     if n is None:
                         return None
-                    total += n * (1 if spec.family == "visualisation" else n_classes)
+                    total += n * (n_classes if spec.explains_class else 1)
         return total
 
     def iter_explain(
@@ -361,6 +367,7 @@ class Explainer(JobExecutor):
                      for _, ms in groups}
         state = RunState(self.estimate(volumes, methods))
         done = 0
+        executor = JobExecutor(self)
         with model_guard(self.model):
             for gi, (group, group_methods) in enumerate(groups):
                 yield state.progress(done, done + sum(per_group[id(ms)] for _, ms in groups[gi:]),
@@ -390,7 +397,7 @@ class Explainer(JobExecutor):
                         yield state.progress(done, total, f"{job.label} · {job.cls_label}: already done")
                         continue
                     yield state.progress(done, total, f"{job.label} · {job.cls_label}: starting")
-                    yield from self._run_job(job, x, target, support, monitor, done, total, evaluators,
+                    yield from executor.run(job, x, target, support, monitor, done, total, evaluators,
                                              threaded, on_progress, state, geometry)
                     state.finished(job, state.job_evaluations)
                     done += 1

@@ -1,6 +1,6 @@
 """The time limit as a real limit: model work on a thread the run can abandon.
 
-A job's deadline is checked by the :class:`~esegeta_engine.scoring.EvaluationMonitor` at every
+A job's deadline is checked by the :class:`~esegeta_engine.forward.scoring.EvaluationMonitor` at every
 model evaluation and patch batch, which stops any method that keeps calling the model. Two
 things escape that check: a forward pass that never returns (a model stuck in C code or
 waiting on a lock cannot be interrupted from inside its thread) and work before the first
@@ -28,7 +28,7 @@ from collections.abc import Callable, Generator
 from typing import Any, TypeVar
 
 from esegeta_engine.errors import Cancelled, MethodTimeout
-from esegeta_engine.scoring import EvaluationMonitor
+from esegeta_engine.forward.scoring import EvaluationMonitor
 from esegeta_engine.timebudget import TimeLimitError
 
 T = TypeVar("T")

@@ -246,8 +246,12 @@ class ExplainWidget(VoxelPicking, CancellableRun, QWidget):
                        for r in rows]
             volume = R.volume_from_layer(layer)
             roi_mask = R.roi_from_layer(roi, volume.data.shape) if kind == "roi" else None
+            refused = R.refused_text(methods, target, s.execution, s.preprocess, volume.data.shape)
         except Exception as exc:
             set_status(self.status, format_error(exc), "error")
+            return None
+        if refused:  # refused on the click: no worker, no model evaluation
+            set_status(self.status, refused, "error")
             return None
         if not self._cost_accepted(s, volume, target, methods, layer):
             return None
@@ -311,7 +315,7 @@ class ExplainWidget(VoxelPicking, CancellableRun, QWidget):
             self._progress(ev)
         elif isinstance(ev, MapReady):
             data, kwargs, _ = R.map_layer_data(ev, self._input_layer, self._target, self._roi_name,
-                                               self.session.class_names)
+                                               self.session.class_names, self.session.preprocess.axis_order)
             added = self.viewer.add_image(data, **kwargs)  # a list for per-channel volumes
             layers = added if isinstance(added, list) else [added]
             self.added.extend(ly.name for ly in layers)
