@@ -193,3 +193,29 @@ def test_refusal_rule():
     assert timebudget.refuse_job(Job(), 0.1, timebudget.MIN_PASS_S / 2) is None  # start-up cost, not a rate
     Job.expected_evaluations = None
     assert timebudget.refuse_job(Job(), 10.0, 1.0) is None  # unknown cost: the deadline decides
+
+
+@pytest.mark.timeout(600)
+def test_the_command_exits_with_its_status_when_a_job_was_abandoned_in_cpp_code(case):
+    """The abandoned thread is still inside torch's C++ code when the command ends."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    cfg = {"model": {"path": "model.pt", "class_path": "stuck_models:SpinningSegNet", "kwargs": {"dims": 3}},
+           "volumes": ["vol.nii.gz"], "target": {"kind": "argmax", "classes": [1]},
+           "methods": [{"name": "saliency"}, {"name": "occlusion", "params": {"window": 4}}],
+           "output": {"dir": "out"}, "run": {"timeout_s": 1}}
+    (case / "run.json").write_text(json.dumps(cfg))
+    here = Path(__file__).parent
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(here.parents[1] / "src"), str(here),
+                                                        os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, "-m", "esegeta_engine.cli", "run", str(case / "run.json"), "-q"],
+                          capture_output=True, text=True, timeout=500, env=env, cwd=case)
+    assert proc.returncode == 1, proc.stderr  # a job failed; not 134 (C++ terminate at shutdown)
+    assert "terminate called" not in proc.stderr and "Traceback" not in proc.stderr
+    manifest = json.loads((case / "out" / "manifest.json").read_text())
+    assert manifest["status"] == "completed"
+    assert [r["status"] for r in manifest["results"]] == ["timeout", "ok"]
+    assert "abandoned" in manifest["results"][0]["error"]
