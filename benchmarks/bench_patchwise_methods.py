@@ -35,11 +35,11 @@ def _net(features):
 
 def _child(mode: str, shape, patch, features, overlap: float) -> dict:
     from esegeta_engine.config import ExecutionConfig, TargetConfig
-    from esegeta_engine.execution.sliding import SlidingWindow, WindowSettings
+    from esegeta_engine.forward.sliding import SlidingWindow, WindowSettings
     from esegeta_engine.explain import Explainer
     from esegeta_engine.methods import MethodContext, attribute, get_method
     from esegeta_engine.models import get_layer
-    from esegeta_engine.scoring import EvaluationMonitor
+    from esegeta_engine.forward.scoring import EvaluationMonitor
     from esegeta_engine.targets import ArgmaxRegionTarget
 
     torch.set_num_threads(1)

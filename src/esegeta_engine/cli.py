@@ -100,6 +100,18 @@ def _print_randomisation(manifest_path: Any) -> None:
             print(f"  {method}: {v.get('verdict')} — {v.get('reason')}")
 
 
+def _print_trust(manifest_path: Any) -> None:
+    """Each map's trust scorecard in one line (from the manifest, randomisation included)."""
+    try:
+        records = json.loads(manifest_path.read_text(encoding="utf-8")).get("results") or []
+    except (OSError, ValueError):
+        return
+    lines = [f"  {r.get('file')}: {r['trust']['line']}" for r in records if (r.get("trust") or {}).get("line")]
+    if lines:
+        print("\ntrust (ok: checked and passed, FAILED, -: not checked):")
+        print("\n".join(lines))
+
+
 def _print_summary(result: Any) -> None:
     metrics = [k for k in SUMMARY_METRICS if any(k in (r.get("metrics") or {}) for r in result.records)]
     rows = [("method", "target", "volume", "status", "time s", "calls", "inputs", *metrics, "output")]
@@ -121,6 +133,7 @@ def _print_summary(result: Any) -> None:
     if (result.out_dir / "report.html").is_file():
         print(f"report: {result.out_dir / 'report.html'}")
     _print_randomisation(result.manifest_path)
+    _print_trust(result.manifest_path)
     warned = [r for r in result.records if (r.get("metrics") or {}).get("axiom_status") == "warning"]
     for r in warned:
         label = r["method"] + (f"@{r['layer']}" if r.get("layer") else "")
@@ -336,8 +349,13 @@ def cmd_layers(args: argparse.Namespace) -> int:
     from esegeta_engine.models import list_layers, load_model
 
     kwargs = load_bounded(args.kwargs, source="--kwargs", json_syntax=True) if args.kwargs else None
-    model = load_model(args.model, format=args.format, class_path=args.class_path, kwargs=kwargs,
-                       trust_pickled=args.trust_pickled)
+    try:
+        model = load_model(args.model, format=args.format, class_path=args.class_path, kwargs=kwargs,
+                           trust_pickled=args.trust_pickled)
+    except EsegetaError as exc:  # the engine names config keys; this command takes flags
+        if args.class_path is None and "class_path" in (exc.fix or ""):
+            exc.fix = "give --class-path (e.g. mypackage.nets:UNet) and --kwargs '{...}'"
+        raise
     for name, kind in list_layers(model):
         print(f"{name:<40} {kind}")
     return 0

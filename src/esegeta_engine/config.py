@@ -13,6 +13,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from esegeta_engine.config_scores import (EnergyPointingConfig, MprtConfig, RegionPerturbationConfig, RoadConfig,
+                                          StabilityConfig)
 from esegeta_engine.errors import ConfigError, EsegetaError
 from esegeta_engine.methods import get_method
 from esegeta_engine.preprocess import AxisOrder
@@ -292,6 +294,11 @@ class EvaluationConfig(_Strict):
     localisation: LocalisationConfig | None = None
     randomisation: RandomisationConfig | None = None
     class_contrast: ClassContrastConfig | None = None
+    road: RoadConfig | None = None
+    region_perturbation: RegionPerturbationConfig | None = None
+    mprt: MprtConfig | None = None
+    energy_pointing: EnergyPointingConfig | None = None
+    stability: StabilityConfig | None = None
     report: bool = Field(False, description="write report.html (figures, tables) at the end of the run")
 
 
@@ -361,6 +368,8 @@ class Config(RunSections):
         data.output.dir = fix(data.output.dir)
         if data.evaluation.localisation is not None:
             data.evaluation.localisation.mask = fix(data.evaluation.localisation.mask)
+        if data.evaluation.stability is not None:
+            data.evaluation.stability.models = [fix(p) for p in data.evaluation.stability.models]
         return data
 
 

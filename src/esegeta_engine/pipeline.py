@@ -27,14 +27,15 @@ from esegeta_engine import __version__
 from esegeta_engine.config import Config
 from esegeta_engine.errors import EsegetaError, VolumeError
 from esegeta_engine.explain import Event, Explainer, JobFailed, MapReady, Progress
-from esegeta_engine.execution.plan import model_fingerprint
-from esegeta_engine.execution.resume import ResumeState, file_sha256
+from esegeta_engine.jobs.plan import model_fingerprint
+from esegeta_engine.jobs.resume import ResumeState, file_sha256
 from esegeta_engine.io import Volume, load_volume, save_map, write_json
 from esegeta_engine.methods import get_method
 from esegeta_engine.evaluation.api import localisation_metrics
 from esegeta_engine.evaluation.evaluators import CURVES_KEY, scalar_metrics
 from esegeta_engine.evaluation.session import EvaluationSession
 from esegeta_engine.evaluation.localisation import LOCALISATION_METRICS
+from esegeta_engine.evaluation.map_extras import map_extras, refresh_trust
 from esegeta_engine.models import load_model
 from esegeta_engine.runguard import (MANIFEST, RUN, OutputLock, check_previous_run, close_log, make_output_folder,
                                      open_log, protect_inputs, remove_part_files, write_final_manifest)
@@ -113,7 +114,8 @@ def _claim_output(cfg: Config, stems: list[str], resume: bool = False) -> Output
     try:
         check_previous_run(out, cfg.output.overwrite or resume)
         loc = cfg.evaluation.localisation
-        protect_inputs(out, [*cfg.volumes, cfg.target.roi_mask, cfg.target.ground_truth, loc.mask if loc else None, cfg.model.path],
+        protect_inputs(out, [*cfg.volumes, cfg.target.roi_mask, cfg.target.ground_truth, loc.mask if loc else None,
+                             cfg.model.path],
                        stems)
         remove_part_files(out)
     except BaseException:
@@ -223,6 +225,7 @@ def iter_run(cfg: Config, cancel: threading.Event | None = None, *, threaded: bo
                               seed=cfg.run.seed, timeout_s=cfg.run.timeout_s, execution=cfg.execution)
         manifest["model_key"] = explainer.model_key
         names = _Names()
+        truth = (roi != 0) if cfg.target.kind == "outcome" and roi is not None else None
         for i, v in enumerate(volumes):
             entry: dict[str, Any] = {"stem": stems[i], "path": str(v.path), "shape": list(v.data.shape),
                                      "spacing_mm": list(v.spacing), "affine": v.affine.tolist()}
@@ -254,13 +257,18 @@ def iter_run(cfg: Config, cancel: threading.Event | None = None, *, threaded: bo
                 metrics = scalar_metrics(event.metrics)
                 if metrics.get("axiom_status") == "warning":
                     log.warning("%s · %s: completeness check: %s", job.label, job.cls_label, metrics["axiom_note"])
-                if job.spec.family == "visualisation":  # volumes, not maps: nothing to localise
+                if not job.spec.evaluable:  # volumes, not maps: nothing to localise
                     pass
                 elif gt_mask is not None:
                     metrics.update(localisation_metrics(event.array, gt_mask))
                 elif gt_note:
                     metrics.update({k: None for k in LOCALISATION_METRICS}, note=gt_note)
-                extra: dict[str, Any] = {}
+                elif truth is not None:  # an outcome target's ground truth
+                    metrics.update(localisation_metrics(event.array, truth))
+                more, extra = map_extras(event.metrics, event.array, volumes[event.volume], out, name,
+                                         explainer.geometry(volumes[event.volume]), ev,
+                                         gt_mask if gt_mask is not None else truth)
+                metrics.update(more)
                 if event.notes:
                     extra["notes"] = event.notes
                 if event.patch_evaluations:
@@ -271,6 +279,7 @@ def iter_run(cfg: Config, cancel: threading.Event | None = None, *, threaded: bo
                                                    stats=_stats(event.array), metrics=metrics,
                                                    key=job.key, sha256=file_sha256(path),
                                                    execution=event.execution, **extra))
+                refresh_trust(manifest["results"][-1:])
                 if CURVES_KEY in event.metrics:
                     curves[name] = event.metrics[CURVES_KEY]
                     write_json(curves, out / "curves.json")
@@ -286,6 +295,7 @@ def iter_run(cfg: Config, cancel: threading.Event | None = None, *, threaded: bo
         if ev.randomisation is not None and not cancelled:
             manifest["randomisation"] = yield from _randomisation(explainer, volumes, cfg, roi, stems,
                                                                   manifest["results"], out, cancel)
+            refresh_trust(manifest["results"], manifest["randomisation"])
             write_json(manifest, manifest_path)
             cancelled = cancel is not None and cancel.is_set()
         manifest["status"] = "cancelled" if cancelled else "completed"

@@ -40,6 +40,10 @@ METRIC_KEYS: dict[str, tuple[str, ...]] = {
     "sensitivity": ("sensitivity",),
     "faithfulness": ("auc_deletion", "auc_insertion", "aopc_deletion"),
     "class_contrast": ("class_contrast_spearman", "class_contrast_status"),
+    "road": ("road_morf", "road_lerf"),
+    "region_perturbation": ("region_aopc",),
+    "mprt": ("mprt_smooth", "mprt_efficient"),
+    "stability": ("stability_std_mean", "stability_spearman"),
 }
 
 
@@ -125,6 +129,8 @@ def evaluate_map(job: Job, ctx: MethodContext, attribution: torch.Tensor, cfg: E
                     out.curves = value
                     if value.get("note"):
                         out.notes[name] = str(value["note"])
+                elif key.startswith("_"):  # arrays (a stability spread map) are not metrics
+                    continue
                 elif key.endswith("_note"):
                     if value:
                         out.notes[name] = str(value)

@@ -13,7 +13,7 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-__all__ = ["method_summaries", "randomisation_tables"]
+__all__ = ["SCORECARD", "method_summaries", "randomisation_tables", "scorecard", "scorecard_line", "verdicts_for"]
 
 
 def _num(v: Any) -> float | None:
@@ -128,3 +128,147 @@ def randomisation_tables(randomisation: Sequence[Mapping[str, Any]] | None) -> t
                                    **{key: s.get(key) for key in ("spearman_abs", "spearman_footprint", "ssim",
                                                                   "topk_iou", "null", "margin")}})
     return verdict_rows, stage_rows
+
+
+# -- the per-map scorecard ------------------------------------------------------------------------
+
+#: The scorecard's checks, in the order of its one-line summary.
+SCORECARD = ("axiom", "randomisation", "faithfulness", "localisation", "stability")
+#: Stability fails below this mean pairwise rank correlation of the members' (or noisy) maps.
+STABILITY_MIN_SPEARMAN = 0.5
+
+
+def _entry(status: str, value: float | None = None, what: str = "", note: str = "") -> dict[str, Any]:
+    return {"status": status, "value": value, "what": what, **({"note": note} if note else {})}
+
+
+def scorecard(metrics: Mapping[str, Any], verdicts: Sequence[Mapping[str, Any]] = ()) -> dict[str, Any]:
+    """What was verified about one map: each check "checked", "not checked" or "failed", with its number.
+
+    Parameters
+    ----------
+    metrics : mapping
+        The map's record metrics (axiom, ROAD / deletion, localisation, MPRT, stability keys).
+    verdicts : sequence of mapping
+        Randomisation verdicts of this map's method and target (``passes``, ``mean_similarity``,
+        ``null``, ``margin``, ``mode``).
+
+    Returns
+    -------
+    dict
+        ``{check: {"status", "value", "what"[, "note"]}}`` for every check in :data:`SCORECARD`,
+        plus ``line``: the one-line summary a reviewer reads.
+    """
+    m = metrics
+    card: dict[str, Any] = {}
+    err, status = _num(m.get("completeness_error")), m.get("axiom_status")
+    if status == "ok":
+        card["axiom"] = _entry("checked", err, "completeness error (relative)")
+    elif status == "warning":
+        card["axiom"] = _entry("failed", err, "completeness error (relative)", str(m.get("axiom_note", "")))
+    else:
+        card["axiom"] = _entry("not checked", None, "", "the method promises no axiom" if status else "")
+    verdicts = list(verdicts)
+    if verdicts:
+        v = verdicts[0]
+        state = "failed" if any(x.get("passes") is False for x in verdicts) else (
+            "checked" if any(x.get("passes") for x in verdicts) else "not checked")
+        card["randomisation"] = _entry(state, _num(v.get("mean_similarity")),
+                                       f"{v.get('mode', 'cascading')} similarity to the original "
+                                       f"(null {_fmt(v.get('null'))}, margin {_fmt(v.get('margin'))})")
+    elif _num(m.get("mprt_smooth")) is not None:
+        card["randomisation"] = _entry("checked", _num(m.get("mprt_smooth")), "smooth MPRT |Spearman| (no null)")
+    elif _num(m.get("mprt_efficient")) is not None:
+        value = _num(m.get("mprt_efficient"))
+        card["randomisation"] = _entry("failed" if value is not None and value <= 1 else "checked", value,
+                                       "efficient MPRT entropy rise (> 1 passes)")
+    else:
+        card["randomisation"] = _entry("not checked")
+    morf, lerf = _num(m.get("road_morf")), _num(m.get("road_lerf"))
+    dele, ins = _num(m.get("auc_deletion")), _num(m.get("auc_insertion"))
+    if morf is not None and lerf is not None:
+        card["faithfulness"] = _entry("failed" if morf >= lerf else "checked", lerf - morf,
+                                      "ROAD: LeRF - MoRF mean normalised score (> 0 passes)")
+    elif dele is not None and ins is not None:
+        card["faithfulness"] = _entry("failed" if dele >= ins else "checked", ins - dele,
+                                      "insertion - deletion AUC (> 0 passes)")
+    elif _num(m.get("region_aopc")) is not None:
+        value = _num(m.get("region_aopc"))
+        card["faithfulness"] = _entry("failed" if value is not None and value <= 0 else "checked", value,
+                                      "region perturbation AOPC (> 0 passes)")
+    else:
+        card["faithfulness"] = _entry("not checked")
+    auc, mass, frac = _num(m.get("roc_auc")), _num(m.get("mass_inside")), _num(m.get("mask_fraction"))
+    if auc is not None:
+        card["localisation"] = _entry("failed" if auc <= 0.5 else "checked", auc,
+                                      "ROC AUC of the map against the ground truth (chance 0.5)")
+    elif mass is not None:
+        card["localisation"] = _entry("failed" if frac is not None and mass <= frac else "checked", mass,
+                                      "relevance mass inside the ground truth")
+    elif _num(m.get("energy_pointing")) is not None:
+        card["localisation"] = _entry("checked", _num(m.get("energy_pointing")), "energy pointing game")
+    else:
+        card["localisation"] = _entry("not checked")
+    rho = _num(m.get("stability_spearman"))
+    if rho is not None:
+        card["stability"] = _entry("failed" if rho < STABILITY_MIN_SPEARMAN else "checked", rho,
+                                   f"mean pairwise rank correlation over {m.get('stability_source', 'members')}"
+                                   f" (>= {STABILITY_MIN_SPEARMAN} passes)")
+    else:
+        card["stability"] = _entry("not checked")
+    card["line"] = scorecard_line(card)
+    return card
+
+
+def _fmt(v: Any) -> str:
+    n = _num(v)
+    return "n/a" if n is None else f"{n:.3g}"
+
+
+def scorecard_line(card: Mapping[str, Any]) -> str:
+    """``axiom ok 0.002 · randomisation FAILED 0.91 · faithfulness - · ...`` (ok, FAILED, - not checked)."""
+    marks = {"checked": "ok", "failed": "FAILED", "not checked": "-"}
+    parts = []
+    for name in SCORECARD:
+        e = card.get(name) or {}
+        mark = marks.get(str(e.get("status")), "-")
+        parts.append(f"{name} {mark}" + (f" {_fmt(e.get('value'))}" if e.get("value") is not None else ""))
+    return " · ".join(parts)
+
+
+def verdicts_for(randomisation: Sequence[Mapping[str, Any]] | None, record: Mapping[str, Any]) -> list[dict]:
+    """The randomisation verdicts of ``record``'s method (and layer), target and volume."""
+    label = _label(record)
+    out = []
+    for entry in randomisation or []:
+        if str(entry.get("volume")) == str(record.get("volume")) and str(entry.get("target")) == str(
+                record.get("target")):
+            v = (entry.get("verdicts") or {}).get(label)
+            if v is not None:
+                out.append({**v, "mode": entry.get("mode")})
+    return out
+
+
+def scorecard_html(records: Sequence[Mapping[str, Any]]) -> str:
+    """The report's scorecard section: one row per map, one cell per check ('' with no scorecard)."""
+    from html import escape
+
+    rows = [r for r in records if r.get("status") == "ok" and r.get("trust")]
+    if not rows:
+        return ""
+    style = {"checked": "trust-high", "failed": "trust-low", "not checked": ""}
+    head = "".join(f"<th>{escape(c)}</th>" for c in ("map", *SCORECARD, "spread map"))
+    body = []
+    for r in rows:
+        cells = [f"<td>{escape(str(r.get('file') or _label(r)))}</td>"]
+        for name in SCORECARD:
+            e = r["trust"].get(name) or {}
+            text = str(e.get("status", "not checked")) + (f" {_fmt(e.get('value'))}" if e.get("value") is not None
+                                                          else "")
+            cells.append(f'<td class="{style.get(str(e.get("status")), "")}" title="{escape(str(e.get("what", "")))}">'
+                         f"{escape(text)}</td>")
+        cells.append(f"<td>{escape(str(r.get('stability_map') or ''))}</td>")
+        body.append("<tr>" + "".join(cells) + "</tr>")
+    return ("<h2>Trust scorecard</h2><p>What was verified about each map: checked (and passed), failed, or not "
+            "checked, with the number (hover a cell for what it measures).</p>"
+            f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>")

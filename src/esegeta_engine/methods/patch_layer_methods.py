@@ -2,7 +2,7 @@
 
 Each method here is the same definition as its whole-volume form, applied to every
 patch copy of the layer with that copy's gradient ``G_p = dF/dA_p`` of the stitched
-score (see :mod:`esegeta_engine.execution.patch_layer` for how copies combine):
+score (see :mod:`esegeta_engine.forward.patch_layer` for how copies combine):
 
 * **CAMs** (Grad-CAM, Grad-CAM++, XGrad-CAM, LayerCAM, HiResCAM): each copy's CAM
   with its own channel weights, ``m_p = relu(sum_k weigh(A_p, G_p)_k A_pk)``, stitched
@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from captum.attr._utils.approximation_methods import approximation_parameters
 
-from esegeta_engine.execution.patch_layer import patchwise_layer_map
+from esegeta_engine.forward.patch_layer import patchwise_layer_map
 from esegeta_engine.methods.registry import MethodContext
 
 Weigh = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
