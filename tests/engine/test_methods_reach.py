@@ -13,7 +13,7 @@ from torch import nn
 from esegeta_engine.config import ExecutionConfig, PreprocessConfig, TargetConfig
 from esegeta_engine.explain import Explainer
 from esegeta_engine.methods import MethodContext, attribute, get_method
-from esegeta_engine.scoring import EvaluationMonitor
+from esegeta_engine.forward.scoring import EvaluationMonitor
 from esegeta_engine.targets import RegionOfInterestTarget
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from esegeta_engine.execution.sliding import SlidingWindow
+from esegeta_engine.forward.sliding import SlidingWindow
 
 
 class ReachFilter(nn.Module):
