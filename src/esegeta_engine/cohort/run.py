@@ -143,14 +143,19 @@ def run_cohort(cfg: CohortConfig, *, executor: str | None = None, dry_run: bool 
     if dry_run:
         return CohortResult(plan, out, "planned")
     inputs = [v.path for v in plan.volumes] + [m.path for m in cfg.models]
-    folder = claim_folder(out, overwrite=cfg.output.overwrite, resume=resume, inputs=inputs)
+    runner = make_executor(cfg.cohort, executor, cancel)  # an unreachable scheduler fails here, before any write
+    try:
+        folder = claim_folder(out, overwrite=cfg.output.overwrite, resume=resume, inputs=inputs)
+    except BaseException:
+        runner.close()
+        raise
     try:
         previous = _resume_state(cfg, plan, out) if resume else ResumeState(out, None)
         kept = {j.key: rec for j in plan.jobs if (rec := previous.done(j.key, j.subject, j.file)) is not None}
         todo = [j for j in plan.jobs if j.key not in kept]
-        runner = make_executor(cfg.cohort, executor, cancel)  # an unreachable scheduler fails here, before any work
         folder.open_log()
     except BaseException:
+        runner.close()
         folder.close()
         raise
     manifest = _manifest(cfg, plan, runner.name)
