@@ -22,7 +22,6 @@ def case(tmp_path):
     stuck_models.RELEASE.set()
 
 
-
 @pytest.mark.timeout(300)
 def test_the_napari_worker_path_abandons_a_stuck_forward_too(case, monkeypatch):
     import threading
