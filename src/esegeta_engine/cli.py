@@ -163,6 +163,16 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of ``esegeta``."""
     args = build_parser().parse_args(argv)
     _setup_logging(args.verbose)
+    if argv is None:  # the console command: a job abandoned by the watchdog must not crash the exit
+        code = _main(args)
+        watchdog = sys.modules.get("esegeta_engine.watchdog")  # not imported: nothing was abandoned
+        if watchdog is not None:
+            watchdog.exit_process(code)
+        return code
+    return _main(args)
+
+
+def _main(args: argparse.Namespace) -> int:
     try:
         return int(args.func(args) or 0)
     except EsegetaError as exc:

@@ -42,8 +42,20 @@ Axiom = Literal["completeness", "expected_completeness", "conservation"]
     relevance show up as the error.
 """
 """How a method runs under sliding-window execution: the name of a registered
-:class:`~esegeta_engine.methods.behaviour.PatchwiseMode` (``gradient``, ``perturbation``,
-``whole``, or one a patch-wise rule module registers)."""
+:class:`~esegeta_engine.methods.behaviour.PatchwiseMode`:
+
+``gradient``
+    gradients or rules propagated back from the output (saliency, IG, guided, DeepLIFT, LRP, CAMs on each
+    patch copy of a layer): hooks fire again as each patch is recomputed in the patch-wise backward.
+``perturbation``
+    evaluates perturbed copies of the input: unperturbed patch outputs are reused and only the
+    patches a perturbation touches are recomputed.
+``whole``
+    needs one forward pass of the whole input (Eigen/Score/Ablation-CAM, FullGrad, feature visualisation,
+    some layer methods): refused under sliding-window execution with a message naming the alternative.
+
+or one that a patch-wise rule module registers.
+"""
 
 
 class Attributor(Protocol):
