@@ -142,16 +142,22 @@ def run_cohort(cfg: CohortConfig, *, executor: str | None = None, dry_run: bool 
     out = cfg.output.dir
     if dry_run:
         return CohortResult(plan, out, "planned")
+    # the executor first: a malformed or unreachable scheduler is refused before any file is written
+    runner = make_executor(cfg.cohort, executor, cancel)
     inputs = [v.path for v in plan.volumes] + [m.path for m in cfg.models]
-    folder = claim_folder(out, overwrite=cfg.output.overwrite, resume=resume, inputs=inputs)
+    try:
+        folder = claim_folder(out, overwrite=cfg.output.overwrite, resume=resume, inputs=inputs)
+    except BaseException:
+        runner.close()
+        raise
     try:
         previous = _resume_state(cfg, plan, out) if resume else ResumeState(out, None)
         kept = {j.key: rec for j in plan.jobs if (rec := previous.done(j.key, j.subject, j.file)) is not None}
         todo = [j for j in plan.jobs if j.key not in kept]
-        runner = make_executor(cfg.cohort, executor, cancel)  # an unreachable scheduler fails here, before any work
         folder.open_log()
     except BaseException:
         folder.close()
+        runner.close()
         raise
     manifest = _manifest(cfg, plan, runner.name)
     manifest["results"] = [kept[j.key].to_json() for j in plan.jobs if j.key in kept]
