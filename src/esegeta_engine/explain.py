@@ -35,8 +35,7 @@ from esegeta_engine.forward.runner import ExecutionForm, execution_form
 from esegeta_engine.jobs.build import _is_oom, build_target, memory_error, target_support
 from esegeta_engine.jobs.events import Event, Evaluator, JobFailed, MapReady, Progress, RunState
 from esegeta_engine.jobs.executor import JobExecutor
-from esegeta_engine.jobs.plan import (Job, array_fingerprint, key_context, model_fingerprint, plan_jobs,
-                                      total_evaluations)
+from esegeta_engine.jobs.plan import Job, array_fingerprint, estimate_run, key_context, model_fingerprint, plan_jobs
 from esegeta_engine.io import Volume
 from esegeta_engine.methods import get_method
 from esegeta_engine.methods.registry import CostInfo
@@ -264,34 +263,8 @@ class Explainer:
         return int(channels) if isinstance(channels, int) else None
 
     def estimate(self, volumes: Sequence[Volume], methods: Sequence[MethodConfig]) -> int | None:
-        """Expected model evaluations of a run, before it runs (no model evaluation).
-
-        Classes not given in the config count as one per volume. ``None`` when a
-        method cannot tell its cost in advance.
-        """
-        total = 0
-        classes = list(self.target.classes or [0])
-        for i, v in enumerate(volumes):  # the planner's estimate, per volume, before any input is prepared
-            shape = self.geometry(v).to_model(np.empty(v.data.shape[:self.preprocess.spatial_dims], bool)).shape
-            sliding = execution_form(self.execution, shape, self._divisible).sliding is not None
-            info = CostInfo(1, self.preprocess.in_channels, tuple(shape), 1, sliding)
-            n = total_evaluations(plan_jobs([m for m in methods if not get_method(m.name).needs_batch], classes,
-                                            str, self.target.kind, (i,), info=info, context={},
-                                            layer_channels=self._layer_channels))
-            if n is None:
-                return None
-            total += n
-        batched = [m for m in methods if get_method(m.name).needs_batch]
-        if batched and volumes:  # batch-only methods explain every volume in one job
-            shape = self.geometry(volumes[0]).to_model(
-                np.empty(volumes[0].data.shape[:self.preprocess.spatial_dims], bool)).shape
-            info = CostInfo(len(volumes), self.preprocess.in_channels, tuple(shape), 1, False)
-            n = total_evaluations(plan_jobs(batched, classes, str, self.target.kind, tuple(range(len(volumes))),
-                                            info=info, context={}, layer_channels=self._layer_channels))
-            if n is None:
-                return None
-            total += n
-        return total
+        """Expected model evaluations of a run, before it runs (see :func:`jobs.plan.estimate_run`)."""
+        return estimate_run(self, volumes, methods)
 
     def iter_explain(
         self,

@@ -142,9 +142,8 @@ def run_cohort(cfg: CohortConfig, *, executor: str | None = None, dry_run: bool 
     out = cfg.output.dir
     if dry_run:
         return CohortResult(plan, out, "planned")
-    # the executor first: a malformed or unreachable scheduler is refused before any file is written
-    runner = make_executor(cfg.cohort, executor, cancel)
     inputs = [v.path for v in plan.volumes] + [m.path for m in cfg.models]
+    runner = make_executor(cfg.cohort, executor, cancel)  # an unreachable scheduler fails here, before any write
     try:
         folder = claim_folder(out, overwrite=cfg.output.overwrite, resume=resume, inputs=inputs)
     except BaseException:
@@ -156,8 +155,8 @@ def run_cohort(cfg: CohortConfig, *, executor: str | None = None, dry_run: bool 
         todo = [j for j in plan.jobs if j.key not in kept]
         folder.open_log()
     except BaseException:
-        folder.close()
         runner.close()
+        folder.close()
         raise
     manifest = _manifest(cfg, plan, runner.name)
     manifest["results"] = [kept[j.key].to_json() for j in plan.jobs if j.key in kept]

@@ -200,3 +200,40 @@ def plan_jobs(methods: Sequence[Any], classes: Sequence[int], class_label: Any, 
                 jobs.append(Job(spec, params, c, label, volumes, layer, nt, key,
                                 expected_evaluations(spec, params, job_info)))
     return jobs
+
+
+def estimate_run(explainer: Any, volumes: Sequence[Any], methods: Sequence[Any]) -> int | None:
+    """Expected model evaluations of a run of ``explainer`` on ``volumes``, before any input is prepared.
+
+    The planner's own estimate (:func:`plan_jobs` per volume; batch-only methods as one job over
+    all volumes). Classes not given in the config count as one per volume. ``None`` when a
+    method cannot tell its cost in advance.
+    """
+    from esegeta_engine.forward.runner import execution_form
+
+    p = explainer.preprocess
+    classes = list(explainer.target.classes or [0])
+
+    def model_shape(v: Any) -> tuple[int, ...]:
+        return tuple(explainer.geometry(v).to_model(np.empty(v.data.shape[:p.spatial_dims], bool)).shape)
+
+    def cost(ms: Sequence[Any], group: tuple[int, ...], info: CostInfo) -> int | None:
+        return total_evaluations(plan_jobs(ms, classes, str, explainer.target.kind, group, info=info, context={},
+                                           layer_channels=explainer._layer_channels))
+
+    single = [m for m in methods if not get_method(m.name).needs_batch]
+    batched = [m for m in methods if get_method(m.name).needs_batch]
+    total = 0
+    for i, v in enumerate(volumes):
+        shape = model_shape(v)
+        sliding = execution_form(explainer.execution, shape, explainer._divisible).sliding is not None
+        n = cost(single, (i,), CostInfo(1, p.in_channels, shape, 1, sliding))
+        if n is None:
+            return None
+        total += n
+    if batched and volumes:  # batch-only methods explain every volume in one job
+        n = cost(batched, tuple(range(len(volumes))), CostInfo(len(volumes), p.in_channels, model_shape(volumes[0])))
+        if n is None:
+            return None
+        total += n
+    return total
