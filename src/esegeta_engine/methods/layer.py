@@ -93,6 +93,9 @@ def _layer_conductance(ctx: MethodContext, p: Mapping[str, Any]) -> Call:
 
 
 def _internal_influence(ctx: MethodContext, p: Mapping[str, Any]) -> Call:
+    if is_patchwise(ctx):
+        base = make_baseline(ctx.inputs, p["baseline"])
+        return Call(PatchwiseConductance(ctx, p, base, influence=True), {"baselines": base})
     return Call(InternalInfluence(ctx.score_model, ctx.layer), _path(ctx, p))
 
 
@@ -161,7 +164,7 @@ _register("internal_influence", "Internal Influence",
           "layer gradients integrated along the path from baseline to input",
           _PATH_16, _internal_influence,
           "Leino et al. 2018, Influence-Directed Explanations for Deep Convolutional Networks, "
-          "arXiv:1802.03788", cost=costs.ig_like)
+          "arXiv:1802.03788", cost=costs.ig_like, patchwise="gradient")
 _register("layer_gradient_x_activation", "Layer Gradient x Activation",
           "layer activations times the gradient of the class score",
           (), _layer_gradient_x_activation,
