@@ -35,7 +35,7 @@ from esegeta_engine.evaluation.api import localisation_metrics
 from esegeta_engine.evaluation.evaluators import CURVES_KEY, scalar_metrics
 from esegeta_engine.evaluation.session import EvaluationSession
 from esegeta_engine.evaluation.localisation import LOCALISATION_METRICS
-from esegeta_engine.evaluation.map_extras import map_extras, refresh_trust
+from esegeta_engine.evaluation.map_extras import expected_metric_evaluations, map_extras, refresh_trust
 from esegeta_engine.models import load_model
 from esegeta_engine.runguard import (MANIFEST, RUN, OutputLock, check_previous_run, close_log, make_output_folder,
                                      open_log, protect_inputs, remove_part_files, write_final_manifest)
@@ -269,6 +269,8 @@ def iter_run(cfg: Config, cancel: threading.Event | None = None, *, threaded: bo
                                          explainer.geometry(volumes[event.volume]), ev,
                                          gt_mask if gt_mask is not None else truth)
                 metrics.update(more)
+                if extra.get("metric_evaluations") is not None:
+                    extra["expected_metric_evaluations"] = expected_metric_evaluations(ev, job, model)
                 if event.notes:
                     extra["notes"] = event.notes
                 if event.patch_evaluations:

@@ -74,9 +74,11 @@ def _patchwise(score_model: ScoreModel, sw: SlidingWindow, x: torch.Tensor,
             patch = torch.cat([xp_d[(slice(b, b + 1), slice(None), *grid.slices[p])] for b, p in chunk])
             patch.requires_grad_(True)
             y = sw._run_chunk(patch, True)  # one recomputation per patch batch ...
-            for k, up in enumerate(ups):    # ... and one backward per component
-                share = torch.cat([up[(slice(b, b + 1), slice(None), *grid.slices[p])] for b, p in chunk])
-                (g,) = torch.autograd.grad(y, patch, share * grid.weight, retain_graph=k < len(ups) - 1)
+            shares = [torch.cat([up[(slice(b, b + 1), slice(None), *grid.slices[p])] for b, p in chunk])
+                      for up in ups]
+            touched = [k for k, share in enumerate(shares) if bool(share.any())]
+            for n, k in enumerate(touched):  # ... and one backward per component whose scores it reaches
+                (g,) = torch.autograd.grad(y, patch, shares[k] * grid.weight, retain_graph=n < len(touched) - 1)
                 for (b, p), gi in zip(chunk, g):
                     gpads[k][(b, slice(None), *grid.slices[p])] += gi
             del y, patch
