@@ -20,6 +20,10 @@ if [ ! -x .venv/bin/python ]; then
 fi
 pip=(.venv/bin/python -m pip install --disable-pip-version-check -q)
 
+# numpy first: importing a torch wheel without numpy warns ("Failed to initialize NumPy")
+if ! .venv/bin/python -c "import numpy" 2>/dev/null; then
+  "${pip[@]}" numpy
+fi
 if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   echo "setup: installing $torch_spec" >&2
   if [ -n "${ESEGETA_TORCH_INDEX:-}" ]; then

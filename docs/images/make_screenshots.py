@@ -5,7 +5,8 @@
 Every image is taken with ``viewer.screenshot`` from a running 1366×768
 viewer with the one esegeta dock: the sample phantom and the bundled U-Net,
 a prediction, a run of four methods, the maps over the scan in 2D and 3D,
-and the Compare grid.
+the Compare grid, and the Evaluate tab after scoring two maps (its form generated from
+the evaluation config, each map scored on the execution it was made with).
 """
 
 from __future__ import annotations
@@ -119,6 +120,21 @@ def main() -> None:
     dock.show_view("axial")
     viewer.dims.set_point(2, float(ig.data_to_world((0, 0, k))[2]))
     shot(viewer, app, "plugin_08_compare_axial.png", canvas_only=True)
+    cw.uncompare()
+
+    # 7. evaluate two maps against the ground truth (the whole tab at 1366x768)
+    ev = dock.show_tab("Evaluate")
+    ev.refresh_maps()
+    ev.set_checked([ly.name for ly in viewer.layers if ly.name.startswith(("saliency", "integrated_gradients"))])
+    ev.gt_combo.setCurrentText("ground truth")
+    ev.form.set_checked(infidelity=True, faithfulness=True, localisation=True)
+    ev.form.set_values("faithfulness", steps=8)
+    ev.run()
+    wait(app, lambda: not ev.running, 1200)
+    print(ev.status.text())
+    shot(viewer, app, "plugin_10_evaluate.png")
+    dock.show_tab("Cohort")
+    shot(viewer, app, "plugin_11_cohort_tab.png")
     viewer.close()
 
 

@@ -349,8 +349,13 @@ def cmd_layers(args: argparse.Namespace) -> int:
     from esegeta_engine.models import list_layers, load_model
 
     kwargs = load_bounded(args.kwargs, source="--kwargs", json_syntax=True) if args.kwargs else None
-    model = load_model(args.model, format=args.format, class_path=args.class_path, kwargs=kwargs,
-                       trust_pickled=args.trust_pickled)
+    try:
+        model = load_model(args.model, format=args.format, class_path=args.class_path, kwargs=kwargs,
+                           trust_pickled=args.trust_pickled)
+    except EsegetaError as exc:  # the engine names config keys; this command takes flags
+        if args.class_path is None and "class_path" in (exc.fix or ""):
+            exc.fix = "give --class-path (e.g. mypackage.nets:UNet) and --kwargs '{...}'"
+        raise
     for name, kind in list_layers(model):
         print(f"{name:<40} {kind}")
     return 0

@@ -6,10 +6,10 @@ runs and :class:`MapReady` / :class:`JobFailed` as each (method, layer,
 class) job ends, so callers can stream results and stop between model
 evaluations. Each job runs in a short-lived worker thread while the generator
 polls it; cancellation and per-job time limits are checked by the
-:class:`~esegeta_engine.scoring.EvaluationMonitor` inside every model
+:class:`~esegeta_engine.forward.scoring.EvaluationMonitor` inside every model
 evaluation, which works from any thread (no signals).
 
-Execution is planned, then run: :func:`~esegeta_engine.execution.plan.plan_jobs`
+Execution is planned, then run: :func:`~esegeta_engine.jobs.plan.plan_jobs`
 expands methods into keyed jobs with their expected number of model evaluations, and
 each job runs on one device against a score model built by the one factory,
 :meth:`Explainer.make_score_model` (whole volume or sliding window, precision).
@@ -28,19 +28,24 @@ import torch
 from torch import nn
 
 from esegeta_engine import targets as T
+from esegeta_engine.advice import precision_clash
 from esegeta_engine.config import ExecutionConfig, MethodConfig, PreprocessConfig, TargetConfig
-from esegeta_engine.errors import EsegetaError, MethodError, TargetError, VolumeError, error_reason
-from esegeta_engine.execution.build import _is_oom, build_target, memory_error, target_support
-from esegeta_engine.execution.events import Event, Evaluator, JobFailed, MapReady, Progress, RunState
-from esegeta_engine.execution.executor import JobExecutor
-from esegeta_engine.execution.plan import Job, array_fingerprint, model_fingerprint, plan_jobs
-from esegeta_engine.execution.runner import ExecutionForm, execution_form
+from esegeta_engine.errors import (Cancelled, EsegetaError, MethodError, MethodTimeout, TargetError, VolumeError,
+                                   error_reason)
+from esegeta_engine.jobs.build import _is_oom, build_target, memory_error, target_support
+from esegeta_engine.jobs.events import Event, Evaluator, JobFailed, MapReady, Progress, RunState
+from esegeta_engine.jobs.executor import JobExecutor
+from esegeta_engine.jobs.plan import Job, array_fingerprint, model_fingerprint, plan_jobs
+from esegeta_engine.forward.runner import ExecutionForm, execution_form
 from esegeta_engine.io import Volume
 from esegeta_engine.methods import get_method
 from esegeta_engine.methods.registry import CostInfo
+from esegeta_engine.methods.architectures import fixed_size_fix
 from esegeta_engine.models import get_layer, model_guard
 from esegeta_engine.preprocess import Geometry, to_model_input
-from esegeta_engine.scoring import EvaluationMonitor, ScoreModel, make_score_model
+from esegeta_engine.forward.scoring import EvaluationMonitor, ScoreModel, make_score_model
+from esegeta_engine.timebudget import arm_pass_budget
+from esegeta_engine.watchdog import prediction_pass
 
 __all__ = ["Event", "Evaluator", "Explainer", "Job", "JobFailed", "MapReady", "Progress", "build_target",
            "memory_error", "target_support"]
@@ -49,7 +54,7 @@ log = logging.getLogger("esegeta_engine")
 
 
 @dataclass
-class Explainer(JobExecutor):
+class Explainer:
     """Explain one model's predictions on NIfTI-ordered volumes.
 
     Parameters
@@ -79,6 +84,7 @@ class Explainer(JobExecutor):
     execution: ExecutionConfig | None = None
     _divisible: int = field(default=1, init=False, repr=False)
     _fingerprint: str | None = field(default=None, init=False, repr=False)
+    _pass_s: float | None = field(default=None, init=False, repr=False)  # last prediction pass, seconds
 
     @property
     def device(self) -> torch.device:
@@ -136,24 +142,38 @@ class Explainer(JobExecutor):
         return make_score_model(model if model is not None else self.model, target, output=self.output,
                                 monitor=monitor, form=self.form_for(x, support, precision))
 
-    def raw_output(self, x: torch.Tensor) -> torch.Tensor:
+    def raw_output(self, x: torch.Tensor, cancel: threading.Event | None = None) -> torch.Tensor:
         """Selected model output for ``x`` without gradients, with readable errors.
 
         A whole-volume input the network cannot take (U-Nets need sizes divisible by
         2**depth) is padded to the smallest power-of-two multiple that works (with
-        ``execution.divisible_by: auto``), and the outputs are cropped back.
+        ``execution.divisible_by: auto``), and the outputs are cropped back. The pass
+        runs under the time limit (see :mod:`esegeta_engine.watchdog`); its duration is
+        kept for refusing jobs that cannot fit (:mod:`esegeta_engine.timebudget`).
         """
+        out, self._pass_s = prediction_pass(lambda monitor: self._raw_output(x, monitor), self.timeout_s, cancel)
+        return out
+
+    def _raw_output(self, x: torch.Tensor, monitor: EvaluationMonitor) -> torch.Tensor:
         with model_guard(self.model), torch.no_grad():
             try:
-                return self._raw(x)
-            except EsegetaError:
+                return self._raw(x, monitor)
+            except (EsegetaError, Cancelled, MethodTimeout):
                 raise
             except Exception as exc:  # the user's model rejected the input: say why, no traceback
                 if _is_oom(exc):
                     raise memory_error(tuple(x.shape), self.form_for(x)) from None
-                if self._try_padding(x):
-                    return self._raw(x)
+                clash = precision_clash(exc, self.form_for(x).precision)
+                if clash is not None:  # not the patch size's fault: name the precision
+                    raise clash from None
+                if self._try_padding(x, monitor):
+                    return self._raw(x, monitor)
                 form = self.form_for(x)
+                fixed = fixed_size_fix(self.model, tuple(x.shape[2:]) if form.sliding is None
+                                       else tuple(form.sliding.patch_size))
+                if fixed is not None:
+                    raise MethodError(f"the model does not accept an input of shape {tuple(x.shape)}: "
+                                      f"{error_reason(exc)}", fixed) from None
                 if form.sliding is not None:
                     raise MethodError(
                         f"the model does not accept a patch of size {list(form.sliding.patch_size)} "
@@ -166,15 +186,18 @@ class Explainer(JobExecutor):
                     "divisible by 2**depth, set execution.divisible_by (e.g. 16) or a patch size",
                 ) from None
 
-    def _raw(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.make_score_model(T.ClassificationTarget(), x).model_output(x)
+    def _raw(self, x: torch.Tensor, monitor: EvaluationMonitor | None = None) -> torch.Tensor:
+        sm = self.make_score_model(T.ClassificationTarget(), x, monitor)
+        if monitor is not None:
+            arm_pass_budget(sm, x, monitor)
+        out = sm.model_output(x)
         precision = self.form_for(x).precision
         if precision != "fp32" and not bool(torch.isfinite(out).all()):
             log.warning("the model output is non-finite in %s: the prediction is redone in fp32", precision)
-            out = self.make_score_model(T.ClassificationTarget(), x, precision="fp32").model_output(x)
+            out = self.make_score_model(T.ClassificationTarget(), x, monitor, precision="fp32").model_output(x)
         return out
 
-    def _try_padding(self, x: torch.Tensor) -> bool:
+    def _try_padding(self, x: torch.Tensor, monitor: EvaluationMonitor | None = None) -> bool:
         """Find the smallest 2**k padding the network accepts (``divisible_by: auto``)."""
         auto = self.execution is None or self.execution.divisible_by == "auto"
         if not auto or self._divisible > 1 or self.form_for(x).sliding is not None:
@@ -182,7 +205,9 @@ class Explainer(JobExecutor):
         for k in range(1, 6):
             self._divisible = 2 ** k
             try:
-                self._raw(x[:1])
+                self._raw(x[:1], monitor)
+            except (Cancelled, MethodTimeout):
+                raise
             except Exception as exc:
                 if _is_oom(exc):
                     break
@@ -225,7 +250,7 @@ class Explainer(JobExecutor):
         return list(classes)
 
     def job_context(self, volumes: Sequence[Volume], group: tuple[int, ...]) -> dict[str, Any]:
-        """What every job's key depends on besides the method (see :mod:`execution.plan`)."""
+        """What every job's key depends on besides the method (see :mod:`jobs.plan`)."""
         return {"target": self.target.model_dump(mode="json"),
                 "preprocess": self.preprocess.model_dump(mode="json"),
                 "execution": None if self.execution is None else self.execution.model_dump(mode="json"),
@@ -267,7 +292,7 @@ class Explainer(JobExecutor):
             for m in methods:
                 spec = get_method(m.name)
                 nt = int(m.noise_tunnel.samples) if m.noise_tunnel else 1
-                from esegeta_engine.execution.plan import expected_evaluations
+                from esegeta_engine.jobs.plan import expected_evaluations
 
                 for layer in m.layers or [None]:
                     info = CostInfo(1, self.preprocess.in_channels, tuple(shape), nt, sliding,
@@ -275,7 +300,7 @@ class Explainer(JobExecutor):
                     n = expected_evaluations(spec, spec.resolve_params(m.params), info)
                     if n is None:
                         return None
-                    total += n * (1 if spec.family == "visualisation" else n_classes)
+                    total += n * (n_classes if spec.explains_class else 1)
         return total
 
     def iter_explain(
@@ -342,6 +367,7 @@ class Explainer(JobExecutor):
                      for _, ms in groups}
         state = RunState(self.estimate(volumes, methods))
         done = 0
+        executor = JobExecutor(self)
         with model_guard(self.model):
             for gi, (group, group_methods) in enumerate(groups):
                 yield state.progress(done, done + sum(per_group[id(ms)] for _, ms in groups[gi:]),
@@ -354,7 +380,10 @@ class Explainer(JobExecutor):
                                       self.preprocess.axis_order, geometry,
                                       tuple(volumes[group[0]].data.shape[:self.preprocess.spatial_dims]))
                 target = target.to(self.device)
-                out = self.raw_output(x)
+                try:
+                    out = self.raw_output(x, cancel)  # under the time limit, cancellable
+                except Cancelled:
+                    return
                 target.prepare(out)
                 target = self.expand_target(target, out, volumes[group[0]])
                 jobs = self.plan(group_methods, target, out, group, x, self.job_context(volumes, group))
@@ -368,7 +397,7 @@ class Explainer(JobExecutor):
                         yield state.progress(done, total, f"{job.label} · {job.cls_label}: already done")
                         continue
                     yield state.progress(done, total, f"{job.label} · {job.cls_label}: starting")
-                    yield from self._run_job(job, x, target, support, monitor, done, total, evaluators,
+                    yield from executor.run(job, x, target, support, monitor, done, total, evaluators,
                                              threaded, on_progress, state, geometry)
                     state.finished(job, state.job_evaluations)
                     done += 1

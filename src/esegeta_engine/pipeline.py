@@ -27,8 +27,8 @@ from esegeta_engine import __version__
 from esegeta_engine.config import Config
 from esegeta_engine.errors import EsegetaError, VolumeError
 from esegeta_engine.explain import Event, Explainer, JobFailed, MapReady, Progress
-from esegeta_engine.execution.plan import model_fingerprint
-from esegeta_engine.execution.resume import ResumeState, file_sha256
+from esegeta_engine.jobs.plan import model_fingerprint
+from esegeta_engine.jobs.resume import ResumeState, file_sha256
 from esegeta_engine.io import Volume, load_volume, save_map, write_json
 from esegeta_engine.methods import get_method
 from esegeta_engine.evaluation.api import localisation_metrics
@@ -257,7 +257,7 @@ def iter_run(cfg: Config, cancel: threading.Event | None = None, *, threaded: bo
                 metrics = scalar_metrics(event.metrics)
                 if metrics.get("axiom_status") == "warning":
                     log.warning("%s · %s: completeness check: %s", job.label, job.cls_label, metrics["axiom_note"])
-                if job.spec.family == "visualisation":  # volumes, not maps: nothing to localise
+                if not job.spec.evaluable:  # volumes, not maps: nothing to localise
                     pass
                 elif gt_mask is not None:
                     metrics.update(localisation_metrics(event.array, gt_mask))

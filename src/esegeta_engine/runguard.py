@@ -162,8 +162,24 @@ def check_previous_run(out: Path, overwrite: bool) -> None:
     if (isinstance(previous, dict) and previous.get("status") in ("failed", "cancelled", "running")
             and not wrote_maps(previous)):
         return
-    raise ConfigError(f"output folder {str(out)!r} already holds a run ({MANIFEST})",
-                      "choose another output.dir (--out) or set output.overwrite: true (--overwrite)")
+    raise previous_run_error(out, previous)
+
+
+def previous_run_error(out: Path, previous: Any) -> ConfigError:
+    """The one-line refusal of a folder holding a run, saying how to continue or replace it."""
+    status = previous.get("status") if isinstance(previous, dict) else None
+    maps = sum(isinstance(r, dict) and r.get("status") == "ok" for r in previous.get("results") or []) \
+        if isinstance(previous, dict) else 0
+    if status in ("running", "cancelled", "failed"):
+        why = "was killed or interrupted" if status == "running" else f"ended {status}"
+        return ConfigError(f"output folder {str(out)!r} holds an unfinished run ({MANIFEST} says {status!r}: it "
+                           f"{why}) with {maps} finished map(s)",
+                           "pass --resume to keep its finished maps and run the rest, --overwrite to start again "
+                           "over it, or choose another output folder (--out)")
+    what = "a finished run" if status == "completed" else "a run"
+    return ConfigError(f"output folder {str(out)!r} already holds {what} ({MANIFEST})",
+                       "choose another output folder (--out); --resume keeps its matching maps and runs what is "
+                       "missing, --overwrite (output.overwrite: true) replaces it")
 
 
 def protect_inputs(out: Path, inputs: Iterable[Path | None], stems: Iterable[str]) -> None:

@@ -5,7 +5,7 @@ gradient method as k separate jobs runs the network forward k times. The gradien
 k component scores share one forward pass: whole-volume, one graph and k backward passes;
 sliding-window, one stitched forward without a graph, then per patch batch one recomputation
 with a graph and k backward passes through it (the upstream gradient of each component is
-blended into the patch exactly as :class:`~esegeta_engine.execution.sliding._PatchwiseFunction`
+blended into the patch exactly as :class:`~esegeta_engine.forward.sliding._PatchwiseFunction`
 does, so each map equals its separate job's map).
 
 :func:`shared_component_map` is called by the executor for each component job: the first job
@@ -19,8 +19,8 @@ from typing import Any
 
 import torch
 
-from esegeta_engine.execution.sliding import SlidingWindow
-from esegeta_engine.scoring import ScoreModel
+from esegeta_engine.forward.sliding import SlidingWindow
+from esegeta_engine.forward.scoring import ScoreModel
 
 # pure gradient methods whose map is a function of (input, gradient) only
 SHARED = {"saliency": lambda x, g, p: g.abs() if p.get("abs", True) else g,

@@ -10,6 +10,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from esegeta_engine.tables import safe_cell
+from esegeta_engine.io import atomic_write
+
 if TYPE_CHECKING:
     from napari_esegeta._evaluate import MapInfo
 
@@ -34,9 +37,9 @@ def write_csv(path: str | Path, rows: Sequence[dict[str, Any]], columns: Sequenc
     """Write the table (``layer, method, target, metrics..., notes``); NaN as ``undefined``."""
     path = Path(path)
     header = ["layer", "method", "target", *columns, "notes"]
-    with path.open("w", newline="", encoding="utf-8") as fh:
+    with atomic_write(path) as tmp, tmp.open("w", newline="", encoding="utf-8") as fh:
         w = csv.writer(fh)
-        w.writerow(header)
+        w.writerow([safe_cell(c) for c in header])
         for row in rows:
             out = []
             for c in header:
@@ -47,7 +50,7 @@ def write_csv(path: str | Path, rows: Sequence[dict[str, Any]], columns: Sequenc
                     out.append(repr(float(v)) if math.isfinite(float(v)) else UNDEFINED)
                 else:
                     out.append("" if v is None else str(v))
-            w.writerow(out)
+            w.writerow([safe_cell(c) for c in out])  # no cell a spreadsheet would run as a formula
     return path
 
 

@@ -173,6 +173,25 @@ def roi_from_layer(labels_layer: Any, shape: tuple[int, ...]) -> np.ndarray:
     return mask
 
 
+def refused_text(methods: Sequence[MethodConfig], target: TargetConfig, execution: Any,
+                 preprocess: PreprocessConfig, volume_shape: Sequence[int]) -> str | None:
+    """Why some of ``methods`` cannot run under this execution (sliding window), or ``None``.
+
+    Decided from the volume's shape and the methods' declared patch-wise mode, before any
+    model evaluation (the engine applies the same rule to each job).
+    """
+    from esegeta_engine.jobs.refusal import refusals
+    from esegeta_engine.preprocess import AxisOrder
+
+    spatial = tuple(volume_shape)[:preprocess.spatial_dims]
+    shape = AxisOrder(preprocess.axis_order).to_model(np.broadcast_to(np.float32(0), spatial)).shape
+    found = refusals(methods, target.kind, execution, shape)
+    if not found:
+        return None
+    names = ", ".join(name for name, _ in found)
+    return f"not started: {names} cannot run under this execution. " + format_error(found[0][1])
+
+
 def explain_events(model: Any, volume: Volume, methods: Sequence[MethodConfig], *,
                    preprocess: PreprocessConfig, target: TargetConfig, output: int | str | None,
                    roi_mask: np.ndarray | None, cancel: threading.Event,
@@ -186,6 +205,10 @@ def explain_events(model: Any, volume: Volume, methods: Sequence[MethodConfig], 
     ``on_progress``, called from that thread.
     """
     try:
+        refused = refused_text(methods, target, execution, preprocess, volume.data.shape)
+        if refused:  # before any preparation or model evaluation
+            yield RunError(refused)
+            return
         explainer = Explainer(model, preprocess=preprocess, target=target, output=output,
                               timeout_s=timeout_s, execution=execution)
         from esegeta_engine.evaluation.evaluators import axiom_evaluator
@@ -208,8 +231,28 @@ def predict_labels(model: Any, volume: Volume, preprocess: PreprocessConfig,
         return RunError(format_error(exc))
 
 
+def seam_note(array: np.ndarray, execution: dict[str, Any], axis_order: str = "xyz") -> tuple[dict, str] | None:
+    """Seam strength of a sliding-window map (per NIfTI axis) and the note that explains it, or ``None``."""
+    if (execution or {}).get("mode") != "sliding_window" or array.ndim != len(execution["patch_size"]):
+        return None
+    from esegeta_engine.evaluation.seams import seam_strength
+    from esegeta_engine.preprocess import AxisOrder
+
+    model = AxisOrder(axis_order).to_model(array)
+    strength = {axis_order[k]: round(v, 2) for k, v in
+                enumerate(seam_strength(model, execution["patch_size"], execution["overlap"]).values())}
+    shown = ", ".join(f"{k} {v:g}" for k, v in strength.items() if v == v)
+    return strength, (f"sliding window (patch {execution['patch_size']}, overlap {execution['overlap']}, "
+                      f"{execution.get('blend', 'gaussian')} blending): the map can show the patch grid — seam "
+                      f"strength {shown or 'n/a'} (|map| on patch-border planes / median plane; 1 = none). "
+                      "The seams belong to the deployed function (zero padding at each patch border, blending "
+                      "weights); overlap 0.5 with Gaussian blending reduces them (docs/execution.md). "
+                      "Compare tab ▸ Patch grid shows the borders.")
+
+
 def map_layer_data(event: MapReady, input_layer: Any, target: TargetConfig,
-                   roi_layer: str | None = None, class_names: Sequence[str] = ()) -> tuple[Any, dict, str]:
+                   roi_layer: str | None = None, class_names: Sequence[str] = (),
+                   axis_order: str = "xyz") -> tuple[Any, dict, str]:
     """Layer data for a :class:`MapReady`, with the input layer's geometry and provenance.
 
     A map with one more axis than the input (per-channel layer maps, layer visualisation)
@@ -222,10 +265,13 @@ def map_layer_data(event: MapReady, input_layer: Any, target: TargetConfig,
             "roi_layer": roi_layer if target.kind == "roi" else None, "frozen": target.frozen,
             "activation": target.resolved_activation, "seconds": round(event.seconds, 3),
             "evaluations": event.evaluations, "input_layer": input_layer.name,
-            "family": job.spec.family, "axiom": _axiom(event.metrics),
+            "family": job.spec.family, "evaluable": job.spec.evaluable, "axiom": _axiom(event.metrics),
             "execution": dict(event.execution or {})}  # the Evaluate tab scores the map on the same execution
     if target.kind == "channel":
         prov.update(target_layer=target.layer, channel=target.channel)
+    seams = seam_note(event.array, event.execution, axis_order)
+    if seams is not None:  # in the map's record and in the note napari shows with the layer
+        prov.update(seam_strength=seams[0], notes=[*event.notes, seams[1]])
     from esegeta_engine.evaluation.evaluators import scalar_metrics
     from esegeta_engine.evaluation.trust import scorecard
 

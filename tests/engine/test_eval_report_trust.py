@@ -98,8 +98,9 @@ def test_orientation_letters_from_the_affine(tmp_path) -> None:
     assert F.axis_codes(np.diag([1.0, 1.0, 1.0, 1.0])) == ("R", "A", "S")
     codes = F.axis_codes(AFFINE)
     assert codes == ("L", "A", "S")
-    assert F._orient(codes, 2, 3) == ("L", "A")  # axial MIP: x to the right (L), y up (A)
-    assert F._orient(codes, 0, 3) == ("A", "S")
+    views = {v["name"]: v["letters"] for v in F.display_views(np.zeros((6, 6, 6)), np.ones((6, 6, 6)), affine=AFFINE)}
+    assert views["axial"] == {"left": "R", "right": "L", "top": "A", "bottom": "P"}  # radiological, as napari
+    assert views["sagittal"] == {"left": "A", "right": "P", "top": "S", "bottom": "I"}
     assert F.axis_codes(None) is None and F.axis_codes(np.zeros((4, 4))) is None
     texts = []
     from matplotlib.axes import Axes

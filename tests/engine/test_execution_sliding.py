@@ -14,11 +14,11 @@ from torch import nn
 
 from esegeta_engine.config import ExecutionConfig, MethodConfig, PreprocessConfig, TargetConfig
 from esegeta_engine.errors import Cancelled, MethodError
-from esegeta_engine.execution.sliding import SlidingWindow, WindowGrid, WindowSettings
+from esegeta_engine.forward.sliding import SlidingWindow, WindowGrid, WindowSettings
 from esegeta_engine.explain import Explainer, MapReady
 from esegeta_engine.io import Volume
 from esegeta_engine.methods import MethodContext, attribute, get_method
-from esegeta_engine.scoring import EvaluationMonitor
+from esegeta_engine.forward.scoring import EvaluationMonitor
 from esegeta_engine.targets import ArgmaxRegionTarget, RegionOfInterestTarget
 
 from tiny_models import assert_untouched
@@ -246,12 +246,13 @@ def test_layer_method_is_refused_by_name_under_sliding_window():
     net = _net(3)
     vol = Volume(np.random.default_rng(1).normal(size=(16, 16, 8)).astype(np.float32), np.eye(4), None)
     expl = Explainer(net, execution=ExecutionConfig(patch_size=8))
-    events = list(expl.iter_explain([vol], [MethodConfig(name="layer_gradcam", layers=["0"]),
+    events = list(expl.iter_explain([vol], [MethodConfig(name="eigen_cam", layers=["0"]),
+                                            MethodConfig(name="layer_gradcam", layers=["0"]),
                                             MethodConfig(name="saliency")], threaded=False))
     failed = [e for e in events if type(e).__name__ == "JobFailed"]
     ok = [e for e in events if isinstance(e, MapReady)]
-    assert len(failed) == 1 and "layer_gradcam" in failed[0].error and "ROI crop" in failed[0].error
-    assert len(ok) == 1
+    assert len(failed) == 1 and "eigen_cam" in failed[0].error and "ROI crop" in failed[0].error
+    assert len(ok) == 2  # Grad-CAM runs on every patch copy of the layer (issue 20)
 
 
 def test_a_patch_the_model_rejects_is_named_with_the_fix():

@@ -19,7 +19,7 @@ from torch import nn
 from esegeta_engine.errors import MethodError
 from esegeta_engine.methods import MethodContext, attribute, get_method, list_methods
 from esegeta_engine.methods.registry import CostInfo
-from esegeta_engine.scoring import ScoreModel
+from esegeta_engine.forward.scoring import ScoreModel
 from esegeta_engine.targets import ArgmaxRegionTarget, ClassificationTarget
 from extra_models import BiasNet
 from tiny_models import TinyClassifier, assert_untouched, cls_setup, seg_setup, shape
@@ -99,7 +99,9 @@ def test_registered_specs() -> None:
     layer_specs = {s.name: s for s in list_methods("layer")}
     for name in CAMS:
         spec = layer_specs[name]
-        assert spec.needs_layer and spec.needs_hooks and spec.patchwise == "whole"
+        assert spec.needs_layer and spec.needs_hooks
+        # gradient CAMs run on every patch copy of the layer; Eigen/Score/Ablation-CAM need the whole volume
+        assert spec.patchwise == ("whole" if "eigen" in name or name in ("score_cam", "ablation_cam") else "gradient")
         assert spec.reference and spec.summary and all(p.help for p in spec.params)
         assert {"upsample", "attribute_to_layer_input"} <= {p.name for p in spec.params}
         spec.resolve_params({})

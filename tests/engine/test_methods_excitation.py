@@ -10,7 +10,7 @@ from torch import nn
 from esegeta_engine.methods import MethodContext, attribute, get_method
 from esegeta_engine.methods.excitation import ExcitationBackprop
 from esegeta_engine.models import model_guard
-from esegeta_engine.scoring import ScoreModel
+from esegeta_engine.forward.scoring import ScoreModel
 from esegeta_engine.targets import ClassificationTarget, RegionOfInterestTarget
 from tiny_models import assert_untouched, cls_setup, seg_setup
 
@@ -88,7 +88,7 @@ def test_method_matrix(name: str, dims: int, kind: str) -> None:
     assert result.shape == (1, 1, *x.shape[2:]) and bool(torch.isfinite(result).all())
     assert result.abs().sum() > 0
     assert score.monitor.count == spec.cost(None, {}) == 1
-    assert spec.patchwise == "whole"
+    assert spec.patchwise == "gradient"  # runs on every patch copy of the layer (issue 20)
     assert_untouched(net, state)
 
 

@@ -114,3 +114,14 @@ def test_recursive_alias_is_refused():
 def test_json_value_count_is_bounded():
     with pytest.raises(ConfigError, match="too large"):
         load_bounded("[" + ",".join(["1"] * (yamlsafe.MAX_NODES + 5)) + "]", json_syntax=True)
+
+
+def test_evaluate_reads_a_received_runs_manifest_within_the_depth_bound(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "manifest.json").write_text('{"config": ' + "[" * 20_000 + "]" * 20_000 + ', "results": []}')
+    before = (run_dir / "manifest.json").stat().st_mtime_ns
+    assert cli.main(["evaluate", str(run_dir)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and f"more than {MAX_DEPTH} levels" in err
+    assert (run_dir / "manifest.json").stat().st_mtime_ns == before

@@ -137,3 +137,31 @@ def test_preferred_reader_is_written_once_and_keeps_a_user_choice() -> None:
     assert ensure_preferred_reader() == ["*.nii.gz"]
     assert plugins.extension2reader == {"*.nii": "someone-else", "*.nii.gz": "napari-esegeta"}
     assert ensure_preferred_reader() == []
+
+
+def test_default_layer_is_the_last_activation_before_the_head() -> None:
+    """Grad-CAM's default layer on the bundled U-Net localises (issue 19.9): the decoder's last ReLU."""
+    from napari_esegeta._model import default_layer
+
+    unet = [("ups.1.block.conv2", "Conv3d"), ("ups.1.block.bn2", "BatchNorm3d"), ("ups.1.block.relu2", "ReLU"),
+            ("head", "Conv3d")]
+    assert default_layer(unet) == "ups.1.block.relu2"
+    assert default_layer([("a", "Conv2d"), ("b", "Conv2d"), ("head", "Conv2d")]) == "b"  # no activations
+    assert default_layer([("fc", "Linear"), ("act", "ReLU")]) == "act"  # no convolution: the last layer
+
+
+def test_sliding_window_maps_carry_their_seam_strength_and_note() -> None:
+    """Issue 19.3: the layer's record says how strongly the map shows the patch grid, and why."""
+    from esegeta_engine.evaluation.seams import border_planes
+    from napari_esegeta._run import seam_note
+
+    shape = (24, 24, 16)
+    a = np.ones(shape, np.float32)
+    a[:, border_planes(shape, (8, 8, 8), 0.25)[1], :] = 2.0  # seams across y
+    execution = {"mode": "sliding_window", "patch_size": [8, 8, 8], "overlap": 0.25, "blend": "gaussian"}
+    strength, note = seam_note(a, execution, "xyz")
+    assert strength["y"] == pytest.approx(2.0) and strength["x"] == pytest.approx(1.0)
+    assert "seam strength" in note and "overlap 0.5" in note and "Patch grid" in note
+    assert seam_note(a, {"mode": "whole", "precision": "fp32"}) is None
+    strength, _ = seam_note(a, execution, "zyx")  # model axes (z, y, x): named by their NIfTI letters
+    assert set(strength) == {"x", "y", "z"} and strength["y"] == pytest.approx(2.0)

@@ -113,7 +113,7 @@ def test_maps_read_over_the_scan(qtbot, laptop, tmp_path, bundled_model):
     ex.methods.check("input_x_gradient")
     ex.methods.check("occlusion", window=8, stride=8)
     _run(qtbot, ex)
-    assert ex.status.property("status_kind") == "ok", ex.status.text()
+    assert ex.status.property("status_kind") in ("ok", "warning"), ex.status.text()
     maps = [ly for ly in viewer.layers if "method" in ly.metadata.get("esegeta", {})]
     assert len(maps) == 3 and all(m.name.endswith(" · vessel") for m in maps), [m.name for m in maps]
     assert all(m.metadata["esegeta"]["class_name"] == "vessel" for m in maps)
@@ -189,7 +189,7 @@ def test_long_run_asks_for_a_second_click(qtbot, laptop, bundled_model, monkeypa
     assert ex.run() is None and not ex.running
     assert "1,000,000 model evaluations" in ex.status.text() and ex.run_btn.text() == "Run anyway"
     _run(qtbot, ex)  # the second click runs it
-    assert ex.status.property("status_kind") == "ok", ex.status.text()
+    assert ex.status.property("status_kind") in ("ok", "warning"), ex.status.text()
     assert ex.run_btn.text() == "Run" and dock.session.seconds_per_evaluation > 0
 
 

@@ -8,6 +8,7 @@ import os
 import time
 
 import numpy as np
+import torch
 import pytest
 
 from plugin_helpers import wait_until
@@ -27,8 +28,10 @@ def _load_and_explain(qtbot, w) -> list:
     ex.methods.check("saliency")
     ex.methods.check("integrated_gradients", n_steps=4)
     assert ex.run() is not None, ex.status.text()
-    wait_until(qtbot, lambda: not ex.running, 60)
-    assert ex.status.property("status_kind") == "ok", ex.status.text()
+    wait_until(qtbot, lambda: not ex.running, 120)
+    # integrated gradients with 4 steps misses completeness: a warning (amber), not a success (green)
+    assert ex.status.property("status_kind") == "warning", ex.status.text()
+    assert "completeness" in ex.status.text() and "7fd17f" not in ex.status.styleSheet()
     return list(ex.added)
 
 
@@ -109,22 +112,45 @@ def test_evaluate_panel(qtbot, make_docked, bundled_model, tmp_path):
         ev.grab().save(SHOT)
 
 
+class _Counting(torch.nn.Module):
+    """The session's model, counting forward passes that start after Cancel was clicked."""
+
+    def __init__(self, net, cancel_event) -> None:
+        super().__init__()
+        self.net = net
+        self.counts = {"calls": 0, "after_cancel": 0}
+        self._cancel = cancel_event
+
+    def forward(self, x):
+        self.counts["calls"] += 1
+        if self._cancel().is_set():
+            self.counts["after_cancel"] += 1
+        return self.net(x)
+
+
 def test_evaluate_cancel_and_undefined(qtbot, docked, bundled_model):
+    """Cancel during randomisation: no model evaluation starts after it (counted, not timed), every
+    metric row done before it stays; the latency is measured by benchmarks/bench_meeting_flow.py."""
     viewer, image, w = docked
     maps = _load_and_explain(qtbot, w)
     ev = _evaluate_widget(viewer)
+    s = ev.session
+    counting = _Counting(s.model, lambda: ev.control.event)
+    s.set_model(counting, s.model_name, s.preprocess, s.output, s.class_names)
     ev.form.set_checked(infidelity=True, faithfulness=False, randomisation=True,
                         localisation=True)  # no ground truth chosen: undefined, with the reason
     ev.form.set_values("randomisation", max_stages=20)
     assert ev.run() is not None, ev.status.text()
-    wait_until(qtbot, lambda: "randomisation" in ev.last_message or not ev.running, 60)
+    wait_until(qtbot, lambda: "randomisation" in ev.last_message or not ev.running, 300)
     assert ev.running, ev.status.text()
-    qtbot.wait(200)
+    wait_until(qtbot, lambda: counting.counts["calls"] > 0 and ev.control._latest is not None, 60)
     ev.cancel()
-    wait_until(qtbot, lambda: not ev.running, 10)
-    assert ev.last_cancel_latency is not None and ev.last_cancel_latency < 1.5, ev.last_cancel_latency
+    calls_at_cancel = counting.counts["calls"]
+    wait_until(qtbot, lambda: not ev.running, 120)
+    # at most the evaluation that had passed its cancel check as the button was clicked
+    assert counting.counts["after_cancel"] <= 1, counting.counts
+    assert counting.counts["calls"] <= calls_at_cancel + 1
     assert "cancelled" in ev.status.text()
-    print(f"cancel latency {ev.last_cancel_latency:.2f} s")
     # the metric rows done before the cancel are kept
     assert sorted(r["layer"] for r in ev.rows) == sorted(maps)
     headers = ev.headers()

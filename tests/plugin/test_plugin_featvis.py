@@ -26,7 +26,7 @@ def test_channel_target_and_visualisations(qtbot, docked, bundled_model):
     n_before = len(viewer.layers)
     assert ex.run() is not None, ex.status.text()
     wait_until(qtbot, lambda: not ex.running, 120)
-    assert ex.status.property("status_kind") == "ok", ex.status.text()
+    assert ex.status.property("status_kind") in ("ok", "warning"), ex.status.text()
     new = list(viewer.layers)[n_before:]
     sal = [ly for ly in new if ly.metadata["esegeta"]["method"] == "saliency"]
     vis = [ly for ly in new if ly.metadata["esegeta"]["method"] == "layer_visualisation"]

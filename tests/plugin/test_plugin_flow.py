@@ -44,7 +44,7 @@ def test_full_flow_two_methods(qtbot, docked, bundled_model):
     ex.methods.check("occlusion", window=16)
     n_before = len(viewer.layers)
     run_and_wait(qtbot, ex)
-    assert ex.status.property("status_kind") == "ok", ex.status.text()
+    assert ex.status.property("status_kind") in ("ok", "warning"), ex.status.text()
     results = [ly for ly in viewer.layers if "method" in ly.metadata.get("esegeta", {})]
     assert len(viewer.layers) == n_before + len(results) and len(results) >= 2
     assert {r.metadata["esegeta"]["method"] for r in results} == {"saliency", "occlusion"}
@@ -114,7 +114,7 @@ def test_cancel_is_fast_and_keeps_finished_layers(qtbot, docked, bundled_model):
     viewer.add_image(np.zeros((4, 4, 4)), name="after cancel")
     ex.methods.check("occlusion", False)
     run_and_wait(qtbot, ex)
-    assert ex.status.property("status_kind") == "ok", ex.status.text()
+    assert ex.status.property("status_kind") in ("ok", "warning"), ex.status.text()
 
 
 def _bad_model_files(tmp_path):
@@ -204,7 +204,7 @@ def test_voxel_and_roi_targets(qtbot, docked, bundled_model, phantom):
     ex.kind_combo.setCurrentText("roi")
     ex.roi_combo.setCurrentText("roi")
     run_and_wait(qtbot, ex)
-    assert ex.status.property("status_kind") == "ok", ex.status.text()
+    assert ex.status.property("status_kind") in ("ok", "warning"), ex.status.text()
     roi_maps = [ly for ly in viewer.layers if ly.metadata.get("esegeta", {}).get("target") == "roi"]
     assert roi_maps and roi_maps[0].metadata["esegeta"]["roi_layer"] == "roi"
     # the evaluation panel's logic rebuilds the ROI target from the named Labels layer
@@ -269,7 +269,7 @@ def test_compare_grid_save_and_rendering(qtbot, docked, bundled_model, tmp_path,
 
 
 def test_npe2_docked_widgets_share_the_model(qtbot, make_napari_viewer, bundled_model):
-    """Through napari's plugin menu each widget gets its own viewer proxy; they must cooperate."""
+    """Through napari's plugin menu the dock gets a viewer proxy; its tabs and a second opening share the model."""
     from napari_esegeta._sample_data import open_with_bundled_model
 
     viewer = make_napari_viewer()
@@ -278,8 +278,8 @@ def test_npe2_docked_widgets_share_the_model(qtbot, make_napari_viewer, bundled_
     mw = open_with_bundled_model(viewer)
     wait_until(qtbot, lambda: mw.session.model is not None or mw.status.property("status_kind") == "error", 60)
     assert mw.session.model is not None, mw.status.text()
-    _, ex = viewer.window.add_plugin_dock_widget("napari-esegeta", "Explain")
-    _, cw = viewer.window.add_plugin_dock_widget("napari-esegeta", "Compare")
+    _, dock = viewer.window.add_plugin_dock_widget("napari-esegeta", "esegeta")
+    ex, cw = dock.explain, dock.compare
     assert ex.session is mw.session and "bundled" in ex.model_label.text()
     assert ex.image_combo.layer() is not None and mw.image_combo.layer() is not None
     mw.predict()
@@ -287,7 +287,7 @@ def test_npe2_docked_widgets_share_the_model(qtbot, make_napari_viewer, bundled_
                and not mw.session.busy, 60)  # the layer comes before the worker's end
     ex.methods.check("saliency")
     run_and_wait(qtbot, ex)
-    assert ex.status.property("status_kind") == "ok", ex.status.text()
+    assert ex.status.property("status_kind") in ("ok", "warning"), ex.status.text()
     assert len(cw.result_layers()) == 1 and cw.compare()
     assert viewer.canvas.grid.enabled
     cw.uncompare()

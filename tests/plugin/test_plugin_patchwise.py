@@ -15,38 +15,47 @@ pytestmark = pytest.mark.gui
 
 
 class SlowSegNet(nn.Module):
-    """A segmentation net whose forward takes ~2 s on the whole 32^3 phantom, ~0.06 s on an 8^3 patch."""
+    """A segmentation net whose forward takes ~2 s on the whole 32^3 phantom, ~0.06 s on an 8^3 patch;
+    it counts the forward passes that start after the cancel event is set."""
 
     def __init__(self) -> None:
         super().__init__()
         self.conv = nn.Conv3d(1, 2, 3, padding=1)
+        self.cancel = None
+        self.calls = self.after_cancel = 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        if self.cancel is not None and self.cancel().is_set():
+            self.after_cancel += 1
         time.sleep(2.0 * x.numel() / 32 ** 3)
         return self.conv(x)
 
 
-def test_cancel_within_a_second_under_patch_wise_execution(qtbot, docked):
+def test_cancel_stops_at_the_next_patch_under_patch_wise_execution(qtbot, docked):
+    """Counted, not timed: after Cancel no patch evaluation starts (at most the one past its check);
+    the latency is measured by benchmarks/bench_meeting_flow.py."""
     viewer, image, w = docked
     session = w["model"].session
     torch.manual_seed(0)
-    session.set_model(SlowSegNet().eval(), "slow", session.preprocess, None)
+    net = SlowSegNet().eval()
+    session.set_model(net, "slow", session.preprocess, None)
     w["model"].patch_edit.setText("8")
     w["model"]._execution_changed()
     assert session.execution is not None and session.execution.patch_size == 8
     ex = w["explain"]
+    net.cancel = lambda: ex.control.event
     ex.kind_combo.setCurrentText("argmax")
     ex.classes_edit.setText("1")
     ex.methods.check("saliency")
     assert ex.run() is not None, ex.status.text()
-    wait_until(qtbot, lambda: "saliency" in ex.progress_label.text(), 60)
+    wait_until(qtbot, lambda: "saliency" in ex.progress_label.text(), 120)
     qtbot.wait(700)
     assert ex.running
-    t0 = time.perf_counter()
     ex.cancel_btn.click()
-    wait_until(qtbot, lambda: not ex.running, 10)
-    latency = time.perf_counter() - t0
-    assert latency < 1.0, latency
+    calls = net.calls
+    wait_until(qtbot, lambda: not ex.running, 60)
+    assert net.after_cancel <= 1 and net.calls <= calls + 1, (net.calls, calls, net.after_cancel)
     assert "cancelled" in ex.status.text()
 
 

@@ -15,8 +15,6 @@ import csv
 import io
 import itertools
 import logging
-import os
-import tempfile
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -26,8 +24,9 @@ import numpy as np
 
 from esegeta_engine.cohort.config import CohortConfig
 from esegeta_engine.cohort.plan import CohortPlan, grid_volume
-from esegeta_engine.io import Volume, save_map
+from esegeta_engine.io import Volume, save_map, write_text
 from esegeta_engine.pipeline import _slug
+from esegeta_engine.tables import safe_cell, safe_row
 
 log = logging.getLogger("esegeta_engine")
 TABLE = "cohort_metrics.csv"
@@ -127,14 +126,9 @@ def _write_csv(path: Path, rows: list[dict[str, Any]]) -> Path:
     columns = list(dict.fromkeys(k for r in rows for k in r))
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore")
-    w.writeheader()
-    w.writerows(rows)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
-    with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
-        fh.write(buf.getvalue())
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
-    return path
+    w.writerow({c: safe_cell(c) for c in columns})
+    w.writerows(safe_row(r) for r in rows)  # no cell a spreadsheet would run as a formula
+    return write_text(buf.getvalue(), path)
 
 
 def metrics_tables(out: Path, plan: CohortPlan, records: list[dict[str, Any]],

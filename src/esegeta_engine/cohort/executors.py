@@ -140,10 +140,13 @@ def connect(address: str, timeout_s: float = 5.0) -> DaskExecutor:
     Raises
     ------
     ConfigError
-        Within about ``timeout_s`` when nothing answers at ``address``.
+        At once for a malformed address; within about ``timeout_s`` when nothing answers at ``address``.
     """
     from distributed import Client
 
+    from esegeta_engine.cohort.scheduler_address import check_scheduler_address
+
+    address = check_scheduler_address(address)  # a malformed one never reaches Client (10 s hang)
     try:
         client = Client(address, timeout=f"{timeout_s}s", set_as_default=False)
     except (OSError, TimeoutError, ValueError) as exc:

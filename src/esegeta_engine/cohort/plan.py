@@ -19,12 +19,13 @@ from typing import Any
 import numpy as np
 
 from esegeta_engine.cohort.config import CohortConfig
+from esegeta_engine.cohort.subjects import derive_subject_ids, describe_subjects
 from esegeta_engine.config import MethodConfig, PreprocessConfig, TargetConfig
 from esegeta_engine.errors import ConfigError, VolumeError
 from esegeta_engine.io import Volume, is_nifti
 from esegeta_engine.methods import get_method
 from esegeta_engine.methods.registry import CostInfo
-from esegeta_engine.pipeline import _slug, volume_stem
+from esegeta_engine.pipeline import _slug
 from esegeta_engine.preprocess import AxisOrder
 
 _HASHES: dict[tuple[str, int, int], str] = {}
@@ -109,6 +110,7 @@ class CohortVolume:
     sha256: str = ""
     shape: tuple[int, ...] = ()
     affine: np.ndarray = field(default_factory=lambda: np.eye(4))
+    subject_from: str = "from the file names"  # how ``subject`` was found (see cohort.subjects)
 
 
 @dataclass(frozen=True)
@@ -155,7 +157,7 @@ class CohortPlan:
             text += f"; about {est} model evaluations" + (f" (+{unknown} jobs of undeclared cost)" if unknown else "")
         else:
             text += "; cost: these methods do not declare one"
-        return text + f"\n{self.grid_note}"
+        return text + f"\n{describe_subjects(self.volumes)}\n{self.grid_note}"
 
 
 def _csv_rows(path: Path) -> list[dict[str, str]]:
@@ -198,7 +200,8 @@ def resolve_volumes(cfg: CohortConfig) -> list[CohortVolume]:
         if not paths:
             raise ConfigError(f"cohort.glob {c.glob!r} matches no NIfTI file",
                               "check the pattern (relative to the config's folder); e.g. 'data/*.nii.gz'")
-        vols = [CohortVolume(p, volume_stem(p, i)) for i, p in enumerate(paths)]
+        ids, rule = derive_subject_ids(paths)
+        vols = [CohortVolume(p, s, subject_from=rule) for p, s in zip(paths, ids)]
     elif c.csv is not None:
         base = c.csv.parent
         for i, row in enumerate(_csv_rows(c.csv), start=2):
@@ -208,13 +211,19 @@ def resolve_volumes(cfg: CohortConfig) -> list[CohortVolume]:
             p = _existing(_abs(row["volume"], base), "volume", where)
             opt = {k: _existing(_abs(row[k], base), k.replace("_", " "), where)
                    for k in ("ground_truth", "roi") if row.get(k)}
-            vols.append(CohortVolume(p, _slug(row.get("subject") or "") or volume_stem(p, i),
-                                     row.get("group") or None, opt.get("ground_truth"), opt.get("roi")))
+            given = _slug(row.get("subject") or "")
+            vols.append(CohortVolume(p, given, row.get("group") or None, opt.get("ground_truth"), opt.get("roi"),
+                                     subject_from="from the CSV's subject column" if given else ""))
         if not vols:
             raise ConfigError(f"{c.csv.name} has no rows", "list one volume per row under the header")
+        ids, rule = derive_subject_ids([v.path for v in vols])
+        for v, s in zip(vols, ids):
+            if not v.subject:
+                v.subject, v.subject_from = s, rule
     else:
-        vols = [CohortVolume(_existing(p, "volume", "cohort.volumes"), volume_stem(p, i))
-                for i, p in enumerate(c.volumes)]
+        paths = [_existing(p, "volume", "cohort.volumes") for p in c.volumes]
+        ids, rule = derive_subject_ids(paths)
+        vols = [CohortVolume(p, s, subject_from=rule) for p, s in zip(paths, ids)]
     subjects = [v.subject for v in vols]
     dupes = sorted({s for s in subjects if subjects.count(s) > 1})
     if dupes:

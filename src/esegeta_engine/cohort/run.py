@@ -92,7 +92,7 @@ def _manifest(cfg: CohortConfig, plan: CohortPlan, executor: str) -> dict[str, A
         "plan": {"jobs": len(plan.jobs), "estimated_model_evaluations": plan.estimated_evaluations,
                  "common_grid": plan.common_grid, "grid_note": plan.grid_note},
         "models": [{"name": m.name, "path": str(m.path), "sha256": plan.model_sha[m.name]} for m in cfg.models],
-        "volumes": [{"subject": v.subject, "group": v.group, "path": str(v.path), "sha256": v.sha256,
+        "volumes": [{"subject": v.subject, "subject_from": v.subject_from, "group": v.group, "path": str(v.path), "sha256": v.sha256,
                      "shape": list(v.shape), "affine": v.affine.tolist(),
                      "ground_truth": str(v.ground_truth) if v.ground_truth else None} for v in plan.volumes],
         "results": [],

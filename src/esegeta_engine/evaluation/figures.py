@@ -5,8 +5,15 @@ canvas, so nothing touches pyplot's global state or needs a display.
 Positive attribution is drawn in red and negative in blue over the grey
 image, with opacity growing with magnitude; 3D volumes are shown as maximum
 intensity projections (MIPs) along each axis, with the aspect ratio of the
-voxel spacing. Arrays are in NIfTI axis order ``(x, y[, z])``; projections
-are drawn with the first remaining axis to the right and the second upwards.
+voxel spacing. Arrays are in NIfTI axis order ``(x, y[, z])``.
+
+**One orientation convention, the plugin's (radiological).** With the affine,
+a 3D volume is first put in the closest RAS voxel order (oblique and flipped
+scans alike), then every view is drawn as napari-esegeta shows it: axial with
+the patient's right on the left and anterior up, coronal with right on the left
+and superior up, sagittal with anterior on the left and superior up. The edge
+letters of every panel come from :func:`display_views`, which the tests compare
+with the plugin's canvas letters.
 
 matplotlib is an optional dependency (``pip install 'napari-esegeta[report]'``).
 """
@@ -20,8 +27,10 @@ from typing import Any
 import numpy as np
 
 from esegeta_engine.errors import EsegetaError, VolumeError
+from esegeta_engine.io import atomic_write
 
-__all__ = ["axis_codes", "comparison_grid", "curves_figure", "mip_figure", "montage_figure", "randomisation_strip"]
+__all__ = ["axis_codes", "comparison_grid", "curves_figure", "display_views", "mip_figure", "montage_figure",
+           "randomisation_strip"]
 
 DPI = 100
 RED = (0.95, 0.05, 0.02)
@@ -31,8 +40,6 @@ FLOOR = 0.04  # magnitudes below this share of the scale stay transparent
 GREY_MAX = 0.7  # the brightest voxel is drawn light grey, not white, so red stays red on vessels
 SIGN_LABEL = "attribution (red +, blue −)"
 _OPPOSITE = {"R": "L", "L": "R", "A": "P", "P": "A", "S": "I", "I": "S"}
-Orient = tuple[str, str] | None
-"""Letters of the right and upper edges of a panel (e.g. ``("R", "S")``); ``None``: no letters."""
 
 
 def axis_codes(affine: Any) -> tuple[str, ...] | None:
@@ -49,14 +56,6 @@ def axis_codes(affine: Any) -> tuple[str, ...] | None:
     return codes if all(c in _OPPOSITE for c in codes) else None
 
 
-def _orient(codes: tuple[str, ...] | None, axis: int | None, ndim: int) -> Orient:
-    """Edge letters of the view along ``axis`` (None: the 2D image); see :func:`_panel`."""
-    if codes is None:
-        return None
-    rest = (0, 1) if axis is None else tuple(i for i in range(ndim) if i != axis)
-    return (codes[rest[0]], codes[rest[1]]) if max(rest) < len(codes) else None
-
-
 def _figure(width: float, height: float) -> Any:
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -71,8 +70,8 @@ def _figure(width: float, height: float) -> Any:
 
 def _save(fig: Any, path: str | Path) -> Path:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=DPI, facecolor="white")
+    with atomic_write(path) as tmp:
+        fig.savefig(tmp, dpi=DPI, facecolor="white", format=path.suffix.lstrip(".") or "png")
     return path
 
 
@@ -101,23 +100,77 @@ def _spacing(spacing: Sequence[float] | None, ndim: int) -> tuple[float, ...]:
     return sp if len(sp) == ndim and all(s > 0 for s in sp) else (1.0,) * ndim
 
 
+#: the planes of the three views of an RAS volume: view axis -> name
+PLANES = {2: "axial", 1: "coronal", 0: "sagittal"}
+
+
 def _views(ndim: int, axes: Sequence[int] = (2, 1, 0)) -> list[int | None]:
     return [None] if ndim == 2 else list(axes)
 
 
 def _view_title(axis: int | None, kind: str = "MIP") -> str:
-    return "image" if axis is None else f"{kind} along {'xyz'[axis]}"
+    return "image" if axis is None else f"{PLANES[axis]} {kind}"
 
 
-def _project(v: np.ndarray, a: np.ndarray, axis: int | None, spacing: tuple[float, ...]) -> tuple:
-    """(grey, positive, negative, aspect) of one view: MIP along ``axis`` (2D: the image)."""
+def _canonical(v: np.ndarray, a: np.ndarray, spacing: tuple[float, ...],
+               affine: Any) -> tuple[np.ndarray, np.ndarray, tuple[float, ...], tuple[str, ...] | None]:
+    """The arrays in the closest RAS voxel order (3D with an affine), their spacing and axis codes."""
+    codes = axis_codes(affine)
+    if v.ndim != 3 or codes is None:
+        return v, a, spacing, codes
+    from nibabel.orientations import apply_orientation, io_orientation
+
+    ornt = io_orientation(np.asarray(affine, dtype=float))[:3]
+    sp = [1.0, 1.0, 1.0]
+    for i, (out, _) in enumerate(ornt):
+        sp[int(out)] = spacing[i]
+    return apply_orientation(v, ornt), apply_orientation(a, ornt), tuple(sp), ("R", "A", "S")
+
+
+def _display(arr: np.ndarray, radiological: bool) -> np.ndarray:
+    """A 2D ``(h, v)`` array as shown: rows from the top (high ``v``), columns from the left
+    (high ``h`` in the radiological views, low ``h`` for a 2D image)."""
+    shown = arr.T[::-1]
+    return np.ascontiguousarray(shown[:, ::-1] if radiological else shown)
+
+
+def _letters(codes: tuple[str, ...] | None, rest: tuple[int, int], radiological: bool) -> dict[str, str] | None:
+    if codes is None or max(rest) >= len(codes):
+        return None
+    h, v = codes[rest[0]], codes[rest[1]]
+    left, right = (h, _OPPOSITE[h]) if radiological else (_OPPOSITE[h], h)
+    return {"top": v, "bottom": _OPPOSITE[v], "left": left, "right": right}
+
+
+def _project(v: np.ndarray, a: np.ndarray, axis: int | None, spacing: tuple[float, ...],
+             codes: tuple[str, ...] | None = None, index: int | None = None) -> tuple:
+    """(grey, positive, negative, aspect, letters) of one view as displayed: the MIP along ``axis``
+    (the slice ``index`` when given; 2D: the image)."""
     if axis is None:
         grey, pos, neg, rest = v, np.clip(a, 0, None), np.clip(-a, 0, None), (0, 1)
+    elif index is not None:
+        grey, m = np.take(v, index, axis), np.take(a, index, axis)
+        pos, neg = np.clip(m, 0, None), np.clip(-m, 0, None)
+        rest = tuple(i for i in range(3) if i != axis)
     else:
         grey = v.max(axis)
         pos, neg = np.clip(a, 0, None).max(axis), np.clip(-a, 0, None).max(axis)
         rest = tuple(i for i in range(3) if i != axis)
-    return grey, pos, neg, spacing[rest[1]] / spacing[rest[0]]
+    radio = axis is not None
+    return (_display(grey, radio), _display(pos, radio), _display(neg, radio), spacing[rest[1]] / spacing[rest[0]],
+            _letters(codes, rest, radio))
+
+
+def display_views(volume: Any, attribution: Any, *, affine: Any = None,
+                  spacing: Sequence[float] | None = None) -> list[dict[str, Any]]:
+    """The views a figure draws, as displayed: name, grey image (row 0 at the top), edge letters.
+
+    3D: axial, coronal and sagittal MIPs in the plugin's radiological convention; 2D: the image.
+    """
+    v, a = _as_spatial(volume, attribution)
+    v, a, sp, codes = _canonical(v, a, _spacing(spacing, v.ndim), affine)
+    return [{"name": _view_title(ax).split()[0], "grey": p[0], "map": p[1] - p[2], "letters": p[4]}
+            for ax, p in ((ax, _project(v, a, ax, sp, codes)) for ax in _views(v.ndim))]
 
 
 def _scale(*arrays: np.ndarray) -> float:
@@ -143,21 +196,20 @@ def _overlay(pos: np.ndarray, neg: np.ndarray, vmax: float) -> np.ndarray:
 
 
 def _panel(ax: Any, grey: np.ndarray, pos: np.ndarray, neg: np.ndarray, vmax: float, aspect: float,
-           title: str | None = None, window: tuple[float, float] | None = None, orient: Orient = None) -> None:
+           title: str | None = None, window: tuple[float, float] | None = None,
+           letters: dict[str, str] | None = None) -> None:
+    """Draw one displayed view (row 0 at the top) with its edge letters."""
     lo, hi = window if window is not None else np.percentile(grey, (1.0, 99.7))
     top = lo + max(hi - lo, 1e-6) / GREY_MAX
-    ax.imshow(grey.T, cmap="gray", origin="lower", aspect=aspect, vmin=lo, vmax=top, interpolation="nearest")
-    ax.imshow(_overlay(pos, neg, vmax).transpose(1, 0, 2), origin="lower", aspect=aspect,
-              interpolation="nearest")
+    ax.imshow(grey, cmap="gray", origin="upper", aspect=aspect, vmin=lo, vmax=top, interpolation="nearest")
+    ax.imshow(_overlay(pos, neg, vmax), origin="upper", aspect=aspect, interpolation="nearest")
     ax.set(xticks=[], yticks=[])
     ax.spines[:].set_visible(False)
-    if orient is not None:  # the first remaining axis runs to the right, the second upwards
-        right, up = orient
+    if letters:
         style = {"transform": ax.transAxes, "fontsize": 8, "color": "#ffd400", "fontweight": "bold",
                  "ha": "center", "va": "center"}
-        for x, y, letter in ((0.96, 0.5, right), (0.04, 0.5, _OPPOSITE[right]), (0.5, 0.95, up),
-                             (0.5, 0.05, _OPPOSITE[up])):
-            ax.text(x, y, letter, **style)
+        for x, y, edge in ((0.96, 0.5, "right"), (0.04, 0.5, "left"), (0.5, 0.95, "top"), (0.5, 0.05, "bottom")):
+            ax.text(x, y, letters[edge], **style)
     if title:
         ax.set_title(title, fontsize=9)
 
@@ -198,14 +250,13 @@ def mip_figure(volume: Any, attribution: Any, path: str | Path, *, title: str | 
     Path
     """
     v, a = _as_spatial(volume, attribution)
-    codes = axis_codes(affine)
-    sp = _spacing(spacing, v.ndim)
-    views = [_project(v, a, ax, sp) for ax in _views(v.ndim)]
+    v, a, sp, codes = _canonical(v, a, _spacing(spacing, v.ndim), affine)
+    views = [_project(v, a, ax, sp, codes) for ax in _views(v.ndim)]
     vmax = _scale(*[x for view in views for x in view[1:3]])
     fig = _figure(4.0 * len(views) + 1.0, 4.0)
     axes = fig.subplots(1, len(views), squeeze=False)[0]
-    for ax, axis, (grey, pos, neg, aspect) in zip(axes, _views(v.ndim), views):
-        _panel(ax, grey, pos, neg, vmax, aspect, _view_title(axis), orient=_orient(codes, axis, v.ndim))
+    for ax, axis, (grey, pos, neg, aspect, letters) in zip(axes, _views(v.ndim), views):
+        _panel(ax, grey, pos, neg, vmax, aspect, _view_title(axis), letters=letters)
     _colorbar(fig, list(axes), vmax, bool((a < 0).any()))
     if title:
         fig.suptitle(title, fontsize=11)
@@ -230,7 +281,7 @@ def montage_figure(volume: Any, attribution: Any, path: str | Path, *, axis: int
     volume, attribution, path, title, spacing, affine
         As for :func:`mip_figure`.
     axis : int
-        Slicing axis (0, 1 or 2; 2 gives axial slices of an RAS volume).
+        Slicing axis of the RAS-ordered volume (2: axial, 1: coronal, 0: sagittal slices).
     n_slices : int
         At most this many slices, spread evenly over the part of the volume
         the map covers (fewer for thin volumes). All share one colour scale.
@@ -240,25 +291,22 @@ def montage_figure(volume: Any, attribution: Any, path: str | Path, *, axis: int
     Path
     """
     v, a = _as_spatial(volume, attribution)
-    sp = _spacing(spacing, v.ndim)
+    v, a, sp, codes = _canonical(v, a, _spacing(spacing, v.ndim), affine)
     vmax = _scale(a)
     window = tuple(np.percentile(v, (1.0, 99.7)))
     if v.ndim == 2:
-        panels = [(None, v, a, sp[1] / sp[0])]
+        panels = [(None, _project(v, a, None, sp, codes))]
     else:
-        rest = tuple(i for i in range(3) if i != axis)
-        panels = [(i, np.take(v, i, axis), np.take(a, i, axis), sp[rest[1]] / sp[rest[0]])
-                  for i in _slices(a, axis, n_slices)]
+        panels = [(i, _project(v, a, axis, sp, codes, index=i)) for i in _slices(a, axis, n_slices)]
     ncols = min(len(panels), max(1, int(np.ceil(np.sqrt(len(panels) * 4 / 3)))))
     nrows = int(np.ceil(len(panels) / ncols))
     fig = _figure(2.5 * ncols + 1.0, 2.5 * nrows + 0.5)
     axes = fig.subplots(nrows, ncols, squeeze=False)
     for ax in axes.ravel()[len(panels):]:
         ax.set_axis_off()
-    orient = _orient(axis_codes(affine), None if v.ndim == 2 else axis, v.ndim)
-    for ax, (i, grey, m, aspect) in zip(axes.ravel(), panels):
-        label = "image" if i is None else f"{'xyz'[axis]} = {i}"
-        _panel(ax, grey, np.clip(m, 0, None), np.clip(-m, 0, None), vmax, aspect, label, window, orient)
+    for ax, (i, (grey, pos, neg, aspect, letters)) in zip(axes.ravel(), panels):
+        label = "image" if i is None else f"{PLANES[axis]} {i}"
+        _panel(ax, grey, pos, neg, vmax, aspect, label, window, letters)
     _colorbar(fig, axes.ravel().tolist(), vmax, bool((a < 0).any()))
     if title:
         fig.suptitle(title, fontsize=11)
@@ -272,19 +320,18 @@ def _grid(volume: Any, rows: list[tuple[str, list[Any]]], col_titles: list[str],
     ncols = len(col_titles)
     fig = _figure(2.9 * ncols + 1.4, 2.6 * len(rows) + 0.6)
     axes = fig.subplots(len(rows), ncols, squeeze=False)
-    codes = axis_codes(affine)
     signed = False
     for r, (name, maps) in enumerate(rows):
         panels = []
         for m, axis in zip(maps, views):
             v, a = _as_spatial(volume, m)
-            panels.append(_project(v, a, axis, _spacing(spacing, v.ndim)))
+            v, a, sp, codes = _canonical(v, a, _spacing(spacing, v.ndim), affine)
+            panels.append(_project(v, a, axis, sp, codes))
             signed |= bool((a < 0).any())
         row_max = _scale(*[x for p in panels for x in p[1:3]])
-        for c, (grey, pos, neg, aspect) in enumerate(panels):
+        for c, (grey, pos, neg, aspect, letters) in enumerate(panels):
             vmax = _scale(pos, neg) if per_panel else row_max
-            _panel(axes[r, c], grey, pos, neg, vmax, aspect, col_titles[c] if r == 0 else None,
-                   orient=_orient(codes, views[c], grey.ndim + (views[c] is not None)))
+            _panel(axes[r, c], grey, pos, neg, vmax, aspect, col_titles[c] if r == 0 else None, letters=letters)
         axes[r, 0].set_ylabel(name, fontsize=9)
     _colorbar(fig, axes.ravel().tolist(), 1.0, signed, "attribution / per-map scale (red +, blue −)")
     if title:
@@ -346,43 +393,4 @@ def randomisation_strip(volume: Any, maps: Mapping[str, Sequence[Any]], stage_na
                  affine)
 
 
-def _curve_data(c: Any) -> dict[str, Any]:
-    d = c.to_dict() if hasattr(c, "to_dict") else dict(c)
-    out = {"fractions": np.array(d["fractions"], dtype=float)}
-    for kind in ("deletion", "insertion"):
-        y = d.get(f"{kind}_norm")
-        y = np.array(y if y is not None and any(t is not None for t in y) else d[kind], dtype=float)
-        out[kind] = y
-        auc = d.get(f"auc_{kind}")
-        out[f"auc_{kind}"] = float("nan") if auc is None else float(auc)
-    return out
-
-
-def curves_figure(curves: Mapping[str, Any], path: str | Path, *, title: str | None = None) -> Path:
-    """Deletion and insertion curves side by side, AUCs in the legends.
-
-    ``curves`` maps a name to a :class:`~esegeta_engine.evaluation.faithfulness.Curves`
-    or its ``to_dict()``; names starting with "random" are drawn dashed grey.
-    The normalised curves are drawn (the raw ones where those are undefined).
-
-    Returns
-    -------
-    Path
-    """
-    fig = _figure(10.0, 4.0)
-    axes = fig.subplots(1, 2)
-    hints = {"deletion": "lower AUC is better", "insertion": "higher AUC is better"}
-    for ax, kind in zip(axes, ("deletion", "insertion")):
-        for name, c in curves.items():
-            d = _curve_data(c)
-            style = {"color": "0.5", "linestyle": "--"} if name.lower().startswith("random") else {}
-            ax.plot(d["fractions"], d[kind], marker=".", label=f"{name} (AUC {d[f'auc_{kind}']:.3f})",
-                    **style)
-        ax.set_title(f"{kind} ({hints[kind]})", fontsize=10)
-        ax.set(xlabel="fraction of voxels " + ("removed" if kind == "deletion" else "revealed"),
-               ylabel="target score / unperturbed score", xlim=(0, 1))
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    if title:
-        fig.suptitle(title, fontsize=11)
-    return _save(fig, path)
+from esegeta_engine.evaluation.figures_curves import curves_figure  # noqa: E402  (re-exported)

@@ -13,9 +13,7 @@ as HTML and as XML.
 from __future__ import annotations
 
 import base64
-import csv
 import html
-import io
 import json
 import logging
 import math
@@ -31,7 +29,8 @@ import numpy as np
 
 from esegeta_engine import __version__
 from esegeta_engine.errors import ConfigError, EsegetaError, VolumeError
-from esegeta_engine.io import write_json
+from esegeta_engine.io import write_json, write_text
+from esegeta_engine.tables import csv_text
 
 __all__ = ["build_report_from_run", "data_uri", "write_report"]
 log = logging.getLogger("esegeta_engine")
@@ -138,20 +137,14 @@ def _columns(rows: Sequence[Mapping[str, Any]]) -> list[str]:
 def _write_numbers(run_dir: Path, rows: list[dict], columns: list[str]) -> None:
     plain = [{c: _plain(r.get(c)) for c in columns if c in r} for r in rows]
     write_json({"columns": columns, "rows": plain}, run_dir / "metrics.json")
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(columns)
-    for r in plain:
-        w.writerow(["" if r.get(c) is None else json.dumps(r[c]) if isinstance(r[c], (dict, list))
-                    else r[c] for c in columns])
-    _write_text(run_dir / "metrics.csv", buf.getvalue())
+    cells = (["" if r.get(c) is None else json.dumps(r[c]) if isinstance(r[c], (dict, list))
+              else r[c] for c in columns] for r in plain)
+    _write_text(run_dir / "metrics.csv", csv_text(columns, cells, lineterminator="\n"))  # formulas escaped
 
 
 def _write_text(path: Path, text: str) -> None:
-    """Write ``text`` atomically (temporary file in the same folder, then rename)."""
-    tmp = path.with_name(f".{path.name}.part")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    """Write ``text`` atomically (see :func:`esegeta_engine.io.atomic_write`)."""
+    write_text(text, path)
 
 
 def _summary(manifest: Mapping[str, Any], records: Sequence[Mapping[str, Any]]) -> str:

@@ -38,14 +38,15 @@ def record_to_map(record: dict[str, Any], cfg: Config, array: np.ndarray,
 
     The one place where a record is read by its keys (a ``MapRecord`` adapter).
     """
-    target = cfg.target.model_copy(update={"classes": [int(record["class"])], "roi_mask": None})
+    # components: the class is a column of the structures of the configured classes
+    target = cfg.target if cfg.target.components else cfg.target.model_copy(update={"classes": [int(record["class"])]})
+    region = cfg.target.kind in ("roi", "outcome")
     return MapToScore(name=str(record.get("file") or record["method"]), method=record["method"],
                       params=dict(record.get("params") or {}), cls=int(record["class"]), target=target,
                       array=np.asarray(array, dtype=np.float32), layer=record.get("layer"),
                       noise_tunnel=record.get("noise_tunnel"), target_label=record.get("target", ""),
                       label=record["method"], execution=record.get("execution") or None,
-                      roi_mask=roi if cfg.target.kind == "roi" else None,
-                      roi_key="roi" if cfg.target.kind == "roi" else None)
+                      roi_mask=roi if region else None, roi_key=cfg.target.kind if region else None)
 
 
 def _evaluation(cfg: Config, metrics: Sequence[str] | None, mask: Path | None,
@@ -162,9 +163,9 @@ def _read_map(path: Path) -> np.ndarray:
 
 
 def _read_json(path: Path) -> Any:
-    import json
+    from esegeta_engine.yamlsafe import read_json_record
 
-    return json.loads(path.read_text(encoding="utf-8"))
+    return read_json_record(path)  # bounded depth: the embedded config is parsed next
 
 
 def _read_manifest(path: Path) -> dict[str, Any]:

@@ -212,6 +212,12 @@ class EvaluationSession:
                                   explainer.geometry(volume), tuple(volume.data.shape[:p.spatial_dims]))
             target = target.to(explainer.device)
             target.prepare(raw)
+            if info.target.components:  # one column per structure, as the run made them (cls is the column)
+                from esegeta_engine.regions import expand_components
+
+                target = expand_components(target, raw, info.target.classes, min_voxels=info.target.min_voxels,
+                                           max_components=info.target.max_components,
+                                           geometry=explainer.geometry(volume), affine=volume.affine)
             self._targets[key] = target
         return self._targets[key]
 
@@ -245,7 +251,7 @@ class EvaluationSession:
         """
         from esegeta_engine.evaluation.api import evaluate_map
         from esegeta_engine.evaluation.localisation import LOCALISATION_METRICS
-        from esegeta_engine.scoring import EvaluationMonitor
+        from esegeta_engine.forward.scoring import EvaluationMonitor
 
         localisation = ground_truth is not None if localisation is None else localisation
         gt = None if ground_truth is None else np.asarray(ground_truth) != 0

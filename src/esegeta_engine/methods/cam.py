@@ -24,6 +24,9 @@ sums over ``i`` run over the layer's grid.
   every structure). The sign of a principal component is arbitrary; it is
   fixed so that the map correlates positively with the channel sum of the
   analysed tensor.
+
+Under sliding-window execution the gradient CAMs run on every patch copy of the layer
+(:mod:`.patch_layer_methods`); Eigen-CAMs need one forward pass of the whole volume.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ from esegeta_engine.methods._layer_tap import (
     spatial_sum,
     weighted_map,
 )
+from esegeta_engine.methods.patch_layer_methods import PatchwiseCam, is_patchwise
 from esegeta_engine.methods.registry import Call, CostInfo, MethodContext, MethodSpec, register
 
 Weigh = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -135,11 +139,12 @@ def one_evaluation(info: CostInfo, params: Mapping[str, Any]) -> int:
 
 def _register(name: str, title: str, summary: str, weigh: Weigh, reference: str) -> None:
     def build(ctx: MethodContext, p: Mapping[str, Any]) -> Call:
-        return Call(GradientCam(ctx, name, weigh, p["relu_attributions"], p["attribute_to_layer_input"]))
+        cam = PatchwiseCam if is_patchwise(ctx) else GradientCam
+        return Call(cam(ctx, name, weigh, p["relu_attributions"], p["attribute_to_layer_input"]))
 
-    register(MethodSpec(name=name, family="layer", title=title, summary=summary,
+    register(MethodSpec(name=name, family="layer", output_grid="layer", title=title, summary=summary,
                         params=(RELU_PARAM, *CAM_LAYER_PARAMS), build=build, needs_layer=True,
-                        needs_hooks=True, reference=reference, patchwise="whole", cost=one_evaluation))
+                        needs_hooks=True, reference=reference, patchwise="gradient", cost=one_evaluation))
 
 
 _register("gradcam_pp", "Grad-CAM++",
@@ -174,12 +179,12 @@ def _eigen(with_gradient: bool) -> Callable[[MethodContext, Mapping[str, Any]], 
 _EIGEN_REF = ("Muhammad & Yeasin 2020, Eigen-CAM: Class Activation Map using Principal Components, "
               "IJCNN, arXiv:2008.00299")
 register(MethodSpec(
-    name="eigen_cam", family="layer", title="Eigen-CAM",
+    name="eigen_cam", family="layer", output_grid="layer", title="Eigen-CAM",
     summary="first principal component of the layer's activations (class-agnostic, no gradient)",
     params=CAM_LAYER_PARAMS, build=_eigen(False), needs_layer=True, needs_hooks=True,
     reference=_EIGEN_REF, patchwise="whole", cost=one_evaluation))
 register(MethodSpec(
-    name="eigen_grad_cam", family="layer", title="Eigen-Grad-CAM",
+    name="eigen_grad_cam", family="layer", output_grid="layer", title="Eigen-Grad-CAM",
     summary="first principal component of gradient x activation: class-specific Eigen-CAM for "
             "segmentation targets",
     params=CAM_LAYER_PARAMS, build=_eigen(True), needs_layer=True, needs_hooks=True,

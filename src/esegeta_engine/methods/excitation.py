@@ -42,6 +42,7 @@ from esegeta_engine.errors import MethodError
 from esegeta_engine.methods.layer import LAYER_PARAMS
 from esegeta_engine.methods.lrp import LRP, check_supported
 from esegeta_engine.methods.lrp_rules import parameters_of, vjp, module_forward
+from esegeta_engine.methods.patch_layer_methods import PatchwiseGradientXActivation, is_patchwise
 from esegeta_engine.methods.registry import Call, MethodContext, MethodSpec, register
 
 
@@ -80,6 +81,22 @@ class _StartProbability(torch.autograd.Function):
         return torch.where(total > 0, p / total.clamp(min=1e-30), torch.zeros_like(p))
 
 
+class _StartPositive(torch.autograd.Function):
+    """Identity; backward passes the positive part of the score's gradient and records its totals
+    per row (patch-wise: the normalisation over the whole output is applied at the end)."""
+
+    @staticmethod
+    def forward(ctx: Any, y: torch.Tensor, totals: list) -> torch.Tensor:  # type: ignore[override]
+        ctx.totals = totals
+        return y.clone()
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> tuple[Any, ...]:  # type: ignore[override]
+        p = g.clamp(min=0)
+        ctx.totals.extend(float(v) for v in p.flatten(1).double().sum(1))
+        return p, None
+
+
 class ExcitationBackprop(LRP):
     """Marginal winning probabilities at ``layer`` (Captum-shaped, layer method).
 
@@ -96,15 +113,55 @@ class ExcitationBackprop(LRP):
     """
 
     def __init__(self, model: nn.Module, layer: nn.Module, contrastive: bool = False,
-                 method: str = "excitation_backprop") -> None:
+                 method: str = "excitation_backprop", reduce: str = "sum") -> None:
         super().__init__(model, "epsilon", {})
+        self.reduce = reduce
         self.layer = layer
         self.contrastive = contrastive
         self.method = method
         self._dual = False
+        self._totals: list[float] | None = None  # patch-wise: unnormalised start, totals recorded
 
     def start(self, y: torch.Tensor) -> torch.Tensor:
+        if self._totals is not None:
+            return _StartPositive.apply(y, self._totals)
         return _StartProbability.apply(y)
+
+    def _patchwise(self, inputs: torch.Tensor, target: int, layer_input: bool, reduce: str) -> torch.Tensor:
+        """Winning probabilities on every patch copy of the layer, added where copies overlap.
+
+        The top-down signal at each patch output is the positive part of its blended share of the
+        gradient; the rules are linear in it, so dividing by the total over the stitched output
+        (the sum of every patch's share) gives the whole output's probabilities exactly.
+        """
+        from esegeta_engine.forward.patch_layer import patchwise_layer_map
+        from esegeta_engine.methods.patch_layer_methods import reduce_channels
+
+        maps = []
+        for dual in ((False, True) if self.contrastive else (False,)):
+            self._dual = dual
+            self._totals = []
+            z = torch.zeros(inputs.shape[0], dtype=torch.float64)
+
+            def per_patch(a: torch.Tensor, g: torch.Tensor, items: list) -> torch.Tensor:
+                rows, self._totals[:] = list(self._totals or []), []
+                for (b, _), t in zip(items, rows):
+                    z[b] += t
+                return reduce_channels(g, reduce)
+
+            handles = self._hook({})
+            try:
+                out, total = patchwise_layer_map(self.model, self.layer, inputs, target, layer_input, per_patch,
+                                                 "sum", self.method)
+            finally:
+                for h in handles:
+                    h.remove()
+            scale = torch.where(z > 0, 1 / z.clamp(min=1e-300), torch.zeros_like(z))
+            maps.append((out * scale.to(out.dtype).reshape(-1, *([1] * (out.dim() - 1))), total * scale))
+        self._dual, self._totals = False, None
+        if self.contrastive:
+            return maps[0][0] - maps[1][0]
+        return maps[0][0]
 
     def propagator(self, module: nn.Module, kind: str, state: dict[str, Any],
                    options: dict[str, Any]) -> Any:
@@ -117,6 +174,8 @@ class ExcitationBackprop(LRP):
                   attribute_to_layer_input: bool = False, **_: Any) -> torch.Tensor:
         """Return the (contrastive) winning probabilities at the layer, ``(N, C_layer, *grid)``."""
         check_supported(self.net, self.method)
+        if getattr(self.model, "patchwise", False):
+            return self._patchwise(inputs, target or 0, attribute_to_layer_input, self.reduce)
         captured: list[torch.Tensor] = []
 
         def grab_input(m: nn.Module, args: tuple[Any, ...]) -> None:
@@ -154,17 +213,20 @@ class ExcitationBackprop(LRP):
 
 
 def _excitation(ctx: MethodContext, p: Mapping[str, Any]) -> Call:
-    return Call(ExcitationBackprop(ctx.score_model, ctx.layer),
+    return Call(ExcitationBackprop(ctx.score_model, ctx.layer, reduce=p["channel_reduce"]),
                 {"attribute_to_layer_input": p["attribute_to_layer_input"]})
 
 
 def _contrastive(ctx: MethodContext, p: Mapping[str, Any]) -> Call:
     return Call(ExcitationBackprop(ctx.score_model, ctx.layer, contrastive=True,
-                                   method="contrastive_excitation_backprop"),
+                                   method="contrastive_excitation_backprop", reduce=p["channel_reduce"]),
                 {"attribute_to_layer_input": p["attribute_to_layer_input"]})
 
 
 def _linear_approximation(ctx: MethodContext, p: Mapping[str, Any]) -> Call:
+    if is_patchwise(ctx):
+        return Call(PatchwiseGradientXActivation(ctx, "linear_approximation", "sum",
+                                                 p["attribute_to_layer_input"]))
     return Call(LayerGradientXActivation(ctx.score_model, ctx.layer),
                 {"attribute_to_layer_input": p["attribute_to_layer_input"]})
 
@@ -173,23 +235,23 @@ _EB_REF = ("Zhang et al. 2016, Top-down Neural Attention by Excitation Backprop,
            "(IJCV 126:1084-1102, 2018), arXiv:1608.00507")
 
 register(MethodSpec(
-    name="excitation_backprop", family="layer", title="Excitation Backprop",
+    name="excitation_backprop", family="layer", output_grid="layer", title="Excitation Backprop",
     summary="probability that each layer unit wins the top-down competition for the target, "
             "passed down through excitatory (positive) contributions only",
     params=LAYER_PARAMS, build=_excitation, needs_layer=True, needs_hooks=True,
-    reference=_EB_REF, patchwise="whole", cost=lambda info, p: 1))
+    reference=_EB_REF, patchwise="gradient", cost=lambda info, p: 1))
 register(MethodSpec(
-    name="contrastive_excitation_backprop", family="layer", title="Contrastive Excitation Backprop",
+    name="contrastive_excitation_backprop", family="layer", output_grid="layer", title="Contrastive Excitation Backprop",
     summary="excitation backprop of the target minus that of its dual (last-layer weights "
             "negated): what speaks for the target and not against it",
     params=LAYER_PARAMS, build=_contrastive, needs_layer=True, needs_hooks=True,
-    reference=_EB_REF, patchwise="whole", cost=lambda info, p: 1))
+    reference=_EB_REF, patchwise="gradient", cost=lambda info, p: 1))
 register(MethodSpec(
-    name="linear_approximation", family="layer", title="Linear Approximation",
+    name="linear_approximation", family="layer", output_grid="layer", title="Linear Approximation",
     summary="layer activation times gradient summed over channels (the same map as "
             "layer_gradient_x_activation with channel_reduce: sum)",
     params=tuple(q for q in LAYER_PARAMS if q.name != "channel_reduce"),
     build=_linear_approximation, needs_layer=True, needs_hooks=True,
     reference="TorchRay's linear approximation (Fong, Patrick & Vedaldi 2019 code base), "
               "as listed by the TorchEsegeta paper (Chatterjee et al. 2022)",
-    patchwise="whole", cost=lambda info, p: 1))
+    patchwise="gradient", cost=lambda info, p: 1))

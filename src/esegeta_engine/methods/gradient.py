@@ -24,8 +24,10 @@ from captum.attr import (
     Saliency,
 )
 
+from esegeta_engine.methods import costs
 from esegeta_engine.methods._common import BASELINE_PARAM, make_baseline
 from esegeta_engine.methods.deeplift_safe import DeepLiftPlan, pair_patches
+from esegeta_engine.methods.patch_layer_methods import PatchwiseCam, gradcam_weights, is_patchwise
 from esegeta_engine.methods.notes import notes_of
 from esegeta_engine.methods.rectifiers import RectifiedGradient, RectifiedGuidedGradCam
 from esegeta_engine.methods.registry import Call, MethodContext, MethodSpec, Param, register
@@ -220,7 +222,23 @@ def _gradient_shap(ctx: MethodContext, p: Mapping[str, Any]) -> Call:
     return Call(algorithm, {"n_samples": p["n_samples"], "stdevs": p["stdevs"]})
 
 
+class PatchwiseGuidedGradCam:
+    """Guided Grad-CAM under sliding-window execution: the guided map (patch-wise backward) times
+    Grad-CAM on every patch copy of the layer, blended like the outputs (two passes)."""
+
+    def __init__(self, ctx: MethodContext, layer_input: bool) -> None:
+        self.ctx, self.layer_input = ctx, layer_input
+
+    def attribute(self, inputs: torch.Tensor, target: int = 0, **_: Any) -> torch.Tensor:
+        """Return guided backprop times the stitched Grad-CAM map."""
+        cam = PatchwiseCam(self.ctx, "guided_gradcam", gradcam_weights, True, self.layer_input)
+        guided = RectifiedGradient(self.ctx.score_model, "guided", notes_of(self.ctx), "guided_gradcam")
+        return guided.attribute(inputs, target) * cam.attribute(inputs, target)
+
+
 def _guided_gradcam(ctx: MethodContext, p: Mapping[str, Any]) -> Call:
+    if is_patchwise(ctx):
+        return Call(PatchwiseGuidedGradCam(ctx, p["attribute_to_layer_input"]))
     mode = "bilinear" if ctx.spatial_dims == 2 else "trilinear"
     return Call(RectifiedGuidedGradCam(ctx.score_model, ctx.layer, notes_of(ctx)), {
         "interpolate_mode": mode, "attribute_to_layer_input": p["attribute_to_layer_input"]})
@@ -249,15 +267,16 @@ _DISTRIBUTION = (BASELINE_PARAM, BASELINE_NOISE)
 _register("saliency", "Saliency", "gradient of the class score with respect to each voxel",
           (Param("abs", "bool", True, "take the absolute value of the gradient"),), _saliency,
           "Simonyan, Vedaldi & Zisserman 2014, Deep Inside Convolutional Networks, "
-          "arXiv:1312.6034", noise_tunnel=True)
+          "arXiv:1312.6034", noise_tunnel=True, patchwise="gradient", cost=costs.one)
 _register("integrated_gradients", "Integrated Gradients",
           "gradients averaged on the straight path from a baseline to the input, times the change",
           (BASELINE_PARAM, N_STEPS, IG_RULE, INTERNAL_BATCH), _integrated_gradients,
           "Sundararajan, Taly & Yan 2017, Axiomatic Attribution for Deep Networks, ICML, "
-          "arXiv:1703.01365", noise_tunnel=True, axiom="completeness")
+          "arXiv:1703.01365", noise_tunnel=True, axiom="completeness", patchwise="gradient",
+          cost=costs.ig_like)
 _register("input_x_gradient", "Input x Gradient", "input times the gradient of the class score",
           (), _input_x_gradient, "Shrikumar et al. 2016, Not Just a Black Box, arXiv:1605.01713",
-          noise_tunnel=True)
+          noise_tunnel=True, patchwise="gradient", cost=costs.one)
 _register("guided_backprop", "Guided Backpropagation",
           "gradient with negative gradients zeroed at every rectifying activation module "
           "(ReLU, LeakyReLU, PReLU, ReLU6, ELU, GELU, SiLU)",
@@ -286,10 +305,10 @@ _register("deeplift_shap", "DeepLIFT SHAP",
 _register("gradient_shap", "Gradient SHAP",
           "expected gradients at random points between noisy baselines and the noisy input",
           (*_DISTRIBUTION, n_baselines_param(1), N_SAMPLES, STDEVS), _gradient_shap, _SHAP_REF,
-          noise_tunnel=True, axiom="expected_completeness")
+          noise_tunnel=True, axiom="expected_completeness", patchwise="gradient", cost=costs.one)
 _register("guided_gradcam", "Guided Grad-CAM",
           "guided backpropagation times the layer's Grad-CAM map interpolated to the input grid",
           (LAYER_INPUT,), _guided_gradcam,
           "Selvaraju et al. 2017, Grad-CAM: Visual Explanations from Deep Networks via "
           "Gradient-based Localization, ICCV, arXiv:1610.02391", needs_layer=True, needs_hooks=True,
-          cost=lambda info, p: 2)
+          cost=lambda info, p: 2, patchwise="gradient")

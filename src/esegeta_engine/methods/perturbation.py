@@ -26,6 +26,7 @@ from captum.attr import (
 from captum.attr._core.lime import get_exp_kernel_similarity_function
 
 from esegeta_engine.errors import MethodError
+from esegeta_engine.methods import costs
 from esegeta_engine.methods._common import BASELINE_PARAM, MASK_PARAMS, feature_mask, make_baseline
 from esegeta_engine.methods.registry import Attributor, Call, MethodContext, MethodSpec, Param, register
 
@@ -238,13 +239,15 @@ register(MethodSpec(
               "step between boxes in voxels, at most the window (default: the window)",
               minimum=1, maximum=4096),
         BASELINE_PARAM, PPE_PARAM),
-    build=_build_occlusion, reference="Zeiler & Fergus 2014; captum.attr.Occlusion"))
+    build=_build_occlusion, reference="Zeiler & Fergus 2014; captum.attr.Occlusion",
+    patchwise="perturbation", cost=costs.occlusion))
 
 register(MethodSpec(
     name="feature_ablation", family="perturbation", title="Feature Ablation",
     summary="replace one supervoxel at a time by the baseline; each voxel gets its supervoxel's score drop",
     params=(*MASK_PARAMS, BASELINE_PARAM, PPE_PARAM),
-    build=_build_feature_ablation, reference="captum.attr.FeatureAblation"))
+    build=_build_feature_ablation, reference="captum.attr.FeatureAblation",
+    patchwise="perturbation", cost=costs.ablation))
 
 register(MethodSpec(
     name="shapley_value_sampling", family="perturbation", title="Shapley Value Sampling",
@@ -252,7 +255,8 @@ register(MethodSpec(
     params=(*MASK_PARAMS, BASELINE_PARAM,
             _samples_param(8, "random supervoxel orderings (each costs one evaluation per supervoxel)"),
             PPE_PARAM),
-    build=_build_shapley, reference="Castro et al. 2009; captum.attr.ShapleyValueSampling"))
+    build=_build_shapley, reference="Castro et al. 2009; captum.attr.ShapleyValueSampling",
+    patchwise="perturbation", cost=costs.shapley))
 
 register(MethodSpec(
     name="feature_permutation", family="perturbation", title="Feature Permutation",
@@ -260,7 +264,7 @@ register(MethodSpec(
             "(several volumes or patches of the same shape given together)",
     params=(*MASK_PARAMS, PPE_PARAM),
     build=_build_permutation, needs_batch=True,
-    reference="Breiman 2001; Fisher et al. 2019; captum.attr.FeaturePermutation"))
+    reference="Breiman 2001; Fisher et al. 2019; captum.attr.FeaturePermutation", cost=costs.ablation))
 
 register(MethodSpec(
     name="kernel_shap", family="perturbation", title="KernelSHAP",
@@ -268,7 +272,8 @@ register(MethodSpec(
     params=(*MASK_PARAMS, BASELINE_PARAM,
             _samples_param(128, "random coalitions evaluated per input (more: closer to Shapley values)"),
             PPE_PARAM),
-    build=_build_kernel_shap, reference="Lundberg & Lee 2017; captum.attr.KernelShap"))
+    build=_build_kernel_shap, reference="Lundberg & Lee 2017; captum.attr.KernelShap",
+    patchwise="perturbation", cost=costs.sampled))
 
 register(MethodSpec(
     name="lime", family="perturbation", title="LIME",
@@ -279,4 +284,5 @@ register(MethodSpec(
                   "width of the exponential kernel on cosine distance weighting samples (larger: flatter)",
                   minimum=1e-3, maximum=1000.0),
             PPE_PARAM),
-    build=_build_lime, reference="Ribeiro et al. 2016; captum.attr.Lime"))
+    build=_build_lime, reference="Ribeiro et al. 2016; captum.attr.Lime",
+    patchwise="perturbation", cost=costs.sampled))

@@ -116,8 +116,9 @@ def attribute(
     if isinstance(result, (tuple, list)):
         result = result[0]
     result = result.detach()
-    ctx.extra["attribution_sum"] = result.flatten(1).sum(1).double().cpu()
-    if spec.family == "layer":
+    raw = ctx.extra.pop("raw_attribution_sum", None)  # patch-wise layer methods: every copy's total
+    ctx.extra["attribution_sum"] = raw.double().cpu() if raw is not None else result.flatten(1).sum(1).double().cpu()
+    if spec.output_grid == "layer":
         result = _layer_to_input_grid(result, ctx, params)
     return result.float()
 

@@ -24,13 +24,14 @@ from napari_esegeta._params import format_value, parse_text, tooltip, uses_line_
 
 ERROR_STYLE = "color: #ff5555;"
 OK_STYLE = "color: #7fd17f;"
+WARNING_STYLE = "color: #ffb347;"  # amber: done, with something to read
 INFO_STYLE = ""
 
 
 def set_status(label: QLabel, text: str, kind: str = "info") -> None:
-    """Show ``text`` in ``label``; ``kind`` is info, ok or error (red)."""
+    """Show ``text`` in ``label``; ``kind`` is info, ok (green), warning (amber) or error (red)."""
     label.setText(text)
-    label.setStyleSheet({"error": ERROR_STYLE, "ok": OK_STYLE}.get(kind, INFO_STYLE))
+    label.setStyleSheet({"error": ERROR_STYLE, "ok": OK_STYLE, "warning": WARNING_STYLE}.get(kind, INFO_STYLE))
     label.setProperty("status_kind", kind)
 
 

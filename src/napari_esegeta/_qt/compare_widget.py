@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from qtpy.QtCore import Qt
 from qtpy.QtWidgets import (
     QApplication,
@@ -23,6 +24,7 @@ from napari_esegeta import _compare as C
 from napari_esegeta._layers import is_input_layer, is_result_layer, next_rendering
 from napari_esegeta._model import format_error
 from napari_esegeta._qt._common import LayerCombo, set_status, status_label
+from napari_esegeta._geometry import copy_geometry
 from napari_esegeta._state import get_session
 from napari_esegeta._view import PLANES, show_plane
 
@@ -50,6 +52,7 @@ class CompareWidget(QWidget):
         self.view_combo.currentTextChanged.connect(self.set_view)
         self.results_list = QListWidget()
         self.results_list.setToolTip("Checked maps are compared and saved")
+        self.results_list.setTextElideMode(Qt.TextElideMode.ElideMiddle)
         self.compare_btn = QPushButton("Side by side")
         self.compare_btn.setCheckable(True)
         self.compare_btn.setToolTip("Each checked map over its own view of the image, cameras linked")
@@ -62,6 +65,10 @@ class CompareWidget(QWidget):
         self.save_btn.clicked.connect(self._save_dialog)
         self.shot_btn = QPushButton("Save screenshot…")
         self.shot_btn.clicked.connect(self._screenshot_dialog)
+        self.grid_btn = QPushButton("Patch grid")
+        self.grid_btn.setToolTip("Show the sliding window's patch borders of the checked map (a Labels layer): "
+                                 "where seams can appear")
+        self.grid_btn.clicked.connect(self.show_patch_grid)
         self.status = status_label()
 
         form = QFormLayout()
@@ -78,6 +85,7 @@ class CompareWidget(QWidget):
         layout.addWidget(self.results_list, 1)
         layout.addLayout(row1)
         layout.addLayout(row2)
+        layout.addWidget(self.grid_btn)
         layout.addWidget(self.status)
         events = napari_viewer.layers.events
         for ev in (events.inserted, events.removed):
@@ -85,6 +93,24 @@ class CompareWidget(QWidget):
         get_session(napari_viewer).signals.run_finished.connect(self._run_finished)
         self._update_render_btn()
         self.refresh()
+
+    def show_patch_grid(self) -> Any:
+        """Add the patch borders of the first checked sliding-window map as a Labels layer (or say why not)."""
+        from esegeta_engine.evaluation.seams import patch_grid
+        from esegeta_engine.preprocess import AxisOrder
+
+        layer = next((ly for ly in self.checked_layers() or self.result_layers()
+                      if (ly.metadata["esegeta"].get("execution") or {}).get("mode") == "sliding_window"), None)
+        if layer is None:
+            set_status(self.status, "No sliding-window map: patch borders exist only with a patch size "
+                       "(Model tab).", "info")
+            return None
+        ex = layer.metadata["esegeta"]["execution"]
+        order = AxisOrder(get_session(self.viewer).preprocess.axis_order)
+        shape = order.to_model(np.broadcast_to(np.uint8(0), layer.data.shape)).shape
+        mask = np.ascontiguousarray(order.to_nifti(patch_grid(shape, ex["patch_size"], ex["overlap"])))
+        return self.viewer.add_labels(mask.astype(np.uint8), name=f"patch grid · {layer.name}", opacity=0.35,
+                                      **copy_geometry(layer))
 
     # -- result list -----------------------------------------------------------------------------
 
@@ -102,6 +128,8 @@ class CompareWidget(QWidget):
             return
         for layer in self.result_layers():
             item = QListWidgetItem(layer.name)
+            notes = "\n".join((layer.metadata.get("esegeta", {}) or {}).get("notes") or [])
+            item.setToolTip(layer.name + (f"\n{notes}" if notes else ""))  # the list elides long names
             item.setFlags(item.flags() | Qt.ItemFlag.ItemIsUserCheckable)
             item.setCheckState(checked.get(layer.name, Qt.CheckState.Checked))
             self.results_list.addItem(item)

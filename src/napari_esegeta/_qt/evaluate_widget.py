@@ -104,6 +104,7 @@ class EvaluateWidget(CancellableRun, QWidget):
         self.map_list = QListWidget()
         self.map_list.setMaximumHeight(110)
         self.map_list.setToolTip("Attribution layers made by the Explain widget (all checked by default)")
+        self.map_list.setTextElideMode(Qt.TextElideMode.ElideMiddle)
         self.gt_combo = LayerCombo(napari_viewer, ("Labels",), allow_none=True)
         self.gt_combo.setToolTip("Ground-truth mask on the input's grid (for localisation)")
         maps_box = QGroupBox("Maps")
@@ -173,6 +174,7 @@ class EvaluateWidget(CancellableRun, QWidget):
         for layer in self.viewer.layers:
             if is_evaluable(layer):
                 item = QListWidgetItem(layer.name)
+                item.setToolTip(layer.name)
                 item.setFlags(item.flags() | Qt.ItemFlag.ItemIsUserCheckable)
                 item.setCheckState(Qt.CheckState.Unchecked if layer.name in unchecked else Qt.CheckState.Checked)
                 self.map_list.addItem(item)

@@ -22,7 +22,6 @@ from __future__ import annotations
 import time
 from typing import Any
 
-import numpy as np
 from qtpy.QtCore import Qt
 from qtpy.QtWidgets import (
     QCheckBox,
@@ -43,7 +42,6 @@ from qtpy.QtWidgets import (
 from esegeta_engine.explain import JobFailed, MapReady, Progress
 from napari_esegeta import _cost
 from napari_esegeta import _run as R
-from napari_esegeta._geometry import copy_geometry, layer_to_nifti_affine, voxel_to_world
 from napari_esegeta._layers import is_input_layer, is_result_layer
 from napari_esegeta._model import format_error
 from napari_esegeta._model import default_layer
@@ -57,15 +55,15 @@ from napari_esegeta._qt._common import (
 )
 from napari_esegeta._qt.colorbar import CanvasColorBar
 from napari_esegeta._qt.method_panel import MethodPanel
+from napari_esegeta._qt.voxel_pick import VOXEL_LAYER, VoxelPicking  # noqa: F401 (VOXEL_LAYER re-exported)
 from napari_esegeta._state import Session, get_session
 
-VOXEL_LAYER = "esegeta target voxel"
 PROGRESS_INTERVAL_S = 0.25
 WARN_SECONDS = 120.0  # ask for a second click on Run above this estimate
 METHODS_MIN_HEIGHT = 120
 
 
-class ExplainWidget(CancellableRun, QWidget):
+class ExplainWidget(VoxelPicking, CancellableRun, QWidget):
     """Choose a target and methods, run them, stream the maps in as layers.
 
     Parameters
@@ -150,9 +148,10 @@ class ExplainWidget(CancellableRun, QWidget):
         self.cancel_btn.clicked.connect(self.cancel)
         self.cancel_btn.setEnabled(False)
         self.status = status_label()
-        self.progress_label = QLabel("")  # one fixed-size line: updating it never relayouts the dock
+        self.progress_label = QLabel("")  # two fixed lines, wrapped: the ETA at the end stays readable,
+        self.progress_label.setWordWrap(True)  # and updating it never relayouts the dock
         self.progress_label.setSizePolicy(QSizePolicy.Policy.Ignored, QSizePolicy.Policy.Fixed)
-        self.progress_label.setFixedHeight(self.progress_label.fontMetrics().height() + 4)
+        self.progress_label.setFixedHeight(2 * self.progress_label.fontMetrics().lineSpacing() + 4)
         self._last_progress = 0.0
         self.model_label = QLabel()
         buttons = QHBoxLayout()
@@ -211,44 +210,6 @@ class ExplainWidget(CancellableRun, QWidget):
         if pick is not None:
             self.target_layer_combo.setCurrentIndex(self.target_layer_combo.findData(pick))
 
-    # -- voxel picking ---------------------------------------------------------------------------
-
-    def _toggle_picking(self, on: bool) -> None:
-        callbacks = self.viewer.mouse_drag_callbacks
-        if on and self._pick not in callbacks:
-            callbacks.append(self._pick)
-        elif not on and self._pick in callbacks:
-            callbacks.remove(self._pick)
-
-    def _pick(self, viewer: Any, event: Any) -> None:
-        layer = self.image_combo.layer()
-        if layer is None or event.type != "mouse_press":
-            return
-        self.set_voxel(layer.world_to_data(event.position))
-        self.pick_btn.setChecked(False)
-
-    def set_voxel(self, data_position: Any) -> tuple[int, ...] | None:
-        """Choose the target voxel from a position in the input layer's data coordinates."""
-        layer = self.image_combo.layer()
-        if layer is None:
-            return None
-        idx = tuple(int(v) for v in np.round(np.asarray(data_position, dtype=float)))
-        if len(idx) != layer.data.ndim or not all(0 <= i < s for i, s in zip(idx, layer.data.shape)):
-            set_status(self.status, f"Voxel {idx} is outside the image {layer.data.shape}.\n"
-                       "→ click inside the volume", "error")
-            return None
-        self.voxel = idx
-        world = voxel_to_world(layer_to_nifti_affine(layer), idx[:3]) if len(idx) == 3 else idx
-        self.voxel_label.setText(f"{idx} → ({', '.join(f'{w:.1f}' for w in world)}) mm")
-        geometry = copy_geometry(layer)
-        if VOXEL_LAYER in self.viewer.layers:
-            marker = self.viewer.layers[VOXEL_LAYER]
-            marker.data = np.array([idx], dtype=float)
-        else:
-            self.viewer.add_points(np.array([idx], dtype=float), name=VOXEL_LAYER, symbol="cross",
-                                   size=4, face_color="lime", border_color="lime", **geometry)
-        return idx
-
     # -- running ---------------------------------------------------------------------------------
 
     @property
@@ -285,8 +246,12 @@ class ExplainWidget(CancellableRun, QWidget):
                        for r in rows]
             volume = R.volume_from_layer(layer)
             roi_mask = R.roi_from_layer(roi, volume.data.shape) if kind == "roi" else None
+            refused = R.refused_text(methods, target, s.execution, s.preprocess, volume.data.shape)
         except Exception as exc:
             set_status(self.status, format_error(exc), "error")
+            return None
+        if refused:  # refused on the click: no worker, no model evaluation
+            set_status(self.status, refused, "error")
             return None
         if not self._cost_accepted(s, volume, target, methods, layer):
             return None
@@ -331,7 +296,8 @@ class ExplainWidget(CancellableRun, QWidget):
         step = f"{min(ev.done + 1, ev.total)}/{ev.total}"
         if not self._cancel.is_set() and ev.message != "finished":
             message = R.named_message(ev.message, self.session.class_names)
-            self.progress_label.setText(f"[{step}] {message}" + self._rate.text(ev, now))
+            self.progress_label.setText(text := f"[{step}] {message}" + self._rate.text(ev, now))
+            self.progress_label.setToolTip(text)
         if not new_job:
             return
         # napari's progress bar may process Qt events (re-entrancy): touch it last
@@ -349,7 +315,7 @@ class ExplainWidget(CancellableRun, QWidget):
             self._progress(ev)
         elif isinstance(ev, MapReady):
             data, kwargs, _ = R.map_layer_data(ev, self._input_layer, self._target, self._roi_name,
-                                               self.session.class_names)
+                                               self.session.class_names, self.session.preprocess.axis_order)
             added = self.viewer.add_image(data, **kwargs)  # a list for per-channel volumes
             layers = added if isinstance(added, list) else [added]
             self.added.extend(ly.name for ly in layers)
@@ -387,8 +353,8 @@ class ExplainWidget(CancellableRun, QWidget):
             text += ".\ncompleteness check: " + "\n".join(self.axiom_warnings)
         if self.failures:
             set_status(self.status, text + ".\n" + "\n".join(self.failures), "error")
-        else:
-            set_status(self.status, text + ".", "ok")
+        else:  # a missed completeness check is a warning (amber), not a success
+            set_status(self.status, text + ".", "warning" if self.axiom_warnings else "ok")
         self.session.signals.run_finished.emit(list(self.added))
 
     # -- cost and lost layers --------------------------------------------------------------------

@@ -102,8 +102,12 @@ class EsegetaWidget(QWidget):
         return (self.model, self.explain, self.compare, self.evaluate, self.cohort)[index]
 
     def show_view(self, plane: str) -> None:
-        """Axial, coronal or sagittal (radiological) plane, or 3D."""
+        """Axial, coronal or sagittal (radiological) plane, or 3D; the Compare tab's View box follows."""
         show_plane(self.viewer, plane)
+        combo = self.compare.view_combo
+        combo.blockSignals(True)  # the plane is shown already
+        combo.setCurrentText(plane)
+        combo.blockSignals(False)
 
     def _layer_added(self, event: Any = None, layer: Any = None) -> None:
         layer = layer if layer is not None else getattr(event, "value", None)

@@ -134,12 +134,12 @@ def plan_jobs(methods: Sequence[Any], classes: Sequence[int], class_label: Any, 
         nt = m.noise_tunnel.model_dump() if m.noise_tunnel else None
         nt_samples = int(nt["samples"]) if nt else 1
         job_info = CostInfo(info.batch, info.channels, info.spatial, nt_samples, info.patchwise)
-        # feature visualisation explains no class: one volume per layer, not per class
-        chosen = list(classes)[:1] if spec.family == "visualisation" else classes
+        # a method that explains no class (feature visualisation): one volume per layer
+        chosen = classes if spec.explains_class else list(classes)[:1]
         for layer in m.layers or [None]:
             for c in chosen:
                 label = f"{target_kind}-{class_label(c)}"
-                if spec.family == "visualisation":  # named by what it shows, not by a target
+                if not spec.explains_class:  # named by what it shows, not by a target
                     label = "volume" + (f"-ch{params['channel']}" if "channel" in params else "")
                 key = digest(spec.name, params, layer, nt, c, dict(context))
                 jobs.append(Job(spec, params, c, label, volumes, layer, nt, key,

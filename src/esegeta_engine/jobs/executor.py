@@ -1,7 +1,8 @@
 """The executor: one planned job on the model's device -> its events.
 
-:class:`JobExecutor` is mixed into :class:`~esegeta_engine.explain.Explainer`: it builds the
-job's score model with the one factory, refuses methods that cannot run in the execution
+:class:`JobExecutor` runs the jobs of one :class:`~esegeta_engine.explain.Explainer` (the model,
+its preprocessing and execution form, reached through the explainer's public methods): it builds
+the job's score model with the one factory, refuses methods that cannot run in the execution
 form (hook-based methods under sliding windows), runs the method (in a worker thread for GUIs
 or in the caller's thread), redoes a non-finite reduced-precision map in fp32, computes the
 per-map metrics and brings maps back to the scan's voxel grid.
@@ -9,75 +10,92 @@ per-map metrics and brings maps back to the scan's voxel grid.
 
 from __future__ import annotations
 
-import contextvars
+import contextlib
 import logging
-import threading
 import time
 from collections.abc import Callable, Generator, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from esegeta_engine import targets as T
+from esegeta_engine.advice import precision_clash
 from esegeta_engine.channel_target import LayerChannelTarget
 from esegeta_engine.errors import Cancelled, EsegetaError, MethodError, MethodTimeout, error_reason
-from esegeta_engine.execution.build import _is_oom, memory_error
-from esegeta_engine.execution.events import Event, Evaluator, JobFailed, MapReady, Progress, RunState, _of
-from esegeta_engine.execution.plan import Job
+from esegeta_engine.jobs.build import _is_oom, memory_error
+from esegeta_engine.jobs.events import Event, Evaluator, JobFailed, MapReady, Progress, RunState, _of
+from esegeta_engine.jobs.plan import Job
+from esegeta_engine.jobs.refusal import refusal
 from esegeta_engine.methods import MethodContext, attribute
+from esegeta_engine.methods.behaviour import patchwise_mode
 from esegeta_engine.models import get_layer, is_torchscript
 from esegeta_engine.preprocess import Geometry
-from esegeta_engine.scoring import EvaluationMonitor, ScoreModel
+from esegeta_engine.forward.scoring import EvaluationMonitor, ScoreModel
 from esegeta_engine.shared_gradients import shared_component_map
+from esegeta_engine.timebudget import job_refusal
+from esegeta_engine.watchdog import Abandoned, watch
+
+if TYPE_CHECKING:  # pragma: no cover
+    from esegeta_engine.explain import Explainer
 
 log = logging.getLogger("esegeta_engine")
 
 
 class JobExecutor:
-    """Runs one job (mixed into :class:`~esegeta_engine.explain.Explainer`)."""
+    """Runs planned jobs of one explainer, one at a time, each on its own copy of the input.
 
-    def _run_job(self, job: Job, x: torch.Tensor, target: T.Target, support: torch.Tensor | None,
+    Parameters
+    ----------
+    explainer : Explainer
+        The model session: model, seed, time limit, preprocessing, score-model factory.
+    """
+
+    def __init__(self, explainer: Explainer) -> None:
+        self.explainer = explainer
+
+    def run(self, job: Job, x: torch.Tensor, target: T.Target, support: torch.Tensor | None,
                  monitor: EvaluationMonitor, done: int, total: int, evaluators: Sequence[Evaluator] = (),
                  threaded: bool = True, on_progress: Callable[[Progress], None] | None = None,
                  state: RunState | None = None, geometry: Geometry | None = None,
                  ) -> Generator[Event, None, None]:
-        """Execute one job on the model's device (the executor), yielding its events."""
+        """Execute one job on the model's device, yielding its events.
+
+        The job works on its own copy of ``x`` (no gradient flag, no graph): whatever a
+        failing method did to its input (``requires_grad_``, in-place edits) cannot reach
+        the next job.
+        """
+        ex = self.explainer
+        x = x.detach().clone()
         state = state or RunState(None)
+        monitor = monitor.for_job()  # an abandoned job keeps its own (aborted) monitor
+        refused = job_refusal(ex, job, x, target, support)
+        if refused is not None:  # its expected cost cannot fit in the time limit
+            log.warning("%s · %s: %s", job.label, job.cls_label, refused)
+            yield JobFailed(job, "timeout", refused, 0.0, 0)
+            return
         holder: dict[str, Any] = {"notes": []}
-        precision = self.form_for(x).precision
+        precision = ex.form_for(x).precision
 
         def attempt(prec: str) -> tuple[torch.Tensor, MethodContext, ScoreModel]:
-            score_model = self.make_score_model(target, x, monitor, support=support, precision=prec)
+            score_model = ex.make_score_model(target, x, monitor, support=support, precision=prec)
             ctx = MethodContext(
-                score_model=score_model, inputs=x, target=job.cls, seed=self.seed,
-                layer=get_layer(self.model, job.layer) if job.layer else None, layer_name=job.layer,
-                torchscript=is_torchscript(self.model),
+                score_model=score_model, inputs=x, target=job.cls, seed=ex.seed,
+                layer=get_layer(ex.model, job.layer) if job.layer else None, layer_name=job.layer,
+                torchscript=is_torchscript(ex.model),
                 extra={"patchwise": score_model.patchwise, "notes": holder["notes"]},
             )
-            if score_model.patchwise and isinstance(target, LayerChannelTarget):
-                raise MethodError(
-                    "the channel target reads a layer's activation over the whole volume, which patch-wise "
-                    "execution does not compute", "use execution.mode: whole (on an ROI crop for large volumes)")
-            if score_model.patchwise and job.spec.patchwise == "whole":
-                raise MethodError(
-                    f"method '{job.spec.name}' needs one forward pass of the whole volume (its hooks store "
-                    "activations) and cannot run patch by patch under sliding-window execution",
-                    "explain an ROI crop of the volume with a receptive-field margin (e.g. the region plus half "
-                    "a patch on every side) with execution.mode: whole, or use a patch-wise method "
-                    "(saliency, integrated_gradients, input_x_gradient, guided_backprop, gradient_shap, "
-                    "occlusion, feature_ablation; see docs/execution.md)")
+            refused = refusal(job.spec, "channel" if isinstance(target, LayerChannelTarget) else "",
+                              score_model.patchwise)  # front ends check the same rule before a run
+            if refused is not None:
+                raise refused
             shared = shared_component_map(job, target, score_model, x, holder["notes"])
             if shared is not None:  # k components: one forward pass, k backward passes
                 return shared, ctx, score_model
-            runner = score_model.runner
-            if score_model.patchwise and job.spec.patchwise == "perturbation":
-                runner.set_base(x)  # unperturbed patch outputs are reused by every perturbation
-            try:
+            mode = patchwise_mode(job.spec.patchwise)
+            around = mode.around(score_model.runner, x) if score_model.patchwise else contextlib.nullcontext()
+            with around:
                 return attribute(job.spec, ctx, job.params, job.noise_tunnel), ctx, score_model
-            finally:
-                if score_model.patchwise:
-                    runner.set_base(None)
 
         def work() -> None:
             try:
@@ -89,13 +107,16 @@ class JobExecutor:
                     raise
                 except Exception as exc:
                     if _is_oom(exc):
-                        raise memory_error(tuple(x.shape), self.form_for(x)) from None
+                        raise memory_error(tuple(x.shape), ex.form_for(x)) from None
+                    clash = precision_clash(exc, precision)  # a dtype clash names the precision
+                    if clash is not None:
+                        raise clash from None
                     raise
                 if precision != "fp32" and not bool(torch.isfinite(result).all()):
                     holder["notes"].append(f"map turned non-finite in {precision}: redone in fp32")
                     log.warning("%s · %s: non-finite map in %s, redoing in fp32", job.label, job.cls_label,
                                 precision)
-                    monitor.start(self.timeout_s)
+                    monitor.start(ex.timeout_s)
                     result, ctx, sm = attempt("fp32")
                     holder["precision"] = "fp32"
                 holder["result"] = result
@@ -111,21 +132,29 @@ class JobExecutor:
             except Exception as exc:  # cancelled while evaluating: the map itself is kept
                 holder["metrics_error"] = exc
 
-        monitor.start(self.timeout_s)
+        monitor.start(ex.timeout_s)
         start = time.perf_counter()
-        if not threaded:  # in this thread: progress through the callback only
+        if not threaded:  # progress through the callback only (called from the model thread)
             def report(n: int) -> None:
                 if on_progress is not None:
                     on_progress(state.progress(done, total, f"{job.label} · {job.cls_label}: {n} model "
                                                f"evaluations{_of(job)}", n))
 
             monitor.on_evaluation = report
-            try:
-                work()
-            finally:
-                monitor.on_evaluation = None
-        else:
-            yield from self._watch(work, job, holder, monitor, done, total, start, state)
+        # the job runs on the model thread under a watchdog: the time limit holds even for a
+        # forward pass that never returns (the job is then abandoned; see esegeta_engine.watchdog)
+        last = -1
+        try:
+            for _ in watch(work, abort=monitor.abort, timeout_s=ex.timeout_s,
+                           what=f"{job.label} · {job.cls_label}"):
+                if threaded and monitor.count != last:
+                    last = monitor.count
+                    yield state.progress(done, total, f"{job.label} · {job.cls_label}: {last} model "
+                                         f"evaluations{_of(job)}", last)
+        except Abandoned as exc:
+            holder["error"] = exc
+        finally:
+            monitor.on_evaluation = None
         seconds = time.perf_counter() - start
         # the method's own evaluations (trust checks after it are not part of the job's count)
         state.job_evaluations = holder.get("evaluations", monitor.count)
@@ -162,33 +191,6 @@ class JobExecutor:
         yield JobFailed(job, status, text, seconds, monitor.count)
 
     @staticmethod
-    def _watch(work: Callable[[], None], job: Job, holder: dict[str, Any], monitor: EvaluationMonitor,
-               done: int, total: int, start: float, state: RunState) -> Generator[Event, None, None]:
-        """Run ``work`` in a worker thread, yielding progress while it runs."""
-        # the worker inherits this thread's context (the run it logs for)
-        thread = threading.Thread(target=contextvars.copy_context().run, args=(work,),
-                                  name=f"esegeta-{job.label}", daemon=True)
-        thread.start()
-        last = -1
-        timeout = monitor.timeout_s
-        try:
-            while thread.is_alive():
-                thread.join(0.05)
-                if monitor.count != last:
-                    last = monitor.count
-                    yield state.progress(done, total, f"{job.label} · {job.cls_label}: {last} model "
-                                         f"evaluations{_of(job)}", last)
-                if timeout is not None and time.perf_counter() - start > timeout + 30:
-                    holder["error"] = MethodTimeout(  # one model call runs far past the limit
-                        f"exceeded the time limit of {timeout:g} s inside one model evaluation")
-                    monitor.abort.set()  # the stuck job stops at its next evaluation; the run goes on
-                    break
-        finally:
-            if thread.is_alive() and "error" not in holder:
-                monitor.abort.set()  # generator closed (GUI cancel): stop the worker
-                thread.join(5.0)
-
-    @staticmethod
     def _evaluate(evaluators: Sequence[Evaluator], job: Job, ctx: MethodContext, result: torch.Tensor,
                   monitor: EvaluationMonitor) -> list[dict[str, Any]]:
         """Per-input metrics; a failing evaluator is recorded, never fatal (cancel still stops)."""
@@ -217,12 +219,12 @@ class JobExecutor:
                 "choose a convolutional layer (see `esegeta layers MODEL`)",
             )
         _check_finite(result, job)
-        geometry = geometry or Geometry(self.preprocess.axis_order)
+        geometry = geometry or Geometry(self.explainer.preprocess.axis_order)
         maps = []
         for i in range(result.shape[0]):
             r = result[i].cpu().numpy()
             # input-grid maps share one map over the input channels; optimised volumes keep theirs
-            volume = job.spec.family == "visualisation" and r.shape[0] > 1
+            volume = job.spec.output_grid == "volume" and r.shape[0] > 1
             arr = r.sum(0) if (r.shape[0] in (x.shape[1], 1) and not volume) else np.moveaxis(r, 0, -1)
             maps.append(geometry.to_nifti(arr).astype(np.float32))
         return maps

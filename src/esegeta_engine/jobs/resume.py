@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from esegeta_engine.errors import ConfigError
-from esegeta_engine.execution.plan import Job
+from esegeta_engine.jobs.plan import Job
 
 
 def file_sha256(path: Path) -> str:

@@ -1,0 +1,220 @@
+"""The review meeting's GUI stalls, Evaluate's Cancel latency, and Evaluate's memory against Explain's.
+
+1. Longest event-loop gap (a 5 ms QTimer in the GUI thread) while a map layer is added,
+   while *Side by side* arranges two maps, and while the view switches to 3D — in the one dock,
+   at 1366×768. ``--size sample`` uses the 64³ phantom; ``--size big`` a 197×233×189 phantom
+   (whole-brain sized, :func:`esegeta_engine.sample.make_phantom`). The maps are the bundled
+   U-Net's saliency on the sample, and a smooth synthetic map on the big volume (the GUI cost of
+   adding a layer does not depend on how the map was made).
+2. Evaluate tab: Cancel during randomisation; the time from the click to the worker's end.
+3. Peak resident memory of evaluating a sliding-window map (infidelity + faithfulness, the one
+   evaluation session) against explaining it (saliency), each in a fresh process on the same
+   volume, model and execution (patch 32, overlap 0.25). Target: Evaluate ≤ 1.3× Explain.
+
+Run under a display::
+
+    xvfb-run -a -s "-screen 0 1366x768x24" .venv/bin/python benchmarks/bench_meeting_flow.py [--size big] [--repeats 3]
+
+Targets: every gap ≤ 100 ms; Cancel ≤ 1 s; memory ratio ≤ 1.3.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+
+BIG = (197, 233, 189)
+
+
+def _pump(app, seconds: float) -> None:
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        app.processEvents()
+        time.sleep(0.001)
+
+
+def _wait(app, condition, timeout: float) -> None:
+    deadline = time.perf_counter() + timeout
+    while not condition():
+        if time.perf_counter() > deadline:
+            raise TimeoutError("timed out")
+        app.processEvents()
+        time.sleep(0.002)
+
+
+class GapMeter:
+    """Ticks of a 5 ms timer in the GUI thread; the longest gap in a window is the stall."""
+
+    def __init__(self) -> None:
+        from qtpy.QtCore import QTimer
+
+        self.ticks: list[float] = []
+        self.timer = QTimer()
+        self.timer.setInterval(5)
+        self.timer.timeout.connect(lambda: self.ticks.append(time.perf_counter()))
+        self.timer.start()
+
+    def measure(self, app, action, settle: float = 1.5) -> float:
+        _pump(app, 0.3)
+        start = time.perf_counter()
+        action()
+        _pump(app, settle)
+        ts = [t for t in self.ticks if t >= start - 0.05]
+        return max(b - a for a, b in zip(ts, ts[1:])) if len(ts) > 1 else float("inf")
+
+
+def gui(args) -> None:
+    import napari
+    import numpy as np
+    from qtpy.QtWidgets import QApplication
+
+    from napari_esegeta._geometry import copy_geometry
+    from napari_esegeta._layers import result_layer_data
+    from napari_esegeta._sample_data import phantom_volume_data
+
+    app = QApplication.instance() or QApplication([])
+    viewer = napari.Viewer()
+    viewer.window._qt_window.resize(1366, 768)
+    shape = BIG if args.size == "big" else (64, 64, 64)
+    data, kwargs, _ = phantom_volume_data(shape, 3)[0]
+    image = viewer.add_image(data, **kwargs)
+    bright = np.asarray(data) > np.percentile(data, 97)  # the vessels, roughly
+    _, dock = viewer.window.add_plugin_dock_widget("napari-esegeta", "esegeta")
+    _pump(app, 1.0)
+    meter = GapMeter()
+    rng = np.random.default_rng(0)
+
+    def a_map(i: int):
+        from scipy.ndimage import gaussian_filter
+
+        m = gaussian_filter(rng.standard_normal(shape).astype(np.float32), 4) * bright
+        data, kw, _ = result_layer_data(m, method="saliency", method_label=f"saliency{i}", target_label="vessel",
+                                        provenance={"class": 1, "target": "argmax", "input_layer": image.name},
+                                        geometry=copy_geometry(image), nifti=image.metadata.get("nifti"))
+        return data, kw
+
+    rows = {"add map": [], "side by side": [], "3D": []}
+    for r in range(args.repeats):
+        maps = [a_map(2 * r), a_map(2 * r + 1)]
+        dock.show_view("axial")
+        _pump(app, 0.5)
+        rows["add map"].append(meter.measure(app, lambda: viewer.add_image(maps[0][0], **maps[0][1])))
+        viewer.add_image(maps[1][0], **maps[1][1])
+        cw = dock.show_tab("Compare")
+        cw.refresh()
+        cw.set_checked([maps[0][1]["name"], maps[1][1]["name"]])
+        rows["side by side"].append(meter.measure(app, cw.compare))
+        cw.uncompare()
+        _pump(app, 0.5)
+        rows["3D"].append(meter.measure(app, lambda: dock.show_view("3d")))
+        dock.show_view("axial")
+        for m in maps:
+            viewer.layers.remove(m[1]["name"])
+    for name, gaps in rows.items():
+        print(f"RESULT {args.size} {shape}: longest event-loop gap, {name}: max {max(gaps) * 1000:.0f} ms, "
+              f"median {statistics.median(gaps) * 1000:.0f} ms (target <= 100 ms)")
+    if args.size == "sample" and not args.no_cancel:
+        cancel_latency(app, viewer, dock, args.repeats)
+
+
+def cancel_latency(app, viewer, dock, repeats: int) -> None:
+    mw = dock.model
+    mw.use_bundled()
+    _wait(app, lambda: mw.session.model is not None or mw.status.property("status_kind") == "error", 120)
+    ex = dock.show_tab("Explain")
+    ex.kind_combo.setCurrentText("argmax")
+    ex.methods.check("saliency")
+    ex.run()
+    _wait(app, lambda: not ex.running, 300)
+    ev = dock.show_tab("Evaluate")
+    ev.refresh_maps()
+    ev.form.set_checked(axioms=False, infidelity=False, faithfulness=False, randomisation=True)
+    latencies = []
+    for _ in range(repeats):
+        ev.run()
+        _wait(app, lambda: "randomisation" in ev.last_message or "randomisation" in ev.progress_label.text(), 300)
+        _pump(app, 1.0)
+        t = time.perf_counter()
+        ev.cancel()
+        _wait(app, lambda: not ev.running, 120)
+        latencies.append(time.perf_counter() - t)
+    print(f"RESULT Evaluate Cancel latency (randomisation, 64^3, bundled U-Net): max {max(latencies) * 1000:.0f} ms, "
+          f"median {statistics.median(latencies) * 1000:.0f} ms (target <= 1000 ms)")
+
+
+def memory_worker(kind: str, size: int) -> None:
+    """One measurement in this fresh process: peak RSS growth of explaining or evaluating."""
+    import resource
+
+    import numpy as np
+    import torch
+
+    from esegeta_engine import sample
+    from esegeta_engine.config import ExecutionConfig, MethodConfig, PreprocessConfig, TargetConfig
+    from esegeta_engine.evaluation.api import evaluation_config
+    from esegeta_engine.evaluation.session import EvaluationSession, MapToScore
+    from esegeta_engine.explain import Explainer, MapReady
+    from esegeta_engine.io import Volume
+    from esegeta_engine.models import load_model
+
+    torch.set_num_threads(1)
+    info = sample.sample_info()["models"]["unet3d_vessels"]
+    net = load_model(sample.unet_paths()["state"], class_path=info["class_path"], kwargs=info["kwargs"])
+    ph = sample.make_phantom((size,) * 3, seed=3)
+    vol = Volume(ph.volume.astype(np.float32), ph.affine)
+    pre = PreprocessConfig(normalisation="minmax")
+    exe = ExecutionConfig(patch_size=32, overlap=0.25)
+    target = TargetConfig(classes=[1])
+    explainer = Explainer(net, pre, target, execution=exe)
+    # the map is made before the baseline in the evaluate process (it is read from a file in practice)
+    if kind == "evaluate":
+        ready = next(e for e in explainer.iter_explain([vol], [MethodConfig(name="saliency")]) if isinstance(e, MapReady))
+        del explainer
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    if kind == "explain":
+        next(e for e in explainer.iter_explain([vol], [MethodConfig(name="saliency")]) if isinstance(e, MapReady))
+    else:
+        session = EvaluationSession(net, evaluation_config(axioms=False, infidelity=True, faithfulness=True,
+                                                           n_perturb_samples=4, steps=5), preprocess=pre)
+        info_ = MapToScore(name="m", method="saliency", params={}, cls=1, target=target, array=ready.array,
+                           target_label="vessel", execution=ready.execution)
+        list(session.score(vol, [info_]))
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(json.dumps({"kind": kind, "growth_mb": (peak - base) / 1024, "peak_mb": peak / 1024}))
+
+
+def memory(args) -> None:
+    out = {}
+    for kind in ("explain", "evaluate"):
+        res = subprocess.run([sys.executable, __file__, "--memory-worker", kind, "--memory-size", str(args.memory_size)],
+                             capture_output=True, text=True, check=True)
+        out[kind] = json.loads(res.stdout.strip().splitlines()[-1])
+    ratio = out["evaluate"]["peak_mb"] / out["explain"]["peak_mb"]
+    print(f"RESULT peak RSS on a {args.memory_size}^3 phantom, sliding window 32: explain {out['explain']['peak_mb']:.0f} MB "
+          f"(+{out['explain']['growth_mb']:.0f}), evaluate {out['evaluate']['peak_mb']:.0f} MB "
+          f"(+{out['evaluate']['growth_mb']:.0f}); ratio {ratio:.2f} (target <= 1.3)")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--size", choices=("sample", "big"), default="sample")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--no-cancel", action="store_true")
+    ap.add_argument("--memory", action="store_true", help="only the memory comparison")
+    ap.add_argument("--memory-size", type=int, default=96, help="phantom edge for the memory comparison")
+    ap.add_argument("--memory-worker", choices=("explain", "evaluate"), help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.memory_worker:
+        memory_worker(args.memory_worker, args.memory_size)
+    elif args.memory:
+        memory(args)
+    else:
+        gui(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,64 @@
+"""Which methods an execution form cannot run, decided before any model evaluation.
+
+Under sliding-window (patch-wise) execution, a method whose hooks store activations of one
+whole-volume forward pass (``spec.patchwise == "whole"``: CAMs, layer methods, feature
+visualisation) cannot run, and neither can the channel target (it reads a layer's activation
+over the whole volume). :func:`refusal` is the one rule: the job executor applies it to each
+job, and front ends call :func:`refusals` with the volume's shape before a run starts, so a
+method that will be refused costs no preparation and no model evaluation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from esegeta_engine.errors import MethodError
+
+
+
+def patchwise_methods() -> str:
+    """The registered methods that run under sliding-window execution, for messages."""
+    from esegeta_engine.methods import list_methods
+
+    from esegeta_engine.methods.behaviour import patchwise_mode
+
+    return ", ".join(s.name for s in list_methods() if patchwise_mode(s.patchwise).runs)
+
+
+def refusal(spec: Any, target_kind: str, patchwise: bool) -> MethodError | None:
+    """The error that refuses ``spec`` for this target under this execution, or ``None``."""
+    if not patchwise:
+        return None
+    if target_kind == "channel":
+        return MethodError(
+            "the channel target reads a layer's activation over the whole volume, which patch-wise "
+            "execution does not compute", "use execution.mode: whole (on an ROI crop for large volumes)")
+    from esegeta_engine.methods.behaviour import patchwise_mode
+
+    if not patchwise_mode(spec.patchwise).runs:
+        return MethodError(
+            f"method '{spec.name}' needs one forward pass of the whole volume (its hooks store "
+            "activations) and cannot run patch by patch under sliding-window execution",
+            "explain an ROI crop of the volume with a receptive-field margin (e.g. the region plus half "
+            "a patch on every side) with execution.mode: whole, or use a patch-wise method "
+            f"({patchwise_methods()}; `esegeta methods` and docs/execution.md list them)")
+    return None
+
+
+def refusals(methods: Sequence[Any], target_kind: str, execution: Any,
+             model_shape: Sequence[int]) -> list[tuple[str, MethodError]]:
+    """``(method name, error)`` of every method in ``methods`` (MethodConfig) that will be refused.
+
+    ``model_shape`` is the input's spatial shape in the model's axis order.
+    """
+    from esegeta_engine.forward.runner import execution_form
+    from esegeta_engine.methods import get_method
+
+    patchwise = execution_form(execution, tuple(model_shape)).sliding is not None
+    out = []
+    for m in methods:
+        err = refusal(get_method(m.name), target_kind, patchwise)
+        if err is not None:
+            out.append((m.name, err))
+    return out

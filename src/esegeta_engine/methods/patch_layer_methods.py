@@ -1,0 +1,125 @@
+"""Layer methods and CAMs under sliding-window execution (the per-patch forms).
+
+Each method here is the same definition as its whole-volume form, applied to every
+patch copy of the layer with that copy's gradient ``G_p = dF/dA_p`` of the stitched
+score (see :mod:`esegeta_engine.forward.patch_layer` for how copies combine):
+
+* **CAMs** (Grad-CAM, Grad-CAM++, XGrad-CAM, LayerCAM, HiResCAM): each copy's CAM
+  with its own channel weights, ``m_p = relu(sum_k weigh(A_p, G_p)_k A_pk)``, stitched
+  with the sliding window's blend weights. Per-copy weights are the exact reading of
+  the definition: a CAM's weights come from the activation the network computed and
+  its gradient, and each patch computes its own.
+* **Additive layer attributions** (gradient x activation, conductance, excitation
+  backprop): each copy's attribution, added where copies overlap; their total over
+  every copy is the method's total for the stitched function (conductance: ``F(x) -
+  F(baseline)``), recorded as the map's ``attribution_sum``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+from captum.attr._utils.approximation_methods import approximation_parameters
+
+from esegeta_engine.forward.patch_layer import patchwise_layer_map
+from esegeta_engine.methods.registry import MethodContext
+
+Weigh = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def is_patchwise(ctx: MethodContext) -> bool:
+    """True when the score model runs the network as a sliding window."""
+    return bool(getattr(ctx.score_model, "patchwise", False))
+
+
+def reduce_channels(t: torch.Tensor, how: str) -> torch.Tensor:
+    """``channel_reduce`` applied per patch (sum, mean, or none)."""
+    if how == "sum":
+        return t.sum(dim=1, keepdim=True)
+    if how == "mean":
+        return t.mean(dim=1, keepdim=True)
+    return t
+
+
+def gradcam_weights(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """Grad-CAM channel weights: the gradient's mean over the layer grid (Selvaraju et al.)."""
+    return g.mean(dim=tuple(range(2, g.dim())), keepdim=True)
+
+
+class PatchwiseCam:
+    """A gradient CAM over every patch copy of the layer, blended like the outputs."""
+
+    def __init__(self, ctx: MethodContext, name: str, weigh: Weigh, relu: bool, layer_input: bool) -> None:
+        self.ctx, self.name, self.weigh, self.relu, self.layer_input = ctx, name, weigh, relu, layer_input
+
+    def attribute(self, inputs: torch.Tensor, target: int = 0, **_: Any) -> torch.Tensor:
+        """Return the input-grid map ``(N, 1, *spatial)``."""
+        def per_patch(a: torch.Tensor, g: torch.Tensor, items: list) -> torch.Tensor:
+            cam = (self.weigh(a, g) * a).sum(dim=1, keepdim=True)
+            return cam.clamp(min=0) if self.relu else cam
+
+        out, _ = patchwise_layer_map(self.ctx.score_model, self.ctx.layer, inputs, target, self.layer_input,
+                                     per_patch, "blend", self.name, self.ctx.layer_name)
+        return out
+
+
+class PatchwiseGradientXActivation:
+    """Layer gradient x activation over every patch copy, added where copies overlap."""
+
+    def __init__(self, ctx: MethodContext, name: str, reduce: str, layer_input: bool) -> None:
+        self.ctx, self.name, self.reduce, self.layer_input = ctx, name, reduce, layer_input
+
+    def attribute(self, inputs: torch.Tensor, target: int = 0, **_: Any) -> torch.Tensor:
+        """Return the input-grid map; the exact total goes to ``ctx.extra``."""
+        out, total = patchwise_layer_map(
+            self.ctx.score_model, self.ctx.layer, inputs, target, self.layer_input,
+            lambda a, g, items: reduce_channels(g * a, self.reduce), "sum", self.name, self.ctx.layer_name)
+        self.ctx.extra["raw_attribution_sum"] = total
+        return out
+
+
+class PatchwiseConductance:
+    """Layer conductance (Dhamdhere et al. 2018) over every patch copy, as Captum computes it:
+
+    ``cond_p = sum_k G_p(alpha_k) * (A_p(alpha_{k+1}) - A_p(alpha_k))`` over ``n_steps + 1`` path
+    points ``b + alpha (x - b)``; one patch-wise backward per path point. Each copy's running sum and
+    previous activation/gradient are kept between points (three copies of the layer's activations).
+    """
+
+    def __init__(self, ctx: MethodContext, params: Mapping[str, Any], baselines: torch.Tensor) -> None:
+        self.ctx, self.p, self.baselines = ctx, params, baselines
+
+    def attribute(self, inputs: torch.Tensor, target: int = 0, **_: Any) -> torch.Tensor:
+        """Return the input-grid map; the exact total goes to ``ctx.extra``."""
+        p, ctx = self.p, self.ctx
+        n_steps = int(p["n_steps"])
+        _, alphas_func = approximation_parameters(p["method"])
+        alphas = alphas_func(n_steps + 1)
+        prev: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+        acc: dict[tuple[int, int], torch.Tensor] = {}
+        layer_input = p["attribute_to_layer_input"]
+        reduce = p.get("channel_reduce", "sum")
+        x = inputs.detach()
+        base = self.baselines.to(x.dtype)
+        out = total = None
+        for k, alpha in enumerate(alphas):
+            last = k == len(alphas) - 1
+
+            def per_patch(a: torch.Tensor, g: torch.Tensor, items: list) -> torch.Tensor:
+                maps = []
+                for item, ai, gi in zip(items, a, g):
+                    if item in prev:
+                        pa, pg = prev[item]
+                        acc[item] = acc.get(item, 0) + pg * (ai - pa)
+                    prev[item] = (ai, gi)
+                    if last:
+                        maps.append(reduce_channels(acc.pop(item, torch.zeros_like(ai))[None], reduce)[0])
+                return torch.stack(maps) if last else a[:, :1]
+
+            point = base + float(alpha) * (x - base)
+            out, total = patchwise_layer_map(ctx.score_model, ctx.layer, point, target, layer_input, per_patch,
+                                             "sum" if last else "none", "layer_conductance", ctx.layer_name)
+        ctx.extra["raw_attribution_sum"] = total
+        return out
