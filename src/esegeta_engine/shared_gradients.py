@@ -100,10 +100,10 @@ def shared_component_map(job: Any, target: Any, score_model: ScoreModel, x: torc
     if (job.spec.name not in SHARED or job.layer or job.noise_tunnel or not hasattr(target, "components")
             or len(target.components) < 2):
         return None
-    cache: dict[Any, dict[int, torch.Tensor]] = target.__dict__.setdefault("_shared_maps", {})
-    key = (job.spec.name, tuple(sorted((k, repr(v)) for k, v in job.params.items())), x.data_ptr(),
-           tuple(x.shape))
-    if key not in cache:
+    cache: dict[str, Any] = target.__dict__.setdefault("_shared_maps", {})
+    key = (job.spec.name, tuple(sorted((k, repr(v)) for k, v in job.params.items())), tuple(x.shape))
+    # each job works on its own copy of the input: the cache holds the input it was made for
+    if cache.get("key") != key or not torch.equal(cache["x"], x):
         columns = list(range(len(target.components)))
         runner = score_model.runner
         saved = getattr(runner, "support", None)
@@ -116,8 +116,9 @@ def shared_component_map(job: Any, target: Any, score_model: ScoreModel, x: torc
                 runner.support = saved
         fn = SHARED[job.spec.name]
         cache.clear()  # one group's maps at a time
-        cache[key] = {j: fn(x.detach(), g, job.params).detach() for j, g in zip(columns, grads)}
+        cache.update(key=key, x=x.detach().clone(),
+                     maps={j: fn(x.detach(), g, job.params).detach() for j, g in zip(columns, grads)})
         notes.append(f"one shared forward pass for {len(columns)} components")
     else:
         notes.append("map from the shared forward pass of the first component")
-    return cache[key][job.cls]
+    return cache["maps"][job.cls]
