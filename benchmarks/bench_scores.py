@@ -6,7 +6,7 @@ perturbation touches; without it every copy runs every patch. This counts patch 
 both ways (exact) and times both in the same run, for a map concentrated on one structure (a
 Gaussian blob: the usual case for a segmentation target) and checks the scores agree.
 
-Default: reduced scale (48x48x32 volume, patch 24, MONAI BasicUNet features 8..16); ``--full``:
+Default: reduced scale (56x56x40 volume, patch 32, MONAI BasicUNet features 8..16); ``--full``:
 192x192x96 with patch 64 (slow on 2 cores).
 
     python benchmarks/bench_scores.py [--full]
@@ -35,7 +35,7 @@ def main() -> None:
     a = ap.parse_args()
     torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
     shape, patch, features = ((192, 192, 96), 64, (16, 16, 32, 64, 128, 16)) if a.full else \
-        ((48, 48, 32), 24, (8, 8, 16, 16, 16, 8))
+        ((56, 56, 40), 32, (8, 8, 16, 16, 16, 8))
     torch.manual_seed(0)
     net = BasicUNet(3, 1, 2, features=features).eval()
     x = torch.from_numpy(np.random.default_rng(0).normal(size=(1, 1, *shape)).astype(np.float32))
