@@ -32,11 +32,11 @@ from esegeta_engine.advice import precision_clash
 from esegeta_engine.config import ExecutionConfig, MethodConfig, PreprocessConfig, TargetConfig
 from esegeta_engine.errors import (Cancelled, EsegetaError, MethodError, MethodTimeout, TargetError, VolumeError,
                                    error_reason)
+from esegeta_engine.forward.runner import ExecutionForm, execution_form
 from esegeta_engine.jobs.build import _is_oom, build_target, memory_error, target_support
 from esegeta_engine.jobs.events import Event, Evaluator, JobFailed, MapReady, Progress, RunState
 from esegeta_engine.jobs.executor import JobExecutor
-from esegeta_engine.jobs.plan import Job, array_fingerprint, model_fingerprint, plan_jobs
-from esegeta_engine.forward.runner import ExecutionForm, execution_form
+from esegeta_engine.jobs.plan import Job, array_fingerprint, estimate_run, key_context, model_fingerprint, plan_jobs
 from esegeta_engine.io import Volume
 from esegeta_engine.methods import get_method
 from esegeta_engine.methods.registry import CostInfo
@@ -249,13 +249,15 @@ class Explainer:
                               f"use classes in 0..{n - 1}")
         return list(classes)
 
-    def job_context(self, volumes: Sequence[Volume], group: tuple[int, ...]) -> dict[str, Any]:
-        """What every job's key depends on besides the method (see :mod:`jobs.plan`)."""
-        return {"target": self.target.model_dump(mode="json"),
-                "preprocess": self.preprocess.model_dump(mode="json"),
-                "execution": None if self.execution is None else self.execution.model_dump(mode="json"),
-                "output": self.output, "seed": self.seed, "model": self.model_key,
-                "volumes": [array_fingerprint(volumes[i].data) for i in group]}
+    def job_context(self, volumes: Sequence[Volume], group: tuple[int, ...],
+                    roi_mask: np.ndarray | None = None) -> dict[str, Any]:
+        """What every job's key depends on besides the method (see :func:`jobs.plan.key_context`)."""
+        roi = roi_mask if self.target.kind in ("roi", "outcome") else None  # the mask or labels by content
+        return key_context(self.target.model_dump(mode="json"), self.preprocess.model_dump(mode="json"),
+                           None if self.execution is None else self.execution.model_dump(mode="json"),
+                           self.output, self.seed, self.model_key,
+                           [array_fingerprint(volumes[i].data) for i in group],
+                           None if roi is None else array_fingerprint(np.asarray(roi)))
 
     def plan(self, methods: Sequence[MethodConfig], target: T.Target, output: torch.Tensor,
              volumes: tuple[int, ...], x: torch.Tensor | None = None,
@@ -279,29 +281,8 @@ class Explainer:
         return int(channels) if isinstance(channels, int) else None
 
     def estimate(self, volumes: Sequence[Volume], methods: Sequence[MethodConfig]) -> int | None:
-        """Expected model evaluations of a run, before it runs (no model evaluation).
-
-        Classes not given in the config count as one per volume. ``None`` when a
-        method cannot tell its cost in advance.
-        """
-        total = 0
-        n_classes = len(self.target.classes or [0])
-        for v in volumes:
-            shape = self.geometry(v).to_model(np.empty(v.data.shape[:self.preprocess.spatial_dims], bool)).shape
-            sliding = execution_form(self.execution, shape, self._divisible).sliding is not None
-            for m in methods:
-                spec = get_method(m.name)
-                nt = int(m.noise_tunnel.samples) if m.noise_tunnel else 1
-                from esegeta_engine.jobs.plan import expected_evaluations
-
-                for layer in m.layers or [None]:
-                    info = CostInfo(1, self.preprocess.in_channels, tuple(shape), nt, sliding,
-                                    layer_channels=self._layer_channels(layer) if layer else None)
-                    n = expected_evaluations(spec, spec.resolve_params(m.params), info)
-                    if n is None:
-                        return None
-                    total += n * (n_classes if spec.explains_class else 1)
-        return total
+        """Expected model evaluations of a run, before it runs (see :func:`jobs.plan.estimate_run`)."""
+        return estimate_run(self, volumes, methods)
 
     def iter_explain(
         self,
@@ -386,7 +367,7 @@ class Explainer:
                     return
                 target.prepare(out)
                 target = self.expand_target(target, out, volumes[group[0]])
-                jobs = self.plan(group_methods, target, out, group, x, self.job_context(volumes, group))
+                jobs = self.plan(group_methods, target, out, group, x, self.job_context(volumes, group, roi_mask))
                 per_group[id(group_methods)] = len(jobs)
                 total = done + len(jobs) + sum(per_group[id(ms)] for _, ms in groups[gi + 1:])
                 for job in jobs:

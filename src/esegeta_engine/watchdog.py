@@ -192,3 +192,24 @@ def prediction_pass(fn: Callable[[EvaluationMonitor], T], timeout_s: float | Non
                              "raise the time limit (--timeout or run.timeout_s), or explain an ROI crop of the "
                              "volume; check that the model returns on this input") from None
     return out, time.perf_counter() - start
+
+
+def exit_process(code: int) -> None:
+    """End the process with ``code`` now if a model thread was abandoned; return otherwise.
+
+    At interpreter shutdown an abandoned thread still inside torch's C++ code is unwound
+    in a way C++ cannot survive ("terminate called without an active exception", status
+    134), after the run's files are all written. The command line calls this last, so it
+    exits with its own status instead (output streams flushed, no finalisation).
+    """
+    if not _abandoned:
+        return
+    import os
+    import sys
+
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)

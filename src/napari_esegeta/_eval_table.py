@@ -10,8 +10,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from esegeta_engine.tables import safe_cell
 from esegeta_engine.io import atomic_write
+from esegeta_engine.tables import safe_cell
 
 if TYPE_CHECKING:
     from napari_esegeta._evaluate import MapInfo

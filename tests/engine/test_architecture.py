@@ -40,3 +40,18 @@ def test_forward_layer_imports_nothing_above_it():
             "print(bad); sys.exit(1 if bad else 0)\n")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_command_line_parser_imports_no_heavy_module():
+    """`esegeta --help` answers without importing torch, Captum or MONAI (they load with the commands)."""
+    code = ("import sys, contextlib, io\n"
+            "from esegeta_engine.cli import main\n"
+            "with contextlib.redirect_stdout(io.StringIO()):\n"
+            "    try:\n"
+            "        main(['--help'])\n"
+            "    except SystemExit:\n"
+            "        pass\n"
+            "heavy = [m for m in ('torch', 'captum', 'monai', 'nibabel', 'scipy') if m in sys.modules]\n"
+            "print(heavy); sys.exit(1 if heavy else 0)\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr

@@ -25,7 +25,7 @@ import numpy as np
 from esegeta_engine.cohort.config import CohortConfig
 from esegeta_engine.cohort.plan import CohortPlan, grid_volume
 from esegeta_engine.io import Volume, save_map, write_text
-from esegeta_engine.pipeline import _slug
+from esegeta_engine.jobs.naming import slug as _slug
 from esegeta_engine.tables import safe_cell, safe_row
 
 log = logging.getLogger("esegeta_engine")
@@ -48,8 +48,8 @@ def _read(path: Path) -> np.ndarray:
 def _groups(records: list[dict[str, Any]]) -> dict[tuple[str, str, int], list[dict[str, Any]]]:
     out: dict[tuple[str, str, int], list[dict[str, Any]]] = defaultdict(list)
     for r in records:
-        if r["status"] == "ok" and r.get("file"):
-            out[(r["model"], r["method"], r["class"])].append(r)
+        if r["status"] == "ok" and r.get("file") and r.get("planned") is not False:
+            out[(r["model"], r.get("label") or r["method"], r["class"])].append(r)
     return out
 
 
@@ -111,6 +111,7 @@ def compare_models(out: Path, cfg: CohortConfig, aggregates: list[dict[str, Any]
 def _flat(r: dict[str, Any]) -> dict[str, Any]:
     row = {k: r.get(k) for k in ("subject", "group", "model", "method", "class", "status", "seconds",
                                  "model_evaluations", "file", "error")}
+    row["method"] = r.get("label") or r.get("method")  # name[@layer][+noise]: one row per job
     row.update({k: v for k, v in (r.get("metrics") or {}).items() if not isinstance(v, (dict, list))})
     return row
 

@@ -36,7 +36,7 @@ from esegeta_engine.errors import ConfigError
 from esegeta_engine.yamlsafe import read_config_file
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-EXECUTORS = ("inline", "local", "dask")
+EXECUTORS = ("inline", "pool", "local", "dask")
 
 
 class CohortModel(ModelConfig):
@@ -58,9 +58,9 @@ class CohortSection(_Strict):
     volumes: list[Path] = Field(default_factory=list, description="NIfTI files")
     glob: str | None = Field(None, description="glob pattern of NIfTI files, relative to the config")
     csv: Path | None = Field(None, description="CSV with columns volume[, ground_truth, roi, subject, group]")
-    executor: Literal["inline", "local", "dask"] = "inline"
+    executor: Literal["inline", "pool", "local", "dask"] = "inline"
     workers: int = Field(2, ge=1, le=256, description="local: CPU worker processes (1 thread each)")
-    devices: list[str] | None = Field(None, description="local: one worker per device, e.g. [cuda:0, cuda:1]")
+    devices: list[str] | None = Field(None, description="local or pool: one worker per device, e.g. [cuda:0, cuda:1]")
     scheduler: str | None = Field(None, description="dask: scheduler address, e.g. tcp://host:8786")
     connect_timeout_s: float = Field(5.0, gt=0, description="dask: give up reaching the scheduler after this")
     aggregate: Literal["auto", "require", "off"] = Field(

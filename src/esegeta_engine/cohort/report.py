@@ -12,7 +12,7 @@ import numpy as np
 
 from esegeta_engine.cohort.plan import CohortPlan
 from esegeta_engine.io import write_text
-from esegeta_engine.pipeline import _slug
+from esegeta_engine.jobs.naming import slug as _slug
 
 REPORT = "cohort_report.html"
 

@@ -302,7 +302,7 @@ class EvaluationSession:
         from esegeta_engine.preprocess import AxisOrder
 
         spec = get_method(info.method)
-        if spec.family == "visualisation":
+        if not spec.evaluable:
             raise _SetupError(f"'{info.name}' is a feature-visualisation volume, not an attribution map")
         target = self._target(volume, info, explainer, x, raw)
         attr_np = np.ascontiguousarray(AxisOrder(self.preprocess.axis_order).to_model(info.array))

@@ -129,11 +129,13 @@ def patchwise_modes() -> dict[str, PatchwiseMode]:
 
 
 register_patchwise_mode(PatchwiseMode(
-    "gradient", True, summary="needs only gradients of the score function (hooks on modules fire again when "
-    "a patch is recomputed): memory-bounded patch-wise backward"))
+    "gradient", True, summary="gradients or rules propagated back from the output (saliency, IG, guided, "
+    "DeepLIFT, LRP, CAMs on each patch copy of a layer): hooks fire again as each patch is recomputed in the "
+    "patch-wise backward"))
 register_patchwise_mode(PatchwiseMode(
     "perturbation", True, _reuse_unperturbed, summary="evaluates perturbed copies of the input: unperturbed "
     "patch outputs are reused and only the patches a perturbation touches are recomputed"))
 register_patchwise_mode(PatchwiseMode(
-    "whole", False, summary="needs one forward pass of the whole input (hooks that store activations): "
-    "refused under sliding-window execution with a message naming the alternative"))
+    "whole", False, summary="needs one forward pass of the whole input (Eigen/Score/Ablation-CAM, FullGrad, "
+    "feature visualisation, some layer methods): refused under sliding-window execution with a message "
+    "naming the alternative"))
