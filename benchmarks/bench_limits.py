@@ -71,9 +71,9 @@ def bench_prediction_pass(folder: Path, edge: int, timeout_s: float) -> None:
     import torch
 
     from esegeta_engine.config import parse_config
-    from esegeta_engine.execution.sliding import WindowGrid, WindowSettings
+    from esegeta_engine.forward.sliding import WindowGrid, WindowSettings
     from esegeta_engine.pipeline import run
-    from esegeta_engine.scoring import EvaluationMonitor
+    from esegeta_engine.forward.scoring import EvaluationMonitor
 
     torch.manual_seed(0)
     torch.save(torch.nn.Conv3d(1, 2, 3, padding=1), folder / "net.pt")  # a tiny segmentation net

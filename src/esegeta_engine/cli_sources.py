@@ -64,7 +64,7 @@ def model_section(args: argparse.Namespace) -> dict[str, Any]:
                           "see `esegeta explain --help`")
     data: dict[str, Any] = {"device": getattr(args, "device", "cpu") or "cpu"}
     if getattr(args, "output", None) is not None:
-        from esegeta_engine.cli import _parse_value
+        from esegeta_engine.cli_commands import _parse_value
 
         data["output"] = _parse_value(args.output)
     if args.nnunet:

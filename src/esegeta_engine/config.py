@@ -13,6 +13,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from esegeta_engine.config_errors import format_validation_error
 from esegeta_engine.config_scores import (EnergyPointingConfig, MprtConfig, RegionPerturbationConfig, RoadConfig,
                                           StabilityConfig)
 from esegeta_engine.errors import ConfigError, EsegetaError
@@ -400,46 +401,6 @@ class Config(RunSections):
         return data
 
 
-def format_validation_error(exc: ValidationError, source: str = "config") -> ConfigError:
-    """Turn pydantic's error into one readable :class:`ConfigError`."""
-    lines = []
-    for err in exc.errors():
-        loc = ".".join(str(p) for p in err["loc"] if not str(p).startswith("function-after"))
-        msg = _clip(err["msg"].removeprefix("Value error, "))
-        if err["type"] == "extra_forbidden":
-            msg = "unknown key"
-            parent = _fields_at(err["loc"][:-1])
-            if parent:
-                msg += f" (allowed here: {', '.join(parent)})"
-        elif err["type"] == "literal_error":
-            msg = msg.replace("Input should be", "must be")
-        lines.append(f"{loc or '(top level)'}: {msg}")
-    return ConfigError(f"invalid {source}:\n  " + "\n  ".join(lines),
-                       "fix the keys above; `esegeta methods` lists methods and their parameters")
-
-
-def _clip(text: str, limit: int = 400) -> str:
-    """At most ``limit`` characters of ``text`` (a hostile value must not flood a message)."""
-    return text if len(text) <= limit else text[:limit] + f"... ({len(text) - limit} more characters)"
-
-
-def _fields_at(loc: tuple[Any, ...]) -> list[str]:
-    model: Any = Config
-    for part in loc:
-        if isinstance(part, int):
-            continue
-        field = getattr(model, "model_fields", {}).get(part)
-        if field is None:
-            return []
-        ann = field.annotation
-        args = getattr(ann, "__args__", ())
-        candidates = [a for a in (ann, *args) if isinstance(a, type) and issubclass(a, BaseModel)]
-        if not candidates:
-            return []
-        model = candidates[0]
-    return list(getattr(model, "model_fields", {}))
-
-
 def parse_config(data: dict[str, Any], base: Path | None = None, source: str = "config") -> Config:
     """Validate a config mapping (paths resolved against ``base``)."""
     if not isinstance(data, dict):
@@ -448,7 +409,7 @@ def parse_config(data: dict[str, Any], base: Path | None = None, source: str = "
     try:
         cfg = Config.model_validate(data)
     except ValidationError as exc:
-        raise format_validation_error(exc, source) from None
+        raise format_validation_error(exc, source, Config) from None
     return cfg.resolve_paths(base) if base is not None else cfg
 
 

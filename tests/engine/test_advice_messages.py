@@ -50,7 +50,7 @@ def test_malformed_scheduler_address_is_one_line_and_no_client_is_made(tmp_path,
 
     made = []
     monkeypatch.setattr(distributed, "Client", lambda *a, **k: made.append(a))
-    from esegeta_engine.cohort.executors import connect
+    from esegeta_engine.jobs.executors import connect
 
     for address in ["not an address", "tcp://host:notaport", "foo://bar:1", "tcp://h:99999", "tcp://:8786"]:
         with pytest.raises(ConfigError, match="is not valid") as info:

@@ -11,7 +11,7 @@ from esegeta_engine.errors import MethodError
 from esegeta_engine.explain import Explainer
 from esegeta_engine.methods import MethodContext, attribute, get_method
 from esegeta_engine.methods.architectures import fixed_input_size
-from esegeta_engine.scoring import EvaluationMonitor
+from esegeta_engine.forward.scoring import EvaluationMonitor
 from esegeta_engine.targets import ArgmaxRegionTarget
 
 nets = pytest.importorskip("monai.networks.nets")

@@ -25,7 +25,7 @@ Any other module type has no rule and is refused before the model runs.
 Under sliding-window execution LRP runs patch by patch, exactly: relevance starts
 at each patch's output as ``y_p * w_p / W * dF/dY`` (its blended share; the hooks
 sit on the network inside the window, and the patch-wise backward of
-:mod:`esegeta_engine.execution.sliding` recomputes one patch batch at a time), and
+:mod:`esegeta_engine.forward.sliding` recomputes one patch batch at a time), and
 the patch maps add where patches lie, so ``sum R = sum_p sum y_p w_p / W dF/dY``:
 conservation holds for the stitched score.
 Operations a model performs without modules (residual additions,

@@ -118,7 +118,7 @@ def attribute(
     result = result.detach()
     raw = ctx.extra.pop("raw_attribution_sum", None)  # patch-wise layer methods: every copy's total
     ctx.extra["attribution_sum"] = raw.double().cpu() if raw is not None else result.flatten(1).sum(1).double().cpu()
-    if spec.family == "layer":
+    if spec.output_grid == "layer":
         result = _layer_to_input_grid(result, ctx, params)
     return result.float()
 
