@@ -167,7 +167,7 @@ class JobExecutor:
             else:
                 metrics = holder.get("metrics") or [{} for _ in maps]
                 form = dict(holder.get("form") or {})
-                describe = getattr(self.model, "describe_execution", None)  # a deployed pipeline's own window
+                describe = getattr(self.explainer.model, "describe_execution", None)  # a deployed pipeline's own window
                 if callable(describe):
                     form.update(describe())
                 if "precision" in holder:
