@@ -14,7 +14,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from esegeta_engine.errors import ConfigError, OutputError
+from esegeta_engine.errors import ConfigError, EsegetaError, OutputError
 from esegeta_engine.yamlsafe import load_bounded, read_config_file
 
 log = logging.getLogger("esegeta_engine")
