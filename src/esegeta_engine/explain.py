@@ -28,10 +28,9 @@ import torch
 from torch import nn
 
 from esegeta_engine import targets as T
-from esegeta_engine.advice import precision_clash
+from esegeta_engine.advice import precision_clash, rejected_input
 from esegeta_engine.config import ExecutionConfig, MethodConfig, PreprocessConfig, TargetConfig
-from esegeta_engine.errors import (Cancelled, EsegetaError, MethodError, MethodTimeout, TargetError, VolumeError,
-                                   error_reason)
+from esegeta_engine.errors import Cancelled, EsegetaError, MethodError, MethodTimeout, TargetError, VolumeError
 from esegeta_engine.forward.runner import ExecutionForm, execution_form
 from esegeta_engine.jobs.build import _is_oom, build_target, memory_error, target_support
 from esegeta_engine.jobs.events import Event, Evaluator, JobFailed, MapReady, Progress, RunState
@@ -40,7 +39,6 @@ from esegeta_engine.jobs.plan import Job, array_fingerprint, estimate_run, key_c
 from esegeta_engine.io import Volume
 from esegeta_engine.methods import get_method
 from esegeta_engine.methods.registry import CostInfo
-from esegeta_engine.methods.architectures import fixed_size_fix
 from esegeta_engine.models import get_layer, model_guard
 from esegeta_engine.preprocess import Geometry, to_model_input
 from esegeta_engine.forward.scoring import EvaluationMonitor, ScoreModel, make_score_model
@@ -168,23 +166,7 @@ class Explainer:
                     raise clash from None
                 if self._try_padding(x, monitor):
                     return self._raw(x, monitor)
-                form = self.form_for(x)
-                fixed = fixed_size_fix(self.model, tuple(x.shape[2:]) if form.sliding is None
-                                       else tuple(form.sliding.patch_size))
-                if fixed is not None:
-                    raise MethodError(f"the model does not accept an input of shape {tuple(x.shape)}: "
-                                      f"{error_reason(exc)}", fixed) from None
-                if form.sliding is not None:
-                    raise MethodError(
-                        f"the model does not accept a patch of size {list(form.sliding.patch_size)} "
-                        f"(volume {tuple(x.shape)}): {error_reason(exc)}",
-                        "give execution.patch_size the network's training patch size (U-Nets need each "
-                        "size divisible by 2**depth, e.g. 96 or 128), and check preprocess.in_channels") from None
-                raise MethodError(
-                    f"the model does not accept an input of shape {tuple(x.shape)}: {error_reason(exc)}",
-                    "check preprocess.in_channels, spatial_dims and axis_order; if the network needs sizes "
-                    "divisible by 2**depth, set execution.divisible_by (e.g. 16) or a patch size",
-                ) from None
+                raise rejected_input(exc, self.model, tuple(x.shape), self.form_for(x)) from None
 
     def _raw(self, x: torch.Tensor, monitor: EvaluationMonitor | None = None) -> torch.Tensor:
         sm = self.make_score_model(T.ClassificationTarget(), x, monitor)

@@ -28,7 +28,7 @@ from esegeta_engine.evaluation.api import localisation_metrics
 from esegeta_engine.evaluation.evaluators import CURVES_KEY, scalar_metrics
 from esegeta_engine.evaluation.session import EvaluationSession
 from esegeta_engine.evaluation.localisation import LOCALISATION_METRICS
-from esegeta_engine.evaluation.map_extras import map_extras, refresh_trust
+from esegeta_engine.evaluation.map_extras import expected_metric_evaluations, map_extras, refresh_trust
 from esegeta_engine.explain import Event, Explainer, JobFailed, MapReady, Progress
 from esegeta_engine.inputs import load_ground_truth, load_inputs, load_mask_on_grid
 from esegeta_engine.io import Volume, file_sha256, save_map, write_json
@@ -186,6 +186,8 @@ def iter_run(cfg: Config, cancel: threading.Event | None = None, *, threaded: bo
                                          explainer.geometry(volumes[event.volume]), ev,
                                          gt_mask if gt_mask is not None else truth)
                 metrics.update(more)
+                if extra.get("metric_evaluations") is not None:
+                    extra["expected_metric_evaluations"] = expected_metric_evaluations(ev, job, model)
                 manifest["results"].append(_record(
                     job, "ok", event.seconds, event.evaluations, volume=stems[event.volume], file=name,
                     model_inputs=event.inputs_evaluated, stats=map_stats(event.array), metrics=metrics,

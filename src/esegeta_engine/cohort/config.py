@@ -103,6 +103,12 @@ class CohortConfig(RunSections):
                              "ground truth in the CSV column 'ground_truth'")
         if self.target.kind == "roi" and self.target.roi_mask is None and self.cohort.csv is None:
             raise ValueError("target kind 'roi' needs target.roi_mask or a CSV column 'roi'")
+        if self.target.kind == "outcome" and self.target.ground_truth is None and self.cohort.csv is None:
+            raise ValueError("target kind 'outcome' needs each volume's ground truth in the CSV column "
+                             "'ground_truth' (or target.ground_truth)")
+        if self.target.components:
+            raise ValueError("target.components is not part of cohort runs (the number of structures is "
+                             "known only after the prediction); explain the components of one volume")
         return self
 
     def resolve_paths(self, base: Path) -> CohortConfig:

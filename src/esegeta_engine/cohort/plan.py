@@ -23,7 +23,7 @@ from esegeta_engine.errors import ConfigError, VolumeError
 from esegeta_engine.io import Volume, is_nifti, load_volume
 from esegeta_engine.io import file_sha256 as io_file_sha256
 from esegeta_engine.methods import get_method
-from esegeta_engine.jobs.plan import array_fingerprint, expected_evaluations, key_context, model_fingerprint
+from esegeta_engine.jobs.plan import array_fingerprint, key_context, model_fingerprint, plan_jobs
 from esegeta_engine.jobs.plan import job_key as plan_key
 from esegeta_engine.methods.registry import CostInfo
 from esegeta_engine.jobs.naming import slug as _slug
@@ -315,18 +315,16 @@ def plan_cohort(cfg: CohortConfig) -> CohortPlan:
                                       "give every CSV row a 'roi' column value, or target.roi_mask for all")
                 mask = load_volume(Path(roi), spatial_dims=p.spatial_dims).data != 0
                 extra = {"roi": array_fingerprint(mask)}
-            for mi, meth in enumerate(cfg.methods):
-                spec = get_method(meth.name)
-                nt = meth.noise_tunnel.samples if meth.noise_tunnel else 1
-                cost = expected_evaluations(spec, spec.resolve_params(meth.params),
-                                            CostInfo(1, p.in_channels, spatial, nt))  # the planner's estimate
-                for layer in meth.layers or [None]:
-                    label = method_label(meth, layer)
-                    for cls in cfg.target.classes or []:
-                        key = job_key(model_key[m.name], v.content, meth, cls, cfg.target, p, cfg.run.seed,
-                                      model_output=m.output, extra=extra, execution=execution, layer=layer)
-                        name = f"maps/{m.name}/{v.subject}__{_slug(label)}__{cfg.target.kind}-{cls}.nii.gz"
-                        jobs.append(CohortJob(key, m.name, vi, v.subject, mi, label, int(cls), name, cost, layer))
+            context = key_context(cfg.target.model_dump(mode="json"), p.model_dump(mode="json"), execution,
+                                  m.output, cfg.run.seed, model_key[m.name], [v.content], (extra or {}).get("roi"))
+            info = CostInfo(1, p.in_channels, spatial)
+            for mi, meth in enumerate(cfg.methods):  # the one planner of single runs, method by method
+                for job in plan_jobs([meth], cfg.target.classes or [], str, cfg.target.kind, (vi,), info=info,
+                                     context=context):
+                    label = method_label(meth, job.layer)
+                    name = f"maps/{m.name}/{v.subject}__{_slug(label)}__{cfg.target.kind}-{job.cls}.nii.gz"
+                    jobs.append(CohortJob(job.key, m.name, vi, v.subject, mi, label, int(job.cls), name,
+                                          job.expected_evaluations, job.layer))
     return CohortPlan(volumes, model_sha, jobs, common, note, model_key)
 
 

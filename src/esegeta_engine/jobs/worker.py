@@ -126,6 +126,8 @@ def _run(spec: JobSpec, device: str, where: str, start: float, cancel: threading
     target = {**spec.target, "classes": [spec.cls]}
     if spec.roi is not None:
         target["roi_mask"] = spec.roi
+    if target.get("kind") == "outcome" and spec.ground_truth is not None:  # this subject's ground truth
+        target["ground_truth"] = spec.ground_truth
     cfg = parse_config({"model": {**model_cfg, "device": device}, "volumes": [spec.volume],
                         "preprocess": spec.preprocess, "target": target, "methods": [spec.method],
                         "run": spec.run, "evaluation": spec.evaluation, "execution": spec.execution},
