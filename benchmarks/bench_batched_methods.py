@@ -41,7 +41,7 @@ from esegeta_engine.io import Volume
 from esegeta_engine.methods import MethodContext, attribute, get_method
 from esegeta_engine.models import get_layer
 from esegeta_engine.sample import load_sample_unet, make_phantom
-from esegeta_engine.scoring import ScoreModel
+from esegeta_engine.forward.scoring import ScoreModel
 from esegeta_engine.targets import ArgmaxRegionTarget
 
 LAYER = "downs.1.block.relu2"

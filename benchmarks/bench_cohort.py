@@ -41,7 +41,7 @@ def main() -> None:
     from cohort_helpers import cohort_data, write_phantoms
 
     from esegeta_engine.cohort import parse_cohort_config, plan_cohort
-    from esegeta_engine.cohort.executors import InlineExecutor, start_local
+    from esegeta_engine.jobs.executors import InlineExecutor, start_local
     from esegeta_engine.cohort.run import job_specs
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -42,7 +42,7 @@ from torch import nn
 from esegeta_engine.evaluation import infidelity_score, sensitivity_score
 from esegeta_engine.methods import MethodContext, attribute, get_method
 from esegeta_engine.sample import load_sample_unet, make_phantom, minmax_normalise
-from esegeta_engine.scoring import ScoreModel
+from esegeta_engine.forward.scoring import ScoreModel
 from esegeta_engine.targets import ArgmaxRegionTarget
 
 

@@ -39,10 +39,10 @@ def _net(features):
 def _child(mode: str, shape, patch, features, overlap: float) -> dict:
     """One measurement in this process (called in a child): time and peak RSS."""
     from esegeta_engine.config import ExecutionConfig, TargetConfig
-    from esegeta_engine.execution.sliding import SlidingWindow, WindowSettings
+    from esegeta_engine.forward.sliding import SlidingWindow, WindowSettings
     from esegeta_engine.explain import Explainer
     from esegeta_engine.methods import MethodContext, attribute, get_method
-    from esegeta_engine.scoring import EvaluationMonitor
+    from esegeta_engine.forward.scoring import EvaluationMonitor
     from esegeta_engine.targets import ArgmaxRegionTarget
 
     net = _net(features)
@@ -84,7 +84,7 @@ def _run_child(mode, shape, patch, features, overlap) -> dict:
 
 def occlusion_counts(shape, patch, overlap, window) -> tuple[int, int]:
     """Exact patch evaluations of occlusion with reuse vs over the full sliding-window function."""
-    from esegeta_engine.execution.sliding import WindowGrid, WindowSettings
+    from esegeta_engine.forward.sliding import WindowGrid, WindowSettings
 
     grid = WindowGrid(shape, WindowSettings(tuple(patch), overlap), torch.device("cpu"))
     starts = [np.arange(0, s - window + 1, window) for s in shape]
@@ -108,7 +108,7 @@ def occlusion_timing(shape=(64, 64, 48), patch=(32, 32, 32), window=16) -> dict:
     from esegeta_engine.config import ExecutionConfig, TargetConfig
     from esegeta_engine.explain import Explainer
     from esegeta_engine.methods import MethodContext, attribute, get_method
-    from esegeta_engine.scoring import EvaluationMonitor
+    from esegeta_engine.forward.scoring import EvaluationMonitor
     from esegeta_engine.targets import ArgmaxRegionTarget
 
     net = _net((4, 4, 8, 8, 16, 4))
@@ -166,7 +166,7 @@ def main() -> None:
     print(f"occlusion timing on a {t['shape']} crop: reuse {t['reuse_s']:.1f} s vs full {t['full_s']:.1f} s "
           f"= {t['speedup']:.1f}x faster; patches {t['reuse_patches']} vs {t['full_patches']}; "
           f"max rel. difference {t['max_rel_diff']:.1e}")
-    from esegeta_engine.execution.sliding import WindowGrid, WindowSettings
+    from esegeta_engine.forward.sliding import WindowGrid, WindowSettings
 
     big = WindowGrid((448, 448, 128), WindowSettings((96, 96, 96), 0.25), torch.device("cpu"))
     roi = torch.zeros((448, 448, 128), dtype=torch.bool)

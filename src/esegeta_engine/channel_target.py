@@ -6,7 +6,7 @@ than a class: the score is the mean activation of channel ``k`` of a chosen modu
 unit (neuron) of it. :class:`LayerChannelTarget` is a :class:`~esegeta_engine.targets.Target`
 like the others, so every gradient (and perturbation) method explains it unchanged.
 
-The activation is captured by a forward hook that :class:`~esegeta_engine.scoring.ScoreModel`
+The activation is captured by a forward hook that :class:`~esegeta_engine.forward.scoring.ScoreModel`
 opens around each forward pass (:meth:`LayerChannelTarget.capture`) and removes right after,
 so the user's model carries no hook between evaluations.
 
@@ -14,7 +14,7 @@ Examples
 --------
 >>> import torch
 >>> from torch import nn
->>> from esegeta_engine.scoring import ScoreModel
+>>> from esegeta_engine.forward.scoring import ScoreModel
 >>> net = nn.Sequential(nn.Conv3d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv3d(4, 2, 1))
 >>> score = ScoreModel(net, LayerChannelTarget("1", channel=2))
 >>> score(torch.randn(1, 1, 4, 4, 4)).shape
@@ -104,7 +104,7 @@ class LayerChannelTarget(Target):
             raise TargetError(
                 f"the channel target of layer '{self.layer}' was called outside a forward pass of "
                 "the score model",
-                "call it through esegeta_engine.scoring.ScoreModel, which captures the activation",
+                "call it through esegeta_engine.forward.scoring.ScoreModel, which captures the activation",
             )
         if not self._seen:
             raise TargetError(f"layer '{self.layer}' did not run in the model's forward pass",

@@ -1,5 +1,9 @@
 """The ``esegeta`` command line: a thin layer over :mod:`esegeta_engine.pipeline`.
 
+This module holds the parser and the entry point and imports nothing heavy, so that
+``esegeta --help`` answers at once; the commands (:mod:`esegeta_engine.cli_commands`)
+import torch, Captum and MONAI only when they run.
+
 User errors (bad files, configs, models) print one message with the fix and
 exit with status 2, without a traceback. Ctrl-C cancels between model
 evaluations; finished maps and the manifest are kept.
@@ -8,64 +12,19 @@ evaluations; finished maps and the manifest are kept.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
-import threading
 from pathlib import Path
-from typing import Any
 
 from esegeta_engine import __version__
-from esegeta_engine.errors import ConfigError, EsegetaError, OutputError
-from esegeta_engine.yamlsafe import load_bounded, read_config_file
+from esegeta_engine.cli_commands import (cmd_demo, cmd_evaluate, cmd_explain, cmd_layers, cmd_methods, cmd_report, cmd_run, cmd_sample, cmd_schema)
+from esegeta_engine.cli_sources import add_predict_parser, add_source_flags
+from esegeta_engine.errors import EsegetaError
 
 # the registry's Family values, spelled out so that `esegeta --help` does not import torch
 FAMILIES = ["gradient", "perturbation", "layer", "visualisation"]
 
 log = logging.getLogger("esegeta_engine")
-
-DEMO_METHODS: list[dict[str, Any]] = [
-    {"name": "saliency"},
-    {"name": "input_x_gradient"},
-    {"name": "integrated_gradients", "params": {"n_steps": 16}},
-    {"name": "guided_backprop"},
-    {"name": "deeplift"},
-    {"name": "occlusion", "params": {"window": 16, "perturbations_per_eval": 8}},
-    {"name": "feature_ablation", "params": {"n_segments": 48, "perturbations_per_eval": 8}},
-    {"name": "layer_gradcam", "layers": ["ups.0.block"]},
-]
-
-
-def _parse_value(text: str) -> Any:
-    """A parameter value from the command line, read as bounded YAML (safe, never eval)."""
-    try:
-        return load_bounded(text, source=f"value {text[:40]!r}")
-    except ConfigError as exc:
-        if "not valid YAML" in exc.problem:
-            return text
-        raise
-
-
-def _method_arg(text: str) -> dict[str, Any]:
-    """``name`` or ``name:key=value,key=value`` (``layers=a;b`` for layer methods)."""
-    name, _, rest = text.partition(":")
-    entry: dict[str, Any] = {"name": name.strip()}
-    params: dict[str, Any] = {}
-    for item in filter(None, (s.strip() for s in rest.split(","))):
-        key, eq, value = item.partition("=")
-        if not eq:
-            raise ConfigError(f"--method {text!r}: {item!r} is not key=value",
-                              "write e.g. --method occlusion:window=8,stride=4")
-        if key == "layers":
-            entry["layers"] = [v for v in value.split(";") if v]
-        elif key == "smoothgrad":
-            entry["noise_tunnel"] = {"samples": int(value)}
-        else:
-            params[key] = _parse_value(value)
-    if params:
-        entry["params"] = params
-    return entry
-
 
 def _setup_logging(verbose: bool) -> None:
     for old in [h for h in log.handlers if getattr(h, "esegeta_cli", False)]:  # main() called again
@@ -76,338 +35,6 @@ def _setup_logging(verbose: bool) -> None:
     log.addHandler(handler)
     log.setLevel(logging.INFO)
     handler.setLevel(logging.INFO if verbose else logging.WARNING)
-
-
-SUMMARY_METRICS = ("completeness_error", "class_contrast_spearman",
-                   "infidelity", "sensitivity", "auc_deletion", "auc_insertion", "mass_inside", "roc_auc")
-
-
-def _fmt(v: Any) -> str:
-    if v is None:
-        return "undef"
-    return f"{v:.3g}" if isinstance(v, float) else str(v)
-
-
-def _print_randomisation(manifest_path: Any) -> None:
-    """The randomisation verdict and its reason for every method (from the manifest)."""
-    try:
-        entries = json.loads(manifest_path.read_text(encoding="utf-8")).get("randomisation") or []
-    except (OSError, ValueError):
-        return
-    for entry in entries:
-        print(f"\nrandomisation ({entry.get('mode')}) · {entry.get('target')} · {entry.get('volume')}:")
-        for method, v in (entry.get("verdicts") or {}).items():
-            print(f"  {method}: {v.get('verdict')} — {v.get('reason')}")
-
-
-def _print_trust(manifest_path: Any) -> None:
-    """Each map's trust scorecard in one line (from the manifest, randomisation included)."""
-    try:
-        records = json.loads(manifest_path.read_text(encoding="utf-8")).get("results") or []
-    except (OSError, ValueError):
-        return
-    lines = [f"  {r.get('file')}: {r['trust']['line']}" for r in records if (r.get("trust") or {}).get("line")]
-    if lines:
-        print("\ntrust (ok: checked and passed, FAILED, -: not checked):")
-        print("\n".join(lines))
-
-
-def _print_summary(result: Any) -> None:
-    metrics = [k for k in SUMMARY_METRICS if any(k in (r.get("metrics") or {}) for r in result.records)]
-    rows = [("method", "target", "volume", "status", "time s", "calls", "inputs", *metrics, "output")]
-    for r in result.records:
-        label = r["method"] + (f"@{r['layer']}" if r.get("layer") else "")
-        out = r.get("file") or (r.get("error") or "").splitlines()[0][:60]
-        m = r.get("metrics") or {}
-        rows.append((label, r["target"], r["volume"], r["status"], f"{r['seconds']:.2f}",
-                     str(r["model_evaluations"]), str(r.get("model_inputs", "")),
-                     *[_fmt(m.get(k)) if k in m else "" for k in metrics], out))
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    for k, row in enumerate(rows):
-        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
-        if k == 0:
-            print("  ".join("-" * w for w in widths))
-    ok = sum(r["status"] == "ok" for r in result.records)
-    print(f"\n{ok} of {len(result.records)} maps written to {result.out_dir} "
-          f"(run {result.status}); manifest: {result.manifest_path.name}")
-    if (result.out_dir / "report.html").is_file():
-        print(f"report: {result.out_dir / 'report.html'}")
-    _print_randomisation(result.manifest_path)
-    _print_trust(result.manifest_path)
-    warned = [r for r in result.records if (r.get("metrics") or {}).get("axiom_status") == "warning"]
-    for r in warned:
-        label = r["method"] + (f"@{r['layer']}" if r.get("layer") else "")
-        print(f"warning: {label} · {r['target']} · {r['volume']}: {r['metrics'].get('axiom_note', '')}")
-    if metrics:
-        print("completeness_error: |sum(map) - (F(x) - F(baseline))| / |F(x) - F(baseline)| (undef: no axiom); "
-              "calls/inputs: model forward calls and inputs evaluated; auc_deletion lower is better, "
-              "auc_insertion, mass_inside and roc_auc (vs the ground truth) higher is better")
-
-
-def _execute(cfg: Any, quiet: bool, resume: bool = False, trust_pickled: bool = False) -> int:
-    from tqdm import tqdm
-
-    from esegeta_engine.explain import Progress
-    from esegeta_engine.interrupts import cancel_on_signals
-    from esegeta_engine.pipeline import iter_run
-
-    cancel = threading.Event()
-    # no bar when quiet or when stderr is not a terminal (logs, CI)
-    # the bar counts model evaluations against the run's expected total (hence an ETA);
-    # it falls back to jobs when some method cannot tell its cost in advance
-    bar = tqdm(total=0, unit="eval", disable=True if quiet else None, dynamic_ncols=True, file=sys.stderr)
-
-    def show(event: Progress) -> None:
-        if event.run_expected:
-            bar.total = max(event.run_expected, event.run_evaluations)
-            bar.n = event.run_evaluations
-            bar.unit = "eval"
-        else:
-            bar.total = event.total
-            bar.n = event.done
-            bar.unit = "job"
-        bar.set_description_str(f"[{event.done}/{event.total} jobs] {event.message}"[:70])
-        bar.refresh()
-
-    gen = iter_run(cfg, cancel, on_progress=show, resume=resume,
-                   trust_pickled=trust_pickled)
-    # Ctrl-C or SIGTERM (a batch scheduler's stop): the running job stops at its next model
-    # evaluation and is recorded as cancelled; a second signal interrupts at once.
-    with cancel_on_signals(cancel):
-        try:
-            while True:
-                try:
-                    event = next(gen)
-                except StopIteration as stop:
-                    result = stop.value
-                    break
-                if isinstance(event, Progress):
-                    show(event)
-        except KeyboardInterrupt:  # raised inside the running method; iter_run recorded the cancel
-            cancel.set()
-            gen.close()
-            bar.close()
-            print(f"\ncancelled; finished maps and the manifest are in {cfg.output.dir}", file=sys.stderr)
-            return 130
-    bar.close()
-    _print_summary(result)
-    if result.status == "cancelled":
-        print(f"cancelled; finished maps and the manifest are in {cfg.output.dir}", file=sys.stderr)
-        return 130
-    return 0 if not result.failed else 1
-
-
-def cmd_run(args: argparse.Namespace) -> int:
-    # the one bounded read of the file, before torch is even imported
-    data = read_config_file(args.config)
-
-    from esegeta_engine.cohort.config import is_cohort_data
-    from esegeta_engine.config import parse_config
-
-    if is_cohort_data(data):
-        from esegeta_engine.cohort.cli import cmd_cohort
-
-        return cmd_cohort(args, data)
-    if args.dry_run or args.executor or args.scheduler or args.workers:
-        raise ConfigError("--dry-run, --executor, --scheduler and --workers apply to cohort configs",
-                          "add `models:` and `cohort:` sections (see README.md), or drop the flag")
-    cfg = parse_config(data, base=Path(args.config).parent.resolve(), source=Path(args.config).name)
-    if args.out:
-        cfg.output.dir = Path(args.out).resolve()
-    if args.overwrite:
-        cfg.output.overwrite = True
-    if args.device:
-        cfg.model.device = args.device
-    return _execute(cfg, args.quiet, getattr(args, "resume", False), trust_pickled=args.trust_pickled)
-
-
-def cmd_explain(args: argparse.Namespace) -> int:
-    from esegeta_engine.config import parse_config
-
-    data: dict[str, Any] = {
-        "model": {"path": args.model, "format": args.format, "device": args.device},
-        "volumes": args.volume,
-        "preprocess": {"spatial_dims": args.spatial_dims, "in_channels": args.in_channels,
-                       "normalisation": args.normalisation, "axis_order": args.axis_order,
-                       "orientation": args.orientation},
-        "execution": {"overlap": args.overlap, "precision": args.precision,
-                      "patch_size": (args.patch_size[0] if args.patch_size and len(args.patch_size) == 1
-                                     else args.patch_size)},
-        "target": {"kind": args.target},
-        "methods": [_method_arg(m) for m in args.method],
-        "output": {"dir": args.out, "overwrite": args.overwrite},
-        "run": {"seed": args.seed, "timeout_s": args.timeout},
-    }
-    if args.class_path:
-        data["model"]["class_path"] = args.class_path
-    if args.kwargs:
-        data["model"]["kwargs"] = load_bounded(args.kwargs, source="--kwargs", json_syntax=True)
-    if args.output is not None:
-        data["model"]["output"] = _parse_value(args.output)
-    if args.classes:
-        data["target"]["classes"] = args.classes
-    if args.roi_mask:
-        data["target"]["roi_mask"] = args.roi_mask
-    if args.voxel:
-        data["target"]["voxel"] = args.voxel
-    if args.activation:
-        data["target"]["activation"] = args.activation
-    if args.target_layer:
-        data["target"]["layer"] = args.target_layer
-    if args.channel is not None:
-        data["target"]["channel"] = args.channel
-    return _execute(parse_config(data, base=Path.cwd(), source="command line"), args.quiet, args.resume,
-                    trust_pickled=args.trust_pickled)
-
-
-def cmd_demo(args: argparse.Namespace) -> int:
-    from esegeta_engine.config import parse_config
-    from esegeta_engine.sample import sample_info, save_phantom_nifti, unet_paths
-
-    out = Path(args.out).resolve()
-    info = sample_info()["models"]["unet3d_vessels"]
-    model_path = unet_paths()["state"]
-    _check_demo_folder(out, model_path, args.overwrite)
-    vol_path, mask_path = save_phantom_nifti(out / "input", seed=args.seed)
-    methods = DEMO_METHODS
-    if args.methods:
-        methods = [_method_arg(m) for m in args.methods.split("+")]
-    cfg = parse_config({
-        "model": {"path": str(model_path), "class_path": info["class_path"],
-                  "kwargs": info["kwargs"]},
-        "volumes": [str(vol_path)],
-        "preprocess": {"normalisation": "minmax"},
-        "target": {"kind": "argmax", "classes": [1]},
-        "methods": methods,
-        "output": {"dir": str(out), "overwrite": True},
-        "run": {"seed": 0},
-        "evaluation": {"localisation": {"mask": str(mask_path)}, "report": not args.no_report},
-    }, source="demo")
-    print(f"demo: phantom TOF-MRA volume {vol_path.name} (ground truth: {mask_path.name}), "
-          f"bundled 3D U-Net, argmax target on the vessel class, {len(methods)} methods",
-          file=sys.stderr)
-    return _execute(cfg, args.quiet)
-
-
-def _check_demo_folder(out: Path, model_path: Path, overwrite: bool) -> None:
-    """Let the demo replace only an earlier demo run in ``out`` (anything else needs ``--overwrite``).
-
-    Raises
-    ------
-    OutputError
-        ``out`` holds another run, or files that are not a demo's.
-    """
-    if overwrite or not out.exists():
-        return
-    if not out.is_dir():
-        raise OutputError(f"--out {str(out)!r} is a file", "choose a folder for the demo")
-    manifest = out / "manifest.json"
-    if manifest.is_file():
-        try:
-            cfg = json.loads(manifest.read_text(encoding="utf-8")).get("config") or {}
-            demo = (Path(str(cfg["model"]["path"])) == model_path
-                    and all(Path(v).parent == out / "input" for v in cfg["volumes"]))
-        except (OSError, ValueError, KeyError, TypeError, AttributeError):
-            demo = False
-        if not demo:
-            raise OutputError(f"{str(out)!r} holds another run (manifest.json), not a demo's",
-                              "choose another folder for the demo (--out), or pass --overwrite")
-    elif any(out.iterdir()):
-        raise OutputError(f"{str(out)!r} is not empty and holds no demo run",
-                          "choose a new or empty folder for the demo (--out), or pass --overwrite")
-
-
-def cmd_methods(args: argparse.Namespace) -> int:
-    from esegeta_engine.methods import get_method, list_methods
-
-    specs = [get_method(args.name)] if args.name else list_methods(args.family)
-    if args.json:
-        print(json.dumps([{"name": s.name, "family": s.family, "title": s.title, "summary": s.summary,
-                           "needs_layer": s.needs_layer, "needs_hooks": s.needs_hooks,
-                           "noise_tunnel": s.noise_tunnel,
-                           "params": [{"name": p.name, "kind": p.kind, "default": p.default,
-                                       "help": p.help, "allowed": p.describe_range()} for p in s.params]}
-                          for s in specs], indent=2))
-        return 0
-    family = None
-    for s in specs:
-        if s.family != family:
-            family = s.family
-            print(f"\n[{family}]")
-        flags = [f for f, on in (("needs layer", s.needs_layer), ("smoothgrad", s.noise_tunnel),
-                                 ("not TorchScript", s.needs_hooks), ("needs batch", s.needs_batch)) if on]
-        print(f"  {s.name:<28} {s.summary}" + (f"  [{', '.join(flags)}]" if flags else ""))
-        if args.name or args.verbose:
-            for p in s.params:
-                print(f"      {p.name:<24} default {p.default!r:<10} {p.help}; {p.describe_range()}")
-    if not args.name and not args.verbose:
-        print("\n`esegeta methods NAME` shows a method's parameters.")
-    return 0
-
-
-def cmd_layers(args: argparse.Namespace) -> int:
-    from esegeta_engine.models import list_layers, load_model
-
-    kwargs = load_bounded(args.kwargs, source="--kwargs", json_syntax=True) if args.kwargs else None
-    try:
-        model = load_model(args.model, format=args.format, class_path=args.class_path, kwargs=kwargs,
-                           trust_pickled=args.trust_pickled)
-    except EsegetaError as exc:  # the engine names config keys; this command takes flags
-        if args.class_path is None and "class_path" in (exc.fix or ""):
-            exc.fix = "give --class-path (e.g. mypackage.nets:UNet) and --kwargs '{...}'"
-        raise
-    for name, kind in list_layers(model):
-        print(f"{name:<40} {kind}")
-    return 0
-
-
-def cmd_sample(args: argparse.Namespace) -> int:
-    from esegeta_engine.sample import save_phantom_nifti
-
-    vol, mask = save_phantom_nifti(Path(args.out), seed=args.seed)
-    print(f"wrote {vol} and {mask}")
-    return 0
-
-
-def cmd_report(args: argparse.Namespace) -> int:
-    from esegeta_engine.evaluation.report import build_report_from_run
-
-    path = build_report_from_run(Path(args.run_dir), mask=args.mask)
-    print(f"wrote {path} (open it in a browser; metrics.csv and metrics.json beside it)")
-    return 0
-
-
-def cmd_evaluate(args: argparse.Namespace) -> int:
-    from esegeta_engine.evaluation.rerun import iter_evaluate_run
-    from esegeta_engine.evaluation.session import MapScored
-    from esegeta_engine.interrupts import cancel_on_signals
-
-    cancel = threading.Event()
-    metrics = [m.strip() for m in args.metrics.split(",") if m.strip()] if args.metrics else None
-    gen = iter_evaluate_run(args.run_dir, metrics=metrics, mask=args.mask, randomisation=args.randomisation,
-                            report=True if args.report else None, trust_pickled=args.trust_pickled, cancel=cancel)
-    scored = 0
-    with cancel_on_signals(cancel):
-        while True:
-            try:
-                event = next(gen)
-            except StopIteration as stop:
-                manifest = stop.value
-                break
-            if isinstance(event, MapScored):
-                scored += 1
-                if not args.quiet:
-                    print(f"scored map {scored}", file=sys.stderr)
-    print(f"{scored} map(s) re-evaluated; records updated in {Path(args.run_dir) / 'manifest.json'}"
-          + (f"; report {manifest['report']}" if manifest.get("report") else ""))
-    return 0
-
-
-def cmd_schema(args: argparse.Namespace) -> int:
-    from esegeta_engine.config import Config
-
-    print(json.dumps(Config.model_json_schema(), indent=2))
-    return 0
 
 
 def _model_flags(p: argparse.ArgumentParser) -> None:
@@ -439,13 +66,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "a config cannot ask for this")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.add_argument("--dry-run", action="store_true", help="cohort: print the plan's size and cost, write nothing")
-    p.add_argument("--executor", choices=["inline", "local", "dask"], help="cohort: who runs the jobs")
+    p.add_argument("--executor", choices=["inline", "pool", "local", "dask"], help="cohort: who runs the jobs")
     p.add_argument("--scheduler", help="cohort: Dask scheduler address for --executor dask")
     p.add_argument("--workers", type=int, help="cohort: CPU worker processes for --executor local")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("explain", help="one-off run from flags, no config file")
-    p.add_argument("--model", required=True)
+    p.add_argument("--model", help="TorchScript file or state dict (or --nnunet DIR / --bundle DIR)")
     _model_flags(p)
     p.add_argument("--volume", action="append", required=True, help="NIfTI input (repeatable)")
     p.add_argument("--method", action="append", required=True,
@@ -475,6 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16"])
     p.add_argument("--orientation", help="reorient volumes to these axis codes first, e.g. RAS")
     p.add_argument("-q", "--quiet", action="store_true")
+    add_source_flags(p)
     p.set_defaults(func=cmd_explain)
 
     p = sub.add_parser("demo", help="explain the bundled 3D U-Net on a phantom TOF-MRA volume")
@@ -494,9 +122,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_methods)
 
     p = sub.add_parser("layers", help="list a model's module names (for layer methods)")
-    p.add_argument("model")
+    p.add_argument("model", nargs="?", help="model file, nnU-Net folder or bundle folder")
     _model_flags(p)
+    add_source_flags(p)
     p.set_defaults(func=cmd_layers)
+    add_predict_parser(sub)
 
     p = sub.add_parser("sample", help="write the phantom volume and its vessel mask as NIfTI")
     p.add_argument("--out", default="esegeta_sample")
@@ -537,6 +167,16 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of ``esegeta``."""
     args = build_parser().parse_args(argv)
     _setup_logging(args.verbose)
+    if argv is None:  # the console command: a job abandoned by the watchdog must not crash the exit
+        code = _main(args)
+        watchdog = sys.modules.get("esegeta_engine.watchdog")  # not imported: nothing was abandoned
+        if watchdog is not None:
+            watchdog.exit_process(code)
+        return code
+    return _main(args)
+
+
+def _main(args: argparse.Namespace) -> int:
     try:
         return int(args.func(args) or 0)
     except EsegetaError as exc:

@@ -13,6 +13,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from esegeta_engine.config_errors import format_validation_error
 from esegeta_engine.config_scores import (EnergyPointingConfig, MprtConfig, RegionPerturbationConfig, RoadConfig,
                                           StabilityConfig)
 from esegeta_engine.errors import ConfigError, EsegetaError
@@ -28,7 +29,18 @@ class _Strict(BaseModel):
 class ModelConfig(_Strict):
     """Where the model comes from and how to call it."""
 
-    path: Path = Field(description="TorchScript file or state dict (.pt/.pth)")
+    path: Path | None = Field(None, description="TorchScript file or state dict (.pt/.pth)")
+    nnunet: Path | None = Field(None, description="nnU-Net v2 results folder (holds plans.json, dataset.json, "
+                                "fold_N/): explained as nnUNetv2_predict runs it")
+    configuration: str = Field("3d_fullres", description="nnunet: configuration in plans.json")
+    folds: list[int | Literal["all"]] | Literal["all"] | None = Field(
+        None, description="nnunet: folds to ensemble ('all': the fold trained on all cases); default every "
+        "fold_N folder holding the checkpoint")
+    checkpoint: str = Field("checkpoint_final.pth", description="nnunet: checkpoint file name in each fold")
+    mirroring: bool = Field(True, description="nnunet: test-time mirroring over the checkpoint's axes "
+                            "(false: faster, and a different function from the deployed one)")
+    bundle: Path | None = Field(None, description="MONAI bundle folder (configs/, models/model.pt)")
+    config: str = Field("configs/inference.json", description="bundle: inference config inside the bundle")
     format: Literal["auto", "torchscript", "state_dict", "pickled_module"] = "auto"
     class_path: str | None = Field(None, description="package.module:Class for a state dict")
     kwargs: dict[str, Any] = Field(default_factory=dict, description="constructor kwargs of class_path")
@@ -44,7 +56,19 @@ class ModelConfig(_Strict):
             raise ValueError("trust_pickled cannot be set in a config (a config from someone else could "
                              "then run code on your machine); remove it and pass --trust-pickled on the "
                              "command line if you trust the model file")
+        if isinstance(data, dict) and "trust_bundle" in data:
+            raise ValueError("trust_bundle cannot be set in a config (a bundle config can run Python); remove "
+                             "it and pass --trust-bundle on the command line if you trust the bundle")
         return data
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ModelConfig:
+        given = [k for k in ("path", "nnunet", "bundle") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError("give exactly one of model.path (a model file), model.nnunet (an nnU-Net results "
+                             "folder) or model.bundle (a MONAI bundle folder)"
+                             + (f"; got {', '.join(given)}" if given else ""))
+        return self
 
 
 class PreprocessConfig(_Strict):
@@ -308,6 +332,8 @@ class OutputConfig(_Strict):
     dir: Path = Path("esegeta_out")
     overwrite: bool = Field(False, description="allow writing into a folder that holds a previous run")
     save_prediction: bool = Field(True, description="also write the model's prediction as NIfTI")
+    probabilities: bool = Field(False, description="also write <volume>__probabilities.nii.gz: per-class "
+                                "probabilities (4D float32, classes on the 4th axis) on the scan's grid")
 
 
 class RunOptions(_Strict):
@@ -362,6 +388,8 @@ class Config(RunSections):
             return None if p is None else (p if p.is_absolute() else (base / p))
         data = self.model_copy(deep=True)
         data.model.path = fix(data.model.path)
+        data.model.nnunet = fix(data.model.nnunet)
+        data.model.bundle = fix(data.model.bundle)
         data.volumes = [fix(v) for v in data.volumes]
         data.target.roi_mask = fix(data.target.roi_mask)
         data.target.ground_truth = fix(data.target.ground_truth)
@@ -373,46 +401,6 @@ class Config(RunSections):
         return data
 
 
-def format_validation_error(exc: ValidationError, source: str = "config") -> ConfigError:
-    """Turn pydantic's error into one readable :class:`ConfigError`."""
-    lines = []
-    for err in exc.errors():
-        loc = ".".join(str(p) for p in err["loc"] if not str(p).startswith("function-after"))
-        msg = _clip(err["msg"].removeprefix("Value error, "))
-        if err["type"] == "extra_forbidden":
-            msg = "unknown key"
-            parent = _fields_at(err["loc"][:-1])
-            if parent:
-                msg += f" (allowed here: {', '.join(parent)})"
-        elif err["type"] == "literal_error":
-            msg = msg.replace("Input should be", "must be")
-        lines.append(f"{loc or '(top level)'}: {msg}")
-    return ConfigError(f"invalid {source}:\n  " + "\n  ".join(lines),
-                       "fix the keys above; `esegeta methods` lists methods and their parameters")
-
-
-def _clip(text: str, limit: int = 400) -> str:
-    """At most ``limit`` characters of ``text`` (a hostile value must not flood a message)."""
-    return text if len(text) <= limit else text[:limit] + f"... ({len(text) - limit} more characters)"
-
-
-def _fields_at(loc: tuple[Any, ...]) -> list[str]:
-    model: Any = Config
-    for part in loc:
-        if isinstance(part, int):
-            continue
-        field = getattr(model, "model_fields", {}).get(part)
-        if field is None:
-            return []
-        ann = field.annotation
-        args = getattr(ann, "__args__", ())
-        candidates = [a for a in (ann, *args) if isinstance(a, type) and issubclass(a, BaseModel)]
-        if not candidates:
-            return []
-        model = candidates[0]
-    return list(getattr(model, "model_fields", {}))
-
-
 def parse_config(data: dict[str, Any], base: Path | None = None, source: str = "config") -> Config:
     """Validate a config mapping (paths resolved against ``base``)."""
     if not isinstance(data, dict):
@@ -421,7 +409,7 @@ def parse_config(data: dict[str, Any], base: Path | None = None, source: str = "
     try:
         cfg = Config.model_validate(data)
     except ValidationError as exc:
-        raise format_validation_error(exc, source) from None
+        raise format_validation_error(exc, source, Config) from None
     return cfg.resolve_paths(base) if base is not None else cfg
 
 

@@ -38,6 +38,10 @@ class PickledModuleError(ModelLoadError):
     """The model file is a pickled module: loading it runs code, so the user must say they trust it."""
 
 
+class BundleTrustError(ModelLoadError):
+    """A MONAI bundle's config would run Python: the user must say they trust the bundle."""
+
+
 class VolumeError(EsegetaError):
     """An input volume is missing, corrupt, of the wrong shape or not finite."""
 

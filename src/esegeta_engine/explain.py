@@ -6,10 +6,10 @@ runs and :class:`MapReady` / :class:`JobFailed` as each (method, layer,
 class) job ends, so callers can stream results and stop between model
 evaluations. Each job runs in a short-lived worker thread while the generator
 polls it; cancellation and per-job time limits are checked by the
-:class:`~esegeta_engine.scoring.EvaluationMonitor` inside every model
+:class:`~esegeta_engine.forward.scoring.EvaluationMonitor` inside every model
 evaluation, which works from any thread (no signals).
 
-Execution is planned, then run: :func:`~esegeta_engine.execution.plan.plan_jobs`
+Execution is planned, then run: :func:`~esegeta_engine.jobs.plan.plan_jobs`
 expands methods into keyed jobs with their expected number of model evaluations, and
 each job runs on one device against a score model built by the one factory,
 :meth:`Explainer.make_score_model` (whole volume or sliding window, precision).
@@ -28,20 +28,20 @@ import torch
 from torch import nn
 
 from esegeta_engine import targets as T
+from esegeta_engine.advice import precision_clash, rejected_input
 from esegeta_engine.config import ExecutionConfig, MethodConfig, PreprocessConfig, TargetConfig
-from esegeta_engine.errors import (Cancelled, EsegetaError, MethodError, MethodTimeout, TargetError, VolumeError,
-                                   error_reason)
-from esegeta_engine.execution.build import _is_oom, build_target, memory_error, target_support
-from esegeta_engine.execution.events import Event, Evaluator, JobFailed, MapReady, Progress, RunState
-from esegeta_engine.execution.executor import JobExecutor
-from esegeta_engine.execution.plan import Job, array_fingerprint, model_fingerprint, plan_jobs
-from esegeta_engine.execution.runner import ExecutionForm, execution_form
+from esegeta_engine.errors import Cancelled, EsegetaError, MethodError, MethodTimeout, TargetError, VolumeError
+from esegeta_engine.forward.runner import ExecutionForm, execution_form
+from esegeta_engine.jobs.build import _is_oom, build_target, memory_error, target_support
+from esegeta_engine.jobs.events import Event, Evaluator, JobFailed, MapReady, Progress, RunState
+from esegeta_engine.jobs.executor import JobExecutor
+from esegeta_engine.jobs.plan import Job, array_fingerprint, estimate_run, key_context, model_fingerprint, plan_jobs
 from esegeta_engine.io import Volume
 from esegeta_engine.methods import get_method
 from esegeta_engine.methods.registry import CostInfo
 from esegeta_engine.models import get_layer, model_guard
 from esegeta_engine.preprocess import Geometry, to_model_input
-from esegeta_engine.scoring import EvaluationMonitor, ScoreModel, make_score_model
+from esegeta_engine.forward.scoring import EvaluationMonitor, ScoreModel, make_score_model
 from esegeta_engine.timebudget import arm_pass_budget
 from esegeta_engine.watchdog import prediction_pass
 
@@ -52,7 +52,7 @@ log = logging.getLogger("esegeta_engine")
 
 
 @dataclass
-class Explainer(JobExecutor):
+class Explainer:
     """Explain one model's predictions on NIfTI-ordered volumes.
 
     Parameters
@@ -116,6 +116,9 @@ class Explainer(JobExecutor):
             name = volume.path.name if volume.path else "the image"
             raise VolumeError(f"{name} has {bad} NaN or Inf voxel(s)",
                               "fill or mask them (e.g. replace with 0) before explaining the model")
+        bind = getattr(self.model, "bind_volume", None)  # a deployed pipeline needs the scan's spacing
+        if callable(bind):
+            bind(volume)
         p = self.preprocess
         return to_model_input(volume.data, spatial_dims=p.spatial_dims, in_channels=p.in_channels,
                               axis_order=p.axis_order, normalisation=p.normalisation,
@@ -161,20 +164,12 @@ class Explainer(JobExecutor):
             except Exception as exc:  # the user's model rejected the input: say why, no traceback
                 if _is_oom(exc):
                     raise memory_error(tuple(x.shape), self.form_for(x)) from None
+                clash = precision_clash(exc, self.form_for(x).precision)
+                if clash is not None:  # not the patch size's fault: name the precision
+                    raise clash from None
                 if self._try_padding(x, monitor):
                     return self._raw(x, monitor)
-                form = self.form_for(x)
-                if form.sliding is not None:
-                    raise MethodError(
-                        f"the model does not accept a patch of size {list(form.sliding.patch_size)} "
-                        f"(volume {tuple(x.shape)}): {error_reason(exc)}",
-                        "give execution.patch_size the network's training patch size (U-Nets need each "
-                        "size divisible by 2**depth, e.g. 96 or 128), and check preprocess.in_channels") from None
-                raise MethodError(
-                    f"the model does not accept an input of shape {tuple(x.shape)}: {error_reason(exc)}",
-                    "check preprocess.in_channels, spatial_dims and axis_order; if the network needs sizes "
-                    "divisible by 2**depth, set execution.divisible_by (e.g. 16) or a patch size",
-                ) from None
+                raise rejected_input(exc, self.model, tuple(x.shape), self.form_for(x)) from None
 
     def _raw(self, x: torch.Tensor, monitor: EvaluationMonitor | None = None) -> torch.Tensor:
         sm = self.make_score_model(T.ClassificationTarget(), x, monitor)
@@ -239,13 +234,15 @@ class Explainer(JobExecutor):
                               f"use classes in 0..{n - 1}")
         return list(classes)
 
-    def job_context(self, volumes: Sequence[Volume], group: tuple[int, ...]) -> dict[str, Any]:
-        """What every job's key depends on besides the method (see :mod:`execution.plan`)."""
-        return {"target": self.target.model_dump(mode="json"),
-                "preprocess": self.preprocess.model_dump(mode="json"),
-                "execution": None if self.execution is None else self.execution.model_dump(mode="json"),
-                "output": self.output, "seed": self.seed, "model": self.model_key,
-                "volumes": [array_fingerprint(volumes[i].data) for i in group]}
+    def job_context(self, volumes: Sequence[Volume], group: tuple[int, ...],
+                    roi_mask: np.ndarray | None = None) -> dict[str, Any]:
+        """What every job's key depends on besides the method (see :func:`jobs.plan.key_context`)."""
+        roi = roi_mask if self.target.kind in ("roi", "outcome") else None  # the mask or labels by content
+        return key_context(self.target.model_dump(mode="json"), self.preprocess.model_dump(mode="json"),
+                           None if self.execution is None else self.execution.model_dump(mode="json"),
+                           self.output, self.seed, self.model_key,
+                           [array_fingerprint(volumes[i].data) for i in group],
+                           None if roi is None else array_fingerprint(np.asarray(roi)))
 
     def plan(self, methods: Sequence[MethodConfig], target: T.Target, output: torch.Tensor,
              volumes: tuple[int, ...], x: torch.Tensor | None = None,
@@ -269,29 +266,8 @@ class Explainer(JobExecutor):
         return int(channels) if isinstance(channels, int) else None
 
     def estimate(self, volumes: Sequence[Volume], methods: Sequence[MethodConfig]) -> int | None:
-        """Expected model evaluations of a run, before it runs (no model evaluation).
-
-        Classes not given in the config count as one per volume. ``None`` when a
-        method cannot tell its cost in advance.
-        """
-        total = 0
-        n_classes = len(self.target.classes or [0])
-        for v in volumes:
-            shape = self.geometry(v).to_model(np.empty(v.data.shape[:self.preprocess.spatial_dims], bool)).shape
-            sliding = execution_form(self.execution, shape, self._divisible).sliding is not None
-            for m in methods:
-                spec = get_method(m.name)
-                nt = int(m.noise_tunnel.samples) if m.noise_tunnel else 1
-                from esegeta_engine.execution.plan import expected_evaluations
-
-                for layer in m.layers or [None]:
-                    info = CostInfo(1, self.preprocess.in_channels, tuple(shape), nt, sliding,
-                                    layer_channels=self._layer_channels(layer) if layer else None)
-                    n = expected_evaluations(spec, spec.resolve_params(m.params), info)
-                    if n is None:
-                        return None
-                    total += n * (1 if spec.family == "visualisation" else n_classes)
-        return total
+        """Expected model evaluations of a run, before it runs (see :func:`jobs.plan.estimate_run`)."""
+        return estimate_run(self, volumes, methods)
 
     def iter_explain(
         self,
@@ -357,6 +333,7 @@ class Explainer(JobExecutor):
                      for _, ms in groups}
         state = RunState(self.estimate(volumes, methods))
         done = 0
+        executor = JobExecutor(self)
         with model_guard(self.model):
             for gi, (group, group_methods) in enumerate(groups):
                 yield state.progress(done, done + sum(per_group[id(ms)] for _, ms in groups[gi:]),
@@ -375,7 +352,7 @@ class Explainer(JobExecutor):
                     return
                 target.prepare(out)
                 target = self.expand_target(target, out, volumes[group[0]])
-                jobs = self.plan(group_methods, target, out, group, x, self.job_context(volumes, group))
+                jobs = self.plan(group_methods, target, out, group, x, self.job_context(volumes, group, roi_mask))
                 per_group[id(group_methods)] = len(jobs)
                 total = done + len(jobs) + sum(per_group[id(ms)] for _, ms in groups[gi + 1:])
                 for job in jobs:
@@ -386,7 +363,7 @@ class Explainer(JobExecutor):
                         yield state.progress(done, total, f"{job.label} · {job.cls_label}: already done")
                         continue
                     yield state.progress(done, total, f"{job.label} · {job.cls_label}: starting")
-                    yield from self._run_job(job, x, target, support, monitor, done, total, evaluators,
+                    yield from executor.run(job, x, target, support, monitor, done, total, evaluators,
                                              threaded, on_progress, state, geometry)
                     state.finished(job, state.job_evaluations)
                     done += 1

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import math
 import os
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -147,16 +150,41 @@ def check_header(img: Any, path: Path) -> None:
                           "with fslorient or nibabel) and export it again")
 
 
-def _publish(tmp: str, path: Path) -> None:
-    """Give the finished file ordinary permissions (mkstemp makes it owner-only) and rename it."""
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
+@contextmanager
+def atomic_write(path: str | Path) -> Iterator[Path]:
+    """Write ``path`` completely or not at all: yield a temporary path to write to.
+
+    The temporary file has a unique name in the target folder
+    (``.<name>.<random>.part<suffix>``, which :func:`~esegeta_engine.runguard.remove_part_files`
+    recognises); it is renamed onto ``path`` when the block ends and removed when
+    the block raises. An ``OSError`` (full disk, no rights) becomes one readable
+    :class:`~esegeta_engine.errors.OutputError`.
+
+    Examples
+    --------
+    >>> with atomic_write(out / "table.csv") as tmp:  # doctest: +SKIP
+    ...     tmp.write_text("a,b\n1,2\n")
+    """
+    path = Path(path)
+    with _writing(path):
+        parent = _mkdir(path.parent)
+        suffix = ".nii.gz" if path.name.endswith(".nii.gz") else path.suffix
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".part{suffix}", dir=parent)
+        os.close(fd)
+        try:
+            yield Path(tmp)
+            os.chmod(tmp, 0o644)  # mkstemp makes it owner-only; outputs are ordinary files
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
 
 
-def _atomic_target(path: Path) -> tuple[int, str]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    suffix = ".nii.gz" if path.name.endswith(".nii.gz") else path.suffix
-    return tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".part{suffix}", dir=path.parent)
+def write_text(text: str, path: str | Path) -> Path:
+    """Write ``text`` (UTF-8) to ``path`` atomically (see :func:`atomic_write`)."""
+    with atomic_write(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return Path(path)
 
 
 def save_map(array: np.ndarray, like: Volume, path: str | Path, dtype: type = np.float32) -> Path:
@@ -181,15 +209,8 @@ def save_map(array: np.ndarray, like: Volume, path: str | Path, dtype: type = np
         img.set_qform(like.affine, code=1)
     img.header["cal_min"], img.header["cal_max"] = 0, 0
     img.header["descrip"] = b"napari-esegeta attribution"
-    with _writing(path):
-        fd, tmp = _atomic_target(path)
-        os.close(fd)
-        try:
-            nib.save(img, tmp)
-            _publish(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+    with atomic_write(path) as tmp:
+        nib.save(img, str(tmp))
     return path
 
 
@@ -206,16 +227,16 @@ def write_json(data: Any, path: str | Path) -> Path:
     """
     path = Path(path)
     text = json.dumps(finite_json(data), indent=2, default=_json_default, allow_nan=False) + "\n"
-    with _writing(path):
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=_mkdir(path.parent))
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as fh:
-                fh.write(text)
-            _publish(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-    return path
+    return write_text(text, path)
+
+
+def file_sha256(path: str | Path) -> str:
+    """SHA-256 (hex) of a file's bytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def finite_json(obj: Any) -> Any:

@@ -10,9 +10,7 @@ drains it (the CLI adds a tqdm bar on top).
 from __future__ import annotations
 
 import logging
-import os
 import platform
-import re
 import threading
 import time
 from collections.abc import Callable, Generator
@@ -26,19 +24,25 @@ import numpy as np
 from esegeta_engine import __version__
 from esegeta_engine.config import Config
 from esegeta_engine.errors import EsegetaError, VolumeError
-from esegeta_engine.explain import Event, Explainer, JobFailed, MapReady, Progress
-from esegeta_engine.execution.plan import model_fingerprint
-from esegeta_engine.execution.resume import ResumeState, file_sha256
-from esegeta_engine.io import Volume, load_volume, save_map, write_json
-from esegeta_engine.methods import get_method
 from esegeta_engine.evaluation.api import localisation_metrics
 from esegeta_engine.evaluation.evaluators import CURVES_KEY, scalar_metrics
 from esegeta_engine.evaluation.session import EvaluationSession
 from esegeta_engine.evaluation.localisation import LOCALISATION_METRICS
-from esegeta_engine.evaluation.map_extras import map_extras, refresh_trust
-from esegeta_engine.models import load_model
-from esegeta_engine.runguard import (MANIFEST, RUN, OutputLock, check_previous_run, close_log, make_output_folder,
-                                     open_log, protect_inputs, remove_part_files, write_final_manifest)
+from esegeta_engine.evaluation.map_extras import expected_metric_evaluations, map_extras, refresh_trust
+from esegeta_engine.explain import Event, Explainer, JobFailed, MapReady, Progress
+from esegeta_engine.inputs import load_ground_truth, load_inputs, load_mask_on_grid
+from esegeta_engine.io import Volume, file_sha256, save_map, write_json
+from esegeta_engine.jobs.folder import claim_folder
+from esegeta_engine.jobs.naming import Names, map_filename, slug, volume_stem
+from esegeta_engine.jobs.plan import KEY_VERSION, array_fingerprint
+from esegeta_engine.jobs.record import MapRecord, map_stats
+from esegeta_engine.jobs.resume import ResumeState
+from esegeta_engine.models import Trust, load_source, source_path
+from esegeta_engine.predict import write_prediction
+from esegeta_engine.runguard import MANIFEST, write_final_manifest
+
+__all__ = ["RunResult", "environment", "iter_run", "load_inputs", "load_mask_on_grid", "map_filename", "run",
+           "volume_stem"]
 
 log = logging.getLogger("esegeta_engine")
 
@@ -69,103 +73,13 @@ def environment() -> dict[str, str]:
             "nibabel": nibabel.__version__, "platform": platform.platform()}
 
 
-def _slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._+-]+", "-", text).strip("-")
-
-
-def volume_stem(path: Path | None, index: int) -> str:
-    """Name of a volume in output file names (its file name without the NIfTI suffix)."""
-    return _stem(path, index)
-
-
-def _stem(path: Path | None, index: int) -> str:
-    if path is None:
-        return f"volume{index}"
-    name = path.name
-    for suffix in (".nii.gz", ".nii"):
-        if name.endswith(suffix):
-            name = name[: -len(suffix)]
-    return _slug(name)
-
-
-def map_filename(volume_stem: str, method_label: str, target_label: str) -> str:
-    """File name of one map: ``<volume>__<method[@layer]>__<target>.nii.gz``."""
-    return f"{volume_stem}__{_slug(method_label)}__{_slug(target_label)}.nii.gz"
-
-
-class _Names:
-    """Distinct output names per job: the readable name, plus the job key where two jobs would share it."""
-
-    def __init__(self) -> None:
-        self.owner: dict[str, str] = {}
-
-    def __call__(self, stem: str, job: Any) -> str:
-        name = map_filename(stem, job.label, job.cls_label)
-        if self.owner.setdefault(name, job.key) != job.key:
-            name = name.replace(".nii.gz", f"__{job.key[:10]}.nii.gz")
-            self.owner[name] = job.key
-        return name
-
-
-def _claim_output(cfg: Config, stems: list[str], resume: bool = False) -> OutputLock:
-    """Create and lock the output folder and check it is safe to write (see :mod:`runguard`)."""
-    out = make_output_folder(cfg.output.dir)
-    lock = OutputLock(out).acquire()
-    try:
-        check_previous_run(out, cfg.output.overwrite or resume)
-        loc = cfg.evaluation.localisation
-        protect_inputs(out, [*cfg.volumes, cfg.target.roi_mask, cfg.target.ground_truth, loc.mask if loc else None,
-                             cfg.model.path],
-                       stems)
-        remove_part_files(out)
-    except BaseException:
-        lock.release()
-        raise
-    return lock
-
-
-def load_inputs(cfg: Config) -> tuple[list[Volume], np.ndarray | None]:
-    """Load and check the volumes (and the ROI mask) named in ``cfg``."""
-    p = cfg.preprocess
-    volumes = [load_volume(v, spatial_dims=p.spatial_dims, channels=p.in_channels) for v in cfg.volumes]
-    batch_only = [m.name for m in cfg.methods if get_method(m.name).needs_batch]
-    if batch_only and len({v.data.shape for v in volumes}) > 1:
-        raise VolumeError(f"{', '.join(batch_only)} explains all volumes as one batch, which needs "
-                          "volumes of one shape, got " + ", ".join(str(v.data.shape) for v in volumes),
-                          "resample or crop them to a common grid, or run that method separately")
-    roi = None
-    if cfg.target.kind == "roi" and cfg.target.roi_mask is not None:
-        roi = load_mask_on_grid(cfg.target.roi_mask, volumes, p.spatial_dims, "ROI mask")
-    if cfg.target.kind == "outcome" and cfg.target.ground_truth is not None:
-        from esegeta_engine.regions import load_ground_truth
-
-        roi = load_ground_truth(cfg.target.ground_truth, volumes, p.spatial_dims)  # labels, NIfTI order
-    return volumes, roi
-
-
-def load_mask_on_grid(path: Path, volumes: list[Volume], spatial_dims: int, what: str) -> np.ndarray:
-    """Read a mask NIfTI and check it lies on every volume's grid (shape and affine).
-
-    Raises
-    ------
-    VolumeError
-        Naming the mask, the volume and what differs.
-    """
-    m = load_volume(path, spatial_dims=spatial_dims)
-    for v in volumes:
-        name = v.path.name if v.path else "the volume"
-        if m.data.shape != v.data.shape[:spatial_dims]:
-            raise VolumeError(f"{what} {m.path.name} has shape {m.data.shape} but {name} has "
-                              f"{v.data.shape[:spatial_dims]}", "give the mask on the volume's grid")
-        if not np.allclose(m.affine, v.affine, atol=1e-3):
-            raise VolumeError(f"{what} {m.path.name} and {name} have different geometry (affines differ)",
-                              "resample the mask onto the volume")
-    return m.data != 0
+_slug = slug  # file-name slugs (used by the randomisation outputs below)
 
 
 def iter_run(cfg: Config, cancel: threading.Event | None = None, *, threaded: bool = False,
              on_progress: Callable[[Progress], None] | None = None,
-             resume: bool = False, trust_pickled: bool = False) -> Generator[Event, None, RunResult]:
+             resume: bool = False, trust_pickled: bool = False,
+             trust_bundle: bool = False) -> Generator[Event, None, RunResult]:
     """Run ``cfg``, yielding events; returns the :class:`RunResult`.
 
     With ``resume``, a folder holding an earlier run of the same model and volumes keeps
@@ -188,25 +102,34 @@ def iter_run(cfg: Config, cancel: threading.Event | None = None, *, threaded: bo
         an output folder in use or holding inputs). Problems inside a method
         are recorded in the manifest instead.
     """
-    log.info("napari-esegeta %s: loading model %s", __version__, cfg.model.path)
-    model = load_model(cfg.model.path, format=cfg.model.format, class_path=cfg.model.class_path,
-                       kwargs=cfg.model.kwargs, trust_pickled=trust_pickled, device=cfg.model.device)
-    volumes, roi = load_inputs(cfg)
-    gt_mask, gt_note = _load_ground_truth(cfg, volumes)
-    stems = [_stem(v.path, i) for i, v in enumerate(volumes)]
+    log.info("napari-esegeta %s: loading model %s", __version__, source_path(cfg.model))
+    loaded = load_source(cfg.model, Trust(pickled=trust_pickled, bundle=trust_bundle))
+    cfg = loaded.configure(cfg)  # a deployed pipeline (nnU-Net, bundle) does its own preprocessing
+    model = loaded.module
+    try:
+        volumes, roi = load_inputs(cfg)
+    except VolumeError as exc:
+        raise loaded.volume_error(exc) from None
+    gt_mask, gt_note = load_ground_truth(cfg, volumes)
+    stems = [volume_stem(v.path, i) for i, v in enumerate(volumes)]
     if len(set(stems)) < len(stems):
         stems = [f"{i:02d}-{s}" for i, s in enumerate(stems)]
-    lock = _claim_output(cfg, stems, resume)
-    out = cfg.output.dir
+    explainer = Explainer(model, cfg.preprocess, cfg.target, cfg.model.output,
+                          seed=cfg.run.seed, timeout_s=cfg.run.timeout_s, execution=cfg.execution)
+    contents = [array_fingerprint(v.data) for v in volumes]
+    loc = cfg.evaluation.localisation
+    folder = claim_folder(cfg.output.dir, overwrite=cfg.output.overwrite, resume=resume, stems=stems,
+                          inputs=[*cfg.volumes, cfg.target.roi_mask, cfg.target.ground_truth,
+                                  loc.mask if loc else None, source_path(cfg.model)])
+    out = folder.path
     try:
         # a folder of another model or other volumes is refused before anything in it changes
-        previous = (ResumeState.load(out, model_fingerprint(model), stems) if resume
-                    else ResumeState(out, None))
-        run_id = f"{os.getpid()}-{id(cfg)}-{time.time_ns()}"
-        run_token = RUN.set(run_id)
-        handler = open_log(out, log, run_id)
+        previous = (ResumeState.load(out, kind="run", model_keys={"": explainer.model_key},
+                                     volumes=dict(zip(stems, contents)), overwrite=cfg.output.overwrite)
+                    if resume else ResumeState(out, None))
+        folder.open_log()
     except BaseException:
-        lock.release()
+        folder.close()
         raise
     started = time.perf_counter()
     manifest: dict[str, Any] = {
@@ -216,34 +139,34 @@ def iter_run(cfg: Config, cancel: threading.Event | None = None, *, threaded: bo
         "environment": environment(),
         "seed": cfg.run.seed,
         "device": cfg.model.device,
+        "key_version": KEY_VERSION,
+        "model_key": explainer.model_key,
+        "model": {**loaded.description, "class_names": loaded.class_names, "attribution_grid": loaded.grid},
         "volumes": [],
         "results": [],
     }
     manifest_path = out / MANIFEST
+    planned: set[tuple[str, str]] = set()  # (key, volume) of every job this run planned
     try:
-        explainer = Explainer(model, cfg.preprocess, cfg.target, cfg.model.output,
-                              seed=cfg.run.seed, timeout_s=cfg.run.timeout_s, execution=cfg.execution)
-        manifest["model_key"] = explainer.model_key
-        names = _Names()
+        names = Names()  # a job redone with other settings rewrites its own map; other maps stay
         truth = (roi != 0) if cfg.target.kind == "outcome" and roi is not None else None
         for i, v in enumerate(volumes):
-            entry: dict[str, Any] = {"stem": stems[i], "path": str(v.path), "shape": list(v.data.shape),
-                                     "spacing_mm": list(v.spacing), "affine": v.affine.tolist()}
+            entry: dict[str, Any] = {"stem": stems[i], "path": str(v.path), "content": contents[i],
+                                     "shape": list(v.data.shape), "spacing_mm": list(v.spacing),
+                                     "affine": v.affine.tolist()}
             if cfg.output.save_prediction and cfg.target.kind != "classification":
-                pred = explainer.predict(v)
-                entry["prediction"] = save_map(pred, v, out / f"{stems[i]}__prediction.nii.gz",
-                                               dtype=np.uint8).name
+                entry.update(write_prediction(explainer, v, out, stems[i], loaded.outputs,
+                                              cfg.output.probabilities))
             manifest["volumes"].append(entry)
         write_json(manifest, manifest_path)
         ev = cfg.evaluation
         curves: dict[str, Any] = {}
         def skip(job: Any) -> bool:
-            kept = [previous.done(job, stems[vi]) for vi in job.volumes]
+            planned.update((job.key, stems[vi]) for vi in job.volumes)
+            kept = [previous.done(job.key, stems[vi], names(stems[vi], job)) for vi in job.volumes]
             if not all(kept):
                 return False
-            for vi, rec in zip(job.volumes, kept):
-                names(stems[vi], job)  # reserve its name
-                manifest["results"].append({**rec, "resumed": True})
+            manifest["results"].extend(rec.to_json() for rec in kept if rec is not None)
             write_json(manifest, manifest_path)
             return True
 
@@ -257,7 +180,7 @@ def iter_run(cfg: Config, cancel: threading.Event | None = None, *, threaded: bo
                 metrics = scalar_metrics(event.metrics)
                 if metrics.get("axiom_status") == "warning":
                     log.warning("%s · %s: completeness check: %s", job.label, job.cls_label, metrics["axiom_note"])
-                if job.spec.family == "visualisation":  # volumes, not maps: nothing to localise
+                if not job.spec.evaluable:  # volumes, not maps: nothing to localise
                     pass
                 elif gt_mask is not None:
                     metrics.update(localisation_metrics(event.array, gt_mask))
@@ -269,16 +192,13 @@ def iter_run(cfg: Config, cancel: threading.Event | None = None, *, threaded: bo
                                          explainer.geometry(volumes[event.volume]), ev,
                                          gt_mask if gt_mask is not None else truth)
                 metrics.update(more)
-                if event.notes:
-                    extra["notes"] = event.notes
-                if event.patch_evaluations:
-                    extra["patch_evaluations"] = event.patch_evaluations
-                manifest["results"].append(_record(job, "ok", event.seconds, event.evaluations,
-                                                   volume=stems[event.volume], file=name,
-                                                   model_inputs=event.inputs_evaluated,
-                                                   stats=_stats(event.array), metrics=metrics,
-                                                   key=job.key, sha256=file_sha256(path),
-                                                   execution=event.execution, **extra))
+                if extra.get("metric_evaluations") is not None:
+                    extra["expected_metric_evaluations"] = expected_metric_evaluations(ev, job, model)
+                manifest["results"].append(_record(
+                    job, "ok", event.seconds, event.evaluations, volume=stems[event.volume], file=name,
+                    model_inputs=event.inputs_evaluated, stats=map_stats(event.array), metrics=metrics,
+                    sha256=file_sha256(path), execution=event.execution, notes=event.notes or None,
+                    patch_evaluations=event.patch_evaluations or None, extra=extra).to_json())
                 refresh_trust(manifest["results"][-1:])
                 if CURVES_KEY in event.metrics:
                     curves[name] = event.metrics[CURVES_KEY]
@@ -288,7 +208,7 @@ def iter_run(cfg: Config, cancel: threading.Event | None = None, *, threaded: bo
                 for vi in event.job.volumes:
                     manifest["results"].append(_record(event.job, event.status, event.seconds,
                                                        event.evaluations, volume=stems[vi],
-                                                       error=event.error))
+                                                       error=event.error).to_json())
                 write_json(manifest, manifest_path)
             yield event
         cancelled = cancel is not None and cancel.is_set()
@@ -312,6 +232,10 @@ def iter_run(cfg: Config, cancel: threading.Event | None = None, *, threaded: bo
         raise
     finally:
         manifest["duration_s"] = round(time.perf_counter() - started, 3)
+        # earlier maps this run did not keep or reach stay recorded (never orphaned)
+        complete = manifest["status"] == "completed"
+        manifest["results"].extend(r.replace(planned=False if complete else None).to_json()
+                                   for r in previous.unplanned(planned, _files(manifest)))
         try:
             write_final_manifest(manifest, manifest_path)
             if cfg.evaluation.report and manifest["status"] in ("completed", "cancelled"):
@@ -320,29 +244,8 @@ def iter_run(cfg: Config, cancel: threading.Event | None = None, *, threaded: bo
             log.info("run %s in %.1f s; manifest: %s", manifest["status"], manifest["duration_s"],
                      manifest_path)
         finally:
-            close_log(handler, log)
-            try:
-                RUN.reset(run_token)
-            except ValueError:  # the generator was closed from another thread (a GUI cancel)
-                pass
-            lock.release()
+            folder.close()
     return RunResult(out, manifest_path, manifest["status"], manifest["results"])
-
-
-def _load_ground_truth(cfg: Config, volumes: list[Volume]) -> tuple[np.ndarray | None, str | None]:
-    """The ground-truth mask, or ``None`` and why localisation is undefined (a mask on
-    another grid must not cost the run its maps and other metrics)."""
-    loc = cfg.evaluation.localisation
-    if loc is None:
-        return None, None
-    try:
-        mask = load_mask_on_grid(loc.mask, volumes, cfg.preprocess.spatial_dims, "ground-truth mask")
-    except VolumeError as exc:
-        log.warning("localisation is undefined: %s", exc)
-        return None, f"undefined: {exc.problem}"
-    if not mask.any():
-        log.warning("ground-truth mask %s is empty: localisation scores are undefined", loc.mask.name)
-    return mask, None
 
 
 def _randomisation(explainer: Explainer, volumes: list[Volume], cfg: Config, roi: Any, stems: list[str],
@@ -396,24 +299,25 @@ def _report(out: Path, cfg: Config) -> str | None:
         return None
 
 
-def _record(job: Any, status: str, seconds: float, evaluations: int, **extra: Any) -> dict[str, Any]:
-    return {"method": job.spec.name, "layer": job.layer, "target": job.cls_label, "class": job.cls,
-            "noise_tunnel": job.noise_tunnel, "params": {k: v for k, v in job.params.items()},
-            "status": status, "seconds": round(seconds, 3), "model_evaluations": evaluations,
-            "expected_evaluations": job.expected_evaluations, "key": job.key,
-            **({"target_details": job.details} if getattr(job, "details", None) else {}), **extra}
+def _files(manifest: dict[str, Any]) -> set[str]:
+    return {r["file"] for r in manifest["results"] if r.get("file")}
 
 
-def _stats(arr: np.ndarray) -> dict[str, float]:
-    return {"min": float(arr.min()), "max": float(arr.max()), "sum": float(arr.sum()),
-            "abs_mean": float(np.abs(arr).mean())}
+def _record(job: Any, status: str, seconds: float, evaluations: int, extra: dict[str, Any] | None = None,
+            **fields: Any) -> MapRecord:
+    details = {"target_details": job.details} if getattr(job, "details", None) else {}
+    return MapRecord(key=job.key, method=job.spec.name, target=job.cls_label, cls=job.cls, status=status,
+                     layer=job.layer, noise_tunnel=job.noise_tunnel, params=dict(job.params),
+                     seconds=round(seconds, 3), model_evaluations=evaluations,
+                     expected_evaluations=job.expected_evaluations, extra={**details, **(extra or {})}, **fields)
 
 
 def run(cfg: Config, cancel: threading.Event | None = None,
         on_event: Callable[[Event], None] | None = None, resume: bool = False, *,
-        trust_pickled: bool = False) -> RunResult:
+        trust_pickled: bool = False, trust_bundle: bool = False) -> RunResult:
     """Run ``cfg`` to the end (see :func:`iter_run`); ``on_event`` sees every event and progress."""
-    gen = iter_run(cfg, cancel, on_progress=on_event, resume=resume, trust_pickled=trust_pickled)
+    gen = iter_run(cfg, cancel, on_progress=on_event, resume=resume, trust_pickled=trust_pickled,
+                   trust_bundle=trust_bundle)
     while True:
         try:
             event = next(gen)

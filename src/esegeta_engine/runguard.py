@@ -162,8 +162,24 @@ def check_previous_run(out: Path, overwrite: bool) -> None:
     if (isinstance(previous, dict) and previous.get("status") in ("failed", "cancelled", "running")
             and not wrote_maps(previous)):
         return
-    raise ConfigError(f"output folder {str(out)!r} already holds a run ({MANIFEST})",
-                      "choose another output.dir (--out) or set output.overwrite: true (--overwrite)")
+    raise previous_run_error(out, previous)
+
+
+def previous_run_error(out: Path, previous: Any) -> ConfigError:
+    """The one-line refusal of a folder holding a run, saying how to continue or replace it."""
+    status = previous.get("status") if isinstance(previous, dict) else None
+    maps = sum(isinstance(r, dict) and r.get("status") == "ok" for r in previous.get("results") or []) \
+        if isinstance(previous, dict) else 0
+    if status in ("running", "cancelled", "failed"):
+        why = "was killed or interrupted" if status == "running" else f"ended {status}"
+        return ConfigError(f"output folder {str(out)!r} holds an unfinished run ({MANIFEST} says {status!r}: it "
+                           f"{why}) with {maps} finished map(s)",
+                           "pass --resume to keep its finished maps and run the rest, --overwrite to start again "
+                           "over it, or choose another output folder (--out)")
+    what = "a finished run" if status == "completed" else "a run"
+    return ConfigError(f"output folder {str(out)!r} already holds {what} ({MANIFEST})",
+                       "choose another output folder (--out); --resume keeps its matching maps and runs what is "
+                       "missing, --overwrite (output.overwrite: true) replaces it")
 
 
 def protect_inputs(out: Path, inputs: Iterable[Path | None], stems: Iterable[str]) -> None:
@@ -196,10 +212,13 @@ def protect_inputs(out: Path, inputs: Iterable[Path | None], stems: Iterable[str
                               "move the input out of the output folder, or choose another output folder")
 
 
-def remove_part_files(out: Path) -> list[Path]:
-    """Delete the ``.part`` files an interrupted run left (call while holding the lock)."""
+def remove_part_files(out: Path, extra: Iterable[str] = ()) -> list[Path]:
+    """Delete the ``.part`` files an interrupted run left (call while holding the lock).
+
+    ``extra``: more sub-folders (relative to ``out``) to clean, e.g. a cohort's ``maps/<model>``.
+    """
     removed = []
-    for sub in _PART_FOLDERS:
+    for sub in (*_PART_FOLDERS, *extra):
         folder = out / sub
         if not folder.is_dir() or folder.is_symlink():
             continue
@@ -283,9 +302,15 @@ def write_final_manifest(manifest: dict[str, Any], path: Path) -> None:
         return
     except OutputError as first:
         error = first
-    brief = {key: manifest.get(key) for key in ("status", "created", "seed", "device", "duration_s")}
+    # what --resume needs to keep finished maps stays: keys, checksums, fingerprints, volumes' content
+    brief = {key: manifest[key] for key in ("kind", "status", "created", "seed", "device", "duration_s",
+                                            "key_version", "model_key") if key in manifest}
     brief["error"] = f"{manifest.get('error') or ''} (manifest shortened: {error.problem})".strip()
-    brief["results"] = [{k: r.get(k) for k in ("method", "layer", "target", "volume", "status", "file")}
+    brief["models"] = [{k: m.get(k) for k in ("name", "sha256", "key")} for m in manifest.get("models", [])]
+    brief["volumes"] = [{k: v.get(k) for k in ("stem", "subject", "content", "sha256") if k in v}
+                        for v in manifest.get("volumes", [])]
+    brief["results"] = [{k: r[k] for k in ("key", "method", "label", "layer", "target", "class", "model",
+                                           "subject", "volume", "status", "file", "sha256") if k in r}
                         for r in manifest.get("results", [])]
     for candidate in (brief, {key: brief[key] for key in ("status", "created", "error")}):
         text = json.dumps(candidate, separators=(",", ":"), default=str).encode()

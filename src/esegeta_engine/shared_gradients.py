@@ -5,7 +5,7 @@ gradient method as k separate jobs runs the network forward k times. The gradien
 k component scores share one forward pass: whole-volume, one graph and k backward passes;
 sliding-window, one stitched forward without a graph, then per patch batch one recomputation
 with a graph and k backward passes through it (the upstream gradient of each component is
-blended into the patch exactly as :class:`~esegeta_engine.execution.sliding._PatchwiseFunction`
+blended into the patch exactly as :class:`~esegeta_engine.forward.sliding._PatchwiseFunction`
 does, so each map equals its separate job's map).
 
 :func:`shared_component_map` is called by the executor for each component job: the first job
@@ -19,8 +19,8 @@ from typing import Any
 
 import torch
 
-from esegeta_engine.execution.sliding import SlidingWindow
-from esegeta_engine.scoring import ScoreModel
+from esegeta_engine.forward.sliding import SlidingWindow
+from esegeta_engine.forward.scoring import ScoreModel
 
 # pure gradient methods whose map is a function of (input, gradient) only
 SHARED = {"saliency": lambda x, g, p: g.abs() if p.get("abs", True) else g,
@@ -74,9 +74,11 @@ def _patchwise(score_model: ScoreModel, sw: SlidingWindow, x: torch.Tensor,
             patch = torch.cat([xp_d[(slice(b, b + 1), slice(None), *grid.slices[p])] for b, p in chunk])
             patch.requires_grad_(True)
             y = sw._run_chunk(patch, True)  # one recomputation per patch batch ...
-            for k, up in enumerate(ups):    # ... and one backward per component
-                share = torch.cat([up[(slice(b, b + 1), slice(None), *grid.slices[p])] for b, p in chunk])
-                (g,) = torch.autograd.grad(y, patch, share * grid.weight, retain_graph=k < len(ups) - 1)
+            shares = [torch.cat([up[(slice(b, b + 1), slice(None), *grid.slices[p])] for b, p in chunk])
+                      for up in ups]
+            touched = [k for k, share in enumerate(shares) if bool(share.any())]
+            for n, k in enumerate(touched):  # ... and one backward per component whose scores it reaches
+                (g,) = torch.autograd.grad(y, patch, shares[k] * grid.weight, retain_graph=n < len(touched) - 1)
                 for (b, p), gi in zip(chunk, g):
                     gpads[k][(b, slice(None), *grid.slices[p])] += gi
             del y, patch
@@ -98,10 +100,10 @@ def shared_component_map(job: Any, target: Any, score_model: ScoreModel, x: torc
     if (job.spec.name not in SHARED or job.layer or job.noise_tunnel or not hasattr(target, "components")
             or len(target.components) < 2):
         return None
-    cache: dict[Any, dict[int, torch.Tensor]] = target.__dict__.setdefault("_shared_maps", {})
-    key = (job.spec.name, tuple(sorted((k, repr(v)) for k, v in job.params.items())), x.data_ptr(),
-           tuple(x.shape))
-    if key not in cache:
+    cache: dict[str, Any] = target.__dict__.setdefault("_shared_maps", {})
+    key = (job.spec.name, tuple(sorted((k, repr(v)) for k, v in job.params.items())), tuple(x.shape))
+    # each job works on its own copy of the input: the cache holds the input it was made for
+    if cache.get("key") != key or not torch.equal(cache["x"], x):
         columns = list(range(len(target.components)))
         runner = score_model.runner
         saved = getattr(runner, "support", None)
@@ -114,8 +116,9 @@ def shared_component_map(job: Any, target: Any, score_model: ScoreModel, x: torc
                 runner.support = saved
         fn = SHARED[job.spec.name]
         cache.clear()  # one group's maps at a time
-        cache[key] = {j: fn(x.detach(), g, job.params).detach() for j, g in zip(columns, grads)}
+        cache.update(key=key, x=x.detach().clone(),
+                     maps={j: fn(x.detach(), g, job.params).detach() for j, g in zip(columns, grads)})
         notes.append(f"one shared forward pass for {len(columns)} components")
     else:
         notes.append("map from the shared forward pass of the first component")
-    return cache[key][job.cls]
+    return cache["maps"][job.cls]

@@ -1,6 +1,6 @@
 """The time limit as a real limit: model work on a thread the run can abandon.
 
-A job's deadline is checked by the :class:`~esegeta_engine.scoring.EvaluationMonitor` at every
+A job's deadline is checked by the :class:`~esegeta_engine.forward.scoring.EvaluationMonitor` at every
 model evaluation and patch batch, which stops any method that keeps calling the model. Two
 things escape that check: a forward pass that never returns (a model stuck in C code or
 waiting on a lock cannot be interrupted from inside its thread) and work before the first
@@ -28,7 +28,7 @@ from collections.abc import Callable, Generator
 from typing import Any, TypeVar
 
 from esegeta_engine.errors import Cancelled, MethodTimeout
-from esegeta_engine.scoring import EvaluationMonitor
+from esegeta_engine.forward.scoring import EvaluationMonitor
 from esegeta_engine.timebudget import TimeLimitError
 
 T = TypeVar("T")
@@ -143,9 +143,10 @@ def watch(fn: Callable[[], T], *, abort: threading.Event, timeout_s: float | Non
                 worker.lost = True  # the next job gets a fresh model thread
                 _abandoned += 1
                 raise Abandoned(
-                    f"exceeded the time limit of {timeout_s:g} s and {what} did not return from a model call "
-                    f"within {give_up - deadline:g} s more, so it was abandoned (its thread is left running "
-                    "in the background and can no longer write anything)")
+                    f"exceeded the time limit of {timeout_s:g} s and {what} did not stop within "
+                    f"{give_up - deadline:.3g} s more (stuck inside one model call or one step between "
+                    "calls), so it was abandoned (its thread is left running in the background and can no "
+                    "longer write anything)")
     except BaseException:  # abandoned, or the caller stopped waiting (GUI cancel, Ctrl-C): stop the work
         if not done.is_set():
             abort.set()
@@ -191,3 +192,24 @@ def prediction_pass(fn: Callable[[EvaluationMonitor], T], timeout_s: float | Non
                              "raise the time limit (--timeout or run.timeout_s), or explain an ROI crop of the "
                              "volume; check that the model returns on this input") from None
     return out, time.perf_counter() - start
+
+
+def exit_process(code: int) -> None:
+    """End the process with ``code`` now if a model thread was abandoned; return otherwise.
+
+    At interpreter shutdown an abandoned thread still inside torch's C++ code is unwound
+    in a way C++ cannot survive ("terminate called without an active exception", status
+    134), after the run's files are all written. The command line calls this last, so it
+    exits with its own status instead (output streams flushed, no finalisation).
+    """
+    if not _abandoned:
+        return
+    import os
+    import sys
+
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)

@@ -21,6 +21,7 @@ document within every bound is then parsed for real.
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -114,6 +115,30 @@ def check_yaml_events(text: str, source: str = "config") -> int:
 
 
 _JSON_TOKENS = re.compile(r'"(?:[^"\\]|\\.)*"|[\[\]{},]')
+_FLOW_TOKENS = re.compile(r'"(?:[^"\\\n]|\\.)*"|\'(?:[^\'\n]|\'\')*\'|(?:^|(?<=\s))#[^\n]*|[\[\]{}]', re.M)
+
+
+def check_flow_depth(text: str, source: str = "config") -> None:
+    """Refuse YAML whose flow brackets (``[``/``{`` outside quotes and comments) nest too deep.
+
+    A cheap scan before the event stream, whose scanner slows down with every open flow
+    level; brackets inside plain scalars are counted too, so a scalar with more than
+    :data:`MAX_DEPTH` unclosed brackets is refused as well.
+
+    Raises
+    ------
+    ConfigError
+        More than :data:`MAX_DEPTH` brackets open at once.
+    """
+    depth = 0
+    for match in _FLOW_TOKENS.finditer(text):
+        tok = match.group()
+        if tok in "[{":
+            depth += 1
+            if depth > MAX_DEPTH:
+                raise _too_deep(source)
+        elif tok in "]}":
+            depth = max(0, depth - 1)
 
 
 def check_json_text(text: str, source: str = "config", max_values: int = MAX_NODES) -> int:
@@ -165,6 +190,7 @@ def load_bounded(text: str, *, source: str = "config", json_syntax: bool = False
         if json_syntax:
             check_json_text(text, source)
             return json.loads(text)
+        check_flow_depth(text, source)
         check_yaml_events(text, source)
         return yaml.load(text, Loader=yaml.SafeLoader)  # noqa: S506 - SafeLoader, within the bounds above
     except RecursionError:  # a bound above should have stopped it first
@@ -189,7 +215,8 @@ def read_config_file(path: str | Path) -> Any:
         raise ConfigError(f"config file {str(path)!r} does not exist", "check the path")
     try:
         with path.open("rb") as fh:
-            raw = fh.read(MAX_BYTES + 1)
+            size = os.fstat(fh.fileno()).st_size  # 0 for a pipe: then read up to the bound
+            raw = fh.read(min(size, MAX_BYTES) + 1 if size else MAX_BYTES + 1)
     except OSError as exc:
         raise ConfigError(f"{path.name} cannot be read: {exc.strerror or exc}", "check the file's permissions") \
             from None

@@ -150,7 +150,7 @@ def result_filename(layer: Any) -> str:
     """``<input>__<method[@layer]>__<target>.nii.gz``, as the CLI names maps."""
     import re
 
-    from esegeta_engine.pipeline import map_filename
+    from esegeta_engine.jobs.naming import map_filename
 
     meta = layer.metadata.get("esegeta", {})
     stem = re.sub(r"[^A-Za-z0-9._+-]+", "-", str(meta.get("input_layer", "volume"))).strip("-") or "volume"

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from esegeta_engine.io import atomic_write
 from esegeta_engine.tables import safe_cell
 
 if TYPE_CHECKING:
@@ -36,7 +37,7 @@ def write_csv(path: str | Path, rows: Sequence[dict[str, Any]], columns: Sequenc
     """Write the table (``layer, method, target, metrics..., notes``); NaN as ``undefined``."""
     path = Path(path)
     header = ["layer", "method", "target", *columns, "notes"]
-    with path.open("w", newline="", encoding="utf-8") as fh:
+    with atomic_write(path) as tmp, tmp.open("w", newline="", encoding="utf-8") as fh:
         w = csv.writer(fh)
         w.writerow([safe_cell(c) for c in header])
         for row in rows:

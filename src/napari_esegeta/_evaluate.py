@@ -95,7 +95,7 @@ def map_info(layer: Any, label_layers: Mapping[str, Any] | None = None) -> MapTo
     meta = (getattr(layer, "metadata", None) or {}).get("esegeta", {})
     if "method" not in meta:
         raise EvaluationSetupError(f"'{layer.name}' is not an attribution layer (no method in its metadata)")
-    if meta.get("family") == "visualisation":
+    if meta.get("evaluable", True) is False:
         raise EvaluationSetupError(f"'{layer.name}' is a feature-visualisation volume, not an "
                                    "attribution map: trust metrics do not apply")
     kind, cls = meta.get("target"), meta.get("class")

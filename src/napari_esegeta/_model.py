@@ -24,7 +24,7 @@ class ModelRequest:
     Attributes
     ----------
     path : str
-        TorchScript file or state dict.
+        TorchScript file or state dict, or an nnU-Net results folder or MONAI bundle folder.
     class_path : str
         ``package.module:Class`` for a state dict ("" for TorchScript).
     kwargs : dict
@@ -50,6 +50,7 @@ class ModelRequest:
     name: str = ""
     trust_pickled: bool = False
     class_names: tuple[str, ...] = ()
+    trust_bundle: bool = False
 
     @property
     def label(self) -> str:
@@ -198,13 +199,35 @@ def load_request(req: ModelRequest) -> Any:
     EsegetaError
         From the engine (missing file, not a model, state dict that does not fit).
     """
+    return load_request_pair(req)[1]
+
+
+def load_request_pair(req: ModelRequest) -> tuple[ModelRequest, Any]:
+    """Load ``req``'s model; a folder (nnU-Net, MONAI bundle) goes through the engine's registered
+    sources, and the request comes back with the preprocessing and class names the folder states."""
+    import dataclasses
+
     from esegeta_engine.models import load_model
 
+    if req.path and Path(req.path).is_dir():
+        from esegeta_engine.config import ModelConfig
+        from esegeta_engine.models import Trust, detect_source, load_source
+
+        kind = detect_source(req.path)
+        if kind not in ("nnunet", "bundle"):
+            raise ModelLoadError(f"{req.path} is neither an nnU-Net results folder (plans.json, dataset.json, "
+                                 "fold_N/) nor a MONAI bundle (configs/, models/)",
+                                 "choose a model file, or the folder nnUNetv2_train wrote")
+        loaded = load_source(ModelConfig(**{kind: req.path}, device=req.device),
+                             Trust(pickled=req.trust_pickled, bundle=req.trust_bundle))
+        preprocess = req.preprocess.model_copy(update=loaded.preprocess)
+        names = tuple(loaded.class_names or req.class_names)
+        return dataclasses.replace(req, preprocess=preprocess, class_names=names), loaded.module
     if not req.path:
         raise ModelLoadError("no model file given", "choose a TorchScript (.pt) or state dict file, "
                              "or click 'Use bundled sample model'")
-    return load_model(req.path, class_path=req.class_path or None, kwargs=req.kwargs, device=req.device,
-                      trust_pickled=req.trust_pickled)
+    return req, load_model(req.path, class_path=req.class_path or None, kwargs=req.kwargs, device=req.device,
+                           trust_pickled=req.trust_pickled)
 
 
 #: module kinds that are a non-linearity (their output is what the next layer sees)

@@ -20,6 +20,7 @@ from esegeta_engine.config import MethodConfig, NoiseTunnelConfig, PreprocessCon
 from esegeta_engine.errors import EsegetaError, TargetError
 from esegeta_engine.explain import Explainer, JobFailed, MapReady
 from esegeta_engine.io import Volume
+from esegeta_engine.jobs.record import MapRecord
 from napari_esegeta._geometry import copy_geometry, layer_to_nifti_affine
 from napari_esegeta._layers import result_layer_data
 from napari_esegeta._model import format_error
@@ -180,7 +181,7 @@ def refused_text(methods: Sequence[MethodConfig], target: TargetConfig, executio
     Decided from the volume's shape and the methods' declared patch-wise mode, before any
     model evaluation (the engine applies the same rule to each job).
     """
-    from esegeta_engine.execution.refusal import refusals
+    from esegeta_engine.jobs.refusal import refusals
     from esegeta_engine.preprocess import AxisOrder
 
     spatial = tuple(volume_shape)[:preprocess.spatial_dims]
@@ -265,7 +266,7 @@ def map_layer_data(event: MapReady, input_layer: Any, target: TargetConfig,
             "roi_layer": roi_layer if target.kind == "roi" else None, "frozen": target.frozen,
             "activation": target.resolved_activation, "seconds": round(event.seconds, 3),
             "evaluations": event.evaluations, "input_layer": input_layer.name,
-            "family": job.spec.family, "axiom": _axiom(event.metrics),
+            "family": job.spec.family, "evaluable": job.spec.evaluable, "axiom": _axiom(event.metrics),
             "execution": dict(event.execution or {})}  # the Evaluate tab scores the map on the same execution
     if target.kind == "channel":
         prov.update(target_layer=target.layer, channel=target.channel)
@@ -278,6 +279,13 @@ def map_layer_data(event: MapReady, input_layer: Any, target: TargetConfig,
     prov["trust"] = scorecard(scalar_metrics(event.metrics))  # what was verified about this map
     if getattr(job, "details", None):  # one structure (component): class, size, centroid to jump to
         prov["target_details"] = job.details
+    # the engine's record of this map (the manifest's shape): what the Evaluate tab and saving read back
+    prov["record"] = MapRecord(key=job.key, method=job.spec.name, label=job.label, target=job.cls_label,
+                               cls=job.cls, status="ok", layer=job.layer, noise_tunnel=job.noise_tunnel,
+                               params=_jsonable(job.params), seconds=round(event.seconds, 3),
+                               model_evaluations=event.evaluations, expected_evaluations=job.expected_evaluations,
+                               model_inputs=event.inputs_evaluated, execution=event.execution,
+                               notes=prov.get("notes") or event.notes or None).to_json()
     array = event.array
     per_channel = array.ndim == len(input_layer.scale) + 1  # (*grid, k): one volume per layer channel
     if per_channel:

@@ -8,14 +8,12 @@ write round trip keeps the geometry exactly; the original header (kept in
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from esegeta_engine.io import NIFTI_SUFFIXES
+from esegeta_engine.io import NIFTI_SUFFIXES, atomic_write
 from napari_esegeta._geometry import meta_to_nifti_affine
 from napari_esegeta._reader import header_from_metadata
 
@@ -71,16 +69,8 @@ def write_nifti(path: str | Path, data: Any, meta: dict[str, Any]) -> list[str]:
     qform = int(header["qform_code"]) if header is not None else 0
     img.set_sform(affine, code=sform or 1)
     img.set_qform(affine, code=qform or 1)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    suffix = ".nii.gz" if path.name.lower().endswith(".gz") else ".nii"
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".part{suffix}", dir=path.parent)
-    os.close(fd)
-    try:
-        nib.save(img, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_write(path) as tmp:
+        nib.save(img, str(tmp))
     return [str(path)]
 
 

@@ -45,3 +45,23 @@ def reset() -> None:
     RELEASE.clear()
     ENTERED.clear()
     CALLS.update(forward=0, blocked=0, returned=0)
+
+
+class AutocastClashSegNet(TinySegNet):
+    """TinySegNet ending in an op that refuses mixed dtypes: fine in fp32, fails under bf16 autocast."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = super().forward(x)
+        return torch.lerp(h, torch.zeros(h.shape, dtype=torch.float32), 0.0)
+
+
+class SpinningSegNet(TinySegNet):
+    """TinySegNet whose first forward on an input that requires grad computes forever in torch ops (C++)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.requires_grad and not CALLS["blocked"]:
+            CALLS["blocked"] += 1
+            a = torch.rand(64, 64)
+            while True:  # noqa: ASYNC110 - never returns, by design
+                a = torch.tanh(a @ a)
+        return super().forward(x)

@@ -10,7 +10,7 @@ from torch import nn
 from esegeta_engine.channel_target import LayerChannelTarget
 from esegeta_engine.errors import MethodError, TargetError
 from esegeta_engine.methods import MethodContext, attribute, get_method
-from esegeta_engine.scoring import ScoreModel
+from esegeta_engine.forward.scoring import ScoreModel
 from esegeta_engine.targets import ClassificationTarget
 from tiny_models import assert_untouched, cls_setup, conv, seg_setup, shape
 

@@ -16,7 +16,7 @@ import pytest
 
 from cohort_helpers import cohort_data, write_phantoms
 from esegeta_engine.cohort import parse_cohort_config, run_cohort
-from esegeta_engine.cohort.worker import TRACE_ENV
+from esegeta_engine.jobs.worker import TRACE_ENV
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ import yaml
 from cohort_helpers import cohort_config, cohort_data, write_phantoms
 from esegeta_engine.cli import main
 from esegeta_engine.cohort import job_key, parse_cohort_config, plan_cohort, run_cohort
-from esegeta_engine.cohort.executors import connect
+from esegeta_engine.jobs.executors import connect
 from esegeta_engine.config import MethodConfig, PreprocessConfig, TargetConfig
 from esegeta_engine.errors import ConfigError, VolumeError
 
@@ -136,8 +136,8 @@ def test_scheduler_that_does_not_answer_fails_fast_with_a_fix(tmp_path):
 def test_local_workers_get_one_device_each_by_worker_name():
     from types import SimpleNamespace
 
-    from esegeta_engine.cohort.executors import _worker_plugin
-    from esegeta_engine.cohort.worker import worker_device
+    from esegeta_engine.jobs.executors import _worker_plugin
+    from esegeta_engine.jobs.worker import worker_device
 
     plugin = _worker_plugin(["cuda:0", "cuda:1"], None)
     workers = [SimpleNamespace(name=i) for i in range(3)]

@@ -17,7 +17,7 @@ import yaml
 
 from cohort_helpers import cohort_data, write_phantoms
 from esegeta_engine.cohort import parse_cohort_config, run_cohort
-from esegeta_engine.cohort.worker import TRACE_ENV
+from esegeta_engine.jobs.worker import TRACE_ENV
 
 
 def _load(path: Path) -> np.ndarray:

@@ -15,7 +15,7 @@ from esegeta_engine.config import EvaluationConfig
 from esegeta_engine.explain import Job
 from esegeta_engine.methods import MethodContext, attribute, get_method
 from esegeta_engine.models import model_guard
-from esegeta_engine.scoring import ScoreModel
+from esegeta_engine.forward.scoring import ScoreModel
 from esegeta_engine.targets import ArgmaxRegionTarget
 from tiny_models import LinearSeg, NormNet, assert_untouched, seg_setup, shape
 

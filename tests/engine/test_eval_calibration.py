@@ -20,7 +20,7 @@ from esegeta_engine.evaluation.calibration import (
     target_region,
 )
 from esegeta_engine.methods import Call, MethodSpec, attribute, get_method, MethodContext
-from esegeta_engine.scoring import ScoreModel
+from esegeta_engine.forward.scoring import ScoreModel
 from test_eval_randomisation import IDENTITY, tiny_case
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")

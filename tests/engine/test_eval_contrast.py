@@ -11,7 +11,7 @@ from esegeta_engine.evaluation.contrast import class_contrast, contrast_class
 from esegeta_engine.evaluation.evaluators import make_evaluators
 from esegeta_engine.explain import Job
 from esegeta_engine.methods import MethodContext, attribute, get_method
-from esegeta_engine.scoring import ScoreModel
+from esegeta_engine.forward.scoring import ScoreModel
 from esegeta_engine.targets import ClassificationTarget
 from test_eval_randomisation import IDENTITY
 from tiny_models import LinearScore, shape

@@ -12,7 +12,7 @@ import torch
 
 from esegeta_engine.errors import Cancelled, MethodError
 from esegeta_engine.evaluation.faithfulness import Curves, faithfulness_curves, random_baseline_curves
-from esegeta_engine.scoring import ScoreModel
+from esegeta_engine.forward.scoring import ScoreModel
 from esegeta_engine.targets import ArgmaxRegionTarget
 
 SHAPES = {2: (12, 10), 3: (8, 7, 6)}

@@ -23,7 +23,7 @@ from esegeta_engine.evaluation import (
 )
 from esegeta_engine.evaluation.metrics import LAYER_SENSITIVITY_NOTE
 from esegeta_engine.methods import Call, MethodContext, MethodSpec, attribute, get_method
-from esegeta_engine.scoring import ScoreModel
+from esegeta_engine.forward.scoring import ScoreModel
 from esegeta_engine.targets import ArgmaxRegionTarget, ClassificationTarget
 from tiny_models import TinyClassifier, TinySegNet
 

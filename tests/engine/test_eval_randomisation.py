@@ -15,7 +15,7 @@ from esegeta_engine.errors import Cancelled
 from esegeta_engine.evaluation import execution_order, randomised_copies, run_randomisation
 from esegeta_engine.methods import Call, MethodSpec, get_method
 from esegeta_engine.sample.nets import UNet
-from esegeta_engine.scoring import ScoreModel
+from esegeta_engine.forward.scoring import ScoreModel
 from esegeta_engine.targets import ArgmaxRegionTarget
 from tiny_models import TinySegNet
 

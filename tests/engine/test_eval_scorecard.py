@@ -31,7 +31,7 @@ def test_scorecard_statuses_follow_the_numbers():
 def test_a_run_writes_the_scorecard_the_spread_map_and_structure_scores(tmp_path, dims, capsys):
     import torch
 
-    from esegeta_engine.cli import _print_summary
+    from esegeta_engine.cli_commands import _print_summary
 
     img, gt, masks = phantom(dims)
     affine = np.diag([0.8, 0.9, 1.5, 1.0])
@@ -55,6 +55,8 @@ def test_a_run_writes_the_scorecard_the_spread_map_and_structure_scores(tmp_path
     assert np.allclose(spread.affine, affine) and spread.shape == img.shape
     assert [s["component"] for s in rec["structures"]] == [1, 2]  # the found and the missed structure
     assert rec["metrics"]["road_evaluations"] == 2 and "region_aopc" in rec["metrics"]
+    # the plan's estimate of the scores' cost equals what they made: ROAD 2, region 1, stability 3 x 1
+    assert rec["metric_evaluations"] == rec["expected_metric_evaluations"] == 2 + 1 + 3
     manifest = json.loads((res.out_dir / "manifest.json").read_text())
     assert manifest["results"][0]["trust"]["line"] == trust["line"]
     _print_summary(res)

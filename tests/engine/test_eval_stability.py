@@ -90,3 +90,19 @@ def test_standard_scores_run_as_evaluators_with_counted_cost(dims):
     assert m["mprt_evaluations"] == 2 and m["stability_evaluations"] == 2 and m["stability_source"] == "members"
     assert metric_cost(cfg, 1, n_members=2) == 3 + 2 + 2 + 2
     assert np.isfinite([m["road_morf"], m["road_lerf"], m["region_aopc"], m["mprt_efficient"]]).all()
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_smooth_mprt_evaluator_counts_its_reruns(dims):
+    from esegeta_engine.evaluation.standard import metric_cost
+
+    torch.manual_seed(0)
+    cfg = EvaluationConfig(axioms=None, mprt={"variant": "smooth", "samples": 2, "max_stages": 2})
+    vol = Volume(np.random.default_rng(0).normal(size=shape(dims)[2:]).astype(np.float32), np.eye(4))
+    ex = Explainer(TinySegNet(dims).eval(), preprocess=PreprocessConfig(spatial_dims=dims),
+                   target=TargetConfig(classes=[1]))
+    (ready,) = [e for e in ex.iter_explain([vol], [MethodConfig(name="saliency")], evaluators=make_evaluators(cfg),
+                                           threaded=False) if isinstance(e, MapReady)]
+    m = ready.metrics
+    assert 0 <= m["mprt_smooth"] <= 1
+    assert m["mprt_evaluations"] == metric_cost(cfg, 1, n_stages=2) == 2 * (1 + 2)

@@ -137,7 +137,7 @@ def test_session_counts_patch_evaluations_of_the_recorded_window(tmp_path) -> No
 
 
 def test_execution_from_record_round_trips() -> None:
-    from esegeta_engine.execution.runner import execution_form
+    from esegeta_engine.forward.runner import execution_form
 
     cfg = ExecutionConfig(patch_size=[8, 8, 4], overlap=0.5, blend="constant", precision="bf16")
     described = execution_form(cfg, (16, 16, 16), 1).describe()

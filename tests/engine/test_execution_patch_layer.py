@@ -17,7 +17,7 @@ from torch import nn
 from esegeta_engine.config import ExecutionConfig, PreprocessConfig, TargetConfig
 from esegeta_engine.explain import Explainer
 from esegeta_engine.methods import MethodContext, attribute, get_method
-from esegeta_engine.scoring import EvaluationMonitor
+from esegeta_engine.forward.scoring import EvaluationMonitor
 from esegeta_engine.targets import RegionOfInterestTarget
 
 from tiny_models import assert_untouched
@@ -123,7 +123,7 @@ def test_patchwise_conductance_equals_conductance_of_each_copy_and_is_complete(d
 
 @pytest.mark.parametrize("dims", [2, 3])
 @pytest.mark.parametrize("name", ["layer_gradcam", "gradcam_pp", "layercam", "layer_gradient_x_activation",
-                                  "layer_conductance"])
+                                  "layer_conductance", "internal_influence"])
 def test_one_patch_covering_the_volume_equals_the_whole_volume_method(dims, name):
     shape = (12,) * dims if dims == 2 else (8,) * dims
     net = _net(dims)
@@ -220,3 +220,21 @@ def test_patchwise_guided_gradcam_is_guided_backprop_times_the_stitched_gradcam(
     guided, _ = _ours(expl, net, target, x, "guided_backprop")
     torch.testing.assert_close(ours, guided * cam, rtol=1e-5, atol=1e-7)
     assert float(ours.abs().max()) > 0
+
+
+@pytest.mark.parametrize("dims,shape,patch", CASES)
+def test_patchwise_internal_influence_equals_the_path_sum_of_each_copy(dims, shape, patch):
+    from captum.attr._utils.approximation_methods import approximation_parameters
+
+    net = _net(dims)
+    x, expl, target = _setup(net, dims, shape, patch)
+    steps = 5
+    ours, _ = _ours(expl, net, target, x, "internal_influence", n_steps=steps, method="riemann_trapezoid")
+    step_sizes, alphas = (f(steps) for f in approximation_parameters("riemann_trapezoid"))
+    infl = sum(float(s) * _copies(net, target, patch, float(al) * x)[1] for s, al in zip(step_sizes, alphas))
+    ups = _up(infl.sum(1, keepdim=True), patch)
+    interval = _get_scan_interval(shape, patch, dims, (OVERLAP,) * dims)
+    ref = torch.zeros_like(x)
+    for i, sl in enumerate(dense_patch_slices(shape, patch, interval)):
+        ref[(0, slice(None), *sl)] += ups[i]
+    torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-5 * float(ref.abs().max()))

@@ -19,7 +19,7 @@ from esegeta_engine.config import ExecutionConfig, PreprocessConfig, TargetConfi
 from esegeta_engine.explain import Explainer
 from esegeta_engine.methods import MethodContext, attribute, get_method
 from esegeta_engine.methods.lrp import LRP
-from esegeta_engine.scoring import EvaluationMonitor
+from esegeta_engine.forward.scoring import EvaluationMonitor
 from esegeta_engine.targets import ArgmaxRegionTarget
 
 from tiny_models import assert_untouched

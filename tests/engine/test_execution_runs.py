@@ -18,13 +18,13 @@ import torch
 from torch import nn
 
 from esegeta_engine.config import MethodConfig, PreprocessConfig, TargetConfig, parse_config
-from esegeta_engine.execution.resume import file_sha256
+from esegeta_engine.jobs.resume import file_sha256
 from esegeta_engine.explain import Explainer, MapReady
 from esegeta_engine.io import Volume
 from esegeta_engine.methods import MethodContext, attribute, get_method
 from esegeta_engine.methods.registry import CostInfo
 from esegeta_engine.pipeline import run
-from esegeta_engine.scoring import EvaluationMonitor, ScoreModel
+from esegeta_engine.forward.scoring import EvaluationMonitor, ScoreModel
 from esegeta_engine.targets import ClassificationTarget
 
 from tiny_models import TinyClassifier, TinySegNet

@@ -14,11 +14,11 @@ from torch import nn
 
 from esegeta_engine.config import ExecutionConfig, MethodConfig, PreprocessConfig, TargetConfig
 from esegeta_engine.errors import Cancelled, MethodError
-from esegeta_engine.execution.sliding import SlidingWindow, WindowGrid, WindowSettings
+from esegeta_engine.forward.sliding import SlidingWindow, WindowGrid, WindowSettings
 from esegeta_engine.explain import Explainer, MapReady
 from esegeta_engine.io import Volume
 from esegeta_engine.methods import MethodContext, attribute, get_method
-from esegeta_engine.scoring import EvaluationMonitor
+from esegeta_engine.forward.scoring import EvaluationMonitor
 from esegeta_engine.targets import ArgmaxRegionTarget, RegionOfInterestTarget
 
 from tiny_models import assert_untouched

@@ -121,8 +121,9 @@ def test_g6_sigkill_keeps_maps_and_its_stale_lock_is_taken_over(case):
     proc.communicate(timeout=30)
     assert np.isfinite(np.asarray(nib.load(first_map).dataobj)).all()  # atomic: complete or absent
     assert json.loads((case / "out" / ".esegeta.lock").read_text())["pid"] == proc.pid
-    with pytest.raises(ConfigError, match="already holds a run"):  # it wrote a map: not replaced silently
-        run(config(case))
+    with pytest.raises(ConfigError, match="holds an unfinished run .*'running'.* 1 finished map") as info:
+        run(config(case))  # it wrote a map: not replaced silently
+    assert "--resume" in info.value.fix and "--overwrite" in info.value.fix
     assert run(config(case, output={"overwrite": True})).status == "completed"  # dead holder: taken over
 
 

@@ -19,7 +19,7 @@ from torch import nn
 from esegeta_engine.errors import MethodError
 from esegeta_engine.methods import MethodContext, attribute, get_method, list_methods
 from esegeta_engine.methods.registry import CostInfo
-from esegeta_engine.scoring import ScoreModel
+from esegeta_engine.forward.scoring import ScoreModel
 from esegeta_engine.targets import ArgmaxRegionTarget, ClassificationTarget
 from extra_models import BiasNet
 from tiny_models import TinyClassifier, assert_untouched, cls_setup, seg_setup, shape

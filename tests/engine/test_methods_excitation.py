@@ -10,7 +10,7 @@ from torch import nn
 from esegeta_engine.methods import MethodContext, attribute, get_method
 from esegeta_engine.methods.excitation import ExcitationBackprop
 from esegeta_engine.models import model_guard
-from esegeta_engine.scoring import ScoreModel
+from esegeta_engine.forward.scoring import ScoreModel
 from esegeta_engine.targets import ClassificationTarget, RegionOfInterestTarget
 from tiny_models import assert_untouched, cls_setup, seg_setup
 

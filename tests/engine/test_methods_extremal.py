@@ -9,7 +9,7 @@ from esegeta_engine.errors import MethodError
 from esegeta_engine.methods import MethodContext, attribute, get_method
 from esegeta_engine.methods.extremal import ExtremalPerturbation
 from esegeta_engine.methods.registry import CostInfo
-from esegeta_engine.scoring import ScoreModel
+from esegeta_engine.forward.scoring import ScoreModel
 from esegeta_engine.targets import ArgmaxRegionTarget
 from extra_models import region_setup
 from tiny_models import TinySegNet, assert_untouched, cls_setup, seg_setup, shape

@@ -12,7 +12,7 @@ from esegeta_engine.methods import MethodContext, attribute, get_method, list_me
 from esegeta_engine.methods._featvis import TrainableVolume, frequency_scale, total_variation
 from esegeta_engine.methods.featvis import inversion_loss
 from esegeta_engine.methods.registry import CostInfo
-from esegeta_engine.scoring import ScoreModel
+from esegeta_engine.forward.scoring import ScoreModel
 from esegeta_engine.targets import ClassificationTarget
 from tiny_models import assert_untouched, cls_setup, conv, seg_setup, shape
 

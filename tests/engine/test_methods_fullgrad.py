@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from esegeta_engine.methods import MethodContext, attribute, get_method
-from esegeta_engine.scoring import ScoreModel
+from esegeta_engine.forward.scoring import ScoreModel
 from esegeta_engine.targets import ArgmaxRegionTarget, ClassificationTarget
 from extra_models import BiasNet
 from tiny_models import LinearSeg, assert_untouched, cls_setup, seg_setup, shape

@@ -12,7 +12,7 @@ from esegeta_engine.errors import MethodError
 from esegeta_engine.methods import MethodContext, attribute, get_method, list_methods
 from esegeta_engine.methods.gradient import baseline_distribution
 from esegeta_engine.models import is_torchscript
-from esegeta_engine.scoring import ScoreModel
+from esegeta_engine.forward.scoring import ScoreModel
 from esegeta_engine.targets import ArgmaxRegionTarget, ClassificationTarget
 from tiny_models import (
     SIZE,

@@ -14,7 +14,7 @@ from esegeta_engine.methods._common import make_baseline
 from esegeta_engine.methods.gradient import baseline_distribution
 from esegeta_engine.methods.layer import LAYER_PARAMS
 from esegeta_engine.models import is_torchscript
-from esegeta_engine.scoring import ScoreModel
+from esegeta_engine.forward.scoring import ScoreModel
 from esegeta_engine.targets import ArgmaxRegionTarget, ClassificationTarget
 from tiny_models import (
     SIZE,

@@ -9,7 +9,7 @@ import torch
 
 from esegeta_engine.methods import MethodContext, attribute, get_method
 from esegeta_engine.methods._common import feature_mask
-from esegeta_engine.scoring import ScoreModel
+from esegeta_engine.forward.scoring import ScoreModel
 from esegeta_engine.targets import ClassificationTarget
 from tiny_models import LinearScore
 

@@ -12,7 +12,7 @@ from esegeta_engine.methods import MethodContext, attribute, get_method
 from esegeta_engine.methods import lrp_rules
 from esegeta_engine.methods.lrp import LRP
 from esegeta_engine.models import model_guard
-from esegeta_engine.scoring import ScoreModel
+from esegeta_engine.forward.scoring import ScoreModel
 from esegeta_engine.targets import RegionOfInterestTarget
 from tiny_models import assert_untouched, cls_setup, seg_setup
 

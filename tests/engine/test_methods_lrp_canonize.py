@@ -15,7 +15,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 from esegeta_engine.methods import MethodContext, attribute, get_method
 from esegeta_engine.methods.canonize import fold_batch_norm
 from esegeta_engine.methods.lrp import LRP
-from esegeta_engine.scoring import ScoreModel
+from esegeta_engine.forward.scoring import ScoreModel
 from esegeta_engine.targets import RegionOfInterestTarget
 
 OPTIONS = {"epsilon": 0.0, "gamma": 0.25, "alpha": 2.0, "low": None, "high": None}

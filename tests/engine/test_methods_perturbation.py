@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from esegeta_engine.errors import MethodError
 from esegeta_engine.methods import MethodContext, attribute, get_method, list_methods
 from esegeta_engine.methods._common import feature_mask
-from esegeta_engine.scoring import ScoreModel
+from esegeta_engine.forward.scoring import ScoreModel
 from esegeta_engine.targets import ArgmaxRegionTarget, ClassificationTarget
 
 sys.path.insert(0, str(Path(__file__).parent))

@@ -9,7 +9,7 @@ import esegeta_engine.methods.rise as rise_module
 from esegeta_engine.errors import MethodError
 from esegeta_engine.methods import MethodContext, attribute, get_method
 from esegeta_engine.methods.registry import CostInfo
-from esegeta_engine.scoring import ScoreModel
+from esegeta_engine.forward.scoring import ScoreModel
 from esegeta_engine.targets import ArgmaxRegionTarget
 from extra_models import RegionScore, region_setup
 from tiny_models import SlowSegNet, TinySegNet, assert_untouched, cls_setup, seg_setup, shape

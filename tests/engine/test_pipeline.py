@@ -194,7 +194,7 @@ def test_in_memory_volume_with_nan_is_refused(case):
 def test_existing_run_folder_needs_overwrite(case):
     tmp_path, _ = case
     run(config(tmp_path, [{"name": "saliency"}], target={"classes": [1]}))
-    with pytest.raises(ConfigError, match="already holds a run"):
+    with pytest.raises(ConfigError, match="already holds a finished run"):
         run(config(tmp_path, [{"name": "saliency"}], target={"classes": [1]}))
     run(config(tmp_path, [{"name": "saliency"}], target={"classes": [1]}, output={"overwrite": True}))
 

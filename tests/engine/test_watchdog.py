@@ -193,3 +193,51 @@ def test_refusal_rule():
     assert timebudget.refuse_job(Job(), 0.1, timebudget.MIN_PASS_S / 2) is None  # start-up cost, not a rate
     Job.expected_evaluations = None
     assert timebudget.refuse_job(Job(), 10.0, 1.0) is None  # unknown cost: the deadline decides
+
+
+@pytest.mark.timeout(600)
+def test_the_command_exits_with_its_status_when_a_job_was_abandoned_in_cpp_code(case):
+    """The abandoned thread is still inside torch's C++ code when the command ends."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    cfg = {"model": {"path": "model.pt", "class_path": "stuck_models:SpinningSegNet", "kwargs": {"dims": 3}},
+           "volumes": ["vol.nii.gz"], "target": {"kind": "argmax", "classes": [1]},
+           "methods": [{"name": "saliency"}, {"name": "occlusion", "params": {"window": 4}}],
+           "output": {"dir": "out"}, "run": {"timeout_s": 1}}
+    (case / "run.json").write_text(json.dumps(cfg))
+    here = Path(__file__).parent
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(here.parents[1] / "src"), str(here),
+                                                        os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, "-m", "esegeta_engine.cli", "run", str(case / "run.json"), "-q"],
+                          capture_output=True, text=True, timeout=500, env=env, cwd=case)
+    assert proc.returncode == 1, proc.stderr  # a job failed; not 134 (C++ terminate at shutdown)
+    assert "terminate called" not in proc.stderr and "Traceback" not in proc.stderr
+    manifest = json.loads((case / "out" / "manifest.json").read_text())
+    assert manifest["status"] == "completed"
+    assert [r["status"] for r in manifest["results"]] == ["timeout", "ok"]
+    assert "abandoned" in manifest["results"][0]["error"]
+
+
+@pytest.mark.timeout(300)
+def test_a_cohort_job_with_a_stuck_forward_is_abandoned_and_the_next_job_runs(case, monkeypatch):
+    from esegeta_engine.cohort.config import parse_cohort_config
+    from esegeta_engine.cohort.run import run_cohort
+
+    monkeypatch.setattr(watchdog, "grace_s", lambda timeout_s: 0.2)
+    cfg = parse_cohort_config({
+        "models": [{"name": "stuck", "path": "model.pt", "class_path": "stuck_models:StuckOnGradSegNet",
+                    "kwargs": {"dims": 3}}],
+        "cohort": {"volumes": ["vol.nii.gz"], "executor": "inline"},
+        "target": {"kind": "argmax", "classes": [1]},
+        "methods": [{"name": "saliency"}, {"name": "occlusion", "params": {"window": 4}}],
+        "run": {"timeout_s": 1.0}, "output": {"dir": "out"}}, base=case)
+    result = run_cohort(cfg)
+    status = {r["method"]: r for r in result.records}
+    assert status["saliency"]["status"] == "timeout" and "abandoned" in status["saliency"]["error"]
+    assert status["occlusion"]["status"] == "ok" and (case / "out" / status["occlusion"]["file"]).is_file()
+    assert stuck_models.CALLS["blocked"] == 1 and stuck_models.CALLS["returned"] == 0
+    assert json.loads((case / "out" / "manifest.json").read_text())["status"] == "completed"
+

@@ -4,7 +4,7 @@ A cohort config is an ordinary run config whose ``model`` is replaced by a
 list of named ``models`` and which has a ``cohort`` section (where the volumes
 come from, which executor runs the jobs, whether to aggregate). Every job is
 one (model, volume, method, class) and is executed as an ordinary
-single-volume run inside the worker (:mod:`esegeta_engine.cohort.worker`);
+single-volume run inside the worker (:mod:`esegeta_engine.jobs.worker`);
 the driver (:mod:`esegeta_engine.cohort.run`) writes each map as it arrives,
 keeps the manifest valid after every job and computes the cohort results at
 the end (:mod:`esegeta_engine.cohort.aggregate`).

@@ -15,8 +15,6 @@ import csv
 import io
 import itertools
 import logging
-import os
-import tempfile
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -26,8 +24,8 @@ import numpy as np
 
 from esegeta_engine.cohort.config import CohortConfig
 from esegeta_engine.cohort.plan import CohortPlan, grid_volume
-from esegeta_engine.io import Volume, save_map
-from esegeta_engine.pipeline import _slug
+from esegeta_engine.io import Volume, save_map, write_text
+from esegeta_engine.jobs.naming import slug as _slug
 from esegeta_engine.tables import safe_cell, safe_row
 
 log = logging.getLogger("esegeta_engine")
@@ -50,8 +48,8 @@ def _read(path: Path) -> np.ndarray:
 def _groups(records: list[dict[str, Any]]) -> dict[tuple[str, str, int], list[dict[str, Any]]]:
     out: dict[tuple[str, str, int], list[dict[str, Any]]] = defaultdict(list)
     for r in records:
-        if r["status"] == "ok" and r.get("file"):
-            out[(r["model"], r["method"], r["class"])].append(r)
+        if r["status"] == "ok" and r.get("file") and r.get("planned") is not False:
+            out[(r["model"], r.get("label") or r["method"], r["class"])].append(r)
     return out
 
 
@@ -113,6 +111,7 @@ def compare_models(out: Path, cfg: CohortConfig, aggregates: list[dict[str, Any]
 def _flat(r: dict[str, Any]) -> dict[str, Any]:
     row = {k: r.get(k) for k in ("subject", "group", "model", "method", "class", "status", "seconds",
                                  "model_evaluations", "file", "error")}
+    row["method"] = r.get("label") or r.get("method")  # name[@layer][+noise]: one row per job
     row.update({k: v for k, v in (r.get("metrics") or {}).items() if not isinstance(v, (dict, list))})
     return row
 
@@ -130,12 +129,7 @@ def _write_csv(path: Path, rows: list[dict[str, Any]]) -> Path:
     w = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore")
     w.writerow({c: safe_cell(c) for c in columns})
     w.writerows(safe_row(r) for r in rows)  # no cell a spreadsheet would run as a formula
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
-    with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
-        fh.write(buf.getvalue())
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
-    return path
+    return write_text(buf.getvalue(), path)
 
 
 def metrics_tables(out: Path, plan: CohortPlan, records: list[dict[str, Any]],

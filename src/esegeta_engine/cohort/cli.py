@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,7 @@ def cmd_cohort(args: argparse.Namespace, data: dict[str, Any]) -> int:
     """Plan (and, unless ``--dry-run``, run) the cohort in ``data``; print the plan and a summary."""
     from esegeta_engine.cohort.plan import plan_cohort
     from esegeta_engine.cohort.run import run_cohort
+    from esegeta_engine.interrupts import cancel_on_signals
 
     cfg = parse_cohort_config(data, base=Path(args.config).parent.resolve(), source=Path(args.config).name)
     if args.out:
@@ -23,7 +25,7 @@ def cmd_cohort(args: argparse.Namespace, data: dict[str, Any]) -> int:
     if getattr(args, "scheduler", None):
         cfg.cohort.scheduler = args.scheduler
     if getattr(args, "workers", None):
-        cfg.cohort.workers = args.workers
+        cfg.jobs.workers = args.workers
     if args.device:
         for m in cfg.models:
             m.device = args.device
@@ -35,8 +37,19 @@ def cmd_cohort(args: argparse.Namespace, data: dict[str, Any]) -> int:
 
     plan = plan_cohort(cfg)
     print(plan.describe(), flush=True)  # before any work starts
-    result = run_cohort(cfg, executor=args.executor, dry_run=args.dry_run, resume=args.resume, on_job=show,
-                        plan=plan)
+    cancel = threading.Event()
+    # SIGINT/SIGTERM (a batch scheduler's stop) cancel as in single runs: no job starts after it, the
+    # inline job in flight stops at its next model evaluation, the manifest says "cancelled"
+    with cancel_on_signals(cancel):
+        try:
+            result = run_cohort(cfg, executor=args.executor, dry_run=args.dry_run, resume=args.resume,
+                                on_job=show, plan=plan, cancel=cancel)
+        except KeyboardInterrupt:  # a second signal: run_cohort recorded the cancel
+            print(f"\ncancelled; finished maps and the manifest are in {cfg.output.dir}", file=sys.stderr)
+            return 130
+    if result.status == "cancelled":
+        print(f"cancelled; finished maps and the manifest are in {cfg.output.dir}", file=sys.stderr)
+        return 130
     if args.dry_run:
         print("dry run: nothing written")
         return 0

@@ -36,7 +36,7 @@ from esegeta_engine.errors import ConfigError
 from esegeta_engine.yamlsafe import read_config_file
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-EXECUTORS = ("inline", "local", "dask")
+EXECUTORS = ("inline", "pool", "local", "dask")
 
 
 class CohortModel(ModelConfig):
@@ -58,9 +58,9 @@ class CohortSection(_Strict):
     volumes: list[Path] = Field(default_factory=list, description="NIfTI files")
     glob: str | None = Field(None, description="glob pattern of NIfTI files, relative to the config")
     csv: Path | None = Field(None, description="CSV with columns volume[, ground_truth, roi, subject, group]")
-    executor: Literal["inline", "local", "dask"] = "inline"
+    executor: Literal["inline", "pool", "local", "dask"] = "inline"
     workers: int = Field(2, ge=1, le=256, description="local: CPU worker processes (1 thread each)")
-    devices: list[str] | None = Field(None, description="local: one worker per device, e.g. [cuda:0, cuda:1]")
+    devices: list[str] | None = Field(None, description="local or pool: one worker per device, e.g. [cuda:0, cuda:1]")
     scheduler: str | None = Field(None, description="dask: scheduler address, e.g. tcp://host:8786")
     connect_timeout_s: float = Field(5.0, gt=0, description="dask: give up reaching the scheduler after this")
     aggregate: Literal["auto", "require", "off"] = Field(
@@ -103,6 +103,12 @@ class CohortConfig(RunSections):
                              "ground truth in the CSV column 'ground_truth'")
         if self.target.kind == "roi" and self.target.roi_mask is None and self.cohort.csv is None:
             raise ValueError("target kind 'roi' needs target.roi_mask or a CSV column 'roi'")
+        if self.target.kind == "outcome" and self.target.ground_truth is None and self.cohort.csv is None:
+            raise ValueError("target kind 'outcome' needs each volume's ground truth in the CSV column "
+                             "'ground_truth' (or target.ground_truth)")
+        if self.target.components:
+            raise ValueError("target.components is not part of cohort runs (the number of structures is "
+                             "known only after the prediction); explain the components of one volume")
         return self
 
     def resolve_paths(self, base: Path) -> CohortConfig:

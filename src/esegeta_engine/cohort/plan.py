@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import csv
 import glob as globlib
-import hashlib
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,50 +20,53 @@ from esegeta_engine.cohort.config import CohortConfig
 from esegeta_engine.cohort.subjects import derive_subject_ids, describe_subjects
 from esegeta_engine.config import MethodConfig, PreprocessConfig, TargetConfig
 from esegeta_engine.errors import ConfigError, VolumeError
-from esegeta_engine.io import Volume, is_nifti
+from esegeta_engine.io import Volume, is_nifti, load_volume
+from esegeta_engine.io import file_sha256 as io_file_sha256
 from esegeta_engine.methods import get_method
+from esegeta_engine.jobs.plan import array_fingerprint, key_context, model_fingerprint, plan_jobs
+from esegeta_engine.jobs.plan import job_key as plan_key
 from esegeta_engine.methods.registry import CostInfo
-from esegeta_engine.pipeline import _slug
+from esegeta_engine.jobs.naming import slug as _slug
 from esegeta_engine.preprocess import AxisOrder
 
 _HASHES: dict[tuple[str, int, int], str] = {}
 
 
 def file_sha256(path: str | Path) -> str:
-    """sha256 of a file's bytes (memoised per path, size and modification time)."""
+    """:func:`esegeta_engine.io.file_sha256` of an input, memoised per path, size and modification time."""
     p = Path(path)
     st = p.stat()
     memo = (str(p.resolve()), st.st_size, st.st_mtime_ns)
     if memo not in _HASHES:
-        h = hashlib.sha256()
-        with p.open("rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                h.update(block)
-        _HASHES[memo] = h.hexdigest()
+        _HASHES[memo] = io_file_sha256(p)
     return _HASHES[memo]
 
 
-def method_label(method: MethodConfig) -> str:
-    """``name[@layer;layer][+noise]`` as it appears in file names and tables."""
-    text = method.name + (f"@{';'.join(method.layers)}" if method.layers else "")
+def method_label(method: MethodConfig, layer: str | None = None) -> str:
+    """``name[@layer][+noise]`` as it appears in file names and tables (all layers when none is given)."""
+    layers = [layer] if layer else method.layers
+    text = method.name + (f"@{';'.join(layers)}" if layers else "")
     return text + (f"+{method.noise_tunnel.type}" if method.noise_tunnel else "")
 
 
-def job_key(model_sha: str, volume_sha: str, method: MethodConfig, cls: int, target: TargetConfig,
+def job_key(model_key: str, volume_key: str, method: MethodConfig, cls: int, target: TargetConfig,
             preprocess: PreprocessConfig, seed: int, *, model_output: int | str | None = None,
-            extra: dict[str, Any] | None = None) -> str:
-    """A stable sha256 naming one job's result.
+            extra: dict[str, Any] | None = None, execution: dict[str, Any] | None = None,
+            layer: str | None = None) -> str:
+    """The key of one cohort job: :func:`esegeta_engine.jobs.plan.job_key`, the one key of single
+    runs and cohorts, for one volume.
 
-    It covers what determines the numbers: the model file, the volume file, the
-    method with its fully resolved parameters, layers and noise tunnel, the
-    class, the target and preprocessing settings, the model output selection
-    and the seed. It does not cover where or how the job runs (executor, device
-    name, worker), so a result made by one executor is reused by another.
+    It covers what determines the numbers: the model's weights, the volume's content, the
+    method with its fully resolved parameters, layer and noise tunnel, the class, the target,
+    preprocessing and execution settings, the model output selection and the seed. It does not
+    cover where or how the job runs (executor, device name, worker), so a result made by one
+    executor is reused by another.
 
     Parameters
     ----------
-    model_sha, volume_sha : str
-        :func:`file_sha256` of the model and volume files.
+    model_key, volume_key : str
+        :func:`~esegeta_engine.jobs.plan.model_fingerprint` of the model and
+        :func:`~esegeta_engine.jobs.plan.array_fingerprint` of the volume.
     method : MethodConfig
         The method (parameters are resolved against the registry, so an explicit
         default and an omitted one give the same key).
@@ -78,7 +79,11 @@ def job_key(model_sha: str, volume_sha: str, method: MethodConfig, cls: int, tar
     model_output : int, str or None
         Output selection of multi-output models.
     extra : dict, optional
-        Anything else that changes the result (e.g. the ROI mask's hash).
+        ``{"roi": fingerprint}`` of an ROI target's mask.
+    execution : dict, optional
+        The execution section as JSON.
+    layer : str, optional
+        The layer of a layer method (default: its first).
 
     Returns
     -------
@@ -86,16 +91,11 @@ def job_key(model_sha: str, volume_sha: str, method: MethodConfig, cls: int, tar
         64 hex digits.
     """
     spec = get_method(method.name)
-    payload = {
-        "model": model_sha, "volume": volume_sha, "method": method.name,
-        "params": spec.resolve_params(method.params), "layers": list(method.layers),
-        "noise_tunnel": method.noise_tunnel.model_dump(mode="json") if method.noise_tunnel else None,
-        "class": int(cls), "target": target.model_dump(mode="json", exclude={"classes"}),
-        "preprocess": preprocess.model_dump(mode="json"), "seed": int(seed),
-        "output": model_output, "extra": extra or {},
-    }
-    text = json.dumps(payload, sort_keys=True, default=str, separators=(",", ":"))
-    return hashlib.sha256(text.encode()).hexdigest()
+    nt = method.noise_tunnel.model_dump() if method.noise_tunnel else None
+    context = key_context(target.model_dump(mode="json"), preprocess.model_dump(mode="json"), execution,
+                          model_output, seed, model_key, [volume_key], (extra or {}).get("roi"))
+    layer = layer if layer is not None else (method.layers[0] if method.layers else None)
+    return plan_key(spec.name, spec.resolve_params(method.params), layer, nt, int(cls), context)
 
 
 @dataclass
@@ -108,6 +108,7 @@ class CohortVolume:
     ground_truth: Path | None = None
     roi: Path | None = None
     sha256: str = ""
+    content: str = ""
     shape: tuple[int, ...] = ()
     affine: np.ndarray = field(default_factory=lambda: np.eye(4))
     subject_from: str = "from the file names"  # how ``subject`` was found (see cohort.subjects)
@@ -115,7 +116,10 @@ class CohortVolume:
 
 @dataclass(frozen=True)
 class CohortJob:
-    """One (model, volume, method, class) job; ``file`` is relative to the output folder."""
+    """One (model, volume, method, layer, class) job; ``file`` is relative to the output folder.
+
+    ``method`` is the label (``name[@layer][+noise]``) used in file names and tables.
+    """
 
     key: str
     model: str
@@ -126,6 +130,7 @@ class CohortJob:
     cls: int
     file: str
     cost: int | None
+    layer: str | None = None
 
 
 @dataclass
@@ -137,6 +142,7 @@ class CohortPlan:
     jobs: list[CohortJob]
     common_grid: bool
     grid_note: str
+    model_key: dict[str, str] = field(default_factory=dict)
 
     @property
     def estimated_evaluations(self) -> int | None:
@@ -275,26 +281,30 @@ def plan_cohort(cfg: CohortConfig) -> CohortPlan:
         if get_method(m.name).needs_batch:
             raise ConfigError(f"method {m.name!r} explains a batch of volumes together, which a cohort job "
                               "(one volume) cannot do", "run it as an ordinary run over the volumes")
-    model_sha = {}
+    model_sha, model_key = {}, {}
     for m in cfg.models:
         if not m.path.is_file():
             raise ConfigError(f"model {m.name!r}: file {str(m.path)!r} does not exist", "check models[].path")
         model_sha[m.name] = file_sha256(m.path)
+        model_key[m.name] = _model_key(m, model_sha[m.name])
     volumes = resolve_volumes(cfg)
+    p = cfg.preprocess
     for v in volumes:
         _read_geometry(v)
         v.sha256 = file_sha256(v.path)
+        v.content = array_fingerprint(load_volume(v.path, spatial_dims=p.spatial_dims, channels=p.in_channels).data)
     common, note = check_grid(volumes, cfg.cohort.grid_tolerance)
     if cfg.cohort.aggregate == "off":
         common, note = False, "aggregation switched off (cohort.aggregate: off): per-volume maps only"
     elif not common and cfg.cohort.aggregate == "require":
         raise VolumeError(note.split(":")[0] + " but cohort.aggregate is 'require'",
                           "resample the volumes onto one template grid first, or set cohort.aggregate: auto")
-    order = AxisOrder(cfg.preprocess.axis_order)
+    order = AxisOrder(p.axis_order)
+    execution = cfg.execution.model_dump(mode="json")
     jobs = []
     for m in cfg.models:
         for vi, v in enumerate(volumes):
-            spatial = tuple(v.shape[i] for i in order.permutation) if len(v.shape) >= cfg.preprocess.spatial_dims \
+            spatial = tuple(v.shape[i] for i in order.permutation) if len(v.shape) >= p.spatial_dims \
                 else tuple(v.shape)
             extra = None
             if cfg.target.kind == "roi":
@@ -303,20 +313,26 @@ def plan_cohort(cfg: CohortConfig) -> CohortPlan:
                     raise ConfigError(f"target kind 'roi' but subject {v.subject} has no ROI mask file"
                                       + (f" ({roi})" if roi else ""),
                                       "give every CSV row a 'roi' column value, or target.roi_mask for all")
-                extra = {"roi": file_sha256(roi)}
-            for mi, meth in enumerate(cfg.methods):
-                spec = get_method(meth.name)
-                nt = meth.noise_tunnel.samples if meth.noise_tunnel else 1
-                cost = (spec.cost(CostInfo(1, cfg.preprocess.in_channels, spatial, nt),
-                                  spec.resolve_params(meth.params)) if spec.cost else None)
-                label = method_label(meth)
-                for cls in cfg.target.classes or []:
-                    key = job_key(model_sha[m.name], v.sha256, meth, cls, cfg.target, cfg.preprocess,
-                                  cfg.run.seed, model_output=m.output,
-                                  extra={**(extra or {}), "execution": cfg.execution.model_dump(mode="json")})
-                    name = f"maps/{m.name}/{v.subject}__{_slug(label)}__{cfg.target.kind}-{cls}.nii.gz"
-                    jobs.append(CohortJob(key, m.name, vi, v.subject, mi, label, int(cls), name, cost))
-    return CohortPlan(volumes, model_sha, jobs, common, note)
+                mask = load_volume(Path(roi), spatial_dims=p.spatial_dims).data != 0
+                extra = {"roi": array_fingerprint(mask)}
+            context = key_context(cfg.target.model_dump(mode="json"), p.model_dump(mode="json"), execution,
+                                  m.output, cfg.run.seed, model_key[m.name], [v.content], (extra or {}).get("roi"))
+            info = CostInfo(1, p.in_channels, spatial)
+            for mi, meth in enumerate(cfg.methods):  # the one planner of single runs, method by method
+                for job in plan_jobs([meth], cfg.target.classes or [], str, cfg.target.kind, (vi,), info=info,
+                                     context=context):
+                    label = method_label(meth, job.layer)
+                    name = f"maps/{m.name}/{v.subject}__{_slug(label)}__{cfg.target.kind}-{job.cls}.nii.gz"
+                    jobs.append(CohortJob(job.key, m.name, vi, v.subject, mi, label, int(job.cls), name,
+                                          job.expected_evaluations, job.layer))
+    return CohortPlan(volumes, model_sha, jobs, common, note, model_key)
+
+
+def _model_key(model: Any, sha: str) -> str:
+    """The weights' fingerprint of a cohort model (loaded once per process, on the CPU)."""
+    from esegeta_engine.jobs.worker import cached_model
+
+    return model_fingerprint(cached_model(model.model_dump(mode="json"), sha, "cpu"))
 
 
 def grid_volume(plan: CohortPlan, index: int, cache: dict[int, Volume] | None = None) -> Volume:

@@ -11,7 +11,8 @@ import nibabel as nib
 import numpy as np
 
 from esegeta_engine.cohort.plan import CohortPlan
-from esegeta_engine.pipeline import _slug
+from esegeta_engine.io import write_text
+from esegeta_engine.jobs.naming import slug as _slug
 
 REPORT = "cohort_report.html"
 
@@ -69,7 +70,4 @@ def write_cohort_report(out: Path, plan: CohortPlan, records: list[dict[str, Any
             "body{font-family:sans-serif;margin:2em}table{border-collapse:collapse;font-size:12px}"
             "td,th{border:1px solid #ccc;padding:2px 6px}</style>" + "\n".join(parts))
     path = out / REPORT
-    tmp = path.with_suffix(".part")
-    tmp.write_text(page, encoding="utf-8")
-    tmp.replace(path)
-    return path
+    return write_text(page, path)

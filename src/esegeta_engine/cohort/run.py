@@ -9,6 +9,7 @@ has the recorded sha256, and runs only the rest, on any executor.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -18,11 +19,16 @@ from typing import Any
 
 from esegeta_engine import __version__
 from esegeta_engine.cohort.config import CohortConfig
-from esegeta_engine.cohort.plan import CohortJob, CohortPlan, file_sha256, grid_volume, plan_cohort
-from esegeta_engine.cohort.worker import JobOutcome, JobSpec
-from esegeta_engine.errors import ConfigError
-from esegeta_engine.io import Volume, save_map, write_json
+from esegeta_engine.cohort.plan import CohortJob, CohortPlan, grid_volume, plan_cohort
+from esegeta_engine.jobs.worker import JobOutcome, JobSpec
+from esegeta_engine.io import Volume, file_sha256, save_map, write_json
+from esegeta_engine.jobs.folder import claim_folder
+from esegeta_engine.jobs.plan import KEY_VERSION
+from esegeta_engine.jobs.record import MapRecord
+from esegeta_engine.jobs.resume import ResumeState
+from esegeta_engine.methods import get_method
 from esegeta_engine.pipeline import MANIFEST, environment
+from esegeta_engine.runguard import write_final_manifest
 
 log = logging.getLogger("esegeta_engine")
 
@@ -54,34 +60,19 @@ def job_specs(cfg: CohortConfig, plan: CohortPlan, jobs: list[CohortJob]) -> lis
     specs = []
     for j in jobs:
         v = plan.volumes[j.volume]
-        specs.append(JobSpec(j.key, models[j.model], plan.model_sha[j.model], str(v.path), j.cls,
-                             cfg.methods[j.method_index].model_dump(mode="json"), **common,
+        method = cfg.methods[j.method_index].model_dump(mode="json")
+        if j.layer is not None:  # one job per layer, as in single runs
+            method["layers"] = [j.layer]
+        specs.append(JobSpec(j.key, models[j.model], plan.model_sha[j.model], str(v.path), j.cls, method, **common,
                              ground_truth=str(v.ground_truth) if v.ground_truth else None,
                              roi=str(v.roi) if v.roi and cfg.target.kind == "roi" else None))
     return specs
 
 
-def _previous(out: Path, plan: CohortPlan) -> dict[str, dict[str, Any]]:
-    """Earlier ok results still valid for this plan, by job key."""
-    import json
-
-    path = out / MANIFEST
-    if not path.is_file():
-        return {}
-    try:
-        old = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        log.warning("resume: %s is unreadable; every job runs again", path)
-        return {}
-    planned = {j.key: j for j in plan.jobs}
-    keep = {}
-    for r in old.get("results", []):
-        job = planned.get(r.get("key", ""))
-        f = out / r.get("file", "") if r.get("file") else None
-        if r.get("status") == "ok" and job and f is not None and f.is_file() and r.get("file") == job.file \
-                and file_sha256(f) == r.get("sha256"):
-            keep[job.key] = r
-    return keep
+def _resume_state(cfg: CohortConfig, plan: CohortPlan, out: Path) -> ResumeState:
+    """The earlier cohort in ``out`` (refused when it used other weights or volumes under the same names)."""
+    return ResumeState.load(out, kind="cohort", model_keys=plan.model_key, model_files=plan.model_sha,
+                            volumes={v.subject: v.content for v in plan.volumes}, overwrite=cfg.output.overwrite)
 
 
 def _manifest(cfg: CohortConfig, plan: CohortPlan, executor: str) -> dict[str, Any]:
@@ -89,30 +80,34 @@ def _manifest(cfg: CohortConfig, plan: CohortPlan, executor: str) -> dict[str, A
         "kind": "cohort", "status": "running", "executor": executor,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "config": cfg.model_dump(mode="json"), "environment": environment(), "seed": cfg.run.seed,
+        "key_version": KEY_VERSION,
         "plan": {"jobs": len(plan.jobs), "estimated_model_evaluations": plan.estimated_evaluations,
                  "common_grid": plan.common_grid, "grid_note": plan.grid_note},
-        "models": [{"name": m.name, "path": str(m.path), "sha256": plan.model_sha[m.name]} for m in cfg.models],
-        "volumes": [{"subject": v.subject, "subject_from": v.subject_from, "group": v.group, "path": str(v.path), "sha256": v.sha256,
+        "models": [{"name": m.name, "path": str(m.path), "sha256": plan.model_sha[m.name],
+                    "key": plan.model_key.get(m.name)} for m in cfg.models],
+        "volumes": [{"subject": v.subject, "subject_from": v.subject_from, "group": v.group, "path": str(v.path),
+                     "sha256": v.sha256, "content": v.content,
                      "shape": list(v.shape), "affine": v.affine.tolist(),
                      "ground_truth": str(v.ground_truth) if v.ground_truth else None} for v in plan.volumes],
         "results": [],
     }
 
 
-def _record(job: CohortJob, plan: CohortPlan, o: JobOutcome, **extra: Any) -> dict[str, Any]:
-    v = plan.volumes[job.volume]
-    rec = {"key": job.key, "model": job.model, "subject": job.subject, "group": v.group, "method": job.method,
-           "class": job.cls, "status": o.status, "seconds": round(o.seconds, 3),
-           "model_evaluations": o.evaluations, "model_inputs": o.model_inputs, "worker": o.worker,
-           "device": o.device, "metrics": o.metrics}
-    if o.error:
-        rec["error"] = o.error
-    return {**rec, **extra}
+def _record(job: CohortJob, plan: CohortPlan, cfg: CohortConfig, o: JobOutcome, **extra: Any) -> dict[str, Any]:
+    method = cfg.methods[job.method_index]
+    return MapRecord(key=job.key, model=job.model, subject=job.subject, group=plan.volumes[job.volume].group,
+                     method=method.name, label=job.method, layer=job.layer, cls=job.cls,
+                     target=o.target_label or f"{cfg.target.kind}-{job.cls}", status=o.status,
+                     seconds=round(o.seconds, 3),
+                     noise_tunnel=method.noise_tunnel.model_dump() if method.noise_tunnel else None,
+                     params=get_method(method.name).resolve_params(method.params), model_evaluations=o.evaluations, expected_evaluations=job.cost,
+                     model_inputs=o.model_inputs, worker=o.worker, device=o.device, metrics=o.metrics,
+                     error=o.error, **extra).to_json()
 
 
 def run_cohort(cfg: CohortConfig, *, executor: str | None = None, dry_run: bool = False, resume: bool = False,
                on_job: Callable[[dict[str, Any], int, int], None] | None = None,
-               plan: CohortPlan | None = None) -> CohortResult:
+               plan: CohortPlan | None = None, cancel: threading.Event | None = None) -> CohortResult:
     """Run a cohort (see the module docstring).
 
     Parameters
@@ -129,6 +124,10 @@ def run_cohort(cfg: CohortConfig, *, executor: str | None = None, dry_run: bool 
         ``on_job(record, done, total)`` after each job.
     plan : CohortPlan, optional
         ``plan_cohort(cfg)`` when the caller made it already (e.g. to print it first).
+    cancel : threading.Event, optional
+        Set from any thread (the CLI sets it on SIGINT/SIGTERM): no job starts after it, the
+        inline job in flight stops at its next model evaluation, and the manifest says
+        ``cancelled`` with every finished map kept.
 
     Raises
     ------
@@ -136,25 +135,31 @@ def run_cohort(cfg: CohortConfig, *, executor: str | None = None, dry_run: bool 
         Problems found before work starts (inputs, grids, unreachable scheduler).
     """
     from esegeta_engine.cohort.aggregate import write_cohort_results
-    from esegeta_engine.cohort.executors import make_executor
+    from esegeta_engine.jobs.executors import make_executor
 
     plan = plan or plan_cohort(cfg)
     log.info("%s", plan.describe())
     out = cfg.output.dir
     if dry_run:
         return CohortResult(plan, out, "planned")
-    if (out / MANIFEST).exists() and not (cfg.output.overwrite or resume):
-        raise ConfigError(f"output folder {str(out)!r} already holds a run ({MANIFEST})",
-                          "use --resume to finish it, or choose another output.dir (--out), or --overwrite")
-    kept = _previous(out, plan) if resume else {}
-    todo = [j for j in plan.jobs if j.key not in kept]
-    runner = make_executor(cfg.cohort, executor)  # an unreachable scheduler fails here, before any work
-    out.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(out / "esegeta.log", encoding="utf-8")
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-    log.addHandler(handler)
+    inputs = [v.path for v in plan.volumes] + [m.path for m in cfg.models]
+    runner = make_executor(cfg.cohort, executor, cancel)  # an unreachable scheduler fails here, before any write
+    try:
+        folder = claim_folder(out, overwrite=cfg.output.overwrite, resume=resume, inputs=inputs)
+    except BaseException:
+        runner.close()
+        raise
+    try:
+        previous = _resume_state(cfg, plan, out) if resume else ResumeState(out, None)
+        kept = {j.key: rec for j in plan.jobs if (rec := previous.done(j.key, j.subject, j.file)) is not None}
+        todo = [j for j in plan.jobs if j.key not in kept]
+        folder.open_log()
+    except BaseException:
+        runner.close()
+        folder.close()
+        raise
     manifest = _manifest(cfg, plan, runner.name)
-    manifest["results"] = [kept[j.key] for j in plan.jobs if j.key in kept]
+    manifest["results"] = [kept[j.key].to_json() for j in plan.jobs if j.key in kept]
     manifest["resumed"] = len(kept)
     path = out / MANIFEST
     write_json(manifest, path)
@@ -174,14 +179,19 @@ def run_cohort(cfg: CohortConfig, *, executor: str | None = None, dry_run: bool 
             else:
                 log.warning("%s · %s · %s · class %d: %s (%s)", job.model, job.subject, job.method, job.cls,
                             outcome.status, outcome.error)
-            rec = _record(job, plan, outcome, **extra)
+            rec = _record(job, plan, cfg, outcome, **extra)
             manifest["results"].append(rec)
             write_json(manifest, path)
             done += 1
             if on_job is not None:
                 on_job(rec, done, len(plan.jobs))
-        manifest["status"] = "completed"
-        manifest["cohort"] = write_cohort_results(out, cfg, plan, manifest["results"])
+            if cancel is not None and cancel.is_set():
+                break
+        if cancel is not None and cancel.is_set():
+            manifest["status"] = "cancelled"
+        else:
+            manifest["status"] = "completed"
+            manifest["cohort"] = write_cohort_results(out, cfg, plan, manifest["results"])
     except (KeyboardInterrupt, GeneratorExit):
         manifest["status"] = "cancelled"
         raise
@@ -190,10 +200,18 @@ def run_cohort(cfg: CohortConfig, *, executor: str | None = None, dry_run: bool 
         manifest["error"] = f"{type(exc).__name__}: {exc}"
         raise
     finally:
-        runner.close()
-        manifest["duration_s"] = round(time.perf_counter() - started, 3)
-        write_json(manifest, path)
-        log.info("cohort %s in %.1f s; manifest: %s", manifest["status"], manifest["duration_s"], path)
-        log.removeHandler(handler)
-        handler.close()
+        try:
+            runner.close()
+        finally:
+            manifest["duration_s"] = round(time.perf_counter() - started, 3)
+            complete = manifest["status"] == "completed"
+            manifest["results"].extend(r.replace(planned=False if complete else None).to_json()
+                                       for r in previous.unplanned({(j.key, j.subject) for j in plan.jobs},
+                                                                   {r["file"] for r in manifest["results"]
+                                                                    if r.get("file")}))
+            try:
+                write_final_manifest(manifest, path)
+                log.info("cohort %s in %.1f s; manifest: %s", manifest["status"], manifest["duration_s"], path)
+            finally:
+                folder.close()
     return CohortResult(plan, out, manifest["status"], manifest["results"], len(kept))

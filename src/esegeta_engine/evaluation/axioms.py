@@ -165,7 +165,7 @@ def completeness_check(spec: MethodSpec, ctx: MethodContext, params: Mapping[str
     total = ctx.extra.get("attribution_sum")
     if total is not None:
         total = float(total[index])
-    elif spec.family == "layer":
+    elif spec.output_grid == "layer":
         return _undefined("a layer map resampled to the input grid no longer sums to the layer's attribution")
     else:
         total = float(attribution.double().sum())

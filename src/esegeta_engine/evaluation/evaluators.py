@@ -20,7 +20,7 @@ from esegeta_engine.config import EvaluationConfig, MethodConfig
 from esegeta_engine.explain import Evaluator, Explainer, Job, Progress, build_target
 from esegeta_engine.io import Volume
 from esegeta_engine.methods import MethodContext, get_method
-from esegeta_engine.scoring import ScoreModel
+from esegeta_engine.forward.scoring import ScoreModel
 
 CURVES_KEY = "_curves"
 
@@ -98,7 +98,7 @@ def make_evaluators(cfg: EvaluationConfig, seed: int = 0) -> list[Evaluator]:
 def _maps_only(evaluator: Evaluator) -> Evaluator:
     """Skip feature-visualisation jobs: their volumes are not attribution maps to score."""
     def wrapped(job: Job, ctx: MethodContext, attr: torch.Tensor) -> dict[str, Any]:
-        return {} if job.spec.family == "visualisation" else evaluator(job, ctx, attr)
+        return evaluator(job, ctx, attr) if job.spec.evaluable else {}
 
     wrapped.__name__ = getattr(evaluator, "__name__", "metric")
     return wrapped
@@ -148,7 +148,7 @@ def run_randomisation_phase(
     assert r is not None
     chosen = [m for m in methods if r.methods is None or m.name in r.methods]
     chosen = [m for m in chosen if not get_method(m.name).needs_batch
-              and get_method(m.name).family != "visualisation"]
+              and get_method(m.name).evaluable]
     entries = [(get_method(m.name), get_method(m.name).resolve_params(m.params), layer)
                for m in chosen for layer in (m.layers or [None])]
     modes = ["cascading", "independent"] if r.mode == "both" else [r.mode]

@@ -152,7 +152,7 @@ def faithfulness_curves(
     ----------
     score_fn : callable
         ``x (N, C, *spatial) -> (N, K)`` scores: a
-        :class:`~esegeta_engine.scoring.ScoreModel` or any such callable.
+        :class:`~esegeta_engine.forward.scoring.ScoreModel` or any such callable.
     inputs : torch.Tensor
         The explained input ``(N, C, *spatial)``, 2D or 3D.
     attribution : array or tensor

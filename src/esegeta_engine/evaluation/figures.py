@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from esegeta_engine.errors import EsegetaError, VolumeError
+from esegeta_engine.io import atomic_write
 
 __all__ = ["axis_codes", "comparison_grid", "curves_figure", "display_views", "mip_figure", "montage_figure",
            "randomisation_strip"]
@@ -69,8 +70,8 @@ def _figure(width: float, height: float) -> Any:
 
 def _save(fig: Any, path: str | Path) -> Path:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=DPI, facecolor="white")
+    with atomic_write(path) as tmp:
+        fig.savefig(tmp, dpi=DPI, facecolor="white", format=path.suffix.lstrip(".") or "png")
     return path
 
 

@@ -12,7 +12,20 @@ from esegeta_engine.config import EvaluationConfig
 from esegeta_engine.evaluation.standard import STABILITY_MAP
 from esegeta_engine.evaluation.trust import scorecard, verdicts_for
 
-__all__ = ["map_extras", "refresh_trust"]
+__all__ = ["expected_metric_evaluations", "map_extras", "refresh_trust"]
+
+
+def expected_metric_evaluations(cfg: EvaluationConfig, job: Any, model: Any) -> int | None:
+    """The plan's estimate of the model evaluations the standard scores add to ``job``'s map."""
+    from esegeta_engine.evaluation.stability import members_of
+    from esegeta_engine.evaluation.standard import metric_cost
+
+    if cfg.stability is not None and cfg.stability.models:
+        n_members: int | None = 1 + len(cfg.stability.models)
+    else:
+        members = members_of(model)
+        n_members = len(members) if members else None
+    return metric_cost(cfg, job.expected_evaluations, n_members=n_members)
 
 
 def map_extras(raw_metrics: dict[str, Any], array: np.ndarray, volume: Any, out_dir: Path, name: str,
@@ -27,6 +40,9 @@ def map_extras(raw_metrics: dict[str, Any], array: np.ndarray, volume: Any, out_
 
     metrics: dict[str, Any] = {}
     record: dict[str, Any] = {}
+    made = [raw_metrics[k] for k in raw_metrics if k.endswith("_evaluations") and isinstance(raw_metrics[k], int)]
+    if made:  # the standard scores' own model evaluations, next to the plan's estimate
+        record["metric_evaluations"] = int(sum(made))
     spread = raw_metrics.get(STABILITY_MAP)
     if spread is not None:
         std_name = name.replace(".nii.gz", "__stability-std.nii.gz")

@@ -152,7 +152,7 @@ def infidelity_score(
     Parameters
     ----------
     score_model : nn.Module
-        ``x -> (N, K)`` scores, usually a :class:`~esegeta_engine.scoring.ScoreModel`
+        ``x -> (N, K)`` scores, usually a :class:`~esegeta_engine.forward.scoring.ScoreModel`
         (its monitor counts the evaluations and can cancel the run).
     inputs : torch.Tensor
         The explained batch ``(N, C, *spatial)``.
@@ -265,7 +265,7 @@ def sensitivity_score(
     """
     params = spec.resolve_params(params)
     n = ctx.inputs.shape[0]
-    if spec.family == "layer" and notes is not None:
+    if spec.output_grid == "layer" and notes is not None:
         notes.append(LAYER_SENSITIVITY_NOTE)
     devices = [ctx.inputs.device.index or 0] if ctx.inputs.device.type == "cuda" else []
 

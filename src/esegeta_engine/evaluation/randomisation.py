@@ -38,7 +38,7 @@ from esegeta_engine.evaluation.similarity import compare_batch
 from esegeta_engine.methods.registry import MethodContext, MethodSpec
 from esegeta_engine.methods.run import attribute
 from esegeta_engine.models import get_layer, is_torchscript
-from esegeta_engine.scoring import EvaluationMonitor, ScoreModel
+from esegeta_engine.forward.scoring import EvaluationMonitor, ScoreModel
 
 __all__ = ["RandomisationResult", "execution_order", "randomised_copies", "run_randomisation"]
 

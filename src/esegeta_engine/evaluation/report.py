@@ -38,7 +38,7 @@ from esegeta_engine.evaluation.report_html import (  # noqa: F401 (TEXT_COLUMNS,
     _plain,
     _table,
 )
-from esegeta_engine.io import write_json
+from esegeta_engine.io import write_json, write_text
 from esegeta_engine.tables import csv_text
 
 __all__ = ["build_report_from_run", "data_uri", "write_report"]
@@ -82,10 +82,8 @@ def _write_numbers(run_dir: Path, rows: list[dict], columns: list[str]) -> None:
 
 
 def _write_text(path: Path, text: str) -> None:
-    """Write ``text`` atomically (temporary file in the same folder, then rename)."""
-    tmp = path.with_name(f".{path.name}.part")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    """Write ``text`` atomically (see :func:`esegeta_engine.io.atomic_write`)."""
+    write_text(text, path)
 
 
 def _summary(manifest: Mapping[str, Any], records: Sequence[Mapping[str, Any]]) -> str:

@@ -11,13 +11,13 @@ blank, not "undefined", which is kept for metrics that are undefined.
 from __future__ import annotations
 
 import math
-import os
 import textwrap
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from esegeta_engine.errors import EsegetaError
+from esegeta_engine.io import atomic_write
 
 __all__ = ["write_pdf"]
 
@@ -85,8 +85,7 @@ def write_pdf(path: Path, title: str, summaries: Sequence[Mapping[str, Any]],
     except ImportError:  # pragma: no cover - optional dependency
         raise EsegetaError("the PDF report needs matplotlib",
                            "pip install 'napari-esegeta[report]' (or matplotlib)") from None
-    tmp = path.with_name(f".{path.name}.part")
-    with PdfPages(tmp) as pdf:
+    with atomic_write(path) as tmp, PdfPages(tmp) as pdf:
         lines: list[str] = []
         for s in summaries:
             lines += textwrap.wrap(f"{s['method']} · {s['target']} · {s['volume']}: trust {s['trust']}. "
@@ -109,5 +108,4 @@ def write_pdf(path: Path, title: str, summaries: Sequence[Mapping[str, Any]],
             pdf.savefig(fig)
         info = pdf.infodict()
         info["Title"] = title
-    os.replace(tmp, path)
     return path

@@ -83,7 +83,7 @@ def iter_evaluate_run(run_dir: str | Path, *, metrics: Sequence[str] | None = No
         The model, a volume or the mask cannot be read (nothing is changed then).
     """
     from esegeta_engine.io import write_json
-    from esegeta_engine.models import load_model
+    from esegeta_engine.models import Trust, load_source
     from esegeta_engine.pipeline import _randomisation, load_inputs, load_mask_on_grid
     from esegeta_engine.runguard import MANIFEST, OutputLock
 
@@ -93,8 +93,7 @@ def iter_evaluate_run(run_dir: str | Path, *, metrics: Sequence[str] | None = No
     cfg.output.dir = out
     evaluation = _evaluation(cfg, metrics, Path(mask).resolve() if mask else None, randomisation)
     cfg = cfg.model_copy(update={"evaluation": evaluation})
-    model = load_model(cfg.model.path, format=cfg.model.format, class_path=cfg.model.class_path,
-                       kwargs=cfg.model.kwargs, trust_pickled=trust_pickled, device=cfg.model.device)
+    model = load_source(cfg.model, Trust(pickled=trust_pickled)).module  # any registered source
     volumes, roi = load_inputs(cfg)
     gt = load_mask_on_grid(evaluation.localisation.mask, volumes, cfg.preprocess.spatial_dims, "ground-truth mask") \
         if evaluation.localisation else None

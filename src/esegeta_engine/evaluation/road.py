@@ -54,8 +54,8 @@ def noisy_linear_imputation(image: np.ndarray, removed: np.ndarray, noise: float
     kept voxels stay fixed. ``noise`` x (max - min) is the std of the Gaussian noise added to
     the imputed voxels (0: none).
     """
-    from scipy.sparse import coo_matrix
-    from scipy.sparse.linalg import spsolve
+    from scipy.sparse import coo_matrix, diags
+    from scipy.sparse.linalg import cg, spsolve
 
     removed = np.asarray(removed, dtype=bool)
     out = np.array(image, dtype=np.float64, copy=True)
@@ -66,7 +66,9 @@ def noisy_linear_imputation(image: np.ndarray, removed: np.ndarray, noise: float
     pos = -np.ones(removed.size, dtype=np.int64)
     pos[idx] = np.arange(idx.size)
     coords = np.array(np.unravel_index(idx, spatial))  # (nd, n)
-    rows, cols, vals = [np.arange(idx.size)], [np.arange(idx.size)], [np.ones(idx.size)]
+    # symmetric form: total_i x_i - sum_j(unknown) w_ij x_j = sum_j(known) w_ij x_j (SPD: every hole
+    # borders a kept voxel), the row-normalised neighbour-mean equations times total_i
+    rows, cols, vals = [], [], []
     total = np.zeros(idx.size)
     known: list[tuple[np.ndarray, np.ndarray, float]] = []
     for off, w in _neighbour_offsets(len(spatial)):
@@ -76,20 +78,26 @@ def noisy_linear_imputation(image: np.ndarray, removed: np.ndarray, noise: float
         total[ok] += w
         inner = pos[flat] >= 0
         src = np.flatnonzero(ok)
-        rows.append(src[inner]); cols.append(pos[flat[inner]]); vals.append(np.full(inner.sum(), -w))
+        rows.append(src[inner])
+        cols.append(pos[flat[inner]])
+        vals.append(np.full(int(inner.sum()), -w))
         known.append((src[~inner], flat[~inner], w))
-    norm = np.where(total > 0, total, 1.0)
-    r, c, v = np.concatenate(rows), np.concatenate(cols), np.concatenate(vals)
-    v = np.where(r == c, v, v / norm[r])
-    a = coo_matrix((v, (r, c)), shape=(idx.size, idx.size)).tocsc()
+    off_diag = coo_matrix((np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))),
+                          shape=(idx.size, idx.size))
+    a = (off_diag + diags(total)).tocsr()
     span = float(image.max() - image.min()) if image.size else 0.0
     rng = rng or np.random.default_rng(0)
     for ch in range(out.shape[0]):
         flat_img = out[ch].reshape(-1)
         b = np.zeros(idx.size)
         for src, flat, w in known:
-            np.add.at(b, src, w * flat_img[flat] / norm[src])
-        sol = np.atleast_1d(spsolve(a, b))
+            np.add.at(b, src, w * flat_img[flat])
+        if idx.size <= 50_000:
+            sol = np.atleast_1d(spsolve(a.tocsc(), b))
+        else:  # large holes (real volumes): conjugate gradients, Jacobi-preconditioned
+            precond = diags(1.0 / total)
+            sol, _ = cg(a, b, x0=np.full(idx.size, float(flat_img[~removed.reshape(-1)].mean())),
+                        rtol=1e-6, maxiter=2000, M=precond)
         if noise > 0:
             sol = sol + rng.normal(0.0, noise * span, size=sol.shape)
         flat_img[idx] = sol

@@ -251,7 +251,7 @@ class EvaluationSession:
         """
         from esegeta_engine.evaluation.api import evaluate_map
         from esegeta_engine.evaluation.localisation import LOCALISATION_METRICS
-        from esegeta_engine.scoring import EvaluationMonitor
+        from esegeta_engine.forward.scoring import EvaluationMonitor
 
         localisation = ground_truth is not None if localisation is None else localisation
         gt = None if ground_truth is None else np.asarray(ground_truth) != 0
@@ -302,7 +302,7 @@ class EvaluationSession:
         from esegeta_engine.preprocess import AxisOrder
 
         spec = get_method(info.method)
-        if spec.family == "visualisation":
+        if not spec.evaluable:
             raise _SetupError(f"'{info.name}' is a feature-visualisation volume, not an attribution map")
         target = self._target(volume, info, explainer, x, raw)
         attr_np = np.ascontiguousarray(AxisOrder(self.preprocess.axis_order).to_model(info.array))

@@ -44,7 +44,7 @@ def randomise(session: EvaluationSession, volume: Volume, maps: Sequence[MapToSc
         runnable, entries, failed = [], [], {}
         for i in indices:
             spec = get_method(maps[i].method)
-            if spec.needs_batch or spec.family == "visualisation":
+            if spec.needs_batch or not spec.evaluable:
                 failed[i] = f"{maps[i].method} cannot be re-run on one volume"
             else:
                 runnable.append(i)

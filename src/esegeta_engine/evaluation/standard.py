@@ -32,7 +32,7 @@ def explain_with(job: Any, ctx: MethodContext, model: nn.Module, x: torch.Tensor
     monitor and execution form.
     """
     from esegeta_engine.models import get_layer
-    from esegeta_engine.scoring import make_score_model
+    from esegeta_engine.forward.scoring import make_score_model
 
     sm0 = ctx.score_model
     sm = make_score_model(model, sm0.target, output=sm0.net.output, monitor=sm0.monitor, form=sm0.form)

@@ -14,7 +14,7 @@ import torch
 
 from esegeta_engine.errors import MethodError
 from esegeta_engine.methods.registry import MethodContext, Param
-from esegeta_engine.scoring import EvaluationMonitor
+from esegeta_engine.forward.scoring import EvaluationMonitor
 
 BATCH_SIZE = Param("batch_size", "int", 16,
                    "perturbed copies of each input per model evaluation (more: faster, more memory)",

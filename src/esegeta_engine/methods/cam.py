@@ -142,7 +142,7 @@ def _register(name: str, title: str, summary: str, weigh: Weigh, reference: str)
         cam = PatchwiseCam if is_patchwise(ctx) else GradientCam
         return Call(cam(ctx, name, weigh, p["relu_attributions"], p["attribute_to_layer_input"]))
 
-    register(MethodSpec(name=name, family="layer", title=title, summary=summary,
+    register(MethodSpec(name=name, family="layer", output_grid="layer", title=title, summary=summary,
                         params=(RELU_PARAM, *CAM_LAYER_PARAMS), build=build, needs_layer=True,
                         needs_hooks=True, reference=reference, patchwise="gradient", cost=one_evaluation))
 
@@ -179,12 +179,12 @@ def _eigen(with_gradient: bool) -> Callable[[MethodContext, Mapping[str, Any]], 
 _EIGEN_REF = ("Muhammad & Yeasin 2020, Eigen-CAM: Class Activation Map using Principal Components, "
               "IJCNN, arXiv:2008.00299")
 register(MethodSpec(
-    name="eigen_cam", family="layer", title="Eigen-CAM",
+    name="eigen_cam", family="layer", output_grid="layer", title="Eigen-CAM",
     summary="first principal component of the layer's activations (class-agnostic, no gradient)",
     params=CAM_LAYER_PARAMS, build=_eigen(False), needs_layer=True, needs_hooks=True,
     reference=_EIGEN_REF, patchwise="whole", cost=one_evaluation))
 register(MethodSpec(
-    name="eigen_grad_cam", family="layer", title="Eigen-Grad-CAM",
+    name="eigen_grad_cam", family="layer", output_grid="layer", title="Eigen-Grad-CAM",
     summary="first principal component of gradient x activation: class-specific Eigen-CAM for "
             "segmentation targets",
     params=CAM_LAYER_PARAMS, build=_eigen(True), needs_layer=True, needs_hooks=True,

@@ -166,7 +166,7 @@ def _channel_cost(method: str):  # noqa: ANN202 - a CostFn
 
 
 register(MethodSpec(
-    name="score_cam", family="layer", title="Score-CAM",
+    name="score_cam", family="layer", output_grid="layer", title="Score-CAM",
     summary="activations weighted by the score of the input masked by each (upsampled, normalised) "
             "channel; one batched evaluation per batch_size channels",
     params=(Param("weighting", "str", "increase",
@@ -179,7 +179,7 @@ register(MethodSpec(
     patchwise="whole", cost=_channel_cost("score_cam")))
 
 register(MethodSpec(
-    name="ablation_cam", family="layer", title="Ablation-CAM",
+    name="ablation_cam", family="layer", output_grid="layer", title="Ablation-CAM",
     summary="activations weighted by the relative score drop when their channel is set to zero; "
             "one batched evaluation per batch_size channels",
     params=(MAX_CHANNELS, BATCH_SIZE, RELU_PARAM, *CAM_LAYER_PARAMS),

@@ -1,8 +1,10 @@
-"""How many model evaluations each Captum-backed method makes, known before it runs.
+"""Cost functions of the Captum-backed methods: model evaluations known before a method runs.
 
-The numbers follow Captum's batching (checked against the counted evaluations in
-``tests/engine/test_costs.py``): progress totals, ETAs and the planner's cost
-estimates come from here. Supervoxel methods on SLIC masks use ``n_segments`` as the
+Each method names its cost function where it is registered (``cost=`` of its
+:class:`~esegeta_engine.methods.registry.MethodSpec`); this module only holds the functions
+shared by several methods. The numbers follow Captum's batching (checked against the counted
+evaluations in the method tests): progress totals, ETAs and the planner's cost estimates
+come from here. Supervoxel methods on SLIC masks use ``n_segments`` as the
 number of features before the mask exists; the executor refines it once the mask
 is built (``n_features``).
 """
@@ -13,7 +15,7 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-from esegeta_engine.methods.registry import CostFn, CostInfo
+from esegeta_engine.methods.behaviour import CostInfo
 
 PATCHWISE_IG_BATCH = 1
 """Integrated Gradients' internal batch under sliding-window execution: path points are
@@ -30,11 +32,11 @@ def _n_features(info: CostInfo, p: Mapping[str, Any]) -> int:
     return int(p.get("n_segments", 64))
 
 
-def _one(info: CostInfo, p: Mapping[str, Any]) -> int:
+def one(info: CostInfo, p: Mapping[str, Any]) -> int:
     return 1
 
 
-def _ig_like(info: CostInfo, p: Mapping[str, Any]) -> int:
+def ig_like(info: CostInfo, p: Mapping[str, Any]) -> int:
     ibs = int(p.get("internal_batch_size") or 1)
     if info.patchwise:
         ibs = PATCHWISE_IG_BATCH
@@ -42,7 +44,7 @@ def _ig_like(info: CostInfo, p: Mapping[str, Any]) -> int:
     return math.ceil(int(p["n_steps"]) / max(1, ibs // examples))
 
 
-def _occlusion(info: CostInfo, p: Mapping[str, Any]) -> int:
+def occlusion(info: CostInfo, p: Mapping[str, Any]) -> int:
     dims = len(info.spatial)
     window = p["window"] if isinstance(p["window"], tuple) else (p["window"],) * dims
     stride = window if p.get("stride") is None else (
@@ -51,33 +53,13 @@ def _occlusion(info: CostInfo, p: Mapping[str, Any]) -> int:
     return 1 + math.ceil(shifts / int(p["perturbations_per_eval"]))
 
 
-def _ablation(info: CostInfo, p: Mapping[str, Any]) -> int:
+def ablation(info: CostInfo, p: Mapping[str, Any]) -> int:
     return 1 + math.ceil(_n_features(info, p) / int(p["perturbations_per_eval"]))
 
 
-def _shapley(info: CostInfo, p: Mapping[str, Any]) -> int:
+def shapley(info: CostInfo, p: Mapping[str, Any]) -> int:
     return 1 + int(p["n_samples"]) * math.ceil(_n_features(info, p) / int(p["perturbations_per_eval"]))
 
 
-def _sampled(info: CostInfo, p: Mapping[str, Any]) -> int:
+def sampled(info: CostInfo, p: Mapping[str, Any]) -> int:
     return info.batch * math.ceil(int(p["n_samples"]) / int(p["perturbations_per_eval"]))
-
-
-COSTS: dict[str, CostFn] = {
-    "saliency": _one, "input_x_gradient": _one, "gradient_shap": _one,
-    "integrated_gradients": _ig_like,
-    "occlusion": _occlusion, "feature_ablation": _ablation, "shapley_value_sampling": _shapley, "feature_permutation": _ablation,
-    "kernel_shap": _sampled, "lime": _sampled,
-    "layer_activation": _one, "layer_gradcam": _one, "layer_gradient_x_activation": _one,
-    "layer_gradient_shap": _one,
-    "layer_integrated_gradients": _ig_like, "layer_conductance": _ig_like, "internal_influence": _ig_like,
-}
-"""Cost functions of the plain Captum-backed methods (methods with their own rules — guided,
-DeepLIFT, LRP, CAMs — set ``MethodSpec.cost`` where they are registered)."""
-
-PATCHWISE: dict[str, str] = {
-    **{n: "gradient" for n in ("saliency", "input_x_gradient", "integrated_gradients", "gradient_shap")},
-    **{n: "perturbation" for n in ("occlusion", "feature_ablation", "shapley_value_sampling",
-                                   "kernel_shap", "lime")},
-}
-"""How the Captum-backed methods run under sliding-window execution (the rest: ``whole``)."""

@@ -60,7 +60,7 @@ LINEAR_MODULES: tuple[type[nn.Module], ...] = (
 
 def pair_patches(model: nn.Module) -> nn.Module:
     """Make every sliding window in ``model`` batch input and reference patches in pairs."""
-    from esegeta_engine.execution.sliding import SlidingWindow
+    from esegeta_engine.forward.sliding import SlidingWindow
 
     for m in model.modules():
         if isinstance(m, SlidingWindow):

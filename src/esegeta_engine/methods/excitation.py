@@ -134,7 +134,7 @@ class ExcitationBackprop(LRP):
         gradient; the rules are linear in it, so dividing by the total over the stitched output
         (the sum of every patch's share) gives the whole output's probabilities exactly.
         """
-        from esegeta_engine.execution.patch_layer import patchwise_layer_map
+        from esegeta_engine.forward.patch_layer import patchwise_layer_map
         from esegeta_engine.methods.patch_layer_methods import reduce_channels
 
         maps = []
@@ -235,19 +235,19 @@ _EB_REF = ("Zhang et al. 2016, Top-down Neural Attention by Excitation Backprop,
            "(IJCV 126:1084-1102, 2018), arXiv:1608.00507")
 
 register(MethodSpec(
-    name="excitation_backprop", family="layer", title="Excitation Backprop",
+    name="excitation_backprop", family="layer", output_grid="layer", title="Excitation Backprop",
     summary="probability that each layer unit wins the top-down competition for the target, "
             "passed down through excitatory (positive) contributions only",
     params=LAYER_PARAMS, build=_excitation, needs_layer=True, needs_hooks=True,
     reference=_EB_REF, patchwise="gradient", cost=lambda info, p: 1))
 register(MethodSpec(
-    name="contrastive_excitation_backprop", family="layer", title="Contrastive Excitation Backprop",
+    name="contrastive_excitation_backprop", family="layer", output_grid="layer", title="Contrastive Excitation Backprop",
     summary="excitation backprop of the target minus that of its dual (last-layer weights "
             "negated): what speaks for the target and not against it",
     params=LAYER_PARAMS, build=_contrastive, needs_layer=True, needs_hooks=True,
     reference=_EB_REF, patchwise="gradient", cost=lambda info, p: 1))
 register(MethodSpec(
-    name="linear_approximation", family="layer", title="Linear Approximation",
+    name="linear_approximation", family="layer", output_grid="layer", title="Linear Approximation",
     summary="layer activation times gradient summed over channels (the same map as "
             "layer_gradient_x_activation with channel_reduce: sum)",
     params=tuple(q for q in LAYER_PARAMS if q.name != "channel_reduce"),

@@ -143,7 +143,8 @@ def _register(name: str, title: str, summary: str, params: tuple[Param, ...], re
     def cost(info: CostInfo, p: Mapping[str, Any]) -> int:
         return p["steps"] + extra_calls
 
-    register(MethodSpec(name=name, family="visualisation", title=title, summary=summary,
+    register(MethodSpec(name=name, family="visualisation", output_grid="volume",
+                        explains_class=False, evaluable=False, title=title, summary=summary,
                         params=params, build=build, needs_layer=True, needs_hooks=True,
                         reference=reference, patchwise="whole", cost=cost))
 

@@ -24,6 +24,7 @@ from captum.attr import (
     Saliency,
 )
 
+from esegeta_engine.methods import costs
 from esegeta_engine.methods._common import BASELINE_PARAM, make_baseline
 from esegeta_engine.methods.deeplift_safe import DeepLiftPlan, pair_patches
 from esegeta_engine.methods.patch_layer_methods import PatchwiseCam, gradcam_weights, is_patchwise
@@ -266,15 +267,16 @@ _DISTRIBUTION = (BASELINE_PARAM, BASELINE_NOISE)
 _register("saliency", "Saliency", "gradient of the class score with respect to each voxel",
           (Param("abs", "bool", True, "take the absolute value of the gradient"),), _saliency,
           "Simonyan, Vedaldi & Zisserman 2014, Deep Inside Convolutional Networks, "
-          "arXiv:1312.6034", noise_tunnel=True)
+          "arXiv:1312.6034", noise_tunnel=True, patchwise="gradient", cost=costs.one)
 _register("integrated_gradients", "Integrated Gradients",
           "gradients averaged on the straight path from a baseline to the input, times the change",
           (BASELINE_PARAM, N_STEPS, IG_RULE, INTERNAL_BATCH), _integrated_gradients,
           "Sundararajan, Taly & Yan 2017, Axiomatic Attribution for Deep Networks, ICML, "
-          "arXiv:1703.01365", noise_tunnel=True, axiom="completeness")
+          "arXiv:1703.01365", noise_tunnel=True, axiom="completeness", patchwise="gradient",
+          cost=costs.ig_like)
 _register("input_x_gradient", "Input x Gradient", "input times the gradient of the class score",
           (), _input_x_gradient, "Shrikumar et al. 2016, Not Just a Black Box, arXiv:1605.01713",
-          noise_tunnel=True)
+          noise_tunnel=True, patchwise="gradient", cost=costs.one)
 _register("guided_backprop", "Guided Backpropagation",
           "gradient with negative gradients zeroed at every rectifying activation module "
           "(ReLU, LeakyReLU, PReLU, ReLU6, ELU, GELU, SiLU)",
@@ -303,7 +305,7 @@ _register("deeplift_shap", "DeepLIFT SHAP",
 _register("gradient_shap", "Gradient SHAP",
           "expected gradients at random points between noisy baselines and the noisy input",
           (*_DISTRIBUTION, n_baselines_param(1), N_SAMPLES, STDEVS), _gradient_shap, _SHAP_REF,
-          noise_tunnel=True, axiom="expected_completeness")
+          noise_tunnel=True, axiom="expected_completeness", patchwise="gradient", cost=costs.one)
 _register("guided_gradcam", "Guided Grad-CAM",
           "guided backpropagation times the layer's Grad-CAM map interpolated to the input grid",
           (LAYER_INPUT,), _guided_gradcam,

@@ -23,6 +23,7 @@ from captum.attr import (
     LayerIntegratedGradients,
 )
 
+from esegeta_engine.methods import costs
 from esegeta_engine.methods._common import BASELINE_PARAM, make_baseline
 from esegeta_engine.methods.gradient import (
     BASELINE_NOISE,
@@ -92,6 +93,9 @@ def _layer_conductance(ctx: MethodContext, p: Mapping[str, Any]) -> Call:
 
 
 def _internal_influence(ctx: MethodContext, p: Mapping[str, Any]) -> Call:
+    if is_patchwise(ctx):
+        base = make_baseline(ctx.inputs, p["baseline"])
+        return Call(PatchwiseConductance(ctx, p, base, influence=True), {"baselines": base})
     return Call(InternalInfluence(ctx.score_model, ctx.layer), _path(ctx, p))
 
 
@@ -126,9 +130,7 @@ def _layer_integrated_gradients(ctx: MethodContext, p: Mapping[str, Any]) -> Cal
 
 def _path_points(info: Any, p: Mapping[str, Any]) -> int:
     """Conductance: Captum batches ``n_steps + 1`` path points; patch-wise, one pass per point."""
-    from esegeta_engine.methods.costs import COSTS
-
-    return int(p["n_steps"]) + 1 if info.patchwise else COSTS["layer_conductance"](info, p)
+    return int(p["n_steps"]) + 1 if info.patchwise else costs.ig_like(info, p)
 
 
 def _register(name: str, title: str, summary: str, params: tuple[Param, ...],
@@ -136,7 +138,7 @@ def _register(name: str, title: str, summary: str, params: tuple[Param, ...],
               **flags: Any) -> None:
     register(MethodSpec(name=name, family="layer", title=title, summary=summary,
                         params=params + LAYER_PARAMS, build=build, needs_layer=True,
-                        needs_hooks=True, reference=reference, **flags))
+                        needs_hooks=True, reference=reference, output_grid="layer", **flags))
 
 
 _SHAP_REF = ("Lundberg & Lee 2017, A Unified Approach to Interpreting Model Predictions, NeurIPS, "
@@ -146,13 +148,13 @@ _DISTRIBUTION = (BASELINE_PARAM, BASELINE_NOISE)
 
 _register("layer_activation", "Layer Activation", "the layer's activations (no target class)",
           (), _layer_activation,
-          "Captum LayerActivation (Kokhlikyan et al. 2020, Captum, arXiv:2009.07896)")
+          "Captum LayerActivation (Kokhlikyan et al. 2020, Captum, arXiv:2009.07896)", cost=costs.one)
 _register("layer_gradcam", "Layer Grad-CAM",
           "activations weighted by their channel-mean gradients, summed over channels",
           (Param("relu_attributions", "bool", True, "keep only positive evidence (ReLU)"),),
           _layer_gradcam,
           "Selvaraju et al. 2017, Grad-CAM: Visual Explanations from Deep Networks via "
-          "Gradient-based Localization, ICCV, arXiv:1610.02391", patchwise="gradient")
+          "Gradient-based Localization, ICCV, arXiv:1610.02391", patchwise="gradient", cost=costs.one)
 _register("layer_conductance", "Layer Conductance",
           "integrated gradients flowing through each layer unit from baseline to input",
           _PATH_16, _layer_conductance,
@@ -162,12 +164,12 @@ _register("internal_influence", "Internal Influence",
           "layer gradients integrated along the path from baseline to input",
           _PATH_16, _internal_influence,
           "Leino et al. 2018, Influence-Directed Explanations for Deep Convolutional Networks, "
-          "arXiv:1802.03788")
+          "arXiv:1802.03788", cost=costs.ig_like, patchwise="gradient")
 _register("layer_gradient_x_activation", "Layer Gradient x Activation",
           "layer activations times the gradient of the class score",
           (), _layer_gradient_x_activation,
           "Shrikumar et al. 2016, Not Just a Black Box, arXiv:1605.01713 (layer variant)",
-          patchwise="gradient")
+          patchwise="gradient", cost=costs.one)
 _register("layer_deeplift", "Layer DeepLIFT",
           "DeepLIFT contributions of the layer's units to F(x) - F(baseline)",
           (BASELINE_PARAM,), _layer_deeplift,
@@ -180,9 +182,9 @@ _register("layer_deeplift_shap", "Layer DeepLIFT SHAP",
 _register("layer_gradient_shap", "Layer Gradient SHAP",
           "expected layer gradients x activation differences at random points from noisy baselines",
           (*_DISTRIBUTION, n_baselines_param(1), N_SAMPLES, STDEVS), _layer_gradient_shap,
-          _SHAP_REF)
+          _SHAP_REF, cost=costs.one)
 _register("layer_integrated_gradients", "Layer Integrated Gradients",
           "integrated gradients of the layer's activations from the baseline's to the input's",
           (BASELINE_PARAM, N_STEPS, IG_RULE, INTERNAL_BATCH), _layer_integrated_gradients,
           "Sundararajan, Taly & Yan 2017, Axiomatic Attribution for Deep Networks, ICML, "
-          "arXiv:1703.01365 (layer variant as in Captum)")
+          "arXiv:1703.01365 (layer variant as in Captum)", cost=costs.ig_like)

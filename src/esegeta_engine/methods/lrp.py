@@ -25,7 +25,7 @@ Any other module type has no rule and is refused before the model runs.
 Under sliding-window execution LRP runs patch by patch, exactly: relevance starts
 at each patch's output as ``y_p * w_p / W * dF/dY`` (its blended share; the hooks
 sit on the network inside the window, and the patch-wise backward of
-:mod:`esegeta_engine.execution.sliding` recomputes one patch batch at a time), and
+:mod:`esegeta_engine.forward.sliding` recomputes one patch batch at a time), and
 the patch maps add where patches lie, so ``sum R = sum_p sum y_p w_p / W dF/dY``:
 conservation holds for the stitched score.
 Operations a model performs without modules (residual additions,
@@ -101,8 +101,8 @@ def check_supported(net: nn.Module, method: str = "lrp") -> None:
     known = RULE_MODULES + POOL_MODULES + PASS_MODULES + GRADIENT_MODULES
     bad: dict[str, list[str]] = {}
     for name, m in user_model(net).named_modules():
-        if m._modules and not m._parameters:  # a container: its children are checked
-            continue
+        if (m._modules and not m._parameters) or isinstance(m, (nn.ModuleList, nn.ModuleDict)):
+            continue  # a container: its children are checked (an empty ModuleList computes nothing)
         if not isinstance(m, known):
             bad.setdefault(type(m).__name__, []).append(name or "(model)")
     if bad:

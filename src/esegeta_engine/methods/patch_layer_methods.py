@@ -2,7 +2,7 @@
 
 Each method here is the same definition as its whole-volume form, applied to every
 patch copy of the layer with that copy's gradient ``G_p = dF/dA_p`` of the stitched
-score (see :mod:`esegeta_engine.execution.patch_layer` for how copies combine):
+score (see :mod:`esegeta_engine.forward.patch_layer` for how copies combine):
 
 * **CAMs** (Grad-CAM, Grad-CAM++, XGrad-CAM, LayerCAM, HiResCAM): each copy's CAM
   with its own channel weights, ``m_p = relu(sum_k weigh(A_p, G_p)_k A_pk)``, stitched
@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from captum.attr._utils.approximation_methods import approximation_parameters
 
-from esegeta_engine.execution.patch_layer import patchwise_layer_map
+from esegeta_engine.forward.patch_layer import patchwise_layer_map
 from esegeta_engine.methods.registry import MethodContext
 
 Weigh = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -86,17 +86,21 @@ class PatchwiseConductance:
     ``cond_p = sum_k G_p(alpha_k) * (A_p(alpha_{k+1}) - A_p(alpha_k))`` over ``n_steps + 1`` path
     points ``b + alpha (x - b)``; one patch-wise backward per path point. Each copy's running sum and
     previous activation/gradient are kept between points (three copies of the layer's activations).
+    With ``influence``: internal influence (Leino et al. 2018), ``sum_k step_k G_p(alpha_k)`` over
+    ``n_steps`` points, as Captum's ``InternalInfluence``.
     """
 
-    def __init__(self, ctx: MethodContext, params: Mapping[str, Any], baselines: torch.Tensor) -> None:
-        self.ctx, self.p, self.baselines = ctx, params, baselines
+    def __init__(self, ctx: MethodContext, params: Mapping[str, Any], baselines: torch.Tensor,
+                 influence: bool = False) -> None:
+        self.ctx, self.p, self.baselines, self.influence = ctx, params, baselines, influence
 
     def attribute(self, inputs: torch.Tensor, target: int = 0, **_: Any) -> torch.Tensor:
         """Return the input-grid map; the exact total goes to ``ctx.extra``."""
         p, ctx = self.p, self.ctx
         n_steps = int(p["n_steps"])
-        _, alphas_func = approximation_parameters(p["method"])
-        alphas = alphas_func(n_steps + 1)
+        steps_func, alphas_func = approximation_parameters(p["method"])
+        alphas = alphas_func(n_steps if self.influence else n_steps + 1)
+        steps = steps_func(n_steps)
         prev: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
         acc: dict[tuple[int, int], torch.Tensor] = {}
         layer_input = p["attribute_to_layer_input"]
@@ -110,16 +114,21 @@ class PatchwiseConductance:
             def per_patch(a: torch.Tensor, g: torch.Tensor, items: list) -> torch.Tensor:
                 maps = []
                 for item, ai, gi in zip(items, a, g):
-                    if item in prev:
+                    if self.influence:
+                        acc[item] = acc.get(item, 0) + float(steps[k]) * gi
+                    elif item in prev:
                         pa, pg = prev[item]
                         acc[item] = acc.get(item, 0) + pg * (ai - pa)
-                    prev[item] = (ai, gi)
+                    if not self.influence:
+                        prev[item] = (ai, gi)
                     if last:
                         maps.append(reduce_channels(acc.pop(item, torch.zeros_like(ai))[None], reduce)[0])
                 return torch.stack(maps) if last else a[:, :1]
 
             point = base + float(alpha) * (x - base)
             out, total = patchwise_layer_map(ctx.score_model, ctx.layer, point, target, layer_input, per_patch,
-                                             "sum" if last else "none", "layer_conductance", ctx.layer_name)
+                                             "sum" if last else "none",
+                                             "internal_influence" if self.influence else "layer_conductance",
+                                             ctx.layer_name)
         ctx.extra["raw_attribution_sum"] = total
         return out

@@ -26,7 +26,10 @@ from captum.attr import (
 from captum.attr._core.lime import get_exp_kernel_similarity_function
 
 from esegeta_engine.errors import MethodError
+from esegeta_engine.methods import costs
 from esegeta_engine.methods._common import BASELINE_PARAM, MASK_PARAMS, feature_mask, make_baseline
+from esegeta_engine.methods.notes import add_note, notes_of
+from esegeta_engine.methods.reach import reach_filter
 from esegeta_engine.methods.registry import Attributor, Call, MethodContext, MethodSpec, Param, register
 
 PPE_PARAM = Param("perturbations_per_eval", "int", 4,
@@ -169,10 +172,32 @@ def _build_occlusion(ctx: MethodContext, params: Mapping[str, Any]) -> Call:
                           f"{list(window)} on some axis, which would skip voxels",
                           "give a stride no larger than the window on every axis")
     channels = ctx.inputs.shape[1]
+    reach = reach_filter(ctx.score_model, ctx.inputs)
+    if reach is not None:  # windows outside every patch the target reads cost no evaluation
+        return Call(_Reached(Occlusion(reach), reach, ctx), {
+            "sliding_window_shapes": (channels, *window), "strides": (channels, *stride),
+            "baselines": _baselines(ctx, params),
+            "perturbations_per_eval": params["perturbations_per_eval"], "show_progress": False})
     return Call(Occlusion(ctx.score_model), {
         "sliding_window_shapes": (channels, *window), "strides": (channels, *stride),
         "baselines": _baselines(ctx, params),
         "perturbations_per_eval": params["perturbations_per_eval"], "show_progress": False})
+
+
+class _Reached:
+    """Occlusion through a :class:`~esegeta_engine.methods.reach.ReachFilter`; reports the saving."""
+
+    def __init__(self, algorithm: Attributor, reach: Any, ctx: MethodContext) -> None:
+        self.algorithm, self.reach, self.ctx = algorithm, reach, ctx
+
+    def attribute(self, inputs: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        out = self.algorithm.attribute(inputs, *args, **kwargs)
+        self.ctx.extra["skipped_perturbations"] = self.reach.skipped
+        if self.reach.skipped:
+            add_note(notes_of(self.ctx), (
+                f"occlusion: {self.reach.skipped} of {self.reach.copies} windows lie outside every patch the "
+                "target reads and cost no evaluation (their score change is exactly 0)"))
+        return out
 
 
 def _mask_kwargs(ctx: MethodContext, params: Mapping[str, Any]) -> dict[str, Any]:
@@ -238,13 +263,15 @@ register(MethodSpec(
               "step between boxes in voxels, at most the window (default: the window)",
               minimum=1, maximum=4096),
         BASELINE_PARAM, PPE_PARAM),
-    build=_build_occlusion, reference="Zeiler & Fergus 2014; captum.attr.Occlusion"))
+    build=_build_occlusion, reference="Zeiler & Fergus 2014; captum.attr.Occlusion",
+    patchwise="perturbation", cost=costs.occlusion))
 
 register(MethodSpec(
     name="feature_ablation", family="perturbation", title="Feature Ablation",
     summary="replace one supervoxel at a time by the baseline; each voxel gets its supervoxel's score drop",
     params=(*MASK_PARAMS, BASELINE_PARAM, PPE_PARAM),
-    build=_build_feature_ablation, reference="captum.attr.FeatureAblation"))
+    build=_build_feature_ablation, reference="captum.attr.FeatureAblation",
+    patchwise="perturbation", cost=costs.ablation))
 
 register(MethodSpec(
     name="shapley_value_sampling", family="perturbation", title="Shapley Value Sampling",
@@ -252,7 +279,8 @@ register(MethodSpec(
     params=(*MASK_PARAMS, BASELINE_PARAM,
             _samples_param(8, "random supervoxel orderings (each costs one evaluation per supervoxel)"),
             PPE_PARAM),
-    build=_build_shapley, reference="Castro et al. 2009; captum.attr.ShapleyValueSampling"))
+    build=_build_shapley, reference="Castro et al. 2009; captum.attr.ShapleyValueSampling",
+    patchwise="perturbation", cost=costs.shapley))
 
 register(MethodSpec(
     name="feature_permutation", family="perturbation", title="Feature Permutation",
@@ -260,7 +288,7 @@ register(MethodSpec(
             "(several volumes or patches of the same shape given together)",
     params=(*MASK_PARAMS, PPE_PARAM),
     build=_build_permutation, needs_batch=True,
-    reference="Breiman 2001; Fisher et al. 2019; captum.attr.FeaturePermutation"))
+    reference="Breiman 2001; Fisher et al. 2019; captum.attr.FeaturePermutation", cost=costs.ablation))
 
 register(MethodSpec(
     name="kernel_shap", family="perturbation", title="KernelSHAP",
@@ -268,7 +296,8 @@ register(MethodSpec(
     params=(*MASK_PARAMS, BASELINE_PARAM,
             _samples_param(128, "random coalitions evaluated per input (more: closer to Shapley values)"),
             PPE_PARAM),
-    build=_build_kernel_shap, reference="Lundberg & Lee 2017; captum.attr.KernelShap"))
+    build=_build_kernel_shap, reference="Lundberg & Lee 2017; captum.attr.KernelShap",
+    patchwise="perturbation", cost=costs.sampled))
 
 register(MethodSpec(
     name="lime", family="perturbation", title="LIME",
@@ -279,4 +308,5 @@ register(MethodSpec(
                   "width of the exponential kernel on cosine distance weighting samples (larger: flatter)",
                   minimum=1e-3, maximum=1000.0),
             PPE_PARAM),
-    build=_build_lime, reference="Ribeiro et al. 2016; captum.attr.Lime"))
+    build=_build_lime, reference="Ribeiro et al. 2016; captum.attr.Lime",
+    patchwise="perturbation", cost=costs.sampled))

@@ -19,10 +19,14 @@ import torch
 from torch import nn
 
 from esegeta_engine.errors import MethodError
+from esegeta_engine.methods.behaviour import CostFn, CostInfo, OutputGrid, patchwise_mode
+
+__all__ = ["Call", "CostFn", "CostInfo", "MethodContext", "MethodSpec", "Param", "get_method", "list_methods",
+           "register"]
 
 Family = Literal["gradient", "perturbation", "layer", "visualisation"]
 ParamKind = Literal["int", "float", "bool", "str", "ints", "floats"]
-Patchwise = Literal["gradient", "perturbation", "whole"]
+Patchwise = str
 Axiom = Literal["completeness", "expected_completeness", "conservation"]
 """An identity a method's maps satisfy, checked on every map (:mod:`esegeta_engine.evaluation.axioms`):
 
@@ -37,17 +41,20 @@ Axiom = Literal["completeness", "expected_completeness", "conservation"]
     signed terms with the bias terms): no baseline; biases and stabilisers that absorb
     relevance show up as the error.
 """
-"""How a method runs under sliding-window (patch-based) execution:
+"""How a method runs under sliding-window execution: the name of a registered
+:class:`~esegeta_engine.methods.behaviour.PatchwiseMode`:
 
 ``gradient``
-    needs only gradients of the score function (saliency, IG, guided rules whose hooks sit on
-    modules and fire again when a patch is recomputed): runs with memory-bounded patch-wise backward.
+    gradients or rules propagated back from the output (saliency, IG, guided, DeepLIFT, LRP, CAMs on each
+    patch copy of a layer): hooks fire again as each patch is recomputed in the patch-wise backward.
 ``perturbation``
     evaluates perturbed copies of the input: unperturbed patch outputs are reused and only the
     patches a perturbation touches are recomputed.
 ``whole``
-    needs one forward pass of the whole input (hooks that store activations: layer methods,
-    DeepLIFT, CAMs): refused under sliding-window execution with a message naming the alternative.
+    needs one forward pass of the whole input (Eigen/Score/Ablation-CAM, FullGrad, feature visualisation,
+    some layer methods): refused under sliding-window execution with a message naming the alternative.
+
+or one that a patch-wise rule module registers.
 """
 
 
@@ -214,42 +221,6 @@ Builder = Callable[[MethodContext, Mapping[str, Any]], Call]
 
 
 @dataclass(frozen=True)
-class CostInfo:
-    """What a cost estimate may look at before a job runs (no model evaluation needed).
-
-    Attributes
-    ----------
-    batch : int
-        Inputs explained together (1 except for batch-only methods).
-    channels : int
-        Input channels.
-    spatial : tuple of int
-        Spatial size of the model input.
-    noise_tunnel_samples : int
-        Noisy copies when wrapped in a noise tunnel (1 otherwise).
-    patchwise : bool
-        The model runs as a sliding window (methods may batch differently).
-    n_features : int, optional
-        Supervoxels of the feature mask once it exists (``None``: estimate from params).
-    layer_channels : int or None
-        Channels of the chosen layer's activation (layer methods whose cost grows with
-        them: Score-CAM, Ablation-CAM); ``None`` when not known.
-    """
-
-    batch: int
-    channels: int
-    spatial: tuple[int, ...]
-    noise_tunnel_samples: int = 1
-    patchwise: bool = False
-    n_features: int | None = None
-    layer_channels: int | None = None
-
-
-CostFn = Callable[[CostInfo, Mapping[str, Any]], int]
-"""``cost(info, params) -> model evaluations`` the method makes (calls of the score model)."""
-
-
-@dataclass(frozen=True)
 class MethodSpec:
     """One attribution method as the registry knows it.
 
@@ -277,11 +248,18 @@ class MethodSpec:
         Can be wrapped in SmoothGrad / NoiseTunnel.
     reference : str
         Paper or library the method follows.
-    patchwise : {"gradient", "perturbation", "whole"}
-        How it runs under sliding-window execution (see :data:`Patchwise`).
+    patchwise : str
+        How it runs under sliding-window execution: a registered patch-wise mode (see
+        :mod:`~esegeta_engine.methods.behaviour`).
     cost : callable, optional
         ``cost(CostInfo, params) -> int``: model evaluations it will make, known before it
         runs (progress totals, ETA); ``None`` when it cannot be known in advance.
+    output_grid : {"input", "layer", "volume"}
+        Where its output lives (see :data:`~esegeta_engine.methods.behaviour.OutputGrid`).
+    explains_class : bool
+        Its output depends on the target class (false: one job per layer, named ``volume``).
+    evaluable : bool
+        Its output is an attribution that trust metrics and localisation apply to.
     axiom : {"completeness", "expected_completeness"}, optional
         The identity its maps satisfy (see :data:`Axiom`), checked on every map; ``None``
         when the method has none.
@@ -301,6 +279,16 @@ class MethodSpec:
     patchwise: Patchwise = "whole"
     cost: CostFn | None = None
     axiom: Axiom | None = None
+    output_grid: OutputGrid = "input"
+    explains_class: bool = True
+    evaluable: bool = True
+
+    def __post_init__(self) -> None:
+        try:
+            patchwise_mode(self.patchwise)
+        except KeyError:
+            raise ValueError(f"method {self.name!r}: unknown patch-wise mode {self.patchwise!r} "
+                             "(register it with methods.behaviour.register_patchwise_mode)") from None
 
     def param(self, name: str) -> Param:
         """Return the parameter called ``name``."""
@@ -374,25 +362,19 @@ _LOADED = False
 
 
 def _ensure_loaded() -> None:
-    # The family modules register their entries on import; the Captum-backed entries get
-    # their cost and patch-wise behaviour from one table (methods/costs.py).
+    # Every public module of this package is imported once: a method family registers its
+    # entries on import, so a new family is one new module and nothing else to list.
     global _LOADED
     if _LOADED:
         return
-    from esegeta_engine.methods import (  # noqa: F401
-        cam, cam_score, excitation, extremal, featvis, fullgrad, gradient, layer, lrp, perturbation, rise)
-    from esegeta_engine.methods.costs import COSTS, PATCHWISE
+    import importlib
+    import pkgutil
 
-    import dataclasses
+    import esegeta_engine.methods as package
 
-    for name, spec in list(_REGISTRY.items()):
-        changes: dict[str, Any] = {}
-        if spec.cost is None and name in COSTS:
-            changes["cost"] = COSTS[name]
-        if name in PATCHWISE and spec.patchwise == "whole":
-            changes["patchwise"] = PATCHWISE[name]
-        if changes:
-            _REGISTRY[name] = dataclasses.replace(spec, **changes)
+    for info in pkgutil.iter_modules(package.__path__):
+        if not info.name.startswith("_"):
+            importlib.import_module(f"{package.__name__}.{info.name}")
     _LOADED = True
 
 

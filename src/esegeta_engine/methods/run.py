@@ -118,7 +118,7 @@ def attribute(
     result = result.detach()
     raw = ctx.extra.pop("raw_attribution_sum", None)  # patch-wise layer methods: every copy's total
     ctx.extra["attribution_sum"] = raw.double().cpu() if raw is not None else result.flatten(1).sum(1).double().cpu()
-    if spec.family == "layer":
+    if spec.output_grid == "layer":
         result = _layer_to_input_grid(result, ctx, params)
     return result.float()
 
@@ -175,6 +175,11 @@ def _layer_to_input_grid(
             result = result.mean(dim=1, keepdim=True)
     elif result.dim() == 2:  # a linear layer (N, features): no spatial grid to map to
         return result
+    net = getattr(getattr(ctx.score_model, "net", None), "model", None)
+    to_input = getattr(net, "layer_map_to_input", None)  # e.g. nnU-Net's network grid -> the scan
+    mapped = to_input(ctx.layer_name, result) if callable(to_input) and result.dim() == ctx.inputs.dim() else None
+    if mapped is not None:
+        return mapped
     if params.get("upsample", True) and result.dim() == ctx.inputs.dim():
         size = tuple(ctx.inputs.shape[2:])
         if tuple(result.shape[2:]) != size:

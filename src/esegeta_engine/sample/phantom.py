@@ -271,6 +271,8 @@ def save_phantom_nifti(
     """
     import nibabel as nib
 
+    from esegeta_engine.io import atomic_write
+
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     ph = make_phantom(shape=shape, seed=seed)
@@ -280,5 +282,6 @@ def save_phantom_nifti(
         img.set_qform(ph.affine, code=1)
         img.set_sform(ph.affine, code=1)
         img.header.set_xyzt_units("mm", "sec")
-        nib.save(img, str(path))
+        with atomic_write(path) as tmp:
+            nib.save(img, str(tmp))
     return paths

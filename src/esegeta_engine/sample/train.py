@@ -25,6 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from esegeta_engine.io import atomic_write, write_text
 from esegeta_engine.sample.nets import TinyClassifier2D, UNet
 from esegeta_engine.sample.phantom import make_phantom, make_phantom_2d, minmax_normalise
 
@@ -175,10 +176,11 @@ def evaluate_classifier(model: TinyClassifier2D) -> dict[str, Any]:
 
 def _save(model: torch.nn.Module, out: Path, stem: str) -> dict[str, str]:
     state, script = f"{stem}.state.pt", f"{stem}.torchscript.pt"
-    torch.save(model.state_dict(), out / state)
-    with warnings.catch_warnings():  # TorchScript is shipped on purpose
+    with atomic_write(out / state) as tmp:
+        torch.save(model.state_dict(), tmp)
+    with warnings.catch_warnings(), atomic_write(out / script) as tmp:  # TorchScript is shipped on purpose
         warnings.filterwarnings("ignore", "`torch.jit", DeprecationWarning)
-        torch.jit.script(model.eval()).save(str(out / script))
+        torch.jit.script(model.eval()).save(str(tmp))
     return {"state": state, "torchscript": script}
 
 
@@ -243,7 +245,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "total_time_s": round(time.perf_counter() - t0, 1),
         "models": {"unet3d_vessels": unet_info, "classifier2d": cls_info},
     }
-    (args.out / "sample_info.json").write_text(json.dumps(info, indent=2) + "\n")
+    write_text(json.dumps(info, indent=2) + "\n", args.out / "sample_info.json")
     print(f"wrote {args.out} in {info['total_time_s']:.0f}s")
     return info
 

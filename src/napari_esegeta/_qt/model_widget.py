@@ -24,7 +24,7 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from esegeta_engine.errors import EsegetaError, PickledModuleError
+from esegeta_engine.errors import BundleTrustError, EsegetaError, PickledModuleError
 from napari_esegeta import _model as M
 from napari_esegeta._geometry import copy_geometry
 from napari_esegeta._layers import is_input_layer, prediction_layer_data
@@ -56,6 +56,10 @@ class ModelWidget(QWidget):
         path_row = QHBoxLayout()
         path_row.addWidget(self.path_edit)
         path_row.addWidget(browse)
+        folder = QPushButton("Folder…")
+        folder.setToolTip("an nnU-Net v2 results folder or a MONAI bundle (recognised by its files)")
+        folder.clicked.connect(self._browse_folder)
+        path_row.addWidget(folder)
         self.class_edit = QLineEdit()
         self.class_edit.setPlaceholderText("package.module:Class (state dicts only)")
         self.kwargs_edit = QPlainTextEdit()
@@ -132,6 +136,16 @@ class ModelWidget(QWidget):
         if path:
             self.path_edit.setText(path)
 
+    def _browse_folder(self) -> None:
+        from esegeta_engine.models import detect_source
+
+        path = QFileDialog.getExistingDirectory(self, "nnU-Net results folder or MONAI bundle")
+        if path:
+            self.path_edit.setText(path)
+            kind = {"nnunet": "nnU-Net v2 results folder", "bundle": "MONAI bundle"}.get(detect_source(path) or "")
+            set_status(self.status, f"{kind}: click Load." if kind else
+                       "Neither an nnU-Net results folder nor a MONAI bundle.", "ok" if kind else "error")
+
     def request(self) -> M.ModelRequest:
         """The :class:`~napari_esegeta._model.ModelRequest` of the form (raises EsegetaError)."""
         return M.ModelRequest(
@@ -186,8 +200,8 @@ class ModelWidget(QWidget):
 
         def work() -> Any:
             try:
-                return req, M.load_request(req)
-            except PickledModuleError as exc:  # only the user can decide to run its code
+                return M.load_request_pair(req)
+            except (PickledModuleError, BundleTrustError) as exc:  # only the user can decide to run its code
                 return req, exc
             except Exception as exc:  # shown in the widget, never a traceback
                 return req, RunError(M.format_error(exc))
@@ -203,6 +217,11 @@ class ModelWidget(QWidget):
         if isinstance(model, PickledModuleError):
             if confirm_pickled(self, req.path):
                 self.load(dataclasses.replace(req, trust_pickled=True))
+                return
+            model = RunError(M.format_error(model))
+        if isinstance(model, BundleTrustError):
+            if confirm_pickled(self, req.path, what="a MONAI bundle whose config runs Python code"):
+                self.load(dataclasses.replace(req, trust_bundle=True))
                 return
             model = RunError(M.format_error(model))
         if isinstance(model, RunError):
@@ -285,11 +304,11 @@ class ModelWidget(QWidget):
         set_status(self.status, f"Prediction added: {int((labels > 0).sum()):,} foreground voxels.", "ok")
 
 
-def confirm_pickled(parent: QWidget | None, path: str) -> bool:
-    """Ask whether to load the pickled module at ``path``, naming the file; ``False`` unless confirmed."""
+def confirm_pickled(parent: QWidget | None, path: str, what: str = "a pickled PyTorch module") -> bool:
+    """Ask whether to load the model at ``path`` whose loading runs code, naming it; ``False`` unless confirmed."""
     answer = QMessageBox.warning(
-        parent, "Run code from this model file?",
-        f"{path}\n\nis a pickled PyTorch module: loading it runs Python code stored in the file, "
+        parent, "Run code from this model?",
+        f"{path}\n\nis {what}: loading it runs Python code stored in it, "
         "with your rights. Load it only if you trust where it came from.\n\nLoad this file?",
         QMessageBox.StandardButton.Yes | QMessageBox.StandardButton.No, QMessageBox.StandardButton.No)
     return answer == QMessageBox.StandardButton.Yes

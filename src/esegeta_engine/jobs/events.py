@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from esegeta_engine.execution.plan import Job
+from esegeta_engine.jobs.plan import Job
 from esegeta_engine.methods import MethodContext
 
 

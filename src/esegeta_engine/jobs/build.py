@@ -9,7 +9,7 @@ from esegeta_engine import targets as T
 from esegeta_engine.channel_target import LayerChannelTarget
 from esegeta_engine.config import TargetConfig
 from esegeta_engine.errors import MethodError, TargetError
-from esegeta_engine.execution.runner import ExecutionForm
+from esegeta_engine.forward.runner import ExecutionForm
 from esegeta_engine.preprocess import AxisOrder, Geometry
 
 

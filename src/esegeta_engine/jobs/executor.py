@@ -1,7 +1,8 @@
 """The executor: one planned job on the model's device -> its events.
 
-:class:`JobExecutor` is mixed into :class:`~esegeta_engine.explain.Explainer`: it builds the
-job's score model with the one factory, refuses methods that cannot run in the execution
+:class:`JobExecutor` runs the jobs of one :class:`~esegeta_engine.explain.Explainer` (the model,
+its preprocessing and execution form, reached through the explainer's public methods): it builds
+the job's score model with the one factory, refuses methods that cannot run in the execution
 form (hook-based methods under sliding windows), runs the method (in a worker thread for GUIs
 or in the caller's thread), redoes a non-finite reduced-precision map in fp32, computes the
 per-map metrics and brings maps back to the scan's voxel grid.
@@ -9,57 +10,79 @@ per-map metrics and brings maps back to the scan's voxel grid.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Callable, Generator, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from esegeta_engine import targets as T
+from esegeta_engine.advice import precision_clash
 from esegeta_engine.channel_target import LayerChannelTarget
 from esegeta_engine.errors import Cancelled, EsegetaError, MethodError, MethodTimeout, error_reason
-from esegeta_engine.execution.build import _is_oom, memory_error
-from esegeta_engine.execution.events import Event, Evaluator, JobFailed, MapReady, Progress, RunState, _of
-from esegeta_engine.execution.plan import Job
-from esegeta_engine.execution.refusal import refusal
+from esegeta_engine.jobs.build import _is_oom, memory_error
+from esegeta_engine.jobs.events import Event, Evaluator, JobFailed, MapReady, Progress, RunState, _of
+from esegeta_engine.jobs.plan import Job
+from esegeta_engine.jobs.refusal import refusal
 from esegeta_engine.methods import MethodContext, attribute
+from esegeta_engine.methods.behaviour import patchwise_mode
 from esegeta_engine.models import get_layer, is_torchscript
 from esegeta_engine.preprocess import Geometry
-from esegeta_engine.scoring import EvaluationMonitor, ScoreModel
+from esegeta_engine.forward.scoring import EvaluationMonitor, ScoreModel
 from esegeta_engine.shared_gradients import shared_component_map
 from esegeta_engine.timebudget import job_refusal
 from esegeta_engine.watchdog import Abandoned, watch
+
+if TYPE_CHECKING:  # pragma: no cover
+    from esegeta_engine.explain import Explainer
 
 log = logging.getLogger("esegeta_engine")
 
 
 class JobExecutor:
-    """Runs one job (mixed into :class:`~esegeta_engine.explain.Explainer`)."""
+    """Runs planned jobs of one explainer, one at a time, each on its own copy of the input.
 
-    def _run_job(self, job: Job, x: torch.Tensor, target: T.Target, support: torch.Tensor | None,
+    Parameters
+    ----------
+    explainer : Explainer
+        The model session: model, seed, time limit, preprocessing, score-model factory.
+    """
+
+    def __init__(self, explainer: Explainer) -> None:
+        self.explainer = explainer
+
+    def run(self, job: Job, x: torch.Tensor, target: T.Target, support: torch.Tensor | None,
                  monitor: EvaluationMonitor, done: int, total: int, evaluators: Sequence[Evaluator] = (),
                  threaded: bool = True, on_progress: Callable[[Progress], None] | None = None,
                  state: RunState | None = None, geometry: Geometry | None = None,
                  ) -> Generator[Event, None, None]:
-        """Execute one job on the model's device (the executor), yielding its events."""
+        """Execute one job on the model's device, yielding its events.
+
+        The job works on its own copy of ``x`` (no gradient flag, no graph): whatever a
+        failing method did to its input (``requires_grad_``, in-place edits) cannot reach
+        the next job.
+        """
+        ex = self.explainer
+        x = x.detach().clone()
         state = state or RunState(None)
         monitor = monitor.for_job()  # an abandoned job keeps its own (aborted) monitor
-        refused = job_refusal(self, job, x, target, support)
+        refused = job_refusal(ex, job, x, target, support)
         if refused is not None:  # its expected cost cannot fit in the time limit
             log.warning("%s · %s: %s", job.label, job.cls_label, refused)
             yield JobFailed(job, "timeout", refused, 0.0, 0)
             return
         holder: dict[str, Any] = {"notes": []}
-        precision = self.form_for(x).precision
+        precision = ex.form_for(x).precision
 
         def attempt(prec: str) -> tuple[torch.Tensor, MethodContext, ScoreModel]:
-            score_model = self.make_score_model(target, x, monitor, support=support, precision=prec)
+            score_model = ex.make_score_model(target, x, monitor, support=support, precision=prec)
             ctx = MethodContext(
-                score_model=score_model, inputs=x, target=job.cls, seed=self.seed,
-                layer=get_layer(self.model, job.layer) if job.layer else None, layer_name=job.layer,
-                torchscript=is_torchscript(self.model),
+                score_model=score_model, inputs=x, target=job.cls, seed=ex.seed,
+                layer=get_layer(ex.model, job.layer) if job.layer else None, layer_name=job.layer,
+                torchscript=is_torchscript(ex.model),
                 extra={"patchwise": score_model.patchwise, "notes": holder["notes"]},
             )
             refused = refusal(job.spec, "channel" if isinstance(target, LayerChannelTarget) else "",
@@ -69,14 +92,10 @@ class JobExecutor:
             shared = shared_component_map(job, target, score_model, x, holder["notes"])
             if shared is not None:  # k components: one forward pass, k backward passes
                 return shared, ctx, score_model
-            runner = score_model.runner
-            if score_model.patchwise and job.spec.patchwise == "perturbation":
-                runner.set_base(x)  # unperturbed patch outputs are reused by every perturbation
-            try:
+            mode = patchwise_mode(job.spec.patchwise)
+            around = mode.around(score_model.runner, x) if score_model.patchwise else contextlib.nullcontext()
+            with around:
                 return attribute(job.spec, ctx, job.params, job.noise_tunnel), ctx, score_model
-            finally:
-                if score_model.patchwise:
-                    runner.set_base(None)
 
         def work() -> None:
             try:
@@ -88,13 +107,16 @@ class JobExecutor:
                     raise
                 except Exception as exc:
                     if _is_oom(exc):
-                        raise memory_error(tuple(x.shape), self.form_for(x)) from None
+                        raise memory_error(tuple(x.shape), ex.form_for(x)) from None
+                    clash = precision_clash(exc, precision)  # a dtype clash names the precision
+                    if clash is not None:
+                        raise clash from None
                     raise
                 if precision != "fp32" and not bool(torch.isfinite(result).all()):
                     holder["notes"].append(f"map turned non-finite in {precision}: redone in fp32")
                     log.warning("%s · %s: non-finite map in %s, redoing in fp32", job.label, job.cls_label,
                                 precision)
-                    monitor.start(self.timeout_s)
+                    monitor.start(ex.timeout_s)
                     result, ctx, sm = attempt("fp32")
                     holder["precision"] = "fp32"
                 holder["result"] = result
@@ -110,7 +132,7 @@ class JobExecutor:
             except Exception as exc:  # cancelled while evaluating: the map itself is kept
                 holder["metrics_error"] = exc
 
-        monitor.start(self.timeout_s)
+        monitor.start(ex.timeout_s)
         start = time.perf_counter()
         if not threaded:  # progress through the callback only (called from the model thread)
             def report(n: int) -> None:
@@ -123,7 +145,7 @@ class JobExecutor:
         # forward pass that never returns (the job is then abandoned; see esegeta_engine.watchdog)
         last = -1
         try:
-            for _ in watch(work, abort=monitor.abort, timeout_s=self.timeout_s,
+            for _ in watch(work, abort=monitor.abort, timeout_s=ex.timeout_s,
                            what=f"{job.label} · {job.cls_label}"):
                 if threaded and monitor.count != last:
                     last = monitor.count
@@ -145,6 +167,9 @@ class JobExecutor:
             else:
                 metrics = holder.get("metrics") or [{} for _ in maps]
                 form = dict(holder.get("form") or {})
+                describe = getattr(self.explainer.model, "describe_execution", None)  # a deployed pipeline's own window
+                if callable(describe):
+                    form.update(describe())
                 if "precision" in holder:
                     form["precision_fallback"] = f"{precision} -> fp32"
                 for vol, arr, met in zip(job.volumes, maps, metrics):
@@ -197,12 +222,12 @@ class JobExecutor:
                 "choose a convolutional layer (see `esegeta layers MODEL`)",
             )
         _check_finite(result, job)
-        geometry = geometry or Geometry(self.preprocess.axis_order)
+        geometry = geometry or Geometry(self.explainer.preprocess.axis_order)
         maps = []
         for i in range(result.shape[0]):
             r = result[i].cpu().numpy()
             # input-grid maps share one map over the input channels; optimised volumes keep theirs
-            volume = job.spec.family == "visualisation" and r.shape[0] > 1
+            volume = job.spec.output_grid == "volume" and r.shape[0] > 1
             arr = r.sum(0) if (r.shape[0] in (x.shape[1], 1) and not volume) else np.moveaxis(r, 0, -1)
             maps.append(geometry.to_nifti(arr).astype(np.float32))
         return maps

@@ -13,8 +13,9 @@ three properties the attribution methods need:
   :class:`_PatchwiseFunction`: the forward runs without a graph, and the backward
   recomputes one patch batch at a time with gradients, back-propagating that batch's
   blended share of the upstream gradient. Only one patch batch's graph is alive at a
-  time; the result equals autograd through the whole function. Module hooks (guided
-  rules) fire again during the recomputation, so hook-based gradient rules work.
+  time; the result equals autograd through the whole function. Module hooks fire again
+  during the recomputation, so rule-based methods (guided, DeepLIFT, LRP, excitation,
+  layer methods via ``on_backward_chunk``: :mod:`.patch_layer`) run patch-wise exactly.
 - **Perturbations recompute only what they touch.** Without gradients, inputs that
   differ from the unperturbed input in a few patches reuse the cached unperturbed
   patch outputs and recompute only the changed patches, batched across perturbed
@@ -23,11 +24,9 @@ three properties the attribution methods need:
 Patches whose output the target never reads (outside an ROI or voxel target's
 support) are skipped altogether (``support``).
 
-**Paired batches.** DeepLIFT's rules compare every module's input and output with
-those of the reference input, which Captum runs in the same batch (inputs first,
-references second). With ``paired = True`` each patch batch holds the same patches
-of both halves in that order (``sw_batch_size`` patches of each), so those rules see
-matching patch pairs; the stitched outputs are unchanged.
+**Paired batches.** DeepLIFT's rules compare each module's input and output with the
+reference's, run in the same batch (inputs first, references second): with ``paired``
+each patch batch holds the same patches of both halves in that order.
 """
 
 from __future__ import annotations
@@ -178,7 +177,6 @@ class SlidingWindow(nn.Module):
         self.patch_evaluations = 0
         self.paired = False  # batch halves are (inputs, references): pair their patches in each batch
         # called after each patch batch of the patch-wise backward with its (example, patch) items
-        # (layer methods read the patch's layer activation and gradient there: execution/patch_layer.py)
         self.on_backward_chunk: Callable[[list[tuple[int, int]], WindowGrid], None] | None = None
         self.recomputing = False  # True during the forward recomputation of a patch batch in backward
         self._grids: dict[tuple[int, ...], WindowGrid] = {}
@@ -201,20 +199,12 @@ class SlidingWindow(nn.Module):
         return grid.patches_overlapping(self.support)
 
     def chunks(self, n: int, grid: WindowGrid) -> list[list[tuple[int, int]]]:
-        """The ``(example, patch)`` items of each patch batch for a batch of ``n`` inputs.
-
-        ``sw_batch_size`` items per batch; when :attr:`paired`, each batch holds items of the
-        first half followed by the same patches of the second half.
-        """
-        active = self.active_patches(grid)
-        bs = self.settings.sw_batch_size
-        if self.paired and n % 2 == 0:
-            half = n // 2
-            first = [(b, p) for b in range(half) for p in active]
-            return [first[i:i + bs] + [(b + half, p) for b, p in first[i:i + bs]]
-                    for i in range(0, len(first), bs)]
-        items = [(b, p) for b in range(n) for p in active]
-        return [items[i:i + bs] for i in range(0, len(items), bs)]
+        """``(example, patch)`` items of each patch batch (``paired``: first half's, then the same of the second)."""
+        active, bs = self.active_patches(grid), self.settings.sw_batch_size
+        half = n // 2 if self.paired and n % 2 == 0 else n
+        items = [(b, p) for b in range(half) for p in active]
+        return [items[i:i + bs] + ([(b + half, p) for b, p in items[i:i + bs]] if half < n else [])
+                for i in range(0, len(items), bs)]
 
     # -- evaluation ------------------------------------------------------------------------
     def run_patches(self, patches: torch.Tensor, *, grad: bool = False) -> torch.Tensor:

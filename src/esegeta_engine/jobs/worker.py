@@ -2,8 +2,8 @@
 
 Everything a job needs travels as a small picklable :class:`JobSpec` (paths,
 hashes and config dumps, never arrays or models); the worker loads the model
-once per process and keeps it (:data:`_MODELS`, keyed by path, file hash and
-device), so a worker that runs many jobs of one model reads its weights once.
+once per process (and thread) and keeps it (:data:`_MODELS`, keyed by path, file hash,
+device and thread), so a worker that runs many jobs of one model reads its weights once.
 The result travels back as a :class:`JobOutcome` holding the map (float32, in
 NIfTI order) and the per-map metrics.
 """
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import socket
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +23,7 @@ from torch import nn
 
 from esegeta_engine.errors import EsegetaError
 
-_MODELS: dict[tuple[str, str, str], nn.Module] = {}
+_MODELS: dict[tuple[str, str, str, str], nn.Module] = {}
 TRACE_ENV = "ESEGETA_COHORT_TRACE"
 """Environment variable naming a folder: each job start then leaves an empty file
 ``<key>.<pid>.<ns>`` there (a debugging aid that shows which jobs ran where and how often)."""
@@ -61,6 +62,7 @@ class JobOutcome:
     error: str | None = None
     worker: str = ""
     device: str = ""
+    target_label: str = ""
 
 
 def worker_device(default: str) -> str:
@@ -77,7 +79,8 @@ def cached_model(model: dict[str, Any], sha: str, device: str) -> nn.Module:
     """The model of ``model`` (a ModelConfig dump) on ``device``, loaded once per process."""
     from esegeta_engine.models import load_model
 
-    memo = (str(model["path"]), sha, device)
+    # one copy per thread: the threads of a device pool never share a module (model_guard and hooks)
+    memo = (str(model["path"]), sha, device, threading.current_thread().name)
     if memo not in _MODELS:
         _MODELS[memo] = load_model(model["path"], format=model.get("format", "auto"),
                                    class_path=model.get("class_path"), kwargs=model.get("kwargs") or {},
@@ -92,18 +95,19 @@ def _trace(key: str) -> None:
         (Path(folder) / f"{key}.{os.getpid()}.{time.time_ns()}").touch()
 
 
-def execute_job(spec: JobSpec) -> JobOutcome:
+def execute_job(spec: JobSpec, device: str | None = None, cancel: threading.Event | None = None) -> JobOutcome:
     """Run one job and return its outcome; user errors become a ``failed`` outcome, never an exception.
 
     Only the death of the process (or a bug in this function) makes a job
-    end without an outcome; executors handle that.
+    end without an outcome; executors handle that. ``device`` overrides the model's (a
+    device pool's thread); ``cancel`` stops the job at its next model evaluation.
     """
     _trace(spec.key)
-    device = worker_device(spec.model.get("device", "cpu"))
-    where = f"{socket.gethostname()}:{os.getpid()}"
+    device = device or worker_device(spec.model.get("device", "cpu"))
+    where = f"{socket.gethostname()}:{os.getpid()}" + (f":{device}" if device.startswith("cuda") else "")
     start = time.perf_counter()
     try:
-        return _run(spec, device, where, start)
+        return _run(spec, device, where, start, cancel)
     except EsegetaError as exc:
         return JobOutcome(spec.key, "failed", error=str(exc), seconds=time.perf_counter() - start,
                           worker=where, device=device)
@@ -112,16 +116,18 @@ def execute_job(spec: JobSpec) -> JobOutcome:
                           seconds=time.perf_counter() - start, worker=where, device=device)
 
 
-def _run(spec: JobSpec, device: str, where: str, start: float) -> JobOutcome:
+def _run(spec: JobSpec, device: str, where: str, start: float, cancel: threading.Event | None) -> JobOutcome:
     from esegeta_engine.config import parse_config
     from esegeta_engine.evaluation.evaluators import make_evaluators, scalar_metrics
     from esegeta_engine.explain import Explainer, JobFailed, MapReady
-    from esegeta_engine.pipeline import load_inputs, load_mask_on_grid
+    from esegeta_engine.inputs import load_inputs, load_mask_on_grid
 
     model_cfg = {k: v for k, v in spec.model.items() if k != "name"}
     target = {**spec.target, "classes": [spec.cls]}
     if spec.roi is not None:
         target["roi_mask"] = spec.roi
+    if target.get("kind") == "outcome" and spec.ground_truth is not None:  # this subject's ground truth
+        target["ground_truth"] = spec.ground_truth
     cfg = parse_config({"model": {**model_cfg, "device": device}, "volumes": [spec.volume],
                         "preprocess": spec.preprocess, "target": target, "methods": [spec.method],
                         "run": spec.run, "evaluation": spec.evaluation, "execution": spec.execution},
@@ -132,7 +138,7 @@ def _run(spec: JobSpec, device: str, where: str, start: float) -> JobOutcome:
                           timeout_s=cfg.run.timeout_s, execution=cfg.execution)
     evaluators = make_evaluators(cfg.evaluation, cfg.run.seed)
     for event in explainer.iter_explain(volumes, cfg.methods, roi_mask=roi, evaluators=evaluators,
-                                        threaded=False):
+                                        threaded=False, cancel=cancel):
         if isinstance(event, MapReady):
             metrics = scalar_metrics(event.metrics)
             if spec.ground_truth is not None:
@@ -140,10 +146,12 @@ def _run(spec: JobSpec, device: str, where: str, start: float) -> JobOutcome:
                                          "ground-truth mask")
                 metrics.update(_localisation(event.array, mask))
             return JobOutcome(spec.key, "ok", event.array, metrics, event.seconds, event.evaluations,
-                              event.inputs_evaluated, worker=where, device=device)
+                              event.inputs_evaluated, worker=where, device=device,
+                              target_label=event.job.cls_label)
         if isinstance(event, JobFailed):
             return JobOutcome(spec.key, event.status, error=event.error, seconds=event.seconds,
-                              evaluations=event.evaluations, worker=where, device=device)
+                              evaluations=event.evaluations, worker=where, device=device,
+                              target_label=event.job.cls_label)
     return JobOutcome(spec.key, "failed", error="the method produced no map", worker=where, device=device,
                       seconds=time.perf_counter() - start)
 

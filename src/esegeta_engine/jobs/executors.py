@@ -1,6 +1,11 @@
-"""Executors: who runs the cohort's jobs. Same jobs, same function, same results whichever.
+"""Executors: who runs the jobs. Same jobs, same function, same results whichever.
+
+Every executor has one seam, ``map(specs) -> outcomes`` (and ``close``), over picklable
+:class:`~esegeta_engine.jobs.worker.JobSpec` s run by :func:`~esegeta_engine.jobs.worker.execute_job`.
 
 * ``inline``: in this process, one job after another.
+* ``pool``: in this process, one thread per device of ``cohort.devices`` (each device runs one
+  job at a time; GPU work releases the GIL), no Dask needed.
 * ``local``: a :class:`distributed.LocalCluster` of worker processes, one thread
   each: N CPU workers, or one worker per device of ``cohort.devices`` (that
   device set in the worker).
@@ -17,29 +22,95 @@ governs (Dask's default allows 3).
 from __future__ import annotations
 
 import logging
+import queue
+import threading
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from esegeta_engine.cohort.config import CohortSection
-from esegeta_engine.cohort.worker import JobOutcome, JobSpec, execute_job
+if TYPE_CHECKING:  # pragma: no cover
+    from esegeta_engine.cohort.config import CohortSection
+from esegeta_engine.jobs.worker import JobOutcome, JobSpec, execute_job
 from esegeta_engine.errors import ConfigError
 
 log = logging.getLogger("esegeta_engine")
 
 
 class InlineExecutor:
-    """Run jobs in this process, in plan order."""
+    """Run jobs in this process, in plan order; ``cancel`` stops the job in flight and the rest."""
 
     name = "inline"
     description = "inline (this process)"
 
+    def __init__(self, cancel: threading.Event | None = None) -> None:
+        self.cancel = cancel
+
     def map(self, specs: Sequence[JobSpec]) -> Iterator[JobOutcome]:
         """Yield each job's outcome as it finishes."""
         for spec in specs:
-            yield execute_job(spec)
+            if self.cancel is not None and self.cancel.is_set():
+                return
+            yield execute_job(spec, cancel=self.cancel)
 
     def close(self) -> None:
         """Nothing to release."""
+
+
+class DevicePool:
+    """One worker thread per device, each running one job at a time on its device (in this process).
+
+    Parameters
+    ----------
+    devices : list of str
+        Devices, e.g. ``["cuda:0", "cuda:1"]`` (``["cpu"]`` runs inline in a thread).
+    cancel : threading.Event, optional
+        Stops the jobs in flight at their next model evaluation; no job starts after it.
+    """
+
+    name = "pool"
+
+    def __init__(self, devices: Sequence[str], cancel: threading.Event | None = None) -> None:
+        self.devices = list(devices)
+        self.cancel = cancel or threading.Event()
+        self.description = f"pool ({len(self.devices)} device threads: {', '.join(self.devices)})"
+
+    def map(self, specs: Sequence[JobSpec]) -> Iterator[JobOutcome]:
+        """Start one thread per device pulling jobs in plan order; yield outcomes as they complete."""
+        todo: queue.Queue[JobSpec] = queue.Queue()
+        for spec in specs:
+            todo.put(spec)
+        done: queue.Queue[JobOutcome | None] = queue.Queue()
+        stop = threading.Event()  # closed early: no thread takes another job
+
+        def work(device: str) -> None:
+            try:
+                while not (self.cancel.is_set() or stop.is_set()):
+                    try:
+                        spec = todo.get_nowait()
+                    except queue.Empty:
+                        return
+                    done.put(execute_job(spec, device=device, cancel=self.cancel))
+            finally:
+                done.put(None)  # this device is finished
+
+        threads = [threading.Thread(target=work, args=(d,), name=f"esegeta-{d}", daemon=True)
+                   for d in self.devices]
+        for t in threads:
+            t.start()
+        running = len(threads)
+        try:
+            while running:
+                outcome = done.get()
+                if outcome is None:
+                    running -= 1
+                else:
+                    yield outcome
+        finally:
+            stop.set()
+            for t in threads:
+                t.join()
+
+    def close(self) -> None:
+        """Nothing to release (the threads end with :meth:`map`)."""
 
 
 def _worker_plugin(devices: list[str] | None, threads: int | None) -> Any:
@@ -140,10 +211,13 @@ def connect(address: str, timeout_s: float = 5.0) -> DaskExecutor:
     Raises
     ------
     ConfigError
-        Within about ``timeout_s`` when nothing answers at ``address``.
+        At once for a malformed address; within about ``timeout_s`` when nothing answers at ``address``.
     """
     from distributed import Client
 
+    from esegeta_engine.cohort.scheduler_address import check_scheduler_address
+
+    address = check_scheduler_address(address)  # a malformed one never reaches Client (10 s hang)
     try:
         client = Client(address, timeout=f"{timeout_s}s", set_as_default=False)
     except (OSError, TimeoutError, ValueError) as exc:
@@ -156,11 +230,14 @@ def connect(address: str, timeout_s: float = 5.0) -> DaskExecutor:
     return DaskExecutor(client, None, "dask")
 
 
-def make_executor(section: CohortSection, kind: str | None = None) -> InlineExecutor | DaskExecutor:
+def make_executor(section: CohortSection, kind: str | None = None, cancel: threading.Event | None = None,
+                  ) -> InlineExecutor | DevicePool | DaskExecutor:
     """The executor named by ``kind`` (or ``section.executor``), connected and ready."""
     kind = kind or section.executor
     if kind == "inline":
-        return InlineExecutor()
+        return InlineExecutor(cancel)
+    if kind == "pool":
+        return DevicePool(section.devices or ["cpu"], cancel)
     if kind == "local":
         return start_local(section.workers, section.devices)
     if kind == "dask":
@@ -168,4 +245,4 @@ def make_executor(section: CohortSection, kind: str | None = None) -> InlineExec
             raise ConfigError("executor 'dask' needs a scheduler address",
                               "set cohort.scheduler or pass --scheduler tcp://host:8786")
         return connect(section.scheduler, section.connect_timeout_s)
-    raise ConfigError(f"unknown executor {kind!r}", "use inline, local or dask")
+    raise ConfigError(f"unknown executor {kind!r}", "use inline, pool, local or dask")

@@ -3,7 +3,7 @@
 :func:`make_score_model` is the one factory every caller uses (explain, evaluation,
 randomisation, the plugin): it puts the execution form between the user's model
 and the target — whole-volume (padded to sizes the network takes, cropped back) or
-sliding-window (patch-wise, see :mod:`esegeta_engine.execution.sliding`) — and
+sliding-window (patch-wise, see :mod:`esegeta_engine.forward.sliding`) — and
 mixed precision (autocast around the network only; targets and gradients stay fp32).
 
 Every model evaluation of every method goes through :class:`ScoreModel`,
@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from esegeta_engine.errors import Cancelled, MethodTimeout
-from esegeta_engine.execution.runner import ExecutionForm, build_runner
+from esegeta_engine.forward.runner import ExecutionForm, build_runner
 from esegeta_engine.models import OutputSelector
 from esegeta_engine.targets import Target
 
@@ -126,6 +126,9 @@ class ScoreModel(nn.Module):
         # the user's model is reachable through one child only: hook-based methods walk the
         # module tree (``Module.apply``) and must meet each of its modules once
         self.runner = build_runner(OutputSelector(model, output), self.form, self.monitor)
+        bind = getattr(model, "bind_monitor", None)  # a deployed pipeline's own patches count and cancel
+        if callable(bind):
+            bind(self.monitor.patch_batch)
 
     @property
     def net(self) -> OutputSelector:
@@ -172,6 +175,6 @@ def make_score_model(
         Counting, cancellation and deadline.
     form : ExecutionForm, optional
         Whole volume or sliding window, padding, precision (see
-        :func:`esegeta_engine.execution.runner.execution_form`).
+        :func:`esegeta_engine.forward.runner.execution_form`).
     """
     return ScoreModel(model, target, output, monitor, form)

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from esegeta_engine.errors import MethodError
-from esegeta_engine.execution.sliding import SlidingWindow, WindowGrid
+from esegeta_engine.forward.sliding import SlidingWindow, WindowGrid
 
 PerPatch = Callable[[torch.Tensor, torch.Tensor, list[tuple[int, int]]], torch.Tensor]
 """``per_patch(A, G, items) -> (B, 1 or C, *layer grid)``: the layer maps of one patch batch whose

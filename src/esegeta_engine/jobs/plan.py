@@ -91,6 +91,52 @@ def model_fingerprint(model: nn.Module) -> str:
     return h.hexdigest()
 
 
+KEY_VERSION = 2
+"""Version of the key scheme, recorded in every manifest. Version 2 (one key for single runs and
+cohorts): the target without its class list and ROI path (the class and the ROI's content are
+their own parts), the model's weights and the volumes' content. A folder written with another
+version is resumed by redoing its jobs, never by reusing a map under a key it was not made for."""
+
+
+def key_context(target: Mapping[str, Any], preprocess: Mapping[str, Any], execution: Mapping[str, Any] | None,
+                output: int | str | None, seed: int, model_key: str, volume_keys: Sequence[str],
+                roi_key: str | None = None) -> dict[str, Any]:
+    """Everything a job's map depends on besides the method: part of every job key.
+
+    Single runs (:meth:`~esegeta_engine.explain.Explainer.job_context`) and cohorts
+    (:func:`~esegeta_engine.cohort.plan.plan_cohort`) build it here, so identical work
+    gets one key whichever of them plans it.
+
+    Parameters
+    ----------
+    target, preprocess, execution : mapping
+        The config sections as JSON (``model_dump(mode="json")``); the target's ``classes``
+        and ``roi_mask`` path are left out (the class is the job's own; the ROI counts by content).
+    output : int, str or None
+        The model output selection.
+    seed : int
+        The run's seed.
+    model_key : str
+        :func:`model_fingerprint` of the model.
+    volume_keys : sequence of str
+        :func:`array_fingerprint` of each volume the job explains.
+    roi_key : str, optional
+        :func:`array_fingerprint` of the ROI mask of an ``roi`` target.
+    """
+    target = {k: v for k, v in target.items() if k not in ("classes", "roi_mask")}
+    return {"target": target, "preprocess": dict(preprocess),
+            "execution": None if execution is None else dict(execution),
+            "output": output, "seed": seed, "model": model_key, "volumes": list(volume_keys), "roi": roi_key}
+
+
+def job_key(method: str, params: Mapping[str, Any], layer: str | None, noise_tunnel: Mapping[str, Any] | None,
+            cls: int, context: Mapping[str, Any]) -> str:
+    """The one key of a job: SHA-256 of the method, its resolved parameters, layer, noise
+    tunnel, class and :func:`key_context` (64 hex digits)."""
+    return digest(method, dict(params), layer, None if noise_tunnel is None else dict(noise_tunnel), cls,
+                  dict(context))
+
+
 def expected_evaluations(spec: MethodSpec, params: Mapping[str, Any], info: CostInfo) -> int | None:
     """Model evaluations ``spec`` makes with ``params`` on inputs described by ``info``."""
     if spec.cost is None:
@@ -99,6 +145,13 @@ def expected_evaluations(spec: MethodSpec, params: Mapping[str, Any], info: Cost
         return int(spec.cost(info, params))
     except Exception:  # a cost function that cannot tell: unknown, never a failed run
         return None
+
+
+def total_evaluations(jobs: Sequence[Job]) -> int | None:
+    """Model evaluations of ``jobs`` together (None when one of them cannot tell in advance)."""
+    if any(j.expected_evaluations is None for j in jobs):
+        return None
+    return sum(int(j.expected_evaluations or 0) for j in jobs)
 
 
 def plan_jobs(methods: Sequence[Any], classes: Sequence[int], class_label: Any, target_kind: str,
@@ -133,15 +186,54 @@ def plan_jobs(methods: Sequence[Any], classes: Sequence[int], class_label: Any, 
         params = spec.resolve_params(m.params)
         nt = m.noise_tunnel.model_dump() if m.noise_tunnel else None
         nt_samples = int(nt["samples"]) if nt else 1
-        job_info = CostInfo(info.batch, info.channels, info.spatial, nt_samples, info.patchwise)
-        # feature visualisation explains no class: one volume per layer, not per class
-        chosen = list(classes)[:1] if spec.family == "visualisation" else classes
+        # a method that explains no class (feature visualisation): one volume per layer
+        chosen = classes if spec.explains_class else list(classes)[:1]
         for layer in m.layers or [None]:
+            channels = layer_channels(layer) if layer and layer_channels is not None else None
+            job_info = CostInfo(info.batch, info.channels, info.spatial, nt_samples, info.patchwise,
+                                layer_channels=channels)
             for c in chosen:
                 label = f"{target_kind}-{class_label(c)}"
-                if spec.family == "visualisation":  # named by what it shows, not by a target
+                if not spec.explains_class:  # named by what it shows, not by a target
                     label = "volume" + (f"-ch{params['channel']}" if "channel" in params else "")
-                key = digest(spec.name, params, layer, nt, c, dict(context))
+                key = job_key(spec.name, params, layer, nt, c, context)
                 jobs.append(Job(spec, params, c, label, volumes, layer, nt, key,
                                 expected_evaluations(spec, params, job_info)))
     return jobs
+
+
+def estimate_run(explainer: Any, volumes: Sequence[Any], methods: Sequence[Any]) -> int | None:
+    """Expected model evaluations of a run of ``explainer`` on ``volumes``, before any input is prepared.
+
+    The planner's own estimate (:func:`plan_jobs` per volume; batch-only methods as one job over
+    all volumes). Classes not given in the config count as one per volume. ``None`` when a
+    method cannot tell its cost in advance.
+    """
+    from esegeta_engine.forward.runner import execution_form
+
+    p = explainer.preprocess
+    classes = list(explainer.target.classes or [0])
+
+    def model_shape(v: Any) -> tuple[int, ...]:
+        return tuple(explainer.geometry(v).to_model(np.empty(v.data.shape[:p.spatial_dims], bool)).shape)
+
+    def cost(ms: Sequence[Any], group: tuple[int, ...], info: CostInfo) -> int | None:
+        return total_evaluations(plan_jobs(ms, classes, str, explainer.target.kind, group, info=info, context={},
+                                           layer_channels=explainer._layer_channels))
+
+    single = [m for m in methods if not get_method(m.name).needs_batch]
+    batched = [m for m in methods if get_method(m.name).needs_batch]
+    total = 0
+    for i, v in enumerate(volumes):
+        shape = model_shape(v)
+        sliding = execution_form(explainer.execution, shape, explainer._divisible).sliding is not None
+        n = cost(single, (i,), CostInfo(1, p.in_channels, shape, 1, sliding))
+        if n is None:
+            return None
+        total += n
+    if batched and volumes:  # batch-only methods explain every volume in one job
+        n = cost(batched, tuple(range(len(volumes))), CostInfo(len(volumes), p.in_channels, model_shape(volumes[0])))
+        if n is None:
+            return None
+        total += n
+    return total

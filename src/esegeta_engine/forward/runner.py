@@ -3,7 +3,7 @@
 An :class:`ExecutionForm` says whether the network sees the whole volume (padded to
 sizes it accepts and cropped back) or a sliding window of patches, and in which
 precision. :func:`build_runner` turns it into the module that sits between the
-output selection and the target in :class:`~esegeta_engine.scoring.ScoreModel`;
+output selection and the target in :class:`~esegeta_engine.forward.scoring.ScoreModel`;
 :func:`execution_form` resolves a config's ``execution`` section for one input size.
 """
 
@@ -19,11 +19,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from esegeta_engine.errors import ConfigError
-from esegeta_engine.execution.sliding import SlidingWindow, WindowSettings
+from esegeta_engine.forward.sliding import SlidingWindow, WindowSettings
 
 if TYPE_CHECKING:  # pragma: no cover
     from esegeta_engine.config import ExecutionConfig
-    from esegeta_engine.scoring import EvaluationMonitor
+    from esegeta_engine.forward.scoring import EvaluationMonitor
 
 PRECISIONS = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 

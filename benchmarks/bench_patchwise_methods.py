@@ -1,0 +1,164 @@
+"""Patch-wise Grad-CAM, DeepLIFT and LRP: time and peak memory as ratios against the physical minimum.
+
+The minimum is a forward and a backward of every patch (each patch with its own graph, nothing
+stitched); for DeepLIFT, of every patch of the input and of the baseline. Each measurement runs in
+its own child process (peak RSS from ``resource.getrusage``, as ``/usr/bin/time -v`` reports it).
+Targets (issue 20): ratio <= 1.6, peak RSS <= 4 GB at the issue's scale.
+
+Default: a reduced scale that finishes in minutes on 2 shared CPU cores. ``--full`` uses the issue's
+448x448x128 volume, MONAI BasicUNet at its default features, patch 96^3, overlap 0.25 (hours on 2 cores).
+
+    python benchmarks/bench_patchwise_methods.py [--full]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+
+import numpy as np
+import torch
+
+LAYER = "upcat_2"
+
+
+def _net(features):
+    from monai.networks.nets import BasicUNet
+
+    torch.manual_seed(0)
+    return BasicUNet(3, 1, 2, features=tuple(features)).eval()
+
+
+def _child(mode: str, shape, patch, features, overlap: float) -> dict:
+    from esegeta_engine.config import ExecutionConfig, TargetConfig
+    from esegeta_engine.forward.sliding import SlidingWindow, WindowSettings
+    from esegeta_engine.explain import Explainer
+    from esegeta_engine.methods import MethodContext, attribute, get_method
+    from esegeta_engine.models import get_layer
+    from esegeta_engine.forward.scoring import EvaluationMonitor
+    from esegeta_engine.targets import ArgmaxRegionTarget
+
+    torch.set_num_threads(1)
+    net = _net(features)
+    x = torch.from_numpy(np.random.default_rng(0).normal(size=(1, 1, *shape)).astype(np.float32))
+    for p in net.parameters():
+        p.requires_grad_(False)
+    start = time.perf_counter()
+    if mode.startswith("minimum"):
+        copies = 2 if mode == "minimum2" else 1  # DeepLIFT's reference: input and baseline
+        sw = SlidingWindow(net, WindowSettings(tuple(patch), overlap))
+        grid = sw.grid(shape, x.device)
+        n = 0
+        for xi in [x, torch.zeros_like(x)][:copies]:
+            xp = grid.pad_input(xi)
+            for sl in grid.slices:
+                patch_in = xp[(slice(None), slice(None), *sl)].clone().requires_grad_(True)
+                y = net(patch_in)
+                torch.autograd.grad(y, patch_in, torch.ones_like(y))
+                n += 1
+    else:
+        expl = Explainer(net, target=TargetConfig(classes=[1]),
+                         execution=ExecutionConfig(patch_size=list(patch), overlap=overlap))
+        target = ArgmaxRegionTarget()
+        target.prepare(expl.raw_output(x))
+        start = time.perf_counter()  # the prediction is shared by every method
+        monitor = EvaluationMonitor()
+        sm = expl.make_score_model(target, x, monitor)
+        spec = get_method(mode)
+        layer = get_layer(net, LAYER) if spec.needs_layer else None
+        ctx = MethodContext(sm, x, 1, layer=layer, layer_name=LAYER if layer is not None else None,
+                            extra={"patchwise": True})
+        attribute(spec, ctx, spec.resolve_params({}))
+        n = monitor.patches
+    return {"mode": mode, "seconds": time.perf_counter() - start, "patches": n,
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def occlusion_roi(shape, patch, roi_edge: int, window: int, features) -> dict:
+    """Occlusion for an ROI box: windows skipped and time with skipping vs today's ROI occlusion."""
+    import esegeta_engine.methods.perturbation as perturbation
+    from esegeta_engine.config import ExecutionConfig, TargetConfig
+    from esegeta_engine.explain import Explainer
+    from esegeta_engine.forward.scoring import EvaluationMonitor
+    from esegeta_engine.methods import MethodContext, attribute, get_method
+    from esegeta_engine.targets import RegionOfInterestTarget
+
+    net = _net(features)
+    x = torch.from_numpy(np.random.default_rng(1).normal(size=(1, 1, *shape)).astype(np.float32))
+    roi = torch.zeros(shape, dtype=torch.bool)
+    lo = [s // 2 - roi_edge // 2 for s in shape]
+    roi[tuple(slice(a, a + roi_edge) for a in lo)] = True
+    target = RegionOfInterestTarget(roi.float())
+    expl = Explainer(net, target=TargetConfig(classes=[1]),
+                     execution=ExecutionConfig(patch_size=list(patch), overlap=0.25))
+    spec = get_method("occlusion")
+    params = spec.resolve_params({"window": window, "perturbations_per_eval": 1})
+    original = perturbation.reach_filter
+    res = {}
+    for skip in (True, False):
+        perturbation.reach_filter = original if skip else (lambda *a: None)
+        try:
+            monitor = EvaluationMonitor()
+            sm = expl.make_score_model(target, x, monitor, support=roi)
+            sm.runner.set_base(x)
+            ctx = MethodContext(sm, x, 1, extra={"patchwise": True})
+            start = time.perf_counter()
+            out = attribute(spec, ctx, params)
+            res[skip] = (out, time.perf_counter() - start, monitor.count, ctx.extra.get("skipped_perturbations", 0))
+        finally:
+            perturbation.reach_filter = original
+    return {"skipped": res[True][3], "evaluations": (res[True][2], res[False][2]),
+            "seconds": (res[True][1], res[False][1]), "identical": bool(torch.equal(res[True][0], res[False][0]))}
+
+
+def _run_child(*args) -> dict:
+    cmd = [sys.executable, __file__, "--child", json.dumps(list(args))]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--full", action="store_true", help="the issue's scale (hours on 2 cores)")
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    ap.add_argument("--occlusion-only", action="store_true", help="only the ROI occlusion measurement")
+    args = ap.parse_args()
+    if args.child:
+        print(json.dumps(_child(*json.loads(args.child))))
+        return
+    if args.full:
+        shape, patch, features = [448, 448, 128], [96, 96, 96], [32, 32, 64, 128, 256, 32]
+    else:
+        shape, patch, features = [112, 112, 48], [48, 48, 48], [8, 8, 16, 32, 64, 8]
+    overlap = 0.25
+    print(f"volume {shape}, patch {patch}, BasicUNet features {features}, overlap {overlap}, 1 thread")
+    minimum = minimum2 = {"seconds": 0.0, "peak_rss_mb": 0.0}
+    if not args.occlusion_only:
+        minimum = _run_child("minimum", shape, patch, features, overlap)
+        minimum2 = _run_child("minimum2", shape, patch, features, overlap)
+        print(f"minimum (fwd+bwd of every patch): {minimum['seconds']:.1f} s, peak RSS "
+              f"{minimum['peak_rss_mb']:.0f} MB; of input and baseline: {minimum2['seconds']:.1f} s")
+    if args.full:
+        occ_args = (shape, patch, 32, 16, features)
+    else:  # a smaller volume: today's ROI occlusion walks every window
+        occ_args = ([64, 64, 32], [32, 32, 32], 8, 8, [4, 4, 8, 8, 16, 4])
+    occ = occlusion_roi(*occ_args)
+    edge, window = occ_args[2], occ_args[3]
+    print(f"occlusion (window {window}) for a {edge}^3 ROI on {occ_args[0]}, patch {occ_args[1]}: {occ['skipped']} windows skipped; evaluations "
+          f"{occ['evaluations'][0]} vs {occ['evaluations'][1]} today; time {occ['seconds'][0]:.1f} s vs "
+          f"{occ['seconds'][1]:.1f} s = ratio {occ['seconds'][0] / occ['seconds'][1]:.2f}; identical map: "
+          f"{occ['identical']}")
+    if args.occlusion_only:
+        return
+    for mode, ref in (("layer_gradcam", minimum), ("deeplift", minimum2), ("lrp", minimum)):
+        r = _run_child(mode, shape, patch, features, overlap)
+        print(f"{mode}: {r['seconds']:.1f} s, peak RSS {r['peak_rss_mb']:.0f} MB, {r['patches']} patch evaluations; "
+              f"ratio {r['seconds'] / ref['seconds']:.2f} (target <= 1.6)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,57 @@
+"""Readable configuration errors: pydantic's validation errors as one line per bad key."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+
+from esegeta_engine.errors import ConfigError
+
+__all__ = ["format_validation_error"]
+
+
+def format_validation_error(exc: ValidationError, source: str = "config", root: Any = None) -> ConfigError:
+    """Turn pydantic's error into one readable :class:`ConfigError`.
+
+    ``root`` is the model validated (default: the run :class:`~esegeta_engine.config.Config`);
+    an unknown key's message lists the keys allowed where it stands.
+    """
+    lines = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"] if not str(p).startswith("function-after"))
+        msg = _clip(err["msg"].removeprefix("Value error, "))
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+            parent = _fields_at(err["loc"][:-1], root)
+            if parent:
+                msg += f" (allowed here: {', '.join(parent)})"
+        elif err["type"] == "literal_error":
+            msg = msg.replace("Input should be", "must be")
+        lines.append(f"{loc or '(top level)'}: {msg}")
+    return ConfigError(f"invalid {source}:\n  " + "\n  ".join(lines),
+                       "fix the keys above; `esegeta methods` lists methods and their parameters")
+
+
+def _clip(text: str, limit: int = 400) -> str:
+    """At most ``limit`` characters of ``text`` (a hostile value must not flood a message)."""
+    return text if len(text) <= limit else text[:limit] + f"... ({len(text) - limit} more characters)"
+
+
+def _fields_at(loc: tuple[Any, ...], root: Any = None) -> list[str]:
+    if root is None:
+        from esegeta_engine.config import Config as root
+    model: Any = root
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        field = getattr(model, "model_fields", {}).get(part)
+        if field is None:
+            return []
+        ann = field.annotation
+        args = getattr(ann, "__args__", ())
+        candidates = [a for a in (ann, *args) if isinstance(a, type) and issubclass(a, BaseModel)]
+        if not candidates:
+            return []
+        model = candidates[0]
+    return list(getattr(model, "model_fields", {}))

@@ -1,0 +1,258 @@
+"""The deployed nnU-Net function as one differentiable module: scan -> probabilities.
+
+``NnUNetPipeline(x)`` takes the scan as the engine reads it (``(N, C, x, y, z)`` in the
+NIfTI file's voxel order, channels in dataset.json's order) and returns the class
+probabilities on the same grid, computed as ``nnUNetv2_predict`` computes them:
+
+1. the reader's axis order (SimpleITK's ``z, y, x`` and reversed spacing), then the plans'
+   ``transpose_forward``;
+2. crop to the non-zero box (nnU-Net's ``create_nonzero_mask`` / ``get_bbox_from_mask``,
+   recomputed for every input, perturbed ones included);
+3. the configured normalisation scheme per channel with the fingerprint's intensity
+   properties (before resampling, as nnU-Net does);
+4. resampling to the plans' spacing with nnU-Net's own function (as exact matrices, see
+   :mod:`.resample`);
+5. the Gaussian sliding window, mirroring and fold ensemble (:mod:`.window`);
+6. the logits resampled back with nnU-Net's probability resampling (rounded to float16 as
+   nnU-Net stores them), softmax or sigmoid (region-based), the crop reverted (background
+   outside the box) and the transposes undone.
+
+Every step is differentiable (gradients pass straight through nnU-Net's float16
+roundings), so gradient methods explain the whole pipeline's class score on the scan's
+grid. The layer ``network_input`` is the preprocessed tensor on the network's grid: layer
+maps there are brought back with the same resampling as the probabilities.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from esegeta_engine.errors import ModelLoadError
+from esegeta_engine.models.nnunet.resample import Resampling, resampler
+from esegeta_engine.models.nnunet.window import Ensemble, EnsembleFunction, WindowPlan
+
+NORMALISATIONS = ("ZScoreNormalization", "CTNormalization", "NoNormalization", "RescaleTo01Normalization",
+                  "RGBTo01Normalization")
+NETWORK_INPUT = "network_input"
+
+
+class NnUNetPipeline(nn.Module):
+    """nnU-Net v2's deployed prediction, differentiable end to end (see the module docstring).
+
+    Parameters
+    ----------
+    networks : nn.ModuleList
+        One network per fold, built from the plans, in eval mode.
+    plans_manager, configuration_manager, label_manager
+        nnU-Net's managers for the plans, the configuration and dataset.json's labels.
+    mirror_axes : tuple of int or None
+        Axes mirrored at test time (None: no mirroring).
+    step_size : float
+        Sliding-window step as a fraction of the patch (nnU-Net's default 0.5).
+    """
+
+    def __init__(self, networks: nn.ModuleList, plans_manager: Any, configuration_manager: Any, label_manager: Any,
+                 mirror_axes: tuple[int, ...] | None, step_size: float = 0.5) -> None:
+        super().__init__()
+        self.folds = networks
+        self.network_input = nn.Identity()
+        self.pm, self.cm, self.lm = plans_manager, configuration_manager, label_manager
+        self.ensemble = Ensemble(list(networks), mirror_axes, label_manager.num_segmentation_heads)
+        self.step_size = float(step_size)
+        self.spacing: tuple[float, ...] | None = None  # the scan's voxel spacing, NIfTI axis order
+        self._matrices: dict[tuple, Resampling] = {}
+        self._last: list[dict[str, Any]] = []
+        for scheme in configuration_manager.normalization_schemes:
+            if scheme not in NORMALISATIONS:
+                raise ModelLoadError(f"normalisation scheme {scheme!r} of the plans is not one of nnU-Net's "
+                                     f"built-in schemes ({', '.join(NORMALISATIONS)})",
+                                     "explain a configuration that uses a built-in scheme")
+
+    # -- what the engine asks -------------------------------------------------------------
+    def bind_volume(self, volume: Any) -> None:
+        """The scan's voxel spacing (NIfTI axis order, mm) from a volume or a sequence of sizes.
+
+        A volume's header zooms are used as nnU-Net's readers use them (SimpleITK reads pixdim).
+        """
+        if isinstance(volume, Sequence):
+            spacing = volume
+        else:
+            header = getattr(volume, "header", None)
+            zooms = header.get_zooms() if header is not None and hasattr(header, "get_zooms") else None
+            spacing = zooms if zooms is not None else volume.spacing
+        self.spacing = tuple(float(s) for s in tuple(spacing)[:3])
+
+    def bind_monitor(self, before_call: Callable[[int], None] | None) -> None:
+        """Called before every network evaluation (counting and cancellation)."""
+        self.ensemble.before_call = before_call
+
+    def layer_refusal(self, name: str) -> tuple[str, str] | None:
+        """Layers inside the fold networks see patches of mirrored copies, not one volume: refused."""
+        if name == "folds" or name.startswith("folds."):
+            return (f"layer {name!r} is inside nnU-Net's fold networks, which run patch by patch over mirrored "
+                    "copies and folds, so no single activation of the volume exists",
+                    f"use the layer '{NETWORK_INPUT}' (the preprocessed input on the network's grid) or an "
+                    "input-attribution method (saliency, integrated_gradients, occlusion, ...)")
+        return None
+
+    def layer_map_to_input(self, name: str | None, result: torch.Tensor) -> torch.Tensor | None:
+        """A map on the network's grid (layer ``network_input``) -> the scan's grid."""
+        if name != NETWORK_INPUT or not self._last:
+            return None
+        maps = [self._to_scan(result[i], self._last[min(i, len(self._last) - 1)], logits=False)
+                for i in range(result.shape[0])]
+        return torch.stack(maps)
+
+    def describe_execution(self, spatial: Sequence[int] | None = None) -> dict[str, Any]:
+        """How one evaluation of the pipeline runs (for each map's record)."""
+        d: dict[str, Any] = {
+            "pipeline": "nnunet", "folds": len(self.folds), "mirror_axes": list(self.ensemble.mirror_axes or []),
+            "network_calls_per_patch": self.ensemble.calls_per_patch, "step_size": self.step_size,
+            "patch_size": list(self.cm.patch_size), "network_spacing": list(self.cm.spacing),
+            "attribution_grid": "scan (gradients through nnU-Net's preprocessing, sliding window, mirroring, "
+                                "fold ensemble and resampling back)",
+            "layer_grid": f"{NETWORK_INPUT}: nnU-Net's network grid, brought back with nnU-Net's probability "
+                          "resampling",
+        }
+        if self._last:
+            d["patches_per_evaluation"] = len(self._last[0]["plan"].slicers)
+            d["network_grid_shape"] = list(self._last[0]["plan"].shape)
+        return d
+
+    # -- the function ---------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.spacing is None:
+            raise ModelLoadError("the nnU-Net pipeline needs the scan's voxel spacing",
+                                 "load the volume from a NIfTI file (the engine binds its spacing)")
+        infos = [self._prepare(x[i]) for i in range(x.shape[0])]
+        self._last = infos
+        data = [info.pop("data") for info in infos]
+        if len({tuple(d.shape) for d in data}) == 1:
+            data = list(self.network_input(torch.stack(data)))
+        else:
+            data = [self.network_input(d[None])[0] for d in data]
+        outs = []
+        for d, info in zip(data, infos):
+            logits = EnsembleFunction.apply(d, self.ensemble, info["plan"])
+            outs.append(self._to_scan(logits, info, logits=True))
+        return torch.stack(outs)
+
+    def _prepare(self, scan: torch.Tensor) -> dict[str, Any]:
+        """One scan ``(C, x, y, z)`` -> preprocessed data on the network's grid, and the geometry.
+
+        The values are nnU-Net's own (its normalisation classes and resampling function on the
+        numpy array); under autograd the torch version of each step adds its gradient.
+        """
+        from acvl_utils.cropping_and_padding.bounding_boxes import get_bbox_from_mask
+        from nnunetv2.preprocessing.cropping.cropping import create_nonzero_mask
+        from nnunetv2.preprocessing.resampling.default_resampling import compute_new_shape
+
+        nd = scan.dim() - 1
+        reader = tuple(range(nd))[::-1]  # SimpleITK order: z, y, x
+        spacing_reader = tuple(self.spacing[::-1])  # type: ignore[index]
+        tf = list(self.pm.transpose_forward)
+        order = [reader[t] for t in tf]  # scan axis of each nnU-Net axis
+        data = scan.permute(0, *[o + 1 for o in order]).float()
+        grad = torch.is_grad_enabled() and data.requires_grad
+        original_spacing = [spacing_reader[t] for t in tf]
+        shape_before = tuple(data.shape[1:])
+        array = data.detach().cpu().numpy().astype(np.float32)
+        mask = create_nonzero_mask(array)
+        bbox = get_bbox_from_mask(mask)
+        box = tuple(slice(a, b) for a, b in bbox)
+        data, array = data[(slice(None), *box)], np.ascontiguousarray(array[(slice(None), *box)])
+        seg = np.where(mask[box], np.int8(0), np.int8(-1))
+        nonzero = torch.from_numpy(np.ascontiguousarray(mask[box])).to(data.device)
+        for c in range(array.shape[0]):
+            array[c] = self._normaliser(c).run(array[c].copy(), seg)
+        data = _exact(array, (lambda d=data: torch.stack([self._normalise(d[c], c, nonzero)
+                                                          for c in range(d.shape[0])])) if grad else None, data)
+        target = list(self.cm.spacing)
+        if len(target) < nd:
+            target = [original_spacing[0], *target]
+        cropped = tuple(data.shape[1:])
+        new_shape = tuple(int(s) for s in compute_new_shape(cropped, original_spacing, target))
+        resampled = self.cm.resampling_fn_data(array, np.array(new_shape), original_spacing, target)
+        rs = self._axes("data", self.cm.resampling_fn_data, cropped, new_shape, original_spacing, target)
+        data = _exact(resampled, (lambda d=data: rs.apply(d).float()) if grad else None, data)
+        plan = WindowPlan.of(new_shape, self.cm.patch_size, self.step_size)
+        return {"data": data, "plan": plan, "order": order, "bbox": box, "shape_before": shape_before,
+                "cropped": cropped, "network_spacing": target, "original_spacing": original_spacing}
+
+    def _normaliser(self, c: int) -> Any:
+        """nnU-Net's normalisation class of channel ``c`` with the fingerprint's intensity properties."""
+        from nnunetv2.preprocessing.normalization import default_normalization_schemes as schemes
+
+        cls = getattr(schemes, self.cm.normalization_schemes[c])
+        return cls(use_mask_for_norm=self.cm.use_mask_for_norm[c],
+                   intensityproperties=self.pm.foreground_intensity_properties_per_channel.get(str(c), {}))
+
+    def _axes(self, kind: str, fn: Callable[..., Any], shape: tuple, new_shape: tuple, cur: Sequence[float],
+              new: Sequence[float]) -> Resampling:
+        key = (kind, shape, new_shape, tuple(cur), tuple(new))
+        if key not in self._matrices:
+            self._matrices[key] = resampler(fn, shape, new_shape, cur, new)
+        return self._matrices[key]
+
+    def _normalise(self, img: torch.Tensor, c: int, nonzero: torch.Tensor) -> torch.Tensor:
+        """nnU-Net's normalisation scheme of channel ``c`` (torch, differentiable)."""
+        scheme = self.cm.normalization_schemes[c]
+        props = self.pm.foreground_intensity_properties_per_channel.get(str(c), {})
+        eps = 1e-8
+        if scheme == "ZScoreNormalization":
+            if self.cm.use_mask_for_norm[c]:
+                vals = img[nonzero]
+                mean, std = vals.mean(), vals.std(unbiased=False)
+                return torch.where(nonzero, (img - mean) / torch.clamp(std, min=eps), img)
+            return (img - img.mean()) / torch.clamp(img.std(unbiased=False), min=eps)
+        if scheme == "CTNormalization":
+            img = torch.clamp(img, float(props["percentile_00_5"]), float(props["percentile_99_5"]))
+            return (img - float(props["mean"])) / max(float(props["std"]), eps)
+        if scheme == "RescaleTo01Normalization":
+            img = img - img.min()
+            return img / torch.clamp(img.max(), min=eps)
+        if scheme == "RGBTo01Normalization":
+            return img / 255.0
+        return img
+
+    def _to_scan(self, y: torch.Tensor, info: dict[str, Any], logits: bool) -> torch.Tensor:
+        """Network-grid ``(K, *grid)`` -> scan grid ``(K, x, y, z)`` as nnU-Net exports probabilities."""
+        rs = self._axes("probabilities", self.cm.resampling_fn_probabilities, tuple(y.shape[1:]),
+                        info["cropped"], info["network_spacing"], info["original_spacing"])
+        if logits:  # nnU-Net resamples the float16 logits with its own function, then the nonlinearity
+            grad = torch.is_grad_enabled() and y.requires_grad
+            back = self.cm.resampling_fn_probabilities(y.detach().half().cpu().numpy(), info["cropped"],
+                                                       info["network_spacing"], info["original_spacing"])
+            y = _exact(np.asarray(back), (lambda t=y: rs.apply(t).float()) if grad else None, y).float()
+            y = self.lm.inference_nonlin(y)
+        else:
+            y = rs.apply(y).float()
+        pad: list[int] = []
+        for sl, n in zip(reversed(info["bbox"]), reversed(info["shape_before"])):
+            pad.extend([sl.start, n - sl.stop])
+        y = F.pad(y, pad)
+        if logits and not self.lm.has_regions:  # background outside the non-zero box
+            outside = F.pad(torch.zeros(tuple(b.stop - b.start for b in info["bbox"]), device=y.device), pad, value=1.0)
+            y = torch.cat([y[:1] + outside, y[1:]])
+        inverse = [0] * len(info["order"])
+        for k, o in enumerate(info["order"]):
+            inverse[o] = k
+        return y.permute(0, *[i + 1 for i in inverse])
+
+
+def _exact(value: np.ndarray, surrogate: Callable[[], torch.Tensor] | None, like: torch.Tensor) -> torch.Tensor:
+    """nnU-Net's own ``value``; with ``surrogate`` (the same step in torch) its gradient is added.
+
+    ``value + (s - s.detach())`` has exactly nnU-Net's numbers and ``s``'s derivative.
+    """
+    out = torch.from_numpy(np.ascontiguousarray(value)).to(like.device)
+    if surrogate is None:
+        return out
+    s = surrogate()
+    return out.to(s.dtype) + (s - s.detach())

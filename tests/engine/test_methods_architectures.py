@@ -1,0 +1,48 @@
+"""Networks nobody here wrote (issue 20, part 6): UNETR takes exactly its img_size, and an input of
+another size is answered with the sliding-window fix; LRP names UNETR's blocks it has no rule for."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from esegeta_engine.config import PreprocessConfig, TargetConfig
+from esegeta_engine.errors import MethodError
+from esegeta_engine.explain import Explainer
+from esegeta_engine.methods import MethodContext, attribute, get_method
+from esegeta_engine.methods.architectures import fixed_input_size
+from esegeta_engine.forward.scoring import EvaluationMonitor
+from esegeta_engine.targets import ArgmaxRegionTarget
+
+nets = pytest.importorskip("monai.networks.nets")
+
+
+def _unetr(dims: int):
+    torch.manual_seed(0)
+    size = (16,) * dims
+    return nets.UNETR(1, 2, img_size=size, feature_size=4, hidden_size=24, mlp_dim=48, num_heads=2,
+                      spatial_dims=dims).eval(), size
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_unetr_wrong_size_names_the_sliding_window_fix(dims: int) -> None:
+    net, size = _unetr(dims)
+    assert fixed_input_size(net) == size
+    expl = Explainer(net, PreprocessConfig(spatial_dims=dims), TargetConfig())
+    with pytest.raises(MethodError) as info:
+        expl.raw_output(torch.randn(1, 1, 20, *size[1:]))
+    assert f"execution.patch_size: {list(size)}" in str(info.value) and "in_channels" not in str(info.value)
+    assert expl.raw_output(torch.randn(1, 1, *size)).shape[2:] == size  # its own size runs
+
+
+def test_lrp_on_unetr_is_refused_naming_the_blocks() -> None:
+    net, size = _unetr(3)
+    x = torch.randn(1, 1, *size)
+    expl = Explainer(net, PreprocessConfig(spatial_dims=3), TargetConfig())
+    target = ArgmaxRegionTarget()
+    target.prepare(expl.raw_output(x))
+    spec = get_method("lrp")
+    with pytest.raises(MethodError, match="PatchEmbeddingBlock") as info:
+        attribute(spec, MethodContext(expl.make_score_model(target, x, EvaluationMonitor()), x, 1),
+                  spec.resolve_params({}))
+    assert "ModuleList" not in str(info.value)  # an empty container computes nothing
