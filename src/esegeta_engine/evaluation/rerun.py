@@ -34,19 +34,19 @@ __all__ = ["evaluate_run", "iter_evaluate_run", "record_to_map"]
 
 def record_to_map(record: dict[str, Any], cfg: Config, array: np.ndarray,
                   roi: np.ndarray | None = None) -> MapToScore:
-    """A manifest record (one map) and its file's data -> what the session scores.
+    """A manifest record (one map, read as a :class:`~esegeta_engine.jobs.record.MapRecord`) and its
+    file's data -> what the session scores."""
+    from esegeta_engine.jobs.record import MapRecord
 
-    The one place where a record is read by its keys (a ``MapRecord`` adapter).
-    """
+    rec = MapRecord.from_json(record)
     # components: the class is a column of the structures of the configured classes
-    target = cfg.target if cfg.target.components else cfg.target.model_copy(update={"classes": [int(record["class"])]})
+    target = cfg.target if cfg.target.components else cfg.target.model_copy(update={"classes": [rec.cls]})
     region = cfg.target.kind in ("roi", "outcome")
-    return MapToScore(name=str(record.get("file") or record["method"]), method=record["method"],
-                      params=dict(record.get("params") or {}), cls=int(record["class"]), target=target,
-                      array=np.asarray(array, dtype=np.float32), layer=record.get("layer"),
-                      noise_tunnel=record.get("noise_tunnel"), target_label=record.get("target", ""),
-                      label=record["method"], execution=record.get("execution") or None,
-                      roi_mask=roi if region else None, roi_key=cfg.target.kind if region else None)
+    return MapToScore(name=str(rec.file or rec.method), method=rec.method, params=dict(rec.params or {}),
+                      cls=rec.cls, target=target, array=np.asarray(array, dtype=np.float32), layer=rec.layer,
+                      noise_tunnel=rec.noise_tunnel, target_label=rec.target, label=rec.label or rec.method,
+                      execution=rec.execution or None, roi_mask=roi if region else None,
+                      roi_key=cfg.target.kind if region else None)
 
 
 def _evaluation(cfg: Config, metrics: Sequence[str] | None, mask: Path | None,
