@@ -280,8 +280,9 @@ def expand_components(target: Target, output: torch.Tensor, classes: Sequence[in
             centroid = np.argwhere(nifti).mean(0)
             mm = (np.asarray(affine)[:3, :3] @ np.pad(centroid, (0, 3 - len(centroid)))
                   + np.asarray(affine)[:3, 3]) if affine is not None else centroid
-            comps.append(Component(int(cls), k, torch.from_numpy(np.ascontiguousarray(mask)).to(output.device), int(mask.sum()),
-                                   [float(v) for v in centroid], [float(v) for v in mm]))
+            tensor = torch.from_numpy(np.ascontiguousarray(mask)).to(output.device)
+            comps.append(Component(int(cls), k, tensor, int(mask.sum()), [float(v) for v in centroid],
+                                   [float(v) for v in mm]))
     if not comps:
         raise TargetError(f"the {target.kind} region has no component of at least {min_voxels} voxel(s) in "
                           f"classes {list(classes or [])}", "lower target.min_voxels or check the classes")

@@ -31,7 +31,7 @@ def test_scorecard_statuses_follow_the_numbers():
 def test_a_run_writes_the_scorecard_the_spread_map_and_structure_scores(tmp_path, dims, capsys):
     import torch
 
-    from esegeta_engine.cli import _print_summary
+    from esegeta_engine.cli_commands import _print_summary
 
     img, gt, masks = phantom(dims)
     affine = np.diag([0.8, 0.9, 1.5, 1.0])
