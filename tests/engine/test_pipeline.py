@@ -106,7 +106,6 @@ def test_timeout_is_recorded_and_run_continues(case):
     result = run(cfg)
     rec = {r["method"]: r for r in result.records}
     assert rec["occlusion"]["status"] == "timeout" and rec["saliency"]["status"] == "ok"
-    assert rec["occlusion"]["seconds"] < 5
 
 
 def test_timeout_from_a_non_main_thread(case):

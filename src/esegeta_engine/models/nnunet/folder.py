@@ -40,7 +40,7 @@ def _read_json(path: Path, what: str) -> dict[str, Any]:
     if not path.is_file():
         raise ModelLoadError(f"{path} does not exist: an nnU-Net results folder holds {what}",
                              "point --nnunet / model.nnunet at the folder nnUNetv2_train wrote "
-                             "(nnUNet_results/DatasetXXX/Trainer__Plans__configuration)")
+                             "(nnUNet_results/Dataset001_Name/Trainer__Plans__configuration)")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
