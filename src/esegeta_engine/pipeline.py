@@ -58,9 +58,14 @@ class RunResult:
     records: list[dict[str, Any]] = field(default_factory=list)
 
     @property
+    def maps(self) -> list[MapRecord]:
+        """:attr:`records` (the manifest's JSON) read as :class:`MapRecord` s."""
+        return [MapRecord.from_json(r) for r in self.records]
+
+    @property
     def failed(self) -> list[dict[str, Any]]:
         """Records whose status is not ``ok``."""
-        return [r for r in self.records if r["status"] != "ok"]
+        return [raw for raw, rec in zip(self.records, self.maps) if not rec.ok]
 
 
 def environment() -> dict[str, str]:
@@ -258,9 +263,10 @@ def _randomisation(explainer: Explainer, volumes: list[Volume], cfg: Config, roi
     from esegeta_engine.evaluation.evaluators import run_randomisation_phase
     from esegeta_engine.evaluation.figures import randomisation_strip
 
+    maps = [MapRecord.from_json(r) for r in records]
+
     def classes_of(vi: int) -> list[tuple[int, str]]:
-        seen = {(r["class"], r["target"]) for r in records if r["volume"] == stems[vi] and r["status"] == "ok"}
-        return sorted(seen)
+        return sorted({(r.cls, r.target) for r in maps if r.volume == stems[vi] and r.ok})
 
     results = yield from run_randomisation_phase(explainer, volumes, cfg.methods, cfg.evaluation,
                                                  classes_of, roi_mask=roi, cancel=cancel)
@@ -305,7 +311,7 @@ def _report(out: Path, cfg: Config) -> str | None:
 
 
 def _files(manifest: dict[str, Any]) -> set[str]:
-    return {r["file"] for r in manifest["results"] if r.get("file")}
+    return {r.file for r in map(MapRecord.from_json, manifest["results"]) if r.file}
 
 
 def _record(job: Any, status: str, seconds: float, evaluations: int, extra: dict[str, Any] | None = None,
