@@ -53,7 +53,7 @@ def cmd_cohort(args: argparse.Namespace, data: dict[str, Any]) -> int:
     if args.dry_run:
         print("dry run: nothing written")
         return 0
-    ok = sum(r["status"] == "ok" for r in result.records)
+    ok = sum(r.ok for r in result.maps)
     print(f"{ok} of {len(result.records)} jobs ok ({result.skipped} kept from before); results in "
           f"{result.out_dir} (run {result.status})")
     return 0 if not result.failed else 1

@@ -44,9 +44,14 @@ class CohortResult:
     skipped: int = 0
 
     @property
+    def maps(self) -> list[MapRecord]:
+        """:attr:`records` (the manifest's JSON) read as :class:`MapRecord` s."""
+        return [MapRecord.from_json(r) for r in self.records]
+
+    @property
     def failed(self) -> list[dict[str, Any]]:
         """Records whose status is not ``ok``."""
-        return [r for r in self.records if r["status"] != "ok"]
+        return [raw for raw, rec in zip(self.records, self.maps) if not rec.ok]
 
 
 def job_specs(cfg: CohortConfig, plan: CohortPlan, jobs: list[CohortJob]) -> list[JobSpec]:
@@ -205,10 +210,9 @@ def run_cohort(cfg: CohortConfig, *, executor: str | None = None, dry_run: bool 
         finally:
             manifest["duration_s"] = round(time.perf_counter() - started, 3)
             complete = manifest["status"] == "completed"
+            written = {r.file for r in map(MapRecord.from_json, manifest["results"]) if r.file}
             manifest["results"].extend(r.replace(planned=False if complete else None).to_json()
-                                       for r in previous.unplanned({(j.key, j.subject) for j in plan.jobs},
-                                                                   {r["file"] for r in manifest["results"]
-                                                                    if r.get("file")}))
+                                       for r in previous.unplanned({(j.key, j.subject) for j in plan.jobs}, written))
             try:
                 write_final_manifest(manifest, path)
                 log.info("cohort %s in %.1f s; manifest: %s", manifest["status"], manifest["duration_s"], path)

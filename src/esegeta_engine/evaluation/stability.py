@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from esegeta_engine.evaluation.costs import ScoredMap, score_cost
 from esegeta_engine.evaluation.similarity import spearman
 
 __all__ = ["members_of", "stability"]
@@ -73,3 +74,13 @@ def stability(explain: Callable[[nn.Module, torch.Tensor], np.ndarray], model: n
         finite = [1.0]  # identical (constant) maps: perfectly stable
     return {"stability_std_mean": float(std.mean()), "stability_spearman": float(np.mean(finite)) if finite
             else float("nan"), "stability_source": source, "stability_n": len(maps), "_stability_std": std}
+
+
+@score_cost("stability")
+def stability_cost(cfg: Any, scored: ScoredMap) -> int | None:
+    """One re-run of the method per member (or per noisy input)."""
+    c = cfg.stability
+    if c is None:
+        return 0
+    n = scored.n_members(c) or c.samples
+    return None if scored.method_evaluations is None else n * scored.method_evaluations

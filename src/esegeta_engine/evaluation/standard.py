@@ -9,7 +9,6 @@ numbers before a run (the plan's estimate).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -125,30 +124,15 @@ def standard_evaluators(cfg: EvaluationConfig, seed: int = 0,
 
 
 def metric_cost(cfg: EvaluationConfig, method_evaluations: int | None, *, n_members: int | None = None,
-                n_stages: int | None = None) -> int | None:
-    """Model evaluations the standard scores add to one map (``None`` when unknown in advance).
+                n_stages: int | None = None, model: nn.Module | None = None) -> int | None:
+    """Model evaluations the per-map scores add to one map (``None`` when unknown in advance).
 
+    The sum of the scores' registered costs (:mod:`.costs`) without the randomisation phase.
     ``method_evaluations``: the method's own count (re-run by MPRT and stability);
-    ``n_members``: ensemble members (stability); ``n_stages``: randomisation stages (smooth MPRT).
+    ``n_members``: ensemble members (stability); ``n_stages``: randomisation stages (smooth
+    MPRT); ``model``: asked for either when not given.
     """
-    total = 0
-    if cfg.road is not None:
-        total += math.ceil((1 + 2 * len(cfg.road.percentages)) / cfg.road.batch_size)
-    if cfg.region_perturbation is not None:
-        total += math.ceil((1 + cfg.region_perturbation.steps) / cfg.region_perturbation.batch_size)
-    reruns = 0
-    if cfg.mprt is not None:
-        if cfg.mprt.variant == "efficient":
-            reruns += 2
-        elif n_stages is None:
-            return None
-        else:
-            stages = min(n_stages, cfg.mprt.max_stages or n_stages)
-            reruns += cfg.mprt.samples * (1 + stages)
-    if cfg.stability is not None:
-        reruns += n_members if n_members else cfg.stability.samples
-    if reruns:
-        if method_evaluations is None:
-            return None
-        total += reruns * method_evaluations
-    return total
+    from esegeta_engine.evaluation.costs import ScoredMap, map_score_cost
+
+    scored = ScoredMap("", None, method_evaluations, model, members=n_members, stages=n_stages)
+    return map_score_cost(cfg, scored, after_run=False)

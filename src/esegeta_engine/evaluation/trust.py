@@ -13,6 +13,8 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from esegeta_engine.jobs.record import MapRecord
+
 __all__ = ["SCORECARD", "method_summaries", "randomisation_tables", "scorecard", "scorecard_line", "verdicts_for"]
 
 
@@ -20,8 +22,14 @@ def _num(v: Any) -> float | None:
     return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) else None
 
 
-def _label(rec: Mapping[str, Any]) -> str:
-    return str(rec.get("method")) + (f"@{rec['layer']}" if rec.get("layer") else "")
+def _as_record(rec: MapRecord | Mapping[str, Any]) -> MapRecord:
+    """A manifest entry as a :class:`MapRecord` (records pass through)."""
+    return rec if isinstance(rec, MapRecord) else MapRecord.from_json(dict(rec))
+
+
+def _label(rec: MapRecord | Mapping[str, Any]) -> str:
+    rec = _as_record(rec)
+    return rec.method + (f"@{rec.layer}" if rec.layer else "")
 
 
 def _axiom_words(m: Mapping[str, Any]) -> tuple[str, int]:
@@ -50,7 +58,7 @@ def _randomisation_words(verdicts: Sequence[tuple[str, Mapping[str, Any]]]) -> t
     return "; ".join(parts), score
 
 
-def method_summaries(records: Sequence[Mapping[str, Any]],
+def method_summaries(records: Sequence[MapRecord | Mapping[str, Any]],
                      randomisation: Sequence[Mapping[str, Any]] | None = None) -> list[dict[str, Any]]:
     """One summary per successful map: ``volume``, ``method``, ``target``, ``trust`` (low,
     moderate, high or unchecked) and ``words`` (one paragraph), plus the key numbers."""
@@ -60,14 +68,13 @@ def method_summaries(records: Sequence[Mapping[str, Any]],
             verdicts.setdefault((str(entry.get("volume")), method, str(entry.get("target"))), []).append(
                 (str(entry.get("mode")), v))
     out = []
-    for rec in records:
-        if rec.get("status") != "ok":
+    for rec in map(_as_record, records):
+        if not rec.ok:
             continue
-        m = rec.get("metrics") or {}
+        m = rec.metrics or {}
         label = _label(rec)
         axiom, a_score = _axiom_words(m)
-        rnd, r_score = _randomisation_words(verdicts.get((str(rec.get("volume")), label, str(rec.get("target"))),
-                                                         []))
+        rnd, r_score = _randomisation_words(verdicts.get((str(rec.volume), label, str(rec.target)), []))
         words = [f"Axiom: {axiom}.", f"Sanity: {rnd}."]
         dele, ins = _num(m.get("auc_deletion")), _num(m.get("auc_insertion"))
         if dele is not None or ins is not None:
@@ -94,11 +101,10 @@ def method_summaries(records: Sequence[Mapping[str, Any]],
             trust = "moderate"  # the axiom holds; the sanity check was not run or gave no verdict
         else:
             trust = "unchecked"
-        out.append({"volume": rec.get("volume"), "method": label, "target": rec.get("target"), "trust": trust,
+        out.append({"volume": rec.volume, "method": label, "target": rec.target, "trust": trust,
                     "words": " ".join(words), "completeness_error": _num(m.get("completeness_error")),
                     "randomisation": "; ".join(f"{mode}: {v.get('verdict')}" for mode, v in
-                                               verdicts.get((str(rec.get("volume")), label, str(rec.get("target"))),
-                                                            [])) or None})
+                                               verdicts.get((str(rec.volume), label, str(rec.target)), [])) or None})
     return out
 
 
@@ -236,38 +242,39 @@ def scorecard_line(card: Mapping[str, Any]) -> str:
     return " · ".join(parts)
 
 
-def verdicts_for(randomisation: Sequence[Mapping[str, Any]] | None, record: Mapping[str, Any]) -> list[dict]:
+def verdicts_for(randomisation: Sequence[Mapping[str, Any]] | None,
+                 record: MapRecord | Mapping[str, Any]) -> list[dict]:
     """The randomisation verdicts of ``record``'s method (and layer), target and volume."""
+    record = _as_record(record)
     label = _label(record)
     out = []
     for entry in randomisation or []:
-        if str(entry.get("volume")) == str(record.get("volume")) and str(entry.get("target")) == str(
-                record.get("target")):
+        if str(entry.get("volume")) == str(record.volume) and str(entry.get("target")) == str(record.target):
             v = (entry.get("verdicts") or {}).get(label)
             if v is not None:
                 out.append({**v, "mode": entry.get("mode")})
     return out
 
 
-def scorecard_html(records: Sequence[Mapping[str, Any]]) -> str:
+def scorecard_html(records: Sequence[MapRecord | Mapping[str, Any]]) -> str:
     """The report's scorecard section: one row per map, one cell per check ('' with no scorecard)."""
     from html import escape
 
-    rows = [r for r in records if r.get("status") == "ok" and r.get("trust")]
+    rows = [r for r in map(_as_record, records) if r.ok and r.extra.get("trust")]
     if not rows:
         return ""
     style = {"checked": "trust-high", "failed": "trust-low", "not checked": ""}
     head = "".join(f"<th>{escape(c)}</th>" for c in ("map", *SCORECARD, "spread map"))
     body = []
     for r in rows:
-        cells = [f"<td>{escape(str(r.get('file') or _label(r)))}</td>"]
+        cells = [f"<td>{escape(str(r.file or _label(r)))}</td>"]
         for name in SCORECARD:
-            e = r["trust"].get(name) or {}
+            e = r.extra["trust"].get(name) or {}
             text = str(e.get("status", "not checked")) + (f" {_fmt(e.get('value'))}" if e.get("value") is not None
                                                           else "")
             cells.append(f'<td class="{style.get(str(e.get("status")), "")}" title="{escape(str(e.get("what", "")))}">'
                          f"{escape(text)}</td>")
-        cells.append(f"<td>{escape(str(r.get('stability_map') or ''))}</td>")
+        cells.append(f"<td>{escape(str(r.extra.get('stability_map') or ''))}</td>")
         body.append("<tr>" + "".join(cells) + "</tr>")
     return ("<h2>Trust scorecard</h2><p>What was verified about each map: checked (and passed), failed, or not "
             "checked, with the number (hover a cell for what it measures).</p>"
