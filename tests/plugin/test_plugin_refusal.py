@@ -65,7 +65,7 @@ def test_run_click_refuses_without_a_worker(qtbot, docked) -> None:
     w["model"].patch_edit.setText("8")
     w["model"]._execution_changed()
     ex = w["explain"]
-    ex.methods.check("eigen_cam")
+    ex.methods.check("feature_permutation")
     assert ex.run() is None and not ex.running
-    assert ex.status.property("status_kind") == "error" and "eigen_cam" in ex.status.text()
+    assert ex.status.property("status_kind") == "error" and "feature_permutation" in ex.status.text()
     assert net.calls == 0

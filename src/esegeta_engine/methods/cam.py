@@ -45,7 +45,7 @@ from esegeta_engine.methods._layer_tap import (
     spatial_sum,
     weighted_map,
 )
-from esegeta_engine.methods.patch_layer_methods import PatchwiseCam, is_patchwise, stitched_layer
+from esegeta_engine.methods.patch_layer_methods import STITCHED_LAYER, PatchwiseCam, is_patchwise, stitched_layer
 from esegeta_engine.methods.registry import Call, CostInfo, MethodContext, MethodSpec, register
 
 Weigh = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -197,11 +197,11 @@ register(MethodSpec(
     name="eigen_cam", family="layer", output_grid="layer", title="Eigen-CAM",
     summary="first principal component of the layer's activations (class-agnostic, no gradient)",
     params=CAM_LAYER_PARAMS, build=_eigen(False), needs_layer=True, needs_hooks=True,
-    reference=_EIGEN_REF, patchwise="gradient", cost=one_evaluation))
+    reference=_EIGEN_REF, patchwise=STITCHED_LAYER, cost=one_evaluation))
 register(MethodSpec(
     name="eigen_grad_cam", family="layer", output_grid="layer", title="Eigen-Grad-CAM",
     summary="first principal component of gradient x activation: class-specific Eigen-CAM for "
             "segmentation targets",
     params=CAM_LAYER_PARAMS, build=_eigen(True), needs_layer=True, needs_hooks=True,
-    reference=_EIGEN_REF + " (applied to gradient x activation)", patchwise="gradient",
+    reference=_EIGEN_REF + " (applied to gradient x activation)", patchwise=STITCHED_LAYER,
     cost=one_evaluation))

@@ -28,10 +28,15 @@ import torch
 from captum.attr._utils.approximation_methods import approximation_parameters
 
 from esegeta_engine.forward.patch_layer import patchwise_layer_forward, patchwise_layer_map
+from esegeta_engine.methods.behaviour import PatchwiseMode, register_patchwise_mode
 from esegeta_engine.methods.notes import add_note, notes_of
 from esegeta_engine.methods.registry import MethodContext
 
 Weigh = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+STITCHED_LAYER = register_patchwise_mode(PatchwiseMode(
+    "stitched_layer", True, summary="reads the whole scan's layer (Eigen-, Score-, Ablation-CAM): the stitched layer "
+    "is built patch by patch, and evaluations of perturbed copies recompute only the patches they change")).name
 
 
 def is_patchwise(ctx: MethodContext) -> bool:
