@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from esegeta_engine.methods.cam import one_evaluation
+from esegeta_engine.methods.notes import add_note, notes_of
 from esegeta_engine.methods.registry import Call, MethodContext, MethodSpec, Param, register
 
 _WITH_BIAS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d,
@@ -108,16 +109,35 @@ class FullGrad:
         raw = self.postprocess == "none"
         term = grad_x * x.detach()
         total = (term.sum(1, keepdim=True) if raw else _abs_normalise(term).sum(1, keepdim=True))
-        for i, (_, bias) in enumerate(biased):
+        spread: list[str] = []
+        for i, (module, bias) in enumerate(biased):
             for g in grads[i]:  # one per call of the module
-                shape = (1, -1) + (1,) * (g.dim() - 2)
-                per_channel = g * bias.detach().to(g.dtype).reshape(shape)
-                if raw:
-                    summed = per_channel.sum(1, keepdim=True)
-                else:
-                    summed = _abs_normalise(per_channel).sum(1, keepdim=True)
+                summed = bias_term(module, bias, g, raw, len(size))
+                if summed.dim() == 2 and g.dim() > 2:
+                    spread.append(type(module).__name__)
                 total = total + _to_grid(summed, size, keep_total=raw)
+        if spread:
+            add_note(notes_of(self.ctx), (
+                f"fullgrad: {len(spread)} bias term(s) of layers without a voxel grid ({', '.join(sorted(set(spread)))}, "
+                "e.g. a transformer's token features) have no location in the volume and are spread evenly over it"))
         return total.detach()
+
+
+def bias_term(module: nn.Module, bias: torch.Tensor, g: torch.Tensor, raw: bool, spatial_dims: int) -> torch.Tensor:
+    """One layer's bias-gradient term ``b * dF/dz``, summed over the bias's axis.
+
+    Convolutions and norms add their bias along the channel axis (1); a linear layer along the
+    last axis, whatever comes before it (a transformer's ``(N, tokens, features)``). Returns
+    ``(N, 1, *grid)`` for a term on a spatial grid, else ``(N, 1)`` (its total).
+    """
+    axis = g.dim() - 1 if isinstance(module, nn.Linear) else 1
+    shape = [1] * g.dim()
+    shape[axis] = -1
+    per_unit = g * bias.detach().to(g.dtype).reshape(shape)
+    summed = (per_unit if raw else _abs_normalise(per_unit)).sum(axis, keepdim=True)
+    if axis == 1 and summed.dim() == spatial_dims + 2:
+        return summed
+    return summed.reshape(summed.shape[0], -1).sum(1, keepdim=True)
 
 
 register(MethodSpec(
