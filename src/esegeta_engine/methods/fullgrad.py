@@ -26,7 +26,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from esegeta_engine.methods.cam import one_evaluation
 from esegeta_engine.methods.notes import add_note, notes_of
 from esegeta_engine.methods.registry import Call, MethodContext, MethodSpec, Param, register
 
@@ -67,7 +66,7 @@ def _to_grid(term: torch.Tensor, size: tuple[int, ...], keep_total: bool) -> tor
     return out
 
 
-def _abs_normalise(t: torch.Tensor) -> torch.Tensor:
+def abs_normalise(t: torch.Tensor) -> torch.Tensor:
     t = t.abs()
     flat = t.flatten(1)
     lo = flat.amin(1).reshape(-1, *([1] * (t.dim() - 1)))
@@ -86,6 +85,10 @@ class FullGrad:
         """Return the input-grid map ``(N, 1, *spatial)`` of class ``target``."""
         biased = [(m, b) for m in self.ctx.score_model.modules()
                   if (b := effective_bias(m)) is not None]
+        if getattr(self.ctx.score_model, "patchwise", False):
+            from esegeta_engine.methods.fullgrad_patchwise import patchwise_fullgrad
+
+            return patchwise_fullgrad(self.ctx, biased, inputs, target, self.postprocess == "none")
         grads: dict[int, list[torch.Tensor]] = {i: [] for i in range(len(biased))}
         handles = []
 
@@ -108,7 +111,7 @@ class FullGrad:
         size = tuple(inputs.shape[2:])
         raw = self.postprocess == "none"
         term = grad_x * x.detach()
-        total = (term.sum(1, keepdim=True) if raw else _abs_normalise(term).sum(1, keepdim=True))
+        total = (term.sum(1, keepdim=True) if raw else abs_normalise(term).sum(1, keepdim=True))
         spread: list[str] = []
         for i, (module, bias) in enumerate(biased):
             for g in grads[i]:  # one per call of the module
@@ -134,7 +137,7 @@ def bias_term(module: nn.Module, bias: torch.Tensor, g: torch.Tensor, raw: bool,
     shape = [1] * g.dim()
     shape[axis] = -1
     per_unit = g * bias.detach().to(g.dtype).reshape(shape)
-    summed = (per_unit if raw else _abs_normalise(per_unit)).sum(axis, keepdim=True)
+    summed = (per_unit if raw else abs_normalise(per_unit)).sum(axis, keepdim=True)
     if axis == 1 and summed.dim() == spatial_dims + 2:
         return summed
     return summed.reshape(summed.shape[0], -1).sum(1, keepdim=True)
@@ -150,4 +153,5 @@ register(MethodSpec(
     build=lambda ctx, p: Call(FullGrad(ctx, p["postprocess"])), needs_hooks=True,
     reference="Srinivas & Fleuret 2019, Full-Gradient Representation for Neural Network "
               "Visualization, NeurIPS, arXiv:1905.00780",
-    patchwise="whole", cost=one_evaluation, axiom="conservation"))
+    patchwise="gradient", cost=lambda info, p: 2 if info.patchwise and p["postprocess"] != "none" else 1,
+    axiom="conservation"))
