@@ -218,12 +218,20 @@ def scorecard(metrics: Mapping[str, Any], verdicts: Sequence[Mapping[str, Any]] 
     rho = _num(m.get("stability_spearman"))
     if rho is not None:
         card["stability"] = _entry("failed" if rho < STABILITY_MIN_SPEARMAN else "checked", rho,
-                                   f"mean pairwise rank correlation over {m.get('stability_source', 'members')}"
-                                   f" (>= {STABILITY_MIN_SPEARMAN} passes)")
+                                   f"mean pairwise rank correlation over {_over(m)} (>= {STABILITY_MIN_SPEARMAN} "
+                                   "passes)")
     else:
         card["stability"] = _entry("not checked")
     card["line"] = scorecard_line(card)
     return card
+
+
+def _over(m: Mapping[str, Any]) -> str:
+    """What a map's stability varied over: ``4 folds``, ``8 mirrors``, ``3 noisy inputs``, ..."""
+    over = m.get("stability_over") or ("noise" if m.get("stability_source") == "input noise" else "members")
+    n = m.get("stability_n")
+    words = {"noise": "noisy inputs", "models": "models"}.get(str(over), str(over))
+    return f"{n} {words}" if n else words
 
 
 def _fmt(v: Any) -> str:
