@@ -60,16 +60,26 @@ class ScoredMap:
             self.plain_evaluations = self.method_evaluations
 
     def n_members(self, cfg: Any) -> int | None:
-        """Maps the stability check makes (``cfg``: its config section): its model list plus the
-        model, the model's own members, or ``None`` (then it draws ``samples`` noisy inputs)."""
-        from esegeta_engine.evaluation.stability import members_of
+        """Maps the stability check (``cfg``: its config section) makes over members, as
+        :func:`~esegeta_engine.evaluation.stability.choose_members` picks them; ``None``: over
+        input noise (``samples`` maps); 0: the members asked for do not exist (the check fails
+        before any evaluation)."""
+        from esegeta_engine.errors import MethodError
+        from esegeta_engine.evaluation.stability import choose_members
 
+        if cfg.over == "noise":
+            return None
         if cfg.models:
             return 1 + len(cfg.models)
         if self.members is not None:
             return self.members
-        members = members_of(self.model) if self.model is not None else None
-        return len(members) if members else None
+        if self.model is None:
+            return None
+        try:
+            _, found = choose_members(self.model, cfg.over)
+        except MethodError:
+            return 0
+        return len(found) if found else None
 
     def n_stages(self) -> int | None:
         """Randomisation stages: the model's parameterised layers (:func:`parameterised_layers`)."""

@@ -58,7 +58,8 @@ def standard_evaluators(cfg: EvaluationConfig, seed: int = 0,
     """Evaluators for ROAD, region perturbation, MPRT and stability as configured in ``cfg``.
 
     ``members``: models explained beside the run's model for the stability check (a model
-    list); without them the model's own members (:func:`stability.members_of`) or input noise.
+    list); without them ``stability.over`` picks the model's folds, mirrors or other members,
+    or input noise (:func:`stability.choose_members`).
     """
     from esegeta_engine.evaluation import mprt, road, stability
 
@@ -115,9 +116,13 @@ def standard_evaluators(cfg: EvaluationConfig, seed: int = 0,
                 from esegeta_engine.models import load_model
 
                 loaded.extend(load_model(p, device=str(ctx.inputs.device)) for p in c4.models)
-            group = [model, *loaded] if loaded else stability.members_of(model)
-            return stability.stability(lambda m, xi: explain_with(job, ctx, m, xi), model, ctx.inputs, group,
-                                       samples=c4.samples, noise=c4.noise, seed=seed)
+            over, group = stability.choose_members(model, c4.over, loaded)
+            res = stability.stability(lambda m, xi: explain_with(job, ctx, m, xi), model, ctx.inputs, group,
+                                      samples=c4.samples, noise=c4.noise, seed=seed)
+            res["stability_over"] = over  # folds, mirrors, models, members or noise
+            if group:
+                res["stability_members"] = ", ".join(stability.member_names(group))
+            return res
 
         out.append(_counted("stability", stability_))
     return out
