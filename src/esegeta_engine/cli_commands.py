@@ -210,7 +210,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         cfg.output.overwrite = True
     if args.device:
         cfg.model.device = args.device
-    return _execute(cfg, args.quiet, getattr(args, "resume", False), trust_pickled=args.trust_pickled)
+    return _execute(cfg, args.quiet, getattr(args, "resume", False), trust_pickled=args.trust_pickled,
+                    trust_bundle=getattr(args, "trust_bundle", False))
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
