@@ -117,9 +117,10 @@ def parameterised_layers(model: nn.Module) -> int:
 
 
 def _registered() -> dict[str, ScoreCost]:
-    # the scores' modules register their costs on import
-    from esegeta_engine.evaluation import evaluators, mprt, pointing, road, stability  # noqa: F401
+    import importlib
 
+    for module in ("road", "mprt", "stability", "pointing", "evaluators"):  # they register their costs on import
+        importlib.import_module(f"esegeta_engine.evaluation.{module}")
     return SCORE_COSTS
 
 
