@@ -92,7 +92,7 @@ class LayerCanvas:
     def __init__(self, grid: WindowGrid, n: int, combine: str, on_layer_grid: bool = False) -> None:
         self.grid, self.n, self.combine, self.on_layer_grid = grid, n, combine, on_layer_grid
         self.canvas: torch.Tensor | None = None
-        self.layer_grid = False
+        self.layer_grid = self.resampled = False
 
     def _setup(self, maps: torch.Tensor) -> None:
         g = self.grid
@@ -102,6 +102,7 @@ class LayerCanvas:
                  for a in range(len(g.roi))]
         self.layer_grid = self.on_layer_grid and shape != g.roi and all(
             all(e * s % r == 0 for e in edges[a]) for a, (s, r) in enumerate(ratio))
+        self.resampled = shape != g.roi and not self.layer_grid  # copies interpolated to the input grid
         if self.layer_grid:
             self.to_layer = lambda v, a: v * ratio[a][0] // ratio[a][1]
             self.size = shape
@@ -164,8 +165,8 @@ def _once(calls: int, method: str, name: str) -> None:
 
 def patchwise_layer_map(score_model: nn.Module, layer: nn.Module, inputs: torch.Tensor, target: int,
                         layer_input: bool, per_patch: PerPatch, combine: str, method: str,
-                        layer_name: str | None = None,
-                        on_layer_grid: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                        layer_name: str | None = None, on_layer_grid: bool = False,
+                        report: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The input-grid map of a layer method over every patch copy of ``layer``.
 
     Parameters
@@ -189,6 +190,8 @@ def patchwise_layer_map(score_model: nn.Module, layer: nn.Module, inputs: torch.
         For messages.
     on_layer_grid : bool
         Combine on the scan's layer grid where it lines up with the patches (:class:`LayerCanvas`).
+    report : dict, optional
+        Filled with ``resampled``: whether the copies had to be interpolated to the input grid.
 
     Returns
     -------
@@ -231,6 +234,8 @@ def patchwise_layer_map(score_model: nn.Module, layer: nn.Module, inputs: torch.
         sw.on_backward_chunk = None
         for h in handles:
             h.remove()
+    if report is not None:
+        report["resampled"] = canvas.resampled
     return canvas.result(inputs.device), total
 
 
@@ -240,7 +245,7 @@ LayerOnly = Callable[[torch.Tensor, list[tuple[int, int]]], torch.Tensor]
 
 def patchwise_layer_forward(score_model: nn.Module, layer: nn.Module, inputs: torch.Tensor, layer_input: bool,
                             per_patch: LayerOnly, combine: str, method: str, layer_name: str | None = None,
-                            on_layer_grid: bool = False) -> torch.Tensor:
+                            on_layer_grid: bool = False, report: dict | None = None) -> torch.Tensor:
     """Like :func:`patchwise_layer_map` for methods that read activations only (no target, no
     gradient): each patch batch runs forward once, without a graph, and its copies' maps are
     combined on a :class:`LayerCanvas`. The network's outputs are not stitched."""
@@ -270,4 +275,6 @@ def patchwise_layer_forward(score_model: nn.Module, layer: nn.Module, inputs: to
                 canvas.add(chunk, per_patch(seen[0], chunk).float())
     finally:
         handle.remove()
+    if report is not None:
+        report["resampled"] = canvas.resampled
     return canvas.result(inputs.device)

@@ -178,8 +178,10 @@ class JobExecutor:
                     yield MapReady(job, vol, arr, seconds, holder.get("evaluations", monitor.count), met,
                                    holder.get("samples", monitor.samples), list(holder["notes"]), form,
                                    holder.get("patches", 0))
-                log.info("%s · %s: done in %.2f s, %d model evaluations", job.label, job.cls_label,
-                         seconds, monitor.count)
+                own = holder.get("evaluations", monitor.count)  # the count the record and the tables show
+                checks = monitor.count - own  # the trust checks' own forward passes, said apart
+                log.info("%s · %s: done in %.2f s, %d model evaluations%s", job.label, job.cls_label,
+                         seconds, own, f" (+{checks} for its checks)" if checks > 0 else "")
                 return
         if isinstance(err, Cancelled):
             status, text = "cancelled", "cancelled by the user"
