@@ -150,12 +150,12 @@ def iter_run(cfg: Config, cancel: threading.Event | None = None, *, threaded: bo
         "model": {**loaded.description, "class_names": loaded.class_names, "attribution_grid": loaded.grid},
         "volumes": [],
         "results": [],
-        # methods and scores (randomisation phase included), before any input is prepared
-        "estimated_model_evaluations": explainer.estimate(volumes, cfg.methods, cfg.evaluation),
     }
     manifest_path = out / MANIFEST
     planned: set[tuple[str, str]] = set()  # (key, volume) of every job this run planned
     try:
+        # methods and scores (randomisation phase included), before any input is prepared
+        manifest["estimated_model_evaluations"] = explainer.estimate(volumes, cfg.methods, cfg.evaluation)
         names = Names()  # a job redone with other settings rewrites its own map; other maps stay
         truth = (roi != 0) if cfg.target.kind == "outcome" and roi is not None else None
         for i, v in enumerate(volumes):

@@ -62,7 +62,7 @@ def test_the_estimate_counts_road_and_mprt(dims):
 
 
 @pytest.mark.parametrize("variant", ["smooth", "efficient"])
-def test_a_run_counts_what_its_estimate_counted(tmp_path, variant):
+def test_a_run_counts_what_its_estimate_counted(tmp_path, variant, capsys):
     torch.manual_seed(0)
     torch.save(TinySegNet(3).state_dict(), tmp_path / "model.pt")
     nib.save(nib.Nifti1Image(np.random.default_rng(0).random((8, 8, 8)).astype(np.float32), np.eye(4)),
@@ -96,6 +96,10 @@ def test_a_run_counts_what_its_estimate_counted(tmp_path, variant):
     # the run's progress counted the scores against an expected total that had them in
     last = [e for e in events if getattr(e, "run_expected", None) is not None][-1]
     assert last.run_evaluations == last.run_expected == methods + scores
+    from esegeta_engine.cli_commands import _print_summary
+
+    _print_summary(result)
+    assert f"model evaluations (methods and scores): {est}, estimated {est} before the run" in capsys.readouterr().out
 
 
 def test_the_cohort_dry_run_shows_the_total_with_the_scores(tmp_path, capsys):

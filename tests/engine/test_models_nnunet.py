@@ -32,8 +32,8 @@ SCAN_SPACING = (0.9, 1.1, 2.5)  # differs from the plans' (1, 1, 2)
 
 
 @pytest.fixture(scope="module")
-def folder(tmp_path_factory) -> Path:
-    return S.make_results(tmp_path_factory.mktemp("nnunet"), folds=(0, 1))
+def folder(nnunet_folder) -> Path:
+    return nnunet_folder  # built once per session (tests/conftest.py)
 
 
 @pytest.fixture(scope="module")

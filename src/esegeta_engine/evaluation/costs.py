@@ -22,7 +22,7 @@ from typing import Any
 
 from torch import nn
 
-__all__ = ["AFTER_RUN", "SCORE_COSTS", "ScoredMap", "counted_evaluations", "jobs_score_cost", "map_score_cost", "parameterised_layers",
+__all__ = ["AFTER_RUN", "SCORE_COSTS", "ScoredMap", "counted_evaluations", "evaluations_line", "jobs_score_cost", "map_score_cost", "parameterised_layers",
            "score_cost"]
 
 
@@ -117,9 +117,10 @@ def parameterised_layers(model: nn.Module) -> int:
 
 
 def _registered() -> dict[str, ScoreCost]:
-    # the scores' modules register their costs on import
-    from esegeta_engine.evaluation import evaluators, mprt, pointing, road, stability  # noqa: F401
+    import importlib
 
+    for module in ("road", "mprt", "stability", "pointing", "evaluators"):  # they register their costs on import
+        importlib.import_module(f"esegeta_engine.evaluation.{module}")
     return SCORE_COSTS
 
 
@@ -170,3 +171,18 @@ def counted_evaluations(manifest: dict[str, Any]) -> int:
     for rec in manifest.get("results") or []:
         total += int(rec.get("model_evaluations") or 0) + int(rec.get("metric_evaluations") or 0)
     return total + sum(int(e.get("evaluations") or 0) for e in manifest.get("randomisation") or [])
+
+
+def evaluations_line(manifest_path: Any) -> str | None:
+    """The CLI summary's line: the run's model evaluations (methods and scores) and its estimate."""
+    import json
+
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    counted, est = manifest.get("model_evaluations"), manifest.get("estimated_model_evaluations")
+    if counted is None:
+        return None
+    return (f"model evaluations (methods and scores): {counted}"
+            + (f", estimated {est} before the run" if est is not None else "") + "\n")

@@ -230,6 +230,7 @@ def run_randomisation(
     footprint: bool | np.ndarray = True,
     cancel: threading.Event | None = None,
     progress: Callable[[int, int, str], None] | None = None,
+    order_input: torch.Tensor | None = None,
 ) -> RandomisationResult:
     """Run the randomisation sanity check for several methods.
 
@@ -275,7 +276,8 @@ def run_randomisation(
         Raises :class:`Cancelled` when ``cancel`` is set.
     """
     cancel = cancel or threading.Event()
-    result = RandomisationResult(mode=mode, order=execution_order(model, inputs))
+    # the layer order needs one plain forward pass: on ``order_input`` (a patch) when given, not the volume
+    result = RandomisationResult(mode=mode, order=execution_order(model, inputs if order_input is None else order_input))
     entries: list[tuple[str, MethodSpec, dict[str, Any], str | None]] = []
     for spec, params, layer in methods:
         label = base = f"{spec.name}@{layer}" if layer else spec.name
