@@ -97,10 +97,11 @@ class _Optimised:
         canvas = out.new_zeros((out.shape[0], out.shape[1], *grid.padded))
         canvas[(slice(None), slice(None), *window)] = out
         start = [w.start - o for w, o in zip(window, grid.offset)]
+        origin = " from the central patch of the input" if self.kind in _FROM_INPUT else ""
         add_note(notes_of(self.ctx), (
             f"{self.kind}: under sliding-window execution the network sees one patch, so an input of the patch size "
-            f"{list(grid.roi)} (its field of view) was optimised{' from the central patch of the input' if self.kind in _FROM_INPUT else ''}"
-            f" and placed at the centre of the volume (voxel {start} of the volume); the rest is zero"))
+            f"{list(grid.roi)} (its field of view) was optimised{origin} and placed at the centre of the volume "
+            f"(from voxel {start}); the rest is zero"))
         return grid.crop(canvas)
 
     def _activation_maximisation(self, x: torch.Tensor, p: Mapping[str, Any],
