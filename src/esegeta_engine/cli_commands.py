@@ -124,6 +124,9 @@ def _print_summary(result: Any) -> None:
           f"(run {result.status}); manifest: {result.manifest_path.name}")
     if (result.out_dir / "report.html").is_file():
         print(f"report: {result.out_dir / 'report.html'}")
+    from esegeta_engine.evaluation.costs import evaluations_line
+
+    print(evaluations_line(result.manifest_path) or "", end="")
     _print_randomisation(result.manifest_path)
     _print_trust(result.manifest_path)
     for r in records:
@@ -213,7 +216,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         cfg.output.overwrite = True
     if args.device:
         cfg.model.device = args.device
-    return _execute(cfg, args.quiet, getattr(args, "resume", False), trust_pickled=args.trust_pickled)
+    return _execute(cfg, args.quiet, getattr(args, "resume", False), trust_pickled=args.trust_pickled,
+                    trust_bundle=getattr(args, "trust_bundle", False))
 
 
 def cmd_explain(args: argparse.Namespace) -> int:

@@ -30,9 +30,9 @@ from esegeta_engine.config import ExecutionConfig, MethodConfig, PreprocessConfi
 from esegeta_engine.errors import Cancelled, EsegetaError, MethodTimeout, TargetError, VolumeError
 from esegeta_engine.forward.runner import ExecutionForm, execution_form
 from esegeta_engine.jobs.build import _is_oom, build_target, memory_error, target_support
-from esegeta_engine.jobs.events import Event, Evaluator, JobFailed, MapReady, Progress, RunState, outcome_event
+from esegeta_engine.jobs.events import Event, Evaluator, JobFailed, MapReady, Progress, RunState
 from esegeta_engine.jobs.executor import JobExecutor
-from esegeta_engine.jobs.executors import InlineExecutor, LocalJob, portable_spec
+from esegeta_engine.jobs.executors import InlineExecutor, run_jobs
 from esegeta_engine.jobs.worker import JobOutcome
 from esegeta_engine.jobs.plan import (Job, array_fingerprint, estimate_run, key_context, model_fingerprint, plan_jobs,
                                       volume_groups)
@@ -264,9 +264,11 @@ class Explainer:
         channels = getattr(get_layer(self.model, name), "out_channels", None)
         return int(channels) if isinstance(channels, int) else None
 
-    def estimate(self, volumes: Sequence[Volume], methods: Sequence[MethodConfig]) -> int | None:
-        """Expected model evaluations of a run, before it runs (see :func:`jobs.plan.estimate_run`)."""
-        return estimate_run(self, volumes, methods)
+    def estimate(self, volumes: Sequence[Volume], methods: Sequence[MethodConfig],
+                 evaluation: Any = None) -> int | None:
+        """Expected model evaluations of a run, before it runs (see :func:`jobs.plan.estimate_run`;
+        ``evaluation``: the scores' evaluations too)."""
+        return estimate_run(self, volumes, methods, evaluation)
 
     def iter_explain(
         self,
@@ -279,6 +281,7 @@ class Explainer:
         threaded: bool = True,
         on_progress: Callable[[Progress], None] | None = None,
         skip: Callable[[Job], bool] | None = None,
+        evaluation: Any = None,
         executor: Any = None,
         portable: Callable[[Job], Any] | None = None,
     ) -> Generator[Event, None, None]:
@@ -305,15 +308,13 @@ class Explainer:
             Called with per-evaluation :class:`Progress` when ``threaded`` is false.
         skip : callable, optional
             ``skip(job) -> bool``: jobs already done (a resumed run) are not run.
-        executor : optional
-            Who runs the planned jobs, through the seam ``map(specs) -> outcomes`` (see
-            :mod:`esegeta_engine.jobs.executors`); default the inline executor. An executor with
-            ``local = True`` runs each job here on this model and input (its events stream out);
-            any other is given ``portable(job)`` (a picklable
-            :class:`~esegeta_engine.jobs.worker.JobSpec`) and its outcomes become
-            :class:`MapReady` / :class:`JobFailed` events.
-        portable : callable, optional
-            ``portable(job) -> JobSpec``, needed by executors that are not local.
+        evaluation : EvaluationConfig, optional
+            The config ``evaluators`` were made from: their scores' evaluations join the
+            progress totals (the randomisation phase after the run is not part of these).
+        executor, portable : optional
+            Who runs the jobs, through ``map(specs) -> outcomes`` (default inline: here, events
+            streaming); an executor that is not ``local`` gets ``portable(job)`` (a ``JobSpec``) and
+            its outcomes become events (see :func:`esegeta_engine.jobs.executors.run_jobs`).
         """
         cancel = cancel or threading.Event()
         monitor = EvaluationMonitor(cancel)
@@ -328,7 +329,17 @@ class Explainer:
         # totals are therefore estimates until every group is planned.
         per_group = {id(ms): sum(len(m.layers or [None]) * len(self.target.classes or [0]) for m in ms)
                      for _, ms in groups}
-        state = RunState(self.estimate(volumes, methods))
+        in_job = None if evaluation is None else evaluation.model_copy(update={"randomisation": None})
+        state = RunState(self.estimate(volumes, methods, in_job))
+
+        def expected(job: Job) -> int | None:  # what the estimate counted for a job, its scores included
+            if in_job is None or job.expected_evaluations is None:
+                return job.expected_evaluations
+            from esegeta_engine.evaluation.costs import jobs_score_cost
+
+            scores = jobs_score_cost(in_job, [job], self.model)
+            return None if scores is None else job.expected_evaluations + scores
+
         done = 0
         jobs_here = JobExecutor(self)
         runner = executor if executor is not None else InlineExecutor(cancel)
@@ -358,7 +369,7 @@ class Explainer:
                     nonlocal done
                     if skip is None or not skip(job):
                         return None
-                    state.skipped(job)
+                    state.skipped(job, expected(job))
                     done += 1
                     return state.progress(done, total, f"{job.label} · {job.cls_label}: already done")
 
@@ -371,29 +382,17 @@ class Explainer:
                     yield state.progress(done, total, f"{job.label} · {job.cls_label}: starting")
                     yield from jobs_here.run(job, x, target, target_support(target, tuple(x.shape[2:]), job.cls),
                                              monitor, done, total, evaluators, threaded, on_progress, state, geometry)
-                    state.finished(job, state.job_evaluations)
+                    state.finished(job, state.job_evaluations + state.score_evaluations, expected(job))
                     done += 1
 
-                specs: list[Any] = []
-                for job in jobs:  # an executor running jobs elsewhere gets portable specs of those not done
-                    if getattr(runner, "local", False):
-                        specs.append(LocalJob(job.key, partial(run_here, job, x, target, geometry)))
-                    elif (event := skipped(job)) is not None:
-                        yield event
-                    else:
-                        specs.append(portable_spec(portable, job))
-                by_key = {job.key: job for job in jobs}
-                for item in runner.map(specs):
-                    if isinstance(item, JobOutcome):  # a job run elsewhere: its outcome as an event
-                        job = by_key[item.key]
-                        yield outcome_event(job, item)
-                        state.finished(job, item.evaluations)
-                        done += 1
-                        yield state.progress(done, total, f"{job.label} · {job.cls_label}: {item.status}")
-                    else:
-                        yield item
-                    if isinstance(item, JobOutcome) and cancel.is_set():
-                        return
+                def finished(job: Job, outcome: JobOutcome) -> Progress:  # a job run elsewhere
+                    nonlocal done
+                    state.finished(job, outcome.evaluations, expected(job))
+                    done += 1
+                    return state.progress(done, total, f"{job.label} · {job.cls_label}: {outcome.status}")
+
+                yield from run_jobs(runner, jobs, partial(run_here, x=x, target=target, geometry=geometry),
+                                    skipped, portable, finished, cancel)
                 if cancel.is_set():  # (the inline executor starts no job after a cancel)
                     return
                 del x, out, target

@@ -31,6 +31,7 @@ import queue
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from esegeta_engine.errors import ConfigError
@@ -71,6 +72,38 @@ def portable_spec(portable: Callable[[Any], JobSpec] | None, job: Any) -> JobSpe
         raise ConfigError(f"{job.label} explains all volumes in one batch, which only the inline executor runs",
                           "use execution.executor: inline for this method")
     return portable(job)
+
+
+def run_jobs(runner: Any, jobs: Sequence[Any], run_here: Callable[[Any], Iterator[Event]],
+             skipped: Callable[[Any], Any], portable: Callable[[Any], JobSpec] | None,
+             finished: Callable[[Any, JobOutcome], Any], cancel: threading.Event) -> Iterator[Any]:
+    """One planned group's jobs through ``runner.map``: their events, in the order they happen.
+
+    A local runner (``inline``) gets a :class:`LocalJob` per job (``run_here(job)`` yields its
+    events, skipping a resumed job itself); any other gets the portable spec of every job not
+    ``skipped`` (``skipped(job)`` returns its progress event, or None), and each
+    :class:`JobOutcome` comes back as its event then ``finished(job, outcome)``.
+    """
+    from esegeta_engine.jobs.events import outcome_event
+
+    specs: list[JobSpec | LocalJob] = []
+    for job in jobs:
+        if getattr(runner, "local", False):
+            specs.append(LocalJob(job.key, partial(run_here, job)))
+        elif (event := skipped(job)) is not None:
+            yield event
+        else:
+            specs.append(portable_spec(portable, job))
+    by_key = {job.key: job for job in jobs}
+    for item in runner.map(specs):
+        if not isinstance(item, JobOutcome):  # a local job's own events
+            yield item
+            continue
+        job = by_key[item.key]
+        yield outcome_event(job, item)
+        yield finished(job, item)
+        if cancel.is_set():
+            return
 
 
 class InlineExecutor:
