@@ -124,6 +124,9 @@ def _print_summary(result: Any) -> None:
           f"(run {result.status}); manifest: {result.manifest_path.name}")
     if (result.out_dir / "report.html").is_file():
         print(f"report: {result.out_dir / 'report.html'}")
+    from esegeta_engine.evaluation.costs import evaluations_line
+
+    print(evaluations_line(result.manifest_path) or "", end="")
     _print_randomisation(result.manifest_path)
     _print_trust(result.manifest_path)
     for r in records:

@@ -28,6 +28,7 @@ from esegeta_engine.evaluation.api import localisation_metrics
 from esegeta_engine.evaluation.evaluators import CURVES_KEY, scalar_metrics
 from esegeta_engine.evaluation.session import EvaluationSession
 from esegeta_engine.evaluation.localisation import LOCALISATION_METRICS
+from esegeta_engine.evaluation.costs import counted_evaluations
 from esegeta_engine.evaluation.map_extras import expected_metric_evaluations, map_extras, refresh_trust
 from esegeta_engine.explain import Event, Explainer, JobFailed, MapReady, Progress
 from esegeta_engine.inputs import load_ground_truth, load_inputs, load_mask_on_grid
@@ -153,6 +154,8 @@ def iter_run(cfg: Config, cancel: threading.Event | None = None, *, threaded: bo
     manifest_path = out / MANIFEST
     planned: set[tuple[str, str]] = set()  # (key, volume) of every job this run planned
     try:
+        # methods and scores (randomisation phase included), before any input is prepared
+        manifest["estimated_model_evaluations"] = explainer.estimate(volumes, cfg.methods, cfg.evaluation)
         names = Names()  # a job redone with other settings rewrites its own map; other maps stay
         truth = (roi != 0) if cfg.target.kind == "outcome" and roi is not None else None
         for i, v in enumerate(volumes):
@@ -177,7 +180,8 @@ def iter_run(cfg: Config, cancel: threading.Event | None = None, *, threaded: bo
 
         for event in explainer.iter_explain(volumes, cfg.methods, roi_mask=roi, cancel=cancel,
                                             evaluators=EvaluationSession(model, ev, seed=cfg.run.seed).evaluators(),
-                                            threaded=threaded, on_progress=on_progress, skip=skip):
+                                            threaded=threaded, on_progress=on_progress, skip=skip,
+                                            evaluation=ev):
             if isinstance(event, MapReady):
                 job = event.job
                 name = names(stems[event.volume], job)
@@ -237,6 +241,7 @@ def iter_run(cfg: Config, cancel: threading.Event | None = None, *, threaded: bo
         raise
     finally:
         manifest["duration_s"] = round(time.perf_counter() - started, 3)
+        manifest["model_evaluations"] = counted_evaluations(manifest)  # what the estimate counts
         # earlier maps this run did not keep or reach stay recorded (never orphaned)
         complete = manifest["status"] == "completed"
         manifest["results"].extend(r.replace(planned=False if complete else None).to_json()

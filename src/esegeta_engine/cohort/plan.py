@@ -131,6 +131,7 @@ class CohortJob:
     file: str
     cost: int | None
     layer: str | None = None
+    score_cost: int | None = 0  # model evaluations of the map's scores (ROAD, MPRT, stability, ...)
 
 
 @dataclass
@@ -147,8 +148,9 @@ class CohortPlan:
 
     @property
     def estimated_evaluations(self) -> int | None:
-        """Model evaluations of the jobs whose method declares its cost (None when none does)."""
-        known = [j.cost for j in self.jobs if j.cost is not None]
+        """Model evaluations of the jobs whose method declares its cost, their scores' included
+        (None when none does)."""
+        known = [j.cost + (j.score_cost or 0) for j in self.jobs if j.cost is not None]
         return int(sum(known)) if known else None
 
     def describe(self) -> str:
@@ -161,7 +163,9 @@ class CohortPlan:
         text = (f"cohort plan: {len(self.jobs)} jobs = {n_models} model(s) x {len(self.volumes)} volume(s) x "
                 f"{len(methods)} method(s) x {len(classes)} class(es)")
         if est is not None:
-            text += f"; about {est} model evaluations" + (f" (+{unknown} jobs of undeclared cost)" if unknown else "")
+            scores = sum(j.score_cost or 0 for j in self.jobs if j.cost is not None)
+            text += f"; about {est} model evaluations" + (f" ({scores} of them for the scores)" if scores else "") \
+                + (f" (+{unknown} jobs of undeclared cost)" if unknown else "")
         else:
             text += "; cost: these methods do not declare one"
         return text + f"\n{describe_subjects(self.volumes)}\n{self.grid_note}"
@@ -282,6 +286,8 @@ def plan_cohort(cfg: CohortConfig, trust: Any = None) -> CohortPlan:
     EsegetaError
         Any problem found before work starts (see the module docstring).
     """
+    from esegeta_engine.evaluation.costs import jobs_score_cost
+
     for m in cfg.methods:
         if get_method(m.name).needs_batch:
             raise ConfigError(f"method {m.name!r} explains a batch of volumes together, which a cohort job "
@@ -332,7 +338,9 @@ def plan_cohort(cfg: CohortConfig, trust: Any = None) -> CohortPlan:
                     label = method_label(meth, job.layer)
                     name = f"maps/{m.name}/{v.subject}__{_slug(label)}__{cfg.target.kind}-{job.cls}.nii.gz"
                     jobs.append(CohortJob(job.key, m.name, vi, v.subject, mi, label, int(job.cls), name,
-                                          job.expected_evaluations, job.layer))
+                                          job.expected_evaluations, job.layer,
+                                          jobs_score_cost(cfg.evaluation, [job],
+                                                          _loaded(m, model_sha[m.name], trusted).module)))
     return CohortPlan(volumes, model_sha, jobs, common, note, model_key, trusted)
 
 

@@ -301,6 +301,7 @@ def build_report_from_run(run_dir: str | Path, *, mask: str | Path | None = None
         The mask does not have the maps' shape.
     """
     from esegeta_engine.evaluation.figures import comparison_grid, curves_figure, mip_figure, montage_figure
+    from esegeta_engine.evaluation.figures_stability import report_stability
     from esegeta_engine.evaluation.localisation import localisation_scores
 
     run_dir = Path(run_dir)
@@ -323,6 +324,7 @@ def build_report_from_run(run_dir: str | Path, *, mask: str | Path | None = None
         if rec.ok and rec.file:
             groups.setdefault((str(rec.volume), str(rec.target)), []).append(rec)
     figures: dict[str, list[Path]] = {}
+    stability_rows: list[dict[str, Any]] = []
     fig_dir = run_dir / "figures"
     for (stem, target), recs in groups.items():
         idx = [i for i, s in enumerate(stems) if stem in (s, f"{i:02d}-{s}")] or ([0] if len(vols) == 1 else [])
@@ -356,6 +358,11 @@ def build_report_from_run(run_dir: str | Path, *, mask: str | Path | None = None
             figures.setdefault(f"Maps · {stem} · {target}", []).append(
                 mip_figure(volume, arr, png, title=f"{label} · {target} · {stem}", spacing=spacing,
                            affine=affine))
+            spread = report_stability(run_dir, rec, volume, arr, ndim, fig_dir, f"{label} · {target} · {stem}",
+                                      spacing, affine, notes)
+            if spread is not None:  # the spread beside the map, and the numbers in a table
+                figures.setdefault(f"Stability · {stem} · {target}", []).append(spread[0])
+                stability_rows.append(spread[1])
             if ndim == 3 and volume is not None and arr.ndim == 3:
                 figures.setdefault(f"Slice montages · {stem} · {target}", []).append(montage_figure(
                     volume, arr, fig_dir / png.name.replace("__mip.png", "__montage.png"),
@@ -377,4 +384,6 @@ def build_report_from_run(run_dir: str | Path, *, mask: str | Path | None = None
         if entry.get("figure") and (run_dir / entry["figure"]).is_file():
             figures.setdefault("Randomisation sanity check", []).append(run_dir / entry["figure"])
     figures = dict(sorted(figures.items(), key=lambda kv: not kv[0].startswith("Comparison")))
-    return write_report(run_dir, metrics=list(metrics.values()), figures=figures, notes=notes)
+    tables = {"Stability: each map's spread over members or noisy inputs": stability_rows} if stability_rows else None
+    return write_report(run_dir, metrics=list(metrics.values()), figures=figures, notes=notes, extra_tables=tables)
+

@@ -144,8 +144,20 @@ SCORECARD = ("axiom", "randomisation", "faithfulness", "localisation", "stabilit
 STABILITY_MIN_SPEARMAN = 0.5
 
 
-def _entry(status: str, value: float | None = None, what: str = "", note: str = "") -> dict[str, Any]:
-    return {"status": status, "value": value, "what": what, **({"note": note} if note else {})}
+def _entry(status: str, value: float | None = None, what: str = "", note: str = "", **more: Any) -> dict[str, Any]:
+    return {"status": status, "value": value, "what": what, **({"note": note} if note else {}), **more}
+
+
+#: The evaluators behind each check: their ``<name>_error`` says why a check could not run.
+_ERRORS = {"axiom": ("axioms_error",), "randomisation": ("mprt_error",),
+           "faithfulness": ("road_error", "faithfulness_error", "region_perturbation_error"),
+           "localisation": ("localisation_error",), "stability": ("stability_error",)}
+
+
+def _text(e: Mapping[str, Any]) -> str:
+    """A check's number as shown: ``0.91`` (and ``(null 0.2)`` for a calibrated randomisation verdict)."""
+    text = f" {_fmt(e.get('value'))}" if e.get("value") is not None else ""
+    return text + (f" (null {_fmt(e.get('null'))})" if e.get("null") is not None else "")
 
 
 def scorecard(metrics: Mapping[str, Any], verdicts: Sequence[Mapping[str, Any]] = ()) -> dict[str, Any]:
@@ -181,7 +193,8 @@ def scorecard(metrics: Mapping[str, Any], verdicts: Sequence[Mapping[str, Any]] 
             "checked" if any(x.get("passes") for x in verdicts) else "not checked")
         card["randomisation"] = _entry(state, _num(v.get("mean_similarity")),
                                        f"{v.get('mode', 'cascading')} similarity to the original "
-                                       f"(null {_fmt(v.get('null'))}, margin {_fmt(v.get('margin'))})")
+                                       f"(null {_fmt(v.get('null'))}, margin {_fmt(v.get('margin'))})",
+                                       null=_num(v.get("null")), margin=_num(v.get("margin")))
     elif _num(m.get("mprt_smooth")) is not None:
         card["randomisation"] = _entry("checked", _num(m.get("mprt_smooth")), "smooth MPRT |Spearman| (no null)")
     elif _num(m.get("mprt_efficient")) is not None:
@@ -218,12 +231,24 @@ def scorecard(metrics: Mapping[str, Any], verdicts: Sequence[Mapping[str, Any]] 
     rho = _num(m.get("stability_spearman"))
     if rho is not None:
         card["stability"] = _entry("failed" if rho < STABILITY_MIN_SPEARMAN else "checked", rho,
-                                   f"mean pairwise rank correlation over {m.get('stability_source', 'members')}"
-                                   f" (>= {STABILITY_MIN_SPEARMAN} passes)")
+                                   f"mean pairwise rank correlation over {_over(m)} (>= {STABILITY_MIN_SPEARMAN} "
+                                   "passes)")
     else:
         card["stability"] = _entry("not checked")
+    for name, keys in _ERRORS.items():  # a check that raised: not checked, and why
+        err = next((str(m[k]) for k in keys if m.get(k)), None)
+        if err and card[name]["status"] == "not checked":
+            card[name]["note"] = f"the check could not run: {err}"[:300]
     card["line"] = scorecard_line(card)
     return card
+
+
+def _over(m: Mapping[str, Any]) -> str:
+    """What a map's stability varied over: ``4 folds``, ``8 mirrors``, ``3 noisy inputs``, ..."""
+    over = m.get("stability_over") or ("noise" if m.get("stability_source") == "input noise" else "members")
+    n = m.get("stability_n")
+    words = {"noise": "noisy inputs", "models": "models"}.get(str(over), str(over))
+    return f"{n} {words}" if n else words
 
 
 def _fmt(v: Any) -> str:
@@ -238,7 +263,7 @@ def scorecard_line(card: Mapping[str, Any]) -> str:
     for name in SCORECARD:
         e = card.get(name) or {}
         mark = marks.get(str(e.get("status")), "-")
-        parts.append(f"{name} {mark}" + (f" {_fmt(e.get('value'))}" if e.get("value") is not None else ""))
+        parts.append(f"{name} {mark}{_text(e)}")
     return " · ".join(parts)
 
 
@@ -270,9 +295,9 @@ def scorecard_html(records: Sequence[MapRecord | Mapping[str, Any]]) -> str:
         cells = [f"<td>{escape(str(r.file or _label(r)))}</td>"]
         for name in SCORECARD:
             e = r.extra["trust"].get(name) or {}
-            text = str(e.get("status", "not checked")) + (f" {_fmt(e.get('value'))}" if e.get("value") is not None
-                                                          else "")
-            cells.append(f'<td class="{style.get(str(e.get("status")), "")}" title="{escape(str(e.get("what", "")))}">'
+            text = str(e.get("status", "not checked")) + _text(e)
+            hover = "; ".join(str(x) for x in (e.get("what"), e.get("note")) if x)
+            cells.append(f'<td class="{style.get(str(e.get("status")), "")}" title="{escape(hover)}">'
                          f"{escape(text)}</td>")
         cells.append(f"<td>{escape(str(r.extra.get('stability_map') or ''))}</td>")
         body.append("<tr>" + "".join(cells) + "</tr>")
