@@ -331,6 +331,8 @@ def _files(manifest: dict[str, Any]) -> set[str]:
 def _record(job: Any, status: str, seconds: float, evaluations: int, extra: dict[str, Any] | None = None,
             **fields: Any) -> MapRecord:
     details = {"target_details": job.details} if getattr(job, "details", None) else {}
+    if getattr(job, "network_evaluations", None) is not None:  # a deployed pipeline's patches x mirrors x folds
+        details["expected_network_evaluations"] = job.network_evaluations
     return MapRecord(key=job.key, method=job.spec.name, target=job.cls_label, cls=job.cls, status=status,
                      layer=job.layer, noise_tunnel=job.noise_tunnel, params=dict(job.params),
                      seconds=round(seconds, 3), model_evaluations=evaluations,

@@ -46,6 +46,8 @@ class Job:
     key: str = ""
     expected_evaluations: int | None = None
     details: dict[str, Any] | None = None  # what the target column is (a component's class, size, centroid)
+    # a deployed pipeline's network evaluations (patches x mirrors x folds) of the method's forward calls
+    network_evaluations: int | None = None
 
     @property
     def label(self) -> str:
