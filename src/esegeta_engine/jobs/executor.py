@@ -124,6 +124,8 @@ class JobExecutor:
                 holder["samples"] = monitor.samples
                 holder["patches"] = monitor.patches
                 holder["form"] = sm.form.describe()
+                if ctx.extra.get("receptive_field"):  # what receptive-field skipping saved (methods/reach.py)
+                    holder["form"]["receptive_field"] = ctx.extra["receptive_field"]
             except Exception as exc:  # recorded; KeyboardInterrupt propagates
                 holder["error"] = exc
                 return
