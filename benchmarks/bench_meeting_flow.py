@@ -3,9 +3,11 @@
 1. Longest event-loop gap (a 5 ms QTimer in the GUI thread) while a map layer is added,
    while *Side by side* arranges two maps, and while the view switches to 3D — in the one dock,
    at 1366×768. ``--size sample`` uses the 64³ phantom; ``--size big`` a 197×233×189 phantom
-   (whole-brain sized, :func:`esegeta_engine.sample.make_phantom`). The maps are the bundled
-   U-Net's saliency on the sample, and a smooth synthetic map on the big volume (the GUI cost of
-   adding a layer does not depend on how the map was made).
+   (whole-brain sized, :func:`esegeta_engine.sample.make_phantom`). The maps are smooth synthetic
+   maps over the bright voxels (the GUI cost of adding a layer does not depend on how the map was
+   made). "add map" is the Explain tab's path: the layer data (contrast limits, signedness) built
+   in a worker thread, only napari's ``add_image`` on the GUI thread; "before" builds it on the
+   GUI thread as the tab did until 19.6, measured in the same run.
 2. Evaluate tab: Cancel during randomisation; the time from the click to the worker's end.
 3. Peak resident memory of evaluating a sliding-window map (infidelity + faithfulness, the one
    evaluation session) against explaining it (saliency), each in a fresh process on the same
@@ -88,29 +90,55 @@ def gui(args) -> None:
     meter = GapMeter()
     rng = np.random.default_rng(0)
 
-    def a_map(i: int):
+    def raw_map():
         from scipy.ndimage import gaussian_filter
 
-        m = gaussian_filter(rng.standard_normal(shape).astype(np.float32), 4) * bright
+        return gaussian_filter(rng.standard_normal(shape).astype(np.float32), 4) * bright
+
+    def layer_data(m, i: int):
         data, kw, _ = result_layer_data(m, method="saliency", method_label=f"saliency{i}", target_label="vessel",
                                         provenance={"class": 1, "target": "argmax", "input_layer": image.name},
                                         geometry=copy_geometry(image), nifti=image.metadata.get("nifti"))
         return data, kw
 
-    rows = {"add map": [], "side by side": [], "3D": []}
+    def add_prepared_in_worker(m, i: int) -> None:
+        """What the Explain tab does now: layer data (contrast limits...) in a thread, only the add here."""
+        import threading
+
+        from qtpy.QtCore import QTimer
+
+        box: list = []
+        worker = threading.Thread(target=lambda: box.append(layer_data(m, i)))
+        worker.start()
+
+        def poll() -> None:
+            if box:
+                viewer.add_image(box[0][0], **box[0][1])
+            else:
+                QTimer.singleShot(5, poll)
+
+        QTimer.singleShot(5, poll)
+
+    rows = {"add map, statistics on the GUI thread (before)": [], "add map": [], "side by side": [], "3D": []}
     for r in range(args.repeats):
-        maps = [a_map(2 * r), a_map(2 * r + 1)]
         dock.show_view("axial")
         _pump(app, 0.5)
-        rows["add map"].append(meter.measure(app, lambda: viewer.add_image(maps[0][0], **maps[0][1])))
+        m_before = raw_map()
+        rows["add map, statistics on the GUI thread (before)"].append(meter.measure(
+            app, lambda: (lambda d: viewer.add_image(d[0], **d[1]))(layer_data(m_before, 100 + r)),
+            settle=args.settle))
+        viewer.layers.remove(viewer.layers[-1])
+        raws = [raw_map(), raw_map()]
+        rows["add map"].append(meter.measure(app, lambda: add_prepared_in_worker(raws[0], 2 * r), settle=args.settle))
+        maps = [(viewer.layers[-1].data, {"name": viewer.layers[-1].name}), layer_data(raws[1], 2 * r + 1)]
         viewer.add_image(maps[1][0], **maps[1][1])
         cw = dock.show_tab("Compare")
         cw.refresh()
         cw.set_checked([maps[0][1]["name"], maps[1][1]["name"]])
-        rows["side by side"].append(meter.measure(app, cw.compare))
+        rows["side by side"].append(meter.measure(app, cw.compare, settle=args.settle))
         cw.uncompare()
         _pump(app, 0.5)
-        rows["3D"].append(meter.measure(app, lambda: dock.show_view("3d")))
+        rows["3D"].append(meter.measure(app, lambda: dock.show_view("3d"), settle=args.settle))
         dock.show_view("axial")
         for m in maps:
             viewer.layers.remove(m[1]["name"])
@@ -204,6 +232,7 @@ def main() -> None:
     ap.add_argument("--size", choices=("sample", "big"), default="sample")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--no-cancel", action="store_true")
+    ap.add_argument("--settle", type=float, default=3.0, help="seconds of event loop watched after each action")
     ap.add_argument("--memory", action="store_true", help="only the memory comparison")
     ap.add_argument("--memory-size", type=int, default=96, help="phantom edge for the memory comparison")
     ap.add_argument("--memory-worker", choices=("explain", "evaluate"), help=argparse.SUPPRESS)

@@ -45,6 +45,9 @@ case "$mode" in
 esac
 echo "setup: installing napari-esegeta$extras" >&2
 "${pip[@]}" -c "$constraints" -e ".$extras"
+if [ "$mode" = napari ]; then  # npe2 has no install-time reader priority: write napari's preferred reader now
+  .venv/bin/python -m napari_esegeta._settings >&2 || true
+fi
 
 if [ "$mode" = test ] && ! command -v xvfb-run >/dev/null 2>&1; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then

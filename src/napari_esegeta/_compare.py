@@ -152,9 +152,11 @@ def result_filename(layer: Any) -> str:
 
     from esegeta_engine.jobs.naming import map_filename
 
-    meta = layer.metadata.get("esegeta", {})
+    from napari_esegeta._records import layer_record, provenance, record_label
+
+    meta, record = provenance(layer), layer_record(layer)
     stem = re.sub(r"[^A-Za-z0-9._+-]+", "-", str(meta.get("input_layer", "volume"))).strip("-") or "volume"
-    return map_filename(stem, meta.get("label", meta.get("method", layer.name)),
+    return map_filename(stem, record_label(record) if record is not None else layer.name,
                         meta.get("target_label", "target"))
 
 

@@ -44,6 +44,14 @@ def too_long(evaluations: int | None, seconds: float | None, limit_s: float) -> 
     return evaluations is not None and evaluations > WARN_EVALUATIONS
 
 
+def long_run_text(evaluations: int, seconds: float | None) -> str:
+    """The warning of a run estimated to be long, with what to do."""
+    took = f"≈ {format_seconds(seconds)} at the last measured rate" if seconds is not None \
+        else "no rate measured yet"
+    return (f"This run needs about {evaluations:,} model evaluations ({took}).\n"
+            "→ click 'Run anyway' to start it, or use fewer methods, classes or a coarser window")
+
+
 def format_seconds(seconds: float) -> str:
     """``42 s``, ``3 min 05 s``, ``1 h 02 min``."""
     if not math.isfinite(seconds):

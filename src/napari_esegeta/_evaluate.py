@@ -36,8 +36,10 @@ from napari_esegeta._eval_table import (  # noqa: F401 (re-exported for the widg
     write_csv,
 )
 from napari_esegeta._model import format_error
+from napari_esegeta._records import layer_record, provenance, record_label
 
 MapInfo = MapToScore  # the record of one result layer
+STAGE_KEY = "randomisation_stage"
 
 
 @dataclass
@@ -69,6 +71,8 @@ class StagesReady:
     index: int
     update: dict[str, Any]
     stages: list[tuple[int, str, np.ndarray]] = field(default_factory=list)
+    #: the stages' layer data ``(data, kwargs)``, built in the worker by :func:`evaluate_layers`
+    layers: list[tuple[Any, dict[str, Any]]] = field(default_factory=list)
 
 
 @dataclass
@@ -92,13 +96,13 @@ def map_info(layer: Any, label_layers: Mapping[str, Any] | None = None) -> MapTo
     EvaluationSetupError
         If the provenance lacks what is needed to rebuild the target.
     """
-    meta = (getattr(layer, "metadata", None) or {}).get("esegeta", {})
-    if "method" not in meta:
+    meta, record = provenance(layer), layer_record(layer)
+    if record is None:
         raise EvaluationSetupError(f"'{layer.name}' is not an attribution layer (no method in its metadata)")
     if meta.get("evaluable", True) is False:
         raise EvaluationSetupError(f"'{layer.name}' is a feature-visualisation volume, not an "
                                    "attribution map: trust metrics do not apply")
-    kind, cls = meta.get("target"), meta.get("class")
+    kind, cls = meta.get("target"), meta.get("class")  # the target's kind is provenance, not the record's
     if kind is None or cls is None:
         raise EvaluationSetupError(f"'{layer.name}' does not record its target (kind and class)")
     roi_layer, roi_mask = meta.get("roi_layer"), None
@@ -112,21 +116,21 @@ def map_info(layer: Any, label_layers: Mapping[str, Any] | None = None) -> MapTo
     channel = {"layer": meta.get("target_layer"), "channel": int(meta.get("channel") or 0)} \
         if kind == "channel" else {}
     try:
-        target = TargetConfig(kind=kind, classes=[int(cls)], activation=meta.get("activation"),
+        target = TargetConfig(kind=kind, classes=[record.cls], activation=meta.get("activation"),
                               voxel=[int(v) for v in voxel] if voxel else None,
                               frozen=bool(meta.get("frozen", True)), **channel)
     except Exception as exc:
         raise EvaluationSetupError(f"'{layer.name}': target cannot be rebuilt ({exc})") from None
-    return MapToScore(name=layer.name, method=meta["method"], params=dict(meta.get("params") or {}),
-                      cls=int(cls), target=target, array=np.asarray(layer.data, dtype=np.float32),
-                      layer=meta.get("layer"), noise_tunnel=meta.get("noise_tunnel"),
-                      target_label=meta.get("target_label", f"{kind}-{cls}"), label=meta.get("label", meta["method"]),
-                      execution=meta.get("execution") or None, roi_mask=roi_mask, roi_key=roi_layer)
+    return MapToScore(name=layer.name, method=record.method, params=dict(record.params),
+                      cls=record.cls, target=target, array=np.asarray(layer.data, dtype=np.float32),
+                      layer=record.layer, noise_tunnel=record.noise_tunnel,
+                      target_label=meta.get("target_label", f"{kind}-{cls}"), label=record_label(record),
+                      execution=record.execution or None, roi_mask=roi_mask, roi_key=roi_layer)
 
 
 def input_layer_of(layer: Any) -> str | None:
     """The name of the image layer a result layer explains."""
-    return (getattr(layer, "metadata", None) or {}).get("esegeta", {}).get("input_layer")
+    return provenance(layer).get("input_layer")
 
 
 def _row(info: MapToScore, metrics: dict[str, Any], notes: dict[str, str]) -> dict[str, Any]:
@@ -200,3 +204,40 @@ def evaluate_events(model: Any, volume: Volume, maps: Sequence[MapToScore], opti
                     **kwargs: Any) -> Generator[Any, None, None]:
     """:func:`evaluate_groups` for the maps of one input."""
     return evaluate_groups(model, [(volume, maps)], options, **kwargs)
+
+
+def stage_layers(ev: StagesReady, info: MapToScore, source: Any) -> list[tuple[Any, dict[str, Any]]]:
+    """Hidden layer data of each randomisation stage map, with the input layer's geometry."""
+    from napari_esegeta._layers import result_layer_data
+    from napari_esegeta._run import InputLayer
+
+    source = InputLayer.of(source)
+    out = []
+    for k, stage_layer, arr in ev.stages:
+        prov = {"params": info.params, "layer": info.layer, "noise_tunnel": info.noise_tunnel,
+                "target": info.target.kind, "class": info.cls, "input_layer": source.name,
+                STAGE_KEY: k, "randomised_layer": stage_layer, "source_layer": info.name,
+                "mode": ev.update.get("randomisation_mode"), "execution": info.execution}
+        data, kwargs, _ = result_layer_data(arr, method=info.method, method_label=info.label,
+                                            target_label=info.target_label, provenance=prov,
+                                            geometry=source.geometry, nifti=source.nifti)
+        kwargs["name"] = stage_layer_name(info, k, stage_layer)
+        kwargs["visible"] = False  # many volumes in additive blending would hide each other
+        out.append((data, kwargs))
+    return out
+
+
+def evaluate_layers(model: Any, groups: Sequence[tuple[Volume, Sequence[MapToScore]]], options: EvalOptions, *,
+                    sources: Sequence[Any], **kwargs: Any) -> Generator[Any, None, None]:
+    """:func:`evaluate_groups` with each randomisation stage's layer data built here, in the worker.
+
+    ``sources[i]`` is the :class:`~napari_esegeta._run.InputLayer` of the i-th map (over all groups).
+    """
+    every = [m for _, maps in groups for m in maps]
+    for ev in evaluate_groups(model, groups, options, **kwargs):
+        if isinstance(ev, StagesReady) and ev.stages:
+            try:
+                ev.layers = stage_layers(ev, every[ev.index], sources[ev.index])
+            except Exception as exc:  # display preparation failed: the scores still stand
+                yield EvalError(f"{every[ev.index].name}: stage maps could not be shown — {format_error(exc)}")
+        yield ev

@@ -166,6 +166,14 @@ def is_input_layer(layer: Any) -> bool:
     return not is_result_layer(layer) and not meta.get("esegeta_compare_base")
 
 
+def show_only(viewer: Any, newest: Any) -> None:
+    """Make ``newest`` the only visible attribution map (the others stay in the layer list)."""
+    for layer in viewer.layers:
+        if is_result_layer(layer) and layer is not newest:
+            layer.visible = False
+    newest.visible = True
+
+
 def next_rendering(current: str) -> str:
     """The 3D rendering after ``current`` in translucent -> MIP -> attenuated MIP -> translucent."""
     try:

@@ -34,6 +34,52 @@ class RunError:
     text: str
 
 
+@dataclass(frozen=True)
+class InputLayer:
+    """What a map layer copies from its input layer, read on the GUI thread (workers never touch layers)."""
+
+    name: str
+    geometry: dict[str, Any]
+    nifti: dict[str, Any] | None
+
+    @classmethod
+    def of(cls, layer: Any) -> InputLayer:
+        """Snapshot of a napari layer (or pass an :class:`InputLayer` through)."""
+        if isinstance(layer, InputLayer):
+            return layer
+        return cls(layer.name, copy_geometry(layer), (layer.metadata or {}).get("nifti"))
+
+
+@dataclass
+class Estimated:
+    """The run's cost from a one-patch probe; ``stopped``: over the limit, nothing else ran."""
+
+    estimate: Any  # esegeta_engine.jobs.probe.ProbeEstimate
+    stopped: bool = False
+
+
+def _probe(explainer: Explainer, volume: Volume, methods: Sequence[MethodConfig]) -> Any:
+    """The one-patch estimate, or None when the probe cannot run (the run then reports why)."""
+    from esegeta_engine.jobs.probe import probe_run
+
+    try:
+        return probe_run(explainer, volume, methods)
+    except Exception:
+        return None
+
+
+@dataclass
+class PreparedMap:
+    """A :class:`MapReady` with its layer data built in the worker: the GUI thread only adds the layer."""
+
+    event: MapReady
+    data: Any
+    kwargs: dict[str, Any]
+
+
+COMPONENT_KINDS = ("argmax", "otsu")  # region targets the Explain tab can split into structures
+
+
 def target_kinds() -> list[str]:
     """Target kinds, from the engine's config schema."""
     return list(TargetConfig.model_fields["kind"].annotation.__args__)
@@ -93,10 +139,11 @@ def class_label(cls: int, cls_label: str, names: Sequence[str] = ()) -> str:
     The argmax target (the default) is named by its class alone, to keep
     layer names short; the target kind stays in the layer's metadata.
     """
-    kind = cls_label.split("-", 1)[0]
+    kind, part = cls_label.split("-", 1)[0], cls_label.partition("__component-")[2]
     if not (0 <= cls < len(names)) or kind == "volume":  # visualisations are named by what they show
         return cls_label
-    return names[cls] if kind == "argmax" else f"{kind}-{names[cls]}"
+    suffix = f" #{int(part)}" if part.isdigit() else ""  # one structure: ``vessel #3``
+    return (names[cls] if kind == "argmax" else f"{kind}-{names[cls]}") + suffix
 
 
 def named_message(message: str, names: Sequence[str] = ()) -> str:
@@ -113,7 +160,8 @@ def named_message(message: str, names: Sequence[str] = ()) -> str:
 
 def make_target(kind: str, classes: list[int] | None = None, activation: str = "default",
                 voxel: Sequence[int] | None = None, roi_name: str | None = None,
-                frozen: bool = True, layer: str | None = None, channel: int = 0) -> TargetConfig:
+                frozen: bool = True, layer: str | None = None, channel: int = 0,
+                components: bool = False) -> TargetConfig:
     """Validated :class:`TargetConfig` from the widget's values.
 
     The ROI mask itself is passed to the engine as an array (``roi_name`` is
@@ -131,6 +179,8 @@ def make_target(kind: str, classes: list[int] | None = None, activation: str = "
     if kind == "channel" and not layer:
         raise TargetError("no model layer chosen for the channel target", "load a model, then pick a layer")
     extra: dict[str, Any] = {"layer": layer, "channel": channel} if kind == "channel" else {}
+    if components:  # one target per connected structure of the region
+        extra["components"] = True
     try:
         return TargetConfig(kind=kind, classes=classes, frozen=frozen,
                             activation=None if activation == "default" else activation,
@@ -198,8 +248,13 @@ def explain_events(model: Any, volume: Volume, methods: Sequence[MethodConfig], 
                    roi_mask: np.ndarray | None, cancel: threading.Event,
                    timeout_s: float | None = None,
                    on_progress: Callable[[Any], None] | None = None,
-                   execution: Any = None) -> Generator[Any, None, None]:
+                   execution: Any = None, probe: bool = False,
+                   probe_limit_s: float | None = None) -> Generator[Any, None, None]:
     """Engine events for one volume; errors become a final :class:`RunError`.
+
+    With ``probe``, one patch is timed first (:func:`esegeta_engine.jobs.probe.probe_run`) and an
+    :class:`Estimated` comes before any method runs; above ``probe_limit_s`` seconds the run stops
+    there (``stopped``), for the user to confirm.
 
     Methods run in the calling (worker) thread — a second torch thread would
     compete with it for cores — so progress within a method goes to
@@ -212,6 +267,13 @@ def explain_events(model: Any, volume: Volume, methods: Sequence[MethodConfig], 
             return
         explainer = Explainer(model, preprocess=preprocess, target=target, output=output,
                               timeout_s=timeout_s, execution=execution)
+        if probe:  # one patch, timed, before any method: the estimate shows before the run's work
+            estimate = _probe(explainer, volume, methods)
+            if estimate is not None:
+                stop = probe_limit_s is not None and estimate.seconds is not None and estimate.seconds > probe_limit_s
+                yield Estimated(estimate, stopped=stop)
+                if stop:
+                    return
         from esegeta_engine.evaluation.evaluators import axiom_evaluator
 
         yield from explainer.iter_explain([volume], methods, roi_mask=roi_mask, cancel=cancel,
@@ -221,6 +283,26 @@ def explain_events(model: Any, volume: Volume, methods: Sequence[MethodConfig], 
         yield RunError(format_error(exc))
     except Exception as exc:  # a bug or a model crash: still no traceback in the GUI
         yield RunError(format_error(exc))
+
+
+def explain_layers(model: Any, volume: Volume, methods: Sequence[MethodConfig], *, input_layer: InputLayer,
+                   target: TargetConfig, roi_layer: str | None = None, class_names: Sequence[str] = (),
+                   axis_order: str = "xyz", **kwargs: Any) -> Generator[Any, None, None]:
+    """:func:`explain_events` with each map's layer data (contrast limits, seams, trust) built here.
+
+    Runs in the worker thread, so the whole-volume numpy of a new map never
+    stalls napari's event loop; maps arrive as :class:`PreparedMap`.
+    """
+    for ev in explain_events(model, volume, methods, target=target, **kwargs):
+        if isinstance(ev, MapReady):
+            try:
+                data, layer_kwargs, _ = map_layer_data(ev, input_layer, target, roi_layer, class_names, axis_order)
+            except Exception as exc:  # a bug in display preparation: the run's other maps still come
+                yield RunError(f"{ev.job.label}: the map could not be shown — {format_error(exc)}")
+                continue
+            yield PreparedMap(ev, data, layer_kwargs)
+        else:
+            yield ev
 
 
 def predict_labels(model: Any, volume: Volume, preprocess: PreprocessConfig,
@@ -260,12 +342,13 @@ def map_layer_data(event: MapReady, input_layer: Any, target: TargetConfig,
     comes with ``channel_axis=0``, so ``viewer.add_image`` adds one layer per channel.
     """
     job = event.job
+    source = InputLayer.of(input_layer)
     cls_name = class_names[job.cls] if 0 <= job.cls < len(class_names) else None
     prov = {"params": _jsonable(job.params), "layer": job.layer, "noise_tunnel": job.noise_tunnel,
             "target": target.kind, "class": job.cls, "class_name": cls_name, "voxel": target.voxel,
             "roi_layer": roi_layer if target.kind == "roi" else None, "frozen": target.frozen,
             "activation": target.resolved_activation, "seconds": round(event.seconds, 3),
-            "evaluations": event.evaluations, "input_layer": input_layer.name,
+            "evaluations": event.evaluations, "input_layer": source.name,
             "family": job.spec.family, "evaluable": job.spec.evaluable, "axiom": _axiom(event.metrics),
             "execution": dict(event.execution or {})}  # the Evaluate tab scores the map on the same execution
     if target.kind == "channel":
@@ -287,14 +370,13 @@ def map_layer_data(event: MapReady, input_layer: Any, target: TargetConfig,
                                model_inputs=event.inputs_evaluated, execution=event.execution,
                                notes=prov.get("notes") or event.notes or None).to_json()
     array = event.array
-    per_channel = array.ndim == len(input_layer.scale) + 1  # (*grid, k): one volume per layer channel
+    per_channel = array.ndim == len(source.geometry["scale"]) + 1  # (*grid, k): one volume per layer channel
     if per_channel:
         array = np.moveaxis(array, -1, 0)
     data, kwargs, kind = result_layer_data(array, method=job.spec.name, method_label=job.label,
                                            target_label=class_label(job.cls, job.cls_label, class_names),
                                            provenance=prov,
-                                           geometry=copy_geometry(input_layer),
-                                           nifti=(input_layer.metadata or {}).get("nifti"))
+                                           geometry=source.geometry, nifti=source.nifti)
     if per_channel:  # napari adds one layer per channel, each with the input's geometry
         kwargs["channel_axis"] = 0
     return data, kwargs, kind

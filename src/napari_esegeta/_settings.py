@@ -1,8 +1,10 @@
 """napari settings the plugin writes once: NIfTI files open with this plugin's reader.
 
 napari's own readers also claim ``.nii.gz`` (as a ``.gz`` file) and fail on
-it, and with two readers drag-and-drop asks which one to use. On the first
-use of the plugin (a dock opened, the sample loaded) this writes napari's
+it, and with two readers drag-and-drop asks which one to use. npe2 manifests have no
+reader priority, and napari only asks its ``plugins.extension2reader`` setting, so
+``scripts/setup.sh napari`` runs this module once after installing, and the first
+use of the plugin (a dock opened) runs it again; it writes napari's
 *preferred reader* setting for ``*.nii`` and ``*.nii.gz`` — unless the user
 already chose a reader for them, which is kept. The user can change it in
 File ▸ Preferences ▸ Plugins ▸ File extension readers.
@@ -34,3 +36,9 @@ def ensure_preferred_reader() -> list[str]:
     if missing:
         plugins.extension2reader = {**current, **{p: PLUGIN for p in missing}}
     return missing
+
+
+if __name__ == "__main__":  # python -m napari_esegeta._settings (scripts/setup.sh napari)
+    done = ensure_preferred_reader()
+    print(f"napari-esegeta: preferred reader of {', '.join(done)}" if done else
+          "napari-esegeta: NIfTI readers already chosen in napari's settings (kept)")

@@ -197,6 +197,7 @@ class RandomisationResult:
     null: dict[str, dict[str, float]] = field(default_factory=dict)
     null_seeds: list[int] = field(default_factory=list)
     footprint: bool = False
+    evaluations: int = 0  # model evaluations of the whole check (set by the caller that counts them)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict of everything but the maps (``nan`` becomes ``None``)."""
@@ -210,7 +211,7 @@ class RandomisationResult:
         return clean({"mode": self.mode, "order": self.order, "stages": self.stages,
                       "scores": self.scores, "errors": self.errors, "verdicts": self.verdicts,
                       "changed": self.changed, "null": self.null, "null_seeds": self.null_seeds,
-                      "footprint": self.footprint})
+                      "footprint": self.footprint, "evaluations": self.evaluations})
 
 
 def run_randomisation(
@@ -229,6 +230,7 @@ def run_randomisation(
     footprint: bool | np.ndarray = True,
     cancel: threading.Event | None = None,
     progress: Callable[[int, int, str], None] | None = None,
+    order_input: torch.Tensor | None = None,
 ) -> RandomisationResult:
     """Run the randomisation sanity check for several methods.
 
@@ -274,7 +276,8 @@ def run_randomisation(
         Raises :class:`Cancelled` when ``cancel`` is set.
     """
     cancel = cancel or threading.Event()
-    result = RandomisationResult(mode=mode, order=execution_order(model, inputs))
+    # the layer order needs one plain forward pass: on ``order_input`` (a patch) when given, not the volume
+    result = RandomisationResult(mode=mode, order=execution_order(model, inputs if order_input is None else order_input))
     entries: list[tuple[str, MethodSpec, dict[str, Any], str | None]] = []
     for spec, params, layer in methods:
         label = base = f"{spec.name}@{layer}" if layer else spec.name

@@ -197,7 +197,7 @@ class EvaluationSession:
         key = (id(volume), "" if execution is None else execution.model_dump_json())
         if key not in self._inputs:
             x = explainer.prepare_input(volume)
-            self._inputs[key] = (x, explainer.raw_output(x))
+            self._inputs[key] = (x, explainer.raw_output(x, cancel=self.cancel))  # Cancel stops the prediction too
         x, raw = self._inputs[key]
         return explainer, x, raw
 

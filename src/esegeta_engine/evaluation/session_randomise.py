@@ -65,6 +65,8 @@ def randomise(session: EvaluationSession, volume: Volume, maps: Sequence[MapToSc
             continue
         for mode in modes:
             yield session._report(f"{first.target_label or first.name}: randomisation ({mode})")
+            if session.cancel.is_set():  # before the layer-order pass and the first stage
+                raise Cancelled("cancelled by the user")
 
             def build(model_copy: Any, target: Any = target, explainer: Any = explainer, x: Any = x) -> Any:
                 return explainer.make_score_model(target, x, model=model_copy)  # as the map ran
@@ -76,7 +78,8 @@ def randomise(session: EvaluationSession, volume: Volume, maps: Sequence[MapToSc
 
             result = run_randomisation(session.model, build, x, first.cls, entries, mode=mode, seed=session.seed,
                                        max_stages=r.max_stages, threshold=r.threshold, calibrate=r.calibrate,
-                                       footprint=r.footprint, cancel=session.cancel, progress=progress)
+                                       footprint=r.footprint, cancel=session.cancel, progress=progress,
+                                       order_input=order_probe(x, explainer.form_for(x)))
             if session.cancel.is_set():
                 raise Cancelled("cancelled by the user")
             for i, key in zip(runnable, _entry_keys(result)):
@@ -125,3 +128,21 @@ def _verdict(index: int, info: MapToScore, result: Any, key: str | None, axis: A
 def _entry_keys(result: Any) -> list[str | None]:
     """The result key of each method entry, in the order given (``None``: it failed on the trained model)."""
     return [k if k in result.original_maps else None for k in result.maps]
+
+
+def order_probe(x: Any, form: Any, edge: int = 32) -> Any:
+    """A small input for the randomisation's layer-order pass: one patch of the sliding window, or a
+    crop of at most ``edge`` voxels per axis padded to the network's multiple (the whole volume
+    would cost a full, uncancellable forward pass that ignores the patch size)."""
+    import torch.nn.functional as F
+
+    spatial = tuple(int(s) for s in x.shape[2:])
+    size = tuple(int(p) for p in form.sliding.patch_size) if form.sliding is not None else \
+        tuple(min(s, edge) for s in spatial)
+    crop = x[(slice(0, 1), slice(None), *(slice(0, min(s, p)) for s, p in zip(spatial, size)))]
+    div = max(int(form.divisible_by), 1)
+    target = [max(p, -(-min(s, p) // div) * div) if form.sliding is None else p for s, p in zip(spatial, size)]
+    pad: list[int] = []
+    for got, want in zip(reversed(crop.shape[2:]), reversed(target)):
+        pad.extend([0, max(want - got, 0)])
+    return F.pad(crop, pad) if any(pad) else crop

@@ -160,6 +160,8 @@ class JobExecutor:
         seconds = time.perf_counter() - start
         # the method's own evaluations (trust checks after it are not part of the job's count)
         state.job_evaluations = holder.get("evaluations", monitor.count)
+        state.score_evaluations = sum(v for row in holder.get("metrics") or [] for k, v in row.items()
+                                      if k.endswith("_evaluations") and isinstance(v, int))
         err = holder.get("error")
         if err is None and "result" in holder:
             try:
@@ -178,8 +180,10 @@ class JobExecutor:
                     yield MapReady(job, vol, arr, seconds, holder.get("evaluations", monitor.count), met,
                                    holder.get("samples", monitor.samples), list(holder["notes"]), form,
                                    holder.get("patches", 0))
-                log.info("%s · %s: done in %.2f s, %d model evaluations", job.label, job.cls_label,
-                         seconds, monitor.count)
+                own = holder.get("evaluations", monitor.count)  # the count the record and the tables show
+                checks = monitor.count - own  # the trust checks' own forward passes, said apart
+                log.info("%s · %s: done in %.2f s, %d model evaluations%s", job.label, job.cls_label,
+                         seconds, own, f" (+{checks} for its checks)" if checks > 0 else "")
                 return
         if isinstance(err, Cancelled):
             status, text = "cancelled", "cancelled by the user"

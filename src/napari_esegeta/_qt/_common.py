@@ -15,6 +15,7 @@ from qtpy.QtWidgets import (
     QFormLayout,
     QLabel,
     QLineEdit,
+    QSizePolicy,
     QSpinBox,
     QWidget,
 )
@@ -40,6 +41,15 @@ def status_label() -> QLabel:
     label = QLabel("")
     label.setWordWrap(True)
     label.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
+    return label
+
+
+def progress_label() -> QLabel:
+    """Two fixed, wrapped lines: the ETA at the end stays readable, and updating it never relayouts the dock."""
+    label = QLabel("")
+    label.setWordWrap(True)
+    label.setSizePolicy(QSizePolicy.Policy.Ignored, QSizePolicy.Policy.Fixed)
+    label.setFixedHeight(2 * label.fontMetrics().lineSpacing() + 4)
     return label
 
 

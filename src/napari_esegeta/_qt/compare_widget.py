@@ -6,23 +6,25 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from qtpy.QtCore import Qt
+from qtpy.QtCore import Qt, QTimer
 from qtpy.QtWidgets import (
-    QApplication,
     QComboBox,
     QFileDialog,
     QFormLayout,
     QHBoxLayout,
     QListWidget,
     QListWidgetItem,
+    QLabel,
     QPushButton,
     QVBoxLayout,
     QWidget,
 )
 
 from napari_esegeta import _compare as C
+from napari_esegeta._components import component_layers, component_text, jump_to
 from napari_esegeta._layers import is_input_layer, is_result_layer, next_rendering
 from napari_esegeta._model import format_error
+from napari_esegeta._records import layer_record
 from napari_esegeta._qt._common import LayerCombo, set_status, status_label
 from napari_esegeta._geometry import copy_geometry
 from napari_esegeta._state import get_session
@@ -69,6 +71,12 @@ class CompareWidget(QWidget):
         self.grid_btn.setToolTip("Show the sliding window's patch borders of the checked map (a Labels layer): "
                                  "where seams can appear")
         self.grid_btn.clicked.connect(self.show_patch_grid)
+        self.structures = QListWidget()  # one map per structure (target components): click to go there
+        self.structures.setToolTip("Maps of single structures (Explain ▸ one map per structure): click one "
+                                   "to move the view to its centroid and show its map")
+        self.structures.setMaximumHeight(96)
+        self.structures.itemClicked.connect(self._structure_clicked)
+        self._structures_title = QLabel("Structures — click to go to one")
         self.status = status_label()
 
         form = QFormLayout()
@@ -86,6 +94,8 @@ class CompareWidget(QWidget):
         layout.addLayout(row1)
         layout.addLayout(row2)
         layout.addWidget(self.grid_btn)
+        layout.addWidget(self._structures_title)
+        layout.addWidget(self.structures)
         layout.addWidget(self.status)
         events = napari_viewer.layers.events
         for ev in (events.inserted, events.removed):
@@ -100,12 +110,12 @@ class CompareWidget(QWidget):
         from esegeta_engine.preprocess import AxisOrder
 
         layer = next((ly for ly in self.checked_layers() or self.result_layers()
-                      if (ly.metadata["esegeta"].get("execution") or {}).get("mode") == "sliding_window"), None)
+                      if (layer_record(ly).execution or {}).get("mode") == "sliding_window"), None)
         if layer is None:
             set_status(self.status, "No sliding-window map: patch borders exist only with a patch size "
                        "(Model tab).", "info")
             return None
-        ex = layer.metadata["esegeta"]["execution"]
+        ex = layer_record(layer).execution
         order = AxisOrder(get_session(self.viewer).preprocess.axis_order)
         shape = order.to_model(np.broadcast_to(np.uint8(0), layer.data.shape)).shape
         mask = np.ascontiguousarray(order.to_nifti(patch_grid(shape, ex["patch_size"], ex["overlap"])))
@@ -128,11 +138,30 @@ class CompareWidget(QWidget):
             return
         for layer in self.result_layers():
             item = QListWidgetItem(layer.name)
-            notes = "\n".join((layer.metadata.get("esegeta", {}) or {}).get("notes") or [])
+            notes = "\n".join(layer_record(layer).notes or [])
             item.setToolTip(layer.name + (f"\n{notes}" if notes else ""))  # the list elides long names
             item.setFlags(item.flags() | Qt.ItemFlag.ItemIsUserCheckable)
             item.setCheckState(checked.get(layer.name, Qt.CheckState.Checked))
             self.results_list.addItem(item)
+        self._refresh_structures()
+
+    def _refresh_structures(self) -> None:
+        self.structures.clear()
+        layers = component_layers(self.viewer)
+        for layer in layers:
+            item = QListWidgetItem(text := component_text(layer))
+            item.setToolTip(text)
+            item.setData(Qt.ItemDataRole.UserRole, layer.name)
+            self.structures.addItem(item)
+        self.structures.setVisible(bool(layers))
+        self._structures_title.setVisible(bool(layers))
+
+    def _structure_clicked(self, item: QListWidgetItem) -> None:
+        name = item.data(Qt.ItemDataRole.UserRole)
+        if name not in self.viewer.layers:
+            return
+        world = jump_to(self.viewer, self.viewer.layers[name])
+        set_status(self.status, f"{name}: centroid at ({', '.join(f'{v:.1f}' for v in world)}) (world mm)", "ok")
 
     def checked_layers(self) -> list[Any]:
         """Result layers whose box is checked, in list order."""
@@ -174,14 +203,19 @@ class CompareWidget(QWidget):
         if self.state is not None:
             C.restore_layout(self.viewer, self.state)
         self.state = C.arrange_side_by_side(self.viewer, base, results)
-        QApplication.processEvents()  # let the grid viewboxes get their size, then fit them
-        self.viewer.reset_view()
+        # fit the cells once the grid viewboxes have their size: on a later turn of the event loop,
+        # after the grid's first paint, rather than painting here (that stalled the GUI 1-2 s more)
+        QTimer.singleShot(0, self._fit_view)
         self.compare_btn.blockSignals(True)
         self.compare_btn.setChecked(True)
         self.compare_btn.blockSignals(False)
         set_status(self.status, f"{len(results)} map(s) side by side over {base.name}, row by row, "
                    "cameras linked. Colour scales:\n" + "\n".join(C.limits_text(r) for r in results), "ok")
         return True
+
+    def _fit_view(self) -> None:
+        if self.state is not None:
+            self.viewer.reset_view()
 
     def uncompare(self) -> None:
         """Go back to the layout before :meth:`compare`."""

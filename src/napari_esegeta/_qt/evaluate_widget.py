@@ -39,8 +39,7 @@ from esegeta_engine.evaluation.session import RANDOMISATION_KEYS
 from esegeta_engine.explain import Progress
 from napari_esegeta import _evaluate as E
 from napari_esegeta import _run as R
-from napari_esegeta._geometry import copy_geometry
-from napari_esegeta._layers import is_result_layer, result_layer_data
+from napari_esegeta._layers import is_result_layer
 from napari_esegeta._model import format_error
 from napari_esegeta._qt._common import CancellableRun, LayerCombo, RunControl, set_status, status_label
 from napari_esegeta._qt.curves import CurvesCanvas
@@ -51,7 +50,7 @@ PROGRESS_INTERVAL_S = 0.25
 #: metric key -> the evaluator family whose note explains it
 _FAMILY = {k: fam for fam, keys in {**METRIC_KEYS, "localisation": LOCALISATION_METRICS,
                                      "randomisation": RANDOMISATION_KEYS}.items() for k in keys}
-STAGE_KEY = "randomisation_stage"
+STAGE_KEY = E.STAGE_KEY
 
 
 def is_evaluable(layer: Any) -> bool:
@@ -252,7 +251,9 @@ class EvaluateWidget(CancellableRun, QWidget):
         self.export_btn.setEnabled(False)
         set_status(self.status, f"Evaluating {len(self.infos)} map(s)…")
         self.progress_label.setText("preparing the input and the targets…")
-        self.worker = create_worker(E.evaluate_groups, s.model, work, opts, preprocess=s.preprocess,
+        snapshots = {name: R.InputLayer.of(layer) for name, layer in inputs.items()}
+        self.worker = create_worker(E.evaluate_layers, s.model, work, opts,
+                                    sources=[snapshots[name] for name in self._sources], preprocess=s.preprocess,
                                     output=s.output, execution=s.execution, ground_truth=gt, cancel=cancel,
                                     on_progress=self.control.store, _start_thread=False)
         self.worker.yielded.connect(self._on_event)
@@ -291,20 +292,7 @@ class EvaluateWidget(CancellableRun, QWidget):
         row.update({k: v for k, v in ev.update.items() if k != "notes"})
         row["notes"] = notes
         self._refresh_table()
-        input_layer = self._inputs.get(self._sources[ev.index])
-        if input_layer is None:
-            return
-        for k, stage_layer, arr in ev.stages:
-            prov = {"params": info.params, "layer": info.layer, "noise_tunnel": info.noise_tunnel,
-                    "target": info.target.kind, "class": info.cls, "input_layer": input_layer.name,
-                    STAGE_KEY: k, "randomised_layer": stage_layer, "source_layer": info.name,
-                    "mode": ev.update.get("randomisation_mode"), "execution": info.execution}
-            data, kwargs, _ = result_layer_data(arr, method=info.method, method_label=info.label,
-                                                target_label=info.target_label, provenance=prov,
-                                                geometry=copy_geometry(input_layer),
-                                                nifti=(input_layer.metadata or {}).get("nifti"))
-            kwargs["name"] = E.stage_layer_name(info, k, stage_layer)
-            kwargs["visible"] = False  # many volumes in additive blending would hide each other
+        for data, kwargs in ev.layers:  # built in the worker: only napari's layer creation happens here
             layer = self.viewer.add_image(data, **kwargs)
             self.added.append(layer.name)
 

@@ -10,11 +10,11 @@ takes effect within one evaluation and keeps the layers already added. While
 a run is going, Run is disabled (one run at a time per viewer; Cancel first to
 start another).
 
-Cost: when the engine can estimate a run's model evaluations before it starts
-(``Explainer.estimate``), a run estimated to take longer than
-:data:`WARN_SECONDS` asks for a second click on Run; during a run the status
-line shows evaluations done of the expected total and an ETA from the rate
-measured so far (:mod:`napari_esegeta._cost`).
+Cost: before any method, the worker times one patch (:mod:`esegeta_engine.jobs.probe`)
+and the status shows the run's estimated time and memory; above :data:`WARN_SECONDS`
+(or a huge evaluation count with no rate yet) Run asks for a second click. During a
+run the status shows evaluations done of the expected total and an ETA
+(:mod:`napari_esegeta._cost`). Maps arrive with their layer data built in the worker.
 """
 
 from __future__ import annotations
@@ -33,23 +33,22 @@ from qtpy.QtWidgets import (
     QLineEdit,
     QPushButton,
     QScrollArea,
-    QSizePolicy,
     QSpinBox,
     QVBoxLayout,
     QWidget,
 )
 
-from esegeta_engine.explain import JobFailed, MapReady, Progress
+from esegeta_engine.explain import JobFailed, Progress
 from napari_esegeta import _cost
 from napari_esegeta import _run as R
-from napari_esegeta._layers import is_input_layer, is_result_layer
-from napari_esegeta._model import format_error
-from napari_esegeta._model import default_layer
+from napari_esegeta._layers import is_input_layer, show_only
+from napari_esegeta._model import default_layer, format_error
 from napari_esegeta._qt._common import (
     CancellableRun,
     LayerCombo,
     RunControl,
     compact_combo,
+    progress_label,
     set_status,
     status_label,
 )
@@ -90,6 +89,7 @@ class ExplainWidget(VoxelPicking, CancellableRun, QWidget):
         self._rate = _cost.RateMeter()
         self._evaluations_done = 0
         self._confirmed_plan: Any = None
+        self._plan, self._probe_stopped, self.last_estimate = None, False, None  # last_estimate: the probe's
 
         self.image_combo = LayerCombo(napari_viewer, ("Image",), predicate=is_input_layer)
         self.kind_combo = QComboBox()
@@ -115,6 +115,8 @@ class ExplainWidget(VoxelPicking, CancellableRun, QWidget):
         self.channel_spin.setToolTip("Channel (filter) index of that layer")
         self.frozen_check = QCheckBox("freeze region from the unperturbed prediction")
         self.frozen_check.setChecked(True)
+        self.components_check = QCheckBox("one map per structure (connected component)")
+        self.components_check.setToolTip("Each structure explained on its own; Compare ▸ Structures jumps to each")
 
         target_box = QGroupBox("Target")
         tf = QFormLayout(target_box)
@@ -133,6 +135,7 @@ class ExplainWidget(VoxelPicking, CancellableRun, QWidget):
         tf.addRow(self._target_layer_row, self.target_layer_combo)
         tf.addRow(self._channel_row, self.channel_spin)
         tf.addRow(self.frozen_check)
+        tf.addRow(self.components_check)
         self.kind_combo.currentTextChanged.connect(self._kind_changed)
 
         self.methods = MethodPanel()
@@ -148,10 +151,7 @@ class ExplainWidget(VoxelPicking, CancellableRun, QWidget):
         self.cancel_btn.clicked.connect(self.cancel)
         self.cancel_btn.setEnabled(False)
         self.status = status_label()
-        self.progress_label = QLabel("")  # two fixed lines, wrapped: the ETA at the end stays readable,
-        self.progress_label.setWordWrap(True)  # and updating it never relayouts the dock
-        self.progress_label.setSizePolicy(QSizePolicy.Policy.Ignored, QSizePolicy.Policy.Fixed)
-        self.progress_label.setFixedHeight(2 * self.progress_label.fontMetrics().lineSpacing() + 4)
+        self.progress_label = progress_label()
         self._last_progress = 0.0
         self.model_label = QLabel()
         buttons = QHBoxLayout()
@@ -200,6 +200,7 @@ class ExplainWidget(VoxelPicking, CancellableRun, QWidget):
             w.setVisible(kind == "voxel")
         for w in (self._target_layer_row, self.target_layer_combo, self._channel_row, self.channel_spin):
             w.setVisible(kind == "channel")
+        self.components_check.setVisible(kind in R.COMPONENT_KINDS)
 
     def _set_target_layers(self, layers: list[tuple[str, str]]) -> None:
         current = self.target_layer_combo.currentData()
@@ -241,7 +242,8 @@ class ExplainWidget(VoxelPicking, CancellableRun, QWidget):
             target = R.make_target(kind, R.parse_classes(self.classes_edit.text(), s.class_names),
                                    self.activation_combo.currentText(), self.voxel,
                                    roi.name if roi is not None else None, self.frozen_check.isChecked(),
-                                   self.target_layer_combo.currentData(), self.channel_spin.value())
+                                   self.target_layer_combo.currentData(), self.channel_spin.value(),
+                                   self.components_check.isChecked() and kind in R.COMPONENT_KINDS)
             methods = [R.make_method(r.spec.name, r.form.values(), r.selected_layer(), r.noise_tunnel())
                        for r in rows]
             volume = R.volume_from_layer(layer)
@@ -253,8 +255,11 @@ class ExplainWidget(VoxelPicking, CancellableRun, QWidget):
         if refused:  # refused on the click: no worker, no model evaluation
             set_status(self.status, refused, "error")
             return None
-        if not self._cost_accepted(s, volume, target, methods, layer):
+        plan = (layer.name, tuple(m.model_dump_json() for m in methods), target.model_dump_json())
+        confirmed = plan == self._confirmed_plan
+        if not self._cost_accepted(s, volume, target, methods, plan):
             return None
+        self._plan, self._probe_stopped, self.last_estimate = plan, False, None
         cancel = self.control.start()
         self._target, self._input_layer = target, layer
         self._roi_name = roi.name if (kind == "roi" and roi is not None) else None
@@ -272,10 +277,14 @@ class ExplainWidget(VoxelPicking, CancellableRun, QWidget):
 
         # created now (on the click) rather than mid-run: napari's bar costs ~0.1 s to build
         self._pbar = progress(total=len(methods), desc="esegeta: preparing")
-        self.worker = create_worker(R.explain_events, s.model, volume, methods, preprocess=s.preprocess,
+        # maps come with their layer data built in the worker (contrast limits, seams, trust)
+        self.worker = create_worker(R.explain_layers, s.model, volume, methods, input_layer=R.InputLayer.of(layer),
+                                    roi_layer=self._roi_name, class_names=tuple(s.class_names),
+                                    axis_order=s.preprocess.axis_order, preprocess=s.preprocess,
                                     target=target, output=s.output, roi_mask=roi_mask,
                                     cancel=cancel, on_progress=self.control.store,
-                                    execution=s.execution, _start_thread=False)
+                                    execution=s.execution, probe=not confirmed, probe_limit_s=WARN_SECONDS,
+                                    _start_thread=False)
         self.worker.yielded.connect(self._on_event)
         self.worker.finished.connect(self._on_finished)
         self.worker.start()
@@ -313,21 +322,24 @@ class ExplainWidget(VoxelPicking, CancellableRun, QWidget):
     def _on_event(self, ev: Any) -> None:
         if isinstance(ev, Progress):
             self._progress(ev)
-        elif isinstance(ev, MapReady):
-            data, kwargs, _ = R.map_layer_data(ev, self._input_layer, self._target, self._roi_name,
-                                               self.session.class_names, self.session.preprocess.axis_order)
-            added = self.viewer.add_image(data, **kwargs)  # a list for per-channel volumes
+        elif isinstance(ev, R.PreparedMap):  # only napari's own layer creation happens here
+            added = self.viewer.add_image(ev.data, **ev.kwargs)  # a list for per-channel volumes
             layers = added if isinstance(added, list) else [added]
             self.added.extend(ly.name for ly in layers)
             show_only(self.viewer, layers[-1])
             self.colorbar.show_layer(layers[-1])
-            self._evaluations_done += int(ev.evaluations or 0)
-            axiom = kwargs["metadata"]["esegeta"].get("axiom") or {}
+            self._evaluations_done += int(ev.event.evaluations or 0)
+            axiom = ev.kwargs["metadata"]["esegeta"].get("axiom") or {}
             if axiom.get("axiom_status") == "warning":  # the map misses its method's completeness
                 self.axiom_warnings.append(f"{layers[0].name}: {axiom.get('axiom_note', '')}")
-        elif isinstance(ev, JobFailed):
-            if ev.status != "cancelled":
-                self.failures.append(R.failure_text(ev))
+        elif isinstance(ev, R.Estimated):  # one patch timed before any method ran
+            self.last_estimate = ev.estimate
+            if ev.stopped:  # nothing else ran: the second click starts it
+                self._probe_stopped, self._confirmed_plan = True, self._plan
+            else:
+                set_status(self.status, f"Running on {self._input_layer.name}: estimated {ev.estimate.text()}.")
+        elif isinstance(ev, JobFailed) and ev.status != "cancelled":
+            self.failures.append(R.failure_text(ev))
         elif isinstance(ev, R.RunError):
             self.failures.append(ev.text)
 
@@ -342,6 +354,11 @@ class ExplainWidget(VoxelPicking, CancellableRun, QWidget):
         self.cancel_btn.setEnabled(False)
         took = time.perf_counter() - self._run_started
         self.progress_label.setText("")
+        if self._probe_stopped:
+            self.run_btn.setText("Run anyway")
+            set_status(self.status, f"This run is estimated at {self.last_estimate.text()}.\n→ click 'Run anyway' "
+                       "to start it, or use fewer methods, classes or a coarser window", "error")
+            return
         text = f"{len(self.added)} map(s) added in {took:.1f} s"
         if self.cancel_requested_at is not None:
             text += f"; cancelled (stopped {self.last_cancel_latency:.2f} s after the click)"
@@ -359,9 +376,8 @@ class ExplainWidget(VoxelPicking, CancellableRun, QWidget):
 
     # -- cost and lost layers --------------------------------------------------------------------
 
-    def _cost_accepted(self, s: Session, volume: Any, target: Any, methods: list[Any], layer: Any) -> bool:
+    def _cost_accepted(self, s: Session, volume: Any, target: Any, methods: list[Any], plan: Any) -> bool:
         """False (with a warning) the first time Run is clicked for a run estimated to be long."""
-        plan = (layer.name, tuple(m.model_dump_json() for m in methods), target.model_dump_json())
         evaluations = _cost.estimate_evaluations(s.model, volume, methods, preprocess=s.preprocess,
                                                  target=target, output=s.output, execution=s.execution)
         seconds = _cost.estimate_seconds(evaluations, s.seconds_per_evaluation)
@@ -371,26 +387,14 @@ class ExplainWidget(VoxelPicking, CancellableRun, QWidget):
             return True
         self._confirmed_plan = plan
         self.run_btn.setText("Run anyway")
-        took = f"≈ {_cost.format_seconds(seconds)} at the last measured rate" if seconds is not None \
-            else "no rate measured yet"
-        set_status(self.status, f"This run needs about {evaluations:,} model evaluations ({took}).\n"
-                   "→ click 'Run anyway' to start it, or use fewer methods, classes or a coarser window",
-                   "error")
+        set_status(self.status, _cost.long_run_text(evaluations, seconds), "error")
         return False
 
     def _layer_removed(self, event: Any) -> None:
-        layer = getattr(event, "value", None)
         try:
-            if self.running and layer is not None and layer is self._input_layer:
-                set_status(self.status, f"The input layer '{layer.name}' was removed during the run; "
+            if self.running and getattr(event, "value", None) is self._input_layer is not None:
+                set_status(self.status, f"The input layer '{event.value.name}' was removed during the run; "
                            "the run goes on and its maps keep that layer's geometry.", "info")
         except RuntimeError:  # widget deleted
             pass
 
-
-def show_only(viewer: Any, newest: Any) -> None:
-    """Make ``newest`` the only visible attribution map (the others stay in the layer list)."""
-    for layer in viewer.layers:
-        if is_result_layer(layer) and layer is not newest:
-            layer.visible = False
-    newest.visible = True

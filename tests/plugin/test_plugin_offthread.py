@@ -1,0 +1,85 @@
+"""A new map's whole-volume statistics (contrast limits, signedness, seams, trust) are computed in the
+worker thread, never on napari's GUI thread (issue 19.6): counted per call, with the thread it ran in."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from plugin_helpers import wait_until
+
+
+class TinyNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv3d(1, 2, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x)
+
+
+@pytest.fixture
+def threads_of(monkeypatch):
+    """Record the thread of every call of the contrast-limit and signedness functions."""
+    import napari_esegeta._layers as L
+
+    seen: list[tuple[str, bool]] = []
+    for name in ("support_limit", "is_signed"):
+        original = getattr(L, name)
+
+        def spy(*args, _f=original, _name=name, **kwargs):
+            seen.append((_name, threading.current_thread() is threading.main_thread()))
+            return _f(*args, **kwargs)
+
+        monkeypatch.setattr(L, name, spy)
+    return seen
+
+
+@pytest.mark.gui
+def test_explain_builds_map_layers_off_the_gui_thread(qtbot, docked, threads_of) -> None:
+    viewer, image, w = docked
+    session = w["model"].session
+    session.set_model(TinyNet().eval(), "tiny", session.preprocess, None)
+    ex = w["explain"]
+    ex.kind_combo.setCurrentText("argmax")
+    for name in ("saliency", "input_x_gradient"):
+        ex.methods.check(name)
+    assert ex.run() is not None
+    wait_until(qtbot, lambda: not ex.running, 120)
+    assert len(ex.added) == 2, ex.status.text()
+    # each map: one contrast limit and one signedness check, all in the worker
+    assert sorted(n for n, _ in threads_of) == ["is_signed"] * 2 + ["support_limit"] * 2
+    assert not any(on_main for _, on_main in threads_of)
+    layer = viewer.layers[ex.added[-1]]
+    lim = layer.metadata["esegeta"]["support_limit"]
+    assert layer.contrast_limits[1] == pytest.approx(lim) and lim > 0
+
+
+@pytest.mark.gui
+def test_evaluate_builds_stage_layers_off_the_gui_thread(qtbot, docked, threads_of) -> None:
+    viewer, image, w = docked
+    session = w["model"].session
+    session.set_model(TinyNet().eval(), "tiny", session.preprocess, None)
+    ex = w["explain"]
+    ex.kind_combo.setCurrentText("argmax")
+    ex.methods.check("saliency")
+    ex.run()
+    wait_until(qtbot, lambda: not ex.running, 120)
+    threads_of.clear()
+    from napari_esegeta._qt.evaluate_widget import EvaluateWidget
+
+    ev = EvaluateWidget(viewer)
+    viewer.window.add_dock_widget(ev, name="evaluate")
+    ev.refresh_maps()
+    ev.form.set_checked(axioms=False, infidelity=False, faithfulness=False, randomisation=True)
+    assert ev.run() is not None
+    wait_until(qtbot, lambda: not ev.running, 180)
+    stages = list(ev.added)
+    assert stages, ev.status.text()
+    assert len([n for n, _ in threads_of if n == "support_limit"]) == len(stages)
+    assert not any(on_main for _, on_main in threads_of)
+    assert np.isfinite(viewer.layers[stages[0]].contrast_limits).all()

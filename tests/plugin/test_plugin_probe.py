@@ -1,0 +1,62 @@
+"""The Explain tab's one-patch probe (issue 19.7): the estimate shows before any method runs, and a run
+estimated to be long stops after that one patch until the second click (counted on the network)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from plugin_helpers import wait_until
+
+
+class CountingNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv3d(1, 2, 3, padding=1)
+        self.calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return self.conv(x)
+
+
+@pytest.mark.gui
+def test_long_estimate_stops_after_one_patch(qtbot, docked, monkeypatch) -> None:
+    import napari_esegeta._qt.explain_widget as EW
+
+    viewer, image, w = docked
+    session = w["model"].session
+    net = CountingNet().eval()
+    session.set_model(net, "counting", session.preprocess, None)
+    ex = w["explain"]
+    ex.kind_combo.setCurrentText("argmax")
+    ex.methods.check("saliency")
+    monkeypatch.setattr(EW, "WARN_SECONDS", 0.0)  # every estimate is "long"
+    n_layers = len(viewer.layers)
+    assert ex.run() is not None
+    wait_until(qtbot, lambda: not ex.running, 60)
+    assert net.calls == 1  # the probe's one patch, nothing else
+    assert len(viewer.layers) == n_layers and ex.run_btn.text() == "Run anyway"
+    assert ex.last_estimate is not None and ex.last_estimate.probed == 1
+    assert "estimated at" in ex.status.text() and "patch" in ex.status.text()
+    ex.run()  # the second click runs it, without probing again
+    wait_until(qtbot, lambda: not ex.running, 120)
+    assert len(ex.added) == 1 and ex.last_estimate is None
+    assert net.calls > 1
+
+
+@pytest.mark.gui
+def test_estimate_shows_while_the_run_goes_on(qtbot, docked) -> None:
+    viewer, image, w = docked
+    session = w["model"].session
+    net = CountingNet().eval()
+    session.set_model(net, "counting", session.preprocess, None)
+    ex = w["explain"]
+    ex.kind_combo.setCurrentText("argmax")
+    ex.methods.check("saliency")
+    ex.run()
+    wait_until(qtbot, lambda: not ex.running, 120)
+    est = ex.last_estimate
+    assert est is not None and est.expected_evaluations is not None and est.seconds is not None
+    assert len(ex.added) == 1 and ex.run_btn.text() == "Run"
