@@ -127,7 +127,7 @@ class Explainer:
                  precision: str | None = None) -> ExecutionForm:
         """The execution form for input ``x`` (sliding window when configured and larger)."""
         form = execution_form(self.execution, tuple(x.shape[2:]), self._divisible)
-        if support is not None and form.sliding is not None:
+        if support is not None:  # sliding windows skip patches; perturbations skip what cannot reach it
             form = ExecutionForm(form.sliding, form.divisible_by, form.padding, form.precision,
                                  support.to(x.device))
         return form.with_precision(precision) if precision else form
