@@ -64,6 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trust-pickled", action="store_true",
                    help="allow loading a fully pickled nn.Module (runs code from the file); "
                         "a config cannot ask for this")
+    p.add_argument("--trust-bundle", action="store_true",
+                   help="allow a MONAI bundle's config to run (its $ expressions and _target_ objects); "
+                        "a config cannot ask for this")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.add_argument("--dry-run", action="store_true", help="cohort: print the plan's size and cost, write nothing")
     p.add_argument("--executor", choices=["inline", "pool", "local", "dask"], help="cohort: who runs the jobs")

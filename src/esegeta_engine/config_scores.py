@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 __all__ = ["EnergyPointingConfig", "MprtConfig", "RegionPerturbationConfig", "RoadConfig", "StabilityConfig"]
 
@@ -68,3 +68,17 @@ class StabilityConfig(_Strict):
     noise: float = Field(0.1, ge=0, description="noise std as a fraction of the input's range")
     models: list[Path] = Field(default_factory=list, description="other models (TorchScript files) "
                                "explained as members beside the run's model")
+    over: Literal["auto", "folds", "mirrors", "models", "noise"] = Field(
+        "auto", description="what the maps vary over: an nnU-Net model's folds or mirrored copies, the "
+        "models list, or seeded input noise; auto: the models list when given, else the folds when the "
+        "model has several, else noise")
+
+    @model_validator(mode="after")
+    def _models_for_over(self) -> StabilityConfig:
+        if self.over == "models" and not self.models:
+            raise ValueError("stability.over 'models' needs stability.models (TorchScript files explained "
+                             "beside the run's model)")
+        if self.models and self.over not in ("auto", "models"):
+            raise ValueError(f"stability.models is given but stability.over is {self.over!r}: use "
+                             "over 'models' (or auto), or drop the list")
+        return self

@@ -265,9 +265,11 @@ class Explainer:
         channels = getattr(get_layer(self.model, name), "out_channels", None)
         return int(channels) if isinstance(channels, int) else None
 
-    def estimate(self, volumes: Sequence[Volume], methods: Sequence[MethodConfig]) -> int | None:
-        """Expected model evaluations of a run, before it runs (see :func:`jobs.plan.estimate_run`)."""
-        return estimate_run(self, volumes, methods)
+    def estimate(self, volumes: Sequence[Volume], methods: Sequence[MethodConfig],
+                 evaluation: Any = None) -> int | None:
+        """Expected model evaluations of a run, before it runs (see :func:`jobs.plan.estimate_run`;
+        ``evaluation``: the scores' evaluations too)."""
+        return estimate_run(self, volumes, methods, evaluation)
 
     def iter_explain(
         self,
@@ -280,6 +282,7 @@ class Explainer:
         threaded: bool = True,
         on_progress: Callable[[Progress], None] | None = None,
         skip: Callable[[Job], bool] | None = None,
+        evaluation: Any = None,
     ) -> Generator[Event, None, None]:
         """Run every method on every volume, yielding events as they happen.
 
@@ -304,6 +307,9 @@ class Explainer:
             Called with per-evaluation :class:`Progress` when ``threaded`` is false.
         skip : callable, optional
             ``skip(job) -> bool``: jobs already done (a resumed run) are not run.
+        evaluation : EvaluationConfig, optional
+            The config ``evaluators`` were made from: their scores' evaluations join the
+            progress totals (the randomisation phase after the run is not part of these).
         """
         cancel = cancel or threading.Event()
         monitor = EvaluationMonitor(cancel)
@@ -331,7 +337,17 @@ class Explainer:
         # totals are therefore estimates until every group is planned.
         per_group = {id(ms): sum(len(m.layers or [None]) * len(self.target.classes or [0]) for m in ms)
                      for _, ms in groups}
-        state = RunState(self.estimate(volumes, methods))
+        in_job = None if evaluation is None else evaluation.model_copy(update={"randomisation": None})
+        state = RunState(self.estimate(volumes, methods, in_job))
+
+        def expected(job: Job) -> int | None:  # what the estimate counted for a job, its scores included
+            if in_job is None or job.expected_evaluations is None:
+                return job.expected_evaluations
+            from esegeta_engine.evaluation.costs import jobs_score_cost
+
+            scores = jobs_score_cost(in_job, [job], self.model)
+            return None if scores is None else job.expected_evaluations + scores
+
         done = 0
         executor = JobExecutor(self)
         with model_guard(self.model):
@@ -358,14 +374,14 @@ class Explainer:
                 for job in jobs:
                     support = target_support(target, tuple(x.shape[2:]), job.cls)
                     if skip is not None and skip(job):
-                        state.skipped(job)
+                        state.skipped(job, expected(job))
                         done += 1
                         yield state.progress(done, total, f"{job.label} · {job.cls_label}: already done")
                         continue
                     yield state.progress(done, total, f"{job.label} · {job.cls_label}: starting")
                     yield from executor.run(job, x, target, support, monitor, done, total, evaluators,
                                              threaded, on_progress, state, geometry)
-                    state.finished(job, state.job_evaluations)
+                    state.finished(job, state.job_evaluations + state.score_evaluations, expected(job))
                     done += 1
                     if cancel.is_set():
                         return

@@ -28,6 +28,7 @@ from esegeta_engine.evaluation.api import localisation_metrics
 from esegeta_engine.evaluation.evaluators import CURVES_KEY, scalar_metrics
 from esegeta_engine.evaluation.session import EvaluationSession
 from esegeta_engine.evaluation.localisation import LOCALISATION_METRICS
+from esegeta_engine.evaluation.costs import counted_evaluations
 from esegeta_engine.evaluation.map_extras import expected_metric_evaluations, map_extras, refresh_trust
 from esegeta_engine.explain import Event, Explainer, JobFailed, MapReady, Progress
 from esegeta_engine.inputs import load_ground_truth, load_inputs, load_mask_on_grid
@@ -57,9 +58,14 @@ class RunResult:
     records: list[dict[str, Any]] = field(default_factory=list)
 
     @property
+    def maps(self) -> list[MapRecord]:
+        """:attr:`records` (the manifest's JSON) read as :class:`MapRecord` s."""
+        return [MapRecord.from_json(r) for r in self.records]
+
+    @property
     def failed(self) -> list[dict[str, Any]]:
         """Records whose status is not ``ok``."""
-        return [r for r in self.records if r["status"] != "ok"]
+        return [raw for raw, rec in zip(self.records, self.maps) if not rec.ok]
 
 
 def environment() -> dict[str, str]:
@@ -148,6 +154,8 @@ def iter_run(cfg: Config, cancel: threading.Event | None = None, *, threaded: bo
     manifest_path = out / MANIFEST
     planned: set[tuple[str, str]] = set()  # (key, volume) of every job this run planned
     try:
+        # methods and scores (randomisation phase included), before any input is prepared
+        manifest["estimated_model_evaluations"] = explainer.estimate(volumes, cfg.methods, cfg.evaluation)
         names = Names()  # a job redone with other settings rewrites its own map; other maps stay
         truth = (roi != 0) if cfg.target.kind == "outcome" and roi is not None else None
         for i, v in enumerate(volumes):
@@ -172,7 +180,8 @@ def iter_run(cfg: Config, cancel: threading.Event | None = None, *, threaded: bo
 
         for event in explainer.iter_explain(volumes, cfg.methods, roi_mask=roi, cancel=cancel,
                                             evaluators=EvaluationSession(model, ev, seed=cfg.run.seed).evaluators(),
-                                            threaded=threaded, on_progress=on_progress, skip=skip):
+                                            threaded=threaded, on_progress=on_progress, skip=skip,
+                                            evaluation=ev):
             if isinstance(event, MapReady):
                 job = event.job
                 name = names(stems[event.volume], job)
@@ -232,6 +241,7 @@ def iter_run(cfg: Config, cancel: threading.Event | None = None, *, threaded: bo
         raise
     finally:
         manifest["duration_s"] = round(time.perf_counter() - started, 3)
+        manifest["model_evaluations"] = counted_evaluations(manifest)  # what the estimate counts
         # earlier maps this run did not keep or reach stay recorded (never orphaned)
         complete = manifest["status"] == "completed"
         manifest["results"].extend(r.replace(planned=False if complete else None).to_json()
@@ -253,9 +263,10 @@ def _randomisation(explainer: Explainer, volumes: list[Volume], cfg: Config, roi
     from esegeta_engine.evaluation.evaluators import run_randomisation_phase
     from esegeta_engine.evaluation.figures import randomisation_strip
 
+    maps = [MapRecord.from_json(r) for r in records]
+
     def classes_of(vi: int) -> list[tuple[int, str]]:
-        seen = {(r["class"], r["target"]) for r in records if r["volume"] == stems[vi] and r["status"] == "ok"}
-        return sorted(seen)
+        return sorted({(r.cls, r.target) for r in maps if r.volume == stems[vi] and r.ok})
 
     results = yield from run_randomisation_phase(explainer, volumes, cfg.methods, cfg.evaluation,
                                                  classes_of, roi_mask=roi, cancel=cancel)
@@ -300,7 +311,7 @@ def _report(out: Path, cfg: Config) -> str | None:
 
 
 def _files(manifest: dict[str, Any]) -> set[str]:
-    return {r["file"] for r in manifest["results"] if r.get("file")}
+    return {r.file for r in map(MapRecord.from_json, manifest["results"]) if r.file}
 
 
 def _record(job: Any, status: str, seconds: float, evaluations: int, extra: dict[str, Any] | None = None,

@@ -230,6 +230,25 @@ def load_request_pair(req: ModelRequest) -> tuple[ModelRequest, Any]:
                            trust_pickled=req.trust_pickled)
 
 
+def own_window(model: Any) -> str | None:
+    """How a deployed pipeline (nnU-Net folder, MONAI bundle) runs its network, or None for a plain model.
+
+    Such a pipeline runs its own sliding window (nnU-Net's patch, step, mirroring and folds; a
+    bundle's inferer) on its own grid: a patch size typed in the Model tab must not be added on top.
+    """
+    describe = getattr(model, "describe_execution", None)
+    if not callable(describe):
+        return None
+    d = describe()
+    if d.get("pipeline") == "nnunet":
+        return (f"nnU-Net's own window: patch {d.get('patch_size')}, step {d.get('step_size')}, "
+                f"{d.get('network_calls_per_patch')} network call(s) per patch (mirrors x folds)")
+    if d.get("patch_size"):
+        return (f"the bundle's {d.get('inferer')}: patch {d.get('patch_size')}, overlap {d.get('overlap')}, "
+                f"{d.get('blend')} blending")
+    return f"the bundle's {d.get('inferer', 'own inferer')} on its preprocessed grid"
+
+
 #: module kinds that are a non-linearity (their output is what the next layer sees)
 ACTIVATIONS = ("ReLU", "LeakyReLU", "PReLU", "ReLU6", "ELU", "SELU", "CELU", "GELU", "SiLU", "Mish", "Hardswish",
                "Softplus", "Tanh", "Sigmoid")

@@ -65,3 +65,52 @@ def test_a_run_writes_the_scorecard_the_spread_map_and_structure_scores(tmp_path
 
     page = build_report_from_run(res.out_dir).read_text()
     assert "Trust scorecard" in page and rec["stability_map"] in page
+
+
+def test_with_every_check_on_each_row_has_a_status_and_a_number_in_record_cli_and_report(tmp_path, capsys):
+    import torch
+
+    from esegeta_engine.cli_commands import _print_summary
+    from tiny_models import TinySegNet
+
+    torch.manual_seed(0)
+    net = TinySegNet(3)
+    with torch.no_grad():
+        net.head.bias.copy_(torch.tensor([0.0, 0.05]))
+    torch.save(net.state_dict(), tmp_path / "model.pt")
+    nib.save(nib.Nifti1Image(np.random.default_rng(0).random((8, 8, 8)).astype(np.float32), np.eye(4)),
+             tmp_path / "vol.nii.gz")
+    gt = np.zeros((8, 8, 8), np.uint8)
+    gt[2:6, 2:6, 2:6] = 1
+    nib.save(nib.Nifti1Image(gt, np.eye(4)), tmp_path / "gt.nii.gz")
+    res = run(parse_config({
+        "model": {"path": "model.pt", "class_path": "tiny_models:TinySegNet", "kwargs": {"dims": 3}},
+        "volumes": ["vol.nii.gz"], "target": {"classes": [1]},
+        "methods": [{"name": "integrated_gradients", "params": {"n_steps": 8}}], "output": {"dir": "out"},
+        "evaluation": {"localisation": {"mask": "gt.nii.gz"}, "randomisation": {"max_stages": 2},
+                       "road": {"percentages": [0.3, 0.6]}, "stability": {"samples": 3}, "report": True}},
+        base=tmp_path))
+    (rec,) = res.records
+    trust = rec["trust"]
+    for name in SCORECARD:  # all five checked (passed or failed), each with its number
+        assert trust[name]["status"] in ("checked", "failed"), (name, trust[name])
+        assert np.isfinite(trust[name]["value"]), name
+    assert np.isfinite(trust["randomisation"]["null"])  # the verdict with its null
+    assert "ROAD" in trust["faithfulness"]["what"] and "ground truth" in trust["localisation"]["what"]
+    assert f"(null {trust['randomisation']['null']:.3g})" in trust["line"]
+    _print_summary(res)
+    assert trust["line"] in capsys.readouterr().out
+    page = (res.out_dir / "report.html").read_text()
+    table = page[page.index("<h2>Trust scorecard</h2>"):]
+    table = table[:table.index("</table>")]
+    for name in SCORECARD:
+        e = trust[name]
+        assert f">{e['status']} {e['value']:.3g}" in table, name
+
+
+def test_a_check_that_could_not_run_says_why():
+    card = scorecard({"stability_error": "MethodError: stability over folds: the model has 1 fold member(s)",
+                      "road_error": "time limit reached"})
+    assert card["stability"]["status"] == card["faithfulness"]["status"] == "not checked"
+    assert "the model has 1 fold member" in card["stability"]["note"]
+    assert card["faithfulness"]["note"] == "the check could not run: time limit reached"

@@ -242,17 +242,18 @@ def test_bad_execution_settings_are_named():
         expl.raw_output(torch.zeros(1, 1, 4, 4, 4))
 
 
-def test_layer_method_is_refused_by_name_under_sliding_window():
+def test_a_whole_volume_method_is_refused_by_name_under_sliding_window():
     net = _net(3)
     vol = Volume(np.random.default_rng(1).normal(size=(16, 16, 8)).astype(np.float32), np.eye(4), None)
     expl = Explainer(net, execution=ExecutionConfig(patch_size=8))
-    events = list(expl.iter_explain([vol], [MethodConfig(name="eigen_cam", layers=["0"]),
+    events = list(expl.iter_explain([vol], [MethodConfig(name="feature_permutation"),
                                             MethodConfig(name="layer_gradcam", layers=["0"]),
+                                            MethodConfig(name="eigen_cam", layers=["0"]),
                                             MethodConfig(name="saliency")], threaded=False))
     failed = [e for e in events if type(e).__name__ == "JobFailed"]
     ok = [e for e in events if isinstance(e, MapReady)]
-    assert len(failed) == 1 and "eigen_cam" in failed[0].error and "ROI crop" in failed[0].error
-    assert len(ok) == 2  # Grad-CAM runs on every patch copy of the layer (issue 20)
+    assert len(failed) == 1 and "feature_permutation" in failed[0].error and "ROI crop" in failed[0].error
+    assert len(ok) == 3  # Grad-CAM on every patch copy of the layer, Eigen-CAM on the stitched layer (issue 20)
 
 
 def test_a_patch_the_model_rejects_is_named_with_the_fix():

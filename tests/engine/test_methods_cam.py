@@ -100,8 +100,9 @@ def test_registered_specs() -> None:
     for name in CAMS:
         spec = layer_specs[name]
         assert spec.needs_layer and spec.needs_hooks
-        # gradient CAMs run on every patch copy of the layer; Eigen/Score/Ablation-CAM need the whole volume
-        assert spec.patchwise == ("whole" if "eigen" in name or name in ("score_cam", "ablation_cam") else "gradient")
+        # gradient CAMs run on every patch copy of the layer, Eigen/Score/Ablation-CAM on the stitched layer
+        stitched = "eigen" in name or name in ("score_cam", "ablation_cam")
+        assert spec.patchwise == ("stitched_layer" if stitched else "gradient")
         assert spec.reference and spec.summary and all(p.help for p in spec.params)
         assert {"upsample", "attribute_to_layer_input"} <= {p.name for p in spec.params}
         spec.resolve_params({})

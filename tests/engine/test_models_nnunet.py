@@ -32,8 +32,8 @@ SCAN_SPACING = (0.9, 1.1, 2.5)  # differs from the plans' (1, 1, 2)
 
 
 @pytest.fixture(scope="module")
-def folder(tmp_path_factory) -> Path:
-    return S.make_results(tmp_path_factory.mktemp("nnunet"), folds=(0, 1))
+def folder(nnunet_folder) -> Path:
+    return nnunet_folder  # built once per session (tests/conftest.py)
 
 
 @pytest.fixture(scope="module")
@@ -247,3 +247,41 @@ def test_predict_command_writes_probabilities_on_the_scan_grid(folder, scan_img,
     np.testing.assert_allclose(probs.get_fdata().sum(-1), 1.0, atol=1e-5)
     info = json.loads((tmp_path / "pred" / "prediction.json").read_text())
     assert info["model"]["mirroring"] is False
+
+
+def test_members_each_fold_and_each_mirror_alone_average_to_the_ensemble(folder, scan_img):
+    from esegeta_engine.evaluation.stability import members_of
+
+    img, _ = scan_img
+    m = load_source(ModelConfig(nnunet=folder, folds=[0, 1])).module
+    m.bind_volume(img.header.get_zooms()[:3])
+    x = torch.from_numpy(np.asarray(img.dataobj, dtype=np.float32))[None, None]
+    folds, mirrors = m.members("folds"), m.members("mirrors")
+    assert [f.member_name for f in folds] == ["fold 0", "fold 1"] and len(mirrors) == 8
+    assert mirrors[0].member_name == "no mirroring" and [f.member_name for f in members_of(m)] == ["fold 0", "fold 1"]  # stability's protocol
+    info = m._prepare(x[0])
+    data, plan = info.pop("data"), info["plan"]
+    weight = torch.zeros(plan.padded)  # nnU-Net's Gaussian sum (max 10): float16 underflows where it is tiny
+    for sl in plan.slicers:
+        weight[sl[1:]] += plan.gaussian.float()
+    weight = weight[plan.revert]
+    with torch.no_grad():
+        ensemble = m.ensemble.logits(data, plan).float()
+        probs = m(x)[0]
+        for members, floor in ((folds, 1e-7), (mirrors, 1e-5)):
+            calls = []
+            for mm in members:
+                mm.bind_monitor(calls.append)
+            # nnU-Net averages the members' logits (float16 accumulation), then the softmax
+            mean = torch.stack([mm.ensemble.logits(data, plan).float() for mm in members]).mean(0)
+            assert len(calls) == len(plan.slicers) * m.ensemble.calls_per_patch  # each call made once overall
+            # (a mirrored copy alone underflows in float16 where its Gaussian weight is below ~1e-5: 5 % of voxels)
+            kept = weight > floor
+            assert kept.float().mean() > 0.9
+            torch.testing.assert_close(mean[:, kept], ensemble[:, kept], rtol=0, atol=4e-3)
+        # the folds' mean logits, through nnU-Net's resampling and softmax, are the ensemble's probabilities
+        mean = torch.stack([f.ensemble.logits(data, plan).float() for f in folds]).mean(0)
+        torch.testing.assert_close(m._to_scan(mean, info, logits=True), probs, rtol=0, atol=2e-3)
+        one = folds[1](x)[0]  # a member is the whole pipeline with that fold alone
+    assert one.shape == probs.shape and torch.allclose(one.sum(0), torch.ones(()), atol=1e-5)
+    assert not torch.allclose(one, folds[0](x)[0], atol=1e-4)

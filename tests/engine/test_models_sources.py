@@ -133,7 +133,8 @@ def test_bundle_without_network_def_or_weights(tmp_path):
         load_source(ModelConfig(bundle=root2))
 
 
-def test_trusted_bundle_pipeline_is_refused_not_replaced_by_its_bare_network(tmp_path):
+def test_trusted_bundle_is_parsed_by_monai_and_its_weights_checked(tmp_path):
+    # the deployed pipeline itself is tested in test_models_bundle.py
     root = _bundle(tmp_path, {"network_def": {"_target_": "BasicUNet"}})
-    with pytest.raises(ModelLoadError, match="not supported yet"):
+    with pytest.raises(ModelLoadError, match="weights in .*model.pt do not fit network_def"):
         load_source(ModelConfig(bundle=root), Trust(bundle=True))

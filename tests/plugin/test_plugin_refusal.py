@@ -26,15 +26,15 @@ class CountingNet(nn.Module):
         return self.conv(self.relu(x))
 
 
-@pytest.mark.parametrize("methods, kind", [(["eigen_cam"], "argmax"), (["saliency", "layer_activation"], "argmax"),
-                                           (["saliency"], "channel")])
+@pytest.mark.parametrize("methods, kind", [(["feature_permutation"], "argmax"),
+                                           (["saliency", "feature_permutation"], "argmax"), (["saliency"], "channel")])
 def test_refused_before_any_model_evaluation(methods, kind) -> None:
     from napari_esegeta._run import RunError, explain_events
 
     net = CountingNet().eval()
     volume = Volume(np.random.default_rng(0).random((16, 16, 16)).astype(np.float32), np.eye(4))
     target = TargetConfig(kind=kind, classes=[1], **({"layer": "conv"} if kind == "channel" else {}))
-    configs = [MethodConfig(name=m, layers=["conv"] if m != "saliency" else []) for m in methods]
+    configs = [MethodConfig(name=m) for m in methods]
     events = list(explain_events(net, volume, configs, preprocess=PreprocessConfig(), target=target, output=None,
                                  roi_mask=None, cancel=threading.Event(),
                                  execution=ExecutionConfig(patch_size=8)))
@@ -65,7 +65,7 @@ def test_run_click_refuses_without_a_worker(qtbot, docked) -> None:
     w["model"].patch_edit.setText("8")
     w["model"]._execution_changed()
     ex = w["explain"]
-    ex.methods.check("eigen_cam")
+    ex.methods.check("feature_permutation")
     assert ex.run() is None and not ex.running
-    assert ex.status.property("status_kind") == "error" and "eigen_cam" in ex.status.text()
+    assert ex.status.property("status_kind") == "error" and "feature_permutation" in ex.status.text()
     assert net.calls == 0

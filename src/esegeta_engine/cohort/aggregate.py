@@ -26,6 +26,7 @@ from esegeta_engine.cohort.config import CohortConfig
 from esegeta_engine.cohort.plan import CohortPlan, grid_volume
 from esegeta_engine.io import Volume, save_map, write_text
 from esegeta_engine.jobs.naming import slug as _slug
+from esegeta_engine.jobs.record import MapRecord
 from esegeta_engine.tables import safe_cell, safe_row
 
 log = logging.getLogger("esegeta_engine")
@@ -45,11 +46,16 @@ def _read(path: Path) -> np.ndarray:
     return np.asarray(nib.load(str(path)).dataobj, dtype=np.float32)
 
 
-def _groups(records: list[dict[str, Any]]) -> dict[tuple[str, str, int], list[dict[str, Any]]]:
-    out: dict[tuple[str, str, int], list[dict[str, Any]]] = defaultdict(list)
+def _records(records: list[dict[str, Any]]) -> list[MapRecord]:
+    """The manifest's results as records."""
+    return [MapRecord.from_json(r) for r in records]
+
+
+def _groups(records: list[MapRecord]) -> dict[tuple[str, str, int], list[MapRecord]]:
+    out: dict[tuple[str, str, int], list[MapRecord]] = defaultdict(list)
     for r in records:
-        if r["status"] == "ok" and r.get("file") and r.get("planned") is not False:
-            out[(r["model"], r.get("label") or r["method"], r["class"])].append(r)
+        if r.ok and r.file and r.planned is not False:
+            out[(str(r.model), r.label or r.method, r.cls)].append(r)
     return out
 
 
@@ -74,15 +80,15 @@ def aggregate_maps(out: Path, cfg: CohortConfig, plan: CohortPlan, records: list
     """Write mean and std of the normalised maps per model x method x class; return their entries."""
     entries = []
     order = {v.subject: i for i, v in enumerate(plan.volumes)}
-    for (model, method, cls), recs in sorted(_groups(records).items()):
-        recs = sorted(recs, key=lambda r: order[r["subject"]])
-        mean, std = mean_std_of_normalised([out / r["file"] for r in recs])
+    for (model, method, cls), recs in sorted(_groups(_records(records)).items()):
+        recs = sorted(recs, key=lambda r: order[str(r.subject)])
+        mean, std = mean_std_of_normalised([out / str(r.file) for r in recs])
         n = len(recs)
         stem = f"aggregate/{model}/{_slug(method)}__{cfg.target.kind}-{cls}"
         save_map(mean, like, out / f"{stem}__mean.nii.gz")
         save_map(std, like, out / f"{stem}__std.nii.gz")
         entries.append({"model": model, "method": method, "class": cls, "n": n,
-                        "subjects": [r["subject"] for r in recs],
+                        "subjects": [r.subject for r in recs],
                         "mean": f"{stem}__mean.nii.gz", "std": f"{stem}__std.nii.gz"})
         if n < len(plan.volumes):
             log.warning("aggregate %s · %s · class %d over %d of %d subjects (the others failed)",
@@ -108,11 +114,12 @@ def compare_models(out: Path, cfg: CohortConfig, aggregates: list[dict[str, Any]
     return entries
 
 
-def _flat(r: dict[str, Any]) -> dict[str, Any]:
-    row = {k: r.get(k) for k in ("subject", "group", "model", "method", "class", "status", "seconds",
-                                 "model_evaluations", "file", "error")}
-    row["method"] = r.get("label") or r.get("method")  # name[@layer][+noise]: one row per job
-    row.update({k: v for k, v in (r.get("metrics") or {}).items() if not isinstance(v, (dict, list))})
+def _flat(r: MapRecord) -> dict[str, Any]:
+    row = {"subject": r.subject, "group": r.group, "model": r.model,
+           "method": r.label or r.method,  # name[@layer][+noise]: one row per job
+           "class": r.cls, "status": r.status, "seconds": r.seconds, "model_evaluations": r.model_evaluations,
+           "file": r.file, "error": r.error}
+    row.update({k: v for k, v in (r.metrics or {}).items() if not isinstance(v, (dict, list))})
     return row
 
 
@@ -135,7 +142,7 @@ def _write_csv(path: Path, rows: list[dict[str, Any]]) -> Path:
 def metrics_tables(out: Path, plan: CohortPlan, records: list[dict[str, Any]],
                    models: list[str]) -> dict[str, str]:
     """The cohort table (one row per job), group summaries and the paired model table, as CSV."""
-    rows = [_flat(r) for r in records]
+    rows = [_flat(r) for r in _records(records)]
     order = {v.subject: i for i, v in enumerate(plan.volumes)}
     rows.sort(key=lambda r: (r["model"], r["method"], r["class"], order.get(r["subject"], 0)))
     files = {"table": _write_csv(out / TABLE, rows).name}

@@ -35,7 +35,10 @@ def cmd_cohort(args: argparse.Namespace, data: dict[str, Any]) -> int:
             print(f"[{done}/{total}] {rec['model']} · {rec['subject']} · {rec['method']} · class {rec['class']}: "
                   f"{rec['status']} ({rec['seconds']:.2f} s)", file=sys.stderr)
 
-    plan = plan_cohort(cfg)
+    from esegeta_engine.models import Trust
+
+    plan = plan_cohort(cfg, Trust(pickled=bool(getattr(args, "trust_pickled", False)),
+                                  bundle=bool(getattr(args, "trust_bundle", False))))
     print(plan.describe(), flush=True)  # before any work starts
     cancel = threading.Event()
     # SIGINT/SIGTERM (a batch scheduler's stop) cancel as in single runs: no job starts after it, the
@@ -53,7 +56,7 @@ def cmd_cohort(args: argparse.Namespace, data: dict[str, Any]) -> int:
     if args.dry_run:
         print("dry run: nothing written")
         return 0
-    ok = sum(r["status"] == "ok" for r in result.records)
+    ok = sum(r.ok for r in result.maps)
     print(f"{ok} of {len(result.records)} jobs ok ({result.skipped} kept from before); results in "
           f"{result.out_dir} (run {result.status})")
     return 0 if not result.failed else 1

@@ -117,7 +117,7 @@ class CohortConfig(RunSections):
             return None if p is None else (p if p.is_absolute() else base / p)
         data = self.model_copy(deep=True)
         for m in data.models:
-            m.path = fix(m.path)
+            m.path, m.nnunet, m.bundle = fix(m.path), fix(m.nnunet), fix(m.bundle)
         data.cohort.volumes = [fix(v) for v in data.cohort.volumes]
         data.cohort.csv = fix(data.cohort.csv)
         if data.cohort.glob and not Path(data.cohort.glob).is_absolute():

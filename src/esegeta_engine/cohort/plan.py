@@ -131,6 +131,7 @@ class CohortJob:
     file: str
     cost: int | None
     layer: str | None = None
+    score_cost: int | None = 0  # model evaluations of the map's scores (ROAD, MPRT, stability, ...)
 
 
 @dataclass
@@ -143,11 +144,13 @@ class CohortPlan:
     common_grid: bool
     grid_note: str
     model_key: dict[str, str] = field(default_factory=dict)
+    trust: dict[str, bool] = field(default_factory=dict)  # the command's --trust-* flags, for the workers
 
     @property
     def estimated_evaluations(self) -> int | None:
-        """Model evaluations of the jobs whose method declares its cost (None when none does)."""
-        known = [j.cost for j in self.jobs if j.cost is not None]
+        """Model evaluations of the jobs whose method declares its cost, their scores' included
+        (None when none does)."""
+        known = [j.cost + (j.score_cost or 0) for j in self.jobs if j.cost is not None]
         return int(sum(known)) if known else None
 
     def describe(self) -> str:
@@ -160,7 +163,9 @@ class CohortPlan:
         text = (f"cohort plan: {len(self.jobs)} jobs = {n_models} model(s) x {len(self.volumes)} volume(s) x "
                 f"{len(methods)} method(s) x {len(classes)} class(es)")
         if est is not None:
-            text += f"; about {est} model evaluations" + (f" (+{unknown} jobs of undeclared cost)" if unknown else "")
+            scores = sum(j.score_cost or 0 for j in self.jobs if j.cost is not None)
+            text += f"; about {est} model evaluations" + (f" ({scores} of them for the scores)" if scores else "") \
+                + (f" (+{unknown} jobs of undeclared cost)" if unknown else "")
         else:
             text += "; cost: these methods do not declare one"
         return text + f"\n{describe_subjects(self.volumes)}\n{self.grid_note}"
@@ -269,24 +274,33 @@ def check_grid(volumes: list[CohortVolume], tolerance: float) -> tuple[bool, str
     return True, f"all {len(volumes)} volumes share one grid {ref.shape}: aggregate maps will be written"
 
 
-def plan_cohort(cfg: CohortConfig) -> CohortPlan:
+def plan_cohort(cfg: CohortConfig, trust: Any = None) -> CohortPlan:
     """Resolve, check and hash every input, and list every job with its key.
+
+    ``trust`` (a :class:`~esegeta_engine.models.Trust`: the command's ``--trust-pickled`` /
+    ``--trust-bundle``) travels with the plan to every worker; models may be files, nnU-Net
+    folders (``nnunet: DIR``) or MONAI bundles (``bundle: DIR``).
 
     Raises
     ------
     EsegetaError
         Any problem found before work starts (see the module docstring).
     """
+    from esegeta_engine.evaluation.costs import jobs_score_cost
+
     for m in cfg.methods:
         if get_method(m.name).needs_batch:
             raise ConfigError(f"method {m.name!r} explains a batch of volumes together, which a cohort job "
                               "(one volume) cannot do", "run it as an ordinary run over the volumes")
     model_sha, model_key = {}, {}
+    trusted = {"trust_pickled": bool(getattr(trust, "pickled", False)),
+               "trust_bundle": bool(getattr(trust, "bundle", False))}
+    decided = {}  # each model's own preprocess/execution (a deployed pipeline decides them, as in single runs)
     for m in cfg.models:
-        if not m.path.is_file():
-            raise ConfigError(f"model {m.name!r}: file {str(m.path)!r} does not exist", "check models[].path")
-        model_sha[m.name] = file_sha256(m.path)
-        model_key[m.name] = _model_key(m, model_sha[m.name])
+        model_sha[m.name] = _model_sha(m)
+        model_key[m.name] = _model_key(m, model_sha[m.name], trusted)
+        own = _loaded(m, model_sha[m.name], trusted).configure(cfg)
+        decided[m.name] = (own.preprocess, own.execution.model_dump(mode="json"))
     volumes = resolve_volumes(cfg)
     p = cfg.preprocess
     for v in volumes:
@@ -299,10 +313,10 @@ def plan_cohort(cfg: CohortConfig) -> CohortPlan:
     elif not common and cfg.cohort.aggregate == "require":
         raise VolumeError(note.split(":")[0] + " but cohort.aggregate is 'require'",
                           "resample the volumes onto one template grid first, or set cohort.aggregate: auto")
-    order = AxisOrder(p.axis_order)
-    execution = cfg.execution.model_dump(mode="json")
     jobs = []
     for m in cfg.models:
+        p, execution = decided[m.name]
+        order = AxisOrder(p.axis_order)
         for vi, v in enumerate(volumes):
             spatial = tuple(v.shape[i] for i in order.permutation) if len(v.shape) >= p.spatial_dims \
                 else tuple(v.shape)
@@ -324,15 +338,41 @@ def plan_cohort(cfg: CohortConfig) -> CohortPlan:
                     label = method_label(meth, job.layer)
                     name = f"maps/{m.name}/{v.subject}__{_slug(label)}__{cfg.target.kind}-{job.cls}.nii.gz"
                     jobs.append(CohortJob(job.key, m.name, vi, v.subject, mi, label, int(job.cls), name,
-                                          job.expected_evaluations, job.layer))
-    return CohortPlan(volumes, model_sha, jobs, common, note, model_key)
+                                          job.expected_evaluations, job.layer,
+                                          jobs_score_cost(cfg.evaluation, [job],
+                                                          _loaded(m, model_sha[m.name], trusted).module)))
+    return CohortPlan(volumes, model_sha, jobs, common, note, model_key, trusted)
 
 
-def _model_key(model: Any, sha: str) -> str:
+def _model_sha(model: Any) -> str:
+    """sha256 of a model file, or of the files that define a folder model (nnU-Net, bundle)."""
+    import hashlib
+
+    from esegeta_engine.models.sources import selected_source, source_files, source_path
+
+    where = source_path(model)
+    if selected_source(model) == "file" or where is None or not Path(where).is_dir():
+        if where is None or not Path(where).is_file():
+            key = "path" if selected_source(model) == "file" else selected_source(model)
+            raise ConfigError(f"model {model.name!r}: {'file' if key == 'path' else 'folder'} {str(where)!r} does "
+                              f"not exist", f"check models[].{key}")
+        return file_sha256(where)
+    h = hashlib.sha256()
+    for f in source_files(model):
+        h.update(str(f.relative_to(where)).encode() + b"\0" + file_sha256(f).encode())
+    return h.hexdigest()
+
+
+def _loaded(model: Any, sha: str, trusted: dict[str, bool] | None = None) -> Any:
+    """The cohort model's loaded source (once per process, on the CPU)."""
+    from esegeta_engine.jobs.worker import cached_source
+
+    return cached_source({**model.model_dump(mode="json"), **(trusted or {})}, sha, "cpu")
+
+
+def _model_key(model: Any, sha: str, trusted: dict[str, bool] | None = None) -> str:
     """The weights' fingerprint of a cohort model (loaded once per process, on the CPU)."""
-    from esegeta_engine.jobs.worker import cached_model
-
-    return model_fingerprint(cached_model(model.model_dump(mode="json"), sha, "cpu"))
+    return model_fingerprint(_loaded(model, sha, trusted).module)
 
 
 def grid_volume(plan: CohortPlan, index: int, cache: dict[int, Volume] | None = None) -> Volume:

@@ -44,14 +44,19 @@ class CohortResult:
     skipped: int = 0
 
     @property
+    def maps(self) -> list[MapRecord]:
+        """:attr:`records` (the manifest's JSON) read as :class:`MapRecord` s."""
+        return [MapRecord.from_json(r) for r in self.records]
+
+    @property
     def failed(self) -> list[dict[str, Any]]:
         """Records whose status is not ``ok``."""
-        return [r for r in self.records if r["status"] != "ok"]
+        return [raw for raw, rec in zip(self.records, self.maps) if not rec.ok]
 
 
 def job_specs(cfg: CohortConfig, plan: CohortPlan, jobs: list[CohortJob]) -> list[JobSpec]:
     """The picklable job descriptions a worker runs."""
-    models = {m.name: m.model_dump(mode="json") for m in cfg.models}
+    models = {m.name: {**m.model_dump(mode="json"), **plan.trust} for m in cfg.models}
     common = dict(preprocess=cfg.preprocess.model_dump(mode="json"),
                   target=cfg.target.model_dump(mode="json"),
                   evaluation=cfg.evaluation.model_dump(mode="json", exclude={"report"}),
@@ -83,7 +88,7 @@ def _manifest(cfg: CohortConfig, plan: CohortPlan, executor: str) -> dict[str, A
         "key_version": KEY_VERSION,
         "plan": {"jobs": len(plan.jobs), "estimated_model_evaluations": plan.estimated_evaluations,
                  "common_grid": plan.common_grid, "grid_note": plan.grid_note},
-        "models": [{"name": m.name, "path": str(m.path), "sha256": plan.model_sha[m.name],
+        "models": [{"name": m.name, "path": str(m.path or m.nnunet or m.bundle), "sha256": plan.model_sha[m.name],
                     "key": plan.model_key.get(m.name)} for m in cfg.models],
         "volumes": [{"subject": v.subject, "subject_from": v.subject_from, "group": v.group, "path": str(v.path),
                      "sha256": v.sha256, "content": v.content,
@@ -142,7 +147,7 @@ def run_cohort(cfg: CohortConfig, *, executor: str | None = None, dry_run: bool 
     out = cfg.output.dir
     if dry_run:
         return CohortResult(plan, out, "planned")
-    inputs = [v.path for v in plan.volumes] + [m.path for m in cfg.models]
+    inputs = [v.path for v in plan.volumes] + [m.path or m.nnunet or m.bundle for m in cfg.models]
     runner = make_executor(cfg.cohort, executor, cancel)  # an unreachable scheduler fails here, before any write
     try:
         folder = claim_folder(out, overwrite=cfg.output.overwrite, resume=resume, inputs=inputs)
@@ -205,10 +210,9 @@ def run_cohort(cfg: CohortConfig, *, executor: str | None = None, dry_run: bool 
         finally:
             manifest["duration_s"] = round(time.perf_counter() - started, 3)
             complete = manifest["status"] == "completed"
+            written = {r.file for r in map(MapRecord.from_json, manifest["results"]) if r.file}
             manifest["results"].extend(r.replace(planned=False if complete else None).to_json()
-                                       for r in previous.unplanned({(j.key, j.subject) for j in plan.jobs},
-                                                                   {r["file"] for r in manifest["results"]
-                                                                    if r.get("file")}))
+                                       for r in previous.unplanned({(j.key, j.subject) for j in plan.jobs}, written))
             try:
                 write_final_manifest(manifest, path)
                 log.info("cohort %s in %.1f s; manifest: %s", manifest["status"], manifest["duration_s"], path)

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from esegeta_engine.config import EvaluationConfig, MethodConfig
+from esegeta_engine.evaluation.costs import ScoredMap, score_cost
 from esegeta_engine.explain import Evaluator, Explainer, Job, Progress, build_target
 from esegeta_engine.io import Volume
 from esegeta_engine.methods import MethodContext, get_method
@@ -168,9 +169,12 @@ def run_randomisation_phase(
                 def progress(done: int, total: int, message: str) -> None:
                     messages.append(Progress(done, total, f"randomisation ({mode}) {label}: {message}"))
 
+                built: list[ScoreModel] = []
+
                 def build(model_copy: torch.nn.Module, x: torch.Tensor = x) -> ScoreModel:
                     # the one factory: randomised copies run as the model does (sliding window, precision)
-                    return explainer.make_score_model(target, x, model=model_copy)
+                    built.append(explainer.make_score_model(target, x, model=model_copy))
+                    return built[-1]
 
                 yield Progress(0, 1, f"randomisation ({mode}) · {label}: starting")
                 result = run_randomisation(explainer.model, build, x, cls, entries, mode=mode,
@@ -178,5 +182,23 @@ def run_randomisation_phase(
                                            threshold=r.threshold, calibrate=r.calibrate,
                                            footprint=r.footprint, cancel=cancel, progress=progress)
                 yield from messages
+                result.evaluations = sum(sm.monitor.count for sm in built)  # what the estimate counts
                 results.append((vi, cls, label, result))
     return results
+
+
+@score_cost("randomisation", after_run=True)
+def randomisation_cost(cfg: EvaluationConfig, scored: ScoredMap) -> int | None:
+    """The randomisation phase's re-runs of a map's method (bare, without a noise tunnel): per
+    mode, the trained model, each stage (the parameterised layers, at most ``max_stages``) and,
+    calibrated, two fully randomised networks. An upper bound when some layer is never reached
+    by the forward (no stage) or the method fails on the trained model (no re-runs)."""
+    r = cfg.randomisation
+    if r is None or (r.methods is not None and scored.method not in r.methods) \
+            or (scored.method and get_method(scored.method).needs_batch):
+        return 0
+    stages = scored.n_stages()
+    if stages is None or scored.plain_evaluations is None:
+        return None
+    runs = 1 + min(stages, r.max_stages or stages) + (2 if r.calibrate else 0)
+    return (2 if r.mode == "both" else 1) * runs * scored.plain_evaluations

@@ -17,15 +17,9 @@ __all__ = ["expected_metric_evaluations", "map_extras", "refresh_trust"]
 
 def expected_metric_evaluations(cfg: EvaluationConfig, job: Any, model: Any) -> int | None:
     """The plan's estimate of the model evaluations the standard scores add to ``job``'s map."""
-    from esegeta_engine.evaluation.stability import members_of
     from esegeta_engine.evaluation.standard import metric_cost
 
-    if cfg.stability is not None and cfg.stability.models:
-        n_members: int | None = 1 + len(cfg.stability.models)
-    else:
-        members = members_of(model)
-        n_members = len(members) if members else None
-    return metric_cost(cfg, job.expected_evaluations, n_members=n_members)
+    return metric_cost(cfg, job.expected_evaluations, model=model)
 
 
 def map_extras(raw_metrics: dict[str, Any], array: np.ndarray, volume: Any, out_dir: Path, name: str,

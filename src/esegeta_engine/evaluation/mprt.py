@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from esegeta_engine.evaluation.costs import ScoredMap, score_cost
 from esegeta_engine.evaluation.similarity import spearman
 
 __all__ = ["discrete_entropy", "efficient_mprt", "smooth_mprt", "smoothed"]
@@ -82,3 +83,18 @@ def efficient_mprt(explain: Explain, model: nn.Module, randomised: nn.Module, x:
     h1 = discrete_entropy(explain(randomised, x), n_bins)
     return {"mprt_efficient": h1 / h0 if h0 > 0 else float("nan"), "mprt_entropy_original": h0,
             "mprt_entropy_randomised": h1}
+
+
+@score_cost("mprt")
+def mprt_cost(cfg: Any, scored: ScoredMap) -> int | None:
+    """Re-runs of the method: 2 (efficient), ``samples`` x (1 + stages) (smooth; stages: the
+    parameterised layers, at most ``max_stages``)."""
+    c = cfg.mprt
+    if c is None:
+        return 0
+    if c.variant == "efficient":
+        reruns: int | None = 2
+    else:
+        stages = scored.n_stages()
+        reruns = None if stages is None else c.samples * (1 + min(stages, c.max_stages or stages))
+    return None if reruns is None or scored.method_evaluations is None else reruns * scored.method_evaluations

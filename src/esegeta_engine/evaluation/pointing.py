@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from esegeta_engine.evaluation.costs import ScoredMap, score_cost
 from esegeta_engine.evaluation.localisation import _rank_accuracy
 
 __all__ = ["POINTING_METRICS", "pointing_scores"]
@@ -76,3 +77,9 @@ def pointing_scores(attribution: Any, ground_truth: Any, *, min_voxels: int = 1,
         centroid = np.argwhere(m).mean(0)
         comps.append({"component": i, **_scores(a, m), "centroid_voxel": [round(float(v), 2) for v in centroid]})
     return {"energy_pointing": whole["energy_pointing"], "components": comps}
+
+
+@score_cost("energy_pointing")
+def pointing_cost(cfg: Any, scored: ScoredMap) -> int:
+    """None: the pointing scores read the map and the ground truth, never the model."""
+    return 0

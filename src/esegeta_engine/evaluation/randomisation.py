@@ -197,6 +197,7 @@ class RandomisationResult:
     null: dict[str, dict[str, float]] = field(default_factory=dict)
     null_seeds: list[int] = field(default_factory=list)
     footprint: bool = False
+    evaluations: int = 0  # model evaluations of the whole check (set by the caller that counts them)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict of everything but the maps (``nan`` becomes ``None``)."""
@@ -210,7 +211,7 @@ class RandomisationResult:
         return clean({"mode": self.mode, "order": self.order, "stages": self.stages,
                       "scores": self.scores, "errors": self.errors, "verdicts": self.verdicts,
                       "changed": self.changed, "null": self.null, "null_seeds": self.null_seeds,
-                      "footprint": self.footprint})
+                      "footprint": self.footprint, "evaluations": self.evaluations})
 
 
 def run_randomisation(

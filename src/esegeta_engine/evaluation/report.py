@@ -39,6 +39,7 @@ from esegeta_engine.evaluation.report_html import (  # noqa: F401 (TEXT_COLUMNS,
     _table,
 )
 from esegeta_engine.io import write_json, write_text
+from esegeta_engine.jobs.record import MapRecord
 from esegeta_engine.tables import csv_text
 
 __all__ = ["build_report_from_run", "data_uri", "write_report"]
@@ -49,12 +50,28 @@ MANIFEST = "manifest.json"
 BASE_COLUMNS = ("volume", "method", "layer", "target", "status", "seconds", "model_evaluations")
 RECORD_KEYS = BASE_COLUMNS + ("class", "noise_tunnel", "file", "error", "params")
 
-def _merge(records: Sequence[Mapping[str, Any]], metrics: Sequence[Mapping[str, Any]]) -> list[dict]:
+def _records(manifest: Mapping[str, Any]) -> list[MapRecord]:
+    """The manifest's results as records (an entry that is not one is logged and left out)."""
+    out = []
+    for i, entry in enumerate(manifest.get("results") or []):
+        try:
+            out.append(MapRecord.from_json(entry))
+        except ValueError as exc:
+            log.warning("manifest result %d is left out of the report: %s", i, exc)
+    return out
+
+
+def _row(rec: MapRecord) -> dict[str, Any]:
+    """The table row of one record: its fields, scalar metrics and map statistics (``map_*``)."""
+    data = rec.to_json()
+    return {**{k: data[k] for k in RECORD_KEYS if k in data},
+            **{k: v for k, v in (rec.metrics or {}).items() if not isinstance(v, (dict, list))},
+            **{f"map_{k}": v for k, v in (rec.stats or {}).items()}}
+
+
+def _merge(records: Sequence[MapRecord], metrics: Sequence[Mapping[str, Any]]) -> list[dict]:
     """One row per record, with the metric rows that match it (by file, else by key) merged in."""
-    rows = [{**{k: r[k] for k in RECORD_KEYS if k in r},
-             **{k: v for k, v in (r.get("metrics") or {}).items() if not isinstance(v, (dict, list))},
-             **{f"map_{k}": v for k, v in (r.get("stats") or {}).items()}}
-            for r in records]
+    rows = [_row(r) for r in records]
     for m in metrics:
         if m.get("file"):
             found = [r for r in rows if r.get("file") == m["file"]]
@@ -86,14 +103,14 @@ def _write_text(path: Path, text: str) -> None:
     write_text(text, path)
 
 
-def _summary(manifest: Mapping[str, Any], records: Sequence[Mapping[str, Any]]) -> str:
+def _summary(manifest: Mapping[str, Any], records: Sequence[MapRecord]) -> str:
     cfg = manifest.get("config") or {}
     model, target = cfg.get("model") or {}, cfg.get("target") or {}
-    n_ok = sum(r.get("status") == "ok" for r in records)
+    n_ok = sum(r.ok for r in records)
     items = {
         "status": manifest.get("status"), "created": manifest.get("created"),
         "duration (s)": manifest.get("duration_s"),
-        "method time (s)": round(sum(float(r.get("seconds") or 0) for r in records), 3),
+        "method time (s)": round(sum(float(r.seconds or 0) for r in records), 3),
         "model": " ".join(str(x) for x in (model.get("path"), model.get("class_path")) if x) or None,
         "target": ", ".join(f"{k}={v}" for k, v in target.items() if v not in (None, [], {})) or None,
         "device": manifest.get("device"), "seed": manifest.get("seed"),
@@ -188,7 +205,7 @@ def write_report(
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     manifest = _read_manifest(run_dir) if (run_dir / MANIFEST).is_file() else {}
-    records = manifest.get("results") or []
+    records = _records(manifest)
     rows = _merge(records, list(metrics or []))
     columns = _columns(rows)
     _write_numbers(run_dir, rows, columns)
@@ -284,6 +301,7 @@ def build_report_from_run(run_dir: str | Path, *, mask: str | Path | None = None
         The mask does not have the maps' shape.
     """
     from esegeta_engine.evaluation.figures import comparison_grid, curves_figure, mip_figure, montage_figure
+    from esegeta_engine.evaluation.figures_stability import report_stability
     from esegeta_engine.evaluation.localisation import localisation_scores
 
     run_dir = Path(run_dir)
@@ -301,11 +319,12 @@ def build_report_from_run(run_dir: str | Path, *, mask: str | Path | None = None
         old = json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))
         for i, row in enumerate(old.get("rows", []) if isinstance(old, dict) else old):
             metrics[str(row.get("file") or i)] = dict(row)
-    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
-    for rec in manifest.get("results") or []:
-        if rec.get("status") == "ok" and rec.get("file"):
-            groups.setdefault((str(rec.get("volume")), str(rec.get("target"))), []).append(rec)
+    groups: dict[tuple[str, str], list[MapRecord]] = {}
+    for rec in _records(manifest):
+        if rec.ok and rec.file:
+            groups.setdefault((str(rec.volume), str(rec.target)), []).append(rec)
     figures: dict[str, list[Path]] = {}
+    stability_rows: list[dict[str, Any]] = []
     fig_dir = run_dir / "figures"
     for (stem, target), recs in groups.items():
         idx = [i for i, s in enumerate(stems) if stem in (s, f"{i:02d}-{s}")] or ([0] if len(vols) == 1 else [])
@@ -318,27 +337,32 @@ def build_report_from_run(run_dir: str | Path, *, mask: str | Path | None = None
             notes.append(f"volume {path} could not be read ({type(exc).__name__}); maps are drawn on black")
         maps: dict[str, np.ndarray] = {}
         for rec in recs:
-            if not (run_dir / rec["file"]).is_file():
-                notes.append(f"map {rec['file']} is listed in the manifest but missing")
+            if not (run_dir / rec.file).is_file():
+                notes.append(f"map {rec.file} is listed in the manifest but missing")
                 continue
             try:
-                arr = _load(run_dir / rec["file"], ndim)
+                arr = _load(run_dir / rec.file, ndim)
             except VolumeError as exc:  # one damaged map must not lose the rest of the report
                 notes.append(f"map {exc.problem}; it is left out")
                 log.warning("%s: left out of the report; fix: %s", exc.problem, exc.fix)
                 continue
             # <volume>__<method[@layer]>__<target>.nii.gz -> the method label (unique per map)
-            label = re.sub(r"\.nii(\.gz)?$", "", rec["file"]).removeprefix(f"{stem}__").rsplit("__", 1)[0]
+            label = re.sub(r"\.nii(\.gz)?$", "", rec.file).removeprefix(f"{stem}__").rsplit("__", 1)[0]
             label = label if label not in maps else f"{label} ({len(maps) + 1})"
             maps[label] = arr
             if gt is not None:  # (a stale note of an earlier build goes; a new one replaces it)
-                row = metrics.setdefault(rec["file"], {"file": rec["file"]})
+                row = metrics.setdefault(rec.file, {"file": rec.file})
                 row.pop("note", None)
                 row.update(localisation_scores(arr.reshape(*arr.shape[:ndim], -1).sum(-1), gt))
-            png = fig_dir / (rec["file"].removesuffix(".gz").removesuffix(".nii") + "__mip.png")
+            png = fig_dir / (rec.file.removesuffix(".gz").removesuffix(".nii") + "__mip.png")
             figures.setdefault(f"Maps · {stem} · {target}", []).append(
                 mip_figure(volume, arr, png, title=f"{label} · {target} · {stem}", spacing=spacing,
                            affine=affine))
+            spread = report_stability(run_dir, rec, volume, arr, ndim, fig_dir, f"{label} · {target} · {stem}",
+                                      spacing, affine, notes)
+            if spread is not None:  # the spread beside the map, and the numbers in a table
+                figures.setdefault(f"Stability · {stem} · {target}", []).append(spread[0])
+                stability_rows.append(spread[1])
             if ndim == 3 and volume is not None and arr.ndim == 3:
                 figures.setdefault(f"Slice montages · {stem} · {target}", []).append(montage_figure(
                     volume, arr, fig_dir / png.name.replace("__mip.png", "__montage.png"),
@@ -351,8 +375,8 @@ def build_report_from_run(run_dir: str | Path, *, mask: str | Path | None = None
     if curves_path.is_file():  # faithfulness curves written by the run, one figure per volume/target
         curves = json.loads(curves_path.read_text(encoding="utf-8"))
         for (stem, target), recs in groups.items():
-            chosen = {r["file"].removesuffix(".nii.gz").removeprefix(f"{stem}__").rsplit("__", 1)[0]: curves[r["file"]]
-                      for r in recs if r["file"] in curves}
+            chosen = {r.file.removesuffix(".nii.gz").removeprefix(f"{stem}__").rsplit("__", 1)[0]: curves[r.file]
+                      for r in recs if r.file in curves}
             if chosen:
                 figures.setdefault("Faithfulness curves", []).append(curves_figure(
                     chosen, fig_dir / f"{stem}__{_stem(target, 0)}__curves.png", title=f"{stem} · {target}"))
@@ -360,4 +384,6 @@ def build_report_from_run(run_dir: str | Path, *, mask: str | Path | None = None
         if entry.get("figure") and (run_dir / entry["figure"]).is_file():
             figures.setdefault("Randomisation sanity check", []).append(run_dir / entry["figure"])
     figures = dict(sorted(figures.items(), key=lambda kv: not kv[0].startswith("Comparison")))
-    return write_report(run_dir, metrics=list(metrics.values()), figures=figures, notes=notes)
+    tables = {"Stability: each map's spread over members or noisy inputs": stability_rows} if stability_rows else None
+    return write_report(run_dir, metrics=list(metrics.values()), figures=figures, notes=notes, extra_tables=tables)
+

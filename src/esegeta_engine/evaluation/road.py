@@ -23,12 +23,14 @@ outputs and recompute only the patches a perturbation touches.
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import torch
 
+from esegeta_engine.evaluation.costs import ScoredMap, score_cost
 from esegeta_engine.evaluation.faithfulness import _ranking_map
 
 __all__ = ["noisy_linear_imputation", "region_perturbation", "road", "scores_of", "supervoxels"]
@@ -204,3 +206,18 @@ def region_perturbation(score_model: Any, inputs: torch.Tensor, attribution: Any
     drops = [s[0] - v for v in s]
     return {"region_aopc": float(np.mean(drops)), "region_curve": s, "region_ranked": [int(r) for r in ranked],
             "region_size": region}
+
+
+@score_cost("road")
+def road_cost(cfg: Any, scored: ScoredMap) -> int:
+    """ROAD: the unperturbed input and two curves of ``len(percentages)`` copies, ``batch_size`` a call."""
+    c = cfg.road
+    return 0 if c is None else math.ceil((1 + 2 * len(c.percentages)) / c.batch_size)
+
+
+@score_cost("region_perturbation")
+def region_perturbation_cost(cfg: Any, scored: ScoredMap) -> int:
+    """Region perturbation: the unperturbed input and ``steps`` copies, ``batch_size`` a call (at most:
+    a volume with fewer supervoxels than ``steps`` makes fewer)."""
+    c = cfg.region_perturbation
+    return 0 if c is None else math.ceil((1 + c.steps) / c.batch_size)

@@ -9,7 +9,6 @@ numbers before a run (the plan's estimate).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -59,7 +58,8 @@ def standard_evaluators(cfg: EvaluationConfig, seed: int = 0,
     """Evaluators for ROAD, region perturbation, MPRT and stability as configured in ``cfg``.
 
     ``members``: models explained beside the run's model for the stability check (a model
-    list); without them the model's own members (:func:`stability.members_of`) or input noise.
+    list); without them ``stability.over`` picks the model's folds, mirrors or other members,
+    or input noise (:func:`stability.choose_members`).
     """
     from esegeta_engine.evaluation import mprt, road, stability
 
@@ -116,39 +116,28 @@ def standard_evaluators(cfg: EvaluationConfig, seed: int = 0,
                 from esegeta_engine.models import load_model
 
                 loaded.extend(load_model(p, device=str(ctx.inputs.device)) for p in c4.models)
-            group = [model, *loaded] if loaded else stability.members_of(model)
-            return stability.stability(lambda m, xi: explain_with(job, ctx, m, xi), model, ctx.inputs, group,
-                                       samples=c4.samples, noise=c4.noise, seed=seed)
+            over, group = stability.choose_members(model, c4.over, loaded)
+            res = stability.stability(lambda m, xi: explain_with(job, ctx, m, xi), model, ctx.inputs, group,
+                                      samples=c4.samples, noise=c4.noise, seed=seed)
+            res["stability_over"] = over  # folds, mirrors, models, members or noise
+            if group:
+                res["stability_members"] = ", ".join(stability.member_names(group))
+            return res
 
         out.append(_counted("stability", stability_))
     return out
 
 
 def metric_cost(cfg: EvaluationConfig, method_evaluations: int | None, *, n_members: int | None = None,
-                n_stages: int | None = None) -> int | None:
-    """Model evaluations the standard scores add to one map (``None`` when unknown in advance).
+                n_stages: int | None = None, model: nn.Module | None = None) -> int | None:
+    """Model evaluations the per-map scores add to one map (``None`` when unknown in advance).
 
+    The sum of the scores' registered costs (:mod:`.costs`) without the randomisation phase.
     ``method_evaluations``: the method's own count (re-run by MPRT and stability);
-    ``n_members``: ensemble members (stability); ``n_stages``: randomisation stages (smooth MPRT).
+    ``n_members``: ensemble members (stability); ``n_stages``: randomisation stages (smooth
+    MPRT); ``model``: asked for either when not given.
     """
-    total = 0
-    if cfg.road is not None:
-        total += math.ceil((1 + 2 * len(cfg.road.percentages)) / cfg.road.batch_size)
-    if cfg.region_perturbation is not None:
-        total += math.ceil((1 + cfg.region_perturbation.steps) / cfg.region_perturbation.batch_size)
-    reruns = 0
-    if cfg.mprt is not None:
-        if cfg.mprt.variant == "efficient":
-            reruns += 2
-        elif n_stages is None:
-            return None
-        else:
-            stages = min(n_stages, cfg.mprt.max_stages or n_stages)
-            reruns += cfg.mprt.samples * (1 + stages)
-    if cfg.stability is not None:
-        reruns += n_members if n_members else cfg.stability.samples
-    if reruns:
-        if method_evaluations is None:
-            return None
-        total += reruns * method_evaluations
-    return total
+    from esegeta_engine.evaluation.costs import ScoredMap, map_score_cost
+
+    scored = ScoredMap("", None, method_evaluations, model, members=n_members, stages=n_stages)
+    return map_score_cost(cfg, scored, after_run=False)

@@ -13,6 +13,8 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from esegeta_engine.jobs.record import MapRecord
+
 __all__ = ["SCORECARD", "method_summaries", "randomisation_tables", "scorecard", "scorecard_line", "verdicts_for"]
 
 
@@ -20,8 +22,14 @@ def _num(v: Any) -> float | None:
     return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) else None
 
 
-def _label(rec: Mapping[str, Any]) -> str:
-    return str(rec.get("method")) + (f"@{rec['layer']}" if rec.get("layer") else "")
+def _as_record(rec: MapRecord | Mapping[str, Any]) -> MapRecord:
+    """A manifest entry as a :class:`MapRecord` (records pass through)."""
+    return rec if isinstance(rec, MapRecord) else MapRecord.from_json(dict(rec))
+
+
+def _label(rec: MapRecord | Mapping[str, Any]) -> str:
+    rec = _as_record(rec)
+    return rec.method + (f"@{rec.layer}" if rec.layer else "")
 
 
 def _axiom_words(m: Mapping[str, Any]) -> tuple[str, int]:
@@ -50,7 +58,7 @@ def _randomisation_words(verdicts: Sequence[tuple[str, Mapping[str, Any]]]) -> t
     return "; ".join(parts), score
 
 
-def method_summaries(records: Sequence[Mapping[str, Any]],
+def method_summaries(records: Sequence[MapRecord | Mapping[str, Any]],
                      randomisation: Sequence[Mapping[str, Any]] | None = None) -> list[dict[str, Any]]:
     """One summary per successful map: ``volume``, ``method``, ``target``, ``trust`` (low,
     moderate, high or unchecked) and ``words`` (one paragraph), plus the key numbers."""
@@ -60,14 +68,13 @@ def method_summaries(records: Sequence[Mapping[str, Any]],
             verdicts.setdefault((str(entry.get("volume")), method, str(entry.get("target"))), []).append(
                 (str(entry.get("mode")), v))
     out = []
-    for rec in records:
-        if rec.get("status") != "ok":
+    for rec in map(_as_record, records):
+        if not rec.ok:
             continue
-        m = rec.get("metrics") or {}
+        m = rec.metrics or {}
         label = _label(rec)
         axiom, a_score = _axiom_words(m)
-        rnd, r_score = _randomisation_words(verdicts.get((str(rec.get("volume")), label, str(rec.get("target"))),
-                                                         []))
+        rnd, r_score = _randomisation_words(verdicts.get((str(rec.volume), label, str(rec.target)), []))
         words = [f"Axiom: {axiom}.", f"Sanity: {rnd}."]
         dele, ins = _num(m.get("auc_deletion")), _num(m.get("auc_insertion"))
         if dele is not None or ins is not None:
@@ -94,11 +101,10 @@ def method_summaries(records: Sequence[Mapping[str, Any]],
             trust = "moderate"  # the axiom holds; the sanity check was not run or gave no verdict
         else:
             trust = "unchecked"
-        out.append({"volume": rec.get("volume"), "method": label, "target": rec.get("target"), "trust": trust,
+        out.append({"volume": rec.volume, "method": label, "target": rec.target, "trust": trust,
                     "words": " ".join(words), "completeness_error": _num(m.get("completeness_error")),
                     "randomisation": "; ".join(f"{mode}: {v.get('verdict')}" for mode, v in
-                                               verdicts.get((str(rec.get("volume")), label, str(rec.get("target"))),
-                                                            [])) or None})
+                                               verdicts.get((str(rec.volume), label, str(rec.target)), [])) or None})
     return out
 
 
@@ -138,8 +144,20 @@ SCORECARD = ("axiom", "randomisation", "faithfulness", "localisation", "stabilit
 STABILITY_MIN_SPEARMAN = 0.5
 
 
-def _entry(status: str, value: float | None = None, what: str = "", note: str = "") -> dict[str, Any]:
-    return {"status": status, "value": value, "what": what, **({"note": note} if note else {})}
+def _entry(status: str, value: float | None = None, what: str = "", note: str = "", **more: Any) -> dict[str, Any]:
+    return {"status": status, "value": value, "what": what, **({"note": note} if note else {}), **more}
+
+
+#: The evaluators behind each check: their ``<name>_error`` says why a check could not run.
+_ERRORS = {"axiom": ("axioms_error",), "randomisation": ("mprt_error",),
+           "faithfulness": ("road_error", "faithfulness_error", "region_perturbation_error"),
+           "localisation": ("localisation_error",), "stability": ("stability_error",)}
+
+
+def _text(e: Mapping[str, Any]) -> str:
+    """A check's number as shown: ``0.91`` (and ``(null 0.2)`` for a calibrated randomisation verdict)."""
+    text = f" {_fmt(e.get('value'))}" if e.get("value") is not None else ""
+    return text + (f" (null {_fmt(e.get('null'))})" if e.get("null") is not None else "")
 
 
 def scorecard(metrics: Mapping[str, Any], verdicts: Sequence[Mapping[str, Any]] = ()) -> dict[str, Any]:
@@ -175,7 +193,8 @@ def scorecard(metrics: Mapping[str, Any], verdicts: Sequence[Mapping[str, Any]] 
             "checked" if any(x.get("passes") for x in verdicts) else "not checked")
         card["randomisation"] = _entry(state, _num(v.get("mean_similarity")),
                                        f"{v.get('mode', 'cascading')} similarity to the original "
-                                       f"(null {_fmt(v.get('null'))}, margin {_fmt(v.get('margin'))})")
+                                       f"(null {_fmt(v.get('null'))}, margin {_fmt(v.get('margin'))})",
+                                       null=_num(v.get("null")), margin=_num(v.get("margin")))
     elif _num(m.get("mprt_smooth")) is not None:
         card["randomisation"] = _entry("checked", _num(m.get("mprt_smooth")), "smooth MPRT |Spearman| (no null)")
     elif _num(m.get("mprt_efficient")) is not None:
@@ -212,12 +231,24 @@ def scorecard(metrics: Mapping[str, Any], verdicts: Sequence[Mapping[str, Any]] 
     rho = _num(m.get("stability_spearman"))
     if rho is not None:
         card["stability"] = _entry("failed" if rho < STABILITY_MIN_SPEARMAN else "checked", rho,
-                                   f"mean pairwise rank correlation over {m.get('stability_source', 'members')}"
-                                   f" (>= {STABILITY_MIN_SPEARMAN} passes)")
+                                   f"mean pairwise rank correlation over {_over(m)} (>= {STABILITY_MIN_SPEARMAN} "
+                                   "passes)")
     else:
         card["stability"] = _entry("not checked")
+    for name, keys in _ERRORS.items():  # a check that raised: not checked, and why
+        err = next((str(m[k]) for k in keys if m.get(k)), None)
+        if err and card[name]["status"] == "not checked":
+            card[name]["note"] = f"the check could not run: {err}"[:300]
     card["line"] = scorecard_line(card)
     return card
+
+
+def _over(m: Mapping[str, Any]) -> str:
+    """What a map's stability varied over: ``4 folds``, ``8 mirrors``, ``3 noisy inputs``, ..."""
+    over = m.get("stability_over") or ("noise" if m.get("stability_source") == "input noise" else "members")
+    n = m.get("stability_n")
+    words = {"noise": "noisy inputs", "models": "models"}.get(str(over), str(over))
+    return f"{n} {words}" if n else words
 
 
 def _fmt(v: Any) -> str:
@@ -232,42 +263,43 @@ def scorecard_line(card: Mapping[str, Any]) -> str:
     for name in SCORECARD:
         e = card.get(name) or {}
         mark = marks.get(str(e.get("status")), "-")
-        parts.append(f"{name} {mark}" + (f" {_fmt(e.get('value'))}" if e.get("value") is not None else ""))
+        parts.append(f"{name} {mark}{_text(e)}")
     return " · ".join(parts)
 
 
-def verdicts_for(randomisation: Sequence[Mapping[str, Any]] | None, record: Mapping[str, Any]) -> list[dict]:
+def verdicts_for(randomisation: Sequence[Mapping[str, Any]] | None,
+                 record: MapRecord | Mapping[str, Any]) -> list[dict]:
     """The randomisation verdicts of ``record``'s method (and layer), target and volume."""
+    record = _as_record(record)
     label = _label(record)
     out = []
     for entry in randomisation or []:
-        if str(entry.get("volume")) == str(record.get("volume")) and str(entry.get("target")) == str(
-                record.get("target")):
+        if str(entry.get("volume")) == str(record.volume) and str(entry.get("target")) == str(record.target):
             v = (entry.get("verdicts") or {}).get(label)
             if v is not None:
                 out.append({**v, "mode": entry.get("mode")})
     return out
 
 
-def scorecard_html(records: Sequence[Mapping[str, Any]]) -> str:
+def scorecard_html(records: Sequence[MapRecord | Mapping[str, Any]]) -> str:
     """The report's scorecard section: one row per map, one cell per check ('' with no scorecard)."""
     from html import escape
 
-    rows = [r for r in records if r.get("status") == "ok" and r.get("trust")]
+    rows = [r for r in map(_as_record, records) if r.ok and r.extra.get("trust")]
     if not rows:
         return ""
     style = {"checked": "trust-high", "failed": "trust-low", "not checked": ""}
     head = "".join(f"<th>{escape(c)}</th>" for c in ("map", *SCORECARD, "spread map"))
     body = []
     for r in rows:
-        cells = [f"<td>{escape(str(r.get('file') or _label(r)))}</td>"]
+        cells = [f"<td>{escape(str(r.file or _label(r)))}</td>"]
         for name in SCORECARD:
-            e = r["trust"].get(name) or {}
-            text = str(e.get("status", "not checked")) + (f" {_fmt(e.get('value'))}" if e.get("value") is not None
-                                                          else "")
-            cells.append(f'<td class="{style.get(str(e.get("status")), "")}" title="{escape(str(e.get("what", "")))}">'
+            e = r.extra["trust"].get(name) or {}
+            text = str(e.get("status", "not checked")) + _text(e)
+            hover = "; ".join(str(x) for x in (e.get("what"), e.get("note")) if x)
+            cells.append(f'<td class="{style.get(str(e.get("status")), "")}" title="{escape(hover)}">'
                          f"{escape(text)}</td>")
-        cells.append(f"<td>{escape(str(r.get('stability_map') or ''))}</td>")
+        cells.append(f"<td>{escape(str(r.extra.get('stability_map') or ''))}</td>")
         body.append("<tr>" + "".join(cells) + "</tr>")
     return ("<h2>Trust scorecard</h2><p>What was verified about each map: checked (and passed), failed, or not "
             "checked, with the number (hover a cell for what it measures).</p>"

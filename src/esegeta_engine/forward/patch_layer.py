@@ -68,9 +68,105 @@ class _Capture:
             self._keep(out)
 
 
+class LayerCanvas:
+    """Every copy's layer map placed where its patch lies, and combined (module docstring).
+
+    With ``on_layer_grid`` and a layer grid that lines up with every patch (each patch's start,
+    the padded size and the crop are whole multiples of the layer's stride), the canvas is the
+    scan's own layer grid (``size * layer / patch`` voxels per axis) and a copy's map is placed
+    unchanged; the blend weights are the importance map resampled to the layer grid. Otherwise
+    each map is interpolated to its patch on the input grid first, as Grad-CAM's maps are.
+
+    Parameters
+    ----------
+    grid : WindowGrid
+        The window grid of the explained input.
+    n : int
+        Rows (examples) of the canvas.
+    combine : {"blend", "sum"}
+        Weighted mean of overlapping copies, or their sum.
+    on_layer_grid : bool
+        Try the layer's own grid (Eigen-CAMs take their principal component there).
+    """
+
+    def __init__(self, grid: WindowGrid, n: int, combine: str, on_layer_grid: bool = False) -> None:
+        self.grid, self.n, self.combine, self.on_layer_grid = grid, n, combine, on_layer_grid
+        self.canvas: torch.Tensor | None = None
+        self.layer_grid = self.resampled = False
+
+    def _setup(self, maps: torch.Tensor) -> None:
+        g = self.grid
+        shape = tuple(maps.shape[2:])
+        ratio = list(zip(shape, g.roi))
+        edges = [[sl[a].start for sl in g.slices] + [g.padded[a], g.offset[a], g.spatial[a]]
+                 for a in range(len(g.roi))]
+        self.layer_grid = self.on_layer_grid and shape != g.roi and all(
+            all(e * s % r == 0 for e in edges[a]) for a, (s, r) in enumerate(ratio))
+        self.resampled = shape != g.roi and not self.layer_grid  # copies interpolated to the input grid
+        if self.layer_grid:
+            self.to_layer = lambda v, a: v * ratio[a][0] // ratio[a][1]
+            self.size = shape
+            self.weight = F.interpolate(g.weight, size=shape, mode=_mode(shape), align_corners=False)
+        else:
+            self.to_layer = lambda v, a: v
+            self.size = g.roi
+            self.weight = g.weight
+        padded = tuple(self.to_layer(v, a) for a, v in enumerate(g.padded))
+        self.slices = [tuple(slice(self.to_layer(s.start, a), self.to_layer(s.start, a) + self.size[a])
+                             for a, s in enumerate(sl)) for sl in g.slices]
+        self.canvas = torch.zeros((self.n, maps.shape[1], *padded), device=maps.device)
+        if self.combine == "blend":
+            self.count = torch.zeros((1, 1, *padded), device=maps.device)
+            for sl in self.slices:
+                self.count[(slice(None), slice(None), *sl)] += self.weight
+
+    def add(self, chunk: list[tuple[int, int]], maps: torch.Tensor) -> None:
+        """Place the maps ``(B, C', *layer grid)`` of one patch batch's ``(example, patch)`` items."""
+        if self.canvas is None:
+            self._setup(maps)
+        assert self.canvas is not None
+        if tuple(maps.shape[2:]) != self.size:
+            maps = F.interpolate(maps, size=self.size, mode=_mode(self.size), align_corners=False)
+        for (b, p), m in zip(chunk, maps):
+            place = (b, slice(None), *self.slices[p])
+            self.canvas[place] += m * self.weight[0] if self.combine == "blend" else m
+
+    def result(self, device: torch.device) -> torch.Tensor:
+        """The combined map, cropped to the input (or its layer grid); zeros if nothing was placed."""
+        g = self.grid
+        if self.canvas is None:  # no patch is read by the target
+            return torch.zeros((self.n, 1, *g.spatial), device=device)
+        canvas = self.canvas / self.count if self.combine == "blend" else self.canvas
+        if not any(g.pad):
+            return canvas
+        sl = tuple(slice(self.to_layer(o, a), self.to_layer(o + s, a))
+                   for a, (o, s) in enumerate(zip(g.offset, g.spatial)))
+        return canvas[(slice(None), slice(None), *sl)]
+
+
+def _mode(size: tuple[int, ...]) -> str:
+    return "bilinear" if len(size) == 2 else "trilinear"
+
+
+def _check_grid(a: torch.Tensor, inputs: torch.Tensor, method: str, name: str) -> None:
+    if a.dim() != inputs.dim():
+        raise MethodError(
+            f"method '{method}' needs a layer with a spatial grid under sliding-window execution, but "
+            f"layer '{name}' gives {tuple(a.shape)} per patch",
+            "choose a convolutional layer (or its activation) of the encoder or decoder")
+
+
+def _once(calls: int, method: str, name: str) -> None:
+    if calls != 1:
+        raise MethodError(
+            f"{method}: layer '{name}' ran {calls} times for one patch batch",
+            "pick a layer the network runs exactly once per forward pass (`esegeta layers MODEL`)")
+
+
 def patchwise_layer_map(score_model: nn.Module, layer: nn.Module, inputs: torch.Tensor, target: int,
                         layer_input: bool, per_patch: PerPatch, combine: str, method: str,
-                        layer_name: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                        layer_name: str | None = None, on_layer_grid: bool = False,
+                        report: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The input-grid map of a layer method over every patch copy of ``layer``.
 
     Parameters
@@ -92,6 +188,10 @@ def patchwise_layer_map(score_model: nn.Module, layer: nn.Module, inputs: torch.
         method collecting over several passes).
     method, layer_name : str
         For messages.
+    on_layer_grid : bool
+        Combine on the scan's layer grid where it lines up with the patches (:class:`LayerCanvas`).
+    report : dict, optional
+        Filled with ``resampled``: whether the copies had to be interpolated to the input grid.
 
     Returns
     -------
@@ -105,35 +205,23 @@ def patchwise_layer_map(score_model: nn.Module, layer: nn.Module, inputs: torch.
     n = inputs.shape[0]
     grid = sw.grid(inputs.shape[2:], inputs.device)
     capture = _Capture(sw, layer_input)
-    state: dict[str, Any] = {"canvas": None, "total": torch.zeros(n, dtype=torch.float64)}
+    total = torch.zeros(n, dtype=torch.float64)
+    canvas = LayerCanvas(grid, n, combine if combine != "none" else "sum", on_layer_grid)
     name = layer_name or type(layer).__name__
 
     def on_chunk(chunk: list[tuple[int, int]], g: WindowGrid) -> None:
-        if capture.calls != 1 or capture.a is None:
-            raise MethodError(
-                f"{method}: layer '{name}' ran {capture.calls} times for one patch batch",
-                "pick a layer the network runs exactly once per forward pass (`esegeta layers MODEL`)")
+        _once(capture.calls, method, name)
         a = capture.a
+        assert a is not None
         grad = capture.g if capture.g is not None else torch.zeros_like(a)
         capture.calls = 0
-        if a.dim() != inputs.dim():
-            raise MethodError(
-                f"method '{method}' needs a layer with a spatial grid under sliding-window execution, but "
-                f"layer '{name}' gives {tuple(a.shape)} per patch",
-                "choose a convolutional layer (or its activation) of the encoder or decoder")
+        _check_grid(a, inputs, method, name)
         maps = per_patch(a, grad, chunk).float()
         if combine == "none":
             return
         for (b, _), m in zip(chunk, maps):
-            state["total"][b] += float(m.double().sum())
-        mode = "bilinear" if len(g.roi) == 2 else "trilinear"
-        up = maps if tuple(maps.shape[2:]) == g.roi else F.interpolate(maps, size=g.roi, mode=mode,
-                                                                      align_corners=False)
-        if state["canvas"] is None:
-            state["canvas"] = torch.zeros((n, up.shape[1], *g.padded), device=inputs.device)
-        for (b, p), m in zip(chunk, up):
-            place = (b, slice(None), *g.slices[p])
-            state["canvas"][place] += m * g.weight[0] if combine == "blend" else m
+            total[b] += float(m.double().sum())
+        canvas.add(chunk, maps)
 
     handles = [layer.register_forward_pre_hook(capture.pre), layer.register_forward_hook(capture.post)]
     sw.on_backward_chunk = on_chunk
@@ -146,9 +234,47 @@ def patchwise_layer_map(score_model: nn.Module, layer: nn.Module, inputs: torch.
         sw.on_backward_chunk = None
         for h in handles:
             h.remove()
-    canvas = state["canvas"]
-    if canvas is None:  # no patch is read by the target
-        canvas = torch.zeros((n, 1, *grid.padded), device=inputs.device)
-    if combine == "blend":
-        canvas = canvas / grid.count
-    return grid.crop(canvas), state["total"]
+    if report is not None:
+        report["resampled"] = canvas.resampled
+    return canvas.result(inputs.device), total
+
+
+LayerOnly = Callable[[torch.Tensor, list[tuple[int, int]]], torch.Tensor]
+"""``per_patch(A, items) -> (B, C', *layer grid)``: maps from one patch batch's activations."""
+
+
+def patchwise_layer_forward(score_model: nn.Module, layer: nn.Module, inputs: torch.Tensor, layer_input: bool,
+                            per_patch: LayerOnly, combine: str, method: str, layer_name: str | None = None,
+                            on_layer_grid: bool = False, report: dict | None = None) -> torch.Tensor:
+    """Like :func:`patchwise_layer_map` for methods that read activations only (no target, no
+    gradient): each patch batch runs forward once, without a graph, and its copies' maps are
+    combined on a :class:`LayerCanvas`. The network's outputs are not stitched."""
+    sw = score_model.runner
+    if not isinstance(sw, SlidingWindow):
+        raise TypeError("patchwise_layer_forward needs a sliding-window score model")
+    n = inputs.shape[0]
+    grid = sw.grid(inputs.shape[2:], inputs.device)
+    canvas = LayerCanvas(grid, n, combine, on_layer_grid)
+    name = layer_name or type(layer).__name__
+    seen: list[torch.Tensor] = []
+
+    def keep(a: Any) -> None:
+        if isinstance(a, torch.Tensor):
+            seen.append(a.detach())
+
+    handle = (layer.register_forward_pre_hook(lambda m, args: keep(args[0] if args else None)) if layer_input
+              else layer.register_forward_hook(lambda m, args, out: keep(out)))
+    xp = grid.pad_input(inputs.detach())
+    try:
+        with torch.no_grad():
+            for chunk in sw.chunks(n, grid):
+                seen.clear()
+                sw.run_patches(torch.cat([xp[(slice(b, b + 1), slice(None), *grid.slices[p])] for b, p in chunk]))
+                _once(len(seen), method, name)
+                _check_grid(seen[0], inputs, method, name)
+                canvas.add(chunk, per_patch(seen[0], chunk).float())
+    finally:
+        handle.remove()
+    if report is not None:
+        report["resampled"] = canvas.resampled
+    return canvas.result(inputs.device)

@@ -24,6 +24,13 @@ three properties the attribution methods need:
 Patches whose output the target never reads (outside an ROI or voxel target's
 support) are skipped altogether (``support``).
 
+**The prediction's output is reused.** The last full stitched output computed without
+gradients (the prediction every run starts with) is remembered with its input and a
+fingerprint of the network's parameters and buffers (identity and version of each tensor:
+an in-place change such as a randomisation or a BatchNorm fold invalidates it). A patch-wise
+backward whose hooks act only in the recomputation (``plain_forward``: LRP, excitation
+backprop) returns that output for an equal input instead of running every patch once more.
+
 **Paired batches.** DeepLIFT's rules compare each module's input and output with the
 reference's, run in the same batch (inputs first, references second): with ``paired``
 each patch batch holds the same patches of both halves in that order.
@@ -32,117 +39,14 @@ each patch batch holds the same patches of both halves in that order.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
-from monai.data.utils import compute_importance_map, dense_patch_slices
 from torch import nn
 
 from esegeta_engine.errors import MethodError
+from esegeta_engine.forward.window_grid import Slices, WindowGrid, WindowSettings
 
-Slices = tuple[slice, ...]
-
-
-@dataclass(frozen=True)
-class WindowSettings:
-    """Sliding-window settings (the ``execution`` section of a config).
-
-    Attributes
-    ----------
-    patch_size : tuple of int
-        Patch (window) size per spatial axis, the network's training size.
-    overlap : float
-        Fraction of a patch shared with its neighbour, in [0, 1).
-    blend : {"gaussian", "constant"}
-        Importance weighting of each patch's output (nnU-Net and MONAI use Gaussian).
-    sw_batch_size : int
-        Patches per model evaluation.
-    padding : {"constant", "reflect", "replicate"}
-        How a volume smaller than the patch is padded (MONAI's ``padding_mode``).
-    sigma_scale : float
-        Gaussian sigma as a fraction of the patch size (MONAI's default 0.125).
-    """
-
-    patch_size: tuple[int, ...]
-    overlap: float = 0.25
-    blend: str = "gaussian"
-    sw_batch_size: int = 1
-    padding: str = "constant"
-    sigma_scale: float = 0.125
-
-    def __post_init__(self) -> None:
-        if not 0 <= self.overlap < 1:
-            raise MethodError(f"execution.overlap {self.overlap} is outside [0, 1)",
-                              "use e.g. 0.25 or 0.5 (the fraction of a patch shared with its neighbour)")
-        if any(int(p) < 1 for p in self.patch_size):
-            raise MethodError(f"execution.patch_size {list(self.patch_size)} has a size below 1",
-                              "give the network's training patch size, e.g. [96, 96, 96]")
-
-
-class WindowGrid:
-    """The patches of one input size: padding, slices, importance map and count map.
-
-    Parameters
-    ----------
-    spatial : sequence of int
-        Spatial size of the input.
-    settings : WindowSettings
-        Patch size, overlap, blending.
-    device : torch.device
-        Where the weights live.
-    """
-
-    def __init__(self, spatial: Sequence[int], settings: WindowSettings, device: torch.device) -> None:
-        nd = len(spatial)
-        if len(settings.patch_size) != nd:
-            raise MethodError(f"execution.patch_size {list(settings.patch_size)} has "
-                              f"{len(settings.patch_size)} axes for a {nd}D input",
-                              f"give {nd} sizes (or one size for every axis)")
-        self.spatial = tuple(int(s) for s in spatial)
-        roi = tuple(int(p) for p in settings.patch_size)
-        self.roi = roi
-        self.padded = tuple(max(s, r) for s, r in zip(self.spatial, roi))
-        pad: list[int] = []  # F.pad order: last axis first, (before, after)
-        for k in range(nd - 1, -1, -1):
-            diff = max(roi[k] - self.spatial[k], 0)
-            pad.extend([diff // 2, diff - diff // 2])
-        self.pad = pad
-        self.offset = tuple(pad[2 * (nd - 1 - k)] for k in range(nd))  # padding before each axis
-        interval = tuple(r if r == s else max(int(r * (1 - settings.overlap)), 1)
-                         for r, s in zip(roi, self.padded))
-        self.slices: list[Slices] = [tuple(sl) for sl in dense_patch_slices(self.padded, roi, interval)]
-        self.weight = compute_importance_map(roi, mode=settings.blend, sigma_scale=settings.sigma_scale,
-                                             device=device, dtype=torch.float32)[None, None]
-        count = torch.zeros((1, 1, *self.padded), device=device)
-        for sl in self.slices:
-            count[(slice(None), slice(None), *sl)] += self.weight
-        self.count = count
-        self.padding_mode = settings.padding
-
-    def __len__(self) -> int:
-        return len(self.slices)
-
-    def pad_input(self, x: torch.Tensor) -> torch.Tensor:
-        """Pad ``x`` to the padded grid (MONAI's padding of volumes smaller than a patch)."""
-        if not any(self.pad):
-            return x
-        return F.pad(x, self.pad, mode=self.padding_mode)
-
-    def crop(self, y: torch.Tensor) -> torch.Tensor:
-        """Crop a padded-grid tensor back to the input grid."""
-        if not any(self.pad):
-            return y
-        sl = tuple(slice(o, o + s) for o, s in zip(self.offset, self.spatial))
-        return y[(slice(None), slice(None), *sl)]
-
-    def patches_overlapping(self, support: torch.Tensor | None) -> list[int]:
-        """Indices of patches whose output window touches ``support`` (input grid, bool)."""
-        if support is None:
-            return list(range(len(self.slices)))
-        padded = torch.zeros(self.padded, dtype=torch.bool, device=support.device)
-        padded[tuple(slice(o, o + s) for o, s in zip(self.offset, self.spatial))] = support
-        return [i for i, sl in enumerate(self.slices) if bool(padded[sl].any())]
+__all__ = ["PatchRunner", "SlidingWindow", "Slices", "WindowGrid", "WindowSettings"]
 
 
 PatchRunner = Callable[[torch.Tensor], torch.Tensor]
@@ -179,6 +83,9 @@ class SlidingWindow(nn.Module):
         # called after each patch batch of the patch-wise backward with its (example, patch) items
         self.on_backward_chunk: Callable[[list[tuple[int, int]], WindowGrid], None] | None = None
         self.recomputing = False  # True during the forward recomputation of a patch batch in backward
+        # True: the hooks on the network act only during the recomputation (LRP's rules), so the
+        # stitched forward under autograd runs without a graph even when hooks are present
+        self.plain_forward = False
         self._grids: dict[tuple[int, ...], WindowGrid] = {}
         self._base: _BaseCache | None = None
 
@@ -242,7 +149,29 @@ class SlidingWindow(nn.Module):
             base = self._base
             if base is not None and base.matches(x):
                 return self._reuse(x, grid, base)
-            return self._stitch(x, grid)
+            out = self._stitch(x, grid)
+            if self._cacheable():
+                _LAST_OUTPUT[:] = [(self._output_key(x), x.detach().clone(), out)]
+            return out
+
+    # -- the prediction's output, reused by the patch-wise backward ----------------------------
+    def _cacheable(self) -> bool:
+        return self.support is None and not self.paired and self.autocast is None
+
+    def _output_key(self, x: torch.Tensor) -> tuple:
+        model = getattr(self.net, "model", self.net)
+        tensors = [*self.net.parameters(), *self.net.buffers()]
+        return (id(model), repr(getattr(self.net, "output", None)), self.settings, tuple(x.shape), x.dtype,
+                x.device, tuple((id(t), t.data_ptr(), t._version) for t in tensors))
+
+    def remembered_output(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The stitched output of an equal input computed earlier without gradients, if any."""
+        if not _LAST_OUTPUT or not self._cacheable():
+            return None
+        key, x0, out = _LAST_OUTPUT[0]
+        if key != self._output_key(x) or not torch.equal(x0, x.detach()):
+            return None
+        return out.clone()
 
     def _stitch(self, x: torch.Tensor, grid: WindowGrid, keep: list | None = None,
                 graph: bool = False) -> torch.Tensor:
@@ -332,6 +261,10 @@ class SlidingWindow(nn.Module):
         num[(m, slice(None), *box)] = acc
 
 
+_LAST_OUTPUT: list[tuple[tuple, torch.Tensor, torch.Tensor]] = []
+"""The last full stitched output computed without gradients: ``[(key, input, output)]`` or empty."""
+
+
 class _BaseCache:
     """Unperturbed input and its patch outputs, computed on first use."""
 
@@ -357,7 +290,11 @@ class _PatchwiseFunction(torch.autograd.Function):
         ctx.save_for_backward(x)
         # module hooks (guided rules) may attach to tensors in the forward pass: give them tensors
         # that require grad; without hooks the forward needs no graph at all
-        hooked = any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks
+        if sw.plain_forward:
+            known = sw.remembered_output(x)
+            if known is not None:  # the prediction's output: no patch runs twice
+                return known
+        hooked = not sw.plain_forward and any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks
                      or getattr(m, "_backward_pre_hooks", None) for m in sw.net.modules())
         return sw._stitch(x.detach(), grid, graph=bool(hooked))
 

@@ -85,16 +85,21 @@ class RunState:
         self.expected = expected
         self.finished_evaluations = 0
         self.job_evaluations = 0
+        self.score_evaluations = 0  # the last job's scores (ROAD, MPRT, ...: their ``*_evaluations``)
 
-    def finished(self, job: Job, evaluations: int) -> None:
+    def finished(self, job: Job, evaluations: int, expected: int | None = None) -> None:
+        """``evaluations`` made by ``job``; ``expected``: what the estimate counted for it
+        (default the method's own, ``job.expected_evaluations``)."""
+        expected = job.expected_evaluations if expected is None else expected
         self.finished_evaluations += evaluations
-        if self.expected is not None and job.expected_evaluations is not None:
+        if self.expected is not None and expected is not None:
             # the estimate used the job's predicted count: replace it by what it really made
-            self.expected += evaluations - job.expected_evaluations
+            self.expected += evaluations - expected
 
-    def skipped(self, job: Job) -> None:
-        if self.expected is not None and job.expected_evaluations is not None:
-            self.expected -= job.expected_evaluations
+    def skipped(self, job: Job, expected: int | None = None) -> None:
+        expected = job.expected_evaluations if expected is None else expected
+        if self.expected is not None and expected is not None:
+            self.expected -= expected
 
     def progress(self, done: int, total: int, message: str, evaluations: int = 0) -> Progress:
         return Progress(done, total, message, evaluations, self.finished_evaluations + evaluations,

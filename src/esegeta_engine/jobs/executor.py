@@ -158,6 +158,8 @@ class JobExecutor:
         seconds = time.perf_counter() - start
         # the method's own evaluations (trust checks after it are not part of the job's count)
         state.job_evaluations = holder.get("evaluations", monitor.count)
+        state.score_evaluations = sum(v for row in holder.get("metrics") or [] for k, v in row.items()
+                                      if k.endswith("_evaluations") and isinstance(v, int))
         err = holder.get("error")
         if err is None and "result" in holder:
             try:

@@ -202,12 +202,15 @@ def plan_jobs(methods: Sequence[Any], classes: Sequence[int], class_label: Any, 
     return jobs
 
 
-def estimate_run(explainer: Any, volumes: Sequence[Any], methods: Sequence[Any]) -> int | None:
+def estimate_run(explainer: Any, volumes: Sequence[Any], methods: Sequence[Any],
+                 evaluation: Any = None) -> int | None:
     """Expected model evaluations of a run of ``explainer`` on ``volumes``, before any input is prepared.
 
     The planner's own estimate (:func:`plan_jobs` per volume; batch-only methods as one job over
     all volumes). Classes not given in the config count as one per volume. ``None`` when a
-    method cannot tell its cost in advance.
+    method cannot tell its cost in advance. ``evaluation`` (an ``EvaluationConfig``): the scores'
+    evaluations are added, each score's registered cost per map
+    (:func:`esegeta_engine.evaluation.costs.jobs_score_cost`).
     """
     from esegeta_engine.forward.runner import execution_form
 
@@ -218,8 +221,21 @@ def estimate_run(explainer: Any, volumes: Sequence[Any], methods: Sequence[Any])
         return tuple(explainer.geometry(v).to_model(np.empty(v.data.shape[:p.spatial_dims], bool)).shape)
 
     def cost(ms: Sequence[Any], group: tuple[int, ...], info: CostInfo) -> int | None:
-        return total_evaluations(plan_jobs(ms, classes, str, explainer.target.kind, group, info=info, context={},
-                                           layer_channels=explainer._layer_channels))
+        jobs = plan_jobs(ms, classes, str, explainer.target.kind, group, info=info, context={},
+                         layer_channels=explainer._layer_channels)
+        n = total_evaluations(jobs)
+        if n is None or evaluation is None:
+            return n
+        from esegeta_engine.evaluation.costs import jobs_score_cost
+
+        def rerun(job: Job, tunnel: bool) -> int | None:  # the job's method once, on one input
+            nt = int(job.noise_tunnel["samples"]) if tunnel and job.noise_tunnel else 1
+            channels = explainer._layer_channels(job.layer) if job.layer else None
+            return expected_evaluations(job.spec, job.params, CostInfo(1, info.channels, info.spatial, nt,
+                                                                       info.patchwise, layer_channels=channels))
+
+        scores = jobs_score_cost(evaluation, jobs, explainer.model, rerun)
+        return None if scores is None else n + scores
 
     single = [m for m in methods if not get_method(m.name).needs_batch]
     batched = [m for m in methods if get_method(m.name).needs_batch]

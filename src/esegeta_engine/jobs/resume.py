@@ -80,11 +80,7 @@ class ResumeState:
         self.previous = dict(previous or {})
         self.records: dict[tuple[str, str], MapRecord] = {}
         self._used: set[tuple[str, str]] = set()
-        for r in self.previous.get("results", []):
-            try:
-                rec = MapRecord.from_json(r)
-            except ValueError:
-                continue
+        for rec in _readable(self.previous.get("results") or []):
             if rec.ok and rec.key and rec.file and rec.sha256:
                 self.records[(rec.key, rec.volume or rec.subject or "")] = rec
 
@@ -130,7 +126,7 @@ class ResumeState:
             _refuse(out, f"a {'cohort' if old_kind == 'cohort' else 'single run'}, not a "
                     f"{'cohort' if kind == 'cohort' else 'single run'}", overwrite)
             return cls(out, None)
-        has_maps = any(isinstance(r, dict) and r.get("status") == "ok" for r in previous.get("results", []))
+        has_maps = any(rec.ok for rec in _readable(previous.get("results") or []))
         problem = _identity_problem(previous, kind, model_keys or {}, volumes or {}, has_maps, model_files or {})
         if problem:
             _refuse(out, problem, overwrite)
@@ -175,6 +171,17 @@ class ResumeState:
             except OSError:
                 continue
         return kept
+
+
+def _readable(results: Any) -> list[MapRecord]:
+    """The entries of a manifest's ``results`` that are map records (others are ignored)."""
+    out = []
+    for r in results if isinstance(results, list) else []:
+        try:
+            out.append(MapRecord.from_json(r))
+        except (ValueError, TypeError):
+            continue
+    return out
 
 
 def _identity_problem(previous: Mapping[str, Any], kind: str, model_keys: Mapping[str, str],

@@ -23,7 +23,7 @@ from torch import nn
 
 from esegeta_engine.errors import EsegetaError
 
-_MODELS: dict[tuple[str, str, str, str], nn.Module] = {}
+_MODELS: dict[tuple[str, str, str, str], Any] = {}
 TRACE_ENV = "ESEGETA_COHORT_TRACE"
 """Environment variable naming a folder: each job start then leaves an empty file
 ``<key>.<pid>.<ns>`` there (a debugging aid that shows which jobs ran where and how often)."""
@@ -75,17 +75,33 @@ def worker_device(default: str) -> str:
         return default
 
 
-def cached_model(model: dict[str, Any], sha: str, device: str) -> nn.Module:
-    """The model of ``model`` (a ModelConfig dump) on ``device``, loaded once per process."""
-    from esegeta_engine.models import load_model
+TRUST_KEYS = ("trust_pickled", "trust_bundle")
+"""Keys of a job's model dict that carry the command line's trust (never a config's)."""
+
+
+def cached_source(model: dict[str, Any], sha: str, device: str) -> Any:
+    """The loaded model source of ``model`` (a ModelConfig dump, plus trust keys) on ``device``, once per process.
+
+    A model file, an nnU-Net folder or a MONAI bundle, through its registered source; the trust
+    keys (``--trust-pickled``, ``--trust-bundle`` of the command) come with the job, never from a config.
+    """
+    from esegeta_engine.config import ModelConfig
+    from esegeta_engine.models import Trust, load_source
 
     # one copy per thread: the threads of a device pool never share a module (model_guard and hooks)
-    memo = (str(model["path"]), sha, device, threading.current_thread().name)
+    where = model.get("path") or model.get("nnunet") or model.get("bundle")
+    memo = (str(where), sha, device, threading.current_thread().name)
     if memo not in _MODELS:
-        _MODELS[memo] = load_model(model["path"], format=model.get("format", "auto"),
-                                   class_path=model.get("class_path"), kwargs=model.get("kwargs") or {},
-                                   trust_pickled=model.get("trust_pickled", False), device=device)
+        cfg = ModelConfig(**{**{k: v for k, v in model.items() if k not in ("name", *TRUST_KEYS)},
+                             "device": device})
+        _MODELS[memo] = load_source(cfg, Trust(pickled=bool(model.get("trust_pickled", False)),
+                                               bundle=bool(model.get("trust_bundle", False))))
     return _MODELS[memo]
+
+
+def cached_model(model: dict[str, Any], sha: str, device: str) -> nn.Module:
+    """The model of ``model`` (a ModelConfig dump) on ``device``, loaded once per process."""
+    return cached_source(model, sha, device).module
 
 
 def _trace(key: str) -> None:
@@ -122,7 +138,7 @@ def _run(spec: JobSpec, device: str, where: str, start: float, cancel: threading
     from esegeta_engine.explain import Explainer, JobFailed, MapReady
     from esegeta_engine.inputs import load_inputs, load_mask_on_grid
 
-    model_cfg = {k: v for k, v in spec.model.items() if k != "name"}
+    model_cfg = {k: v for k, v in spec.model.items() if k not in ("name", *TRUST_KEYS)}
     target = {**spec.target, "classes": [spec.cls]}
     if spec.roi is not None:
         target["roi_mask"] = spec.roi
@@ -132,7 +148,9 @@ def _run(spec: JobSpec, device: str, where: str, start: float, cancel: threading
                         "preprocess": spec.preprocess, "target": target, "methods": [spec.method],
                         "run": spec.run, "evaluation": spec.evaluation, "execution": spec.execution},
                        source="cohort job")
-    model = cached_model(spec.model, spec.model_sha, device)
+    loaded = cached_source(spec.model, spec.model_sha, device)
+    cfg = loaded.configure(cfg)  # a deployed pipeline (nnU-Net, bundle) decides its own preprocessing
+    model = loaded.module
     volumes, roi = load_inputs(cfg)
     explainer = Explainer(model, cfg.preprocess, cfg.target, cfg.model.output, seed=cfg.run.seed,
                           timeout_s=cfg.run.timeout_s, execution=cfg.execution)

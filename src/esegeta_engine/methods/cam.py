@@ -26,7 +26,8 @@ sums over ``i`` run over the layer's grid.
   analysed tensor.
 
 Under sliding-window execution the gradient CAMs run on every patch copy of the layer
-(:mod:`.patch_layer_methods`); Eigen-CAMs need one forward pass of the whole volume.
+(:mod:`.patch_layer_methods`); Eigen-CAMs take the component of the stitched layer, built
+patch by patch (:func:`~.patch_layer_methods.stitched_layer`).
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ from esegeta_engine.methods._layer_tap import (
     spatial_sum,
     weighted_map,
 )
-from esegeta_engine.methods.patch_layer_methods import PatchwiseCam, is_patchwise
+from esegeta_engine.methods.patch_layer_methods import STITCHED_LAYER, PatchwiseCam, is_patchwise, stitched_layer
 from esegeta_engine.methods.registry import Call, CostInfo, MethodContext, MethodSpec, register
 
 Weigh = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -74,21 +75,32 @@ def hirescam_weights(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     return g
 
 
-def first_component(t: torch.Tensor) -> torch.Tensor:
+def first_component(t: torch.Tensor, chunk: int = 1 << 20) -> torch.Tensor:
     """Projection of each voxel's channel vector on the first principal component.
 
     ``t`` is ``(N, C, *grid)``; returns ``(N, 1, *grid)``. The vectors are
     centred over the grid; the sign makes the projection correlate positively
     with the (centred) channel sum, and is ``+`` when that correlation is 0.
+    The component is the top eigenvector of the ``C x C`` scatter matrix, summed
+    in float64 over ``chunk`` voxels at a time, so a whole scan's layer needs no
+    ``voxels x C`` copy (the first right-singular vector of the centred data).
     """
     n, c, *grid = t.shape
-    x = t.reshape(n, c, -1).transpose(1, 2).double()  # (N, voxels, C)
-    x = x - x.mean(dim=1, keepdim=True)
-    _, _, vh = torch.linalg.svd(x, full_matrices=False)
-    projection = x @ vh[:, 0, :].unsqueeze(-1)  # (N, voxels, 1)
-    reference = x.sum(dim=2, keepdim=True)
-    sign = torch.where((projection * reference).sum(dim=1, keepdim=True) < 0, -1.0, 1.0)
-    return (projection * sign).transpose(1, 2).reshape(n, 1, *grid).to(t.dtype)
+    flat = t.reshape(n, c, -1)
+    out = torch.empty((n, 1, flat.shape[2]), dtype=t.dtype, device=t.device)
+    for i in range(n):
+        x = flat[i]
+        mean = x.double().mean(dim=1, keepdim=True)
+        scatter = torch.zeros((c, c), dtype=torch.float64, device=t.device)
+        for s in range(0, x.shape[1], chunk):
+            xc = x[:, s:s + chunk].double() - mean
+            scatter += xc @ xc.T
+        v = torch.linalg.eigh(scatter)[1][:, -1]
+        # sum over voxels of projection x channel sum = v' S 1: its sign fixes the component's
+        sign = -1.0 if float(v @ scatter.sum(dim=1)) < 0 else 1.0
+        for s in range(0, x.shape[1], chunk):
+            out[i, 0, s:s + chunk] = (sign * (v @ (x[:, s:s + chunk].double() - mean))).to(t.dtype)
+    return out.reshape(n, 1, *grid)
 
 
 class GradientCam:
@@ -125,6 +137,9 @@ class EigenCam:
 
     def attribute(self, inputs: torch.Tensor, target: int = 0) -> torch.Tensor:
         """Return the layer-grid map ``(N, 1, *grid)``."""
+        if is_patchwise(self.ctx):
+            return first_component(stitched_layer(self.ctx, inputs, target, self.layer_input, self.with_gradient,
+                                                  self.name))
         if self.with_gradient:
             a, g, _ = activations_and_gradients(self.ctx, inputs, target, self.layer_input, self.name)
             return first_component(g * a)
@@ -182,11 +197,11 @@ register(MethodSpec(
     name="eigen_cam", family="layer", output_grid="layer", title="Eigen-CAM",
     summary="first principal component of the layer's activations (class-agnostic, no gradient)",
     params=CAM_LAYER_PARAMS, build=_eigen(False), needs_layer=True, needs_hooks=True,
-    reference=_EIGEN_REF, patchwise="whole", cost=one_evaluation))
+    reference=_EIGEN_REF, patchwise=STITCHED_LAYER, cost=one_evaluation))
 register(MethodSpec(
     name="eigen_grad_cam", family="layer", output_grid="layer", title="Eigen-Grad-CAM",
     summary="first principal component of gradient x activation: class-specific Eigen-CAM for "
             "segmentation targets",
     params=CAM_LAYER_PARAMS, build=_eigen(True), needs_layer=True, needs_hooks=True,
-    reference=_EIGEN_REF + " (applied to gradient x activation)", patchwise="whole",
+    reference=_EIGEN_REF + " (applied to gradient x activation)", patchwise=STITCHED_LAYER,
     cost=one_evaluation))

@@ -168,16 +168,24 @@ class DeepLiftPlan:
             counter.depth -= 1
 
         names = {}
+        # under sliding-window execution the network runs once per patch batch: count per network call
+        net = getattr(getattr(model, "runner", None), "net", None) if getattr(model, "patchwise", False) else None
+        runs = [0]
         try:
             for name, m in _leaves(model):
                 names[id(m)] = (name, m)
                 handles.append(m.register_forward_pre_hook(pre))
                 handles.append(m.register_forward_hook(post))
+            if isinstance(net, nn.Module):
+                handles.append(net.register_forward_pre_hook(lambda m, a: runs.__setitem__(0, runs[0] + 1)))
             with torch.no_grad(), counter:
                 model(ctx.inputs[:1].detach())
         finally:
             for h in handles:
                 h.remove()
+        if runs[0] > 1:
+            calls = Counter({i: c // runs[0] for i, c in calls.items()})
+            counter.calls = {k: v // runs[0] for k, v in counter.calls.items()}
         places = Counter(id(m) for _, m in model.named_modules(remove_duplicate=False))
         # Captum keeps one input/output per module object and hooks a module once per place
         # in the tree: split rule modules called more than once or found at several places.

@@ -40,8 +40,8 @@ from torch import nn
 
 from esegeta_engine.errors import MethodError
 from esegeta_engine.methods.layer import LAYER_PARAMS
-from esegeta_engine.methods.lrp import LRP, check_supported
-from esegeta_engine.methods.lrp_rules import parameters_of, vjp, module_forward
+from esegeta_engine.methods.lrp import LRP, check_supported, quiet_stitched_forward
+from esegeta_engine.methods.lrp_rules import module_forward, parameters_of, signed_parts, vjp
 from esegeta_engine.methods.patch_layer_methods import PatchwiseGradientXActivation, is_patchwise
 from esegeta_engine.methods.registry import Call, MethodContext, MethodSpec, register
 
@@ -59,12 +59,8 @@ def excitation_rule(module: nn.Module, a: torch.Tensor, P: torch.Tensor, negate:
         return ap * vjp(f, ap, None, None, s)
     if negate:
         w = -w
-    an = a.clamp(max=0)
-    wp, wn = w.clamp(min=0), w.clamp(max=0)
-    with torch.no_grad():
-        z = f(ap, wp, None) + f(an, wn, None)
-    s = torch.where(z > 0, P / z.clamp(min=1e-30), torch.zeros_like(P))
-    return ap * vjp(f, ap, wp, None, s) + an * vjp(f, an, wn, None, s)
+    z, back = signed_parts(module, a, w.clamp(min=0), w.clamp(max=0), None)
+    return back(torch.where(z > 0, P / z.clamp(min=1e-30), torch.zeros_like(P)))
 
 
 class _StartProbability(torch.autograd.Function):
@@ -151,8 +147,9 @@ class ExcitationBackprop(LRP):
 
             handles = self._hook({})
             try:
-                out, total = patchwise_layer_map(self.model, self.layer, inputs, target, layer_input, per_patch,
-                                                 "sum", self.method)
+                with quiet_stitched_forward(self.model):
+                    out, total = patchwise_layer_map(self.model, self.layer, inputs, target, layer_input, per_patch,
+                                                     "sum", self.method)
             finally:
                 for h in handles:
                     h.remove()
@@ -166,8 +163,8 @@ class ExcitationBackprop(LRP):
     def propagator(self, module: nn.Module, kind: str, state: dict[str, Any],
                    options: dict[str, Any]) -> Any:
         if kind == "pass":
-            return lambda a, P: P
-        return self.quiet(lambda a, P: excitation_rule(
+            return lambda a, P, y: P
+        return self.quiet(lambda a, P, y: excitation_rule(
             module, a, P, negate=self._dual and state["last"] == id(module)))
 
     def attribute(self, inputs: torch.Tensor, target: int | None = None,  # type: ignore[override]

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from esegeta_engine.methods.cam import one_evaluation
+from esegeta_engine.methods.notes import add_note, notes_of
 from esegeta_engine.methods.registry import Call, MethodContext, MethodSpec, Param, register
 
 _WITH_BIAS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d,
@@ -66,7 +66,7 @@ def _to_grid(term: torch.Tensor, size: tuple[int, ...], keep_total: bool) -> tor
     return out
 
 
-def _abs_normalise(t: torch.Tensor) -> torch.Tensor:
+def abs_normalise(t: torch.Tensor) -> torch.Tensor:
     t = t.abs()
     flat = t.flatten(1)
     lo = flat.amin(1).reshape(-1, *([1] * (t.dim() - 1)))
@@ -85,6 +85,10 @@ class FullGrad:
         """Return the input-grid map ``(N, 1, *spatial)`` of class ``target``."""
         biased = [(m, b) for m in self.ctx.score_model.modules()
                   if (b := effective_bias(m)) is not None]
+        if getattr(self.ctx.score_model, "patchwise", False):
+            from esegeta_engine.methods.fullgrad_patchwise import patchwise_fullgrad
+
+            return patchwise_fullgrad(self.ctx, biased, inputs, target, self.postprocess == "none")
         grads: dict[int, list[torch.Tensor]] = {i: [] for i in range(len(biased))}
         handles = []
 
@@ -107,17 +111,36 @@ class FullGrad:
         size = tuple(inputs.shape[2:])
         raw = self.postprocess == "none"
         term = grad_x * x.detach()
-        total = (term.sum(1, keepdim=True) if raw else _abs_normalise(term).sum(1, keepdim=True))
-        for i, (_, bias) in enumerate(biased):
+        total = (term.sum(1, keepdim=True) if raw else abs_normalise(term).sum(1, keepdim=True))
+        spread: list[str] = []
+        for i, (module, bias) in enumerate(biased):
             for g in grads[i]:  # one per call of the module
-                shape = (1, -1) + (1,) * (g.dim() - 2)
-                per_channel = g * bias.detach().to(g.dtype).reshape(shape)
-                if raw:
-                    summed = per_channel.sum(1, keepdim=True)
-                else:
-                    summed = _abs_normalise(per_channel).sum(1, keepdim=True)
+                summed = bias_term(module, bias, g, raw, len(size))
+                if summed.dim() == 2 and g.dim() > 2:
+                    spread.append(type(module).__name__)
                 total = total + _to_grid(summed, size, keep_total=raw)
+        if spread:
+            add_note(notes_of(self.ctx), (
+                f"fullgrad: {len(spread)} bias term(s) of layers without a voxel grid ({', '.join(sorted(set(spread)))}, "
+                "e.g. a transformer's token features) have no location in the volume and are spread evenly over it"))
         return total.detach()
+
+
+def bias_term(module: nn.Module, bias: torch.Tensor, g: torch.Tensor, raw: bool, spatial_dims: int) -> torch.Tensor:
+    """One layer's bias-gradient term ``b * dF/dz``, summed over the bias's axis.
+
+    Convolutions and norms add their bias along the channel axis (1); a linear layer along the
+    last axis, whatever comes before it (a transformer's ``(N, tokens, features)``). Returns
+    ``(N, 1, *grid)`` for a term on a spatial grid, else ``(N, 1)`` (its total).
+    """
+    axis = g.dim() - 1 if isinstance(module, nn.Linear) else 1
+    shape = [1] * g.dim()
+    shape[axis] = -1
+    per_unit = g * bias.detach().to(g.dtype).reshape(shape)
+    summed = (per_unit if raw else abs_normalise(per_unit)).sum(axis, keepdim=True)
+    if axis == 1 and summed.dim() == spatial_dims + 2:
+        return summed
+    return summed.reshape(summed.shape[0], -1).sum(1, keepdim=True)
 
 
 register(MethodSpec(
@@ -130,4 +153,5 @@ register(MethodSpec(
     build=lambda ctx, p: Call(FullGrad(ctx, p["postprocess"])), needs_hooks=True,
     reference="Srinivas & Fleuret 2019, Full-Gradient Representation for Neural Network "
               "Visualization, NeurIPS, arXiv:1905.00780",
-    patchwise="whole", cost=one_evaluation, axiom="conservation"))
+    patchwise="gradient", cost=lambda info, p: 2 if info.patchwise and p["postprocess"] != "none" else 1,
+    axiom="conservation"))

@@ -38,6 +38,12 @@ from esegeta_engine.methods.gradient import (
     shap_baselines,
 )
 from esegeta_engine.methods.deeplift_safe import DeepLiftPlan
+from esegeta_engine.methods.layer_patchwise import (
+    PatchwiseLayerActivation,
+    PatchwiseLayerDeepLift,
+    PatchwiseLayerGradientShap,
+    PatchwiseLayerIntegratedGradients,
+)
 from esegeta_engine.methods.notes import notes_of
 from esegeta_engine.methods.patch_layer_methods import (
     PatchwiseCam,
@@ -61,6 +67,7 @@ N_STEPS_16 = Param("n_steps", "int", 16, "integration steps along the path from 
                    minimum=1, maximum=2000)
 
 SeededLayerGradientShap = seeded(LayerGradientShap)
+SeededPatchwiseLayerGradientShap = seeded(PatchwiseLayerGradientShap)
 
 
 def _kwargs(p: Mapping[str, Any], **extra: Any) -> dict[str, Any]:
@@ -74,6 +81,9 @@ def _path(ctx: MethodContext, p: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _layer_activation(ctx: MethodContext, p: Mapping[str, Any]) -> Call:
+    if is_patchwise(ctx):
+        return Call(PatchwiseLayerActivation(ctx, p["attribute_to_layer_input"], p["channel_reduce"]),
+                    passes_target=False)
     return Call(LayerActivation(ctx.score_model, ctx.layer), _kwargs(p), passes_target=False)
 
 
@@ -108,23 +118,38 @@ def _layer_gradient_x_activation(ctx: MethodContext, p: Mapping[str, Any]) -> Ca
 
 def _layer_deeplift(ctx: MethodContext, p: Mapping[str, Any]) -> Call:
     plan = DeepLiftPlan(ctx, "layer_deeplift", notes_of(ctx))
+    if is_patchwise(ctx):
+        base = make_baseline(ctx.inputs, p["baseline"])
+        return Call(PatchwiseLayerDeepLift(ctx, plan, base, p["attribute_to_layer_input"], p["channel_reduce"]),
+                    {"baselines": base})
     return Call(LayerDeepLift(plan.model, plan.layer),
                 _kwargs(p, baselines=make_baseline(ctx.inputs, p["baseline"])))
 
 
 def _layer_deeplift_shap(ctx: MethodContext, p: Mapping[str, Any]) -> Call:
     plan = DeepLiftPlan(ctx, "layer_deeplift_shap", notes_of(ctx))
+    if is_patchwise(ctx):
+        base = shap_baselines(ctx, p)
+        return Call(PatchwiseLayerDeepLift(ctx, plan, base, p["attribute_to_layer_input"], p["channel_reduce"],
+                                           shap=True), {"baselines": base})
     return Call(LayerDeepLiftShap(plan.model, plan.layer),
                 _kwargs(p, baselines=shap_baselines(ctx, p)))
 
 
 def _layer_gradient_shap(ctx: MethodContext, p: Mapping[str, Any]) -> Call:
+    if is_patchwise(ctx):
+        algorithm = SeededPatchwiseLayerGradientShap(ctx, p["attribute_to_layer_input"], p["channel_reduce"],
+                                                     seed=ctx.seed, baselines=shap_baselines(ctx, p))
+        return Call(algorithm, {"n_samples": p["n_samples"], "stdevs": p["stdevs"]})
     algorithm = SeededLayerGradientShap(ctx.score_model, ctx.layer, seed=ctx.seed,
                                         baselines=shap_baselines(ctx, p))
     return Call(algorithm, _kwargs(p, n_samples=p["n_samples"], stdevs=p["stdevs"]))
 
 
 def _layer_integrated_gradients(ctx: MethodContext, p: Mapping[str, Any]) -> Call:
+    if is_patchwise(ctx):
+        base = make_baseline(ctx.inputs, p["baseline"])
+        return Call(PatchwiseLayerIntegratedGradients(ctx, p, base), {"baselines": base})
     return Call(LayerIntegratedGradients(ctx.score_model, ctx.layer), _path(ctx, p))
 
 
@@ -148,7 +173,8 @@ _DISTRIBUTION = (BASELINE_PARAM, BASELINE_NOISE)
 
 _register("layer_activation", "Layer Activation", "the layer's activations (no target class)",
           (), _layer_activation,
-          "Captum LayerActivation (Kokhlikyan et al. 2020, Captum, arXiv:2009.07896)", cost=costs.one)
+          "Captum LayerActivation (Kokhlikyan et al. 2020, Captum, arXiv:2009.07896)", cost=costs.one,
+          patchwise="gradient")
 _register("layer_gradcam", "Layer Grad-CAM",
           "activations weighted by their channel-mean gradients, summed over channels",
           (Param("relu_attributions", "bool", True, "keep only positive evidence (ReLU)"),),
@@ -174,17 +200,18 @@ _register("layer_deeplift", "Layer DeepLIFT",
           "DeepLIFT contributions of the layer's units to F(x) - F(baseline)",
           (BASELINE_PARAM,), _layer_deeplift,
           "Shrikumar, Greenside & Kundaje 2017, Learning Important Features Through Propagating "
-          "Activation Differences, ICML, arXiv:1704.02685", cost=lambda info, p: 2)
+          "Activation Differences, ICML, arXiv:1704.02685", cost=lambda info, p: 2, patchwise="gradient")
 _register("layer_deeplift_shap", "Layer DeepLIFT SHAP",
           "layer DeepLIFT averaged over a seeded distribution of noisy copies of the baseline",
           (*_DISTRIBUTION, n_baselines_param(2)), _layer_deeplift_shap, _SHAP_REF,
-          cost=lambda info, p: 2)
+          cost=lambda info, p: 2, patchwise="gradient")
 _register("layer_gradient_shap", "Layer Gradient SHAP",
           "expected layer gradients x activation differences at random points from noisy baselines",
           (*_DISTRIBUTION, n_baselines_param(1), N_SAMPLES, STDEVS), _layer_gradient_shap,
-          _SHAP_REF, cost=costs.one)
+          _SHAP_REF, cost=costs.one, patchwise="gradient")
 _register("layer_integrated_gradients", "Layer Integrated Gradients",
           "integrated gradients of the layer's activations from the baseline's to the input's",
           (BASELINE_PARAM, N_STEPS, IG_RULE, INTERNAL_BATCH), _layer_integrated_gradients,
           "Sundararajan, Taly & Yan 2017, Axiomatic Attribution for Deep Networks, ICML, "
-          "arXiv:1703.01365 (layer variant as in Captum)", cost=costs.ig_like)
+          "arXiv:1703.01365 (layer variant as in Captum)", cost=costs.ig_like,
+          patchwise="gradient")

@@ -37,13 +37,14 @@ layer only along plain chains.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
 from torch import nn
 
 from esegeta_engine.errors import MethodError
+from esegeta_engine.forward.sliding import SlidingWindow
 from esegeta_engine.methods import lrp_rules
 from esegeta_engine.methods.canonize import describe_unfolded, fold_batch_norm, unfolded_norms
 from esegeta_engine.methods.notes import add_note, notes_of
@@ -96,6 +97,27 @@ def probe_input(model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def sliding_window_of(score_model: nn.Module) -> SlidingWindow | None:
+    """The sliding window a score model runs its network through, if any."""
+    runner = getattr(score_model, "runner", None)
+    return runner if isinstance(runner, SlidingWindow) else None
+
+
+@contextlib.contextmanager
+def quiet_stitched_forward(score_model: nn.Module) -> Iterator[None]:
+    """Rule hooks act only in the patch-wise backward's recomputation: the stitched forward
+    needs no graph (see :attr:`SlidingWindow.plain_forward`)."""
+    sw = sliding_window_of(score_model)
+    if sw is None:
+        yield
+        return
+    before, sw.plain_forward = sw.plain_forward, True
+    try:
+        yield
+    finally:
+        sw.plain_forward = before
+
+
 def check_supported(net: nn.Module, method: str = "lrp") -> None:
     """Raise :class:`MethodError` naming every module type LRP has no rule for."""
     known = RULE_MODULES + POOL_MODULES + PASS_MODULES + GRADIENT_MODULES
@@ -116,20 +138,24 @@ def check_supported(net: nn.Module, method: str = "lrp") -> None:
 
 
 class _Relay(torch.autograd.Function):
-    """Identity on ``y``; backward sends ``fn(a, R)`` to ``a`` (the module's input)."""
+    """Identity on ``y``; backward sends ``fn(a, R, y)`` to ``a`` (the module's input).
+
+    ``y`` (the module's output) gets no gradient, so autograd never runs the module's own
+    backward: the rule's transposed product is the only backward work per module.
+    """
 
     @staticmethod
     def forward(ctx: Any, a: torch.Tensor, y: torch.Tensor,  # type: ignore[override]
                 fn: Any) -> torch.Tensor:
-        ctx.save_for_backward(a)
+        ctx.save_for_backward(a, y)
         ctx.fn = fn
         return y.clone()
 
     @staticmethod
     def backward(ctx: Any, R: torch.Tensor) -> tuple[Any, ...]:  # type: ignore[override]
-        (a,) = ctx.saved_tensors
+        a, y = ctx.saved_tensors
         with torch.enable_grad():
-            return ctx.fn(a, R), None, None
+            return ctx.fn(a, R, y), None, None
 
 
 class _Start(torch.autograd.Function):
@@ -195,7 +221,7 @@ class LRP:
         x = inputs.detach().requires_grad_(True)
         canon = (fold_batch_norm(self.net, probe_input(self.model, inputs)) if self.canonize
                  else contextlib.nullcontext([]))
-        with canon as folded:
+        with canon as folded, quiet_stitched_forward(self.model):
             unfolded = unfolded_norms(user_model(self.net), folded)
             if unfolded:
                 add_note(self.notes, describe_unfolded("lrp", unfolded))
@@ -214,7 +240,11 @@ class LRP:
         names = {id(m): n for n, m in user_model(self.net).named_modules()}
         state: dict[str, Any] = {"first": None, "last": None, "stash": {}}
 
+        sliding = sliding_window_of(self.model)
+
         def pre(module: nn.Module, args: tuple[Any, ...]) -> Any:
+            if sliding is not None and not sliding.recomputing:
+                return None  # the stitched forward: its graph is not used, the backward recomputes
             if self._busy or not args or not isinstance(args[0], torch.Tensor):
                 return None
             state["stash"].setdefault(id(module), []).append(args[0])
@@ -223,7 +253,7 @@ class LRP:
             return None
 
         def post(module: nn.Module, args: tuple[Any, ...], y: Any) -> Any:
-            if self._busy or not isinstance(y, torch.Tensor):
+            if (sliding is not None and not sliding.recomputing) or self._busy or not isinstance(y, torch.Tensor):
                 return None
             stack = state["stash"].get(id(module))
             if not stack:
@@ -240,7 +270,7 @@ class LRP:
                 kind = "pool"
             fn = self._recorded(names.get(id(module), ""), self.propagator(module, kind, state, options))
             if kind == "pass":  # needs no saved input: keeps activation memory as the gradient's
-                return RouteBack.apply(a, y, lambda R: fn(None, R))
+                return RouteBack.apply(a, y, lambda R: fn(None, R, None))
             return _Relay.apply(a, y, fn)
 
         handles = [self.net.register_forward_hook(lambda m, a, y: self.start(y))]
@@ -256,18 +286,19 @@ class LRP:
 
     def propagator(self, module: nn.Module, kind: str, state: dict[str, Any],
                    options: dict[str, Any]) -> Any:
-        """``fn(a, R) -> R_in`` for ``module`` of ``kind`` (first, conv, dense, pool or pass)."""
+        """``fn(a, R, y) -> R_in`` for ``module`` of ``kind`` (first, conv, dense, pool or pass);
+        ``y`` is the module's output in the forward pass."""
         if kind == "pass":
-            return lambda a, R: R
+            return lambda a, R, y: R
         rule = "epsilon" if kind == "pool" else self.rules[kind]
-        return self.quiet(lambda a, R: lrp_rules.apply_rule(rule, module, a, R, options))
+        return self.quiet(lambda a, R, y: lrp_rules.apply_rule(rule, module, a, R, options, y))
 
     def quiet(self, fn: Any) -> Any:
         """``fn`` run with this object's hooks silent (rules re-run their module)."""
-        def wrapped(a: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
+        def wrapped(a: torch.Tensor, R: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
             self._busy = True
             try:
-                return fn(a, R)
+                return fn(a, R, y)
             finally:
                 self._busy = False
         return wrapped
@@ -276,8 +307,8 @@ class LRP:
         if self.record is None:
             return fn
 
-        def wrapped(a: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
-            out = fn(a, R)
+        def wrapped(a: torch.Tensor, R: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+            out = fn(a, R, y)
             self.record.append((name, float(out.detach().sum()), float(R.detach().sum())))
             return out
         return wrapped

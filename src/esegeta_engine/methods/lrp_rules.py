@@ -69,6 +69,35 @@ def vjp(forward: Forward, a: torch.Tensor, w: torch.Tensor | None, b: torch.Tens
     return g
 
 
+_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+
+
+def transposed(module: nn.Module, a: torch.Tensor, w: torch.Tensor | None, s: torch.Tensor) -> torch.Tensor:
+    """``J_w^T s`` for ``module`` with weight ``w`` at an input shaped like ``a``.
+
+    Convolutions (zero padding, numeric padding) and linear layers are linear in their input, so
+    their transposed Jacobian is one backward-data call (the gradient's own kernel), with no
+    forward pass re-run; any other module (average pooling, padding modes, mixed dtypes) goes
+    through :func:`vjp`.
+    """
+    a = a.detach()
+    same = w is not None and w.dtype == a.dtype == s.dtype
+    if same and isinstance(module, _CONVS) and module.padding_mode == "zeros" \
+            and not isinstance(module.padding, str):
+        is_t = isinstance(module, nn.modules.conv._ConvTransposeNd)
+        nd = a.dim() - 2
+        out_pad = list(module.output_padding) if is_t else [0] * nd
+        with torch.no_grad():
+            g, _, _ = torch.ops.aten.convolution_backward(
+                s.contiguous(), a, w, None, list(module.stride), list(module.padding),
+                list(module.dilation), is_t, out_pad, module.groups, [True, False, False])
+        return g
+    if same and isinstance(module, nn.Linear):
+        with torch.no_grad():
+            return s @ w
+    return vjp(module_forward(module), a, w, None, s)
+
+
 def parameters_of(module: nn.Module) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     w = getattr(module, "weight", None)
     b = getattr(module, "bias", None)
@@ -82,15 +111,48 @@ def _z(forward: Forward, a: torch.Tensor, w: torch.Tensor | None, b: torch.Tenso
 
 
 def epsilon(module: nn.Module, a: torch.Tensor, R: torch.Tensor, eps: float = 1e-6,
-            gamma: float = 0.0) -> torch.Tensor:
-    """Epsilon rule (``gamma > 0``: gamma rule with its epsilon stabiliser)."""
+            gamma: float = 0.0, z: torch.Tensor | None = None) -> torch.Tensor:
+    """Epsilon rule (``gamma > 0``: gamma rule with its epsilon stabiliser).
+
+    ``z``: the module's own output ``f(a)`` from the forward pass, reused for the plain epsilon rule
+    when its dtype is the input's (no recomputation).
+    """
     f = module_forward(module)
     w, b = parameters_of(module)
     if gamma and w is not None:
         w = w + gamma * w.clamp(min=0)
         b = None if b is None else b + gamma * b.clamp(min=0)
-    s = R / stabilise(_z(f, a, w, b), eps)
-    return a * vjp(f, a, w, b, s)
+    if gamma or z is None or z.dtype != a.dtype or z.shape != R.shape:
+        z = _z(f, a, w, b)
+    s = R / stabilise(z.detach(), eps)
+    return a * transposed(module, a, w, s)
+
+
+def signed_parts(module: nn.Module, a: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
+                 bias: torch.Tensor | None) -> tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
+    """``z = f_{w1}(a+) + f_{w2}(a-) + bias`` and ``back(s) = a+ J_{w1}^T s + a- J_{w2}^T s``.
+
+    The two halves run as one module call on the inputs stacked along channels (weights stacked
+    to match): the same sum, at the cost of one call on twice the channels. Where ``a`` has no
+    negative entry (after a ReLU) the ``a-`` half is zero and is left out.
+    """
+    f = module_forward(module)
+    ap = a.clamp(min=0)
+    if not bool((a < 0).any()):
+        return _z(f, ap, w1, bias), lambda s: ap * transposed(module, ap, w1, s)
+    an = a.clamp(max=0)
+    if getattr(module, "groups", 1) == 1 and isinstance(module, (*_CONVS, nn.Linear)):
+        dim = 0 if isinstance(module, nn.modules.conv._ConvTransposeNd) else 1
+        channels = a.dim() - 1 if isinstance(module, nn.Linear) else 1  # the input's channel axis
+        a2, w = torch.cat([ap, an], dim=channels), torch.cat([w1, w2], dim=dim)
+        c = a.shape[channels]
+
+        def back(s: torch.Tensor) -> torch.Tensor:
+            g = transposed(module, a2, w, s)
+            return ap * g.narrow(channels, 0, c) + an * g.narrow(channels, c, c)
+        return _z(f, a2, w, bias), back
+    z = _z(f, ap, w1, bias) + _z(f, an, w2, None)
+    return z, lambda s: ap * transposed(module, ap, w1, s) + an * transposed(module, an, w2, s)
 
 
 def alpha_beta(module: nn.Module, a: torch.Tensor, R: torch.Tensor, alpha: float = 2.0,
@@ -104,13 +166,11 @@ def alpha_beta(module: nn.Module, a: torch.Tensor, R: torch.Tensor, alpha: float
     wp, wn = w.clamp(min=0), w.clamp(max=0)
     bp = None if b is None else b.clamp(min=0)
     bn = None if b is None else b.clamp(max=0)
-    ap, an = a.clamp(min=0), a.clamp(max=0)
 
     def share(w1: torch.Tensor, w2: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         # relevance sent through contributions w1 * a+ and w2 * a- (same sign)
-        z = _z(f, ap, w1, bias) + _z(f, an, w2, None)
-        s = R / stabilise(z, eps)
-        return ap * vjp(f, ap, w1, None, s) + an * vjp(f, an, w2, None, s)
+        z, back = signed_parts(module, a, w1, w2, bias)
+        return back(R / stabilise(z, eps))
 
     positive = share(wp, wn, bp)
     if beta == 0:
@@ -132,7 +192,8 @@ def zbox(module: nn.Module, a: torch.Tensor, R: torch.Tensor, low: torch.Tensor,
     high = high.expand_as(a)
     z = _z(f, a, w, b) - _z(f, low, wp, None) - _z(f, high, wn, None)
     s = R / stabilise(z, eps)
-    return a * vjp(f, a, w, b, s) - low * vjp(f, low, wp, None, s) - high * vjp(f, high, wn, None, s)
+    return a * transposed(module, a, w, s) - low * transposed(module, low, wp, s) \
+        - high * transposed(module, high, wn, s)
 
 
 def flat(module: nn.Module, a: torch.Tensor, R: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -142,7 +203,7 @@ def flat(module: nn.Module, a: torch.Tensor, R: torch.Tensor, eps: float = 1e-6)
     ones_w = None if w is None else torch.ones_like(w)
     ones = torch.ones_like(a)
     s = R / stabilise(_z(f, ones, ones_w, None), eps)
-    return vjp(f, ones, ones_w, None, s)
+    return transposed(module, ones, ones_w, s)
 
 
 COMPOSITES: dict[str, dict[str, str]] = {
@@ -164,11 +225,12 @@ Practice in Explaining Neural Network Decisions with LRP, IJCNN)."""
 
 
 def apply_rule(rule: str, module: nn.Module, a: torch.Tensor, R: torch.Tensor,
-               options: dict[str, Any]) -> torch.Tensor:
-    """Relevance at ``module``'s input by ``rule`` with ``options`` (eps, gamma, alpha, low, high)."""
+               options: dict[str, Any], y: torch.Tensor | None = None) -> torch.Tensor:
+    """Relevance at ``module``'s input by ``rule`` with ``options`` (eps, gamma, alpha, low, high);
+    ``y``: the module's output in the forward pass (the epsilon rule's ``z``)."""
     eps = options["epsilon"]
     if rule == "epsilon":
-        return epsilon(module, a, R, eps)
+        return epsilon(module, a, R, eps, z=y)
     if rule == "gamma":
         return epsilon(module, a, R, eps, gamma=options["gamma"])
     if rule == "alpha_beta":

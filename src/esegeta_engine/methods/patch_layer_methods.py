@@ -9,6 +9,10 @@ score (see :mod:`esegeta_engine.forward.patch_layer` for how copies combine):
   with the sliding window's blend weights. Per-copy weights are the exact reading of
   the definition: a CAM's weights come from the activation the network computed and
   its gradient, and each patch computes its own.
+* **Eigen-CAMs** need the whole layer's first principal component: :func:`stitched_layer`
+  builds the stitched layer patch by patch (activations blended like the outputs,
+  ``A(u) = sum_p w_p A_p(u) / W``; gradient x activation summed, ``sum_p G_p A_p``) on the
+  scan's layer grid, and the component is taken there: exact by definition on that tensor.
 * **Additive layer attributions** (gradient x activation, conductance, excitation
   backprop): each copy's attribution, added where copies overlap; their total over
   every copy is the method's total for the stitched function (conductance: ``F(x) -
@@ -23,10 +27,16 @@ from typing import Any
 import torch
 from captum.attr._utils.approximation_methods import approximation_parameters
 
-from esegeta_engine.forward.patch_layer import patchwise_layer_map
+from esegeta_engine.forward.patch_layer import patchwise_layer_forward, patchwise_layer_map
+from esegeta_engine.methods.behaviour import PatchwiseMode, register_patchwise_mode
+from esegeta_engine.methods.notes import add_note, notes_of
 from esegeta_engine.methods.registry import MethodContext
 
 Weigh = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+STITCHED_LAYER = register_patchwise_mode(PatchwiseMode(
+    "stitched_layer", True, summary="reads the whole scan's layer (Eigen-, Score-, Ablation-CAM): the stitched layer "
+    "is built patch by patch, and evaluations of perturbed copies recompute only the patches they change")).name
 
 
 def is_patchwise(ctx: MethodContext) -> bool:
@@ -132,3 +142,27 @@ class PatchwiseConductance:
                                              ctx.layer_name)
         ctx.extra["raw_attribution_sum"] = total
         return out
+
+
+def stitched_layer(ctx: MethodContext, inputs: torch.Tensor, target: int, layer_input: bool, with_gradient: bool,
+                   method: str) -> torch.Tensor:
+    """The whole scan's layer, ``(N, C, *layer grid)``, from every patch copy (module docstring).
+
+    ``with_gradient``: gradient x activation of each copy, summed where copies overlap (the
+    gradients are each copy's share of the stitched score's); otherwise the activations,
+    blended with the sliding window's weights (forward only). Where the layer grid does not
+    line up with the patch grid, the copies are resampled to the input grid first (noted).
+    """
+    report: dict = {}
+    if with_gradient:
+        out, _ = patchwise_layer_map(ctx.score_model, ctx.layer, inputs, target, layer_input,
+                                     lambda a, g, items: g * a, "sum", method, ctx.layer_name, on_layer_grid=True,
+                                     report=report)
+    else:
+        out = patchwise_layer_forward(ctx.score_model, ctx.layer, inputs, layer_input, lambda a, items: a, "blend",
+                                      method, ctx.layer_name, on_layer_grid=True, report=report)
+    if report.get("resampled"):
+        add_note(notes_of(ctx), f"{method}: the layer's grid does not line up with the patch grid (patch step "
+                                "not a multiple of the layer's stride), so the copies were resampled to the "
+                                "input grid and the component was taken there")
+    return out

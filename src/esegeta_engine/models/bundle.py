@@ -7,10 +7,9 @@ confirmation in napari naming the folder); without it the bundle is refused with
 naming what would run. The config is read as plain JSON/YAML data for that check (never
 parsed by MONAI before trust is given).
 
-Status: the trust gate and the folder checks are complete. Explaining a bundle's whole
-deployed pipeline (its preprocessing transforms, inferer and ``Invertd``) is not
-implemented yet: a trusted bundle is refused with that reason, never silently replaced by
-its bare network.
+Once trusted, :mod:`.bundle_load` parses the config with MONAI's own ``ConfigParser`` and
+builds the deployed function (:class:`~.bundle_pipeline.BundlePipeline`): the network with
+its weights, the preprocessing transforms, the inferer, the activation and ``Invertd``.
 """
 
 from __future__ import annotations
@@ -67,7 +66,7 @@ def executable_entries(node: Any, where: str = "") -> Iterator[str]:
 
 
 def load_bundle(cfg: Any, trust: Trust) -> LoadedModel:
-    """Check the bundle folder and the trust decision (see the module docstring).
+    """Check the bundle folder and the trust decision, then build the pipeline (module docstring).
 
     Raises
     ------
@@ -90,10 +89,9 @@ def load_bundle(cfg: Any, trust: Trust) -> LoadedModel:
         shown = "; ".join(runs[:3]) + (f"; and {len(runs) - 3} more" if len(runs) > 3 else "")
         raise BundleTrustError(f"{config_path} would run Python when loaded ({shown})",
                              "if you trust the bundle, pass --trust-bundle (in napari, confirm loading it)")
-    raise ModelLoadError(
-        f"explaining the deployed pipeline of bundle {folder} (its preprocessing, inferer and Invertd) is not "
-        "supported yet", "load its network as a state dict: model.path: models/model.pt with model.class_path "
-        "and model.kwargs from network_def, plus the matching preprocess and execution sections")
+    from esegeta_engine.models.bundle_load import build_pipeline
+
+    return build_pipeline(folder, config_path, cfg, trust)
 
 
 BUNDLE = register_source(ModelSource("bundle", is_bundle_folder, load_bundle))

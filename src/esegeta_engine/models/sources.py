@@ -162,6 +162,32 @@ def load_source(cfg: ModelConfig, trust: Trust | None = None) -> LoadedModel:
     return sources()[kind].load(cfg, trust)
 
 
+def source_files(cfg: ModelConfig) -> list[Path]:
+    """The files that define the model (what its fingerprint hashes): the file, or a folder's model files.
+
+    nnU-Net: ``plans.json``, ``dataset.json`` and each ``fold_*/<checkpoint>``; a bundle: its ``configs/``
+    files and ``models/model.pt``/``model.ts`` (never the outputs or logs a folder also holds).
+
+    Raises
+    ------
+    ModelLoadError
+        If the file or folder does not exist.
+    """
+    path = source_path(cfg)
+    if path is None or not Path(path).exists():
+        raise ModelLoadError(f"model {str(path)!r} does not exist", "check the model's path / nnunet / bundle entry")
+    path = Path(path)
+    kind = selected_source(cfg)
+    if kind == "file":
+        return [path]
+    if kind == "nnunet":
+        files = [path / "plans.json", path / "dataset.json", *sorted(path.glob(f"fold_*/{cfg.checkpoint}"))]
+    else:
+        files = [*sorted(p for p in (path / "configs").glob("*") if p.is_file()),
+                 *[path / "models" / n for n in ("model.pt", "model.ts")]]
+    return [f for f in files if f.is_file()]
+
+
 def source_path(cfg: ModelConfig) -> Path | None:
     """The file or folder the model comes from (for the manifest and input protection)."""
     return getattr(cfg, "nnunet", None) or getattr(cfg, "bundle", None) or cfg.path

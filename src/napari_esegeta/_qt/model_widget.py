@@ -33,6 +33,10 @@ from napari_esegeta._run import RunError, predict_labels, volume_from_layer
 from napari_esegeta._state import get_session
 
 
+PATCH_TIP = ("Sliding-window execution with the network's training patch size (one size or one per axis): maps "
+             "of the function you deploy, memory bounded, Cancel within a patch. Empty: the whole volume in one pass.")
+
+
 class ModelWidget(QWidget):
     """Load a TorchScript file or a state dict + class, then predict on an image layer.
 
@@ -84,9 +88,7 @@ class ModelWidget(QWidget):
         self.channels_spin.setRange(1, 64)
         self.patch_edit = QLineEdit()
         self.patch_edit.setPlaceholderText("whole volume; e.g. 96 for real-sized scans")
-        self.patch_edit.setToolTip("Sliding-window execution with the network's training patch size (one size or "
-                                   "one per axis): maps of the function you deploy, memory bounded, Cancel "
-                                   "within a patch. Empty: the whole volume in one pass.")
+        self.patch_edit.setToolTip(PATCH_TIP)
         self.patch_edit.editingFinished.connect(self._execution_changed)
         self.precision_combo = QComboBox()
         self.precision_combo.addItems(M.PRECISIONS)
@@ -230,9 +232,21 @@ class ModelWidget(QWidget):
         from esegeta_engine.models import list_layers
 
         self.session.set_model(model, req.label, req.preprocess, req.output, req.class_names)
+        self._follow_window(model)
         n = sum(p.numel() for p in model.parameters())
         set_status(self.status, f"Loaded {req.label} on {req.device}: {n:,} parameters, "
                    f"{len(list_layers(model))} layers.", "ok")
+
+    def _follow_window(self, model: Any) -> None:
+        """A folder's pipeline runs its own window: grey out the patch size (no second window on top)."""
+        window = M.own_window(model)
+        self.patch_edit.setEnabled(window is None)
+        if window is None:
+            self.patch_edit.setToolTip(PATCH_TIP)
+            return
+        self.patch_edit.clear()
+        self.patch_edit.setToolTip(f"Not used: this folder's own sliding window runs the network — {window}.")
+        self._execution_changed()
 
     def _names_typed(self) -> None:
         names = M.parse_class_names(self.names_edit.text())

@@ -68,6 +68,8 @@ class NnUNetPipeline(nn.Module):
         self.spacing: tuple[float, ...] | None = None  # the scan's voxel spacing, NIfTI axis order
         self._matrices: dict[tuple, Resampling] = {}
         self._last: list[dict[str, Any]] = []
+        self.fold_names: list[str] = []
+        self.member_name = "ensemble"
         for scheme in configuration_manager.normalization_schemes:
             if scheme not in NORMALISATIONS:
                 raise ModelLoadError(f"normalisation scheme {scheme!r} of the plans is not one of nnU-Net's "
@@ -91,6 +93,39 @@ class NnUNetPipeline(nn.Module):
     def bind_monitor(self, before_call: Callable[[int], None] | None) -> None:
         """Called before every network evaluation (counting and cancellation)."""
         self.ensemble.before_call = before_call
+
+    def members(self, kind: str | None = None) -> list[NnUNetPipeline]:
+        """Each fold alone (``kind="folds"``) or each mirrored copy alone (``"mirrors"``), as pipelines.
+
+        A member is the same deployed function with one fold (all its mirrored copies) or one
+        mirrored copy (of every fold): callable on the same scan, probabilities on its grid.
+        nnU-Net averages the members' logits before the softmax, so the mean of the members'
+        logits is the ensemble's. Without ``kind``: the folds when there are several, else the
+        mirrored copies (``evaluation.stability`` takes this list). Each member's
+        ``member_name`` says which it is (``fold 0``, ``mirror axes (0, 2)``).
+        """
+        kind = kind or ("folds" if len(self.folds) > 1 else "mirrors")
+        if kind not in ("folds", "mirrors"):
+            raise ValueError(f"members(kind={kind!r}): give 'folds' or 'mirrors'")
+        out = []
+        if kind == "folds":
+            for net, fold in zip(self.folds, self.fold_names or range(len(self.folds))):
+                m = NnUNetPipeline(nn.ModuleList([net]), self.pm, self.cm, self.lm, self.ensemble.mirror_axes,
+                                   self.step_size)
+                m.member_name = f"fold {fold}"
+                out.append(m)
+        else:
+            for axes in self.ensemble.copy_axes:
+                m = NnUNetPipeline(self.folds, self.pm, self.cm, self.lm, self.ensemble.mirror_axes, self.step_size)
+                m.ensemble.copies = [axes]
+                # nnU-Net's axes of the flipped copy (the network input's spatial axes)
+                m.member_name = f"mirror axes {tuple(a - 2 for a in axes)}" if axes else "no mirroring"
+                out.append(m)
+        for m in out:
+            m.eval()
+            m.spacing, m._matrices = self.spacing, self._matrices
+            m.ensemble.before_call = self.ensemble.before_call
+        return out
 
     def layer_refusal(self, name: str) -> tuple[str, str] | None:
         """Layers inside the fold networks see patches of mirrored copies, not one volume: refused."""

@@ -20,6 +20,7 @@ def load_nnunet(cfg: Any, trust: Trust) -> LoadedModel:
     networks, pm, cm, lm = build_networks(folder, dev)
     axes = folder.checkpoints[0].mirror_axes if cfg.mirroring else None
     module = NnUNetPipeline(networks, pm, cm, lm, axes).eval()
+    module.fold_names = [str(f) for f in folder.folds]
     description = {
         "source": "nnunet", "path": str(folder.path), "configuration": folder.configuration,
         "folds": [str(f) for f in folder.folds],

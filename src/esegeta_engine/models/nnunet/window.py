@@ -78,6 +78,12 @@ class Ensemble:
     mirror_axes: tuple[int, ...] | None
     num_heads: int
     before_call: Callable[[int], None] | None = None
+    copies: list[tuple[int, ...]] | None = None  # one ensemble member: only these mirrored copies
+
+    @property
+    def copy_axes(self) -> list[tuple[int, ...]]:
+        """The mirrored copies averaged for each patch: () (the patch itself) and every mirror set."""
+        return list(self.copies) if self.copies is not None else [(), *self.mirror_sets]
 
     @property
     def mirror_sets(self) -> list[tuple[int, ...]]:
@@ -90,7 +96,7 @@ class Ensemble:
     @property
     def calls_per_patch(self) -> int:
         """Network evaluations per patch: every mirrored copy of every fold."""
-        return (len(self.mirror_sets) + 1) * len(self.networks)
+        return len(self.copy_axes) * len(self.networks)
 
     def _net(self, net: nn.Module, x: torch.Tensor) -> torch.Tensor:
         if self.before_call is not None:
@@ -105,6 +111,9 @@ class Ensemble:
 
     def predict_patch(self, net: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """``_internal_maybe_mirror_and_predict``: the patch and its mirrored copies, averaged."""
+        if self.copies is not None:  # a member: its own copies only
+            total = sum(self.predict_copy(net, x, axes) for axes in self.copies)
+            return total / len(self.copies)  # type: ignore[operator]
         prediction = self._net(net, x)
         sets = self.mirror_sets
         if sets:
@@ -164,7 +173,7 @@ class EnsembleFunction(torch.autograd.Function):
         gauss = plan.gaussian.float() if isinstance(plan.gaussian, torch.Tensor) else 1.0
         padded = plan.pad(data.detach())
         grad = torch.zeros_like(padded)
-        copies = [(), *ens.mirror_sets]  # the mean over mirrored copies is linear: one copy's graph at a time
+        copies = ens.copy_axes  # the mean over mirrored copies is linear: one copy's graph at a time
         with torch.enable_grad():
             for net in ens.networks:
                 for sl in plan.slicers:

@@ -1,0 +1,165 @@
+"""A MONAI bundle's deployed function as one differentiable module: scan -> probabilities.
+
+``BundlePipeline(x)`` takes the scan as the engine reads it (``(N, C, *spatial)`` in the
+NIfTI file's voxel order, channels first) and returns what the bundle's own pipeline
+predicts, on the same grid:
+
+1. the bundle's ``preprocessing`` transforms (``Orientationd``, ``Spacingd``,
+   ``ScaleIntensityRanged``, ...) on a ``MetaTensor`` carrying the scan's affine, as
+   ``LoadImaged`` + ``EnsureChannelFirstd`` would hand it (:mod:`.bundle_steps`);
+2. the network through the bundle's inferer: a ``SlidingWindowInferer``'s roi size, overlap,
+   blending, batch and padding run as the engine's sliding window
+   (:class:`~esegeta_engine.forward.sliding.SlidingWindow`, equal to MONAI's, with
+   patch-by-patch recomputation in the backward); a ``SimpleInferer`` calls it once;
+3. the bundle's postprocessing up to the probabilities: ``Activationsd`` and ``Invertd``
+   (back to the scan's grid through the inverse of the preprocessing), label steps skipped.
+
+Gradients pass through every step, so every method explains the bundle's class score on
+the scan's grid. The layer ``network_input`` is the preprocessed tensor on the network's
+grid: layer maps there are brought back with the same inversion as the probabilities.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from esegeta_engine.errors import ModelLoadError
+from esegeta_engine.forward.sliding import SlidingWindow, WindowSettings
+from esegeta_engine.models.bundle_steps import BundleSteps
+
+NETWORK_INPUT = "network_input"
+
+
+class BundlePipeline(nn.Module):
+    """A MONAI bundle's preprocessing, inferer, activation and inversion around its network.
+
+    Parameters
+    ----------
+    network : nn.Module
+        The bundle's ``network_def`` with its trained weights, in eval mode.
+    steps : BundleSteps
+        The bundle's transforms around the network.
+    window : WindowSettings or None
+        The inferer's sliding-window settings (None: the network sees the whole grid).
+    inferer : dict
+        The inferer's record (name and settings).
+    """
+
+    def __init__(self, network: nn.Module, steps: BundleSteps, window: WindowSettings | None,
+                 inferer: dict[str, Any]) -> None:
+        super().__init__()
+        self.network = network
+        self.network_input = nn.Identity()
+        self.steps = steps
+        self.inferer = dict(inferer)
+        # the sliding window holds the same network: kept out of the module tree so hook-based
+        # methods meet each of the network's modules once
+        self.__dict__["window"] = SlidingWindow(network, window) if window is not None else None
+        self.affine: np.ndarray | None = None
+        self.meta: dict[str, Any] = {}
+        self.before_call: Callable[[int], None] | None = None
+        self._last: list[dict[str, Any]] = []
+
+    # -- what the engine asks -------------------------------------------------------------
+    def bind_volume(self, volume: Any) -> None:
+        """The scan's affine (and file name) from a volume, or an affine array."""
+        if isinstance(volume, (np.ndarray, torch.Tensor)):
+            self.affine = np.asarray(volume, dtype=np.float64)
+            return
+        self.affine = np.asarray(volume.affine, dtype=np.float64)
+        path = getattr(volume, "path", None)
+        self.meta = {"filename_or_obj": str(path)} if path is not None else {}
+
+    def bind_monitor(self, before_call: Callable[[int], None] | None) -> None:
+        """Called with the number of patches before every network evaluation (counting, cancellation)."""
+        self.before_call = before_call
+        if self.window is not None:
+            self.window.before_batch = before_call
+
+    def members(self) -> list[nn.Module]:
+        """A bundle has one network: no ensemble members (stability uses input noise)."""
+        return []
+
+    def layer_refusal(self, name: str) -> tuple[str, str] | None:
+        """Layers inside the network under a sliding window see patches, not one volume: refused."""
+        if name == "network" or name.startswith("network."):
+            return (f"layer {name!r} is inside the bundle's network, which runs on the network's grid "
+                    f"({self.inferer['inferer']}), not on the scan",
+                    f"use the layer '{NETWORK_INPUT}' (the preprocessed input on the network's grid) or an "
+                    "input-attribution method (saliency, integrated_gradients, occlusion, ...)")
+        return None
+
+    def layer_map_to_input(self, name: str | None, result: torch.Tensor) -> torch.Tensor | None:
+        """A map on the network's grid (layer ``network_input``) -> the scan's grid."""
+        if name != NETWORK_INPUT or not self._last:
+            return None
+        maps = [self.steps.invert_map(result[i], self._last[min(i, len(self._last) - 1)])
+                for i in range(result.shape[0])]
+        return torch.stack(maps)
+
+    def describe_execution(self, spatial: Sequence[int] | None = None) -> dict[str, Any]:
+        """How one evaluation of the pipeline runs (for each map's record)."""
+        d: dict[str, Any] = {
+            "pipeline": "bundle", **self.inferer, "activation": self.steps.activation,
+            "preprocessing": [type(t).__name__ for t in self.steps.pre],
+            "inversion": "Invertd" if self.steps.inverted else "the preprocessing's inverse (no Invertd)",
+            "attribution_grid": "scan (gradients through the bundle's preprocessing, inferer, activation and "
+                                "inversion)",
+            "layer_grid": f"{NETWORK_INPUT}: the bundle's network grid, brought back with its inversion",
+        }
+        if self._last:
+            grid = tuple(self._last[0][self.steps.key].shape[1:])
+            d["network_grid_shape"] = list(grid)
+            d["patches_per_evaluation"] = len(self.window.grid(grid, torch.device("cpu"))) if self.window else 1
+        return d
+
+    def patches_for(self, spatial: Sequence[int]) -> int:
+        """Network evaluations (patches) of one pipeline call on a scan of this size (the last bound affine)."""
+        if self.window is None:
+            return 1
+        if self.affine is None:
+            raise ModelLoadError("the bundle pipeline needs the scan's affine", "bind a volume first")
+        probe = torch.zeros((int(self.network_in_channels()), *[int(s) for s in spatial]))
+        with torch.no_grad():
+            item = self.steps.preprocess(probe, self.affine, self.meta)
+        return len(self.window.grid(tuple(item[self.steps.key].shape[1:]), torch.device("cpu")))
+
+    def network_in_channels(self) -> int:
+        """Input channels of the network (its first convolution), 1 when unknown."""
+        for m in self.network.modules():
+            if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+                return int(m.in_channels)
+        return 1
+
+    # -- the function ---------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.affine is None:
+            raise ModelLoadError("the bundle pipeline needs the scan's affine",
+                                 "load the volume from a NIfTI file (the engine binds its affine)")
+        items = [self.steps.preprocess(x[i], self.affine, self.meta) for i in range(x.shape[0])]
+        self._last = items
+        data = [_as_plain(item[self.steps.key]) for item in items]
+        if len({tuple(d.shape) for d in data}) == 1:
+            outs = list(self._infer(self.network_input(torch.stack(data))))
+        else:
+            outs = [self._infer(self.network_input(d[None]))[0] for d in data]
+        return torch.stack([self.steps.postprocess(o, item) for o, item in zip(outs, items)])
+
+    def _infer(self, batch: torch.Tensor) -> torch.Tensor:
+        batch = batch.float()
+        if self.window is not None:
+            return self.window(batch)
+        if self.before_call is not None:
+            self.before_call(batch.shape[0])
+        return self.network(batch)
+
+
+def _as_plain(t: Any) -> torch.Tensor:
+    from monai.data import MetaTensor
+
+    return t.as_tensor() if isinstance(t, MetaTensor) else torch.as_tensor(t)

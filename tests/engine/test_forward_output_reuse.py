@@ -1,0 +1,66 @@
+"""The patch-wise backward reuses the prediction's stitched output (forward/sliding.py).
+
+LRP and excitation backprop keep their hooks silent in the stitched forward, so for an input equal
+to the one the prediction ran on the stitched output is taken from the prediction instead of
+running every patch once more. Counted: one patch pass fewer per patch; the map is identical; an
+in-place change of a parameter (a randomisation, a fold) invalidates the remembered output.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from esegeta_engine.config import ExecutionConfig, PreprocessConfig, TargetConfig
+from esegeta_engine.explain import Explainer
+from esegeta_engine.forward import sliding
+from esegeta_engine.forward.scoring import EvaluationMonitor
+from esegeta_engine.methods import MethodContext, attribute, get_method
+from esegeta_engine.targets import ArgmaxRegionTarget
+
+CASES = [(2, (26, 21), (12, 12)), (3, (14, 12, 11), (8, 8, 8))]
+
+
+def _net(dims: int) -> nn.Module:
+    torch.manual_seed(3)
+    C = nn.Conv2d if dims == 2 else nn.Conv3d
+    return nn.Sequential(C(1, 4, 3, padding=1), nn.LeakyReLU(0.1), C(4, 2, 3, padding=1)).eval()
+
+
+def _lrp(net: nn.Module, dims: int, shape: tuple, patch: tuple, forget: bool) -> tuple[torch.Tensor, int, int]:
+    x = torch.randn(1, 1, *shape, generator=torch.Generator().manual_seed(1))
+    expl = Explainer(net, PreprocessConfig(spatial_dims=dims), TargetConfig(),
+                     execution=ExecutionConfig(patch_size=list(patch), overlap=0.25))
+    target = ArgmaxRegionTarget()
+    target.prepare(expl.raw_output(x))
+    if forget:
+        sliding._LAST_OUTPUT.clear()
+    monitor = EvaluationMonitor()
+    sm = expl.make_score_model(target, x, monitor)
+    spec = get_method("lrp")
+    out = attribute(spec, MethodContext(sm, x, 1, extra={"patchwise": True}), spec.resolve_params({}))
+    return out, monitor.patches, len(sm.runner.grid(shape, x.device))
+
+
+@pytest.mark.parametrize("dims,shape,patch", CASES)
+def test_reused_output_gives_the_same_map_with_one_pass_fewer(dims, shape, patch):
+    net = _net(dims)
+    reused, n_reused, patches = _lrp(net, dims, shape, patch, forget=False)
+    fresh, n_fresh, _ = _lrp(net, dims, shape, patch, forget=True)
+    assert patches > 1
+    assert n_fresh == 2 * patches and n_reused == patches  # stitched forward + recomputation vs recomputation
+    torch.testing.assert_close(reused, fresh, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dims,shape,patch", CASES)
+def test_changed_parameters_are_not_answered_from_the_old_output(dims, shape, patch):
+    net = _net(dims)
+    x = torch.randn(1, 1, *shape)
+    sw = sliding.SlidingWindow(net, sliding.WindowSettings(patch))
+    with torch.no_grad():
+        sw(x)
+        assert sw.remembered_output(x) is not None
+        assert sw.remembered_output(x + 1) is None  # another input
+        net[0].weight.mul_(2.0)  # in place, as a randomisation or a fold does
+    assert sw.remembered_output(x) is None
