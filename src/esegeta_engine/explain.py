@@ -34,7 +34,7 @@ from esegeta_engine.jobs.events import Event, Evaluator, JobFailed, MapReady, Pr
 from esegeta_engine.jobs.executor import JobExecutor
 from esegeta_engine.jobs.executors import InlineExecutor, run_jobs
 from esegeta_engine.jobs.worker import JobOutcome
-from esegeta_engine.jobs.plan import (Job, array_fingerprint, estimate_run, expected_evaluations, key_context,
+from esegeta_engine.jobs.plan import (Job, array_fingerprint, count_network_evaluations, estimate_run, key_context,
                                       model_fingerprint, plan_jobs, volume_groups)
 from esegeta_engine.io import Volume
 from esegeta_engine.methods.registry import CostInfo
@@ -256,13 +256,7 @@ class Explainer:
                          context=context or {}, layer_channels=self._layer_channels)
         calls = getattr(self.model, "network_calls", None)  # a deployed pipeline's cost (nnU-Net, bundle)
         if callable(calls) and x is not None:
-            per_input = int(calls(x[:1]))
-            for job in jobs:  # inputs: the cost with one perturbation / path point per evaluation
-                ones = {k: 1 for k in ("perturbations_per_eval", "internal_batch_size") if k in job.params}
-                n = expected_evaluations(job.spec, {**job.params, **ones}, info) if ones else job.expected_evaluations
-                if n is not None:
-                    nt = int(job.noise_tunnel["samples"]) if job.noise_tunnel else 1
-                    job.network_evaluations = n * nt * shape[0] * per_input
+            count_network_evaluations(jobs, int(calls(x[:1])), info)
         if callable(getattr(target, "describe", None)):  # what each component job explains
             for job in jobs:
                 job.details = target.describe(job.cls)

@@ -286,3 +286,17 @@ def volume_groups(shapes: Sequence[tuple[int, ...]], methods: Sequence[Any]) -> 
                               "resample or crop the volumes to a common grid")
         groups.append((tuple(range(len(shapes))), batched))
     return groups
+
+
+def count_network_evaluations(jobs: Sequence[Job], per_input: int, info: CostInfo) -> None:
+    """Set each job's ``network_evaluations``: a deployed pipeline's network calls for its method.
+
+    ``per_input`` is the pipeline's network calls for one input (patches x mirrored copies x folds);
+    a job's method inputs are counted with one perturbation / path point per evaluation.
+    """
+    for job in jobs:
+        ones = {k: 1 for k in ("perturbations_per_eval", "internal_batch_size") if k in job.params}
+        n = expected_evaluations(job.spec, {**job.params, **ones}, info) if ones else job.expected_evaluations
+        if n is not None:
+            nt = int(job.noise_tunnel["samples"]) if job.noise_tunnel else 1
+            job.network_evaluations = n * nt * info.batch * per_input
