@@ -204,7 +204,7 @@ _register("layer_deeplift", "Layer DeepLIFT",
 _register("layer_deeplift_shap", "Layer DeepLIFT SHAP",
           "layer DeepLIFT averaged over a seeded distribution of noisy copies of the baseline",
           (*_DISTRIBUTION, n_baselines_param(2)), _layer_deeplift_shap, _SHAP_REF,
-          cost=lambda info, p: 2, patchwise="gradient")
+          cost=lambda info, p: 1 + (p["n_baselines"] * info.batch if info.patchwise else 1), patchwise="gradient")
 _register("layer_gradient_shap", "Layer Gradient SHAP",
           "expected layer gradients x activation differences at random points from noisy baselines",
           (*_DISTRIBUTION, n_baselines_param(1), N_SAMPLES, STDEVS), _layer_gradient_shap,
