@@ -203,10 +203,13 @@ def cmd_run(args: argparse.Namespace) -> int:
         from esegeta_engine.cohort.cli import cmd_cohort
 
         return cmd_cohort(args, data)
-    if args.dry_run or args.executor or args.scheduler or args.workers:
-        raise ConfigError("--dry-run, --executor, --scheduler and --workers apply to cohort configs",
+    if args.dry_run:
+        raise ConfigError("--dry-run applies to cohort configs",
                           "add `models:` and `cohort:` sections (see README.md), or drop the flag")
     cfg = parse_config(data, base=Path(args.config).parent.resolve(), source=Path(args.config).name)
+    for flag in ("executor", "scheduler", "workers"):  # a single run is a cohort of one: same executors
+        if getattr(args, flag, None):
+            setattr(cfg.execution, flag, getattr(args, flag))
     if args.out:
         cfg.output.dir = Path(args.out).resolve()
     if args.overwrite:

@@ -98,6 +98,9 @@ def test_methods_through_the_bundle_pipeline_give_maps_on_the_scans_affine(bundl
         assert np.isfinite(out.get_fdata()).all() and np.abs(out.get_fdata()).max() > 0
         assert rec["execution"]["pipeline"] == "bundle" and rec["execution"]["attribution_grid"].startswith("scan")
         assert "network grid" in rec["execution"]["layer_grid"]
+        ex = rec["execution"]  # the plan's patch count of the method's forward calls is what ran
+        assert rec["expected_network_evaluations"] == ex["forward_network_calls"] == ex["patches_per_evaluation"]
+        assert ex["backward_network_calls"] == ex["forward_network_calls"]  # recomputed patch by patch
     probs = nib.load(tmp_path / "out" / "scan__probabilities.nii.gz")
     assert probs.shape == (*img.shape, 3) and np.allclose(probs.affine, img.affine)
     np.testing.assert_allclose(np.moveaxis(probs.get_fdata(), -1, 0), B.monai_reference(bundle, scan), atol=1e-4)

@@ -90,6 +90,8 @@ def test_patchwise_gradient_equals_plain_autograd_and_counts_every_mirror_and_fo
     patches = m.describe_execution()["patches_per_evaluation"]
     # forward and backward recomputation: every patch of every mirrored copy (8) of both folds, twice
     assert len(calls) == 2 * patches * 8 * 2
+    assert m.calls == {"forward": patches * 8 * 2, "backward": patches * 8 * 2}
+    assert m.network_calls(x) == patches * 8 * 2  # the source's cost, known before any network runs
 
     def plain(data, ens, plan):  # the same ensemble with one whole graph
         padded = plan.pad(data)
@@ -145,6 +147,11 @@ def test_methods_through_the_pipeline(folder, scan_img, tmp_path):
         assert np.isfinite(out.get_fdata()).all() and np.abs(out.get_fdata()).max() > 0
         assert rec["execution"]["pipeline"] == "nnunet" and "scan" in rec["execution"]["attribution_grid"]
         assert rec["patch_evaluations"] >= rec["model_evaluations"] * rec["execution"]["patches_per_evaluation"]
+        # the plan's patch x mirror x fold count of the method's forward calls is what ran
+        ex = rec["execution"]
+        assert rec["expected_network_evaluations"] == ex["forward_network_calls"] > 0
+        assert ex["forward_network_calls"] == rec["model_inputs"] * ex["network_calls_per_input"]
+        assert ex["backward_network_calls"] == (0 if rec["method"] == "occlusion" else ex["forward_network_calls"])
     probs = nib.load(tmp_path / "out" / "scan__probabilities.nii.gz")
     assert probs.shape == (*img.shape, 2) and probs.get_data_dtype() == np.float32
     assert np.allclose(probs.affine, img.affine)

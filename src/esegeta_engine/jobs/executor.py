@@ -124,6 +124,9 @@ class JobExecutor:
                 holder["samples"] = monitor.samples
                 holder["patches"] = monitor.patches
                 holder["form"] = sm.form.describe()
+                pipe = getattr(ex.model, "describe_execution", None)  # a deployed pipeline's window and calls
+                if callable(pipe):  # read now: the method's own network calls, before any trust check runs
+                    holder["form"].update(pipe())
                 if ctx.extra.get("receptive_field"):  # what receptive-field skipping saved (methods/reach.py)
                     holder["form"]["receptive_field"] = ctx.extra["receptive_field"]
             except Exception as exc:  # recorded; KeyboardInterrupt propagates
@@ -171,9 +174,6 @@ class JobExecutor:
             else:
                 metrics = holder.get("metrics") or [{} for _ in maps]
                 form = dict(holder.get("form") or {})
-                describe = getattr(self.explainer.model, "describe_execution", None)  # a deployed pipeline's own window
-                if callable(describe):
-                    form.update(describe())
                 if "precision" in holder:
                     form["precision_fallback"] = f"{precision} -> fp32"
                 for vol, arr, met in zip(job.volumes, maps, metrics):

@@ -64,6 +64,7 @@ class BundlePipeline(nn.Module):
         self.meta: dict[str, Any] = {}
         self.before_call: Callable[[int], None] | None = None
         self._last: list[dict[str, Any]] = []
+        self.calls: dict[str, int] | None = None
 
     # -- what the engine asks -------------------------------------------------------------
     def bind_volume(self, volume: Any) -> None:
@@ -76,10 +77,21 @@ class BundlePipeline(nn.Module):
         self.meta = {"filename_or_obj": str(path)} if path is not None else {}
 
     def bind_monitor(self, before_call: Callable[[int], None] | None) -> None:
-        """Called with the number of patches before every network evaluation (counting, cancellation)."""
-        self.before_call = before_call
-        if self.window is not None:
-            self.window.before_batch = before_call
+        """Called with the number of patches before every network evaluation (counting, cancellation).
+
+        Patches are also counted here, the forward's apart from the backward's recomputation.
+        """
+        calls = self.calls = {"forward": 0, "backward": 0}
+        window = self.window
+
+        def counted(n: int) -> None:
+            calls["backward" if window is not None and window.recomputing else "forward"] += n
+            if before_call is not None:
+                before_call(n)
+
+        self.before_call = counted
+        if window is not None:
+            window.before_batch = counted
 
     def members(self) -> list[nn.Module]:
         """A bundle has one network: no ensemble members (stability uses input noise)."""
@@ -112,22 +124,29 @@ class BundlePipeline(nn.Module):
                                 "inversion)",
             "layer_grid": f"{NETWORK_INPUT}: the bundle's network grid, brought back with its inversion",
         }
+        if self.calls is not None:
+            d["forward_network_calls"] = self.calls["forward"]
+            d["backward_network_calls"] = self.calls["backward"]
         if self._last:
             grid = tuple(self._last[0][self.steps.key].shape[1:])
             d["network_grid_shape"] = list(grid)
             d["patches_per_evaluation"] = len(self.window.grid(grid, torch.device("cpu"))) if self.window else 1
+            d["network_calls_per_input"] = d["patches_per_evaluation"]
         return d
 
-    def patches_for(self, spatial: Sequence[int]) -> int:
-        """Network evaluations (patches) of one pipeline call on a scan of this size (the last bound affine)."""
-        if self.window is None:
-            return 1
+    def network_calls(self, x: torch.Tensor) -> int:
+        """The source's cost: network evaluations (patches) of one forward on ``x``, before the network runs."""
         if self.affine is None:
             raise ModelLoadError("the bundle pipeline needs the scan's affine", "bind a volume first")
-        probe = torch.zeros((int(self.network_in_channels()), *[int(s) for s in spatial]))
-        with torch.no_grad():
-            item = self.steps.preprocess(probe, self.affine, self.meta)
-        return len(self.window.grid(tuple(item[self.steps.key].shape[1:]), torch.device("cpu")))
+        total = 0
+        for i in range(x.shape[0]):
+            if self.window is None:
+                total += 1
+                continue
+            with torch.no_grad():
+                item = self.steps.preprocess(x[i].detach(), self.affine, self.meta)
+            total += len(self.window.grid(tuple(item[self.steps.key].shape[1:]), torch.device("cpu")))
+        return total
 
     def network_in_channels(self) -> int:
         """Input channels of the network (its first convolution), 1 when unknown."""

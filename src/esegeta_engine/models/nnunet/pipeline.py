@@ -69,6 +69,7 @@ class NnUNetPipeline(nn.Module):
         self._matrices: dict[tuple, Resampling] = {}
         self._last: list[dict[str, Any]] = []
         self.fold_names: list[str] = []
+        self.calls: dict[str, int] | None = None
         self.member_name = "ensemble"
         for scheme in configuration_manager.normalization_schemes:
             if scheme not in NORMALISATIONS:
@@ -91,8 +92,45 @@ class NnUNetPipeline(nn.Module):
         self.spacing = tuple(float(s) for s in tuple(spacing)[:3])
 
     def bind_monitor(self, before_call: Callable[[int], None] | None) -> None:
-        """Called before every network evaluation (counting and cancellation)."""
-        self.ensemble.before_call = before_call
+        """Called before every network evaluation (counting and cancellation).
+
+        Network calls are also counted here, the forward's apart from the backward's recomputation
+        (``forward_network_calls`` / ``backward_network_calls`` in :meth:`describe_execution`).
+        """
+        calls = self.calls = {"forward": 0, "backward": 0}
+        ens = self.ensemble
+
+        def counted(n: int) -> None:
+            calls["backward" if ens.recomputing else "forward"] += n
+            if before_call is not None:
+                before_call(n)
+
+        ens.before_call = counted
+
+    def network_calls(self, x: torch.Tensor) -> int:
+        """The source's cost: network evaluations (patches x mirrored copies x folds) of one forward on ``x``.
+
+        Computed before any network runs, from nnU-Net's own crop box, target shape and window steps.
+        """
+        from acvl_utils.cropping_and_padding.bounding_boxes import get_bbox_from_mask
+        from nnunetv2.preprocessing.cropping.cropping import create_nonzero_mask
+        from nnunetv2.preprocessing.resampling.default_resampling import compute_new_shape
+
+        total = 0
+        for i in range(x.shape[0]):
+            nd = x.dim() - 2
+            spacing_reader = tuple(self.spacing[::-1])  # type: ignore[index]
+            order = [tuple(range(nd))[::-1][t] for t in self.pm.transpose_forward]
+            array = x[i].detach().permute(0, *[o + 1 for o in order]).float().cpu().numpy()
+            bbox = get_bbox_from_mask(create_nonzero_mask(array))
+            cropped = tuple(b - a for a, b in bbox)
+            original = [spacing_reader[t] for t in self.pm.transpose_forward]
+            target = list(self.cm.spacing)
+            if len(target) < nd:
+                target = [original[0], *target]
+            shape = compute_new_shape(cropped, original, target)
+            total += len(WindowPlan.of(shape, self.cm.patch_size, self.step_size).slicers)
+        return total * self.ensemble.calls_per_patch
 
     def members(self, kind: str | None = None) -> list[NnUNetPipeline]:
         """Each fold alone (``kind="folds"``) or each mirrored copy alone (``"mirrors"``), as pipelines.
@@ -155,8 +193,12 @@ class NnUNetPipeline(nn.Module):
             "layer_grid": f"{NETWORK_INPUT}: nnU-Net's network grid, brought back with nnU-Net's probability "
                           "resampling",
         }
+        if getattr(self, "calls", None) is not None:
+            d["forward_network_calls"] = self.calls["forward"]
+            d["backward_network_calls"] = self.calls["backward"]
         if self._last:
             d["patches_per_evaluation"] = len(self._last[0]["plan"].slicers)
+            d["network_calls_per_input"] = d["patches_per_evaluation"] * self.ensemble.calls_per_patch
             d["network_grid_shape"] = list(self._last[0]["plan"].shape)
         return d
 

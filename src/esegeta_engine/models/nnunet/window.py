@@ -79,6 +79,7 @@ class Ensemble:
     num_heads: int
     before_call: Callable[[int], None] | None = None
     copies: list[tuple[int, ...]] | None = None  # one ensemble member: only these mirrored copies
+    recomputing: bool = False  # True while the backward recomputes patches (counted apart from the forward)
 
     @property
     def copy_axes(self) -> list[tuple[int, ...]]:
@@ -171,17 +172,27 @@ class EnsembleFunction(torch.autograd.Function):
         up[(slice(None), *plan.revert)] = grad_out.float()
         up = up / n_pred.float() / len(ens.networks)
         gauss = plan.gaussian.float() if isinstance(plan.gaussian, torch.Tensor) else 1.0
-        padded = plan.pad(data.detach())
-        grad = torch.zeros_like(padded)
         copies = ens.copy_axes  # the mean over mirrored copies is linear: one copy's graph at a time
-        with torch.enable_grad():
-            for net in ens.networks:
-                for sl in plan.slicers:
-                    share = (up[sl] * gauss)[None] / len(copies)
-                    for axes in copies:
-                        patch = padded[sl][None].clone().requires_grad_(True)
-                        y = ens.predict_copy(net, patch, axes)
-                        (g,) = torch.autograd.grad(y, patch, share)
-                        grad[sl] += g[0]
-                        del y, g, patch
-        return grad[(slice(None), *plan.revert)].to(data.dtype), None, None
+        ens.recomputing = True
+        try:
+            return _recompute(ens, plan, data, up, gauss, copies)
+        finally:
+            ens.recomputing = False
+
+
+def _recompute(ens: Ensemble, plan: WindowPlan, data: torch.Tensor, up: torch.Tensor, gauss: torch.Tensor | float,
+               copies: list[tuple[int, ...]]) -> tuple[torch.Tensor, None, None]:
+    """The patch-by-patch backward: each mirrored copy of each patch of each fold, one graph at a time."""
+    padded = plan.pad(data.detach())
+    grad = torch.zeros_like(padded)
+    with torch.enable_grad():
+        for net in ens.networks:
+            for sl in plan.slicers:
+                share = (up[sl] * gauss)[None] / len(copies)
+                for axes in copies:
+                    patch = padded[sl][None].clone().requires_grad_(True)
+                    y = ens.predict_copy(net, patch, axes)
+                    (g,) = torch.autograd.grad(y, patch, share)
+                    grad[sl] += g[0]
+                    del y, g, patch
+    return grad[(slice(None), *plan.revert)].to(data.dtype), None, None
