@@ -81,41 +81,67 @@ def _child(mode: str, shape, patch, features, overlap: float) -> dict:
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
-def occlusion_roi(shape, patch, roi_edge: int, window: int, features) -> dict:
-    """Occlusion for an ROI box: windows skipped and time with skipping vs today's ROI occlusion."""
+def occlusion_roi(shape, patch, roi_edge: int, window: int, features, net=None) -> dict:
+    """Occlusion for an ROI box under three bounds: none, the patches the ROI reads (before issue 20
+    part 4) and the receptive field (linearised probe). ``patch`` None: whole-volume execution."""
     import esegeta_engine.methods.perturbation as perturbation
+    import esegeta_engine.methods.reach as reach
     from esegeta_engine.config import ExecutionConfig, TargetConfig
     from esegeta_engine.explain import Explainer
+    from esegeta_engine.forward.receptive import ReceptiveFieldUnknown
     from esegeta_engine.forward.scoring import EvaluationMonitor
     from esegeta_engine.methods import MethodContext, attribute, get_method
     from esegeta_engine.targets import RegionOfInterestTarget
 
-    net = _net(features)
+    torch.set_num_threads(1)
+    net = net if net is not None else _net(features)
     x = torch.from_numpy(np.random.default_rng(1).normal(size=(1, 1, *shape)).astype(np.float32))
     roi = torch.zeros(shape, dtype=torch.bool)
     lo = [s // 2 - roi_edge // 2 for s in shape]
     roi[tuple(slice(a, a + roi_edge) for a in lo)] = True
     target = RegionOfInterestTarget(roi.float())
-    expl = Explainer(net, target=TargetConfig(classes=[1]),
-                     execution=ExecutionConfig(patch_size=list(patch), overlap=0.25))
+    execution = None if patch is None else ExecutionConfig(patch_size=list(patch), overlap=0.25)
+    expl = Explainer(net, target=TargetConfig(classes=[1]), execution=execution)
     spec = get_method("occlusion")
     params = spec.resolve_params({"window": window, "perturbations_per_eval": 1})
-    original = perturbation.reach_filter
+    original, probe = perturbation.reach_filter, reach.dependency
+
+    def unknown(*a, **k):
+        raise ReceptiveFieldUnknown("switched off")
+
     res = {}
-    for skip in (True, False):
-        perturbation.reach_filter = original if skip else (lambda *a: None)
+    for bound in ("receptive", "patches", "none"):
+        if bound == "patches" and patch is None:
+            continue
+        perturbation.reach_filter = original if bound != "none" else (lambda *a: None)
+        reach.dependency = probe if bound == "receptive" else unknown
         try:
             monitor = EvaluationMonitor()
             sm = expl.make_score_model(target, x, monitor, support=roi)
-            sm.runner.set_base(x)
-            ctx = MethodContext(sm, x, 1, extra={"patchwise": True})
+            if patch is not None:
+                sm.runner.set_base(x)
+            ctx = MethodContext(sm, x, 1, extra={"patchwise": patch is not None})
             start = time.perf_counter()
             out = attribute(spec, ctx, params)
-            res[skip] = (out, time.perf_counter() - start, monitor.count, ctx.extra.get("skipped_perturbations", 0))
+            res[bound] = {"map": out, "seconds": time.perf_counter() - start, "evaluations": monitor.count,
+                          "patches": monitor.patches, "record": ctx.extra.get("receptive_field", {})}
         finally:
-            perturbation.reach_filter = original
-    return {"skipped": res[True][3], "evaluations": (res[True][2], res[False][2]),
-            "seconds": (res[True][1], res[False][1]), "identical": bool(torch.equal(res[True][0], res[False][0]))}
+            perturbation.reach_filter, reach.dependency = original, probe
+    ref = res["none"]["map"]
+    for r in res.values():
+        r["identical"] = bool(torch.equal(r.pop("map"), ref))
+    return res
+
+
+def _print_occlusion(title: str, res: dict) -> None:
+    print(title)
+    base = res.get("patches", res["none"])
+    for bound, r in res.items():
+        rec = r["record"]
+        print(f"  bound {bound:10s}: {r['seconds']:7.1f} s, {r['evaluations']} evaluations, {r['patches']} patch "
+              f"evaluations, {rec.get('skipped', 0)} of {rec.get('copies', '-')} windows skipped, reach "
+              f"{rec.get('reach_voxels', '-')} voxels; time ratio vs '{'patches' if 'patches' in res else 'none'}' "
+              f"{r['seconds'] / base['seconds']:.2f}; identical map: {r['identical']}")
 
 
 def _run_child(*args) -> dict:
@@ -148,17 +174,20 @@ def main() -> None:
         minimum2 = _run_child("minimum2", shape, patch, features, overlap)
         print(f"minimum (fwd+bwd of every patch): {minimum['seconds']:.1f} s, peak RSS "
               f"{minimum['peak_rss_mb']:.0f} MB; of input and baseline: {minimum2['seconds']:.1f} s")
-    if args.full:
-        occ_args = (shape, patch, 32, 16, features)
-    else:  # a smaller volume: today's ROI occlusion walks every window
-        occ_args = ([64, 64, 32], [32, 32, 32], 8, 8, [4, 4, 8, 8, 16, 4])
     if not args.no_occlusion:
-        occ = occlusion_roi(*occ_args)
-        edge, window = occ_args[2], occ_args[3]
-        print(f"occlusion (window {window}) for a {edge}^3 ROI on {occ_args[0]}, patch {occ_args[1]}: "
-              f"{occ['skipped']} windows skipped; evaluations {occ['evaluations'][0]} vs {occ['evaluations'][1]} "
-              f"today; time {occ['seconds'][0]:.1f} s vs {occ['seconds'][1]:.1f} s = ratio "
-              f"{occ['seconds'][0] / occ['seconds'][1]:.2f}; identical map: {occ['identical']}")
+        if args.full:
+            occ_args = (shape, patch, 32, 16, features)
+        else:  # a smaller volume: today's ROI occlusion walks every window
+            occ_args = ([64, 64, 32], [32, 32, 32], 8, 8, [4, 4, 8, 8, 16, 4])
+        _print_occlusion(f"occlusion (window {occ_args[3]}) for a {occ_args[2]}^3 ROI on {occ_args[0]}, patch "
+                         f"{occ_args[1]}, BasicUNet {occ_args[4]} (instance norm):", occlusion_roi(*occ_args))
+        from monai.networks.nets import UNet
+
+        torch.manual_seed(0)  # a network whose receptive field is smaller than the volume: batch norm, 2 levels
+        unet = UNet(3, 1, 2, (8, 16, 32), (2, 2), num_res_units=1, norm="batch").eval()
+        demo = ([64, 64, 32], None, 8, 8, None) if not args.full else ([448, 448, 128], None, 32, 16, None)
+        _print_occlusion(f"occlusion (window {demo[3]}) for a {demo[2]}^3 ROI on {demo[0]}, whole volume, MONAI "
+                         "UNet (8, 16, 32), batch norm:", occlusion_roi(*demo, net=unet))
     if args.occlusion_only:
         return
     runs = (("layer_gradcam", minimum), ("deeplift", minimum2), ("lrp", minimum), ("lrp:epsilon", minimum),

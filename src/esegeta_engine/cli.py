@@ -20,6 +20,7 @@ from esegeta_engine import __version__
 from esegeta_engine.cli_commands import (cmd_demo, cmd_evaluate, cmd_explain, cmd_layers, cmd_methods, cmd_report, cmd_run, cmd_sample, cmd_schema)
 from esegeta_engine.cli_sources import add_predict_parser, add_source_flags
 from esegeta_engine.errors import EsegetaError
+from esegeta_engine.jobs.registry import executor_names
 
 # the registry's Family values, spelled out so that `esegeta --help` does not import torch
 FAMILIES = ["gradient", "perturbation", "layer", "visualisation"]
@@ -69,9 +70,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "a config cannot ask for this")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.add_argument("--dry-run", action="store_true", help="cohort: print the plan's size and cost, write nothing")
-    p.add_argument("--executor", choices=["inline", "pool", "local", "dask"], help="cohort: who runs the jobs")
-    p.add_argument("--scheduler", help="cohort: Dask scheduler address for --executor dask")
-    p.add_argument("--workers", type=int, help="cohort: CPU worker processes for --executor local")
+    p.add_argument("--executor", choices=list(executor_names()),
+                   help="who runs the jobs (overrides execution.executor, or cohort.executor for a cohort)")
+    p.add_argument("--scheduler", help="Dask scheduler address for --executor dask")
+    p.add_argument("--workers", type=int, help="CPU worker processes for --executor local")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("explain", help="one-off run from flags, no config file")

@@ -189,6 +189,21 @@ class ExecutionConfig(_Strict):
         "found on the first forward pass that the model rejects")
     precision: Literal["fp32", "fp16", "bf16"] = Field(
         "fp32", description="autocast precision of the network (maps that turn non-finite are redone in fp32)")
+    executor: str = Field("inline", description="who runs the jobs: inline (this process), pool (a thread "
+                          "and a model copy per device), local (Dask processes), dask (a scheduler), or "
+                          "a registered one")
+    devices: list[str] | None = Field(None, description="pool or local: one worker per device, e.g. "
+                                      "[cuda:0, cuda:1]")
+    workers: int = Field(2, ge=1, le=256, description="local: CPU worker processes (1 thread each)")
+    scheduler: str | None = Field(None, description="dask: scheduler address, e.g. tcp://host:8786")
+    connect_timeout_s: float = Field(5.0, gt=0, description="dask: give up reaching the scheduler after this")
+
+    @field_validator("executor")
+    @classmethod
+    def _executor(cls, v: str) -> str:
+        from esegeta_engine.jobs.registry import check_executor_name
+
+        return check_executor_name(v)
 
     @field_validator("patch_size")
     @classmethod

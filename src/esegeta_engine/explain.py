@@ -1,18 +1,10 @@
 """The execution step: a loaded model + target -> attribution maps, as events.
 
-:class:`Explainer` is what both the CLI pipeline and the napari plugin call.
-``iter_explain`` is a generator: it yields :class:`Progress` while a method
-runs and :class:`MapReady` / :class:`JobFailed` as each (method, layer,
-class) job ends, so callers can stream results and stop between model
-evaluations. Each job runs in a short-lived worker thread while the generator
-polls it; cancellation and per-job time limits are checked by the
-:class:`~esegeta_engine.forward.scoring.EvaluationMonitor` inside every model
-evaluation, which works from any thread (no signals).
-
-Execution is planned, then run: :func:`~esegeta_engine.jobs.plan.plan_jobs`
-expands methods into keyed jobs with their expected number of model evaluations, and
-each job runs on one device against a score model built by the one factory,
-:meth:`Explainer.make_score_model` (whole volume or sliding window, precision).
+:class:`Explainer` is what the CLI pipeline and the napari plugin call. ``iter_explain`` yields
+:class:`Progress` while a method runs and :class:`MapReady` / :class:`JobFailed` as each job ends
+(cancel and time limits are checked inside every model evaluation, from any thread). Jobs are planned
+(:func:`~esegeta_engine.jobs.plan.plan_jobs`), then run through an executor's ``map(specs) -> outcomes``
+seam (inline by default: here, on the loaded model, with :meth:`Explainer.make_score_model`).
 """
 
 from __future__ import annotations
@@ -21,6 +13,7 @@ import logging
 import threading
 from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -30,15 +23,16 @@ from torch import nn
 from esegeta_engine import targets as T
 from esegeta_engine.advice import precision_clash, rejected_input
 from esegeta_engine.config import ExecutionConfig, MethodConfig, PreprocessConfig, TargetConfig
-from esegeta_engine.errors import Cancelled, EsegetaError, MethodError, MethodTimeout, TargetError, VolumeError
+from esegeta_engine.errors import Cancelled, EsegetaError, MethodTimeout, TargetError, VolumeError
 from esegeta_engine.forward.runner import ExecutionForm, execution_form
 from esegeta_engine.jobs.build import _is_oom, build_target, memory_error, target_support
 from esegeta_engine.jobs.events import Event, Evaluator, JobFailed, MapReady, Progress, RunState
 from esegeta_engine.jobs.executor import JobExecutor
-from esegeta_engine.jobs.plan import (Job, array_fingerprint, estimate_run, expected_evaluations, key_context,
-                                      model_fingerprint, plan_jobs)
+from esegeta_engine.jobs.executors import InlineExecutor, run_jobs
+from esegeta_engine.jobs.worker import JobOutcome
+from esegeta_engine.jobs.plan import (Job, array_fingerprint, count_network_evaluations, estimate_run, key_context,
+                                      model_fingerprint, plan_jobs, volume_groups)
 from esegeta_engine.io import Volume
-from esegeta_engine.methods import get_method
 from esegeta_engine.methods.registry import CostInfo
 from esegeta_engine.models import get_layer, model_guard
 from esegeta_engine.preprocess import Geometry, to_model_input
@@ -129,7 +123,7 @@ class Explainer:
                  precision: str | None = None) -> ExecutionForm:
         """The execution form for input ``x`` (sliding window when configured and larger)."""
         form = execution_form(self.execution, tuple(x.shape[2:]), self._divisible)
-        if support is not None and form.sliding is not None:
+        if support is not None:  # sliding windows skip patches; perturbations skip what cannot reach it
             form = ExecutionForm(form.sliding, form.divisible_by, form.padding, form.precision,
                                  support.to(x.device))
         return form.with_precision(precision) if precision else form
@@ -258,13 +252,7 @@ class Explainer:
                          context=context or {}, layer_channels=self._layer_channels)
         calls = getattr(self.model, "network_calls", None)  # a deployed pipeline's cost (nnU-Net, bundle)
         if callable(calls) and x is not None:
-            per_input = int(calls(x[:1]))
-            for job in jobs:  # inputs: the cost with one perturbation / path point per evaluation
-                ones = {k: 1 for k in ("perturbations_per_eval", "internal_batch_size") if k in job.params}
-                n = expected_evaluations(job.spec, {**job.params, **ones}, info) if ones else job.expected_evaluations
-                if n is not None:
-                    nt = int(job.noise_tunnel["samples"]) if job.noise_tunnel else 1
-                    job.network_evaluations = n * nt * shape[0] * per_input
+            count_network_evaluations(jobs, int(calls(x[:1])), info)
         if callable(getattr(target, "describe", None)):  # what each component job explains
             for job in jobs:
                 job.details = target.describe(job.cls)
@@ -293,6 +281,8 @@ class Explainer:
         on_progress: Callable[[Progress], None] | None = None,
         skip: Callable[[Job], bool] | None = None,
         evaluation: Any = None,
+        executor: Any = None,
+        portable: Callable[[Job], Any] | None = None,
     ) -> Generator[Event, None, None]:
         """Run every method on every volume, yielding events as they happen.
 
@@ -320,23 +310,14 @@ class Explainer:
         evaluation : EvaluationConfig, optional
             The config ``evaluators`` were made from: their scores' evaluations join the
             progress totals (the randomisation phase after the run is not part of these).
+        executor, portable : optional
+            Who runs the jobs, through ``map(specs) -> outcomes`` (default inline: here, events
+            streaming); an executor that is not ``local`` gets ``portable(job)`` (a ``JobSpec``) and
+            its outcomes become events (see :func:`esegeta_engine.jobs.executors.run_jobs`).
         """
         cancel = cancel or threading.Event()
         monitor = EvaluationMonitor(cancel)
-        # Methods that only mean something over a batch (feature permutation) get all volumes
-        # stacked; everything else runs one volume at a time, which keeps every Captum batch
-        # expansion aligned with the target's frozen regions.
-        batched = [m for m in methods if get_method(m.name).needs_batch]
-        single = [m for m in methods if not get_method(m.name).needs_batch]
-        groups: list[tuple[tuple[int, ...], Sequence[MethodConfig]]] = []
-        if single:
-            groups += [((i,), single) for i in range(len(volumes))]
-        if batched:
-            if len({v.data.shape for v in volumes}) > 1:
-                raise MethodError(
-                    f"{', '.join(m.name for m in batched)} needs volumes of one shape",
-                    "resample or crop the volumes to a common grid")
-            groups.append((tuple(range(len(volumes))), batched))
+        groups = volume_groups([v.data.shape for v in volumes], methods)
         for m in methods:  # unknown layers fail the run before any method starts
             for layer in m.layers:
                 get_layer(self.model, layer)
@@ -359,7 +340,8 @@ class Explainer:
             return None if scores is None else job.expected_evaluations + scores
 
         done = 0
-        executor = JobExecutor(self)
+        jobs_here = JobExecutor(self)
+        runner = executor if executor is not None else InlineExecutor(cancel)
         with model_guard(self.model):
             for gi, (group, group_methods) in enumerate(groups):
                 yield state.progress(done, done + sum(per_group[id(ms)] for _, ms in groups[gi:]),
@@ -381,19 +363,36 @@ class Explainer:
                 jobs = self.plan(group_methods, target, out, group, x, self.job_context(volumes, group, roi_mask))
                 per_group[id(group_methods)] = len(jobs)
                 total = done + len(jobs) + sum(per_group[id(ms)] for _, ms in groups[gi + 1:])
-                for job in jobs:
-                    support = target_support(target, tuple(x.shape[2:]), job.cls)
-                    if skip is not None and skip(job):
-                        state.skipped(job, expected(job))
-                        done += 1
-                        yield state.progress(done, total, f"{job.label} · {job.cls_label}: already done")
-                        continue
+
+                def skipped(job: Job) -> Progress | None:  # done by an earlier run (--resume)
+                    nonlocal done
+                    if skip is None or not skip(job):
+                        return None
+                    state.skipped(job, expected(job))
+                    done += 1
+                    return state.progress(done, total, f"{job.label} · {job.cls_label}: already done")
+
+                def run_here(job: Job, x: torch.Tensor, target: T.Target, geometry: Geometry,
+                             ) -> Generator[Event, None, None]:  # one job on this model and input
+                    nonlocal done
+                    if (event := skipped(job)) is not None:
+                        yield event
+                        return
                     yield state.progress(done, total, f"{job.label} · {job.cls_label}: starting")
-                    yield from executor.run(job, x, target, support, monitor, done, total, evaluators,
-                                             threaded, on_progress, state, geometry)
+                    yield from jobs_here.run(job, x, target, target_support(target, tuple(x.shape[2:]), job.cls),
+                                             monitor, done, total, evaluators, threaded, on_progress, state, geometry)
                     state.finished(job, state.job_evaluations + state.score_evaluations, expected(job))
                     done += 1
-                    if cancel.is_set():
-                        return
+
+                def finished(job: Job, outcome: JobOutcome) -> Progress:  # a job run elsewhere
+                    nonlocal done
+                    state.finished(job, outcome.evaluations, expected(job))
+                    done += 1
+                    return state.progress(done, total, f"{job.label} · {job.cls_label}: {outcome.status}")
+
+                yield from run_jobs(runner, jobs, partial(run_here, x=x, target=target, geometry=geometry),
+                                    skipped, portable, finished, cancel)
+                if cancel.is_set():  # (the inline executor starts no job after a cancel)
+                    return
                 del x, out, target
             yield state.progress(done, done, "finished")

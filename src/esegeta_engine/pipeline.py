@@ -34,6 +34,8 @@ from esegeta_engine.explain import Event, Explainer, JobFailed, MapReady, Progre
 from esegeta_engine.inputs import load_ground_truth, load_inputs, load_mask_on_grid
 from esegeta_engine.io import Volume, file_sha256, save_map, write_json
 from esegeta_engine.jobs.folder import claim_folder
+from esegeta_engine.jobs.portable import portable_specs
+from esegeta_engine.jobs.registry import make_executor
 from esegeta_engine.jobs.naming import Names, map_filename, slug, volume_stem
 from esegeta_engine.jobs.plan import KEY_VERSION, array_fingerprint
 from esegeta_engine.jobs.record import MapRecord, map_stats
@@ -124,9 +126,17 @@ def iter_run(cfg: Config, cancel: threading.Event | None = None, *, threaded: bo
                           seed=cfg.run.seed, timeout_s=cfg.run.timeout_s, execution=cfg.execution)
     contents = [array_fingerprint(v.data) for v in volumes]
     loc = cfg.evaluation.localisation
-    folder = claim_folder(cfg.output.dir, overwrite=cfg.output.overwrite, resume=resume, stems=stems,
-                          inputs=[*cfg.volumes, cfg.target.roi_mask, cfg.target.ground_truth,
-                                  loc.mask if loc else None, source_path(cfg.model)])
+    # a run is a cohort of one: its jobs go through the same executor seam (an unreachable
+    # scheduler or a model no worker can load fails here, before anything is written)
+    portable = None if cfg.execution.executor == "inline" else portable_specs(cfg, trust_pickled)
+    runner = make_executor(cfg.execution, cancel=cancel)
+    try:
+        folder = claim_folder(cfg.output.dir, overwrite=cfg.output.overwrite, resume=resume, stems=stems,
+                              inputs=[*cfg.volumes, cfg.target.roi_mask, cfg.target.ground_truth,
+                                      loc.mask if loc else None, source_path(cfg.model)])
+    except BaseException:
+        runner.close()
+        raise
     out = folder.path
     try:
         # a folder of another model or other volumes is refused before anything in it changes
@@ -135,6 +145,7 @@ def iter_run(cfg: Config, cancel: threading.Event | None = None, *, threaded: bo
                     if resume else ResumeState(out, None))
         folder.open_log()
     except BaseException:
+        runner.close()
         folder.close()
         raise
     started = time.perf_counter()
@@ -181,7 +192,7 @@ def iter_run(cfg: Config, cancel: threading.Event | None = None, *, threaded: bo
         for event in explainer.iter_explain(volumes, cfg.methods, roi_mask=roi, cancel=cancel,
                                             evaluators=EvaluationSession(model, ev, seed=cfg.run.seed).evaluators(),
                                             threaded=threaded, on_progress=on_progress, skip=skip,
-                                            evaluation=ev):
+                                            evaluation=ev, executor=runner, portable=portable):
             if isinstance(event, MapReady):
                 job = event.job
                 name = names(stems[event.volume], job)
@@ -254,7 +265,10 @@ def iter_run(cfg: Config, cancel: threading.Event | None = None, *, threaded: bo
             log.info("run %s in %.1f s; manifest: %s", manifest["status"], manifest["duration_s"],
                      manifest_path)
         finally:
-            folder.close()
+            try:
+                runner.close()
+            finally:
+                folder.close()
     return RunResult(out, manifest_path, manifest["status"], manifest["results"])
 
 

@@ -46,3 +46,4 @@ def test_lrp_on_unetr_is_refused_naming_the_blocks() -> None:
         attribute(spec, MethodContext(expl.make_score_model(target, x, EvaluationMonitor()), x, 1),
                   spec.resolve_params({}))
     assert "ModuleList" not in str(info.value)  # an empty container computes nothing
+    assert "conservative attention rules" in str(info.value)  # why: the missing rules are named

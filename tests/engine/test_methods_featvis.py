@@ -73,7 +73,7 @@ def test_registered_specs() -> None:
     specs = {s.name: s for s in list_methods("visualisation")}
     assert set(specs) == set(METHODS)
     for spec in specs.values():
-        assert spec.needs_layer and spec.needs_hooks and spec.patchwise == "whole"
+        assert spec.needs_layer and spec.needs_hooks and spec.patchwise == "patch_field_of_view"
         assert not spec.noise_tunnel and spec.reference and spec.summary
         assert all(p.help for p in spec.params)
         spec.resolve_params({})

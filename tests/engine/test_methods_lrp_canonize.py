@@ -139,3 +139,21 @@ def test_instance_norm_is_named_in_the_notes(dims: int) -> None:
     assert out.shape == x.shape
     notes = " ".join(ctx.extra["notes"])
     assert "InstanceNorm" in notes and "unchanged" in notes
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_instance_norm_is_named_in_the_notes_under_sliding_window(dims: int) -> None:
+    from esegeta_engine.forward.runner import ExecutionForm
+    from esegeta_engine.forward.sliding import WindowSettings
+
+    net = bn_net(dims, norm="instance")
+    x = torch.randn(1, 1, *(10,) * dims)
+    roi = torch.zeros(x.shape[2:])
+    roi[(slice(2, 8),) * dims] = 1.0
+    sm = ScoreModel(net, RegionOfInterestTarget(roi), form=ExecutionForm(WindowSettings((6,) * dims)))
+    ctx = MethodContext(score_model=sm, inputs=x, target=1, extra={"patchwise": True})
+    spec = get_method("lrp")
+    out = attribute(spec, ctx, spec.resolve_params({}))
+    assert out.shape == x.shape and sm.monitor.patches > 0  # patch by patch
+    notes = " ".join(ctx.extra["notes"])
+    assert "InstanceNorm" in notes and "unchanged" in notes

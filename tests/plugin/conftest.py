@@ -34,6 +34,17 @@ def _napari_settings_not_saved():
     settings._save_on_change = saved
 
 
+@pytest.fixture(autouse=True)
+def _probe_never_stops_a_run(monkeypatch):
+    """The Explain tab's one-patch probe stops runs estimated over 2 minutes; on a loaded test machine the
+    tiny test runs can be estimated that long. Tests of the stop set the limit themselves."""
+    try:
+        import napari_esegeta._qt.explain_widget as EW
+    except ImportError:
+        return
+    monkeypatch.setattr(EW, "WARN_SECONDS", float("inf"))
+
+
 @pytest.fixture
 def bundled_model(monkeypatch, tmp_path_factory) -> Path:
     """Path of the bundled U-Net state dict.

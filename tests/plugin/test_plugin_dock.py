@@ -183,7 +183,7 @@ def test_long_run_asks_for_a_second_click(qtbot, laptop, bundled_model, monkeypa
 
     viewer, dock = laptop
     _load(qtbot, dock)
-    monkeypatch.setattr(Explainer, "estimate", lambda self, volumes, methods: 10 ** 6, raising=False)
+    monkeypatch.setattr(Explainer, "estimate", lambda self, volumes, methods, *rest: 10 ** 6, raising=False)
     ex = dock.explain
     ex.methods.check("saliency")
     assert ex.run() is None and not ex.running

@@ -33,10 +33,11 @@ from esegeta_engine.config import (
     format_validation_error,
 )
 from esegeta_engine.errors import ConfigError
+from esegeta_engine.jobs.registry import check_executor_name, executor_names
 from esegeta_engine.yamlsafe import read_config_file
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-EXECUTORS = ("inline", "pool", "local", "dask")
+EXECUTORS = executor_names()  # the built-ins (a test or plugin may register more: see jobs.registry)
 
 
 class CohortModel(ModelConfig):
@@ -58,7 +59,7 @@ class CohortSection(_Strict):
     volumes: list[Path] = Field(default_factory=list, description="NIfTI files")
     glob: str | None = Field(None, description="glob pattern of NIfTI files, relative to the config")
     csv: Path | None = Field(None, description="CSV with columns volume[, ground_truth, roi, subject, group]")
-    executor: Literal["inline", "pool", "local", "dask"] = "inline"
+    executor: str = Field("inline", description="inline, pool, local, dask or a registered executor")
     workers: int = Field(2, ge=1, le=256, description="local: CPU worker processes (1 thread each)")
     devices: list[str] | None = Field(None, description="local or pool: one worker per device, e.g. [cuda:0, cuda:1]")
     scheduler: str | None = Field(None, description="dask: scheduler address, e.g. tcp://host:8786")
@@ -66,6 +67,11 @@ class CohortSection(_Strict):
     aggregate: Literal["auto", "require", "off"] = Field(
         "auto", description="auto: aggregate maps when all volumes share one grid; require: refuse otherwise")
     grid_tolerance: float = Field(1e-3, ge=0, description="affine entries equal within this (mm) = one grid")
+
+    @field_validator("executor")
+    @classmethod
+    def _executor(cls, v: str) -> str:
+        return check_executor_name(v)
 
     @model_validator(mode="after")
     def _one_source(self) -> CohortSection:
@@ -106,6 +112,8 @@ class CohortConfig(RunSections):
         if self.target.kind == "outcome" and self.target.ground_truth is None and self.cohort.csv is None:
             raise ValueError("target kind 'outcome' needs each volume's ground truth in the CSV column "
                              "'ground_truth' (or target.ground_truth)")
+        if self.execution.executor != "inline":
+            raise ValueError("execution.executor is for single runs: a cohort's executor is cohort.executor")
         if self.target.components:
             raise ValueError("target.components is not part of cohort runs (the number of structures is "
                              "known only after the prediction); explain the components of one volume")

@@ -275,6 +275,9 @@ def patchwise_layer_forward(score_model: nn.Module, layer: nn.Module, inputs: to
                 canvas.add(chunk, per_patch(seen[0], chunk).float())
     finally:
         handle.remove()
+    monitor = getattr(score_model, "monitor", None)
+    if monitor is not None:  # one pass over the volume: one model evaluation, as the cost functions count
+        monitor.evaluated(n)
     if report is not None:
         report["resampled"] = canvas.resampled
     return canvas.result(inputs.device)

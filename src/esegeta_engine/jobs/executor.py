@@ -127,6 +127,8 @@ class JobExecutor:
                 pipe = getattr(ex.model, "describe_execution", None)  # a deployed pipeline's window and calls
                 if callable(pipe):  # read now: the method's own network calls, before any trust check runs
                     holder["form"].update(pipe())
+                if ctx.extra.get("receptive_field"):  # what receptive-field skipping saved (methods/reach.py)
+                    holder["form"]["receptive_field"] = ctx.extra["receptive_field"]
             except Exception as exc:  # recorded; KeyboardInterrupt propagates
                 holder["error"] = exc
                 return

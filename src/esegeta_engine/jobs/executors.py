@@ -2,8 +2,13 @@
 
 Every executor has one seam, ``map(specs) -> outcomes`` (and ``close``), over picklable
 :class:`~esegeta_engine.jobs.worker.JobSpec` s run by :func:`~esegeta_engine.jobs.worker.execute_job`.
+Executors are registered by name in :mod:`esegeta_engine.jobs.registry` (the factories
+``make_*`` below); single runs and cohorts make them with the same
+:func:`~esegeta_engine.jobs.registry.make_executor`.
 
-* ``inline``: in this process, one job after another.
+* ``inline``: in this process, one job after another. It also takes :class:`LocalJob` s:
+  a single run's jobs on the model already loaded and the input already prepared, whose
+  outcomes are the job's own events (progress while it runs, then its map or failure).
 * ``pool``: in this process, one thread per device of ``cohort.devices`` (each device runs one
   job at a time; GPU work releases the GIL), no Dask needed.
 * ``local``: a :class:`distributed.LocalCluster` of worker processes, one thread
@@ -24,15 +29,81 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
-if TYPE_CHECKING:  # pragma: no cover
-    from esegeta_engine.cohort.config import CohortSection
-from esegeta_engine.jobs.worker import JobOutcome, JobSpec, execute_job
 from esegeta_engine.errors import ConfigError
+from esegeta_engine.jobs.worker import JobOutcome, JobSpec, execute_job
+
+if TYPE_CHECKING:  # pragma: no cover
+    from esegeta_engine.jobs.events import Event
 
 log = logging.getLogger("esegeta_engine")
+
+
+@dataclass
+class LocalJob:
+    """A planned job that runs here, on the session's loaded model and prepared input.
+
+    ``run()`` yields the job's events (:class:`~esegeta_engine.jobs.events.Progress` while it
+    runs, then :class:`~esegeta_engine.jobs.events.MapReady` or
+    :class:`~esegeta_engine.jobs.events.JobFailed`). Only executors with ``local = True``
+    take these; the others are given a portable :class:`JobSpec` of the same job.
+    """
+
+    key: str
+    run: Callable[[], Iterator[Event]]
+
+
+def portable_spec(portable: Callable[[Any], JobSpec] | None, job: Any) -> JobSpec:
+    """``portable(job)``: the picklable spec of a planned job, for an executor that runs it elsewhere.
+
+    Raises
+    ------
+    ConfigError
+        No ``portable`` was given, or the job explains several volumes in one batch.
+    """
+    if portable is None:
+        raise ConfigError("this executor runs jobs elsewhere, and nothing said how to describe them",
+                          "run through esegeta_engine.pipeline (`esegeta run`), or use executor inline")
+    if len(job.volumes) != 1:
+        raise ConfigError(f"{job.label} explains all volumes in one batch, which only the inline executor runs",
+                          "use execution.executor: inline for this method")
+    return portable(job)
+
+
+def run_jobs(runner: Any, jobs: Sequence[Any], run_here: Callable[[Any], Iterator[Event]],
+             skipped: Callable[[Any], Any], portable: Callable[[Any], JobSpec] | None,
+             finished: Callable[[Any, JobOutcome], Any], cancel: threading.Event) -> Iterator[Any]:
+    """One planned group's jobs through ``runner.map``: their events, in the order they happen.
+
+    A local runner (``inline``) gets a :class:`LocalJob` per job (``run_here(job)`` yields its
+    events, skipping a resumed job itself); any other gets the portable spec of every job not
+    ``skipped`` (``skipped(job)`` returns its progress event, or None), and each
+    :class:`JobOutcome` comes back as its event then ``finished(job, outcome)``.
+    """
+    from esegeta_engine.jobs.events import outcome_event
+
+    specs: list[JobSpec | LocalJob] = []
+    for job in jobs:
+        if getattr(runner, "local", False):
+            specs.append(LocalJob(job.key, partial(run_here, job)))
+        elif (event := skipped(job)) is not None:
+            yield event
+        else:
+            specs.append(portable_spec(portable, job))
+    by_key = {job.key: job for job in jobs}
+    for item in runner.map(specs):
+        if not isinstance(item, JobOutcome):  # a local job's own events
+            yield item
+            continue
+        job = by_key[item.key]
+        yield outcome_event(job, item)
+        yield finished(job, item)
+        if cancel.is_set():
+            return
 
 
 class InlineExecutor:
@@ -40,16 +111,21 @@ class InlineExecutor:
 
     name = "inline"
     description = "inline (this process)"
+    local = True
+    """Takes :class:`LocalJob` s (a single run's jobs on its loaded model) as well as specs."""
 
     def __init__(self, cancel: threading.Event | None = None) -> None:
         self.cancel = cancel
 
-    def map(self, specs: Sequence[JobSpec]) -> Iterator[JobOutcome]:
-        """Yield each job's outcome as it finishes."""
+    def map(self, specs: Sequence[JobSpec | LocalJob]) -> Iterator[JobOutcome | Event]:
+        """Yield each job's outcome as it finishes (a local job's events as they happen)."""
         for spec in specs:
             if self.cancel is not None and self.cancel.is_set():
                 return
-            yield execute_job(spec, cancel=self.cancel)
+            if isinstance(spec, LocalJob):
+                yield from spec.run()
+            else:
+                yield execute_job(spec, cancel=self.cancel)
 
     def close(self) -> None:
         """Nothing to release."""
@@ -230,19 +306,35 @@ def connect(address: str, timeout_s: float = 5.0) -> DaskExecutor:
     return DaskExecutor(client, None, "dask")
 
 
-def make_executor(section: CohortSection, kind: str | None = None, cancel: threading.Event | None = None,
-                  ) -> InlineExecutor | DevicePool | DaskExecutor:
-    """The executor named by ``kind`` (or ``section.executor``), connected and ready."""
-    kind = kind or section.executor
-    if kind == "inline":
-        return InlineExecutor(cancel)
-    if kind == "pool":
-        return DevicePool(section.devices or ["cpu"], cancel)
-    if kind == "local":
-        return start_local(section.workers, section.devices)
-    if kind == "dask":
-        if not section.scheduler:
-            raise ConfigError("executor 'dask' needs a scheduler address",
-                              "set cohort.scheduler or pass --scheduler tcp://host:8786")
-        return connect(section.scheduler, section.connect_timeout_s)
-    raise ConfigError(f"unknown executor {kind!r}", "use inline, pool, local or dask")
+def make_inline(settings: Any, cancel: threading.Event | None = None) -> InlineExecutor:
+    """``inline``: this process, one job after another."""
+    return InlineExecutor(cancel)
+
+
+def make_pool(settings: Any, cancel: threading.Event | None = None) -> DevicePool:
+    """``pool``: one thread per device of ``settings.devices`` (default ``[cpu]``)."""
+    return DevicePool(settings.devices or ["cpu"], cancel)
+
+
+def make_local(settings: Any, cancel: threading.Event | None = None) -> DaskExecutor:
+    """``local``: a Dask LocalCluster of ``settings.workers`` processes (or one per device)."""
+    return start_local(settings.workers, settings.devices)
+
+
+def make_dask(settings: Any, cancel: threading.Event | None = None) -> DaskExecutor:
+    """``dask``: the scheduler at ``settings.scheduler``."""
+    if not settings.scheduler:
+        raise ConfigError("executor 'dask' needs a scheduler address",
+                          "set cohort.scheduler (execution.scheduler for a single run) or pass "
+                          "--scheduler tcp://host:8786")
+    return connect(settings.scheduler, settings.connect_timeout_s)
+
+
+def make_executor(settings: Any, kind: str | None = None, cancel: threading.Event | None = None) -> Any:
+    """The executor named by ``kind`` (or ``settings.executor``), connected and ready.
+
+    See :func:`esegeta_engine.jobs.registry.make_executor` (this is the same function).
+    """
+    from esegeta_engine.jobs.registry import make_executor as make
+
+    return make(settings, kind, cancel)

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from esegeta_engine.errors import MethodError
 from esegeta_engine.methods import MethodSpec, get_method
 from esegeta_engine.methods.registry import CostInfo
 
@@ -100,6 +101,10 @@ their own parts), the model's weights and the volumes' content. A folder written
 version is resumed by redoing its jobs, never by reusing a map under a key it was not made for."""
 
 
+SCHEDULING = ("executor", "devices", "workers", "scheduler", "connect_timeout_s")
+"""Execution settings that say where jobs run, not what they compute: never part of a key."""
+
+
 def key_context(target: Mapping[str, Any], preprocess: Mapping[str, Any], execution: Mapping[str, Any] | None,
                 output: int | str | None, seed: int, model_key: str, volume_keys: Sequence[str],
                 roi_key: str | None = None) -> dict[str, Any]:
@@ -113,7 +118,9 @@ def key_context(target: Mapping[str, Any], preprocess: Mapping[str, Any], execut
     ----------
     target, preprocess, execution : mapping
         The config sections as JSON (``model_dump(mode="json")``); the target's ``classes``
-        and ``roi_mask`` path are left out (the class is the job's own; the ROI counts by content).
+        and ``roi_mask`` path are left out (the class is the job's own; the ROI counts by content),
+        and so are the execution's :data:`SCHEDULING` settings (a map made by one executor is
+        reused by another).
     output : int, str or None
         The model output selection.
     seed : int
@@ -127,7 +134,8 @@ def key_context(target: Mapping[str, Any], preprocess: Mapping[str, Any], execut
     """
     target = {k: v for k, v in target.items() if k not in ("classes", "roi_mask")}
     return {"target": target, "preprocess": dict(preprocess),
-            "execution": None if execution is None else dict(execution),
+            "execution": None if execution is None else {k: v for k, v in execution.items()
+                                                         if k not in SCHEDULING},
             "output": output, "seed": seed, "model": model_key, "volumes": list(volume_keys), "roi": roi_key}
 
 
@@ -255,3 +263,40 @@ def estimate_run(explainer: Any, volumes: Sequence[Any], methods: Sequence[Any],
             return None
         total += n
     return total
+
+
+def volume_groups(shapes: Sequence[tuple[int, ...]], methods: Sequence[Any]) -> list[tuple[tuple[int, ...], list]]:
+    """Which volumes each method runs on at once: ``[(volume indices, methods), ...]``.
+
+    Methods that only mean something over a batch (feature permutation) get all volumes
+    stacked; everything else runs one volume at a time, which keeps every Captum batch
+    expansion aligned with the target's frozen regions.
+
+    Raises
+    ------
+    MethodError
+        A batch method with volumes of different shapes.
+    """
+    batched = [m for m in methods if get_method(m.name).needs_batch]
+    single = [m for m in methods if not get_method(m.name).needs_batch]
+    groups: list[tuple[tuple[int, ...], list]] = [((i,), single) for i in range(len(shapes))] if single else []
+    if batched:
+        if len(set(map(tuple, shapes))) > 1:
+            raise MethodError(f"{', '.join(m.name for m in batched)} needs volumes of one shape",
+                              "resample or crop the volumes to a common grid")
+        groups.append((tuple(range(len(shapes))), batched))
+    return groups
+
+
+def count_network_evaluations(jobs: Sequence[Job], per_input: int, info: CostInfo) -> None:
+    """Set each job's ``network_evaluations``: a deployed pipeline's network calls for its method.
+
+    ``per_input`` is the pipeline's network calls for one input (patches x mirrored copies x folds);
+    a job's method inputs are counted with one perturbation / path point per evaluation.
+    """
+    for job in jobs:
+        ones = {k: 1 for k in ("perturbations_per_eval", "internal_batch_size") if k in job.params}
+        n = expected_evaluations(job.spec, {**job.params, **ones}, info) if ones else job.expected_evaluations
+        if n is not None:
+            nt = int(job.noise_tunnel["samples"]) if job.noise_tunnel else 1
+            job.network_evaluations = n * nt * info.batch * per_input

@@ -77,7 +77,7 @@ class ProbeEstimate:
         patch = "×".join(str(p) for p in self.patch)
         return (f"{when} and ≈ {format_bytes(self.peak_bytes)} peak (one {patch} patch: "
                 f"{self.patch_seconds:.2f} s forward+backward, {format_bytes(self.patch_bytes)}; "
-                f"{self.patches_per_evaluation:g} per evaluation × {self.expected_evaluations or '?'} evaluations)")
+                f"{self.patches_per_evaluation:.3g} patches per evaluation × {self.expected_evaluations or '?'} evaluations)")
 
 
 def format_duration(seconds: float) -> str:

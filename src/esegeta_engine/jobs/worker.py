@@ -63,6 +63,9 @@ class JobOutcome:
     worker: str = ""
     device: str = ""
     target_label: str = ""
+    notes: list[str] = field(default_factory=list)
+    execution: dict[str, Any] = field(default_factory=dict)
+    patch_evaluations: int = 0
 
 
 def worker_device(default: str) -> str:
@@ -165,7 +168,8 @@ def _run(spec: JobSpec, device: str, where: str, start: float, cancel: threading
                 metrics.update(_localisation(event.array, mask))
             return JobOutcome(spec.key, "ok", event.array, metrics, event.seconds, event.evaluations,
                               event.inputs_evaluated, worker=where, device=device,
-                              target_label=event.job.cls_label)
+                              target_label=event.job.cls_label, notes=list(event.notes),
+                              execution=dict(event.execution), patch_evaluations=event.patch_evaluations)
         if isinstance(event, JobFailed):
             return JobOutcome(spec.key, event.status, error=event.error, seconds=event.seconds,
                               evaluations=event.evaluations, worker=where, device=device,

@@ -136,8 +136,18 @@ def layer_activation(ctx: MethodContext, x: torch.Tensor) -> torch.Tensor:
     if model_output is None or ctx.layer is None:
         raise MethodError("feature visualisation needs the engine's score model and a layer",
                           "run it through esegeta_engine.explain.Explainer with `layers: [name]`")
+    runner = getattr(ctx.score_model, "runner", None)
     with _tap(ctx.layer) as seen:
-        model_output(x)
+        if getattr(ctx.score_model, "patchwise", False):
+            # an input of the patch size: the network itself, one patch batch at a time
+            ctx.score_model.monitor.check()
+            runner.run_patches(x, grad=torch.is_grad_enabled())
+            ctx.score_model.monitor.evaluated(x.shape[0])
+            batches = -(-x.shape[0] // runner.settings.sw_batch_size)
+            if len(seen) == batches > 1 and all(isinstance(a, torch.Tensor) for a in seen):
+                seen[:] = [torch.cat(seen)]
+        else:
+            model_output(x)
     name = ctx.layer_name or type(ctx.layer).__name__
     if len(seen) != 1 or not isinstance(seen[0], torch.Tensor) or seen[0].dim() < 2:
         raise MethodError(

@@ -246,6 +246,9 @@ class PatchwiseAblation:
                     self.nonzero[item] = ai.flatten(1).ne(0).any(dim=1)
         self.a = canvas.result(x.device)
         self.base_outputs = self._stitch({})
+        self.monitor = getattr(ctx.score_model, "monitor", None)
+        if self.monitor is not None:  # counted as the cost function counts: one pass, then one per batch
+            self.monitor.evaluated(self.n)
 
     def _patches(self, items: list[tuple[int, int]]) -> torch.Tensor:
         return torch.cat([self.xp[(slice(b, b + 1), slice(None), *self.grid.slices[p])] for b, p in items])
@@ -266,6 +269,8 @@ class PatchwiseAblation:
         """Scores ``(N, b)`` with channel ``idx[i, j]`` of example ``i`` zeroed, for each ``j``."""
         cols = []
         bs = self.sw.settings.sw_batch_size
+        if self.monitor is not None:
+            self.monitor.evaluated(self.n * idx.shape[1])
         for j in range(idx.shape[1]):
             todo = [(b, p) for (b, p), nz in self.nonzero.items() if bool(nz[int(idx[b, j])])]
             fresh: dict[tuple[int, int], torch.Tensor] = {}

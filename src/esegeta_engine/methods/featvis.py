@@ -5,6 +5,11 @@ These methods return volumes on the input grid ``(N, C, *spatial)`` (``layer_vis
 layer, DeepDream on the input, and the inversion of a layer's representation. They optimise
 an input through :mod:`esegeta_engine.methods._featvis`, one counted model evaluation per step,
 and explain no class (the target is not used), so each runs once per layer.
+
+Under sliding-window execution the network only ever sees one patch, so its field of view is the
+patch: an input of the patch size is optimised (deep dream and the inversion start from / match the
+input's central patch), placed at the centre of the volume with zeros around it, and the map's notes
+say so.
 """
 
 from __future__ import annotations
@@ -20,6 +25,8 @@ from esegeta_engine.methods._featvis import (
     layer_activation,
     optimise,
 )
+from esegeta_engine.methods.behaviour import PatchwiseMode, register_patchwise_mode
+from esegeta_engine.methods.notes import add_note, notes_of
 from esegeta_engine.methods.registry import (
     Call,
     CostInfo,
@@ -51,6 +58,9 @@ CHANNEL = Param("channel", "int", 0, "channel (filter) of the layer to maximise"
                 maximum=1_000_000)
 
 
+_FROM_INPUT = ("deep_dream", "inverted_representation")
+
+
 def _settings(p: Mapping[str, Any]) -> Settings:
     return Settings(steps=p["steps"], lr=p["lr"], parameterisation=p["parameterisation"],
                     decay=p["decay"], jitter=p["jitter"], tv_weight=p["tv_weight"],
@@ -75,7 +85,24 @@ class _Optimised:
 
     def attribute(self, inputs: torch.Tensor, **_: Any) -> torch.Tensor:
         generator = torch.Generator().manual_seed(self.ctx.seed)
-        return getattr(self, "_" + self.kind)(inputs, self.params, generator)
+        run = getattr(self, "_" + self.kind)
+        if not getattr(self.ctx.score_model, "patchwise", False):
+            return run(inputs, self.params, generator)
+        # sliding window: the network sees one patch at a time, so its field of view is the patch;
+        # optimise a patch-sized input (deep dream / inversion: the input's central patch)
+        grid = self.ctx.score_model.runner.grid(inputs.shape[2:], inputs.device)
+        window = tuple(slice((p - r) // 2, (p - r) // 2 + r) for p, r in zip(grid.padded, grid.roi))
+        patch = grid.pad_input(inputs.detach())[(slice(None), slice(None), *window)]
+        out = run(patch, self.params, generator)
+        canvas = out.new_zeros((out.shape[0], out.shape[1], *grid.padded))
+        canvas[(slice(None), slice(None), *window)] = out
+        start = [w.start - o for w, o in zip(window, grid.offset)]
+        origin = " from the central patch of the input" if self.kind in _FROM_INPUT else ""
+        add_note(notes_of(self.ctx), (
+            f"{self.kind}: under sliding-window execution the network sees one patch, so an input of the patch size "
+            f"{list(grid.roi)} (its field of view) was optimised{origin} and placed at the centre of the volume "
+            f"(from voxel {start}); the rest is zero"))
+        return grid.crop(canvas)
 
     def _activation_maximisation(self, x: torch.Tensor, p: Mapping[str, Any],
                                  g: torch.Generator) -> torch.Tensor:
@@ -135,6 +162,11 @@ def inversion_loss(act: torch.Tensor, reference: torch.Tensor,
     return (act - reference).pow(2).reshape(act.shape[0], -1).sum(dim=1) / norm
 
 
+register_patchwise_mode(PatchwiseMode(
+    "patch_field_of_view", True, summary="feature visualisation: optimises an input of the patch size (the network's "
+    "field of view under a sliding window), placed at the centre of the volume; the map's notes say so"))
+
+
 def _register(name: str, title: str, summary: str, params: tuple[Param, ...], reference: str,
               extra_calls: int = 0) -> None:
     def build(ctx: MethodContext, p: Mapping[str, Any]) -> Call:
@@ -146,7 +178,7 @@ def _register(name: str, title: str, summary: str, params: tuple[Param, ...], re
     register(MethodSpec(name=name, family="visualisation", output_grid="volume",
                         explains_class=False, evaluable=False, title=title, summary=summary,
                         params=params, build=build, needs_layer=True, needs_hooks=True,
-                        reference=reference, patchwise="whole", cost=cost))
+                        reference=reference, patchwise="patch_field_of_view", cost=cost))
 
 
 _OLAH = ("Olah, Mordvintsev & Schubert 2017, Feature Visualization, Distill, "

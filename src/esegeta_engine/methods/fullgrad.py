@@ -121,7 +121,8 @@ class FullGrad:
                 total = total + _to_grid(summed, size, keep_total=raw)
         if spread:
             add_note(notes_of(self.ctx), (
-                f"fullgrad: {len(spread)} bias term(s) of layers without a voxel grid ({', '.join(sorted(set(spread)))}, "
+                f"fullgrad: {len(spread)} bias term(s) of layers without a voxel grid "
+                f"({', '.join(sorted(set(spread)))}, "
                 "e.g. a transformer's token features) have no location in the volume and are spread evenly over it"))
         return total.detach()
 

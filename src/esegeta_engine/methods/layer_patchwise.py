@@ -129,7 +129,8 @@ class PatchwiseLayerIntegratedGradients:
                 for step, alpha in zip(steps_func(n_steps), alphas_func(n_steps)):
                     state["alpha"] = float(alpha)
 
-                    def per_patch(a: torch.Tensor, g: torch.Tensor, items: list, step: float = float(step)) -> torch.Tensor:
+                    def per_patch(a: torch.Tensor, g: torch.Tensor, items: list,
+                                  step: float = float(step)) -> torch.Tensor:
                         h = state["diff"].shape[0]
                         m = reduce_channels(step * state["diff"] * g[:h], reduce)
                         return torch.cat([m, torch.zeros_like(m)]) if paired else m

@@ -73,6 +73,10 @@ GRADIENT_MODULES: tuple[type[nn.Module], ...] = (
     nn.ReplicationPad1d, nn.ReplicationPad2d, nn.ReplicationPad3d)
 
 
+TRANSFORMER_PARTS = ("Attention", "Attn", "Embed", "Rearrange", "Transformer", "ViT")
+"""Type-name parts that mark a transformer block (the refusal then says which rules are missing)."""
+
+
 def network_of(score_model: nn.Module) -> nn.Module:
     """The module whose output relevance starts from: the user's model inside a ScoreModel."""
     net = getattr(score_model, "net", None)
@@ -130,6 +134,9 @@ def check_supported(net: nn.Module, method: str = "lrp") -> None:
     if bad:
         listed = "; ".join(f"{t} ({', '.join(ns[:2])}{' ...' if len(ns) > 2 else ''})"
                            for t, ns in sorted(bad.items()))
+        if any(k in t for t in bad for k in TRANSFORMER_PARTS):
+            listed += (" (a transformer's attention and embedding blocks: the conservative attention rules "
+                       "they need, Ali et al. 2022 and Achtibat et al. 2024, are not implemented)")
         raise MethodError(
             f"{method} has no rule for module type(s) {listed}",
             "use a gradient method (integrated_gradients, input_x_gradient) for this model, or "

@@ -29,7 +29,7 @@ from esegeta_engine.errors import MethodError
 from esegeta_engine.methods import costs
 from esegeta_engine.methods._common import BASELINE_PARAM, MASK_PARAMS, feature_mask, make_baseline
 from esegeta_engine.methods.notes import add_note, notes_of
-from esegeta_engine.methods.reach import reach_filter
+from esegeta_engine.methods.reach import Reached, reach_filter
 from esegeta_engine.methods.registry import Attributor, Call, MethodContext, MethodSpec, Param, register
 
 PPE_PARAM = Param("perturbations_per_eval", "int", 4,
@@ -173,31 +173,12 @@ def _build_occlusion(ctx: MethodContext, params: Mapping[str, Any]) -> Call:
                           "give a stride no larger than the window on every axis")
     channels = ctx.inputs.shape[1]
     reach = reach_filter(ctx.score_model, ctx.inputs)
-    if reach is not None:  # windows outside every patch the target reads cost no evaluation
-        return Call(_Reached(Occlusion(reach), reach, ctx), {
-            "sliding_window_shapes": (channels, *window), "strides": (channels, *stride),
-            "baselines": _baselines(ctx, params),
-            "perturbations_per_eval": params["perturbations_per_eval"], "show_progress": False})
-    return Call(Occlusion(ctx.score_model), {
-        "sliding_window_shapes": (channels, *window), "strides": (channels, *stride),
-        "baselines": _baselines(ctx, params),
-        "perturbations_per_eval": params["perturbations_per_eval"], "show_progress": False})
-
-
-class _Reached:
-    """Occlusion through a :class:`~esegeta_engine.methods.reach.ReachFilter`; reports the saving."""
-
-    def __init__(self, algorithm: Attributor, reach: Any, ctx: MethodContext) -> None:
-        self.algorithm, self.reach, self.ctx = algorithm, reach, ctx
-
-    def attribute(self, inputs: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-        out = self.algorithm.attribute(inputs, *args, **kwargs)
-        self.ctx.extra["skipped_perturbations"] = self.reach.skipped
-        if self.reach.skipped:
-            add_note(notes_of(self.ctx), (
-                f"occlusion: {self.reach.skipped} of {self.reach.copies} windows lie outside every patch the "
-                "target reads and cost no evaluation (their score change is exactly 0)"))
-        return out
+    kwargs = {"sliding_window_shapes": (channels, *window), "strides": (channels, *stride),
+              "baselines": _baselines(ctx, params),
+              "perturbations_per_eval": params["perturbations_per_eval"], "show_progress": False}
+    if reach is not None:  # windows the target's receptive field cannot see cost no evaluation
+        return Call(Reached(Occlusion(reach), reach, ctx, "occlusion", "windows"), kwargs)
+    return Call(Occlusion(ctx.score_model), kwargs)
 
 
 def _mask_kwargs(ctx: MethodContext, params: Mapping[str, Any]) -> dict[str, Any]:
@@ -206,7 +187,12 @@ def _mask_kwargs(ctx: MethodContext, params: Mapping[str, Any]) -> dict[str, Any
 
 
 def _build_feature_ablation(ctx: MethodContext, params: Mapping[str, Any]) -> Call:
-    """Feature Ablation of supervoxels (one evaluation per supervoxel plus one)."""
+    """Feature Ablation of supervoxels (one evaluation per supervoxel plus one; supervoxels the
+    target's receptive field cannot see cost none)."""
+    reach = reach_filter(ctx.score_model, ctx.inputs)
+    if reach is not None:
+        return Call(Reached(FeatureAblation(reach), reach, ctx, "feature_ablation", "supervoxels"),
+                    _mask_kwargs(ctx, params))
     return Call(FeatureAblation(ctx.score_model), _mask_kwargs(ctx, params))
 
 

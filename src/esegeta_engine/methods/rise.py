@@ -1,5 +1,10 @@
 """RISE: randomised input sampling (Petsiuk, Das & Saenko 2018), 2D and 3D.
 
+For an ROI or voxel target a mask that equals 1 on every voxel the target's receptive field
+covers leaves the score unchanged and costs no evaluation (:mod:`.reach`). This is exact but rare:
+a mask is a random field over the whole image, so it must keep every cell that reaches the
+target, which happens with probability ``keep_probability ** cells``.
+
 Each mask is a random binary grid of cells (each cell kept with probability
 ``keep_probability``), linearly interpolated to ``cell_size`` voxels per cell
 on a grid one cell larger than the input, and cropped at a random shift of
@@ -34,6 +39,7 @@ from esegeta_engine.methods._batches import (
     unstack_scores,
 )
 from esegeta_engine.methods._common import BASELINE_PARAM, make_baseline
+from esegeta_engine.methods.reach import Reached, reach_filter
 from esegeta_engine.methods.registry import Call, CostInfo, MethodContext, MethodSpec, Param, register
 
 
@@ -97,16 +103,20 @@ class Rise:
         budget = TimeBudget(getattr(ctx.score_model, "monitor", None), "rise", total, bs, "n_masks",
                             "masks")
         saliency = torch.zeros(n, 1, *size, dtype=torch.float64, device=x.device)
+        reach = reach_filter(ctx.score_model, x)  # masks equal to 1 wherever the target can see cost nothing
+        forward = reach if reach is not None else ctx.score_model
         with torch.no_grad():
             for batch, start in enumerate(range(0, total, bs)):
                 b = min(bs, total - start)
                 masks = rise_masks(ctx.seed, range(start, start + b), size, cells, keep).to(x.device, x.dtype)
                 copies = x.unsqueeze(0) * masks.unsqueeze(1) + base.unsqueeze(0) * (1 - masks.unsqueeze(1))
-                scores = unstack_scores(ctx.score_model(stack_input_major(copies))[:, target], n)  # (N, b)
+                scores = unstack_scores(forward(stack_input_major(copies))[:, target], n)  # (N, b)
                 for i in range(b):  # mask by mask in index order: the sum does not depend on batch_size
                     saliency += scores[:, i].double().reshape(n, *([1] * (x.dim() - 1))) * masks[i].double()
                 if batch == 0:
                     budget.after_first_batch()
+        if reach is not None:
+            Reached(None, reach, ctx, "rise", "masks").report()
         return (saliency / (total * keep)).to(x.dtype)
 
 
