@@ -1,14 +1,10 @@
 """The execution step: a loaded model + target -> attribution maps, as events.
 
-:class:`Explainer` is what both the CLI pipeline and the napari plugin call.
-``iter_explain`` is a generator: it yields :class:`Progress` while a method runs and
-:class:`MapReady` / :class:`JobFailed` as each (method, layer, class) job ends, so callers
-stream results and stop between model evaluations (the
-:class:`~esegeta_engine.forward.scoring.EvaluationMonitor` checks cancel and time limits
-inside every model evaluation, from any thread). Execution is planned
-(:func:`~esegeta_engine.jobs.plan.plan_jobs`: keyed jobs with their expected evaluations),
-then run through an executor's ``map(specs) -> outcomes`` seam (inline by default: here, on
-the loaded model, against the score model of :meth:`Explainer.make_score_model`).
+:class:`Explainer` is what the CLI pipeline and the napari plugin call. ``iter_explain`` yields
+:class:`Progress` while a method runs and :class:`MapReady` / :class:`JobFailed` as each job ends
+(cancel and time limits are checked inside every model evaluation, from any thread). Jobs are planned
+(:func:`~esegeta_engine.jobs.plan.plan_jobs`), then run through an executor's ``map(specs) -> outcomes``
+seam (inline by default: here, on the loaded model, with :meth:`Explainer.make_score_model`).
 """
 
 from __future__ import annotations

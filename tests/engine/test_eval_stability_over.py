@@ -81,7 +81,7 @@ def _run(model: nn.Module, dims: int, **stability):
 def test_over_folds_explains_each_fold_alone(dims):
     m, expected = _run(_pipeline(dims, 3), dims, over="folds")
     assert m["stability_over"] == "folds" and m["stability_n"] == 3
-    assert m["stability_members"] == "fold 0, fold 1, fold 2"
+    assert m["stability_members"] == "fold 0; fold 1; fold 2"
     assert m["stability_std_mean"] > 0 and m["stability_evaluations"] == 3 == expected  # one saliency a fold
     card = scorecard(m)["stability"]
     assert card["status"] in ("checked", "failed") and "over 3 folds" in card["what"]
@@ -92,7 +92,7 @@ def test_identical_folds_give_zero_spread_and_mirrors_are_members_too(dims):
     m, _ = _run(_pipeline(dims, 2, same=True), dims, over="folds")
     assert m["stability_std_mean"] == 0.0 and np.isclose(m["stability_spearman"], 1.0)
     m, expected = _run(_pipeline(dims, 2), dims, over="mirrors")
-    assert m["stability_over"] == "mirrors" and m["stability_members"] == "mirror axes (), mirror axes (2,)"
+    assert m["stability_over"] == "mirrors" and m["stability_members"] == "mirror axes (); mirror axes (2,)"
     assert m["stability_evaluations"] == 2 == expected
 
 

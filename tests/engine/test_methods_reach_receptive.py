@@ -110,3 +110,24 @@ def test_sliding_window_probe_skips_more_than_the_patch_bound(dims, shape, patch
     assert rough["bound"].startswith("patches the target reads (probe: test)")
     assert fine["skipped"] > rough["skipped"] and count == coarse_count - (fine["skipped"] - rough["skipped"])
     assert fine["reach_voxels"] < rough["reach_voxels"]
+
+
+def test_the_saving_reaches_the_map_record():
+    import numpy as np
+
+    from esegeta_engine.config import MethodConfig
+    from esegeta_engine.explain import MapReady
+    from esegeta_engine.io import Volume
+
+    net = _net(3)
+    shape = (12, 12, 10)
+    roi = np.zeros(shape, bool)
+    roi[5:7, 5:7, 4:6] = True
+    vol = Volume(np.random.default_rng(0).normal(size=shape).astype(np.float32), np.eye(4), None)
+    expl = Explainer(net, PreprocessConfig(), TargetConfig(kind="roi", classes=[1]))
+    events = list(expl.iter_explain([vol], [MethodConfig(name="occlusion", params={"window": 2})], roi_mask=roi,
+                                    threaded=False))
+    (ready,) = [e for e in events if isinstance(e, MapReady)]
+    record = ready.execution["receptive_field"]
+    assert record["skipped"] > 0 and record["unit"] == "windows" and record["probe_passes"] == 1
+    assert any("cost no evaluation" in n for n in ready.notes)

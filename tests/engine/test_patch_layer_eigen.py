@@ -110,15 +110,18 @@ def test_one_patch_covering_the_volume_equals_the_whole_volume_method(dims, name
     assert float(ref.abs().max()) > 0
 
 
-@pytest.mark.parametrize("name", ["eigen_cam", "eigen_grad_cam", "layer_activation", "score_cam", "ablation_cam"])
-def test_counted_evaluations_equal_the_cost_estimate(name):
+@pytest.mark.parametrize("name, params", [
+    ("eigen_cam", {}), ("eigen_grad_cam", {}), ("layer_activation", {}), ("score_cam", {}), ("ablation_cam", {}),
+    ("layer_integrated_gradients", {"n_steps": 3}), ("layer_deeplift_shap", {"n_baselines": 3}),
+])
+def test_counted_evaluations_equal_the_cost_estimate(name, params):
     from esegeta_engine.methods import get_method
     from esegeta_engine.methods.behaviour import CostInfo
 
     net = _net(2)
     shape, patch, overlap = (28, 20), (12, 12), 1 / 3
     x, expl, target = _setup(net, 2, shape, patch, overlap)
-    _, ctx = _ours(expl, net, target, x, name)
+    _, ctx = _ours(expl, net, target, x, name, **params)
     spec = get_method(name)
     info = CostInfo(1, 1, shape, patchwise=True, layer_channels=5)
-    assert spec.cost(info, spec.resolve_params({})) == ctx.score_model.monitor.count
+    assert spec.cost(info, spec.resolve_params(params)) == ctx.score_model.monitor.count

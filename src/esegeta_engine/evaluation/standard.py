@@ -121,7 +121,7 @@ def standard_evaluators(cfg: EvaluationConfig, seed: int = 0,
                                       samples=c4.samples, noise=c4.noise, seed=seed)
             res["stability_over"] = over  # folds, mirrors, models, members or noise
             if group:
-                res["stability_members"] = ", ".join(stability.member_names(group))
+                res["stability_members"] = "; ".join(stability.member_names(group))
             return res
 
         out.append(_counted("stability", stability_))

@@ -158,6 +158,13 @@ def _path_points(info: Any, p: Mapping[str, Any]) -> int:
     return int(p["n_steps"]) + 1 if info.patchwise else costs.ig_like(info, p)
 
 
+def _deeplift_shap_cost(info: Any, p: Mapping[str, Any]) -> int:
+    """The counting pass, then one pass of every baseline row in one batch (patch-wise: one per row)."""
+    if info is not None and info.patchwise:
+        return 1 + int(p["n_baselines"]) * info.batch
+    return 2
+
+
 def _register(name: str, title: str, summary: str, params: tuple[Param, ...],
               build: Callable[[MethodContext, Mapping[str, Any]], Call], reference: str,
               **flags: Any) -> None:
@@ -204,7 +211,7 @@ _register("layer_deeplift", "Layer DeepLIFT",
 _register("layer_deeplift_shap", "Layer DeepLIFT SHAP",
           "layer DeepLIFT averaged over a seeded distribution of noisy copies of the baseline",
           (*_DISTRIBUTION, n_baselines_param(2)), _layer_deeplift_shap, _SHAP_REF,
-          cost=lambda info, p: 1 + (p["n_baselines"] * info.batch if info.patchwise else 1), patchwise="gradient")
+          cost=_deeplift_shap_cost, patchwise="gradient")
 _register("layer_gradient_shap", "Layer Gradient SHAP",
           "expected layer gradients x activation differences at random points from noisy baselines",
           (*_DISTRIBUTION, n_baselines_param(1), N_SAMPLES, STDEVS), _layer_gradient_shap,

@@ -135,7 +135,7 @@ def reach_of(score_model: nn.Module, inputs: torch.Tensor) -> tuple[torch.Tensor
         support[tuple(slice(o, o + s) for o, s in zip(grid.offset, grid.spatial))] = runner.support
         masks = [support[grid.slices[p]] for p in active]
         try:
-            deps = dependency(runner.net, (1, inputs.shape[1], *grid.roi), masks, inputs.device)
+            deps = _probe(runner.net, (1, inputs.shape[1], *grid.roi), masks, inputs.device)
         except ReceptiveFieldUnknown as exc:
             return grid.crop(coarse[None, None])[0, 0], f"patches the target reads (probe: {exc})", 0
         reach = torch.zeros_like(coarse)
@@ -144,10 +144,23 @@ def reach_of(score_model: nn.Module, inputs: torch.Tensor) -> tuple[torch.Tensor
         return grid.crop(reach[None, None])[0, 0], "receptive field (linearised probe)", 1
     whole = WholeVolume(runner.net, runner.divisible_by, runner.padding)  # no autocast: the probe is fp32
     try:
-        (reach,) = dependency(whole, shape, [score_model.form.support.to(inputs.device)], inputs.device)
+        (reach,) = _probe(whole, shape, [score_model.form.support.to(inputs.device)], inputs.device)
     except ReceptiveFieldUnknown as exc:
         return torch.ones(spatial, dtype=torch.bool, device=inputs.device), f"none (probe: {exc})", 1
     return reach, "receptive field (linearised probe)", 1
+
+
+def _probe(net: Any, shape: tuple, masks: list, device: torch.device) -> list[torch.Tensor]:
+    """:func:`dependency`; any failure of the probe itself (out of memory: a probe keeps a graph,
+    occlusion does not) is reported as an unknown bound, named in the notes, and the method runs as
+    it would without skipping."""
+    try:
+        return dependency(net, shape, masks, device)
+    except ReceptiveFieldUnknown:
+        raise
+    except Exception as exc:  # the probe is an optimisation: it must never cost the user the map
+        line = (str(exc).strip().splitlines() or [""])[0][:160]
+        raise ReceptiveFieldUnknown(f"{type(exc).__name__}: {line}") from None
 
 
 def reach_filter(score_model: nn.Module, inputs: torch.Tensor) -> ReachFilter | None:
