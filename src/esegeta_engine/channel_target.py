@@ -10,6 +10,14 @@ The activation is captured by a forward hook that :class:`~esegeta_engine.forwar
 opens around each forward pass (:meth:`LayerChannelTarget.capture`) and removes right after,
 so the user's model carries no hook between evaluations.
 
+**Under sliding-window execution** the target is evaluated patch-wise like any network output
+(:meth:`LayerChannelTarget.on_sliding_window`): :class:`ChannelMap` makes the sliding window's
+network map each patch ``x_p`` to the channel-``k`` map ``A_k(x_p)`` of the layer (after the
+activation), upsampled to the patch size (nearest neighbour) when the layer is strided; the
+window blends these maps like segmentation outputs into ``M(x) = sum_p w_p up(A_k(x_p)) / sum_p w_p``
+on the input grid, and the score is the mean of ``M(x)`` over the volume. With one patch covering
+the volume and a stride that divides the patch, this is exactly the whole-volume score.
+
 Examples
 --------
 >>> import torch
@@ -27,7 +35,10 @@ import contextlib
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+import copy
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from esegeta_engine.errors import TargetError
@@ -62,10 +73,30 @@ class LayerChannelTarget(Target):
         self.unit = tuple(int(i) for i in unit) if unit else None
         self._seen: list[torch.Tensor] = []
         self._capturing = False
+        self.stitched = False  # True: the output is the sliding window's stitched channel map
+
+    def on_sliding_window(self) -> LayerChannelTarget:
+        """A copy that scores the stitched channel map :class:`ChannelMap` produces.
+
+        Raises
+        ------
+        TargetError
+            For a unit (neuron) target, whose position on one layer grid has no patch-wise meaning.
+        """
+        if self.unit is not None:
+            raise TargetError(
+                "a unit (neuron) of a layer's grid has no patch-wise meaning under sliding-window execution",
+                "drop target.unit (the channel mean runs patch-wise) or use execution.mode: whole on an ROI crop")
+        out = copy.copy(self)
+        out._seen, out._capturing, out.stitched = [], False, True
+        return out
 
     @contextlib.contextmanager
     def capture(self, model: nn.Module) -> Iterator[None]:
         """Hook ``layer`` of ``model`` for one forward pass; the hook is gone afterwards."""
+        if self.stitched:  # ChannelMap hooks each patch itself
+            yield
+            return
         module = get_layer(model, self.layer)
 
         def hook(mod: nn.Module, args: Any, out: Any) -> None:
@@ -87,6 +118,8 @@ class LayerChannelTarget(Target):
             self._seen, self._capturing = [], False
 
     def forward(self, output: torch.Tensor) -> torch.Tensor:
+        if self.stitched:  # (N, 1, *spatial): the blended channel map, activation already applied
+            return output.reshape(output.shape[0], -1).mean(dim=1, keepdim=True)
         act = self._activation()
         a = self.activation(act)[:, self.channel]
         if self.unit is None:
@@ -136,3 +169,53 @@ class LayerChannelTarget(Target):
     def class_label(self, index: int) -> str:
         unit = "-unit" + "_".join(map(str, self.unit)) if self.unit else ""
         return f"{self.layer}-ch{self.channel}{unit}"
+
+
+class ChannelMap(nn.Module):
+    """The network of a sliding window for a channel target: patch -> channel-``k`` map ``(B, 1, *patch)``.
+
+    Parameters
+    ----------
+    net : nn.Module
+        The output selection holding the user's model (``net.model``).
+    target : LayerChannelTarget
+        Layer, channel and activation; its hook is opened around each patch batch only.
+    """
+
+    def __init__(self, net: nn.Module, target: LayerChannelTarget) -> None:
+        super().__init__()
+        self.net = net
+        self.target = copy.copy(target)
+        self.target.stitched = False
+        self.notes: list[str] = []
+
+    @property
+    def model(self) -> nn.Module:
+        """The user's model (held once, by the output selection)."""
+        return self.net.model
+
+    @property
+    def output(self) -> tuple:
+        """What this network returns (keys the sliding window's output cache)."""
+        t = self.target
+        return ("channel", t.layer, t.channel, t.activation_name, getattr(self.net, "output", None))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = self.target
+        with t.capture(self.net.model):
+            self.net(x)
+            act = t._activation()
+            k = t.activation(act)[:, t.channel:t.channel + 1]
+        patch, grid = tuple(x.shape[2:]), tuple(k.shape[2:])
+        if len(grid) != len(patch):
+            raise TargetError(
+                f"layer '{t.layer}' maps a patch {list(patch)} to {list(k.shape)}, which has no grid to "
+                "blend patch-wise", "choose a convolutional layer, or use execution.mode: whole")
+        if grid != patch:
+            if any(p % g for p, g in zip(patch, grid)):
+                note = (f"channel map of layer '{t.layer}' ({list(grid)} per patch {list(patch)}) upsampled "
+                        "to the patch by nearest neighbour at a non-integer factor: not an exact replication")
+                if note not in self.notes:
+                    self.notes.append(note)
+            k = F.interpolate(k, size=patch, mode="nearest")
+        return k

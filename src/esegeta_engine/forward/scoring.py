@@ -120,12 +120,21 @@ class ScoreModel(nn.Module):
         form: ExecutionForm | None = None,
     ) -> None:
         super().__init__()
-        self.target = target
         self.monitor = monitor or EvaluationMonitor()
         self.form = form or ExecutionForm()
         # the user's model is reachable through one child only: hook-based methods walk the
         # module tree (``Module.apply``) and must meet each of its modules once
-        self.runner = build_runner(OutputSelector(model, output), self.form, self.monitor)
+        net: nn.Module = OutputSelector(model, output)
+        stitched = getattr(target, "on_sliding_window", None)
+        if self.form.sliding is not None and callable(stitched):
+            # a layer-channel target: each patch's output becomes its channel map, blended like
+            # any network output (esegeta_engine.channel_target.ChannelMap)
+            from esegeta_engine.channel_target import ChannelMap
+
+            target = stitched()
+            net = ChannelMap(net, target)
+        self.target = target
+        self.runner = build_runner(net, self.form, self.monitor)
         bind = getattr(model, "bind_monitor", None)  # a deployed pipeline's own patches count and cancel
         if callable(bind):
             bind(self.monitor.patch_batch)
@@ -134,6 +143,11 @@ class ScoreModel(nn.Module):
     def net(self) -> OutputSelector:
         """The user's model with its output selection (inside the runner)."""
         return self.runner.net
+
+    @property
+    def notes(self) -> list[str]:
+        """What the execution form changed about the explained function (for the map's notes)."""
+        return list(getattr(self.net, "notes", []))
 
     @property
     def patchwise(self) -> bool:

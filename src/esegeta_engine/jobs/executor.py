@@ -120,6 +120,7 @@ class JobExecutor:
                     result, ctx, sm = attempt("fp32")
                     holder["precision"] = "fp32"
                 holder["result"] = result
+                holder["notes"].extend(n for n in sm.notes if n not in holder["notes"])
                 holder["evaluations"] = monitor.count
                 holder["samples"] = monitor.samples
                 holder["patches"] = monitor.patches

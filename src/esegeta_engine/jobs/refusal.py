@@ -2,8 +2,9 @@
 
 Under sliding-window (patch-wise) execution, a method whose hooks store activations of one
 whole-volume forward pass (a patch-wise mode that does not run, e.g. ``whole``: CAMs, layer methods, feature
-visualisation) cannot run, and neither can the channel target (it reads a layer's activation
-over the whole volume). :func:`refusal` is the one rule: the job executor applies it to each
+visualisation) cannot run. The channel target runs patch-wise (each patch's channel map is
+blended like a network output, :class:`~esegeta_engine.channel_target.ChannelMap`), so it
+refuses the same methods as any other target. :func:`refusal` is the one rule: the job executor applies it to each
 job, and front ends call :func:`refusals` with the volume's shape before a run starts, so a
 method that will be refused costs no preparation and no model evaluation.
 """
@@ -29,10 +30,6 @@ def refusal(spec: Any, target_kind: str, patchwise: bool) -> MethodError | None:
     """The error that refuses ``spec`` for this target under this execution, or ``None``."""
     if not patchwise:
         return None
-    if target_kind == "channel":
-        return MethodError(
-            "the channel target reads a layer's activation over the whole volume, which patch-wise "
-            "execution does not compute", "use execution.mode: whole (on an ROI crop for large volumes)")
     if not patchwise_mode(spec.patchwise).runs:
         return MethodError(
             f"method '{spec.name}' needs one forward pass of the whole volume (its hooks store "
