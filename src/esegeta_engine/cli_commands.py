@@ -14,6 +14,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from esegeta_engine.cli_summary import _print_summary
 from esegeta_engine.errors import ConfigError, EsegetaError, OutputError
 from esegeta_engine.yamlsafe import load_bounded, read_config_file
 
@@ -60,82 +61,6 @@ def _method_arg(text: str) -> dict[str, Any]:
     if params:
         entry["params"] = params
     return entry
-
-
-SUMMARY_METRICS = ("completeness_error", "class_contrast_spearman",
-                   "infidelity", "sensitivity", "auc_deletion", "auc_insertion", "mass_inside", "roc_auc")
-
-
-def _fmt(v: Any) -> str:
-    if v is None:
-        return "undef"
-    return f"{v:.3g}" if isinstance(v, float) else str(v)
-
-
-def _print_randomisation(manifest_path: Any) -> None:
-    """The randomisation verdict and its reason for every method (from the manifest)."""
-    try:
-        entries = json.loads(manifest_path.read_text(encoding="utf-8")).get("randomisation") or []
-    except (OSError, ValueError):
-        return
-    for entry in entries:
-        print(f"\nrandomisation ({entry.get('mode')}) · {entry.get('target')} · {entry.get('volume')}:")
-        for method, v in (entry.get("verdicts") or {}).items():
-            print(f"  {method}: {v.get('verdict')} — {v.get('reason')}")
-
-
-def _print_trust(manifest_path: Any) -> None:
-    """Each map's trust scorecard in one line (from the manifest, randomisation included)."""
-    from esegeta_engine.jobs.record import MapRecord
-
-    try:
-        records = [MapRecord.from_json(r) for r in
-                   json.loads(manifest_path.read_text(encoding="utf-8")).get("results") or []]
-    except (OSError, ValueError):
-        return
-    lines = [f"  {r.file}: {r.extra['trust']['line']}" for r in records if (r.extra.get("trust") or {}).get("line")]
-    if lines:
-        print("\ntrust (ok: checked and passed, FAILED, -: not checked):")
-        print("\n".join(lines))
-
-
-def _label(r: Any) -> str:
-    """``method[@layer]`` of a :class:`~esegeta_engine.jobs.record.MapRecord`."""
-    return r.method + (f"@{r.layer}" if r.layer else "")
-
-
-def _print_summary(result: Any) -> None:
-    records = result.maps
-    metrics = [k for k in SUMMARY_METRICS if any(k in (r.metrics or {}) for r in records)]
-    rows = [("method", "target", "volume", "status", "time s", "calls", "inputs", *metrics, "output")]
-    for r in records:
-        out = r.file or (r.error or "").splitlines()[0][:60]
-        m = r.metrics or {}
-        rows.append((_label(r), r.target, str(r.volume), r.status, f"{r.seconds:.2f}",
-                     str(r.model_evaluations), "" if r.model_inputs is None else str(r.model_inputs),
-                     *[_fmt(m.get(k)) if k in m else "" for k in metrics], out))
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    for k, row in enumerate(rows):
-        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
-        if k == 0:
-            print("  ".join("-" * w for w in widths))
-    ok = sum(r.ok for r in records)
-    print(f"\n{ok} of {len(records)} maps written to {result.out_dir} "
-          f"(run {result.status}); manifest: {result.manifest_path.name}")
-    if (result.out_dir / "report.html").is_file():
-        print(f"report: {result.out_dir / 'report.html'}")
-    from esegeta_engine.evaluation.costs import evaluations_line
-
-    print(evaluations_line(result.manifest_path) or "", end="")
-    _print_randomisation(result.manifest_path)
-    _print_trust(result.manifest_path)
-    for r in records:
-        if (r.metrics or {}).get("axiom_status") == "warning":
-            print(f"warning: {_label(r)} · {r.target} · {r.volume}: {(r.metrics or {}).get('axiom_note', '')}")
-    if metrics:
-        print("completeness_error: |sum(map) - (F(x) - F(baseline))| / |F(x) - F(baseline)| (undef: no axiom); "
-              "calls/inputs: model forward calls and inputs evaluated; auc_deletion lower is better, "
-              "auc_insertion, mass_inside and roc_auc (vs the ground truth) higher is better")
 
 
 def _execute(cfg: Any, quiet: bool, resume: bool = False, trust_pickled: bool = False,

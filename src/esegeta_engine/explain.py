@@ -1,14 +1,10 @@
 """The execution step: a loaded model + target -> attribution maps, as events.
 
-:class:`Explainer` is what both the CLI pipeline and the napari plugin call.
-``iter_explain`` is a generator: it yields :class:`Progress` while a method runs and
-:class:`MapReady` / :class:`JobFailed` as each (method, layer, class) job ends, so callers
-stream results and stop between model evaluations (the
-:class:`~esegeta_engine.forward.scoring.EvaluationMonitor` checks cancel and time limits
-inside every model evaluation, from any thread). Execution is planned
-(:func:`~esegeta_engine.jobs.plan.plan_jobs`: keyed jobs with their expected evaluations),
-then run through an executor's ``map(specs) -> outcomes`` seam (inline by default: here, on
-the loaded model, against the score model of :meth:`Explainer.make_score_model`).
+:class:`Explainer` is what the CLI pipeline and the napari plugin call. ``iter_explain`` yields
+:class:`Progress` while a method runs and :class:`MapReady` / :class:`JobFailed` as each job ends
+(cancel and time limits are checked inside every model evaluation, from any thread). Jobs are planned
+(:func:`~esegeta_engine.jobs.plan.plan_jobs`), then run through an executor's ``map(specs) -> outcomes``
+seam (inline by default: here, on the loaded model, with :meth:`Explainer.make_score_model`).
 """
 
 from __future__ import annotations
@@ -30,12 +26,12 @@ from esegeta_engine.config import ExecutionConfig, MethodConfig, PreprocessConfi
 from esegeta_engine.errors import Cancelled, EsegetaError, MethodTimeout, TargetError, VolumeError
 from esegeta_engine.forward.runner import ExecutionForm, execution_form
 from esegeta_engine.jobs.build import _is_oom, build_target, memory_error, target_support
-from esegeta_engine.jobs.events import Event, Evaluator, JobFailed, MapReady, Progress, RunState
+from esegeta_engine.jobs.events import Event, Evaluator, JobFailed, MapReady, Progress, RunState, score_evaluations
 from esegeta_engine.jobs.executor import JobExecutor
 from esegeta_engine.jobs.executors import InlineExecutor, run_jobs
 from esegeta_engine.jobs.worker import JobOutcome
-from esegeta_engine.jobs.plan import (Job, array_fingerprint, count_network_evaluations, estimate_run, key_context,
-                                      model_fingerprint, plan_jobs, volume_groups)
+from esegeta_engine.jobs.plan import (Job, array_fingerprint, count_network_evaluations, estimate_run, job_estimate,
+                                      key_context, model_fingerprint, plan_jobs, volume_groups)
 from esegeta_engine.io import Volume
 from esegeta_engine.methods.registry import CostInfo
 from esegeta_engine.models import get_layer, model_guard
@@ -334,14 +330,7 @@ class Explainer:
                      for _, ms in groups}
         in_job = None if evaluation is None else evaluation.model_copy(update={"randomisation": None})
         state = RunState(self.estimate(volumes, methods, in_job))
-
-        def expected(job: Job) -> int | None:  # what the estimate counted for a job, its scores included
-            if in_job is None or job.expected_evaluations is None:
-                return job.expected_evaluations
-            from esegeta_engine.evaluation.costs import jobs_score_cost
-
-            scores = jobs_score_cost(in_job, [job], self.model)
-            return None if scores is None else job.expected_evaluations + scores
+        expected = partial(job_estimate, in_job, model=self.model)  # a job's count in that estimate
 
         done = 0
         jobs_here = JobExecutor(self)
@@ -390,7 +379,7 @@ class Explainer:
 
                 def finished(job: Job, outcome: JobOutcome) -> Progress:  # a job run elsewhere
                     nonlocal done
-                    state.finished(job, outcome.evaluations, expected(job))
+                    state.finished(job, outcome.evaluations + score_evaluations(outcome.metrics), expected(job))
                     done += 1
                     return state.progress(done, total, f"{job.label} · {job.cls_label}: {outcome.status}")
 

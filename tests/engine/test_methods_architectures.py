@@ -47,3 +47,24 @@ def test_lrp_on_unetr_is_refused_naming_the_blocks() -> None:
                   spec.resolve_params({}))
     assert "ModuleList" not in str(info.value)  # an empty container computes nothing
     assert "conservative attention rules" in str(info.value)  # why: the missing rules are named
+
+
+def test_unetr_score_cam_differs_by_class_or_refuses_a_saturated_softmax() -> None:
+    """UNETR's Score-CAM at its output block gave identical maps for both classes: torchcam's softmax over
+    region-sum scores is one-hot on the same channel. The paper's weighting differs by class; softmax is
+    refused by name."""
+    net, size = _unetr(3)
+    x = torch.randn(1, 1, *size, generator=torch.Generator().manual_seed(0))
+    expl = Explainer(net, PreprocessConfig(spatial_dims=3), TargetConfig())
+    target = ArgmaxRegionTarget()
+    target.prepare(expl.raw_output(x))
+    spec = get_method("score_cam")
+
+    def run(cls: int, **params):
+        ctx = MethodContext(expl.make_score_model(target, x, EvaluationMonitor()), x, cls, layer=net.out,
+                            layer_name="out")
+        return attribute(spec, ctx, spec.resolve_params({"relu_attributions": False, **params}))
+
+    assert not torch.allclose(run(0), run(1))
+    with pytest.raises(MethodError, match="saturated"):
+        run(1, weighting="softmax")

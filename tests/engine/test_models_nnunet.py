@@ -90,8 +90,17 @@ def test_patchwise_gradient_equals_plain_autograd_and_counts_every_mirror_and_fo
     patches = m.describe_execution()["patches_per_evaluation"]
     # forward and backward recomputation: every patch of every mirrored copy (8) of both folds, twice
     assert len(calls) == 2 * patches * 8 * 2
-    assert m.calls == {"forward": patches * 8 * 2, "backward": patches * 8 * 2}
+    assert m.calls == {"forward": patches * 8 * 2, "backward": patches * 8 * 2, "reused": 0}
     assert m.network_calls(x) == patches * 8 * 2  # the source's cost, known before any network runs
+    # the same scan again (the engine's prediction pass, then the method): the forward is reused, not rerun
+    x2 = x.detach().clone().requires_grad_(True)
+    (g2,) = torch.autograd.grad(m(x2)[:, 1].sum(), x2)
+    assert m.calls == {"forward": patches * 16, "backward": patches * 32, "reused": patches * 16}
+    torch.testing.assert_close(g2, g, rtol=0, atol=0)
+    with torch.no_grad():  # other weights (a randomised copy, an edited weight): computed again
+        next(m.folds[0].parameters()).mul_(1.0)
+        m(x)
+    assert m.calls["forward"] == patches * 32 and m.calls["reused"] == patches * 16
 
     def plain(data, ens, plan):  # the same ensemble with one whole graph
         padded = plan.pad(data)
@@ -149,9 +158,14 @@ def test_methods_through_the_pipeline(folder, scan_img, tmp_path):
         assert rec["patch_evaluations"] >= rec["model_evaluations"] * rec["execution"]["patches_per_evaluation"]
         # the plan's patch x mirror x fold count of the method's forward calls is what ran
         ex = rec["execution"]
-        assert rec["expected_network_evaluations"] == ex["forward_network_calls"] > 0
-        assert ex["forward_network_calls"] == rec["model_inputs"] * ex["network_calls_per_input"]
-        assert ex["backward_network_calls"] == (0 if rec["method"] == "occlusion" else ex["forward_network_calls"])
+        ran = ex["forward_network_calls"] + ex["reused_network_calls"]  # reused: the prediction pass's forward
+        assert rec["expected_network_evaluations"] == ran == rec["model_inputs"] * ex["network_calls_per_input"]
+        # reused: the scan the last forward saw (the prediction pass before saliency, the first job)
+        assert ex["reused_network_calls"] in (0, ex["network_calls_per_input"])
+        if rec["method"] == "saliency":
+            assert ex["reused_network_calls"] == ex["network_calls_per_input"]
+        assert ex["backward_network_calls"] == (0 if rec["method"] == "occlusion" else
+                                                rec["model_inputs"] * ex["network_calls_per_input"])
     probs = nib.load(tmp_path / "out" / "scan__probabilities.nii.gz")
     assert probs.shape == (*img.shape, 2) and probs.get_data_dtype() == np.float32
     assert np.allclose(probs.affine, img.affine)

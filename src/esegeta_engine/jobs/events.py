@@ -89,6 +89,12 @@ def _of(job: Job) -> str:
     return f" of {job.expected_evaluations}" if job.expected_evaluations else ""
 
 
+def score_evaluations(metrics: Any) -> int:
+    """The scores' model evaluations in a map's metrics (their ``<score>_evaluations``), or rows of them."""
+    rows = metrics if isinstance(metrics, list) else [metrics or {}]
+    return sum(v for row in rows for k, v in row.items() if k.endswith("_evaluations") and isinstance(v, int))
+
+
 class RunState:
     """Run-wide evaluation counts for progress totals and ETAs."""
 

@@ -24,7 +24,7 @@ from esegeta_engine.advice import precision_clash
 from esegeta_engine.channel_target import LayerChannelTarget
 from esegeta_engine.errors import Cancelled, EsegetaError, MethodError, MethodTimeout, error_reason
 from esegeta_engine.jobs.build import _is_oom, memory_error
-from esegeta_engine.jobs.events import Event, Evaluator, JobFailed, MapReady, Progress, RunState, _of
+from esegeta_engine.jobs.events import Event, Evaluator, JobFailed, MapReady, Progress, RunState, _of, score_evaluations
 from esegeta_engine.jobs.plan import Job
 from esegeta_engine.jobs.refusal import refusal
 from esegeta_engine.methods import MethodContext, attribute
@@ -163,8 +163,7 @@ class JobExecutor:
         seconds = time.perf_counter() - start
         # the method's own evaluations (trust checks after it are not part of the job's count)
         state.job_evaluations = holder.get("evaluations", monitor.count)
-        state.score_evaluations = sum(v for row in holder.get("metrics") or [] for k, v in row.items()
-                                      if k.endswith("_evaluations") and isinstance(v, int))
+        state.score_evaluations = score_evaluations(holder.get("metrics") or [])
         err = holder.get("error")
         if err is None and "result" in holder:
             try:

@@ -212,6 +212,17 @@ def plan_jobs(methods: Sequence[Any], classes: Sequence[int], class_label: Any, 
     return jobs
 
 
+def job_estimate(evaluation: Any, job: Job, *, model: Any = None) -> int | None:
+    """What :func:`estimate_run` counts for one planned job: its method's evaluations and, with
+    ``evaluation`` (an ``EvaluationConfig``), its maps' scores (``None`` when unknown)."""
+    if evaluation is None or job.expected_evaluations is None:
+        return job.expected_evaluations
+    from esegeta_engine.evaluation.costs import jobs_score_cost
+
+    scores = jobs_score_cost(evaluation, [job], model)
+    return None if scores is None else job.expected_evaluations + scores
+
+
 def estimate_run(explainer: Any, volumes: Sequence[Any], methods: Sequence[Any],
                  evaluation: Any = None) -> int | None:
     """Expected model evaluations of a run of ``explainer`` on ``volumes``, before any input is prepared.

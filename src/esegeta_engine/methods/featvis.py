@@ -1,8 +1,8 @@
 """Feature visualisation: volumes that show what a layer responds to (2D and 3D).
 
 These methods return volumes on the input grid ``(N, C, *spatial)`` (``layer_visualisation``:
-``(N, k * C, *spatial)``, one volume per channel, channel-major) rather than attribution maps: activation maximisation of one channel or unit, a visualisation of every channel of a
-layer, DeepDream on the input, and the inversion of a layer's representation. They optimise
+``(N, k * C, *spatial)``, one volume per channel, channel-major) rather than attribution maps:
+activation maximisation of one channel or unit, a visualisation of every channel of a layer, DeepDream on the input, and the inversion of a layer's representation. They optimise
 an input through :mod:`esegeta_engine.methods._featvis`, one counted model evaluation per step,
 and explain no class (the target is not used), so each runs once per layer.
 

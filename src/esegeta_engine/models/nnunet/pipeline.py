@@ -97,7 +97,7 @@ class NnUNetPipeline(nn.Module):
         Network calls are also counted here, the forward's apart from the backward's recomputation
         (``forward_network_calls`` / ``backward_network_calls`` in :meth:`describe_execution`).
         """
-        calls = self.calls = {"forward": 0, "backward": 0}
+        calls = self.calls = {"forward": 0, "backward": 0, "reused": 0}
         ens = self.ensemble
 
         def counted(n: int) -> None:
@@ -105,7 +105,10 @@ class NnUNetPipeline(nn.Module):
             if before_call is not None:
                 before_call(n)
 
-        ens.before_call = counted
+        def reused(n: int) -> None:
+            calls["reused"] += n
+
+        ens.before_call, ens.on_reuse = counted, reused
 
     def network_calls(self, x: torch.Tensor) -> int:
         """The source's cost: network evaluations (patches x mirrored copies x folds) of one forward on ``x``.
@@ -196,6 +199,7 @@ class NnUNetPipeline(nn.Module):
         if getattr(self, "calls", None) is not None:
             d["forward_network_calls"] = self.calls["forward"]
             d["backward_network_calls"] = self.calls["backward"]
+            d["reused_network_calls"] = self.calls["reused"]  # a forward the last one already computed
         if self._last:
             d["patches_per_evaluation"] = len(self._last[0]["plan"].slicers)
             d["network_calls_per_input"] = d["patches_per_evaluation"] * self.ensemble.calls_per_patch
