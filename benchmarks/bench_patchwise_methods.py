@@ -153,6 +153,9 @@ def _run_child(*args) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--full", action="store_true", help="the issue's scale (hours on 2 cores)")
+    ap.add_argument("--intermediate", action="store_true",
+                    help="192x192x96, BasicUNet at its default features, patch 96^3 (9 patches: the issue's "
+                         "patch and network on a smaller volume)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--occlusion-only", action="store_true", help="only the ROI occlusion measurement")
     ap.add_argument("--no-occlusion", action="store_true", help="skip the ROI occlusion measurement")
@@ -164,6 +167,8 @@ def main() -> None:
         return
     if args.full:
         shape, patch, features = [448, 448, 128], [96, 96, 96], [32, 32, 64, 128, 256, 32]
+    elif args.intermediate:
+        shape, patch, features = [192, 192, 96], [96, 96, 96], [32, 32, 64, 128, 256, 32]
     else:
         shape, patch, features = [112, 112, 48], [48, 48, 48], [8, 8, 16, 32, 64, 8]
     overlap = 0.25
