@@ -7,9 +7,10 @@ warning, evaluations per second of the current run for the ETA).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import Any
+
+from esegeta_engine.jobs.probe import format_duration
 
 #: warn about a run needing more evaluations than this when no rate is measured yet
 WARN_EVALUATIONS = 2000
@@ -52,16 +53,7 @@ def long_run_text(evaluations: int, seconds: float | None) -> str:
             "→ click 'Run anyway' to start it, or use fewer methods, classes or a coarser window")
 
 
-def format_seconds(seconds: float) -> str:
-    """``42 s``, ``3 min 05 s``, ``1 h 02 min``."""
-    if not math.isfinite(seconds):
-        return "?"
-    s = int(round(seconds))
-    if s < 60:
-        return f"{s} s"
-    if s < 3600:
-        return f"{s // 60} min {s % 60:02d} s"
-    return f"{s // 3600} h {(s % 3600) // 60:02d} min"
+format_seconds = format_duration  # one formatter for the probe's estimate and the ETA
 
 
 class RateMeter:
