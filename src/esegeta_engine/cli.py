@@ -172,6 +172,10 @@ def _print_error(exc: EsegetaError) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``esegeta``."""
+    if argv is None:  # the console command owns its process: one malloc arena for the model thread too
+        from esegeta_engine.malloc_arena import share_malloc_arena
+
+        share_malloc_arena()
     args = build_parser().parse_args(argv)
     _setup_logging(args.verbose)
     if argv is None:  # the console command: a job abandoned by the watchdog must not crash the exit
