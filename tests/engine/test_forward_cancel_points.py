@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from esegeta_engine.config import ExecutionConfig, MethodConfig, PreprocessConfig, TargetConfig
+from esegeta_engine.config import MethodConfig, PreprocessConfig, TargetConfig
 from esegeta_engine.errors import Cancelled
 from esegeta_engine.explain import Explainer, MapReady
 from esegeta_engine.forward.cancel_points import cancel_points
