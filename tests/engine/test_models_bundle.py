@@ -17,7 +17,6 @@ import torch
 import bundle_setup as B
 from esegeta_engine.cli import main
 from esegeta_engine.config import ModelConfig, parse_config
-from esegeta_engine.errors import ModelLoadError
 from esegeta_engine.models import Trust, get_layer, load_source
 from esegeta_engine.pipeline import run
 
@@ -106,10 +105,12 @@ def test_methods_through_the_bundle_pipeline_give_maps_on_the_scans_affine(bundl
     np.testing.assert_allclose(np.moveaxis(probs.get_fdata(), -1, 0), B.monai_reference(bundle, scan), atol=1e-4)
 
 
-def test_layers_inside_the_network_are_refused_by_name(bundle, scan):
+def test_layers_inside_the_network_resolve_and_methods_not_built_there_are_refused(bundle, scan):
     m = _loaded(bundle, scan).module
-    with pytest.raises(ModelLoadError, match="(?s)inside the bundle's network.*network_input"):
-        get_layer(m, "network.conv_0")
+    assert m.runs_layer_per_member(get_layer(m, "network.conv_0"))  # per patch (test_models_member_layer.py)
+    why = m.layer_method_refusal("layer_deeplift", "network.conv_0")
+    assert why is not None and "inside the bundle's network" in why[0] and "layer_gradcam" in why[1]
+    assert m.layer_method_refusal("layer_gradient_x_activation", "network.conv_0") is None
     assert get_layer(m, "network_input") is m.network_input
 
 
