@@ -66,6 +66,7 @@ class JobOutcome:
     notes: list[str] = field(default_factory=list)
     execution: dict[str, Any] = field(default_factory=dict)
     patch_evaluations: int = 0
+    network_evaluations: int | None = None  # a deployed pipeline's planned network calls (the job's plan)
 
 
 def worker_device(default: str) -> str:
@@ -169,7 +170,8 @@ def _run(spec: JobSpec, device: str, where: str, start: float, cancel: threading
             return JobOutcome(spec.key, "ok", event.array, metrics, event.seconds, event.evaluations,
                               event.inputs_evaluated, worker=where, device=device,
                               target_label=event.job.cls_label, notes=list(event.notes),
-                              execution=dict(event.execution), patch_evaluations=event.patch_evaluations)
+                              execution=dict(event.execution), patch_evaluations=event.patch_evaluations,
+                              network_evaluations=getattr(event.job, "network_evaluations", None))
         if isinstance(event, JobFailed):
             return JobOutcome(spec.key, event.status, error=event.error, seconds=event.seconds,
                               evaluations=event.evaluations, worker=where, device=device,
