@@ -154,3 +154,25 @@ def test_an_inferer_we_do_not_run_is_refused_by_name(scan, tmp_path, capsys):
     cfg = B.config(inferer={"_target_": "SlidingWindowInfererAdapt", "roi_size": [16, 16, 16]})
     root = B.write_bundle(tmp_path / "b", cfg)
     assert "inferer SlidingWindowInfererAdapt is not one we run" in _cli(root, scan, tmp_path, capsys)
+
+
+def test_an_ensemble_bundle_is_refused_by_name(scan, tmp_path, capsys):
+    post = B.config()["postprocessing"]
+    post["transforms"].insert(0, {"_target_": "MeanEnsembled", "keys": ["pred"], "output_key": "pred"})
+    root = B.write_bundle(tmp_path / "b", B.config(postprocessing=post))
+    assert "defines an ensemble (MeanEnsembled)" in _cli(root, scan, tmp_path, capsys)
+
+
+def test_a_bundle_has_no_fold_or_mirror_members_and_stability_says_so(bundle, scan):
+    from esegeta_engine.errors import MethodError
+    from esegeta_engine.evaluation.stability import choose_members
+
+    m = _loaded(bundle, scan).module
+    assert m.members("folds") == [] and m.members("mirrors") == []
+    for over in ("folds", "mirrors"):
+        with pytest.raises(MethodError, match="0 .* member\\(s\\), not several \\(a MONAI bundle runs its one "
+                                              "network_def with no test-time augmentation") as info:
+            choose_members(m, over)
+        problem, fix = str(info.value).splitlines()  # one line for the problem, one for the fix
+        assert "stability.over: noise" in fix
+    assert choose_members(m, "auto") == ("noise", None)  # the documented fallback

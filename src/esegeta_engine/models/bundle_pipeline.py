@@ -97,8 +97,14 @@ class BundlePipeline(nn.Module):
         if window is not None:
             window.before_batch = counted
 
-    def members(self) -> list[nn.Module]:
-        """A bundle has one network: no ensemble members (stability uses input noise)."""
+    members_note = ("a MONAI bundle runs its one network_def with no test-time augmentation (random transforms, "
+                    "inferers other than Simple/SlidingWindow and ensembles are refused when it loads)")
+
+    def members(self, kind: str | None = None) -> list[nn.Module]:
+        """No members of any kind (:attr:`members_note`): ``folds`` / ``mirrors`` are empty, and
+        ``evaluation.stability`` falls back to input noise (``auto``) or says so in one line."""
+        if kind not in (None, "folds", "mirrors"):
+            raise ValueError(f"members(kind={kind!r}): give 'folds' or 'mirrors'")
         return []
 
     def runs_layer_per_member(self, layer: nn.Module) -> bool:
