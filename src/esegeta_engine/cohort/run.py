@@ -107,7 +107,9 @@ def _record(job: CohortJob, plan: CohortPlan, cfg: CohortConfig, o: JobOutcome, 
                      noise_tunnel=method.noise_tunnel.model_dump() if method.noise_tunnel else None,
                      params=get_method(method.name).resolve_params(method.params), model_evaluations=o.evaluations, expected_evaluations=job.cost,
                      model_inputs=o.model_inputs, worker=o.worker, device=o.device, metrics=o.metrics,
-                     error=o.error, **extra).to_json()
+                     error=o.error, execution=o.execution or None, **extra,
+                     extra={} if o.network_evaluations is None else  # as single runs: planned network calls
+                     {"expected_network_evaluations": o.network_evaluations}).to_json()
 
 
 def run_cohort(cfg: CohortConfig, *, executor: str | None = None, dry_run: bool = False, resume: bool = False,

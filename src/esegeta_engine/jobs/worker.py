@@ -69,6 +69,7 @@ class JobOutcome:
     extras: dict[str, Any] = field(default_factory=dict)
     """The raw metric entries a run's extra files come from (faithfulness curves, the stability
     spread in NIfTI order: :func:`~esegeta_engine.evaluation.map_extras.portable_extras`)."""
+    network_evaluations: int | None = None  # a deployed pipeline's planned network calls (the job's plan)
 
 
 def worker_device(default: str) -> str:
@@ -174,7 +175,8 @@ def _run(spec: JobSpec, device: str, where: str, start: float, cancel: threading
                               event.inputs_evaluated, worker=where, device=device,
                               target_label=event.job.cls_label, notes=list(event.notes),
                               execution=dict(event.execution), patch_evaluations=event.patch_evaluations,
-                              extras=portable_extras(event.metrics, explainer.geometry(volumes[0])))
+                              extras=portable_extras(event.metrics, explainer.geometry(volumes[0])),
+                              network_evaluations=getattr(event.job, "network_evaluations", None))
         if isinstance(event, JobFailed):
             return JobOutcome(spec.key, event.status, error=event.error, seconds=event.seconds,
                               evaluations=event.evaluations, worker=where, device=device,
