@@ -126,6 +126,9 @@ def gui(args) -> None:
     if args.cancel_only:
         cancel_latency(app, viewer, dock, args)
         return
+    if args.preview_3d:
+        preview_3d(app, viewer, args)
+        return
     rows = {"add map, statistics on the GUI thread (before)": [], "add map": [],
             "side by side, paint inside the click (before)": [], "side by side": [], "3D": []}
     for r in range(args.repeats):
@@ -249,6 +252,38 @@ def cancel_latency(app, viewer, dock, args) -> None:
                   f"median {statistics.median(ok) * 1000:.0f} ms over {len(ok)} (target <= 1000 ms)")
 
 
+def preview_3d(app, viewer, args) -> None:
+    """Experiment (not the plugin's path): the map as a full-resolution layer against a multiscale layer
+    (full, 2x, 4x) in 3D, where napari renders the lowest level; add_image time and one rendered frame
+    (``viewer.screenshot``), interleaved in one run, the scan (full resolution) underneath."""
+    import numpy as np
+    from scipy.ndimage import gaussian_filter
+
+    shape = BIG if args.size == "big" else (64, 64, 64)
+    m = gaussian_filter(np.random.default_rng(0).standard_normal(shape).astype(np.float32), 4)
+    levels = [m, m[::2, ::2, ::2], m[::4, ::4, ::4]]
+    viewer.dims.ndisplay = 3
+    rows: dict[str, list[tuple[float, float]]] = {"full resolution": [], "multiscale, lowest level 4x": []}
+    for _ in range(args.repeats):
+        for name in rows:
+            multi = name != "full resolution"
+            t = time.perf_counter()
+            layer = viewer.add_image(levels if multi else m, multiscale=multi, rendering="mip", colormap="magma",
+                                     blending="translucent", opacity=0.8)
+            added = time.perf_counter() - t
+            _pump(app, 0.5)
+            t = time.perf_counter()
+            viewer.screenshot(canvas_only=True)
+            rows[name].append((added, time.perf_counter() - t))
+            viewer.layers.remove(layer)
+            _pump(app, 0.3)
+    viewer.dims.ndisplay = 2
+    for name, v in rows.items():
+        print(f"RESULT {args.size} {shape} 3D map layer, {name}: add_image median "
+              f"{statistics.median(a for a, _ in v) * 1000:.0f} ms, one rendered frame median "
+              f"{statistics.median(f for _, f in v) * 1000:.0f} ms")
+
+
 def memory_worker(kind: str, size: int) -> None:
     """One measurement in this fresh process: peak RSS growth of explaining or evaluating."""
     import resource
@@ -308,6 +343,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--no-cancel", action="store_true")
     ap.add_argument("--cancel-only", action="store_true", help="only the Cancel latencies (no stall rows)")
+    ap.add_argument("--preview-3d", action="store_true",
+                    help="experiment: a multiscale map layer against a full-resolution one in 3D")
     ap.add_argument("--cancel-delays", type=float, nargs="+", default=[2.0, 8.0],
                     help="seconds into an Explain run at which Cancel is clicked")
     ap.add_argument("--settle", type=float, default=3.0, help="seconds of event loop watched after each action")
