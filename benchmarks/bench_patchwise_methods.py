@@ -19,6 +19,7 @@ import resource
 import subprocess
 import sys
 import time
+from statistics import median
 
 import numpy as np
 import torch
@@ -48,8 +49,13 @@ def _child(mode: str, shape, patch, features, overlap: float) -> dict:
     x = torch.from_numpy(np.random.default_rng(0).normal(size=(1, 1, *shape)).astype(np.float32))
     for p in net.parameters():
         p.requires_grad_(False)
-    start = time.perf_counter()
-    if mode.startswith("minimum"):
+    start, cpu = time.perf_counter(), time.process_time()
+    if mode == "onepatch":  # one fwd+bwd of a patch-sized input
+        xi = x[(slice(None), slice(None), *(slice(0, p) for p in patch))].clone().requires_grad_(True)
+        y = net(xi)
+        torch.autograd.grad(y, xi, torch.ones_like(y))
+        n = 1
+    elif mode.startswith("minimum"):
         copies = 2 if mode == "minimum2" else 1  # DeepLIFT's reference: input and baseline
         sw = SlidingWindow(net, WindowSettings(tuple(patch), overlap))
         grid = sw.grid(shape, x.device)
@@ -66,7 +72,7 @@ def _child(mode: str, shape, patch, features, overlap: float) -> dict:
                          execution=ExecutionConfig(patch_size=list(patch), overlap=overlap))
         target = ArgmaxRegionTarget()
         target.prepare(expl.raw_output(x))
-        start = time.perf_counter()  # the prediction is shared by every method
+        start, cpu = time.perf_counter(), time.process_time()  # the prediction is shared by every method
         monitor = EvaluationMonitor()
         sm = expl.make_score_model(target, x, monitor)
         name, _, composite = mode.partition(":")  # "lrp:epsilon": LRP with that composite
@@ -77,8 +83,8 @@ def _child(mode: str, shape, patch, features, overlap: float) -> dict:
         params = {"composite": composite} if composite else {}
         attribute(spec, ctx, spec.resolve_params({**params, **PARAMS.get(mode, {})}))
         n = monitor.patches
-    return {"mode": mode, "seconds": time.perf_counter() - start, "patches": n,
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    return {"mode": mode, "seconds": time.perf_counter() - start, "cpu_seconds": time.process_time() - cpu,
+            "patches": n, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
 def occlusion_roi(shape, patch, roi_edge: int, window: int, features, net=None) -> dict:
@@ -157,6 +163,9 @@ def main() -> None:
                     help="192x192x96, BasicUNet at its default features, patch 96^3 (9 patches: the issue's "
                          "patch and network on a smaller volume)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
+    ap.add_argument("--repeat", type=int, default=1, help="interleaved reference/method runs (medians)")
+    ap.add_argument("--estimate", action="store_true",
+                    help="time one 96^3 patch and extrapolate --intermediate and --full from the ratios")
     ap.add_argument("--occlusion-only", action="store_true", help="only the ROI occlusion measurement")
     ap.add_argument("--no-occlusion", action="store_true", help="skip the ROI occlusion measurement")
     ap.add_argument("--methods", help="comma-separated subset of: layer_gradcam, deeplift, lrp (its default "
@@ -195,17 +204,52 @@ def main() -> None:
                          "UNet (8, 16, 32), batch norm:", occlusion_roi(*demo, net=unet))
     if args.occlusion_only:
         return
-    runs = (("layer_gradcam", minimum), ("deeplift", minimum2), ("lrp", minimum), ("lrp:epsilon", minimum),
-            ("excitation_backprop", minimum), ("layer_integrated_gradients", minimum), ("eigen_cam", minimum),
-            ("eigen_grad_cam", minimum))
-    for mode, ref in runs:
+    runs = (("layer_gradcam", "minimum"), ("deeplift", "minimum2"), ("lrp", "minimum"), ("lrp:epsilon", "minimum"),
+            ("excitation_backprop", "minimum"), ("layer_integrated_gradients", "minimum"), ("eigen_cam", "minimum"),
+            ("eigen_grad_cam", "minimum"))
+    ratios = {}
+    for mode, ref_mode in runs:
         if args.methods and mode not in args.methods.split(","):
             continue
-        r = _run_child(mode, shape, patch, features, overlap)
-        reference = ref["seconds"] * PARAMS.get(mode, {}).get("n_steps", 1)  # layer IG: one pass per path point
-        print(f"{mode}: {r['seconds']:.1f} s, peak RSS {r['peak_rss_mb']:.0f} MB, {r['patches']} patch evaluations; "
-              f"ratio {r['seconds'] / reference:.2f} against {reference:.1f} s (target <= 1.6)")
+        refs, mine = [], []
+        for _ in range(args.repeat):  # interleaved: load changes hit both sides
+            refs.append(_run_child(ref_mode, shape, patch, features, overlap))
+            mine.append(_run_child(mode, shape, patch, features, overlap))
+        steps = PARAMS.get(mode, {}).get("n_steps", 1)  # layer IG: one pass per path point
+        wall = median(r["seconds"] for r in mine) / (steps * median(r["seconds"] for r in refs))
+        cpu = median(r["cpu_seconds"] for r in mine) / (steps * median(r["cpu_seconds"] for r in refs))
+        ratios[mode] = cpu
+        r = mine[len(mine) // 2]
+        print(f"{mode}: median {median(m['seconds'] for m in mine):.1f} s wall, "
+              f"{median(m['cpu_seconds'] for m in mine):.1f} s CPU, peak RSS {max(m['peak_rss_mb'] for m in mine):.0f} "
+              f"MB (reference {max(m['peak_rss_mb'] for m in refs):.0f} MB), {r['patches']} patch evaluations; "
+              f"ratio vs {ref_mode} (fwd+bwd of every patch{', input and baseline' if ref_mode == 'minimum2' else ''}, "
+              f"{args.repeat} interleaved run(s)): CPU {cpu:.2f}, wall {wall:.2f} (target <= 1.6)")
+    if args.estimate:
+        _estimate(ratios, overlap)
 
+
+def _patches(shape, patch, overlap: float) -> int:
+    """MONAI's patch count along each axis, multiplied."""
+    n = 1
+    for s, p in zip(shape, patch):
+        step = max(int(p * (1 - overlap)), 1)
+        n *= 1 if s <= p else -(-(s - p) // step) + 1
+    return n
+
+
+def _estimate(ratios: dict, overlap: float) -> None:
+    """Time one fwd+bwd of a 96^3 patch of BasicUNet at its default features (one child process)
+    and extrapolate --intermediate and --full from the patch counts and the ratios just measured."""
+    one = _run_child("onepatch", [96, 96, 96], [96, 96, 96], [32, 32, 64, 128, 256, 32], overlap)
+    print(f"one 96^3 patch fwd+bwd, BasicUNet default features: {one['seconds']:.1f} s wall, "
+          f"{one['cpu_seconds']:.1f} s CPU, peak RSS {one['peak_rss_mb']:.0f} MB")
+    for name, shape in (("--intermediate", [192, 192, 96]), ("--full", [448, 448, 128])):
+        n = _patches(shape, [96] * 3, overlap)
+        line = ", ".join(f"{m} ~{one['cpu_seconds'] * n * r * (2 if m == 'deeplift' else 1) / 60:.0f} min"
+                         for m, r in ratios.items())
+        print(f"estimate {name} {shape}: {n} patches, minimum ~{one['cpu_seconds'] * n / 60:.0f} CPU-min; {line} "
+              "(1 thread, CPU time; reduced-scale ratios)")
 
 if __name__ == "__main__":
     main()

@@ -1,5 +1,6 @@
 """Networks nobody here wrote (issue 20, part 6): UNETR takes exactly its img_size, and an input of
-another size is answered with the sliding-window fix; LRP names UNETR's blocks it has no rule for."""
+another size is answered with the sliding-window fix; LRP runs on UNETR with the attention rules; excitation backprop and LRP on
+SwinUNETR name the blocks they have no rule for."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from esegeta_engine.errors import MethodError
 from esegeta_engine.explain import Explainer
 from esegeta_engine.methods import MethodContext, attribute, get_method
 from esegeta_engine.methods.architectures import fixed_input_size
+from esegeta_engine.methods.lrp import check_supported
 from esegeta_engine.forward.scoring import EvaluationMonitor
 from esegeta_engine.targets import ArgmaxRegionTarget
 
@@ -35,18 +37,33 @@ def test_unetr_wrong_size_names_the_sliding_window_fix(dims: int) -> None:
     assert expl.raw_output(torch.randn(1, 1, *size)).shape[2:] == size  # its own size runs
 
 
-def test_lrp_on_unetr_is_refused_naming_the_blocks() -> None:
+def test_lrp_on_unetr_runs_with_the_attention_rules_and_excitation_is_refused_naming_them() -> None:
     net, size = _unetr(3)
     x = torch.randn(1, 1, *size)
     expl = Explainer(net, PreprocessConfig(spatial_dims=3), TargetConfig())
     target = ArgmaxRegionTarget()
     target.prepare(expl.raw_output(x))
+    ctx = MethodContext(expl.make_score_model(target, x, EvaluationMonitor()), x, 1)
     spec = get_method("lrp")
+    out = attribute(spec, ctx, spec.resolve_params({}))
+    assert out.shape == x.shape and bool(torch.isfinite(out).all()) and float(out.abs().max()) > 0
+    assert any("Ali et al. 2022" in n for n in ctx.extra["notes"])
+    spec = get_method("excitation_backprop")
+    layer = dict(net.named_modules())["decoder2"]
     with pytest.raises(MethodError, match="PatchEmbeddingBlock") as info:
-        attribute(spec, MethodContext(expl.make_score_model(target, x, EvaluationMonitor()), x, 1),
+        attribute(spec, MethodContext(expl.make_score_model(target, x, EvaluationMonitor()), x, 1, layer=layer),
                   spec.resolve_params({}))
     assert "ModuleList" not in str(info.value)  # an empty container computes nothing
-    assert "conservative attention rules" in str(info.value)  # why: the missing rules are named
+    assert "not for this method" in str(info.value)  # why: the rules exist for LRP only
+
+
+def test_lrp_on_swin_unetr_is_refused_naming_the_window_attention() -> None:
+    torch.manual_seed(0)
+    net = nets.SwinUNETR(in_channels=1, out_channels=2, feature_size=12, spatial_dims=3, depths=(1, 1, 1, 1),
+                         num_heads=(1, 1, 1, 1)).eval()
+    with pytest.raises(MethodError, match="WindowAttention") as info:
+        check_supported(net, "lrp", attention=True)  # what lrp's build runs before the model
+    assert "shifted-window attention" in str(info.value)
 
 
 def test_unetr_score_cam_differs_by_class_or_refuses_a_saturated_softmax() -> None:

@@ -30,6 +30,10 @@ def refusal(spec: Any, target_kind: str, patchwise: bool) -> MethodError | None:
     """The error that refuses ``spec`` for this target under this execution, or ``None``."""
     if not patchwise:
         return None
+    if getattr(spec, "needs_batch", False):  # not a whole-volume forward: a batch of volumes
+        from esegeta_engine.methods.run import batch_refusal
+
+        return batch_refusal(spec, patchwise=True)
     if not patchwise_mode(spec.patchwise).runs:
         return MethodError(
             f"method '{spec.name}' needs one forward pass of the whole volume (its hooks store "

@@ -110,7 +110,7 @@ class ExcitationBackprop(LRP):
 
     def __init__(self, model: nn.Module, layer: nn.Module, contrastive: bool = False,
                  method: str = "excitation_backprop", reduce: str = "sum") -> None:
-        super().__init__(model, "epsilon", {})
+        super().__init__(model, "epsilon", {}, transformer=False)
         self.reduce = reduce
         self.layer = layer
         self.contrastive = contrastive

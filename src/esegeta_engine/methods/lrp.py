@@ -14,8 +14,10 @@ carries *relevance* instead of gradients:
   run (:mod:`.canonize`: the same function, and the rules see the real weights);
 * activations (ReLU, LeakyReLU, PReLU, ReLU6, ELU, GELU, SiLU, Sigmoid, Tanh,
   Softplus, Mish, Hardswish) and the normalisations that cannot be folded
-  (InstanceNorm, GroupNorm, LayerNorm) pass it on unchanged (``R_in = R_out``);
+  (InstanceNorm, GroupNorm) pass it on unchanged (``R_in = R_out``);
   those normalisations are named in the map's notes;
+* LayerNorm and MONAI's ViT blocks (UNETR's attention, residual sums and position
+  embedding) take the conservative rules of Ali et al. 2022 (:mod:`.lrp_attention`);
 * max pooling, upsampling, flattening, padding and dropout route it like the
   gradient does (winner-takes-all for max pooling; a sum for upsampling),
   which conserves it.
@@ -45,7 +47,7 @@ from torch import nn
 
 from esegeta_engine.errors import MethodError
 from esegeta_engine.forward.sliding import SlidingWindow
-from esegeta_engine.methods import lrp_rules
+from esegeta_engine.methods import lrp_attention, lrp_rules
 from esegeta_engine.methods.canonize import describe_unfolded, fold_batch_norm, unfolded_norms
 from esegeta_engine.methods.notes import add_note, notes_of
 from esegeta_engine.methods.rectifiers import RouteBack
@@ -62,7 +64,9 @@ PASS_MODULES: tuple[type[nn.Module], ...] = (
     nn.ReLU, nn.LeakyReLU, nn.PReLU, nn.ReLU6, nn.ELU, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh,
     nn.Softplus, nn.Mish, nn.Hardswish, nn.CELU, nn.SELU,
     nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.InstanceNorm1d, nn.InstanceNorm2d,
-    nn.InstanceNorm3d, nn.GroupNorm, nn.LayerNorm)
+    nn.InstanceNorm3d, nn.GroupNorm)
+NORM_RULE_MODULES: tuple[type[nn.Module], ...] = (nn.LayerNorm,)
+"""Normalisations with their own rule (:func:`.lrp_attention.layer_norm_rule`; excitation passes them)."""
 GRADIENT_MODULES: tuple[type[nn.Module], ...] = (
     nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d,
     nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d,
@@ -71,10 +75,6 @@ GRADIENT_MODULES: tuple[type[nn.Module], ...] = (
     nn.ConstantPad1d, nn.ConstantPad2d, nn.ConstantPad3d, nn.ZeroPad2d,
     nn.ReflectionPad1d, nn.ReflectionPad2d, nn.ReflectionPad3d,
     nn.ReplicationPad1d, nn.ReplicationPad2d, nn.ReplicationPad3d)
-
-
-TRANSFORMER_PARTS = ("Attention", "Attn", "Embed", "Rearrange", "Transformer", "ViT")
-"""Type-name parts that mark a transformer block (the refusal then says which rules are missing)."""
 
 
 def network_of(score_model: nn.Module) -> nn.Module:
@@ -122,21 +122,33 @@ def quiet_stitched_forward(score_model: nn.Module) -> Iterator[None]:
         sw.plain_forward = before
 
 
-def check_supported(net: nn.Module, method: str = "lrp") -> None:
-    """Raise :class:`MethodError` naming every module type LRP has no rule for."""
-    known = RULE_MODULES + POOL_MODULES + PASS_MODULES + GRADIENT_MODULES
+def inside_attention(net: nn.Module) -> set[int]:
+    """Ids of the modules inside an attention block with a rule (the block's rule replaces theirs)."""
+    return {id(c) for m in net.modules() if lrp_attention.is_attention(m) for c in m.modules() if c is not m}
+
+
+def check_supported(net: nn.Module, method: str = "lrp", attention: bool = False) -> None:
+    """Raise :class:`MethodError` naming every module type ``method`` has no rule for.
+
+    ``attention``: MONAI's ViT blocks (UNETR) take the conservative rules of :mod:`.lrp_attention`.
+    """
+    known = RULE_MODULES + POOL_MODULES + PASS_MODULES + GRADIENT_MODULES + NORM_RULE_MODULES
+    model = user_model(net)
+    skip = inside_attention(model) if attention else set()
     bad: dict[str, list[str]] = {}
-    for name, m in user_model(net).named_modules():
+    for name, m in model.named_modules():
         if (m._modules and not m._parameters) or isinstance(m, (nn.ModuleList, nn.ModuleDict)):
             continue  # a container: its children are checked (an empty ModuleList computes nothing)
+        if attention and (id(m) in skip or lrp_attention.is_attention(m) or lrp_attention.is_rearrange(m)
+                          or lrp_attention.monai_type(m, lrp_attention.SWAPPED)):
+            continue
         if not isinstance(m, known):
             bad.setdefault(type(m).__name__, []).append(name or "(model)")
-    if bad:
+    why = lrp_attention.unsupported(model) if attention else None
+    if bad or why:
         listed = "; ".join(f"{t} ({', '.join(ns[:2])}{' ...' if len(ns) > 2 else ''})"
-                           for t, ns in sorted(bad.items()))
-        if any(k in t for t in bad for k in TRANSFORMER_PARTS):
-            listed += (" (a transformer's attention and embedding blocks: the conservative attention rules "
-                       "they need, Ali et al. 2022 and Achtibat et al. 2024, are not implemented)")
+                           for t, ns in sorted(bad.items())) or "the transformer blocks"
+        listed += lrp_attention.refusal_hint(list(bad), why, attention)
         raise MethodError(
             f"{method} has no rule for module type(s) {listed}",
             "use a gradient method (integrated_gradients, input_x_gradient) for this model, or "
@@ -198,11 +210,14 @@ class LRP:
         Where the note naming normalisations passed through unchanged goes (see :mod:`.notes`).
     canonize : bool
         Fold eval-mode batch norms into the convolutions before them for the run (default).
+    transformer : bool
+        Give MONAI's ViT blocks and layer norms the conservative rules of :mod:`.lrp_attention`
+        (default); False refuses attention blocks and passes layer norms through.
     """
 
     def __init__(self, model: nn.Module, composite: str, options: Mapping[str, Any],
                  record: list[tuple[str, float, float]] | None = None,
-                 notes: list[str] | None = None, canonize: bool = True) -> None:
+                 notes: list[str] | None = None, canonize: bool = True, transformer: bool = True) -> None:
         self.model = model
         self.net = network_of(model)
         self.rules = lrp_rules.COMPOSITES[composite]
@@ -210,11 +225,12 @@ class LRP:
         self.record = record
         self.notes = notes if notes is not None else []
         self.canonize = canonize
+        self.transformer = transformer
         self._busy = False  # set while a rule re-runs a module (its hooks stay quiet)
 
     def attribute(self, inputs: torch.Tensor, target: int | None = None, **_: Any) -> torch.Tensor:
         """Return the relevance of every input voxel for class ``target`` (input's shape)."""
-        check_supported(self.net)
+        check_supported(self.net, attention=self.transformer)
         options = dict(self.options)
         dims = tuple(range(1, inputs.dim()))
         if options.get("low") is None:
@@ -226,12 +242,18 @@ class LRP:
         else:
             options["high"] = torch.full_like(inputs[:1, :1], float(options["high"]))
         x = inputs.detach().requires_grad_(True)
-        canon = (fold_batch_norm(self.net, probe_input(self.model, inputs)) if self.canonize
+        probe = probe_input(self.model, inputs)
+        canon = fold_batch_norm(self.net, probe) if self.canonize else contextlib.nullcontext([])
+        rules = (lrp_attention.transformer_rules(self.net, probe, options["epsilon"]) if self.transformer
                  else contextlib.nullcontext([]))
-        with canon as folded, quiet_stitched_forward(self.model):
+        with canon as folded, rules as attention, quiet_stitched_forward(self.model):
             unfolded = unfolded_norms(user_model(self.net), folded)
+            if self.transformer:
+                unfolded.pop("LayerNorm", None)  # it has its rule
             if unfolded:
                 add_note(self.notes, describe_unfolded("lrp", unfolded))
+            if attention:
+                add_note(self.notes, lrp_attention.describe(attention, options["epsilon"]))
             handles = self._hook(options)
             try:
                 with torch.enable_grad():
@@ -275,14 +297,22 @@ class LRP:
                     "dense" if isinstance(module, nn.Linear) else "conv")
             elif isinstance(module, POOL_MODULES):
                 kind = "pool"
+            elif isinstance(module, NORM_RULE_MODULES):
+                kind = "layer_norm" if self.transformer else "pass"
+            elif lrp_attention.is_attention(module):
+                kind = "attention"
             fn = self._recorded(names.get(id(module), ""), self.propagator(module, kind, state, options))
             if kind == "pass":  # needs no saved input: keeps activation memory as the gradient's
                 return RouteBack.apply(a, y, lambda R: fn(None, R, None))
             return _Relay.apply(a, y, fn)
 
         handles = [self.net.register_forward_hook(lambda m, a, y: self.start(y))]
+        skip = inside_attention(self.net)
         for m in self.net.modules():
-            if isinstance(m, RULE_MODULES + POOL_MODULES + PASS_MODULES):
+            if id(m) in skip:
+                continue  # the attention block's rule replaces its parts'
+            if isinstance(m, RULE_MODULES + POOL_MODULES + PASS_MODULES + NORM_RULE_MODULES) or \
+                    lrp_attention.is_attention(m):
                 handles.append(m.register_forward_pre_hook(pre))
                 handles.append(m.register_forward_hook(post))
         return handles
@@ -297,6 +327,11 @@ class LRP:
         ``y`` is the module's output in the forward pass."""
         if kind == "pass":
             return lambda a, R, y: R
+        eps = options["epsilon"]
+        if kind == "layer_norm":
+            return self.quiet(lambda a, R, y: lrp_attention.layer_norm_rule(module, a, R, eps))
+        if kind == "attention":
+            return self.quiet(lambda a, R, y: lrp_attention.attention_rule(module, a, R, eps))
         rule = "epsilon" if kind == "pool" else self.rules[kind]
         return self.quiet(lambda a, R, y: lrp_rules.apply_rule(rule, module, a, R, options, y))
 
@@ -322,7 +357,7 @@ class LRP:
 
 
 def _build(ctx: MethodContext, p: Mapping[str, Any]) -> Call:
-    check_supported(network_of(ctx.score_model))
+    check_supported(network_of(ctx.score_model), attention=True)
     options = {"epsilon": p["epsilon"], "gamma": p["gamma"], "alpha": p["alpha"],
                "low": p["low"], "high": p["high"]}
     return Call(LRP(ctx.score_model, p["composite"], options, notes=notes_of(ctx)))

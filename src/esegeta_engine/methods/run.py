@@ -36,12 +36,32 @@ def check_applicable(spec: MethodSpec, ctx: MethodContext) -> None:
             "give one with `layers: [name]`; `esegeta layers MODEL` lists the module names",
         )
     if spec.needs_batch and ctx.inputs.shape[0] < 2:
-        raise MethodError(
-            f"method '{spec.name}' permutes features across a batch and gives all-zero maps for "
-            "a single input",
-            "give several volumes or patches of one shape in one run (volumes: [a.nii.gz, "
-            "b.nii.gz, ...]); the engine explains them together for this method",
-        )
+        raise batch_refusal(spec, patchwise=False)
+
+
+BATCH_ALTERNATIVES = ("feature_ablation (the same supervoxels replaced by a baseline, one volume at a time) "
+                      "or occlusion")
+"""What to use instead of a method that permutes features across a batch of volumes."""
+
+
+def batch_refusal(spec: MethodSpec, patchwise: bool) -> MethodError:
+    """Why ``spec`` (a method that permutes features across a batch of volumes) cannot run.
+
+    ``patchwise``: under sliding-window execution (refused there even with several volumes);
+    otherwise for a single volume, whose map has no meaning.
+    """
+    what = (f"method '{spec.name}' permutes each supervoxel across a batch of several volumes: a map is "
+            "the score change when a volume's supervoxel is swapped with another volume's")
+    if patchwise:
+        return MethodError(
+            f"{what}; it has no patch-wise form under sliding-window execution, and with one volume there is "
+            "nothing to swap with, so the map has no meaning",
+            f"use {BATCH_ALTERNATIVES}, which run patch-wise; or give several volumes of one shape with "
+            "execution.mode: whole if the network takes them whole")
+    return MethodError(
+        f"{what}; with one volume there is nothing to swap with and the map has no meaning (all zeros)",
+        "give several volumes of one shape in one run (volumes: [a.nii.gz, b.nii.gz, ...]), or use "
+        f"{BATCH_ALTERNATIVES}")
 
 
 def attribute(
