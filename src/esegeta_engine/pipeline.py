@@ -128,7 +128,7 @@ def iter_run(cfg: Config, cancel: threading.Event | None = None, *, threaded: bo
     loc = cfg.evaluation.localisation
     # a run is a cohort of one: its jobs go through the same executor seam (an unreachable
     # scheduler or a model no worker can load fails here, before anything is written)
-    portable = None if cfg.execution.executor == "inline" else portable_specs(cfg, trust_pickled)
+    portable = None if cfg.execution.executor == "inline" else portable_specs(cfg, trust_pickled, trust_bundle)
     runner = make_executor(cfg.execution, cancel=cancel)
     try:
         folder = claim_folder(cfg.output.dir, overwrite=cfg.output.overwrite, resume=resume, stems=stems,

@@ -58,12 +58,14 @@ class Estimated:
     stopped: bool = False
 
 
-def _probe(explainer: Explainer, volume: Volume, methods: Sequence[MethodConfig]) -> Any:
-    """The one-patch estimate, or None when the probe cannot run (the run then reports why)."""
+def _probe(explainer: Explainer, volume: Volume, methods: Sequence[MethodConfig],
+           cancel: threading.Event | None = None) -> Any:
+    """The one-patch estimate, or None when the probe cannot run or was cancelled (the run then
+    reports why, or ends at its first cancel check)."""
     from esegeta_engine.jobs.probe import probe_run
 
     try:
-        return probe_run(explainer, volume, methods)
+        return probe_run(explainer, volume, methods, cancel=cancel)
     except Exception:
         return None
 
@@ -268,7 +270,7 @@ def explain_events(model: Any, volume: Volume, methods: Sequence[MethodConfig], 
         explainer = Explainer(model, preprocess=preprocess, target=target, output=output,
                               timeout_s=timeout_s, execution=execution)
         if probe:  # one patch, timed, before any method: the estimate shows before the run's work
-            estimate = _probe(explainer, volume, methods)
+            estimate = _probe(explainer, volume, methods, cancel)
             if estimate is not None:
                 stop = probe_limit_s is not None and estimate.seconds is not None and estimate.seconds > probe_limit_s
                 yield Estimated(estimate, stopped=stop)

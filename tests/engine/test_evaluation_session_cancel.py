@@ -72,3 +72,43 @@ def test_randomisation_layer_order_pass_sees_a_patch() -> None:
     net.shapes.clear()
     list(_session(net, threading.Event()).randomise(vol, [info]))
     assert net.shapes and set(net.shapes) == {(16, 16, 16)}  # every forward, the order pass included
+
+
+class TrippingNet(CountingNet):
+    """Sets the cancel inside its ``trip_at``-th forward (counted from the arming), between its two
+    convolutions: a click while the network runs."""
+
+    cancel: threading.Event | None = None
+    trip_at: int | None = None
+    finished: list[int] = []  # forwards that reached their end
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.shapes.append(tuple(x.shape[2:]))
+        y = torch.relu(self.conv1(x))
+        if TrippingNet.trip_at is not None and len(self.shapes) == TrippingNet.trip_at:
+            TrippingNet.cancel.set()
+        y = self.conv2(y)
+        self.finished.append(len(self.shapes))
+        return y
+
+
+@pytest.mark.parametrize("execution", [None, ExecutionConfig(patch_size=16)])
+def test_a_cancel_inside_a_stage_evaluation_runs_no_further_forward(execution) -> None:
+    """The click lands inside a randomised copy's evaluation (whole volume, or one patch of the
+    sliding window): that forward stops at its next module, and no forward starts after it (the
+    sliding window's patch loop watched a monitor the randomisation had replaced)."""
+    net = TrippingNet().eval()
+    TrippingNet.finished.clear()
+    vol, info = _map(net, execution)
+    cancel = threading.Event()
+    armed = None
+    try:
+        with pytest.raises(Cancelled):
+            for ev in _session(net, cancel).randomise(vol, [info]):
+                if isinstance(ev, Progress) and "randomisation" in ev.message and armed is None:
+                    armed = len(net.shapes)
+                    TrippingNet.cancel, TrippingNet.trip_at = cancel, armed + 4  # inside a stage's evaluation
+    finally:
+        TrippingNet.trip_at = None
+    assert armed is not None and len(net.shapes) == armed + 4
+    assert net.finished[-1] == armed + 3  # the forward of the click stopped at its next module

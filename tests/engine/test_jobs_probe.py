@@ -65,3 +65,35 @@ def test_estimate_scales_with_expected_evaluations() -> None:
         assert est.seconds == pytest.approx(est.expected_evaluations * est.patches_per_evaluation * est.patch_seconds)
     assert len(net.calls) == 2  # one patch per probe
     assert "patch" in many.text() and "evaluations" in many.text()
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_a_cancel_stops_the_probe_inside_its_one_call(dims: int) -> None:
+    """Cancel during the probe (a whole 64³ volume's forward and backward on the sample) stops it at the
+    network's next module: the module after the click never runs."""
+    import threading
+
+    from esegeta_engine.errors import Cancelled
+
+    cancel = threading.Event()
+
+    class Clicked(CountingNet):
+        def __init__(self) -> None:
+            super().__init__(dims)
+            self.head = (nn.Conv3d if dims == 3 else nn.Conv2d)(2, 2, 1)
+            self.head_calls = 0
+            self.head.register_forward_pre_hook(lambda *_: setattr(self, "head_calls", self.head_calls + 1))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = super().forward(x)
+            cancel.set()  # the click, between the two convolutions
+            return self.head(y)
+
+    net = Clicked().eval()
+    ex = Explainer(net, PreprocessConfig(spatial_dims=dims), TargetConfig(classes=[1]))
+    with pytest.raises(Cancelled):
+        probe_run(ex, _volume((24,) * dims), [MethodConfig(name="saliency")], cancel=cancel)
+    assert len(net.calls) == 1 and net.head_calls == 0
+    with pytest.raises(Cancelled):  # a cancel before the probe: no call at all
+        probe_run(ex, _volume((24,) * dims), [MethodConfig(name="saliency")], cancel=cancel)
+    assert len(net.calls) == 1

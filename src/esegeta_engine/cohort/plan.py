@@ -346,21 +346,15 @@ def plan_cohort(cfg: CohortConfig, trust: Any = None) -> CohortPlan:
 
 def _model_sha(model: Any) -> str:
     """sha256 of a model file, or of the files that define a folder model (nnU-Net, bundle)."""
-    import hashlib
-
-    from esegeta_engine.models.sources import selected_source, source_files, source_path
+    from esegeta_engine.jobs.portable import source_sha256
+    from esegeta_engine.models.sources import selected_source, source_path
 
     where = source_path(model)
-    if selected_source(model) == "file" or where is None or not Path(where).is_dir():
-        if where is None or not Path(where).is_file():
-            key = "path" if selected_source(model) == "file" else selected_source(model)
-            raise ConfigError(f"model {model.name!r}: {'file' if key == 'path' else 'folder'} {str(where)!r} does "
-                              f"not exist", f"check models[].{key}")
-        return file_sha256(where)
-    h = hashlib.sha256()
-    for f in source_files(model):
-        h.update(str(f.relative_to(where)).encode() + b"\0" + file_sha256(f).encode())
-    return h.hexdigest()
+    if where is None or not Path(where).exists() or (selected_source(model) == "file" and not Path(where).is_file()):
+        key = "path" if selected_source(model) == "file" else selected_source(model)
+        raise ConfigError(f"model {model.name!r}: {'file' if key == 'path' else 'folder'} {str(where)!r} does "
+                          f"not exist", f"check models[].{key}")
+    return source_sha256(model)
 
 
 def _loaded(model: Any, sha: str, trusted: dict[str, bool] | None = None) -> Any:

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from esegeta_engine.errors import ConfigError
+from esegeta_engine.forward.cancel_points import cancel_points
 from esegeta_engine.forward.sliding import SlidingWindow, WindowSettings
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -99,26 +100,33 @@ def autocast_factory(precision: str, device: torch.device) -> Callable[[], Any] 
 
 
 class WholeVolume(nn.Module):
-    """The network on the whole input, padded to a multiple of ``divisible_by`` and cropped back."""
+    """The network on the whole input, padded to a multiple of ``divisible_by`` and cropped back.
+
+    ``check`` (e.g. the monitor's cancel check) also runs between the network's modules, forward
+    and backward (:func:`~esegeta_engine.forward.cancel_points.cancel_points`): Cancel does not wait
+    for a whole-volume pass to end.
+    """
 
     def __init__(self, net: nn.Module, divisible_by: int = 1, padding: str = "constant",
-                 autocast: Callable[[], Any] | None = None) -> None:
+                 autocast: Callable[[], Any] | None = None, check: Callable[[], None] | None = None) -> None:
         super().__init__()
         self.net = net
         self.divisible_by = int(divisible_by)
         self.padding = padding
         self.autocast = autocast
+        self.check = check
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         spatial = tuple(x.shape[2:])
         pad = padding_for(spatial, self.divisible_by)
         xp = F.pad(x, pad, mode=self.padding) if any(pad) else x
-        if self.autocast is not None:
-            with self.autocast():
+        with cancel_points(self.check):
+            if self.autocast is not None:
+                with self.autocast():
+                    y = self.net(xp)
+                y = y.float()
+            else:
                 y = self.net(xp)
-            y = y.float()
-        else:
-            y = self.net(xp)
         if any(pad) and y.dim() == x.dim():
             y = y[(slice(None), slice(None), *(slice(0, s) for s in spatial))]
         return y
@@ -139,10 +147,20 @@ def build_runner(net: nn.Module, form: ExecutionForm, monitor: EvaluationMonitor
     device = _device_of(net)
     autocast = autocast_factory(form.precision, device)
     if form.sliding is None:
-        return WholeVolume(net, form.divisible_by, form.padding, autocast)
+        return WholeVolume(net, form.divisible_by, form.padding, autocast, check=monitor.check)
     sw = SlidingWindow(net, form.sliding, before_batch=monitor.patch_batch, autocast=autocast)
+    sw.check = monitor.check
     sw.support = form.support
     return sw
+
+
+def bind_monitor(runner: nn.Module, monitor: EvaluationMonitor) -> None:
+    """Point the checks of ``runner`` (built by :func:`build_runner`) at ``monitor``: before each patch
+    batch and between the network's modules."""
+    if isinstance(runner, (WholeVolume, SlidingWindow)):
+        runner.check = monitor.check
+    if isinstance(runner, SlidingWindow):
+        runner.before_batch = monitor.patch_batch
 
 
 def _device_of(net: nn.Module) -> torch.device:

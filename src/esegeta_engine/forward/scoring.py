@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from esegeta_engine.errors import Cancelled, MethodTimeout
-from esegeta_engine.forward.runner import ExecutionForm, build_runner
+from esegeta_engine.forward.runner import ExecutionForm, bind_monitor, build_runner
 from esegeta_engine.models import OutputSelector
 from esegeta_engine.targets import Target
 
@@ -120,7 +120,7 @@ class ScoreModel(nn.Module):
         form: ExecutionForm | None = None,
     ) -> None:
         super().__init__()
-        self.monitor = monitor or EvaluationMonitor()
+        self._monitor = monitor or EvaluationMonitor()
         self.form = form or ExecutionForm()
         # the user's model is reachable through one child only: hook-based methods walk the
         # module tree (``Module.apply``) and must meet each of its modules once
@@ -134,10 +134,25 @@ class ScoreModel(nn.Module):
             target = stitched()
             net = ChannelMap(net, target)
         self.target = target
-        self.runner = build_runner(net, self.form, self.monitor)
+        self.runner = build_runner(net, self.form, self._monitor)
         bind = getattr(model, "bind_monitor", None)  # a deployed pipeline's own patches count and cancel
-        if callable(bind):
-            bind(self.monitor.patch_batch)
+        self._bind_model = bind if callable(bind) else None
+        if self._bind_model is not None:
+            self._bind_model(self._monitor.patch_batch)
+
+    @property
+    def monitor(self) -> EvaluationMonitor:
+        """Counting, cancel and deadline of every evaluation."""
+        return self._monitor
+
+    @monitor.setter
+    def monitor(self, monitor: EvaluationMonitor) -> None:
+        # replaced after building (the randomisation watches its own cancel): the checks before each
+        # patch batch and between the network's modules move to it too
+        self._monitor = monitor
+        bind_monitor(self.runner, monitor)
+        if self._bind_model is not None:
+            self._bind_model(monitor.patch_batch)
 
     @property
     def net(self) -> OutputSelector:

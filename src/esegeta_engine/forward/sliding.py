@@ -44,6 +44,7 @@ import torch
 from torch import nn
 
 from esegeta_engine.errors import MethodError
+from esegeta_engine.forward.cancel_points import cancel_points
 from esegeta_engine.forward.window_grid import Slices, WindowGrid, WindowSettings
 
 __all__ = ["PatchRunner", "SlidingWindow", "Slices", "WindowGrid", "WindowSettings"]
@@ -65,6 +66,13 @@ class SlidingWindow(nn.Module):
     before_batch : callable, optional
         Called with the number of patches before every patch batch (cancellation,
         counting); it may raise to stop.
+
+    Attributes
+    ----------
+    check : callable or None
+        Also run between the network's modules within a patch batch, forward and backward
+        (:func:`~esegeta_engine.forward.cancel_points.cancel_points`): Cancel does not wait for
+        a large patch batch to end.
     autocast : callable, optional
         Context-manager factory for mixed precision around each patch batch.
     """
@@ -77,6 +85,7 @@ class SlidingWindow(nn.Module):
         self.settings = settings
         self.before_batch = before_batch
         self.autocast = autocast
+        self.check: Callable[[], None] | None = None
         self.support: torch.Tensor | None = None  # output voxels the target reads
         self.patch_evaluations = 0
         self.paired = False  # batch halves are (inputs, references): pair their patches in each batch
@@ -127,7 +136,7 @@ class SlidingWindow(nn.Module):
         if self.before_batch is not None:
             self.before_batch(chunk.shape[0])
         self.patch_evaluations += chunk.shape[0]
-        with torch.set_grad_enabled(grad):
+        with torch.set_grad_enabled(grad), cancel_points(self.check):
             if self.autocast is not None:
                 with self.autocast():  # type: ignore[attr-defined]
                     y = self.net(chunk)

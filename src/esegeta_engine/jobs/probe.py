@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ from typing import Any
 
 import torch
 
+from esegeta_engine.errors import Cancelled
 from esegeta_engine.forward.runner import ExecutionForm, build_runner
 from esegeta_engine.forward.scoring import EvaluationMonitor
 from esegeta_engine.models import OutputSelector, model_guard
@@ -118,15 +120,18 @@ def _crop(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
 
 
 def probe_patch(model: torch.nn.Module, x: torch.Tensor, *, output: int | str | None = None,
-                divisible_by: int = 1, precision: str = "fp32") -> tuple[float, int]:
+                divisible_by: int = 1, precision: str = "fp32",
+                cancel: threading.Event | None = None) -> tuple[float, int]:
     """Time one forward + backward of ``x`` (one patch) through ``model``; returns (seconds, bytes).
 
     The model is left as it was (:func:`~esegeta_engine.models.model_guard`); the network is
-    called exactly once.
+    called exactly once. ``cancel`` stops it between the network's modules (``Cancelled``).
     """
     device = x.device
+    monitor = EvaluationMonitor(cancel)
+    monitor.check()
     runner = build_runner(OutputSelector(model, output), ExecutionForm(divisible_by=divisible_by,
-                                                                       precision=precision), EvaluationMonitor())
+                                                                       precision=precision), monitor)
     cuda = device.type == "cuda"
     if cuda:
         torch.cuda.synchronize(device)
@@ -148,7 +153,8 @@ def probe_patch(model: torch.nn.Module, x: torch.Tensor, *, output: int | str | 
     return seconds, max(int(used), 0)
 
 
-def probe_run(explainer: Any, volume: Any, methods: Sequence[Any], x: torch.Tensor | None = None) -> ProbeEstimate:
+def probe_run(explainer: Any, volume: Any, methods: Sequence[Any], x: torch.Tensor | None = None, *,
+              cancel: threading.Event | None = None) -> ProbeEstimate:
     """Estimate a run of ``methods`` on ``volume`` from one probed patch (one network call).
 
     Parameters
@@ -161,6 +167,8 @@ def probe_run(explainer: Any, volume: Any, methods: Sequence[Any], x: torch.Tens
         The run's methods (for the plan's expected evaluations).
     x : torch.Tensor, optional
         The prepared model input, if already made (``explainer.prepare_input(volume)``).
+    cancel : threading.Event, optional
+        The run's Cancel: it stops the probe too (raises ``Cancelled``).
     """
     if x is None:
         x = explainer.prepare_input(volume)
@@ -183,8 +191,10 @@ def probe_run(explainer: Any, volume: Any, methods: Sequence[Any], x: torch.Tens
     while True:  # a U-Net may need the crop padded to 2**k, as the whole-volume run finds out
         try:
             seconds, used = probe_patch(explainer.model, crop, output=explainer.output,
-                                        divisible_by=divisible, precision=form.precision)
+                                        divisible_by=divisible, precision=form.precision, cancel=cancel)
             break
+        except Cancelled:
+            raise
         except Exception:
             if form.sliding is not None or divisible >= 32:
                 raise

@@ -25,6 +25,8 @@ class CohortWidget(QWidget):
         super().__init__()
         self.viewer = napari_viewer
         self.run: CohortRun | None = None
+        self._worker: Any = None
+        self.shown: list[Any] = []  # the layers the last selection added
         self.folder = QLineEdit()
         self.folder.setPlaceholderText("cohort output folder (holds manifest.json)")
         self.folder.returnPressed.connect(lambda: self.open_folder(self.folder.text()))
@@ -68,19 +70,47 @@ class CohortWidget(QWidget):
         self.show_btn.setEnabled(bool(self.run.methods))
         set_status(self.status, self.run.grid_note)
 
-    def show_selection(self) -> list[Any]:
-        """Add the subject's image, its map and the aggregate; put the maps side by side."""
-        if self.run is None:
-            return []
-        try:
-            data = cohort_layers(self.run, self.subject.currentText(), self.model.currentText(),
-                                 self.method.currentText())
-        except EsegetaError as exc:
-            set_status(self.status, exc.problem, "error")
-            return []
+    @property
+    def running(self) -> bool:
+        """True while the selection's NIfTI files are being read."""
+        return self._worker is not None
+
+    def show_selection(self) -> Any:
+        """Read the subject's image, its map and the aggregate in a worker thread; then add them and put
+        the maps side by side (:meth:`_on_read`). Returns the worker (None when nothing is read)."""
+        from napari.qt.threading import create_worker
+
+        if self.run is None or self.running:
+            return None
+        run, choice = self.run, (self.subject.currentText(), self.model.currentText(), self.method.currentText())
+
+        def work() -> Any:  # NIfTI reads and layer statistics: whole volumes, never on the GUI thread
+            try:
+                return cohort_layers(run, *choice)
+            except EsegetaError as exc:  # a message, not an exception: the worker would raise it
+                return exc.problem
+
+        self.shown = []
+        self.show_btn.setEnabled(False)
+        set_status(self.status, f"Reading {choice[0]} · {choice[1]} · {choice[2]}…")
+        self._worker = create_worker(work, _start_thread=False)
+        self._worker.returned.connect(self._on_read)
+        self._worker.finished.connect(self._on_finished)
+        self._worker.start()
+        return self._worker
+
+    def _on_read(self, data: Any) -> None:
+        if isinstance(data, str):
+            set_status(self.status, data, "error")
+            return
         layers = [getattr(self.viewer, f"add_{kind}")(arr, **kwargs) for arr, kwargs, kind in data]
         if len(layers) > 2:
             arrange_side_by_side(self.viewer, layers[0], layers[1:])
+            set_status(self.status, "Side by side: " + " | ".join(ly.name for ly in layers[1:]), "ok")
         else:
-            set_status(self.status, "no aggregate for this cohort: " + self.run.grid_note)
-        return layers
+            set_status(self.status, "no aggregate for this cohort: " + (self.run.grid_note if self.run else ""))
+        self.shown = layers
+
+    def _on_finished(self) -> None:
+        self._worker = None
+        self.show_btn.setEnabled(self.run is not None and bool(self.run.methods))
