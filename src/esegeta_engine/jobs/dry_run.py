@@ -112,6 +112,11 @@ def dry_run(cfg: Config, trust_pickled: bool = False, trust_bundle: bool = False
         name = volume_stem(v.path, i)
         shape = tuple(explainer.geometry(v).to_model(np.empty(v.data.shape[:p.spatial_dims], bool)).shape)
         refused = {m: err for m, err in refusals(cfg.methods, cfg.target.kind, cfg.execution, shape)}
+        if len(volumes) < 2:  # a batch-only method has nothing to permute with (methods.run.batch_refusal)
+            from esegeta_engine.methods.run import batch_refusal
+
+            refused.update({m.name: batch_refusal(get_method(m.name), patchwise=False) for m in cfg.methods
+                            if get_method(m.name).needs_batch and m.name not in refused})
         plan.refused += [(name, m, err.problem) for m, err in refused.items()]
         ok = [m for m in cfg.methods if m.name not in refused]
         runnable.append(ok)
