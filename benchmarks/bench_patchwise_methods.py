@@ -162,11 +162,16 @@ def main() -> None:
     ap.add_argument("--intermediate", action="store_true",
                     help="192x192x96, BasicUNet at its default features, patch 96^3 (9 patches: the issue's "
                          "patch and network on a smaller volume)")
+    ap.add_argument("--one-patch", action="store_true",
+                    help="96^3, BasicUNet at its default features, patch 96^3: one patch of the issue's size "
+                         "(peak memory per method at the issue's patch)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--repeat", type=int, default=1, help="interleaved reference/method runs (medians)")
     ap.add_argument("--estimate", action="store_true",
                     help="time one 96^3 patch and extrapolate --intermediate and --full from the ratios")
     ap.add_argument("--occlusion-only", action="store_true", help="only the ROI occlusion measurement")
+    ap.add_argument("--instance-norm", action="store_true",
+                    help="only: ROI occlusion on BasicUNet (instance norm) where the ROI reads 1 of 25 patches")
     ap.add_argument("--no-occlusion", action="store_true", help="skip the ROI occlusion measurement")
     ap.add_argument("--methods", help="comma-separated subset of: layer_gradcam, deeplift, lrp (its default "
                                       "composite, epsilon_plus), lrp:epsilon, excitation_backprop")
@@ -176,11 +181,18 @@ def main() -> None:
         return
     if args.full:
         shape, patch, features = [448, 448, 128], [96, 96, 96], [32, 32, 64, 128, 256, 32]
+    elif args.one_patch:
+        shape, patch, features = [96, 96, 96], [96, 96, 96], [32, 32, 64, 128, 256, 32]
     elif args.intermediate:
         shape, patch, features = [192, 192, 96], [96, 96, 96], [32, 32, 64, 128, 256, 32]
     else:
         shape, patch, features = [112, 112, 48], [48, 48, 48], [8, 8, 16, 32, 64, 8]
     overlap = 0.25
+    if args.instance_norm:  # the norms spread each patch's voxels over the patch: only whole patches skip
+        _print_occlusion("occlusion (window 8) for an 8^3 ROI at the centre of [128, 128, 32], patch [32, 32, 32], "
+                         "BasicUNet (4, 4, 8, 8, 16, 4) (instance norm):",
+                         occlusion_roi([128, 128, 32], [32, 32, 32], 8, 8, [4, 4, 8, 8, 16, 4]))
+        return
     print(f"volume {shape}, patch {patch}, BasicUNet features {features}, overlap {overlap}, 1 thread")
     minimum = minimum2 = {"seconds": 0.0, "peak_rss_mb": 0.0}
     if not args.occlusion_only:

@@ -28,7 +28,8 @@ def _net(dims: int) -> nn.Module:
     return nn.Sequential(C(1, 4, 3, padding=1), nn.LeakyReLU(0.1), C(4, 2, 3, padding=1)).eval()
 
 
-def _lrp(net: nn.Module, dims: int, shape: tuple, patch: tuple, forget: bool) -> tuple[torch.Tensor, int, int]:
+def _lrp(net: nn.Module, dims: int, shape: tuple, patch: tuple, forget: bool,
+         name: str = "lrp") -> tuple[torch.Tensor, int, int]:
     x = torch.randn(1, 1, *shape, generator=torch.Generator().manual_seed(1))
     expl = Explainer(net, PreprocessConfig(spatial_dims=dims), TargetConfig(),
                      execution=ExecutionConfig(patch_size=list(patch), overlap=0.25))
@@ -38,16 +39,19 @@ def _lrp(net: nn.Module, dims: int, shape: tuple, patch: tuple, forget: bool) ->
         sliding._LAST_OUTPUT.clear()
     monitor = EvaluationMonitor()
     sm = expl.make_score_model(target, x, monitor)
-    spec = get_method("lrp")
-    out = attribute(spec, MethodContext(sm, x, 1, extra={"patchwise": True}), spec.resolve_params({}))
+    spec = get_method(name)
+    layer = {"layer": net[1], "layer_name": "1"} if spec.needs_layer else {}
+    out = attribute(spec, MethodContext(sm, x, 1, extra={"patchwise": True}, **layer), spec.resolve_params({}))
     return out, monitor.patches, len(sm.runner.grid(shape, x.device))
 
 
 @pytest.mark.parametrize("dims,shape,patch", CASES)
-def test_reused_output_gives_the_same_map_with_one_pass_fewer(dims, shape, patch):
+@pytest.mark.parametrize("name", ["lrp", "layer_gradcam", "layer_gradient_x_activation"])
+def test_reused_output_gives_the_same_map_with_one_pass_fewer(dims, shape, patch, name):
+    """The patch-wise layer methods read the layer only in the recomputation too (no other hooks)."""
     net = _net(dims)
-    reused, n_reused, patches = _lrp(net, dims, shape, patch, forget=False)
-    fresh, n_fresh, _ = _lrp(net, dims, shape, patch, forget=True)
+    reused, n_reused, patches = _lrp(net, dims, shape, patch, forget=False, name=name)
+    fresh, n_fresh, _ = _lrp(net, dims, shape, patch, forget=True, name=name)
     assert patches > 1
     assert n_fresh == 2 * patches and n_reused == patches  # stitched forward + recomputation vs recomputation
     torch.testing.assert_close(reused, fresh, rtol=0, atol=0)

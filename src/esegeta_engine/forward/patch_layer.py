@@ -163,6 +163,12 @@ def _once(calls: int, method: str, name: str) -> None:
             "pick a layer the network runs exactly once per forward pass (`esegeta layers MODEL`)")
 
 
+def _hooked(net: nn.Module) -> bool:
+    """Whether any module of ``net`` carries a hook (one that may act in the stitched forward)."""
+    return any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks
+               or getattr(m, "_backward_pre_hooks", None) for m in net.modules())
+
+
 def patchwise_layer_map(score_model: nn.Module, layer: nn.Module, inputs: torch.Tensor, target: int,
                         layer_input: bool, per_patch: PerPatch, combine: str, method: str,
                         layer_name: str | None = None, on_layer_grid: bool = False,
@@ -228,6 +234,10 @@ def patchwise_layer_map(score_model: nn.Module, layer: nn.Module, inputs: torch.
             total[b] += float(m.double().sum())
         canvas.add(chunk, maps)
 
+    # the capture acts only in the backward's recomputation: unless other hooks (guided rules) need the
+    # stitched forward, it runs without a graph, or is the prediction's own output (no patch runs twice)
+    plain_before = sw.plain_forward
+    sw.plain_forward = plain_before or not _hooked(sw.net)
     handles = [layer.register_forward_pre_hook(capture.pre), layer.register_forward_hook(capture.post)]
     sw.on_backward_chunk = on_chunk
     try:
@@ -237,6 +247,7 @@ def patchwise_layer_map(score_model: nn.Module, layer: nn.Module, inputs: torch.
             torch.autograd.grad(scores.sum(), x)
     finally:
         sw.on_backward_chunk = None
+        sw.plain_forward = plain_before
         for h in handles:
             h.remove()
     if report is not None:
