@@ -13,7 +13,10 @@ randomly initialised fold is saved in nnU-Net's checkpoint layout (timing only).
 
 Default: a reduced scale (training scans and the scan 48x48x24). ``--full``: the issue's 256x256x128.
 
-    python benchmarks/bench_nnunet.py [--full]
+    python benchmarks/bench_nnunet.py [--full] [--estimate]
+
+``--estimate`` plans the scale, times one patch of the planned network and prints how long the
+five children would take (network calls only), without running them.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -103,6 +107,55 @@ def child(mode: str, folder: Path) -> dict:
     raise ValueError(mode)
 
 
+def estimate(folder: Path, shape: tuple[int, ...]) -> None:
+    """How long the five children would take at this scale: one patch timed, times the counted calls.
+
+    Network calls per pass come from nnU-Net's own window plan for the scan (patches x mirrored copies);
+    one forward without a graph and one forward + backward of one patch of the planned network are
+    timed here (median of 3). Preprocessing and resampling are not included (a lower bound).
+    """
+    import torch
+
+    from esegeta_engine.models.nnunet.window import WindowPlan
+    from nnunetv2.preprocessing.resampling.default_resampling import compute_new_shape
+
+    m, x, img = _load(folder)
+    spacing = [float(s) for s in img.header.get_zooms()[:3]][::-1]  # nnU-Net's z, y, x
+    cropped = [shape[2], shape[1], shape[0] - 1]  # the zero slab at x = 0 is cropped
+    new = compute_new_shape(cropped, spacing, list(m.cm.spacing))
+    plan = WindowPlan.of(new, m.cm.patch_size, m.step_size)
+    calls = len(plan.slicers) * m.ensemble.calls_per_patch
+    net = m.folds[0]
+    patch = torch.randn(1, 1, *m.cm.patch_size)
+
+    def timed(fn) -> float:
+        times = []
+        for _ in range(3 if calls * len(patch.flatten()) < 10**7 else 1):  # a full-scale patch: once
+            t = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t)
+        return sorted(times)[len(times) // 2]
+
+    def fwd() -> None:
+        with torch.no_grad():
+            net(patch)
+
+    def fwd_bwd() -> None:
+        p = patch.clone().requires_grad_(True)
+        y = net(p)
+        torch.autograd.grad(y, p, torch.ones_like(y))
+
+    t_f, t_fb = timed(fwd), timed(fwd_bwd)
+    per_child = {"reference": calls * t_f, "predict": calls * t_f, "saliency": calls * (t_f + t_fb),
+                 "saliency_after_prediction": calls * (t_f + t_fb), "minimum": calls * (t_f + t_fb)}
+    print(f"estimate for scan {shape}: network grid {[int(n) for n in new]}, patch {list(m.cm.patch_size)}, "
+          f"{len(plan.slicers)} patches x {m.ensemble.calls_per_patch} mirrored copies = {calls} network calls "
+          f"per pass; one patch: forward {t_f:.2f} s, forward + backward {t_fb:.2f} s")
+    for k, v in per_child.items():
+        print(f"  {k:<26} >= {v / 60:6.1f} min (network calls only)")
+    print(f"  all five children        >= {sum(per_child.values()) / 60:6.1f} min")
+
+
 def _run_child(mode: str, folder: Path) -> dict:
     cmd = ["/usr/bin/time", "-v", sys.executable, __file__, "--child", mode, "--folder", str(folder)]
     proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
@@ -115,6 +168,8 @@ def _run_child(mode: str, folder: Path) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--full", action="store_true", help="the issue's 256x256x128 scale")
+    ap.add_argument("--estimate", action="store_true",
+                    help="plan the scale and time one patch, then print how long the run would take (no run)")
     ap.add_argument("--child")
     ap.add_argument("--folder")
     args = ap.parse_args()
@@ -127,25 +182,31 @@ def main() -> None:
 
     shape = (256, 256, 128) if args.full else (48, 48, 24)
     root = Path(tempfile.mkdtemp(prefix="bench_nnunet_"))
-    S.TRAIN_SHAPE = shape
-    folder = S.make_results(root, folds=(0,))
-    img, _ = S.scan(shape, (0.9, 0.9, 1.8), seed=11)
-    nib.save(img, root / "scan.nii.gz")
-    res = {mode: _run_child(mode, folder)
-           for mode in ("reference", "predict", "saliency", "saliency_after_prediction", "minimum")}
-    print(f"scale: {'full' if args.full else 'reduced'} scan {shape}; plans patch "
-          f"{json.loads((folder / 'plans.json').read_text())['configurations']['3d_fullres']['patch_size']}")
-    for k, v in res.items():
-        print(f"  {k:<26} {v['seconds']:8.2f} s  peak RSS {v['peak_rss_mb']:.0f} MB"
-              + (f"  network calls {v['network_calls']}" if "network_calls" in v else ""))
-    print(f"saliency / (forward+backward of every patch, mirror and fold): "
-          f"{res['saliency']['seconds'] / res['minimum']['seconds']:.2f} (target <= 1.6)")
-    print(f"saliency after the run's prediction pass (its forward reused) / the same minimum: "
-          f"{res['saliency_after_prediction']['seconds'] / res['minimum']['seconds']:.2f} (target <= 1.6)")
-    print(f"peak memory saliency / nnUNetPredictor: "
-          f"{res['saliency']['peak_rss_mb'] / res['reference']['peak_rss_mb']:.2f} (target <= 1.3)")
-    print(f"prediction ours / nnUNetPredictor: {res['predict']['seconds'] / res['reference']['seconds']:.2f} "
-          "(target <= 1.1)")
+    try:
+        S.TRAIN_SHAPE = shape
+        folder = S.make_results(root, folds=(0,))
+        img, _ = S.scan(shape, (0.9, 0.9, 1.8), seed=11)
+        nib.save(img, root / "scan.nii.gz")
+        if args.estimate:
+            estimate(folder, shape)
+            return
+        res = {mode: _run_child(mode, folder)
+               for mode in ("reference", "predict", "saliency", "saliency_after_prediction", "minimum")}
+        print(f"scale: {'full' if args.full else 'reduced'} scan {shape}; plans patch "
+              f"{json.loads((folder / 'plans.json').read_text())['configurations']['3d_fullres']['patch_size']}")
+        for k, v in res.items():
+            print(f"  {k:<26} {v['seconds']:8.2f} s  peak RSS {v['peak_rss_mb']:.0f} MB"
+                  + (f"  network calls {v['network_calls']}" if "network_calls" in v else ""))
+        print(f"saliency / (forward+backward of every patch, mirror and fold): "
+              f"{res['saliency']['seconds'] / res['minimum']['seconds']:.2f} (target <= 1.6)")
+        print(f"saliency after the run's prediction pass (its forward reused) / the same minimum: "
+              f"{res['saliency_after_prediction']['seconds'] / res['minimum']['seconds']:.2f} (target <= 1.6)")
+        print(f"peak memory saliency / nnUNetPredictor: "
+              f"{res['saliency']['peak_rss_mb'] / res['reference']['peak_rss_mb']:.2f} (target <= 1.3)")
+        print(f"prediction ours / nnUNetPredictor: {res['predict']['seconds'] / res['reference']['seconds']:.2f} "
+              "(target <= 1.1)")
+    finally:  # the planned dataset, checkpoints and scans (hundreds of MB at full scale)
+        shutil.rmtree(root, ignore_errors=True)
 
 
 if __name__ == "__main__":

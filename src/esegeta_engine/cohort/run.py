@@ -100,6 +100,8 @@ def _manifest(cfg: CohortConfig, plan: CohortPlan, executor: str) -> dict[str, A
 
 def _record(job: CohortJob, plan: CohortPlan, cfg: CohortConfig, o: JobOutcome, **extra: Any) -> dict[str, Any]:
     method = cfg.methods[job.method_index]
+    if o.network_evaluations is not None:  # as single runs: a deployed pipeline's planned network calls
+        extra["extra"] = {**extra.get("extra", {}), "expected_network_evaluations": o.network_evaluations}
     return MapRecord(key=job.key, model=job.model, subject=job.subject, group=plan.volumes[job.volume].group,
                      method=method.name, label=job.method, layer=job.layer, cls=job.cls,
                      target=o.target_label or f"{cfg.target.kind}-{job.cls}", status=o.status,
@@ -107,9 +109,7 @@ def _record(job: CohortJob, plan: CohortPlan, cfg: CohortConfig, o: JobOutcome, 
                      noise_tunnel=method.noise_tunnel.model_dump() if method.noise_tunnel else None,
                      params=get_method(method.name).resolve_params(method.params), model_evaluations=o.evaluations, expected_evaluations=job.cost,
                      model_inputs=o.model_inputs, worker=o.worker, device=o.device, metrics=o.metrics,
-                     error=o.error, execution=o.execution or None, **extra,
-                     extra={} if o.network_evaluations is None else  # as single runs: planned network calls
-                     {"expected_network_evaluations": o.network_evaluations}).to_json()
+                     error=o.error, execution=o.execution or None, **extra).to_json()
 
 
 def run_cohort(cfg: CohortConfig, *, executor: str | None = None, dry_run: bool = False, resume: bool = False,
