@@ -40,7 +40,7 @@ def worker(shape: tuple[int, ...], patch: int | None, method: str) -> None:
     t = time.perf_counter()
     est = P.probe_run(ex, vol, methods)
     probe_s = time.perf_counter() - t
-    warmup = P.probe_patch.warmup_seconds  # the first, untimed call: what the estimate scaled until 19.8
+    warmup = est.warmup_seconds  # the first, untimed call: what the estimate scaled until 19.8
     start = time.perf_counter()
     ready = next(e for e in ex.iter_explain([vol], methods, threaded=False) if isinstance(e, MapReady))
     actual = time.perf_counter() - start

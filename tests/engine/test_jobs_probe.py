@@ -39,6 +39,7 @@ def test_probe_evaluates_exactly_one_patch_twice(shape, patch) -> None:
     assert isinstance(est, ProbeEstimate)
     assert net.calls == [(patch,) * len(shape)] * 2  # a warm-up and the timed call, of one patch
     assert est.probed == 1 and est.network_calls == 2 and est.patch == (patch,) * len(shape)
+    assert est.warmup_seconds is not None and est.warmup_seconds > 0  # the untimed first call, kept for comparison
     from esegeta_engine.forward.sliding import WindowGrid, WindowSettings
 
     grid = WindowGrid(shape, WindowSettings((patch,) * len(shape)), torch.device("cpu"))

@@ -64,6 +64,8 @@ class ProbeEstimate:
         Patches evaluated by the probe (always 1).
     network_calls : int
         The probe's network calls (2: one warm-up, not timed, and the timed one).
+    warmup_seconds : float or None
+        The first, untimed call (what the estimate scaled until the second pass of issue 19).
     """
 
     patch: tuple[int, ...]
@@ -76,6 +78,7 @@ class ProbeEstimate:
     peak_bytes: int
     probed: int = 1
     network_calls: int = 2
+    warmup_seconds: float | None = None
 
     def text(self) -> str:
         """``≈ 7 min 40 s and ≈ 2.3 GB (one 96×96×96 patch: 0.41 s forward+backward, 180 MB)``."""
@@ -133,6 +136,14 @@ def probe_patch(model: torch.nn.Module, x: torch.Tensor, *, output: int | str | 
     process it ran long and the estimate erred long), the second is timed; the memory is the larger
     growth of the two. ``cancel`` stops it between the network's modules (``Cancelled``).
     """
+    _, seconds, used = _two_calls(model, x, output=output, divisible_by=divisible_by, precision=precision,
+                                  cancel=cancel)
+    return seconds, used
+
+
+def _two_calls(model: torch.nn.Module, x: torch.Tensor, *, output: int | str | None, divisible_by: int,
+               precision: str, cancel: threading.Event | None) -> tuple[float, float, int]:
+    """(warm-up seconds, timed seconds, bytes) of :func:`probe_patch`."""
     device = x.device
     monitor = EvaluationMonitor(cancel)
     monitor.check()
@@ -161,8 +172,7 @@ def probe_patch(model: torch.nn.Module, x: torch.Tensor, *, output: int | str | 
             # memory from either call (the cold first one grows the resident set most)
             used = max(used, torch.cuda.max_memory_allocated(device) - before if cuda
                        else max(grown, resident_bytes() - before))
-    probe_patch.warmup_seconds = times[0]  # type: ignore[attr-defined]  # for benchmarks/bench_probe_estimate.py
-    return times[1], max(int(used), 0)
+    return times[0], times[1], max(int(used), 0)
 
 
 def probe_run(explainer: Any, volume: Any, methods: Sequence[Any], x: torch.Tensor | None = None, *,
@@ -202,8 +212,8 @@ def probe_run(explainer: Any, volume: Any, methods: Sequence[Any], x: torch.Tens
     divisible = max(form.divisible_by, 1)
     while True:  # a U-Net may need the crop padded to 2**k, as the whole-volume run finds out
         try:
-            seconds, used = probe_patch(explainer.model, crop, output=explainer.output,
-                                        divisible_by=divisible, precision=form.precision, cancel=cancel)
+            warmup, seconds, used = _two_calls(explainer.model, crop, output=explainer.output,
+                                               divisible_by=divisible, precision=form.precision, cancel=cancel)
             break
         except Cancelled:
             raise
@@ -218,4 +228,4 @@ def probe_run(explainer: Any, volume: Any, methods: Sequence[Any], x: torch.Tens
     alive = used * (batch if form.sliding is not None else per_evaluation)
     return ProbeEstimate(patch=patch, patch_seconds=seconds, patch_bytes=used, patches_per_evaluation=per_evaluation,
                          batch=batch, expected_evaluations=expected, seconds=total,
-                         peak_bytes=int(resident_bytes() + alive + buffers))
+                         peak_bytes=int(resident_bytes() + alive + buffers), warmup_seconds=warmup)
