@@ -8,7 +8,10 @@
    made). "add map" is the Explain tab's path: the layer data (contrast limits, signedness) built
    in a worker thread, only napari's ``add_image`` on the GUI thread; "before" builds it on the
    GUI thread as the tab did until 19.6, measured in the same run.
-2. Evaluate tab: Cancel during randomisation; the time from the click to the worker's end.
+2. Cancel latency, the click to the worker's end: in the Explain tab ``--cancel-delays`` seconds into a
+   saliency run (the probe, the prediction pass or the method's forward/backward, on the sample and on
+   the big volume, whole-volume execution) and, on the sample, in the Evaluate tab's randomisation.
+   "before" switches off the checks inside one model evaluation (the engine until 19.8), in the same run.
 3. Peak resident memory of evaluating a sliding-window map (infidelity + faithfulness, the one
    evaluation session) against explaining it (saliency), each in a fresh process on the same
    volume, model and execution (patch 32, overlap 0.25). Target: Evaluate ≤ 1.3× Explain.
@@ -120,6 +123,12 @@ def gui(args) -> None:
 
         QTimer.singleShot(5, poll)
 
+    if args.cancel_only:
+        cancel_latency(app, viewer, dock, args)
+        return
+    if args.preview_3d:
+        preview_3d(app, viewer, args)
+        return
     rows = {"add map, statistics on the GUI thread (before)": [], "add map": [],
             "side by side, paint inside the click (before)": [], "side by side": [], "3D": []}
     for r in range(args.repeats):
@@ -158,33 +167,121 @@ def gui(args) -> None:
     for name, gaps in rows.items():
         print(f"RESULT {args.size} {shape}: longest event-loop gap, {name}: max {max(gaps) * 1000:.0f} ms, "
               f"median {statistics.median(gaps) * 1000:.0f} ms (target <= 100 ms)")
-    if args.size == "sample" and not args.no_cancel:
-        cancel_latency(app, viewer, dock, args.repeats)
+    if not args.no_cancel:
+        cancel_latency(app, viewer, dock, args)
 
 
-def cancel_latency(app, viewer, dock, repeats: int) -> None:
+class InEvaluationChecks:
+    """Switch the cancel checks inside one model evaluation (between the network's modules) off and on:
+    "before" is the engine until 19.8, which checked only between evaluations and patch batches."""
+
+    def __init__(self) -> None:
+        from esegeta_engine.forward import cancel_points, runner, sliding
+
+        self.modules, self.real = (runner, sliding), cancel_points.cancel_points
+
+    def set(self, on: bool) -> None:
+        import contextlib
+
+        for m in self.modules:
+            m.cancel_points = self.real if on else (lambda check: contextlib.nullcontext())
+
+
+def _click_cancel(app, tab, start, delay: float) -> tuple[float, str]:
+    """Start a run with ``start()``, click Cancel ``delay`` seconds into its work; (latency, where it was)."""
+    start()
+    _pump(app, delay)
+    if not tab.running and getattr(tab, "_probe_stopped", False):  # the estimate stopped it: "Run anyway"
+        start()
+        _pump(app, delay)
+    if not tab.running:
+        return float("nan"), "finished before the click"
+    where = tab.progress_label.text() or "preparing"
+    t = time.perf_counter()
+    tab.cancel()
+    _wait(app, lambda: not tab.running, 600)
+    return time.perf_counter() - t, where
+
+
+def cancel_latency(app, viewer, dock, args) -> None:
+    """Cancel in the Explain tab (probe, prediction pass, saliency) and, on the sample, in the Evaluate
+    tab's randomisation; the in-evaluation checks off (before) and on (now), interleaved in one run."""
+    checks = InEvaluationChecks()
     mw = dock.model
     mw.use_bundled()
     _wait(app, lambda: mw.session.model is not None or mw.status.property("status_kind") == "error", 120)
     ex = dock.show_tab("Explain")
     ex.kind_combo.setCurrentText("argmax")
     ex.methods.check("saliency")
-    ex.run()
-    _wait(app, lambda: not ex.running, 300)
-    ev = dock.show_tab("Evaluate")
-    ev.refresh_maps()
-    ev.form.set_checked(axioms=False, infidelity=False, faithfulness=False, randomisation=True)
-    latencies = []
-    for _ in range(repeats):
-        ev.run()
-        _wait(app, lambda: "randomisation" in ev.last_message or "randomisation" in ev.progress_label.text(), 300)
-        _pump(app, 1.0)
-        t = time.perf_counter()
-        ev.cancel()
-        _wait(app, lambda: not ev.running, 120)
-        latencies.append(time.perf_counter() - t)
-    print(f"RESULT Evaluate Cancel latency (randomisation, 64^3, bundled U-Net): max {max(latencies) * 1000:.0f} ms, "
-          f"median {statistics.median(latencies) * 1000:.0f} ms (target <= 1000 ms)")
+    size = "64^3" if args.size == "sample" else "x".join(map(str, BIG))
+    rows: dict[str, list[float]] = {}
+    for r in range(args.repeats):
+        for on in (False, True):
+            checks.set(on)
+            for delay in args.cancel_delays:
+                latency, where = _click_cancel(app, ex, ex.run, delay)
+                name = f"Explain Cancel {delay:g} s into the run, {'now' if on else 'before'}"
+                rows.setdefault(name, []).append(latency)
+                print(f"  {name}: {latency * 1000:.0f} ms (at: {where[:70]!r})", flush=True)
+                for layer in [ly for ly in viewer.layers if ly.name in ex.added]:
+                    viewer.layers.remove(layer)
+    if args.size == "sample":
+        checks.set(True)
+        ex.run()  # one map to evaluate
+        _wait(app, lambda: not ex.running, 600)
+        ev = dock.show_tab("Evaluate")
+        ev.refresh_maps()
+        ev.form.set_checked(axioms=False, infidelity=False, faithfulness=False, randomisation=True)
+        for r in range(args.repeats):
+            for on in (False, True):
+                checks.set(on)
+                ev.run()
+                _wait(app, lambda: "randomisation" in ev.last_message or "randomisation" in ev.progress_label.text(),
+                      600)
+                _pump(app, 1.0)
+                t = time.perf_counter()
+                ev.cancel()
+                _wait(app, lambda: not ev.running, 600)
+                rows.setdefault(f"Evaluate Cancel in the randomisation, {'now' if on else 'before'}",
+                                []).append(time.perf_counter() - t)
+    checks.set(True)
+    for name, values in rows.items():
+        ok = [v for v in values if v == v]
+        if ok:
+            print(f"RESULT {size}, bundled U-Net, whole volume: {name}: max {max(ok) * 1000:.0f} ms, "
+                  f"median {statistics.median(ok) * 1000:.0f} ms over {len(ok)} (target <= 1000 ms)")
+
+
+def preview_3d(app, viewer, args) -> None:
+    """Experiment (not the plugin's path): the map as a full-resolution layer against a multiscale layer
+    (full, 2x, 4x) in 3D, where napari renders the lowest level; add_image time and one rendered frame
+    (``viewer.screenshot``), interleaved in one run, the scan (full resolution) underneath."""
+    import numpy as np
+    from scipy.ndimage import gaussian_filter
+
+    shape = BIG if args.size == "big" else (64, 64, 64)
+    m = gaussian_filter(np.random.default_rng(0).standard_normal(shape).astype(np.float32), 4)
+    levels = [m, m[::2, ::2, ::2], m[::4, ::4, ::4]]
+    viewer.dims.ndisplay = 3
+    rows: dict[str, list[tuple[float, float]]] = {"full resolution": [], "multiscale, lowest level 4x": []}
+    for _ in range(args.repeats):
+        for name in rows:
+            multi = name != "full resolution"
+            t = time.perf_counter()
+            layer = viewer.add_image(levels if multi else m, multiscale=multi, rendering="mip", colormap="magma",
+                                     blending="translucent", opacity=0.8)
+            added = time.perf_counter() - t
+            _pump(app, 0.5)
+            t = time.perf_counter()
+            viewer.screenshot(canvas_only=True)
+            rows[name].append((added, time.perf_counter() - t))
+            viewer.layers.remove(layer)
+            _pump(app, 0.3)
+    viewer.dims.ndisplay = 2
+    for name, v in rows.items():
+        print(f"RESULT {args.size} {shape} 3D map layer, {name}: add_image median "
+              f"{statistics.median(a for a, _ in v) * 1000:.0f} ms, one rendered frame median "
+              f"{statistics.median(f for _, f in v) * 1000:.0f} ms")
 
 
 def memory_worker(kind: str, size: int) -> None:
@@ -245,6 +342,11 @@ def main() -> None:
     ap.add_argument("--size", choices=("sample", "big"), default="sample")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--no-cancel", action="store_true")
+    ap.add_argument("--cancel-only", action="store_true", help="only the Cancel latencies (no stall rows)")
+    ap.add_argument("--preview-3d", action="store_true",
+                    help="experiment: a multiscale map layer against a full-resolution one in 3D")
+    ap.add_argument("--cancel-delays", type=float, nargs="+", default=[2.0, 8.0],
+                    help="seconds into an Explain run at which Cancel is clicked")
     ap.add_argument("--settle", type=float, default=3.0, help="seconds of event loop watched after each action")
     ap.add_argument("--memory", action="store_true", help="only the memory comparison")
     ap.add_argument("--memory-size", type=int, default=96, help="phantom edge for the memory comparison")

@@ -69,7 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="allow a MONAI bundle's config to run (its $ expressions and _target_ objects); "
                         "a config cannot ask for this")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
-    p.add_argument("--dry-run", action="store_true", help="cohort: print the plan's size and cost, write nothing")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the plan (jobs, refused methods, model evaluations; a single run also times one "
+                        "patch for its time and memory estimate) and write nothing")
     p.add_argument("--executor", choices=list(executor_names()),
                    help="who runs the jobs (overrides execution.executor, or cohort.executor for a cohort)")
     p.add_argument("--scheduler", help="Dask scheduler address for --executor dask")
@@ -170,6 +172,10 @@ def _print_error(exc: EsegetaError) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``esegeta``."""
+    if argv is None:  # the console command owns its process: one malloc arena for the model thread too
+        from esegeta_engine.malloc_arena import share_malloc_arena
+
+        share_malloc_arena()
     args = build_parser().parse_args(argv)
     _setup_logging(args.verbose)
     if argv is None:  # the console command: a job abandoned by the watchdog must not crash the exit

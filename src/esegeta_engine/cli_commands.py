@@ -128,9 +128,6 @@ def cmd_run(args: argparse.Namespace) -> int:
         from esegeta_engine.cohort.cli import cmd_cohort
 
         return cmd_cohort(args, data)
-    if args.dry_run:
-        raise ConfigError("--dry-run applies to cohort configs",
-                          "add `models:` and `cohort:` sections (see README.md), or drop the flag")
     cfg = parse_config(data, base=Path(args.config).parent.resolve(), source=Path(args.config).name)
     for flag in ("executor", "scheduler", "workers"):  # a single run is a cohort of one: same executors
         if getattr(args, flag, None):
@@ -141,6 +138,13 @@ def cmd_run(args: argparse.Namespace) -> int:
         cfg.output.overwrite = True
     if args.device:
         cfg.model.device = args.device
+    if args.dry_run:  # the plan and one probed patch; no prediction pass, nothing written
+        from esegeta_engine.jobs.dry_run import dry_run
+
+        plan = dry_run(cfg, args.trust_pickled, getattr(args, "trust_bundle", False))
+        print("\n".join(plan.lines()))
+        print(f"dry run: nothing written (the run would write to {cfg.output.dir})")
+        return 0
     return _execute(cfg, args.quiet, getattr(args, "resume", False), trust_pickled=args.trust_pickled,
                     trust_bundle=getattr(args, "trust_bundle", False))
 

@@ -102,3 +102,31 @@ def reference_probabilities(folder: Path, folds: tuple, img: nib.Nifti1Image, mi
     spacing = [float(s) for s in img.header.get_zooms()[:3]][::-1]
     _, probs = pred.predict_single_npy_array(data, {"spacing": spacing}, None, None, True)
     return np.asarray(probs).transpose(0, 3, 2, 1)
+
+
+def add_configuration(folder: Path, configuration: str, folds: tuple[int, ...] = (0,),
+                      mirror_axes: tuple[int, ...] = (0, 1)) -> Path:
+    """A sibling results folder for another configuration of the same plans (e.g. ``2d``)."""
+    from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    plans = json.loads((folder / "plans.json").read_text())
+    dataset = json.loads((folder / "dataset.json").read_text())
+    out = folder.parent / f"nnUNetTrainer__nnUNetPlans__{configuration}"
+    out.mkdir(exist_ok=True)
+    (out / "plans.json").write_text(json.dumps(plans))
+    (out / "dataset.json").write_text(json.dumps(dataset))
+    cm = PlansManager(plans).get_configuration(configuration)
+    for f in folds:
+        torch.manual_seed(200 + f)
+        net = get_network_from_plans(cm.network_arch_class_name, cm.network_arch_init_kwargs,
+                                     cm.network_arch_init_kwargs_req_import, 1, 2, allow_init=True,
+                                     deep_supervision=False)
+        (out / f"fold_{f}").mkdir(exist_ok=True)
+        torch.save({"network_weights": net.state_dict(), "optimizer_state": {}, "grad_scaler_state": None,
+                    "logging": {}, "_best_ema": None, "current_epoch": 1,
+                    "init_args": {"plans": plans, "configuration": configuration, "fold": f,
+                                  "dataset_json": dataset, "device": torch.device("cpu")},
+                    "trainer_name": "nnUNetTrainer", "inference_allowed_mirroring_axes": mirror_axes},
+                   out / f"fold_{f}" / "checkpoint_final.pth")
+    return out

@@ -43,12 +43,17 @@ def test_nnunet_folder_and_bundle_as_cohort_models_equal_single_runs(nnunet_fold
     assert {m["path"] for m in manifest["models"]} == {str(nnunet_folder), str(bundle)}
     by_model = {r["model"]: r for r in manifest["results"]}
     assert set(by_model) == {"nn", "bun"} and all(r["status"] == "ok" for r in by_model.values())
+    for rec in by_model.values():  # planned (before any network ran) == counted, as in single runs
+        ex = rec["execution"]
+        ran = ex["forward_network_calls"] + ex.get("reused_network_calls", 0)
+        assert rec["expected_network_evaluations"] == ran == ex["network_calls_per_input"] > 0
     for name, model in models.items():  # a single run is a cohort of one: one key, the same map
         single = run(parse_config({"model": model, "volumes": [str(scan)], **_common(scan),
                                    "output": {"dir": str(tmp_path / name)}}), trust_bundle=True)
         (rec,) = single.records
         other = by_model[name]
         assert rec["key"] == other["key"]
+        assert rec["expected_network_evaluations"] == other["expected_network_evaluations"]
         assert rec["execution"]["pipeline"] == ("nnunet" if name == "nn" else "bundle")
         first = gzip.decompress((tmp_path / name / rec["file"]).read_bytes())
         second = gzip.decompress((tmp_path / "cohort" / other["file"]).read_bytes())

@@ -68,3 +68,39 @@ def test_bundle_single_run_with_a_pool_takes_trust_bundle_to_the_worker(tmp_path
     assert inline["results"][0]["key"] == pool["results"][0]["key"]
     assert _map_bytes(tmp_path / "inline", inline) == _map_bytes(tmp_path / "pool", pool)
     assert len(list((tmp_path / "trace-pool").iterdir())) == 1
+
+
+def test_pool_jobs_bring_back_the_curves_and_stability_map_an_inline_run_writes(tmp_path):
+    """curves.json and the stability spread map: the same bytes from inline and pool runs, and a cohort's."""
+    from esegeta_engine.cohort import parse_cohort_config, run_cohort
+    from esegeta_engine.config import parse_config
+    from esegeta_engine.pipeline import run
+
+    from jobs_helpers import cohort_data, model_file, run_data, volume_file
+
+    model, volume = model_file(tmp_path / "in"), volume_file(tmp_path / "in")
+    evaluation = {"report": False, "faithfulness": {"steps": 4}, "stability": {"samples": 2}}
+    records, curves = {}, {}
+    for name in ("inline", "pool"):
+        data = {**run_data(model, volume, tmp_path / name), "evaluation": evaluation,
+                "execution": {"executor": name}}
+        result = run(parse_config(data))
+        assert result.status == "completed" and len(result.records) == 2
+        records[name] = result.records
+        curves[name] = json.loads((tmp_path / name / "curves.json").read_text())
+    assert curves["inline"] == curves["pool"]
+    assert set(curves["pool"]) == {r["file"] for r in records["pool"]} and len(curves["pool"]) == 2
+    for a, b in zip(records["inline"], records["pool"]):
+        assert a["stability_map"] == b["stability_map"]
+        first = gzip.decompress((tmp_path / "inline" / a["stability_map"]).read_bytes())
+        assert first == gzip.decompress((tmp_path / "pool" / b["stability_map"]).read_bytes())
+    # a cohort (its inline executor also sends JobSpecs) writes the same curves and spread maps
+    data = cohort_data({"m": model}, [volume], tmp_path / "cohort")
+    cohort = run_cohort(parse_cohort_config({**data, "evaluation": evaluation}))
+    mine = json.loads((tmp_path / "cohort" / "curves.json").read_text())
+    by_key = {r["key"]: r for r in cohort.records}
+    for rec in records["inline"]:
+        other = by_key[rec["key"]]
+        assert mine[other["file"]] == curves["inline"][rec["file"]]
+        assert gzip.decompress((tmp_path / "cohort" / other["stability_map"]).read_bytes()) == \
+            gzip.decompress((tmp_path / "inline" / rec["stability_map"]).read_bytes())

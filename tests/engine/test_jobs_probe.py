@@ -1,4 +1,5 @@
-"""The one-patch probe (issue 19.7): one network call, and an estimate that scales with the plan."""
+"""The one-patch probe (issue 19.7): two network calls of one patch (a warm-up, not timed, and the timed one),
+and an estimate that scales with the plan."""
 
 from __future__ import annotations
 
@@ -30,14 +31,14 @@ def _volume(shape):
 
 
 @pytest.mark.parametrize("shape, patch", [((40, 36, 24), 16), ((40, 36), 16)])
-def test_probe_evaluates_exactly_one_patch(shape, patch) -> None:
+def test_probe_evaluates_exactly_one_patch_twice(shape, patch) -> None:
     net = CountingNet(len(shape)).eval()
     ex = Explainer(net, PreprocessConfig(spatial_dims=len(shape)), TargetConfig(classes=[1]),
                    execution=ExecutionConfig(patch_size=patch))
     est = probe_run(ex, _volume(shape), [MethodConfig(name="saliency")])
     assert isinstance(est, ProbeEstimate)
-    assert net.calls == [(patch,) * len(shape)]  # one call, of one patch
-    assert est.probed == 1 and est.patch == (patch,) * len(shape)
+    assert net.calls == [(patch,) * len(shape)] * 2  # a warm-up and the timed call, of one patch
+    assert est.probed == 1 and est.network_calls == 2 and est.patch == (patch,) * len(shape)
     from esegeta_engine.forward.sliding import WindowGrid, WindowSettings
 
     grid = WindowGrid(shape, WindowSettings((patch,) * len(shape)), torch.device("cpu"))
@@ -50,7 +51,7 @@ def test_whole_volume_probe_crops_and_scales_by_voxels() -> None:
     net = CountingNet(3).eval()
     ex = Explainer(net, PreprocessConfig(), TargetConfig(classes=[1]))
     est = probe_run(ex, _volume((96, 80, 8)), [MethodConfig(name="saliency")])
-    assert net.calls == [(64, 64, 8)]
+    assert net.calls == [(64, 64, 8)] * 2
     assert est.patches_per_evaluation == pytest.approx(96 * 80 * 8 / (64 * 64 * 8))
 
 
@@ -63,7 +64,7 @@ def test_estimate_scales_with_expected_evaluations() -> None:
     assert many.expected_evaluations > few.expected_evaluations >= 1
     for est in (few, many):  # seconds = evaluations x patches per evaluation x one patch's time
         assert est.seconds == pytest.approx(est.expected_evaluations * est.patches_per_evaluation * est.patch_seconds)
-    assert len(net.calls) == 2  # one patch per probe
+    assert len(net.calls) == 4  # one patch, twice, per probe
     assert "patch" in many.text() and "evaluations" in many.text()
 
 

@@ -17,7 +17,6 @@ import torch
 import bundle_setup as B
 from esegeta_engine.cli import main
 from esegeta_engine.config import ModelConfig, parse_config
-from esegeta_engine.errors import ModelLoadError
 from esegeta_engine.models import Trust, get_layer, load_source
 from esegeta_engine.pipeline import run
 
@@ -106,10 +105,12 @@ def test_methods_through_the_bundle_pipeline_give_maps_on_the_scans_affine(bundl
     np.testing.assert_allclose(np.moveaxis(probs.get_fdata(), -1, 0), B.monai_reference(bundle, scan), atol=1e-4)
 
 
-def test_layers_inside_the_network_are_refused_by_name(bundle, scan):
+def test_layers_inside_the_network_resolve_and_methods_not_built_there_are_refused(bundle, scan):
     m = _loaded(bundle, scan).module
-    with pytest.raises(ModelLoadError, match="(?s)inside the bundle's network.*network_input"):
-        get_layer(m, "network.conv_0")
+    assert m.runs_layer_per_member(get_layer(m, "network.conv_0"))  # per patch (test_models_member_layer.py)
+    why = m.layer_method_refusal("layer_deeplift", "network.conv_0")
+    assert why is not None and "inside the bundle's network" in why[0] and "layer_gradcam" in why[1]
+    assert m.layer_method_refusal("layer_gradient_x_activation", "network.conv_0") is None
     assert get_layer(m, "network_input") is m.network_input
 
 
@@ -153,3 +154,25 @@ def test_an_inferer_we_do_not_run_is_refused_by_name(scan, tmp_path, capsys):
     cfg = B.config(inferer={"_target_": "SlidingWindowInfererAdapt", "roi_size": [16, 16, 16]})
     root = B.write_bundle(tmp_path / "b", cfg)
     assert "inferer SlidingWindowInfererAdapt is not one we run" in _cli(root, scan, tmp_path, capsys)
+
+
+def test_an_ensemble_bundle_is_refused_by_name(scan, tmp_path, capsys):
+    post = B.config()["postprocessing"]
+    post["transforms"].insert(0, {"_target_": "MeanEnsembled", "keys": ["pred"], "output_key": "pred"})
+    root = B.write_bundle(tmp_path / "b", B.config(postprocessing=post))
+    assert "defines an ensemble (MeanEnsembled)" in _cli(root, scan, tmp_path, capsys)
+
+
+def test_a_bundle_has_no_fold_or_mirror_members_and_stability_says_so(bundle, scan):
+    from esegeta_engine.errors import MethodError
+    from esegeta_engine.evaluation.stability import choose_members
+
+    m = _loaded(bundle, scan).module
+    assert m.members("folds") == [] and m.members("mirrors") == []
+    for over in ("folds", "mirrors"):
+        with pytest.raises(MethodError, match="0 .* member\\(s\\), not several \\(a MONAI bundle runs its one "
+                                              "network_def with no test-time augmentation") as info:
+            choose_members(m, over)
+        problem, fix = str(info.value).splitlines()  # one line for the problem, one for the fix
+        assert "stability.over: noise" in fix
+    assert choose_members(m, "auto") == ("noise", None)  # the documented fallback

@@ -107,7 +107,9 @@ def _record(job: CohortJob, plan: CohortPlan, cfg: CohortConfig, o: JobOutcome, 
                      noise_tunnel=method.noise_tunnel.model_dump() if method.noise_tunnel else None,
                      params=get_method(method.name).resolve_params(method.params), model_evaluations=o.evaluations, expected_evaluations=job.cost,
                      model_inputs=o.model_inputs, worker=o.worker, device=o.device, metrics=o.metrics,
-                     error=o.error, **extra).to_json()
+                     error=o.error, execution=o.execution or None, **extra,
+                     extra={} if o.network_evaluations is None else  # as single runs: planned network calls
+                     {"expected_network_evaluations": o.network_evaluations}).to_json()
 
 
 def run_cohort(cfg: CohortConfig, *, executor: str | None = None, dry_run: bool = False, resume: bool = False,
@@ -140,6 +142,8 @@ def run_cohort(cfg: CohortConfig, *, executor: str | None = None, dry_run: bool 
         Problems found before work starts (inputs, grids, unreachable scheduler).
     """
     from esegeta_engine.cohort.aggregate import write_cohort_results
+    from esegeta_engine.evaluation.evaluators import CURVES_KEY
+    from esegeta_engine.evaluation.map_extras import map_extras
     from esegeta_engine.jobs.executors import make_executor
 
     plan = plan or plan_cohort(cfg)
@@ -174,13 +178,21 @@ def run_cohort(cfg: CohortConfig, *, executor: str | None = None, dry_run: bool 
     grids: dict[int, Volume] = {}
     started = time.perf_counter()
     done = len(kept)
+    curves: dict[str, Any] = {}
     try:
         for outcome in runner.map(job_specs(cfg, plan, todo)):
             job = by_key[outcome.key]
             extra: dict[str, Any] = {}
             if outcome.status == "ok" and outcome.array is not None:
-                written = save_map(outcome.array, grid_volume(plan, job.volume, grids), out / job.file)
+                grid = grid_volume(plan, job.volume, grids)
+                written = save_map(outcome.array, grid, out / job.file)
                 extra = {"file": job.file, "sha256": file_sha256(written)}
+                # the same extra files as a single run's (the worker sent what they are made from)
+                extra["extra"] = map_extras(outcome.extras, outcome.array, grid, out, job.file, None,
+                                            cfg.evaluation, None)[1]
+                if CURVES_KEY in outcome.extras:
+                    curves[job.file] = outcome.extras[CURVES_KEY]
+                    write_json(curves, out / "curves.json")
             else:
                 log.warning("%s · %s · %s · class %d: %s (%s)", job.model, job.subject, job.method, job.cls,
                             outcome.status, outcome.error)

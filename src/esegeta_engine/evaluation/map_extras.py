@@ -12,7 +12,28 @@ from esegeta_engine.config import EvaluationConfig
 from esegeta_engine.evaluation.standard import STABILITY_MAP
 from esegeta_engine.evaluation.trust import scorecard, verdicts_for
 
-__all__ = ["expected_metric_evaluations", "map_extras", "refresh_trust"]
+__all__ = ["STABILITY_NIFTI", "expected_metric_evaluations", "map_extras", "portable_extras", "refresh_trust"]
+
+STABILITY_NIFTI = "_stability_std_nifti"
+"""A job's stability spread already in NIfTI order (what a worker sends back; see :func:`portable_extras`)."""
+
+
+def portable_extras(raw_metrics: dict[str, Any], geometry: Any) -> dict[str, Any]:
+    """The raw entries of a job's metrics that the run's extra files are built from, small and picklable.
+
+    A worker (device pool, Dask) returns these beside the scalar metrics, so the run that gets its
+    outcome writes the same ``curves.json`` and stability map as an inline run: the faithfulness
+    curves as they are, and the stability spread in NIfTI order (``geometry`` is the job's).
+    """
+    from esegeta_engine.evaluation.evaluators import CURVES_KEY
+
+    out: dict[str, Any] = {}
+    if CURVES_KEY in raw_metrics:
+        out[CURVES_KEY] = raw_metrics[CURVES_KEY]
+    spread = raw_metrics.get(STABILITY_MAP)
+    if spread is not None:
+        out[STABILITY_NIFTI] = geometry.to_nifti(np.asarray(spread)[0]).astype(np.float32)
+    return out
 
 
 def expected_metric_evaluations(cfg: EvaluationConfig, job: Any, model: Any) -> int | None:
@@ -38,9 +59,11 @@ def map_extras(raw_metrics: dict[str, Any], array: np.ndarray, volume: Any, out_
     if made:  # the standard scores' own model evaluations, next to the plan's estimate
         record["metric_evaluations"] = int(sum(made))
     spread = raw_metrics.get(STABILITY_MAP)
-    if spread is not None:
+    nifti = raw_metrics.get(STABILITY_NIFTI)  # a worker's, already in NIfTI order
+    if spread is not None or nifti is not None:
         std_name = name.replace(".nii.gz", "__stability-std.nii.gz")
-        save_map(geometry.to_nifti(np.asarray(spread)[0]).astype(np.float32), volume, out_dir / std_name)
+        std = nifti if spread is None else geometry.to_nifti(np.asarray(spread)[0]).astype(np.float32)
+        save_map(std, volume, out_dir / std_name)
         record["stability_map"] = std_name
     if cfg.energy_pointing is not None and ground_truth is not None and np.asarray(ground_truth).any():
         from esegeta_engine.evaluation.pointing import pointing_scores

@@ -291,13 +291,17 @@ def run_randomisation(
 
     designs: list[np.ndarray] | None = None
 
+    def stop_if_cancelled() -> None:
+        if cancel.is_set():
+            raise Cancelled("cancelled by the user")
+
     def run_all(model_copy: nn.Module, stage: str, active: set[str]) -> dict[str, np.ndarray]:
         nonlocal done, designs
         score_model = build_score_model(model_copy)
         if designs is None and footprint is not False:
             region = footprint if isinstance(footprint, np.ndarray) else \
                 target_region(getattr(score_model, "target", None), target, tuple(inputs.shape[2:]))
-            designs = [] if region is None else [footprint_design(r) for r in region]
+            designs = [] if region is None else [footprint_design(r, check=stop_if_cancelled) for r in region]
         if isinstance(score_model, ScoreModel) and score_model.monitor.cancel is not cancel:
             score_model.monitor = EvaluationMonitor(cancel, score_model.monitor.on_evaluation)
         maps = {}

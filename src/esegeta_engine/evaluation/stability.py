@@ -90,7 +90,9 @@ def choose_members(model: Any, over: str = "auto", models: Sequence[nn.Module] =
         found = _members_of_kind(model, over)
         if found is None or len(found) < 2:
             n = 0 if found is None else len(found)
-            raise MethodError(f"stability over {over}: the model has {n} {over[:-1]} member(s), not several",
+            note = getattr(getattr(model, "model", model), "members_note", None)  # why a source has none
+            raise MethodError(f"stability over {over}: the model has {n} {over[:-1]} member(s), not several"
+                              + (f" ({note})" if note and n == 0 else ""),
                               "use stability.over: noise (or auto), or a model with several folds")
         return over, found
     folds = _members_of_kind(model, "folds")

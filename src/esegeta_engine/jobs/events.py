@@ -79,7 +79,7 @@ def outcome_event(job: Job, outcome: Any) -> MapReady | JobFailed:
     that ran it elsewhere (a device pool, Dask): what the in-process run would have yielded."""
     if outcome.status == "ok" and outcome.array is not None:
         return MapReady(job, job.volumes[0], outcome.array, outcome.seconds, outcome.evaluations,
-                        dict(outcome.metrics), outcome.model_inputs, list(outcome.notes),
+                        {**outcome.metrics, **getattr(outcome, "extras", {})}, outcome.model_inputs, list(outcome.notes),
                         dict(outcome.execution), outcome.patch_evaluations)
     return JobFailed(job, outcome.status, outcome.error or "the job produced no map", outcome.seconds,
                      outcome.evaluations)

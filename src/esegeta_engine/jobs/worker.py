@@ -66,6 +66,10 @@ class JobOutcome:
     notes: list[str] = field(default_factory=list)
     execution: dict[str, Any] = field(default_factory=dict)
     patch_evaluations: int = 0
+    extras: dict[str, Any] = field(default_factory=dict)
+    """The raw metric entries a run's extra files come from (faithfulness curves, the stability
+    spread in NIfTI order: :func:`~esegeta_engine.evaluation.map_extras.portable_extras`)."""
+    network_evaluations: int | None = None  # a deployed pipeline's planned network calls (the job's plan)
 
 
 def worker_device(default: str) -> str:
@@ -138,6 +142,7 @@ def execute_job(spec: JobSpec, device: str | None = None, cancel: threading.Even
 def _run(spec: JobSpec, device: str, where: str, start: float, cancel: threading.Event | None) -> JobOutcome:
     from esegeta_engine.config import parse_config
     from esegeta_engine.evaluation.evaluators import make_evaluators, scalar_metrics
+    from esegeta_engine.evaluation.map_extras import portable_extras
     from esegeta_engine.explain import Explainer, JobFailed, MapReady
     from esegeta_engine.inputs import load_inputs, load_mask_on_grid
 
@@ -169,7 +174,9 @@ def _run(spec: JobSpec, device: str, where: str, start: float, cancel: threading
             return JobOutcome(spec.key, "ok", event.array, metrics, event.seconds, event.evaluations,
                               event.inputs_evaluated, worker=where, device=device,
                               target_label=event.job.cls_label, notes=list(event.notes),
-                              execution=dict(event.execution), patch_evaluations=event.patch_evaluations)
+                              execution=dict(event.execution), patch_evaluations=event.patch_evaluations,
+                              extras=portable_extras(event.metrics, explainer.geometry(volumes[0])),
+                              network_evaluations=getattr(event.job, "network_evaluations", None))
         if isinstance(event, JobFailed):
             return JobOutcome(spec.key, event.status, error=event.error, seconds=event.seconds,
                               evaluations=event.evaluations, worker=where, device=device,

@@ -40,8 +40,12 @@ STITCHED_LAYER = register_patchwise_mode(PatchwiseMode(
 
 
 def is_patchwise(ctx: MethodContext) -> bool:
-    """True when the score model runs the network as a sliding window."""
-    return bool(getattr(ctx.score_model, "patchwise", False))
+    """True when the score model runs the network as a sliding window, or the layer lies inside a
+    deployed pipeline's network, which runs it once per member (nnU-Net's folds, mirrors and patches)."""
+    if getattr(ctx.score_model, "patchwise", False):
+        return True
+    inside = getattr(getattr(getattr(ctx.score_model, "net", None), "model", None), "runs_layer_per_member", None)
+    return ctx.layer is not None and callable(inside) and bool(inside(ctx.layer))
 
 
 def reduce_channels(t: torch.Tensor, how: str) -> torch.Tensor:

@@ -35,6 +35,11 @@ def check_applicable(spec: MethodSpec, ctx: MethodContext) -> None:
             f"method '{spec.name}' needs a layer",
             "give one with `layers: [name]`; `esegeta layers MODEL` lists the module names",
         )
+    pipe = getattr(getattr(ctx.score_model, "net", None), "model", None)  # a deployed pipeline (nnU-Net, bundle)
+    refusal = getattr(pipe, "layer_method_refusal", None)
+    why = refusal(spec.name, ctx.layer_name or "") if spec.needs_layer and callable(refusal) else None
+    if why is not None:
+        raise MethodError(*why)
     if spec.needs_batch and ctx.inputs.shape[0] < 2:
         raise batch_refusal(spec, patchwise=False)
 

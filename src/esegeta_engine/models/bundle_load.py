@@ -40,6 +40,12 @@ def build_pipeline(folder: Path, config_path: Path, cfg: Any, trust: Trust) -> L
     parser = ConfigParser()
     parser.read_config(str(config_path))
     parser["bundle_root"] = str(folder)
+    ensemble = _ensemble(parser.get(""))
+    if ensemble:
+        raise ModelLoadError(f"{config_path} defines an ensemble ({ensemble}); only its network_def would be "
+                             "explained, not the ensemble it deploys",
+                             "explain each member network with a copy of the config whose network_def and weights "
+                             "are that member's (a cohort's models: list compares them)")
     network, weights = _network(parser, folder, config_path, dev, trust)
     pre, post, inferer = (_parsed(parser, key, config_path) for key in ("preprocessing", "postprocessing", "inferer"))
     steps = BundleSteps.of(pre, post)
@@ -87,6 +93,21 @@ def read_metadata(folder: Path) -> dict[str, Any]:
     if isinstance(image.get("num_channels"), int):
         out["channels"] = int(image["num_channels"])
     return out
+
+
+ENSEMBLE_TARGETS = ("EnsembleEvaluator", "MeanEnsembled", "VoteEnsembled", "MeanEnsemble", "VoteEnsemble")
+
+
+def _ensemble(node: Any) -> str | None:
+    """The first ensemble ``_target_`` in a raw bundle config (None: a single network)."""
+    if isinstance(node, dict):
+        target = node.get("_target_")
+        if isinstance(target, str) and target.rsplit(".", 1)[-1] in ENSEMBLE_TARGETS:
+            return target
+        node = list(node.values())
+    if isinstance(node, list):
+        return next((found for found in map(_ensemble, node) if found), None)
+    return None
 
 
 def _parsed(parser: Any, key: str, config_path: Path) -> Any:

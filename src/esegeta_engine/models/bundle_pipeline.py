@@ -16,7 +16,9 @@ predicts, on the same grid:
 
 Gradients pass through every step, so every method explains the bundle's class score on
 the scan's grid. The layer ``network_input`` is the preprocessed tensor on the network's
-grid: layer maps there are brought back with the same inversion as the probabilities.
+grid: layer maps there are brought back with the same inversion as the probabilities. A layer
+inside the network runs once per patch: layer methods combine its copies on the network grid
+and bring the map back the same way (:mod:`.member_layer`).
 """
 
 from __future__ import annotations
@@ -26,11 +28,13 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from esegeta_engine.errors import ModelLoadError
 from esegeta_engine.forward.sliding import SlidingWindow, WindowSettings
 from esegeta_engine.models.bundle_steps import BundleSteps
+from esegeta_engine.models.member_layer import bundle_layer_map, find_in, method_refusal
 
 NETWORK_INPUT = "network_input"
 
@@ -93,23 +97,44 @@ class BundlePipeline(nn.Module):
         if window is not None:
             window.before_batch = counted
 
-    def members(self) -> list[nn.Module]:
-        """A bundle has one network: no ensemble members (stability uses input noise)."""
+    members_note = ("a MONAI bundle runs its one network_def with no test-time augmentation (random transforms, "
+                    "inferers other than Simple/SlidingWindow and ensembles are refused when it loads)")
+
+    def members(self, kind: str | None = None) -> list[nn.Module]:
+        """No members of any kind (:attr:`members_note`): ``folds`` / ``mirrors`` are empty, and
+        ``evaluation.stability`` falls back to input noise (``auto``) or says so in one line."""
+        if kind not in (None, "folds", "mirrors"):
+            raise ValueError(f"members(kind={kind!r}): give 'folds' or 'mirrors'")
         return []
 
-    def layer_refusal(self, name: str) -> tuple[str, str] | None:
-        """Layers inside the network under a sliding window see patches, not one volume: refused."""
-        if name == "network" or name.startswith("network."):
-            return (f"layer {name!r} is inside the bundle's network, which runs on the network's grid "
-                    f"({self.inferer['inferer']}), not on the scan",
-                    f"use the layer '{NETWORK_INPUT}' (the preprocessed input on the network's grid) or an "
-                    "input-attribution method (saliency, integrated_gradients, occlusion, ...)")
-        return None
+    def runs_layer_per_member(self, layer: nn.Module) -> bool:
+        """True for a layer inside the network under a sliding window: it runs once per patch."""
+        return self.window is not None and find_in([self.network], layer) is not None
+
+    def layer_method_refusal(self, method: str, layer: str) -> tuple[str, str] | None:
+        """Why a layer method does not run on a layer inside the windowed network (None: it runs)."""
+        if self.window is None or not (layer == "network" or layer.startswith("network.")):
+            return None
+        return method_refusal(method, layer, f"the bundle's network ({self.inferer['inferer']})")
+
+    def member_layer_map(self, score_model: nn.Module, layer: nn.Module, inputs: torch.Tensor, target: int,
+                         layer_input: bool, per_copy: Any, combine: str, method: str,
+                         name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """A layer method over every patch copy of ``layer``, on the scan's grid (:mod:`.member_layer`)."""
+        return bundle_layer_map(self, score_model, layer, inputs, target, layer_input, per_copy, combine, method,
+                                name)
 
     def layer_map_to_input(self, name: str | None, result: torch.Tensor) -> torch.Tensor | None:
-        """A map on the network's grid (layer ``network_input``) -> the scan's grid."""
-        if name != NETWORK_INPUT or not self._last:
+        """A map on the network's grid -> the scan's grid: layer ``network_input``, or a layer inside the
+        network when it sees the whole grid at once (no sliding window; the map is upsampled to that grid)."""
+        inner = self.window is None and name is not None and (name == "network" or name.startswith("network."))
+        if not (name == NETWORK_INPUT or inner) or not self._last:
             return None
+        if inner:
+            grid = tuple(self._last[0][self.steps.key].shape[1:])
+            if tuple(result.shape[2:]) != grid:
+                result = F.interpolate(result, size=grid, mode="bilinear" if len(grid) == 2 else "trilinear",
+                                       align_corners=False)
         maps = [self.steps.invert_map(result[i], self._last[min(i, len(self._last) - 1)])
                 for i in range(result.shape[0])]
         return torch.stack(maps)
@@ -122,7 +147,8 @@ class BundlePipeline(nn.Module):
             "inversion": "Invertd" if self.steps.inverted else "the preprocessing's inverse (no Invertd)",
             "attribution_grid": "scan (gradients through the bundle's preprocessing, inferer, activation and "
                                 "inversion)",
-            "layer_grid": f"{NETWORK_INPUT}: the bundle's network grid, brought back with its inversion",
+            "layer_grid": f"{NETWORK_INPUT} and layers inside the network: the bundle's network grid (a layer's "
+                          "patch copies combined there), brought back with its inversion",
         }
         if self.calls is not None:
             d["forward_network_calls"] = self.calls["forward"]

@@ -20,7 +20,9 @@ probabilities on the same grid, computed as ``nnUNetv2_predict`` computes them:
 Every step is differentiable (gradients pass straight through nnU-Net's float16
 roundings), so gradient methods explain the whole pipeline's class score on the scan's
 grid. The layer ``network_input`` is the preprocessed tensor on the network's grid: layer
-maps there are brought back with the same resampling as the probabilities.
+maps there are brought back with the same resampling as the probabilities. A layer inside
+the fold networks runs once per fold, mirrored copy and patch: layer methods combine its
+copies on the network grid and bring the map back the same way (:mod:`..member_layer`).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from esegeta_engine.errors import ModelLoadError
+from esegeta_engine.models.member_layer import find_in, method_refusal, nnunet_layer_map
 from esegeta_engine.models.nnunet.resample import Resampling, resampler
 from esegeta_engine.models.nnunet.window import Ensemble, EnsembleFunction, WindowPlan
 
@@ -169,13 +172,27 @@ class NnUNetPipeline(nn.Module):
         return out
 
     def layer_refusal(self, name: str) -> tuple[str, str] | None:
-        """Layers inside the fold networks see patches of mirrored copies, not one volume: refused."""
-        if name == "folds" or name.startswith("folds."):
-            return (f"layer {name!r} is inside nnU-Net's fold networks, which run patch by patch over mirrored "
-                    "copies and folds, so no single activation of the volume exists",
-                    f"use the layer '{NETWORK_INPUT}' (the preprocessed input on the network's grid) or an "
-                    "input-attribution method (saliency, integrated_gradients, occlusion, ...)")
+        """``folds`` is a list the pipeline never calls as one module: refused (its fold networks are not)."""
+        if name == "folds":
+            return ("layer 'folds' is the list of fold networks, never called as one module",
+                    "pick a layer inside a fold, e.g. 'folds.0.encoder.stages.1' (every fold's copy is used), or "
+                    f"'{NETWORK_INPUT}'")
         return None
+
+    def runs_layer_per_member(self, layer: nn.Module) -> bool:
+        """True for a layer inside the fold networks: it runs once per fold, mirrored copy and patch."""
+        return find_in(list(self.ensemble.networks), layer) is not None
+
+    def layer_method_refusal(self, method: str, layer: str) -> tuple[str, str] | None:
+        """Why a layer method does not run on a layer inside the fold networks (None: it runs)."""
+        return method_refusal(method, layer, "nnU-Net's fold networks") if layer.startswith("folds.") else None
+
+    def member_layer_map(self, score_model: nn.Module, layer: nn.Module, inputs: torch.Tensor, target: int,
+                         layer_input: bool, per_copy: Any, combine: str, method: str,
+                         name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """A layer method over every member's copy of ``layer``, on the scan's grid (:mod:`..member_layer`)."""
+        return nnunet_layer_map(self, score_model, layer, inputs, target, layer_input, per_copy, combine, method,
+                                name)
 
     def layer_map_to_input(self, name: str | None, result: torch.Tensor) -> torch.Tensor | None:
         """A map on the network's grid (layer ``network_input``) -> the scan's grid."""
@@ -193,8 +210,9 @@ class NnUNetPipeline(nn.Module):
             "patch_size": list(self.cm.patch_size), "network_spacing": list(self.cm.spacing),
             "attribution_grid": "scan (gradients through nnU-Net's preprocessing, sliding window, mirroring, "
                                 "fold ensemble and resampling back)",
-            "layer_grid": f"{NETWORK_INPUT}: nnU-Net's network grid, brought back with nnU-Net's probability "
-                          "resampling",
+            "layer_grid": f"{NETWORK_INPUT} and layers inside the folds: nnU-Net's network grid (a fold layer's "
+                          "copies combined over folds, mirrored copies and patches), brought back with nnU-Net's "
+                          "probability resampling",
         }
         if getattr(self, "calls", None) is not None:
             d["forward_network_calls"] = self.calls["forward"]

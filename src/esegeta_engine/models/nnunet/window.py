@@ -16,9 +16,11 @@ cancellation).
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -81,6 +83,7 @@ class Ensemble:
     copies: list[tuple[int, ...]] | None = None  # one ensemble member: only these mirrored copies
     recomputing: bool = False  # True while the backward recomputes patches (counted apart from the forward)
     on_reuse: Callable[[int], None] | None = None  # told how many network calls a reused forward saved
+    tap: object | None = None  # a layer tap (models.member_layer) told of every member the backward recomputes
     _last: tuple | None = None  # (weights' identity and versions, data, logits) of the last forward
 
     def _weights(self) -> tuple:
@@ -207,9 +210,10 @@ def _recompute(ens: Ensemble, plan: WindowPlan, data: torch.Tensor, up: torch.Te
     """The patch-by-patch backward: each mirrored copy of each patch of each fold, one graph at a time."""
     padded = plan.pad(data.detach())
     grad = torch.zeros_like(padded)
-    with torch.enable_grad():
-        for net in ens.networks:
-            for sl in plan.slicers:
+    tap: Any = ens.tap
+    with torch.enable_grad(), (tap.attached(plan) if tap is not None else contextlib.nullcontext()):
+        for f, net in enumerate(ens.networks):
+            for p, sl in enumerate(plan.slicers):
                 share = (up[sl] * gauss)[None] / len(copies)
                 for axes in copies:
                     patch = padded[sl][None].clone().requires_grad_(True)
@@ -217,4 +221,6 @@ def _recompute(ens: Ensemble, plan: WindowPlan, data: torch.Tensor, up: torch.Te
                     (g,) = torch.autograd.grad(y, patch, share)
                     grad[sl] += g[0]
                     del y, g, patch
+                    if tap is not None:  # the layer's copy in this member: its activation and gradient
+                        tap.member(f, p, axes)
     return grad[(slice(None), *plan.revert)].to(data.dtype), None, None

@@ -1,0 +1,271 @@
+"""Layer methods on a layer inside a deployed pipeline's network: one copy of the layer per member.
+
+A layer named inside nnU-Net's fold networks (``folds.0.encoder.stages.2``) or a bundle's
+network runs once per **member** of the deployed function: for nnU-Net once per fold
+``f``, mirrored copy ``m`` and patch ``p``; for a bundle's sliding window once per patch.
+The deployed score is linear in the members' outputs,
+
+``F(x) = S(R(mean_f sum_p w_p mean_m flip_m(y_fpm) / W))``   (nnU-Net)
+
+with ``y_fpm`` the network on patch ``p`` of the mirrored copy ``m`` of the preprocessed
+input, ``w_p`` the Gaussian, ``W`` the summed Gaussians and ``R`` the resampling back
+and nonlinearity. The patch-wise backward (:mod:`.nnunet.window`; a bundle's
+:mod:`esegeta_engine.forward.sliding`) recomputes one member at a time and
+back-propagates that member's share of the upstream gradient, so each member's copy of
+the layer has its activation ``A_k`` and ``G_k = dF/dA_k``. A mirrored copy's ``A`` and
+``G`` are flipped back on the layer grid (the same axes as the output), each copy's layer
+map ``m_k`` is taken with the method's per-copy rule (:mod:`esegeta_engine.methods.patch_layer_methods`)
+and placed on the preprocessed (network) grid with :class:`~esegeta_engine.forward.patch_layer.LayerCanvas`:
+
+``sum`` (additive attributions: layer gradient x activation)
+    ``M(u) = sum_k up(m_k)(u)``; ``sum_k sum m_k`` is exactly the method's total over the
+    deployed function (every copy is a separate unit of it), recorded as ``attribution_sum``.
+``blend`` (CAMs)
+    ``M(u) = sum_k w_p(k)(u) up(m_k)(u) / (n W(u))`` with ``n`` members per patch (mirrored
+    copies x folds): the members' maps combined with the weights their outputs get. Each
+    copy's CAM weights come from its own ``A_k``, ``G_k``: the activation that member
+    computed and its gradient. One set of weights from a stitched layer would average
+    activations computed with different context (and mirrored inputs) and is the gradient
+    of nothing the pipeline ran.
+
+The map on the network grid is then brought to the scan's grid as the probabilities are:
+nnU-Net's probability resampling, the crop reverted (zero outside the non-zero box) and the
+transposes undone; a bundle's inversion (``Invertd``). With one fold, no mirroring and one
+patch, this is the plain network's layer method on the preprocessed input (tested).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+from esegeta_engine.errors import MethodError
+from esegeta_engine.forward.patch_layer import LayerCanvas
+
+PerCopy = Callable[[torch.Tensor, torch.Tensor, list[tuple[int, int]]], torch.Tensor]
+
+MEMBER_METHODS = ("layer_gradcam", "gradcam_pp", "xgradcam", "layercam", "hirescam",
+                  "layer_gradient_x_activation")
+"""Layer methods built for layers inside a deployed pipeline's network (one backward, per-copy rule)."""
+
+
+def method_refusal(method: str, layer: str, where: str) -> tuple[str, str] | None:
+    """Why ``method`` does not run on ``layer`` inside a pipeline's network (None: it runs)."""
+    if method in MEMBER_METHODS:
+        return None
+    return (f"method '{method}' on layer {layer!r} inside {where} is not built: it edits or re-reads the layer "
+            "outside the pipeline's patch-wise backward (path points move nnU-Net's crop box and grid, "
+            "references and stitched layers need a layer pass of their own)",
+            f"use {', '.join(MEMBER_METHODS)} on this layer, or any method on the layer 'network_input'")
+
+
+def find_in(networks: list[nn.Module], layer: nn.Module) -> str | None:
+    """The name of ``layer`` inside one of ``networks`` (None: not inside any)."""
+    for net in networks:
+        for name, m in net.named_modules():
+            if m is layer:
+                return name
+    return None
+
+
+class _Copy:
+    """Forward hook keeping one call's activation (or input) and, after the backward, its gradient."""
+
+    def __init__(self, layer_input: bool) -> None:
+        self.layer_input = layer_input
+        self.a: torch.Tensor | None = None
+        self.g: torch.Tensor | None = None
+        self.calls = 0
+
+    def keep(self, a: Any) -> None:
+        if not isinstance(a, torch.Tensor) or not a.requires_grad:
+            return
+        self.calls += 1
+        self.a, self.g = a.detach(), None
+
+        def grab(g: torch.Tensor) -> None:
+            self.g = g.detach()
+        a.register_hook(grab)
+
+    def hooks(self, module: nn.Module) -> list[Any]:
+        if self.layer_input:
+            return [module.register_forward_pre_hook(lambda m, args: self.keep(args[0] if args else None))]
+        return [module.register_forward_hook(lambda m, args, out: self.keep(out))]
+
+    def take(self, method: str, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.calls != 1 or self.a is None:
+            raise MethodError(f"{method}: layer '{name}' ran {self.calls} times in one network call",
+                              "pick a layer the network runs exactly once per forward pass (`esegeta layers MODEL`)")
+        a, g = self.a, self.g if self.g is not None else torch.zeros_like(self.a)
+        self.calls, self.a, self.g = 0, None, None
+        return a, g
+
+
+class PlanGrid:
+    """:class:`LayerCanvas`'s view of an nnU-Net window plan.
+
+    A 2D configuration's patches are slices of the 3D preprocessed volume: they are placed
+    as depth-1 patches (``roi = (1, *patch)``) at their slice.
+    """
+
+    def __init__(self, plan: Any) -> None:
+        first = plan.slicers[0][1:]
+        self.lead = sum(not isinstance(s, slice) for s in first)
+        patch = tuple(s.stop - s.start for s in first if isinstance(s, slice))
+        self.roi = (1,) * self.lead + patch
+        self.slices = [tuple(slice(s, s + 1) if not isinstance(s, slice) else s for s in sl[1:])
+                       for sl in plan.slicers]
+        self.padded, self.spatial = tuple(plan.padded), tuple(plan.shape)
+        self.offset = tuple(r.start or 0 for r in plan.revert)
+        self.pad = [p - s for p, s in zip(self.padded, self.spatial)]
+        g = plan.gaussian.float() if isinstance(plan.gaussian, torch.Tensor) else torch.ones(patch)
+        self.weight = g.reshape((1, 1, *self.roi))
+
+
+class NnUNetLayerTap:
+    """Told by the ensemble's backward of every member it recomputes (fold, patch, mirrored copy)."""
+
+    def __init__(self, pipe: Any, layer: nn.Module, layer_input: bool, per_copy: PerCopy, combine: str,
+                 method: str, name: str) -> None:
+        ens = pipe.ensemble
+        rel = find_in(list(ens.networks), layer)
+        if rel is None:
+            raise MethodError(f"{method}: layer '{name}' is not inside the pipeline's fold networks",
+                              "pick a layer from `esegeta layers MODEL`")
+        self.modules = [dict(net.named_modules())[rel] for net in ens.networks]
+        self.examples = {id(info["plan"]): i for i, info in enumerate(pipe._last)}
+        self.copy, self.per_copy, self.combine = _Copy(layer_input), per_copy, combine
+        self.method, self.name = method, name
+        self.members = len(ens.networks) * len(ens.copy_axes)
+        self.canvases: dict[int, LayerCanvas] = {}
+        self.totals = torch.zeros(len(pipe._last), dtype=torch.float64)
+        self.b = 0
+
+    @contextlib.contextmanager
+    def attached(self, plan: Any) -> Iterator[None]:
+        """Hooks on the layer in every fold while one example's patches are recomputed."""
+        self.b = self.examples[id(plan)]
+        self.canvases.setdefault(self.b, LayerCanvas(PlanGrid(plan), 1, self.combine))  # type: ignore[arg-type]
+        self.grid = self.canvases[self.b].grid
+        handles = [h for m in self.modules for h in self.copy.hooks(m)]
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+
+    def member(self, fold: int, patch: int, axes: tuple[int, ...]) -> None:
+        """One member's copy: flipped back, mapped by the method's rule, placed at its patch."""
+        a, g = self.copy.take(self.method, self.name)
+        if a.dim() != len(self.grid.roi) - self.grid.lead + 2:
+            raise MethodError(f"method '{self.method}' needs a layer with a spatial grid, but layer '{self.name}' "
+                              f"gives {tuple(a.shape)} per network call",
+                              "choose a convolutional layer (or its activation) of the encoder or decoder")
+        if axes:
+            a, g = torch.flip(a, axes), torch.flip(g, axes)
+        m = self.per_copy(a, g, [(self.b, patch)]).float()
+        self.totals[self.b] += float(m.double().sum())
+        for _ in range(self.grid.lead):
+            m = m.unsqueeze(2)
+        self.canvases[self.b].add([(0, patch)], m)
+
+    def result(self, b: int) -> torch.Tensor | None:
+        """Example ``b``'s map on the preprocessed grid ``(C', *grid)`` (None: no member was recomputed)."""
+        canvas = self.canvases.get(b)
+        if canvas is None:
+            return None
+        out = canvas.result(torch.device("cpu"))[0]
+        return out / self.members if self.combine == "blend" else out
+
+
+def nnunet_layer_map(pipe: Any, score_model: nn.Module, layer: nn.Module, inputs: torch.Tensor, target: int,
+                     layer_input: bool, per_copy: PerCopy, combine: str, method: str,
+                     name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """A layer method over every member of an nnU-Net pipeline (module docstring), on the scan's grid.
+
+    Returns the map ``(N, C', *scan)`` and, per example, the sum of every copy's layer map.
+    """
+    if combine not in ("sum", "blend"):
+        raise MethodError(f"method '{method}' is not built on layers inside nnU-Net's fold networks",
+                          f"use {', '.join(MEMBER_METHODS)}")
+    x = inputs.detach().requires_grad_(True)
+    ens = pipe.ensemble
+    with torch.enable_grad():
+        scores = score_model(x)[:, target]
+        tap = NnUNetLayerTap(pipe, layer, layer_input, per_copy, combine, method, name)
+        ens.tap = tap
+        try:
+            torch.autograd.grad(scores.sum(), x)
+        finally:
+            ens.tap = None
+    maps = []
+    for b in range(inputs.shape[0]):
+        m = tap.result(b)
+        info = pipe._last[b]
+        if m is None:  # the target reads no voxel of this example
+            m = torch.zeros((1, *info["plan"].shape))
+        maps.append(pipe._to_scan(m, info, logits=False))
+    return torch.stack(maps).to(inputs.device), tap.totals
+
+
+def bundle_layer_map(pipe: Any, score_model: nn.Module, layer: nn.Module, inputs: torch.Tensor, target: int,
+                     layer_input: bool, per_copy: PerCopy, combine: str, method: str,
+                     name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """A layer method over every patch copy of a bundle's network under its sliding window, on the scan's grid.
+
+    The copies combine on the network grid (:class:`LayerCanvas`, as under the engine's own sliding
+    window); the map goes back through the bundle's inversion. Returns the map ``(N, C', *scan)``
+    and, per example, the sum of every copy's layer map.
+    """
+    if combine not in ("sum", "blend"):
+        raise MethodError(f"method '{method}' is not built on layers inside a bundle's network",
+                          f"use {', '.join(MEMBER_METHODS)}")
+    sw = pipe.window
+    copy = _Copy(layer_input)
+    n = inputs.shape[0]
+    totals = torch.zeros(n, dtype=torch.float64)
+    canvas: list[LayerCanvas] = []
+
+    def keep(a: Any) -> None:
+        if sw.recomputing:
+            copy.keep(a)
+
+    def on_chunk(chunk: list[tuple[int, int]], grid: Any) -> None:
+        a, g = copy.take(method, name)
+        if a.dim() != len(grid.roi) + 2:
+            raise MethodError(f"method '{method}' needs a layer with a spatial grid, but layer '{name}' gives "
+                              f"{tuple(a.shape)} per patch batch",
+                              "choose a convolutional layer (or its activation) of the encoder or decoder")
+        maps = per_copy(a, g, chunk).float()
+        for (b, _), m in zip(chunk, maps):
+            totals[b] += float(m.double().sum())
+        if not canvas:
+            canvas.append(LayerCanvas(grid, n, combine))
+        elif canvas[0].grid is not grid:
+            raise MethodError(f"{method}: the scans explained together have different network grids",
+                              "explain one scan at a time")
+        canvas[0].add(chunk, maps)
+
+    handles = ([layer.register_forward_pre_hook(lambda m, args: keep(args[0] if args else None))] if layer_input
+               else [layer.register_forward_hook(lambda m, args, out: keep(out))])
+    sw.on_backward_chunk = on_chunk
+    try:
+        x = inputs.detach().requires_grad_(True)
+        with torch.enable_grad():
+            scores = score_model(x)[:, target]
+            torch.autograd.grad(scores.sum(), x)
+    finally:
+        sw.on_backward_chunk = None
+        for h in handles:
+            h.remove()
+    maps = []
+    for b in range(n):
+        item = pipe._last[min(b, len(pipe._last) - 1)]
+        m = (canvas[0].result(torch.device("cpu"))[b] if canvas
+             else torch.zeros((1, *item[pipe.steps.key].shape[1:])))
+        maps.append(pipe.steps.invert_map(m, item))
+    return torch.stack(maps).to(inputs.device), totals

@@ -1,0 +1,86 @@
+"""`esegeta run --dry-run` on a single run: the plan, the refusals and one probed patch, nothing written."""
+
+from __future__ import annotations
+
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+import yaml
+
+import tiny_models
+from esegeta_engine.cli import main
+
+
+@pytest.fixture
+def config(tmp_path):
+    torch.manual_seed(0)
+    torch.save(tiny_models.TinySegNet(3).state_dict(), tmp_path / "model.pt")
+    data = np.random.default_rng(0).random((20, 18, 8)).astype(np.float32)
+    nib.save(nib.Nifti1Image(data, np.diag([1.5, 1.0, 2.0, 1.0])), tmp_path / "vol.nii.gz")
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump({
+        "model": {"path": "model.pt", "class_path": "tiny_models:TinySegNet", "kwargs": {"dims": 3}},
+        "volumes": ["vol.nii.gz"], "target": {"kind": "argmax", "classes": [0, 1]},
+        "methods": [{"name": "saliency"}, {"name": "integrated_gradients", "params": {"n_steps": 4}},
+                    {"name": "feature_permutation"}],
+        "execution": {"mode": "sliding_window", "patch_size": [8, 8, 8]},
+        "evaluation": {"faithfulness": {"steps": 4}},
+        "output": {"dir": "out"}}))
+    return path
+
+
+def _count_forwards(monkeypatch) -> list[tuple[int, ...]]:
+    calls: list[tuple[int, ...]] = []
+    forward = tiny_models.TinySegNet.forward
+
+    def counted(self, x):
+        calls.append(tuple(x.shape))
+        return forward(self, x)
+
+    monkeypatch.setattr(tiny_models.TinySegNet, "forward", counted)
+    return calls
+
+
+def test_dry_run_plans_refuses_and_probes_one_patch_writing_nothing(config, monkeypatch, capsys):
+    calls = _count_forwards(monkeypatch)
+    assert main(["run", str(config), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    # one probe: one forward of one 8³ patch (the probe's backward is no network call), no prediction pass
+    assert calls == [(1, 1, 8, 8, 8)]
+    assert not (config.parent / "out").exists()
+    # 2 methods × 2 classes: saliency 1 and IG 4 evaluations a class
+    assert "plan: 4 job(s), ≈ 10 model evaluations (scores included)" in out
+    assert "vol · integrated_gradients · argmax-class1: 4 model evaluations" in out
+    refused = [line for line in out.splitlines() if "feature_permutation" in line]
+    assert len(refused) == 1 and "sliding-window" in refused[0]  # named with its one-line reason
+    assert "probe of vol: ≈" in out and "one 8×8×8 patch" in out and "estimate for the whole run: ≈" in out
+    assert "dry run: nothing written" in out
+    # the run itself counts what the dry run planned for the methods that run (its own estimate also
+    # counts the refused method's, which fails by name at no evaluation)
+    monkeypatch.undo()
+    assert main(["run", str(config), "-q"]) == 1
+    manifest = json.loads((config.parent / "out" / "manifest.json").read_text())
+    assert manifest["model_evaluations"] == 10
+    assert sorted(r["status"] for r in manifest["results"]) == ["failed", "failed", "ok", "ok", "ok", "ok"]
+
+
+def test_dry_run_costs_the_same_network_calls_as_the_probe_alone(config, monkeypatch, capsys):
+    from esegeta_engine.config import MethodConfig, parse_config
+    from esegeta_engine.explain import Explainer
+    from esegeta_engine.inputs import load_inputs
+    from esegeta_engine.jobs.probe import probe_run
+    from esegeta_engine.models import load_source
+
+    cfg = parse_config(yaml.safe_load(config.read_text()), base=config.parent)
+    model = load_source(cfg.model).module
+    ex = Explainer(model, cfg.preprocess, cfg.target, execution=cfg.execution)
+    (volume,), _ = load_inputs(cfg)
+    calls = _count_forwards(monkeypatch)
+    probe_run(ex, volume, [MethodConfig(name="saliency")])
+    alone = list(calls)
+    calls.clear()
+    assert main(["run", str(config), "--dry-run"]) == 0
+    assert calls == alone and len(alone) == 1
