@@ -165,6 +165,9 @@ def main() -> None:
     ap.add_argument("--one-patch", action="store_true",
                     help="96^3, BasicUNet at its default features, patch 96^3: one patch of the issue's size "
                          "(peak memory per method at the issue's patch)")
+    ap.add_argument("--two-patch", action="store_true",
+                    help="96x96x168, default BasicUNet, patch 96^3: two patches, the patch-wise path at the "
+                         "issue's patch (peak memory)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--repeat", type=int, default=1, help="interleaved reference/method runs (medians)")
     ap.add_argument("--estimate", action="store_true",
@@ -181,6 +184,8 @@ def main() -> None:
         return
     if args.full:
         shape, patch, features = [448, 448, 128], [96, 96, 96], [32, 32, 64, 128, 256, 32]
+    elif args.two_patch:
+        shape, patch, features = [96, 96, 168], [96, 96, 96], [32, 32, 64, 128, 256, 32]
     elif args.one_patch:
         shape, patch, features = [96, 96, 96], [96, 96, 96], [32, 32, 64, 128, 256, 32]
     elif args.intermediate:

@@ -83,8 +83,8 @@ def test_the_rules_absorb_exactly_the_bias_shares_they_predict() -> None:
     a, R = torch.randn(2, 7, 6, dtype=torch.float64), torch.randn(2, 7, 6, dtype=torch.float64)
     norm.double()
     y = norm(a).detach()
-    assert float(layer_norm_rule(norm, a, R, 0.0).sum()) == pytest.approx(float((R * (y - norm.bias.detach()) / y).sum()),
-                                                                          rel=1e-9)
+    beta = norm.bias.detach()
+    assert float(layer_norm_rule(norm, a, R, 0.0).sum()) == pytest.approx(float((R * (y - beta) / y).sum()), rel=1e-9)
     block = blocks.SABlock(6, 2, qkv_bias=True).eval().double()
     y = block(a).detach()
     bv = block.qkv.bias[12:].detach()  # attention rows sum to one: the value bias reaches y unchanged

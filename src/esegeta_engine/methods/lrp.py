@@ -244,8 +244,8 @@ class LRP:
         x = inputs.detach().requires_grad_(True)
         probe = probe_input(self.model, inputs)
         canon = fold_batch_norm(self.net, probe) if self.canonize else contextlib.nullcontext([])
-        rules = (lrp_attention.transformer_rules(self.net, probe, options["epsilon"]) if self.transformer
-                 else contextlib.nullcontext([]))
+        rules = (lrp_attention.transformer_rules(user_model(self.net), probe, options["epsilon"])
+                 if self.transformer else contextlib.nullcontext([]))
         with canon as folded, rules as attention, quiet_stitched_forward(self.model):
             unfolded = unfolded_norms(user_model(self.net), folded)
             if self.transformer:
