@@ -46,7 +46,8 @@ def worker(shape: tuple[int, ...], patch: int | None, method: str) -> None:
     actual = time.perf_counter() - start
     print(json.dumps({"shape": shape, "patch": patch, "estimate_s": est.seconds, "patch_s": est.patch_seconds,
                       "probe_wall_s": probe_s, "first_call_s": warmup,
-                      "estimate_first_call_s": None if est.seconds is None else est.seconds * warmup / est.patch_seconds, "actual_s": actual, "evaluations": ready.evaluations,
+                      "estimate_first_call_s": None if est.seconds is None else est.seconds * warmup / est.patch_seconds,
+                      "actual_s": actual, "evaluations": ready.evaluations,
                       "expected": est.expected_evaluations, "per_evaluation": est.patches_per_evaluation}))
 
 
@@ -67,12 +68,14 @@ def main() -> None:
         if args.patch:
             cmd += ["--patch", str(args.patch)]
         r = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1])
-        print(f"RESULT {'x'.join(map(str, shape))} {'patch ' + str(args.patch) if args.patch else 'whole volume'}, "
-              f"{args.method}: actual {r['actual_s']:.1f} s; estimate from the second call {r['estimate_s']:.1f} s "
-              f"(ratio {r['estimate_s'] / r['actual_s']:.2f}), from the first call as before "
-              f"{r['estimate_first_call_s']:.1f} s (ratio {r['estimate_first_call_s'] / r['actual_s']:.2f}) (probe took {r['probe_wall_s']:.1f} s; "
-              f"{r['expected']} evaluation(s) x {r['per_evaluation']:.3g} patches, one patch {r['patch_s']:.2f} s, first call {r['first_call_s']:.2f} s)",
-              flush=True)
+        size = "x".join(map(str, shape))
+        mode = f"patch {args.patch}" if args.patch else "whole volume"
+        first = r["estimate_first_call_s"]
+        print(f"RESULT {size} {mode}, {args.method}: actual {r['actual_s']:.1f} s; estimate from the second call "
+              f"{r['estimate_s']:.1f} s (ratio {r['estimate_s'] / r['actual_s']:.2f}), from the first call as before "
+              f"{first:.1f} s (ratio {first / r['actual_s']:.2f}) (probe took {r['probe_wall_s']:.1f} s; "
+              f"{r['expected']} evaluation(s) x {r['per_evaluation']:.3g} patches, one patch {r['patch_s']:.2f} s, "
+              f"first call {r['first_call_s']:.2f} s)", flush=True)
 
 
 if __name__ == "__main__":
