@@ -39,33 +39,41 @@ PerPatch = Callable[[torch.Tensor, torch.Tensor, list[tuple[int, int]]], torch.T
 ``(example, patch)`` items are given."""
 
 
-class _Capture:
-    """Forward hook on the layer: during the backward recomputation keep ``A`` and its gradient."""
+class LayerCopy:
+    """One call of a layer: its activation (or input) ``A`` and, after the backward, its gradient ``G``."""
 
-    def __init__(self, sw: SlidingWindow, layer_input: bool) -> None:
-        self.sw, self.layer_input = sw, layer_input
+    def __init__(self, layer_input: bool) -> None:
+        self.layer_input = layer_input
         self.a: torch.Tensor | None = None
         self.g: torch.Tensor | None = None
         self.calls = 0
 
-    def _keep(self, a: Any) -> None:
+    def keep(self, a: Any) -> None:
+        """Keep ``a`` (a tensor of the graph) and hook its gradient; anything else is ignored."""
         if not isinstance(a, torch.Tensor) or not a.requires_grad:
             return
         self.calls += 1
-        self.a = a.detach()
-        self.g = None
+        self.a, self.g = a.detach(), None
 
         def grab(g: torch.Tensor) -> None:
             self.g = g.detach()
         a.register_hook(grab)
 
+
+class _Capture(LayerCopy):
+    """Forward hook on the layer: during the backward recomputation keep ``A`` and its gradient."""
+
+    def __init__(self, sw: SlidingWindow, layer_input: bool) -> None:
+        super().__init__(layer_input)
+        self.sw = sw
+
     def pre(self, module: nn.Module, args: tuple) -> None:
         if self.sw.recomputing and self.layer_input and args:
-            self._keep(args[0])
+            self.keep(args[0])
 
     def post(self, module: nn.Module, args: tuple, out: Any) -> None:
         if self.sw.recomputing and not self.layer_input:
-            self._keep(out)
+            self.keep(out)
 
 
 class LayerCanvas:

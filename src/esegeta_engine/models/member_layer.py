@@ -44,7 +44,7 @@ import torch
 from torch import nn
 
 from esegeta_engine.errors import MethodError
-from esegeta_engine.forward.patch_layer import LayerCanvas
+from esegeta_engine.forward.patch_layer import LayerCanvas, LayerCopy
 
 PerCopy = Callable[[torch.Tensor, torch.Tensor, list[tuple[int, int]]], torch.Tensor]
 
@@ -72,24 +72,8 @@ def find_in(networks: list[nn.Module], layer: nn.Module) -> str | None:
     return None
 
 
-class _Copy:
+class _Copy(LayerCopy):
     """Forward hook keeping one call's activation (or input) and, after the backward, its gradient."""
-
-    def __init__(self, layer_input: bool) -> None:
-        self.layer_input = layer_input
-        self.a: torch.Tensor | None = None
-        self.g: torch.Tensor | None = None
-        self.calls = 0
-
-    def keep(self, a: Any) -> None:
-        if not isinstance(a, torch.Tensor) or not a.requires_grad:
-            return
-        self.calls += 1
-        self.a, self.g = a.detach(), None
-
-        def grab(g: torch.Tensor) -> None:
-            self.g = g.detach()
-        a.register_hook(grab)
 
     def hooks(self, module: nn.Module) -> list[Any]:
         if self.layer_input:
