@@ -17,7 +17,8 @@ carries *relevance* instead of gradients:
   (InstanceNorm, GroupNorm) pass it on unchanged (``R_in = R_out``);
   those normalisations are named in the map's notes;
 * LayerNorm and MONAI's ViT blocks (UNETR's attention, residual sums and position
-  embedding) take the conservative rules of Ali et al. 2022 (:mod:`.lrp_attention`);
+  embedding) and Swin blocks (SwinUNETR: :mod:`.lrp_swin`) take the conservative rules of
+  Ali et al. 2022 (:mod:`.lrp_attention`);
 * max pooling, upsampling, flattening, padding and dropout route it like the
   gradient does (winner-takes-all for max pooling; a sum for upsampling),
   which conserves it.
@@ -124,7 +125,7 @@ def quiet_stitched_forward(score_model: nn.Module) -> Iterator[None]:
 
 def inside_attention(net: nn.Module) -> set[int]:
     """Ids of the modules inside an attention block with a rule (the block's rule replaces theirs)."""
-    return {id(c) for m in net.modules() if lrp_attention.is_attention(m) for c in m.modules() if c is not m}
+    return {id(c) for m in net.modules() if lrp_attention.has_rule(m) for c in m.modules() if c is not m}
 
 
 def check_supported(net: nn.Module, method: str = "lrp", attention: bool = False) -> None:
@@ -139,7 +140,7 @@ def check_supported(net: nn.Module, method: str = "lrp", attention: bool = False
     for name, m in model.named_modules():
         if (m._modules and not m._parameters) or isinstance(m, (nn.ModuleList, nn.ModuleDict)):
             continue  # a container: its children are checked (an empty ModuleList computes nothing)
-        if attention and (id(m) in skip or lrp_attention.is_attention(m) or lrp_attention.is_rearrange(m)
+        if attention and (id(m) in skip or lrp_attention.has_rule(m) or lrp_attention.routes_exactly(m)
                           or lrp_attention.monai_type(m, lrp_attention.SWAPPED)):
             continue
         if not isinstance(m, known):

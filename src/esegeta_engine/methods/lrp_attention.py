@@ -29,8 +29,10 @@ GELU and the MLP's activations
 ``TransformerBlock`` and ``PatchEmbeddingBlock`` for ones computing the same sums (bit for bit)
 through :class:`EpsilonSum`, checks on a probe that every ``SABlock`` is reproduced by
 :func:`attention_output` (MONAI's einsum and ``scaled_dot_product_attention`` paths alike), and
-restores the original ``forward`` on exit, whatever happens. SwinUNETR's window attention is not
-covered (see :data:`REFUSED`).
+restores the original ``forward`` on exit, whatever happens. SwinUNETR's window attention, its
+blocks' residual sums and functional layer norm take the same rules through :mod:`.lrp_swin`, and
+in any network with transformer blocks MONAI's ``UnetResBlock`` residual sums are split by the
+epsilon rule of a sum too; SwinUNETR's Hyena stages are refused (see :data:`REFUSED`).
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ import torch
 from torch import nn
 
 from esegeta_engine.errors import MethodError
+from esegeta_engine.methods import lrp_swin
 from esegeta_engine.methods.lrp_rules import stabilise
 
 ATTENTION = ("SABlock",)
@@ -51,9 +54,8 @@ ATTENTION = ("SABlock",)
 SWAPPED = ("TransformerBlock", "PatchEmbeddingBlock")
 """MONAI blocks whose ``forward`` the canonizer swaps (residual / position-embedding sums)."""
 REFUSED = {
-    "WindowAttention": "SwinUNETR's shifted-window attention: its relative position bias, window masks, "
-                       "shifts and residuals run inside SwinTransformerBlock's forward, which has no "
-                       "conservative rule here (only MONAI's ViT blocks of UNETR do)",
+    "HyenaTransformerBlock": "SwinUNETR's Hyena stages (HyenaTransformerBlock: FFT long convolutions with learnt "
+                             "implicit kernels and gating) have no conservative rule here; its Swin stages do",
 }
 
 
@@ -71,6 +73,18 @@ def is_attention(m: nn.Module) -> bool:
 def is_rearrange(m: nn.Module) -> bool:
     """einops' ``Rearrange`` layer: a pure reshuffle, its gradient routes relevance unchanged."""
     return type(m).__name__ == "Rearrange" and type(m).__module__.startswith("einops")
+
+
+def routes_exactly(m: nn.Module) -> bool:
+    """A reshuffle (``Rearrange``) or MONAI's ``DropPath`` in eval mode (the identity): the gradient
+    routes relevance through it unchanged."""
+    return is_rearrange(m) or (monai_type(m, ("DropPath",)) and not m.training)
+
+
+def has_rule(m: nn.Module) -> bool:
+    """An attention block with a rule: MONAI's ``SABlock`` (hooked) or Swin ``WindowAttention``
+    (its rule is in the canonizer's forward); the block's rule replaces its parts'."""
+    return is_attention(m) or lrp_swin.is_window_attention(m)
 
 
 class EpsilonSum(torch.autograd.Function):
@@ -180,7 +194,8 @@ def refusal_hint(bad: list[str], why: str | None, attention: bool) -> str:
         return ""
     if attention:
         return (" (a transformer's attention and embedding blocks: conservative rules, Ali et al. 2022, exist "
-                "here only for MONAI's ViT blocks: SABlock, TransformerBlock, PatchEmbeddingBlock)")
+                "here only for MONAI's ViT blocks (SABlock, TransformerBlock, PatchEmbeddingBlock: UNETR) and "
+                "Swin blocks (WindowAttention, SwinTransformerBlock: SwinUNETR))")
     return (" (a transformer's attention and embedding blocks: the conservative attention rules of Ali et al. "
             "2022 exist for LRP on MONAI's ViT blocks (UNETR), not for this method)")
 
@@ -195,31 +210,35 @@ def unsupported(net: nn.Module) -> str | None:
     return None
 
 
-def _check_attention(net: nn.Module, probe: torch.Tensor, rtol: float = 1e-5) -> list[str]:
-    """Run ``probe`` and check every attention block is reproduced by :func:`attention_output`."""
-    names = {id(m): n for n, m in net.named_modules()}
-    seen: list[str] = []
-    bad: list[str] = []
+class _AttentionCheck:
+    """Forward hooks checking that every attention block is reproduced by :func:`attention_output`
+    on whatever forward runs while they are registered (the canonizer's probe)."""
 
-    def check(m: nn.Module, args: tuple[Any, ...], y: Any) -> None:
-        seen.append(names[id(m)])
-        ours = attention_output(m, args[0], attention_probabilities(m, args[0]))
-        if not isinstance(y, torch.Tensor) or ours.shape != y.shape or \
-                float((ours - y).abs().max()) > rtol * max(float(y.abs().max()), 1.0):
-            bad.append(names[id(m)])
+    def __init__(self, net: nn.Module, rtol: float = 1e-5) -> None:
+        names = {id(m): n for n, m in net.named_modules()}
+        self.seen: list[str] = []
+        self.bad: list[str] = []
 
-    handles = [m.register_forward_hook(check) for m in net.modules() if is_attention(m)]
-    try:
-        with torch.no_grad():
-            net(probe)
-    finally:
-        for h in handles:
+        def check(m: nn.Module, args: tuple[Any, ...], y: Any) -> None:
+            self.seen.append(names[id(m)])
+            with torch.no_grad():
+                ours = attention_output(m, args[0], attention_probabilities(m, args[0]))
+            if not isinstance(y, torch.Tensor) or ours.shape != y.shape or \
+                    float((ours - y).abs().max()) > rtol * max(float(y.abs().max()), 1.0):
+                self.bad.append(names[id(m)])
+
+        self.handles = [m.register_forward_hook(check) for m in net.modules() if is_attention(m)]
+
+    def remove(self) -> None:
+        for h in self.handles:
             h.remove()
-    if bad:
-        raise MethodError(f"lrp: the attention block(s) {', '.join(bad[:3])} compute something other than "
-                          "MONAI's self-attention this rule reproduces (an attention mask or another version)",
-                          "use a gradient method (integrated_gradients, input_x_gradient) for this model")
-    return seen
+
+    def raise_if_bad(self) -> None:
+        if self.bad:
+            raise MethodError(f"lrp: the attention block(s) {', '.join(self.bad[:3])} compute something other "
+                              "than MONAI's self-attention this rule reproduces (an attention mask or another "
+                              "version)", "use a gradient method (integrated_gradients, input_x_gradient) for "
+                              "this model")
 
 
 @contextlib.contextmanager
@@ -242,7 +261,8 @@ def transformer_rules(net: nn.Module, probe: torch.Tensor, eps: float) -> Iterat
         The names of the attention blocks that take the AH-rule (empty: nothing was changed).
     """
     blocks = [m for m in net.modules() if monai_type(m, SWAPPED)]
-    if not blocks and not any(is_attention(m) for m in net.modules()):
+    vit = bool(blocks) or any(is_attention(m) for m in net.modules())
+    if not vit and not lrp_swin.has_swin(net):
         yield []
         return
     swapped: list[nn.Module] = []
@@ -251,7 +271,14 @@ def transformer_rules(net: nn.Module, probe: torch.Tensor, eps: float) -> Iterat
             make = _transformer_forward if type(m).__name__ == "TransformerBlock" else _embedding_forward
             m.__dict__["forward"] = types.MethodType(make(eps), m)
             swapped.append(m)
-        yield _check_attention(net, probe)
+        with contextlib.ExitStack() as stack:
+            checks = _AttentionCheck(net)
+            try:  # one probe checks every swapped forward and attention block
+                windows = stack.enter_context(lrp_swin.swin_rules(net, probe, eps, run_probe=True))
+            finally:
+                checks.remove()
+            checks.raise_if_bad()
+            yield checks.seen + windows
     finally:
         for m in swapped:
             m.__dict__.pop("forward", None)
@@ -261,7 +288,8 @@ def describe(attention: list[str], eps: float) -> str:
     """The map's note saying which rules the transformer blocks took."""
     return (f"lrp: {len(attention)} attention block(s) ({', '.join(attention[:2])}"
             f"{' ...' if len(attention) > 2 else ''}) and the layer norms use the conservative rules of "
-            "Ali et al. 2022: the attention probabilities and the norms' standard deviations are held constant, "
-            "so relevance reaches the tokens through the attention values only (queries and keys get none); "
-            f"residual sums and the position embedding share it by the epsilon rule (eps {eps:g}); GELU passes "
-            "it unchanged")
+            "Ali et al. 2022: the attention probabilities and the norms' standard deviations are held constant "
+            "(a Swin window's relative position bias and shift mask are inside them), so relevance reaches the "
+            "tokens through the attention values only (queries and keys get none); residual sums (transformer "
+            f"and UnetResBlock) and the position embedding share it by the epsilon rule (eps {eps:g}); window "
+            "partitions, shifts and patch merging route it exactly; GELU passes it unchanged")
