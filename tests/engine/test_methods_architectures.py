@@ -54,7 +54,7 @@ def test_lrp_on_unetr_runs_with_the_attention_rules_and_excitation_is_refused_na
         attribute(spec, MethodContext(expl.make_score_model(target, x, EvaluationMonitor()), x, 1, layer=layer),
                   spec.resolve_params({}))
     assert "ModuleList" not in str(info.value)  # an empty container computes nothing
-    assert "not for this method" in str(info.value)  # why: the rules exist for LRP only
+    assert "no published rule extends c-MWP" in str(info.value)  # why: the rules exist for LRP only
 
 
 def test_lrp_on_swin_unetr_has_its_rules_and_excitation_is_refused_naming_the_window_attention() -> None:

@@ -149,7 +149,7 @@ def check_supported(net: nn.Module, method: str = "lrp", attention: bool = False
     if bad or why:
         listed = "; ".join(f"{t} ({', '.join(ns[:2])}{' ...' if len(ns) > 2 else ''})"
                            for t, ns in sorted(bad.items())) or "the transformer blocks"
-        listed += lrp_attention.refusal_hint(list(bad), why, attention)
+        listed += lrp_attention.refusal_hint(list(bad), why, attention, method)
         raise MethodError(
             f"{method} has no rule for module type(s) {listed}",
             "use a gradient method (integrated_gradients, input_x_gradient) for this model, or "

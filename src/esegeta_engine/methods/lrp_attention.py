@@ -186,7 +186,17 @@ TRANSFORMER_PARTS = ("Attention", "Attn", "Embed", "Rearrange", "Transformer", "
 """Type-name parts that mark a transformer block (the refusal then says which rules are missing)."""
 
 
-def refusal_hint(bad: list[str], why: str | None, attention: bool) -> str:
+EXCITATION_WHY = (
+    "excitation backprop's marginal winning probabilities (Zhang et al. 2016) are defined for non-negative "
+    "activations sent through excitatory connections, but a transformer's LayerNorm centres every token (its "
+    "output always has negative entries, and it feeds the attention's queries, keys and values) and the "
+    "residual token stream is signed; no published rule extends c-MWP to attention or layer norms (the "
+    "held-probability rules of Ali et al. 2022 are LRP's, with signed relevance): use lrp, which has them for "
+    "UNETR and SwinUNETR")
+"""Why excitation backprop refuses transformer blocks (one line of its refusal)."""
+
+
+def refusal_hint(bad: list[str], why: str | None, attention: bool, method: str = "lrp") -> str:
     """What a refusal adds about transformer blocks among the module types ``bad``."""
     if why:
         return f" ({why})"
@@ -196,8 +206,10 @@ def refusal_hint(bad: list[str], why: str | None, attention: bool) -> str:
         return (" (a transformer's attention and embedding blocks: conservative rules, Ali et al. 2022, exist "
                 "here only for MONAI's ViT blocks (SABlock, TransformerBlock, PatchEmbeddingBlock: UNETR) and "
                 "Swin blocks (WindowAttention, SwinTransformerBlock: SwinUNETR))")
+    if "excitation" in method:
+        return f" (transformer blocks: {EXCITATION_WHY})"
     return (" (a transformer's attention and embedding blocks: the conservative attention rules of Ali et al. "
-            "2022 exist for LRP on MONAI's ViT blocks (UNETR), not for this method)")
+            "2022 exist for LRP on MONAI's ViT and Swin blocks, not for this method)")
 
 
 def unsupported(net: nn.Module) -> str | None:
