@@ -138,7 +138,7 @@ def test_lrp0_on_a_bias_free_swin_unetr_conserves_the_score(dims: int) -> None:
 BREAKAGES = {
     "residual sums not split": lambda mp: mp.setattr(lrp_attention.EpsilonSum, "apply", lambda a, b, eps: a + b),
     "probabilities not held": lambda mp: mp.setattr(lrp_swin, "window_rule",
-                                                    lambda block, a, mask, R, eps: _unheld(block, a, mask, R)),
+                                                    lambda block, a, mask, R, eps, *_: _unheld(block, a, mask, R)),
     "proj_out's sigma not held": lambda mp: mp.setattr(lrp_swin, "held_layer_norm", _gradient_layer_norm),
 }
 

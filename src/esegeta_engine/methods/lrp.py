@@ -245,7 +245,8 @@ class LRP:
         x = inputs.detach().requires_grad_(True)
         probe = probe_input(self.model, inputs)
         canon = fold_batch_norm(self.net, probe) if self.canonize else contextlib.nullcontext([])
-        rules = (lrp_attention.transformer_rules(user_model(self.net), probe, options["epsilon"])
+        rules = (lrp_attention.transformer_rules(user_model(self.net), probe, options["epsilon"],
+                                                 options.get("attention_rule", "held"))
                  if self.transformer else contextlib.nullcontext([]))
         with canon as folded, rules as attention, quiet_stitched_forward(self.model):
             unfolded = unfolded_norms(user_model(self.net), folded)
@@ -254,7 +255,8 @@ class LRP:
             if unfolded:
                 add_note(self.notes, describe_unfolded("lrp", unfolded))
             if attention:
-                add_note(self.notes, lrp_attention.describe(attention, options["epsilon"]))
+                add_note(self.notes, lrp_attention.describe(attention, options["epsilon"],
+                                                            options.get("attention_rule", "held")))
             handles = self._hook(options)
             try:
                 with torch.enable_grad():
@@ -332,7 +334,8 @@ class LRP:
         if kind == "layer_norm":
             return self.quiet(lambda a, R, y: lrp_attention.layer_norm_rule(module, a, R, eps))
         if kind == "attention":
-            return self.quiet(lambda a, R, y: lrp_attention.attention_rule(module, a, R, eps))
+            rule = options.get("attention_rule", "held")
+            return self.quiet(lambda a, R, y: lrp_attention.attention_rule(module, a, R, eps, rule))
         rule = "epsilon" if kind == "pool" else self.rules[kind]
         return self.quiet(lambda a, R, y: lrp_rules.apply_rule(rule, module, a, R, options, y))
 
@@ -360,7 +363,7 @@ class LRP:
 def _build(ctx: MethodContext, p: Mapping[str, Any]) -> Call:
     check_supported(network_of(ctx.score_model), attention=True)
     options = {"epsilon": p["epsilon"], "gamma": p["gamma"], "alpha": p["alpha"],
-               "low": p["low"], "high": p["high"]}
+               "low": p["low"], "high": p["high"], "attention_rule": p["attention_rule"]}
     return Call(LRP(ctx.score_model, p["composite"], options, notes=notes_of(ctx)))
 
 
@@ -383,6 +386,10 @@ register(MethodSpec(
               minimum=1.0, maximum=1e3),
         Param("low", "float", None, "lowest input value for the z-box rule (default: input minimum)"),
         Param("high", "float", None, "highest input value for the z-box rule (default: input maximum)"),
+        Param("attention_rule", "str", "held",
+              "transformer attention (UNETR, SwinUNETR): held: softmax probabilities held constant, relevance "
+              "through the values only (Ali et al. 2022); attnlrp: AttnLRP's softmax and uniform product rules, "
+              "relevance to queries and keys too (Achtibat et al. 2024)", choices=("held", "attnlrp")),
     ),
     build=_build, needs_hooks=True, patchwise="gradient", cost=lambda info, p: 1, axiom="conservation",
     reference="Bach et al. 2015, On Pixel-Wise Explanations for Non-Linear Classifier Decisions "

@@ -46,7 +46,7 @@ import torch
 from torch import nn
 
 from esegeta_engine.errors import MethodError
-from esegeta_engine.methods import lrp_swin
+from esegeta_engine.methods import lrp_attnlrp, lrp_swin
 from esegeta_engine.methods.lrp_rules import stabilise
 
 ATTENTION = ("SABlock",)
@@ -138,14 +138,37 @@ def attention_output(block: nn.Module, x: torch.Tensor, probs: torch.Tensor) -> 
     return block.out_proj(out) if block.include_fc else out
 
 
-def attention_rule(block: nn.Module, a: torch.Tensor, R: torch.Tensor, eps: float) -> torch.Tensor:
-    """AH-rule: the epsilon rule on ``block`` with its attention probabilities held constant."""
+def attention_rule(block: nn.Module, a: torch.Tensor, R: torch.Tensor, eps: float,
+                   rule: str = "held") -> torch.Tensor:
+    """AH-rule: the epsilon rule on ``block`` with its attention probabilities held constant
+    (``rule="attnlrp"``: AttnLRP's rule, :func:`.lrp_attnlrp.attention`, relevance to queries and keys too)."""
+    if rule == "attnlrp":
+        return attnlrp_rule(block, a, R, eps)
     a = a.detach().requires_grad_(True)
     with torch.enable_grad():
         probs = attention_probabilities(block, a).detach()
         z = attention_output(block, a, probs)
         (g,) = torch.autograd.grad(z, a, R / stabilise(z.detach(), eps))
     return a.detach() * g
+
+
+def attnlrp_rule(block: nn.Module, a: torch.Tensor, R: torch.Tensor, eps: float) -> torch.Tensor:
+    """AttnLRP on MONAI's ``SABlock`` (its causal mask as ``-inf`` logits)."""
+    if block.rel_positional_embedding is not None:
+        raise MethodError("lrp: attention_rule attnlrp does not model an SABlock's decomposed relative position "
+                          "embedding (it depends on the queries)", "use attention_rule: held for this model")
+    n = a.shape[-2]
+    extra = None
+    if block.causal:
+        extra = torch.zeros(1, 1, n, n, dtype=a.dtype).masked_fill(block.causal_mask[:, :, :n, :n] == 0,
+                                                                   float("-inf"))
+
+    def project(o: torch.Tensor) -> torch.Tensor:
+        b, h, t, d = o.shape
+        o = o.transpose(1, 2).reshape(b, t, h * d)
+        return block.out_proj(o) if block.include_fc else o
+
+    return lrp_attnlrp.attention(a, R, eps, lambda x: _heads(block, x), block.scale, extra, project)
 
 
 def layer_norm_rule(module: nn.LayerNorm, a: torch.Tensor, R: torch.Tensor, eps: float) -> torch.Tensor:
@@ -254,7 +277,7 @@ class _AttentionCheck:
 
 
 @contextlib.contextmanager
-def transformer_rules(net: nn.Module, probe: torch.Tensor, eps: float) -> Iterator[list[str]]:
+def transformer_rules(net: nn.Module, probe: torch.Tensor, eps: float, rule: str = "held") -> Iterator[list[str]]:
     """Give MONAI's ViT blocks of ``net`` their conservative rules for the context.
 
     Parameters
@@ -266,6 +289,8 @@ def transformer_rules(net: nn.Module, probe: torch.Tensor, eps: float) -> Iterat
         An input ``net`` accepts (one patch under sliding windows), to check the attention blocks.
     eps : float
         The epsilon of the residual and position-embedding sums.
+    rule : str
+        The attention rule of Swin window attention: ``held`` (Ali et al. 2022) or ``attnlrp``.
 
     Yields
     ------
@@ -286,7 +311,7 @@ def transformer_rules(net: nn.Module, probe: torch.Tensor, eps: float) -> Iterat
         with contextlib.ExitStack() as stack:
             checks = _AttentionCheck(net)
             try:  # one probe checks every swapped forward and attention block
-                windows = stack.enter_context(lrp_swin.swin_rules(net, probe, eps, run_probe=True))
+                windows = stack.enter_context(lrp_swin.swin_rules(net, probe, eps, run_probe=True, rule=rule))
             finally:
                 checks.remove()
             checks.raise_if_bad()
@@ -296,12 +321,18 @@ def transformer_rules(net: nn.Module, probe: torch.Tensor, eps: float) -> Iterat
             m.__dict__.pop("forward", None)
 
 
-def describe(attention: list[str], eps: float) -> str:
+def describe(attention: list[str], eps: float, rule: str = "held") -> str:
     """The map's note saying which rules the transformer blocks took."""
-    return (f"lrp: {len(attention)} attention block(s) ({', '.join(attention[:2])}"
-            f"{' ...' if len(attention) > 2 else ''}) and the layer norms use the conservative rules of "
-            "Ali et al. 2022: the attention probabilities and the norms' standard deviations are held constant "
-            "(a Swin window's relative position bias and shift mask are inside them), so relevance reaches the "
-            "tokens through the attention values only (queries and keys get none); residual sums (transformer "
-            f"and UnetResBlock) and the position embedding share it by the epsilon rule (eps {eps:g}); window "
-            "partitions, shifts and patch merging route it exactly; GELU passes it unchanged")
+    names = f"{len(attention)} attention block(s) ({', '.join(attention[:2])}{' ...' if len(attention) > 2 else ''})"
+    rest = ("residual sums (transformer and UnetResBlock) and the position embedding share it by the epsilon rule "
+            f"(eps {eps:g}); window partitions, shifts and patch merging route it exactly; GELU passes it unchanged")
+    if rule == "attnlrp":
+        return (f"lrp: {names} use AttnLRP's rules (Achtibat et al. 2024): the softmax by its Taylor decomposition "
+                "at the logits (its bias term absorbs relevance), the products P V and Q K^T by the uniform rule "
+                "(half to each factor), so queries and keys get relevance too; a relative position bias or mask "
+                "absorbs its share of the logits; the layer norms hold their standard deviations constant (Ali et "
+                f"al. 2022); {rest}")
+    return (f"lrp: {names} and the layer norms use the conservative rules of Ali et al. 2022: the attention "
+            "probabilities and the norms' standard deviations are held constant (a Swin window's relative position "
+            "bias and shift mask are inside them), so relevance reaches the tokens through the attention values "
+            f"only (queries and keys get none); {rest}")

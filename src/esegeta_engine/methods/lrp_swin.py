@@ -85,8 +85,11 @@ def window_output(block: nn.Module, x: torch.Tensor, probs: torch.Tensor) -> tor
 
 
 def window_rule(block: nn.Module, a: torch.Tensor, mask: torch.Tensor | None, R: torch.Tensor,
-                eps: float) -> torch.Tensor:
-    """AH-rule on a window attention: the epsilon rule with its probabilities held constant."""
+                eps: float, rule: str = "held") -> torch.Tensor:
+    """AH-rule on a window attention: the epsilon rule with its probabilities held constant
+    (``rule="attnlrp"``: AttnLRP's rule, relevance to queries and keys too)."""
+    if rule == "attnlrp":
+        return window_attnlrp(block, a, mask, R, eps)
     a = a.detach().requires_grad_(True)
     with torch.enable_grad():
         probs = window_probabilities(block, a, mask).detach()
@@ -95,20 +98,44 @@ def window_rule(block: nn.Module, a: torch.Tensor, mask: torch.Tensor | None, R:
     return a.detach() * g
 
 
+def window_attnlrp(block: nn.Module, a: torch.Tensor, mask: torch.Tensor | None, R: torch.Tensor,
+                   eps: float) -> torch.Tensor:
+    """AttnLRP (:func:`.lrp_attnlrp.attention`) on a window attention: the relative position bias and the
+    shift mask are the logits' extra term."""
+    from esegeta_engine.methods import lrp_attnlrp
+
+    b, n, c = a.shape
+    h = block.num_heads
+    index = block.relative_position_index[:n, :n].reshape(-1)
+    extra = block.relative_position_bias_table[index].reshape(n, n, -1).permute(2, 0, 1).unsqueeze(0).detach()
+    if mask is not None:
+        extra = extra + mask.unsqueeze(1).repeat(b // mask.shape[0], 1, 1, 1)  # window w of image i: i * nw + w
+
+    def heads(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        q, k, v = block.qkv(x).reshape(b, n, 3, h, c // h).permute(2, 0, 3, 1, 4)
+        return q, k, v
+
+    def project(o: torch.Tensor) -> torch.Tensor:
+        return block.proj(o.transpose(1, 2).reshape(b, n, c))
+
+    return lrp_attnlrp.attention(a, R, eps, heads, block.scale, extra, project)
+
+
 class _HeldAttention(torch.autograd.Function):
     """MONAI's own window attention forward; the backward is :func:`window_rule`."""
 
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, mask: Any, block: nn.Module, eps: float) -> torch.Tensor:  # type: ignore[override]
+    def forward(ctx: Any, x: torch.Tensor, mask: Any, block: nn.Module, eps: float,  # type: ignore[override]
+                rule: str) -> torch.Tensor:
         ctx.save_for_backward(x)
-        ctx.mask, ctx.block, ctx.eps = mask, block, eps
+        ctx.mask, ctx.block, ctx.eps, ctx.rule = mask, block, eps, rule
         with torch.no_grad():
             return type(block).forward(block, x, mask)
 
     @staticmethod
     def backward(ctx: Any, R: torch.Tensor) -> tuple[Any, ...]:  # type: ignore[override]
         (x,) = ctx.saved_tensors
-        return window_rule(ctx.block, x, ctx.mask, R, ctx.eps), None, None, None
+        return window_rule(ctx.block, x, ctx.mask, R, ctx.eps, ctx.rule), None, None, None, None
 
 
 def held_layer_norm(a: torch.Tensor, R: torch.Tensor, eps: float, norm_eps: float = 1e-5) -> torch.Tensor:
@@ -143,7 +170,7 @@ def _checked(state: dict[str, Any], name: str, ours: torch.Tensor, monai: Any) -
 
 def _attention_forward(state: dict[str, Any], name: str, eps: float) -> Any:
     def forward(self: nn.Module, x: torch.Tensor, mask: Any = None) -> torch.Tensor:
-        y = _HeldAttention.apply(x, mask, self, eps)
+        y = _HeldAttention.apply(x, mask, self, eps, state["rule"])
         if state["checking"]:
             with torch.no_grad():
                 _checked(state, name, window_output(self, x, window_probabilities(self, x, mask)), y)
@@ -206,7 +233,7 @@ def has_swin(net: nn.Module) -> bool:
 
 @contextlib.contextmanager
 def swin_rules(net: nn.Module, probe: torch.Tensor, eps: float, residual: bool = True,
-               run_probe: bool = False) -> Iterator[list[str]]:
+               run_probe: bool = False, rule: str = "held") -> Iterator[list[str]]:
     """Give MONAI's Swin blocks (and ``UnetResBlock`` residuals) of ``net`` their rules for the context.
 
     Parameters
@@ -222,6 +249,8 @@ def swin_rules(net: nn.Module, probe: torch.Tensor, eps: float, residual: bool =
         Also split ``UnetResBlock`` residual sums (done whenever the network has transformer blocks).
     run_probe : bool
         Run the probe even when nothing is swapped (other checks' hooks ride on it).
+    rule : str
+        The window attention's rule: ``held`` (Ali et al. 2022) or ``attnlrp`` (Achtibat et al. 2024).
 
     Yields
     ------
@@ -234,7 +263,7 @@ def swin_rules(net: nn.Module, probe: torch.Tensor, eps: float, residual: bool =
     if not targets and not run_probe:
         yield []
         return
-    state: dict[str, Any] = {"checking": True, "bad": []}
+    state: dict[str, Any] = {"checking": True, "bad": [], "rule": rule}
     swapped: list[tuple[nn.Module, str]] = []
     try:
         for m in targets:
