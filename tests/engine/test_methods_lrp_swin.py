@@ -3,7 +3,8 @@
 Checked against: MONAI's WindowAttention output (the rule's recomputation, with and without the
 shift mask, einsum and scaled_dot_product_attention paths, to 1e-6); the paper's explicit AH-rule
 formula on one head; MONAI's whole SwinUNETR output with the canonizer in place (bit for bit); exact
-conservation of the score on a bias-free SwinUNETR (shifted windows included); LRP through MONAI's
+conservation of the score on a bias-free SwinUNETR (shifted windows included; v2 stages, stochastic depth,
+patch merging v2, patch norm); LRP through MONAI's
 own ``sliding_window_inference``. Breaking a rule (a plain residual sum, probabilities not held, a
 plain layer norm) makes conservation fail, and a block MONAI computes differently is refused by
 name. 2D and 3D.
@@ -34,12 +35,12 @@ OPTIONS = {"epsilon": 0.0, "gamma": 0.25, "alpha": 2.0, "low": None, "high": Non
 SIZE = 32  # SwinUNETR takes multiples of 2**5; window 4 on the 16-token first stage: shifted windows
 
 
-def swin(dims: int, bias_free: bool = False) -> nn.Module:
+def swin(dims: int, bias_free: bool = False, **variant) -> nn.Module:
     """A tiny SwinUNETR (batch norms: folded by the canonizer); ``bias_free``: every bias and beta zero,
     so LRP-0 must conserve the score exactly (the relative position bias is inside the held softmax)."""
     torch.manual_seed(0)
     net = swin_unetr.SwinUNETR(1, 2, feature_size=12, spatial_dims=dims, window_size=4, norm_name="batch",
-                               depths=(2, 1, 1, 1), num_heads=(2, 1, 1, 1), mlp_ratio=2.0).eval()
+                               depths=(2, 1, 1, 1), num_heads=(2, 1, 1, 1), mlp_ratio=2.0, **variant).eval()
     with torch.no_grad():
         for m in net.modules():
             for name, p in m.named_parameters(recurse=False):
@@ -108,14 +109,12 @@ def test_the_canonizer_leaves_the_forward_and_the_model_unchanged(dims: int) -> 
             assert "forward" in net.swinViT.layers1[0].blocks[1].__dict__ and "proj_out" in net.swinViT.__dict__
             assert torch.equal(net(x), y)  # bit for bit
     assert not any("forward" in m.__dict__ or "proj_out" in m.__dict__ for m in net.modules())
-    sm = ScoreModel(net, RegionOfInterestTarget(torch.ones((SIZE,) * dims)))
-    LRP(sm, "epsilon", {**OPTIONS, "epsilon": 0.01}).attribute(x, target=1)
-    assert not any("forward" in m.__dict__ or "proj_out" in m.__dict__ for m in net.modules())
-    assert_untouched(net, before)
+    assert_untouched(net, before)  # and after a whole LRP run: test_lrp0_on_a_bias_free_swin_unetr...
 
 
-def _lrp0(dims: int) -> tuple[float, float, list, list[str]]:
-    net = swin(dims, bias_free=True).double()
+def _lrp0(dims: int, **variant) -> tuple[float, float, list, list[str]]:
+    net = swin(dims, bias_free=True, **variant).double()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
     x = torch.randn(1, 1, *(SIZE,) * dims, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
     sm = ScoreModel(net, RegionOfInterestTarget(torch.ones((SIZE,) * dims)))
     record: list = []
@@ -123,6 +122,8 @@ def _lrp0(dims: int) -> tuple[float, float, list, list[str]]:
     R = LRP(sm, "epsilon", OPTIONS, record=record, notes=notes).attribute(x, target=1)
     with torch.no_grad():
         f = float(sm(x)[0, 1])
+    assert not any("forward" in m.__dict__ or "proj_out" in m.__dict__ for m in net.modules())
+    assert_untouched(net, before)
     return float(R.sum()), f, record, notes
 
 
@@ -141,6 +142,18 @@ BREAKAGES = {
                                                     lambda block, a, mask, R, eps, *_: _unheld(block, a, mask, R)),
     "proj_out's sigma not held": lambda mp: mp.setattr(lrp_swin, "held_layer_norm", _gradient_layer_norm),
 }
+
+
+VARIANTS = {"v2 (residual conv stages)": {"use_v2": True}, "stochastic depth (DropPath, eval)": {"dropout_path_rate": 0.3},
+            "patch merging v2": {"downsample": "mergingv2"}, "patch norm": {"patch_norm": True}}
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_lrp0_conserves_on_swin_unetr_variants(variant: str) -> None:
+    total, f, record, _ = _lrp0(2, **VARIANTS[variant])
+    assert abs(f) > 1e-3
+    assert total == pytest.approx(f, rel=1e-6)
+    assert all(r_in == pytest.approx(r_out, rel=1e-6, abs=1e-9) for _, r_in, r_out in record)
 
 
 def _unheld(block: nn.Module, a: torch.Tensor, mask: torch.Tensor | None, R: torch.Tensor) -> torch.Tensor:
