@@ -136,3 +136,17 @@ def test_patchwise_attnlrp_equals_attnlrp_through_monai(arch: str, shape: tuple)
     opts = {"epsilon": 0.01, "gamma": 0.25, "alpha": 2.0, "low": None, "high": None, "attention_rule": "attnlrp"}
     ref = LRP(fn, "epsilon", opts).attribute(x, target=1)
     torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-5 * float(ref.abs().max()))
+
+
+@pytest.mark.parametrize("rule", ["held", "attnlrp"])
+def test_the_trust_note_names_what_the_rule_that_ran_absorbs(rule: str) -> None:
+    from esegeta_engine.evaluation.axioms import completeness_check
+    from esegeta_engine.methods import get_method
+
+    net = unetr(2)
+    x, expl, target = _setup(net, 2, (16, 16), (16, 16), mode="whole")
+    ours, ctx = _ours(expl, target, x, "lrp", attention_rule=rule)
+    spec = get_method("lrp")
+    check = completeness_check(spec, ctx, spec.resolve_params({"attention_rule": rule}), ours, threshold=0.0)
+    assert check["axiom_status"] == "warning" and "relative position biases" in check["axiom_note"]
+    assert ("AttnLRP's softmax rule" in check["axiom_note"]) == (rule == "attnlrp")
