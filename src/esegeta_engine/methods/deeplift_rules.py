@@ -21,7 +21,8 @@ The rules are Captum's (``captum.attr._core.deep_lift``), for the input half of 
 - rescale (ReLU, ELU, LeakyReLU, Sigmoid, Tanh, Softplus):
   ``m = (f(a) - f(a0)) / (a - a0)``, the local derivative where ``|a - a0| < eps``;
 - max pooling: with ``y``, ``y0`` the pooled outputs and ``x = max(y, y0)``, the input's
-  multiplier is ``(unpool(g (x - y0), idx) + unpool(g (y - x), idx0)) / (a - a0)``;
+  multiplier is ``(unpool(g (x - y0), idx) + unpool(g (y - x), idx0)) / (a - a0)`` (with
+  overlapping windows the unpooled values add up here; Captum's ``max_unpool`` keeps one);
 - softmax: the rescale multiplier times ``g``, minus its mean (Captum's normalisation).
 
 Where every module on the way has a rule or is linear, the reference half of Captum's batch
@@ -49,7 +50,6 @@ EPS = 1e-10
 
 _POOL_DIMS = {nn.MaxPool1d: 1, nn.MaxPool2d: 2, nn.MaxPool3d: 3}
 _POOL = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}
-_UNPOOL = {1: F.max_unpool1d, 2: F.max_unpool2d, 3: F.max_unpool3d}
 
 
 class _Multiplied(torch.autograd.Function):
@@ -77,7 +77,9 @@ def _derivative(module: nn.Module, a: torch.Tensor) -> torch.Tensor:
 
 def _rescale(module: nn.Module, a: torch.Tensor, a0: torch.Tensor, y: torch.Tensor, eps: float):
     d_in = a.detach() - a0
-    m = (y - module.forward(a0)) / d_in  # a0 is not needed afterwards (in-place modules may reuse it)
+    m = y - module.forward(a0)  # a0 is not needed afterwards (in-place modules may reuse it)
+    del a0
+    m /= d_in
     small = d_in.abs() < eps
     del d_in
     if bool(small.any()):
@@ -104,29 +106,31 @@ def _softmax(module: nn.Module, a: torch.Tensor, a0: torch.Tensor, y: torch.Tens
 
 
 def _maxpool(module: nn.Module, a: torch.Tensor, a0: torch.Tensor, y: torch.Tensor, eps: float):
+    """Captum's rule, its division by ``a - a0`` moved onto each pooled value: every output position's
+    two weights are kept (``(x - y0) / (a - a0)`` at the input's maximum, ``(y - x) / (a - a0)`` at the
+    reference's), with int32 indices: half an input's size, where Captum keeps the input twice."""
     dims = _POOL_DIMS[type(module)]
     args = (module.kernel_size, module.stride, module.padding, module.dilation, module.ceil_mode, True)
     y0, idx0 = _POOL[dims](a0, *args)
     _, idx = _POOL[dims](a.detach(), *args)
-    top = torch.max(y, y0)
-    up, down = top - y0, y - top
-    del top, y0
-    d_in = a.detach() - a0
+    d_in = (a.detach() - a0).flatten(2)
     small = d_in.abs() < eps
-    small = small if bool(small.any()) else None
-    shape = list(a.shape)
-    per_channel = math.prod(shape[2:])
-    unpool = _UNPOOL[dims]
+    idx, idx0 = idx.flatten(2), idx0.flatten(2)
+    top = torch.max(y, y0).flatten(2)
+    # where the input's maximum sits on an unchanged voxel: the plain gradient (weight 1, Captum's
+    # grad_input there); the reference's share to an unchanged voxel is dropped, as in Captum
+    w_up = torch.where(small.gather(2, idx), 1.0, (top - y0.flatten(2)) / d_in.gather(2, idx))
+    w_down = torch.where(small.gather(2, idx0), 0.0, (y.flatten(2) - top) / d_in.gather(2, idx0))
+    del d_in, small, top, y0
+    idx, idx0 = idx.to(torch.int32), idx0.to(torch.int32)
+    shape = a.shape
 
     def rule(g: torch.Tensor) -> torch.Tensor:
-        spread = (unpool(g * up, idx, module.kernel_size, module.stride, module.padding, shape)
-                  + unpool(g * down, idx0, module.kernel_size, module.stride, module.padding, shape))
-        out = spread / d_in
-        if small is not None:  # the plain max-pool gradient there (overlapping windows add up)
-            plain = torch.zeros(*shape[:2], per_channel, dtype=g.dtype, device=g.device)
-            plain.scatter_add_(2, idx.flatten(2), g.flatten(2))
-            out = torch.where(small, plain.view(shape), out)
-        return out
+        g = g.flatten(2)
+        out = torch.zeros(*shape[:2], math.prod(shape[2:]), dtype=g.dtype, device=g.device)
+        out.scatter_add_(2, idx.long(), g * w_up)  # overlapping windows add up
+        out.scatter_add_(2, idx0.long(), g * w_down)
+        return out.view(shape)
 
     return rule
 
