@@ -175,7 +175,7 @@ class ExplainWidget(VoxelPicking, CancellableRun, QWidget):
 
         try:
             self.model_label.setText(f"Model: {session.model_name}" if session.model is not None
-                                     else "Model: none (load one in the Model widget)")
+                                     else "Model: none (load one in the Model tab)")
             layers = list_layers(session.model) if session.model is not None else []
             self.methods.set_model_layers(layers)
             self._set_target_layers(layers)
@@ -223,7 +223,7 @@ class ExplainWidget(VoxelPicking, CancellableRun, QWidget):
         s = self.session
         try:
             if s.model is None:
-                raise R.TargetError("no model loaded", "load one in the Model widget "
+                raise R.TargetError("no model loaded", "load one in the Model tab "
                                     "(or 'Use bundled sample model')")
             if s.busy:
                 raise R.TargetError("the model is busy (prediction running)", "wait a moment")
