@@ -134,3 +134,46 @@ def test_a_cancel_stops_the_probe_inside_its_one_call(dims: int) -> None:
     with pytest.raises(Cancelled):  # a cancel before the probe: no call at all
         probe_run(ex, _volume((24,) * dims), [MethodConfig(name="saliency")], cancel=cancel)
     assert len(net.calls) == 1
+
+
+class _Clock:
+    """A stand-in for ``time.perf_counter`` that only the network's modules move."""
+
+    def __init__(self) -> None:
+        self.t = 0.0
+
+    def perf_counter(self) -> float:
+        return self.t
+
+
+class _Ticking(nn.Module):
+    def __init__(self, clock: _Clock, ticks: float, dims: int, channels: int) -> None:
+        super().__init__()
+        self.clock, self.ticks = clock, ticks
+        self.conv = (nn.Conv3d if dims == 3 else nn.Conv2d)(channels, 2, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.clock.t += self.ticks
+        return self.conv(x)
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+@pytest.mark.parametrize("sliding", [True, False])
+def test_cancel_wait_is_the_slowest_layer_scaled_to_the_input(monkeypatch, dims: int, sliding: bool) -> None:
+    """The longest stretch without a cancel check is the slowest module (5 clock units of 1 + 5 + 1), at the
+    patch's scale for a sliding window and scaled as the whole call is for a whole volume."""
+    import esegeta_engine.jobs.probe as P
+
+    clock = _Clock()
+    monkeypatch.setattr(P, "time", clock)
+    net = nn.Sequential(_Ticking(clock, 1, dims, 1), _Ticking(clock, 5, dims, 2), _Ticking(clock, 1, dims, 2)).eval()
+    shape = (96, 80) if dims == 2 else (96, 80, 8)
+    ex = Explainer(net, PreprocessConfig(spatial_dims=dims), TargetConfig(classes=[1]),
+                   execution=ExecutionConfig(patch_size=16) if sliding else None)
+    est = probe_run(ex, _volume(shape), [MethodConfig(name="saliency")])
+    assert est.patch_seconds == 7 and est.forward_seconds == 7  # every module once per call
+    if sliding:
+        assert est.cancel_wait_seconds == 5 and est.evaluation_seconds == 7 * est.patches_per_evaluation
+    else:  # both crops took 7 units: time proportional to the voxels, and so is the slowest layer's
+        assert est.evaluation_line.fixed == 0
+        assert est.cancel_wait_seconds == pytest.approx(5 * est.patches_per_evaluation)

@@ -104,6 +104,10 @@ class ProbeEstimate:
         The estimated forward + backward over the whole input (one model evaluation).
     evaluation_line, prediction_line : CostLine or None
         Whole volume: seconds of one call against voxels, through the probed sizes.
+    cancel_wait_seconds : float
+        The longest stretch of one evaluation without a cancel check (the network's slowest layer,
+        forward or backward), scaled to the run's input as the whole call is: how long a Cancel can
+        take (the checks come between the network's modules, :mod:`esegeta_engine.forward.cancel_points`).
     """
 
     patch: tuple[int, ...]
@@ -122,6 +126,7 @@ class ProbeEstimate:
     evaluation_seconds: float = 0.0
     evaluation_line: CostLine | None = None
     prediction_line: CostLine | None = None
+    cancel_wait_seconds: float = 0.0
 
     def text(self) -> str:
         """``≈ 7 min 40 s and ≈ 2.3 GB peak (prediction ≈ 9 s + 2 evaluations × ≈ 3 min 45 s; one …)``."""
@@ -197,6 +202,22 @@ class _Timed:
     backward: float  # forward + backward
     forward: float  # forward without gradients (0 when not timed)
     used: int
+    longest_step: float = 0.0  # longest time between two cancel checks in the timed forward + backward
+
+
+class _CheckGaps:
+    """The monitor's check, timing the intervals between its calls (the network's cancel points)."""
+
+    def __init__(self, check: Any) -> None:
+        self.check, self.last, self.longest = check, time.perf_counter(), 0.0
+
+    def restart(self) -> None:
+        self.last, self.longest = time.perf_counter(), 0.0
+
+    def __call__(self) -> None:
+        now = time.perf_counter()
+        self.longest, self.last = max(self.longest, now - self.last), now
+        self.check()
 
 
 def _calls(model: torch.nn.Module, x: torch.Tensor, *, output: int | str | None, divisible_by: int,
@@ -206,6 +227,7 @@ def _calls(model: torch.nn.Module, x: torch.Tensor, *, output: int | str | None,
     device = x.device
     monitor = EvaluationMonitor(cancel)
     monitor.check()
+    gaps = monitor.check = _CheckGaps(monitor.check)  # type: ignore[method-assign]
     runner = build_runner(OutputSelector(model, output), ExecutionForm(divisible_by=divisible_by,
                                                                        precision=precision), monitor)
     cuda = device.type == "cuda"
@@ -225,6 +247,7 @@ def _calls(model: torch.nn.Module, x: torch.Tensor, *, output: int | str | None,
             else:
                 before = resident_bytes()
             start = time.perf_counter()
+            gaps.restart()
             out = runner(inp)
             grown = resident_bytes() - before if not cuda else 0  # the graph is alive here
             # the gradient of the input only, as attribution methods take it: no parameter's .grad changes
@@ -232,6 +255,7 @@ def _calls(model: torch.nn.Module, x: torch.Tensor, *, output: int | str | None,
             del out
             sync()
             times.append(time.perf_counter() - start)
+            longest = max(gaps.longest, time.perf_counter() - gaps.last)  # the backward's tail after its last check
             # memory from either call (the cold first one grows the resident set most)
             used = max(used, torch.cuda.max_memory_allocated(device) - before if cuda
                        else max(grown, resident_bytes() - before))
@@ -242,7 +266,7 @@ def _calls(model: torch.nn.Module, x: torch.Tensor, *, output: int | str | None,
                 runner(inp.detach())
                 sync()
                 plain = time.perf_counter() - start
-    return _Timed(times[0] if warm else None, times[-1], plain, max(int(used), 0))
+    return _Timed(times[0] if warm else None, times[-1], plain, max(int(used), 0), longest)
 
 
 def _half(patch: Sequence[int], divisible: int) -> tuple[int, ...]:
@@ -313,6 +337,7 @@ def probe_run(explainer: Any, volume: Any, methods: Sequence[Any], x: torch.Tens
             points_f.append((math.prod(small), little.forward))
         lines = CostLine.through(points_b), CostLine.through(points_f)
         evaluation, prediction = lines[0].at(voxels), lines[1].at(voxels)
+    scale = batch if form.sliding is not None else evaluation / max(big.backward, 1e-9)
     expected = explainer.estimate([volume], list(methods))
     total = None if expected is None else prediction + expected * evaluation
     channels = int(x.shape[1])
@@ -324,4 +349,5 @@ def probe_run(explainer: Any, volume: Any, methods: Sequence[Any], x: torch.Tens
                          probed=1 if calls == 3 else 2, network_calls=calls, warmup_seconds=big.warmup,
                          forward_seconds=big.forward, prediction_seconds=prediction, evaluation_seconds=evaluation,
                          evaluation_line=None if lines is None else lines[0],
-                         prediction_line=None if lines is None else lines[1])
+                         prediction_line=None if lines is None else lines[1],
+                         cancel_wait_seconds=min(big.longest_step, big.backward) * scale)
