@@ -17,7 +17,8 @@ carries *relevance* instead of gradients:
   (InstanceNorm, GroupNorm) pass it on unchanged (``R_in = R_out``);
   those normalisations are named in the map's notes;
 * LayerNorm and MONAI's ViT blocks (UNETR's attention, residual sums and position
-  embedding) take the conservative rules of Ali et al. 2022 (:mod:`.lrp_attention`);
+  embedding) and Swin blocks (SwinUNETR: :mod:`.lrp_swin`) take the conservative rules of
+  Ali et al. 2022 (:mod:`.lrp_attention`);
 * max pooling, upsampling, flattening, padding and dropout route it like the
   gradient does (winner-takes-all for max pooling; a sum for upsampling),
   which conserves it.
@@ -127,7 +128,7 @@ def quiet_stitched_forward(score_model: nn.Module) -> Iterator[None]:
 
 def inside_attention(net: nn.Module) -> set[int]:
     """Ids of the modules inside an attention block with a rule (the block's rule replaces theirs)."""
-    return {id(c) for m in net.modules() if lrp_attention.is_attention(m) for c in m.modules() if c is not m}
+    return {id(c) for m in net.modules() if lrp_attention.has_rule(m) for c in m.modules() if c is not m}
 
 
 def check_supported(net: nn.Module, method: str = "lrp", attention: bool = False) -> None:
@@ -142,7 +143,7 @@ def check_supported(net: nn.Module, method: str = "lrp", attention: bool = False
     for name, m in model.named_modules():
         if (m._modules and not m._parameters) or isinstance(m, (nn.ModuleList, nn.ModuleDict)):
             continue  # a container: its children are checked (an empty ModuleList computes nothing)
-        if attention and (id(m) in skip or lrp_attention.is_attention(m) or lrp_attention.is_rearrange(m)
+        if attention and (id(m) in skip or lrp_attention.has_rule(m) or lrp_attention.routes_exactly(m)
                           or lrp_attention.monai_type(m, lrp_attention.SWAPPED)):
             continue
         if not isinstance(m, known):
@@ -151,7 +152,7 @@ def check_supported(net: nn.Module, method: str = "lrp", attention: bool = False
     if bad or why:
         listed = "; ".join(f"{t} ({', '.join(ns[:2])}{' ...' if len(ns) > 2 else ''})"
                            for t, ns in sorted(bad.items())) or "the transformer blocks"
-        listed += lrp_attention.refusal_hint(list(bad), why, attention)
+        listed += lrp_attention.refusal_hint(list(bad), why, attention, method)
         raise MethodError(
             f"{method} has no rule for module type(s) {listed}",
             "use a gradient method (integrated_gradients, input_x_gradient) for this model, or "
@@ -247,7 +248,8 @@ class LRP:
         x = inputs.detach().requires_grad_(True)
         probe = probe_input(self.model, inputs)
         canon = fold_batch_norm(self.net, probe) if self.canonize else contextlib.nullcontext([])
-        rules = (lrp_attention.transformer_rules(user_model(self.net), probe, options["epsilon"])
+        rules = (lrp_attention.transformer_rules(user_model(self.net), probe, options["epsilon"],
+                                                 options.get("attention_rule", "held"))
                  if self.transformer else contextlib.nullcontext([]))
         with canon as folded, rules as attention, quiet_stitched_forward(self.model):
             unfolded = unfolded_norms(user_model(self.net), folded)
@@ -256,7 +258,8 @@ class LRP:
             if unfolded:
                 add_note(self.notes, describe_unfolded("lrp", unfolded))
             if attention:
-                add_note(self.notes, lrp_attention.describe(attention, options["epsilon"]))
+                add_note(self.notes, lrp_attention.describe(attention, options["epsilon"],
+                                                            options.get("attention_rule", "held")))
             handles = self._hook(options)
             try:
                 with torch.enable_grad():
@@ -342,7 +345,8 @@ class LRP:
         if kind == "layer_norm":
             return self.quiet(lambda a, R, y: lrp_attention.layer_norm_rule(module, a, R, eps))
         if kind == "attention":
-            return self.quiet(lambda a, R, y: lrp_attention.attention_rule(module, a, R, eps))
+            rule = options.get("attention_rule", "held")
+            return self.quiet(lambda a, R, y: lrp_attention.attention_rule(module, a, R, eps, rule))
         rule = "epsilon" if kind == "pool" else self.rules[kind]
         return self.quiet(lambda a, R, y: lrp_rules.apply_rule(rule, module, a, R, options, y))
 
@@ -370,7 +374,7 @@ class LRP:
 def _build(ctx: MethodContext, p: Mapping[str, Any]) -> Call:
     check_supported(network_of(ctx.score_model), attention=True)
     options = {"epsilon": p["epsilon"], "gamma": p["gamma"], "alpha": p["alpha"],
-               "low": p["low"], "high": p["high"]}
+               "low": p["low"], "high": p["high"], "attention_rule": p["attention_rule"]}
     return Call(LRP(ctx.score_model, p["composite"], options, notes=notes_of(ctx)))
 
 
@@ -393,6 +397,10 @@ register(MethodSpec(
               minimum=1.0, maximum=1e3),
         Param("low", "float", None, "lowest input value for the z-box rule (default: input minimum)"),
         Param("high", "float", None, "highest input value for the z-box rule (default: input maximum)"),
+        Param("attention_rule", "str", "held",
+              "transformer attention (UNETR, SwinUNETR): held: softmax probabilities held constant, relevance "
+              "through the values only (Ali et al. 2022); attnlrp: AttnLRP's softmax and uniform product rules, "
+              "relevance to queries and keys too (Achtibat et al. 2024)", choices=("held", "attnlrp")),
     ),
     build=_build, needs_hooks=True, patchwise="gradient", cost=lambda info, p: 1, axiom="conservation",
     reference="Bach et al. 2015, On Pixel-Wise Explanations for Non-Linear Classifier Decisions "
