@@ -4,7 +4,7 @@ Checked against: MONAI's WindowAttention output (the rule's recomputation, with 
 shift mask, einsum and scaled_dot_product_attention paths, to 1e-6); the paper's explicit AH-rule
 formula on one head; MONAI's whole SwinUNETR output with the canonizer in place (bit for bit); exact
 conservation of the score on a bias-free SwinUNETR (shifted windows included; v2 stages, stochastic depth,
-patch merging v2, patch norm); LRP through MONAI's
+patch merging v2, patch norm, zero-padded windows); LRP through MONAI's
 own ``sliding_window_inference``. Breaking a rule (a plain residual sum, probabilities not held, a
 plain layer norm) makes conservation fail, and a block MONAI computes differently is refused by
 name. 2D and 3D.
@@ -39,8 +39,9 @@ def swin(dims: int, bias_free: bool = False, **variant) -> nn.Module:
     """A tiny SwinUNETR (batch norms: folded by the canonizer); ``bias_free``: every bias and beta zero,
     so LRP-0 must conserve the score exactly (the relative position bias is inside the held softmax)."""
     torch.manual_seed(0)
-    net = swin_unetr.SwinUNETR(1, 2, feature_size=12, spatial_dims=dims, window_size=4, norm_name="batch",
-                               depths=(2, 1, 1, 1), num_heads=(2, 1, 1, 1), mlp_ratio=2.0, **variant).eval()
+    kw = {"window_size": 4, "norm_name": "batch", "depths": (2, 1, 1, 1), "num_heads": (2, 1, 1, 1),
+          "mlp_ratio": 2.0, **variant}
+    net = swin_unetr.SwinUNETR(1, 2, feature_size=12, spatial_dims=dims, **kw).eval()
     with torch.no_grad():
         for m in net.modules():
             for name, p in m.named_parameters(recurse=False):
@@ -145,7 +146,8 @@ BREAKAGES = {
 
 
 VARIANTS = {"v2 (residual conv stages)": {"use_v2": True}, "stochastic depth (DropPath, eval)": {"dropout_path_rate": 0.3},
-            "patch merging v2": {"downsample": "mergingv2"}, "patch norm": {"patch_norm": True}}
+            "patch merging v2": {"downsample": "mergingv2"}, "patch norm": {"patch_norm": True},
+            "window 7 (zero-padded windows)": {"window_size": 7}}
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
