@@ -37,6 +37,7 @@ class GridState:
     copies: list[Any] = field(default_factory=list)
     overlays: list[tuple[Any, bool]] = field(default_factory=list)
     fonts: list[tuple[Any, float]] = field(default_factory=list)
+    active: Any = None  # the selected layer before (the copies take the selection when added)
 
 
 def _grid(viewer: Any) -> Any:
@@ -94,7 +95,7 @@ def arrange_side_by_side(viewer: Any, base: Any, results: list[Any], spacing: fl
     grid = _grid(viewer)
     state = GridState(order=list(viewer.layers), visible=[ly.visible for ly in viewer.layers],
                       grid={"enabled": grid.enabled, "stride": grid.stride, "shape": grid.shape,
-                            "spacing": grid.spacing})
+                            "spacing": grid.spacing}, active=viewer.layers.selection.active)
     # one scene-graph update and redraw at the end, not one per change
     with _young_collection_only(), viewer.layers.batched_update():
         desired: list[Any] = []
@@ -160,6 +161,8 @@ def restore_layout(viewer: Any, state: GridState) -> None:
         grid.stride, grid.shape, grid.spacing = (state.grid["stride"], state.grid["shape"],
                                                  state.grid["spacing"])
         grid.enabled = state.grid["enabled"]
+    if state.active is not None and state.active in viewer.layers:  # not an empty layer-controls panel
+        viewer.layers.selection.active = state.active
     viewer.reset_view()
 
 

@@ -30,6 +30,7 @@ def test_side_by_side_and_back_are_one_batch_each(qtbot, docked) -> None:
     for layer in viewer.layers:
         layer.events.visible.connect(lambda ev, name=layer.name: shown.append(name))
     was_visible = {ly.name: ly.visible for ly in viewer.layers}
+    viewer.layers.selection.active = maps[1]
     state = C.arrange_side_by_side(viewer, image, maps)
     assert batches == ["begin", "end"]
     # arranging removes no layer: napari's full collection skips the objects made before, then all is as it was
@@ -46,5 +47,6 @@ def test_side_by_side_and_back_are_one_batch_each(qtbot, docked) -> None:
     C.restore_layout(viewer, state)
     assert batches == ["begin", "end"] and not grid.enabled
     assert frozen[1] == 0  # the undo removes the copies: napari's full collection is left as it is
+    assert viewer.layers.selection.active is maps[1]  # the selection from before (a copy had taken it)
     assert {ly.name: ly.visible for ly in viewer.layers} == was_visible
     assert sorted(shown) == sorted([maps[0].name, image.name])
