@@ -86,3 +86,24 @@ def test_dry_run_costs_the_same_network_calls_as_the_probe_alone(config, monkeyp
     calls.clear()
     assert main(["run", str(config), "--dry-run"]) == 0
     assert calls == alone and len(alone) == 3
+
+
+def test_dry_run_reads_each_whole_volume_off_the_probe_line(config):
+    """Whole-volume execution: each volume's prediction pass and evaluations come from the probe's line through
+    two crop sizes at that volume's voxel count (not in proportion to the probed volume's)."""
+    from esegeta_engine.config import parse_config
+    from esegeta_engine.jobs.dry_run import dry_run
+
+    raw = yaml.safe_load(config.read_text())
+    data = np.random.default_rng(1).random((80, 18, 8)).astype(np.float32)
+    nib.save(nib.Nifti1Image(data, np.eye(4)), config.parent / "big.nii.gz")
+    raw.update(volumes=["vol.nii.gz", "big.nii.gz"], methods=[{"name": "saliency"}])
+    raw.pop("execution")
+    raw.pop("evaluation")
+    plan = dry_run(parse_config(raw, base=config.parent))
+    probe = plan.probe
+    assert plan.probe_volume == "big" and probe.network_calls == 5 and probe.probed == 2
+    line, plain = probe.evaluation_line, probe.prediction_line
+    per_volume = [plain.at(v) + 2 * line.at(v) for v in (20 * 18 * 8, 80 * 18 * 8)]  # 2 classes: 2 evaluations
+    assert plan.expected_evaluations == 4
+    assert plan.seconds == pytest.approx(sum(per_volume))

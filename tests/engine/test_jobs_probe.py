@@ -145,6 +145,8 @@ class _Clock:
     def perf_counter(self) -> float:
         return self.t
 
+    process_time = perf_counter
+
 
 class _Ticking(nn.Module):
     def __init__(self, clock: _Clock, ticks: float, dims: int, channels: int) -> None:
@@ -172,6 +174,7 @@ def test_cancel_wait_is_the_slowest_layer_scaled_to_the_input(monkeypatch, dims:
                    execution=ExecutionConfig(patch_size=16) if sliding else None)
     est = probe_run(ex, _volume(shape), [MethodConfig(name="saliency")])
     assert est.patch_seconds == 7 and est.forward_seconds == 7  # every module once per call
+    assert est.cpu_seconds == pytest.approx(est.seconds)  # the same clock for both here
     if sliding:
         assert est.cancel_wait_seconds == 5 and est.evaluation_seconds == 7 * est.patches_per_evaluation
     else:  # both crops took 7 units: time proportional to the voxels, and so is the slowest layer's

@@ -275,6 +275,11 @@ def patchwise_layer_forward(score_model: nn.Module, layer: nn.Module, inputs: to
     combined on a :class:`LayerCanvas`. The network's outputs are not stitched."""
     sw = score_model.runner
     if not isinstance(sw, SlidingWindow):
+        # a deployed pipeline (nnU-Net) runs the layer once per member itself
+        members = getattr(getattr(getattr(score_model, "net", None), "model", None), "member_layer_forward", None)
+        if callable(members):
+            return members(score_model, layer, inputs, layer_input, per_patch, combine, method,
+                           layer_name or type(layer).__name__)
         raise TypeError("patchwise_layer_forward needs a sliding-window score model")
     n = inputs.shape[0]
     grid = sw.grid(inputs.shape[2:], inputs.device)

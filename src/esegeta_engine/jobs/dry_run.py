@@ -147,8 +147,12 @@ def dry_run(cfg: Config, trust_pickled: bool = False, trust_bundle: bool = False
             plan.probe_error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
         if plan.probe is not None and plan.probe.expected_evaluations and known:
             probe = plan.probe
-            # every volume's prediction pass and evaluations at the probed volume's cost per voxel
-            scaled = sum((probe.prediction_seconds + n * probe.evaluation_seconds) * vox / voxels[big]
-                         for n, vox in zip(counts, voxels))  # type: ignore[operator]
-            plan.seconds = scaled + extra * probe.evaluation_seconds
+
+            def volume_seconds(n: int, vox: int) -> float:  # its prediction pass and its n evaluations
+                if probe.evaluation_line is not None and probe.prediction_line is not None:  # whole volume
+                    return probe.prediction_line.at(vox) + n * probe.evaluation_line.at(vox)
+                return (probe.prediction_seconds + n * probe.evaluation_seconds) * vox / voxels[big]
+
+            plan.seconds = sum(volume_seconds(n, vox) for n, vox in zip(counts, voxels)) \
+                + extra * probe.evaluation_seconds  # type: ignore[operator]
     return plan

@@ -104,6 +104,9 @@ class ProbeEstimate:
         The estimated forward + backward over the whole input (one model evaluation).
     evaluation_line, prediction_line : CostLine or None
         Whole volume: seconds of one call against voxels, through the probed sizes.
+    cpu_seconds : float or None
+        The same estimate in CPU seconds of this process (all of torch's threads), from the probe's CPU
+        times: what a loaded machine changes least (for benchmarks).
     cancel_wait_seconds : float
         The longest stretch of one evaluation without a cancel check (the network's slowest layer,
         forward or backward), scaled to the run's input as the whole call is: how long a Cancel can
@@ -127,6 +130,7 @@ class ProbeEstimate:
     evaluation_line: CostLine | None = None
     prediction_line: CostLine | None = None
     cancel_wait_seconds: float = 0.0
+    cpu_seconds: float | None = None
 
     def text(self) -> str:
         """``≈ 7 min 40 s and ≈ 2.3 GB peak (prediction ≈ 9 s + 2 evaluations × ≈ 3 min 45 s; one …)``."""
@@ -203,6 +207,7 @@ class _Timed:
     forward: float  # forward without gradients (0 when not timed)
     used: int
     longest_step: float = 0.0  # longest time between two cancel checks in the timed forward + backward
+    cpu: tuple[float, float] = (0.0, 0.0)  # CPU seconds of the timed forward + backward and forward
 
 
 class _CheckGaps:
@@ -246,7 +251,7 @@ def _calls(model: torch.nn.Module, x: torch.Tensor, *, output: int | str | None,
                 before = torch.cuda.memory_allocated(device)
             else:
                 before = resident_bytes()
-            start = time.perf_counter()
+            start, cpu = time.perf_counter(), time.process_time()
             gaps.restart()
             out = runner(inp)
             grown = resident_bytes() - before if not cuda else 0  # the graph is alive here
@@ -255,18 +260,19 @@ def _calls(model: torch.nn.Module, x: torch.Tensor, *, output: int | str | None,
             del out
             sync()
             times.append(time.perf_counter() - start)
+            cpu_backward = time.process_time() - cpu
             longest = max(gaps.longest, time.perf_counter() - gaps.last)  # the backward's tail after its last check
             # memory from either call (the cold first one grows the resident set most)
             used = max(used, torch.cuda.max_memory_allocated(device) - before if cuda
                        else max(grown, resident_bytes() - before))
-        plain = 0.0
+        plain = cpu_plain = 0.0
         if forward:
             with torch.no_grad():
-                start = time.perf_counter()
+                start, cpu = time.perf_counter(), time.process_time()
                 runner(inp.detach())
                 sync()
-                plain = time.perf_counter() - start
-    return _Timed(times[0] if warm else None, times[-1], plain, max(int(used), 0), longest)
+                plain, cpu_plain = time.perf_counter() - start, time.process_time() - cpu
+    return _Timed(times[0] if warm else None, times[-1], plain, max(int(used), 0), longest, (cpu_backward, cpu_plain))
 
 
 def _half(patch: Sequence[int], divisible: int) -> tuple[int, ...]:
@@ -324,22 +330,26 @@ def probe_run(explainer: Any, volume: Any, methods: Sequence[Any], x: torch.Tens
             if form.sliding is not None or divisible >= 32:
                 raise
             divisible *= 2
-    calls, lines = 3, None
+    calls, lines, cpu_lines = 3, None, None
     if form.sliding is not None:
         evaluation, prediction = per_evaluation * big.backward, per_evaluation * big.forward
+        cpu_evaluation, cpu_prediction = per_evaluation * big.cpu[0], per_evaluation * big.cpu[1]
     else:
-        points_b, points_f = [(math.prod(patch), big.backward)], [(math.prod(patch), big.forward)]
+        timed_sizes = [(math.prod(patch), big)]
         small = _half(patch, divisible)
         if voxels > math.prod(patch) and small != patch:  # a second size: the time is not proportional
-            little = timed(small, warm=False)
+            timed_sizes.append((math.prod(small), timed(small, warm=False)))
             calls += 2
-            points_b.append((math.prod(small), little.backward))
-            points_f.append((math.prod(small), little.forward))
-        lines = CostLine.through(points_b), CostLine.through(points_f)
+        lines = (CostLine.through([(v, t.backward) for v, t in timed_sizes]),
+                 CostLine.through([(v, t.forward) for v, t in timed_sizes]))
+        cpu_lines = (CostLine.through([(v, t.cpu[0]) for v, t in timed_sizes]),
+                     CostLine.through([(v, t.cpu[1]) for v, t in timed_sizes]))
         evaluation, prediction = lines[0].at(voxels), lines[1].at(voxels)
+        cpu_evaluation, cpu_prediction = cpu_lines[0].at(voxels), cpu_lines[1].at(voxels)
     scale = batch if form.sliding is not None else evaluation / max(big.backward, 1e-9)
     expected = explainer.estimate([volume], list(methods))
     total = None if expected is None else prediction + expected * evaluation
+    cpu_total = None if expected is None else cpu_prediction + expected * cpu_evaluation
     channels = int(x.shape[1])
     buffers = voxels * 4 * (3 * channels + 6)  # input, its gradient, output and count maps (rough)
     alive = big.used * (batch if form.sliding is not None else per_evaluation)
@@ -350,4 +360,4 @@ def probe_run(explainer: Any, volume: Any, methods: Sequence[Any], x: torch.Tens
                          forward_seconds=big.forward, prediction_seconds=prediction, evaluation_seconds=evaluation,
                          evaluation_line=None if lines is None else lines[0],
                          prediction_line=None if lines is None else lines[1],
-                         cancel_wait_seconds=min(big.longest_step, big.backward) * scale)
+                         cancel_wait_seconds=min(big.longest_step, big.backward) * scale, cpu_seconds=cpu_total)

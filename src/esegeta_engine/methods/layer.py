@@ -45,6 +45,7 @@ from esegeta_engine.methods.layer_patchwise import (
     PatchwiseLayerIntegratedGradients,
 )
 from esegeta_engine.methods.notes import notes_of
+from esegeta_engine.models.member_paths import MemberLayerPath, member_pipeline
 from esegeta_engine.methods.patch_layer_methods import (
     PatchwiseCam,
     PatchwiseConductance,
@@ -103,6 +104,9 @@ def _layer_conductance(ctx: MethodContext, p: Mapping[str, Any]) -> Call:
 
 
 def _internal_influence(ctx: MethodContext, p: Mapping[str, Any]) -> Call:
+    pipe = member_pipeline(ctx)  # inside nnU-Net's folds: a layer-space path through the whole pipeline
+    if pipe is not None:
+        return Call(MemberLayerPath(ctx, p, pipe, influence=True))
     if is_patchwise(ctx):
         base = make_baseline(ctx.inputs, p["baseline"])
         return Call(PatchwiseConductance(ctx, p, base, influence=True), {"baselines": base})
@@ -147,6 +151,9 @@ def _layer_gradient_shap(ctx: MethodContext, p: Mapping[str, Any]) -> Call:
 
 
 def _layer_integrated_gradients(ctx: MethodContext, p: Mapping[str, Any]) -> Call:
+    pipe = member_pipeline(ctx)  # inside nnU-Net's folds: a layer-space path through the whole pipeline
+    if pipe is not None:
+        return Call(MemberLayerPath(ctx, p, pipe))
     if is_patchwise(ctx):
         base = make_baseline(ctx.inputs, p["baseline"])
         return Call(PatchwiseLayerIntegratedGradients(ctx, p, base), {"baselines": base})

@@ -68,6 +68,9 @@ PASS_MODULES: tuple[type[nn.Module], ...] = (
     nn.InstanceNorm3d, nn.GroupNorm)
 NORM_RULE_MODULES: tuple[type[nn.Module], ...] = (nn.LayerNorm,)
 """Normalisations with their own rule (:func:`.lrp_attention.layer_norm_rule`; excitation passes them)."""
+GRAPH_FREE: tuple[type[nn.Module], ...] = RULE_MODULES + POOL_MODULES + PASS_MODULES + NORM_RULE_MODULES
+"""Modules whose backward the rule replaces entirely: they run on a detached input, so autograd keeps
+none of their own saved tensors (before, each kept its plain graph beside the rule's)."""
 GRADIENT_MODULES: tuple[type[nn.Module], ...] = (
     nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d,
     nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d,
@@ -270,7 +273,7 @@ class LRP:
 
     def _hook(self, options: dict[str, Any]) -> list[Any]:
         names = {id(m): n for n, m in user_model(self.net).named_modules()}
-        state: dict[str, Any] = {"first": None, "last": None, "stash": {}}
+        state: dict[str, Any] = {"first": None, "last": None, "stash": {}, "grad": []}
 
         sliding = sliding_window_of(self.model)
 
@@ -280,12 +283,20 @@ class LRP:
             if self._busy or not args or not isinstance(args[0], torch.Tensor):
                 return None
             state["stash"].setdefault(id(module), []).append(args[0])
+            if isinstance(module, GRAPH_FREE):  # the rule replaces its backward: no graph of its own
+                state["grad"].append(torch.is_grad_enabled())  # (nor of its parameters); post restores
+                torch.set_grad_enabled(False)
+                return (args[0].clone() if getattr(module, "inplace", False) else args[0], *args[1:])
             if getattr(module, "inplace", False):
                 return (args[0].clone(), *args[1:])
             return None
 
         def post(module: nn.Module, args: tuple[Any, ...], y: Any) -> Any:
-            if (sliding is not None and not sliding.recomputing) or self._busy or not isinstance(y, torch.Tensor):
+            if (sliding is not None and not sliding.recomputing) or self._busy:
+                return None
+            if isinstance(module, GRAPH_FREE) and state["grad"]:
+                torch.set_grad_enabled(state["grad"].pop())
+            if not isinstance(y, torch.Tensor):  # (every GRAPH_FREE module returns one tensor)
                 return None
             stack = state["stash"].get(id(module))
             if not stack:

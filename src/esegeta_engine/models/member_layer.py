@@ -52,15 +52,39 @@ MEMBER_METHODS = ("layer_gradcam", "gradcam_pp", "xgradcam", "layercam", "hiresc
                   "layer_gradient_x_activation")
 """Layer methods built for layers inside a deployed pipeline's network (one backward, per-copy rule)."""
 
+NNUNET_MEMBER_METHODS = (*MEMBER_METHODS, "layer_activation", "layer_integrated_gradients", "internal_influence")
+"""Also built inside nnU-Net's fold networks: activation-only and layer-space paths (:mod:`.member_paths`)."""
 
-def method_refusal(method: str, layer: str, where: str) -> tuple[str, str] | None:
+_WHY = {
+    "layer_conductance": "the input stays fixed (it sets nnU-Net's crop box, normalisation and resampling), so "
+                         "the path runs in layer space, where the layer's own conductance is exactly its layer IG "
+                         "(A(alpha') - A(alpha) = (alpha' - alpha) A)",
+    "layer_deeplift": "DeepLIFT's rules need a reference pass of every member at a reference value of the layer; "
+                      "an input reference would move nnU-Net's crop box and normalisation, and a layer-space "
+                      "reference pass of the ensemble is not built",
+    "layer_gradient_shap": "its baselines are drawn in input space (they move nnU-Net's crop box and "
+                           "normalisation); a layer-space distribution of every member's copy is not built",
+    "eigen_cam": "one principal component needs one feature space, but channel c of each fold is a different "
+                 "learned feature; a per-fold component is not built",
+    "score_cam": "each channel of the layer is a mask on every member's copy, and the deployed score is "
+                 "nonlinear across members: one whole pipeline pass (patches x mirrored copies x folds network "
+                 "calls) per channel, e.g. 32 channels x 64 calls = 2,048 network calls for one map",
+}
+_WHY["layer_deeplift_shap"] = _WHY["layer_deeplift"]
+_WHY["eigen_grad_cam"] = _WHY["eigen_cam"]
+_WHY["ablation_cam"] = _WHY["score_cam"].replace("is a mask on", "is zeroed in")
+
+
+def method_refusal(method: str, layer: str, where: str,
+                   built: tuple[str, ...] = MEMBER_METHODS) -> tuple[str, str] | None:
     """Why ``method`` does not run on ``layer`` inside a pipeline's network (None: it runs)."""
-    if method in MEMBER_METHODS:
+    if method in built:
         return None
-    return (f"method '{method}' on layer {layer!r} inside {where} is not built: it edits or re-reads the layer "
-            "outside the pipeline's patch-wise backward (path points move nnU-Net's crop box and grid, "
-            "references and stitched layers need a layer pass of their own)",
-            f"use {', '.join(MEMBER_METHODS)} on this layer, or any method on the layer 'network_input'")
+    why = _WHY.get(method) if built is not MEMBER_METHODS else None
+    why = why or ("it edits or re-reads the layer outside the pipeline's patch-wise backward (path points move the "
+                  "pipeline's preprocessing, references and stitched layers need a layer pass of their own)")
+    return (f"method '{method}' on layer {layer!r} inside {where} is not built: {why}",
+            f"use {', '.join(built)} on this layer, or any method on the layer 'network_input'")
 
 
 def find_in(networks: list[nn.Module], layer: nn.Module) -> str | None:
@@ -73,12 +97,38 @@ def find_in(networks: list[nn.Module], layer: nn.Module) -> str | None:
 
 
 class _Copy(LayerCopy):
-    """Forward hook keeping one call's activation (or input) and, after the backward, its gradient."""
+    """Forward hook keeping one call's activation (or input) and, after the backward, its gradient.
+
+    ``scale``: the layer's value is replaced by ``scale * A`` (a layer-space path point, the input
+    fixed); ``A`` is kept and ``G`` is the gradient at the replaced value. ``forward_only``: no graph,
+    only ``A`` is kept.
+    """
+
+    scale: float | None = None
+    forward_only = False
 
     def hooks(self, module: nn.Module) -> list[Any]:
         if self.layer_input:
-            return [module.register_forward_pre_hook(lambda m, args: self.keep(args[0] if args else None))]
-        return [module.register_forward_hook(lambda m, args, out: self.keep(out))]
+            def pre(m: nn.Module, args: tuple) -> tuple | None:
+                new = self.edit(args[0] if args else None)
+                return None if new is None else (new, *args[1:])
+            return [module.register_forward_pre_hook(pre)]
+        return [module.register_forward_hook(lambda m, args, out: self.edit(out))]
+
+    def edit(self, a: Any) -> torch.Tensor | None:
+        """Keep ``a``; return its replacement (None: unchanged)."""
+        if not isinstance(a, torch.Tensor):
+            return None
+        if self.forward_only:
+            self.calls, self.a, self.g = self.calls + 1, a.detach(), None
+            return None
+        if self.scale is None:
+            self.keep(a)
+            return None
+        new = a * self.scale
+        self.keep(new)
+        self.a = a.detach()
+        return new
 
     def take(self, method: str, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         if self.calls != 1 or self.a is None:
@@ -87,6 +137,14 @@ class _Copy(LayerCopy):
         a, g = self.a, self.g if self.g is not None else torch.zeros_like(self.a)
         self.calls, self.a, self.g = 0, None, None
         return a, g
+
+
+def scaled(modules: list[nn.Module], layer_input: bool, scale: float) -> list[Any]:
+    """Hooks replacing every module's output (or first input) ``A`` by ``scale * A``."""
+    if layer_input:
+        return [m.register_forward_pre_hook(lambda m, args: (args[0] * scale, *args[1:]) if args else None)
+                for m in modules]
+    return [m.register_forward_hook(lambda m, args, out: out * scale) for m in modules]
 
 
 class PlanGrid:
@@ -110,17 +168,23 @@ class PlanGrid:
         self.weight = g.reshape((1, 1, *self.roi))
 
 
+def fold_copies(pipe: Any, layer: nn.Module, method: str, name: str) -> list[nn.Module]:
+    """``layer``'s module in every fold network of an nnU-Net pipeline (the same name in each)."""
+    nets = list(pipe.ensemble.networks)
+    rel = find_in(nets, layer)
+    if rel is None:
+        raise MethodError(f"{method}: layer '{name}' is not inside the pipeline's fold networks",
+                          "pick a layer from `esegeta layers MODEL`")
+    return [dict(net.named_modules())[rel] for net in nets]
+
+
 class NnUNetLayerTap:
     """Told by the ensemble's backward of every member it recomputes (fold, patch, mirrored copy)."""
 
     def __init__(self, pipe: Any, layer: nn.Module, layer_input: bool, per_copy: PerCopy, combine: str,
                  method: str, name: str) -> None:
         ens = pipe.ensemble
-        rel = find_in(list(ens.networks), layer)
-        if rel is None:
-            raise MethodError(f"{method}: layer '{name}' is not inside the pipeline's fold networks",
-                              "pick a layer from `esegeta layers MODEL`")
-        self.modules = [dict(net.named_modules())[rel] for net in ens.networks]
+        self.modules = fold_copies(pipe, layer, method, name)
         self.examples = {id(info["plan"]): i for i, info in enumerate(pipe._last)}
         self.copy, self.per_copy, self.combine = _Copy(layer_input), per_copy, combine
         self.method, self.name = method, name
@@ -168,10 +232,13 @@ class NnUNetLayerTap:
 
 def nnunet_layer_map(pipe: Any, score_model: nn.Module, layer: nn.Module, inputs: torch.Tensor, target: int,
                      layer_input: bool, per_copy: PerCopy, combine: str, method: str,
-                     name: str) -> tuple[torch.Tensor, torch.Tensor]:
+                     name: str, scale: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """A layer method over every member of an nnU-Net pipeline (module docstring), on the scan's grid.
 
-    Returns the map ``(N, C', *scan)`` and, per example, the sum of every copy's layer map.
+    ``scale``: the whole pipeline (forward and backward) runs with every member's copy of the layer
+    replaced by ``scale * A`` (a layer-space path point); ``per_copy`` gets the unscaled ``A`` and
+    the gradient at the path point. Returns the map ``(N, C', *scan)`` and, per example, the sum of
+    every copy's layer map.
     """
     if combine not in ("sum", "blend"):
         raise MethodError(f"method '{method}' is not built on layers inside nnU-Net's fold networks",
@@ -179,13 +246,24 @@ def nnunet_layer_map(pipe: Any, score_model: nn.Module, layer: nn.Module, inputs
     x = inputs.detach().requires_grad_(True)
     ens = pipe.ensemble
     with torch.enable_grad():
-        scores = score_model(x)[:, target]
+        handles = [] if scale is None else scaled(fold_copies(pipe, layer, method, name), layer_input, scale)
+        try:  # the forward at the path point: hooked, so it runs (never the prediction's reused logits)
+            scores = score_model(x)[:, target]
+        finally:
+            for h in handles:
+                h.remove()
         tap = NnUNetLayerTap(pipe, layer, layer_input, per_copy, combine, method, name)
+        tap.copy.scale = scale
         ens.tap = tap
         try:
             torch.autograd.grad(scores.sum(), x)
         finally:
             ens.tap = None
+    return scan_maps(pipe, tap, inputs), tap.totals
+
+
+def scan_maps(pipe: Any, tap: NnUNetLayerTap, inputs: torch.Tensor) -> torch.Tensor:
+    """Every example's map from ``tap``, brought to the scan's grid as the probabilities are."""
     maps = []
     for b in range(inputs.shape[0]):
         m = tap.result(b)
@@ -193,7 +271,7 @@ def nnunet_layer_map(pipe: Any, score_model: nn.Module, layer: nn.Module, inputs
         if m is None:  # the target reads no voxel of this example
             m = torch.zeros((1, *info["plan"].shape))
         maps.append(pipe._to_scan(m, info, logits=False))
-    return torch.stack(maps).to(inputs.device), tap.totals
+    return torch.stack(maps).to(inputs.device)
 
 
 def bundle_layer_map(pipe: Any, score_model: nn.Module, layer: nn.Module, inputs: torch.Tensor, target: int,

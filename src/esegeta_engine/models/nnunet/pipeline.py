@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from esegeta_engine.errors import ModelLoadError
-from esegeta_engine.models.member_layer import find_in, method_refusal, nnunet_layer_map
+from esegeta_engine.models.member_layer import NNUNET_MEMBER_METHODS, find_in, method_refusal, nnunet_layer_map
 from esegeta_engine.models.nnunet.resample import Resampling, resampler
 from esegeta_engine.models.nnunet.window import Ensemble, EnsembleFunction, WindowPlan
 
@@ -185,14 +185,23 @@ class NnUNetPipeline(nn.Module):
 
     def layer_method_refusal(self, method: str, layer: str) -> tuple[str, str] | None:
         """Why a layer method does not run on a layer inside the fold networks (None: it runs)."""
-        return method_refusal(method, layer, "nnU-Net's fold networks") if layer.startswith("folds.") else None
+        if not layer.startswith("folds."):
+            return None
+        return method_refusal(method, layer, "nnU-Net's fold networks", NNUNET_MEMBER_METHODS)
 
     def member_layer_map(self, score_model: nn.Module, layer: nn.Module, inputs: torch.Tensor, target: int,
                          layer_input: bool, per_copy: Any, combine: str, method: str,
-                         name: str) -> tuple[torch.Tensor, torch.Tensor]:
+                         name: str, scale: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """A layer method over every member's copy of ``layer``, on the scan's grid (:mod:`..member_layer`)."""
         return nnunet_layer_map(self, score_model, layer, inputs, target, layer_input, per_copy, combine, method,
-                                name)
+                                name, scale)
+
+    def member_layer_forward(self, score_model: nn.Module, layer: nn.Module, inputs: torch.Tensor,
+                             layer_input: bool, per_copy: Any, combine: str, method: str, name: str) -> torch.Tensor:
+        """An activation-only layer map over every member's copy of ``layer`` (:mod:`..member_paths`)."""
+        from esegeta_engine.models.member_paths import nnunet_layer_forward
+
+        return nnunet_layer_forward(self, score_model, layer, inputs, layer_input, per_copy, combine, method, name)
 
     def layer_map_to_input(self, name: str | None, result: torch.Tensor) -> torch.Tensor | None:
         """A map on the network's grid (layer ``network_input``) -> the scan's grid."""
