@@ -25,7 +25,8 @@ import numpy as np
 import torch
 
 LAYER = "upcat_2"
-PARAMS = {"layer_integrated_gradients": {"n_steps": 8}}  # its reference: n_steps x the minimum
+PARAMS = {"layer_integrated_gradients": {"n_steps": 8},  # its reference: n_steps x the minimum
+          "deeplift_shap": {"n_baselines": 2}}
 
 
 def _net(features):
@@ -177,7 +178,9 @@ def main() -> None:
                     help="only: ROI occlusion on BasicUNet (instance norm) where the ROI reads 1 of 25 patches")
     ap.add_argument("--no-occlusion", action="store_true", help="skip the ROI occlusion measurement")
     ap.add_argument("--methods", help="comma-separated subset of: layer_gradcam, deeplift, lrp (its default "
-                                      "composite, epsilon_plus), lrp:epsilon, excitation_backprop")
+                                      "composite, epsilon_plus), lrp:epsilon, excitation_backprop, fullgrad, "
+                                      "guided_gradcam, deeplift_shap (2 baselines; its reference: input and "
+                                      "baseline, once per baseline)")
     args = ap.parse_args()
     if args.child:
         print(json.dumps(_child(*json.loads(args.child))))
@@ -223,7 +226,8 @@ def main() -> None:
         return
     runs = (("layer_gradcam", "minimum"), ("deeplift", "minimum2"), ("lrp", "minimum"), ("lrp:epsilon", "minimum"),
             ("excitation_backprop", "minimum"), ("layer_integrated_gradients", "minimum"), ("eigen_cam", "minimum"),
-            ("eigen_grad_cam", "minimum"))
+            ("eigen_grad_cam", "minimum"), ("fullgrad", "minimum"), ("guided_gradcam", "minimum"),
+            ("deeplift_shap", "minimum2"))
     ratios = {}
     for mode, ref_mode in runs:
         if args.methods and mode not in args.methods.split(","):
@@ -232,7 +236,8 @@ def main() -> None:
         for _ in range(args.repeat):  # interleaved: load changes hit both sides
             refs.append(_run_child(ref_mode, shape, patch, features, overlap))
             mine.append(_run_child(mode, shape, patch, features, overlap))
-        steps = PARAMS.get(mode, {}).get("n_steps", 1)  # layer IG: one pass per path point
+        # layer IG: one pass per path point; DeepLIFT SHAP: one DeepLIFT per baseline row
+        steps = PARAMS.get(mode, {}).get("n_steps", PARAMS.get(mode, {}).get("n_baselines", 1))
         wall = median(r["seconds"] for r in mine) / (steps * median(r["seconds"] for r in refs))
         cpu = median(r["cpu_seconds"] for r in mine) / (steps * median(r["cpu_seconds"] for r in refs))
         ratios[mode] = cpu

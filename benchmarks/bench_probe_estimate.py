@@ -2,8 +2,10 @@
 
 For each size, in a fresh process (as ``esegeta run --dry-run`` or the plugin's first Run): the probe's
 estimate, then the run itself (saliency on the bundled U-Net, whole volume or ``--patch``), timed from the
-start of the explain call to its map. The probe's first call includes torch's warm-up (allocator,
-kernel selection); the estimate now times a second call. Both figures come from the same process.
+start of the explain call to its map (prediction pass included). Beside the estimate: the old one
+(evaluations × the crop's time scaled in proportion to the voxels, no prediction pass), the probe's own
+wall time, the estimated peak memory against the process's peak resident set after the run, and the
+estimate and the run in CPU seconds (all torch threads), which a loaded machine skews least.
 
     .venv/bin/python benchmarks/bench_probe_estimate.py [--sizes 64 96] [--patch 48] [--full]
 
@@ -40,15 +42,20 @@ def worker(shape: tuple[int, ...], patch: int | None, method: str) -> None:
     t = time.perf_counter()
     est = P.probe_run(ex, vol, methods)
     probe_s = time.perf_counter() - t
-    warmup = est.warmup_seconds  # the first, untimed call: what the estimate scaled until 19.8
-    start = time.perf_counter()
+    import resource
+
+    start, cpu = time.perf_counter(), time.process_time()
     ready = next(e for e in ex.iter_explain([vol], methods, threaded=False) if isinstance(e, MapReady))
-    actual = time.perf_counter() - start
-    print(json.dumps({"shape": shape, "patch": patch, "estimate_s": est.seconds, "patch_s": est.patch_seconds,
-                      "probe_wall_s": probe_s, "first_call_s": warmup,
-                      "estimate_first_call_s": None if est.seconds is None else est.seconds * warmup / est.patch_seconds,
-                      "actual_s": actual, "evaluations": ready.evaluations,
-                      "expected": est.expected_evaluations, "per_evaluation": est.patches_per_evaluation}))
+    actual, actual_cpu = time.perf_counter() - start, time.process_time() - cpu
+    old = est.expected_evaluations * est.patches_per_evaluation * est.patch_seconds  # until the fourth pass
+    line = est.evaluation_line
+    print(json.dumps({"shape": shape, "patch": patch, "estimate_s": est.seconds, "old_estimate_s": old,
+                      "prediction_s": est.prediction_seconds, "evaluation_s": est.evaluation_seconds,
+                      "patch_s": est.patch_seconds, "forward_s": est.forward_seconds, "probe_wall_s": probe_s,
+                      "network_calls": est.network_calls, "line": None if line is None else [line.fixed, line.per_voxel],
+                      "actual_s": actual, "actual_cpu_s": actual_cpu, "estimate_cpu_s": est.cpu_seconds, "evaluations": ready.evaluations, "expected": est.expected_evaluations,
+                      "per_evaluation": est.patches_per_evaluation, "peak_estimate_mb": est.peak_bytes / 2**20,
+                      "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 
 
 def main() -> None:
@@ -70,12 +77,15 @@ def main() -> None:
         r = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1])
         size = "x".join(map(str, shape))
         mode = f"patch {args.patch}" if args.patch else "whole volume"
-        first = r["estimate_first_call_s"]
-        print(f"RESULT {size} {mode}, {args.method}: actual {r['actual_s']:.1f} s; estimate from the second call "
-              f"{r['estimate_s']:.1f} s (ratio {r['estimate_s'] / r['actual_s']:.2f}), from the first call as before "
-              f"{first:.1f} s (ratio {first / r['actual_s']:.2f}) (probe took {r['probe_wall_s']:.1f} s; "
-              f"{r['expected']} evaluation(s) x {r['per_evaluation']:.3g} patches, one patch {r['patch_s']:.2f} s, "
-              f"first call {r['first_call_s']:.2f} s)", flush=True)
+        fit = "" if r["line"] is None else f"; line {r['line'][0]:.2f} s + {r['line'][1] * 1e6:.2f} s/Mvoxel"
+        print(f"RESULT {size} {mode}, {args.method}: actual {r['actual_s']:.1f} s; estimate {r['estimate_s']:.1f} s "
+              f"(ratio {r['estimate_s'] / r['actual_s']:.2f}: prediction {r['prediction_s']:.1f} s + {r['expected']} x "
+              f"{r['evaluation_s']:.1f} s), old estimate {r['old_estimate_s']:.1f} s (ratio "
+              f"{r['old_estimate_s'] / r['actual_s']:.2f}); probe {r['probe_wall_s']:.1f} s, {r['network_calls']} network "
+              f"calls (crop {r['patch_s']:.2f} s forward+backward, {r['forward_s']:.2f} s forward{fit}); peak memory "
+              f"estimate {r['peak_estimate_mb']:.0f} MB vs {r['peak_rss_mb']:.0f} MB measured; CPU time: actual "
+              f"{r['actual_cpu_s']:.1f} s, estimate {r['estimate_cpu_s']:.1f} s (ratio "
+              f"{r['estimate_cpu_s'] / r['actual_cpu_s']:.2f})", flush=True)
 
 
 if __name__ == "__main__":

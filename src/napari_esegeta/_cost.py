@@ -14,6 +14,8 @@ from esegeta_engine.jobs.probe import format_duration
 
 #: warn about a run needing more evaluations than this when no rate is measured yet
 WARN_EVALUATIONS = 2000
+#: say how long Cancel can take when one layer of a whole-volume evaluation runs longer than this
+CANCEL_NOTE_S = 3.0
 
 
 def estimate_evaluations(model: Any, volume: Any, methods: Sequence[Any], **explainer_kwargs: Any) -> int | None:
@@ -51,6 +53,20 @@ def long_run_text(evaluations: int, seconds: float | None) -> str:
         else "no rate measured yet"
     return (f"This run needs about {evaluations:,} model evaluations ({took}).\n"
             "→ click 'Run anyway' to start it, or use fewer methods, classes or a coarser window")
+
+
+def cancel_note(estimate: Any) -> str:
+    """What the estimate says of Cancel on a whole-volume run whose slowest layer is long ('' otherwise).
+
+    Cancel is checked between the network's layers; a layer over a whole scan cannot be stopped
+    midway. A patch size is the remedy, but it explains the sliding-window function instead of the
+    whole-volume one, so it is named, not applied.
+    """
+    wait = getattr(estimate, "cancel_wait_seconds", 0.0)
+    if getattr(estimate, "evaluation_line", None) is None or wait <= CANCEL_NOTE_S:
+        return ""
+    return (f"\nCancel waits for the layer running: up to ≈ {format_duration(wait)} on this volume. A patch size "
+            "(Model tab) keeps each step short, but then the sliding-window function is explained.")
 
 
 format_seconds = format_duration  # one formatter for the probe's estimate and the ETA

@@ -167,11 +167,16 @@ def is_input_layer(layer: Any) -> bool:
 
 
 def show_only(viewer: Any, newest: Any) -> None:
-    """Make ``newest`` the only visible attribution map (the others stay in the layer list)."""
+    """Make ``newest`` the only visible attribution map (the others stay in the layer list).
+
+    Only layers whose visibility changes are touched: napari redraws the whole canvas for every
+    ``visible`` it is given, and reslices a layer set visible even when it already was.
+    """
     for layer in viewer.layers:
-        if is_result_layer(layer) and layer is not newest:
+        if is_result_layer(layer) and layer is not newest and layer.visible:
             layer.visible = False
-    newest.visible = True
+    if not newest.visible:
+        newest.visible = True
 
 
 def next_rendering(current: str) -> str:

@@ -119,7 +119,8 @@ def update_orientation_letters(viewer: Any, *_: Any) -> dict[str, str]:
         key = _LETTER_KEY + pos
         if key not in overlays:
             overlays[key] = TextOverlay(position=pos, font_size=14, color=(1.0, 0.85, 0.2, 1.0))
-        overlays[key].text = letters.get(pos, "")
+        if letters:  # hidden letters keep their text: napari re-places every overlay for each change
+            overlays[key].text = letters[pos]
         overlays[key].visible = bool(letters)
     return letters
 

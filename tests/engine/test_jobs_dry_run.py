@@ -48,9 +48,10 @@ def test_dry_run_plans_refuses_and_probes_one_patch_writing_nothing(config, monk
     calls = _count_forwards(monkeypatch)
     assert main(["run", str(config), "--dry-run"]) == 0
     out = capsys.readouterr().out
-    # the probe's calls only (a warm-up and a timed forward of one 8³ patch; its backward is no network
-    # call): no prediction pass, no method (the next test checks them against the probe alone)
-    assert set(calls) == {(1, 1, 8, 8, 8)} and len(calls) <= 2
+    # the probe's calls only (a warm-up, a timed forward + backward and a timed forward without gradients
+    # of one 8³ patch; a backward is no network call): no prediction pass, no method (the next test
+    # checks them against the probe alone)
+    assert calls == [(1, 1, 8, 8, 8)] * 3
     assert not (config.parent / "out").exists()
     # 2 methods × 2 classes: saliency 1 and IG 4 evaluations a class
     assert "plan: 4 job(s), ≈ 10 model evaluations (scores included)" in out
@@ -84,4 +85,25 @@ def test_dry_run_costs_the_same_network_calls_as_the_probe_alone(config, monkeyp
     alone = list(calls)
     calls.clear()
     assert main(["run", str(config), "--dry-run"]) == 0
-    assert calls == alone and 1 <= len(alone) <= 2
+    assert calls == alone and len(alone) == 3
+
+
+def test_dry_run_reads_each_whole_volume_off_the_probe_line(config):
+    """Whole-volume execution: each volume's prediction pass and evaluations come from the probe's line through
+    two crop sizes at that volume's voxel count (not in proportion to the probed volume's)."""
+    from esegeta_engine.config import parse_config
+    from esegeta_engine.jobs.dry_run import dry_run
+
+    raw = yaml.safe_load(config.read_text())
+    data = np.random.default_rng(1).random((80, 18, 8)).astype(np.float32)
+    nib.save(nib.Nifti1Image(data, np.eye(4)), config.parent / "big.nii.gz")
+    raw.update(volumes=["vol.nii.gz", "big.nii.gz"], methods=[{"name": "saliency"}])
+    raw.pop("execution")
+    raw.pop("evaluation")
+    plan = dry_run(parse_config(raw, base=config.parent))
+    probe = plan.probe
+    assert plan.probe_volume == "big" and probe.network_calls == 5 and probe.probed == 2
+    line, plain = probe.evaluation_line, probe.prediction_line
+    per_volume = [plain.at(v) + 2 * line.at(v) for v in (20 * 18 * 8, 80 * 18 * 8)]  # 2 classes: 2 evaluations
+    assert plan.expected_evaluations == 4
+    assert plan.seconds == pytest.approx(sum(per_volume))

@@ -1,5 +1,6 @@
-"""The one-patch probe (issue 19.7): two network calls of one patch (a warm-up, not timed, and the timed one),
-and an estimate that scales with the plan."""
+"""The one-patch probe (issue 19.7): a warm-up call of one patch (not timed), a timed forward + backward and a
+timed forward without gradients (the prediction pass's unit), a second, half-edge crop under whole-volume
+execution, and an estimate that scales with the plan (prediction pass included)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from torch import nn
 from esegeta_engine.config import ExecutionConfig, MethodConfig, PreprocessConfig, TargetConfig
 from esegeta_engine.explain import Explainer
 from esegeta_engine.io import Volume
-from esegeta_engine.jobs.probe import ProbeEstimate, probe_run
+from esegeta_engine.jobs.probe import CostLine, ProbeEstimate, probe_run
 
 
 class CountingNet(nn.Module):
@@ -20,9 +21,11 @@ class CountingNet(nn.Module):
         conv = nn.Conv3d if dims == 3 else nn.Conv2d
         self.conv = conv(1, 2, 3, padding=1)
         self.calls: list[tuple[int, ...]] = []
+        self.grad: list[bool] = []  # whether each call built a graph
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.calls.append(tuple(x.shape[2:]))
+        self.grad.append(torch.is_grad_enabled())
         return self.conv(x)
 
 
@@ -31,14 +34,15 @@ def _volume(shape):
 
 
 @pytest.mark.parametrize("shape, patch", [((40, 36, 24), 16), ((40, 36), 16)])
-def test_probe_evaluates_exactly_one_patch_twice(shape, patch) -> None:
+def test_probe_evaluates_exactly_one_patch_three_times(shape, patch) -> None:
     net = CountingNet(len(shape)).eval()
     ex = Explainer(net, PreprocessConfig(spatial_dims=len(shape)), TargetConfig(classes=[1]),
                    execution=ExecutionConfig(patch_size=patch))
     est = probe_run(ex, _volume(shape), [MethodConfig(name="saliency")])
     assert isinstance(est, ProbeEstimate)
-    assert net.calls == [(patch,) * len(shape)] * 2  # a warm-up and the timed call, of one patch
-    assert est.probed == 1 and est.network_calls == 2 and est.patch == (patch,) * len(shape)
+    assert net.calls == [(patch,) * len(shape)] * 3  # a warm-up, the timed call and the timed forward, of one patch
+    assert net.grad == [True, True, False]  # the last as the prediction pass runs: no graph
+    assert est.probed == 1 and est.network_calls == 3 and est.patch == (patch,) * len(shape)
     assert est.warmup_seconds is not None and est.warmup_seconds > 0  # the untimed first call, kept for comparison
     from esegeta_engine.forward.sliding import WindowGrid, WindowSettings
 
@@ -48,12 +52,40 @@ def test_probe_evaluates_exactly_one_patch_twice(shape, patch) -> None:
     assert est.peak_bytes > 0
 
 
-def test_whole_volume_probe_crops_and_scales_by_voxels() -> None:
+def test_whole_volume_probe_times_two_crops_and_reads_the_volume_off_their_line() -> None:
+    """A network's time is not proportional to its voxels (a fixed part per call): a half-edge crop is
+    timed too and the whole volume's call is read off the line through the two sizes."""
     net = CountingNet(3).eval()
     ex = Explainer(net, PreprocessConfig(), TargetConfig(classes=[1]))
     est = probe_run(ex, _volume((96, 80, 8)), [MethodConfig(name="saliency")])
-    assert net.calls == [(64, 64, 8)] * 2
+    assert net.calls == [(64, 64, 8)] * 3 + [(32, 32, 4)] * 2
+    assert net.grad == [True, True, False, True, False]
+    assert est.probed == 2 and est.network_calls == 5
     assert est.patches_per_evaluation == pytest.approx(96 * 80 * 8 / (64 * 64 * 8))
+    line, plain = est.evaluation_line, est.prediction_line
+    assert line.at(64 * 64 * 8) == pytest.approx(est.patch_seconds)  # the line goes through the timed crop
+    assert plain.at(64 * 64 * 8) == pytest.approx(est.forward_seconds)
+    assert est.evaluation_seconds == pytest.approx(line.at(96 * 80 * 8))
+    assert est.prediction_seconds == pytest.approx(plain.at(96 * 80 * 8))
+    assert est.seconds == pytest.approx(est.prediction_seconds + est.expected_evaluations * est.evaluation_seconds)
+
+
+def test_whole_volume_within_the_crop_is_probed_once_as_it_is() -> None:
+    net = CountingNet(3).eval()
+    ex = Explainer(net, PreprocessConfig(), TargetConfig(classes=[1]))
+    est = probe_run(ex, _volume((40, 36, 8)), [MethodConfig(name="saliency")])
+    assert net.calls == [(40, 36, 8)] * 3 and est.network_calls == 3 and est.patches_per_evaluation == 1
+    assert est.evaluation_seconds == pytest.approx(est.patch_seconds)  # the volume itself was timed
+    assert est.prediction_seconds == pytest.approx(est.forward_seconds)
+
+
+def test_cost_line_through_two_sizes() -> None:
+    line = CostLine.through([(8000, 5.5), (1000, 2.0)])  # 1.5 s a call + 0.5 ms a voxel
+    assert line.fixed == pytest.approx(1.5) and line.per_voxel == pytest.approx(5e-4)
+    assert line.at(100_000) == pytest.approx(51.5)  # proportional scaling from 8000 voxels would say 68.75
+    noisy = CostLine.through([(8000, 2.0), (1000, 2.2)])  # timing noise: the small crop took longer
+    assert noisy.fixed == 0 and noisy.at(16000) == pytest.approx(4.0)  # proportional to the larger
+    assert CostLine.through([(8000, 2.0)]).at(16000) == pytest.approx(4.0)
 
 
 def test_estimate_scales_with_expected_evaluations() -> None:
@@ -63,9 +95,12 @@ def test_estimate_scales_with_expected_evaluations() -> None:
     few = probe_run(ex, vol, [MethodConfig(name="saliency")])
     many = probe_run(ex, vol, [MethodConfig(name="integrated_gradients", params={"n_steps": 8})])
     assert many.expected_evaluations > few.expected_evaluations >= 1
-    for est in (few, many):  # seconds = evaluations x patches per evaluation x one patch's time
-        assert est.seconds == pytest.approx(est.expected_evaluations * est.patches_per_evaluation * est.patch_seconds)
-    assert len(net.calls) == 4  # one patch, twice, per probe
+    for est in (few, many):  # seconds = prediction pass + evaluations x patches per evaluation x one patch's time
+        assert est.evaluation_seconds == pytest.approx(est.patches_per_evaluation * est.patch_seconds)
+        assert est.prediction_seconds == pytest.approx(est.patches_per_evaluation * est.forward_seconds)
+        assert est.prediction_seconds > 0
+        assert est.seconds == pytest.approx(est.prediction_seconds + est.expected_evaluations * est.evaluation_seconds)
+    assert len(net.calls) == 6  # one patch, three times, per probe
     assert "patch" in many.text() and "evaluations" in many.text()
 
 
@@ -99,3 +134,49 @@ def test_a_cancel_stops_the_probe_inside_its_one_call(dims: int) -> None:
     with pytest.raises(Cancelled):  # a cancel before the probe: no call at all
         probe_run(ex, _volume((24,) * dims), [MethodConfig(name="saliency")], cancel=cancel)
     assert len(net.calls) == 1
+
+
+class _Clock:
+    """A stand-in for ``time.perf_counter`` that only the network's modules move."""
+
+    def __init__(self) -> None:
+        self.t = 0.0
+
+    def perf_counter(self) -> float:
+        return self.t
+
+    process_time = perf_counter
+
+
+class _Ticking(nn.Module):
+    def __init__(self, clock: _Clock, ticks: float, dims: int, channels: int) -> None:
+        super().__init__()
+        self.clock, self.ticks = clock, ticks
+        self.conv = (nn.Conv3d if dims == 3 else nn.Conv2d)(channels, 2, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.clock.t += self.ticks
+        return self.conv(x)
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+@pytest.mark.parametrize("sliding", [True, False])
+def test_cancel_wait_is_the_slowest_layer_scaled_to_the_input(monkeypatch, dims: int, sliding: bool) -> None:
+    """The longest stretch without a cancel check is the slowest module (5 clock units of 1 + 5 + 1), at the
+    patch's scale for a sliding window and scaled as the whole call is for a whole volume."""
+    import esegeta_engine.jobs.probe as P
+
+    clock = _Clock()
+    monkeypatch.setattr(P, "time", clock)
+    net = nn.Sequential(_Ticking(clock, 1, dims, 1), _Ticking(clock, 5, dims, 2), _Ticking(clock, 1, dims, 2)).eval()
+    shape = (96, 80) if dims == 2 else (96, 80, 8)
+    ex = Explainer(net, PreprocessConfig(spatial_dims=dims), TargetConfig(classes=[1]),
+                   execution=ExecutionConfig(patch_size=16) if sliding else None)
+    est = probe_run(ex, _volume(shape), [MethodConfig(name="saliency")])
+    assert est.patch_seconds == 7 and est.forward_seconds == 7  # every module once per call
+    assert est.cpu_seconds == pytest.approx(est.seconds)  # the same clock for both here
+    if sliding:
+        assert est.cancel_wait_seconds == 5 and est.evaluation_seconds == 7 * est.patches_per_evaluation
+    else:  # both crops took 7 units: time proportional to the voxels, and so is the slowest layer's
+        assert est.evaluation_line.fixed == 0
+        assert est.cancel_wait_seconds == pytest.approx(5 * est.patches_per_evaluation)

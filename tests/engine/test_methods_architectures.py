@@ -1,6 +1,6 @@
 """Networks nobody here wrote (issue 20, part 6): UNETR takes exactly its img_size, and an input of
-another size is answered with the sliding-window fix; LRP runs on UNETR with the attention rules; excitation backprop and LRP on
-SwinUNETR name the blocks they have no rule for."""
+another size is answered with the sliding-window fix; LRP runs on UNETR with the attention rules (and on SwinUNETR: test_methods_lrp_swin.py); excitation
+backprop names the blocks it has no rule for."""
 
 from __future__ import annotations
 
@@ -54,16 +54,16 @@ def test_lrp_on_unetr_runs_with_the_attention_rules_and_excitation_is_refused_na
         attribute(spec, MethodContext(expl.make_score_model(target, x, EvaluationMonitor()), x, 1, layer=layer),
                   spec.resolve_params({}))
     assert "ModuleList" not in str(info.value)  # an empty container computes nothing
-    assert "not for this method" in str(info.value)  # why: the rules exist for LRP only
+    assert "no published rule extends c-MWP" in str(info.value)  # why: the rules exist for LRP only
 
 
-def test_lrp_on_swin_unetr_is_refused_naming_the_window_attention() -> None:
+def test_lrp_on_swin_unetr_has_its_rules_and_excitation_is_refused_naming_the_window_attention() -> None:
     torch.manual_seed(0)
     net = nets.SwinUNETR(in_channels=1, out_channels=2, feature_size=12, spatial_dims=3, depths=(1, 1, 1, 1),
                          num_heads=(1, 1, 1, 1)).eval()
-    with pytest.raises(MethodError, match="WindowAttention") as info:
-        check_supported(net, "lrp", attention=True)  # what lrp's build runs before the model
-    assert "shifted-window attention" in str(info.value)
+    check_supported(net, "lrp", attention=True)  # what lrp's build runs before the model: no refusal
+    with pytest.raises(MethodError, match="WindowAttention"):
+        check_supported(net, "excitation_backprop")
 
 
 def test_unetr_score_cam_differs_by_class_or_refuses_a_saturated_softmax() -> None:

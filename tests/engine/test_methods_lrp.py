@@ -183,3 +183,48 @@ def test_lrp0_on_conv1d_and_transposed_conv1d_equals_gradient_x_input() -> None:
     x = torch.randn(1, 2, 10)
     relevance = LRP(score, "epsilon", OPTIONS).attribute(x, target=0)
     torch.testing.assert_close(relevance, gradient_x_input(score, x, 0), rtol=1e-4, atol=1e-6)
+
+
+def _forward_saved_bytes(sm: ScoreModel, run) -> int:
+    """Bytes autograd saves until the score model's forward returns (the graph the backward reads)."""
+    done, saved = [False], {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if not done[0]:
+            saved[t.data_ptr()] = t.numel() * t.element_size()
+        return t
+
+    handle = sm.register_forward_hook(lambda *a: done.__setitem__(0, True))
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            run()
+    finally:
+        handle.remove()
+    return sum(saved.values())
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+@pytest.mark.parametrize("composite", ["epsilon", "epsilon_plus"])
+def test_lrp_keeps_no_plain_graph_beside_its_rules(dims: int, composite: str) -> None:
+    """Modules whose backward a rule replaces run without a graph of their own: LRP's forward saves
+    only what its rules read, each rule module's input and output and the network's output (before,
+    each module also kept its plain graph: 1.7x these bytes on this network)."""
+    from esegeta_engine.methods.lrp import POOL_MODULES, RULE_MODULES
+
+    net = chain(dims, bias=True)
+    x = torch.randn(1, 1, *(8,) * dims)
+    sm = score_of(net, x)
+    read = {}
+    handles = [m.register_forward_hook(lambda m, a, y: read.update(
+        {id(m): (a[0].numel() + y.numel()) * 4})) for m in net.modules() if isinstance(m, RULE_MODULES + POOL_MODULES)]
+    with torch.no_grad():
+        out = net(x)
+    for h in handles:
+        h.remove()
+    target = {}  # what the score's own graph (target on the output) saves
+    with torch.autograd.graph.saved_tensors_hooks(
+            lambda t: target.update({t.data_ptr(): t.numel() * t.element_size()}) or t, lambda t: t):
+        sm.target(out.clone().requires_grad_(True))
+    lrp = LRP(sm, composite, {**OPTIONS, "epsilon": 0.01})
+    ours = _forward_saved_bytes(sm, lambda: lrp.attribute(x, target=1))
+    assert 0 < ours <= sum(read.values()) + out.numel() * 4 + sum(target.values())

@@ -31,11 +31,11 @@ blocks = pytest.importorskip("monai.networks.blocks")
 OPTIONS = {"epsilon": 0.0, "gamma": 0.25, "alpha": 2.0, "low": None, "high": None}
 
 
-def unetr(dims: int, bias_free: bool = False, size: int = 16) -> nn.Module:
-    """A tiny UNETR; ``bias_free``: batch norms (folded by the canonizer), no residual decoder blocks, and
-    every bias, beta and position embedding zero, so LRP-0 must conserve the score exactly."""
+def unetr(dims: int, bias_free: bool = False, size: int = 16, res_block: bool = False) -> nn.Module:
+    """A tiny UNETR; ``bias_free``: batch norms (folded by the canonizer), residual decoder blocks only with
+    ``res_block``, and every bias, beta and position embedding zero, so LRP-0 must conserve the score exactly."""
     torch.manual_seed(0)
-    kw = {"res_block": False, "norm_name": "batch"} if bias_free else {}
+    kw = {"res_block": res_block, "norm_name": "batch"} if bias_free else {}
     net = nets.UNETR(1, 2, img_size=(size,) * dims, feature_size=4, hidden_size=24, mlp_dim=48, num_heads=2,
                      spatial_dims=dims, qkv_bias=True, **kw).eval()
     with torch.no_grad():
@@ -125,6 +125,18 @@ def test_lrp0_on_a_bias_free_unetr_conserves_the_score(dims: int) -> None:
     assert all(r_in == pytest.approx(r_out, rel=1e-6, abs=1e-9) for _, r_in, r_out in record)
     assert any("Ali et al. 2022" in n and "12 attention block(s)" in n for n in notes)
     assert not any("LayerNorm" in n for n in notes)  # it has its rule now
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_lrp0_conserves_through_unetrs_residual_conv_blocks(dims: int) -> None:
+    """MONAI's UnetResBlock sums (``out += residual``) split by the epsilon rule in transformer networks."""
+    net = unetr(dims, bias_free=True, res_block=True).double()
+    x = torch.randn(1, 1, *(16,) * dims, dtype=torch.float64)
+    sm = ScoreModel(net, RegionOfInterestTarget(torch.ones((16,) * dims)))
+    R = LRP(sm, "epsilon", OPTIONS).attribute(x, target=1)
+    with torch.no_grad():
+        f = float(sm(x)[0, 1])
+    assert float(R.sum()) == pytest.approx(f, rel=1e-6)
 
 
 @pytest.mark.parametrize("dims", [2, 3])

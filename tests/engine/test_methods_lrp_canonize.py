@@ -112,6 +112,24 @@ def test_fold_restores_the_model_after_an_error() -> None:
     assert net[3].bias is None
 
 
+@pytest.mark.parametrize("dims", [2, 3])
+def test_folding_costs_two_probe_calls_and_lrp_three_network_calls(dims: int) -> None:
+    """Finding the pairs and checking the fold: two probe forwards (the first's output is the unfolded
+    reference); LRP adds its one explained pass."""
+    net = bn_net(dims)
+    calls = [0]
+    hook = net.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    x = torch.randn(1, 1, *(6,) * dims)
+    try:
+        with fold_batch_norm(net, x) as done:
+            assert len(done) == 2 and calls[0] == 2
+        calls[0] = 0
+        LRP(ScoreModel(net, RegionOfInterestTarget(torch.ones((6,) * dims))), "epsilon", OPTIONS).attribute(x, target=0)
+        assert calls[0] == 3
+    finally:
+        hook.remove()
+
+
 def test_a_conv_output_read_twice_is_not_folded() -> None:
     class Skip(nn.Module):
         def __init__(self) -> None:

@@ -76,8 +76,11 @@ def unsupported_modules(spec: MethodSpec, model: nn.Module) -> str | None:
 def _fix(spec: MethodSpec, params: Mapping[str, Any], unsupported: str | None) -> str:
     if spec.axiom == "conservation":
         if spec.name == "lrp":
-            return ("biases (folded batch-norm shifts, layer-norm betas, attention value/output biases and "
-                    "position embeddings included) and modules without a rule absorb relevance, and "
+            softmax = (", and AttnLRP's softmax rule, whose Taylor bias term is not conservative"
+                       if params.get("attention_rule") == "attnlrp" else "")
+            return ("biases (folded batch-norm shifts, layer-norm betas, attention value/output biases, "
+                    f"relative position biases and position embeddings included){softmax} and modules without a "
+                    "rule absorb relevance, and "
                     "a smaller epsilon does not give it back on a network with biases: read the map as relative "
                     "(only bias-free ReLU networks conserve exactly, with the composite 'epsilon')")
         return "input-dependent normalisation (Instance/GroupNorm) breaks the identity: read the map as relative"

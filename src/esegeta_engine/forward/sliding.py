@@ -91,6 +91,9 @@ class SlidingWindow(nn.Module):
         self.paired = False  # batch halves are (inputs, references): pair their patches in each batch
         # called after each patch batch of the patch-wise backward with its (example, patch) items
         self.on_backward_chunk: Callable[[list[tuple[int, int]], WindowGrid], None] | None = None
+        # called before the recomputation of each patch batch of the patch-wise backward with its
+        # (example, patch) items (DeepLIFT runs the reference's same patches there)
+        self.before_recompute: Callable[[list[tuple[int, int]], WindowGrid], None] | None = None
         self.recomputing = False  # True during the forward recomputation of a patch batch in backward
         # True: the hooks on the network act only during the recomputation (LRP's rules), so the
         # stitched forward under autograd runs without a graph even when hooks are present
@@ -172,6 +175,12 @@ class SlidingWindow(nn.Module):
         tensors = [*self.net.parameters(), *self.net.buffers()]
         return (id(model), repr(getattr(self.net, "output", None)), self.settings, tuple(x.shape), x.dtype,
                 x.device, tuple((id(t), t.data_ptr(), t._version) for t in tensors))
+
+    def remember(self, x: torch.Tensor, out: torch.Tensor) -> None:
+        """Record ``out`` as the stitched output of ``x`` (computed patch by patch elsewhere, in the
+        same patch order and arithmetic as :meth:`forward`), for :meth:`remembered_output`."""
+        if self._cacheable():
+            _LAST_OUTPUT[:] = [(self._output_key(x), x.detach().clone(), out)]
 
     def remembered_output(self, x: torch.Tensor) -> torch.Tensor | None:
         """The stitched output of an equal input computed earlier without gradients, if any."""
@@ -324,6 +333,8 @@ class _PatchwiseFunction(torch.autograd.Function):
             for chunk in sw.chunks(x.shape[0], grid):
                 patch = torch.cat([xp_d[(slice(b, b + 1), slice(None), *grid.slices[p])] for b, p in chunk])
                 patch.requires_grad_(True)
+                if sw.before_recompute is not None:
+                    sw.before_recompute(chunk, grid)
                 sw.recomputing = True
                 try:
                     y = sw._run_chunk(patch, True)

@@ -4,7 +4,7 @@
 layers × classes per volume, with their expected model evaluations and the scores'), names each
 method the execution form refuses before any work (:func:`~esegeta_engine.jobs.refusal.refusals`),
 and times one forward + backward of one patch of the largest volume
-(:func:`~esegeta_engine.jobs.probe.probe_run`: one network call) to estimate the run's time and
+(:func:`~esegeta_engine.jobs.probe.probe_run`: three to five network calls) to estimate the run's time and
 peak memory. No prediction pass runs and no output folder is made.
 """
 
@@ -146,8 +146,13 @@ def dry_run(cfg: Config, trust_pickled: bool = False, trust_bundle: bool = False
         except Exception as exc:  # the run would fail here too: said in one line, not a traceback
             plan.probe_error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
         if plan.probe is not None and plan.probe.expected_evaluations and known:
-            per_evaluation = plan.probe.seconds / plan.probe.expected_evaluations  # type: ignore[operator]
-            # every volume's evaluations at the probed volume's cost per voxel
-            scaled = sum(n * vox / voxels[big] for n, vox in zip(counts, voxels)) + extra  # type: ignore[operator]
-            plan.seconds = per_evaluation * scaled
+            probe = plan.probe
+
+            def volume_seconds(n: int, vox: int) -> float:  # its prediction pass and its n evaluations
+                if probe.evaluation_line is not None and probe.prediction_line is not None:  # whole volume
+                    return probe.prediction_line.at(vox) + n * probe.evaluation_line.at(vox)
+                return (probe.prediction_seconds + n * probe.evaluation_seconds) * vox / voxels[big]
+
+            plan.seconds = sum(volume_seconds(n, vox) for n, vox in zip(counts, voxels)) \
+                + extra * probe.evaluation_seconds  # type: ignore[operator]
     return plan

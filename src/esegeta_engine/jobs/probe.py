@@ -2,16 +2,23 @@
 
 The plan counts model evaluations (:func:`esegeta_engine.jobs.plan.estimate_run`), but an
 evaluation's cost is not known until one has run: on a whole-brain scan the first map can take
-minutes with no warning. :func:`probe_run` times **one forward and one backward pass of one
-patch** through the network, after one untimed warm-up call of the same patch (the sliding
-window's patch; under whole-volume execution a crop of at most :data:`WHOLE_CROP` voxels per
-axis, scaled by the voxel ratio) and scales it by the plan:
+minutes with no warning. :func:`probe_run` times **one patch** through the network, after one
+untimed warm-up call of the same patch: one forward and backward (an evaluation's unit) and one
+forward without gradients (the prediction pass's unit). The patch is the sliding window's patch;
+under whole-volume execution it is a centred crop of at most :data:`WHOLE_CROP` voxels per axis,
+and a second, half-edge crop is timed too, because a network's time is not proportional to the
+voxels it sees (the bundled U-Net: a fixed ≈ 0.5 s per call plus a per-voxel part, so a 32³ crop
+costs five times more per voxel than a whole-brain scan). The two sizes give a line,
+``seconds = fixed + per_voxel × voxels``, that the whole volume's call is read from:
 
-* ``seconds`` ≈ expected evaluations × patches per evaluation × (forward + backward of a patch).
-  Forward-only methods (occlusion, RISE) cost less per patch, so for them it is an upper bound;
+* ``seconds`` ≈ prediction pass + expected evaluations × one evaluation, where a sliding-window
+  evaluation is patches × (forward + backward of a patch) and a whole-volume one is the line at
+  the volume's voxel count. Forward-only methods (occlusion, RISE) cost less per evaluation, so
+  for them it is an upper bound;
 * ``peak_bytes`` ≈ resident memory now + the patch's working memory (growth of the resident set,
-  or of CUDA's allocator on a GPU, while its graph is alive) × patches per batch + the volume's
-  buffers (input, output and count maps). A rough figure, for "will it fit", not a measurement.
+  or of CUDA's allocator on a GPU, while its graph is alive) × patches per batch (whole volume:
+  × the voxel ratio, activations grow with the voxels) + the volume's buffers (input, output
+  and count maps). A rough figure, for "will it fit", not a measurement.
 
 ``tracemalloc`` does not see torch's allocations, so memory is read from the resident set
 (``/proc/self/statm``) or ``torch.cuda.max_memory_allocated``.
@@ -39,6 +46,28 @@ WHOLE_CROP = 64
 
 
 @dataclass(frozen=True)
+class CostLine:
+    """Seconds of one network call against the voxels it sees: ``fixed + per_voxel × voxels``."""
+
+    fixed: float
+    per_voxel: float
+
+    def at(self, voxels: float) -> float:
+        """Seconds of one call on ``voxels`` voxels."""
+        return self.fixed + self.per_voxel * voxels
+
+    @classmethod
+    def through(cls, points: Sequence[tuple[float, float]]) -> CostLine:
+        """The line through the smallest and the largest ``(voxels, seconds)``; one point, or a slope
+        that timing noise made ≤ 0, gives time proportional to the voxels of the largest."""
+        (v0, t0), (v1, t1) = min(points), max(points)
+        slope = (t1 - t0) / (v1 - v0) if v1 > v0 else 0.0
+        if slope <= 0:
+            return cls(0.0, t1 / v1)
+        return cls(t1 - slope * v1, slope)
+
+
+@dataclass(frozen=True)
 class ProbeEstimate:
     """A run's cost from one probed patch.
 
@@ -57,15 +86,31 @@ class ProbeEstimate:
     expected_evaluations : int or None
         The plan's model evaluations (None when a method cannot tell in advance).
     seconds : float or None
-        Estimated run time (None without ``expected_evaluations``).
+        Estimated run time, prediction pass included (None without ``expected_evaluations``).
     peak_bytes : int
         Estimated peak memory of the run.
     probed : int
-        Patches evaluated by the probe (always 1).
+        Patch sizes timed (1; 2 under whole-volume execution of a volume larger than the crop).
     network_calls : int
-        The probe's network calls (2: one warm-up, not timed, and the timed one).
+        The probe's network calls: the untimed warm-up, then a forward + backward and a forward
+        without gradients of each probed size.
     warmup_seconds : float or None
         The first, untimed call (what the estimate scaled until the second pass of issue 19).
+    forward_seconds : float
+        One forward of the patch without gradients (the prediction pass's unit).
+    prediction_seconds : float
+        The estimated prediction pass over the whole input.
+    evaluation_seconds : float
+        The estimated forward + backward over the whole input (one model evaluation).
+    evaluation_line, prediction_line : CostLine or None
+        Whole volume: seconds of one call against voxels, through the probed sizes.
+    cpu_seconds : float or None
+        The same estimate in CPU seconds of this process (all of torch's threads), from the probe's CPU
+        times: what a loaded machine changes least (for benchmarks).
+    cancel_wait_seconds : float
+        The longest stretch of one evaluation without a cancel check (the network's slowest layer,
+        forward or backward), scaled to the run's input as the whole call is: how long a Cancel can
+        take (the checks come between the network's modules, :mod:`esegeta_engine.forward.cancel_points`).
     """
 
     patch: tuple[int, ...]
@@ -77,16 +122,30 @@ class ProbeEstimate:
     seconds: float | None
     peak_bytes: int
     probed: int = 1
-    network_calls: int = 2
+    network_calls: int = 3
     warmup_seconds: float | None = None
+    forward_seconds: float = 0.0
+    prediction_seconds: float = 0.0
+    evaluation_seconds: float = 0.0
+    evaluation_line: CostLine | None = None
+    prediction_line: CostLine | None = None
+    cancel_wait_seconds: float = 0.0
+    cpu_seconds: float | None = None
 
     def text(self) -> str:
-        """``≈ 7 min 40 s and ≈ 2.3 GB (one 96×96×96 patch: 0.41 s forward+backward, 180 MB)``."""
+        """``≈ 7 min 40 s and ≈ 2.3 GB peak (prediction ≈ 9 s + 2 evaluations × ≈ 3 min 45 s; one …)``."""
         when = f"≈ {format_duration(self.seconds)}" if self.seconds is not None else "time unknown"
         patch = "×".join(str(p) for p in self.patch)
-        return (f"{when} and ≈ {format_bytes(self.peak_bytes)} peak (one {patch} patch: "
-                f"{self.patch_seconds:.2f} s forward+backward, {format_bytes(self.patch_bytes)}; "
-                f"{self.patches_per_evaluation:.3g} patches per evaluation × {self.expected_evaluations or '?'} evaluations)")
+        n = self.expected_evaluations or "?"
+
+        def short(s: float) -> str:
+            return f"{s:.1f} s" if s < 10 else format_duration(s)
+
+        return (f"{when} and ≈ {format_bytes(self.peak_bytes)} peak (prediction ≈ {short(self.prediction_seconds)}"
+                f" + {n} evaluation{'' if n == 1 else 's'} × ≈ {short(self.evaluation_seconds)}; "
+                f"one {patch} patch: {self.patch_seconds:.2f} s "
+                f"forward+backward, {self.forward_seconds:.2f} s forward, {format_bytes(self.patch_bytes)}; "
+                f"{self.patches_per_evaluation:.3g} patches per evaluation)")
 
 
 def format_duration(seconds: float) -> str:
@@ -136,48 +195,95 @@ def probe_patch(model: torch.nn.Module, x: torch.Tensor, *, output: int | str | 
     process it ran long and the estimate erred long), the second is timed; the memory is the larger
     growth of the two. ``cancel`` stops it between the network's modules (``Cancelled``).
     """
-    _, seconds, used = _two_calls(model, x, output=output, divisible_by=divisible_by, precision=precision,
-                                  cancel=cancel)
-    return seconds, used
+    timed = _calls(model, x, output=output, divisible_by=divisible_by, precision=precision, cancel=cancel,
+                   warm=True, forward=False)
+    return timed.backward, timed.used
 
 
-def _two_calls(model: torch.nn.Module, x: torch.Tensor, *, output: int | str | None, divisible_by: int,
-               precision: str, cancel: threading.Event | None) -> tuple[float, float, int]:
-    """(warm-up seconds, timed seconds, bytes) of :func:`probe_patch`."""
+@dataclass(frozen=True)
+class _Timed:
+    warmup: float | None
+    backward: float  # forward + backward
+    forward: float  # forward without gradients (0 when not timed)
+    used: int
+    longest_step: float = 0.0  # longest time between two cancel checks in the timed forward + backward
+    cpu: tuple[float, float] = (0.0, 0.0)  # CPU seconds of the timed forward + backward and forward
+
+
+class _CheckGaps:
+    """The monitor's check, timing the intervals between its calls (the network's cancel points)."""
+
+    def __init__(self, check: Any) -> None:
+        self.check, self.last, self.longest = check, time.perf_counter(), 0.0
+
+    def restart(self) -> None:
+        self.last, self.longest = time.perf_counter(), 0.0
+
+    def __call__(self) -> None:
+        now = time.perf_counter()
+        self.longest, self.last = max(self.longest, now - self.last), now
+        self.check()
+
+
+def _calls(model: torch.nn.Module, x: torch.Tensor, *, output: int | str | None, divisible_by: int,
+           precision: str, cancel: threading.Event | None, warm: bool, forward: bool) -> _Timed:
+    """Time ``x`` through ``model``: an untimed warm-up (``warm``), a forward + backward and (``forward``)
+    a forward without gradients, as the prediction pass runs it."""
     device = x.device
     monitor = EvaluationMonitor(cancel)
     monitor.check()
+    gaps = monitor.check = _CheckGaps(monitor.check)  # type: ignore[method-assign]
     runner = build_runner(OutputSelector(model, output), ExecutionForm(divisible_by=divisible_by,
                                                                        precision=precision), monitor)
     cuda = device.type == "cuda"
     inp = x.detach().clone().requires_grad_(True)
     times, used = [], 0
+
+    def sync() -> None:
+        if cuda:
+            torch.cuda.synchronize(device)
+
     with model_guard(model), torch.enable_grad():
-        for _ in range(2):  # the first call warms torch up (allocator, kernel choice, thread pool): not timed
+        for _ in range(2 if warm else 1):  # the first call warms torch up (allocator, kernels, threads): not timed
             if cuda:
-                torch.cuda.synchronize(device)
+                sync()
                 torch.cuda.reset_peak_memory_stats(device)
                 before = torch.cuda.memory_allocated(device)
             else:
                 before = resident_bytes()
-            start = time.perf_counter()
+            start, cpu = time.perf_counter(), time.process_time()
+            gaps.restart()
             out = runner(inp)
             grown = resident_bytes() - before if not cuda else 0  # the graph is alive here
             # the gradient of the input only, as attribution methods take it: no parameter's .grad changes
             torch.autograd.grad(out.float().sum(), inp)
             del out
-            if cuda:
-                torch.cuda.synchronize(device)
+            sync()
             times.append(time.perf_counter() - start)
+            cpu_backward = time.process_time() - cpu
+            longest = max(gaps.longest, time.perf_counter() - gaps.last)  # the backward's tail after its last check
             # memory from either call (the cold first one grows the resident set most)
             used = max(used, torch.cuda.max_memory_allocated(device) - before if cuda
                        else max(grown, resident_bytes() - before))
-    return times[0], times[1], max(int(used), 0)
+        plain = cpu_plain = 0.0
+        if forward:
+            with torch.no_grad():
+                start, cpu = time.perf_counter(), time.process_time()
+                runner(inp.detach())
+                sync()
+                plain, cpu_plain = time.perf_counter() - start, time.process_time() - cpu
+    return _Timed(times[0] if warm else None, times[-1], plain, max(int(used), 0), longest, (cpu_backward, cpu_plain))
+
+
+def _half(patch: Sequence[int], divisible: int) -> tuple[int, ...]:
+    """The smaller crop of the whole-volume probe: half the edge, kept a multiple of ``divisible``."""
+    return tuple(max(p // 2 // divisible * divisible, min(p, divisible)) for p in patch)
 
 
 def probe_run(explainer: Any, volume: Any, methods: Sequence[Any], x: torch.Tensor | None = None, *,
               cancel: threading.Event | None = None) -> ProbeEstimate:
-    """Estimate a run of ``methods`` on ``volume`` from one probed patch (two network calls, the second timed).
+    """Estimate a run of ``methods`` on ``volume`` from one probed patch (and, for a whole volume larger
+    than the crop, a half-edge crop).
 
     Parameters
     ----------
@@ -208,12 +314,15 @@ def probe_run(explainer: Any, volume: Any, methods: Sequence[Any], x: torch.Tens
         patch = tuple(min(s, WHOLE_CROP) for s in spatial)
         per_evaluation = voxels / math.prod(patch)
         batch = 1
-    crop = _crop(x, patch)
     divisible = max(form.divisible_by, 1)
+
+    def timed(size: tuple[int, ...], warm: bool) -> _Timed:
+        return _calls(explainer.model, _crop(x, size), output=explainer.output, divisible_by=divisible,
+                      precision=form.precision, cancel=cancel, warm=warm, forward=True)
+
     while True:  # a U-Net may need the crop padded to 2**k, as the whole-volume run finds out
         try:
-            warmup, seconds, used = _two_calls(explainer.model, crop, output=explainer.output,
-                                               divisible_by=divisible, precision=form.precision, cancel=cancel)
+            big = timed(patch, warm=True)
             break
         except Cancelled:
             raise
@@ -221,11 +330,34 @@ def probe_run(explainer: Any, volume: Any, methods: Sequence[Any], x: torch.Tens
             if form.sliding is not None or divisible >= 32:
                 raise
             divisible *= 2
+    calls, lines, cpu_lines = 3, None, None
+    if form.sliding is not None:
+        evaluation, prediction = per_evaluation * big.backward, per_evaluation * big.forward
+        cpu_evaluation, cpu_prediction = per_evaluation * big.cpu[0], per_evaluation * big.cpu[1]
+    else:
+        timed_sizes = [(math.prod(patch), big)]
+        small = _half(patch, divisible)
+        if voxels > math.prod(patch) and small != patch:  # a second size: the time is not proportional
+            timed_sizes.append((math.prod(small), timed(small, warm=False)))
+            calls += 2
+        lines = (CostLine.through([(v, t.backward) for v, t in timed_sizes]),
+                 CostLine.through([(v, t.forward) for v, t in timed_sizes]))
+        cpu_lines = (CostLine.through([(v, t.cpu[0]) for v, t in timed_sizes]),
+                     CostLine.through([(v, t.cpu[1]) for v, t in timed_sizes]))
+        evaluation, prediction = lines[0].at(voxels), lines[1].at(voxels)
+        cpu_evaluation, cpu_prediction = cpu_lines[0].at(voxels), cpu_lines[1].at(voxels)
+    scale = batch if form.sliding is not None else evaluation / max(big.backward, 1e-9)
     expected = explainer.estimate([volume], list(methods))
-    total = None if expected is None else expected * per_evaluation * seconds
+    total = None if expected is None else prediction + expected * evaluation
+    cpu_total = None if expected is None else cpu_prediction + expected * cpu_evaluation
     channels = int(x.shape[1])
     buffers = voxels * 4 * (3 * channels + 6)  # input, its gradient, output and count maps (rough)
-    alive = used * (batch if form.sliding is not None else per_evaluation)
-    return ProbeEstimate(patch=patch, patch_seconds=seconds, patch_bytes=used, patches_per_evaluation=per_evaluation,
-                         batch=batch, expected_evaluations=expected, seconds=total,
-                         peak_bytes=int(resident_bytes() + alive + buffers), warmup_seconds=warmup)
+    alive = big.used * (batch if form.sliding is not None else per_evaluation)
+    return ProbeEstimate(patch=patch, patch_seconds=big.backward, patch_bytes=big.used,
+                         patches_per_evaluation=per_evaluation, batch=batch, expected_evaluations=expected,
+                         seconds=total, peak_bytes=int(resident_bytes() + alive + buffers),
+                         probed=1 if calls == 3 else 2, network_calls=calls, warmup_seconds=big.warmup,
+                         forward_seconds=big.forward, prediction_seconds=prediction, evaluation_seconds=evaluation,
+                         evaluation_line=None if lines is None else lines[0],
+                         prediction_line=None if lines is None else lines[1],
+                         cancel_wait_seconds=min(big.longest_step, big.backward) * scale, cpu_seconds=cpu_total)

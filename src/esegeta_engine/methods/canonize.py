@@ -38,8 +38,10 @@ UNFOLDABLE: tuple[type[nn.Module], ...] = (
     nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d, nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm)
 
 
-def find_pairs(net: nn.Module, probe: torch.Tensor) -> list[tuple[nn.Module, nn.Module]]:
-    """``(convolution, batch norm)`` pairs where the norm reads the convolution's output directly."""
+def find_pairs(net: nn.Module, probe: torch.Tensor, outputs: list[Any] | None = None
+               ) -> list[tuple[nn.Module, nn.Module]]:
+    """``(convolution, batch norm)`` pairs where the norm reads the convolution's output directly
+    (``outputs``, if given, receives the probe's output: the unfolded network's, for the check)."""
     produced: dict[int, tuple[nn.Module, torch.Tensor]] = {}
     pairs: list[tuple[nn.Module, nn.Module]] = []
     handles = []
@@ -61,10 +63,12 @@ def find_pairs(net: nn.Module, probe: torch.Tensor) -> list[tuple[nn.Module, nn.
             elif isinstance(m, BATCH_NORMS):
                 handles.append(m.register_forward_pre_hook(bn_in))
         with torch.no_grad():
-            net(probe)
+            y = net(probe)
     finally:
         for h in handles:
             h.remove()
+    if outputs is not None:
+        outputs.append(y)
     return pairs
 
 
@@ -172,13 +176,13 @@ def fold_batch_norm(net: nn.Module, probe: torch.Tensor, rtol: float = 1e-4) -> 
     list of nn.Module
         The batch norms folded (empty when none could be).
     """
-    pairs = find_pairs(net, probe)
+    unfolded: list[Any] = []
+    pairs = find_pairs(net, probe, unfolded)
     swap = _Swap()
     folded: list[nn.Module] = []
     try:
         if pairs:
-            with torch.no_grad():
-                before = net(probe)
+            before = unfolded[0]  # the probe's output before any fold: one network call fewer
             for conv, bn in pairs:
                 try:
                     _fold(swap, conv, bn)

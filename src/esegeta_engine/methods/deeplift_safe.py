@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import copy
 from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -152,9 +153,16 @@ class DeepLiftPlan:
         Method name for the notes and errors.
     notes : list of str
         Where the note on unsupported modules goes.
+    probe : callable, optional
+        Runs the counting forward pass itself (under ``torch.no_grad``, with the counting hooks
+        on): :mod:`.deeplift_twopass` counts during its reference pass, or on one patch. Default:
+        the score model on the first input.
+    split : bool
+        Build the structural copy that splits reused rule modules (Captum's hooks need it).
     """
 
-    def __init__(self, ctx: MethodContext, method: str, notes: list[str]) -> None:
+    def __init__(self, ctx: MethodContext, method: str, notes: list[str],
+                 probe: Callable[[], Any] | None = None, split: bool = True) -> None:
         model = ctx.score_model
         calls: Counter[int] = Counter()
         counter = FunctionalCounter()
@@ -179,7 +187,10 @@ class DeepLiftPlan:
             if isinstance(net, nn.Module):
                 handles.append(net.register_forward_pre_hook(lambda m, a: runs.__setitem__(0, runs[0] + 1)))
             with torch.no_grad(), counter:
-                model(ctx.inputs[:1].detach())
+                if probe is not None:
+                    probe()
+                else:
+                    model(ctx.inputs[:1].detach())
         finally:
             for h in handles:
                 h.remove()
@@ -202,7 +213,7 @@ class DeepLiftPlan:
         self._note(method, notes, unsupported, counter.calls)
         self.model: nn.Module = model
         self.layer = ctx.layer
-        if self.split:
+        if self.split and split:
             memo: dict[int, nn.Module] = {}
             self.model = structural_copy(model, self.split, memo)
             if ctx.layer is not None:

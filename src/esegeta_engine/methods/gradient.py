@@ -16,8 +16,6 @@ from typing import Any
 import numpy as np
 import torch
 from captum.attr import (
-    DeepLift,
-    DeepLiftShap,
     GradientShap,
     InputXGradient,
     IntegratedGradients,
@@ -26,7 +24,8 @@ from captum.attr import (
 
 from esegeta_engine.methods import costs
 from esegeta_engine.methods._common import BASELINE_PARAM, make_baseline
-from esegeta_engine.methods.deeplift_safe import DeepLiftPlan, pair_patches
+from esegeta_engine.methods.deeplift_twopass import TwoPassDeepLift
+from esegeta_engine.methods.lrp import quiet_stitched_forward
 from esegeta_engine.methods.patch_layer_methods import PatchwiseCam, gradcam_weights, is_patchwise
 from esegeta_engine.methods.notes import notes_of
 from esegeta_engine.methods.rectifiers import RectifiedGradient, RectifiedGuidedGradCam
@@ -207,14 +206,12 @@ def _deconvolution(ctx: MethodContext, p: Mapping[str, Any]) -> Call:
 
 
 def _deeplift(ctx: MethodContext, p: Mapping[str, Any]) -> Call:
-    model = pair_patches(DeepLiftPlan(ctx, "deeplift", notes_of(ctx)).model)
-    return Call(DeepLift(model, multiply_by_inputs=p["multiply_by_inputs"]),
+    return Call(TwoPassDeepLift(ctx, "deeplift", multiply_by_inputs=p["multiply_by_inputs"]),
                 {"baselines": make_baseline(ctx.inputs, p["baseline"])})
 
 
 def _deeplift_shap(ctx: MethodContext, p: Mapping[str, Any]) -> Call:
-    model = pair_patches(DeepLiftPlan(ctx, "deeplift_shap", notes_of(ctx)).model)
-    return Call(DeepLiftShap(model), {"baselines": shap_baselines(ctx, p)})
+    return Call(TwoPassDeepLift(ctx, "deeplift_shap", shap=True), {"baselines": shap_baselines(ctx, p)})
 
 
 def _gradient_shap(ctx: MethodContext, p: Mapping[str, Any]) -> Call:
@@ -233,7 +230,11 @@ class PatchwiseGuidedGradCam:
         """Return guided backprop times the stitched Grad-CAM map."""
         cam = PatchwiseCam(self.ctx, "guided_gradcam", gradcam_weights, True, self.layer_input)
         guided = RectifiedGradient(self.ctx.score_model, "guided", notes_of(self.ctx), "guided_gradcam")
-        return guided.attribute(inputs, target) * cam.attribute(inputs, target)
+        # the guided rule's hooks act only on tensors that need a gradient, i.e. in the backward's
+        # recomputation: the stitched forward needs no graph and reuses the prediction's output
+        with quiet_stitched_forward(self.ctx.score_model):
+            mask = guided.attribute(inputs, target)
+        return mask * cam.attribute(inputs, target)
 
 
 def _guided_gradcam(ctx: MethodContext, p: Mapping[str, Any]) -> Call:
@@ -256,8 +257,18 @@ def _ONE(info: Any, p: Mapping[str, Any]) -> int:
 
 
 def _TWO(info: Any, p: Mapping[str, Any]) -> int:
-    """DeepLIFT: one counting forward pass (reused modules, rules) plus one attribution pass."""
+    """DeepLIFT: the baseline's pass (it also counts module calls) and the input's pass; patch-wise,
+    the input's pass and the baseline's scores, stitched from the backward's patches."""
     return 2
+
+
+def _deeplift_shap_cost(info: Any, p: Mapping[str, Any]) -> int:
+    """Per baseline row: its pass and the input's (whole volume); patch-wise one input pass for all
+    rows, then each row's scores."""
+    rows = int(p.get("n_baselines", n_baselines_param(2).default)) * (info.batch if info is not None else 1)
+    if info is not None and info.patchwise:
+        return 1 + rows
+    return 2 * rows
 
 
 _SHAP_REF = ("Lundberg & Lee 2017, A Unified Approach to Interpreting Model Predictions, NeurIPS, "
@@ -301,7 +312,7 @@ _register("deeplift", "DeepLIFT", "contributions to F(x) - F(baseline) by the re
 _register("deeplift_shap", "DeepLIFT SHAP",
           "DeepLIFT averaged over a seeded distribution of noisy copies of the baseline",
           (*_DISTRIBUTION, n_baselines_param(2)), _deeplift_shap, _SHAP_REF, needs_hooks=True,
-          cost=_TWO, axiom="completeness", patchwise="gradient")
+          cost=_deeplift_shap_cost, axiom="completeness", patchwise="gradient")
 _register("gradient_shap", "Gradient SHAP",
           "expected gradients at random points between noisy baselines and the noisy input",
           (*_DISTRIBUTION, n_baselines_param(1), N_SAMPLES, STDEVS), _gradient_shap, _SHAP_REF,

@@ -17,7 +17,8 @@ carries *relevance* instead of gradients:
   (InstanceNorm, GroupNorm) pass it on unchanged (``R_in = R_out``);
   those normalisations are named in the map's notes;
 * LayerNorm and MONAI's ViT blocks (UNETR's attention, residual sums and position
-  embedding) take the conservative rules of Ali et al. 2022 (:mod:`.lrp_attention`);
+  embedding) and Swin blocks (SwinUNETR: :mod:`.lrp_swin`) take the conservative rules of
+  Ali et al. 2022 (:mod:`.lrp_attention`);
 * max pooling, upsampling, flattening, padding and dropout route it like the
   gradient does (winner-takes-all for max pooling; a sum for upsampling),
   which conserves it.
@@ -39,20 +40,20 @@ layer only along plain chains.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch import nn
 
 from esegeta_engine.errors import MethodError
-from esegeta_engine.forward.sliding import SlidingWindow
 from esegeta_engine.methods import lrp_attention, lrp_rules
 from esegeta_engine.methods.canonize import describe_unfolded, fold_batch_norm, unfolded_norms
+from esegeta_engine.methods.lrp_context import (network_of, probe_input, quiet_stitched_forward,
+                                               sliding_window_of, user_model)
 from esegeta_engine.methods.notes import add_note, notes_of
 from esegeta_engine.methods.rectifiers import RouteBack
 from esegeta_engine.methods.registry import Call, MethodContext, MethodSpec, Param, register
-from esegeta_engine.models import OutputSelector
 
 RULE_MODULES: tuple[type[nn.Module], ...] = (
     nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d,
@@ -67,6 +68,9 @@ PASS_MODULES: tuple[type[nn.Module], ...] = (
     nn.InstanceNorm3d, nn.GroupNorm)
 NORM_RULE_MODULES: tuple[type[nn.Module], ...] = (nn.LayerNorm,)
 """Normalisations with their own rule (:func:`.lrp_attention.layer_norm_rule`; excitation passes them)."""
+GRAPH_FREE: tuple[type[nn.Module], ...] = RULE_MODULES + POOL_MODULES + PASS_MODULES + NORM_RULE_MODULES
+"""Modules whose backward the rule replaces entirely: they run on a detached input, so autograd keeps
+none of their own saved tensors (before, each kept its plain graph beside the rule's)."""
 GRADIENT_MODULES: tuple[type[nn.Module], ...] = (
     nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d,
     nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d,
@@ -77,54 +81,9 @@ GRADIENT_MODULES: tuple[type[nn.Module], ...] = (
     nn.ReplicationPad1d, nn.ReplicationPad2d, nn.ReplicationPad3d)
 
 
-def network_of(score_model: nn.Module) -> nn.Module:
-    """The module whose output relevance starts from: the user's model inside a ScoreModel."""
-    net = getattr(score_model, "net", None)
-    return net if isinstance(net, nn.Module) else score_model
-
-
-def user_model(net: nn.Module) -> nn.Module:
-    """The user's model inside an :class:`OutputSelector` (module names as the user knows them)."""
-    return net.model if isinstance(net, OutputSelector) else net
-
-
-def probe_input(model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
-    """An input the network itself takes: the first example, cropped to one patch under
-    sliding-window execution (the canonizer's probe)."""
-    x = inputs[:1].detach()
-    sliding = getattr(getattr(model, "form", None), "sliding", None)
-    if sliding is not None:
-        patch = tuple(int(p) for p in sliding.patch_size)
-        x = x[(slice(None), slice(None), *(slice(0, p) for p in patch))]
-        pad = [v for s, p in zip(reversed(x.shape[2:]), reversed(patch)) for v in (0, p - s)]
-        x = torch.nn.functional.pad(x, pad) if any(pad) else x
-    return x
-
-
-def sliding_window_of(score_model: nn.Module) -> SlidingWindow | None:
-    """The sliding window a score model runs its network through, if any."""
-    runner = getattr(score_model, "runner", None)
-    return runner if isinstance(runner, SlidingWindow) else None
-
-
-@contextlib.contextmanager
-def quiet_stitched_forward(score_model: nn.Module) -> Iterator[None]:
-    """Rule hooks act only in the patch-wise backward's recomputation: the stitched forward
-    needs no graph (see :attr:`SlidingWindow.plain_forward`)."""
-    sw = sliding_window_of(score_model)
-    if sw is None:
-        yield
-        return
-    before, sw.plain_forward = sw.plain_forward, True
-    try:
-        yield
-    finally:
-        sw.plain_forward = before
-
-
 def inside_attention(net: nn.Module) -> set[int]:
     """Ids of the modules inside an attention block with a rule (the block's rule replaces theirs)."""
-    return {id(c) for m in net.modules() if lrp_attention.is_attention(m) for c in m.modules() if c is not m}
+    return {id(c) for m in net.modules() if lrp_attention.has_rule(m) for c in m.modules() if c is not m}
 
 
 def check_supported(net: nn.Module, method: str = "lrp", attention: bool = False) -> None:
@@ -139,7 +98,7 @@ def check_supported(net: nn.Module, method: str = "lrp", attention: bool = False
     for name, m in model.named_modules():
         if (m._modules and not m._parameters) or isinstance(m, (nn.ModuleList, nn.ModuleDict)):
             continue  # a container: its children are checked (an empty ModuleList computes nothing)
-        if attention and (id(m) in skip or lrp_attention.is_attention(m) or lrp_attention.is_rearrange(m)
+        if attention and (id(m) in skip or lrp_attention.has_rule(m) or lrp_attention.routes_exactly(m)
                           or lrp_attention.monai_type(m, lrp_attention.SWAPPED)):
             continue
         if not isinstance(m, known):
@@ -148,7 +107,7 @@ def check_supported(net: nn.Module, method: str = "lrp", attention: bool = False
     if bad or why:
         listed = "; ".join(f"{t} ({', '.join(ns[:2])}{' ...' if len(ns) > 2 else ''})"
                            for t, ns in sorted(bad.items())) or "the transformer blocks"
-        listed += lrp_attention.refusal_hint(list(bad), why, attention)
+        listed += lrp_attention.refusal_hint(list(bad), why, attention, method)
         raise MethodError(
             f"{method} has no rule for module type(s) {listed}",
             "use a gradient method (integrated_gradients, input_x_gradient) for this model, or "
@@ -244,7 +203,8 @@ class LRP:
         x = inputs.detach().requires_grad_(True)
         probe = probe_input(self.model, inputs)
         canon = fold_batch_norm(self.net, probe) if self.canonize else contextlib.nullcontext([])
-        rules = (lrp_attention.transformer_rules(user_model(self.net), probe, options["epsilon"])
+        rules = (lrp_attention.transformer_rules(user_model(self.net), probe, options["epsilon"],
+                                                 options.get("attention_rule", "held"))
                  if self.transformer else contextlib.nullcontext([]))
         with canon as folded, rules as attention, quiet_stitched_forward(self.model):
             unfolded = unfolded_norms(user_model(self.net), folded)
@@ -253,7 +213,8 @@ class LRP:
             if unfolded:
                 add_note(self.notes, describe_unfolded("lrp", unfolded))
             if attention:
-                add_note(self.notes, lrp_attention.describe(attention, options["epsilon"]))
+                add_note(self.notes, lrp_attention.describe(attention, options["epsilon"],
+                                                            options.get("attention_rule", "held")))
             handles = self._hook(options)
             try:
                 with torch.enable_grad():
@@ -267,7 +228,7 @@ class LRP:
 
     def _hook(self, options: dict[str, Any]) -> list[Any]:
         names = {id(m): n for n, m in user_model(self.net).named_modules()}
-        state: dict[str, Any] = {"first": None, "last": None, "stash": {}}
+        state: dict[str, Any] = {"first": None, "last": None, "stash": {}, "grad": []}
 
         sliding = sliding_window_of(self.model)
 
@@ -277,12 +238,20 @@ class LRP:
             if self._busy or not args or not isinstance(args[0], torch.Tensor):
                 return None
             state["stash"].setdefault(id(module), []).append(args[0])
+            if isinstance(module, GRAPH_FREE):  # the rule replaces its backward: no graph of its own
+                state["grad"].append(torch.is_grad_enabled())  # (nor of its parameters); post restores
+                torch.set_grad_enabled(False)
+                return (args[0].clone() if getattr(module, "inplace", False) else args[0], *args[1:])
             if getattr(module, "inplace", False):
                 return (args[0].clone(), *args[1:])
             return None
 
         def post(module: nn.Module, args: tuple[Any, ...], y: Any) -> Any:
-            if (sliding is not None and not sliding.recomputing) or self._busy or not isinstance(y, torch.Tensor):
+            if (sliding is not None and not sliding.recomputing) or self._busy:
+                return None
+            if isinstance(module, GRAPH_FREE) and state["grad"]:
+                torch.set_grad_enabled(state["grad"].pop())
+            if not isinstance(y, torch.Tensor):  # (every GRAPH_FREE module returns one tensor)
                 return None
             stack = state["stash"].get(id(module))
             if not stack:
@@ -331,7 +300,8 @@ class LRP:
         if kind == "layer_norm":
             return self.quiet(lambda a, R, y: lrp_attention.layer_norm_rule(module, a, R, eps))
         if kind == "attention":
-            return self.quiet(lambda a, R, y: lrp_attention.attention_rule(module, a, R, eps))
+            rule = options.get("attention_rule", "held")
+            return self.quiet(lambda a, R, y: lrp_attention.attention_rule(module, a, R, eps, rule))
         rule = "epsilon" if kind == "pool" else self.rules[kind]
         return self.quiet(lambda a, R, y: lrp_rules.apply_rule(rule, module, a, R, options, y))
 
@@ -359,7 +329,7 @@ class LRP:
 def _build(ctx: MethodContext, p: Mapping[str, Any]) -> Call:
     check_supported(network_of(ctx.score_model), attention=True)
     options = {"epsilon": p["epsilon"], "gamma": p["gamma"], "alpha": p["alpha"],
-               "low": p["low"], "high": p["high"]}
+               "low": p["low"], "high": p["high"], "attention_rule": p["attention_rule"]}
     return Call(LRP(ctx.score_model, p["composite"], options, notes=notes_of(ctx)))
 
 
@@ -382,6 +352,10 @@ register(MethodSpec(
               minimum=1.0, maximum=1e3),
         Param("low", "float", None, "lowest input value for the z-box rule (default: input minimum)"),
         Param("high", "float", None, "highest input value for the z-box rule (default: input maximum)"),
+        Param("attention_rule", "str", "held",
+              "transformer attention (UNETR, SwinUNETR): held: softmax probabilities held constant, relevance "
+              "through the values only (Ali et al. 2022); attnlrp: AttnLRP's softmax and uniform product rules, "
+              "relevance to queries and keys too (Achtibat et al. 2024)", choices=("held", "attnlrp")),
     ),
     build=_build, needs_hooks=True, patchwise="gradient", cost=lambda info, p: 1, axiom="conservation",
     reference="Bach et al. 2015, On Pixel-Wise Explanations for Non-Linear Classifier Decisions "

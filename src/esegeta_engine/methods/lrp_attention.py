@@ -29,8 +29,10 @@ GELU and the MLP's activations
 ``TransformerBlock`` and ``PatchEmbeddingBlock`` for ones computing the same sums (bit for bit)
 through :class:`EpsilonSum`, checks on a probe that every ``SABlock`` is reproduced by
 :func:`attention_output` (MONAI's einsum and ``scaled_dot_product_attention`` paths alike), and
-restores the original ``forward`` on exit, whatever happens. SwinUNETR's window attention is not
-covered (see :data:`REFUSED`).
+restores the original ``forward`` on exit, whatever happens. SwinUNETR's window attention, its
+blocks' residual sums and functional layer norm take the same rules through :mod:`.lrp_swin`, and
+in any network with transformer blocks MONAI's ``UnetResBlock`` residual sums are split by the
+epsilon rule of a sum too; SwinUNETR's Hyena stages are refused (see :data:`REFUSED`).
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ import torch
 from torch import nn
 
 from esegeta_engine.errors import MethodError
+from esegeta_engine.methods import lrp_attnlrp, lrp_swin
 from esegeta_engine.methods.lrp_rules import stabilise
 
 ATTENTION = ("SABlock",)
@@ -51,9 +54,8 @@ ATTENTION = ("SABlock",)
 SWAPPED = ("TransformerBlock", "PatchEmbeddingBlock")
 """MONAI blocks whose ``forward`` the canonizer swaps (residual / position-embedding sums)."""
 REFUSED = {
-    "WindowAttention": "SwinUNETR's shifted-window attention: its relative position bias, window masks, "
-                       "shifts and residuals run inside SwinTransformerBlock's forward, which has no "
-                       "conservative rule here (only MONAI's ViT blocks of UNETR do)",
+    "HyenaTransformerBlock": "SwinUNETR's Hyena stages (HyenaTransformerBlock: FFT long convolutions with learnt "
+                             "implicit kernels and gating) have no conservative rule here; its Swin stages do",
 }
 
 
@@ -71,6 +73,18 @@ def is_attention(m: nn.Module) -> bool:
 def is_rearrange(m: nn.Module) -> bool:
     """einops' ``Rearrange`` layer: a pure reshuffle, its gradient routes relevance unchanged."""
     return type(m).__name__ == "Rearrange" and type(m).__module__.startswith("einops")
+
+
+def routes_exactly(m: nn.Module) -> bool:
+    """A reshuffle (``Rearrange``) or MONAI's ``DropPath`` in eval mode (the identity): the gradient
+    routes relevance through it unchanged."""
+    return is_rearrange(m) or (monai_type(m, ("DropPath",)) and not m.training)
+
+
+def has_rule(m: nn.Module) -> bool:
+    """An attention block with a rule: MONAI's ``SABlock`` (hooked) or Swin ``WindowAttention``
+    (its rule is in the canonizer's forward); the block's rule replaces its parts'."""
+    return is_attention(m) or lrp_swin.is_window_attention(m)
 
 
 class EpsilonSum(torch.autograd.Function):
@@ -124,14 +138,37 @@ def attention_output(block: nn.Module, x: torch.Tensor, probs: torch.Tensor) -> 
     return block.out_proj(out) if block.include_fc else out
 
 
-def attention_rule(block: nn.Module, a: torch.Tensor, R: torch.Tensor, eps: float) -> torch.Tensor:
-    """AH-rule: the epsilon rule on ``block`` with its attention probabilities held constant."""
+def attention_rule(block: nn.Module, a: torch.Tensor, R: torch.Tensor, eps: float,
+                   rule: str = "held") -> torch.Tensor:
+    """AH-rule: the epsilon rule on ``block`` with its attention probabilities held constant
+    (``rule="attnlrp"``: AttnLRP's rule, :func:`.lrp_attnlrp.attention`, relevance to queries and keys too)."""
+    if rule == "attnlrp":
+        return attnlrp_rule(block, a, R, eps)
     a = a.detach().requires_grad_(True)
     with torch.enable_grad():
         probs = attention_probabilities(block, a).detach()
         z = attention_output(block, a, probs)
         (g,) = torch.autograd.grad(z, a, R / stabilise(z.detach(), eps))
     return a.detach() * g
+
+
+def attnlrp_rule(block: nn.Module, a: torch.Tensor, R: torch.Tensor, eps: float) -> torch.Tensor:
+    """AttnLRP on MONAI's ``SABlock`` (its causal mask as ``-inf`` logits)."""
+    if block.rel_positional_embedding is not None:
+        raise MethodError("lrp: attention_rule attnlrp does not model an SABlock's decomposed relative position "
+                          "embedding (it depends on the queries)", "use attention_rule: held for this model")
+    n = a.shape[-2]
+    extra = None
+    if block.causal:
+        extra = torch.zeros(1, 1, n, n, dtype=a.dtype).masked_fill(block.causal_mask[:, :, :n, :n] == 0,
+                                                                   float("-inf"))
+
+    def project(o: torch.Tensor) -> torch.Tensor:
+        b, h, t, d = o.shape
+        o = o.transpose(1, 2).reshape(b, t, h * d)
+        return block.out_proj(o) if block.include_fc else o
+
+    return lrp_attnlrp.attention(a, R, eps, lambda x: _heads(block, x), block.scale, extra, project)
 
 
 def layer_norm_rule(module: nn.LayerNorm, a: torch.Tensor, R: torch.Tensor, eps: float) -> torch.Tensor:
@@ -172,7 +209,17 @@ TRANSFORMER_PARTS = ("Attention", "Attn", "Embed", "Rearrange", "Transformer", "
 """Type-name parts that mark a transformer block (the refusal then says which rules are missing)."""
 
 
-def refusal_hint(bad: list[str], why: str | None, attention: bool) -> str:
+EXCITATION_WHY = (
+    "excitation backprop's marginal winning probabilities (Zhang et al. 2016) are defined for non-negative "
+    "activations sent through excitatory connections, but a transformer's LayerNorm centres every token (its "
+    "output always has negative entries, and it feeds the attention's queries, keys and values) and the "
+    "residual token stream is signed; no published rule extends c-MWP to attention or layer norms (the "
+    "held-probability rules of Ali et al. 2022 are LRP's, with signed relevance): use lrp, which has them for "
+    "UNETR and SwinUNETR")
+"""Why excitation backprop refuses transformer blocks (one line of its refusal)."""
+
+
+def refusal_hint(bad: list[str], why: str | None, attention: bool, method: str = "lrp") -> str:
     """What a refusal adds about transformer blocks among the module types ``bad``."""
     if why:
         return f" ({why})"
@@ -180,9 +227,12 @@ def refusal_hint(bad: list[str], why: str | None, attention: bool) -> str:
         return ""
     if attention:
         return (" (a transformer's attention and embedding blocks: conservative rules, Ali et al. 2022, exist "
-                "here only for MONAI's ViT blocks: SABlock, TransformerBlock, PatchEmbeddingBlock)")
+                "here only for MONAI's ViT blocks (SABlock, TransformerBlock, PatchEmbeddingBlock: UNETR) and "
+                "Swin blocks (WindowAttention, SwinTransformerBlock: SwinUNETR))")
+    if "excitation" in method:
+        return f" (transformer blocks: {EXCITATION_WHY})"
     return (" (a transformer's attention and embedding blocks: the conservative attention rules of Ali et al. "
-            "2022 exist for LRP on MONAI's ViT blocks (UNETR), not for this method)")
+            "2022 exist for LRP on MONAI's ViT and Swin blocks, not for this method)")
 
 
 def unsupported(net: nn.Module) -> str | None:
@@ -195,35 +245,39 @@ def unsupported(net: nn.Module) -> str | None:
     return None
 
 
-def _check_attention(net: nn.Module, probe: torch.Tensor, rtol: float = 1e-5) -> list[str]:
-    """Run ``probe`` and check every attention block is reproduced by :func:`attention_output`."""
-    names = {id(m): n for n, m in net.named_modules()}
-    seen: list[str] = []
-    bad: list[str] = []
+class _AttentionCheck:
+    """Forward hooks checking that every attention block is reproduced by :func:`attention_output`
+    on whatever forward runs while they are registered (the canonizer's probe)."""
 
-    def check(m: nn.Module, args: tuple[Any, ...], y: Any) -> None:
-        seen.append(names[id(m)])
-        ours = attention_output(m, args[0], attention_probabilities(m, args[0]))
-        if not isinstance(y, torch.Tensor) or ours.shape != y.shape or \
-                float((ours - y).abs().max()) > rtol * max(float(y.abs().max()), 1.0):
-            bad.append(names[id(m)])
+    def __init__(self, net: nn.Module, rtol: float = 1e-5) -> None:
+        names = {id(m): n for n, m in net.named_modules()}
+        self.seen: list[str] = []
+        self.bad: list[str] = []
 
-    handles = [m.register_forward_hook(check) for m in net.modules() if is_attention(m)]
-    try:
-        with torch.no_grad():
-            net(probe)
-    finally:
-        for h in handles:
+        def check(m: nn.Module, args: tuple[Any, ...], y: Any) -> None:
+            self.seen.append(names[id(m)])
+            with torch.no_grad():
+                ours = attention_output(m, args[0], attention_probabilities(m, args[0]))
+            if not isinstance(y, torch.Tensor) or ours.shape != y.shape or \
+                    float((ours - y).abs().max()) > rtol * max(float(y.abs().max()), 1.0):
+                self.bad.append(names[id(m)])
+
+        self.handles = [m.register_forward_hook(check) for m in net.modules() if is_attention(m)]
+
+    def remove(self) -> None:
+        for h in self.handles:
             h.remove()
-    if bad:
-        raise MethodError(f"lrp: the attention block(s) {', '.join(bad[:3])} compute something other than "
-                          "MONAI's self-attention this rule reproduces (an attention mask or another version)",
-                          "use a gradient method (integrated_gradients, input_x_gradient) for this model")
-    return seen
+
+    def raise_if_bad(self) -> None:
+        if self.bad:
+            raise MethodError(f"lrp: the attention block(s) {', '.join(self.bad[:3])} compute something other "
+                              "than MONAI's self-attention this rule reproduces (an attention mask or another "
+                              "version)", "use a gradient method (integrated_gradients, input_x_gradient) for "
+                              "this model")
 
 
 @contextlib.contextmanager
-def transformer_rules(net: nn.Module, probe: torch.Tensor, eps: float) -> Iterator[list[str]]:
+def transformer_rules(net: nn.Module, probe: torch.Tensor, eps: float, rule: str = "held") -> Iterator[list[str]]:
     """Give MONAI's ViT blocks of ``net`` their conservative rules for the context.
 
     Parameters
@@ -235,6 +289,8 @@ def transformer_rules(net: nn.Module, probe: torch.Tensor, eps: float) -> Iterat
         An input ``net`` accepts (one patch under sliding windows), to check the attention blocks.
     eps : float
         The epsilon of the residual and position-embedding sums.
+    rule : str
+        The attention rule of Swin window attention: ``held`` (Ali et al. 2022) or ``attnlrp``.
 
     Yields
     ------
@@ -242,7 +298,8 @@ def transformer_rules(net: nn.Module, probe: torch.Tensor, eps: float) -> Iterat
         The names of the attention blocks that take the AH-rule (empty: nothing was changed).
     """
     blocks = [m for m in net.modules() if monai_type(m, SWAPPED)]
-    if not blocks and not any(is_attention(m) for m in net.modules()):
+    vit = bool(blocks) or any(is_attention(m) for m in net.modules())
+    if not vit and not lrp_swin.has_swin(net):
         yield []
         return
     swapped: list[nn.Module] = []
@@ -251,17 +308,31 @@ def transformer_rules(net: nn.Module, probe: torch.Tensor, eps: float) -> Iterat
             make = _transformer_forward if type(m).__name__ == "TransformerBlock" else _embedding_forward
             m.__dict__["forward"] = types.MethodType(make(eps), m)
             swapped.append(m)
-        yield _check_attention(net, probe)
+        with contextlib.ExitStack() as stack:
+            checks = _AttentionCheck(net)
+            try:  # one probe checks every swapped forward and attention block
+                windows = stack.enter_context(lrp_swin.swin_rules(net, probe, eps, run_probe=True, rule=rule))
+            finally:
+                checks.remove()
+            checks.raise_if_bad()
+            yield checks.seen + windows
     finally:
         for m in swapped:
             m.__dict__.pop("forward", None)
 
 
-def describe(attention: list[str], eps: float) -> str:
+def describe(attention: list[str], eps: float, rule: str = "held") -> str:
     """The map's note saying which rules the transformer blocks took."""
-    return (f"lrp: {len(attention)} attention block(s) ({', '.join(attention[:2])}"
-            f"{' ...' if len(attention) > 2 else ''}) and the layer norms use the conservative rules of "
-            "Ali et al. 2022: the attention probabilities and the norms' standard deviations are held constant, "
-            "so relevance reaches the tokens through the attention values only (queries and keys get none); "
-            f"residual sums and the position embedding share it by the epsilon rule (eps {eps:g}); GELU passes "
-            "it unchanged")
+    names = f"{len(attention)} attention block(s) ({', '.join(attention[:2])}{' ...' if len(attention) > 2 else ''})"
+    rest = ("residual sums (transformer and UnetResBlock) and the position embedding share it by the epsilon rule "
+            f"(eps {eps:g}); window partitions, shifts and patch merging route it exactly; GELU passes it unchanged")
+    if rule == "attnlrp":
+        return (f"lrp: {names} use AttnLRP's rules (Achtibat et al. 2024): the softmax by its Taylor decomposition "
+                "at the logits (its bias term absorbs relevance), the products P V and Q K^T by the uniform rule "
+                "(half to each factor), so queries and keys get relevance too; a relative position bias or mask "
+                "absorbs its share of the logits; the layer norms hold their standard deviations constant (Ali et "
+                f"al. 2022); {rest}")
+    return (f"lrp: {names} and the layer norms use the conservative rules of Ali et al. 2022: the attention "
+            "probabilities and the norms' standard deviations are held constant (a Swin window's relative position "
+            "bias and shift mask are inside them), so relevance reaches the tokens through the attention values "
+            f"only (queries and keys get none); {rest}")

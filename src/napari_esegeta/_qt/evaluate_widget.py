@@ -102,7 +102,7 @@ class EvaluateWidget(CancellableRun, QWidget):
 
         self.map_list = QListWidget()
         self.map_list.setMaximumHeight(110)
-        self.map_list.setToolTip("Attribution layers made by the Explain widget (all checked by default)")
+        self.map_list.setToolTip("Attribution layers made by the Explain tab (all checked by default)")
         self.map_list.setTextElideMode(Qt.TextElideMode.ElideMiddle)
         self.gt_combo = LayerCombo(napari_viewer, ("Labels",), allow_none=True)
         self.gt_combo.setToolTip("Ground-truth mask on the input's grid (for localisation)")
@@ -210,7 +210,7 @@ class EvaluateWidget(CancellableRun, QWidget):
         s = self.session
         try:
             if s.model is None:
-                raise R.TargetError("no model loaded", "load the model the maps were made with (Model widget)")
+                raise R.TargetError("no model loaded", "load the model the maps were made with (Model tab)")
             if s.busy:
                 raise R.TargetError("the model is busy (a run or a prediction)", "wait, or cancel it first")
             opts = self.options()
@@ -218,7 +218,7 @@ class EvaluateWidget(CancellableRun, QWidget):
                 raise R.TargetError("no metric checked", "tick at least one metric")
             layers = self.checked_layers()
             if not layers:
-                raise R.TargetError("no attribution layer checked", "run the Explain widget first, then tick maps")
+                raise R.TargetError("no attribution layer checked", "run the Explain tab first, then tick maps")
             labels = {ly.name: ly for ly in self.viewer.layers if type(ly).__name__ == "Labels"}
             infos = [E.map_info(ly, labels) for ly in layers]
             groups: dict[str, list[E.MapInfo]] = {}

@@ -1,14 +1,10 @@
 """The Explain dock widget: input, target, methods, Run / Cancel.
 
-A run iterates ``Explainer.iter_explain`` in a napari ``thread_worker``; each
-``MapReady`` becomes a layer as soon as its job ends (the newest map is the
-only one visible, with a colour bar over the canvas; the others stay in the
-layer list),
-napari's progress bar shows the method and the model evaluations, and Cancel
-sets the engine's cancel event (checked at every model evaluation), so it
-takes effect within one evaluation and keeps the layers already added. While
-a run is going, Run is disabled (one run at a time per viewer; Cancel first to
-start another).
+A run iterates ``Explainer.iter_explain`` in a napari ``thread_worker``; each ``MapReady`` becomes a
+layer as soon as its job ends (the newest map is the only one visible, with a colour bar over the
+canvas; the others stay in the layer list), napari's progress bar shows the method and the model
+evaluations, and Cancel sets the engine's cancel event (checked between the network's layers), keeping
+the layers already added. One run at a time per viewer (Cancel first to start another).
 
 Cost: before any method, the worker times one patch (:mod:`esegeta_engine.jobs.probe`)
 and the status shows the run's estimated time and memory; above :data:`WARN_SECONDS`
@@ -22,7 +18,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from qtpy.QtCore import Qt
+from qtpy.QtCore import Qt, QTimer
 from qtpy.QtWidgets import (
     QCheckBox,
     QComboBox,
@@ -179,7 +175,7 @@ class ExplainWidget(VoxelPicking, CancellableRun, QWidget):
 
         try:
             self.model_label.setText(f"Model: {session.model_name}" if session.model is not None
-                                     else "Model: none (load one in the Model widget)")
+                                     else "Model: none (load one in the Model tab)")
             layers = list_layers(session.model) if session.model is not None else []
             self.methods.set_model_layers(layers)
             self._set_target_layers(layers)
@@ -227,7 +223,7 @@ class ExplainWidget(VoxelPicking, CancellableRun, QWidget):
         s = self.session
         try:
             if s.model is None:
-                raise R.TargetError("no model loaded", "load one in the Model widget "
+                raise R.TargetError("no model loaded", "load one in the Model tab "
                                     "(or 'Use bundled sample model')")
             if s.busy:
                 raise R.TargetError("the model is busy (prediction running)", "wait a moment")
@@ -326,7 +322,8 @@ class ExplainWidget(VoxelPicking, CancellableRun, QWidget):
             added = self.viewer.add_image(ev.data, **ev.kwargs)  # a list for per-channel volumes
             layers = added if isinstance(added, list) else [added]
             self.added.extend(ly.name for ly in layers)
-            show_only(self.viewer, layers[-1])
+            # the other maps are hidden on the next event-loop turn (napari redraws for each): a gap of its own
+            QTimer.singleShot(0, lambda new=layers[-1]: new in self.viewer.layers and show_only(self.viewer, new))
             self.colorbar.show_layer(layers[-1])
             self._evaluations_done += int(ev.event.evaluations or 0)
             axiom = ev.kwargs["metadata"]["esegeta"].get("axiom") or {}
@@ -337,7 +334,8 @@ class ExplainWidget(VoxelPicking, CancellableRun, QWidget):
             if ev.stopped:  # nothing else ran: the second click starts it
                 self._probe_stopped, self._confirmed_plan = True, self._plan
             else:
-                set_status(self.status, f"Running on {self._input_layer.name}: estimated {ev.estimate.text()}.")
+                set_status(self.status, f"Running on {self._input_layer.name}: estimated {ev.estimate.text()}."
+                           + _cost.cancel_note(ev.estimate))
         elif isinstance(ev, JobFailed) and ev.status != "cancelled":
             self.failures.append(R.failure_text(ev))
         elif isinstance(ev, R.RunError):
@@ -356,8 +354,9 @@ class ExplainWidget(VoxelPicking, CancellableRun, QWidget):
         self.progress_label.setText("")
         if self._probe_stopped:
             self.run_btn.setText("Run anyway")
-            set_status(self.status, f"This run is estimated at {self.last_estimate.text()}.\n→ click 'Run anyway' "
-                       "to start it, or use fewer methods, classes or a coarser window", "error")
+            set_status(self.status, f"This run is estimated at {self.last_estimate.text()}.\n→ click 'Run anyway' to "
+                       "start it, or use fewer methods, classes or a coarser window"
+                       + _cost.cancel_note(self.last_estimate), "error")
             return
         text = f"{len(self.added)} map(s) added in {took:.1f} s"
         if self.cancel_requested_at is not None:

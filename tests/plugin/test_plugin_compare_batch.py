@@ -1,0 +1,52 @@
+"""*Side by side* and its undo as one scene-graph update (issue 19, event-loop gaps): napari 0.9 redraws the
+canvas for every layer added, moved or shown and every grid field set; inside one ``layers.batched_update``
+it updates once at the end. ``visible`` is set only on layers whose visibility changes. Counted on napari's
+events."""
+
+from __future__ import annotations
+
+import pytest
+
+from test_plugin_map_arrival import _prepared
+
+
+@pytest.mark.gui
+def test_side_by_side_and_back_are_one_batch_each(qtbot, docked) -> None:
+    from napari_esegeta import _compare as C
+
+    viewer, image, w = docked
+    ex = w["explain"]
+    for i in range(2):
+        ex._on_event(_prepared(image, i))
+        qtbot.wait(50)
+    maps = [viewer.layers[name] for name in ex.added]
+    import gc
+
+    batches: list[str] = []
+    frozen: list[int] = []  # objects left out of napari's collection at the batch's end
+    viewer.layers.events.begin_batch.connect(lambda ev: batches.append("begin"))
+    viewer.layers.events.end_batch.connect(lambda ev: (batches.append("end"), frozen.append(gc.get_freeze_count())))
+    shown: list[str] = []
+    for layer in viewer.layers:
+        layer.events.visible.connect(lambda ev, name=layer.name: shown.append(name))
+    was_visible = {ly.name: ly.visible for ly in viewer.layers}
+    viewer.layers.selection.active = maps[1]
+    state = C.arrange_side_by_side(viewer, image, maps)
+    assert batches == ["begin", "end"]
+    # arranging removes no layer: napari's full collection skips the objects made before, then all is as it was
+    assert frozen[0] > 0 and gc.get_freeze_count() == 0
+    grid = viewer.canvas.grid
+    assert grid.enabled and grid.stride == 2 and len(state.copies) == 2
+    desired = [state.copies[0], maps[0], state.copies[1], maps[1]]
+    assert list(viewer.layers)[:4] == desired and all(ly.visible for ly in desired)
+    # only the layers whose visibility changed: the hidden first map shown, the scan hidden
+    assert sorted(shown) == sorted(n for n, v in was_visible.items() if v != (viewer.layers[n] in desired))
+    assert sorted(shown) == sorted([maps[0].name, image.name])
+    batches.clear()
+    shown.clear()
+    C.restore_layout(viewer, state)
+    assert batches == ["begin", "end"] and not grid.enabled
+    assert frozen[1] == 0  # the undo removes the copies: napari's full collection is left as it is
+    assert viewer.layers.selection.active is maps[1]  # the selection from before (a copy had taken it)
+    assert {ly.name: ly.visible for ly in viewer.layers} == was_visible
+    assert sorted(shown) == sorted([maps[0].name, image.name])

@@ -1,0 +1,61 @@
+"""A new map's arrival on napari's GUI thread (issue 19, event-loop gaps): napari redraws the whole canvas
+for every layer whose ``visible`` is set (and reslices a layer set visible even when it already is), so the
+Explain tab sets it only where it changes, and hides the earlier maps on the next event-loop turn, apart from
+``add_image``'s own work. Counted on napari's ``visible`` events."""
+
+from __future__ import annotations
+
+import types
+
+import numpy as np
+import pytest
+
+
+def _prepared(image, i: int):
+    from napari_esegeta._geometry import copy_geometry
+    from napari_esegeta._layers import result_layer_data
+    from napari_esegeta._run import PreparedMap
+
+    m = np.random.default_rng(i).standard_normal(image.data.shape).astype(np.float32)
+    data, kw, _ = result_layer_data(m, method="saliency", method_label=f"saliency{i}", target_label="vessel",
+                                    provenance={"class": 1, "target": "argmax", "input_layer": image.name},
+                                    geometry=copy_geometry(image), nifti=image.metadata.get("nifti"))
+    return PreparedMap(types.SimpleNamespace(evaluations=1), data, kw)
+
+
+@pytest.mark.gui
+def test_a_new_map_sets_visible_only_where_it_changes_after_its_add(qtbot, docked) -> None:
+    viewer, image, w = docked
+    ex = w["explain"]
+    for i in range(3):  # three maps: the last one visible
+        ex._on_event(_prepared(image, i))
+        qtbot.wait(50)
+    maps = [viewer.layers[name] for name in ex.added]
+    assert [m.visible for m in maps] == [False, False, True]
+    changed: list[str] = []
+    for layer in viewer.layers:
+        layer.events.visible.connect(lambda ev, name=layer.name: changed.append(name))
+    new = _prepared(image, 3)
+    ex._on_event(new)
+    layer = viewer.layers[new.kwargs["name"]]
+    layer.events.visible.connect(lambda ev: changed.append(layer.name))
+    assert changed == []  # the add alone in this event-loop turn
+    qtbot.waitUntil(lambda: bool(changed), timeout=5000)
+    qtbot.wait(50)
+    assert changed == [maps[-1].name]  # one event: the map shown until now is hidden; no other layer touched
+    assert [m.visible for m in maps] == [False, False, False] and layer.visible and image.visible
+    assert ex.colorbar.layer is layer
+
+
+@pytest.mark.gui
+def test_a_map_removed_before_the_next_turn_is_left_alone(qtbot, docked) -> None:
+    viewer, image, w = docked
+    ex = w["explain"]
+    ex._on_event(_prepared(image, 0))
+    qtbot.wait(50)
+    first = viewer.layers[ex.added[0]]
+    new = _prepared(image, 1)
+    ex._on_event(new)
+    viewer.layers.remove(new.kwargs["name"])  # before the deferred hide runs
+    qtbot.wait(100)
+    assert first.visible  # nothing was hidden for a map that is gone
