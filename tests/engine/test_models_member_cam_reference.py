@@ -108,7 +108,7 @@ def test_multi_member_cam_equals_the_documented_blend(nnunet_folder, dim, cam, m
 def simple_bundle(tmp_path_factory):
     cfg = B.config(inferer={"_target_": "SimpleInferer"})
     root = B.write_bundle(tmp_path_factory.mktemp("bundle_simple") / "tiny_bundle", cfg)
-    return root, B.oblique_scan(root.parent / "scan.nii.gz", shape=(16, 16, 8))
+    return root, B.oblique_scan(root.parent / "scan.nii.gz", shape=(32, 32, 24))
 
 
 def test_simple_inferer_bundle_layer_cam_equals_a_hand_written_cam(simple_bundle):
