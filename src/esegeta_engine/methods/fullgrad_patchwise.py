@@ -29,6 +29,7 @@ from torch import nn
 
 from esegeta_engine.forward.patch_layer import LayerCanvas
 from esegeta_engine.methods.fullgrad import abs_normalise
+from esegeta_engine.methods.lrp import quiet_stitched_forward
 from esegeta_engine.methods.notes import add_note, notes_of
 from esegeta_engine.methods.registry import MethodContext
 
@@ -71,7 +72,7 @@ def patchwise_fullgrad(ctx: MethodContext, biased: list[tuple[nn.Module, torch.T
         sw.on_backward_chunk = done
         try:
             x = inputs.detach().clone().requires_grad_(True)
-            with torch.enable_grad():
+            with torch.enable_grad(), quiet_stitched_forward(ctx.score_model):  # hooks act in the recomputation
                 score = ctx.score_model(x)[:, target]
                 (grad_x,) = torch.autograd.grad(score.sum(), x)
         finally:

@@ -25,6 +25,7 @@ from captum.attr import (
 from esegeta_engine.methods import costs
 from esegeta_engine.methods._common import BASELINE_PARAM, make_baseline
 from esegeta_engine.methods.deeplift_twopass import TwoPassDeepLift
+from esegeta_engine.methods.lrp import quiet_stitched_forward
 from esegeta_engine.methods.patch_layer_methods import PatchwiseCam, gradcam_weights, is_patchwise
 from esegeta_engine.methods.notes import notes_of
 from esegeta_engine.methods.rectifiers import RectifiedGradient, RectifiedGuidedGradCam
@@ -229,7 +230,11 @@ class PatchwiseGuidedGradCam:
         """Return guided backprop times the stitched Grad-CAM map."""
         cam = PatchwiseCam(self.ctx, "guided_gradcam", gradcam_weights, True, self.layer_input)
         guided = RectifiedGradient(self.ctx.score_model, "guided", notes_of(self.ctx), "guided_gradcam")
-        return guided.attribute(inputs, target) * cam.attribute(inputs, target)
+        # the guided rule's hooks act only on tensors that need a gradient, i.e. in the backward's
+        # recomputation: the stitched forward needs no graph and reuses the prediction's output
+        with quiet_stitched_forward(self.ctx.score_model):
+            mask = guided.attribute(inputs, target)
+        return mask * cam.attribute(inputs, target)
 
 
 def _guided_gradcam(ctx: MethodContext, p: Mapping[str, Any]) -> Call:
