@@ -204,7 +204,7 @@ def test_fold_layer_methods_through_the_engine(folder, tmp_path):
         "model": {"nnunet": str(folder), "folds": [0, 1]}, "volumes": [str(path)], "target": {"classes": [1]},
         "methods": [{"name": "layer_gradcam", "layers": [LAYER]},
                     {"name": "layer_gradient_x_activation", "layers": [LAYER]},
-                    {"name": "layer_integrated_gradients", "layers": [LAYER]}],
+                    {"name": "layer_deeplift", "layers": [LAYER]}],
         "output": {"dir": str(tmp_path / "out")}}, base=tmp_path)
     result = run(cfg)
     manifest = json.loads(result.manifest_path.read_text())
@@ -219,7 +219,7 @@ def test_fold_layer_methods_through_the_engine(folder, tmp_path):
         ran = ex["forward_network_calls"] + ex["reused_network_calls"]
         assert rec["expected_network_evaluations"] == ran == ex["network_calls_per_input"]
         assert ex["backward_network_calls"] == ex["network_calls_per_input"]  # every member's copy, once
-    refused = next(r for r in manifest["results"] if r["method"] == "layer_integrated_gradients")
+    refused = next(r for r in manifest["results"] if r["method"] == "layer_deeplift")
     assert refused["status"] != "ok"
     assert "inside nnU-Net's fold networks is not built" in json.dumps(refused)
 

@@ -20,15 +20,21 @@ def test_side_by_side_and_back_are_one_batch_each(qtbot, docked) -> None:
         ex._on_event(_prepared(image, i))
         qtbot.wait(50)
     maps = [viewer.layers[name] for name in ex.added]
+    import gc
+
     batches: list[str] = []
+    frozen: list[int] = []  # objects left out of napari's collection at the batch's end
     viewer.layers.events.begin_batch.connect(lambda ev: batches.append("begin"))
-    viewer.layers.events.end_batch.connect(lambda ev: batches.append("end"))
+    viewer.layers.events.end_batch.connect(lambda ev: (batches.append("end"), frozen.append(gc.get_freeze_count())))
     shown: list[str] = []
     for layer in viewer.layers:
         layer.events.visible.connect(lambda ev, name=layer.name: shown.append(name))
     was_visible = {ly.name: ly.visible for ly in viewer.layers}
+    viewer.layers.selection.active = maps[1]
     state = C.arrange_side_by_side(viewer, image, maps)
     assert batches == ["begin", "end"]
+    # arranging removes no layer: napari's full collection skips the objects made before, then all is as it was
+    assert frozen[0] > 0 and gc.get_freeze_count() == 0
     grid = viewer.canvas.grid
     assert grid.enabled and grid.stride == 2 and len(state.copies) == 2
     desired = [state.copies[0], maps[0], state.copies[1], maps[1]]
@@ -40,5 +46,7 @@ def test_side_by_side_and_back_are_one_batch_each(qtbot, docked) -> None:
     shown.clear()
     C.restore_layout(viewer, state)
     assert batches == ["begin", "end"] and not grid.enabled
+    assert frozen[1] == 0  # the undo removes the copies: napari's full collection is left as it is
+    assert viewer.layers.selection.active is maps[1]  # the selection from before (a copy had taken it)
     assert {ly.name: ly.visible for ly in viewer.layers} == was_visible
     assert sorted(shown) == sorted([maps[0].name, image.name])

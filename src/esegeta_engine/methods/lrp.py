@@ -36,20 +36,20 @@ branches, so totals are conserved layer by layer only along plain chains.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch import nn
 
 from esegeta_engine.errors import MethodError
-from esegeta_engine.forward.sliding import SlidingWindow
 from esegeta_engine.methods import lrp_attention, lrp_rules
 from esegeta_engine.methods.canonize import describe_unfolded, fold_batch_norm, unfolded_norms
+from esegeta_engine.methods.lrp_context import (network_of, probe_input, quiet_stitched_forward,
+                                               sliding_window_of, user_model)
 from esegeta_engine.methods.notes import add_note, notes_of
 from esegeta_engine.methods.rectifiers import RouteBack
 from esegeta_engine.methods.registry import Call, MethodContext, MethodSpec, Param, register
-from esegeta_engine.models import OutputSelector
 
 RULE_MODULES: tuple[type[nn.Module], ...] = (
     nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d,
@@ -74,51 +74,6 @@ GRADIENT_MODULES: tuple[type[nn.Module], ...] = (
     nn.ConstantPad1d, nn.ConstantPad2d, nn.ConstantPad3d, nn.ZeroPad2d,
     nn.ReflectionPad1d, nn.ReflectionPad2d, nn.ReflectionPad3d,
     nn.ReplicationPad1d, nn.ReplicationPad2d, nn.ReplicationPad3d)
-
-
-def network_of(score_model: nn.Module) -> nn.Module:
-    """The module whose output relevance starts from: the user's model inside a ScoreModel."""
-    net = getattr(score_model, "net", None)
-    return net if isinstance(net, nn.Module) else score_model
-
-
-def user_model(net: nn.Module) -> nn.Module:
-    """The user's model inside an :class:`OutputSelector` (module names as the user knows them)."""
-    return net.model if isinstance(net, OutputSelector) else net
-
-
-def probe_input(model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
-    """An input the network itself takes: the first example, cropped to one patch under
-    sliding-window execution (the canonizer's probe)."""
-    x = inputs[:1].detach()
-    sliding = getattr(getattr(model, "form", None), "sliding", None)
-    if sliding is not None:
-        patch = tuple(int(p) for p in sliding.patch_size)
-        x = x[(slice(None), slice(None), *(slice(0, p) for p in patch))]
-        pad = [v for s, p in zip(reversed(x.shape[2:]), reversed(patch)) for v in (0, p - s)]
-        x = torch.nn.functional.pad(x, pad) if any(pad) else x
-    return x
-
-
-def sliding_window_of(score_model: nn.Module) -> SlidingWindow | None:
-    """The sliding window a score model runs its network through, if any."""
-    runner = getattr(score_model, "runner", None)
-    return runner if isinstance(runner, SlidingWindow) else None
-
-
-@contextlib.contextmanager
-def quiet_stitched_forward(score_model: nn.Module) -> Iterator[None]:
-    """Rule hooks act only in the patch-wise backward's recomputation: the stitched forward
-    needs no graph (see :attr:`SlidingWindow.plain_forward`)."""
-    sw = sliding_window_of(score_model)
-    if sw is None:
-        yield
-        return
-    before, sw.plain_forward = sw.plain_forward, True
-    try:
-        yield
-    finally:
-        sw.plain_forward = before
 
 
 def inside_attention(net: nn.Module) -> set[int]:
