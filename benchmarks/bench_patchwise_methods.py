@@ -169,6 +169,9 @@ def main() -> None:
     ap.add_argument("--two-patch", action="store_true",
                     help="96x96x168, default BasicUNet, patch 96^3: two patches, the patch-wise path at the "
                          "issue's patch (peak memory)")
+    ap.add_argument("--two-patch-64", action="store_true",
+                    help="64x64x112, default BasicUNet, patch 64^3: two patches at (2/3)^3 of the issue's patch "
+                         "volume (below 2 GB: runs beside other work); peak RSS scales with the patch's voxels")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--repeat", type=int, default=1, help="interleaved reference/method runs (medians)")
     ap.add_argument("--estimate", action="store_true",
@@ -189,6 +192,8 @@ def main() -> None:
         shape, patch, features = [448, 448, 128], [96, 96, 96], [32, 32, 64, 128, 256, 32]
     elif args.two_patch:
         shape, patch, features = [96, 96, 168], [96, 96, 96], [32, 32, 64, 128, 256, 32]
+    elif args.two_patch_64:
+        shape, patch, features = [64, 64, 112], [64, 64, 64], [32, 32, 64, 128, 256, 32]
     elif args.one_patch:
         shape, patch, features = [96, 96, 96], [96, 96, 96], [32, 32, 64, 128, 256, 32]
     elif args.intermediate:

@@ -12,29 +12,25 @@ carries *relevance* instead of gradients:
   epsilon rule;
 * eval-mode batch norms right after a convolution are folded into it for the
   run (:mod:`.canonize`: the same function, and the rules see the real weights);
-* activations (ReLU, LeakyReLU, PReLU, ReLU6, ELU, GELU, SiLU, Sigmoid, Tanh,
-  Softplus, Mish, Hardswish) and the normalisations that cannot be folded
-  (InstanceNorm, GroupNorm) pass it on unchanged (``R_in = R_out``);
-  those normalisations are named in the map's notes;
+* activations (ReLU, LeakyReLU, PReLU, ReLU6, ELU, GELU, SiLU, Sigmoid, Tanh, Softplus, Mish,
+  Hardswish) and the normalisations that cannot be folded (InstanceNorm, GroupNorm) pass it on
+  unchanged (``R_in = R_out``); those normalisations are named in the map's notes;
 * LayerNorm and MONAI's ViT blocks (UNETR's attention, residual sums and position
   embedding) and Swin blocks (SwinUNETR: :mod:`.lrp_swin`) take the conservative rules of
   Ali et al. 2022 (:mod:`.lrp_attention`);
-* max pooling, upsampling, flattening, padding and dropout route it like the
-  gradient does (winner-takes-all for max pooling; a sum for upsampling),
-  which conserves it.
+* max pooling, upsampling, flattening, padding and dropout route it like the gradient
+  does (winner-takes-all for max pooling; a sum for upsampling), which conserves it.
 
 Any other module type has no rule and is refused before the model runs.
 
-Under sliding-window execution LRP runs patch by patch, exactly: relevance starts
-at each patch's output as ``y_p * w_p / W * dF/dY`` (its blended share; the hooks
-sit on the network inside the window, and the patch-wise backward of
-:mod:`esegeta_engine.forward.sliding` recomputes one patch batch at a time), and
-the patch maps add where patches lie, so ``sum R = sum_p sum y_p w_p / W dF/dY``:
-conservation holds for the stitched score.
-Operations a model performs without modules (residual additions,
-concatenation, functional activations) are differentiated as usual: a residual
-sum passes the relevance to both branches, so totals are conserved layer by
-layer only along plain chains.
+Under sliding-window execution LRP runs patch by patch, exactly: relevance starts at each
+patch's output as ``y_p * w_p / W * dF/dY`` (its blended share; the hooks sit on the network
+inside the window, and the patch-wise backward of :mod:`esegeta_engine.forward.sliding`
+recomputes one patch batch at a time), and the patch maps add where patches lie, so
+``sum R = sum_p sum y_p w_p / W dF/dY``: conservation holds for the stitched score.
+Operations a model performs without modules (residual additions, concatenation, functional
+activations) are differentiated as usual: a residual sum passes the relevance to both
+branches, so totals are conserved layer by layer only along plain chains.
 """
 
 from __future__ import annotations
@@ -68,9 +64,8 @@ PASS_MODULES: tuple[type[nn.Module], ...] = (
     nn.InstanceNorm3d, nn.GroupNorm)
 NORM_RULE_MODULES: tuple[type[nn.Module], ...] = (nn.LayerNorm,)
 """Normalisations with their own rule (:func:`.lrp_attention.layer_norm_rule`; excitation passes them)."""
+# modules whose backward a rule replaces: they run without a graph of their own (their saved tensors)
 GRAPH_FREE: tuple[type[nn.Module], ...] = RULE_MODULES + POOL_MODULES + PASS_MODULES + NORM_RULE_MODULES
-"""Modules whose backward the rule replaces entirely: they run on a detached input, so autograd keeps
-none of their own saved tensors (before, each kept its plain graph beside the rule's)."""
 GRADIENT_MODULES: tuple[type[nn.Module], ...] = (
     nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d,
     nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d,
@@ -239,9 +234,8 @@ class LRP:
                 return None
             state["stash"].setdefault(id(module), []).append(args[0])
             if isinstance(module, GRAPH_FREE):  # the rule replaces its backward: no graph of its own
-                state["grad"].append(torch.is_grad_enabled())  # (nor of its parameters); post restores
+                state["grad"].append(torch.is_grad_enabled())  # post restores it
                 torch.set_grad_enabled(False)
-                return (args[0].clone() if getattr(module, "inplace", False) else args[0], *args[1:])
             if getattr(module, "inplace", False):
                 return (args[0].clone(), *args[1:])
             return None
@@ -251,10 +245,8 @@ class LRP:
                 return None
             if isinstance(module, GRAPH_FREE) and state["grad"]:
                 torch.set_grad_enabled(state["grad"].pop())
-            if not isinstance(y, torch.Tensor):  # (every GRAPH_FREE module returns one tensor)
-                return None
             stack = state["stash"].get(id(module))
-            if not stack:
+            if not isinstance(y, torch.Tensor) or not stack:
                 return None
             a = stack.pop()
             kind = "pass"
