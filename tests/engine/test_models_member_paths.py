@@ -223,7 +223,8 @@ def test_member_path_methods_through_the_engine(folder, tmp_path):
     nib.save(img, path)
     layer = {"layers": [LAYER]}
     cfg = parse_config({
-        "model": {"nnunet": str(folder), "folds": [0, 1]}, "volumes": [str(path)], "target": {"classes": [1]},
+        "model": {"nnunet": str(folder), "folds": [0, 1], "mirroring": False}, "volumes": [str(path)],
+        "target": {"classes": [1]},  # two folds x patches: several members, few network calls
         "methods": [{"name": "layer_activation", **layer},
                     {"name": "layer_integrated_gradients", **layer, "params": {"n_steps": 2}},
                     {"name": "internal_influence", **layer, "params": {"n_steps": 2}},
