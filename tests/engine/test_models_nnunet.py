@@ -192,9 +192,10 @@ def test_layers_inside_the_folds_resolve_and_methods_not_built_there_are_refused
     loaded = load_source(ModelConfig(nnunet=folder, folds=[0]))
     layer = get_layer(loaded.module, "folds.0.encoder.stages.0")  # run per member (test_models_member_layer.py)
     assert loaded.module.runs_layer_per_member(layer)
-    why = loaded.module.layer_method_refusal("layer_integrated_gradients", "folds.0.encoder.stages.0")
+    why = loaded.module.layer_method_refusal("layer_deeplift", "folds.0.encoder.stages.0")
     assert why is not None and "inside nnU-Net's fold networks is not built" in why[0] and "layer_gradcam" in why[1]
-    assert loaded.module.layer_method_refusal("layer_gradcam", "folds.0.encoder.stages.0") is None
+    for built in ("layer_gradcam", "layer_integrated_gradients", "layer_activation"):  # member_paths.py
+        assert loaded.module.layer_method_refusal(built, "folds.0.encoder.stages.0") is None
     assert get_layer(loaded.module, "network_input") is loaded.module.network_input
 
 

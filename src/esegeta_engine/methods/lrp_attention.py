@@ -160,7 +160,7 @@ def attnlrp_rule(block: nn.Module, a: torch.Tensor, R: torch.Tensor, eps: float)
     n = a.shape[-2]
     extra = None
     if block.causal:
-        extra = torch.zeros(1, 1, n, n, dtype=a.dtype).masked_fill(block.causal_mask[:, :, :n, :n] == 0,
+        extra = torch.zeros(1, 1, n, n, dtype=a.dtype, device=a.device).masked_fill(block.causal_mask[:, :, :n, :n] == 0,
                                                                    float("-inf"))
 
     def project(o: torch.Tensor) -> torch.Tensor:
