@@ -160,8 +160,8 @@ def attnlrp_rule(block: nn.Module, a: torch.Tensor, R: torch.Tensor, eps: float)
     n = a.shape[-2]
     extra = None
     if block.causal:
-        extra = torch.zeros(1, 1, n, n, dtype=a.dtype, device=a.device).masked_fill(block.causal_mask[:, :, :n, :n] == 0,
-                                                                   float("-inf"))
+        causal = block.causal_mask[:, :, :n, :n] == 0
+        extra = torch.zeros(1, 1, n, n, dtype=a.dtype, device=a.device).masked_fill(causal, float("-inf"))
 
     def project(o: torch.Tensor) -> torch.Tensor:
         b, h, t, d = o.shape
