@@ -34,7 +34,7 @@ from torch import nn
 from esegeta_engine.errors import ModelLoadError
 from esegeta_engine.forward.sliding import SlidingWindow, WindowSettings
 from esegeta_engine.models.bundle_steps import BundleSteps
-from esegeta_engine.models.member_layer import bundle_layer_map, find_in, method_refusal
+from esegeta_engine.models.member_layer import bundle_layer_map, find_in, method_refusal, two_pass_refusal
 
 NETWORK_INPUT = "network_input"
 
@@ -110,6 +110,14 @@ class BundlePipeline(nn.Module):
     def runs_layer_per_member(self, layer: nn.Module) -> bool:
         """True for a layer inside the network under a sliding window: it runs once per patch."""
         return self.window is not None and find_in([self.network], layer) is not None
+
+    def method_refusal(self, method: str) -> tuple[str, str] | None:
+        """Why a method cannot run through the pipeline at all (DeepLIFT's family under a sliding window)."""
+        if self.window is None:  # SimpleInferer: one graph of the whole pipeline, the input and baseline as a batch
+            return None
+        return two_pass_refusal(method, f"the bundle's {self.inferer['inferer']}",
+                                "but the sliding window's backward recomputes each patch with the rules already "
+                                "applying, so no patch has a reference pass of its own")
 
     def layer_method_refusal(self, method: str, layer: str) -> tuple[str, str] | None:
         """Why a layer method does not run on a layer inside the windowed network (None: it runs)."""
