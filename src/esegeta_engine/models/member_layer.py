@@ -83,7 +83,7 @@ def method_refusal(method: str, layer: str, where: str,
     """Why ``method`` does not run on ``layer`` inside a pipeline's network (None: it runs)."""
     if method in built:
         return None
-    why = _WHY.get(method) if built is not MEMBER_METHODS else None
+    why = _WHY.get(method) if "nnU-Net" in where else None
     why = why or ("it edits or re-reads the layer outside the pipeline's patch-wise backward (path points move the "
                   "pipeline's preprocessing, references and stitched layers need a layer pass of their own)")
     return (f"method '{method}' on layer {layer!r} inside {where} is not built: {why}",
@@ -323,62 +323,3 @@ def scan_maps(pipe: Any, tap: NnUNetLayerTap, inputs: torch.Tensor) -> torch.Ten
             m = torch.zeros((1, *info["plan"].shape))
         maps.append(pipe._to_scan(m, info, logits=False))
     return torch.stack(maps).to(inputs.device)
-
-
-def bundle_layer_map(pipe: Any, score_model: nn.Module, layer: nn.Module, inputs: torch.Tensor, target: int,
-                     layer_input: bool, per_copy: PerCopy, combine: str, method: str,
-                     name: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """A layer method over every patch copy of a bundle's network under its sliding window, on the scan's grid.
-
-    The copies combine on the network grid (:class:`LayerCanvas`, as under the engine's own sliding
-    window); the map goes back through the bundle's inversion. Returns the map ``(N, C', *scan)``
-    and, per example, the sum of every copy's layer map.
-    """
-    if combine not in ("sum", "blend"):
-        raise MethodError(f"method '{method}' is not built on layers inside a bundle's network",
-                          f"use {', '.join(MEMBER_METHODS)}")
-    sw = pipe.window
-    copy = _Copy(layer_input)
-    n = inputs.shape[0]
-    totals = torch.zeros(n, dtype=torch.float64)
-    canvas: list[LayerCanvas] = []
-
-    def keep(a: Any) -> None:
-        if sw.recomputing:
-            copy.keep(a)
-
-    def on_chunk(chunk: list[tuple[int, int]], grid: Any) -> None:
-        a, g = copy.take(method, name)
-        if a.dim() != len(grid.roi) + 2:
-            raise MethodError(f"method '{method}' needs a layer with a spatial grid, but layer '{name}' gives "
-                              f"{tuple(a.shape)} per patch batch",
-                              "choose a convolutional layer (or its activation) of the encoder or decoder")
-        maps = per_copy(a, g, chunk).float()
-        for (b, _), m in zip(chunk, maps):
-            totals[b] += float(m.double().sum())
-        if not canvas:
-            canvas.append(LayerCanvas(grid, n, combine))
-        elif canvas[0].grid is not grid:
-            raise MethodError(f"{method}: the scans explained together have different network grids",
-                              "explain one scan at a time")
-        canvas[0].add(chunk, maps)
-
-    handles = ([layer.register_forward_pre_hook(lambda m, args: keep(args[0] if args else None))] if layer_input
-               else [layer.register_forward_hook(lambda m, args, out: keep(out))])
-    sw.on_backward_chunk = on_chunk
-    try:
-        x = inputs.detach().requires_grad_(True)
-        with torch.enable_grad():
-            scores = score_model(x)[:, target]
-            torch.autograd.grad(scores.sum(), x)
-    finally:
-        sw.on_backward_chunk = None
-        for h in handles:
-            h.remove()
-    maps = []
-    for b in range(n):
-        item = pipe._last[min(b, len(pipe._last) - 1)]
-        m = (canvas[0].result(torch.device("cpu"))[b] if canvas
-             else torch.zeros((1, *item[pipe.steps.key].shape[1:])))
-        maps.append(pipe.steps.invert_map(m, item))
-    return torch.stack(maps).to(inputs.device), totals

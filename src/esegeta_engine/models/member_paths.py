@@ -44,10 +44,11 @@ PATH_METHODS = ("layer_integrated_gradients", "internal_influence")
 
 
 def member_pipeline(ctx: Any) -> Any | None:
-    """The nnU-Net pipeline whose fold networks hold ``ctx.layer`` (None: not such a layer)."""
+    """The deployed pipeline (nnU-Net's folds, a bundle's sliding window) that runs ``ctx.layer`` once per
+    member (None: not such a layer)."""
     pipe = getattr(getattr(ctx.score_model, "net", None), "model", None)
     inside = getattr(pipe, "runs_layer_per_member", None)
-    if ctx.layer is None or not callable(inside) or not hasattr(pipe, "ensemble") or not inside(ctx.layer):
+    if ctx.layer is None or not callable(inside) or not inside(ctx.layer):
         return None
     return pipe
 
@@ -92,9 +93,9 @@ class MemberLayerPath:
         self.name = "internal_influence" if influence else "layer_integrated_gradients"
         if params.get("baseline", "zero") != "zero":
             raise MethodError(
-                f"{self.name} on layer {ctx.layer_name!r} inside nnU-Net's fold networks integrates from the zero "
-                f"activation of every copy of the layer (the input fixed), not from an input baseline "
-                f"({params['baseline']!r}: it would move nnU-Net's crop box and normalisation)",
+                f"{self.name} on layer {ctx.layer_name!r} inside a deployed pipeline's network integrates from the "
+                f"zero activation of every copy of the layer (the input fixed), not from an input baseline "
+                f"({params['baseline']!r}: it would move the pipeline's preprocessing, e.g. nnU-Net's crop box)",
                 "leave baseline at zero, or explain the layer 'network_input' with an input baseline")
 
     def attribute(self, inputs: torch.Tensor, target: int = 0, **_: Any) -> torch.Tensor:
