@@ -174,3 +174,26 @@ def test_a_real_nnunet_pipeline_moves_each_mirrored_copy_by_its_layers_geometry(
             assert float((unmoved - ref).abs().max()) > 1e-2 * float(ref.abs().max())
             moved_axes += 1
     assert moved_axes  # the test's plans stride stage 1 along at least one axis
+
+
+def test_an_inexact_move_is_named_in_the_maps_notes(nnunet_folder, tmp_path):
+    import json
+
+    import nibabel as nib
+
+    from esegeta_engine.config import parse_config
+    from esegeta_engine.pipeline import run
+
+    img, _ = S.scan((16, 12, 8), (1.0, 1.0, 2.0), seed=5)
+    nib.save(img, tmp_path / "scan.nii.gz")
+    cfg = parse_config({
+        "model": {"nnunet": str(nnunet_folder), "folds": [0]}, "volumes": [str(tmp_path / "scan.nii.gz")],
+        "target": {"classes": [1]},
+        "methods": [{"name": "layer_activation", "layers": ["folds.0.decoder.stages.0"]},
+                    {"name": "layer_activation", "layers": ["folds.0.encoder.stages.1"]}],
+        "output": {"dir": str(tmp_path / "out")}}, base=tmp_path)
+    manifest = json.loads(run(cfg).manifest_path.read_text())
+    notes = {r["layer"]: " ".join(r.get("notes") or []) for r in manifest["results"] if r["status"] == "ok"}
+    assert "layer 'folds.0.decoder.stages.0'" in notes["folds.0.decoder.stages.0"]
+    assert "different grids" in notes["folds.0.decoder.stages.0"]
+    assert "grid" not in notes["folds.0.encoder.stages.1"]  # exact: moved, nothing to say

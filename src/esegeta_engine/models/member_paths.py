@@ -1,5 +1,5 @@
-"""Layer methods inside nnU-Net's fold networks that move or only read the layer: activation, layer IG,
-internal influence.
+"""Layer methods inside nnU-Net's fold networks (and a bundle's windowed network, :mod:`.member_bundle`)
+that move or only read the layer: activation, layer IG, internal influence.
 
 The input stays fixed (nnU-Net's crop box, normalisation and resampling are recomputed from it), so
 a path runs in **layer space**: every member's copy ``A_k`` of the layer (fold x mirrored copy x
@@ -86,7 +86,8 @@ def nnunet_layer_forward(pipe: Any, score_model: nn.Module, layer: nn.Module, in
 
 
 class MemberLayerPath:
-    """Layer IG (or internal influence) on a layer-space path inside nnU-Net's folds (module docstring)."""
+    """Layer IG (or internal influence) on a layer-space path inside a pipeline's network (module docstring):
+    nnU-Net's folds (every fold x mirrored copy x patch) or a bundle's sliding window (every patch)."""
 
     def __init__(self, ctx: Any, params: Mapping[str, Any], pipe: Any, influence: bool = False) -> None:
         self.ctx, self.p, self.pipe, self.influence = ctx, params, pipe, influence
