@@ -53,7 +53,13 @@ def _young_collection_only() -> Iterator[None]:
     *removed* layers on some Windows drivers): ≈ 0.5 s in a process holding torch and napari.
     Arranging the grid removes no layer, so the objects that existed before (``gc.freeze``) are
     left out of that one collection and put back afterwards (``gc.unfreeze``): nothing else changes.
+    ``gc.unfreeze`` thaws the whole permanent generation, so where something else in the process
+    froze objects first (a server's ``gc.freeze()`` before forking) the block freezes nothing and
+    leaves theirs frozen: the collection is then a full one, as without this block.
     """
+    if gc.get_freeze_count():
+        yield
+        return
     gc.freeze()
     try:
         yield

@@ -50,3 +50,24 @@ def test_side_by_side_and_back_are_one_batch_each(qtbot, docked) -> None:
     assert viewer.layers.selection.active is maps[1]  # the selection from before (a copy had taken it)
     assert {ly.name: ly.visible for ly in viewer.layers} == was_visible
     assert sorted(shown) == sorted([maps[0].name, image.name])
+
+
+def test_young_collection_leaves_an_earlier_freeze_alone() -> None:
+    """Objects frozen before the block (someone else's ``gc.freeze()``) stay frozen after it: the block
+    freezes nothing then, as ``gc.unfreeze`` would thaw theirs too. Alone, it freezes and thaws its own."""
+    import gc
+
+    from napari_esegeta._compare import _young_collection_only
+
+    assert gc.get_freeze_count() == 0
+    with _young_collection_only():
+        inside = gc.get_freeze_count()
+    assert inside > 0 and gc.get_freeze_count() == 0
+    gc.freeze()  # the process's own freeze, made before the block
+    try:
+        theirs = gc.get_freeze_count()
+        with _young_collection_only():
+            assert gc.get_freeze_count() == theirs
+        assert gc.get_freeze_count() == theirs
+    finally:
+        gc.unfreeze()
