@@ -252,6 +252,7 @@ def main() -> None:
                     help="experiment: a multiscale map layer against a full-resolution one in 3D")
     ap.add_argument("--cancel-delays", type=float, nargs="+", default=[2.0, 8.0],
                     help="seconds into an Explain run at which Cancel is clicked")
+    ap.add_argument("--patch", type=int, default=None, help="Cancel rows under a sliding window of this patch")
     ap.add_argument("--settle", type=float, default=3.0, help="seconds of event loop watched after each action")
     ap.add_argument("--memory", action="store_true", help="only the memory comparison")
     ap.add_argument("--memory-size", type=int, default=96, help="phantom edge for the memory comparison")

@@ -58,6 +58,9 @@ def cancel_latency(app, viewer, dock, args) -> None:
     checks = InEvaluationChecks()
     mw = dock.model
     mw.use_bundled()
+    if args.patch:  # sliding-window execution (the Model tab's field): Cancel is checked per patch batch too
+        mw.patch_edit.setText(str(args.patch))
+        mw._execution_changed()
     _wait(app, lambda: mw.session.model is not None or mw.status.property("status_kind") == "error", 120)
     ex = dock.show_tab("Explain")
     ex.kind_combo.setCurrentText("argmax")
@@ -97,7 +100,8 @@ def cancel_latency(app, viewer, dock, args) -> None:
     for name, values in rows.items():
         ok = [v for v in values if v == v]
         if ok:
-            print(f"RESULT {size}, bundled U-Net, whole volume: {name}: max {max(ok) * 1000:.0f} ms, "
+            mode = f"patch {args.patch}" if args.patch else "whole volume"
+            print(f"RESULT {size}, bundled U-Net, {mode}: {name}: max {max(ok) * 1000:.0f} ms, "
                   f"median {statistics.median(ok) * 1000:.0f} ms over {len(ok)} (target <= 1000 ms)")
 
 
