@@ -5,16 +5,13 @@
    at 1366×768. ``--size sample`` uses the 64³ phantom; ``--size big`` a 197×233×189 phantom
    (whole-brain sized, :func:`esegeta_engine.sample.make_phantom`). The maps are smooth synthetic
    maps over the bright voxels (the GUI cost of adding a layer does not depend on how the map was
-   made). "add map" is the Explain tab's path: the layer data (contrast limits, signedness) built
-   in a worker thread, only napari's ``add_image`` on the GUI thread; "before" builds it on the
-   GUI thread as the tab did until 19.6, measured in the same run.
-2. Cancel latency, the click to the worker's end: in the Explain tab ``--cancel-delays`` seconds into a
-   saliency run (the probe, the prediction pass or the method's forward/backward, on the sample and on
-   the big volume, whole-volume execution) and, on the sample, in the Evaluate tab's randomisation.
-   "before" switches off the checks inside one model evaluation (the engine until 19.8), in the same run.
-3. Peak resident memory of evaluating a sliding-window map (infidelity + faithfulness, the one
-   evaluation session) against explaining it (saliency), each in a fresh process on the same
-   volume, model and execution (patch 32, overlap 0.25). Target: Evaluate ≤ 1.3× Explain.
+   made). "add map" is the Explain tab's path: the layer data and napari's layer model built in
+   the worker thread, only ``viewer.layers.append`` on the GUI thread; "last wave" called
+   ``add_image`` on the GUI thread. *Side by side* now adds one base view per event-loop turn and
+   the grid on the next ("one turn": all of it together, as last wave). Each row that ends in
+   "(floor)" is napari's or Mesa's own single call, measured in the same run: a gap no code of
+   ours can go under (one layer insertion; one 3D frame of the same layers, a camera turn).
+2-3. Cancel latency and Evaluate's memory: ``meeting_flow_cancel.py`` (run through this script).
 
 Run under a display::
 
@@ -26,10 +23,7 @@ Targets: every gap ≤ 100 ms; Cancel ≤ 1 s; memory ratio ≤ 1.3.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
-import subprocess
-import sys
 import time
 
 BIG = (197, 233, 189)
@@ -80,14 +74,13 @@ def gui(args) -> None:
 
     from napari_esegeta._geometry import copy_geometry
     from napari_esegeta._layers import result_layer_data
-    from napari_esegeta._sample_data import phantom_volume_data
 
     app = QApplication.instance() or QApplication([])
     viewer = napari.Viewer()
     viewer.window._qt_window.resize(1366, 768)
     shape = BIG if args.size == "big" else (64, 64, 64)
-    data, kwargs, _ = phantom_volume_data(shape, 3)[0]
-    image = viewer.add_image(data, **kwargs)
+    image = _add_scan(viewer, shape)
+    data = image.data
     bright = np.asarray(data) > np.percentile(data, 97)  # the vessels, roughly
     _, dock = viewer.window.add_plugin_dock_widget("napari-esegeta", "esegeta")
     _pump(app, 1.0)
@@ -107,184 +100,113 @@ def gui(args) -> None:
 
     ex = dock.show_tab("Explain")
 
-    def prepared(m, i: int):
+    def prepared(m, i: int, prebuilt: bool = True):
+        """What the run's worker thread yields: the layer data and (now) napari's layer model built there."""
         import types
 
+        from napari_esegeta._layers import image_layers
         from napari_esegeta._run import PreparedMap
 
-        data, kw = layer_data(m, i)  # built in the run's worker thread in the plugin
-        return PreparedMap(types.SimpleNamespace(evaluations=1), data, kw)
-
-    def arrival_before(p) -> None:
-        """The Explain tab's map arrival until the fourth pass: add, then show only it (every map's
-        ``visible`` set: napari redraws the canvas for each, and reslices the new one)."""
-        layer = viewer.add_image(p.data, **p.kwargs)
-        for other in viewer.layers:
-            if other.name in names and other is not layer:
-                other.visible = False
-        layer.visible = True
-        ex.colorbar.show_layer(layer)
-
-    def compare_before(cw) -> None:
-        """*Side by side* until the fourth pass: every change (layer added, moved, shown, grid field) its own
-        scene-graph update and redraw, ``visible`` set on every layer."""
-        import contextlib
-
-        import napari_esegeta._compare as C
-
-        saved = C._set_visible
-        C._set_visible = lambda layer, visible: setattr(layer, "visible", visible)
-        viewer.layers.batched_update = contextlib.nullcontext  # shadows the method on this instance
-        try:
-            cw.compare()
-        finally:
-            C._set_visible = saved
-            del viewer.layers.batched_update
-
-    def three_d_before() -> None:
-        """The 3D button's napari calls without the dock's letter update (the letters kept their text hidden
-        from the fourth pass: half the overlay events)."""
-        from napari_esegeta._view import VIEW_3D, _camera
-
-        viewer.dims.ndisplay = 3
-        viewer.dims.order = (0, 1, 2)
-        viewer.reset_view()
-        _camera(viewer).set_view_direction(VIEW_3D[0], VIEW_3D[1])
+        data, kw = layer_data(m, i)
+        return PreparedMap(types.SimpleNamespace(evaluations=1), data, kw, image_layers(data, kw) if prebuilt else None)
 
     if args.cancel_only:
+        from meeting_flow_cancel import cancel_latency
+
         cancel_latency(app, viewer, dock, args)
         return
     if args.preview_3d:
         preview_3d(app, viewer, args)
         return
-    rows = {"add map, napari's add_image alone": [], "add map, the Explain tab's path (before)": [],
-            "add map": [], "side by side (before)": [], "side by side": [], "3D (before)": [], "3D": []}
-    names: set[str] = set()
+    rows: dict[str, list[float]] = {name: [] for name in ROWS}
+    floors = {"add map, napari's add_image alone (floor)": lambda p: viewer.add_image(p.data, **p.kwargs),
+              "add map, napari's layers.append of a prebuilt layer (floor)": lambda p: viewer.layers.append(p.layers[0]),
+              "add map, last wave (add_image on the GUI thread)": ex._on_event, "add map": ex._on_event}
     for r in range(args.repeats):
         dock.show_view("axial")
         _pump(app, 0.5)
         first = prepared(raw_map(), 1000 + r)  # a map already shown, as from an earlier run
-        names.add(first.kwargs["name"])
         ex._on_event(first)
         _pump(app, 0.5)
-        for name, act in (("add map, napari's add_image alone", lambda p: viewer.add_image(p.data, **p.kwargs)),
-                          ("add map, the Explain tab's path (before)", arrival_before), ("add map", ex._on_event)):
-            p = prepared(raw_map(), 100 * r + len(rows[name]))
-            names.add(p.kwargs["name"])
+        for name, act in floors.items():
+            p = prepared(raw_map(), 100 * r + len(rows[name]), prebuilt="last wave" not in name)
             rows[name].append(meter.measure(app, lambda: act(p), settle=args.settle))
             viewer.layers.remove(p.kwargs["name"])
         viewer.layers.remove(first.kwargs["name"])
         if args.add_only:
             continue
-        raws = [raw_map(), raw_map()]
-        ex._on_event(prepared(raws[0], 2 * r))
+        ex._on_event(prepared(raw_map(), 2 * r))
         _pump(app, 0.5)
-        maps = [(viewer.layers[-1].data, {"name": viewer.layers[-1].name}), layer_data(raws[1], 2 * r + 1)]
-        viewer.add_image(maps[1][0], **maps[1][1])
+        maps = [viewer.layers[-1].name, prepared(raw_map(), 2 * r + 1)]
+        ex._on_event(maps[1])
+        maps[1] = maps[1].kwargs["name"]
+        _pump(app, 0.5)
         cw = dock.show_tab("Compare")
         cw.refresh()
-        cw.set_checked([maps[0][1]["name"], maps[1][1]["name"]])
-        rows["side by side (before)"].append(meter.measure(app, lambda: compare_before(cw), settle=args.settle))
-        cw.uncompare()
-        _pump(app, 0.5)
-        rows["side by side"].append(meter.measure(app, cw.compare, settle=args.settle))
-        cw.uncompare()
-        _pump(app, 0.5)
-        rows["3D (before)"].append(meter.measure(app, three_d_before, settle=args.settle))
-        dock.show_view("axial")
-        _pump(app, 0.5)
-        rows["3D"].append(meter.measure(app, lambda: dock.show_view("3d"), settle=args.settle))
-        dock.show_view("axial")
+        cw.set_checked(maps)
+        side_by_side(app, viewer, cw, meter, rows, args)
+        three_d(app, viewer, dock, meter, rows, args)
         for m in maps:
-            viewer.layers.remove(m[1]["name"])
+            viewer.layers.remove(m)
     for name, gaps in rows.items():
-        if not gaps:
-            continue
-        print(f"RESULT {args.size} {shape}: longest event-loop gap, {name}: max {max(gaps) * 1000:.0f} ms, "
-              f"median {statistics.median(gaps) * 1000:.0f} ms (target <= 100 ms)")
+        if gaps:
+            print(f"RESULT {args.size} {shape}: longest event-loop gap, {name}: max {max(gaps) * 1000:.0f} ms, "
+                  f"median {statistics.median(gaps) * 1000:.0f} ms over {len(gaps)} (target <= 100 ms)", flush=True)
     if not args.no_cancel and not args.add_only:
+        from meeting_flow_cancel import cancel_latency
+
         cancel_latency(app, viewer, dock, args)
 
 
-class InEvaluationChecks:
-    """Switch the cancel checks inside one model evaluation (between the network's modules) off and on:
-    "before" is the engine until 19.8, which checked only between evaluations and patch batches."""
-
-    def __init__(self) -> None:
-        from esegeta_engine.forward import cancel_points, runner, sliding
-
-        self.modules, self.real = (runner, sliding), cancel_points.cancel_points
-
-    def set(self, on: bool) -> None:
-        import contextlib
-
-        for m in self.modules:
-            m.cancel_points = self.real if on else (lambda check: contextlib.nullcontext())
+ROWS = ("add map, napari's add_image alone (floor)", "add map, napari's layers.append of a prebuilt layer (floor)",
+        "add map, last wave (add_image on the GUI thread)", "add map",
+        "side by side, one napari layer insertion alone (floor)", "side by side, one turn (last wave)",
+        "side by side", "3D", "3D, one frame of the same layers (floor)", "back to 2D")
 
 
-def _click_cancel(app, tab, start, delay: float) -> tuple[float, str]:
-    """Start a run with ``start()``, click Cancel ``delay`` seconds into its work; (latency, where it was)."""
-    start()
-    _pump(app, delay)
-    if not tab.running and getattr(tab, "_probe_stopped", False):  # the estimate stopped it: "Run anyway"
-        start()
-        _pump(app, delay)
-    if not tab.running:
-        return float("nan"), "finished before the click"
-    where = tab.progress_label.text() or "preparing"
-    t = time.perf_counter()
-    tab.cancel()
-    _wait(app, lambda: not tab.running, 600)
-    return time.perf_counter() - t, where
+def _add_scan(viewer, shape):
+    from napari_esegeta._sample_data import phantom_volume_data
+
+    data, kwargs, _ = phantom_volume_data(shape, 3)[0]
+    return viewer.add_image(data, **kwargs)
 
 
-def cancel_latency(app, viewer, dock, args) -> None:
-    """Cancel in the Explain tab (probe, prediction pass, saliency) and, on the sample, in the Evaluate
-    tab's randomisation; the in-evaluation checks off (before) and on (now), interleaved in one run."""
-    checks = InEvaluationChecks()
-    mw = dock.model
-    mw.use_bundled()
-    _wait(app, lambda: mw.session.model is not None or mw.status.property("status_kind") == "error", 120)
-    ex = dock.show_tab("Explain")
-    ex.kind_combo.setCurrentText("argmax")
-    ex.methods.check("saliency")
-    size = "64^3" if args.size == "sample" else "x".join(map(str, BIG))
-    rows: dict[str, list[float]] = {}
-    for r in range(args.repeats):
-        for on in (False, True):
-            checks.set(on)
-            for delay in args.cancel_delays:
-                latency, where = _click_cancel(app, ex, ex.run, delay)
-                name = f"Explain Cancel {delay:g} s into the run, {'now' if on else 'before'}"
-                rows.setdefault(name, []).append(latency)
-                print(f"  {name}: {latency * 1000:.0f} ms (at: {where[:70]!r})", flush=True)
-                for layer in [ly for ly in viewer.layers if ly.name in ex.added]:
-                    viewer.layers.remove(layer)
-    if args.size == "sample":
-        checks.set(True)
-        ex.run()  # one map to evaluate
-        _wait(app, lambda: not ex.running, 600)
-        ev = dock.show_tab("Evaluate")
-        ev.refresh_maps()
-        ev.form.set_checked(axioms=False, infidelity=False, faithfulness=False, randomisation=True)
-        for r in range(args.repeats):
-            for on in (False, True):
-                checks.set(on)
-                ev.run()
-                _wait(app, lambda: "randomisation" in ev.last_message or "randomisation" in ev.progress_label.text(),
-                      600)
-                _pump(app, 1.0)
-                t = time.perf_counter()
-                ev.cancel()
-                _wait(app, lambda: not ev.running, 600)
-                rows.setdefault(f"Evaluate Cancel in the randomisation, {'now' if on else 'before'}",
-                                []).append(time.perf_counter() - t)
-    checks.set(True)
-    for name, values in rows.items():
-        ok = [v for v in values if v == v]
-        if ok:
-            print(f"RESULT {size}, bundled U-Net, whole volume: {name}: max {max(ok) * 1000:.0f} ms, "
-                  f"median {statistics.median(ok) * 1000:.0f} ms over {len(ok)} (target <= 1000 ms)")
+def side_by_side(app, viewer, cw, meter, rows, args) -> None:
+    """*Side by side* of the two checked maps: in one turn (last wave's) and in steps (now), and the floor:
+    one hidden base view added alone, as each step adds one."""
+    from qtpy.QtCore import QTimer
+
+    import napari_esegeta._compare as C
+
+    base, results = cw.base_combo.layer(), cw.checked_layers()
+
+    def one_turn() -> None:
+        cw.state = C.arrange_side_by_side(viewer, base, results)
+        QTimer.singleShot(0, cw._fit_view)
+
+    rows["side by side, one turn (last wave)"].append(meter.measure(app, one_turn, settle=args.settle))
+    cw.uncompare()
+    _pump(app, 0.5)
+    rows["side by side"].append(meter.measure(app, cw.compare, settle=args.settle))
+    cw.uncompare()
+    _pump(app, 0.5)
+    state = C.begin_side_by_side(viewer)
+    rows["side by side, one napari layer insertion alone (floor)"].append(
+        meter.measure(app, lambda: C.add_base_copy(viewer, base, results[0], state), settle=args.settle))
+    C.restore_layout(viewer, state)
+    _pump(app, 0.5)
+
+
+def three_d(app, viewer, dock, meter, rows, args) -> None:
+    """The 3D button, then one more frame of the same layers (a camera turn: Mesa's raycasting alone), then
+    back to the axial plane."""
+    dock.show_view("axial")
+    _pump(app, 0.5)
+    rows["3D"].append(meter.measure(app, lambda: dock.show_view("3d"), settle=args.settle))
+    angles = tuple(viewer.camera.angles)
+    rows["3D, one frame of the same layers (floor)"].append(
+        meter.measure(app, lambda: setattr(viewer.camera, "angles", (angles[0] + 10, *angles[1:])), settle=args.settle))
+    rows["back to 2D"].append(meter.measure(app, lambda: dock.show_view("axial"), settle=args.settle))
 
 
 def preview_3d(app, viewer, args) -> None:
@@ -319,59 +241,6 @@ def preview_3d(app, viewer, args) -> None:
               f"{statistics.median(f for _, f in v) * 1000:.0f} ms")
 
 
-def memory_worker(kind: str, size: int) -> None:
-    """One measurement in this fresh process: peak RSS growth of explaining or evaluating."""
-    import resource
-
-    import numpy as np
-    import torch
-
-    from esegeta_engine import sample
-    from esegeta_engine.config import ExecutionConfig, MethodConfig, PreprocessConfig, TargetConfig
-    from esegeta_engine.evaluation.api import evaluation_config
-    from esegeta_engine.evaluation.session import EvaluationSession, MapToScore
-    from esegeta_engine.explain import Explainer, MapReady
-    from esegeta_engine.io import Volume
-    from esegeta_engine.models import load_model
-
-    torch.set_num_threads(1)
-    info = sample.sample_info()["models"]["unet3d_vessels"]
-    net = load_model(sample.unet_paths()["state"], class_path=info["class_path"], kwargs=info["kwargs"])
-    ph = sample.make_phantom((size,) * 3, seed=3)
-    vol = Volume(ph.volume.astype(np.float32), ph.affine)
-    pre = PreprocessConfig(normalisation="minmax")
-    exe = ExecutionConfig(patch_size=32, overlap=0.25)
-    target = TargetConfig(classes=[1])
-    explainer = Explainer(net, pre, target, execution=exe)
-    # the map is made before the baseline in the evaluate process (it is read from a file in practice)
-    if kind == "evaluate":
-        ready = next(e for e in explainer.iter_explain([vol], [MethodConfig(name="saliency")]) if isinstance(e, MapReady))
-        del explainer
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    if kind == "explain":
-        next(e for e in explainer.iter_explain([vol], [MethodConfig(name="saliency")]) if isinstance(e, MapReady))
-    else:
-        session = EvaluationSession(net, evaluation_config(axioms=False, infidelity=True, faithfulness=True,
-                                                           n_perturb_samples=4, steps=5), preprocess=pre)
-        info_ = MapToScore(name="m", method="saliency", params={}, cls=1, target=target, array=ready.array,
-                           target_label="vessel", execution=ready.execution)
-        list(session.score(vol, [info_]))
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(json.dumps({"kind": kind, "growth_mb": (peak - base) / 1024, "peak_mb": peak / 1024}))
-
-
-def memory(args) -> None:
-    out = {}
-    for kind in ("explain", "evaluate"):
-        res = subprocess.run([sys.executable, __file__, "--memory-worker", kind, "--memory-size", str(args.memory_size)],
-                             capture_output=True, text=True, check=True)
-        out[kind] = json.loads(res.stdout.strip().splitlines()[-1])
-    ratio = out["evaluate"]["peak_mb"] / out["explain"]["peak_mb"]
-    print(f"RESULT peak RSS on a {args.memory_size}^3 phantom, sliding window 32: explain {out['explain']['peak_mb']:.0f} MB "
-          f"(+{out['explain']['growth_mb']:.0f}), evaluate {out['evaluate']['peak_mb']:.0f} MB "
-          f"(+{out['evaluate']['growth_mb']:.0f}); ratio {ratio:.2f} (target <= 1.3)")
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size", choices=("sample", "big"), default="sample")
@@ -383,14 +252,19 @@ def main() -> None:
                     help="experiment: a multiscale map layer against a full-resolution one in 3D")
     ap.add_argument("--cancel-delays", type=float, nargs="+", default=[2.0, 8.0],
                     help="seconds into an Explain run at which Cancel is clicked")
+    ap.add_argument("--patch", type=int, default=None, help="Cancel rows under a sliding window of this patch")
     ap.add_argument("--settle", type=float, default=3.0, help="seconds of event loop watched after each action")
     ap.add_argument("--memory", action="store_true", help="only the memory comparison")
     ap.add_argument("--memory-size", type=int, default=96, help="phantom edge for the memory comparison")
     ap.add_argument("--memory-worker", choices=("explain", "evaluate"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.memory_worker:
+        from meeting_flow_cancel import memory_worker
+
         memory_worker(args.memory_worker, args.memory_size)
     elif args.memory:
+        from meeting_flow_cancel import memory
+
         memory(args)
     else:
         gui(args)

@@ -114,6 +114,7 @@ def main() -> None:
     cw.refresh()
     cw.base_combo.setCurrentText(image.name)
     cw.compare()
+    wait(app, lambda: not cw.arranging)  # one layer insertion per event-loop turn
     dock.show_view("3d")
     shot(viewer, app, "plugin_06_compare_grid.png")
     shot(viewer, app, "plugin_07_compare_canvas.png", canvas_only=True)

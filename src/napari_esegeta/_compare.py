@@ -53,7 +53,13 @@ def _young_collection_only() -> Iterator[None]:
     *removed* layers on some Windows drivers): ≈ 0.5 s in a process holding torch and napari.
     Arranging the grid removes no layer, so the objects that existed before (``gc.freeze``) are
     left out of that one collection and put back afterwards (``gc.unfreeze``): nothing else changes.
+    ``gc.unfreeze`` thaws the whole permanent generation, so where something else in the process
+    froze objects first (a server's ``gc.freeze()`` before forking) the block freezes nothing and
+    leaves theirs frozen: the collection is then a full one, as without this block.
     """
+    if gc.get_freeze_count():
+        yield
+        return
     gc.freeze()
     try:
         yield
@@ -73,8 +79,70 @@ def _move_to(viewer: Any, layer: Any, position: int) -> None:
         viewer.layers.move(current, position)
 
 
+def begin_side_by_side(viewer: Any) -> GridState:
+    """What :func:`restore_layout` needs to undo the arrangement, recorded before any change."""
+    grid = _grid(viewer)
+    return GridState(order=list(viewer.layers), visible=[ly.visible for ly in viewer.layers],
+                     grid={"enabled": grid.enabled, "stride": grid.stride, "shape": grid.shape,
+                           "spacing": grid.spacing}, active=viewer.layers.selection.active)
+
+
+def add_base_copy(viewer: Any, base: Any, result: Any, state: GridState) -> Any:
+    """Add one hidden view of ``base`` for ``result`` (shown by :func:`finish_side_by_side`).
+
+    Hidden, so the canvas does not draw it over the current view before the grid exists.
+    """
+    copy = viewer.add_image(
+        base.data, name=f"{base.name} ▸ {result.name}", colormap=base.colormap.name,
+        contrast_limits=base.contrast_limits, gamma=base.gamma, rendering=base.rendering,
+        blending="translucent", interpolation2d=base.interpolation2d, visible=False,
+        metadata={COPY_KEY: True}, **copy_geometry(base))
+    state.copies.append(copy)
+    return copy
+
+
+def _arrange(viewer: Any, results: list[Any], state: GridState, spacing: float) -> None:
+    grid = _grid(viewer)
+    # a map removed between the steps leaves the grid (its hidden copy goes with the undo)
+    desired = [layer for pair in zip(state.copies, results) if all(ly in viewer.layers for ly in pair)
+               for layer in pair]
+    results = [r for r in results if r in desired]
+    for position, layer in enumerate(desired):
+        _move_to(viewer, layer, position)
+    for layer in viewer.layers:
+        _set_visible(layer, layer in desired)
+    # the map's name in each cell; no napari colour-bar overlays: napari 0.9 crashes (segmentation
+    # fault) once a layer whose colour bar was shown is removed, and maps are often removed
+    for result in results:
+        state.overlays.append((result, result.name_overlay.visible))
+        result.name_overlay.visible = True
+    grid.stride = 2
+    grid.shape = (-1, -1)
+    grid.spacing = spacing
+    grid.enabled = True
+
+
+def finish_side_by_side(viewer: Any, results: list[Any], state: GridState, spacing: float = 0.02) -> None:
+    """Order ``[copy, map, copy, map, ...]``, show only those, switch the grid on: one redraw."""
+    with _young_collection_only(), viewer.layers.batched_update():  # one scene-graph update and redraw
+        _arrange(viewer, results, state, spacing)
+    fit_names(viewer, results, state)
+    viewer.reset_view()
+
+
+def side_by_side_steps(viewer: Any, base: Any, results: list[Any], state: GridState,
+                       spacing: float = 0.02) -> list[Any]:
+    """The arrangement as steps, one napari layer insertion each, the grid last.
+
+    The Compare tab runs one step per turn of the event loop, so the GUI stalls for one layer
+    insertion at a time rather than for all of them and the grid's first paint together.
+    """
+    steps: list[Any] = [lambda result=result: add_base_copy(viewer, base, result, state) for result in results]
+    return [*steps, lambda: finish_side_by_side(viewer, results, state, spacing)]
+
+
 def arrange_side_by_side(viewer: Any, base: Any, results: list[Any], spacing: float = 0.02) -> GridState:
-    """Show each result over its own view of ``base`` in a grid with linked cameras.
+    """Show each result over its own view of ``base`` in a grid with linked cameras, in one go.
 
     Parameters
     ----------
@@ -92,34 +160,11 @@ def arrange_side_by_side(viewer: Any, base: Any, results: list[Any], spacing: fl
     GridState
         Pass it to :func:`restore_layout` to go back.
     """
-    grid = _grid(viewer)
-    state = GridState(order=list(viewer.layers), visible=[ly.visible for ly in viewer.layers],
-                      grid={"enabled": grid.enabled, "stride": grid.stride, "shape": grid.shape,
-                            "spacing": grid.spacing}, active=viewer.layers.selection.active)
-    # one scene-graph update and redraw at the end, not one per change
-    with _young_collection_only(), viewer.layers.batched_update():
-        desired: list[Any] = []
+    state = begin_side_by_side(viewer)
+    with _young_collection_only(), viewer.layers.batched_update():  # one scene-graph update and redraw
         for result in results:
-            copy = viewer.add_image(
-                base.data, name=f"{base.name} ▸ {result.name}", colormap=base.colormap.name,
-                contrast_limits=base.contrast_limits, gamma=base.gamma, rendering=base.rendering,
-                blending="translucent", interpolation2d=base.interpolation2d,
-                metadata={COPY_KEY: True}, **copy_geometry(base))
-            state.copies.append(copy)
-            desired += [copy, result]
-        for position, layer in enumerate(desired):
-            _move_to(viewer, layer, position)
-        for layer in viewer.layers:
-            _set_visible(layer, layer in desired)
-        # the map's name in each cell; no napari colour-bar overlays: napari 0.9 crashes (segmentation
-        # fault) once a layer whose colour bar was shown is removed, and maps are often removed
-        for result in results:
-            state.overlays.append((result, result.name_overlay.visible))
-            result.name_overlay.visible = True
-        grid.stride = 2
-        grid.shape = (-1, -1)
-        grid.spacing = spacing
-        grid.enabled = True
+            add_base_copy(viewer, base, result, state)
+        _arrange(viewer, results, state, spacing)
     fit_names(viewer, results, state)
     viewer.reset_view()
     return state

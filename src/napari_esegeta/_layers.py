@@ -133,6 +133,30 @@ def result_layer_data(
     return arr, kwargs, "image"
 
 
+def image_layers(data: Any, kwargs: dict[str, Any]) -> list[Any] | None:
+    """napari's layer model of a map, built where this is called (the run's worker thread).
+
+    The GUI thread then only inserts it (``viewer.layers.append``): the layer's construction
+    (data checks, transforms, thumbnail) is not part of its event-loop turn. A per-channel map
+    (``channel_axis``) gives ``None``: ``viewer.add_image`` splits it on the GUI thread.
+    """
+    if "channel_axis" in kwargs:
+        return None
+    from napari.layers import Image
+
+    return [Image(data, **kwargs)]
+
+
+def add_prepared(viewer: Any, data: Any, kwargs: dict[str, Any], layers: list[Any] | None = None) -> list[Any]:
+    """Insert prebuilt layers (:func:`image_layers`), or add the data as napari does; the layers added."""
+    if layers is None:
+        added = viewer.add_image(data, **kwargs)  # a list for per-channel volumes
+        return added if isinstance(added, list) else [added]
+    for layer in layers:
+        viewer.layers.append(layer)
+    return list(layers)
+
+
 def default_rendering(signed: bool) -> str:
     """3D rendering of a map: ``translucent`` shows both signs, ``mip`` the strongest positives."""
     return "translucent" if signed else "mip"

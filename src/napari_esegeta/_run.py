@@ -22,7 +22,7 @@ from esegeta_engine.explain import Explainer, JobFailed, MapReady
 from esegeta_engine.io import Volume
 from esegeta_engine.jobs.record import MapRecord
 from napari_esegeta._geometry import copy_geometry, layer_to_nifti_affine
-from napari_esegeta._layers import result_layer_data
+from napari_esegeta._layers import image_layers, result_layer_data
 from napari_esegeta._model import format_error
 from napari_esegeta._reader import header_from_metadata
 
@@ -77,6 +77,7 @@ class PreparedMap:
     event: MapReady
     data: Any
     kwargs: dict[str, Any]
+    layers: list[Any] | None = None  # napari's layer model, built in the worker (_layers.image_layers)
 
 
 COMPONENT_KINDS = ("argmax", "otsu")  # region targets the Explain tab can split into structures
@@ -302,7 +303,7 @@ def explain_layers(model: Any, volume: Volume, methods: Sequence[MethodConfig], 
             except Exception as exc:  # a bug in display preparation: the run's other maps still come
                 yield RunError(f"{ev.job.label}: the map could not be shown — {format_error(exc)}")
                 continue
-            yield PreparedMap(ev, data, layer_kwargs)
+            yield PreparedMap(ev, data, layer_kwargs, image_layers(data, layer_kwargs))
         else:
             yield ev
 

@@ -204,7 +204,7 @@ def test_fold_layer_methods_through_the_engine(folder, tmp_path):
         "model": {"nnunet": str(folder), "folds": [0, 1]}, "volumes": [str(path)], "target": {"classes": [1]},
         "methods": [{"name": "layer_gradcam", "layers": [LAYER]},
                     {"name": "layer_gradient_x_activation", "layers": [LAYER]},
-                    {"name": "layer_deeplift", "layers": [LAYER]}],
+                    {"name": "layer_conductance", "layers": [LAYER]}],
         "output": {"dir": str(tmp_path / "out")}}, base=tmp_path)
     result = run(cfg)
     manifest = json.loads(result.manifest_path.read_text())
@@ -219,7 +219,7 @@ def test_fold_layer_methods_through_the_engine(folder, tmp_path):
         ran = ex["forward_network_calls"] + ex["reused_network_calls"]
         assert rec["expected_network_evaluations"] == ran == ex["network_calls_per_input"]
         assert ex["backward_network_calls"] == ex["network_calls_per_input"]  # every member's copy, once
-    refused = next(r for r in manifest["results"] if r["method"] == "layer_deeplift")
+    refused = next(r for r in manifest["results"] if r["method"] == "layer_conductance")
     assert refused["status"] != "ok"
     assert "inside nnU-Net's fold networks is not built" in json.dumps(refused)
 
@@ -277,7 +277,7 @@ def test_bundle_layer_methods_through_the_engine(bundle, tmp_path):
         "model": {"bundle": str(root)}, "volumes": [str(scan)], "target": {"classes": [1]},
         "methods": [{"name": "layer_gradcam", "layers": ["network.down_1"]},
                     {"name": "layer_gradient_x_activation", "layers": ["network.down_1"]},
-                    {"name": "layer_deeplift", "layers": ["network.down_1"]}],
+                    {"name": "layer_conductance", "layers": ["network.down_1"]}],
         "output": {"dir": str(tmp_path / "out")}}, base=tmp_path)
     result = run(cfg, trust_bundle=True)
     manifest = json.loads(result.manifest_path.read_text())
@@ -290,5 +290,5 @@ def test_bundle_layer_methods_through_the_engine(bundle, tmp_path):
         ex = rec["execution"]
         assert rec["expected_network_evaluations"] == ex["forward_network_calls"] == ex["patches_per_evaluation"]
         assert ex["backward_network_calls"] == ex["patches_per_evaluation"]
-    refused = next(r for r in manifest["results"] if r["method"] == "layer_deeplift")
+    refused = next(r for r in manifest["results"] if r["method"] == "layer_conductance")
     assert refused["status"] != "ok" and "inside the bundle's network" in json.dumps(refused)

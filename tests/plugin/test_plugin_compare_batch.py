@@ -50,3 +50,62 @@ def test_side_by_side_and_back_are_one_batch_each(qtbot, docked) -> None:
     assert viewer.layers.selection.active is maps[1]  # the selection from before (a copy had taken it)
     assert {ly.name: ly.visible for ly in viewer.layers} == was_visible
     assert sorted(shown) == sorted([maps[0].name, image.name])
+
+
+def test_young_collection_leaves_an_earlier_freeze_alone() -> None:
+    """Objects frozen before the block (someone else's ``gc.freeze()``) stay frozen after it: the block
+    freezes nothing then, as ``gc.unfreeze`` would thaw theirs too. Alone, it freezes and thaws its own."""
+    import gc
+
+    from napari_esegeta._compare import _young_collection_only
+
+    assert gc.get_freeze_count() == 0
+    with _young_collection_only():
+        inside = gc.get_freeze_count()
+    assert inside > 0 and gc.get_freeze_count() == 0
+    gc.freeze()  # the process's own freeze, made before the block
+    try:
+        theirs = gc.get_freeze_count()
+        with _young_collection_only():
+            assert gc.get_freeze_count() == theirs
+        assert gc.get_freeze_count() == theirs
+    finally:
+        gc.unfreeze()
+
+
+@pytest.mark.gui
+def test_side_by_side_runs_one_layer_insertion_per_event_loop_turn(qtbot, docked, monkeypatch) -> None:
+    """The click adds one hidden base view; each later turn (a zero timer) one more; the grid comes on the turn
+    after the last, the cells are fitted on the next: 2 maps -> 4 turns. Turns are driven by hand here."""
+    import napari_esegeta._qt.compare_widget as CW
+
+    viewer, image, w = docked
+    ex, cw = w["explain"], w["compare"]
+    for i in range(2):
+        ex._on_event(_prepared(image, i))
+        qtbot.wait(50)
+    cw.refresh()
+    cw.set_checked(list(ex.added))
+    scheduled: list = []
+    monkeypatch.setattr(CW.QTimer, "singleShot", lambda ms, f: scheduled.append(f))
+    inserted: list[str] = []
+    viewer.layers.events.inserted.connect(lambda ev: inserted.append(ev.value.name))
+    grid = viewer.canvas.grid
+    assert cw.compare() and cw.arranging
+    per_turn = [(len(inserted), grid.enabled)]
+    while scheduled:
+        scheduled.pop(0)()
+        per_turn.append((len(inserted), grid.enabled))
+    assert per_turn == [(1, False), (2, False), (2, True), (2, True)] and not cw.arranging
+    assert all(viewer.layers[n].visible for n in inserted)  # the copies, hidden until the grid's turn
+    assert list(viewer.layers)[:4] == [viewer.layers[inserted[0]], viewer.layers[ex.added[0]],
+                                       viewer.layers[inserted[1]], viewer.layers[ex.added[1]]]
+    # Cancel between turns: the steps left are dropped, the layout is as before
+    names = [ly.name for ly in viewer.layers]
+    cw.uncompare()
+    before = [ly.name for ly in viewer.layers]
+    assert cw.compare() and len(scheduled) == 1
+    cw.uncompare()
+    assert not cw.arranging and [ly.name for ly in viewer.layers] == before and not grid.enabled
+    scheduled.pop(0)()  # the turn that was pending: nothing left to do
+    assert [ly.name for ly in viewer.layers] == before and len(names) == len(before) + 2

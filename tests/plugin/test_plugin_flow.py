@@ -243,6 +243,7 @@ def test_compare_grid_save_and_rendering(qtbot, docked, bundled_model, tmp_path,
     visible_before = [ly.visible for ly in viewer.layers]
     assert sum(r.visible for r in results) == 1  # only the newest map after a run
     assert cw.compare()
+    wait_until(qtbot, lambda: not cw.arranging, 30)  # one layer insertion per event-loop turn
     grid = viewer.canvas.grid
     assert grid.enabled and grid.stride == 2
     bottom = list(viewer.layers)[: 2 * len(results)]
@@ -295,6 +296,7 @@ def test_npe2_docked_widgets_share_the_model(qtbot, make_napari_viewer, bundled_
     run_and_wait(qtbot, ex)
     assert ex.status.property("status_kind") in ("ok", "warning"), ex.status.text()
     assert len(cw.result_layers()) == 1 and cw.compare()
+    wait_until(qtbot, lambda: not cw.arranging, 30)
     assert viewer.canvas.grid.enabled
     cw.uncompare()
 

@@ -60,6 +60,35 @@ def test_explain_builds_map_layers_off_the_gui_thread(qtbot, docked, threads_of)
 
 
 @pytest.mark.gui
+def test_explain_builds_napari_layer_models_in_the_worker(qtbot, docked, monkeypatch) -> None:
+    """napari's ``Image`` of each map is constructed in the worker; the GUI thread only inserts that object."""
+    from napari.layers import Image
+
+    viewer, image, w = docked
+    built: list[tuple[object, bool]] = []
+    init = Image.__init__
+
+    def spy(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        built.append((self, threading.current_thread() is threading.main_thread()))
+
+    monkeypatch.setattr(Image, "__init__", spy)
+    session = w["model"].session
+    session.set_model(TinyNet().eval(), "tiny", session.preprocess, None)
+    ex = w["explain"]
+    ex.kind_combo.setCurrentText("argmax")
+    for name in ("saliency", "input_x_gradient"):
+        ex.methods.check(name)
+    assert ex.run() is not None
+    wait_until(qtbot, lambda: not ex.running, 120)
+    assert len(ex.added) == 2, ex.status.text()
+    maps = [viewer.layers[name] for name in ex.added]
+    # exactly the two maps' layers were constructed, both in the worker, and those objects are in the viewer
+    assert len(built) == 2 and not any(on_main for _, on_main in built)
+    assert all(any(layer is obj for obj, _ in built) for layer in maps)
+
+
+@pytest.mark.gui
 def test_evaluate_builds_stage_layers_off_the_gui_thread(qtbot, docked, threads_of) -> None:
     viewer, image, w = docked
     session = w["model"].session

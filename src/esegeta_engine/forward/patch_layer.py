@@ -128,16 +128,33 @@ class LayerCanvas:
             for sl in self.slices:
                 self.count[(slice(None), slice(None), *sl)] += self.weight
 
-    def add(self, chunk: list[tuple[int, int]], maps: torch.Tensor) -> None:
-        """Place the maps ``(B, C', *layer grid)`` of one patch batch's ``(example, patch)`` items."""
+    def add(self, chunk: list[tuple[int, int]], maps: torch.Tensor, move: tuple[int, ...] | None = None) -> None:
+        """Place the maps ``(B, C', *layer grid)`` of one patch batch's ``(example, patch)`` items.
+
+        ``move``: input voxels per axis the maps' content lies further along than where they are
+        placed (a mirrored copy flipped back, :mod:`esegeta_engine.models.member_grid`). ``blend``
+        moves it inside the patch (its cells take the patch's blend weights at their true place; the
+        vacated edge takes the nearest value, as the interpolation does at a patch's edge); ``sum``
+        places it moved on the canvas (what leaves the canvas is cut).
+        """
         if self.canvas is None:
             self._setup(maps)
         assert self.canvas is not None
         if tuple(maps.shape[2:]) != self.size:
             maps = F.interpolate(maps, size=self.size, mode=_mode(self.size), align_corners=False)
+        move = move if move is not None and any(move) else None
+        if move is not None and self.layer_grid:
+            raise ValueError("a moved copy is placed on the input grid, not on the layer grid")
         for (b, p), m in zip(chunk, maps):
-            place = (b, slice(None), *self.slices[p])
-            self.canvas[place] += m * self.weight[0] if self.combine == "blend" else m
+            if self.combine == "blend":
+                m = moved(m, move) if move is not None else m
+                self.canvas[(b, slice(None), *self.slices[p])] += m * self.weight[0]
+                continue
+            sl = self.slices[p] if move is None else _moved_slices(self.slices[p], move, self.canvas.shape[2:])
+            src = tuple(slice(None) for _ in sl) if move is None else tuple(
+                slice(s.start - (o.start + v), s.stop - (o.start + v))
+                for s, o, v in zip(sl, self.slices[p], move))
+            self.canvas[(b, slice(None), *sl)] += m[(slice(None), *src)]
 
     def result(self, device: torch.device) -> torch.Tensor:
         """The combined map, cropped to the input (or its layer grid); zeros if nothing was placed."""
@@ -150,6 +167,21 @@ class LayerCanvas:
         sl = tuple(slice(self.to_layer(o, a), self.to_layer(o + s, a))
                    for a, (o, s) in enumerate(zip(g.offset, g.spatial)))
         return canvas[(slice(None), slice(None), *sl)]
+
+
+def moved(m: torch.Tensor, voxels: tuple[int, ...]) -> torch.Tensor:
+    """``m`` ``(C, *spatial)`` with its content moved by ``voxels`` per axis; vacated voxels take the edge value."""
+    for a, v in enumerate(voxels):
+        if v:
+            n = m.shape[a + 1]
+            idx = (torch.arange(n, device=m.device) - v).clamp(0, n - 1)
+            m = m.index_select(a + 1, idx)
+    return m
+
+
+def _moved_slices(sl: tuple[slice, ...], move: tuple[int, ...], size: tuple[int, ...]) -> tuple[slice, ...]:
+    """A patch's slices moved by ``move``, cut to a canvas of ``size``."""
+    return tuple(slice(max(s.start + v, 0), min(s.stop + v, n)) for s, v, n in zip(sl, move, size))
 
 
 def _mode(size: tuple[int, ...]) -> str:

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from captum.attr import NoiseTunnel
 
 from esegeta_engine.errors import MethodError
+from esegeta_engine.methods.notes import add_note, notes_of
 from esegeta_engine.methods.registry import Call, MethodContext, MethodSpec
 
 NOISE_TUNNEL_TYPES = ("smoothgrad", "smoothgrad_sq", "vargrad")
@@ -36,6 +37,10 @@ def check_applicable(spec: MethodSpec, ctx: MethodContext) -> None:
             "give one with `layers: [name]`; `esegeta layers MODEL` lists the module names",
         )
     pipe = getattr(getattr(ctx.score_model, "net", None), "model", None)  # a deployed pipeline (nnU-Net, bundle)
+    whole = getattr(pipe, "method_refusal", None)  # a method the pipeline cannot run at all, before any evaluation
+    why = whole(spec.name) if callable(whole) else None
+    if why is not None:
+        raise MethodError(*why)
     refusal = getattr(pipe, "layer_method_refusal", None)
     why = refusal(spec.name, ctx.layer_name or "") if spec.needs_layer and callable(refusal) else None
     if why is not None:
@@ -127,6 +132,9 @@ def attribute(
         )
     if call.passes_target:
         kwargs["target"] = ctx.target
+    pipe_notes = getattr(getattr(getattr(ctx.score_model, "net", None), "model", None), "layer_notes", None)
+    if isinstance(pipe_notes, list):  # a deployed pipeline's notes on its layer copies (mirror moves): this run's
+        pipe_notes.clear()
     tap = ScoreTap(ctx.inputs, ctx.extra["baselines"]) if spec.axiom and not noise_tunnel else None
     handle = ctx.score_model.register_forward_hook(tap) if tap is not None else None
     try:
@@ -138,6 +146,9 @@ def attribute(
             handle.remove()
     if tap is not None:
         ctx.extra["tapped_scores"] = tap.found
+    pipe_notes = getattr(getattr(getattr(ctx.score_model, "net", None), "model", None), "layer_notes", None)
+    for note in pipe_notes if isinstance(pipe_notes, list) else []:
+        add_note(notes_of(ctx), note)
     if isinstance(result, (tuple, list)):
         result = result[0]
     result = result.detach()

@@ -66,7 +66,7 @@ def build_pipeline(folder: Path, config_path: Path, cfg: Any, trust: Trust) -> L
     }
     return LoadedModel(module.eval(), "bundle", description, meta["classes"],
                        preprocess={"spatial_dims": spatial_dims, "in_channels": n_in, "normalisation": "none",
-                                   "axis_order": "xyz", "orientation": None},
+                                   "axis_order": "xyz"[:spatial_dims], "orientation": None},
                        grid="scan", execution={"mode": "whole", "divisible_by": 1},
                        outputs="probabilities" if steps.activation else "logits",
                        input_note=f"the bundle's network takes {n_in} input channel(s)")

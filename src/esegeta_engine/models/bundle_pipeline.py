@@ -18,7 +18,7 @@ Gradients pass through every step, so every method explains the bundle's class s
 the scan's grid. The layer ``network_input`` is the preprocessed tensor on the network's
 grid: layer maps there are brought back with the same inversion as the probabilities. A layer
 inside the network runs once per patch: layer methods combine its copies on the network grid
-and bring the map back the same way (:mod:`.member_layer`).
+and bring the map back the same way (:mod:`.member_bundle`).
 """
 
 from __future__ import annotations
@@ -34,7 +34,8 @@ from torch import nn
 from esegeta_engine.errors import ModelLoadError
 from esegeta_engine.forward.sliding import SlidingWindow, WindowSettings
 from esegeta_engine.models.bundle_steps import BundleSteps
-from esegeta_engine.models.member_layer import bundle_layer_map, find_in, method_refusal
+from esegeta_engine.models.member_bundle import bundle_layer_forward, bundle_layer_map
+from esegeta_engine.models.member_layer import NNUNET_MEMBER_METHODS, find_in, method_refusal, two_pass_refusal
 
 NETWORK_INPUT = "network_input"
 
@@ -111,18 +112,32 @@ class BundlePipeline(nn.Module):
         """True for a layer inside the network under a sliding window: it runs once per patch."""
         return self.window is not None and find_in([self.network], layer) is not None
 
+    def method_refusal(self, method: str) -> tuple[str, str] | None:
+        """Why a method cannot run through the pipeline at all (DeepLIFT's family under a sliding window)."""
+        if self.window is None:  # SimpleInferer: one graph of the whole pipeline, the input and baseline as a batch
+            return None
+        return two_pass_refusal(method, f"the bundle's {self.inferer['inferer']}",
+                                "but the sliding window's backward recomputes each patch with the rules already "
+                                "applying, so no patch has a reference pass of its own")
+
     def layer_method_refusal(self, method: str, layer: str) -> tuple[str, str] | None:
         """Why a layer method does not run on a layer inside the windowed network (None: it runs)."""
         if self.window is None or not (layer == "network" or layer.startswith("network.")):
             return None
-        return method_refusal(method, layer, f"the bundle's network ({self.inferer['inferer']})")
+        return method_refusal(method, layer, f"the bundle's network ({self.inferer['inferer']})",
+                              NNUNET_MEMBER_METHODS)
 
     def member_layer_map(self, score_model: nn.Module, layer: nn.Module, inputs: torch.Tensor, target: int,
                          layer_input: bool, per_copy: Any, combine: str, method: str,
-                         name: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """A layer method over every patch copy of ``layer``, on the scan's grid (:mod:`.member_layer`)."""
+                         name: str, scale: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """A layer method over every patch copy of ``layer``, on the scan's grid (:mod:`.member_bundle`)."""
         return bundle_layer_map(self, score_model, layer, inputs, target, layer_input, per_copy, combine, method,
-                                name)
+                                name, scale)
+
+    def member_layer_forward(self, score_model: nn.Module, layer: nn.Module, inputs: torch.Tensor,
+                             layer_input: bool, per_copy: Any, combine: str, method: str, name: str) -> torch.Tensor:
+        """An activation-only layer map over every patch copy of ``layer`` (:mod:`.member_bundle`)."""
+        return bundle_layer_forward(self, score_model, layer, inputs, layer_input, per_copy, combine, method, name)
 
     def layer_map_to_input(self, name: str | None, result: torch.Tensor) -> torch.Tensor | None:
         """A map on the network's grid -> the scan's grid: layer ``network_input``, or a layer inside the

@@ -15,7 +15,9 @@ back-propagates that member's share of the upstream gradient, so each member's c
 the layer has its activation ``A_k`` and ``G_k = dF/dA_k``. A mirrored copy's ``A`` and
 ``G`` are flipped back on the layer grid (the same axes as the output), each copy's layer
 map ``m_k`` is taken with the method's per-copy rule (:mod:`esegeta_engine.methods.patch_layer_methods`)
-and placed on the preprocessed (network) grid with :class:`~esegeta_engine.forward.patch_layer.LayerCanvas`:
+and placed on the preprocessed (network) grid with :class:`~esegeta_engine.forward.patch_layer.LayerCanvas`,
+a mirrored copy's moved onto the unmirrored copy's cells (a strided layer samples a flipped patch
+``S - 1`` voxels further along: :mod:`.member_grid`; an inexact move is named in the map's notes):
 
 ``sum`` (additive attributions: layer gradient x activation)
     ``M(u) = sum_k up(m_k)(u)``; ``sum_k sum m_k`` is exactly the method's total over the
@@ -45,6 +47,7 @@ from torch import nn
 
 from esegeta_engine.errors import MethodError
 from esegeta_engine.forward.patch_layer import LayerCanvas, LayerCopy
+from esegeta_engine.models.member_grid import MirrorMove, Unknown, layer_places, mirror_move
 
 PerCopy = Callable[[torch.Tensor, torch.Tensor, list[tuple[int, int]]], torch.Tensor]
 
@@ -80,11 +83,32 @@ def method_refusal(method: str, layer: str, where: str,
     """Why ``method`` does not run on ``layer`` inside a pipeline's network (None: it runs)."""
     if method in built:
         return None
-    why = _WHY.get(method) if built is not MEMBER_METHODS else None
+    why = _WHY.get(method) if "nnU-Net" in where else None
     why = why or ("it edits or re-reads the layer outside the pipeline's patch-wise backward (path points move the "
                   "pipeline's preprocessing, references and stitched layers need a layer pass of their own)")
     return (f"method '{method}' on layer {layer!r} inside {where} is not built: {why}",
             f"use {', '.join(built)} on this layer, or any method on the layer 'network_input'")
+
+
+TWO_PASS = ("deeplift", "deeplift_shap", "layer_deeplift", "layer_deeplift_shap")
+"""Methods whose rules need a reference pass of the baseline beside the input's (DeepLIFT's rescale rules)."""
+
+
+def two_pass_refusal(method: str, where: str, why: str) -> tuple[str, str] | None:
+    """Why a DeepLIFT-family method cannot run through a deployed pipeline (None: not such a method)."""
+    if method not in TWO_PASS:
+        return None
+    return (f"method '{method}' cannot run through {where}: DeepLIFT's rules compare each nonlinearity's input "
+            f"with its value in a reference pass of the baseline, {why}",
+            "use integrated_gradients (a path from the baseline through the whole pipeline; its completeness is "
+            "reported against the pipeline's own F(x) - F(baseline)) or saliency / input_x_gradient; for "
+            "DeepLIFT's rules explain one network on its own input (model: state dict + class)")
+
+
+NNUNET_TWO_PASS = ("but the patch-wise backward recomputes every fold x mirrored copy x patch with the rules "
+                   "already applying, so no member has a reference pass of its own; and a non-zero baseline "
+                   "moves nnU-Net's crop box, normalisation and resampling, so the baseline's patches are not "
+                   "the input's")
 
 
 def find_in(networks: list[nn.Module], layer: nn.Module) -> str | None:
@@ -185,6 +209,8 @@ class NnUNetLayerTap:
                  method: str, name: str) -> None:
         ens = pipe.ensemble
         self.modules = fold_copies(pipe, layer, method, name)
+        self.networks, self.pipe = list(ens.networks), pipe
+        self.moves: dict[tuple, MirrorMove] = {}
         self.examples = {id(info["plan"]): i for i, info in enumerate(pipe._last)}
         self.copy, self.per_copy, self.combine = _Copy(layer_input), per_copy, combine
         self.method, self.name = method, name
@@ -219,7 +245,32 @@ class NnUNetLayerTap:
         self.totals[self.b] += float(m.double().sum())
         for _ in range(self.grid.lead):
             m = m.unsqueeze(2)
-        self.canvases[self.b].add([(0, patch)], m)
+        move = None
+        if axes:  # the flipped-back copy's cells sit elsewhere on the patch than the unmirrored copy's
+            d = self.mirror_move(tuple(a.shape[2:])).voxels
+            move = (0,) * self.grid.lead + tuple(v if k + 2 in axes else 0 for k, v in enumerate(d))
+        self.canvases[self.b].add([(0, patch)], m, move)
+
+    def mirror_move(self, cells: tuple[int, ...]) -> MirrorMove:
+        """The layer's mirror move on this plan's patch (:mod:`.member_grid`), derived once; an inexact
+        one is named in the pipeline's ``layer_notes``."""
+        patch = self.grid.roi[self.grid.lead:]
+        key = (patch, cells)
+        if key not in self.moves:
+            try:
+                places = layer_places(self.networks[0], self.modules[0], self.copy.layer_input, len(cells))
+            except Unknown as why:
+                places, reason = set(), str(why)
+            else:
+                reason = ""
+            move = mirror_move(places, patch, cells, self.name, reason)
+            self.moves[key] = move
+            if move.inexact:
+                note = f"{self.method}: {move.inexact}"
+                notes = self.pipe.__dict__.setdefault("layer_notes", [])
+                if note not in notes:
+                    notes.append(note)
+        return self.moves[key]
 
     def result(self, b: int) -> torch.Tensor | None:
         """Example ``b``'s map on the preprocessed grid ``(C', *grid)`` (None: no member was recomputed)."""
@@ -272,62 +323,3 @@ def scan_maps(pipe: Any, tap: NnUNetLayerTap, inputs: torch.Tensor) -> torch.Ten
             m = torch.zeros((1, *info["plan"].shape))
         maps.append(pipe._to_scan(m, info, logits=False))
     return torch.stack(maps).to(inputs.device)
-
-
-def bundle_layer_map(pipe: Any, score_model: nn.Module, layer: nn.Module, inputs: torch.Tensor, target: int,
-                     layer_input: bool, per_copy: PerCopy, combine: str, method: str,
-                     name: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """A layer method over every patch copy of a bundle's network under its sliding window, on the scan's grid.
-
-    The copies combine on the network grid (:class:`LayerCanvas`, as under the engine's own sliding
-    window); the map goes back through the bundle's inversion. Returns the map ``(N, C', *scan)``
-    and, per example, the sum of every copy's layer map.
-    """
-    if combine not in ("sum", "blend"):
-        raise MethodError(f"method '{method}' is not built on layers inside a bundle's network",
-                          f"use {', '.join(MEMBER_METHODS)}")
-    sw = pipe.window
-    copy = _Copy(layer_input)
-    n = inputs.shape[0]
-    totals = torch.zeros(n, dtype=torch.float64)
-    canvas: list[LayerCanvas] = []
-
-    def keep(a: Any) -> None:
-        if sw.recomputing:
-            copy.keep(a)
-
-    def on_chunk(chunk: list[tuple[int, int]], grid: Any) -> None:
-        a, g = copy.take(method, name)
-        if a.dim() != len(grid.roi) + 2:
-            raise MethodError(f"method '{method}' needs a layer with a spatial grid, but layer '{name}' gives "
-                              f"{tuple(a.shape)} per patch batch",
-                              "choose a convolutional layer (or its activation) of the encoder or decoder")
-        maps = per_copy(a, g, chunk).float()
-        for (b, _), m in zip(chunk, maps):
-            totals[b] += float(m.double().sum())
-        if not canvas:
-            canvas.append(LayerCanvas(grid, n, combine))
-        elif canvas[0].grid is not grid:
-            raise MethodError(f"{method}: the scans explained together have different network grids",
-                              "explain one scan at a time")
-        canvas[0].add(chunk, maps)
-
-    handles = ([layer.register_forward_pre_hook(lambda m, args: keep(args[0] if args else None))] if layer_input
-               else [layer.register_forward_hook(lambda m, args, out: keep(out))])
-    sw.on_backward_chunk = on_chunk
-    try:
-        x = inputs.detach().requires_grad_(True)
-        with torch.enable_grad():
-            scores = score_model(x)[:, target]
-            torch.autograd.grad(scores.sum(), x)
-    finally:
-        sw.on_backward_chunk = None
-        for h in handles:
-            h.remove()
-    maps = []
-    for b in range(n):
-        item = pipe._last[min(b, len(pipe._last) - 1)]
-        m = (canvas[0].result(torch.device("cpu"))[b] if canvas
-             else torch.zeros((1, *item[pipe.steps.key].shape[1:])))
-        maps.append(pipe.steps.invert_map(m, item))
-    return torch.stack(maps).to(inputs.device), totals

@@ -1,5 +1,5 @@
-"""Layer methods inside nnU-Net's fold networks that move or only read the layer: activation, layer IG,
-internal influence.
+"""Layer methods inside nnU-Net's fold networks (and a bundle's windowed network, :mod:`.member_bundle`)
+that move or only read the layer: activation, layer IG, internal influence.
 
 The input stays fixed (nnU-Net's crop box, normalisation and resampling are recomputed from it), so
 a path runs in **layer space**: every member's copy ``A_k`` of the layer (fold x mirrored copy x
@@ -44,10 +44,11 @@ PATH_METHODS = ("layer_integrated_gradients", "internal_influence")
 
 
 def member_pipeline(ctx: Any) -> Any | None:
-    """The nnU-Net pipeline whose fold networks hold ``ctx.layer`` (None: not such a layer)."""
+    """The deployed pipeline (nnU-Net's folds, a bundle's sliding window) that runs ``ctx.layer`` once per
+    member (None: not such a layer)."""
     pipe = getattr(getattr(ctx.score_model, "net", None), "model", None)
     inside = getattr(pipe, "runs_layer_per_member", None)
-    if ctx.layer is None or not callable(inside) or not hasattr(pipe, "ensemble") or not inside(ctx.layer):
+    if ctx.layer is None or not callable(inside) or not inside(ctx.layer):
         return None
     return pipe
 
@@ -85,16 +86,17 @@ def nnunet_layer_forward(pipe: Any, score_model: nn.Module, layer: nn.Module, in
 
 
 class MemberLayerPath:
-    """Layer IG (or internal influence) on a layer-space path inside nnU-Net's folds (module docstring)."""
+    """Layer IG (or internal influence) on a layer-space path inside a pipeline's network (module docstring):
+    nnU-Net's folds (every fold x mirrored copy x patch) or a bundle's sliding window (every patch)."""
 
     def __init__(self, ctx: Any, params: Mapping[str, Any], pipe: Any, influence: bool = False) -> None:
         self.ctx, self.p, self.pipe, self.influence = ctx, params, pipe, influence
         self.name = "internal_influence" if influence else "layer_integrated_gradients"
         if params.get("baseline", "zero") != "zero":
             raise MethodError(
-                f"{self.name} on layer {ctx.layer_name!r} inside nnU-Net's fold networks integrates from the zero "
-                f"activation of every copy of the layer (the input fixed), not from an input baseline "
-                f"({params['baseline']!r}: it would move nnU-Net's crop box and normalisation)",
+                f"{self.name} on layer {ctx.layer_name!r} inside a deployed pipeline's network integrates from the "
+                f"zero activation of every copy of the layer (the input fixed), not from an input baseline "
+                f"({params['baseline']!r}: it would move the pipeline's preprocessing, e.g. nnU-Net's crop box)",
                 "leave baseline at zero, or explain the layer 'network_input' with an input baseline")
 
     def attribute(self, inputs: torch.Tensor, target: int = 0, **_: Any) -> torch.Tensor:

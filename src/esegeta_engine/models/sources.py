@@ -78,8 +78,12 @@ class LoadedModel:
         if not self.preprocess and not self.execution:
             return cfg
         cfg = cfg.model_copy(deep=True)
-        for key, value in self.preprocess.items():
-            setattr(cfg.preprocess, key, value)
+        pre = dict(self.preprocess)
+        n, order = pre.get("spatial_dims"), cfg.preprocess.axis_order
+        if n is not None and "axis_order" not in pre and len(order) != n and order == "xyz"[:len(order)]:
+            pre["axis_order"] = "xyz"[:n]  # the default order follows the source's dimension (a 2D bundle)
+        if pre:  # validated together: spatial_dims and axis_order must agree
+            cfg.preprocess = type(cfg.preprocess).model_validate({**cfg.preprocess.model_dump(), **pre})
         for key, value in self.execution.items():
             setattr(cfg.execution, key, value)
         return cfg

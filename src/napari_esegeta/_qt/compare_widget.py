@@ -46,6 +46,7 @@ class CompareWidget(QWidget):
         super().__init__()
         self.viewer = napari_viewer
         self.state: C.GridState | None = None
+        self._steps: list[Any] = []  # *Side by side* steps left for later event-loop turns
         self.rendering = "translucent"
         self.base_combo = LayerCombo(napari_viewer, ("Image",), predicate=is_input_layer)
         self.view_combo = QComboBox()
@@ -202,10 +203,11 @@ class CompareWidget(QWidget):
             return False
         if self.state is not None:
             C.restore_layout(self.viewer, self.state)
-        self.state = C.arrange_side_by_side(self.viewer, base, results)
-        # fit the cells once the grid viewboxes have their size: on a later turn of the event loop,
-        # after the grid's first paint, rather than painting here (that stalled the GUI 1-2 s more)
-        QTimer.singleShot(0, self._fit_view)
+        self.state = C.begin_side_by_side(self.viewer)
+        # one napari layer insertion per turn of the event loop, then the grid, then (after the grid's
+        # first paint, when the viewboxes have their size) the cells fitted: no stall of them all together
+        self._steps = [*C.side_by_side_steps(self.viewer, base, results, self.state), self._fit_view]
+        self._next_step()
         self.compare_btn.blockSignals(True)
         self.compare_btn.setChecked(True)
         self.compare_btn.blockSignals(False)
@@ -213,12 +215,24 @@ class CompareWidget(QWidget):
                    "cameras linked. Colour scales:\n" + "\n".join(C.limits_text(r) for r in results), "ok")
         return True
 
+    @property
+    def arranging(self) -> bool:
+        """True while *Side by side* still has steps to run on later event-loop turns."""
+        return bool(self._steps)
+
+    def _next_step(self) -> None:
+        if self._steps:
+            self._steps.pop(0)()
+        if self._steps:
+            QTimer.singleShot(0, self._next_step)
+
     def _fit_view(self) -> None:
         if self.state is not None:
             self.viewer.reset_view()
 
     def uncompare(self) -> None:
-        """Go back to the layout before :meth:`compare`."""
+        """Go back to the layout before :meth:`compare` (steps not yet run are dropped)."""
+        self._steps = []
         if self.state is not None:
             C.restore_layout(self.viewer, self.state)
             self.state = None

@@ -37,7 +37,7 @@ from qtpy.QtWidgets import (
 from esegeta_engine.explain import JobFailed, Progress
 from napari_esegeta import _cost
 from napari_esegeta import _run as R
-from napari_esegeta._layers import is_input_layer, show_only
+from napari_esegeta._layers import add_prepared, is_input_layer, show_only
 from napari_esegeta._model import default_layer, format_error
 from napari_esegeta._qt._common import (
     CancellableRun,
@@ -318,9 +318,8 @@ class ExplainWidget(VoxelPicking, CancellableRun, QWidget):
     def _on_event(self, ev: Any) -> None:
         if isinstance(ev, Progress):
             self._progress(ev)
-        elif isinstance(ev, R.PreparedMap):  # only napari's own layer creation happens here
-            added = self.viewer.add_image(ev.data, **ev.kwargs)  # a list for per-channel volumes
-            layers = added if isinstance(added, list) else [added]
+        elif isinstance(ev, R.PreparedMap):  # only the insertion of the layer built in the worker happens here
+            layers = add_prepared(self.viewer, ev.data, ev.kwargs, ev.layers)
             self.added.extend(ly.name for ly in layers)
             # the other maps are hidden on the next event-loop turn (napari redraws for each): a gap of its own
             QTimer.singleShot(0, lambda new=layers[-1]: new in self.viewer.layers and show_only(self.viewer, new))

@@ -36,7 +36,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from esegeta_engine.errors import ModelLoadError
-from esegeta_engine.models.member_layer import NNUNET_MEMBER_METHODS, find_in, method_refusal, nnunet_layer_map
+from esegeta_engine.models.member_layer import (NNUNET_MEMBER_METHODS, NNUNET_TWO_PASS, find_in, method_refusal,
+                                                nnunet_layer_map, two_pass_refusal)
 from esegeta_engine.models.nnunet.resample import Resampling, resampler
 from esegeta_engine.models.nnunet.window import Ensemble, EnsembleFunction, WindowPlan
 
@@ -171,6 +172,16 @@ class NnUNetPipeline(nn.Module):
             m.ensemble.before_call = self.ensemble.before_call
         return out
 
+    def checkpoint_segments(self) -> list[nn.Module]:
+        """The fold networks' stages and large blocks, checkpointed for plain-gradient methods.
+
+        Only the backward's patch recomputation builds a graph (:mod:`.window`): there each block keeps
+        its input only (:mod:`esegeta_engine.forward.checkpointing`), so one patch's graph is small.
+        """
+        from esegeta_engine.forward.checkpointing import unet_segments
+
+        return [m for net in self.ensemble.networks for m in unet_segments(net)]
+
     def layer_refusal(self, name: str) -> tuple[str, str] | None:
         """``folds`` is a list the pipeline never calls as one module: refused (its fold networks are not)."""
         if name == "folds":
@@ -182,6 +193,10 @@ class NnUNetPipeline(nn.Module):
     def runs_layer_per_member(self, layer: nn.Module) -> bool:
         """True for a layer inside the fold networks: it runs once per fold, mirrored copy and patch."""
         return find_in(list(self.ensemble.networks), layer) is not None
+
+    def method_refusal(self, method: str) -> tuple[str, str] | None:
+        """Why a method cannot run through the pipeline at all (DeepLIFT's family; None: it runs)."""
+        return two_pass_refusal(method, "nnU-Net's pipeline", NNUNET_TWO_PASS)
 
     def layer_method_refusal(self, method: str, layer: str) -> tuple[str, str] | None:
         """Why a layer method does not run on a layer inside the fold networks (None: it runs)."""
