@@ -46,6 +46,7 @@ def main() -> None:
     for data, kwargs, kind in phantom_volume_data(BRAIN) + phantom_mask_data(BRAIN):
         getattr(viewer, f"add_{kind}")(data, **kwargs)
     viewer.layers["ground truth"].visible = False
+    viewer.layers.selection.active = viewer.layers["phantom TOF-MRA"]  # the scan's controls, not the hidden labels'
     _, dock = viewer.window.add_plugin_dock_widget("napari-esegeta", "esegeta")
     dock.model.use_bundled()
     wait(app, lambda: dock.session.model is not None or dock.model.status.property("status_kind") == "error")

@@ -189,6 +189,9 @@ class ExecutionConfig(_Strict):
         "found on the first forward pass that the model rejects")
     precision: Literal["fp32", "fp16", "bf16"] = Field(
         "fp32", description="autocast precision of the network (maps that turn non-finite are redone in fp32)")
+    checkpointing: Literal["auto", "on", "off"] = Field(
+        "auto", description="activation checkpointing for plain-gradient methods: network blocks keep only their "
+        "inputs and are recomputed in the backward (less memory, ~one more forward); auto: on for nnU-Net folders")
     executor: str = Field("inline", description="who runs the jobs: inline (this process), pool (a thread "
                           "and a model copy per device), local (Dask processes), dask (a scheduler), or "
                           "a registered one")

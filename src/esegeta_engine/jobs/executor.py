@@ -31,6 +31,7 @@ from esegeta_engine.methods import MethodContext, attribute
 from esegeta_engine.methods.behaviour import patchwise_mode
 from esegeta_engine.models import get_layer, is_torchscript
 from esegeta_engine.preprocess import Geometry
+from esegeta_engine.forward.checkpointing import method_checkpointing
 from esegeta_engine.forward.scoring import EvaluationMonitor, ScoreModel
 from esegeta_engine.shared_gradients import shared_component_map
 from esegeta_engine.timebudget import job_refusal
@@ -89,13 +90,15 @@ class JobExecutor:
                               score_model.patchwise)  # front ends check the same rule before a run
             if refused is not None:
                 raise refused
-            shared = shared_component_map(job, target, score_model, x, holder["notes"])
-            if shared is not None:  # k components: one forward pass, k backward passes
-                return shared, ctx, score_model
-            mode = patchwise_mode(job.spec.patchwise)
-            around = mode.around(score_model.runner, x) if score_model.patchwise else contextlib.nullcontext()
-            with around:
-                return attribute(job.spec, ctx, job.params, job.noise_tunnel), ctx, score_model
+            setting = ex.execution.checkpointing if ex.execution is not None else "auto"
+            with method_checkpointing(job.spec, ex.model, setting) as holder["checkpointing"]:
+                shared = shared_component_map(job, target, score_model, x, holder["notes"])
+                if shared is not None:  # k components: one forward pass, k backward passes
+                    return shared, ctx, score_model
+                mode = patchwise_mode(job.spec.patchwise)
+                around = mode.around(score_model.runner, x) if score_model.patchwise else contextlib.nullcontext()
+                with around:
+                    return attribute(job.spec, ctx, job.params, job.noise_tunnel), ctx, score_model
 
         def work() -> None:
             try:
@@ -128,6 +131,7 @@ class JobExecutor:
                 pipe = getattr(ex.model, "describe_execution", None)  # a deployed pipeline's window and calls
                 if callable(pipe):  # read now: the method's own network calls, before any trust check runs
                     holder["form"].update(pipe())
+                holder["form"]["checkpointing"] = holder["checkpointing"].describe()  # forward.checkpointing
                 if ctx.extra.get("receptive_field"):  # what receptive-field skipping saved (methods/reach.py)
                     holder["form"]["receptive_field"] = ctx.extra["receptive_field"]
             except Exception as exc:  # recorded; KeyboardInterrupt propagates

@@ -290,6 +290,15 @@ class MethodSpec:
             raise ValueError(f"method {self.name!r}: unknown patch-wise mode {self.patchwise!r} "
                              "(register it with methods.behaviour.register_patchwise_mode)") from None
 
+    @property
+    def recomputable(self) -> bool:
+        """Its result cannot change when a block's forward runs again: plain autograd, no module hooks.
+
+        Only such methods run with activation checkpointing (:mod:`esegeta_engine.forward.checkpointing`);
+        a hook would fire again during the recomputation.
+        """
+        return not self.needs_hooks
+
     def param(self, name: str) -> Param:
         """Return the parameter called ``name``."""
         for p in self.params:

@@ -172,6 +172,16 @@ class NnUNetPipeline(nn.Module):
             m.ensemble.before_call = self.ensemble.before_call
         return out
 
+    def checkpoint_segments(self) -> list[nn.Module]:
+        """The fold networks' stages and large blocks, checkpointed for plain-gradient methods.
+
+        Only the backward's patch recomputation builds a graph (:mod:`.window`): there each block keeps
+        its input only (:mod:`esegeta_engine.forward.checkpointing`), so one patch's graph is small.
+        """
+        from esegeta_engine.forward.checkpointing import unet_segments
+
+        return [m for net in self.ensemble.networks for m in unet_segments(net)]
+
     def layer_refusal(self, name: str) -> tuple[str, str] | None:
         """``folds`` is a list the pipeline never calls as one module: refused (its fold networks are not)."""
         if name == "folds":

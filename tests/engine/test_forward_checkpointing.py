@@ -1,0 +1,245 @@
+"""Activation checkpointing (forward/checkpointing.py): same gradients, same counts, model unchanged.
+
+References: the same gradient computed without checkpointing (plain autograd through nnU-Net's own
+``dynamic_network_architectures`` U-Nets, and through the deployed nnU-Net pipeline built with
+nnU-Net's tools); the model's state before the run.
+"""
+
+from __future__ import annotations
+
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from esegeta_engine.errors import ConfigError
+from esegeta_engine.forward.checkpointing import checkpointed, method_checkpointing, unet_segments
+from esegeta_engine.methods.registry import get_method, list_methods
+
+
+def _snapshot(model: nn.Module) -> dict:
+    return {
+        "state": {k: v.clone() for k, v in model.state_dict().items()},
+        "requires_grad": [p.requires_grad for p in model.parameters()],
+        "training": [m.training for m in model.modules()],
+        "dicts": [{k: v for k, v in m.__dict__.items() if not k.startswith("_")} for m in model.modules()],
+        "hooks": [(dict(m._forward_hooks), dict(m._forward_pre_hooks), dict(m._backward_hooks))
+                  for m in model.modules()],
+    }
+
+
+def _same(a: dict, b: dict) -> None:
+    assert a["state"].keys() == b["state"].keys()
+    for k in a["state"]:
+        assert torch.equal(a["state"][k], b["state"][k]), k
+    assert a["requires_grad"] == b["requires_grad"] and a["training"] == b["training"]
+    assert a["hooks"] == b["hooks"]
+    assert len(a["dicts"]) == len(b["dicts"])
+    for da, db in zip(a["dicts"], b["dicts"]):
+        assert da.keys() == db.keys() and all(da[k] is db[k] or da[k] == db[k] for k in da)
+
+
+@pytest.mark.parametrize("fail", [False, True], ids=["success", "exception"])
+def test_checkpointed_restores_the_model_exactly(fail):
+    model = nn.Sequential(nn.Conv3d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv3d(4, 2, 3, padding=1)).eval()
+    model[1].train()  # a training flag that differs from the others
+    own = model[2].forward  # a user's instance forward: put back, not deleted
+    model[2].forward = own
+    seen: list[int] = []
+    model[0].register_forward_hook(lambda m, i, o: seen.append(1))
+    before = _snapshot(model)
+    x = torch.randn(1, 1, 6, 6, 6, requires_grad=True)
+    with pytest.raises(RuntimeError, match="stop") if fail else _nothing():
+        with checkpointed([model[0], model[2]]) as counter:
+            assert "forward" in model[0].__dict__ and model[2].__dict__["forward"] is not own
+            torch.autograd.grad(model(x).sum(), x)
+            if fail:
+                raise RuntimeError("stop")
+    assert counter.calls == 2
+    assert "forward" not in model[0].__dict__ and model[2].__dict__["forward"] is own
+    _same(before, _snapshot(model))
+
+
+class _nothing:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _unet(kind: str, dim: int) -> nn.Module:
+    arch = pytest.importorskip("dynamic_network_architectures.architectures.unet")
+    conv, norm = (nn.Conv3d, nn.InstanceNorm3d) if dim == 3 else (nn.Conv2d, nn.InstanceNorm2d)
+    common = dict(input_channels=1, n_stages=4, features_per_stage=[4, 8, 16, 16], conv_op=conv, kernel_sizes=3,
+                  strides=[1, 2, 2, 2], num_classes=3, n_conv_per_stage_decoder=2, conv_bias=True, norm_op=norm,
+                  norm_op_kwargs={"eps": 1e-5, "affine": True}, nonlin=nn.LeakyReLU, nonlin_kwargs={"inplace": True})
+    torch.manual_seed(0)
+    if kind == "plain":
+        net = arch.PlainConvUNet(n_conv_per_stage=2, **common)
+    else:
+        net = arch.ResidualEncoderUNet(n_blocks_per_stage=[1, 2, 2, 2], **common)
+    for p in net.parameters():  # affine norms start at 1/0: make every parameter matter
+        p.data.add_(0.1 * torch.randn_like(p))
+    return net.eval()
+
+
+@pytest.mark.parametrize("dim", [2, 3])
+@pytest.mark.parametrize("kind", ["plain", "residual"])
+def test_unet_gradient_equals_the_plain_gradient(kind, dim):
+    net = _unet(kind, dim)
+    x = torch.randn(1, 1, *(16,) * dim)
+    w = torch.randn(1, 3, *(16,) * dim)
+
+    def grad() -> torch.Tensor:
+        xr = x.clone().requires_grad_(True)
+        return torch.autograd.grad((net(xr) * w).sum(), xr)[0]
+
+    plain = grad()
+    segments = unet_segments(net)
+    names = {m: n for n, m in net.named_modules()}
+    stages = [names[m] for m in segments if type(m).__name__.startswith("Stacked")]
+    blocks = [names[m] for m in segments if not type(m).__name__.startswith("Stacked")]
+    # every stage but the decoder's last (the backward starts there); the blocks of the levels whose feature
+    # maps are at least half the largest (channels / voxels per input voxel): level 0 (4), in 2D also level 1 (8/4)
+    assert len(stages) == (5 if kind == "residual" else 4) + 2  # (stem +) 4 encoder, 2 of 3 decoder stages
+    assert "decoder.stages.2" not in stages
+    large = ("encoder.stem", "encoder.stages.0", "decoder.stages.2") + (
+        ("encoder.stages.1", "decoder.stages.1") if dim == 2 else ())
+    assert blocks and all(n.startswith(large) for n in blocks)
+    assert {n.rsplit(".", 2)[0] if "convs" in n else n for n in blocks} >= {"decoder.stages.2"}
+    before = _snapshot(net)
+    with checkpointed(segments) as counter:
+        ours = grad()
+    # each outermost segment ran once with gradients: the stages and the last decoder stage's blocks
+    last = [m for m in segments if names[m].startswith("decoder.stages.2")]
+    assert counter.calls == len(stages) + len(last)
+    assert plain.abs().max() > 0
+    torch.testing.assert_close(ours, plain, rtol=0, atol=0)
+    _same(before, _snapshot(net))
+
+
+def test_recomputable_is_the_methods_own_declaration():
+    plain = {s.name for s in list_methods() if s.recomputable}
+    assert {"saliency", "input_x_gradient", "integrated_gradients", "gradient_shap"} <= plain
+    # module hooks would fire again on recomputation
+    assert not plain & {"guided_backprop", "deconvolution", "deeplift", "lrp", "layer_gradcam", "fullgrad"}
+    assert all(s.recomputable == (not s.needs_hooks) for s in list_methods())
+
+
+def test_setting_resolution_and_refusal():
+    net = _unet("plain", 2)
+    plain = nn.Sequential(nn.Conv2d(1, 2, 3))
+    with method_checkpointing(get_method("saliency"), net, "auto") as use:  # auto: only models that name blocks
+        assert "forward" not in net.encoder.stages[0].__dict__
+    assert not use.used and use.why.startswith("off (auto")
+    with method_checkpointing(get_method("guided_backprop"), net, "on") as use:
+        pass
+    assert not use.used and "hooks" in use.why
+    with method_checkpointing(get_method("saliency"), net, "on") as use:
+        xr = torch.randn(1, 1, 16, 16, requires_grad=True)
+        torch.autograd.grad(net(xr).sum(), xr)
+    assert use.used and 0 < use.describe()["checkpointed_block_calls"] < use.segments  # outermost blocks only
+    with pytest.raises(ConfigError, match="knows no blocks"):
+        with method_checkpointing(get_method("saliency"), plain, "on"):
+            pass
+    with torch.no_grad(), method_checkpointing(get_method("saliency"), net, "on") as use:
+        net(torch.randn(1, 1, 16, 16))  # no gradients: nothing stored less, nothing said to be
+    assert not use.used
+
+
+# -- through the deployed nnU-Net pipeline -----------------------------------------------------------------
+@pytest.fixture(scope="module")
+def folder(nnunet_folder):
+    return nnunet_folder
+
+
+@pytest.fixture(scope="module")
+def folder_2d(nnunet_folder):
+    import nnunet_setup as S
+
+    return S.add_configuration(nnunet_folder, "2d", folds=(0,))
+
+
+@pytest.mark.parametrize("dim", [3, 2])
+def test_pipeline_saliency_equal_and_counts_unchanged(folder, folder_2d, dim):
+    pytest.importorskip("nnunetv2")
+    import nnunet_setup as S
+
+    from esegeta_engine.config import ModelConfig
+    from esegeta_engine.models import load_source
+
+    if dim == 3:  # every mirrored copy (8) of several patches
+        img, _ = S.scan((14, 11, 6), (0.9, 1.1, 2.5), seed=5)
+        pipe = load_source(ModelConfig(nnunet=folder, folds=[0])).module
+    else:  # 2d configuration: a patch per slice, mirrored
+        img, _ = S.scan((16, 12, 2), (1.0, 1.0, 2.0), seed=5)
+        pipe = load_source(ModelConfig(nnunet=folder_2d, folds=[0], configuration="2d")).module
+    pipe.bind_volume(img.header.get_zooms()[:3])
+    x = torch.from_numpy(np.asarray(img.dataobj, dtype=np.float32))[None, None]
+    expected = pipe.network_calls(x)
+
+    def saliency(setting: str):
+        pipe._last, pipe.ensemble._last = [], None  # no reused forward: both runs do the same work
+        calls: list[int] = []
+        pipe.bind_monitor(calls.append)
+        with method_checkpointing(get_method("saliency"), pipe, setting) as use:
+            xr = x.clone().requires_grad_(True)
+            (g,) = torch.autograd.grad(pipe(xr)[:, 1].sum(), xr)
+        return g, dict(pipe.calls), use
+
+    before = _snapshot(pipe.folds)  # the user's networks (the pipeline's own counters change by running)
+    g_off, calls_off, off = saliency("off")
+    g_on, calls_on, on = saliency("auto")
+    assert not off.used and on.used and on.segments == len(pipe.checkpoint_segments())
+    # recomputed blocks are not network evaluations: the counts are the plan's, with or without
+    assert calls_on == calls_off == {"forward": expected, "backward": expected, "reused": 0}
+    # the outermost segments ran checkpointed once per backward network call (the forward runs without gradients)
+    names = {m: n for n, m in pipe.named_modules()}
+    last = f"decoder.stages.{len(pipe.folds[0].decoder.stages) - 1}."
+    outer = [m for m in pipe.checkpoint_segments()
+             if type(m).__name__.startswith("Stacked") or last in names[m]]
+    assert on.calls == expected * len(outer) // len(pipe.folds)
+    assert g_off.abs().max() > 0
+    torch.testing.assert_close(g_on, g_off, rtol=0, atol=0)
+    _same(before, _snapshot(pipe.folds))
+
+
+def test_engine_records_checkpointing_and_maps_equal(folder, tmp_path):
+    pytest.importorskip("nnunetv2")
+    import nnunet_setup as S
+
+    from esegeta_engine.config import parse_config
+    from esegeta_engine.pipeline import run
+
+    img, _ = S.scan((14, 11, 6), (0.9, 1.1, 2.5), seed=5)
+    nib.save(img, tmp_path / "scan.nii.gz")
+    out = {}
+    for setting in ("auto", "off"):
+        cfg = parse_config({
+            "model": {"nnunet": str(folder), "folds": [0], "mirroring": False},
+            "volumes": [str(tmp_path / "scan.nii.gz")], "target": {"classes": [1]},
+            "execution": {"checkpointing": setting},
+            "methods": [{"name": "saliency"}, {"name": "guided_backprop"}],
+            "output": {"dir": str(tmp_path / setting)}}, base=tmp_path)
+        result = run(cfg)
+        assert result.status == "completed" and not result.failed
+        manifest = json.loads(result.manifest_path.read_text())
+        assert manifest["config"]["execution"]["checkpointing"] == setting
+        out[setting] = {r["method"]: r for r in manifest["results"]}
+        for rec in manifest["results"]:
+            ex = rec["execution"]
+            assert rec["expected_network_evaluations"] == ex["forward_network_calls"] + ex["reused_network_calls"]
+    assert out["auto"]["saliency"]["execution"]["checkpointing"]["used"] is True
+    assert out["auto"]["guided_backprop"]["execution"]["checkpointing"]["used"] is False  # hooks: never
+    assert out["off"]["saliency"]["execution"]["checkpointing"]["used"] is False
+    for method in ("saliency", "guided_backprop"):
+        a, b = (nib.load(tmp_path / s / out[s][method]["file"]).get_fdata() for s in ("auto", "off"))
+        assert np.abs(a).max() > 0
+        np.testing.assert_array_equal(a, b)
+        assert out["auto"][method]["model_evaluations"] == out["off"][method]["model_evaluations"]
+        assert (out["auto"][method]["execution"]["backward_network_calls"]
+                == out["off"][method]["execution"]["backward_network_calls"])
