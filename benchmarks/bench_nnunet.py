@@ -14,6 +14,7 @@ randomly initialised fold is saved in nnU-Net's checkpoint layout (timing only).
 Default: a reduced scale (training scans and the scan 48x48x24). ``--full``: the issue's 256x256x128.
 
     python benchmarks/bench_nnunet.py [--full] [--estimate] [--one-member] [--modes reference,saliency,...]
+                                      [--patches N] [--patch-ratio 48x96x96 --repeats 3]
 
 ``--one-member``: both sides of every ratio run one fold with mirroring off (ours: ``mirroring: false``;
 nnU-Net's: ``use_mirroring=False``), so each pass is one network call per patch instead of eight. Members are
@@ -21,6 +22,14 @@ evaluated one at a time on both sides, so peak memory does not depend on their n
 the same reduced work. The output says when it ran reduced. ``--modes`` picks the children (default all five,
 in the order reference, saliency, predict, minimum, saliency_after_prediction); each child's figures are
 printed as it finishes.
+
+``--modes saliency_checkpointed[_after_prediction]`` run saliency with activation checkpointing
+(``execution.checkpointing``, :mod:`esegeta_engine.forward.checkpointing`); the ratios put them against the
+same ``minimum`` (plain forward + backward, no checkpointing). ``--patches N``: only the first N patches run
+the network in our children (the rest return zeros; every buffer keeps its full size, and the peak is
+reached in the first patch), so the issue's scale fits a shared machine; nnU-Net's own prediction runs whole.
+``--patch-ratio ZxYxX`` times only the planned network on one patch of that size, interleaved in one process
+(CPU seconds, median of ``--repeats``): the per-patch ratio that decides the pipeline's at full scale.
 
 ``--estimate`` plans the scale, times one patch of the planned network and prints how long the
 five children would take (network calls only), without running them.
@@ -148,6 +157,54 @@ def child(mode: str, folder: Path, mirroring: bool = True, patches: int | None =
     raise ValueError(mode)
 
 
+def patch_ratio(folder: Path, patch: tuple[int, ...], repeats: int) -> None:
+    """Per-patch network cost of saliency through the pipeline vs the minimum, interleaved in one process.
+
+    The planned fold network on one random patch of size ``patch``. Per patch the pipeline runs a forward
+    without a graph (the stitched prediction) and, in the backward, the patch again with a graph and its
+    backward; the minimum is one forward + backward. Each repeat times, in turn: the minimum; the pipeline's
+    per-patch work with checkpointing (``checkpoint_segments``) and without; the checkpointed forward +
+    backward alone (after a run's prediction pass, whose forward the pipeline reuses). CPU seconds of the
+    process (every thread), medians; pre- and post-processing are not included.
+    """
+    import torch
+
+    from esegeta_engine.forward.checkpointing import checkpointed
+
+    m, _, _ = _load(folder, mirroring=False)
+    net, segments = m.folds[0], m.checkpoint_segments()
+    x = torch.randn(1, 1, *patch)
+
+    def fwd_bwd() -> None:
+        p = x.clone().requires_grad_(True)
+        y = net(p)
+        torch.autograd.grad(y, p, torch.ones_like(y))
+
+    def forward() -> None:
+        with torch.no_grad():
+            net(x)
+
+    def ckpt_fwd_bwd() -> None:
+        with checkpointed(segments):
+            fwd_bwd()
+
+    work = {"minimum": [fwd_bwd], "pipeline, checkpointed": [forward, ckpt_fwd_bwd],
+            "pipeline, not checkpointed": [forward, fwd_bwd], "checkpointed after prediction": [ckpt_fwd_bwd]}
+    times: dict[str, list[float]] = {k: [] for k in work}
+    for _ in range(repeats):
+        for k, steps in work.items():
+            t = time.process_time()
+            for step in steps:
+                step()
+            times[k].append(time.process_time() - t)
+    med = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+    print(f"per-patch CPU seconds, patch {list(patch)} of the planned network, {len(segments)} checkpointed "
+          f"segments, median of {repeats}:")
+    for k, v in med.items():
+        print(f"  {k:<32} {v:8.2f} s  ratio to the minimum {v / med['minimum']:.2f}"
+              + ("  (target <= 1.6)" if k != "minimum" else ""))
+
+
 def estimate(folder: Path, shape: tuple[int, ...]) -> None:
     """How long the five children would take at this scale: one patch timed, times the counted calls.
 
@@ -250,6 +307,9 @@ def main() -> None:
     ap.add_argument("--patches", type=int, help="only the first N patches run the network in our children "
                     "(buffers keep their full size; the peak is reached in the first patch); nnU-Net's own "
                     "prediction always runs whole")
+    ap.add_argument("--patch-ratio", metavar="ZxYxX", help="only time one patch of this size of the planned "
+                    "network: saliency's per-patch work (checkpointed or not) vs forward + backward, interleaved")
+    ap.add_argument("--repeats", type=int, default=3, help="--patch-ratio: repeats (median)")
     ap.add_argument("--child")
     ap.add_argument("--folder")
     args = ap.parse_args()
@@ -269,6 +329,9 @@ def main() -> None:
         nib.save(img, root / "scan.nii.gz")
         if args.estimate:
             estimate(folder, shape)
+            return
+        if args.patch_ratio:
+            patch_ratio(folder, tuple(int(v) for v in args.patch_ratio.split("x")), args.repeats)
             return
         modes = [m for m in args.modes.split(",") if m]
         unknown = sorted(set(modes) - set(MODES))

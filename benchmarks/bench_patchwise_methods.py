@@ -210,7 +210,8 @@ def main() -> None:
     minimum = minimum2 = {"seconds": 0.0, "peak_rss_mb": 0.0}
     if not args.occlusion_only:
         minimum = _run_child("minimum", shape, patch, features, overlap)
-        minimum2 = _run_child("minimum2", shape, patch, features, overlap)
+        paired = not args.methods or any(m in ("deeplift", "deeplift_shap") for m in args.methods.split(","))
+        minimum2 = _run_child("minimum2", shape, patch, features, overlap) if paired else minimum  # only if used
         print(f"minimum (fwd+bwd of every patch): {minimum['seconds']:.1f} s, peak RSS "
               f"{minimum['peak_rss_mb']:.0f} MB; of input and baseline: {minimum2['seconds']:.1f} s")
     if not args.no_occlusion:

@@ -175,3 +175,23 @@ def test_instance_norm_is_named_in_the_notes_under_sliding_window(dims: int) -> 
     assert out.shape == x.shape and sm.monitor.patches > 0  # patch by patch
     notes = " ".join(ctx.extra["notes"])
     assert "InstanceNorm" in notes and "unchanged" in notes
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_no_batch_norm_no_probe_and_lrp_one_network_call(dims: int) -> None:
+    """Without an eval-mode batch norm there is nothing to fold: no probe forward (on a sliding
+    window it was one more patch forward per map: a quarter of the two-patch minimum)."""
+    torch.manual_seed(0)
+    C = nn.Conv2d if dims == 2 else nn.Conv3d
+    N = nn.InstanceNorm2d if dims == 2 else nn.InstanceNorm3d
+    net = nn.Sequential(C(1, 3, 3, padding=1), N(3, affine=True), nn.LeakyReLU(0.1), C(3, 2, 1)).eval()
+    calls = [0]
+    hook = net.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    x = torch.randn(1, 1, *(6,) * dims)
+    try:
+        with fold_batch_norm(net, x) as done:
+            assert done == [] and calls[0] == 0
+        LRP(ScoreModel(net, RegionOfInterestTarget(torch.ones((6,) * dims))), "epsilon", OPTIONS).attribute(x, target=0)
+        assert calls[0] == 1
+    finally:
+        hook.remove()

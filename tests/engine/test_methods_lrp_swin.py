@@ -113,6 +113,25 @@ def test_the_canonizer_leaves_the_forward_and_the_model_unchanged(dims: int) -> 
     assert_untouched(net, before)  # and after a whole LRP run: test_lrp0_on_a_bias_free_swin_unetr...
 
 
+@pytest.mark.parametrize("dims", [2, 3])
+def test_the_canonizer_restores_an_instance_forward_the_user_had(dims: int) -> None:
+    """A forward the user set on the instance (a wrapper, a patch) is put back exactly, not removed."""
+    net = swin(dims)
+    block = net.swinViT.layers1[0].blocks[0]
+
+    def own(self, x, mask_matrix):  # noqa: ANN001, ANN202
+        return type(self).forward(self, x, mask_matrix)
+
+    mine = types.MethodType(own, block)
+    block.forward = mine
+    x = torch.randn(1, 1, *(SIZE,) * dims)
+    with torch.no_grad(), transformer_rules(net, x, 0.01):
+        assert block.__dict__["forward"] is not mine  # the rule's forward for the run
+    assert block.__dict__["forward"] is mine
+    others = [m for m in net.modules() if m is not block]
+    assert not any("forward" in m.__dict__ or "proj_out" in m.__dict__ for m in others)
+
+
 def _lrp0(dims: int, **variant) -> tuple[float, float, list, list[str]]:
     net = swin(dims, bias_free=True, **variant).double()
     before = {k: v.clone() for k, v in net.state_dict().items()}

@@ -3,7 +3,8 @@
 The reference runs the whole ensemble in one autograd graph (every fold, mirrored copy and patch a
 separate network call), keeps every call's layer activation and its gradient, and applies the documented
 formula (docs/models.md): each member's CAM from its own ``A_k``, ``G_k`` (flipped back for a mirrored
-copy), interpolated to its patch, weighted with nnU-Net's Gaussian, ``M = sum_k w_p(k) up(m_k) / (n W)``
+copy), interpolated to its patch (a mirrored copy's moved by ``S - 1`` voxels along each flipped axis of
+cumulative stride ``S``, the edge repeated), weighted with nnU-Net's Gaussian, ``M = sum_k w_p(k) up(m_k) / (n W)``
 with ``n`` = mirrored copies x folds, cropped and resampled to the scan like the probabilities.
 Also: a bundle whose inferer is ``SimpleInferer`` (the network sees the whole grid once).
 """
@@ -76,6 +77,10 @@ def reference_cam(pipe, x, region, cam, monkeypatch):
                 size = tuple(gauss.shape)
                 m = F.interpolate(m, size=size, mode="bilinear" if len(size) == 2 else "trilinear",
                                   align_corners=False)[0]
+                for ax in axes:  # nnU-Net's kernel-3/padding-1 encoder: a flipped-back copy sits S - 1 voxels on
+                    i = ax - 2
+                    d = size[i] // a.shape[ax] - 1
+                    m = m.index_select(i + 1, (torch.arange(size[i]) - d).clamp(0, size[i] - 1))
                 canvas[(slice(None), *sl[1:])] += m * gauss
     n = len(ens.networks) * len(mirrors)
     m = (canvas / (n * weight))[(slice(None), *plan.revert)]

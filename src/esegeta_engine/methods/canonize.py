@@ -176,6 +176,9 @@ def fold_batch_norm(net: nn.Module, probe: torch.Tensor, rtol: float = 1e-4) -> 
     list of nn.Module
         The batch norms folded (empty when none could be).
     """
+    if not any(isinstance(m, BATCH_NORMS) and not m.training for m in net.modules()):
+        yield []  # nothing to fold: no probe (one network call fewer)
+        return
     unfolded: list[Any] = []
     pairs = find_pairs(net, probe, unfolded)
     swap = _Swap()

@@ -41,26 +41,42 @@ from torch import nn
 from esegeta_engine.errors import MethodError
 from esegeta_engine.methods.layer import LAYER_PARAMS
 from esegeta_engine.methods.lrp import LRP, check_supported, quiet_stitched_forward
-from esegeta_engine.methods.lrp_rules import module_forward, parameters_of, signed_parts, vjp
+from esegeta_engine.methods.lrp_rules import module_forward, parameters_of, vjp
+from esegeta_engine.methods.lrp_signed import bias_term, contribution_sums, split_back
 from esegeta_engine.methods.patch_layer_methods import PatchwiseGradientXActivation, is_patchwise
 from esegeta_engine.methods.registry import Call, MethodContext, MethodSpec, register
 
 
-def excitation_rule(module: nn.Module, a: torch.Tensor, P: torch.Tensor, negate: bool = False
-                    ) -> torch.Tensor:
-    """Probabilities at ``module``'s input from ``P`` at its output (weights negated if asked)."""
+def excitation_rule(module: nn.Module, a: torch.Tensor, P: torch.Tensor, negate: bool = False,
+                    y: torch.Tensor | None = None) -> torch.Tensor:
+    """Probabilities at ``module``'s input from ``P`` at its output (weights negated if asked).
+
+    ``y``: the module's output in the forward pass, which gives the sums of excitatory
+    contributions with one more module call (:mod:`.lrp_signed`).
+    """
     f = module_forward(module)
-    w, _ = parameters_of(module)
+    w, b = parameters_of(module)
     ap = a.clamp(min=0)
     if w is None:  # average pooling: positive weights, excitatory inputs are the positive ones
         with torch.no_grad():
             z = f(ap, None, None)
         s = torch.where(z > 0, P / z.clamp(min=1e-30), torch.zeros_like(P))
         return ap * vjp(f, ap, None, None, s)
-    if negate:
-        w = -w
-    z, back = signed_parts(module, a, w.clamp(min=0), w.clamp(max=0), None)
-    return back(torch.where(z > 0, P / z.clamp(min=1e-30), torch.zeros_like(P)))
+    del ap
+    if y is not None and (y.dtype != a.dtype or y.shape != P.shape):
+        y = None
+    with torch.no_grad():
+        if y is not None:  # f(a) without its bias (biases take no share), of the negated weights if asked
+            y = y - bias_term(module, b, y) if b is not None else y
+            y = -y if negate else y
+        w = -w if negate else w
+        (z,) = contribution_sums(module, a, w, None, y)
+        silent = z <= 0  # units without excitatory input pass nothing on
+        same = P.dtype == z.dtype and P.shape == z.shape
+        s = torch.div(P, z.clamp_(min=1e-30), out=z) if same else P / z.clamp_(min=1e-30)
+        s.masked_fill_(silent, 0)
+        del silent
+        return split_back(module, a, w.clamp(min=0), w.clamp(max=0), s)
 
 
 class _StartProbability(torch.autograd.Function):
@@ -165,7 +181,7 @@ class ExcitationBackprop(LRP):
         if kind == "pass":
             return lambda a, P, y: P
         return self.quiet(lambda a, P, y: excitation_rule(
-            module, a, P, negate=self._dual and state["last"] == id(module)))
+            module, a, P, negate=self._dual and state["last"] == id(module), y=y))
 
     def attribute(self, inputs: torch.Tensor, target: int | None = None,  # type: ignore[override]
                   attribute_to_layer_input: bool = False, **_: Any) -> torch.Tensor:

@@ -26,88 +26,16 @@ conserves ``sum(R_in) = sum(R_out)`` up to the stabiliser.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
-from torch.func import functional_call
 
-Forward = Callable[[torch.Tensor, "torch.Tensor | None", "torch.Tensor | None"], torch.Tensor]
+from esegeta_engine.methods.lrp_linear import (  # noqa: F401  (re-exported: the rules' primitives)
+    TINY, Forward, module_forward, parameters_of, stabilise, transposed, vjp, z_of)
+from esegeta_engine.methods.lrp_signed import contribution_sums, divide_stabilised, split_back
 
 RULES = ("epsilon", "gamma", "alpha_beta", "zbox", "flat")
-
-TINY = 1e-12
-
-
-def stabilise(z: torch.Tensor, eps: float) -> torch.Tensor:
-    """``z + eps * sign(z)`` with ``sign(0) = 1``, never exactly zero."""
-    sign = torch.where(z >= 0, 1.0, -1.0).to(z.dtype)
-    return z + sign * max(eps, TINY)
-
-
-def module_forward(module: nn.Module) -> Forward:
-    """``forward(a, weight, bias)``: the module with replaced parameters (same stride, padding...)."""
-    def forward(a: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None
-                ) -> torch.Tensor:
-        params: dict[str, Any] = {}
-        if weight is not None:
-            params["weight"] = weight
-        if "bias" in dict(module.named_parameters(recurse=False)):
-            params["bias"] = bias if bias is not None else torch.zeros_like(module.bias)
-        return functional_call(module, params, (a,))
-    return forward
-
-
-def vjp(forward: Forward, a: torch.Tensor, w: torch.Tensor | None, b: torch.Tensor | None,
-         s: torch.Tensor) -> torch.Tensor:
-    """``J_w^T s`` at ``a`` for the module with weight ``w`` and bias ``b``."""
-    a = a.detach().requires_grad_(True)
-    with torch.enable_grad():
-        z = forward(a, w, b)
-        (g,) = torch.autograd.grad(z, a, s)
-    return g
-
-
-_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
-
-
-def transposed(module: nn.Module, a: torch.Tensor, w: torch.Tensor | None, s: torch.Tensor) -> torch.Tensor:
-    """``J_w^T s`` for ``module`` with weight ``w`` at an input shaped like ``a``.
-
-    Convolutions (zero padding, numeric padding) and linear layers are linear in their input, so
-    their transposed Jacobian is one backward-data call (the gradient's own kernel), with no
-    forward pass re-run; any other module (average pooling, padding modes, mixed dtypes) goes
-    through :func:`vjp`.
-    """
-    a = a.detach()
-    same = w is not None and w.dtype == a.dtype == s.dtype
-    if same and isinstance(module, _CONVS) and module.padding_mode == "zeros" \
-            and not isinstance(module.padding, str):
-        is_t = isinstance(module, nn.modules.conv._ConvTransposeNd)
-        nd = a.dim() - 2
-        out_pad = list(module.output_padding) if is_t else [0] * nd
-        with torch.no_grad():
-            g, _, _ = torch.ops.aten.convolution_backward(
-                s.contiguous(), a, w, None, list(module.stride), list(module.padding),
-                list(module.dilation), is_t, out_pad, module.groups, [True, False, False])
-        return g
-    if same and isinstance(module, nn.Linear):
-        with torch.no_grad():
-            return s @ w
-    return vjp(module_forward(module), a, w, None, s)
-
-
-def parameters_of(module: nn.Module) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    w = getattr(module, "weight", None)
-    b = getattr(module, "bias", None)
-    return (None if w is None else w.detach()), (None if b is None else b.detach())
-
-
-def _z(forward: Forward, a: torch.Tensor, w: torch.Tensor | None, b: torch.Tensor | None
-       ) -> torch.Tensor:
-    with torch.no_grad():
-        return forward(a, w, b)
 
 
 def epsilon(module: nn.Module, a: torch.Tensor, R: torch.Tensor, eps: float = 1e-6,
@@ -123,59 +51,35 @@ def epsilon(module: nn.Module, a: torch.Tensor, R: torch.Tensor, eps: float = 1e
         w = w + gamma * w.clamp(min=0)
         b = None if b is None else b + gamma * b.clamp(min=0)
     if gamma or z is None or z.dtype != a.dtype or z.shape != R.shape:
-        z = _z(f, a, w, b)
+        z = z_of(f, a, w, b)
     s = R / stabilise(z.detach(), eps)
     return a * transposed(module, a, w, s)
 
 
-def signed_parts(module: nn.Module, a: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
-                 bias: torch.Tensor | None) -> tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
-    """``z = f_{w1}(a+) + f_{w2}(a-) + bias`` and ``back(s) = a+ J_{w1}^T s + a- J_{w2}^T s``.
-
-    The two halves run as one module call on the inputs stacked along channels (weights stacked
-    to match): the same sum, at the cost of one call on twice the channels. Where ``a`` has no
-    negative entry (after a ReLU) the ``a-`` half is zero and is left out.
-    """
-    f = module_forward(module)
-    ap = a.clamp(min=0)
-    if not bool((a < 0).any()):
-        return _z(f, ap, w1, bias), lambda s: ap * transposed(module, ap, w1, s)
-    an = a.clamp(max=0)
-    if getattr(module, "groups", 1) == 1 and isinstance(module, (*_CONVS, nn.Linear)):
-        dim = 0 if isinstance(module, nn.modules.conv._ConvTransposeNd) else 1
-        channels = a.dim() - 1 if isinstance(module, nn.Linear) else 1  # the input's channel axis
-        a2, w = torch.cat([ap, an], dim=channels), torch.cat([w1, w2], dim=dim)
-        c = a.shape[channels]
-
-        def back(s: torch.Tensor) -> torch.Tensor:
-            g = transposed(module, a2, w, s)
-            return ap * g.narrow(channels, 0, c) + an * g.narrow(channels, c, c)
-        return _z(f, a2, w, bias), back
-    z = _z(f, ap, w1, bias) + _z(f, an, w2, None)
-    return z, lambda s: ap * transposed(module, ap, w1, s) + an * transposed(module, an, w2, s)
-
-
 def alpha_beta(module: nn.Module, a: torch.Tensor, R: torch.Tensor, alpha: float = 2.0,
-               eps: float = 1e-6) -> torch.Tensor:
-    """Alpha-beta rule with ``beta = alpha - 1`` (inputs of either sign)."""
-    f = module_forward(module)
+               eps: float = 1e-6, y: torch.Tensor | None = None) -> torch.Tensor:
+    """Alpha-beta rule with ``beta = alpha - 1`` (inputs of either sign; ``alpha = 1``: z+).
+
+    ``y``: the module's own output ``f(a)`` from the forward pass, which gives the sums of
+    positive and negative contributions with one more module call (:mod:`.lrp_signed`).
+    """
     w, b = parameters_of(module)
     beta = alpha - 1.0
     if w is None:  # average pooling: every weight positive
         return epsilon(module, a, R, eps)
-    wp, wn = w.clamp(min=0), w.clamp(max=0)
-    bp = None if b is None else b.clamp(min=0)
-    bn = None if b is None else b.clamp(max=0)
-
-    def share(w1: torch.Tensor, w2: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        # relevance sent through contributions w1 * a+ and w2 * a- (same sign)
-        z, back = signed_parts(module, a, w1, w2, bias)
-        return back(R / stabilise(z, eps))
-
-    positive = share(wp, wn, bp)
-    if beta == 0:
-        return alpha * positive
-    return alpha * positive - beta * share(wn, wp, bn)
+    if y is not None and (y.dtype != a.dtype or y.shape != R.shape):
+        y = None
+    with torch.no_grad():
+        a = a.detach()
+        wp, wn = w.clamp(min=0), w.clamp(max=0)
+        sums = contribution_sums(module, a, w, b, y, (1,) if beta == 0 else (1, -1))
+        # relevance sent through contributions w+ a+ and w- a- (positive), w- a+ and w+ a- (negative)
+        out = split_back(module, a, wp, wn, divide_stabilised(R, sums[0], eps))
+        if alpha != 1:
+            out.mul_(alpha)
+        if beta == 0:
+            return out
+        return out.sub_(split_back(module, a, wn, wp, divide_stabilised(R, sums[1], eps)), alpha=beta)
 
 
 def zbox(module: nn.Module, a: torch.Tensor, R: torch.Tensor, low: torch.Tensor,
@@ -190,7 +94,7 @@ def zbox(module: nn.Module, a: torch.Tensor, R: torch.Tensor, low: torch.Tensor,
         low, high = low.amin(0, keepdim=True), high.amax(0, keepdim=True)
     low = low.expand_as(a)
     high = high.expand_as(a)
-    z = _z(f, a, w, b) - _z(f, low, wp, None) - _z(f, high, wn, None)
+    z = z_of(f, a, w, b) - z_of(f, low, wp, None) - z_of(f, high, wn, None)
     s = R / stabilise(z, eps)
     return a * transposed(module, a, w, s) - low * transposed(module, low, wp, s) \
         - high * transposed(module, high, wn, s)
@@ -202,7 +106,7 @@ def flat(module: nn.Module, a: torch.Tensor, R: torch.Tensor, eps: float = 1e-6)
     w, _ = parameters_of(module)
     ones_w = None if w is None else torch.ones_like(w)
     ones = torch.ones_like(a)
-    s = R / stabilise(_z(f, ones, ones_w, None), eps)
+    s = R / stabilise(z_of(f, ones, ones_w, None), eps)
     return transposed(module, ones, ones_w, s)
 
 
@@ -227,16 +131,17 @@ Practice in Explaining Neural Network Decisions with LRP, IJCNN)."""
 def apply_rule(rule: str, module: nn.Module, a: torch.Tensor, R: torch.Tensor,
                options: dict[str, Any], y: torch.Tensor | None = None) -> torch.Tensor:
     """Relevance at ``module``'s input by ``rule`` with ``options`` (eps, gamma, alpha, low, high);
-    ``y``: the module's output in the forward pass (the epsilon rule's ``z``)."""
+    ``y``: the module's output in the forward pass (the epsilon rule's ``z``; the alpha-beta rules'
+    sums of contributions come from it)."""
     eps = options["epsilon"]
     if rule == "epsilon":
         return epsilon(module, a, R, eps, z=y)
     if rule == "gamma":
         return epsilon(module, a, R, eps, gamma=options["gamma"])
     if rule == "alpha_beta":
-        return alpha_beta(module, a, R, options["alpha"], eps)
+        return alpha_beta(module, a, R, options["alpha"], eps, y=y)
     if rule == "alpha_beta1":
-        return alpha_beta(module, a, R, 1.0, eps)
+        return alpha_beta(module, a, R, 1.0, eps, y=y)
     if rule == "zbox":
         return zbox(module, a, R, options["low"], options["high"], eps)
     if rule == "flat":

@@ -219,6 +219,9 @@ def _residual_forward(state: dict[str, Any], name: str, eps: float) -> Any:
     return forward
 
 
+_NOTHING = object()
+"""Marks an attribute the instance did not have before the swap."""
+
 SWAPS = {"WindowAttention": ("forward", _attention_forward),
          "SwinTransformerBlock": ("forward", _block_forward),
          "SwinTransformer": ("proj_out", _proj_out),
@@ -264,12 +267,12 @@ def swin_rules(net: nn.Module, probe: torch.Tensor, eps: float, residual: bool =
         yield []
         return
     state: dict[str, Any] = {"checking": True, "bad": [], "rule": rule}
-    swapped: list[tuple[nn.Module, str]] = []
+    swapped: list[tuple[nn.Module, str, Any]] = []  # (module, attribute, what the instance had there)
     try:
         for m in targets:
             attr, make = SWAPS[type(m).__name__]
+            swapped.append((m, attr, m.__dict__.get(attr, _NOTHING)))
             m.__dict__[attr] = types.MethodType(make(state, names[id(m)] or "(model)", eps), m)
-            swapped.append((m, attr))
         try:
             with torch.no_grad():
                 net(probe)
@@ -283,5 +286,8 @@ def swin_rules(net: nn.Module, probe: torch.Tensor, eps: float, residual: bool =
                 "use a gradient method (integrated_gradients, input_x_gradient) for this model")
         yield [names[id(m)] for m in targets if is_window_attention(m)]
     finally:
-        for m, attr in swapped:
-            m.__dict__.pop(attr, None)
+        for m, attr, before in reversed(swapped):  # exactly what was there: the user's own attribute too
+            if before is _NOTHING:
+                m.__dict__.pop(attr, None)
+            else:
+                m.__dict__[attr] = before
