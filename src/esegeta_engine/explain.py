@@ -249,7 +249,8 @@ class Explainer:
         patchwise = x is not None and self.form_for(x).sliding is not None
         info = CostInfo(shape[0], shape[1], tuple(shape[2:]), 1, patchwise)
         jobs = plan_jobs(methods, classes, target.class_label, target.kind, volumes, info=info,
-                         context=context or {}, layer_channels=self._layer_channels)
+                         context=context or {}, layer_channels=self._layer_channels,
+                         layer_per_member=self._layer_per_member)
         calls = getattr(self.model, "network_calls", None)  # a deployed pipeline's cost (nnU-Net, bundle)
         if callable(calls) and x is not None:
             count_network_evaluations(jobs, int(calls(x[:1])), info)
@@ -262,6 +263,11 @@ class Explainer:
         """Output channels of layer ``name`` when its type says so (convolutions), else None."""
         channels = getattr(get_layer(self.model, name), "out_channels", None)
         return int(channels) if isinstance(channels, int) else None
+
+    def _layer_per_member(self, name: str) -> bool:
+        """Whether layer ``name`` runs once per member of a deployed pipeline (nnU-Net, bundle window)."""
+        inside = getattr(self.model, "runs_layer_per_member", None)
+        return bool(callable(inside) and inside(get_layer(self.model, name)))
 
     def estimate(self, volumes: Sequence[Volume], methods: Sequence[MethodConfig],
                  evaluation: Any = None) -> int | None:

@@ -199,5 +199,11 @@ def test_bundle_layer_activation_and_ig_through_the_engine(bundle, tmp_path):
         out = nib.load(tmp_path / "out" / rec["file"])
         assert out.shape == bundle.img.shape and np.allclose(out.affine, bundle.img.affine)
         assert np.isfinite(out.get_fdata()).all() and np.abs(out.get_fdata()).max() > 0
+        ex = rec["execution"]  # every patch ran once per pass (activation: 1 pass; IG: n_steps passes)
+        passes = 1 if rec["method"] == "layer_activation" else 2
+        planned = rec["expected_network_evaluations"]
+        assert planned == ex["forward_network_calls"] == passes * ex["patches_per_evaluation"]
+        assert rec["expected_evaluations"] == rec["model_evaluations"] == passes  # one pipeline pass per point
+    assert done["layer_integrated_gradients"]["execution"]["backward_network_calls"] == 2 * ex["patches_per_evaluation"]
     refused = next(r for r in manifest["results"] if r["method"] == "layer_conductance")
     assert refused["status"] != "ok" and "inside the bundle's network" in json.dumps(refused)

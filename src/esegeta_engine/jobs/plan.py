@@ -166,7 +166,7 @@ def total_evaluations(jobs: Sequence[Job]) -> int | None:
 
 def plan_jobs(methods: Sequence[Any], classes: Sequence[int], class_label: Any, target_kind: str,
               volumes: tuple[int, ...], *, info: CostInfo, context: Mapping[str, Any],
-              layer_channels: Any = None) -> list[Job]:
+              layer_channels: Any = None, layer_per_member: Any = None) -> list[Job]:
     """Expand methods × layers × classes into keyed jobs (pure: no model evaluation).
 
     Parameters
@@ -200,8 +200,9 @@ def plan_jobs(methods: Sequence[Any], classes: Sequence[int], class_label: Any, 
         chosen = classes if spec.explains_class else list(classes)[:1]
         for layer in m.layers or [None]:
             channels = layer_channels(layer) if layer and layer_channels is not None else None
+            per_member = bool(layer and layer_per_member is not None and layer_per_member(layer))
             job_info = CostInfo(info.batch, info.channels, info.spatial, nt_samples, info.patchwise,
-                                layer_channels=channels)
+                                layer_channels=channels, layer_per_member=per_member)
             for c in chosen:
                 label = f"{target_kind}-{class_label(c)}"
                 if not spec.explains_class:  # named by what it shows, not by a target
@@ -243,7 +244,7 @@ def estimate_run(explainer: Any, volumes: Sequence[Any], methods: Sequence[Any],
 
     def cost(ms: Sequence[Any], group: tuple[int, ...], info: CostInfo) -> int | None:
         jobs = plan_jobs(ms, classes, str, explainer.target.kind, group, info=info, context={},
-                         layer_channels=explainer._layer_channels)
+                         layer_channels=explainer._layer_channels, layer_per_member=explainer._layer_per_member)
         n = total_evaluations(jobs)
         if n is None or evaluation is None:
             return n
@@ -252,8 +253,10 @@ def estimate_run(explainer: Any, volumes: Sequence[Any], methods: Sequence[Any],
         def rerun(job: Job, tunnel: bool) -> int | None:  # the job's method once, on one input
             nt = int(job.noise_tunnel["samples"]) if tunnel and job.noise_tunnel else 1
             channels = explainer._layer_channels(job.layer) if job.layer else None
+            per_member = bool(job.layer and explainer._layer_per_member(job.layer))
             return expected_evaluations(job.spec, job.params, CostInfo(1, info.channels, info.spatial, nt,
-                                                                       info.patchwise, layer_channels=channels))
+                                                                       info.patchwise, layer_channels=channels,
+                                                                       layer_per_member=per_member))
 
         scores = jobs_score_cost(evaluation, jobs, explainer.model, rerun)
         return None if scores is None else n + scores

@@ -52,6 +52,9 @@ class CostInfo:
     layer_channels : int or None
         Channels of the chosen layer's activation (layer methods whose cost grows with
         them: Score-CAM, Ablation-CAM); ``None`` when not known.
+    layer_per_member : bool
+        The chosen layer runs once per member of a deployed pipeline (nnU-Net's folds, a
+        bundle's sliding window): a layer-space path makes one whole pipeline pass per point.
     """
 
     batch: int
@@ -61,6 +64,7 @@ class CostInfo:
     patchwise: bool = False
     n_features: int | None = None
     layer_channels: int | None = None
+    layer_per_member: bool = False
 
 
 CostFn = Callable[[CostInfo, Mapping[str, Any]], int]

@@ -37,6 +37,8 @@ def one(info: CostInfo, p: Mapping[str, Any]) -> int:
 
 
 def ig_like(info: CostInfo, p: Mapping[str, Any]) -> int:
+    if info.layer_per_member:  # a layer-space path through a deployed pipeline: one pass per point
+        return int(p["n_steps"]) * info.batch * info.noise_tunnel_samples
     ibs = int(p.get("internal_batch_size") or 1)
     if info.patchwise:
         ibs = PATCHWISE_IG_BATCH
