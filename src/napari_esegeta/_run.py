@@ -300,10 +300,11 @@ def explain_layers(model: Any, volume: Volume, methods: Sequence[MethodConfig], 
         if isinstance(ev, MapReady):
             try:
                 data, layer_kwargs, _ = map_layer_data(ev, input_layer, target, roi_layer, class_names, axis_order)
+                layers = image_layers(data, layer_kwargs)  # napari's Image, built here off the GUI thread
             except Exception as exc:  # a bug in display preparation: the run's other maps still come
                 yield RunError(f"{ev.job.label}: the map could not be shown — {format_error(exc)}")
                 continue
-            yield PreparedMap(ev, data, layer_kwargs, image_layers(data, layer_kwargs))
+            yield PreparedMap(ev, data, layer_kwargs, layers)
         else:
             yield ev
 

@@ -63,6 +63,32 @@ def test_checkpointed_restores_the_model_exactly(fail):
     _same(before, _snapshot(model))
 
 
+@pytest.mark.parametrize("first_ends_first", [True, False])
+def test_overlapping_runs_never_remove_each_others_wrappers(first_ends_first):
+    """A run the watchdog abandoned may still unwind while the next one runs on the same model."""
+    from esegeta_engine.errors import MethodError
+    from esegeta_engine.forward.checkpointing import wrapped_blocks
+
+    model = nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.ReLU(), nn.Conv2d(3, 1, 3, padding=1)).eval()
+    own = model[2].forward
+    model[2].forward = own  # the user's own instance forward
+    x = torch.randn(1, 1, 8, 8, requires_grad=True)
+    g_plain, = torch.autograd.grad(model(x).sum(), x)
+    a, b = checkpointed([model[0], model[2]]), checkpointed([model[0], model[2]])
+    ca, cb = a.__enter__(), b.__enter__()
+    (a if first_ends_first else b).__exit__(None, None, None)
+    still = cb if first_ends_first else ca
+    assert wrapped_blocks(model) == 2  # the run still going keeps its wrappers
+    g, = torch.autograd.grad(model(x).sum(), x)
+    assert still.calls == 2 and torch.equal(g, g_plain)
+    with pytest.raises(MethodError, match="another run still has activation checkpointing"):
+        with method_checkpointing(get_method("guided_backprop"), model, "on"):
+            pass
+    (b if first_ends_first else a).__exit__(None, None, None)
+    assert wrapped_blocks(model) == 0
+    assert "forward" not in model[0].__dict__ and model[2].__dict__["forward"] is own
+
+
 class _nothing:
     def __enter__(self):
         return None

@@ -109,3 +109,31 @@ def test_side_by_side_runs_one_layer_insertion_per_event_loop_turn(qtbot, docked
     assert not cw.arranging and [ly.name for ly in viewer.layers] == before and not grid.enabled
     scheduled.pop(0)()  # the turn that was pending: nothing left to do
     assert [ly.name for ly in viewer.layers] == before and len(names) == len(before) + 2
+
+
+@pytest.mark.gui
+def test_a_failing_side_by_side_step_restores_the_layout_and_says_so(qtbot, docked, monkeypatch) -> None:
+    """A step that raises on a later turn (a map removed meanwhile) ends Side by side: the layout before,
+    one status line, no step left pending."""
+    import napari_esegeta._qt.compare_widget as CW
+
+    viewer, image, w = docked
+    ex, cw = w["explain"], w["compare"]
+    for i in range(2):
+        ex._on_event(_prepared(image, i))
+        qtbot.wait(50)
+    cw.refresh()
+    cw.set_checked(list(ex.added))
+    before = [ly.name for ly in viewer.layers]
+    scheduled: list = []
+    monkeypatch.setattr(CW.QTimer, "singleShot", lambda ms, f: scheduled.append(f))
+    assert cw.compare() and cw.arranging
+
+    def gone() -> None:
+        raise KeyError("the map was deleted")
+
+    cw._steps[0] = gone
+    scheduled.pop(0)()
+    assert not cw.arranging and not scheduled
+    assert [ly.name for ly in viewer.layers] == before and not viewer.canvas.grid.enabled
+    assert "Side by side stopped" in cw.status.text() and "deleted" in cw.status.text()

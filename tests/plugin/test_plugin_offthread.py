@@ -112,3 +112,30 @@ def test_evaluate_builds_stage_layers_off_the_gui_thread(qtbot, docked, threads_
     assert len([n for n, _ in threads_of if n == "support_limit"]) == len(stages)
     assert not any(on_main for _, on_main in threads_of)
     assert np.isfinite(viewer.layers[stages[0]].contrast_limits).all()
+
+
+@pytest.mark.gui
+def test_a_map_napari_cannot_build_is_one_status_line_and_the_others_still_come(qtbot, docked, monkeypatch) -> None:
+    """napari's ``Image`` refusing one map (built in the worker) costs that map only, never the run."""
+    import napari_esegeta._run as R
+
+    viewer, image, w = docked
+    original, calls = R.image_layers, []
+
+    def first_fails(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise ValueError("napari refused this layer")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(R, "image_layers", first_fails)
+    session = w["model"].session
+    session.set_model(TinyNet().eval(), "tiny", session.preprocess, None)
+    ex = w["explain"]
+    ex.kind_combo.setCurrentText("argmax")
+    for name in ("saliency", "input_x_gradient"):
+        ex.methods.check(name)
+    assert ex.run() is not None
+    wait_until(qtbot, lambda: not ex.running, 120)
+    assert len(calls) == 2 and len(ex.added) == 1
+    assert "could not be shown" in ex.status.text() and "napari refused this layer" in ex.status.text()

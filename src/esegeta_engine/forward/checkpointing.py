@@ -41,7 +41,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from esegeta_engine.errors import ConfigError
+from esegeta_engine.errors import ConfigError, MethodError
 
 SETTINGS = ("auto", "on", "off")
 STAGE_TYPES = ("StackedConvBlocks", "StackedResidualBlocks")
@@ -90,6 +90,7 @@ class CheckpointUse:
 class _Counter:
     calls: int = 0
     depth: int = 0
+    active: bool = True
     modules: list[nn.Module] = field(default_factory=list)
 
 
@@ -122,18 +123,46 @@ def checkpointed(modules: Sequence[nn.Module]) -> Iterator[_Counter]:
     (2, False)
     """
     counter = _Counter(modules=list(modules))
-    saved: list[tuple[nn.Module, Any]] = []
+    installed: list[tuple[nn.Module, Any]] = []
     try:
         for m in dict.fromkeys(modules):  # each module once, in the given order
-            saved.append((m, m.__dict__.get("forward", _MISSING)))
-            object.__setattr__(m, "forward", _wrapper(m.forward, counter))
+            run = _wrapper(m.forward, counter)
+            run._esegeta_saved = m.__dict__.get("forward", _MISSING)  # type: ignore[attr-defined]
+            object.__setattr__(m, "forward", run)
+            installed.append((m, run))
         yield counter
     finally:
-        for m, own in reversed(saved):
-            if own is _MISSING:
-                m.__dict__.pop("forward", None)
-            else:
-                object.__setattr__(m, "forward", own)
+        counter.active = False
+        for m, _ in reversed(installed):
+            _unwind(m)
+
+
+def _unwind(m: nn.Module) -> None:
+    """Remove every wrapper of a finished ``with`` block from the top of ``m``'s instance ``forward``.
+
+    Two runs may overlap on one model (a job the watchdog abandoned still unwinding while the next
+    one runs): the later one wraps the earlier one's wrapper. Each exit takes off the finished
+    wrappers from the top down and stops at one still in use, so whichever run ends last puts back
+    exactly what the user had, and no run removes another's wrapper while that run is going on.
+    """
+    top = m.__dict__.get("forward", _MISSING)
+    while active_wrapper(top) is False:
+        top = top._esegeta_saved
+    if top is _MISSING:
+        m.__dict__.pop("forward", None)
+    else:
+        object.__setattr__(m, "forward", top)
+
+
+def active_wrapper(forward: Any) -> bool | None:
+    """True / False for a checkpointing wrapper still in use / finished; None for anything else."""
+    counter = getattr(forward, "_esegeta_counter", None)
+    return None if counter is None else counter.active
+
+
+def wrapped_blocks(model: nn.Module) -> int:
+    """Modules of ``model`` whose forward is a checkpointing wrapper still in use."""
+    return sum(bool(active_wrapper(m.__dict__.get("forward"))) for m in model.modules())
 
 
 def _wrapper(forward: Any, counter: _Counter) -> Any:
@@ -145,12 +174,13 @@ def _wrapper(forward: Any, counter: _Counter) -> Any:
             counter.depth -= 1
 
     def run(*args: Any, **kwargs: Any) -> Any:
-        if not torch.is_grad_enabled():
+        if not torch.is_grad_enabled() or not counter.active:  # a finished run's wrapper only passes through
             return forward(*args, **kwargs)
         if counter.depth == 0:  # an outermost block (nested ones run inside it)
             counter.calls += 1
         return checkpoint(inside, *args, use_reentrant=False, **kwargs)
 
+    run._esegeta_counter = counter  # type: ignore[attr-defined]
     return run
 
 
@@ -232,6 +262,11 @@ def method_checkpointing(spec: Any, model: nn.Module, setting: str = "auto") -> 
         yield use
         return
     if not getattr(spec, "recomputable", False):
+        if wrapped_blocks(model):  # another run's checkpointing is still on these blocks
+            raise MethodError(f"{getattr(spec, 'name', 'this method')} cannot run now: another run still has "
+                              "activation checkpointing on this model's blocks and the method's hooks would "
+                              "fire again when a block is recomputed",
+                              "wait for the other run to finish (or cancel it), then run this method again")
         use.why = "off: the method's module hooks would fire again when a block is recomputed"
         yield use
         return

@@ -222,7 +222,13 @@ class CompareWidget(QWidget):
 
     def _next_step(self) -> None:
         if self._steps:
-            self._steps.pop(0)()
+            try:
+                self._steps.pop(0)()
+            except Exception as exc:  # a base or map gone meanwhile: back to the layout before, one line
+                self.uncompare()
+                set_status(self.status, f"Side by side stopped: {format_error(exc)}\n→ press Side by side again",
+                           "error")
+                return
         if self._steps:
             QTimer.singleShot(0, self._next_step)
 
