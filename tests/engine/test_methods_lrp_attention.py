@@ -111,6 +111,26 @@ def test_the_canonizer_leaves_the_forward_and_the_model_unchanged(dims: int) -> 
 
 
 @pytest.mark.parametrize("dims", [2, 3])
+def test_the_canonizer_restores_a_transformer_blocks_instance_forward_the_user_had(dims: int) -> None:
+    """A forward the user set on a ViT block's instance is put back exactly, not removed."""
+    import types
+
+    net = unetr(dims)
+    block = net.vit.blocks[0]
+
+    def own(self, x):  # noqa: ANN001, ANN202
+        return type(self).forward(self, x)
+
+    mine = types.MethodType(own, block)
+    block.forward = mine
+    x = torch.randn(1, 1, *(16,) * dims)
+    with torch.no_grad(), transformer_rules(net, x, 0.01):
+        assert block.__dict__["forward"] is not mine  # the rule's forward for the run
+    assert block.__dict__["forward"] is mine
+    assert not any("forward" in m.__dict__ for m in net.modules() if m is not block)
+
+
+@pytest.mark.parametrize("dims", [2, 3])
 def test_lrp0_on_a_bias_free_unetr_conserves_the_score(dims: int) -> None:
     net = unetr(dims, bias_free=True).double()
     x = torch.randn(1, 1, *(16,) * dims, dtype=torch.float64)

@@ -49,6 +49,9 @@ from esegeta_engine.errors import MethodError
 from esegeta_engine.methods import lrp_attnlrp, lrp_swin
 from esegeta_engine.methods.lrp_rules import stabilise
 
+_NOTHING = object()
+"""No instance attribute of that name was there before."""
+
 ATTENTION = ("SABlock",)
 """MONAI attention blocks with a rule (:func:`attention_rule`)."""
 SWAPPED = ("TransformerBlock", "PatchEmbeddingBlock")
@@ -302,12 +305,12 @@ def transformer_rules(net: nn.Module, probe: torch.Tensor, eps: float, rule: str
     if not vit and not lrp_swin.has_swin(net):
         yield []
         return
-    swapped: list[nn.Module] = []
+    swapped: list[tuple[nn.Module, Any]] = []
     try:
         for m in blocks:
             make = _transformer_forward if type(m).__name__ == "TransformerBlock" else _embedding_forward
+            swapped.append((m, m.__dict__.get("forward", _NOTHING)))
             m.__dict__["forward"] = types.MethodType(make(eps), m)
-            swapped.append(m)
         with contextlib.ExitStack() as stack:
             checks = _AttentionCheck(net)
             try:  # one probe checks every swapped forward and attention block
@@ -317,8 +320,11 @@ def transformer_rules(net: nn.Module, probe: torch.Tensor, eps: float, rule: str
             checks.raise_if_bad()
             yield checks.seen + windows
     finally:
-        for m in swapped:
-            m.__dict__.pop("forward", None)
+        for m, before in reversed(swapped):  # exactly what was there: a user's own instance forward too
+            if before is _NOTHING:
+                m.__dict__.pop("forward", None)
+            else:
+                m.__dict__["forward"] = before
 
 
 def describe(attention: list[str], eps: float, rule: str = "held") -> str:
