@@ -293,8 +293,7 @@ def explain_layers(model: Any, volume: Volume, methods: Sequence[MethodConfig], 
                    axis_order: str = "xyz", **kwargs: Any) -> Generator[Any, None, None]:
     """:func:`explain_events` with each map's layer data (contrast limits, seams, trust) built here.
 
-    Runs in the worker thread, so the whole-volume numpy of a new map never
-    stalls napari's event loop; maps arrive as :class:`PreparedMap`.
+    Runs in the worker thread, so a new map's numpy never stalls napari; maps arrive as :class:`PreparedMap`.
     """
     for ev in explain_events(model, volume, methods, target=target, **kwargs):
         if isinstance(ev, MapReady):
