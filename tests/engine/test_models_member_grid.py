@@ -171,3 +171,26 @@ def test_a_concatenation_of_two_grids_is_a_mixture(nd):
     assert layer_places(net, net.head, True, nd) == {Place((1.0,) * nd, (0.0,) * nd),
                                                      Place((1.0,) * nd, (-0.5,) * nd)}
     assert layer_places(net, net, True, nd) == {Place((1.0,) * nd, (0.0,) * nd)}
+
+
+@pytest.mark.parametrize("nd", [2, 3])
+def test_an_in_place_sum_after_the_layer_does_not_change_the_layers_grid(nd):
+    """A residual block adds its shortcut into the layer's output tensor in place (``out += skip``):
+    the layer's grid is the one its output had when the layer returned it."""
+    conv, _ = _ops(nd)
+    pool = nn.AvgPool3d if nd == 3 else nn.AvgPool2d
+
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.skip = conv(1, 2, 3, stride=2, padding=1), nn.Sequential(pool(2, 2), conv(1, 2, 1))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            out = self.conv(x)
+            out += self.skip(x)
+            return out
+
+    net = Block()
+    assert layer_places(net, net.conv, False, nd) == {Place((2.0,) * nd, (0.0,) * nd)}
+    assert layer_places(net, net.skip, False, nd) == {Place((2.0,) * nd, (0.5,) * nd)}
+    assert layer_places(net, net, False, nd) == {Place((2.0,) * nd, (0.0,) * nd), Place((2.0,) * nd, (0.5,) * nd)}

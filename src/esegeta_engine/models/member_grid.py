@@ -257,10 +257,15 @@ def layer_places(net: nn.Module, layer: nn.Module, layer_input: bool, nd: int,
         x = _example(net, nd, spatial)
     except Exception as exc:  # a network that cannot be copied
         raise Unknown(f"the network could not be copied ({type(exc).__name__})") from None
-    calls: list[tuple[object, object]] = []
+    calls: list[list[object]] = []
     inner = skeleton.get_submodule(path)
     mode = _GridMode(nd)
-    handle = inner.register_forward_hook(lambda m, args, out: calls.append((args[0] if args else None, out)))
+
+    def seen(m: nn.Module, args: tuple, out: object) -> None:  # read now: a later in-place op (``out += skip``)
+        value = (args[0] if args else None) if layer_input else out  # changes the tensor, not the layer's output
+        calls.append([mode.of(t) for t in _flat(value) if isinstance(t, torch.Tensor)])
+
+    handle = inner.register_forward_hook(seen)
     try:
         with mode, torch.no_grad():
             mode.set(x, {Place((1.0,) * nd, (0.0,) * nd)})
@@ -274,7 +279,7 @@ def layer_places(net: nn.Module, layer: nn.Module, layer_input: bool, nd: int,
         handle.remove()
     if len(calls) != 1:
         raise Unknown(f"the layer is called {len(calls)} times in one forward")
-    values = [mode.of(t) for t in _flat(calls[0][0] if layer_input else calls[0][1]) if isinstance(t, torch.Tensor)]
+    values = calls[0]
     lost = next((v for v in values if isinstance(v, _Lost)), None)
     if lost is not None:
         raise Unknown(lost.why)
