@@ -188,8 +188,10 @@ def in_flags(text: str, flags: frozenset[str]) -> str:
     for key, flag in _FLAGS.items():
         if flag in flags and key in text:
             text = re.sub(rf"(?<![\w.]){re.escape(flag)} / {re.escape(key)}\b", flag, text)
-            text = re.sub(rf"(?<![\w.]){re.escape(key)}\b", flag, text)
-    return text
+            text = re.sub(rf"(?m)^(\s*){re.escape(key)}:", rf"\g<1>{flag}:", text)  # a line per bad value
+            text = re.sub(rf"(?<![\w.]){re.escape(key)}(: (?=\S)|\b)",  # "key: value" -> "--flag value"
+                          lambda m: flag + (" " if m.group(1) else ""), text)
+    return text.replace("fix the keys above", "fix the flags above")
 
 
 def _print_error(exc: EsegetaError, flags: frozenset[str] = frozenset()) -> None:

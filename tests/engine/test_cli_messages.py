@@ -51,6 +51,11 @@ def test_config_keys_become_the_commands_flags_once() -> None:
     assert in_flags("point --nnunet / model.nnunet at the folder", flags) == "point --nnunet at the folder"
     assert in_flags("set model.configuration; execution.divisible_by", flags) == \
         "set model.configuration; execution.divisible_by"  # no such flag here: the key stays
+    assert in_flags("fix: set model.folds: [0, 1] or model.checkpoint.", flags) == \
+        "fix: set --folds [0, 1] or --checkpoint."
+    assert in_flags("fix the keys above", flags) == "fix the flags above"
+    assert in_flags("invalid command line:\n  model.folds: Input should be a list", flags) == \
+        "invalid command line:\n  --folds: Input should be a list"
 
 
 def test_verbose_after_the_command_too() -> None:
