@@ -15,6 +15,7 @@ import argparse
 import logging
 import re
 import sys
+import warnings
 from pathlib import Path
 
 from esegeta_engine import __version__
@@ -167,6 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_LIBRARIES = r"(monai|nnunetv2|captum|dynamic_network_architectures|batchgenerators|acvl_utils)(\.|$)"
+
 _FLAG_COMMANDS = ("explain", "predict", "layers")
 """Commands built from flags, not a config: their errors name flags where a config key has one."""
 
@@ -211,6 +214,10 @@ def main(argv: list[str] | None = None) -> int:
         share_malloc_arena()
     args = build_parser().parse_args(argv)
     _setup_logging(args.verbose)
+    # a library's notice to its own developers (MONAI's changed defaults on a bundle's transforms) is no
+    # action for the person running the command: kept off the console
+    warnings.filterwarnings("ignore", category=FutureWarning, module=_LIBRARIES)
+    warnings.filterwarnings("ignore", category=DeprecationWarning, module=_LIBRARIES)
     if argv is None:  # the console command: a job abandoned by the watchdog must not crash the exit
         code = _main(args)
         watchdog = sys.modules.get("esegeta_engine.watchdog")  # not imported: nothing was abandoned
