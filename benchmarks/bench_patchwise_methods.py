@@ -8,7 +8,13 @@ Targets (issue 20): ratio <= 1.6, peak RSS <= 4 GB at the issue's scale.
 Default: a reduced scale that finishes in minutes on 2 shared CPU cores. ``--full`` uses the issue's
 448x448x128 volume, MONAI BasicUNet at its default features, patch 96^3, overlap 0.25 (hours on 2 cores).
 
+``--full-grid [--max-patches K]`` gives the issue's peak memory in minutes: the 448x448x128 volume, its
+72-patch grid and every whole-volume buffer at full size, with only the first K patches (default 2)
+run through the network on both sides; each child also reports where its peak RSS was reached.
+
     python benchmarks/bench_patchwise_methods.py [--full]
+    python benchmarks/bench_patchwise_methods.py --full-grid --shared-reference --no-occlusion \
+        --methods saliency,layer_gradcam,deeplift,lrp
 """
 
 from __future__ import annotations

@@ -232,7 +232,7 @@ class SlidingWindow(nn.Module):
                     keep.append((b, p, y))
         if acc is None:  # no active patch: the target reads nothing
             acc = torch.zeros((n, 1, *grid.padded), device=x.device)
-        return grid.crop(acc / grid.count)
+        return grid.crop(acc.div_(grid.count))  # in place: one whole-volume buffer, not two
 
     def _reuse(self, x: torch.Tensor, grid: WindowGrid, base: _BaseCache) -> torch.Tensor:
         """Perturbed copies of the base input: recompute only the patches they change."""
@@ -246,6 +246,7 @@ class SlidingWindow(nn.Module):
                 num[(b, slice(None), *grid.slices[p])] += y * grid.weight[0]
             base.numerator = num
             base.padded = grid.pad_input(base.x)
+            base.count = grid.count  # kept while perturbations reuse the base (built once)
         nb = base.x.shape[0]
         xp = grid.pad_input(x)
         active = self.active_patches(grid)
@@ -273,7 +274,7 @@ class SlidingWindow(nn.Module):
             by_copy.setdefault(m, []).append(p)
         for m, changed in by_copy.items():
             self._restitch_region(num, m, changed, fresh, base, grid, active, nb)
-        return grid.crop(num / grid.count)
+        return grid.crop(num.div_(base.count))  # ``num`` is this call's own copy
 
     @staticmethod
     def _restitch_region(num: torch.Tensor, m: int, changed: list[int], fresh: dict, base: _BaseCache,
@@ -317,6 +318,7 @@ class _BaseCache:
         self.x = x
         self.padded: torch.Tensor | None = None
         self.numerator: torch.Tensor | None = None
+        self.count: torch.Tensor | None = None
         self.outputs: dict[tuple[int, int], torch.Tensor] = {}
 
     def matches(self, x: torch.Tensor) -> bool:
@@ -365,7 +367,7 @@ class _PatchwiseFunction(torch.autograd.Function):
                 finally:
                     sw.recomputing = False
                 share = torch.cat([up[(slice(b, b + 1), slice(None), *grid.slices[p])]
-                                   / grid.count[(slice(None), slice(None), *grid.slices[p])] for b, p in chunk])
+                                   / grid.count_at(p) for b, p in chunk])
                 (g,) = torch.autograd.grad(y, patch, share * grid.weight)
                 for (b, p), gi in zip(chunk, g):
                     gpad[(b, slice(None), *grid.slices[p])] += gi
