@@ -238,6 +238,8 @@ def main() -> None:
     ap.add_argument("--shared-reference", action="store_true",
                     help="time every method against the one minimum measured first (fewer child processes; "
                          "for peak-memory runs, not for ratios on a loaded machine)")
+    ap.add_argument("--no-reference", action="store_true",
+                    help="measure the methods only, no minimum (peak-memory runs; no ratios)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--repeat", type=int, default=1, help="interleaved reference/method runs (medians)")
     ap.add_argument("--estimate", action="store_true",
@@ -284,7 +286,7 @@ def main() -> None:
               f"{max_patches} patches (the per-patch ratio).")
     minimum = minimum2 = {"seconds": 0.0, "peak_rss_mb": 0.0}
     paired = False
-    if not args.occlusion_only:
+    if not args.occlusion_only and not args.no_reference:
         minimum = _run_child("minimum", shape, patch, features, overlap, max_patches)
         paired = not args.methods or any(m in ("deeplift", "deeplift_shap") for m in args.methods.split(","))
         minimum2 = _run_child("minimum2", shape, patch, features, overlap, max_patches) if paired else minimum  # only if used
@@ -318,9 +320,16 @@ def main() -> None:
             continue
         refs, mine = [], []
         for _ in range(args.repeat):  # interleaved: load changes hit both sides
-            refs.append({"minimum": minimum, "minimum2": minimum2}[ref_mode] if args.shared_reference
-                        else _run_child(ref_mode, shape, patch, features, overlap, max_patches))
+            if not args.no_reference:
+                refs.append({"minimum": minimum, "minimum2": minimum2}[ref_mode] if args.shared_reference
+                            else _run_child(ref_mode, shape, patch, features, overlap, max_patches))
             mine.append(_run_child(mode, shape, patch, features, overlap, max_patches))
+        if args.no_reference:
+            r = mine[0]
+            print(f"{mode}: {r['seconds']:.1f} s wall, {r['cpu_seconds']:.1f} s CPU, peak RSS {r['peak_rss_mb']:.0f} MB, "
+                  f"{r['patches']} patch evaluations; peak ({r.get('sampled_peak_mb', 0):.0f} MB sampled) at "
+                  f"{r.get('peak_at', '-')}")
+            continue
         # layer IG: one pass per path point; DeepLIFT SHAP: one DeepLIFT per baseline row
         steps = PARAMS.get(mode, {}).get("n_steps", PARAMS.get(mode, {}).get("n_baselines", 1))
         wall = median(r["seconds"] for r in mine) / (steps * median(r["seconds"] for r in refs))
