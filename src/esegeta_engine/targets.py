@@ -138,9 +138,11 @@ class ArgmaxRegionTarget(Target):
 
     def prepare(self, output: torch.Tensor) -> None:
         self._check(output)
-        self.region = output.detach().argmax(dim=1)
+        region = output.detach().argmax(dim=1)
         # built once: every perturbed forward pass reuses it
-        self.onehot = F.one_hot(self.region, output.shape[1]).movedim(-1, 1).to(output.dtype)
+        self.onehot = F.one_hot(region, output.shape[1]).movedim(-1, 1).to(output.dtype)
+        # the smallest integer type that holds every class: a whole scan's labels at 1 byte a voxel, not 8
+        self.region = region.to(torch.uint8 if output.shape[1] <= 256 else torch.int32)
 
     def _check(self, output: torch.Tensor) -> None:
         self._check_spatial(output, "argmax region")
