@@ -204,7 +204,7 @@ class Explainer:
         if out.dim() < 3:
             raise TargetError("the model output has no spatial grid (a classifier?)",
                               "use target kind 'classification'")
-        labels = out.argmax(1) if out.shape[1] > 1 else (out[:, 0] > 0).long()
+        labels = T.channel_argmax(out) if out.shape[1] > 1 else (out[:, 0] > 0).long()
         return self.geometry(volume).to_nifti(labels[0].cpu().numpy().astype(np.uint8))
 
     def expand_target(self, target: T.Target, output: torch.Tensor, volume: Volume) -> T.Target:
