@@ -113,38 +113,126 @@ def _unet(kind: str, dim: int) -> nn.Module:
     return net.eval()
 
 
+def _outputs_and_gradient(net: nn.Module, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """The network's output(s) and the gradient of a weighted sum of all of them (deep supervision too)."""
+    xr = x.clone().requires_grad_(True)
+    out = net(xr)
+    outs = out if isinstance(out, (list, tuple)) else [out]
+    gen = torch.Generator().manual_seed(3)
+    total = sum((o * torch.randn(o.shape, generator=gen)).sum() for o in outs)
+    return [o.detach() for o in outs], torch.autograd.grad(total, xr)[0]
+
+
+@pytest.mark.parametrize("deep_supervision", [False, True], ids=["one-head", "deep-supervision"])
 @pytest.mark.parametrize("dim", [2, 3])
 @pytest.mark.parametrize("kind", ["plain", "residual"])
-def test_unet_gradient_equals_the_plain_gradient(kind, dim):
+def test_unet_gradient_equals_the_plain_gradient(kind, dim, deep_supervision):
     net = _unet(kind, dim)
+    net.decoder.deep_supervision = deep_supervision
     x = torch.randn(1, 1, *(16,) * dim)
-    w = torch.randn(1, 3, *(16,) * dim)
-
-    def grad() -> torch.Tensor:
-        xr = x.clone().requires_grad_(True)
-        return torch.autograd.grad((net(xr) * w).sum(), xr)[0]
-
-    plain = grad()
+    plain_out, plain = _outputs_and_gradient(net, x)
     segments = unet_segments(net)
     names = {m: n for n, m in net.named_modules()}
     stages = [names[m] for m in segments if type(m).__name__.startswith("Stacked")]
-    blocks = [names[m] for m in segments if not type(m).__name__.startswith("Stacked")]
-    # every stage but the decoder's last (the backward starts there); the blocks of the levels whose feature
-    # maps are at least half the largest (channels / voxels per input voxel): level 0 (4), in 2D also level 1 (8/4)
-    assert len(stages) == (5 if kind == "residual" else 4) + 2  # (stem +) 4 encoder, 2 of 3 decoder stages
-    assert "decoder.stages.2" not in stages
+    blocks = [names[m] for m in segments if type(m).__name__ in ("ConvDropoutNormReLU", "BasicBlockD")]
+    # the encoder's stages; the decoder as fused steps (its stages are inside them, not segments of their own);
+    # the blocks of the levels whose feature maps are at least half the largest (channels / voxels per input
+    # voxel): level 0 (4), in 2D also level 1 (8/4) -- except the last stage's first block, inside its step
+    assert len(stages) == (5 if kind == "residual" else 4) and not any(n.startswith("decoder") for n in stages)
+    assert names[segments[-1]] == "decoder"
     large = ("encoder.stem", "encoder.stages.0", "decoder.stages.2") + (
         ("encoder.stages.1", "decoder.stages.1") if dim == 2 else ())
     assert blocks and all(n.startswith(large) for n in blocks)
-    assert {n.rsplit(".", 2)[0] if "convs" in n else n for n in blocks} >= {"decoder.stages.2"}
+    assert "decoder.stages.2.convs.1" in blocks and "decoder.stages.2.convs.0" not in blocks
     before = _snapshot(net)
     with checkpointed(segments) as counter:
-        ours = grad()
-    # each outermost segment ran once with gradients: the stages and the last decoder stage's blocks
-    last = [m for m in segments if names[m].startswith("decoder.stages.2")]
-    assert counter.calls == len(stages) + len(last)
-    assert plain.abs().max() > 0
+        assert "forward" in net.decoder.__dict__
+        ours_out, ours = _outputs_and_gradient(net, x)
+    # each outermost segment ran once with gradients: the encoder's stages, one step per decoder stage and the
+    # last decoder stage's further blocks
+    assert counter.calls == len(stages) + len(net.decoder.stages) + len(net.decoder.stages[-1].convs) - 1
+    assert plain.abs().max() > 0 and len(ours_out) == (len(net.decoder.stages) if deep_supervision else 1)
+    for a, b in zip(ours_out, plain_out, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
     torch.testing.assert_close(ours, plain, rtol=0, atol=0)
+    _same(before, _snapshot(net))
+
+
+def _concatenations_saved(net: nn.Module, x: torch.Tensor, segments: list[nn.Module]) -> int:
+    """Tensors the forward stores with the last decoder stage's input shape (skip + up-sampled: 2x channels)."""
+    shape = (1, 2 * net.decoder.stages[-1].output_channels, *x.shape[2:])
+    found = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        found.append(tuple(t.shape) == shape)
+        return t
+
+    with checkpointed(segments), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        net(x.clone().requires_grad_(True))
+    return sum(found)
+
+
+class _OwnDecoder:
+    """A subclass of nnU-Net's decoder (the fused loop is written for the exact class only)."""
+
+
+@pytest.mark.parametrize("dim", [2, 3])
+def test_fused_decoder_stores_no_concatenation_and_others_fall_back(dim):
+    from esegeta_engine.forward.checkpointing import decoder_scheme
+
+    net = _unet("plain", dim)
+    x = torch.randn(1, 1, *(16,) * dim)
+    segments = unet_segments(net)
+    assert _concatenations_saved(net, x, []) >= 1  # without checkpointing the first block stores it
+    assert _concatenations_saved(net, x, segments) == 0
+    assert decoder_scheme(net, segments).startswith("fused steps")
+    # a subclass, a decoder with its own forward: the per-stage scheme, and the record says why
+    plain_out, plain = _outputs_and_gradient(net, x)
+    cls = net.decoder.__class__
+    net.decoder.__class__ = type("OwnDecoder", (cls,), {})
+    try:
+        fallback = unet_segments(net)
+        assert net.decoder not in fallback and net.decoder.stages[0] in fallback
+        assert "OwnDecoder is not dynamic_network_architectures" in decoder_scheme(net, fallback)
+        assert _concatenations_saved(net, x, fallback) >= 1
+        with checkpointed(fallback):
+            out, g = _outputs_and_gradient(net, x)
+        torch.testing.assert_close(g, plain, rtol=0, atol=0)
+    finally:
+        net.decoder.__class__ = cls
+    own = net.decoder.forward
+    net.decoder.forward = own
+    fallback = unet_segments(net)
+    assert net.decoder not in fallback and "its own instance forward" in decoder_scheme(net, fallback)
+    with checkpointed(fallback):
+        out, g = _outputs_and_gradient(net, x)
+    assert net.decoder.__dict__["forward"] is own
+    torch.testing.assert_close(g, plain, rtol=0, atol=0)
+    torch.testing.assert_close(out[0], plain_out[0], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kind", ["plain", "residual"])
+def test_fused_decoder_restored_after_an_error_and_with_overlapping_runs(kind):
+    net = _unet(kind, 3)
+    x = torch.randn(1, 1, 16, 16, 16)
+    _, plain = _outputs_and_gradient(net, x)
+    before = _snapshot(net)
+    with pytest.raises(RuntimeError, match="stop"):
+        with checkpointed(unet_segments(net)):
+            xr = x.clone().requires_grad_(True)
+            y = net(xr)
+            raise RuntimeError("stop")
+    del y
+    _same(before, _snapshot(net))
+    assert "forward" not in net.decoder.__dict__
+    a, b = checkpointed(unet_segments(net)), checkpointed(unet_segments(net))
+    a.__enter__()
+    cb = b.__enter__()
+    a.__exit__(None, None, None)  # the earlier run ends first; the later one's fused decoder still runs
+    _, g = _outputs_and_gradient(net, x)
+    assert cb.calls > 0
+    torch.testing.assert_close(g, plain, rtol=0, atol=0)
+    b.__exit__(None, None, None)
     _same(before, _snapshot(net))
 
 
@@ -225,10 +313,12 @@ def test_pipeline_saliency_equal_and_counts_unchanged(folder, folder_2d, dim):
     assert calls_on == calls_off == {"forward": expected, "backward": expected, "reused": 0}
     # the outermost segments ran checkpointed once per backward network call (the forward runs without gradients)
     names = {m: n for n, m in pipe.named_modules()}
-    last = f"decoder.stages.{len(pipe.folds[0].decoder.stages) - 1}."
-    outer = [m for m in pipe.checkpoint_segments()
+    decoder = pipe.folds[0].decoder
+    last = f"decoder.stages.{len(decoder.stages) - 1}."
+    outer = [m for m in pipe.checkpoint_segments()  # the encoder's stages, the last decoder stage's further blocks
              if type(m).__name__.startswith("Stacked") or last in names[m]]
-    assert on.calls == expected * len(outer) // len(pipe.folds)
+    steps = len(decoder.stages) * len(pipe.folds)  # the fused decoder: one step per stage
+    assert on.calls == expected * (len(outer) + steps) // len(pipe.folds)
     assert g_off.abs().max() > 0
     torch.testing.assert_close(g_on, g_off, rtol=0, atol=0)
     _same(before, _snapshot(pipe.folds))

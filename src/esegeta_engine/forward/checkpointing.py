@@ -42,6 +42,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from esegeta_engine.errors import ConfigError, MethodError
+from esegeta_engine.forward.checkpoint_decoder import decoder_refusal, first_blocks, fused_forward
 
 SETTINGS = ("auto", "on", "off")
 STAGE_TYPES = ("StackedConvBlocks", "StackedResidualBlocks")
@@ -64,12 +65,15 @@ class CheckpointUse:
         Why it was or was not used.
     calls : int
         Outermost checkpointed block calls that ran with gradients (0: nothing was stored less).
+    decoder : str
+        How the U-Net decoders were split (fused steps from before the up-sampling, or per stage and why).
     """
 
     setting: str
     segments: int = 0
     why: str = ""
     calls: int = 0
+    decoder: str = ""
 
     @property
     def used(self) -> bool:
@@ -83,6 +87,8 @@ class CheckpointUse:
             d.update(segments=self.segments, checkpointed_block_calls=self.calls,
                      recomputation="each checkpointed block's forward runs again in the backward (inside a "
                                    "counted network evaluation: not a network evaluation of its own)")
+            if self.decoder:
+                d["decoder"] = self.decoder
         return d
 
 
@@ -126,7 +132,8 @@ def checkpointed(modules: Sequence[nn.Module]) -> Iterator[_Counter]:
     installed: list[tuple[nn.Module, Any]] = []
     try:
         for m in dict.fromkeys(modules):  # each module once, in the given order
-            run = _wrapper(m.forward, counter)
+            fused = decoder_refusal(m, _ours) is None  # a U-Net decoder: fused steps (checkpoint_decoder)
+            run = _decoder_wrapper(m, m.forward, counter) if fused else _wrapper(m.forward, counter)
             run._esegeta_saved = m.__dict__.get("forward", _MISSING)  # type: ignore[attr-defined]
             object.__setattr__(m, "forward", run)
             installed.append((m, run))
@@ -154,6 +161,10 @@ def _unwind(m: nn.Module) -> None:
         object.__setattr__(m, "forward", top)
 
 
+def _ours(forward: Any) -> bool:
+    return active_wrapper(forward) is not None
+
+
 def active_wrapper(forward: Any) -> bool | None:
     """True / False for a checkpointing wrapper still in use / finished; None for anything else."""
     counter = getattr(forward, "_esegeta_counter", None)
@@ -179,6 +190,20 @@ def _wrapper(forward: Any, counter: _Counter) -> Any:
         if counter.depth == 0:  # an outermost block (nested ones run inside it)
             counter.calls += 1
         return checkpoint(inside, *args, use_reentrant=False, **kwargs)
+
+    run._esegeta_counter = counter  # type: ignore[attr-defined]
+    return run
+
+
+def _decoder_wrapper(decoder: nn.Module, forward: Any, counter: _Counter) -> Any:
+    """The decoder's forward as checkpointed steps (:func:`.checkpoint_decoder.fused_forward`)."""
+    def step(fn: Any, *tensors: torch.Tensor) -> torch.Tensor:
+        return _wrapper(fn, counter)(*tensors)
+
+    def run(skips: Any) -> Any:
+        if not torch.is_grad_enabled() or not counter.active:  # a finished run's wrapper only passes through
+            return forward(skips)
+        return fused_forward(decoder, skips, step)
 
     run._esegeta_counter = counter  # type: ignore[attr-defined]
     return run
@@ -220,12 +245,33 @@ def unet_segments(model: nn.Module, nested_fraction: float = 0.5) -> list[nn.Mod
         for s, stage in enumerate(dec):
             stages.append((n - 2 - s, stage))  # decoder stage s works at encoder level -(s + 2)
         last = dec[-1] if dec else None
+        fused = decoder_refusal(decoder, _ours) is None  # the decoder's own steps replace its stages
+        in_steps = {id(m) for m in first_blocks(decoder)} if fused else set()
         for level, stage in stages:
-            if stage is not last:
+            if stage is not last and not (fused and any(stage is d for d in dec)):
                 out.extend([m for m in stage.modules() if type(m).__name__ in STAGE_TYPES][:1])
             if level in large:
-                out.extend(m for m in stage.modules() if type(m).__name__ in BLOCK_TYPES)
+                out.extend(m for m in stage.modules() if type(m).__name__ in BLOCK_TYPES and id(m) not in in_steps)
+        if fused:
+            out.append(decoder)
     return list(dict.fromkeys(out))
+
+
+def decoder_scheme(model: nn.Module, modules: Sequence[nn.Module]) -> str:
+    """How the U-Net decoders among ``modules`` are checkpointed, for the map's record ('' : none found)."""
+    listed = {id(m) for m in modules}
+    notes = []
+    for net in model.modules():
+        encoder, decoder = getattr(net, "encoder", None), getattr(net, "decoder", None)
+        if encoder is None or decoder is None or not hasattr(encoder, "strides"):
+            continue
+        if id(decoder) in listed:
+            notes.append("fused steps: each decoder stage's up-sampling and skip concat are recomputed inside "
+                         "its checkpoint (the concatenation is not stored)")
+        else:
+            notes.append("per stage (the concatenated input of each decoder stage is stored): "
+                         + (decoder_refusal(decoder, _ours) or "the decoder was not among the segments"))
+    return "; ".join(dict.fromkeys(notes))
 
 
 def _stage_sizes(encoder: nn.Module) -> list[float]:
@@ -281,6 +327,7 @@ def method_checkpointing(spec: Any, model: nn.Module, setting: str = "auto") -> 
                           "(it knows nnU-Net's PlainConvUNet and ResidualEncoderUNet)",
                           "use execution.checkpointing: auto or off")
     use.segments = len(modules)
+    use.decoder = decoder_scheme(model, modules)
     use.why = f"{setting}: blocks keep only their inputs; each is recomputed in the backward"
     with checkpointed(modules) as counter:
         try:
