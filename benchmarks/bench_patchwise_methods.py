@@ -280,7 +280,8 @@ def main() -> None:
         return
     print(f"volume {shape}, patch {patch}, BasicUNet features {features}, overlap {overlap}, 1 thread")
     if max_patches:
-        print(f"--max-patches: only the first {max_patches} of the grid's {_patches(shape, patch, overlap)} patches run "
+        print(f"--max-patches: only the first {max_patches} of the grid's {_patches(shape, patch, overlap)} "
+              "patches run "
               "through the network (the reference too); every whole-volume buffer is allocated at full size as in "
               "a real run. Every patch costs the same, so peak RSS is the full run's; times and ratios cover "
               f"{max_patches} patches (the per-patch ratio).")
@@ -289,7 +290,8 @@ def main() -> None:
     if not args.occlusion_only and not args.no_reference:
         minimum = _run_child("minimum", shape, patch, features, overlap, max_patches)
         paired = not args.methods or any(m in ("deeplift", "deeplift_shap") for m in args.methods.split(","))
-        minimum2 = _run_child("minimum2", shape, patch, features, overlap, max_patches) if paired else minimum  # only if used
+        # only if used
+        minimum2 = _run_child("minimum2", shape, patch, features, overlap, max_patches) if paired else minimum
         print(f"minimum (fwd+bwd of every patch): {minimum['seconds']:.1f} s, peak RSS "
               f"{minimum['peak_rss_mb']:.0f} MB; of input and baseline: "
               + (f"{minimum2['seconds']:.1f} s" if paired else "not measured (no DeepLIFT method)"))
@@ -326,8 +328,8 @@ def main() -> None:
             mine.append(_run_child(mode, shape, patch, features, overlap, max_patches))
         if args.no_reference:
             r = mine[0]
-            print(f"{mode}: {r['seconds']:.1f} s wall, {r['cpu_seconds']:.1f} s CPU, peak RSS {r['peak_rss_mb']:.0f} MB, "
-                  f"{r['patches']} patch evaluations; peak ({r.get('sampled_peak_mb', 0):.0f} MB sampled) at "
+            print(f"{mode}: {r['seconds']:.1f} s wall, {r['cpu_seconds']:.1f} s CPU, "
+                  f"peak RSS {r['peak_rss_mb']:.0f} MB, {r['patches']} patch evaluations; peak ({r.get('sampled_peak_mb', 0):.0f} MB sampled) at "
                   f"{r.get('peak_at', '-')}")
             continue
         # layer IG: one pass per path point; DeepLIFT SHAP: one DeepLIFT per baseline row

@@ -26,8 +26,9 @@ support) are skipped altogether (``support``).
 
 **The prediction's output is reused.** The last full stitched output computed without
 gradients (the prediction every run starts with) is remembered with a digest of its input
-(BLAKE2b of its bytes, not a copy of the scan) and a fingerprint of the network's parameters and buffers (identity and version of each tensor:
-an in-place change such as a randomisation or a BatchNorm fold invalidates it). A patch-wise
+(BLAKE2b of its bytes, not a copy of the scan) and a fingerprint of the network's parameters
+and buffers (identity and version of each tensor: an in-place change such as a randomisation
+or a BatchNorm fold invalidates it). A patch-wise
 backward whose hooks act only in the recomputation (``plain_forward``: LRP, excitation
 backprop) returns that output for an equal input instead of running every patch once more.
 
@@ -202,8 +203,9 @@ class SlidingWindow(nn.Module):
 
     def remembered_output(self, x: torch.Tensor) -> torch.Tensor | None:
         """The stitched output of an equal input computed earlier without gradients, if any."""
-        if self._handed is not None and self._handed[0].shape == x.shape and torch.equal(self._handed[0], x.detach()):
-            return self._handed[1].clone()
+        handed = self._handed
+        if handed is not None and handed[0].shape == x.shape and torch.equal(handed[0], x.detach()):
+            return handed[1].clone()
         if not _LAST_OUTPUT or not self._cacheable():
             return None
         key, digest, out = _LAST_OUTPUT[0]
