@@ -16,7 +16,6 @@ from esegeta_engine.cli import main
 pytest.importorskip("nnunetv2")
 
 
-@pytest.mark.xfail(strict=True, reason="dry_run does not ask the pipeline's method_refusal (jobs/dry_run.py)")
 def test_dry_run_lists_deeplift_through_nnunet_as_refused(nnunet_folder, tmp_path, capsys):
     import nibabel as nib
 
