@@ -12,6 +12,8 @@
    "(floor)" is napari's or Mesa's own single call, measured in the same run: a gap no code of
    ours can go under (one layer insertion; one 3D frame of the same layers, a camera turn).
 2-3. Cancel latency and Evaluate's memory: ``meeting_flow_cancel.py`` (run through this script).
+4. ``--profile-insert``: one insertion's time split into ours, napari's Qt, vispy/OpenGL and napari's model
+   (cProfile), with no dock and with the dock: ``meeting_flow_profile.py``.
 
 Run under a display::
 
@@ -78,6 +80,11 @@ def gui(args) -> None:
     app = QApplication.instance() or QApplication([])
     viewer = napari.Viewer()
     viewer.window._qt_window.resize(1366, 768)
+    if args.profile_insert:
+        from meeting_flow_profile import profile_insert
+
+        profile_insert(app, viewer, args)
+        return
     shape = BIG if args.size == "big" else (64, 64, 64)
     image = _add_scan(viewer, shape)
     data = image.data
@@ -248,6 +255,8 @@ def main() -> None:
     ap.add_argument("--no-cancel", action="store_true")
     ap.add_argument("--cancel-only", action="store_true", help="only the Cancel latencies (no stall rows)")
     ap.add_argument("--add-only", action="store_true", help="only the add-map stall rows (no Cancel)")
+    ap.add_argument("--profile-insert", action="store_true",
+                    help="where one map insertion's time goes (cProfile): no dock against the esegeta dock")
     ap.add_argument("--preview-3d", action="store_true",
                     help="experiment: a multiscale map layer against a full-resolution one in 3D")
     ap.add_argument("--cancel-delays", type=float, nargs="+", default=[2.0, 8.0],

@@ -8,7 +8,13 @@ Targets (issue 20): ratio <= 1.6, peak RSS <= 4 GB at the issue's scale.
 Default: a reduced scale that finishes in minutes on 2 shared CPU cores. ``--full`` uses the issue's
 448x448x128 volume, MONAI BasicUNet at its default features, patch 96^3, overlap 0.25 (hours on 2 cores).
 
+``--full-grid [--max-patches K]`` gives the issue's peak memory in minutes: the 448x448x128 volume, its
+72-patch grid and every whole-volume buffer at full size, with only the first K patches (default 2)
+run through the network on both sides; each child also reports where its peak RSS was reached.
+
     python benchmarks/bench_patchwise_methods.py [--full]
+    python benchmarks/bench_patchwise_methods.py --full-grid --shared-reference --no-occlusion \
+        --methods saliency,layer_gradcam,deeplift,lrp
 """
 
 from __future__ import annotations
@@ -36,7 +42,55 @@ def _net(features):
     return BasicUNet(3, 1, 2, features=tuple(features)).eval()
 
 
-def _child(mode: str, shape, patch, features, overlap: float) -> dict:
+def _first_patches(k: int | None) -> None:
+    """``--max-patches K``: only the first K patches of the grid run through the network.
+
+    Every whole-volume buffer (input, stitched outputs, count map, upstream and gradient buffers,
+    the baseline's stitched output) is allocated at the full volume's size exactly as in a real
+    run; only :meth:`SlidingWindow.active_patches` (the one place that says which patches run)
+    is cut to its first K. Each patch costs the same time and transient memory, so the peak RSS
+    is the full run's; the time covers K patches."""
+    if not k:
+        return
+    from esegeta_engine.forward.sliding import SlidingWindow
+
+    every = SlidingWindow.active_patches
+    SlidingWindow.active_patches = lambda self, grid: every(self, grid)[:k]  # type: ignore[method-assign]
+
+
+class _PeakWhere:
+    """Samples RSS every 2 ms in a thread; keeps the main thread's engine frames at the highest sample."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.peak, self.where, self.main = 0, "", threading.main_thread().ident
+        self.stop = threading.Event()
+        self.page = resource.getpagesize()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        import traceback
+
+        with open("/proc/self/statm") as f:
+            while not self.stop.wait(0.002):
+                f.seek(0)
+                rss = int(f.read().split()[1]) * self.page
+                if rss > self.peak:
+                    frame = sys._current_frames().get(self.main)
+                    stack = traceback.extract_stack(frame) if frame is not None else []
+                    self.peak = rss
+                    self.where = " <- ".join(f"{fr.name}:{fr.lineno}" for fr in reversed(stack)
+                                             if "esegeta_engine" in fr.filename or "bench_" in fr.filename)
+
+    def close(self) -> dict:
+        self.stop.set()
+        self.thread.join()
+        return {"sampled_peak_mb": self.peak / 2**20, "peak_at": self.where}
+
+
+def _child(mode: str, shape, patch, features, overlap: float, max_patches: int | None = None) -> dict:
     from esegeta_engine.config import ExecutionConfig, TargetConfig
     from esegeta_engine.forward.sliding import SlidingWindow, WindowSettings
     from esegeta_engine.explain import Explainer
@@ -46,6 +100,8 @@ def _child(mode: str, shape, patch, features, overlap: float) -> dict:
     from esegeta_engine.targets import ArgmaxRegionTarget
 
     torch.set_num_threads(1)
+    _first_patches(max_patches)
+    where = _PeakWhere() if max_patches else None
     net = _net(features)
     x = torch.from_numpy(np.random.default_rng(0).normal(size=(1, 1, *shape)).astype(np.float32))
     for p in net.parameters():
@@ -63,7 +119,7 @@ def _child(mode: str, shape, patch, features, overlap: float) -> dict:
         n = 0
         for xi in [x, torch.zeros_like(x)][:copies]:
             xp = grid.pad_input(xi)
-            for sl in grid.slices:
+            for sl in grid.slices[:max_patches or None]:
                 patch_in = xp[(slice(None), slice(None), *sl)].clone().requires_grad_(True)
                 y = net(patch_in)
                 torch.autograd.grad(y, patch_in, torch.ones_like(y))
@@ -85,7 +141,8 @@ def _child(mode: str, shape, patch, features, overlap: float) -> dict:
         attribute(spec, ctx, spec.resolve_params({**params, **PARAMS.get(mode, {})}))
         n = monitor.patches
     return {"mode": mode, "seconds": time.perf_counter() - start, "cpu_seconds": time.process_time() - cpu,
-            "patches": n, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+            "patches": n, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            **(where.close() if where is not None else {})}
 
 
 def occlusion_roi(shape, patch, roi_edge: int, window: int, features, net=None) -> dict:
@@ -172,6 +229,17 @@ def main() -> None:
     ap.add_argument("--two-patch-64", action="store_true",
                     help="64x64x112, default BasicUNet, patch 64^3: two patches at (2/3)^3 of the issue's patch "
                          "volume (below 2 GB: runs beside other work); peak RSS scales with the patch's voxels")
+    ap.add_argument("--full-grid", action="store_true",
+                    help="the issue's 448x448x128 volume, its full 72-patch grid and every whole-volume buffer "
+                         "at full size, but only the first --max-patches patches run through the network "
+                         "(honest peak memory in minutes: every patch costs the same)")
+    ap.add_argument("--max-patches", type=int, default=None,
+                    help="only the first K patches of the grid run through the network (--full-grid: default 2)")
+    ap.add_argument("--shared-reference", action="store_true",
+                    help="time every method against the one minimum measured first (fewer child processes; "
+                         "for peak-memory runs, not for ratios on a loaded machine)")
+    ap.add_argument("--no-reference", action="store_true",
+                    help="measure the methods only, no minimum (peak-memory runs; no ratios)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--repeat", type=int, default=1, help="interleaved reference/method runs (medians)")
     ap.add_argument("--estimate", action="store_true",
@@ -188,7 +256,11 @@ def main() -> None:
     if args.child:
         print(json.dumps(_child(*json.loads(args.child))))
         return
-    if args.full:
+    max_patches = args.max_patches
+    if args.full_grid:
+        shape, patch, features = [448, 448, 128], [96, 96, 96], [32, 32, 64, 128, 256, 32]
+        max_patches = max_patches or 2
+    elif args.full:
         shape, patch, features = [448, 448, 128], [96, 96, 96], [32, 32, 64, 128, 256, 32]
     elif args.two_patch:
         shape, patch, features = [96, 96, 168], [96, 96, 96], [32, 32, 64, 128, 256, 32]
@@ -207,12 +279,19 @@ def main() -> None:
                          occlusion_roi([128, 128, 32], [32, 32, 32], 8, 8, [4, 4, 8, 8, 16, 4]))
         return
     print(f"volume {shape}, patch {patch}, BasicUNet features {features}, overlap {overlap}, 1 thread")
+    if max_patches:
+        print(f"--max-patches: only the first {max_patches} of the grid's {_patches(shape, patch, overlap)} "
+              "patches run "
+              "through the network (the reference too); every whole-volume buffer is allocated at full size as in "
+              "a real run. Every patch costs the same, so peak RSS is the full run's; times and ratios cover "
+              f"{max_patches} patches (the per-patch ratio).")
     minimum = minimum2 = {"seconds": 0.0, "peak_rss_mb": 0.0}
     paired = False
-    if not args.occlusion_only:
-        minimum = _run_child("minimum", shape, patch, features, overlap)
+    if not args.occlusion_only and not args.no_reference:
+        minimum = _run_child("minimum", shape, patch, features, overlap, max_patches)
         paired = not args.methods or any(m in ("deeplift", "deeplift_shap") for m in args.methods.split(","))
-        minimum2 = _run_child("minimum2", shape, patch, features, overlap) if paired else minimum  # only if used
+        # only if used
+        minimum2 = _run_child("minimum2", shape, patch, features, overlap, max_patches) if paired else minimum
         print(f"minimum (fwd+bwd of every patch): {minimum['seconds']:.1f} s, peak RSS "
               f"{minimum['peak_rss_mb']:.0f} MB; of input and baseline: "
               + (f"{minimum2['seconds']:.1f} s" if paired else "not measured (no DeepLIFT method)"))
@@ -232,7 +311,8 @@ def main() -> None:
                          "UNet (8, 16, 32), batch norm:", occlusion_roi(*demo, net=unet))
     if args.occlusion_only:
         return
-    runs = (("layer_gradcam", "minimum"), ("deeplift", "minimum2"), ("lrp", "minimum"), ("lrp:epsilon", "minimum"),
+    runs = (("saliency", "minimum"), ("layer_gradcam", "minimum"), ("deeplift", "minimum2"), ("lrp", "minimum"),
+            ("lrp:epsilon", "minimum"),
             ("excitation_backprop", "minimum"), ("layer_integrated_gradients", "minimum"), ("eigen_cam", "minimum"),
             ("eigen_grad_cam", "minimum"), ("fullgrad", "minimum"), ("guided_gradcam", "minimum"),
             ("deeplift_shap", "minimum2"))
@@ -242,8 +322,16 @@ def main() -> None:
             continue
         refs, mine = [], []
         for _ in range(args.repeat):  # interleaved: load changes hit both sides
-            refs.append(_run_child(ref_mode, shape, patch, features, overlap))
-            mine.append(_run_child(mode, shape, patch, features, overlap))
+            if not args.no_reference:
+                refs.append({"minimum": minimum, "minimum2": minimum2}[ref_mode] if args.shared_reference
+                            else _run_child(ref_mode, shape, patch, features, overlap, max_patches))
+            mine.append(_run_child(mode, shape, patch, features, overlap, max_patches))
+        if args.no_reference:
+            r = mine[0]
+            print(f"{mode}: {r['seconds']:.1f} s wall, {r['cpu_seconds']:.1f} s CPU, "
+                  f"peak RSS {r['peak_rss_mb']:.0f} MB, {r['patches']} patch evaluations; peak ({r.get('sampled_peak_mb', 0):.0f} MB sampled) at "
+                  f"{r.get('peak_at', '-')}")
+            continue
         # layer IG: one pass per path point; DeepLIFT SHAP: one DeepLIFT per baseline row
         steps = PARAMS.get(mode, {}).get("n_steps", PARAMS.get(mode, {}).get("n_baselines", 1))
         wall = median(r["seconds"] for r in mine) / (steps * median(r["seconds"] for r in refs))
@@ -255,6 +343,8 @@ def main() -> None:
               f"MB (reference {max(m['peak_rss_mb'] for m in refs):.0f} MB), {r['patches']} patch evaluations; "
               f"ratio vs {ref_mode} (fwd+bwd of every patch{', input and baseline' if ref_mode == 'minimum2' else ''}, "
               f"{args.repeat} interleaved run(s)): CPU {cpu:.2f}, wall {wall:.2f} (target <= 1.6)")
+        if "peak_at" in r:
+            print(f"  peak ({r['sampled_peak_mb']:.0f} MB sampled) at {r['peak_at']}")
     if args.estimate:
         _estimate(ratios, overlap)
 

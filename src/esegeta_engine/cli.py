@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import sys
+import warnings
 from pathlib import Path
 
 from esegeta_engine import __version__
@@ -55,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("run", help="run a JSON/YAML config")
-    p.add_argument("config", type=Path)
+    p.add_argument("config", type=Path, help="YAML or JSON config (a single run or a cohort); `esegeta schema`")
     p.add_argument("--out", help="output folder (overrides output.dir)")
     p.add_argument("--overwrite", action="store_true", help="write into a folder holding a previous run")
     p.add_argument("--resume", action="store_true",
@@ -141,12 +143,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("report", help="write report.html (figures, metrics tables) for a run folder")
-    p.add_argument("run_dir")
+    p.add_argument("run_dir", help="a run's output folder (holds manifest.json)")
     p.add_argument("--mask", help="ground-truth NIfTI mask: adds localisation scores per map")
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("evaluate", help="re-evaluate a finished run's maps (same execution); update records, report")
-    p.add_argument("run_dir")
+    p.add_argument("run_dir", help="a run's output folder (holds manifest.json)")
     p.add_argument("--metrics", help="comma-separated: axioms,infidelity,sensitivity,faithfulness,class_contrast "
                                      "(default: the run's evaluation section)")
     p.add_argument("--mask", help="ground-truth NIfTI mask: adds localisation scores per map")
@@ -159,15 +161,49 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("schema", help="print the config's JSON schema")
     p.set_defaults(func=cmd_schema)
+    for name, p in sub.choices.items():  # -v after the command too; errors name the command's own flags
+        p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                       help="log progress to the console")
+        p.set_defaults(flag_names=frozenset(p._option_string_actions) if name in _FLAG_COMMANDS else frozenset())
     return parser
 
 
-def _print_error(exc: EsegetaError) -> None:
-    """``error: <problem>; fix: <fix>`` on one line (multi-line problems keep their lines)."""
+_LIBRARIES = r"(monai|nnunetv2|captum|dynamic_network_architectures|batchgenerators|acvl_utils)(\.|$)"
+
+_FLAG_COMMANDS = ("explain", "predict", "layers")
+"""Commands built from flags, not a config: their errors name flags where a config key has one."""
+
+_FLAGS = {"model.class_path": "--class-path", "model.kwargs": "--kwargs", "model.format": "--format",
+          "model.output": "--output", "model.device": "--device", "model.nnunet": "--nnunet",
+          "model.bundle": "--bundle", "model.config": "--bundle-config", "model.configuration": "--configuration",
+          "model.folds": "--folds", "model.checkpoint": "--checkpoint", "model.path": "--model",
+          "output.dir": "--out", "preprocess.in_channels": "--in-channels", "preprocess.spatial_dims": "--spatial-dims",
+          "preprocess.axis_order": "--axis-order", "preprocess.normalisation": "--normalisation",
+          "preprocess.orientation": "--orientation", "target.classes": "--classes", "target.kind": "--target",
+          "target.roi_mask": "--roi-mask", "target.voxel": "--voxel", "target.layer": "--target-layer",
+          "target.channel": "--channel", "target.activation": "--activation", "execution.patch_size": "--patch-size",
+          "execution.overlap": "--overlap", "execution.precision": "--precision", "run.timeout_s": "--timeout",
+          "run.seed": "--seed"}
+
+
+def in_flags(text: str, flags: frozenset[str]) -> str:
+    """``text`` with each config key the command has a flag for said as that flag (``model.folds`` -> ``--folds``)."""
+    for key, flag in _FLAGS.items():
+        if flag in flags and key in text:
+            text = re.sub(rf"(?<![\w.]){re.escape(flag)} / {re.escape(key)}\b", flag, text)
+            text = re.sub(rf"(?m)^(\s*){re.escape(key)}:", rf"\g<1>{flag}:", text)  # a line per bad value
+            text = re.sub(rf"(?<![\w.]){re.escape(key)}(: (?=\S)|\b)",  # "key: value" -> "--flag value"
+                          lambda m: flag + (" " if m.group(1) else ""), text)
+    return text.replace("fix the keys above", "fix the flags above")
+
+
+def _print_error(exc: EsegetaError, flags: frozenset[str] = frozenset()) -> None:
+    """``error: <problem>; fix: <fix>`` on one line (multi-line problems keep their lines), in the
+    command's own flags where it has them (``flags``)."""
     text = f"error: {exc.problem}"
     if exc.fix:
         text += ("\n  fix: " if "\n" in exc.problem else "; fix: ") + exc.fix
-    print(text, file=sys.stderr)
+    print(in_flags(text, flags) if flags else text, file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -178,6 +214,10 @@ def main(argv: list[str] | None = None) -> int:
         share_malloc_arena()
     args = build_parser().parse_args(argv)
     _setup_logging(args.verbose)
+    # a library's notice to its own developers (MONAI's changed defaults on a bundle's transforms) is no
+    # action for the person running the command: kept off the console
+    warnings.filterwarnings("ignore", category=FutureWarning, module=_LIBRARIES)
+    warnings.filterwarnings("ignore", category=DeprecationWarning, module=_LIBRARIES)
     if argv is None:  # the console command: a job abandoned by the watchdog must not crash the exit
         code = _main(args)
         watchdog = sys.modules.get("esegeta_engine.watchdog")  # not imported: nothing was abandoned
@@ -191,7 +231,7 @@ def _main(args: argparse.Namespace) -> int:
     try:
         return int(args.func(args) or 0)
     except EsegetaError as exc:
-        _print_error(exc)
+        _print_error(exc, getattr(args, "flag_names", frozenset()))
         return 2
     except OSError as exc:  # a file the command reads or writes outside the engine's own checks
         from esegeta_engine.io import output_error

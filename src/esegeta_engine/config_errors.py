@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
@@ -24,6 +25,9 @@ def format_validation_error(exc: ValidationError, source: str = "config", root: 
         if err["type"] == "extra_forbidden":
             msg = "unknown key"
             parent = _fields_at(err["loc"][:-1], root)
+            close = difflib.get_close_matches(str(err["loc"][-1]), parent, n=1, cutoff=0.6)
+            if close:
+                msg += f"; did you mean '{close[0]}'?"
             if parent:
                 msg += f" (allowed here: {', '.join(parent)})"
         elif err["type"] == "literal_error":

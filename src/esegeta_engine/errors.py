@@ -46,6 +46,10 @@ class VolumeError(EsegetaError):
     """An input volume is missing, corrupt, of the wrong shape or not finite."""
 
 
+class VolumeShapeError(VolumeError):
+    """An input volume's dimensions or channels do not fit what the model takes."""
+
+
 class TargetError(EsegetaError):
     """The chosen target cannot be built from the model output."""
 

@@ -25,7 +25,7 @@ from esegeta_engine.advice import precision_clash, rejected_input
 from esegeta_engine.config import ExecutionConfig, MethodConfig, PreprocessConfig, TargetConfig
 from esegeta_engine.errors import Cancelled, EsegetaError, MethodTimeout, TargetError, VolumeError
 from esegeta_engine.forward.runner import ExecutionForm, execution_form
-from esegeta_engine.jobs.build import _is_oom, build_target, memory_error, target_support
+from esegeta_engine.jobs.build import _is_oom, build_target, memory_error, padding_search_input, target_support
 from esegeta_engine.jobs.events import Event, Evaluator, JobFailed, MapReady, Progress, RunState, score_evaluations
 from esegeta_engine.jobs.executor import JobExecutor
 from esegeta_engine.jobs.executors import InlineExecutor, run_jobs
@@ -185,7 +185,7 @@ class Explainer:
         for k in range(1, 6):
             self._divisible = 2 ** k
             try:
-                self._raw(x[:1], monitor)
+                self._raw(padding_search_input(x), monitor)  # a crop with the same remainders
             except (Cancelled, MethodTimeout):
                 raise
             except Exception as exc:
@@ -204,7 +204,7 @@ class Explainer:
         if out.dim() < 3:
             raise TargetError("the model output has no spatial grid (a classifier?)",
                               "use target kind 'classification'")
-        labels = out.argmax(1) if out.shape[1] > 1 else (out[:, 0] > 0).long()
+        labels = T.channel_argmax(out) if out.shape[1] > 1 else (out[:, 0] > 0).long()
         return self.geometry(volume).to_nifti(labels[0].cpu().numpy().astype(np.uint8))
 
     def expand_target(self, target: T.Target, output: torch.Tensor, volume: Volume) -> T.Target:

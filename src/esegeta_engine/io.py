@@ -17,7 +17,7 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 
-from esegeta_engine.errors import OutputError, VolumeError
+from esegeta_engine.errors import OutputError, VolumeError, VolumeShapeError
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 GZIP_MAX_RATIO = 1100
@@ -97,7 +97,7 @@ def load_volume(path: str | Path, *, spatial_dims: int = 3, channels: int = 1) -
         data = data[..., 0]
     if data.ndim != want or (channels > 1 and data.shape[-1] != channels):
         kind = f"{spatial_dims}D image" + (f" with {channels} channels" if channels > 1 else "")
-        raise VolumeError(
+        raise VolumeShapeError(
             f"{path.name} has shape {shape} but a {kind} was expected",
             "give a single 3D volume (split 4D time series / multi-echo files first), or set "
             "preprocess.spatial_dims / preprocess.in_channels to match the model",

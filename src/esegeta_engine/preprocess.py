@@ -92,8 +92,8 @@ def normalise(
         return (data - float(data.mean())) / (std if std > 0 else 1.0)
     if mode in ("minmax", "percentile"):
         if mode == "percentile":
-            lo, hi = np.percentile(data, percentiles)
-            data = np.clip(data, lo, hi)
+            lo, hi = (float(v) for v in np.percentile(data, percentiles))  # Python floats: NumPy 2 keeps
+            data = np.clip(data, lo, hi)  # float32 (numpy float64 scalars would promote the volume to float64)
         else:
             lo, hi = float(data.min()), float(data.max())
         return (data - lo) / (hi - lo) if hi > lo else np.zeros_like(data)

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from esegeta_engine.errors import TargetError
-from esegeta_engine.targets import ArgmaxRegionTarget, OtsuThresholdTarget, Target, _tile
+from esegeta_engine.targets import ArgmaxRegionTarget, OtsuThresholdTarget, Target, _tile, channel_argmax
 
 OUTCOMES = ("tp", "fp", "fn")
 
@@ -49,7 +49,7 @@ def predicted_labels(output: torch.Tensor) -> torch.Tensor:
     The same rule as the written prediction file (:meth:`Explainer.predict`).
     """
     if output.shape[1] > 1:
-        return output.detach().argmax(dim=1)
+        return channel_argmax(output.detach())
     return (output.detach()[:, 0] > 0).long()
 
 

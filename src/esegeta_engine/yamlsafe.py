@@ -197,7 +197,19 @@ def load_bounded(text: str, *, source: str = "config", json_syntax: bool = False
         raise ConfigError(f"{source} is nested too deeply", "flatten the config") from None
     except (json.JSONDecodeError, yaml.YAMLError) as exc:
         kind = "JSON" if json_syntax else "YAML"
-        raise ConfigError(f"{source} is not valid {kind}: {str(exc)[:500]}", "fix the syntax") from None
+        raise ConfigError(f"{source} is not valid {kind}: {_syntax_error(exc)[:500]}", "fix the syntax") from None
+
+
+def _syntax_error(exc: Exception) -> str:
+    """A parser's complaint on one line, with where (YAML's own text spans several lines and quotes the text)."""
+    mark = getattr(exc, "problem_mark", None)
+    if not isinstance(exc, yaml.MarkedYAMLError) or mark is None:
+        return " ".join(str(exc).split())
+    where = f"line {mark.line + 1}, column {mark.column + 1}: {exc.problem}"
+    start = exc.context_mark
+    if exc.context and start is not None and (start.line, start.column) != (mark.line, mark.column):
+        where += f" ({exc.context} that starts at line {start.line + 1}, column {start.column + 1})"
+    return where
 
 
 def read_config_file(path: str | Path) -> Any:

@@ -228,22 +228,20 @@ def roi_from_layer(labels_layer: Any, shape: tuple[int, ...]) -> np.ndarray:
 
 
 def refused_text(methods: Sequence[MethodConfig], target: TargetConfig, execution: Any,
-                 preprocess: PreprocessConfig, volume_shape: Sequence[int]) -> str | None:
-    """Why some of ``methods`` cannot run under this execution (sliding window), or ``None``.
-
-    Decided from the volume's shape and the methods' declared patch-wise mode, before any
-    model evaluation (the engine applies the same rule to each job).
+                 preprocess: PreprocessConfig, volume_shape: Sequence[int], model: Any = None) -> str | None:
+    """Why some of ``methods`` cannot run under this execution (sliding window) or through ``model``
+    (a deployed pipeline's own refusals), or ``None``: before any model evaluation, by the engine's rules.
     """
     from esegeta_engine.jobs.refusal import refusals
     from esegeta_engine.preprocess import AxisOrder
 
     spatial = tuple(volume_shape)[:preprocess.spatial_dims]
     shape = AxisOrder(preprocess.axis_order).to_model(np.broadcast_to(np.float32(0), spatial)).shape
-    found = refusals(methods, target.kind, execution, shape)
+    found = refusals(methods, target.kind, execution, shape, getattr(model, "module", model))
     if not found:
         return None
     names = ", ".join(name for name, _ in found)
-    return f"not started: {names} cannot run under this execution. " + format_error(found[0][1])
+    return f"not started: {names} cannot run here. " + format_error(found[0][1])
 
 
 def explain_events(model: Any, volume: Volume, methods: Sequence[MethodConfig], *,
@@ -264,7 +262,7 @@ def explain_events(model: Any, volume: Volume, methods: Sequence[MethodConfig], 
     ``on_progress``, called from that thread.
     """
     try:
-        refused = refused_text(methods, target, execution, preprocess, volume.data.shape)
+        refused = refused_text(methods, target, execution, preprocess, volume.data.shape, model)
         if refused:  # before any preparation or model evaluation
             yield RunError(refused)
             return

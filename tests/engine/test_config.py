@@ -26,6 +26,10 @@ def test_unknown_key_is_named_with_allowed_keys():
         parse_config(cfg(target={"kind": "argmax", "clases": [1]}))
     msg = str(info.value)
     assert "target.clases: unknown key" in msg and "classes" in msg
+    assert "did you mean 'classes'?" in msg
+    with pytest.raises(ConfigError) as info:
+        parse_config(cfg(target={"kind": "argmax", "xyzzy": 1}))
+    assert "did you mean" not in str(info.value)  # nothing close: only the allowed keys
 
 
 def test_bad_literal_lists_allowed_values():
@@ -70,6 +74,12 @@ def test_bad_syntax_and_missing_file(tmp_path):
     (tmp_path / "c.json").write_text("{not json")
     with pytest.raises(ConfigError, match="not valid JSON"):
         load_config(tmp_path / "c.json")
+    (tmp_path / "c.yaml").write_text("model: {path: m.pt\nvolumes: [v.nii.gz]\n")  # an unclosed brace
+    with pytest.raises(ConfigError) as exc:
+        load_config(tmp_path / "c.yaml")
+    assert "\n" not in exc.value.problem  # one line: where, and what the parser expected
+    assert "c.yaml is not valid YAML: line 2, column 8: expected ',' or '}'" in exc.value.problem
+    assert "starts at line 1, column 8" in exc.value.problem
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "nope.yaml")
 

@@ -260,3 +260,34 @@ def test_patchwise_deeplift_shap_equals_captum_and_reuses_the_input_forward(dims
     patches = len(sm.runner.grid(x.shape[2:], x.device).slices)
     assert sm.runner.patch_evaluations == 1 + 2 * 2 * patches
     assert monitor.count == 3 == spec.cost(type("Info", (), {"patchwise": True, "batch": 1})(), {"n_baselines": 2})
+
+
+@pytest.mark.parametrize("dims,shape,patch", CASES)
+def test_patchwise_deeplift_shap_under_a_support_runs_no_extra_stitched_pass(dims, shape, patch):
+    """Where the window cannot cache (a support restricts the patches), each baseline's stitched output
+    is still handed over from the backward's patches: planned evaluations == counted, and no patch
+    runs beyond the input's stitched forward, the baselines' patches and the input's recomputation."""
+    net = _net(dims, "relu")
+    x, expl, _ = _setup(net, dims, shape, patch)
+    support = torch.zeros(shape, dtype=torch.bool)
+    support[tuple(slice(0, 3) for _ in shape)] = True
+    target = RegionOfInterestTarget(support.float())  # it reads only the corner's patches
+    monitor = EvaluationMonitor()
+    sm = expl.make_score_model(target, x, monitor, support=support)
+    spec = get_method("deeplift_shap")
+    ctx = MethodContext(sm, x, 1, extra={"patchwise": True})
+    ours = attribute(spec, ctx, spec.resolve_params({"n_baselines": 2}))
+    grid = sm.runner.grid(x.shape[2:], x.device)
+    active = len(sm.runner.active_patches(grid))
+    assert 0 < active < len(grid.slices)
+    assert sm.runner.remembered_output(x) is None  # a support: the window cannot cache
+    # 1 patch counts module calls; the input's stitched forward; per row the baseline's and the input's patches
+    assert sm.runner.patch_evaluations == monitor.patches == 1 + active + 2 * 2 * active
+    assert monitor.count == 3 == spec.cost(type("Info", (), {"patchwise": True, "batch": 1})(), {"n_baselines": 2})
+    base = ctx.extra["baselines"]
+    for j in range(2):  # F(x0) of each row, as handed over, against MONAI's sliding window
+        f0 = float(ctx.extra["tapped_scores"][("baseline", j)][1])
+        assert f0 == pytest.approx(_f(net, target, patch, base[j:j + 1]), rel=1e-5, abs=1e-6)
+    ref = sum(DeepLift(_PairedMonai(net, target, patch)).attribute(x, base[j:j + 1], target=1)
+              for j in range(2)) / 2
+    _close(ours, ref)

@@ -68,3 +68,48 @@ def test_changed_parameters_are_not_answered_from_the_old_output(dims, shape, pa
         assert sw.remembered_output(x + 1) is None  # another input
         net[0].weight.mul_(2.0)  # in place, as a randomisation or a fold does
     assert sw.remembered_output(x) is None
+
+
+@pytest.mark.parametrize("dims,shape,patch", CASES)
+def test_the_cache_keeps_a_digest_of_the_input_not_a_copy(dims, shape, patch):
+    """An equal input (another tensor) is answered; a change that bypasses torch's version counter
+    (numpy memory shared with the tensor) is seen."""
+    net = _net(dims)
+    data = torch.randn(1, 1, *shape).numpy()
+    x = torch.from_numpy(data)
+    sw = sliding.SlidingWindow(net, sliding.WindowSettings(patch))
+    with torch.no_grad():
+        out = sw(x)
+    assert not any(isinstance(v, torch.Tensor) and v.shape == x.shape for v in sliding._LAST_OUTPUT[0])
+    assert torch.equal(sw.remembered_output(x.clone()), out)
+    data[(0, 0, *(s // 2 for s in shape))] += 1.0  # no in-place torch op: the version counter stays
+    assert sw.remembered_output(x) is None
+
+
+@pytest.mark.parametrize("dims,shape,patch", [*CASES, (3, (6, 12, 11), (8, 8, 8))])
+def test_patchwise_backward_equals_the_whole_buffer_form_bit_for_bit(dims, shape, patch):
+    """The upstream gradient is divided by the count map per patch instead of in a second whole-volume
+    buffer: the input gradient is bit-identical to the whole-buffer form written out here (a volume
+    smaller than the patch on one axis is padded: the padded path too)."""
+    net = _net(dims)
+    for p in net.parameters():
+        p.requires_grad_(False)
+    x = torch.randn(1, 1, *shape, generator=torch.Generator().manual_seed(4))
+    g_out = torch.randn(1, 2, *shape, generator=torch.Generator().manual_seed(5))
+    sw = sliding.SlidingWindow(net, sliding.WindowSettings(patch))
+    xr = x.clone().requires_grad_(True)
+    (ours,) = torch.autograd.grad(sw(xr), xr, g_out)
+    grid = sw.grid(shape, x.device)
+    up = torch.zeros((1, 2, *grid.padded))
+    up[(slice(None), slice(None), *(slice(o, o + s) for o, s in zip(grid.offset, grid.spatial)))] = g_out
+    up = up / grid.count
+    xp = grid.pad_input(x)
+    gpad = torch.zeros_like(xp)
+    for sl in grid.slices:
+        patch_in = xp[(slice(None), slice(None), *sl)].clone().requires_grad_(True)
+        (g,) = torch.autograd.grad(net(patch_in), patch_in, up[(slice(None), slice(None), *sl)] * grid.weight)
+        gpad[(slice(None), slice(None), *sl)] += g
+    ref = grid.crop(gpad)
+    assert torch.equal(ours, ref)
+    if not any(grid.pad):  # the whole scan: the backward reads the upstream gradient in place, no copy
+        assert sliding._padded_upstream(g_out, grid).data_ptr() == g_out.data_ptr()

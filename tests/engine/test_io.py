@@ -7,6 +7,7 @@ import gzip
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
 
 from esegeta_engine.errors import VolumeError
 from esegeta_engine.io import load_volume, save_map, write_json
@@ -110,6 +111,15 @@ def test_normalisations():
     a[0, 0, 0] = 1e6  # an outlier
     pc = normalise(a, "percentile", (1, 99))
     assert pc.max() == 1 and np.median(pc) > 0.3
+
+
+@pytest.mark.parametrize("mode", ["none", "zscore", "minmax", "percentile"])
+def test_every_normalisation_gives_float32_model_input(mode):
+    # NumPy 2 promotes float32 with numpy float64 scalars (np.percentile's) to float64: a float64 input
+    # then fails in the network's float32 convolutions ("expected scalar type Double but found Float")
+    a = np.random.default_rng(0).normal(5, 3, size=(6, 7, 8)).astype(np.float32)
+    assert normalise(a, mode).dtype == np.float32
+    assert to_model_input(a, spatial_dims=3, normalisation=mode).dtype == torch.float32
 
 
 def test_model_input_shape_and_channel_errors():

@@ -180,3 +180,43 @@ def test_cancel_wait_is_the_slowest_layer_scaled_to_the_input(monkeypatch, dims:
     else:  # both crops took 7 units: time proportional to the voxels, and so is the slowest layer's
         assert est.evaluation_line.fixed == 0
         assert est.cancel_wait_seconds == pytest.approx(5 * est.patches_per_evaluation)
+
+
+class _Blocks(nn.Module):
+    """A net that names its blocks for activation checkpointing (as the nnU-Net pipeline does)."""
+
+    def __init__(self, dims: int) -> None:
+        super().__init__()
+        conv = nn.Conv3d if dims == 3 else nn.Conv2d
+        self.block = nn.Sequential(conv(1, 4, 3, padding=1), nn.ReLU())
+        self.head = conv(4, 2, 1)
+        self.block_runs = 0
+        self.block[0].register_forward_pre_hook(lambda *_: setattr(self, "block_runs", self.block_runs + 1))
+
+    def checkpoint_segments(self) -> list[nn.Module]:
+        return [self.block]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.block(x))
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+@pytest.mark.parametrize("method, setting, used", [("saliency", "auto", True), ("saliency", "off", False),
+                                                    ("guided_backprop", "auto", False)])
+def test_probe_runs_checkpointed_as_the_run_will_and_says_so(dims, method, setting, used) -> None:
+    """The probe's timed forward + backward runs the blocks checkpointed exactly when the run's method will:
+    each checkpointed block runs again in the backward (counted), the record says so, the model is restored."""
+    net = _Blocks(dims).eval()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    ex = Explainer(net, PreprocessConfig(spatial_dims=dims), TargetConfig(classes=[1]),
+                   execution=ExecutionConfig(checkpointing=setting))
+    est = probe_run(ex, _volume((24,) * dims), [MethodConfig(name=method)])
+    assert est.checkpointing is not None and est.checkpointing["used"] is used
+    # a warm-up and a timed forward + backward, then a forward without gradients; checkpointed: once more in
+    # each backward (the recomputation)
+    assert net.block_runs == (5 if used else 3)
+    if used:
+        assert est.checkpointing["checkpointed_block_calls"] == 2 and est.checkpointing["segments"] == 1
+    assert "forward" not in net.block.__dict__  # the wrapper is gone
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
+    assert all(p.grad is None for p in net.parameters())

@@ -144,3 +144,18 @@ def test_segmentation_targets_reject_classifier_output():
         ArgmaxRegionTarget()(torch.randn(2, 3))
     with pytest.raises(TargetError, match="otsu"):
         ArgmaxRegionTarget()(torch.randn(1, 1, 4, 4))
+
+
+@pytest.mark.parametrize("spatial", [(5, 6), (3, 4, 5)])
+@pytest.mark.parametrize("n", [1, 2, 4])
+def test_channel_argmax_equals_torch_argmax_with_ties_and_nan(spatial, n):
+    from esegeta_engine.targets import channel_argmax, present_labels
+
+    g = torch.Generator().manual_seed(n)
+    for x in (torch.randn(2, n, *spatial, generator=g),
+              torch.randint(0, 3, (2, n, *spatial), generator=g).float()):  # many ties
+        x = x.clone()
+        x.view(-1)[:: 7] = float("nan")  # NaN in every channel somewhere, also after a larger value
+        assert torch.equal(channel_argmax(x), x.argmax(dim=1))
+        labels = x.argmax(dim=1)
+        assert present_labels(labels, n) == torch.unique(labels).tolist()

@@ -59,3 +59,33 @@ def test_a_map_removed_before_the_next_turn_is_left_alone(qtbot, docked) -> None
     viewer.layers.remove(new.kwargs["name"])  # before the deferred hide runs
     qtbot.wait(100)
     assert first.visible  # nothing was hidden for a map that is gone
+
+
+@pytest.mark.gui
+def test_the_hidden_evaluate_curves_are_not_redrawn_when_a_map_arrives(qtbot, make_napari_viewer) -> None:
+    """The Evaluate tab's matplotlib canvas, hidden behind the Explain tab, is resized whenever the dock's layout
+    changes (a map added): it draws nothing until its tab is shown, then once (counted on matplotlib's
+    ``draw_event``; a whole figure draw took 0.3-1.4 s of the GUI thread)."""
+    from napari_esegeta._qt.main_widget import EsegetaWidget
+    from napari_esegeta._sample_data import phantom_volume_data
+
+    viewer = make_napari_viewer(show=True)
+    data, kwargs, _ = phantom_volume_data((24, 24, 24), 3)[0]
+    image = viewer.add_image(data, **kwargs)
+    dock = EsegetaWidget(viewer)
+    viewer.window.add_dock_widget(dock, name="esegeta", area="right")
+    ex = dock.show_tab("Explain")
+    qtbot.wait(300)
+    draws: list[object] = []
+    canvas = dock.evaluate.curves_canvas
+    canvas.figure.canvas.mpl_connect("draw_event", draws.append)
+    for i in range(2):
+        ex._on_event(_prepared(image, i))
+        canvas.widget.resize(canvas.widget.width() + 7, canvas.widget.height() + 5)  # as a relayout does
+        canvas.draw({})  # and as a cleared table does
+        qtbot.wait(200)
+    assert draws == []
+    dock.show_tab("Evaluate")
+    qtbot.waitUntil(lambda: len(draws) >= 1, timeout=5000)
+    qtbot.wait(200)
+    assert len(draws) == 1

@@ -40,7 +40,29 @@ def test_refused_before_any_model_evaluation(methods, kind) -> None:
                                  execution=ExecutionConfig(patch_size=8)))
     assert net.calls == 0  # not one forward pass: no preparation, no prediction, no patch
     assert len(events) == 1 and isinstance(events[0], RunError)
-    assert "cannot run under this execution" in events[0].text and "execution.mode: whole" in events[0].text
+    assert "cannot run here" in events[0].text and "sliding-window execution" in events[0].text
+    assert "execution.mode: whole" in events[0].text
+
+
+class RefusingPipeline(CountingNet):
+    """A deployed pipeline's own refusal (as nnU-Net's refuses DeepLIFT's family), asked before any work."""
+
+    def method_refusal(self, method: str) -> tuple[str, str] | None:
+        return ("method 'deeplift' cannot run through this pipeline", "use integrated_gradients") \
+            if method == "deeplift" else None
+
+
+def test_a_pipelines_own_refusal_comes_before_any_model_evaluation() -> None:
+    from napari_esegeta._run import RunError, explain_events
+
+    net = RefusingPipeline().eval()
+    volume = Volume(np.random.default_rng(0).random((16, 16, 16)).astype(np.float32), np.eye(4))
+    events = list(explain_events(net, volume, [MethodConfig(name="saliency"), MethodConfig(name="deeplift")],
+                                 preprocess=PreprocessConfig(), target=TargetConfig(classes=[1]), output=None,
+                                 roi_mask=None, cancel=threading.Event(), execution=ExecutionConfig(patch_size=32)))
+    assert net.calls == 0
+    assert len(events) == 1 and isinstance(events[0], RunError)
+    assert "deeplift" in events[0].text and "cannot run through this pipeline" in events[0].text
 
 
 def test_the_same_methods_run_on_the_whole_volume() -> None:

@@ -89,11 +89,30 @@ class WindowGrid:
         self.slices: list[Slices] = [tuple(sl) for sl in dense_patch_slices(self.padded, roi, interval)]
         self.weight = compute_importance_map(roi, mode=settings.blend, sigma_scale=settings.sigma_scale,
                                              device=device, dtype=torch.float32)[None, None]
-        count = torch.zeros((1, 1, *self.padded), device=device)
+        self.padding_mode = settings.padding
+
+    @property
+    def count(self) -> torch.Tensor:
+        """The summed importance weights on the padded grid ``(1, 1, *padded)``, built when asked and
+        not kept (a whole scan's worth: 100 MB at 448x448x128); :meth:`count_at` gives one patch's."""
+        count = torch.zeros((1, 1, *self.padded), device=self.weight.device)
         for sl in self.slices:
             count[(slice(None), slice(None), *sl)] += self.weight
-        self.count = count
-        self.padding_mode = settings.padding
+        return count
+
+    def count_at(self, p: int) -> torch.Tensor:
+        """:attr:`count` over patch ``p``'s window, bit-identical to it there: the same weights added
+        in the same patch order, for the patches that overlap ``p`` only."""
+        own = self.slices[p]
+        out = torch.zeros((1, 1, *self.roi), device=self.weight.device)
+        for sl in self.slices:
+            inter = [(max(a.start, b.start), min(a.stop, b.stop)) for a, b in zip(sl, own)]
+            if any(lo >= hi for lo, hi in inter):
+                continue
+            dst = tuple(slice(lo - b.start, hi - b.start) for (lo, hi), b in zip(inter, own))
+            src = tuple(slice(lo - a.start, hi - a.start) for (lo, hi), a in zip(inter, sl))
+            out[(slice(None), slice(None), *dst)] += self.weight[(slice(None), slice(None), *src)]
+        return out
 
     def __len__(self) -> int:
         return len(self.slices)

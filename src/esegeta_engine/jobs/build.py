@@ -87,3 +87,17 @@ def memory_error(shape: tuple[int, ...], form: ExecutionForm | None = None) -> M
         fix = (f"run patch by patch: execution.patch_size: {[side] * (len(shape) - 2)} (the network's training "
                "patch size), and/or execution.precision: bf16 (fp16 on a GPU); for IG lower internal_batch_size")
     return MethodError(f"ran out of memory evaluating the model on an input of shape {tuple(shape)}", fix)
+
+
+def padding_search_input(x: torch.Tensor, largest: int = 32, least: int = 64) -> torch.Tensor:
+    """A small stand-in for ``x[:1]`` while the padding a network needs is searched (``divisible_by: auto``).
+
+    Each axis keeps its size modulo ``largest`` (the largest padding multiple tried, 2**5), so padding the
+    crop to any 2**k ≤ ``largest`` leaves the same remainders, and fails or works as the whole input would;
+    axes longer than ``least + largest`` are cut to ``least`` plus that remainder. A whole-brain search ran
+    the whole volume up to five times (issue 19); this runs a crop of at most 95 voxels an axis.
+    """
+    spatial = tuple(int(s) for s in x.shape[2:])
+    size = tuple(s if s < least + largest else least + s % largest for s in spatial)
+    starts = tuple((s - c) // 2 for s, c in zip(spatial, size))
+    return x[(slice(0, 1), slice(None), *(slice(a, a + c) for a, c in zip(starts, size)))]

@@ -111,7 +111,8 @@ def dry_run(cfg: Config, trust_pickled: bool = False, trust_bundle: bool = False
     for i, v in enumerate(volumes):
         name = volume_stem(v.path, i)
         shape = tuple(explainer.geometry(v).to_model(np.empty(v.data.shape[:p.spatial_dims], bool)).shape)
-        refused = {m: err for m, err in refusals(cfg.methods, cfg.target.kind, cfg.execution, shape)}
+        refused = {m: err for m, err in refusals(cfg.methods, cfg.target.kind, cfg.execution, shape,
+                                                 loaded.module)}
         if len(volumes) < 2:  # a batch-only method has nothing to permute with (methods.run.batch_refusal)
             from esegeta_engine.methods.run import batch_refusal
 

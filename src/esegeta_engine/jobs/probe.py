@@ -26,11 +26,12 @@ costs five times more per voxel than a whole-brain scan). The two sizes give a l
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -104,6 +105,10 @@ class ProbeEstimate:
         The estimated forward + backward over the whole input (one model evaluation).
     evaluation_line, prediction_line : CostLine or None
         Whole volume: seconds of one call against voxels, through the probed sizes.
+    checkpointing : dict or None
+        Whether the timed forward + backward ran with activation checkpointing, as the run's method will
+        (:func:`~esegeta_engine.forward.checkpointing.method_checkpointing`; the map record's
+        ``execution.checkpointing``); None without methods.
     cpu_seconds : float or None
         The same estimate in CPU seconds of this process (all of torch's threads), from the probe's CPU
         times: what a loaded machine changes least (for benchmarks).
@@ -131,6 +136,7 @@ class ProbeEstimate:
     prediction_line: CostLine | None = None
     cancel_wait_seconds: float = 0.0
     cpu_seconds: float | None = None
+    checkpointing: dict[str, Any] | None = None
 
     def text(self) -> str:
         """``≈ 7 min 40 s and ≈ 2.3 GB peak (prediction ≈ 9 s + 2 evaluations × ≈ 3 min 45 s; one …)``."""
@@ -145,7 +151,8 @@ class ProbeEstimate:
                 f" + {n} evaluation{'' if n == 1 else 's'} × ≈ {short(self.evaluation_seconds)}; "
                 f"one {patch} patch: {self.patch_seconds:.2f} s "
                 f"forward+backward, {self.forward_seconds:.2f} s forward, {format_bytes(self.patch_bytes)}; "
-                f"{self.patches_per_evaluation:.3g} patches per evaluation)")
+                f"{self.patches_per_evaluation:.3g} patches per evaluation"
+                f"{'; activation checkpointing on' if (self.checkpointing or {}).get('used') else ''})")
 
 
 def format_duration(seconds: float) -> str:
@@ -320,26 +327,28 @@ def probe_run(explainer: Any, volume: Any, methods: Sequence[Any], x: torch.Tens
         return _calls(explainer.model, _crop(x, size), output=explainer.output, divisible_by=divisible,
                       precision=form.precision, cancel=cancel, warm=warm, forward=True)
 
-    while True:  # a U-Net may need the crop padded to 2**k, as the whole-volume run finds out
-        try:
-            big = timed(patch, warm=True)
-            break
-        except Cancelled:
-            raise
-        except Exception:
-            if form.sliding is not None or divisible >= 32:
+    with _as_the_run(explainer, methods) as use:  # checkpointed where the run's method will be
+        while True:  # a U-Net may need the crop padded to 2**k, as the whole-volume run finds out
+            try:
+                big = timed(patch, warm=True)
+                break
+            except Cancelled:
                 raise
-            divisible *= 2
-    calls, lines, cpu_lines = 3, None, None
+            except Exception:
+                if form.sliding is not None or divisible >= 32:
+                    raise
+                divisible *= 2
+        calls, lines, cpu_lines = 3, None, None
+        if form.sliding is None:
+            timed_sizes = [(math.prod(patch), big)]
+            small = _half(patch, divisible)
+            if voxels > math.prod(patch) and small != patch:  # a second size: the time is not proportional
+                timed_sizes.append((math.prod(small), timed(small, warm=False)))
+                calls += 2
     if form.sliding is not None:
         evaluation, prediction = per_evaluation * big.backward, per_evaluation * big.forward
         cpu_evaluation, cpu_prediction = per_evaluation * big.cpu[0], per_evaluation * big.cpu[1]
     else:
-        timed_sizes = [(math.prod(patch), big)]
-        small = _half(patch, divisible)
-        if voxels > math.prod(patch) and small != patch:  # a second size: the time is not proportional
-            timed_sizes.append((math.prod(small), timed(small, warm=False)))
-            calls += 2
         lines = (CostLine.through([(v, t.backward) for v, t in timed_sizes]),
                  CostLine.through([(v, t.forward) for v, t in timed_sizes]))
         cpu_lines = (CostLine.through([(v, t.cpu[0]) for v, t in timed_sizes]),
@@ -360,4 +369,21 @@ def probe_run(explainer: Any, volume: Any, methods: Sequence[Any], x: torch.Tens
                          forward_seconds=big.forward, prediction_seconds=prediction, evaluation_seconds=evaluation,
                          evaluation_line=None if lines is None else lines[0],
                          prediction_line=None if lines is None else lines[1],
-                         cancel_wait_seconds=min(big.longest_step, big.backward) * scale, cpu_seconds=cpu_total)
+                         cancel_wait_seconds=min(big.longest_step, big.backward) * scale, cpu_seconds=cpu_total,
+                         checkpointing=None if use is None else use.describe())
+
+
+@contextlib.contextmanager
+def _as_the_run(explainer: Any, methods: Sequence[Any]) -> Iterator[Any]:
+    """Activation checkpointing as the run's first method will have it (``execution.checkpointing``), for the
+    probe's timed calls; yields its :class:`~esegeta_engine.forward.checkpointing.CheckpointUse` (None
+    without methods). The model's blocks are restored on leaving, also after an error."""
+    if not methods:
+        yield None
+        return
+    from esegeta_engine.forward.checkpointing import method_checkpointing
+    from esegeta_engine.methods.registry import get_method
+
+    setting = explainer.execution.checkpointing if explainer.execution is not None else "auto"
+    with method_checkpointing(get_method(methods[0].name), explainer.model, setting) as use:
+        yield use

@@ -45,18 +45,22 @@ def refusal(spec: Any, target_kind: str, patchwise: bool) -> MethodError | None:
 
 
 def refusals(methods: Sequence[Any], target_kind: str, execution: Any,
-             model_shape: Sequence[int]) -> list[tuple[str, MethodError]]:
+             model_shape: Sequence[int], pipeline: Any = None) -> list[tuple[str, MethodError]]:
     """``(method name, error)`` of every method in ``methods`` (MethodConfig) that will be refused.
 
-    ``model_shape`` is the input's spatial shape in the model's axis order.
+    ``model_shape`` is the input's spatial shape in the model's axis order; ``pipeline`` the loaded
+    model, whose own refusals (a deployed pipeline's,
+    :func:`~esegeta_engine.methods.run.pipeline_refusal`) count too.
     """
     from esegeta_engine.forward.runner import execution_form
     from esegeta_engine.methods import get_method
+    from esegeta_engine.methods.run import pipeline_refusal
 
     patchwise = execution_form(execution, tuple(model_shape)).sliding is not None
     out = []
     for m in methods:
-        err = refusal(get_method(m.name), target_kind, patchwise)
+        spec = get_method(m.name)
+        err = refusal(spec, target_kind, patchwise) or pipeline_refusal(spec, getattr(m, "layers", ()), pipeline)
         if err is not None:
             out.append((m.name, err))
     return out

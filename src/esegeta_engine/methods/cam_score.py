@@ -226,6 +226,7 @@ class PatchwiseAblation:
         self.ctx, self.layer_input, self.n = ctx, layer_input, x.shape[0]
         self.sw = ctx.score_model.runner
         self.grid = self.sw.grid(x.shape[2:], x.device)
+        self.count = self.grid.count  # built once for every batch's stitch (the grid does not keep it)
         self.xp = self.grid.pad_input(x)
         self.outputs: dict[tuple[int, int], torch.Tensor] = {}
         self.nonzero: dict[tuple[int, int], torch.Tensor] = {}
@@ -260,7 +261,7 @@ class PatchwiseAblation:
         num = torch.zeros((self.n, k, *g.padded), device=self.xp.device)
         for (b, p), y in self.outputs.items():
             num[(b, slice(None), *g.slices[p])] += fresh.get((b, p), y) * g.weight[0]
-        return g.crop(num / g.count)
+        return g.crop(num / self.count)
 
     def scores(self, out: torch.Tensor) -> torch.Tensor:
         return self.ctx.score_model.target(out)

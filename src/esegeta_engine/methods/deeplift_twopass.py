@@ -120,7 +120,7 @@ class TwoPassDeepLift:
         grads, outputs = [], []
         try:
             with torch.enable_grad():
-                xr = x.clone().requires_grad_(True)
+                xr = x.detach().requires_grad_(True)  # shares x's memory: no whole-volume copy
                 score = _select_targets(model(xr), target).sum()
                 for j, b in enumerate(rows):
                     reference = _ReferencePatches(sw, grid, b, rules)
@@ -138,17 +138,12 @@ class TwoPassDeepLift:
         return grads
 
     def _hand_over(self, sw: sliding.SlidingWindow, rows: list[torch.Tensor], outputs: list[torch.Tensor]) -> None:
-        """Let the score model report ``F(x0)`` from the stitched reference outputs (no patch runs), then
-        restore the remembered prediction for the methods after this one."""
+        """Let the score model report ``F(x0)`` from the stitched reference outputs: no patch runs, also
+        where the window cannot cache (a support, mixed precision), and the remembered prediction stays."""
         model = self.ctx.score_model
-        kept = list(sliding._LAST_OUTPUT)
-        try:
-            for b, out in zip(rows, outputs):
-                sw.remember(b, out)
-                with torch.enable_grad():
-                    model(b.detach().clone().requires_grad_(True))
-        finally:
-            sliding._LAST_OUTPUT[:] = kept
+        for b, out in zip(rows, outputs):
+            with sw.handing_over(b, out), torch.enable_grad():
+                model(b.detach().requires_grad_(True))
 
 
 def _one_patch(sw: sliding.SlidingWindow, grid: sliding.WindowGrid, x: torch.Tensor) -> None:
@@ -182,4 +177,5 @@ class _ReferencePatches:
     def output(self) -> torch.Tensor:
         """The baseline's stitched output (every active patch ran)."""
         acc = self.acc if self.acc is not None else torch.zeros((self.padded.shape[0], 1, *self.grid.padded))
-        return self.grid.crop(acc / self.grid.count)
+        self.acc = None
+        return self.grid.crop(acc.div_(self.grid.count))  # in place: one whole-volume buffer, not two

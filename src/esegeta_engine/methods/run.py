@@ -4,7 +4,7 @@ tunnel, call ``attribute``, and bring layer maps back to the input grid."""
 from __future__ import annotations
 
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -23,6 +23,24 @@ warnings.filterwarnings("ignore", message=r"Setting backward hooks on ReLU activ
 warnings.filterwarnings("ignore", message=r"Setting forward, backward hooks and attributes on non-linear")
 
 
+def pipeline_refusal(spec: Any, layers: Sequence[str], pipeline: Any) -> MethodError | None:
+    """Why a deployed pipeline (nnU-Net, bundle) refuses ``spec``, or ``None``.
+
+    The one rule, asked by :func:`check_applicable` when the method runs and by the dry run
+    before any work: the whole method (``method_refusal``), then each of its layers
+    (``layer_method_refusal``). ``pipeline`` without them (a plain network) refuses nothing.
+    """
+    whole = getattr(pipeline, "method_refusal", None)
+    why = whole(spec.name) if callable(whole) else None
+    if why is None and getattr(spec, "needs_layer", False):
+        per_layer = getattr(pipeline, "layer_method_refusal", None)
+        for layer in layers if callable(per_layer) else ():
+            why = per_layer(spec.name, layer)
+            if why is not None:
+                break
+    return MethodError(*why) if why is not None else None
+
+
 def check_applicable(spec: MethodSpec, ctx: MethodContext) -> None:
     """Raise :class:`MethodError` if ``spec`` cannot run in ``ctx``, saying why."""
     if spec.needs_hooks and ctx.torchscript:
@@ -37,14 +55,9 @@ def check_applicable(spec: MethodSpec, ctx: MethodContext) -> None:
             "give one with `layers: [name]`; `esegeta layers MODEL` lists the module names",
         )
     pipe = getattr(getattr(ctx.score_model, "net", None), "model", None)  # a deployed pipeline (nnU-Net, bundle)
-    whole = getattr(pipe, "method_refusal", None)  # a method the pipeline cannot run at all, before any evaluation
-    why = whole(spec.name) if callable(whole) else None
-    if why is not None:
-        raise MethodError(*why)
-    refusal = getattr(pipe, "layer_method_refusal", None)
-    why = refusal(spec.name, ctx.layer_name or "") if spec.needs_layer and callable(refusal) else None
-    if why is not None:
-        raise MethodError(*why)
+    err = pipeline_refusal(spec, [ctx.layer_name or ""], pipe)
+    if err is not None:
+        raise err
     if spec.needs_batch and ctx.inputs.shape[0] < 2:
         raise batch_refusal(spec, patchwise=False)
 

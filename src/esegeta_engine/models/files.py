@@ -84,6 +84,7 @@ def load_model(
     dev = resolve_device(device)
     if not path.is_file():
         raise ModelLoadError(f"model file {str(path)!r} does not exist", "check model.path")
+    _refuse_part_of_a_folder(path, class_path)
     if format == "auto":
         format = file_format(path, class_path, trust_pickled)
     if format == "torchscript":
@@ -91,6 +92,18 @@ def load_model(
     if format == "pickled_module":
         return load_pickled_module(path, dev, trust_pickled)
     return load_state_dict_model(path, dev, class_path, kwargs)
+
+
+def _refuse_part_of_a_folder(path: Path, class_path: str | None) -> None:
+    """One fold's nnU-Net checkpoint or a bundle's ``models/model.pt`` given as a model file: name the folder."""
+    folder = path.resolve().parent.parent
+    if path.parent.name.startswith("fold_") and (folder / "plans.json").is_file():
+        raise ModelLoadError(f"{path.name} is one fold's checkpoint of the nnU-Net model in {folder}",
+                             f"give the folder: --nnunet {folder} (model: {{nnunet: DIR}}), with --folds "
+                             f"{path.parent.name.removeprefix('fold_')} for this fold alone")
+    if class_path is None and path.parent.name == "models" and (folder / "configs").is_dir():
+        raise ModelLoadError(f"{path.name} holds the weights of the MONAI bundle in {folder}",
+                             f"give the folder: --bundle {folder} (model: {{bundle: DIR}})")
 
 
 def file_format(path: Path, class_path: str | None = None, trust_pickled: bool = False) -> ModelFormat:

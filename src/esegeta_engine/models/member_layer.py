@@ -258,7 +258,7 @@ class NnUNetLayerTap:
         key = (patch, cells)
         if key not in self.moves:
             try:
-                places = layer_places(self.networks[0], self.modules[0], self.copy.layer_input, len(cells))
+                places = layer_places(self.networks[0], self.modules[0], self.copy.layer_input, len(cells), patch)
             except Unknown as why:
                 places, reason = set(), str(why)
             else:

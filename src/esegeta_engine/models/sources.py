@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
-from esegeta_engine.errors import ModelLoadError
+from esegeta_engine.errors import ModelLoadError, VolumeShapeError
 
 if TYPE_CHECKING:  # pragma: no cover
     from esegeta_engine.config import ModelConfig
@@ -68,7 +68,7 @@ class LoadedModel:
 
     def volume_error(self, exc: Exception) -> Exception:
         """A volume the source cannot take, said in the source's terms (e.g. dataset.json's channels)."""
-        if self.input_note is None or not hasattr(exc, "problem"):
+        if self.input_note is None or not isinstance(exc, VolumeShapeError):  # a missing or corrupt file: as is
             return exc
         return type(exc)(f"{exc.problem}: {self.input_note}",  # type: ignore[attr-defined]
                          "give a volume with those channels (a 4D NIfTI, channels last, for several)")

@@ -244,7 +244,8 @@ class ExplainWidget(VoxelPicking, CancellableRun, QWidget):
                        for r in rows]
             volume = R.volume_from_layer(layer)
             roi_mask = R.roi_from_layer(roi, volume.data.shape) if kind == "roi" else None
-            refused = R.refused_text(methods, target, s.execution, s.preprocess, volume.data.shape)
+            refused = R.refused_text(methods, target, s.execution, s.preprocess, volume.data.shape,
+                                     s.model)
         except Exception as exc:
             set_status(self.status, format_error(exc), "error")
             return None
