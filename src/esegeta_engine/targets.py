@@ -156,13 +156,13 @@ class ArgmaxRegionTarget(Target):
         super().__init__(activation)
         self.frozen = frozen
         self.register_buffer("region", torch.empty(0, dtype=torch.long), persistent=False)
-        self.register_buffer("onehot", torch.empty(0), persistent=False)
+        self.register_buffer("onehot", torch.empty(0, dtype=torch.bool), persistent=False)
 
     def prepare(self, output: torch.Tensor) -> None:
         self._check(output)
         region = channel_argmax(output.detach())
-        # built once: every perturbed forward pass reuses it
-        self.onehot = _one_hot(region, output.shape[1], output.dtype)
+        # built once: every perturbed forward pass reuses it; bool, 1 byte a voxel and class, not 4
+        self.onehot = _one_hot(region, output.shape[1], torch.bool)
         # the smallest integer type that holds every class: a whole scan's labels at 1 byte a voxel, not 8
         self.region = region.to(torch.uint8 if output.shape[1] <= 256 else torch.int32)
 
@@ -177,15 +177,34 @@ class ArgmaxRegionTarget(Target):
     def forward(self, output: torch.Tensor) -> torch.Tensor:
         self._check(output)
         if self.frozen and self.onehot.numel():
-            onehot = _tile(self.onehot, output.shape[0]).to(output.dtype)
+            onehot = _tile(self.onehot, output.shape[0])
         else:
-            onehot = _one_hot(channel_argmax(output.detach()), output.shape[1], output.dtype)
-        return (self.activation(output) * onehot).flatten(2).sum(-1)
+            onehot = _one_hot(channel_argmax(output.detach()), output.shape[1], torch.bool)
+        return _Masked.apply(self.activation(output), onehot).flatten(2).sum(-1)
 
     def default_classes(self, output: torch.Tensor) -> list[int]:
         present = present_labels(channel_argmax(output.detach()), output.shape[1])
         fg = [int(c) for c in present if c != 0]
         return fg or [int(c) for c in present]
+
+
+class _Masked(torch.autograd.Function):
+    """``a * mask.to(a.dtype)``, saving the ``bool`` mask for the backward instead of a float copy.
+
+    The same products as a multiply by the float one-hot, both ways (``g * mask.to(g.dtype)`` is
+    what autograd's multiply gives ``a``), so every map is bit-identical; the float one-hot exists
+    only while one product is formed: on a whole scan 1 byte a voxel and class is held, not 4.
+    """
+
+    @staticmethod
+    def forward(ctx, a: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        ctx.save_for_backward(mask)
+        return a * mask.to(a.dtype)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):  # type: ignore[override]
+        (mask,) = ctx.saved_tensors
+        return g * mask.to(g.dtype), None
 
 
 def _one_hot(labels: torch.Tensor, n: int, dtype: torch.dtype) -> torch.Tensor:

@@ -159,3 +159,29 @@ def test_channel_argmax_equals_torch_argmax_with_ties_and_nan(spatial, n):
         assert torch.equal(channel_argmax(x), x.argmax(dim=1))
         labels = x.argmax(dim=1)
         assert present_labels(labels, n) == torch.unique(labels).tolist()
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+@pytest.mark.parametrize("frozen", [True, False])
+def test_argmax_region_holds_a_bool_one_hot_and_gives_the_float_multiplys_bits(dims, frozen):
+    """The region is kept (and saved for the backward) as ``bool``: a quarter of a float one-hot on a
+    whole scan. Scores and gradients are bitwise those of the multiply by the float one-hot."""
+    out = seg_output(dims) * 3.0
+    out.retain_grad()
+    t = ArgmaxRegionTarget(frozen=frozen)
+    t.prepare(out.detach())
+    if frozen:
+        assert t.onehot.dtype == torch.bool and t.onehot.shape == out.shape
+    onehot = torch.nn.functional.one_hot(out.detach().argmax(1), 3).movedim(-1, 1).float()
+    ref_leaf = out.detach().clone().requires_grad_(True)
+    ref = (ref_leaf * onehot).flatten(2).sum(-1)
+    upstream = torch.randn(ref.shape, generator=torch.Generator().manual_seed(4))
+    (g_ref,) = torch.autograd.grad(ref, ref_leaf, upstream)
+    leaf = out.detach().clone().requires_grad_(True)
+    saved: list[torch.dtype] = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda s: saved.append(s.dtype) or s, lambda s: s):
+        ours = t(leaf)
+    (g,) = torch.autograd.grad(ours, leaf, upstream)
+    assert torch.equal(ours, ref) and torch.equal(g, g_ref)
+    assert g.abs().sum() > 0 and bool((g == 0).any())  # inside and outside the region
+    assert saved == [torch.bool]  # what the graph keeps for the backward: the bool region, no float copy
