@@ -291,3 +291,26 @@ def test_patchwise_deeplift_shap_under_a_support_runs_no_extra_stitched_pass(dim
     ref = sum(DeepLift(_PairedMonai(net, target, patch)).attribute(x, base[j:j + 1], target=1)
               for j in range(2)) / 2
     _close(ours, ref)
+
+
+@pytest.mark.parametrize("kind", ["zero", "min", "mean"])
+def test_constant_baselines_as_views_hold_no_scan_and_give_the_same_bits(kind):
+    """DeepLIFT's constant baselines are a broadcast view of one value per input (no whole-scan buffer);
+    whole volume and sliding window, the map is bitwise the one of the materialised baseline."""
+    from esegeta_engine.methods._common import make_baseline
+    from esegeta_engine.methods.deeplift_twopass import TwoPassDeepLift
+
+    for dims, shape, patch in CASES:
+        net = _net(dims, "leaky_inplace")
+        x, expl, target = _setup(net, dims, shape, patch)
+        whole = _x(dims)  # the sliding window's shapes are odd for the max pooling: a volume it can pool
+        runs = [(whole, ScoreModel(net, RegionOfInterestTarget(torch.ones(whole.shape[2:])))),
+                (x, expl.make_score_model(target, x, EvaluationMonitor()))]
+        for inp, sm in runs:
+            view = make_baseline(inp, kind, view=True)
+            assert view.untyped_storage().nbytes() == 4 and torch.equal(view, make_baseline(inp, kind))
+            maps = []
+            for base in (make_baseline(inp, kind), view):
+                ctx = MethodContext(sm, inp, 1, extra={"patchwise": getattr(sm, "patchwise", False)})
+                maps.append(TwoPassDeepLift(ctx, "deeplift").attribute(inp, base, target=1))
+            assert float(maps[0].abs().max()) > 0 and torch.equal(maps[0], maps[1])

@@ -20,7 +20,7 @@ BASELINE_PARAM = Param(
 )
 
 
-def make_baseline(inputs: torch.Tensor, kind: str, sigma: float = 4.0) -> torch.Tensor:
+def make_baseline(inputs: torch.Tensor, kind: str, sigma: float = 4.0, view: bool = False) -> torch.Tensor:
     """Return a baseline tensor of the input's shape.
 
     Parameters
@@ -30,14 +30,18 @@ def make_baseline(inputs: torch.Tensor, kind: str, sigma: float = 4.0) -> torch.
     kind : {"zero", "min", "mean", "blur"}
         Constant zero, per-input minimum or mean, or a Gaussian blur
         (``sigma`` voxels) that keeps coarse intensity but removes structure.
+    view : bool
+        For a method that only reads the baseline: the constant kinds (zero, min, mean) as a
+        broadcast view of one value per input (the same values, no whole-scan buffer).
     """
-    if kind == "zero":
-        return torch.zeros_like(inputs)
     dims = tuple(range(1, inputs.dim()))
-    if kind == "min":
-        return inputs.amin(dim=dims, keepdim=True).expand_as(inputs).clone()
-    if kind == "mean":
-        return inputs.mean(dim=dims, keepdim=True).expand_as(inputs).clone()
+    if kind == "zero":
+        if view:
+            return inputs.new_zeros((1,) * inputs.dim()).expand_as(inputs)
+        return torch.zeros_like(inputs)
+    if kind in ("min", "mean"):
+        value = inputs.amin(dim=dims, keepdim=True) if kind == "min" else inputs.mean(dim=dims, keepdim=True)
+        return value.expand_as(inputs) if view else value.expand_as(inputs).clone()
     if kind == "blur":
         return gaussian_blur(inputs, sigma)
     raise MethodError(f"unknown baseline {kind!r}", f"use one of {', '.join(BASELINES)}")

@@ -207,7 +207,7 @@ def _deconvolution(ctx: MethodContext, p: Mapping[str, Any]) -> Call:
 
 def _deeplift(ctx: MethodContext, p: Mapping[str, Any]) -> Call:
     return Call(TwoPassDeepLift(ctx, "deeplift", multiply_by_inputs=p["multiply_by_inputs"]),
-                {"baselines": make_baseline(ctx.inputs, p["baseline"])})
+                {"baselines": make_baseline(ctx.inputs, p["baseline"], view=True)})  # read only
 
 
 def _deeplift_shap(ctx: MethodContext, p: Mapping[str, Any]) -> Call:
