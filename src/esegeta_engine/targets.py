@@ -156,13 +156,12 @@ class ArgmaxRegionTarget(Target):
         super().__init__(activation)
         self.frozen = frozen
         self.register_buffer("region", torch.empty(0, dtype=torch.long), persistent=False)
-        self.register_buffer("onehot", torch.empty(0, dtype=torch.bool), persistent=False)
+        self.classes = 0  # of the frozen region
 
     def prepare(self, output: torch.Tensor) -> None:
         self._check(output)
         region = channel_argmax(output.detach())
-        # built once: every perturbed forward pass reuses it; bool, 1 byte a voxel and class, not 4
-        self.onehot = _one_hot(region, output.shape[1], torch.bool)
+        self.classes = output.shape[1]
         # the smallest integer type that holds every class: a whole scan's labels at 1 byte a voxel, not 8
         self.region = region.to(torch.uint8 if output.shape[1] <= 256 else torch.int32)
 
@@ -176,11 +175,18 @@ class ArgmaxRegionTarget(Target):
 
     def forward(self, output: torch.Tensor) -> torch.Tensor:
         self._check(output)
-        if self.frozen and self.onehot.numel():
-            onehot = _tile(self.onehot, output.shape[0])
+        if self.frozen and self.region.numel():
+            labels = _tile(self.region, output.shape[0])
         else:
-            onehot = _one_hot(channel_argmax(output.detach()), output.shape[1], torch.bool)
-        return _Masked.apply(self.activation(output), onehot).flatten(2).sum(-1)
+            labels = channel_argmax(output.detach())
+        return _Masked.apply(self.activation(output), labels, output.shape[1]).flatten(2).sum(-1)
+
+    @property
+    def onehot(self) -> torch.Tensor:
+        """The frozen region as a ``bool`` one-hot ``(N, K, *spatial)``, built from the labels on each call."""
+        if not self.region.numel():
+            return torch.empty(0, dtype=torch.bool)
+        return _one_hot(self.region, self.classes, torch.bool)
 
     def default_classes(self, output: torch.Tensor) -> list[int]:
         present = present_labels(channel_argmax(output.detach()), output.shape[1])
@@ -189,22 +195,24 @@ class ArgmaxRegionTarget(Target):
 
 
 class _Masked(torch.autograd.Function):
-    """``a * mask.to(a.dtype)``, saving the ``bool`` mask for the backward instead of a float copy.
+    """``a`` times the one-hot of ``labels``, saving the integer labels for the backward, not a one-hot.
 
-    The same products as a multiply by the float one-hot, both ways (``g * mask.to(g.dtype)`` is
-    what autograd's multiply gives ``a``), so every map is bit-identical; the float one-hot exists
-    only while one product is formed: on a whole scan 1 byte a voxel and class is held, not 4.
+    The same products as a multiply by the float one-hot, both ways (``g * onehot`` is what autograd's
+    multiply gives ``a``; a ``bool`` factor is promoted to 1.0 / 0.0), so every map is bit-identical.
+    A ``bool`` one-hot exists only while one product is formed: on a whole scan the target holds its
+    labels (1 byte a voxel), where a float one-hot held 4 bytes a voxel and class.
     """
 
     @staticmethod
-    def forward(ctx, a: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        ctx.save_for_backward(mask)
-        return a * mask.to(a.dtype)
+    def forward(ctx, a: torch.Tensor, labels: torch.Tensor, n: int) -> torch.Tensor:  # type: ignore[override]
+        ctx.save_for_backward(labels)
+        ctx.n = n
+        return a * _one_hot(labels, n, torch.bool)
 
     @staticmethod
     def backward(ctx, g: torch.Tensor):  # type: ignore[override]
-        (mask,) = ctx.saved_tensors
-        return g * mask.to(g.dtype), None
+        (labels,) = ctx.saved_tensors
+        return g * _one_hot(labels, ctx.n, torch.bool), None, None
 
 
 def _one_hot(labels: torch.Tensor, n: int, dtype: torch.dtype) -> torch.Tensor:
