@@ -212,14 +212,18 @@ def _decoder_wrapper(decoder: nn.Module, forward: Any, counter: _Counter) -> Any
 def unet_segments(model: nn.Module, nested_fraction: float = 0.5) -> list[nn.Module]:
     """The blocks of nnU-Net's ``dynamic_network_architectures`` U-Nets inside ``model`` to checkpoint.
 
-    Every stage (:data:`STAGE_TYPES`) is one segment, except the decoder's last: the backward starts
-    there, so recomputing it at once would hold the same tensors as storing them and only cost time.
-    Inside the stages whose feature maps are the largest (channels per input voxel at least
-    ``nested_fraction`` of the largest level's) each block (:data:`BLOCK_TYPES`) is a segment too, so
-    recomputing a large stage keeps one block's graph at a time. Measured on the 80x160x160 nnU-Net
-    plan's network at a 48x96x96 patch, the backward's peak above the resting memory: 1,108 MB without
-    checkpointing, 912 MB every block alone, 831 MB every stage alone, 747 MB this choice
-    (``benchmarks/bench_nnunet.py``).
+    Every encoder stage (:data:`STAGE_TYPES`) is one segment. nnU-Net's ``UNetDecoder`` is one too: it
+    runs as checkpointed steps that begin before each stage's up-sampling and skip concat, so the
+    concatenated stage input is never stored (:mod:`.checkpoint_decoder`; the last stage, where the
+    backward starts, as one step up to its first block, then block by block). Any other decoder keeps
+    the per-stage scheme: every decoder stage but the last is a segment (the backward starts there, so
+    recomputing it at once would hold the same tensors as storing them). Inside the stages whose
+    feature maps are the largest (channels per input voxel at least ``nested_fraction`` of the largest
+    level's) each block (:data:`BLOCK_TYPES`) is a segment too, so recomputing a large stage keeps one
+    block's graph at a time. Measured on the 80x160x160 nnU-Net plan's network at a 32x64x64 patch, the
+    largest sum of live tensors during forward + backward, in 32-channel full-resolution tensors: 20.8 without
+    checkpointing, 12.8 with the per-stage decoder, 10.5 with the fused one, 7.2 for the graph-free forward
+    (peak RSS at 256x256x128 in ``docs/models.md``).
 
     Returns
     -------

@@ -11,7 +11,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from monai.data.utils import compute_importance_map, dense_patch_slices
 
 from esegeta_engine.errors import MethodError
 
@@ -85,6 +84,8 @@ class WindowGrid:
         self.offset = tuple(pad[2 * (nd - 1 - k)] for k in range(nd))  # padding before each axis
         interval = tuple(r if r == s else max(int(r * (1 - settings.overlap)), 1)
                          for r, s in zip(roi, self.padded))
+        from monai.data.utils import compute_importance_map, dense_patch_slices  # here: MONAI costs ~115 MB resident
+
         self.slices: list[Slices] = [tuple(sl) for sl in dense_patch_slices(self.padded, roi, interval)]
         self.weight = compute_importance_map(roi, mode=settings.blend, sigma_scale=settings.sigma_scale,
                                              device=device, dtype=torch.float32)[None, None]

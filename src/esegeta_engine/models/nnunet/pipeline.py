@@ -38,6 +38,8 @@ from torch import nn
 from esegeta_engine.errors import ModelLoadError
 from esegeta_engine.models.member_layer import (NNUNET_MEMBER_METHODS, NNUNET_TWO_PASS, find_in, method_refusal,
                                                 nnunet_layer_map, two_pass_refusal)
+from esegeta_engine.models.nnunet.gradient_steps import GradientSteps
+from esegeta_engine.models.nnunet.gradient_steps import exact as _exact
 from esegeta_engine.models.nnunet.resample import Resampling, resampler
 from esegeta_engine.models.nnunet.window import Ensemble, EnsembleFunction, WindowPlan
 
@@ -66,6 +68,7 @@ class NnUNetPipeline(nn.Module):
         super().__init__()
         self.folds = networks
         self.network_input = nn.Identity()
+        object.__setattr__(self, "_steps", GradientSteps())  # not a submodule: no layer of the model
         self.pm, self.cm, self.lm = plans_manager, configuration_manager, label_manager
         self.ensemble = Ensemble(list(networks), mirror_axes, label_manager.num_segmentation_heads)
         self.step_size = float(step_size)
@@ -176,11 +179,13 @@ class NnUNetPipeline(nn.Module):
         """The fold networks' stages and large blocks, checkpointed for plain-gradient methods.
 
         Only the backward's patch recomputation builds a graph (:mod:`.window`): there each block keeps
-        its input only (:mod:`esegeta_engine.forward.checkpointing`), so one patch's graph is small.
+        its input only (:mod:`esegeta_engine.forward.checkpointing`), so one patch's graph is small. Also
+        the preprocessing's gradient steps (:class:`.gradient_steps.GradientSteps`): while the patches are
+        recomputed they hold the scan only, not their scan-size graph.
         """
         from esegeta_engine.forward.checkpointing import unet_segments
 
-        return [m for net in self.ensemble.networks for m in unet_segments(net)]
+        return [*(m for net in self.ensemble.networks for m in unet_segments(net)), self._steps]
 
     def layer_refusal(self, name: str) -> tuple[str, str] | None:
         """``folds`` is a list the pipeline never calls as one module: refused (its fold networks are not)."""
@@ -294,8 +299,6 @@ class NnUNetPipeline(nn.Module):
         nonzero = torch.from_numpy(np.ascontiguousarray(mask[box])).to(data.device)
         for c in range(array.shape[0]):
             array[c] = self._normaliser(c).run(array[c].copy(), seg)
-        data = _exact(array, (lambda d=data: torch.stack([self._normalise(d[c], c, nonzero)
-                                                          for c in range(d.shape[0])])) if grad else None, data)
         target = list(self.cm.spacing)
         if len(target) < nd:
             target = [original_spacing[0], *target]
@@ -303,7 +306,14 @@ class NnUNetPipeline(nn.Module):
         new_shape = tuple(int(s) for s in compute_new_shape(cropped, original_spacing, target))
         resampled = self.cm.resampling_fn_data(array, np.array(new_shape), original_spacing, target)
         rs = self._axes("data", self.cm.resampling_fn_data, cropped, new_shape, original_spacing, target)
-        data = _exact(resampled, (lambda d=data: rs.apply(d).float()) if grad else None, data)
+
+        def steps(d: torch.Tensor, normalised: np.ndarray = array) -> torch.Tensor:  # normalisation, resampling
+            normal = _exact(normalised, lambda: torch.stack([self._normalise(d[c], c, nonzero)
+                                                             for c in range(d.shape[0])]), d)
+            return rs.apply(normal).float()
+
+        s = self._steps(steps, data) if grad else None  # one block: checkpointing keeps the scan, not its graph
+        data = _exact(resampled, (lambda: s) if grad else None, data)
         plan = WindowPlan.of(new_shape, self.cm.patch_size, self.step_size)
         return {"data": data, "plan": plan, "order": order, "bbox": box, "shape_before": shape_before,
                 "cropped": cropped, "network_spacing": target, "original_spacing": original_spacing}
@@ -368,14 +378,3 @@ class NnUNetPipeline(nn.Module):
             inverse[o] = k
         return y.permute(0, *[i + 1 for i in inverse])
 
-
-def _exact(value: np.ndarray, surrogate: Callable[[], torch.Tensor] | None, like: torch.Tensor) -> torch.Tensor:
-    """nnU-Net's own ``value``; with ``surrogate`` (the same step in torch) its gradient is added.
-
-    ``value + (s - s.detach())`` has exactly nnU-Net's numbers and ``s``'s derivative.
-    """
-    out = torch.from_numpy(np.ascontiguousarray(value)).to(like.device)
-    if surrogate is None:
-        return out
-    s = surrogate()
-    return out.to(s.dtype) + (s - s.detach())
