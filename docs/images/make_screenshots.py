@@ -102,6 +102,7 @@ def main() -> None:
         if "method" in ly.metadata.get("esegeta", {}):
             ly.visible = ly is ig
     ex.colorbar.show_layer(ig)
+    viewer.layers.selection.active = ig  # the layer controls show the map on screen
     k = int(np.argmax(np.abs(ig.data).sum(axis=(0, 1))))
     dock.show_view("axial")
     viewer.dims.set_point(2, float(ig.data_to_world((0, 0, k))[2]))
@@ -133,6 +134,11 @@ def main() -> None:
     ev.run()
     wait(app, lambda: not ev.running, 1200)
     print(ev.status.text())
+    scroll = ev.table.parent()
+    while scroll is not None and not hasattr(scroll, "ensureWidgetVisible"):
+        scroll = scroll.parent()
+    if scroll is not None:  # the scores, not only the form
+        scroll.ensureWidgetVisible(ev.table)
     shot(viewer, app, "plugin_10_evaluate.png")
     dock.show_tab("Cohort")
     shot(viewer, app, "plugin_11_cohort_tab.png")

@@ -114,6 +114,9 @@ def iter_run(cfg: Config, cancel: threading.Event | None = None, *, threaded: bo
     loaded = load_source(cfg.model, Trust(pickled=trust_pickled, bundle=trust_bundle))
     cfg = loaded.configure(cfg)  # a deployed pipeline (nnU-Net, bundle) does its own preprocessing
     model = loaded.module
+    bad_classes = loaded.class_error(cfg.target.kind, cfg.target.classes, cfg.target.components)
+    if bad_classes is not None:  # before the prediction pass and before anything is written
+        raise bad_classes
     try:
         volumes, roi = load_inputs(cfg)
     except VolumeError as exc:

@@ -215,3 +215,36 @@ def test_another_threads_evaluation_is_not_checked() -> None:
         release.set()
         t.join(30)
     assert _no_global_hook()
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_a_cancel_while_the_region_is_frozen_starts_no_method(monkeypatch, dims: int) -> None:
+    """A click while the argmax region is frozen from the prediction (the stretch after the prediction pass,
+    with no network module to check at): the method's first evaluation never runs; counted on the network."""
+    cancel = threading.Event()
+    calls: list[bool] = []
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = conv(dims)(1, 2, 3, padding=1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            calls.append(torch.is_grad_enabled())
+            return self.conv(x)
+
+    freeze = ArgmaxRegionTarget.prepare
+
+    def prepare(self, output):  # the click lands during the freeze
+        freeze(self, output)
+        cancel.set()
+
+    monkeypatch.setattr(ArgmaxRegionTarget, "prepare", prepare)
+    net = Net().eval()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    vol = Volume(np.random.default_rng(0).random((12,) * dims).astype(np.float32), np.eye(4))
+    ex = Explainer(net, PreprocessConfig(spatial_dims=dims), TargetConfig(kind="argmax", classes=[1]))
+    events = list(ex.iter_explain([vol], [MethodConfig(name="saliency")], cancel=cancel))
+    assert calls == [False]  # the prediction pass only
+    assert not any(isinstance(e, MapReady) for e in events)
+    assert_untouched(net, before)

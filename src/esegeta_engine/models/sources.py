@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
-from esegeta_engine.errors import ModelLoadError, VolumeShapeError
+from esegeta_engine.errors import ModelLoadError, TargetError, VolumeShapeError
 
 if TYPE_CHECKING:  # pragma: no cover
     from esegeta_engine.config import ModelConfig
@@ -65,6 +65,24 @@ class LoadedModel:
     execution: dict[str, Any] = field(default_factory=dict)
     outputs: str = "logits"
     input_note: str | None = None
+
+    def class_error(self, kind: str, classes: list[int] | None, components: bool = False) -> Exception | None:
+        """Configured ``classes`` a source that names its output channels (nnU-Net's ``dataset.json``)
+        cannot have, known before any model evaluation; ``None`` when they fit or the count is unknown.
+
+        Only targets whose scores are the output channels (``argmax``, ``roi``, ``voxel``,
+        ``classification``) are checked; the run checks every target again on the prediction.
+        """
+        if self.source != "nnunet" or not self.class_names or not classes or components \
+                or kind not in ("argmax", "roi", "voxel", "classification"):
+            return None
+        n = len(self.class_names)
+        bad = [c for c in classes if not 0 <= c < n]
+        if not bad:
+            return None
+        names = ", ".join(f"{i} {name}" for i, name in enumerate(self.class_names))
+        return TargetError(f"target.classes {bad} do not exist: the model has {n} output channels ({names})",
+                           f"use classes in 0..{n - 1}")
 
     def volume_error(self, exc: Exception) -> Exception:
         """A volume the source cannot take, said in the source's terms (e.g. dataset.json's channels)."""
