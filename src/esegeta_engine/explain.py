@@ -162,8 +162,9 @@ class Explainer:
                 clash = precision_clash(exc, self.form_for(x).precision)
                 if clash is not None:  # not the patch size's fault: name the precision
                     raise clash from None
-                if self._try_padding(x, monitor):
-                    return self._raw(x, monitor)
+                out = self._padded(x, monitor)
+                if out is not None:
+                    return out
                 raise rejected_input(exc, self.model, tuple(x.shape), self.form_for(x)) from None
 
     def _raw(self, x: torch.Tensor, monitor: EvaluationMonitor | None = None) -> torch.Tensor:
@@ -177,15 +178,16 @@ class Explainer:
             out = self.make_score_model(T.ClassificationTarget(), x, monitor, precision="fp32").model_output(x)
         return out
 
-    def _try_padding(self, x: torch.Tensor, monitor: EvaluationMonitor | None = None) -> bool:
-        """Find the smallest 2**k padding the network accepts (``divisible_by: auto``)."""
+    def _padded(self, x: torch.Tensor, monitor: EvaluationMonitor | None = None) -> torch.Tensor | None:
+        """The output with the smallest 2**k padding the network accepts (``divisible_by: auto``), or None."""
         auto = self.execution is None or self.execution.divisible_by == "auto"
         if not auto or self._divisible > 1 or self.form_for(x).sliding is not None:
-            return False
+            return None
         for k in range(1, 6):
             self._divisible = 2 ** k
             try:
                 self._raw(padding_search_input(x), monitor)  # a crop with the same remainders
+                out = self._raw(x, monitor)  # then the whole input (a fixed-size network may refuse it)
             except (Cancelled, MethodTimeout):
                 raise
             except Exception as exc:
@@ -194,9 +196,9 @@ class Explainer:
                 continue
             log.info("the model needs sizes divisible by %d: inputs are padded and maps cropped back",
                      self._divisible)
-            return True
+            return out
         self._divisible = 1
-        return False
+        return None
 
     def predict(self, volume: Volume) -> np.ndarray:
         """Predicted labels in NIfTI order (argmax, or > 0 logit for one channel)."""

@@ -135,6 +135,9 @@ def region_of(target: Target, cls: int) -> torch.Tensor:
     if isinstance(target, OutcomeTarget):
         return target.region(cls)
     if isinstance(target, ArgmaxRegionTarget) and target.region.numel():
+        if not 0 <= cls < target.classes:  # the labels are uint8: an out-of-range class would wrap onto another
+            raise TargetError(f"target.classes [{cls}] do not exist: the model has {target.classes} output channels",
+                              f"use classes in 0..{target.classes - 1}")
         return target.region == cls
     if isinstance(target, OtsuThresholdTarget) and target.foreground.numel():
         return target.foreground if cls == 1 else ~target.foreground

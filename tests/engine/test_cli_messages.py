@@ -110,3 +110,20 @@ def test_one_folds_checkpoint_or_a_bundles_weights_point_to_their_folder(tmp_pat
     with pytest.raises(ModelLoadError, match="weights of the MONAI bundle") as exc:
         load_model(bundle / "models" / "model.pt")
     assert f"--bundle {bundle}" in exc.value.fix
+
+
+def test_a_bundles_torchscript_model_still_loads_as_a_model_file(tmp_path) -> None:
+    """Review finding: many bundles ship a whole TorchScript model (``models/model.ts``); it was refused as
+    "the weights of the MONAI bundle" with no override. A TorchScript file is a model on its own."""
+    from torch import nn
+
+    from esegeta_engine.models import load_model
+
+    bundle = tmp_path / "spleen"
+    (bundle / "configs").mkdir(parents=True)
+    (bundle / "models").mkdir()
+    net = nn.Conv3d(1, 2, 3, padding=1).eval()
+    torch.jit.script(net).save(str(bundle / "models" / "model.ts"))
+    loaded = load_model(bundle / "models" / "model.ts")
+    x = torch.randn(1, 1, 4, 4, 4)
+    torch.testing.assert_close(loaded(x), net(x))

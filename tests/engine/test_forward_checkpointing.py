@@ -211,6 +211,27 @@ def test_fused_decoder_stores_no_concatenation_and_others_fall_back(dim):
     torch.testing.assert_close(out[0], plain_out[0], rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("dim", [2, 3])
+def test_a_hook_on_the_last_stages_convs_keeps_firing(dim):
+    """Review finding: the fused steps call the last stage's blocks, so a hook on its ``convs`` Sequential
+    (a Grad-CAM layer a user picked) never fired; such a decoder now keeps the per-stage scheme."""
+    from esegeta_engine.forward.checkpointing import decoder_scheme
+
+    net = _unet("plain", dim)
+    x = torch.randn(1, 1, *(16,) * dim)
+    fired = []
+    handle = net.decoder.stages[-1].convs.register_forward_hook(lambda m, i, o: fired.append(o.shape))
+    try:
+        segments = unet_segments(net)
+        assert net.decoder not in segments
+        assert "convs has forward hooks" in decoder_scheme(net, segments)
+        with checkpointed(segments):
+            _outputs_and_gradient(net, x)
+        assert len(fired) >= 1
+    finally:
+        handle.remove()
+
+
 @pytest.mark.parametrize("kind", ["plain", "residual"])
 def test_fused_decoder_restored_after_an_error_and_with_overlapping_runs(kind):
     net = _unet(kind, 3)

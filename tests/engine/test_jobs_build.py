@@ -50,3 +50,32 @@ def test_search_crop_keeps_each_axis_remainder_mod_32() -> None:
     c = padding_search_input(x)
     assert c.shape == (1, 3, 69, 73, 40)
     assert all(a % 32 == b % 32 for a, b in zip(c.shape[2:], x.shape[2:]))
+
+
+class FixedSize(nn.Module):
+    """A network that takes exactly one input size (like UNETR's ``img_size``)."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__()
+        self.size = size
+        self.conv = nn.Conv3d(1, 2, 1)
+        self.sizes: list[tuple[int, ...]] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.sizes.append(tuple(x.shape[2:]))
+        if tuple(x.shape[2:]) != (self.size,) * 3:
+            raise RuntimeError(f"img_size mismatch {tuple(x.shape)}")
+        return self.conv(x)
+
+
+def test_a_padding_the_crop_takes_but_the_whole_volume_does_not_is_a_clear_refusal() -> None:
+    """Review finding: the crop (68 -> 96) took the padding, the whole 100³ (-> 128) did not, and the
+    retry's RuntimeError escaped as a traceback; now it is the model's refusal, and no padding is kept."""
+    from esegeta_engine.errors import EsegetaError
+
+    net = FixedSize(96).eval()
+    ex = Explainer(net, PreprocessConfig(), TargetConfig(kind="argmax"), None)
+    with pytest.raises(EsegetaError, match="does not accept an input of shape"):
+        ex.raw_output(torch.zeros(1, 1, 100, 100, 100))
+    assert (96, 96, 96) in net.sizes  # the crop did take a padding
+    assert ex._divisible == 1  # not left padding later calls

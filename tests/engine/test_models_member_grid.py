@@ -194,3 +194,27 @@ def test_an_in_place_sum_after_the_layer_does_not_change_the_layers_grid(nd):
     assert layer_places(net, net.conv, False, nd) == {Place((2.0,) * nd, (0.0,) * nd)}
     assert layer_places(net, net.skip, False, nd) == {Place((2.0,) * nd, (0.5,) * nd)}
     assert layer_places(net, net, False, nd) == {Place((2.0,) * nd, (0.0,) * nd), Place((2.0,) * nd, (0.5,) * nd)}
+
+
+@pytest.mark.parametrize("nd", [2, 3])
+def test_assigning_a_grid_into_a_fresh_tensor_is_unknown_not_silently_the_others(nd):
+    """Review finding: a hand-written up-sampling (``out = zeros(...)``, ``out[..., ::2] = x``) left ``out``
+    without a grid, so a later sum took the other operand's grid alone and called the move exact."""
+    conv, _ = _ops(nd)
+
+    class HandUp(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.down, self.head = conv(1, 2, 3, stride=2, padding=1), conv(2, 2, 1)
+            self.skip = conv(1, 2, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            d = self.down(x)
+            out = torch.zeros(d.shape[0], d.shape[1], *x.shape[2:], device=d.device, dtype=d.dtype)
+            out[(...,) + (slice(None, None, 2),) * nd] = d
+            return self.head(out + self.skip(x))
+
+    net = HandUp()
+    assert layer_places(net, net.skip, False, nd) == {Place((1.0,) * nd, (0.0,) * nd)}
+    with pytest.raises(Unknown, match="assigning into a tensor"):
+        layer_places(net, net.head, False, nd)

@@ -287,3 +287,20 @@ def test_shared_forward_gives_each_component_its_separate_map(dims, patchwise, m
         ref_nifti = ex.geometry(_volume(img)).to_nifti(ref[0].sum(0).numpy())
         assert np.allclose(m.array, ref_nifti, atol=1e-6), j
         assert np.abs(m.array).sum() > 0
+
+
+@pytest.mark.parametrize("cls", [256, -255, 2])
+def test_a_class_out_of_range_is_refused_not_wrapped_onto_another(cls):
+    """The frozen region's labels are uint8: ``region == 256`` would match class 0 and ``-255`` class 1."""
+    from esegeta_engine.errors import TargetError
+    from esegeta_engine.evaluation.calibration import target_region
+    from esegeta_engine.regions import region_of
+    from esegeta_engine.targets import ArgmaxRegionTarget
+
+    t = ArgmaxRegionTarget()
+    t.prepare(torch.randn(1, 2, 8, 8, 8, generator=torch.Generator().manual_seed(0)))
+    with pytest.raises(TargetError, match="do not exist"):
+        region_of(t, cls)
+    region = target_region(t, cls, (8, 8, 8))
+    assert region is not None and not region.any()  # no voxel of any class is taken for it
+    assert region_of(t, 1).sum() + region_of(t, 0).sum() == 8 ** 3

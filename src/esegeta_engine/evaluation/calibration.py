@@ -56,7 +56,8 @@ def target_region(target: Any, cls: int, spatial: Sequence[int]) -> np.ndarray |
     """
     region = None
     if getattr(target, "region", None) is not None and target.region.numel():
-        region = target.region == cls  # ArgmaxRegionTarget
+        # ArgmaxRegionTarget: its labels may be uint8, where a class out of range would wrap onto another
+        region = target.region.long() == cls if cls < 0 or cls > 255 else target.region == cls
     elif isinstance(getattr(target, "foreground", None), torch.Tensor) and target.foreground.numel():
         region = target.foreground.bool() if cls == 1 else ~target.foreground.bool()  # Otsu
     elif isinstance(getattr(target, "mask", None), torch.Tensor) and target.mask.numel():

@@ -67,8 +67,12 @@ def decoder_refusal(decoder: nn.Module, ours: Callable[[Any], bool]) -> str | No
         own = stage.__dict__.get("forward")
         if own is not None and not ours(own):
             return "a decoder stage has its own instance forward"
-    if stages[-1]._forward_hooks or stages[-1]._forward_pre_hooks:  # the loop calls its blocks, not the stage
-        return "the last decoder stage has forward hooks (the fused steps call its blocks, not the stage)"
+    for part, what in ((stages[-1], "the last decoder stage"), (stages[-1].convs, "the last decoder stage's convs")):
+        if part._forward_hooks or part._forward_pre_hooks:  # the loop calls its blocks, not the stage
+            return f"{what} has forward hooks (the fused steps call its blocks, not it)"
+        own = part.__dict__.get("forward")
+        if part is stages[-1].convs and own is not None and not ours(own):
+            return f"{what} has its own instance forward"
     return None
 
 

@@ -84,7 +84,8 @@ def load_model(
     dev = resolve_device(device)
     if not path.is_file():
         raise ModelLoadError(f"model file {str(path)!r} does not exist", "check model.path")
-    _refuse_part_of_a_folder(path, class_path)
+    if not _is_torchscript_file(path):  # a whole TorchScript model (a bundle's model.ts) loads as it is
+        _refuse_part_of_a_folder(path, class_path)
     if format == "auto":
         format = file_format(path, class_path, trust_pickled)
     if format == "torchscript":

@@ -162,7 +162,7 @@ class _GridMode(TorchFunctionMode):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
         name = getattr(func, "__name__", str(func))
-        if name == "__setitem__" and self.of(args[0]) is not None:
+        if name == "__setitem__" and any(self.of(t) is not None for t in _flat(args)):  # into or from a grid
             self.set(args[0], _Lost("assigning into a tensor"))
         made = [t for t in _flat(out) if isinstance(t, torch.Tensor)]
         if made:
