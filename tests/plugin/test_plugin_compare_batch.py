@@ -73,12 +73,8 @@ def test_young_collection_leaves_an_earlier_freeze_alone() -> None:
         gc.unfreeze()
 
 
-@pytest.mark.gui
-def test_side_by_side_runs_one_layer_insertion_per_event_loop_turn(qtbot, docked, monkeypatch) -> None:
-    """The click adds one hidden base view; each later turn (a zero timer) one more; the grid comes on the turn
-    after the last, the cells are fitted on the next: 2 maps -> 4 turns. Turns are driven by hand here."""
-    import napari_esegeta._qt.compare_widget as CW
-
+def _two_maps_checked(qtbot, docked):
+    """Two prepared maps arrive in the Explain tab and are checked in Compare: (viewer, explain, compare)."""
     viewer, image, w = docked
     ex, cw = w["explain"], w["compare"]
     for i in range(2):
@@ -86,6 +82,16 @@ def test_side_by_side_runs_one_layer_insertion_per_event_loop_turn(qtbot, docked
         qtbot.wait(50)
     cw.refresh()
     cw.set_checked(list(ex.added))
+    return viewer, ex, cw
+
+
+@pytest.mark.gui
+def test_side_by_side_runs_one_layer_insertion_per_event_loop_turn(qtbot, docked, monkeypatch) -> None:
+    """The click adds one hidden base view; each later turn (a zero timer) one more; the grid comes on the turn
+    after the last, the cells are fitted on the next: 2 maps -> 4 turns. Turns are driven by hand here."""
+    import napari_esegeta._qt.compare_widget as CW
+
+    viewer, ex, cw = _two_maps_checked(qtbot, docked)
     scheduled: list = []
     monkeypatch.setattr(CW.QTimer, "singleShot", lambda ms, f: scheduled.append(f))
     inserted: list[str] = []
@@ -117,13 +123,7 @@ def test_a_failing_side_by_side_step_restores_the_layout_and_says_so(qtbot, dock
     one status line, no step left pending."""
     import napari_esegeta._qt.compare_widget as CW
 
-    viewer, image, w = docked
-    ex, cw = w["explain"], w["compare"]
-    for i in range(2):
-        ex._on_event(_prepared(image, i))
-        qtbot.wait(50)
-    cw.refresh()
-    cw.set_checked(list(ex.added))
+    viewer, ex, cw = _two_maps_checked(qtbot, docked)
     before = [ly.name for ly in viewer.layers]
     scheduled: list = []
     monkeypatch.setattr(CW.QTimer, "singleShot", lambda ms, f: scheduled.append(f))

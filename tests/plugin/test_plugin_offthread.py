@@ -22,6 +22,19 @@ class TinyNet(nn.Module):
         return self.conv(x)
 
 
+def _run_two_maps(qtbot, w):
+    """Saliency and input × gradient of the tiny network, run from the Explain tab to the end: the tab."""
+    session = w["model"].session
+    session.set_model(TinyNet().eval(), "tiny", session.preprocess, None)
+    ex = w["explain"]
+    ex.kind_combo.setCurrentText("argmax")
+    for name in ("saliency", "input_x_gradient"):
+        ex.methods.check(name)
+    assert ex.run() is not None
+    wait_until(qtbot, lambda: not ex.running, 120)
+    return ex
+
+
 @pytest.fixture
 def threads_of(monkeypatch):
     """Record the thread of every call of the contrast-limit and signedness functions."""
@@ -42,14 +55,7 @@ def threads_of(monkeypatch):
 @pytest.mark.gui
 def test_explain_builds_map_layers_off_the_gui_thread(qtbot, docked, threads_of) -> None:
     viewer, image, w = docked
-    session = w["model"].session
-    session.set_model(TinyNet().eval(), "tiny", session.preprocess, None)
-    ex = w["explain"]
-    ex.kind_combo.setCurrentText("argmax")
-    for name in ("saliency", "input_x_gradient"):
-        ex.methods.check(name)
-    assert ex.run() is not None
-    wait_until(qtbot, lambda: not ex.running, 120)
+    ex = _run_two_maps(qtbot, w)
     assert len(ex.added) == 2, ex.status.text()
     # each map: one contrast limit and one signedness check, all in the worker
     assert sorted(n for n, _ in threads_of) == ["is_signed"] * 2 + ["support_limit"] * 2
@@ -73,14 +79,7 @@ def test_explain_builds_napari_layer_models_in_the_worker(qtbot, docked, monkeyp
         built.append((self, threading.current_thread() is threading.main_thread()))
 
     monkeypatch.setattr(Image, "__init__", spy)
-    session = w["model"].session
-    session.set_model(TinyNet().eval(), "tiny", session.preprocess, None)
-    ex = w["explain"]
-    ex.kind_combo.setCurrentText("argmax")
-    for name in ("saliency", "input_x_gradient"):
-        ex.methods.check(name)
-    assert ex.run() is not None
-    wait_until(qtbot, lambda: not ex.running, 120)
+    ex = _run_two_maps(qtbot, w)
     assert len(ex.added) == 2, ex.status.text()
     maps = [viewer.layers[name] for name in ex.added]
     # exactly the two maps' layers were constructed, both in the worker, and those objects are in the viewer
@@ -129,13 +128,6 @@ def test_a_map_napari_cannot_build_is_one_status_line_and_the_others_still_come(
         return original(*args, **kwargs)
 
     monkeypatch.setattr(R, "image_layers", first_fails)
-    session = w["model"].session
-    session.set_model(TinyNet().eval(), "tiny", session.preprocess, None)
-    ex = w["explain"]
-    ex.kind_combo.setCurrentText("argmax")
-    for name in ("saliency", "input_x_gradient"):
-        ex.methods.check(name)
-    assert ex.run() is not None
-    wait_until(qtbot, lambda: not ex.running, 120)
+    ex = _run_two_maps(qtbot, w)
     assert len(calls) == 2 and len(ex.added) == 1
     assert "could not be shown" in ex.status.text() and "napari refused this layer" in ex.status.text()
