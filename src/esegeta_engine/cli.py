@@ -87,13 +87,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", action="append", required=True,
                    help="NAME or NAME:key=value,... (repeatable), e.g. occlusion:window=8")
     p.add_argument("--target", default="argmax",
-                   choices=["argmax", "otsu", "roi", "voxel", "classification", "channel"])
+                   choices=["argmax", "otsu", "roi", "voxel", "classification", "channel", "outcome"])
     p.add_argument("--classes", type=int, nargs="+")
     p.add_argument("--activation", choices=["none", "softmax", "sigmoid"])
     p.add_argument("--roi-mask", help="NIfTI mask for --target roi")
     p.add_argument("--voxel", type=int, nargs="+", help="x y [z] for --target voxel")
     p.add_argument("--target-layer", help="module name for --target channel (`esegeta layers MODEL`)")
     p.add_argument("--channel", type=int, help="channel (filter) index for --target channel")
+    p.add_argument("--ground-truth", help="NIfTI label image on the volume's grid for --target outcome")
+    p.add_argument("--outcome", choices=["tp", "fp", "fn"],
+                   help="for --target outcome: true positives, false positives or false negatives (default fn)")
     p.add_argument("--output", help="output index/key of a multi-output model")
     p.add_argument("--device", default="cpu")
     p.add_argument("--spatial-dims", type=int, default=3, choices=[2, 3])
@@ -181,7 +184,8 @@ _FLAGS = {"model.class_path": "--class-path", "model.kwargs": "--kwargs", "model
           "preprocess.axis_order": "--axis-order", "preprocess.normalisation": "--normalisation",
           "preprocess.orientation": "--orientation", "target.classes": "--classes", "target.kind": "--target",
           "target.roi_mask": "--roi-mask", "target.voxel": "--voxel", "target.layer": "--target-layer",
-          "target.channel": "--channel", "target.activation": "--activation", "execution.patch_size": "--patch-size",
+          "target.channel": "--channel", "target.activation": "--activation",
+          "target.ground_truth": "--ground-truth", "target.outcome": "--outcome", "execution.patch_size": "--patch-size",
           "execution.overlap": "--overlap", "execution.precision": "--precision", "run.timeout_s": "--timeout",
           "run.seed": "--seed"}
 

@@ -179,6 +179,10 @@ def cmd_explain(args: argparse.Namespace) -> int:
         data["target"]["layer"] = args.target_layer
     if args.channel is not None:
         data["target"]["channel"] = args.channel
+    if getattr(args, "ground_truth", None):
+        data["target"]["ground_truth"] = args.ground_truth
+    if getattr(args, "outcome", None):
+        data["target"]["outcome"] = args.outcome
     return _execute(parse_config(data, base=Path.cwd(), source="command line"), args.quiet, args.resume,
                     trust_pickled=args.trust_pickled, trust_bundle=args.trust_bundle)
 
