@@ -158,8 +158,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--randomisation", choices=["cascading", "independent", "both"],
                    help="also run the model-randomisation check in this mode")
     p.add_argument("--report", action="store_true", help="write report.html even if the run had none")
-    p.add_argument("--trust-pickled", action="store_true", help="allow loading a fully pickled nn.Module")
-    p.add_argument("-q", "--quiet", action="store_true")
+    p.add_argument("--trust-pickled", action="store_true",
+                   help="allow loading a fully pickled nn.Module (runs code from the file)")
+    p.add_argument("--trust-bundle", action="store_true",
+                   help="allow the run's MONAI bundle config to run (its $ expressions and _target_ objects)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("schema", help="print the config's JSON schema")

@@ -312,7 +312,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     cancel = threading.Event()
     metrics = [m.strip() for m in args.metrics.split(",") if m.strip()] if args.metrics else None
     gen = iter_evaluate_run(args.run_dir, metrics=metrics, mask=args.mask, randomisation=args.randomisation,
-                            report=True if args.report else None, trust_pickled=args.trust_pickled, cancel=cancel)
+                            report=True if args.report else None, trust_pickled=args.trust_pickled,
+                            trust_bundle=args.trust_bundle, cancel=cancel)
     scored = 0
     with cancel_on_signals(cancel):
         while True:

@@ -81,3 +81,20 @@ def test_predict_quiet_prints_no_progress(tmp_path, capsys, quiet) -> None:
     assert "v__prediction.nii.gz" in out  # what was written is listed either way
     assert (err.strip() == "") == quiet
     assert (tmp_path / "p" / "v__probabilities.nii.gz").is_file()
+
+
+def test_evaluate_a_bundle_run_with_trust_bundle(tmp_path, capsys) -> None:
+    """The refusal told the user to pass --trust-bundle, which ``esegeta evaluate`` did not have."""
+    import bundle_setup as B
+
+    root = B.write_bundle(tmp_path / "tiny_bundle")
+    scan = B.oblique_scan(tmp_path / "scan.nii.gz")
+    assert main(["explain", "--bundle", str(root), "--trust-bundle", "--volume", str(scan), "--classes", "1",
+                 "--method", "saliency", "--out", str(tmp_path / "out"), "-q"]) == 0
+    capsys.readouterr()
+    assert main(["evaluate", str(tmp_path / "out"), "--metrics", "axioms", "-q"]) == 2  # not trusted: refused
+    err = capsys.readouterr().err
+    assert "--trust-bundle" in err and "Traceback" not in err
+    assert main(["evaluate", str(tmp_path / "out"), "--metrics", "axioms", "--trust-bundle", "-q"]) == 0
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert len(manifest["evaluations"]) == 1 and manifest["evaluations"][0]["maps"] == 1
