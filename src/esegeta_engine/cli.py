@@ -240,6 +240,11 @@ def _main(args: argparse.Namespace) -> int:
     except EsegetaError as exc:
         _print_error(exc, getattr(args, "flag_names", frozenset()))
         return 2
+    except BrokenPipeError:  # the reader went away (`esegeta layers ... | head`): no error, nothing more to say
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's own flush at exit must not fail
+        return 0
     except OSError as exc:  # a file the command reads or writes outside the engine's own checks
         from esegeta_engine.io import output_error
 

@@ -283,8 +283,10 @@ def cmd_layers(args: argparse.Namespace) -> int:
         if args.class_path is None and "class_path" in (exc.fix or ""):
             exc.fix = "give --class-path (e.g. mypackage.nets:UNet) and --kwargs '{...}'"
         raise
-    for name, kind in list_layers(model):
-        print(f"{name:<40} {kind}")
+    layers = list_layers(model)
+    width = max((len(name) for name, _ in layers), default=0) + 2
+    for name, kind in layers:
+        print(f"{name:<{width}}{kind}")
     return 0
 
 

@@ -98,3 +98,42 @@ def test_evaluate_a_bundle_run_with_trust_bundle(tmp_path, capsys) -> None:
     assert main(["evaluate", str(tmp_path / "out"), "--metrics", "axioms", "--trust-bundle", "-q"]) == 0
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert len(manifest["evaluations"]) == 1 and manifest["evaluations"][0]["maps"] == 1
+
+
+def test_layers_into_a_closed_pipe_is_no_error(tmp_path, capsys, monkeypatch) -> None:
+    """``esegeta layers MODEL | head`` said "error: cannot write a file: Broken pipe; fix: choose another
+    output folder"."""
+    import os
+    import sys
+
+    _files(tmp_path)
+    fd = os.open(tmp_path / "sink", os.O_WRONLY | os.O_CREAT)
+
+    class Gone:  # a pipe whose reader has exited
+        def write(self, text):
+            raise BrokenPipeError(32, "Broken pipe")
+
+        def flush(self):
+            pass
+
+        def fileno(self):
+            return fd
+
+    monkeypatch.setattr(sys, "stdout", Gone())
+    try:
+        assert main(["layers", str(tmp_path / "net.pt")]) == 0
+    finally:
+        os.close(fd)
+    assert "error" not in capsys.readouterr().err
+
+
+def test_layers_names_stay_in_one_column(tmp_path, capsys) -> None:
+    from torch import nn
+
+    net = nn.Sequential()  # names longer than the old fixed 40-character column (an nnU-Net's are)
+    net.add_module("decoder_of_a_network_with_a_rather_long_name", nn.Sequential(nn.Conv3d(1, 2, 1), nn.ReLU()))
+    torch.jit.script(net).save(str(tmp_path / "long.pt"))
+    assert main(["layers", str(tmp_path / "long.pt")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    starts = {len(line) - len(line.rstrip().split()[-1]) for line in lines}
+    assert len(lines) == 3 and len(starts) == 1  # every type name starts at one column

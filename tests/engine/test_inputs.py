@@ -74,3 +74,20 @@ def test_a_4d_roi_mask_through_an_nnunet_folder_on_the_command_line(nnunet_folde
     assert "ROI mask roi.nii.gz has shape (16, 12, 8, 2)" in err
     assert "dataset.json" not in err and "channels)" not in err and "Traceback" not in err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_2d_image_for_a_3d_model_is_not_a_channel_problem(tmp_path) -> None:
+    from esegeta_engine.io import load_volume
+
+    nib.save(nib.Nifti1Image(np.ones((12, 10), np.float32), np.eye(4)), tmp_path / "slice.nii.gz")
+    with pytest.raises(VolumeShapeError) as exc:
+        load_volume(tmp_path / "slice.nii.gz", spatial_dims=3)
+    assert "preprocess.spatial_dims: 2" in exc.value.fix and "4D" not in exc.value.fix  # a plain model: a 2D one?
+    for source in (LoadedModel(module=nn.Identity(), source="nnunet", preprocess={"spatial_dims": 3},
+                               input_note="dataset.json lists 1 input channel(s)"),
+                   LoadedModel(module=nn.Identity(), source="bundle", preprocess={"spatial_dims": 3},
+                               input_note="the bundle's network takes 1 input channel(s)")):
+        said = source.volume_error(exc.value)
+        assert "slice.nii.gz has shape (12, 10)" in said.problem
+        assert "channel" not in f"{said.problem} {said.fix}" and "give a 3D scan" in said.fix
+        assert "spatial_dims" not in said.fix  # the pipeline's dimension is not the user's setting
