@@ -87,13 +87,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", action="append", required=True,
                    help="NAME or NAME:key=value,... (repeatable), e.g. occlusion:window=8")
     p.add_argument("--target", default="argmax",
-                   choices=["argmax", "otsu", "roi", "voxel", "classification", "channel"])
+                   choices=["argmax", "otsu", "roi", "voxel", "classification", "channel", "outcome"])
     p.add_argument("--classes", type=int, nargs="+")
     p.add_argument("--activation", choices=["none", "softmax", "sigmoid"])
     p.add_argument("--roi-mask", help="NIfTI mask for --target roi")
     p.add_argument("--voxel", type=int, nargs="+", help="x y [z] for --target voxel")
     p.add_argument("--target-layer", help="module name for --target channel (`esegeta layers MODEL`)")
     p.add_argument("--channel", type=int, help="channel (filter) index for --target channel")
+    p.add_argument("--ground-truth", help="NIfTI label image on the volume's grid for --target outcome")
+    p.add_argument("--outcome", choices=["tp", "fp", "fn"],
+                   help="for --target outcome: true positives, false positives or false negatives (default fn)")
     p.add_argument("--output", help="output index/key of a multi-output model")
     p.add_argument("--device", default="cpu")
     p.add_argument("--spatial-dims", type=int, default=3, choices=[2, 3])
@@ -155,8 +158,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--randomisation", choices=["cascading", "independent", "both"],
                    help="also run the model-randomisation check in this mode")
     p.add_argument("--report", action="store_true", help="write report.html even if the run had none")
-    p.add_argument("--trust-pickled", action="store_true", help="allow loading a fully pickled nn.Module")
-    p.add_argument("-q", "--quiet", action="store_true")
+    p.add_argument("--trust-pickled", action="store_true",
+                   help="allow loading a fully pickled nn.Module (runs code from the file)")
+    p.add_argument("--trust-bundle", action="store_true",
+                   help="allow the run's MONAI bundle config to run (its $ expressions and _target_ objects)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("schema", help="print the config's JSON schema")
@@ -181,7 +187,8 @@ _FLAGS = {"model.class_path": "--class-path", "model.kwargs": "--kwargs", "model
           "preprocess.axis_order": "--axis-order", "preprocess.normalisation": "--normalisation",
           "preprocess.orientation": "--orientation", "target.classes": "--classes", "target.kind": "--target",
           "target.roi_mask": "--roi-mask", "target.voxel": "--voxel", "target.layer": "--target-layer",
-          "target.channel": "--channel", "target.activation": "--activation", "execution.patch_size": "--patch-size",
+          "target.channel": "--channel", "target.activation": "--activation",
+          "target.ground_truth": "--ground-truth", "target.outcome": "--outcome", "execution.patch_size": "--patch-size",
           "execution.overlap": "--overlap", "execution.precision": "--precision", "run.timeout_s": "--timeout",
           "run.seed": "--seed"}
 
@@ -233,6 +240,11 @@ def _main(args: argparse.Namespace) -> int:
     except EsegetaError as exc:
         _print_error(exc, getattr(args, "flag_names", frozenset()))
         return 2
+    except BrokenPipeError:  # the reader went away (`esegeta layers ... | head`): no error, nothing more to say
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's own flush at exit must not fail
+        return 0
     except OSError as exc:  # a file the command reads or writes outside the engine's own checks
         from esegeta_engine.io import output_error
 

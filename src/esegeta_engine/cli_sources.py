@@ -117,5 +117,6 @@ def add_predict_parser(sub: Any) -> None:
     p.add_argument("--normalisation", default="none", choices=["none", "zscore", "minmax", "percentile"])
     p.add_argument("--axis-order", help="model spatial axes in NIfTI terms (default xyz)")
     p.add_argument("--patch-size", type=int, nargs="+", help="sliding-window patch size of a model file")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress lines (the written files are still listed)")
     add_source_flags(p)
     p.set_defaults(func=_run_predict)
