@@ -31,6 +31,12 @@ import numpy as np
 import torch
 
 LAYER = "upcat_2"
+# counted multiply-adds of the convolutions per patch against the minimum's (a dispatch-mode counter on one
+# 32^3 patch of this network; docs/execution.md, "LRP's default composite: where 2x comes from")
+FLOORS = {"lrp": "epsilon_plus (the default) does 2.013x the minimum's convolution multiply-adds (z+ on "
+                 "LeakyReLU's signed inputs: one more convolution and two transposed ones per layer), so its "
+                 "ratio cannot go below ~2.0 without changing the map; LRP-epsilon does 1.000x (see lrp:epsilon)",
+          "lrp:epsilon": "1.000x the minimum's convolution multiply-adds (the default epsilon_plus: 2.013x)"}
 PARAMS = {"layer_integrated_gradients": {"n_steps": 8},  # its reference: n_steps x the minimum
           "deeplift_shap": {"n_baselines": 2}}
 
@@ -343,6 +349,8 @@ def main() -> None:
               f"MB (reference {max(m['peak_rss_mb'] for m in refs):.0f} MB), {r['patches']} patch evaluations; "
               f"ratio vs {ref_mode} (fwd+bwd of every patch{', input and baseline' if ref_mode == 'minimum2' else ''}, "
               f"{args.repeat} interleaved run(s)): CPU {cpu:.2f}, wall {wall:.2f} (target <= 1.6)")
+        if mode in FLOORS:
+            print(f"  floor: {FLOORS[mode]}")
         if "peak_at" in r:
             print(f"  peak ({r['sampled_peak_mb']:.0f} MB sampled) at {r['peak_at']}")
     if args.estimate:

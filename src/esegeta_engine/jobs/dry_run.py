@@ -5,7 +5,7 @@ layers × classes per volume, with their expected model evaluations and the scor
 method the execution form refuses before any work and each layer a deployed pipeline refuses a layer
 method on, as the run refuses (:func:`~esegeta_engine.jobs.refusal.split_refusals`),
 and times one forward + backward of one patch of the largest volume
-(:func:`~esegeta_engine.jobs.probe.probe_run`: three to five network calls) to estimate the run's time and
+(:func:`~esegeta_engine.jobs.probe.probe_run`: three to six network calls) to estimate the run's time and
 peak memory. No prediction pass runs and no output folder is made.
 """
 
@@ -92,6 +92,7 @@ def dry_run(cfg: Config, trust_pickled: bool = False, trust_bundle: bool = False
     from esegeta_engine.inputs import load_inputs
     from esegeta_engine.jobs.naming import volume_stem
     from esegeta_engine.jobs.probe import probe_run
+    from esegeta_engine.jobs.probe_cost import padded_voxels
     from esegeta_engine.jobs.refusal import split_refusals
     from esegeta_engine.models import Trust, load_source
 
@@ -152,11 +153,13 @@ def dry_run(cfg: Config, trust_pickled: bool = False, trust_bundle: bool = False
         if plan.probe is not None and plan.probe.expected_evaluations and known:
             probe = plan.probe
 
-            def volume_seconds(n: int, vox: int) -> float:  # its prediction pass and its n evaluations
+            def volume_seconds(n: int, vox: int, shape: tuple[int, ...]) -> float:  # prediction + n evaluations
                 if probe.evaluation_line is not None and probe.prediction_line is not None:  # whole volume
+                    vox = padded_voxels(shape, probe.divisible_by)  # as the network sees it (the probe's line too)
                     return probe.prediction_line.at(vox) + n * probe.evaluation_line.at(vox)
                 return (probe.prediction_seconds + n * probe.evaluation_seconds) * vox / voxels[big]
 
-            plan.seconds = sum(volume_seconds(n, vox) for n, vox in zip(counts, voxels)) \
+            shapes = [tuple(v.data.shape[:p.spatial_dims]) for v in volumes]
+            plan.seconds = sum(volume_seconds(n, vox, shape) for n, vox, shape in zip(counts, voxels, shapes)) \
                 + extra * probe.evaluation_seconds  # type: ignore[operator]
     return plan
