@@ -137,3 +137,14 @@ def test_layers_names_stay_in_one_column(tmp_path, capsys) -> None:
     lines = capsys.readouterr().out.splitlines()
     starts = {len(line) - len(line.rstrip().split()[-1]) for line in lines}
     assert len(lines) == 3 and len(starts) == 1  # every type name starts at one column
+
+
+def test_every_flag_of_every_command_says_what_it_does() -> None:
+    import argparse
+
+    from esegeta_engine.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    bare = [f"{name} {'/'.join(a.option_strings) or a.dest}" for name, p in sub.choices.items()
+            for a in p._actions if not isinstance(a, argparse._HelpAction) and not a.help]
+    assert bare == []
