@@ -208,6 +208,7 @@ def in_flags(text: str, flags: frozenset[str]) -> str:
             text = re.sub(rf"(?m)^(\s*){re.escape(key)}:", rf"\g<1>{flag}:", text)  # a line per bad value
             text = re.sub(rf"(?<![\w.]){re.escape(key)}(: (?=\S)|\b)",  # "key: value" -> "--flag value"
                           lambda m: flag + (" " if m.group(1) else ""), text)
+            text = text.replace(f"{flag} ({flag})", flag)  # "output.dir (--out)" said once
     return text.replace("fix the keys above", "fix the flags above")
 
 
