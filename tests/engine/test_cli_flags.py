@@ -137,3 +137,26 @@ def test_layers_names_stay_in_one_column(tmp_path, capsys) -> None:
     lines = capsys.readouterr().out.splitlines()
     starts = {len(line) - len(line.rstrip().split()[-1]) for line in lines}
     assert len(lines) == 3 and len(starts) == 1  # every type name starts at one column
+
+
+def test_every_flag_of_every_command_says_what_it_does() -> None:
+    import argparse
+
+    from esegeta_engine.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    bare = [f"{name} {'/'.join(a.option_strings) or a.dest}" for name, p in sub.choices.items()
+            for a in p._actions if not isinstance(a, argparse._HelpAction) and not a.help]
+    assert bare == []
+
+
+def test_a_key_followed_by_its_flag_is_said_once(tmp_path, capsys) -> None:
+    from esegeta_engine.cli import in_flags
+
+    assert in_flags("choose a folder for output.dir (--out)", frozenset({"--out"})) == "choose a folder for --out"
+    _files(tmp_path)
+    (tmp_path / "afile").write_text("")
+    assert main(["explain", "--model", str(tmp_path / "net.pt"), "--volume", str(tmp_path / "v.nii.gz"),
+                 "--method", "saliency", "--out", str(tmp_path / "afile"), "-q"]) == 2
+    err = capsys.readouterr().err
+    assert "is a file" in err and "--out (--out)" not in err and "output.dir" not in err
