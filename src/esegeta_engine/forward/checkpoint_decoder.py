@@ -33,6 +33,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from esegeta_engine.forward.checkpoint_opening import block as inplace_block
+from esegeta_engine.forward.checkpoint_opening import block_refusal, opening, opening_refusal
+
 UNET_DECODER = "dynamic_network_architectures.building_blocks.unet_decoder.UNetDecoder"
 """The decoder class :func:`fused_forward` reproduces (exactly this class, not a subclass)."""
 CONV_STAGE = "dynamic_network_architectures.building_blocks.simple_conv_blocks.StackedConvBlocks"
@@ -81,7 +84,8 @@ def first_blocks(decoder: nn.Module) -> list[nn.Module]:
     return [decoder.stages[-1].convs[0]]
 
 
-def fused_forward(decoder: nn.Module, skips: list[torch.Tensor], step: Step) -> Any:
+def fused_forward(decoder: nn.Module, skips: list[torch.Tensor], step: Step,
+                  ours: Callable[[Any], bool] = lambda f: False) -> Any:
     """:data:`UNET_DECODER`'s forward on ``skips`` (encoder outputs, bottleneck last), in checkpointed steps.
 
     Same operations in the same order as the class's own forward (see the module docstring); only the
@@ -100,10 +104,15 @@ def fused_forward(decoder: nn.Module, skips: list[torch.Tensor], step: Step) -> 
         else:  # the backward starts here: the concat is kept for the first block's backward only
             first, rest = stage.convs[0], stage.convs[1:]
 
-            def opening(low: torch.Tensor, skip: torch.Tensor, up: nn.Module = up, first: nn.Module = first):
-                return first(torch.cat((up(low), skip), 1))
+            if opening_refusal(up, first, ours) is None and all(block_refusal(b, ours) is None for b in rest):
+                x = opening(up, first, lower, skips[-(s + 2)])  # no recomputation: the backward needs outputs only
+                for b in rest:
+                    x = inplace_block(b, x)
+            else:
+                def whole_first(low: torch.Tensor, skip: torch.Tensor, up: nn.Module = up, first: nn.Module = first):
+                    return first(torch.cat((up(low), skip), 1))
 
-            x = rest(step(opening, lower, skips[-(s + 2)]))
+                x = rest(step(whole_first, lower, skips[-(s + 2)]))
         if decoder.deep_supervision:
             heads.append(decoder.seg_layers[s](x))
         elif s == n - 1:

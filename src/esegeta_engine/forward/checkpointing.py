@@ -203,7 +203,7 @@ def _decoder_wrapper(decoder: nn.Module, forward: Any, counter: _Counter) -> Any
     def run(skips: Any) -> Any:
         if not torch.is_grad_enabled() or not counter.active:  # a finished run's wrapper only passes through
             return forward(skips)
-        return fused_forward(decoder, skips, step)
+        return fused_forward(decoder, skips, step, _ours)
 
     run._esegeta_counter = counter  # type: ignore[attr-defined]
     return run
