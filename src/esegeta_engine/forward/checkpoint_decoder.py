@@ -79,9 +79,20 @@ def decoder_refusal(decoder: nn.Module, ours: Callable[[Any], bool]) -> str | No
     return None
 
 
+def last_stage_refusal(decoder: nn.Module, ours: Callable[[Any], bool] = lambda f: False) -> str | None:
+    """Why the last stage cannot run with the in-place-activated backward of :mod:`.checkpoint_opening`."""
+    blocks = list(decoder.stages[-1].convs)
+    why = opening_refusal(decoder.transpconvs[-1], blocks[0], ours)
+    for b in blocks[1:]:
+        why = why or block_refusal(b, ours)
+    return why
+
+
 def first_blocks(decoder: nn.Module) -> list[nn.Module]:
-    """Blocks :func:`fused_forward` runs inside a step of its own: the last stage's first block."""
-    return [decoder.stages[-1].convs[0]]
+    """Blocks :func:`fused_forward` runs itself: the last stage's first block inside a step of its own, or
+    every block of the last stage where they run in-place-activated (no recomputation)."""
+    convs = list(decoder.stages[-1].convs)
+    return convs if last_stage_refusal(decoder) is None else convs[:1]
 
 
 def fused_forward(decoder: nn.Module, skips: list[torch.Tensor], step: Step,
@@ -104,7 +115,7 @@ def fused_forward(decoder: nn.Module, skips: list[torch.Tensor], step: Step,
         else:  # the backward starts here: the concat is kept for the first block's backward only
             first, rest = stage.convs[0], stage.convs[1:]
 
-            if opening_refusal(up, first, ours) is None and all(block_refusal(b, ours) is None for b in rest):
+            if last_stage_refusal(decoder, ours) is None:
                 x = opening(up, first, lower, skips[-(s + 2)])  # no recomputation: the backward needs outputs only
                 for b in rest:
                     x = inplace_block(b, x)
