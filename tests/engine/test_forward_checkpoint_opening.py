@@ -71,7 +71,7 @@ def test_outputs_identical_and_gradient_equal_within_rounding(kind, dim, deep_su
     with checkpointed(segments):
         ours_out, ours = _outputs_and_gradient(net, x)
     _same(before, _snapshot(net))
-    monkeypatch.setattr(opening_mod, "MAX_SHIFT", 0.0)  # the previous path: the opening recomputed in one step
+    monkeypatch.setattr(opening_mod, "MAX_SHIFT", -1.0)  # the previous path: the opening recomputed in one step
     with checkpointed(unet_segments(net)):
         old_out, old = _outputs_and_gradient(net, x)
     for a, b, c in zip(ours_out, plain_out, old_out, strict=True):
@@ -90,7 +90,7 @@ def test_backward_recomputes_nothing_at_full_resolution_and_saves_outputs_only(d
     # the encoder's first stage is still recomputed (its first block twice: nested), the last decoder stage is not
     assert (ours.cats, ours.convs) == (0, 3)
     with monkeypatch.context() as m:
-        m.setattr(opening_mod, "MAX_SHIFT", 0.0)
+        m.setattr(opening_mod, "MAX_SHIFT", -1.0)
         _, old = _run_counting(net, x)
     # before: the concatenation, the up-sampling and both blocks' convolutions ran again in the backward
     assert (old.cats, old.convs) == (1, 3 + 1 + len(net.decoder.stages[-1].convs))
