@@ -254,6 +254,8 @@ def main() -> None:
     ap.add_argument("--instance-norm", action="store_true",
                     help="only: ROI occlusion on BasicUNet (instance norm) where the ROI reads 1 of 25 patches")
     ap.add_argument("--no-occlusion", action="store_true", help="skip the ROI occlusion measurement")
+    ap.add_argument("--roi-32", action="store_true", help="reduced-scale occlusion with the issue's 32^3 ROI box "
+                    "(window 16) on 96x96x64: sliding window at patch 48^3, and the whole-volume batch-norm UNet")
     ap.add_argument("--methods", help="comma-separated subset of: layer_gradcam, deeplift, lrp (its default "
                                       "composite, epsilon_plus), lrp:epsilon, excitation_backprop, fullgrad, "
                                       "guided_gradcam, deeplift_shap (2 baselines; its reference: input and "
@@ -304,6 +306,8 @@ def main() -> None:
     if not args.no_occlusion:
         if args.full:
             occ_args = (shape, patch, 32, 16, features)
+        elif args.roi_32:
+            occ_args = ([96, 96, 64], [48, 48, 48], 32, 16, [4, 4, 8, 8, 16, 4])
         else:  # a smaller volume: today's ROI occlusion walks every window
             occ_args = ([64, 64, 32], [32, 32, 32], 8, 8, [4, 4, 8, 8, 16, 4])
         _print_occlusion(f"occlusion (window {occ_args[3]}) for a {occ_args[2]}^3 ROI on {occ_args[0]}, patch "
@@ -313,6 +317,7 @@ def main() -> None:
         torch.manual_seed(0)  # a network whose receptive field is smaller than the volume: batch norm, 2 levels
         unet = UNet(3, 1, 2, (8, 16, 32), (2, 2), num_res_units=1, norm="batch").eval()
         demo = ([64, 64, 32], None, 8, 8, None) if not args.full else ([448, 448, 128], None, 32, 16, None)
+        demo = ([96, 96, 64], None, 32, 16, None) if args.roi_32 else demo
         _print_occlusion(f"occlusion (window {demo[3]}) for a {demo[2]}^3 ROI on {demo[0]}, whole volume, MONAI "
                          "UNet (8, 16, 32), batch norm:", occlusion_roi(*demo, net=unet))
     if args.occlusion_only:
