@@ -12,7 +12,9 @@
    "(floor)" is napari's or Mesa's own single call, measured in the same run: a gap no code of
    ours can go under (one layer insertion; one 3D frame of the same layers, a camera turn).
 2-3. Cancel latency and Evaluate's memory: ``meeting_flow_cancel.py`` (run through this script).
-4. ``--profile-insert``: one insertion's time split into ours, napari's Qt, vispy/OpenGL and napari's model
+4. ``--floor-insert``: napari's bare ``add_image`` of the same map in a viewer without the dock against ours,
+   interleaved, 2D and 3D, as a ratio: ``meeting_flow_floor.py``.
+5. ``--profile-insert``: one insertion's time split into ours, napari's Qt, vispy/OpenGL and napari's model
    (cProfile), with no dock and with the dock: ``meeting_flow_profile.py``.
 
 Run under a display::
@@ -78,6 +80,11 @@ def gui(args) -> None:
     from napari_esegeta._layers import result_layer_data
 
     app = QApplication.instance() or QApplication([])
+    if args.floor_insert:
+        from meeting_flow_floor import floor_insert
+
+        floor_insert(app, args)
+        return
     viewer = napari.Viewer()
     viewer.window._qt_window.resize(1366, 768)
     if args.profile_insert:
@@ -257,6 +264,9 @@ def main() -> None:
     ap.add_argument("--add-only", action="store_true", help="only the add-map stall rows (no Cancel)")
     ap.add_argument("--profile-insert", action="store_true",
                     help="where one map insertion's time goes (cProfile): no dock against the esegeta dock")
+    ap.add_argument("--floor-insert", action="store_true",
+                    help="bare napari's add_image of the same map (no dock) against ours, interleaved, 2D and 3D "
+                         "(screen 2800x800: two windows side by side)")
     ap.add_argument("--preview-3d", action="store_true",
                     help="experiment: a multiscale map layer against a full-resolution one in 3D")
     ap.add_argument("--cancel-delays", type=float, nargs="+", default=[2.0, 8.0],

@@ -52,7 +52,7 @@ def worker(shape: tuple[int, ...], patch: int | None, method: str) -> None:
     print(json.dumps({"shape": shape, "patch": patch, "estimate_s": est.seconds, "old_estimate_s": old,
                       "prediction_s": est.prediction_seconds, "evaluation_s": est.evaluation_seconds,
                       "patch_s": est.patch_seconds, "forward_s": est.forward_seconds, "probe_wall_s": probe_s,
-                      "network_calls": est.network_calls, "line": None if line is None else [line.fixed, line.per_voxel],
+                      "network_calls": est.network_calls, "timed": est.timed, "divisible_by": est.divisible_by, "line": None if line is None else [line.fixed, line.per_voxel],
                       "actual_s": actual, "actual_cpu_s": actual_cpu, "estimate_cpu_s": est.cpu_seconds, "evaluations": ready.evaluations, "expected": est.expected_evaluations,
                       "per_evaluation": est.patches_per_evaluation, "peak_estimate_mb": est.peak_bytes / 2**20,
                       "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
@@ -82,7 +82,8 @@ def main() -> None:
               f"(ratio {r['estimate_s'] / r['actual_s']:.2f}: prediction {r['prediction_s']:.1f} s + {r['expected']} x "
               f"{r['evaluation_s']:.1f} s), old estimate {r['old_estimate_s']:.1f} s (ratio "
               f"{r['old_estimate_s'] / r['actual_s']:.2f}); probe {r['probe_wall_s']:.1f} s, {r['network_calls']} network "
-              f"calls (crop {r['patch_s']:.2f} s forward+backward, {r['forward_s']:.2f} s forward{fit}); peak memory "
+              f"calls (sizes {' and '.join('x'.join(map(str, t)) for t in r['timed'])}, each after a warm-up, padded to a "
+              f"multiple of {r['divisible_by']}; crop {r['patch_s']:.2f} s forward+backward, {r['forward_s']:.2f} s forward{fit}); peak memory "
               f"estimate {r['peak_estimate_mb']:.0f} MB vs {r['peak_rss_mb']:.0f} MB measured; CPU time: actual "
               f"{r['actual_cpu_s']:.1f} s, estimate {r['estimate_cpu_s']:.1f} s (ratio "
               f"{r['estimate_cpu_s'] / r['actual_cpu_s']:.2f})", flush=True)

@@ -41,7 +41,8 @@ def _setup_logging(verbose: bool) -> None:
 
 
 def _model_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--format", default="auto", choices=["auto", "torchscript", "state_dict", "pickled_module"])
+    p.add_argument("--format", default="auto", choices=["auto", "torchscript", "state_dict", "pickled_module"],
+                   help="how to read the model file (default: detected)")
     p.add_argument("--class-path", help="package.module:Class, for a state dict")
     p.add_argument("--kwargs", help="constructor kwargs of --class-path as JSON")
     p.add_argument("--trust-pickled", action="store_true",
@@ -87,47 +88,56 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", action="append", required=True,
                    help="NAME or NAME:key=value,... (repeatable), e.g. occlusion:window=8")
     p.add_argument("--target", default="argmax",
-                   choices=["argmax", "otsu", "roi", "voxel", "classification", "channel"])
-    p.add_argument("--classes", type=int, nargs="+")
-    p.add_argument("--activation", choices=["none", "softmax", "sigmoid"])
+                   choices=["argmax", "otsu", "roi", "voxel", "classification", "channel", "outcome"],
+                   help="what each map explains (README, Targets; default argmax)")
+    p.add_argument("--classes", type=int, nargs="+",
+                   help="class indices to explain (default: every predicted foreground class)")
+    p.add_argument("--activation", choices=["none", "softmax", "sigmoid"],
+                   help="applied to the output first (default sigmoid for otsu, none otherwise)")
     p.add_argument("--roi-mask", help="NIfTI mask for --target roi")
     p.add_argument("--voxel", type=int, nargs="+", help="x y [z] for --target voxel")
     p.add_argument("--target-layer", help="module name for --target channel (`esegeta layers MODEL`)")
     p.add_argument("--channel", type=int, help="channel (filter) index for --target channel")
+    p.add_argument("--ground-truth", help="NIfTI label image on the volume's grid for --target outcome")
+    p.add_argument("--outcome", choices=["tp", "fp", "fn"],
+                   help="for --target outcome: true positives, false positives or false negatives (default fn)")
     p.add_argument("--output", help="output index/key of a multi-output model")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--spatial-dims", type=int, default=3, choices=[2, 3])
-    p.add_argument("--in-channels", type=int, default=1)
-    p.add_argument("--normalisation", default="none", choices=["none", "zscore", "minmax", "percentile"])
+    p.add_argument("--device", default="cpu", help="cpu or cuda:N (default cpu)")
+    p.add_argument("--spatial-dims", type=int, default=3, choices=[2, 3], help="2D images or 3D volumes (default 3)")
+    p.add_argument("--in-channels", type=int, default=1,
+                   help="model input channels (default 1; several: a 4D NIfTI, channels last)")
+    p.add_argument("--normalisation", default="none", choices=["none", "zscore", "minmax", "percentile"],
+                   help="intensity normalisation before the model (default none)")
     p.add_argument("--axis-order", help="model spatial axes in NIfTI terms (default xyz, or xy for 2D)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="random seed of the run (default 0)")
     p.add_argument("--timeout", type=float, default=900.0, help="seconds per method and target")
-    p.add_argument("--out", default="esegeta_out")
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--out", default="esegeta_out", help="output folder (default esegeta_out)")
+    p.add_argument("--overwrite", action="store_true", help="write into a folder holding a previous run")
     p.add_argument("--resume", action="store_true", help="keep finished, matching maps in --out; redo the rest")
     p.add_argument("--patch-size", type=int, nargs="+",
                    help="sliding-window execution with this patch size (one or one per axis)")
     p.add_argument("--overlap", type=float, default=0.25, help="sliding-window overlap in [0, 1)")
-    p.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16"])
+    p.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16"],
+                   help="autocast precision of the network (maps that turn non-finite are redone in fp32)")
     p.add_argument("--orientation", help="reorient volumes to these axis codes first, e.g. RAS")
-    p.add_argument("-q", "--quiet", action="store_true")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     add_source_flags(p)
     p.set_defaults(func=cmd_explain)
 
     p = sub.add_parser("demo", help="explain the bundled 3D U-Net on a phantom TOF-MRA volume")
-    p.add_argument("--out", default="esegeta_demo")
+    p.add_argument("--out", default="esegeta_demo", help="output folder (default esegeta_demo)")
     p.add_argument("--seed", type=int, default=7, help="phantom seed")
     p.add_argument("--methods", help="methods joined by '+', e.g. saliency+occlusion:window=8")
     p.add_argument("--no-report", action="store_true", help="skip figures and report.html")
     p.add_argument("--overwrite", action="store_true",
                    help="replace another run in --out (an earlier demo run is replaced anyway)")
-    p.add_argument("-q", "--quiet", action="store_true")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("methods", help="list methods and their parameters")
-    p.add_argument("name", nargs="?")
-    p.add_argument("--family", choices=FAMILIES)
-    p.add_argument("--json", action="store_true")
+    p.add_argument("name", nargs="?", help="one method: its parameters, defaults and allowed values")
+    p.add_argument("--family", choices=FAMILIES, help="only this family")
+    p.add_argument("--json", action="store_true", help="machine-readable, with every parameter")
     p.set_defaults(func=cmd_methods)
 
     p = sub.add_parser("layers", help="list a model's module names (for layer methods)")
@@ -138,8 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_predict_parser(sub)
 
     p = sub.add_parser("sample", help="write the phantom volume and its vessel mask as NIfTI")
-    p.add_argument("--out", default="esegeta_sample")
-    p.add_argument("--seed", type=int, default=7)
+    p.add_argument("--out", default="esegeta_sample", help="output folder (default esegeta_sample)")
+    p.add_argument("--seed", type=int, default=7, help="phantom seed (default 7, the demo's)")
     p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("report", help="write report.html (figures, metrics tables) for a run folder")
@@ -155,8 +165,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--randomisation", choices=["cascading", "independent", "both"],
                    help="also run the model-randomisation check in this mode")
     p.add_argument("--report", action="store_true", help="write report.html even if the run had none")
-    p.add_argument("--trust-pickled", action="store_true", help="allow loading a fully pickled nn.Module")
-    p.add_argument("-q", "--quiet", action="store_true")
+    p.add_argument("--trust-pickled", action="store_true",
+                   help="allow loading a fully pickled nn.Module (runs code from the file)")
+    p.add_argument("--trust-bundle", action="store_true",
+                   help="allow the run's MONAI bundle config to run (its $ expressions and _target_ objects)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("schema", help="print the config's JSON schema")
@@ -181,7 +194,8 @@ _FLAGS = {"model.class_path": "--class-path", "model.kwargs": "--kwargs", "model
           "preprocess.axis_order": "--axis-order", "preprocess.normalisation": "--normalisation",
           "preprocess.orientation": "--orientation", "target.classes": "--classes", "target.kind": "--target",
           "target.roi_mask": "--roi-mask", "target.voxel": "--voxel", "target.layer": "--target-layer",
-          "target.channel": "--channel", "target.activation": "--activation", "execution.patch_size": "--patch-size",
+          "target.channel": "--channel", "target.activation": "--activation",
+          "target.ground_truth": "--ground-truth", "target.outcome": "--outcome", "execution.patch_size": "--patch-size",
           "execution.overlap": "--overlap", "execution.precision": "--precision", "run.timeout_s": "--timeout",
           "run.seed": "--seed"}
 
@@ -194,6 +208,7 @@ def in_flags(text: str, flags: frozenset[str]) -> str:
             text = re.sub(rf"(?m)^(\s*){re.escape(key)}:", rf"\g<1>{flag}:", text)  # a line per bad value
             text = re.sub(rf"(?<![\w.]){re.escape(key)}(: (?=\S)|\b)",  # "key: value" -> "--flag value"
                           lambda m: flag + (" " if m.group(1) else ""), text)
+            text = text.replace(f"{flag} ({flag})", flag)  # "output.dir (--out)" said once
     return text.replace("fix the keys above", "fix the flags above")
 
 
@@ -227,12 +242,25 @@ def main(argv: list[str] | None = None) -> int:
     return _main(args)
 
 
+_LISTINGS = frozenset({"cmd_layers", "cmd_methods", "cmd_schema"})
+"""Commands that only list: a reader that stops early (``| head``) took what it wanted."""
+
+
 def _main(args: argparse.Namespace) -> int:
     try:
         return int(args.func(args) or 0)
     except EsegetaError as exc:
         _print_error(exc, getattr(args, "flag_names", frozenset()))
         return 2
+    except BrokenPipeError:  # the reader went away (`esegeta layers ... | head`)
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's own flush at exit must not fail
+        if getattr(args.func, "__name__", "") in _LISTINGS:  # a listing read as far as wanted: no error
+            return 0
+        print("stopped: the output pipe closed before the command finished (nothing after that line was done)",
+              file=sys.stderr)
+        return 1  # a command that does work and did not finish it is no success for a script checking $?
     except OSError as exc:  # a file the command reads or writes outside the engine's own checks
         from esegeta_engine.io import output_error
 

@@ -179,6 +179,10 @@ def cmd_explain(args: argparse.Namespace) -> int:
         data["target"]["layer"] = args.target_layer
     if args.channel is not None:
         data["target"]["channel"] = args.channel
+    if getattr(args, "ground_truth", None):
+        data["target"]["ground_truth"] = args.ground_truth
+    if getattr(args, "outcome", None):
+        data["target"]["outcome"] = args.outcome
     return _execute(parse_config(data, base=Path.cwd(), source="command line"), args.quiet, args.resume,
                     trust_pickled=args.trust_pickled, trust_bundle=args.trust_bundle)
 
@@ -279,8 +283,10 @@ def cmd_layers(args: argparse.Namespace) -> int:
         if args.class_path is None and "class_path" in (exc.fix or ""):
             exc.fix = "give --class-path (e.g. mypackage.nets:UNet) and --kwargs '{...}'"
         raise
-    for name, kind in list_layers(model):
-        print(f"{name:<40} {kind}")
+    layers = list_layers(model)
+    width = max((len(name) for name, _ in layers), default=0) + 2
+    for name, kind in layers:
+        print(f"{name:<{width}}{kind}")
     return 0
 
 
@@ -308,7 +314,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     cancel = threading.Event()
     metrics = [m.strip() for m in args.metrics.split(",") if m.strip()] if args.metrics else None
     gen = iter_evaluate_run(args.run_dir, metrics=metrics, mask=args.mask, randomisation=args.randomisation,
-                            report=True if args.report else None, trust_pickled=args.trust_pickled, cancel=cancel)
+                            report=True if args.report else None, trust_pickled=args.trust_pickled,
+                            trust_bundle=args.trust_bundle, cancel=cancel)
     scored = 0
     with cancel_on_signals(cancel):
         while True:

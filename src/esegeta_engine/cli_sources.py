@@ -18,13 +18,14 @@ def add_source_flags(p: argparse.ArgumentParser, model_required: bool = False) -
     if not any(a.dest == "model" for a in p._actions):
         p.add_argument("--model", required=model_required, help="TorchScript file or state dict")
     if not any(a.dest == "format" for a in p._actions):
-        p.add_argument("--format", default="auto", choices=["auto", "torchscript", "state_dict", "pickled_module"])
+        p.add_argument("--format", default="auto", choices=["auto", "torchscript", "state_dict", "pickled_module"],
+                       help="how to read the model file (default: detected)")
         p.add_argument("--class-path", help="package.module:Class, for a state dict")
         p.add_argument("--kwargs", help="constructor kwargs of --class-path as JSON")
         p.add_argument("--trust-pickled", action="store_true",
                        help="allow loading a fully pickled nn.Module (runs code from the file)")
     if not any(a.dest == "device" for a in p._actions):
-        p.add_argument("--device", default="cpu")
+        p.add_argument("--device", default="cpu", help="cpu or cuda:N (default cpu)")
     if not any(a.dest == "output" for a in p._actions):
         p.add_argument("--output", help="output index/key of a multi-output model")
     p.add_argument("--nnunet", help="nnU-Net v2 results folder (plans.json, dataset.json, fold_N/)")
@@ -111,11 +112,14 @@ def add_predict_parser(sub: Any) -> None:
     """Register ``esegeta predict`` (one line in the CLI)."""
     p = sub.add_parser("predict", help="label map and per-class probabilities on each scan's grid")
     p.add_argument("--volume", action="append", required=True, help="NIfTI input (repeatable)")
-    p.add_argument("--out", default="esegeta_predictions")
-    p.add_argument("--spatial-dims", type=int, default=3, choices=[2, 3])
-    p.add_argument("--in-channels", type=int, default=1)
-    p.add_argument("--normalisation", default="none", choices=["none", "zscore", "minmax", "percentile"])
+    p.add_argument("--out", default="esegeta_predictions", help="output folder (default esegeta_predictions)")
+    p.add_argument("--spatial-dims", type=int, default=3, choices=[2, 3], help="2D images or 3D volumes (default 3)")
+    p.add_argument("--in-channels", type=int, default=1,
+                   help="model input channels (default 1; several: a 4D NIfTI, channels last)")
+    p.add_argument("--normalisation", default="none", choices=["none", "zscore", "minmax", "percentile"],
+                   help="intensity normalisation before a model file (default none)")
     p.add_argument("--axis-order", help="model spatial axes in NIfTI terms (default xyz)")
     p.add_argument("--patch-size", type=int, nargs="+", help="sliding-window patch size of a model file")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress lines (the written files are still listed)")
     add_source_flags(p)
     p.set_defaults(func=_run_predict)

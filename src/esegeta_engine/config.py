@@ -323,6 +323,11 @@ class Config(RunSections):
     model: ModelConfig
     volumes: list[Path] = Field(min_length=1)
 
+    @field_validator("volumes", mode="before")
+    @classmethod
+    def _one_volume(cls, v: Any) -> Any:
+        return [v] if isinstance(v, (str, Path)) else v  # `volumes: scan.nii.gz` means that one volume
+
     @model_validator(mode="after")
     def _roi_mask_file(self) -> Config:
         # an ROI given in memory (napari Labels layer) needs no file; a config run does

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import re
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
@@ -19,10 +20,20 @@ def format_validation_error(exc: ValidationError, source: str = "config", root: 
     an unknown key's message lists the keys allowed where it stands.
     """
     lines = []
-    for err in exc.errors():
+    errors = exc.errors()
+    meant = set()  # keys an unknown key was a misspelling of: their "missing" line would say it twice
+    for err in errors:
+        if err["type"] == "extra_forbidden":
+            close = difflib.get_close_matches(str(err["loc"][-1]), _fields_at(err["loc"][:-1], root), n=1, cutoff=0.6)
+            meant.update((*err["loc"][:-1], c) for c in close)
+    for err in errors:
         loc = ".".join(str(p) for p in err["loc"] if not str(p).startswith("function-after"))
         msg = _clip(err["msg"].removeprefix("Value error, "))
-        if err["type"] == "extra_forbidden":
+        if err["type"] == "missing":
+            if tuple(err["loc"]) in meant:
+                continue
+            msg = "missing (required)"
+        elif err["type"] == "extra_forbidden":
             msg = "unknown key"
             parent = _fields_at(err["loc"][:-1], root)
             close = difflib.get_close_matches(str(err["loc"][-1]), parent, n=1, cutoff=0.6)
@@ -32,6 +43,10 @@ def format_validation_error(exc: ValidationError, source: str = "config", root: 
                 msg += f" (allowed here: {', '.join(parent)})"
         elif err["type"] == "literal_error":
             msg = msg.replace("Input should be", "must be")
+            allowed = re.findall(r"'([^']*)'", str((err.get("ctx") or {}).get("expected", "")))
+            close = difflib.get_close_matches(str(err.get("input")), allowed, n=1, cutoff=0.6)
+            if close:
+                msg = f"{err.get('input')!r} is not allowed; did you mean '{close[0]}'? ({msg})"
         lines.append(f"{loc or '(top level)'}: {msg}")
     return ConfigError(f"invalid {source}:\n  " + "\n  ".join(lines),
                        "fix the keys above; `esegeta methods` lists methods and their parameters")

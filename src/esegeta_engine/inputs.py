@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from esegeta_engine.config import Config
-from esegeta_engine.errors import VolumeError
+from esegeta_engine.errors import VolumeError, VolumeShapeError
 from esegeta_engine.io import Volume, load_volume
 from esegeta_engine.methods import get_method
 
@@ -34,6 +34,30 @@ def load_inputs(cfg: Config) -> tuple[list[Volume], np.ndarray | None]:
     return volumes, roi
 
 
+def load_mask_file(path: Path, spatial_dims: int, what: str) -> Volume:
+    """Read a mask or label NIfTI (one image, no channels), its errors said as the mask's.
+
+    A mask is never a model input, so a wrong shape is the mask's, fixed in the mask file: never the
+    model's channels (a deployed pipeline's channel note is added to volume shape errors only).
+
+    Raises
+    ------
+    VolumeError
+        Naming ``what`` and the file (not a :class:`VolumeShapeError`).
+    """
+    try:
+        return load_volume(path, spatial_dims=spatial_dims)
+    except VolumeShapeError:
+        import nibabel as nib
+
+        raise VolumeError(f"{what} {Path(path).name} has shape {nib.load(str(path)).shape} but a {spatial_dims}D mask on the "
+                          "volume's grid was expected (one label image, no channel or time axis)",
+                          f"give the {what} as a single {spatial_dims}D image on the volume's grid (keep one "
+                          "channel of a 4D file, e.g. with nibabel or fslroi)") from None
+    except VolumeError as exc:
+        raise VolumeError(f"{what}: {exc.problem}", exc.fix) from None
+
+
 def load_mask_on_grid(path: Path, volumes: list[Volume], spatial_dims: int, what: str) -> np.ndarray:
     """Read a mask NIfTI and check it lies on every volume's grid (shape and affine).
 
@@ -42,7 +66,7 @@ def load_mask_on_grid(path: Path, volumes: list[Volume], spatial_dims: int, what
     VolumeError
         Naming the mask, the volume and what differs.
     """
-    m = load_volume(path, spatial_dims=spatial_dims)
+    m = load_mask_file(path, spatial_dims, what)
     for v in volumes:
         name = v.path.name if v.path else "the volume"
         if m.data.shape != v.data.shape[:spatial_dims]:

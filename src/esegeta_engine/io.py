@@ -97,11 +97,18 @@ def load_volume(path: str | Path, *, spatial_dims: int = 3, channels: int = 1) -
         data = data[..., 0]
     if data.ndim != want or (channels > 1 and data.shape[-1] != channels):
         kind = f"{spatial_dims}D image" + (f" with {channels} channels" if channels > 1 else "")
-        raise VolumeShapeError(
-            f"{path.name} has shape {shape} but a {kind} was expected",
-            "give a single 3D volume (split 4D time series / multi-echo files first), or set "
-            "preprocess.spatial_dims / preprocess.in_channels to match the model",
-        )
+        if data.ndim < spatial_dims:  # a 2D image for a 3D model: no channel axis is involved
+            err = VolumeShapeError(f"{path.name} has shape {shape} but a {kind} was expected",
+                                   f"give a {spatial_dims}D volume, or set preprocess.spatial_dims: {data.ndim} "
+                                   f"if the model takes {data.ndim}D images")
+        else:
+            err = VolumeShapeError(
+                f"{path.name} has shape {shape} but a {kind} was expected",
+                "give a single 3D volume (split 4D time series / multi-echo files first), or set "
+                "preprocess.spatial_dims / preprocess.in_channels to match the model",
+            )
+        err.channel_axis = data.ndim >= spatial_dims  # type: ignore[attr-defined]  # what a source's note is about
+        raise err
     if min(data.shape[:spatial_dims]) < 2:
         raise VolumeError(f"{path.name} has shape {shape}: an axis has fewer than 2 voxels",
                           f"give a real {spatial_dims}D image")

@@ -11,6 +11,7 @@ classes on the 4th axis) with the scan's affine, after every input has been read
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -90,7 +91,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     stems = [volume_stem(v.path, i) for i, v in enumerate(volumes)]
     results = []
-    for v, stem in zip(volumes, stems):
+    for i, (v, stem) in enumerate(zip(volumes, stems)):
+        if not getattr(args, "quiet", False):
+            print(f"predicting {v.path.name if v.path else stem} ({i + 1}/{len(volumes)}) ...", file=sys.stderr,
+                  flush=True)
         entry = write_prediction(explainer, v, out, stem, loaded.outputs)
         results.append({"volume": str(v.path), **entry})
         print(f"{v.path.name if v.path else stem}: {entry['prediction']}, {entry['probabilities']}")

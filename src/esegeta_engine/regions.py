@@ -304,9 +304,9 @@ def load_ground_truth(path: Any, volumes: Sequence[Any], spatial_dims: int) -> n
         Naming the file, the volume and what differs (shape or affine), with the fix.
     """
     from esegeta_engine.errors import VolumeError
-    from esegeta_engine.io import load_volume
+    from esegeta_engine.inputs import load_mask_file
 
-    m = load_volume(path, spatial_dims=spatial_dims)
+    m = load_mask_file(path, spatial_dims, "ground truth")
     for v in volumes:
         name = v.path.name if v.path else "the volume"
         if m.data.shape != v.data.shape[:spatial_dims]:

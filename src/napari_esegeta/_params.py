@@ -106,6 +106,8 @@ def params_from_model(model: Any, skip: tuple[str, ...] = ()) -> tuple[Param, ..
             out.append(Param(name, "str", f.default, f.description or name, choices=choices))
             continue
         kind = {int: "int", float: "float", bool: "bool", str: "str"}.get(base, "str")
-        out.append(Param(name, kind, f.default, f.description or name.replace("_", " "),
+        if typing.get_origin(base) is list:  # ROAD's percentages: a comma-separated list
+            kind = {int: "ints", float: "floats"}.get(next(iter(typing.get_args(base)), None), "str")
+        out.append(Param(name, kind, f.get_default(call_default_factory=True), f.description or name.replace("_", " "),
                          minimum=lo, maximum=hi))
     return tuple(out)

@@ -314,3 +314,30 @@ def test_constant_baselines_as_views_hold_no_scan_and_give_the_same_bits(kind):
                 ctx = MethodContext(sm, inp, 1, extra={"patchwise": getattr(sm, "patchwise", False)})
                 maps.append(TwoPassDeepLift(ctx, "deeplift").attribute(inp, base, target=1))
             assert float(maps[0].abs().max()) > 0 and torch.equal(maps[0], maps[1])
+
+
+@pytest.mark.parametrize("act", ["leaky_inplace", "relu", "elu", "sigmoid"])
+def test_rescale_formed_in_place_gives_the_formula_bit_for_bit_and_frees_the_reference(act):
+    """``(f(a) - f(a0)) / (a - a0)`` with ``f(a0)`` and the difference formed in the reference's memory
+    (``-f(a0) + f(a)``): the same bits as the formula, signed zeros and plain-gradient voxels included; the
+    reference's activation is taken out of the list handed in (freed once used)."""
+    import weakref
+
+    from esegeta_engine.methods.deeplift_rules import EPS, _rescale
+
+    module = ACTS[act]()
+    g = torch.Generator().manual_seed(7)
+    a = torch.randn(2, 3, 5, 6, generator=g)
+    a0 = torch.randn(2, 3, 5, 6, generator=g)
+    a0[0, 0] = a[0, 0]  # input and reference agree: the local derivative
+    a[0, 1, 0], a0[0, 1, 0] = 0.0, -0.0
+    y = module.forward(a.clone())
+    expected = (y - module.forward(a0.clone())) / (a - a0)
+    expected = torch.where((a - a0).abs() < EPS, torch.autograd.functional.jacobian(
+        lambda t: module.forward(t * 1.0).sum(), a).reshape(a.shape), expected)
+    kept = [a0.clone()]
+    ref = weakref.ref(kept[0])
+    rule = _rescale(module, a, kept, y, EPS)
+    assert kept == [] and ref() is None
+    ones = torch.ones_like(a)
+    assert torch.equal(rule(ones), expected)

@@ -102,7 +102,7 @@ def test_dry_run_reads_each_whole_volume_off_the_probe_line(config):
     raw.pop("evaluation")
     plan = dry_run(parse_config(raw, base=config.parent))
     probe = plan.probe
-    assert plan.probe_volume == "big" and probe.network_calls == 5 and probe.probed == 2
+    assert plan.probe_volume == "big" and probe.network_calls == 6 and probe.probed == 2  # 3 a size
     line, plain = probe.evaluation_line, probe.prediction_line
     per_volume = [plain.at(v) + 2 * line.at(v) for v in (20 * 18 * 8, 80 * 18 * 8)]  # 2 classes: 2 evaluations
     assert plan.expected_evaluations == 4

@@ -1,6 +1,7 @@
 """The one-patch probe (issue 19.7): a warm-up call of one patch (not timed), a timed forward + backward and a
 timed forward without gradients (the prediction pass's unit), a second, half-edge crop under whole-volume
-execution, and an estimate that scales with the plan (prediction pass included)."""
+execution (warmed too), crops padded as the volume is, and an estimate that scales with the plan (prediction
+pass included)."""
 
 from __future__ import annotations
 
@@ -54,20 +55,85 @@ def test_probe_evaluates_exactly_one_patch_three_times(shape, patch) -> None:
 
 def test_whole_volume_probe_times_two_crops_and_reads_the_volume_off_their_line() -> None:
     """A network's time is not proportional to its voxels (a fixed part per call): a half-edge crop is
-    timed too and the whole volume's call is read off the line through the two sizes."""
+    timed too, after its own warm-up call, and the whole volume's call is read off the line through the two
+    sizes. The crop keeps each long axis's size modulo 32 (96 -> 64, 80 -> 48)."""
     net = CountingNet(3).eval()
     ex = Explainer(net, PreprocessConfig(), TargetConfig(classes=[1]))
     est = probe_run(ex, _volume((96, 80, 8)), [MethodConfig(name="saliency")])
-    assert net.calls == [(64, 64, 8)] * 3 + [(32, 32, 4)] * 2
-    assert net.grad == [True, True, False, True, False]
-    assert est.probed == 2 and est.network_calls == 5
-    assert est.patches_per_evaluation == pytest.approx(96 * 80 * 8 / (64 * 64 * 8))
+    assert net.calls == [(64, 48, 8)] * 3 + [(32, 24, 4)] * 3  # each size: a warm-up, then the timed pair
+    assert net.grad == [True, True, False] * 2
+    assert est.probed == 2 and est.network_calls == 6 and est.timed == ((64, 48, 8), (32, 24, 4))
+    assert est.patches_per_evaluation == pytest.approx(96 * 80 * 8 / (64 * 48 * 8))
     line, plain = est.evaluation_line, est.prediction_line
-    assert line.at(64 * 64 * 8) == pytest.approx(est.patch_seconds)  # the line goes through the timed crop
-    assert plain.at(64 * 64 * 8) == pytest.approx(est.forward_seconds)
+    assert line.at(64 * 48 * 8) == pytest.approx(est.patch_seconds)  # the line goes through the timed crop
+    assert plain.at(64 * 48 * 8) == pytest.approx(est.forward_seconds)
     assert est.evaluation_seconds == pytest.approx(line.at(96 * 80 * 8))
     assert est.prediction_seconds == pytest.approx(plain.at(96 * 80 * 8))
     assert est.seconds == pytest.approx(est.prediction_seconds + est.expected_evaluations * est.evaluation_seconds)
+
+
+def _fake_calls(costs: dict, log: list):
+    """``_calls`` with injected timings: forward + backward ``fixed + per_voxel × voxels`` of what the network
+    sees (the crop padded to ``divisible_by``), forward a third of it; a cold call (``warm=False``) 0.5 s more."""
+    from esegeta_engine.jobs.probe import _Timed
+
+    def fake(model, x, *, output, divisible_by, precision, cancel, warm, forward):
+        size = tuple(int(s) for s in x.shape[2:])
+        log.append((size, warm, divisible_by))
+        seen = float(np.prod([-(-s // divisible_by) * divisible_by for s in size]))
+        fb = costs["fixed"] + costs["per_voxel"] * seen + (0.0 if warm else 0.5)
+        return _Timed(0.9 if warm else None, fb, fb / 3, 1000, 0.1, (2 * fb, 2 * fb / 3))
+    return fake
+
+
+def test_whole_volume_estimate_arithmetic_with_injected_timings_and_a_warmed_small_crop(monkeypatch) -> None:
+    """With timings ``0.4 + 1e-6 × voxels`` per crop, the estimate is that line at the whole volume's voxels
+    exactly, prediction pass included; both crops are timed warm (a cold one would add its 0.5 s)."""
+    import esegeta_engine.jobs.probe as P
+
+    log: list = []
+    monkeypatch.setattr(P, "_calls", _fake_calls({"fixed": 0.4, "per_voxel": 1e-6}, log))
+    ex = Explainer(CountingNet(3).eval(), PreprocessConfig(), TargetConfig(classes=[1]))
+    est = probe_run(ex, _volume((197, 133, 90)), [MethodConfig(name="saliency")])
+    big, small = (69, 69, 58), (34, 34, 29)  # 197 % 32 = 5 -> 48 + 21; 90 -> 48 + 10; then half edges
+    assert log == [(big, True, 1), (small, True, 1)]  # the small crop warmed too
+    assert est.timed == (big, small) and est.network_calls == 6
+    assert est.evaluation_line.fixed == pytest.approx(0.4) and est.evaluation_line.per_voxel == pytest.approx(1e-6)
+    whole = 197 * 133 * 90
+    assert est.evaluation_seconds == pytest.approx(0.4 + 1e-6 * whole)
+    assert est.prediction_seconds == pytest.approx((0.4 + 1e-6 * whole) / 3)
+    assert est.seconds == pytest.approx(est.prediction_seconds + est.expected_evaluations * est.evaluation_seconds)
+    assert est.cpu_seconds == pytest.approx(2 * est.seconds)  # the CPU line, through the CPU times
+    assert est.patches_per_evaluation == pytest.approx(whole / np.prod(big))
+
+
+class _Multiple(CountingNet):
+    """A U-Net-like network that takes only sizes divisible by 4 (as the bundled U-Net)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if any(s % 4 for s in x.shape[2:]):
+            raise ValueError(f"spatial size must be a multiple of 4, got {list(x.shape[2:])}")
+        return super().forward(x)
+
+
+def test_the_crop_needs_the_padding_the_volume_needs_and_sizes_are_counted_padded(monkeypatch) -> None:
+    """A 64³ crop of 197×233×189 needed no padding where the volume needs 200×236×192: the crop keeps the
+    remainders, the probe finds the multiple (4) on it, and the line is read at the padded volume."""
+    net = _Multiple(3).eval()
+    ex = Explainer(net, PreprocessConfig(), TargetConfig(classes=[1]))
+    est = probe_run(ex, _volume((97, 90, 8)), [MethodConfig(name="saliency")])
+    assert est.divisible_by == 4 and est.timed == ((65, 58, 8), (32, 28, 4))
+    assert net.calls[-6:] == [(68, 60, 8)] * 3 + [(32, 28, 4)] * 3  # the crop padded as the run pads the volume
+    assert est.evaluation_seconds == pytest.approx(est.evaluation_line.at(100 * 92 * 8))
+    assert est.patches_per_evaluation == pytest.approx(100 * 92 * 8 / (68 * 60 * 8))
+
+    log: list = []  # the same arithmetic with injected timings: the padded counts, exactly
+    monkeypatch.setattr(__import__("esegeta_engine.jobs.probe", fromlist=["_calls"]), "_calls",
+                        _fake_calls({"fixed": 0.2, "per_voxel": 2e-6}, log))
+    ex = Explainer(net, PreprocessConfig(), TargetConfig(classes=[1]))
+    ex._divisible = 4  # as found
+    est = probe_run(ex, _volume((97, 90, 8)), [MethodConfig(name="saliency")])
+    assert est.evaluation_seconds == pytest.approx(0.2 + 2e-6 * 100 * 92 * 8)
 
 
 def test_whole_volume_within_the_crop_is_probed_once_as_it_is() -> None:

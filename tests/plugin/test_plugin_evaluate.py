@@ -72,7 +72,7 @@ def test_evaluate_panel(qtbot, make_docked, bundled_model, tmp_path):
     assert ev.status.property("status_kind") == "ok", ev.status.text()
     # one row per map, finite numbers where defined
     assert sorted(r["layer"] for r in ev.rows) == sorted(maps)
-    assert ev.table.rowCount() == 2
+    assert ev.table.columnCount() == 2 and ev.table.rowCount() == len(ev.headers())  # a column per map
     for r in ev.rows:
         for key in ("infidelity", "auc_deletion", "auc_insertion", "aopc_deletion", "mass_inside",
                     "rank_accuracy", "pointing_game", "roc_auc", "mean_spearman_abs"):
@@ -82,10 +82,13 @@ def test_evaluate_panel(qtbot, make_docked, bundled_model, tmp_path):
     headers = ev.headers()
     assert all(c[headers.index("randomisation")] in ("pass", "fail") for c in cells)
     assert not any("undefined" in c[headers.index("infidelity")] for c in cells)
-    # sortable: sort by infidelity
-    ev.table.sortItems(headers.index("infidelity"))
-    vals = [float(c[headers.index("infidelity")]) for c in ev.table_text()]
+    # sortable: the maps ordered by infidelity (a click on the row's title), then reversed (a second click)
+    row = headers.index("infidelity")
+    ev.table.verticalHeader().sectionClicked.emit(row)
+    vals = [float(c[row]) for c in ev.table_text()]
     assert vals == sorted(vals)
+    ev.table.verticalHeader().sectionClicked.emit(row)
+    assert [float(c[row]) for c in ev.table_text()] == sorted(vals, reverse=True)
     # curves: deletion + insertion per map
     assert ev.curves_canvas.lines_drawn == 4 and set(ev.curves) == set(maps)
     # stage layers: 2 per map, on the input's grid and geometry, named method · stage k (layer)

@@ -83,3 +83,18 @@ def test_bad_parameter_text_gives_registry_message(qtbot):
     assert p.name in str(info.value)
     row.form.editors[p.name].setText("8, 8, 4")
     assert make_method(spec.name, row.form.values()).params[p.name] == [8, 8, 4]
+
+
+def test_every_evaluation_section_switched_on_gives_a_valid_config(qtbot):
+    """A list field with a default factory (ROAD's percentages) is a comma-separated list with its default:
+    it was the text "PydanticUndefined", and ticking ROAD then Run failed with "Input should be a valid list"."""
+    from esegeta_engine.config_scores import RoadConfig
+    from napari_esegeta._qt.evaluate_form import EvaluationForm
+
+    form = EvaluationForm()
+    qtbot.addWidget(form)
+    form.set_checked(**{name: True for name in form.checks})
+    cfg = form.config()
+    assert cfg.road is not None and cfg.road.percentages == RoadConfig().percentages
+    form.set_values("road", percentages=[0.2, 0.4])
+    assert form.config().road.percentages == [0.2, 0.4]

@@ -89,3 +89,66 @@ def test_the_hidden_evaluate_curves_are_not_redrawn_when_a_map_arrives(qtbot, ma
     qtbot.waitUntil(lambda: len(draws) >= 1, timeout=5000)
     qtbot.wait(200)
     assert len(draws) == 1
+
+
+@pytest.mark.gui
+def test_a_map_insertion_costs_napari_what_a_bare_add_image_does(qtbot, make_napari_viewer) -> None:
+    """What our call pattern could add to napari's own cost (issue 19, the event-loop floor), counted against a bare
+    ``viewer.add_image`` of the same map in a viewer without the dock: canvas draws and resizes after the
+    insertion (no second refresh, the layer is not re-rendered after it is shown), and data statistics computed on
+    the GUI thread (none: the layer comes prebuilt, with its contrast limits)."""
+    import napari.layers.image.image as napari_image
+
+    from napari_esegeta._layers import image_layers, is_result_layer
+    from napari_esegeta._sample_data import phantom_volume_data
+
+    viewers = []
+    for _ in range(2):  # ours (the one dock) and bare napari, both at 1366x768 with the same scan
+        v = make_napari_viewer(show=True)
+        v.window._qt_window.resize(1366, 768)
+        data, kwargs, _ = phantom_volume_data((32, 32, 32), 3)[0]
+        viewers.append((v, v.add_image(data, **kwargs)))
+    (viewer, image), (bare, bare_image) = viewers
+    _, dock = viewer.window.add_plugin_dock_widget("napari-esegeta", "esegeta")
+    ex = dock.show_tab("Explain")
+    ex._on_event(_prepared(image, 0))  # a map already shown
+    first = _prepared(bare_image, 0)
+    bare.add_image(first.data, **first.kwargs)
+    qtbot.wait(300)
+    ranges: list[int] = []
+    real = napari_image.calc_data_range
+
+    def counted(*args, **kw):
+        ranges.append(1)
+        return real(*args, **kw)
+
+    def count(v, act) -> tuple[int, int]:
+        canvas = v.window._qt_viewer.canvas._scene_canvas
+        draws, resizes = [], []
+        on_draw, on_resize = (lambda e: draws.append(1)), (lambda e: resizes.append(1))
+        canvas.events.draw.connect(on_draw)
+        canvas.events.resize.connect(on_resize)
+        act()
+        qtbot.wait(800)
+        canvas.events.draw.disconnect(on_draw)
+        canvas.events.resize.disconnect(on_resize)
+        return len(draws), len(resizes)
+
+    new = _prepared(image, 1)
+    new.layers = image_layers(new.data, new.kwargs)  # as the worker builds it
+
+    def bare_add() -> None:  # the same maps on screen after it as after ours: the earlier one hidden
+        for layer in bare.layers:
+            if is_result_layer(layer):
+                layer.visible = False
+        other = _prepared(bare_image, 1)
+        bare.add_image(other.data, **other.kwargs)
+
+    napari_image.calc_data_range = counted
+    try:
+        ours = count(viewer, lambda: ex._on_event(new))
+        assert ranges == []  # no data statistics on the GUI thread
+        reference = count(bare, bare_add)
+    finally:
+        napari_image.calc_data_range = real
+    assert ours == reference == (1, 0), (ours, reference)  # one draw, no resize, as napari alone

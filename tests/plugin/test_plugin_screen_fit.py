@@ -2,7 +2,8 @@
 
 The test walks the widgets of each tab (not a screenshot): every visible control lies inside
 the window, and inside the horizontal extent of the scroll area that holds it (the tabs scroll
-vertically only, so a control beyond the right edge could never be reached).
+vertically only, so a control beyond the right edge could never be reached). A table's columns must fit its
+own width too: its horizontal scroll range is 0 (the Evaluate table's last columns scrolled, issue 19).
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ def _outside(dock, window) -> list[str]:
             continue
         rect = QRect(w.mapToGlobal(QPoint(0, 0)), w.size())
         name = f"{type(w).__name__} {w.objectName() or getattr(w, 'text', lambda: '')()!r}"[:80]
+        if w.inherits("QTableWidget") and w.horizontalScrollBar().maximum() > 0:  # columns beyond its right edge
+            bad.append(f"{name}: its columns scroll sideways ({w.horizontalScrollBar().maximum()} steps)")
         area = w.parentWidget()
         while area is not None and not isinstance(area, QScrollArea):
             area = area.parentWidget()
@@ -67,11 +70,18 @@ def test_every_tab_fits_1366x768(qtbot, make_napari_viewer) -> None:
         assert window.height() <= H and window.width() <= W, (name, window.size())
         bad = _outside(dock, window)
         assert not bad, f"{name} tab: " + "; ".join(bad[:6])
-    # the Evaluate tab with every metric on (the longest form)
+    # the Evaluate tab with every metric on (the longest form) and its table filled: two maps, every column
     ev = dock.show_tab("Evaluate")
     ev.form.set_checked(**{k: True for k in ev.form.checks})
+    ev.columns = ev.options().columns()
+    ev._setup_table()
+    for name in ("integrated_gradients · vessel", "layer_gradcam@decoder.upcat_1.convs.conv_1.act · vessel"):
+        ev._add_table_row({"layer": name, "method": name.split(" · ")[0], "target": "vessel",
+                           **{c: -0.000123456789 for c in ev.columns}, "randomisation": "pass",
+                           "notes": {"mass_inside": "no ground-truth voxels inside the map's support: undefined"}})
     QApplication.processEvents()
     qtbot.wait(50)
+    assert len(ev.columns) > 8 and len(ev.table_text()) == 2  # every metric column, two maps
     assert not _outside(dock, window), _outside(dock, window)[:6]
 
 

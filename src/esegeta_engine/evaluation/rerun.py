@@ -71,7 +71,7 @@ def _evaluation(cfg: Config, metrics: Sequence[str] | None, mask: Path | None,
 
 def iter_evaluate_run(run_dir: str | Path, *, metrics: Sequence[str] | None = None, mask: str | Path | None = None,
                       randomisation: str | None = None, report: bool | None = None, trust_pickled: bool = False,
-                      cancel: threading.Event | None = None,
+                      trust_bundle: bool = False, cancel: threading.Event | None = None,
                       on_progress: Callable[[Progress], None] | None = None) -> Generator[Any, None, dict[str, Any]]:
     """Re-evaluate the maps of ``run_dir``; yields progress and :class:`MapScored`; returns the manifest.
 
@@ -93,7 +93,7 @@ def iter_evaluate_run(run_dir: str | Path, *, metrics: Sequence[str] | None = No
     cfg.output.dir = out
     evaluation = _evaluation(cfg, metrics, Path(mask).resolve() if mask else None, randomisation)
     cfg = cfg.model_copy(update={"evaluation": evaluation})
-    model = load_source(cfg.model, Trust(pickled=trust_pickled)).module  # any registered source
+    model = load_source(cfg.model, Trust(pickled=trust_pickled, bundle=trust_bundle)).module  # any registered source
     volumes, roi = load_inputs(cfg)
     gt = load_mask_on_grid(evaluation.localisation.mask, volumes, cfg.preprocess.spatial_dims, "ground-truth mask") \
         if evaluation.localisation else None

@@ -15,9 +15,10 @@ model evaluation from whatever thread asked for it — no signals involved.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
@@ -139,6 +140,18 @@ class ScoreModel(nn.Module):
         self._bind_model = bind if callable(bind) else None
         if self._bind_model is not None:
             self._bind_model(self._monitor.patch_batch)
+        self._handed: tuple[torch.Tensor, torch.Tensor] | None = None  # see :meth:`handing_over`
+
+    @contextlib.contextmanager
+    def handing_over(self, x: torch.Tensor, scores: torch.Tensor) -> Iterator[None]:
+        """Within the block, an input equal to ``x`` scores ``scores`` (counted as an evaluation, no
+        network call): a method that summed them from its own patches hands them over (DeepLIFT's
+        ``F(x0)``), so hooks on this model (the completeness check's tap) see them."""
+        before, self._handed = self._handed, (x.detach(), scores.detach())
+        try:
+            yield
+        finally:
+            self._handed = before
 
     @property
     def monitor(self) -> EvaluationMonitor:
@@ -177,6 +190,11 @@ class ScoreModel(nn.Module):
         return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        handed = self._handed
+        if handed is not None and handed[0].shape == x.shape and torch.equal(handed[0], x.detach()):
+            self.monitor.check()
+            self.monitor.evaluated(x.shape[0])
+            return handed[1].clone()
         # a layer-channel target reads an activation captured by a hook during this pass only
         with self.target.capture(self.net.model):
             return self.target(self.model_output(x))

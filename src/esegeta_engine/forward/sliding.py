@@ -52,6 +52,7 @@ from torch import nn
 
 from esegeta_engine.errors import MethodError
 from esegeta_engine.forward.cancel_points import cancel_points
+from esegeta_engine.forward.patchwise_backward import patchwise_backward
 from esegeta_engine.forward.window_grid import Slices, WindowGrid, WindowSettings
 
 __all__ = ["PatchRunner", "SlidingWindow", "Slices", "WindowGrid", "WindowSettings"]
@@ -350,33 +351,9 @@ class _PatchwiseFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):  # type: ignore[override]
         (x,) = ctx.saved_tensors
-        sw: SlidingWindow = ctx.sw
         grid: WindowGrid = ctx.grid
-        with torch.enable_grad():
-            xr = x.detach().requires_grad_(True)
-            xp = grid.pad_input(xr)
-            up = _padded_upstream(grad_out, grid)  # divided by the count per patch: no whole-volume copy
-            gpad = torch.zeros_like(xp)
-            xp_d = xp.detach()
-            for chunk in sw.chunks(x.shape[0], grid):
-                patch = torch.cat([xp_d[(slice(b, b + 1), slice(None), *grid.slices[p])] for b, p in chunk])
-                patch.requires_grad_(True)
-                if sw.before_recompute is not None:
-                    sw.before_recompute(chunk, grid)
-                sw.recomputing = True
-                try:
-                    y = sw._run_chunk(patch, True)
-                finally:
-                    sw.recomputing = False
-                share = torch.cat([up[(slice(b, b + 1), slice(None), *grid.slices[p])]
-                                   / grid.count_at(p) for b, p in chunk])
-                (g,) = torch.autograd.grad(y, patch, share * grid.weight)
-                for (b, p), gi in zip(chunk, g):
-                    gpad[(b, slice(None), *grid.slices[p])] += gi
-                del y, g, patch
-                if sw.on_backward_chunk is not None:
-                    sw.on_backward_chunk(chunk, grid)
-            (gx,) = torch.autograd.grad(xp, xr, gpad) if xp is not xr else (gpad,)
+        up = _padded_upstream(grad_out, grid)  # divided by the count per patch: no whole-volume copy
+        gx = patchwise_backward(ctx.sw, grid, x, lambda b, p: up[(slice(b, b + 1), slice(None), *grid.slices[p])])
         return gx.to(x.dtype), None, None
 
 

@@ -2,9 +2,10 @@
 
 :func:`dry_run` loads the model and the volumes, plans every job as the run would (methods ×
 layers × classes per volume, with their expected model evaluations and the scores'), names each
-method the execution form refuses before any work (:func:`~esegeta_engine.jobs.refusal.refusals`),
+method the execution form refuses before any work and each layer a deployed pipeline refuses a layer
+method on, as the run refuses (:func:`~esegeta_engine.jobs.refusal.split_refusals`),
 and times one forward + backward of one patch of the largest volume
-(:func:`~esegeta_engine.jobs.probe.probe_run`: three to five network calls) to estimate the run's time and
+(:func:`~esegeta_engine.jobs.probe.probe_run`: three to six network calls) to estimate the run's time and
 peak memory. No prediction pass runs and no output folder is made.
 """
 
@@ -36,7 +37,8 @@ class DryRun:
     jobs : list of (volume name, Job)
         Every planned job (classes not in the config count as one per volume, as in the estimate).
     refused : list of (volume name, method, reason)
-        Methods the execution form refuses before any work, with the one-line reason.
+        Methods the execution form refuses before any work, with the one-line reason (``method@layer`` for
+        one layer a deployed pipeline refuses a layer method on; its other layers are planned).
     expected_evaluations : int or None
         Model evaluations of the run, its scores' included (None when a method cannot tell).
     probe : ProbeEstimate or None
@@ -90,7 +92,8 @@ def dry_run(cfg: Config, trust_pickled: bool = False, trust_bundle: bool = False
     from esegeta_engine.inputs import load_inputs
     from esegeta_engine.jobs.naming import volume_stem
     from esegeta_engine.jobs.probe import probe_run
-    from esegeta_engine.jobs.refusal import refusals
+    from esegeta_engine.jobs.probe_cost import padded_voxels
+    from esegeta_engine.jobs.refusal import split_refusals
     from esegeta_engine.models import Trust, load_source
 
     loaded = load_source(cfg.model, Trust(pickled=trust_pickled, bundle=trust_bundle))
@@ -111,25 +114,26 @@ def dry_run(cfg: Config, trust_pickled: bool = False, trust_bundle: bool = False
     for i, v in enumerate(volumes):
         name = volume_stem(v.path, i)
         shape = tuple(explainer.geometry(v).to_model(np.empty(v.data.shape[:p.spatial_dims], bool)).shape)
-        refused = {m: err for m, err in refusals(cfg.methods, cfg.target.kind, cfg.execution, shape,
-                                                 loaded.module)}
+        # as the run refuses: a whole method, or one layer of a layer method (its other layers run)
+        ok, refused = split_refusals(cfg.methods, cfg.target.kind, cfg.execution, shape, loaded.module)
         if len(volumes) < 2:  # a batch-only method has nothing to permute with (methods.run.batch_refusal)
             from esegeta_engine.methods.run import batch_refusal
 
-            refused.update({m.name: batch_refusal(get_method(m.name), patchwise=False) for m in cfg.methods
-                            if get_method(m.name).needs_batch and m.name not in refused})
-        plan.refused += [(name, m, err.problem) for m, err in refused.items()]
-        ok = [m for m in cfg.methods if m.name not in refused]
+            refused += [(m.name, batch_refusal(get_method(m.name), patchwise=False)) for m in ok
+                        if get_method(m.name).needs_batch]
+            ok = [m for m in ok if not get_method(m.name).needs_batch]
+        plan.refused += [(name, m, err.problem) for m, err in refused]
         runnable.append(ok)
         sliding = execution_form(cfg.execution, shape).sliding is not None
         single = [m for m in ok if not get_method(m.name).needs_batch]
         for job in plan_jobs(single, classes, lambda c: f"class{c}", cfg.target.kind, (i,),
                              info=CostInfo(1, p.in_channels, shape, 1, sliding), context={},
-                             layer_channels=explainer._layer_channels):
+                             layer_channels=explainer._layer_channels,
+                             layer_per_member=explainer._layer_per_member):
             plan.jobs.append((name, job))
         counts.append(explainer.estimate([v], single, cfg.evaluation) if single else 0)
     voxels = [math.prod(v.data.shape[:p.spatial_dims]) for v in volumes]
-    batched = [m for m in cfg.methods if get_method(m.name).needs_batch and all(m in r for r in runnable)]
+    batched = [m for m in runnable[0] if get_method(m.name).needs_batch and all(m in r for r in runnable)]
     extra = explainer.estimate(volumes, batched, cfg.evaluation) if batched else 0  # one job over all volumes
     if batched:
         shape = tuple(explainer.geometry(volumes[0]).to_model(
@@ -149,11 +153,13 @@ def dry_run(cfg: Config, trust_pickled: bool = False, trust_bundle: bool = False
         if plan.probe is not None and plan.probe.expected_evaluations and known:
             probe = plan.probe
 
-            def volume_seconds(n: int, vox: int) -> float:  # its prediction pass and its n evaluations
+            def volume_seconds(n: int, vox: int, shape: tuple[int, ...]) -> float:  # prediction + n evaluations
                 if probe.evaluation_line is not None and probe.prediction_line is not None:  # whole volume
+                    vox = padded_voxels(shape, probe.divisible_by)  # as the network sees it (the probe's line too)
                     return probe.prediction_line.at(vox) + n * probe.evaluation_line.at(vox)
                 return (probe.prediction_seconds + n * probe.evaluation_seconds) * vox / voxels[big]
 
-            plan.seconds = sum(volume_seconds(n, vox) for n, vox in zip(counts, voxels)) \
+            shapes = [tuple(v.data.shape[:p.spatial_dims]) for v in volumes]
+            plan.seconds = sum(volume_seconds(n, vox, shape) for n, vox, shape in zip(counts, voxels, shapes)) \
                 + extra * probe.evaluation_seconds  # type: ignore[operator]
     return plan

@@ -5,10 +5,12 @@ evaluation's cost is not known until one has run: on a whole-brain scan the firs
 minutes with no warning. :func:`probe_run` times **one patch** through the network, after one
 untimed warm-up call of the same patch: one forward and backward (an evaluation's unit) and one
 forward without gradients (the prediction pass's unit). The patch is the sliding window's patch;
-under whole-volume execution it is a centred crop of at most :data:`WHOLE_CROP` voxels per axis,
-and a second, half-edge crop is timed too, because a network's time is not proportional to the
-voxels it sees (the bundled U-Net: a fixed ≈ 0.5 s per call plus a per-voxel part, so a 32³ crop
-costs five times more per voxel than a whole-brain scan). The two sizes give a line,
+under whole-volume execution it is a centred crop of about :data:`WHOLE_CROP` voxels per axis that
+keeps the volume's remainders modulo 32 (:func:`whole_crop`), so it is padded as the volume will be,
+and a second, half-edge crop is timed too (after its own warm-up: a shape's first call carries
+one-time costs), because a network's time is not proportional to the voxels it sees (the bundled
+U-Net: a fixed ≈ 0.4 CPU-s per call plus a per-voxel part, so a 32³ crop costs five times more per
+voxel than a whole-brain scan). The two sizes, counted padded, give a line,
 ``seconds = fixed + per_voxel × voxels``, that the whole volume's call is read from:
 
 * ``seconds`` ≈ prediction pass + expected evaluations × one evaluation, where a sliding-window
@@ -40,32 +42,16 @@ import torch
 from esegeta_engine.errors import Cancelled
 from esegeta_engine.forward.runner import ExecutionForm, build_runner
 from esegeta_engine.forward.scoring import EvaluationMonitor
+from esegeta_engine.jobs.probe_cost import CostLine, format_bytes, format_duration, padded_voxels
 from esegeta_engine.models import OutputSelector, model_guard
 
-#: whole-volume execution probes a centred crop of at most this many voxels per axis
+__all__ = ["CostLine", "ProbeEstimate", "format_bytes", "format_duration", "probe_patch", "probe_run",
+           "resident_bytes", "whole_crop"]
+
+#: whole-volume execution probes a centred crop of about this many voxels per axis (48 to 79, :func:`whole_crop`)
 WHOLE_CROP = 64
-
-
-@dataclass(frozen=True)
-class CostLine:
-    """Seconds of one network call against the voxels it sees: ``fixed + per_voxel × voxels``."""
-
-    fixed: float
-    per_voxel: float
-
-    def at(self, voxels: float) -> float:
-        """Seconds of one call on ``voxels`` voxels."""
-        return self.fixed + self.per_voxel * voxels
-
-    @classmethod
-    def through(cls, points: Sequence[tuple[float, float]]) -> CostLine:
-        """The line through the smallest and the largest ``(voxels, seconds)``; one point, or a slope
-        that timing noise made ≤ 0, gives time proportional to the voxels of the largest."""
-        (v0, t0), (v1, t1) = min(points), max(points)
-        slope = (t1 - t0) / (v1 - v0) if v1 > v0 else 0.0
-        if slope <= 0:
-            return cls(0.0, t1 / v1)
-        return cls(t1 - slope * v1, slope)
+#: the largest padding multiple the run's padding search tries (2**5, ``Explainer._padded``)
+_SEARCH = 32
 
 
 @dataclass(frozen=True)
@@ -93,10 +79,17 @@ class ProbeEstimate:
     probed : int
         Patch sizes timed (1; 2 under whole-volume execution of a volume larger than the crop).
     network_calls : int
-        The probe's network calls: the untimed warm-up, then a forward + backward and a forward
-        without gradients of each probed size.
+        The probe's network calls: for each probed size an untimed warm-up forward + backward (its
+        one-time costs: the allocator, the convolution library's kernels for that shape), then a timed
+        forward + backward and a timed forward without gradients (3 per size).
     warmup_seconds : float or None
-        The first, untimed call (what the estimate scaled until the second pass of issue 19).
+        The first, untimed call of the patch (what the estimate scaled until the second pass of issue 19).
+    timed : tuple of tuple of int
+        The sizes timed, in the order timed (the patch, then the whole volume's second crop), each after
+        its own warm-up call.
+    divisible_by : int
+        The padding multiple the probe's crop needed (the whole volume needs the same: the crop keeps
+        its remainders); sizes are counted padded, as the network sees them.
     forward_seconds : float
         One forward of the patch without gradients (the prediction pass's unit).
     prediction_seconds : float
@@ -129,6 +122,8 @@ class ProbeEstimate:
     probed: int = 1
     network_calls: int = 3
     warmup_seconds: float | None = None
+    timed: tuple[tuple[int, ...], ...] = ()
+    divisible_by: int = 1
     forward_seconds: float = 0.0
     prediction_seconds: float = 0.0
     evaluation_seconds: float = 0.0
@@ -153,23 +148,6 @@ class ProbeEstimate:
                 f"forward+backward, {self.forward_seconds:.2f} s forward, {format_bytes(self.patch_bytes)}; "
                 f"{self.patches_per_evaluation:.3g} patches per evaluation"
                 f"{'; activation checkpointing on' if (self.checkpointing or {}).get('used') else ''})")
-
-
-def format_duration(seconds: float) -> str:
-    """``42 s``, ``3 min 05 s``, ``1 h 02 min``."""
-    if not math.isfinite(seconds):
-        return "?"
-    s = int(round(seconds))
-    if s < 60:
-        return f"{s} s"
-    if s < 3600:
-        return f"{s // 60} min {s % 60:02d} s"
-    return f"{s // 3600} h {(s % 3600) // 60:02d} min"
-
-
-def format_bytes(n: float) -> str:
-    """``512 MB``, ``2.3 GB``."""
-    return f"{n / 2**30:.1f} GB" if n >= 2**30 else f"{max(n, 0) / 2**20:.0f} MB"
 
 
 def resident_bytes() -> int:
@@ -282,6 +260,15 @@ def _calls(model: torch.nn.Module, x: torch.Tensor, *, output: int | str | None,
     return _Timed(times[0] if warm else None, times[-1], plain, max(int(used), 0), longest, (cpu_backward, cpu_plain))
 
 
+def whole_crop(spatial: Sequence[int]) -> tuple[int, ...]:
+    """The whole-volume probe's crop: an axis of at most ``WHOLE_CROP + 15`` voxels whole, a longer one cut
+    to 48–79 voxels keeping its size modulo 32. Padded to any 2**k ≤ 32, the crop then keeps the volume's
+    remainders: it fails or works as the volume would, and is padded as the volume will be (a 64³ crop of a
+    197×233×189 volume needed no padding where the volume needs 200×236×192)."""
+    low = WHOLE_CROP - _SEARCH // 2
+    return tuple(int(s) if s < low + _SEARCH else low + (int(s) - low) % _SEARCH for s in spatial)
+
+
 def _half(patch: Sequence[int], divisible: int) -> tuple[int, ...]:
     """The smaller crop of the whole-volume probe: half the edge, kept a multiple of ``divisible``."""
     return tuple(max(p // 2 // divisible * divisible, min(p, divisible)) for p in patch)
@@ -318,8 +305,7 @@ def probe_run(explainer: Any, volume: Any, methods: Sequence[Any], x: torch.Tens
         per_evaluation = float(len(WindowGrid(spatial, settings, torch.device("cpu"))))
         batch = int(settings.sw_batch_size)
     else:
-        patch = tuple(min(s, WHOLE_CROP) for s in spatial)
-        per_evaluation = voxels / math.prod(patch)
+        patch = whole_crop(spatial)
         batch = 1
     divisible = max(form.divisible_by, 1)
 
@@ -338,13 +324,18 @@ def probe_run(explainer: Any, volume: Any, methods: Sequence[Any], x: torch.Tens
                 if form.sliding is not None or divisible >= 32:
                     raise
                 divisible *= 2
-        calls, lines, cpu_lines = 3, None, None
-        if form.sliding is None:
-            timed_sizes = [(math.prod(patch), big)]
+        sizes, lines, cpu_lines = [patch], None, None
+        if form.sliding is None:  # sizes as the network sees them: padded to the multiple the crop needed
+            voxels = padded_voxels(spatial, divisible)
+            per_evaluation = voxels / padded_voxels(patch, divisible)
+            timed_sizes = [(padded_voxels(patch, divisible), big)]
             small = _half(patch, divisible)
-            if voxels > math.prod(patch) and small != patch:  # a second size: the time is not proportional
-                timed_sizes.append((math.prod(small), timed(small, warm=False)))
-                calls += 2
+            if voxels > timed_sizes[0][0] and small != patch:  # a second size: the time is not proportional
+                # warmed too: a shape's first call carries one-time costs (+0.09 s of 0.27 s at 32³ on the
+                # bundled U-Net), which flattened the line and put a whole brain at 0.85× its CPU time
+                timed_sizes.append((padded_voxels(small, divisible), timed(small, warm=True)))
+                sizes.append(small)
+    calls = 3 * len(sizes)
     if form.sliding is not None:
         evaluation, prediction = per_evaluation * big.backward, per_evaluation * big.forward
         cpu_evaluation, cpu_prediction = per_evaluation * big.cpu[0], per_evaluation * big.cpu[1]
@@ -365,7 +356,8 @@ def probe_run(explainer: Any, volume: Any, methods: Sequence[Any], x: torch.Tens
     return ProbeEstimate(patch=patch, patch_seconds=big.backward, patch_bytes=big.used,
                          patches_per_evaluation=per_evaluation, batch=batch, expected_evaluations=expected,
                          seconds=total, peak_bytes=int(resident_bytes() + alive + buffers),
-                         probed=1 if calls == 3 else 2, network_calls=calls, warmup_seconds=big.warmup,
+                         probed=len(sizes), network_calls=calls, warmup_seconds=big.warmup, timed=tuple(sizes),
+                         divisible_by=divisible,
                          forward_seconds=big.forward, prediction_seconds=prediction, evaluation_seconds=evaluation,
                          evaluation_line=None if lines is None else lines[0],
                          prediction_line=None if lines is None else lines[1],

@@ -44,23 +44,45 @@ def refusal(spec: Any, target_kind: str, patchwise: bool) -> MethodError | None:
     return None
 
 
-def refusals(methods: Sequence[Any], target_kind: str, execution: Any,
-             model_shape: Sequence[int], pipeline: Any = None) -> list[tuple[str, MethodError]]:
-    """``(method name, error)`` of every method in ``methods`` (MethodConfig) that will be refused.
+def split_refusals(methods: Sequence[Any], target_kind: str, execution: Any, model_shape: Sequence[int],
+                   pipeline: Any = None) -> tuple[list[Any], list[tuple[str, MethodError]]]:
+    """The methods of ``methods`` (MethodConfig) that will run, and ``(label, error)`` of what will be refused.
 
-    ``model_shape`` is the input's spatial shape in the model's axis order; ``pipeline`` the loaded
-    model, whose own refusals (a deployed pipeline's,
-    :func:`~esegeta_engine.methods.run.pipeline_refusal`) count too.
+    As the run refuses: a whole method (the execution form's :func:`refusal`, or a deployed pipeline's
+    ``method_refusal``) by its name, or one layer of a layer method that the pipeline refuses on that layer
+    (``layer_method_refusal``) by the job's label ``method@layer``; the method's other layers still run (it is
+    returned with those layers only). ``model_shape`` is the input's spatial shape in the model's axis order;
+    ``pipeline`` the loaded model (:func:`~esegeta_engine.methods.run.pipeline_refusal`).
     """
     from esegeta_engine.forward.runner import execution_form
     from esegeta_engine.methods import get_method
     from esegeta_engine.methods.run import pipeline_refusal
 
     patchwise = execution_form(execution, tuple(model_shape)).sliding is not None
-    out = []
+    runs: list[Any] = []
+    refused: list[tuple[str, MethodError]] = []
     for m in methods:
         spec = get_method(m.name)
-        err = refusal(spec, target_kind, patchwise) or pipeline_refusal(spec, getattr(m, "layers", ()), pipeline)
+        err = refusal(spec, target_kind, patchwise) or pipeline_refusal(spec, (), pipeline)
         if err is not None:
-            out.append((m.name, err))
-    return out
+            refused.append((m.name, err))
+            continue
+        layers = list(getattr(m, "layers", None) or ()) if getattr(spec, "needs_layer", False) else []
+        per_layer = [(layer, pipeline_refusal(spec, [layer], pipeline)) for layer in layers]
+        refused += [(f"{m.name}@{layer}", e) for layer, e in per_layer if e is not None]
+        ok = [layer for layer, e in per_layer if e is None]
+        if len(ok) < len(layers):
+            if not ok:
+                continue
+            m = m.model_copy(update={"layers": ok})
+        runs.append(m)
+    return runs, refused
+
+
+def refusals(methods: Sequence[Any], target_kind: str, execution: Any,
+             model_shape: Sequence[int], pipeline: Any = None) -> list[tuple[str, MethodError]]:
+    """``(label, error)`` of everything in ``methods`` (MethodConfig) that will be refused (:func:`split_refusals`).
+
+    The label is the method's name, or ``method@layer`` for one refused layer of a layer method.
+    """
+    return split_refusals(methods, target_kind, execution, model_shape, pipeline)[1]

@@ -75,12 +75,17 @@ def _derivative(module: nn.Module, a: torch.Tensor) -> torch.Tensor:
     return d
 
 
-def _rescale(module: nn.Module, a: torch.Tensor, a0: torch.Tensor, y: torch.Tensor, eps: float):
+def _rescale(module: nn.Module, a: torch.Tensor, kept: list[torch.Tensor], y: torch.Tensor, eps: float):
+    """``(f(a) - f(a0)) / (a - a0)``, at most two tensors of ``a``'s size beyond ``a`` and ``y`` at any time:
+    ``f(a0)`` is formed in ``a0``'s own memory by an in-place module, ``f(a) - f(a0)`` in ``f(a0)``'s
+    (``-f(a0) + f(a)``, the same bits), and ``|a - a0|`` in the difference's (no longer needed)."""
+    a0 = kept.pop()  # the only reference: freed here once used
     d_in = a.detach() - a0
-    m = y - module.forward(a0)  # a0 is not needed afterwards (in-place modules may reuse it)
+    m = module.forward(a0)  # in place for an in-place module: a0's memory (it is ours and not needed again)
     del a0
+    m = m.neg_().add_(y) if m.data_ptr() != y.data_ptr() else y - m
     m /= d_in
-    small = d_in.abs() < eps
+    small = d_in.abs_() < eps
     del d_in
     if bool(small.any()):
         m = torch.where(small, _derivative(module, a), m)
@@ -210,6 +215,8 @@ class Rules:
         if not isinstance(out, torch.Tensor):
             raise MethodError(f"{self.method}: {type(module).__name__} returns {type(out).__name__}, "
                               "not one tensor", "use integrated_gradients for this network")
-        a, a0 = pair
-        rule = _rule_of(module)(module, a, a0, out, self.eps)
+        a, kept = pair[0], [pair[1]]
+        del pair  # the reference's activation now lives in ``kept`` only: a rule frees it once used
+        make = _rule_of(module)
+        rule = make(module, a, kept, out, self.eps) if make is _rescale else make(module, a, kept.pop(), out, self.eps)
         return _Multiplied.apply(a, out, rule)

@@ -16,8 +16,17 @@ stitched output, reused (:meth:`SlidingWindow.remembered_output`). The backward 
 patch batch at a time (:class:`~esegeta_engine.forward.sliding.SlidingWindow`); before each
 batch, the same patches of the baseline run without a graph and keep the rule modules' inputs
 (``before_recompute``), then the input's patches run with the multipliers. The baseline's patch
-outputs are stitched on the way, so ``F(x0)`` costs no further patch: it is handed to the score
-model as a remembered output, where the completeness check reads it. Patch evaluations: one
+outputs give ``F(x0)`` on the way, so it costs no further patch: it is handed to the score model,
+where the completeness check reads it.
+
+Where the target is fixed weights of the stitched output (the frozen argmax region or an ROI mask,
+without an activation: :func:`~esegeta_engine.forward.patchwise_backward.linear_weights`), no whole-scan
+buffer beyond the input's gradient is made: the upstream of each patch is the target's weights there,
+read from the labels or mask per patch (not the stitched output's gradient, 2 channels of the scan), and
+``F(x0)`` is summed patch by patch from the baseline's patch outputs (not its stitched output, 2 more),
+then handed over as scores. The map is bit-identical to the autograd path's; ``F(x0)`` equals the
+stitched one within float rounding (the same sum in another order). Every other target takes that
+autograd path through the stitched output. Patch evaluations: one
 patch for counting module calls, then per baseline one pass of every patch of the baseline and
 one forward + backward of every patch of the input. DeepLIFT SHAP reuses the input's forward for
 every baseline row.
@@ -31,6 +40,7 @@ import torch
 from captum._utils.common import _select_targets
 
 from esegeta_engine.forward import sliding
+from esegeta_engine.forward.patchwise_backward import LinearScore, linear_weights, patchwise_backward
 from esegeta_engine.methods.deeplift_rules import Rules
 from esegeta_engine.methods.deeplift_safe import DeepLiftPlan
 from esegeta_engine.methods.notes import notes_of
@@ -117,8 +127,11 @@ class TwoPassDeepLift:
         DeepLiftPlan(self.ctx, self.method, notes_of(self.ctx), probe=lambda: _one_patch(sw, grid, x), split=False)
         saved = (sw.plain_forward, sw.before_recompute)
         sw.plain_forward = True  # the rules act only in the backward's recomputation
-        grads, outputs = [], []
+        weights = linear_weights(model.target) if isinstance(target, int) else None
         try:
+            if weights is not None:
+                return self._patchwise_linear(x, rows, target, rules, weights)
+            grads, outputs = [], []
             with torch.enable_grad():
                 xr = x.detach().requires_grad_(True)  # shares x's memory: no whole-volume copy
                 score = _select_targets(model(xr), target).sum()
@@ -135,6 +148,29 @@ class TwoPassDeepLift:
             self._hand_over(sw, rows, outputs)
         finally:
             sw.plain_forward, sw.before_recompute = saved
+        return grads
+
+    def _patchwise_linear(self, x: torch.Tensor, rows: list[torch.Tensor], target: int, rules: Rules,
+                          weights: Any) -> list[torch.Tensor]:
+        """A linear target: each patch's upstream from the target's weights, ``F(x0)`` summed per patch."""
+        model = self.ctx.score_model
+        sw = model.runner
+        grid = sw.grid(x.shape[2:], x.device)
+        with torch.enable_grad():  # F(x): the prediction's stitched output, through the score model's hooks
+            classes = model(x.detach().requires_grad_(True)).shape[1]
+        grads, scores = [], []
+        for b in rows:
+            score = LinearScore(weights, grid, x.shape[0], classes)
+            sw.before_recompute = _ReferencePatches(sw, grid, b, rules, score)
+            try:
+                grads.append(patchwise_backward(sw, grid, x, score.upstream(target)).to(x.dtype))
+            finally:
+                rules.mode = "off"
+            rules.expect_consumed()
+            scores.append(score.scores())
+        for b, s in zip(rows, scores):
+            with model.handing_over(b, s), torch.no_grad():
+                model(b)
         return grads
 
     def _hand_over(self, sw: sliding.SlidingWindow, rows: list[torch.Tensor], outputs: list[torch.Tensor]) -> None:
@@ -154,10 +190,12 @@ def _one_patch(sw: sliding.SlidingWindow, grid: sliding.WindowGrid, x: torch.Ten
 
 class _ReferencePatches:
     """``before_recompute``: the baseline's patches of the coming batch, run without a graph while the
-    rules keep their inputs; their outputs are stitched as the sliding window stitches."""
+    rules keep their inputs; their outputs are stitched as the sliding window stitches, or, with a linear
+    ``score``, only added to its scores."""
 
-    def __init__(self, sw: sliding.SlidingWindow, grid: sliding.WindowGrid, b: torch.Tensor, rules: Rules) -> None:
-        self.sw, self.grid, self.rules = sw, grid, rules
+    def __init__(self, sw: sliding.SlidingWindow, grid: sliding.WindowGrid, b: torch.Tensor, rules: Rules,
+                 score: LinearScore | None = None) -> None:
+        self.sw, self.grid, self.rules, self.score = sw, grid, rules, score
         self.padded = grid.pad_input(b.detach())
         self.acc: torch.Tensor | None = None
 
@@ -169,6 +207,10 @@ class _ReferencePatches:
                                                for b, p in chunk]), False)
         finally:
             self.rules.mode = "apply"
+        if self.score is not None:
+            for (b, p), y in zip(chunk, ys):
+                self.score.add_patch(b, p, y)
+            return
         if self.acc is None:
             self.acc = torch.zeros((self.padded.shape[0], ys.shape[1], *grid.padded), device=ys.device)
         for (b, p), y in zip(chunk, ys):

@@ -88,6 +88,10 @@ class LoadedModel:
         """A volume the source cannot take, said in the source's terms (e.g. dataset.json's channels)."""
         if self.input_note is None or not isinstance(exc, VolumeShapeError):  # a missing or corrupt file: as is
             return exc
+        if not getattr(exc, "channel_axis", True):  # too few axes (a 2D image): the source's dimension, not channels
+            n = self.preprocess.get("spatial_dims", 3)
+            return type(exc)(exc.problem,  # type: ignore[attr-defined]
+                             f"give a {n}D scan: this model takes {n}D scans only (its dimension is fixed by the model)")
         return type(exc)(f"{exc.problem}: {self.input_note}",  # type: ignore[attr-defined]
                          "give a volume with those channels (a 4D NIfTI, channels last, for several)")
 

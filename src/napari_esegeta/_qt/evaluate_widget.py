@@ -10,7 +10,6 @@ worker thread is stored and shown by a timer (no Qt calls from the worker).
 
 from __future__ import annotations
 
-import math
 import time
 from pathlib import Path
 from typing import Any
@@ -18,17 +17,13 @@ from typing import Any
 import numpy as np
 from qtpy.QtCore import Qt
 from qtpy.QtWidgets import (
-    QAbstractItemView,
     QFileDialog,
     QFormLayout,
     QGroupBox,
     QHBoxLayout,
-    QHeaderView,
     QListWidget,
     QListWidgetItem,
     QPushButton,
-    QTableWidget,
-    QTableWidgetItem,
     QVBoxLayout,
     QWidget,
 )
@@ -44,6 +39,7 @@ from napari_esegeta._model import format_error
 from napari_esegeta._qt._common import CancellableRun, LayerCombo, RunControl, set_status, status_label
 from napari_esegeta._qt.curves import CurvesCanvas
 from napari_esegeta._qt.evaluate_form import EvaluationForm
+from napari_esegeta._qt.metrics_table import MetricsTable
 from napari_esegeta._state import get_session
 
 PROGRESS_INTERVAL_S = 0.25
@@ -57,28 +53,6 @@ def is_evaluable(layer: Any) -> bool:
     """Result layers made by the Explain widget (not randomisation stage layers)."""
     return (layer.__class__.__name__ == "Image" and is_result_layer(layer)
             and STAGE_KEY not in layer.metadata.get("esegeta", {}))
-
-
-class _Item(QTableWidgetItem):
-    """A table cell sorting numbers as numbers (undefined last)."""
-
-    def __init__(self, value: Any) -> None:
-        super().__init__(E.format_value(value))
-        self.key = value
-        if isinstance(value, (int, float)) and not isinstance(value, bool):  # numbers line up
-            self.setTextAlignment(Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter)
-            self.setToolTip(repr(float(value)))
-
-    def __lt__(self, other: Any) -> bool:
-        a, b = self.key, getattr(other, "key", None)
-        na = isinstance(a, (int, float)) and not isinstance(a, bool)
-        nb = isinstance(b, (int, float)) and not isinstance(b, bool)
-        if na and nb:
-            a_nan, b_nan = math.isnan(a), math.isnan(b)
-            if a_nan or b_nan:
-                return b_nan and not a_nan
-            return a < b
-        return str(self.text()) < str(other.text())
 
 
 class EvaluateWidget(CancellableRun, QWidget):
@@ -132,16 +106,7 @@ class EvaluateWidget(CancellableRun, QWidget):
         self.progress_label = status_label()  # wraps: the ETA at the end stays readable
         self.status = status_label()
 
-        self.table = QTableWidget(0, 0)
-        self.table.setEditTriggers(QAbstractItemView.EditTrigger.NoEditTriggers)
-        self.table.setSelectionBehavior(QAbstractItemView.SelectionBehavior.SelectRows)
-        self.table.setMinimumHeight(120)
-        self.table.horizontalHeader().setSectionResizeMode(QHeaderView.ResizeMode.ResizeToContents)
-        self.table.setTextElideMode(Qt.TextElideMode.ElideNone)  # numbers whole; the table scrolls
-        self.table.setWordWrap(False)
-        self.table.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAsNeeded)
-        self.table.setSortingEnabled(True)
-        self.table.horizontalHeader().setToolTip("Click a column title to sort by it")
+        self.table = MetricsTable(self._cell_tip)  # a column per map: fits the dock, nothing scrolls sideways
 
         self.curves_canvas = CurvesCanvas()
         self.canvas = self.curves_canvas.widget
@@ -324,47 +289,28 @@ class EvaluateWidget(CancellableRun, QWidget):
         return ["method", "target", *self.columns, "notes"]
 
     def _setup_table(self) -> None:
-        self.table.setSortingEnabled(False)
-        self.table.clear()
-        self.table.setRowCount(0)
-        self.table.setColumnCount(len(self.headers()))
-        self.table.setHorizontalHeaderLabels([h.replace("_", " ") for h in self.headers()])
+        self.table.start(self.headers())
 
     def _add_table_row(self, row: dict[str, Any]) -> None:
-        self.table.setSortingEnabled(False)
-        r = self.table.rowCount()
-        self.table.insertRow(r)
-        self._fill_row(r, row)
-        self.table.setSortingEnabled(True)
+        self.table.add(row)
 
-    def _fill_row(self, r: int, row: dict[str, Any]) -> None:
+    @staticmethod
+    def _cell_tip(row: dict[str, Any], key: str) -> str:
+        """The note that explains a cell (the map's layer for its method and target)."""
         notes = row.get("notes", {})
-        for c, key in enumerate(self.headers()):
-            value = E.notes_text(notes) if key == "notes" else row.get(key)
-            item = _Item(value)
-            family = _FAMILY.get(key, key)
-            tip = row["layer"] if key in ("method", "target") else next(
-                (v for k, v in notes.items() if k in (family, "map") or key.startswith(k) or k.startswith(key)), "")
-            if key == "randomisation" and row.get("randomisation_rule"):
-                tip = (tip + "\n" if tip else "") + row["randomisation_rule"]
-            if tip:
-                item.setToolTip(str(tip))
-            item.setData(Qt.ItemDataRole.UserRole, row["layer"])
-            self.table.setItem(r, c, item)
+        family = _FAMILY.get(key, key)
+        tip = row["layer"] if key in ("method", "target") else next(
+            (v for k, v in notes.items() if k in (family, "map") or key.startswith(k) or k.startswith(key)), "")
+        if key == "randomisation" and row.get("randomisation_rule"):
+            tip = (tip + "\n" if tip else "") + row["randomisation_rule"]
+        return str(tip)
 
     def _refresh_table(self) -> None:
-        self.table.setSortingEnabled(False)
-        by_layer = {r["layer"]: r for r in self.rows}
-        for i in range(self.table.rowCount()):
-            name = self.table.item(i, 0).data(Qt.ItemDataRole.UserRole)
-            if name in by_layer:
-                self._fill_row(i, by_layer[name])
-        self.table.setSortingEnabled(True)
+        self.table.update_rows(self.rows)
 
     def table_text(self) -> list[list[str]]:
-        """The table's cells as shown (for tests and scripts)."""
-        return [[self.table.item(i, j).text() for j in range(self.table.columnCount())]
-                for i in range(self.table.rowCount())]
+        """The table's cells as shown, one list per map in ``headers()`` order (for tests and scripts)."""
+        return self.table.text()
 
     def export_csv(self, path: str | Path) -> Path:
         """Write the results to ``path`` (CSV, NaN as ``undefined``)."""

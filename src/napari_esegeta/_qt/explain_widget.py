@@ -362,7 +362,7 @@ class ExplainWidget(VoxelPicking, CancellableRun, QWidget):
         if self.cancel_requested_at is not None:
             text += f"; cancelled (stopped {self.last_cancel_latency:.2f} s after the click)"
         if len(self.added) > 1:
-            text += "; the newest is shown, the others are in the layer list"
+            text += "; one map is shown at a time: the others are in the layer list"
         if self._evaluations_done and took > 0:
             self.session.seconds_per_evaluation = took / self._evaluations_done
         if self.axiom_warnings:
