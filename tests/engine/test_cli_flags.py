@@ -185,3 +185,13 @@ def test_predict_takes_explains_orientation_and_window_flags(tmp_path, capsys) -
         err = capsys.readouterr().err
         assert bad[0] in err and "Traceback" not in err and "pydantic" not in err
     assert not (tmp_path / "bad").exists()
+
+
+@pytest.mark.parametrize("target, flag", [("voxel", "--voxel [x, y, z]"), ("channel", "--target-layer <module name>"),
+                                          ("roi", "--roi-mask (a NIfTI")])
+def test_a_target_missing_its_input_names_the_flag(tmp_path, capsys, target, flag) -> None:
+    _files(tmp_path)
+    assert main(["explain", "--model", str(tmp_path / "net.pt"), "--volume", str(tmp_path / "v.nii.gz"),
+                 "--target", target, "--method", "saliency", "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert flag in err and "(top level)" not in err and "target.voxel" not in err and "target.layer" not in err
