@@ -195,3 +195,14 @@ def test_a_target_missing_its_input_names_the_flag(tmp_path, capsys, target, fla
                  "--target", target, "--method", "saliency", "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert flag in err and "(top level)" not in err and "target.voxel" not in err and "target.layer" not in err
+
+
+def test_the_summary_legend_explains_only_the_columns_shown() -> None:
+    from esegeta_engine.cli_summary import _legend
+
+    assert _legend([]) == "calls/inputs: model forward calls and inputs evaluated"
+    shown = _legend(["completeness_error"])
+    assert shown.startswith("completeness_error:") and "auc" not in shown and "roc_auc" not in shown
+    full = _legend(["completeness_error", "auc_deletion", "mass_inside", "roc_auc"])
+    assert "auc_deletion lower is better" in full and "mass_inside, roc_auc (vs the ground truth) higher" in full
+    assert "auc_insertion" not in full
