@@ -100,16 +100,14 @@ def test_evaluate_a_bundle_run_with_trust_bundle(tmp_path, capsys) -> None:
     assert len(manifest["evaluations"]) == 1 and manifest["evaluations"][0]["maps"] == 1
 
 
-def test_layers_into_a_closed_pipe_is_no_error(tmp_path, capsys, monkeypatch) -> None:
-    """``esegeta layers MODEL | head`` said "error: cannot write a file: Broken pipe; fix: choose another
-    output folder"."""
+def _closed_pipe_exit(tmp_path, monkeypatch, argv: list[str]) -> int:
+    """``main(argv)`` with stdout a pipe whose reader has exited; its exit code."""
     import os
     import sys
 
-    _files(tmp_path)
     fd = os.open(tmp_path / "sink", os.O_WRONLY | os.O_CREAT)
 
-    class Gone:  # a pipe whose reader has exited
+    class Gone:
         def write(self, text):
             raise BrokenPipeError(32, "Broken pipe")
 
@@ -121,10 +119,29 @@ def test_layers_into_a_closed_pipe_is_no_error(tmp_path, capsys, monkeypatch) ->
 
     monkeypatch.setattr(sys, "stdout", Gone())
     try:
-        assert main(["layers", str(tmp_path / "net.pt")]) == 0
+        return main(argv)
     finally:
+        monkeypatch.undo()
         os.close(fd)
+
+
+def test_layers_into_a_closed_pipe_is_no_error(tmp_path, capsys, monkeypatch) -> None:
+    """``esegeta layers MODEL | head`` said "error: cannot write a file: Broken pipe; fix: choose another
+    output folder"."""
+    _files(tmp_path)
+    assert _closed_pipe_exit(tmp_path, monkeypatch, ["layers", str(tmp_path / "net.pt")]) == 0
     assert "error" not in capsys.readouterr().err
+
+
+def test_predict_into_a_closed_pipe_is_no_success(tmp_path, capsys, monkeypatch) -> None:
+    """A command that does work and is stopped by the closed pipe before it finished (``predict`` before its
+    ``prediction.json``) must not exit 0: a script checking ``$?`` would take it for done."""
+    _files(tmp_path)
+    argv = ["predict", "--model", str(tmp_path / "net.pt"), "--volume", str(tmp_path / "v.nii.gz"),
+            "--out", str(tmp_path / "pred"), "-q"]
+    assert _closed_pipe_exit(tmp_path, monkeypatch, argv) == 1
+    assert "pipe closed before the command finished" in capsys.readouterr().err
+    assert not (tmp_path / "pred" / "prediction.json").exists()
 
 
 def test_layers_names_stay_in_one_column(tmp_path, capsys) -> None:
