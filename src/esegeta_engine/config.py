@@ -160,9 +160,9 @@ class TargetConfig(_Strict):
         if self.components and self.kind not in ("argmax", "otsu", "outcome"):
             raise ValueError(f"target.components splits argmax, otsu or outcome regions, not {self.kind!r}")
         if self.kind == "voxel" and not self.voxel:
-            raise ValueError("target kind 'voxel' needs voxel: [x, y, z]")
+            raise ValueError("target kind 'voxel' needs target.voxel: [x, y, z]")
         if self.kind == "channel" and not self.layer:
-            raise ValueError("target kind 'channel' needs layer: <module name> (and channel: k); "
+            raise ValueError("target kind 'channel' needs target.layer: <module name> (and target.channel: k); "
                              "`esegeta layers MODEL` lists the module names")
         return self
 
@@ -322,6 +322,11 @@ class Config(RunSections):
 
     model: ModelConfig
     volumes: list[Path] = Field(min_length=1)
+
+    @field_validator("volumes", mode="before")
+    @classmethod
+    def _one_volume(cls, v: Any) -> Any:
+        return [v] if isinstance(v, (str, Path)) else v  # `volumes: scan.nii.gz` means that one volume
 
     @model_validator(mode="after")
     def _roi_mask_file(self) -> Config:

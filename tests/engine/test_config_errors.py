@@ -37,3 +37,8 @@ def test_a_misspelt_required_key_is_one_line() -> None:
     with pytest.raises(ConfigError) as exc:  # missing with no misspelling: said, in words
         parse_config(data)
     assert exc.value.problem.splitlines()[1:] == ["  volumes: missing (required)"]
+
+
+def test_one_volume_written_without_a_list_is_that_volume(tmp_path) -> None:
+    cfg = parse_config({**BASE, "volumes": "v.nii.gz"}, base=tmp_path)
+    assert cfg.volumes == [tmp_path / "v.nii.gz"]

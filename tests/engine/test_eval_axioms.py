@@ -231,3 +231,32 @@ def test_conservation_of_lrp_and_fullgrad(dims: int) -> None:
     assert full["axiom_status"] == "ok" and full["completeness_error"] < 1e-3
     saliency, _ = _run(with_bias, x, "fullgrad")
     assert saliency["axiom_status"] == "undefined" and "postprocess" in saliency["axiom_note"]
+
+
+class _ZScoreSeg(nn.Module):
+    """Per-scan z-score, then a 1x1 convolution: F(a x) = F(x) for a > 0, as nnU-Net's MRI normalisation."""
+
+    def __init__(self, dims: int) -> None:
+        super().__init__()
+        self.conv = (nn.Conv2d if dims == 2 else nn.Conv3d)(1, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b = x.shape[0]
+        flat = x.reshape(b, -1)
+        z = (flat - flat.mean(1, keepdim=True)) / (flat.std(1, keepdim=True) + 1e-8)
+        return self.conv(z.reshape(x.shape))
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_a_scale_invariant_function_is_told_to_change_baseline_not_steps(dims: int) -> None:
+    """Found through an nnU-Net model (z-score normalisation): IG from a zero baseline summed to 1.7e-05 of
+    F(x) - F(0) = 20.3 and the fix said 'raise n_steps (now 4, e.g. 64)', which cannot help."""
+    torch.manual_seed(2)
+    net = _ZScoreSeg(dims).eval()
+    x = torch.rand(1, 1, *shape(dims)) + 0.5
+    ig, _ = _run(net, x, "integrated_gradients", n_steps=16)
+    assert ig["axiom_status"] == "warning"
+    assert abs(ig["attribution_sum"]) < 1e-3 * abs(ig["F_input"] - ig["F_baseline"])  # the invariance itself
+    assert "use baseline: blur" in ig["axiom_note"] and "raise n_steps" not in ig["axiom_note"]
+    more, _ = _run(net, x, "integrated_gradients", n_steps=64)  # and more steps indeed do not help
+    assert more["completeness_error"] > 0.99

@@ -73,7 +73,8 @@ def unsupported_modules(spec: MethodSpec, model: nn.Module) -> str | None:
     return None
 
 
-def _fix(spec: MethodSpec, params: Mapping[str, Any], unsupported: str | None) -> str:
+def _fix(spec: MethodSpec, params: Mapping[str, Any], unsupported: str | None, share: float | None = None) -> str:
+    """The suggested fix of a failed axiom check; ``share`` is the map's sum over F(x) - F(baseline)."""
     if spec.axiom == "conservation":
         if spec.name == "lrp":
             softmax = (", and AttnLRP's softmax rule, whose Taylor bias term is not conservative"
@@ -86,6 +87,12 @@ def _fix(spec: MethodSpec, params: Mapping[str, Any], unsupported: str | None) -
         return "input-dependent normalisation (Instance/GroupNorm) breaks the identity: read the map as relative"
     if unsupported and "deeplift" in spec.name:
         return "use integrated_gradients with baseline: blur and more n_steps, or a model without these modules"
+    if "n_steps" in params and share is not None and abs(share) < 1e-3 and params.get("baseline") != "blur":
+        # the gradient along the straight path is orthogonal to it: F(a*x) = F(x), so F jumps at the baseline
+        return ("use baseline: blur — the map sums to almost nothing of F(x) - F(baseline), so the function is "
+                "scale-invariant along the path from this baseline (e.g. per-scan normalisation, as nnU-Net's "
+                "z-score: F(a x) = F(x)) and its change happens at the baseline itself, where no step can see it; "
+                "more n_steps will not help")
     if "n_steps" in params:
         fix = f"raise n_steps (now {params['n_steps']}, e.g. {max(64, 4 * int(params['n_steps']))})"
         if params.get("baseline") != "blur":
@@ -194,7 +201,7 @@ def completeness_check(spec: MethodSpec, ctx: MethodContext, params: Mapping[str
     if unsupported:
         note += f"; {unsupported}"
     return {"completeness_error": error, "axiom_status": "warning",
-            "axiom_note": f"{note}; fix: {_fix(spec, params, unsupported)}", **numbers}
+            "axiom_note": f"{note}; fix: {_fix(spec, params, unsupported, total / delta)}", **numbers}
 
 
 def _conservation(spec: MethodSpec, ctx: MethodContext, params: Mapping[str, Any], attribution: torch.Tensor,
