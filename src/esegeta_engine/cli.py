@@ -242,17 +242,25 @@ def main(argv: list[str] | None = None) -> int:
     return _main(args)
 
 
+_LISTINGS = frozenset({"cmd_layers", "cmd_methods", "cmd_schema"})
+"""Commands that only list: a reader that stops early (``| head``) took what it wanted."""
+
+
 def _main(args: argparse.Namespace) -> int:
     try:
         return int(args.func(args) or 0)
     except EsegetaError as exc:
         _print_error(exc, getattr(args, "flag_names", frozenset()))
         return 2
-    except BrokenPipeError:  # the reader went away (`esegeta layers ... | head`): no error, nothing more to say
+    except BrokenPipeError:  # the reader went away (`esegeta layers ... | head`)
         import os
 
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's own flush at exit must not fail
-        return 0
+        if getattr(args.func, "__name__", "") in _LISTINGS:  # a listing read as far as wanted: no error
+            return 0
+        print("stopped: the output pipe closed before the command finished (nothing after that line was done)",
+              file=sys.stderr)
+        return 1  # a command that does work and did not finish it is no success for a script checking $?
     except OSError as exc:  # a file the command reads or writes outside the engine's own checks
         from esegeta_engine.io import output_error
 

@@ -338,11 +338,12 @@ def test_pipeline_saliency_equal_and_counts_unchanged(folder, folder_2d, dim):
     last = f"decoder.stages.{len(decoder.stages) - 1}."
     outer = [m for m in pipe.checkpoint_segments()  # the encoder's stages, the last decoder stage's further blocks
              if type(m).__name__.startswith("Stacked") or last in names.get(m, "")]
-    steps = len(decoder.stages) * len(pipe.folds)  # the fused decoder: one step per stage
+    assert not outer or not any(last in names.get(m, "") for m in outer)  # the last stage: in-place activated
+    steps = (len(decoder.stages) - 1) * len(pipe.folds)  # the fused decoder: one step per stage but the last
     # and the preprocessing's gradient steps once per evaluation with gradients
     assert on.calls == expected * (len(outer) + steps) // len(pipe.folds) + 1
-    assert g_off.abs().max() > 0
-    torch.testing.assert_close(g_on, g_off, rtol=0, atol=0)
+    assert g_off.abs().max() > 0  # the last stage's backward in another order: equal within float32 rounding
+    assert float((g_on - g_off).abs().max() / g_off.abs().max()) <= 1e-5
     _same(before, _snapshot(pipe.folds))
 
 
@@ -376,8 +377,8 @@ def test_engine_records_checkpointing_and_maps_equal(folder, tmp_path):
     assert out["off"]["saliency"]["execution"]["checkpointing"]["used"] is False
     for method in ("saliency", "guided_backprop"):
         a, b = (nib.load(tmp_path / s / out[s][method]["file"]).get_fdata() for s in ("auto", "off"))
-        assert np.abs(a).max() > 0
-        np.testing.assert_array_equal(a, b)
+        assert np.abs(a).max() > 0  # saliency's last decoder stage in another order: float32 rounding
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-5 * np.abs(b).max() if method == "saliency" else 0)
         assert out["auto"][method]["model_evaluations"] == out["off"][method]["model_evaluations"]
         assert (out["auto"][method]["execution"]["backward_network_calls"]
                 == out["off"][method]["execution"]["backward_network_calls"])

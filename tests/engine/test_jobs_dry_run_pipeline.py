@@ -51,8 +51,9 @@ def test_dry_run_refuses_a_layer_method_per_layer_like_the_run(nnunet_folder, tm
     assert main(["run", str(tmp_path / "run.yaml"), "--dry-run"]) == 0
     out = capsys.readouterr().out
     planned = [line for line in out.splitlines() if line.startswith("  scan · layer_conductance")
-               and line.endswith("model evaluations")]
+               and line.endswith(("model evaluation", "model evaluations"))]
     assert "plan: 1 job(s)" in out and len(planned) == 1 and "layer_conductance@network_input" in planned[0]
+    assert "1 model evaluations" not in out  # one is singular
     refused = [line for line in out.splitlines() if f"layer_conductance@{inside}:" in line]
     assert len(refused) == 1 and "inside nnU-Net's fold networks is not built" in refused[0]
     assert not (tmp_path / "out").exists()
@@ -63,3 +64,22 @@ def test_dry_run_refuses_a_layer_method_per_layer_like_the_run(nnunet_folder, tm
     assert status["network_input"] == "ok" and status[inside] != "ok"
     expected = int(planned[0].rsplit(": ", 1)[1].split()[0])
     assert next(r for r in results if r["layer"] == "network_input")["expected_evaluations"] == expected
+
+
+def test_the_runs_estimate_leaves_out_what_it_refuses(nnunet_folder, tmp_path):
+    """The run said 'model evaluations: 10, estimated 12 before the run': DeepLIFT, refused through nnU-Net's
+    pipeline before any evaluation, was still estimated at 2."""
+    import json
+
+    import nibabel as nib
+
+    img, _ = S.scan((16, 12, 8), (1.0, 1.0, 2.0), seed=7)
+    nib.save(img, tmp_path / "scan.nii.gz")
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump({
+        "model": {"nnunet": str(nnunet_folder), "folds": [0], "mirroring": False}, "volumes": ["scan.nii.gz"],
+        "target": {"classes": [1]}, "methods": [{"name": "saliency"}, {"name": "deeplift"}],
+        "output": {"dir": "out"}}))
+    main(["run", str(tmp_path / "run.yaml"), "-q"])
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert [r["status"] for r in manifest["results"]] == ["ok", "failed"]
+    assert manifest["estimated_model_evaluations"] == manifest["model_evaluations"] == 1

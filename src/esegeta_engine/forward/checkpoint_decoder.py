@@ -33,6 +33,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from esegeta_engine.forward.checkpoint_opening import block as inplace_block
+from esegeta_engine.forward.checkpoint_opening import block_refusal, opening, opening_refusal
+
 UNET_DECODER = "dynamic_network_architectures.building_blocks.unet_decoder.UNetDecoder"
 """The decoder class :func:`fused_forward` reproduces (exactly this class, not a subclass)."""
 CONV_STAGE = "dynamic_network_architectures.building_blocks.simple_conv_blocks.StackedConvBlocks"
@@ -76,12 +79,24 @@ def decoder_refusal(decoder: nn.Module, ours: Callable[[Any], bool]) -> str | No
     return None
 
 
+def last_stage_refusal(decoder: nn.Module, ours: Callable[[Any], bool] = lambda f: False) -> str | None:
+    """Why the last stage cannot run with the in-place-activated backward of :mod:`.checkpoint_opening`."""
+    blocks = list(decoder.stages[-1].convs)
+    why = opening_refusal(decoder.transpconvs[-1], blocks[0], ours)
+    for b in blocks[1:]:
+        why = why or block_refusal(b, ours)
+    return why
+
+
 def first_blocks(decoder: nn.Module) -> list[nn.Module]:
-    """Blocks :func:`fused_forward` runs inside a step of its own: the last stage's first block."""
-    return [decoder.stages[-1].convs[0]]
+    """Blocks :func:`fused_forward` runs itself: the last stage's first block inside a step of its own, or
+    every block of the last stage where they run in-place-activated (no recomputation)."""
+    convs = list(decoder.stages[-1].convs)
+    return convs if last_stage_refusal(decoder) is None else convs[:1]
 
 
-def fused_forward(decoder: nn.Module, skips: list[torch.Tensor], step: Step) -> Any:
+def fused_forward(decoder: nn.Module, skips: list[torch.Tensor], step: Step,
+                  ours: Callable[[Any], bool] = lambda f: False) -> Any:
     """:data:`UNET_DECODER`'s forward on ``skips`` (encoder outputs, bottleneck last), in checkpointed steps.
 
     Same operations in the same order as the class's own forward (see the module docstring); only the
@@ -100,10 +115,15 @@ def fused_forward(decoder: nn.Module, skips: list[torch.Tensor], step: Step) -> 
         else:  # the backward starts here: the concat is kept for the first block's backward only
             first, rest = stage.convs[0], stage.convs[1:]
 
-            def opening(low: torch.Tensor, skip: torch.Tensor, up: nn.Module = up, first: nn.Module = first):
-                return first(torch.cat((up(low), skip), 1))
+            if last_stage_refusal(decoder, ours) is None:
+                x = opening(up, first, lower, skips[-(s + 2)])  # no recomputation: the backward needs outputs only
+                for b in rest:
+                    x = inplace_block(b, x)
+            else:
+                def whole_first(low: torch.Tensor, skip: torch.Tensor, up: nn.Module = up, first: nn.Module = first):
+                    return first(torch.cat((up(low), skip), 1))
 
-            x = rest(step(opening, lower, skips[-(s + 2)]))
+                x = rest(step(whole_first, lower, skips[-(s + 2)]))
         if decoder.deep_supervision:
             heads.append(decoder.seg_layers[s](x))
         elif s == n - 1:

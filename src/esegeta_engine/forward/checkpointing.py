@@ -42,7 +42,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from esegeta_engine.errors import ConfigError, MethodError
-from esegeta_engine.forward.checkpoint_decoder import decoder_refusal, first_blocks, fused_forward
+from esegeta_engine.forward.checkpoint_decoder import (decoder_refusal, first_blocks, fused_forward,
+                                                       last_stage_refusal)
 
 SETTINGS = ("auto", "on", "off")
 STAGE_TYPES = ("StackedConvBlocks", "StackedResidualBlocks")
@@ -203,7 +204,7 @@ def _decoder_wrapper(decoder: nn.Module, forward: Any, counter: _Counter) -> Any
     def run(skips: Any) -> Any:
         if not torch.is_grad_enabled() or not counter.active:  # a finished run's wrapper only passes through
             return forward(skips)
-        return fused_forward(decoder, skips, step)
+        return fused_forward(decoder, skips, step, _ours)
 
     run._esegeta_counter = counter  # type: ignore[attr-defined]
     return run
@@ -270,8 +271,12 @@ def decoder_scheme(model: nn.Module, modules: Sequence[nn.Module]) -> str:
         if encoder is None or decoder is None or not hasattr(encoder, "strides"):
             continue
         if id(decoder) in listed:
+            last = last_stage_refusal(decoder, _ours)
             notes.append("fused steps: each decoder stage's up-sampling and skip concat are recomputed inside "
-                         "its checkpoint (the concatenation is not stored)")
+                         "its checkpoint (the concatenation is not stored); "
+                         + ("the last stage without recomputation, its normalisations differentiated from their "
+                            "outputs (in-place activated)" if last is None else
+                            f"the last stage's first block recomputed in one step ({last})"))
         else:
             notes.append("per stage (the concatenated input of each decoder stage is stored): "
                          + (decoder_refusal(decoder, _ours) or "the decoder was not among the segments"))

@@ -235,6 +235,7 @@ def estimate_run(explainer: Any, volumes: Sequence[Any], methods: Sequence[Any],
     (:func:`esegeta_engine.evaluation.costs.jobs_score_cost`).
     """
     from esegeta_engine.forward.runner import execution_form
+    from esegeta_engine.jobs.refusal import split_refusals
 
     p = explainer.preprocess
     classes = list(explainer.target.classes or [0])
@@ -267,7 +268,9 @@ def estimate_run(explainer: Any, volumes: Sequence[Any], methods: Sequence[Any],
     for i, v in enumerate(volumes):
         shape = model_shape(v)
         sliding = execution_form(explainer.execution, shape, explainer._divisible).sliding is not None
-        n = cost(single, (i,), CostInfo(1, p.in_channels, shape, 1, sliding))
+        # what the run refuses before any work (a method, or one layer of a layer method) costs nothing
+        runs, _ = split_refusals(single, explainer.target.kind, explainer.execution, shape, explainer.model)
+        n = cost(runs, (i,), CostInfo(1, p.in_channels, shape, 1, sliding))
         if n is None:
             return None
         total += n
