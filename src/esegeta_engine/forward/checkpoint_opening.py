@@ -41,11 +41,11 @@ CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 UPS = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 NORMS = (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
 SLABS = 2
+"""Slabs of the convolutions' input gradients along the first axis (see :func:`_input_grad`): 2, as 4 or 8 cost
+1.4x the CPU time at a 32x64x64 patch (the library is slow on thin slabs); 8 would save one more U."""
 MAX_SHIFT = 32.0
 """Largest ``|beta| / |gamma|`` of a norm whose normalised value is recovered from its output: the recovered
 value's error is about this times float32's epsilon (relative error of the gradient below ~4e-6)."""
-"""Slabs of the convolutions' input gradients along the first axis (see :func:`_input_grad`): 2, as 4 or 8 cost
-1.4x the CPU time at a 32x64x64 patch (the library is slow on thin slabs); 8 would save one more U."""
 
 
 def _path(m: Any) -> str:
