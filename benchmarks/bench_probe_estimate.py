@@ -10,6 +10,8 @@ estimate and the run in CPU seconds (all torch threads), which a loaded machine 
     .venv/bin/python benchmarks/bench_probe_estimate.py [--sizes 64 96] [--patch 48] [--full]
 
 ``--full`` adds the whole-brain size 197×233×189. Reports estimate / actual (1.0 is exact).
+``--cold-warm`` instead times, in one process, the 64³ crop (warmed), then the 32³ crop on its first call
+(cold, as the probe timed it until the seventh pass) and twice more (warm), wall and CPU seconds.
 """
 
 from __future__ import annotations
@@ -58,14 +60,46 @@ def worker(shape: tuple[int, ...], patch: int | None, method: str) -> None:
                       "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 
 
+def cold_warm(repeats: int = 3) -> None:
+    """The small crop's first call against its next ones, after the large crop, in one process."""
+    import numpy as np
+
+    from esegeta_engine import sample
+    from esegeta_engine.config import PreprocessConfig, TargetConfig
+    from esegeta_engine.explain import Explainer
+    from esegeta_engine.io import Volume
+    from esegeta_engine.jobs import probe as P
+    from esegeta_engine.models import load_model
+
+    info = sample.sample_info()["models"]["unet3d_vessels"]
+    net = load_model(sample.unet_paths()["state"], class_path=info["class_path"], kwargs=info["kwargs"])
+    ph = sample.make_phantom((96, 96, 96), seed=3)
+    ex = Explainer(net, PreprocessConfig(normalisation="minmax"), TargetConfig(kind="argmax", classes=[1]))
+    x = ex.prepare_input(Volume(ph.volume.astype(np.float32), ph.affine))
+
+    def run(edge: int, warm: bool) -> str:
+        t = P._calls(ex.model, P._crop(x, (edge,) * 3), output=ex.output, divisible_by=4, precision="fp32",
+                     cancel=None, warm=warm, forward=False)
+        return f"{t.backward:.3f} s wall, {t.cpu[0]:.3f} s CPU"
+
+    print(f"RESULT 64^3 crop, warmed: {run(64, True)}")
+    print(f"RESULT 32^3 crop, first call (cold): {run(32, False)}")
+    for i in range(repeats - 1):
+        print(f"RESULT 32^3 crop, call {i + 2} (warm): {run(32, False)}", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", type=int, nargs="+", default=[64, 96])
     ap.add_argument("--patch", type=int, default=None, help="sliding-window patch (default: whole volume)")
     ap.add_argument("--method", default="saliency")
     ap.add_argument("--full", action="store_true", help="also the 197x233x189 whole-brain size")
+    ap.add_argument("--cold-warm", action="store_true", help="the small crop's first call against its next ones")
     ap.add_argument("--worker", nargs="+", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.cold_warm:
+        cold_warm()
+        return
     if args.worker:
         worker(tuple(args.worker), args.patch, args.method)
         return

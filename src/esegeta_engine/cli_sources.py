@@ -120,6 +120,10 @@ def add_predict_parser(sub: Any) -> None:
                    help="intensity normalisation before a model file (default none)")
     p.add_argument("--axis-order", help="model spatial axes in NIfTI terms (default xyz)")
     p.add_argument("--patch-size", type=int, nargs="+", help="sliding-window patch size of a model file")
+    p.add_argument("--overlap", type=float, default=0.25, help="sliding-window overlap in [0, 1)")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16"],
+                   help="autocast precision of the network")
+    p.add_argument("--orientation", help="reorient volumes to these axis codes first, e.g. RAS (as explain)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress lines (the written files are still listed)")
     add_source_flags(p)
     p.set_defaults(func=_run_predict)

@@ -77,7 +77,18 @@ def _print_summary(result: Any) -> None:
     for r in records:
         if (r.metrics or {}).get("axiom_status") == "warning":
             print(f"warning: {_label(r)} · {r.target} · {r.volume}: {(r.metrics or {}).get('axiom_note', '')}")
-    if metrics:
-        print("completeness_error: |sum(map) - (F(x) - F(baseline))| / |F(x) - F(baseline)| (undef: no axiom); "
-              "calls/inputs: model forward calls and inputs evaluated; auc_deletion lower is better, "
-              "auc_insertion, mass_inside and roc_auc (vs the ground truth) higher is better")
+    print(_legend(metrics))
+
+
+def _legend(metrics: list[str]) -> str:
+    """What the table's columns mean: only those it shows."""
+    parts = ["calls/inputs: model forward calls and inputs evaluated"]
+    if "completeness_error" in metrics:
+        parts.insert(0, "completeness_error: |sum(map) - (F(x) - F(baseline))| / |F(x) - F(baseline)| (undef: no axiom)")
+    if "auc_deletion" in metrics:
+        parts.append("auc_deletion lower is better")
+    higher = [k for k in ("auc_insertion", "mass_inside", "roc_auc") if k in metrics]
+    if higher:
+        truth = " (vs the ground truth)" if {"mass_inside", "roc_auc"} & set(higher) else ""
+        parts.append(f"{', '.join(higher)}{truth} higher is better")
+    return "; ".join(parts)

@@ -160,9 +160,9 @@ class TargetConfig(_Strict):
         if self.components and self.kind not in ("argmax", "otsu", "outcome"):
             raise ValueError(f"target.components splits argmax, otsu or outcome regions, not {self.kind!r}")
         if self.kind == "voxel" and not self.voxel:
-            raise ValueError("target kind 'voxel' needs voxel: [x, y, z]")
+            raise ValueError("target kind 'voxel' needs target.voxel: [x, y, z]")
         if self.kind == "channel" and not self.layer:
-            raise ValueError("target kind 'channel' needs layer: <module name> (and channel: k); "
+            raise ValueError("target kind 'channel' needs target.layer: <module name> (and target.channel: k); "
                              "`esegeta layers MODEL` lists the module names")
         return self
 

@@ -47,7 +47,7 @@ def format_validation_error(exc: ValidationError, source: str = "config", root: 
             close = difflib.get_close_matches(str(err.get("input")), allowed, n=1, cutoff=0.6)
             if close:
                 msg = f"{err.get('input')!r} is not allowed; did you mean '{close[0]}'? ({msg})"
-        lines.append(f"{loc or '(top level)'}: {msg}")
+        lines.append(f"{loc}: {msg}" if loc else msg)  # a rule over several keys names them itself
     return ConfigError(f"invalid {source}:\n  " + "\n  ".join(lines),
                        "fix the keys above; `esegeta methods` lists methods and their parameters")
 

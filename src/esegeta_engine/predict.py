@@ -63,9 +63,29 @@ def write_prediction(explainer: Any, volume: Volume, out: Path, stem: str, outpu
     return entry
 
 
+def _settings(args: argparse.Namespace) -> Any:
+    """The ``preprocess`` and ``execution`` sections the flags give, validated as a config's (errors name the
+    keys, which the command line says as its flags)."""
+    from pydantic import ValidationError, create_model
+
+    from esegeta_engine.config import ExecutionConfig, PreprocessConfig
+    from esegeta_engine.config_errors import format_validation_error
+
+    pre = {"spatial_dims": args.spatial_dims, "in_channels": args.in_channels, "normalisation": args.normalisation,
+           "orientation": getattr(args, "orientation", None),
+           **({"axis_order": args.axis_order} if args.axis_order else {})}
+    execution = {"overlap": getattr(args, "overlap", 0.25), "precision": getattr(args, "precision", "fp32"),
+                 **({"patch_size": args.patch_size} if args.patch_size else {})}
+    sections = create_model("PredictSettings", preprocess=(PreprocessConfig, ...), execution=(ExecutionConfig, ...))
+    try:
+        valid = sections.model_validate({"preprocess": pre, "execution": execution})
+    except ValidationError as exc:
+        raise format_validation_error(exc, "command line", sections) from None
+    return valid
+
+
 def cmd_predict(args: argparse.Namespace) -> int:
     """``esegeta predict``: label maps and probabilities of every volume, written after all are read."""
-    from esegeta_engine.config import ExecutionConfig, PreprocessConfig
     from esegeta_engine.explain import Explainer
     from esegeta_engine.io import load_volume, write_json
     from esegeta_engine.models import Trust, load_source
@@ -73,15 +93,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from esegeta_engine.pipeline import volume_stem
 
     mcfg = model_config_from_args(args)
+    settings = _settings(args)  # before the model loads: a bad flag is said at once
     loaded = load_source(mcfg, Trust(pickled=args.trust_pickled, bundle=args.trust_bundle))
-    pre = PreprocessConfig(spatial_dims=args.spatial_dims, in_channels=args.in_channels,
-                           normalisation=args.normalisation, **({"axis_order": args.axis_order}
-                                                                 if args.axis_order else {}))
-    execution = ExecutionConfig(**({"patch_size": args.patch_size} if args.patch_size else {}))
-    for key, value in loaded.preprocess.items():
-        setattr(pre, key, value)
-    for key, value in loaded.execution.items():
-        setattr(execution, key, value)
+    settings = loaded.configure(settings)  # a deployed pipeline's own preprocessing, as explain's run does
+    pre, execution = settings.preprocess, settings.execution
     try:
         volumes = [load_volume(v, spatial_dims=pre.spatial_dims, channels=pre.in_channels) for v in args.volume]
     except Exception as exc:

@@ -177,3 +177,49 @@ def test_a_key_followed_by_its_flag_is_said_once(tmp_path, capsys) -> None:
                  "--method", "saliency", "--out", str(tmp_path / "afile"), "-q"]) == 2
     err = capsys.readouterr().err
     assert "is a file" in err and "--out (--out)" not in err and "output.dir" not in err
+
+
+def test_predict_takes_explains_orientation_and_window_flags(tmp_path, capsys) -> None:
+    """What predict writes must be what explain explains: the same reorientation; bad values are one line."""
+    net, _, _, _ = _files(tmp_path)
+    data = np.random.default_rng(1).normal(size=(8, 7, 6)).astype(np.float32)
+    lps = np.diag([-1.0, -1.0, 1.0, 1.0])  # stored as L, P, S
+    nib.save(nib.Nifti1Image(data, lps), tmp_path / "lps.nii.gz")
+    assert main(["predict", "--model", str(tmp_path / "net.pt"), "--volume", str(tmp_path / "lps.nii.gz"),
+                 "--orientation", "RAS", "--out", str(tmp_path / "p"), "-q"]) == 0
+    probs = nib.load(tmp_path / "p" / "lps__probabilities.nii.gz")
+    assert np.allclose(probs.affine, lps)  # written on the scan's own grid
+    ras = np.ascontiguousarray(data[::-1, ::-1])  # the network sees the scan in RAS
+    with torch.no_grad():
+        expected = torch.softmax(net(torch.from_numpy(ras)[None, None]), 1)[0].numpy()[:, ::-1, ::-1]
+    np.testing.assert_allclose(np.moveaxis(probs.get_fdata(), -1, 0), expected, atol=1e-6)
+    with torch.no_grad():  # the control: without the reorientation the network's output differs
+        plain = torch.softmax(net(torch.from_numpy(data)[None, None]), 1)[0].numpy()
+    assert np.abs(plain - expected).max() > 1e-3
+    for bad in (["--axis-order", "abc"], ["--overlap", "1.5"], ["--orientation", "QQQ"]):
+        assert main(["predict", "--model", str(tmp_path / "net.pt"), "--volume", str(tmp_path / "lps.nii.gz"),
+                     "--out", str(tmp_path / "bad"), *bad]) == 2
+        err = capsys.readouterr().err
+        assert bad[0] in err and "Traceback" not in err and "pydantic" not in err
+    assert not (tmp_path / "bad").exists()
+
+
+@pytest.mark.parametrize("target, flag", [("voxel", "--voxel [x, y, z]"), ("channel", "--target-layer <module name>"),
+                                          ("roi", "--roi-mask (a NIfTI")])
+def test_a_target_missing_its_input_names_the_flag(tmp_path, capsys, target, flag) -> None:
+    _files(tmp_path)
+    assert main(["explain", "--model", str(tmp_path / "net.pt"), "--volume", str(tmp_path / "v.nii.gz"),
+                 "--target", target, "--method", "saliency", "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert flag in err and "(top level)" not in err and "target.voxel" not in err and "target.layer" not in err
+
+
+def test_the_summary_legend_explains_only_the_columns_shown() -> None:
+    from esegeta_engine.cli_summary import _legend
+
+    assert _legend([]) == "calls/inputs: model forward calls and inputs evaluated"
+    shown = _legend(["completeness_error"])
+    assert shown.startswith("completeness_error:") and "auc" not in shown and "roc_auc" not in shown
+    full = _legend(["completeness_error", "auc_deletion", "mass_inside", "roc_auc"])
+    assert "auc_deletion lower is better" in full and "mass_inside, roc_auc (vs the ground truth) higher" in full
+    assert "auc_insertion" not in full

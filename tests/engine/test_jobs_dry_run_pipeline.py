@@ -51,8 +51,9 @@ def test_dry_run_refuses_a_layer_method_per_layer_like_the_run(nnunet_folder, tm
     assert main(["run", str(tmp_path / "run.yaml"), "--dry-run"]) == 0
     out = capsys.readouterr().out
     planned = [line for line in out.splitlines() if line.startswith("  scan · layer_conductance")
-               and line.endswith("model evaluations")]
+               and line.endswith(("model evaluation", "model evaluations"))]
     assert "plan: 1 job(s)" in out and len(planned) == 1 and "layer_conductance@network_input" in planned[0]
+    assert "1 model evaluations" not in out  # one is singular
     refused = [line for line in out.splitlines() if f"layer_conductance@{inside}:" in line]
     assert len(refused) == 1 and "inside nnU-Net's fold networks is not built" in refused[0]
     assert not (tmp_path / "out").exists()

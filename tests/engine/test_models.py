@@ -149,6 +149,15 @@ def test_layers_listing_and_lookup():
         get_layer(m, "conv22")
 
 
+def test_layers_of_a_torchscript_model_name_their_scripted_types():
+    """``esegeta layers`` on a TorchScript file said ``RecursiveScriptModule`` for every module."""
+    from tiny_models import TinySegNet
+
+    plain = list_layers(TinySegNet(3))
+    assert list_layers(torch.jit.script(TinySegNet(3))) == plain
+    assert dict(plain)["conv1"] == "Conv3d"
+
+
 def test_guard_restores_training_flags_requires_grad_and_hooks():
     from tiny_models import TinySegNet
 

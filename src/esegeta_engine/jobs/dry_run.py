@@ -60,11 +60,12 @@ class DryRun:
         """The plan as printed by ``esegeta run --dry-run``."""
         from esegeta_engine.jobs.probe import format_bytes, format_duration
 
-        total = "?" if self.expected_evaluations is None else str(self.expected_evaluations)
-        out = [f"plan: {len(self.jobs)} job(s), ≈ {total} model evaluations (scores included)"]
+        def evaluations(n: int | None) -> str:
+            return f"{'?' if n is None else n} model evaluation{'' if n == 1 else 's'}"
+
+        out = [f"plan: {len(self.jobs)} job(s), ≈ {evaluations(self.expected_evaluations)} (scores included)"]
         for name, job in self.jobs:
-            cost = "?" if job.expected_evaluations is None else job.expected_evaluations
-            out.append(f"  {name} · {job.label} · {job.cls_label}: {cost} model evaluations")
+            out.append(f"  {name} · {job.label} · {job.cls_label}: {evaluations(job.expected_evaluations)}")
         if self.classes_note:
             out.append(f"  ({self.classes_note})")
         if self.refused:

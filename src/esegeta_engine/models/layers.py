@@ -59,9 +59,11 @@ def select_output(out: Any, output: int | str | None) -> torch.Tensor:
 def list_layers(model: nn.Module) -> list[tuple[str, str]]:
     """Return ``(name, type)`` of every named submodule, in registration order.
 
-    These names are what layer methods accept in ``layers: [...]``.
+    These names are what layer methods accept in ``layers: [...]``. A TorchScript module's type is
+    the Python class it was scripted from (``original_name``), not ``RecursiveScriptModule``.
     """
-    return [(name, type(m).__name__) for name, m in model.named_modules() if name]
+    return [(name, getattr(m, "original_name", None) or type(m).__name__)
+            for name, m in model.named_modules() if name]
 
 
 def get_layer(model: nn.Module, name: str) -> nn.Module:
