@@ -10,9 +10,11 @@ replaced by the same loop made of checkpointed steps whose inputs are ``(lower l
 
 - every stage but the last: one step, ``stage(cat(transpconv(lower), skip))`` (the stage's blocks of
   the large levels are checkpointed again inside it, as before);
-- the last stage, where the backward starts: one step for the up-sampling, the concat and the first
-  block, then each further block on its own. The concatenation is then alive only while the first
-  block's backward runs, not during the other blocks'.
+- the last stage, where the backward starts: its blocks with an in-place-activated backward that
+  recomputes nothing (:mod:`.checkpoint_opening`: each block saves only its output); where that is
+  refused (:func:`last_stage_refusal`), one step for the up-sampling, the concat and the first block,
+  then each further block on its own, so the concatenation is alive only while the first block's
+  backward runs.
 
 Only the exact decoder class the loop was written for is replaced
 (:data:`UNET_DECODER`, which both PlainConvUNet and ResidualEncoderUNet use, with
