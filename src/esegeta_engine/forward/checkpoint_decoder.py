@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from esegeta_engine.forward.checkpoint_opening import block as inplace_block
-from esegeta_engine.forward.checkpoint_opening import block_refusal, opening, opening_refusal
+from esegeta_engine.forward.checkpoint_opening import block_refusal, full_precision, opening, opening_refusal
 
 UNET_DECODER = "dynamic_network_architectures.building_blocks.unet_decoder.UNetDecoder"
 """The decoder class :func:`fused_forward` reproduces (exactly this class, not a subclass)."""
@@ -117,7 +117,7 @@ def fused_forward(decoder: nn.Module, skips: list[torch.Tensor], step: Step,
         else:  # the backward starts here: the concat is kept for the first block's backward only
             first, rest = stage.convs[0], stage.convs[1:]
 
-            if last_stage_refusal(decoder, ours) is None:
+            if last_stage_refusal(decoder, ours) is None and full_precision(lower):  # not under autocast
                 x = opening(up, first, lower, skips[-(s + 2)])  # no recomputation: the backward needs outputs only
                 for b in rest:
                     x = inplace_block(b, x)
