@@ -71,3 +71,43 @@ def test_report_and_plugin_letters_agree_on_an_oblique_flipped_nifti(make_napari
         plugin = {PLUGIN_EDGES[k]: v for k, v in shown.items()}
         assert plugin == report[plane]["letters"], (plane, plugin, report[plane]["letters"])
     assert report["axial"]["letters"]["left"] == "R" and report["sagittal"]["letters"]["left"] == "A"
+
+
+def test_the_letters_add_only_their_text_to_each_canvas_draw(make_napari_viewer, monkeypatch) -> None:
+    """The four edge letters are drawn in every frame (issue 19, event-loop gaps): napari's text overlay draws a
+    background box (a mesh and its border line) by default, 20-60 ms a box with software OpenGL, so a map's
+    insertion drew 8 more visuals than bare napari. Counted on vispy's draws of one frame, with and without the
+    letters: the letters add their four texts and nothing else."""
+    from vispy.visuals import visual as vispy_visual
+
+    from napari_esegeta._sample_data import phantom_volume_data
+    from napari_esegeta._view import LETTER_POSITIONS, _LETTER_KEY, update_orientation_letters
+
+    viewer = make_napari_viewer(show=True)
+    data, kwargs, _ = phantom_volume_data((16, 16, 16), 3)[0]
+    viewer.add_image(data, **kwargs)
+    drawn: list[str] = []
+    real = vispy_visual.Visual.draw
+
+    def counted(self):
+        if self.visible:
+            drawn.append(type(self).__name__)
+        return real(self)
+
+    monkeypatch.setattr(vispy_visual.Visual, "draw", counted)
+    canvas = viewer.window._qt_viewer.canvas._scene_canvas
+
+    def frame() -> list[str]:
+        drawn.clear()
+        canvas.render()
+        return sorted(drawn)
+
+    before = frame()
+    assert update_orientation_letters(viewer)  # a NIfTI-geometry scan in 2D: the letters are shown
+    letters = [viewer.canvas.overlays[_LETTER_KEY + pos] for pos in LETTER_POSITIONS]
+    assert all(overlay.visible and not overlay.box for overlay in letters)
+    after = frame()
+    added = list(after)
+    for name in before:
+        added.remove(name)
+    assert sorted(added) == ["Text"] * 4, added
