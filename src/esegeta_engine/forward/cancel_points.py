@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["cancel_points"]
+__all__ = ["cancel_points", "current_check"]
 
 Check = Callable[[], None]
 
@@ -63,6 +63,16 @@ def cancel_points(check: Check | None) -> Iterator[None]:
             if _installed[1] == 0:
                 _installed[0].remove()
                 _installed.clear()
+
+
+def current_check() -> Check | None:
+    """The innermost open block's check in this thread (None: none open).
+
+    For an autograd ``Function`` whose forward runs its modules with gradients off: nothing it builds gets
+    a backward check here, so it keeps this one and calls it in its own backward.
+    """
+    checks = getattr(_local, "checks", None)
+    return checks[-1] if checks else None
 
 
 def _before_module(module: nn.Module, args: tuple[Any, ...]) -> None:

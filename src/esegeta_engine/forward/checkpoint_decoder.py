@@ -10,9 +10,11 @@ replaced by the same loop made of checkpointed steps whose inputs are ``(lower l
 
 - every stage but the last: one step, ``stage(cat(transpconv(lower), skip))`` (the stage's blocks of
   the large levels are checkpointed again inside it, as before);
-- the last stage, where the backward starts: one step for the up-sampling, the concat and the first
-  block, then each further block on its own. The concatenation is then alive only while the first
-  block's backward runs, not during the other blocks'.
+- the last stage, where the backward starts: its blocks with an in-place-activated backward that
+  recomputes nothing (:mod:`.checkpoint_opening`: each block saves only its output); where that is
+  refused (:func:`last_stage_refusal`), one step for the up-sampling, the concat and the first block,
+  then each further block on its own, so the concatenation is alive only while the first block's
+  backward runs.
 
 Only the exact decoder class the loop was written for is replaced
 (:data:`UNET_DECODER`, which both PlainConvUNet and ResidualEncoderUNet use, with
@@ -34,7 +36,7 @@ import torch
 from torch import nn
 
 from esegeta_engine.forward.checkpoint_opening import block as inplace_block
-from esegeta_engine.forward.checkpoint_opening import block_refusal, opening, opening_refusal
+from esegeta_engine.forward.checkpoint_opening import block_refusal, full_precision, opening, opening_refusal
 
 UNET_DECODER = "dynamic_network_architectures.building_blocks.unet_decoder.UNetDecoder"
 """The decoder class :func:`fused_forward` reproduces (exactly this class, not a subclass)."""
@@ -115,7 +117,7 @@ def fused_forward(decoder: nn.Module, skips: list[torch.Tensor], step: Step,
         else:  # the backward starts here: the concat is kept for the first block's backward only
             first, rest = stage.convs[0], stage.convs[1:]
 
-            if last_stage_refusal(decoder, ours) is None:
+            if last_stage_refusal(decoder, ours) is None and full_precision(lower):  # not under autocast
                 x = opening(up, first, lower, skips[-(s + 2)])  # no recomputation: the backward needs outputs only
                 for b in rest:
                     x = inplace_block(b, x)

@@ -29,22 +29,28 @@ otherwise the opening stays one checkpointed step and the run's record says why.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
 
+from esegeta_engine.forward.cancel_points import current_check
+
 BLOCK = "dynamic_network_architectures.building_blocks.simple_conv_blocks.ConvDropoutNormReLU"
 """The first block's class (exactly this class): ``forward(x) = self.all_modules(x)``."""
 CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 UPS = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 NORMS = (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
-SLABS = 8
+SLABS = 2
+"""Slabs of the convolutions' input gradients along the first axis (see :func:`_input_grad`): 2, as 4 or 8 cost
+1.4x the CPU time at a 32x64x64 patch (the library is slow on thin slabs); 8 would save one more U."""
+FULL = (torch.float32, torch.float64)
+"""Precisions the normalised value is recovered in (see :data:`MAX_SHIFT`); others keep the recomputed step."""
 MAX_SHIFT = 32.0
 """Largest ``|beta| / |gamma|`` of a norm whose normalised value is recovered from its output: the recovered
 value's error is about this times float32's epsilon (relative error of the gradient below ~4e-6)."""
-"""Slabs of the convolutions' input gradients along the first spatial axis (see :func:`_input_grad`)."""
 
 
 def _path(m: Any) -> str:
@@ -59,9 +65,14 @@ def block_refusal(block: nn.Module, ours: Callable[[Any], bool] = lambda f: Fals
     kinds = [type(m) for m in mods]
     if len(mods) != 3 or kinds[0] not in CONVS or kinds[1] not in NORMS or kinds[2] is not nn.LeakyReLU:
         return "the block is not exactly convolution -> InstanceNorm -> LeakyReLU"
-    conv, norm, _ = mods
-    if conv.groups != 1 or conv.padding_mode != "zeros":
-        return "the block's convolution is grouped or pads with other than zeros"
+    conv, norm, act = mods
+    if conv.groups != 1 or conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+        return "the block's convolution is grouped, pads with other than zeros or pads by name"
+    slope = float(act.negative_slope)
+    if not (math.isfinite(slope) and slope > 0):  # the output's sign and value give back the input only then
+        return f"the block's LeakyReLU slope is {slope:g}, not above 0 (its input cannot be recovered from its output)"
+    if any(p.dtype not in FULL for p in block.parameters()):
+        return "a parameter of the block is not float32 or float64 (recovering the normalised value needs it)"
     if not norm.affine or norm.track_running_stats:
         return "the block's InstanceNorm is not affine without running statistics"
     for m in (block, block.all_modules, *mods):
@@ -111,10 +122,15 @@ def _conv_grad(grad: torch.Tensor, like: tuple[int, ...], conv: nn.Module, weigh
         out_pad, conv.groups, (True, False, False))[0]
 
 
+def full_precision(x: torch.Tensor) -> bool:
+    """Whether a run on ``x`` keeps float32/float64 activations (no autocast on its device): see :data:`FULL`."""
+    return x.dtype in FULL and not torch.is_autocast_enabled(x.device.type)
+
+
 def _same(conv: nn.Module) -> bool:
-    """A stride-1 convolution with 'same' padding along the first spatial axis (its rows can be slabbed)."""
-    k, pad = conv.kernel_size[0], conv.padding[0]
-    return all(v == 1 for v in (*conv.stride, *conv.dilation)) and k == 2 * pad + 1
+    """A stride-1 convolution with 'same' padding on every spatial axis (its rows can be slabbed)."""
+    return all(v == 1 for v in (*conv.stride, *conv.dilation)) and \
+        all(k == 2 * pad + 1 for k, pad in zip(conv.kernel_size, conv.padding))
 
 
 def _rows(grad: torch.Tensor, conv: nn.Module, weight: torch.Tensor, z0: int, z1: int,
@@ -123,7 +139,7 @@ def _rows(grad: torch.Tensor, conv: nn.Module, weight: torch.Tensor, z0: int, z1
     output gradient's same rows plus the kernel's halo, so the library's copies are a slab's size."""
     pad, depth = conv.padding[0], grad.shape[2]
     a, b = max(z0 - pad, 0), min(z1 + pad, depth)
-    g = _conv_grad(grad[:, :, a:b], (grad.shape[0], channels, b - a, *grad.shape[3:]), conv, weight)
+    g = _conv_grad(grad[:, :, a:b].contiguous(), (grad.shape[0], channels, b - a, *grad.shape[3:]), conv, weight)
     return g[:, :, z0 - a:z1 - a]
 
 
@@ -162,7 +178,7 @@ def _opening_grads(g_c: torch.Tensor, up: nn.Module, conv: nn.Module, low_shape:
             g_low[:, :, l0:l1] = _conv_grad(g_up, (*low_shape[:2], l1 - l0, *low_shape[3:]), up, up.weight, True)
             del g_up
     else:
-        g_up = _input_grad(g_c, (b, split, *spatial), conv, w_up)
+        g_up = _input_grad(g_c, (b, split, *skip_shape[2:]), conv, w_up)  # the concat's half: the skip's grid
         g_low = _conv_grad(g_up, low_shape, up, up.weight, transposed=True)
         del g_up
     return g_low, _input_grad(g_c, skip_shape, conv, w_skip)
@@ -177,8 +193,12 @@ def _run_block(block: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.T
     return act(norm(c)), var
 
 
-def _norm_act_grad(y: torch.Tensor, var: torch.Tensor, grad: torch.Tensor, block: nn.Module) -> torch.Tensor:
-    """The gradient at the convolution's output, from the block's output ``y`` alone (see the module docstring)."""
+def _norm_act_grad(y: torch.Tensor, var: torch.Tensor, grad: torch.Tensor, block: nn.Module,
+                   check: Callable[[], None] | None = None) -> torch.Tensor:
+    """The gradient at the convolution's output, from the block's output ``y`` alone (see the module docstring).
+
+    ``check``: the run's Cancel/deadline check, called before each channel (this backward is long at full
+    resolution and runs no module, so :mod:`.cancel_points` has no other place to stop it)."""
     _, norm, act = block.all_modules
     slope = float(act.negative_slope)
     gamma, beta = norm.weight, norm.bias
@@ -187,6 +207,8 @@ def _norm_act_grad(y: torch.Tensor, var: torch.Tensor, grad: torch.Tensor, block
     b, ch = y.shape[:2]
     for i in range(b):  # one channel at a time: the temporaries are one channel's size
         for k in range(ch):
+            if check is not None:
+                check()
             yk, gk = y[i, k], grad[i, k]
             pos = yk > 0
             g_x = torch.where(pos, gk, gk * slope) * gamma[k]  # LeakyReLU's backward from its output's sign
@@ -200,13 +222,13 @@ class _Block(torch.autograd.Function):
     def forward(ctx: Any, x: torch.Tensor, block: nn.Module) -> torch.Tensor:
         y, var = _run_block(block, x)
         ctx.save_for_backward(y, var)
-        ctx.block, ctx.shape = block, x.shape
+        ctx.block, ctx.shape, ctx.check = block, x.shape, current_check()
         return y
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
         y, var = ctx.saved_tensors
-        g_c = _norm_act_grad(y, var, grad, ctx.block)
+        g_c = _norm_act_grad(y, var, grad, ctx.block, ctx.check)
         del y
         conv = ctx.block.all_modules[0]
         return _input_grad(g_c, tuple(ctx.shape), conv, conv.weight), None
@@ -217,13 +239,13 @@ class _Opening(torch.autograd.Function):
     def forward(ctx: Any, low: torch.Tensor, skip: torch.Tensor, up: nn.Module, block: nn.Module) -> torch.Tensor:
         y, var = _run_block(block, torch.cat((up(low), skip), 1))
         ctx.save_for_backward(y, var)
-        ctx.up, ctx.block, ctx.shapes = up, block, (low.shape, skip.shape)
+        ctx.up, ctx.block, ctx.shapes, ctx.check = up, block, (low.shape, skip.shape), current_check()
         return y
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
         y, var = ctx.saved_tensors
-        g_c = _norm_act_grad(y, var, grad, ctx.block)
+        g_c = _norm_act_grad(y, var, grad, ctx.block, ctx.check)
         del y
         low_shape, skip_shape = ctx.shapes
         g_low, g_skip = _opening_grads(g_c, ctx.up, ctx.block.all_modules[0], low_shape, skip_shape)

@@ -275,7 +275,8 @@ def decoder_scheme(model: nn.Module, modules: Sequence[nn.Module]) -> str:
             notes.append("fused steps: each decoder stage's up-sampling and skip concat are recomputed inside "
                          "its checkpoint (the concatenation is not stored); "
                          + ("the last stage without recomputation, its normalisations differentiated from their "
-                            "outputs (in-place activated)" if last is None else
+                            "outputs (in-place activated; under autocast or half precision recomputed in one step)"
+                            if last is None else
                             f"the last stage's first block recomputed in one step ({last})"))
         else:
             notes.append("per stage (the concatenated input of each decoder stage is stored): "
