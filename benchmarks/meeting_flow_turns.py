@@ -99,7 +99,7 @@ def main() -> None:
                   f"the insertion call itself {call * 1000:.0f} ms", flush=True)
             for t, took, depth, kind, receiver in DISPATCHES:
                 if a - 0.001 <= t < b:
-                    print(f"    +{(t - start) * 1000:5.0f} ms {took * 1000:6.1f} ms  depth {depth} {kind} -> {receiver}")
+                    print(f"    +{(t - start) * 1000:5.0f} ms {took * 1000:6.1f} ms depth {depth} {kind} -> {receiver}")
             drawn = ", ".join(f"{n} {s * 1000:.1f}" for n, s in DRAWS)
             print(f"    visuals drawn ({len(DRAWS)}, ms each): {drawn}", flush=True)
             w.viewer.layers.remove(p.kwargs["name"])
