@@ -117,7 +117,7 @@ def update_orientation_letters(viewer: Any, *_: Any) -> dict[str, str]:
         viewer.dims.axis_labels = WORLD_AXIS_LABELS
     for pos in LETTER_POSITIONS:
         key = _LETTER_KEY + pos
-        if key not in overlays:  # no background box: 4 boxes cost 80-170 ms of every frame with software OpenGL
+        if key not in overlays:  # no background box: 4 boxes cost 80-170 ms of a map's insertion frame
             overlays[key] = TextOverlay(position=pos, font_size=14, color=(1.0, 0.85, 0.2, 1.0), box=False)
         if letters:  # hidden letters keep their text: napari re-places every overlay for each change
             overlays[key].text = letters[pos]
