@@ -76,8 +76,8 @@ def test_report_and_plugin_letters_agree_on_an_oblique_flipped_nifti(make_napari
 def test_the_letters_add_only_their_text_to_each_canvas_draw(make_napari_viewer, monkeypatch) -> None:
     """The four edge letters are drawn in every frame (issue 19, event-loop gaps): napari's text overlay draws a
     background box (a mesh and its border line) by default, 20-60 ms a box with software OpenGL in the frame after
-    a layer is added (the overlays are re-placed), so a map's insertion drew 8 more visuals than bare napari. Counted on vispy's draws of one frame, with and without the
-    letters: the letters add their four texts and nothing else."""
+    a layer is added (the overlays are re-placed), so a map's insertion drew 8 more visuals than bare napari.
+    Counted on vispy's draws of one frame, with and without the letters: they add their four texts, nothing else."""
     from vispy.visuals import visual as vispy_visual
 
     from napari_esegeta._sample_data import phantom_volume_data
