@@ -20,7 +20,7 @@ from pathlib import Path
 
 from esegeta_engine import __version__
 from esegeta_engine.cli_commands import (cmd_demo, cmd_evaluate, cmd_explain, cmd_layers, cmd_methods, cmd_report, cmd_run, cmd_sample, cmd_schema)
-from esegeta_engine.cli_sources import add_predict_parser, add_source_flags
+from esegeta_engine.cli_sources import add_input_flags, add_predict_parser, add_source_flags
 from esegeta_engine.errors import EsegetaError
 from esegeta_engine.jobs.registry import executor_names
 
@@ -103,12 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="for --target outcome: true positives, false positives or false negatives (default fn)")
     p.add_argument("--output", help="output index/key of a multi-output model")
     p.add_argument("--device", default="cpu", help="cpu or cuda:N (default cpu)")
-    p.add_argument("--spatial-dims", type=int, default=3, choices=[2, 3], help="2D images or 3D volumes (default 3)")
-    p.add_argument("--in-channels", type=int, default=1,
-                   help="model input channels (default 1; several: a 4D NIfTI, channels last)")
-    p.add_argument("--normalisation", default="none", choices=["none", "zscore", "minmax", "percentile"],
-                   help="intensity normalisation before the model (default none)")
-    p.add_argument("--axis-order", help="model spatial axes in NIfTI terms (default xyz, or xy for 2D)")
+    add_input_flags(p)
     p.add_argument("--seed", type=int, default=0, help="random seed of the run (default 0)")
     p.add_argument("--timeout", type=float, default=900.0, help="seconds per method and target")
     p.add_argument("--out", default="esegeta_out", help="output folder (default esegeta_out)")

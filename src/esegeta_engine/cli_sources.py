@@ -108,17 +108,22 @@ def _run_predict(args: argparse.Namespace) -> int:
     return cmd_predict(args)
 
 
-def add_predict_parser(sub: Any) -> None:
-    """Register ``esegeta predict`` (one line in the CLI)."""
-    p = sub.add_parser("predict", help="label map and per-class probabilities on each scan's grid")
-    p.add_argument("--volume", action="append", required=True, help="NIfTI input (repeatable)")
-    p.add_argument("--out", default="esegeta_predictions", help="output folder (default esegeta_predictions)")
+def add_input_flags(p: argparse.ArgumentParser) -> None:
+    """How a scan becomes a model file's input (``explain`` and ``predict`` read it the same way)."""
     p.add_argument("--spatial-dims", type=int, default=3, choices=[2, 3], help="2D images or 3D volumes (default 3)")
     p.add_argument("--in-channels", type=int, default=1,
                    help="model input channels (default 1; several: a 4D NIfTI, channels last)")
     p.add_argument("--normalisation", default="none", choices=["none", "zscore", "minmax", "percentile"],
                    help="intensity normalisation before a model file (default none)")
-    p.add_argument("--axis-order", help="model spatial axes in NIfTI terms (default xyz)")
+    p.add_argument("--axis-order", help="model spatial axes in NIfTI terms (default xyz, or xy for 2D)")
+
+
+def add_predict_parser(sub: Any) -> None:
+    """Register ``esegeta predict`` (one line in the CLI)."""
+    p = sub.add_parser("predict", help="label map and per-class probabilities on each scan's grid")
+    p.add_argument("--volume", action="append", required=True, help="NIfTI input (repeatable)")
+    p.add_argument("--out", default="esegeta_predictions", help="output folder (default esegeta_predictions)")
+    add_input_flags(p)
     p.add_argument("--patch-size", type=int, nargs="+", help="sliding-window patch size of a model file")
     p.add_argument("--overlap", type=float, default=0.25, help="sliding-window overlap in [0, 1)")
     p.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16"],

@@ -217,6 +217,14 @@ def _norm_act_grad(y: torch.Tensor, var: torch.Tensor, grad: torch.Tensor, block
     return g_c
 
 
+def _conv_output_grad(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+    """The gradient at the block's convolution output from what the forward saved (its output is freed)."""
+    y, var = ctx.saved_tensors
+    g_c = _norm_act_grad(y, var, grad, ctx.block, ctx.check)
+    del y
+    return g_c
+
+
 class _Block(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, block: nn.Module) -> torch.Tensor:
@@ -227,11 +235,8 @@ class _Block(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
-        y, var = ctx.saved_tensors
-        g_c = _norm_act_grad(y, var, grad, ctx.block, ctx.check)
-        del y
         conv = ctx.block.all_modules[0]
-        return _input_grad(g_c, tuple(ctx.shape), conv, conv.weight), None
+        return _input_grad(_conv_output_grad(ctx, grad), tuple(ctx.shape), conv, conv.weight), None
 
 
 class _Opening(torch.autograd.Function):
@@ -244,9 +249,7 @@ class _Opening(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
-        y, var = ctx.saved_tensors
-        g_c = _norm_act_grad(y, var, grad, ctx.block, ctx.check)
-        del y
         low_shape, skip_shape = ctx.shapes
-        g_low, g_skip = _opening_grads(g_c, ctx.up, ctx.block.all_modules[0], low_shape, skip_shape)
+        g_low, g_skip = _opening_grads(_conv_output_grad(ctx, grad), ctx.up, ctx.block.all_modules[0], low_shape,
+                                       skip_shape)
         return g_low, g_skip, None, None
