@@ -85,8 +85,12 @@ def _legend(metrics: list[str]) -> str:
     parts = ["calls/inputs: model forward calls and inputs evaluated"]
     if "completeness_error" in metrics:
         parts.insert(0, "completeness_error: |sum(map) - (F(x) - F(baseline))| / |F(x) - F(baseline)| (undef: no axiom)")
-    if "auc_deletion" in metrics:
-        parts.append("auc_deletion lower is better")
+    lower = [k for k in ("infidelity", "sensitivity", "auc_deletion") if k in metrics]
+    if lower:
+        parts.append(f"{', '.join(lower)} lower is better")
+    if "class_contrast_spearman" in metrics:
+        parts.append("class_contrast_spearman: |Spearman| of the map and another class's (lower: the map tells the "
+                     "classes apart)")
     higher = [k for k in ("auc_insertion", "mass_inside", "roc_auc") if k in metrics]
     if higher:
         truth = " (vs the ground truth)" if {"mass_inside", "roc_auc"} & set(higher) else ""

@@ -126,8 +126,8 @@ class PreprocessConfig(_Strict):
     def _dims_match(self) -> PreprocessConfig:
         if len(self.axis_order) != self.spatial_dims:
             raise ValueError(
-                f"axis_order {self.axis_order!r} has {len(self.axis_order)} axes but spatial_dims is "
-                f"{self.spatial_dims}"
+                f"preprocess.axis_order {self.axis_order!r} has {len(self.axis_order)} axes but "
+                f"preprocess.spatial_dims is {self.spatial_dims}"
             )
         return self
 

@@ -13,11 +13,14 @@ from esegeta_engine.errors import ConfigError
 __all__ = ["format_validation_error"]
 
 
-def format_validation_error(exc: ValidationError, source: str = "config", root: Any = None) -> ConfigError:
+def format_validation_error(exc: ValidationError, source: str = "config", root: Any = None,
+                            fix: str = "fix the keys above; `esegeta methods` lists methods and their parameters"
+                            ) -> ConfigError:
     """Turn pydantic's error into one readable :class:`ConfigError`.
 
     ``root`` is the model validated (default: the run :class:`~esegeta_engine.config.Config`);
-    an unknown key's message lists the keys allowed where it stands.
+    an unknown key's message lists the keys allowed where it stands. ``fix``: what to do (a command
+    without methods says its own help).
     """
     lines = []
     errors = exc.errors()
@@ -47,9 +50,9 @@ def format_validation_error(exc: ValidationError, source: str = "config", root: 
             close = difflib.get_close_matches(str(err.get("input")), allowed, n=1, cutoff=0.6)
             if close:
                 msg = f"{err.get('input')!r} is not allowed; did you mean '{close[0]}'? ({msg})"
-        lines.append(f"{loc}: {msg}" if loc else msg)  # a rule over several keys names them itself
-    return ConfigError(f"invalid {source}:\n  " + "\n  ".join(lines),
-                       "fix the keys above; `esegeta methods` lists methods and their parameters")
+        named = loc and msg.startswith(f"{loc}.")  # a rule over several keys of a section names them itself
+        lines.append(f"{loc}: {msg}" if loc and not named else msg)
+    return ConfigError(f"invalid {source}:\n  " + "\n  ".join(lines), fix)
 
 
 def _clip(text: str, limit: int = 400) -> str:

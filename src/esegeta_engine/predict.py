@@ -75,12 +75,14 @@ def _settings(args: argparse.Namespace) -> Any:
            "orientation": getattr(args, "orientation", None),
            **({"axis_order": args.axis_order} if args.axis_order else {})}
     execution = {"overlap": getattr(args, "overlap", 0.25), "precision": getattr(args, "precision", "fp32"),
-                 **({"patch_size": args.patch_size} if args.patch_size else {})}
+                 **({"patch_size": args.patch_size[0] if len(args.patch_size) == 1 else args.patch_size}
+                    if args.patch_size else {})}  # one size for every axis, as explain reads it
     sections = create_model("PredictSettings", preprocess=(PreprocessConfig, ...), execution=(ExecutionConfig, ...))
     try:
         valid = sections.model_validate({"preprocess": pre, "execution": execution})
     except ValidationError as exc:
-        raise format_validation_error(exc, "command line", sections) from None
+        raise format_validation_error(exc, "command line", sections,
+                                      "fix the keys above; `esegeta predict --help` lists its flags") from None
     return valid
 
 

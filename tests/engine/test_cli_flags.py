@@ -202,6 +202,15 @@ def test_predict_takes_explains_orientation_and_window_flags(tmp_path, capsys) -
         err = capsys.readouterr().err
         assert bad[0] in err and "Traceback" not in err and "pydantic" not in err
     assert not (tmp_path / "bad").exists()
+    # a rule over two flags names both flags, and predict's fix is its own help (it has no methods)
+    assert main(["predict", "--model", str(tmp_path / "net.pt"), "--volume", str(tmp_path / "lps.nii.gz"),
+                 "--axis-order", "xy", "--out", str(tmp_path / "bad")]) == 2
+    err = capsys.readouterr().err
+    assert "--axis-order 'xy' has 2 axes but --spatial-dims is 3" in err and "esegeta predict --help" in err
+    assert "esegeta methods" not in err
+    # one patch size for every axis, as explain takes it (it was refused, asking for that very form)
+    assert main(["predict", "--model", str(tmp_path / "net.pt"), "--volume", str(tmp_path / "lps.nii.gz"),
+                 "--patch-size", "4", "--out", str(tmp_path / "one"), "-q"]) == 0
 
 
 @pytest.mark.parametrize("target, flag", [("voxel", "--voxel [x, y, z]"), ("channel", "--target-layer <module name>"),
@@ -223,3 +232,8 @@ def test_the_summary_legend_explains_only_the_columns_shown() -> None:
     full = _legend(["completeness_error", "auc_deletion", "mass_inside", "roc_auc"])
     assert "auc_deletion lower is better" in full and "mass_inside, roc_auc (vs the ground truth) higher" in full
     assert "auc_insertion" not in full
+    from esegeta_engine.cli_summary import SUMMARY_METRICS
+
+    every = _legend(list(SUMMARY_METRICS))  # every column the table can show is explained
+    assert all(k in every for k in SUMMARY_METRICS)
+    assert "infidelity, sensitivity, auc_deletion lower is better" in every

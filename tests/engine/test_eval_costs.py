@@ -123,3 +123,21 @@ def test_the_cohort_dry_run_shows_the_total_with_the_scores(tmp_path, capsys):
     out = capsys.readouterr().out
     assert f"about {scored.estimated_evaluations} model evaluations ({len(bare.jobs) + 2 * methods} of them " \
            "for the scores)" in out
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_the_estimate_leaves_out_a_batch_method_the_run_refuses(dims):
+    """feature_permutation on one volume, or under a sliding window, is refused before any work; the run's
+    estimate (the manifest's ``estimated_model_evaluations``) still counted it: 18 for a run of 1."""
+    from esegeta_engine.config import ExecutionConfig
+
+    rng = np.random.default_rng(0)
+    vols = [Volume(rng.random((16,) * dims).astype(np.float32), np.eye(4)) for _ in range(2)]
+    saliency, permutation = MethodConfig(name="saliency"), MethodConfig(name="feature_permutation")
+    whole = Explainer(TinySegNet(dims).eval(), preprocess=PreprocessConfig(spatial_dims=dims),
+                      target=TargetConfig(classes=[1]))
+    assert whole.estimate(vols[:1], [saliency, permutation]) == whole.estimate(vols[:1], [saliency])
+    assert whole.estimate(vols, [saliency, permutation]) > whole.estimate(vols, [saliency])  # two: it runs
+    window = Explainer(TinySegNet(dims).eval(), preprocess=PreprocessConfig(spatial_dims=dims),
+                       target=TargetConfig(classes=[1]), execution=ExecutionConfig(patch_size=8))
+    assert window.estimate(vols, [saliency, permutation]) == window.estimate(vols, [saliency])

@@ -272,6 +272,14 @@ def test_predict_command_writes_probabilities_on_the_scan_grid(folder, scan_img,
     np.testing.assert_allclose(probs.get_fdata().sum(-1), 1.0, atol=1e-5)
     info = json.loads((tmp_path / "pred" / "prediction.json").read_text())
     assert info["model"]["mirroring"] is False
+    capsys.readouterr()
+    # flags the nnU-Net pipeline decides itself are said to be unused (they were dropped without a word)
+    rc = main(["predict", "--nnunet", str(folder), "--folds", "0", "--no-mirroring", "--volume", str(path),
+               "--orientation", "LPS", "--patch-size", "8", "--out", str(tmp_path / "flags"), "-q"])
+    err = capsys.readouterr().err
+    assert rc == 0 and "preprocess.orientation 'LPS' is not used" in err and "patch_size 8 is not used" in err
+    np.testing.assert_array_equal(nib.load(tmp_path / "flags" / "scan__probabilities.nii.gz").get_fdata(),
+                                  probs.get_fdata())  # and indeed unused: the same probabilities
 
 
 def test_members_each_fold_and_each_mirror_alone_average_to_the_ensemble(folder, scan_img):

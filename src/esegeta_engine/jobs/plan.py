@@ -274,8 +274,11 @@ def estimate_run(explainer: Any, volumes: Sequence[Any], methods: Sequence[Any],
         if n is None:
             return None
         total += n
-    if batched and volumes:  # batch-only methods explain every volume in one job
-        n = cost(batched, tuple(range(len(volumes))), CostInfo(len(volumes), p.in_channels, model_shape(volumes[0])))
+    if batched and len(volumes) > 1:  # batch-only methods explain every volume in one job (one volume: refused)
+        shape = model_shape(volumes[0])
+        batched, _ = split_refusals(batched, explainer.target.kind, explainer.execution, shape, explainer.model)
+    if batched and len(volumes) > 1:
+        n = cost(batched, tuple(range(len(volumes))), CostInfo(len(volumes), p.in_channels, shape))
         if n is None:
             return None
         total += n

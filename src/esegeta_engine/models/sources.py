@@ -13,6 +13,7 @@ a confirmation in napari) travels in :class:`Trust`, never in a config.
 from __future__ import annotations
 
 import importlib
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +22,8 @@ from typing import TYPE_CHECKING, Any
 from torch import nn
 
 from esegeta_engine.errors import ModelLoadError, TargetError, VolumeShapeError
+
+log = logging.getLogger("esegeta_engine")
 
 if TYPE_CHECKING:  # pragma: no cover
     from esegeta_engine.config import ModelConfig
@@ -99,6 +102,8 @@ class LoadedModel:
         """``cfg`` with the preprocess and execution keys this source decides (a copy when any)."""
         if not self.preprocess and not self.execution:
             return cfg
+        _say_overridden(self.source, cfg.preprocess, self.preprocess, "preprocess")
+        _say_overridden(self.source, cfg.execution, self.execution, "execution")
         cfg = cfg.model_copy(deep=True)
         pre = dict(self.preprocess)
         n, order = pre.get("spatial_dims"), cfg.preprocess.axis_order
@@ -109,6 +114,19 @@ class LoadedModel:
         for key, value in self.execution.items():
             setattr(cfg.execution, key, value)
         return cfg
+
+
+def _say_overridden(source: str, section: Any, decided: dict[str, Any], name: str) -> None:
+    """Warn of each key the user set (not its default) that the source's own pipeline decides otherwise."""
+    fields = type(section).model_fields
+    for key, value in decided.items():
+        given = getattr(section, key, None)
+        if key in fields and given != fields[key].get_default(call_default_factory=True) and given != value:
+            log.warning("%s.%s %r is not used: the %s model's own pipeline decides it (%r)", name, key, given,
+                        source, value)
+    if decided.get("mode") == "whole" and getattr(section, "patch_size", None) is not None:
+        log.warning("%s.patch_size %r is not used: the %s model runs its own sliding window", name,
+                    section.patch_size, source)
 
 
 @dataclass(frozen=True)
