@@ -123,7 +123,7 @@ def test_channel_target_in_the_explainer(tmp_path) -> None:
     assert maps[0].job.cls_label == "channel-conv2-ch1" and maps[1].evaluations == 2
     assert maps[1].job.cls_label == "volume"  # a visualisation is not named after the target
     assert_untouched(net, state)
-    with pytest.raises(ValueError, match="needs layer"):
+    with pytest.raises(ValueError, match="needs target.layer"):
         TargetConfig(kind="channel")
 
 
